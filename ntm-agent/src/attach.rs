@@ -1,0 +1,251 @@
+//! Attaching the TC programs to an interface's ingress and egress.
+//!
+//! On kernels with TCX (6.6+) the attachment is a link owned by this process:
+//! it goes away with the process, even after `kill -9`, so a restart never
+//! stacks a second copy. On older kernels (clsact + netlink filters, which
+//! outlive the process) stale ntm filters are removed before attaching.
+
+use std::{fs, io, path::Path};
+
+use aya::{
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, tc,
+        tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions},
+    },
+    util::KernelVersion,
+};
+use ntm_common::names;
+
+use crate::datapath::{Datapath, is_permission_error};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(
+        "interface {iface:?} does not exist (interfaces here: {available}); pass one with -i/--interface"
+    )]
+    UnknownInterface { iface: String, available: String },
+    #[error(
+        "ntm is already attached to {iface} {direction} (program id {program_id}); another ntm is running there: stop it first, it would count every packet twice"
+    )]
+    AlreadyAttached {
+        iface: String,
+        direction: &'static str,
+        program_id: u32,
+    },
+    #[error(
+        "not allowed to attach to {iface}: ntm needs CAP_NET_ADMIN (and CAP_BPF); run it as root or grant those capabilities"
+    )]
+    NotPermitted { iface: String },
+    #[error("attaching to {iface} {direction} failed: {detail}")]
+    Failed {
+        iface: String,
+        direction: &'static str,
+        detail: String,
+    },
+}
+
+/// How frames start on an interface, which decides the program to attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    /// Ethernet (and loopback, which carries a zeroed Ethernet header).
+    Ethernet,
+    /// Frames start with the IP header: TUN, PPP, WireGuard, IP tunnels.
+    L3,
+}
+
+/// ARPHRD_* values from if_arp.h that carry an Ethernet header at TC.
+const ARPHRD_ETHER: u32 = 1;
+const ARPHRD_LOOPBACK: u32 = 772;
+
+/// One interface ntm is attached to; detach with [`detach`].
+pub struct Attachment {
+    pub iface: String,
+    pub ifindex: u32,
+    pub kind: LinkKind,
+    /// Whether the kernel's TCX hooks were used (else clsact + netlink).
+    pub tcx: bool,
+    links: Vec<(&'static str, SchedClassifierLinkId)>,
+}
+
+fn sys_class_net(iface: &str) -> std::path::PathBuf {
+    Path::new("/sys/class/net").join(iface)
+}
+
+fn available_interfaces() -> String {
+    let mut names: Vec<String> = fs::read_dir("/sys/class/net")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    if names.is_empty() {
+        "none found".to_string()
+    } else {
+        names.join(", ")
+    }
+}
+
+fn read_sys_u32(iface: &str, attribute: &str) -> io::Result<u32> {
+    let text = fs::read_to_string(sys_class_net(iface).join(attribute))?;
+    text.trim()
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{attribute}: {e}")))
+}
+
+/// The interface's index and link kind, or a clear error when it is missing.
+pub fn inspect(iface: &str) -> Result<(u32, LinkKind), AttachError> {
+    let unknown = || AttachError::UnknownInterface {
+        iface: iface.to_string(),
+        available: available_interfaces(),
+    };
+    if iface.is_empty() || iface.contains('/') || !sys_class_net(iface).exists() {
+        return Err(unknown());
+    }
+    let ifindex = read_sys_u32(iface, "ifindex").map_err(|_| unknown())?;
+    let kind = match read_sys_u32(iface, "type") {
+        Ok(ARPHRD_ETHER) | Ok(ARPHRD_LOOPBACK) => LinkKind::Ethernet,
+        Ok(_) => LinkKind::L3,
+        Err(_) => return Err(unknown()),
+    };
+    Ok((ifindex, kind))
+}
+
+fn tcx_available() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+fn direction_name(direction: TcAttachType) -> &'static str {
+    match direction {
+        TcAttachType::Ingress => "ingress",
+        TcAttachType::Egress => "egress",
+        TcAttachType::Custom(_) => "custom",
+    }
+}
+
+fn program_for(kind: LinkKind, direction: TcAttachType) -> &'static str {
+    match (kind, direction) {
+        (LinkKind::Ethernet, TcAttachType::Egress) => names::PROG_TC_EGRESS_ETH,
+        (LinkKind::Ethernet, _) => names::PROG_TC_INGRESS_ETH,
+        (LinkKind::L3, TcAttachType::Egress) => names::PROG_TC_EGRESS_L3,
+        (LinkKind::L3, _) => names::PROG_TC_INGRESS_L3,
+    }
+}
+
+/// True for the names ntm's programs have in the kernel (truncated to 15
+/// characters by BPF_OBJ_NAME_LEN).
+fn is_ntm_program(name: &str) -> bool {
+    name.starts_with("ntm_tc_")
+}
+
+/// Attaches ntm to `iface`'s ingress and egress, first in line so that it
+/// counts what arrives before any other program can drop or change it.
+pub fn attach(datapath: &mut Datapath, iface: &str) -> Result<Attachment, AttachError> {
+    let (ifindex, kind) = inspect(iface)?;
+    let tcx = tcx_available();
+    let mut attachment = Attachment {
+        iface: iface.to_string(),
+        ifindex,
+        kind,
+        tcx,
+        links: Vec::new(),
+    };
+    if !tcx {
+        // clsact filters outlive their process: remove what an earlier ntm
+        // left behind (only programs with ntm's names), and make sure the
+        // qdisc exists.
+        if let Err(e) = tc::qdisc_add_clsact(iface)
+            && !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
+        {
+            return Err(failed(iface, "clsact", &e));
+        }
+    }
+    for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
+        let program_name = program_for(kind, direction);
+        if tcx {
+            refuse_if_ntm_attached(iface, direction)?;
+        } else {
+            // Not found is the usual answer here, not an error.
+            let _ = tc::qdisc_detach_program(iface, direction, program_name);
+        }
+        let program: &mut SchedClassifier = datapath
+            .tc_program(program_name)
+            .ok_or_else(|| failed(iface, direction_name(direction), &"program missing"))?;
+        let options = if tcx {
+            TcAttachOptions::TcxOrder(LinkOrder::first())
+        } else {
+            TcAttachOptions::Netlink(NlOptions::default())
+        };
+        match program.attach_with_options(iface, direction, options) {
+            Ok(link) => attachment.links.push((program_name, link)),
+            Err(e) => {
+                // Leave nothing half-attached behind.
+                detach(datapath, &mut attachment);
+                if is_permission_error(&e) {
+                    return Err(AttachError::NotPermitted {
+                        iface: iface.to_string(),
+                    });
+                }
+                return Err(failed(iface, direction_name(direction), &e));
+            }
+        }
+    }
+    log::info!(
+        "attached to {iface} (ifindex {ifindex}, {kind:?} frames) at ingress and egress via {}",
+        if tcx { "TCX" } else { "clsact" }
+    );
+    Ok(attachment)
+}
+
+/// Detaches what [`attach`] attached; safe to call twice.
+pub fn detach(datapath: &mut Datapath, attachment: &mut Attachment) {
+    for (program_name, link) in attachment.links.drain(..) {
+        if let Some(program) = datapath.tc_program(program_name)
+            && let Err(e) = program.detach(link)
+        {
+            log::warn!("detaching {program_name} from {}: {e}", attachment.iface);
+        }
+    }
+}
+
+fn refuse_if_ntm_attached(iface: &str, direction: TcAttachType) -> Result<(), AttachError> {
+    let Ok((_, programs)) = SchedClassifier::query_tcx(iface, direction) else {
+        return Ok(());
+    };
+    for info in programs {
+        if info.name_as_str().is_some_and(is_ntm_program) {
+            return Err(AttachError::AlreadyAttached {
+                iface: iface.to_string(),
+                direction: direction_name(direction),
+                program_id: info.id(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The ntm programs attached to `iface` (program ids), per direction, as the
+/// kernel reports them. For tests and diagnostics; TCX kernels only.
+pub fn attached_ntm_programs(iface: &str) -> Result<(Vec<u32>, Vec<u32>), AttachError> {
+    let query = |direction| {
+        SchedClassifier::query_tcx(iface, direction)
+            .map(|(_, programs)| {
+                programs
+                    .iter()
+                    .filter(|p| p.name_as_str().is_some_and(is_ntm_program))
+                    .map(|p| p.id())
+                    .collect::<Vec<u32>>()
+            })
+            .map_err(|e| failed(iface, direction_name(direction), &e))
+    };
+    Ok((query(TcAttachType::Ingress)?, query(TcAttachType::Egress)?))
+}
+
+fn failed(iface: &str, direction: &'static str, e: &dyn std::fmt::Display) -> AttachError {
+    AttachError::Failed {
+        iface: iface.to_string(),
+        direction,
+        detail: e.to_string(),
+    }
+}

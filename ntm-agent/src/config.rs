@@ -1,0 +1,174 @@
+//! Command line and environment: every option is a flag and an `NTM_*`
+//! environment variable (the flag wins), as in the tool ntm replaces.
+
+use std::{fs, path::PathBuf, time::Duration};
+
+use clap::Parser;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "no interface given and no default route found in /proc/net/route or /proc/net/ipv6_route; name one with -i/--interface (or NTM_INTERFACE)"
+    )]
+    NoDefaultInterface,
+}
+
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "ntm-agent",
+    version,
+    about = "Counts every packet crossing an interface in the kernel (eBPF) and exports per-flow traffic."
+)]
+pub struct Config {
+    /// Interface to monitor; repeat for several. Default: the interface of
+    /// the default route.
+    #[arg(
+        short = 'i',
+        long = "interface",
+        visible_alias = "iface",
+        env = "NTM_INTERFACE",
+        value_delimiter = ','
+    )]
+    pub interfaces: Vec<String>,
+
+    /// How often the kernel's flow table is drained (e.g. 500ms, 2s).
+    #[arg(long, env = "NTM_DRAIN_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub drain_interval: Duration,
+
+    /// Flows each kernel flow table holds; traffic of flows beyond it is
+    /// still counted, in the overflow bucket.
+    #[arg(long, env = "NTM_FLOW_TABLE_SIZE", default_value_t = ntm_common::DEFAULT_FLOW_TABLE_ENTRIES,
+          value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub flow_table_size: u32,
+
+    /// First port of the client ephemeral range: two ports at or above it
+    /// name no service.
+    #[arg(long, env = "NTM_EPHEMERAL_START", default_value_t = ntm_common::service_port::DEFAULT_EPHEMERAL_START)]
+    pub ephemeral_start: u16,
+
+    /// Extra service port, PORT[/PROTO]=NAME (e.g. 8123/tcp=home-assistant);
+    /// repeatable; wins over the services file.
+    #[arg(long = "service", env = "NTM_SERVICES", value_delimiter = ',')]
+    pub services: Vec<String>,
+
+    /// Services file in /etc/services format.
+    #[arg(long, env = "NTM_SERVICES_FILE", default_value = crate::services::ETC_SERVICES)]
+    pub services_file: PathBuf,
+}
+
+impl Config {
+    /// The interfaces to attach to: those given, else the default route's.
+    pub fn resolved_interfaces(&self) -> Result<Vec<String>, ConfigError> {
+        if !self.interfaces.is_empty() {
+            let mut seen = Vec::new();
+            for iface in &self.interfaces {
+                let iface = iface.trim().to_string();
+                if !iface.is_empty() && !seen.contains(&iface) {
+                    seen.push(iface);
+                }
+            }
+            if !seen.is_empty() {
+                return Ok(seen);
+            }
+        }
+        default_route_interface()
+            .map(|iface| vec![iface])
+            .ok_or(ConfigError::NoDefaultInterface)
+    }
+}
+
+/// Parses "250ms", "2s", "1m" or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 2s or 1m"))?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(number),
+        "" | "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number * 60),
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s or m)")),
+    };
+    if duration.is_zero() {
+        return Err("the duration must be greater than zero".to_string());
+    }
+    Ok(duration)
+}
+
+/// The interface of the IPv4 default route, else of the IPv6 one.
+pub fn default_route_interface() -> Option<String> {
+    let v4 = fs::read_to_string("/proc/net/route").unwrap_or_default();
+    let v6 = fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
+    default_route_from_tables(&v4, &v6)
+}
+
+fn default_route_from_tables(ipv4_route: &str, ipv6_route: &str) -> Option<String> {
+    // /proc/net/route: Iface Destination Gateway Flags ... Mask ...; the
+    // default route has destination and mask 0, and RTF_UP (0x1) set.
+    let v4 = ipv4_route.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let flags = u32::from_str_radix(f.get(3)?, 16).ok()?;
+        (f.get(1)? == &"00000000" && f.get(7)? == &"00000000" && flags & 1 == 1)
+            .then(|| f[0].to_string())
+    });
+    // /proc/net/ipv6_route: dest destlen src srclen nexthop metric ref use
+    // flags iface; the default route is ::/0 not on lo.
+    v4.or_else(|| {
+        ipv6_route.lines().find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() >= 10 && f[0].chars().all(|c| c == '0') && f[1] == "00" && f[9] != "lo")
+                .then(|| f[9].to_string())
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
+
+    #[test]
+    fn default_route_ipv4_then_ipv6() {
+        let v4 = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                  eth1\t0012A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                  eth0\t00000000\t0102A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
+        let v6 = "00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003 wan6\n";
+        assert_eq!(default_route_from_tables(v4, v6), Some("eth0".into()));
+        assert_eq!(
+            default_route_from_tables("header\n", v6),
+            Some("wan6".into())
+        );
+        assert_eq!(default_route_from_tables("header\n", ""), None);
+    }
+
+    #[test]
+    fn interfaces_from_flags_and_env_style_lists() {
+        let c = Config::try_parse_from(["ntm-agent", "-i", "br0,wan", "--iface", "br0"]).unwrap();
+        assert_eq!(c.resolved_interfaces().unwrap(), vec!["br0", "wan"]);
+        let c = Config::try_parse_from(["ntm-agent", "--interface", "eth9"]).unwrap();
+        assert_eq!(c.resolved_interfaces().unwrap(), vec!["eth9"]);
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::try_parse_from(["ntm-agent"]).unwrap();
+        assert_eq!(c.drain_interval, Duration::from_secs(1));
+        assert_eq!(c.flow_table_size, 65_536);
+        assert_eq!(c.ephemeral_start, 32_768);
+        assert!(Config::try_parse_from(["ntm-agent", "--flow-table-size", "0"]).is_err());
+    }
+}

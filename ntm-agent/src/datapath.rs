@@ -1,0 +1,252 @@
+//! Loading the kernel programs: the embedded eBPF object, its settings, its
+//! maps, and clear errors when the kernel or the privileges say no.
+
+use std::io;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, MapError},
+    programs::{ProgramError, SchedClassifier},
+    util::KernelVersion,
+};
+use ntm_common::names;
+
+use crate::{drain::FlowTables, services::ServiceRegistry};
+
+/// The kernel programs, built by build.rs from the ntm-ebpf crate.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ntm"));
+
+/// Oldest kernel ntm is written for: BTF-defined map-in-map, `gso_segs` in
+/// `__sk_buff` and bounded loops in the verifier are all older than this.
+pub const MIN_KERNEL: (u8, u8) = (5, 10);
+
+/// Lines of the verifier's log shown when it rejects a program.
+const VERIFIER_LOG_TAIL: usize = 40;
+
+#[derive(Clone, Debug)]
+pub struct DatapathOptions {
+    /// Capacity of each of the two flow tables.
+    pub flow_table_entries: u32,
+    /// First port of the client ephemeral range (service-port rule).
+    pub ephemeral_start: u16,
+}
+
+impl Default for DatapathOptions {
+    fn default() -> Self {
+        Self {
+            flow_table_entries: ntm_common::DEFAULT_FLOW_TABLE_ENTRIES,
+            ephemeral_start: ntm_common::service_port::DEFAULT_EPHEMERAL_START,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "kernel {found} is too old: ntm needs Linux {}.{} or newer (with BTF and BPF map-in-map support)",
+        MIN_KERNEL.0, MIN_KERNEL.1
+    )]
+    KernelTooOld { found: String },
+    #[error(
+        "not allowed to load eBPF programs ({what}): run ntm as root, or grant it CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (e.g. setcap cap_bpf,cap_net_admin,cap_perfmon+ep on the binary, or the capabilities in a container's securityContext)"
+    )]
+    NotPermitted { what: String },
+    #[error(
+        "the kernel could not create ntm's maps ({what}); is the kernel built with BTF and CONFIG_BPF_SYSCALL? detail: {detail}"
+    )]
+    Maps { what: String, detail: String },
+    #[error(
+        "the kernel's verifier rejected program {program} ({io_error}); this is a bug in ntm, please report it with this log tail:\n{log_tail}"
+    )]
+    VerifierRejected {
+        program: String,
+        io_error: io::Error,
+        log_tail: String,
+    },
+    #[error("loading program {program} failed: {source}")]
+    Program {
+        program: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error(
+        "the eBPF object is missing {0}; the build is broken (rebuild with `cargo xtask build`)"
+    )]
+    Missing(&'static str),
+    #[error("setting up map {map} failed: {source}")]
+    MapSetup {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// The loaded kernel side: programs ready to attach, flow tables ready to
+/// drain.
+pub struct Datapath {
+    ebpf: Ebpf,
+}
+
+impl Datapath {
+    /// Loads and verifies every program, writes the known-port bitmap, and
+    /// returns the datapath with the flow tables taken out for draining.
+    pub fn load(
+        options: &DatapathOptions,
+        services: &ServiceRegistry,
+    ) -> Result<(Self, FlowTables), DatapathError> {
+        check_kernel()?;
+        raise_memlock_limit();
+        let mut loader = EbpfLoader::new();
+        for table in names::FLOW_TABLES {
+            loader.map_max_entries(table, options.flow_table_entries);
+        }
+        loader.override_global(names::EPHEMERAL_START, &options.ephemeral_start, true);
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(classify_load_error)?;
+
+        for name in [
+            names::PROG_TC_INGRESS_ETH,
+            names::PROG_TC_EGRESS_ETH,
+            names::PROG_TC_INGRESS_L3,
+            names::PROG_TC_EGRESS_L3,
+        ] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing("a TC program"))?
+                .try_into()
+                .map_err(|source| DatapathError::Program {
+                    program: name.to_string(),
+                    source,
+                })?;
+            program
+                .load()
+                .map_err(|e| classify_program_error(name, e))?;
+        }
+
+        let mut known: Array<MapData, u32> = ebpf
+            .take_map(names::KNOWN_PORTS)
+            .ok_or(DatapathError::Missing(names::KNOWN_PORTS))?
+            .try_into()
+            .map_err(|source| DatapathError::MapSetup {
+                map: names::KNOWN_PORTS,
+                source,
+            })?;
+        for (index, word) in services.known_port_bitmap().into_iter().enumerate() {
+            if word != 0 {
+                known
+                    .set(index as u32, word, 0)
+                    .map_err(|source| DatapathError::MapSetup {
+                        map: names::KNOWN_PORTS,
+                        source,
+                    })?;
+            }
+        }
+        // The program keeps its own reference to the map; ours can go.
+        drop(known);
+
+        let tables =
+            FlowTables::take_from(&mut ebpf).map_err(|source| DatapathError::MapSetup {
+                map: names::ACTIVE_SLOT,
+                source,
+            })?;
+        Ok((Self { ebpf }, tables))
+    }
+
+    /// A loaded TC program by name (see `ntm_common::names`).
+    pub fn tc_program(&mut self, name: &str) -> Option<&mut SchedClassifier> {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+    }
+}
+
+fn check_kernel() -> Result<(), DatapathError> {
+    // An unreadable version is no reason to refuse: the load itself will say.
+    if let Ok(version) = KernelVersion::current()
+        && version < KernelVersion::new(MIN_KERNEL.0, MIN_KERNEL.1, 0)
+    {
+        return Err(DatapathError::KernelTooOld {
+            found: format!("{version:?}"),
+        });
+    }
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so big flow
+/// tables load there too. Harmless (and ignored) where memcg accounting is used.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid, fully initialised struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// Whether an error (or any error it wraps) is the kernel's EPERM/EACCES.
+pub(crate) fn is_permission_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if let Some(io) = err.downcast_ref::<io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
+        {
+            return true;
+        }
+        current = err.source();
+    }
+    false
+}
+
+fn classify_load_error(e: aya::EbpfError) -> DatapathError {
+    if is_permission_error(&e) {
+        return DatapathError::NotPermitted {
+            what: "creating BPF maps".to_string(),
+        };
+    }
+    match e {
+        aya::EbpfError::MapError(ref map_error) => DatapathError::Maps {
+            what: "map creation".to_string(),
+            detail: map_error.to_string(),
+        },
+        other => DatapathError::Maps {
+            what: "object load".to_string(),
+            detail: format!("{other:#}"),
+        },
+    }
+}
+
+fn classify_program_error(name: &str, e: ProgramError) -> DatapathError {
+    match e {
+        // The verifier answers EACCES for programs it rejects, so only a
+        // plain EPERM with nothing logged means missing privileges.
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            if io_error.raw_os_error() == Some(libc::EPERM) && log.trim().is_empty() {
+                return DatapathError::NotPermitted {
+                    what: format!("loading program {name}"),
+                };
+            }
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(VERIFIER_LOG_TAIL)..].join("\n");
+            DatapathError::VerifierRejected {
+                program: name.to_string(),
+                io_error,
+                log_tail: tail,
+            }
+        }
+        e if is_permission_error(&e) => DatapathError::NotPermitted {
+            what: format!("loading program {name}"),
+        },
+        source => DatapathError::Program {
+            program: name.to_string(),
+            source,
+        },
+    }
+}

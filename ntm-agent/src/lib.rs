@@ -1,0 +1,17 @@
+//! ntm's agent, in the order data flows through it:
+//!
+//! - [`config`]: flags and `NTM_*` environment variables;
+//! - [`services`]: known service ports (/etc/services + `--service`);
+//! - [`datapath`]: loads the kernel programs and their maps;
+//! - [`attach`]: hooks them to each interface's ingress and egress;
+//! - [`drain`]: swaps and reads the kernel's flow tables without loss;
+//! - [`flows`]: running totals of the drained deltas;
+//! - [`agent`]: the lifecycle that wires these together.
+
+pub mod agent;
+pub mod attach;
+pub mod config;
+pub mod datapath;
+pub mod drain;
+pub mod flows;
+pub mod services;

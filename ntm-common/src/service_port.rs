@@ -1,0 +1,156 @@
+//! The service-port rule: which one of a packet's two ports names the service.
+//!
+//! A flow key carries one port only, the server-side one, so that the client's
+//! ephemeral ports never multiply keys (or Prometheus series). The rule runs in
+//! the kernel on every packet and in host unit tests; both use this code.
+//!
+//! Rule, for a packet with source port `s` and destination port `d`:
+//! 1. If exactly one of them is a known service port, that one.
+//! 2. If both are known, the lower one: a client that happens to use a
+//!    registered port (6000 is x11) while talking to https still reads https,
+//!    in both directions of the connection.
+//! 3. If neither is known, the lower one when it is below the start of the
+//!    ephemeral range (a server on an unregistered port, e.g. 8123); else none
+//!    (0): two ephemeral ports (peer-to-peer, RTP) name no service.
+//!
+//! Known ports come from /etc/services plus the user's additions; the agent
+//! writes them into the [`KnownPorts`] bitmap map.
+
+/// Ports are known per protocol class, as /etc/services lists them.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortClass {
+    Tcp = 0,
+    /// UDP and UDP-Lite share /etc/services' "udp" entries.
+    Udp = 1,
+    Sctp = 2,
+}
+
+impl PortClass {
+    pub const COUNT: u32 = 3;
+
+    /// The class of an IP protocol that has ports, or None.
+    #[inline(always)]
+    pub fn of_ipproto(proto: u8) -> Option<Self> {
+        match proto {
+            crate::ipproto::TCP => Some(Self::Tcp),
+            crate::ipproto::UDP | crate::ipproto::UDPLITE => Some(Self::Udp),
+            crate::ipproto::SCTP => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+}
+
+/// Start of the client ephemeral port range assumed when the agent is not told
+/// otherwise: Linux's default `net.ipv4.ip_local_port_range` begins here (and
+/// the IANA range, 49152, lies above it).
+pub const DEFAULT_EPHEMERAL_START: u16 = 32_768;
+
+/// Position of a port's bit in the known-port bitmap: (word index, bit mask).
+/// The bitmap is [`crate::KNOWN_PORT_WORDS`] u32 words, 2048 per class.
+#[inline(always)]
+pub fn known_port_bit(class: PortClass, port: u16) -> (u32, u32) {
+    let word = (class as u32) * (65_536 / 32) + (port as u32 / 32);
+    (word, 1u32 << (port as u32 % 32))
+}
+
+/// Applies the rule described in the module docs.
+#[inline(always)]
+pub fn choose(
+    src_port: u16,
+    dst_port: u16,
+    ephemeral_start: u16,
+    is_known: impl Fn(u16) -> bool,
+) -> u16 {
+    let lower = if src_port < dst_port {
+        src_port
+    } else {
+        dst_port
+    };
+    match (is_known(src_port), is_known(dst_port)) {
+        (true, false) => src_port,
+        (false, true) => dst_port,
+        (true, true) => lower,
+        (false, false) if lower < ephemeral_start => lower,
+        (false, false) => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KNOWN: [u16; 6] = [22, 53, 80, 443, 6000, 5353];
+    fn known(p: u16) -> bool {
+        KNOWN.contains(&p)
+    }
+    fn pick(s: u16, d: u16) -> u16 {
+        choose(s, d, DEFAULT_EPHEMERAL_START, known)
+    }
+
+    #[test]
+    fn server_port_wins_in_both_directions() {
+        assert_eq!(pick(51_000, 443), 443);
+        assert_eq!(pick(443, 51_000), 443);
+        assert_eq!(pick(40_000, 22), 22);
+    }
+
+    #[test]
+    fn registered_client_port_does_not_beat_the_server() {
+        // The seed labelled this flow x11 in one direction.
+        assert_eq!(pick(6000, 443), 443);
+        assert_eq!(pick(443, 6000), 443);
+    }
+
+    #[test]
+    fn unknown_server_port_below_ephemeral_range() {
+        assert_eq!(pick(45_000, 8123), 8123);
+        assert_eq!(pick(8123, 45_000), 8123);
+        // A known port still wins over an unknown low port.
+        assert_eq!(pick(8123, 53), 53);
+    }
+
+    #[test]
+    fn two_ephemeral_ports_name_no_service() {
+        assert_eq!(pick(50_000, 50_001), 0);
+        assert_eq!(pick(32_768, 60_000), 0);
+        assert_eq!(pick(32_767, 60_000), 32_767);
+    }
+
+    #[test]
+    fn ephemeral_start_is_configurable() {
+        assert_eq!(choose(50_000, 55_000, 60_000, known), 50_000);
+        assert_eq!(choose(1_500, 2_000, 1_024, known), 0);
+    }
+
+    #[test]
+    fn same_port_both_sides() {
+        assert_eq!(pick(5353, 5353), 5353);
+        assert_eq!(pick(123, 123), 123);
+        assert_eq!(pick(40_000, 40_000), 0);
+    }
+
+    #[test]
+    fn zero_ports_stay_zero() {
+        assert_eq!(pick(0, 0), 0);
+    }
+
+    #[test]
+    fn bitmap_positions_are_disjoint_per_class() {
+        assert_eq!(known_port_bit(PortClass::Tcp, 0), (0, 1));
+        assert_eq!(known_port_bit(PortClass::Tcp, 33), (1, 2));
+        assert_eq!(known_port_bit(PortClass::Tcp, 65_535), (2047, 1 << 31));
+        assert_eq!(known_port_bit(PortClass::Udp, 0), (2048, 1));
+        assert_eq!(known_port_bit(PortClass::Sctp, 65_535).0, 3 * 2048 - 1);
+        assert_eq!(crate::KNOWN_PORT_WORDS, 3 * 2048);
+    }
+
+    #[test]
+    fn port_classes() {
+        assert_eq!(PortClass::of_ipproto(6), Some(PortClass::Tcp));
+        assert_eq!(PortClass::of_ipproto(17), Some(PortClass::Udp));
+        assert_eq!(PortClass::of_ipproto(136), Some(PortClass::Udp));
+        assert_eq!(PortClass::of_ipproto(132), Some(PortClass::Sctp));
+        assert_eq!(PortClass::of_ipproto(1), None);
+    }
+}

@@ -1,0 +1,233 @@
+//! ntm's kernel side: parse every frame on the hook, count it once.
+//!
+//! Policy (which ports are services, how big the tables are, when to drain)
+//! lives in the agent; this program only parses and adds.
+#![no_std]
+#![no_main]
+
+mod parse;
+
+use aya_ebpf::{
+    bindings::TC_ACT_UNSPEC,
+    btf_maps::{Array, ArrayOfMaps, PerCpuArray, PerCpuHashMap},
+    macros::{btf_map, classifier},
+    programs::TcContext,
+};
+use ntm_common::{
+    Counters, DEFAULT_FLOW_TABLE_ENTRIES, Direction, FlowKey, KNOWN_PORT_WORDS, OutsideReason,
+    service_port::{self, PortClass},
+};
+use parse::{Frame, ParseError, Parsed};
+
+const TABLE_ENTRIES: usize = DEFAULT_FLOW_TABLE_ENTRIES as usize;
+type FlowTable = PerCpuHashMap<FlowKey, Counters, TABLE_ENTRIES>;
+
+/// The table being counted into. The agent points slot 0 at one of the two
+/// tables below and swaps it to drain the other without losing a packet.
+#[btf_map]
+static NTM_ACTIVE_FLOWS: ArrayOfMaps<FlowTable, 1> = ArrayOfMaps::new();
+#[btf_map]
+static NTM_FLOWS_A: FlowTable = FlowTable::new();
+#[btf_map]
+static NTM_FLOWS_B: FlowTable = FlowTable::new();
+
+/// Frames counted outside the flow table, by [`OutsideReason`].
+#[btf_map]
+static NTM_OUTSIDE: PerCpuArray<Counters, { OutsideReason::COUNT as usize }> = PerCpuArray::new();
+
+/// Known service ports, a bitmap per protocol class (see ntm_common).
+#[btf_map]
+static NTM_KNOWN_PORTS: Array<u32, { KNOWN_PORT_WORDS as usize }> = Array::new();
+
+/// Start of the client ephemeral port range; set by the agent at load time.
+/// Read-only after load, so the verifier treats it as a constant.
+#[unsafe(no_mangle)]
+static NTM_EPHEMERAL_START: u16 = service_port::DEFAULT_EPHEMERAL_START;
+
+// bpf_map_update_elem flags and the errno values it returns.
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
+const E2BIG: i32 = 7;
+
+/// Bytes pulled into the linear area when headers lie beyond it.
+const PULL_LEN: u32 = 256;
+
+#[classifier]
+pub fn ntm_tc_ingress_eth(ctx: TcContext) -> i32 {
+    count_tc::<true>(&ctx, Direction::Ingress);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn ntm_tc_egress_eth(ctx: TcContext) -> i32 {
+    count_tc::<true>(&ctx, Direction::Egress);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn ntm_tc_ingress_l3(ctx: TcContext) -> i32 {
+    count_tc::<false>(&ctx, Direction::Ingress);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn ntm_tc_egress_l3(ctx: TcContext) -> i32 {
+    count_tc::<false>(&ctx, Direction::Egress);
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn is_known_port(proto: u8, port: u16) -> bool {
+    let Some(class) = PortClass::of_ipproto(proto) else {
+        return false;
+    };
+    let (word, mask) = service_port::known_port_bit(class, port);
+    match NTM_KNOWN_PORTS.get(word) {
+        Some(bits) => *bits & mask != 0,
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn parse_tc<const ETHERNET: bool>(
+    ctx: &TcContext,
+    key: &mut FlowKey,
+) -> Result<Parsed, ParseError> {
+    let frame = Frame {
+        data: ctx.data(),
+        end: ctx.data_end(),
+    };
+    let ephemeral_start = unsafe { core::ptr::read_volatile(&NTM_EPHEMERAL_START) };
+    if ETHERNET {
+        parse::parse_ethernet(&frame, key, ephemeral_start, is_known_port)
+    } else {
+        parse::parse_l3(&frame, key, ephemeral_start, is_known_port)
+    }
+}
+
+#[inline(always)]
+fn count_tc<const ETHERNET: bool>(ctx: &TcContext, direction: Direction) {
+    let skb = ctx.skb.skb;
+    let (skb_len, ifindex, vlan_present, vlan_tci, gso_segs) = unsafe {
+        (
+            (*skb).len,
+            (*skb).ifindex,
+            (*skb).vlan_present,
+            (*skb).vlan_tci,
+            (*skb).gso_segs,
+        )
+    };
+    let mut key = FlowKey {
+        ifindex,
+        direction: direction as u8,
+        ..FlowKey::default()
+    };
+    // TC usually finds the outer VLAN tag already moved into skb metadata.
+    let metadata_vlan = if vlan_present != 0 {
+        (vlan_tci & 0x0fff) as u16
+    } else {
+        0
+    };
+    key.vlan_id = metadata_vlan;
+    let mut parsed = parse_tc::<ETHERNET>(ctx, &mut key);
+    if let Err(ParseError::NeedMoreData(_)) = parsed {
+        // Headers beyond the linear data: pull them in once and retry. A
+        // frame that is simply short stays short and is counted as such.
+        let linear = (ctx.data_end() - ctx.data()) as u32;
+        if skb_len > linear {
+            let want = if skb_len < PULL_LEN {
+                skb_len
+            } else {
+                PULL_LEN
+            };
+            if ctx.pull_data(want).is_ok() {
+                key = FlowKey {
+                    ifindex,
+                    direction: direction as u8,
+                    vlan_id: metadata_vlan,
+                    ..FlowKey::default()
+                };
+                parsed = parse_tc::<ETHERNET>(ctx, &mut key);
+            }
+        }
+    }
+    // GSO/GRO aggregates count as the segments they carry on the wire.
+    let segments = if gso_segs > 1 { gso_segs as u64 } else { 1 };
+    match parsed {
+        Ok(p) => {
+            let frame_l3 = skb_len.saturating_sub(p.l3_offset as u32) as u64;
+            let bytes = if segments > 1 || p.l3_len == 0 {
+                // Every segment repeats the L3+L4 headers of the aggregate.
+                frame_l3 + (segments - 1) * p.header_len as u64
+            } else if p.l3_len as u64 > frame_l3 {
+                // The length field claims more than the frame holds.
+                let reason = if key.family == ntm_common::family::IPV6 {
+                    OutsideReason::MalformedIpv6
+                } else {
+                    OutsideReason::MalformedIpv4
+                };
+                count_outside(reason, frame_l3, 1);
+                return;
+            } else {
+                p.l3_len as u64
+            };
+            count_flow(&key, bytes, segments);
+        }
+        Err(ParseError::Outside(reason)) | Err(ParseError::NeedMoreData(reason)) => {
+            count_outside(reason, skb_len as u64, segments);
+        }
+    }
+}
+
+#[inline(always)]
+fn count_flow(key: &FlowKey, bytes: u64, packets: u64) {
+    let Some(table) = NTM_ACTIVE_FLOWS.get(0) else {
+        count_outside(OutsideReason::NoActiveTable, bytes, packets);
+        return;
+    };
+    if let Some(counters) = table.get_ptr_mut(key) {
+        // Per-CPU value, and TC runs with bottom halves off: no other writer.
+        unsafe {
+            (*counters).bytes += bytes;
+            (*counters).packets += packets;
+        }
+        return;
+    }
+    let fresh = Counters { bytes, packets };
+    match table.insert(key, fresh, BPF_NOEXIST) {
+        Ok(()) => {}
+        Err(err) if err == -EEXIST => {
+            // Another CPU inserted the key between our lookup and insert; our
+            // CPU's slot in it exists now.
+            match table.get_ptr_mut(key) {
+                Some(counters) => unsafe {
+                    (*counters).bytes += bytes;
+                    (*counters).packets += packets;
+                },
+                None => count_outside(OutsideReason::InsertFailed, bytes, packets),
+            }
+        }
+        Err(err) if err == -E2BIG => count_outside(OutsideReason::TableFull, bytes, packets),
+        Err(_) => count_outside(OutsideReason::InsertFailed, bytes, packets),
+    }
+}
+
+#[inline(always)]
+fn count_outside(reason: OutsideReason, bytes: u64, packets: u64) {
+    if let Some(counters) = NTM_OUTSIDE.get_ptr_mut(reason as u32) {
+        unsafe {
+            (*counters).bytes += bytes;
+            (*counters).packets += packets;
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

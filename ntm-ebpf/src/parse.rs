@@ -1,0 +1,344 @@
+//! Frame parser: from the first byte of a frame to a flow key.
+//!
+//! Works on raw `[data, data_end)` pointers so that TC and (later) XDP share
+//! it. Every read is bounds-checked against `data_end` first, and every
+//! variable offset has a visible upper bound, as the verifier requires.
+
+use core::mem::size_of;
+
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+use ntm_common::{FlowKey, OutsideReason, family, ipproto, service_port};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+
+/// In-frame VLAN tags followed (802.1ad outer + 802.1Q inner).
+const MAX_VLAN_TAGS: usize = 2;
+/// IPv6 extension headers followed before giving up on the chain.
+const MAX_IPV6_EXT_HEADERS: usize = 6;
+/// No header we parse starts beyond this offset; it bounds every variable
+/// offset for the verifier (2 VLAN tags + IPv6 + 6 extension headers of
+/// realistic size fit easily).
+pub const MAX_L4_OFFSET: usize = 512;
+
+/// Where the parse ended, with the lengths the byte count needs.
+pub struct Parsed {
+    /// Offset of the L3 header from the start of the frame.
+    pub l3_offset: usize,
+    /// L3 bytes according to the packet's own length field (IPv4 total
+    /// length, IPv6 payload length + 40); for non-IP frames 0, meaning
+    /// "the rest of the frame".
+    pub l3_len: u32,
+    /// L3 + L4 header bytes: repeated in every segment of a GSO aggregate.
+    pub header_len: u32,
+}
+
+/// Why the parse stopped early: either a reason to count the frame outside
+/// the flow table, or "the headers lie beyond the linear data" (the caller may
+/// pull the data in and try again).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ParseError {
+    Outside(OutsideReason),
+    NeedMoreData(OutsideReason),
+}
+
+pub struct Frame {
+    pub data: usize,
+    pub end: usize,
+}
+
+impl Frame {
+    /// A pointer to a `T` at `offset`, if all of it lies inside the frame.
+    #[inline(always)]
+    fn at<T>(&self, offset: usize) -> Option<*const T> {
+        let start = self.data + offset;
+        if start + size_of::<T>() > self.end {
+            return None;
+        }
+        Some(start as *const T)
+    }
+
+    /// Two bytes at `offset`. There is deliberately no one-byte read: LLVM
+    /// turns `start + 1 > end` into `start >= end`, which the verifier does
+    /// not accept as a bounds check. Every header we read a byte of is at
+    /// least two bytes long.
+    #[inline(always)]
+    fn pair(&self, offset: usize) -> Option<[u8; 2]> {
+        self.at::<[u8; 2]>(offset).map(|p| unsafe { *p })
+    }
+
+    #[inline(always)]
+    fn be16(&self, offset: usize) -> Option<u16> {
+        self.at::<[u8; 2]>(offset)
+            .map(|p| u16::from_be_bytes(unsafe { *p }))
+    }
+}
+
+#[inline(always)]
+fn need(reason: OutsideReason) -> ParseError {
+    ParseError::NeedMoreData(reason)
+}
+
+/// Parses an Ethernet frame. `vlan_id` already holds the tag TC keeps in skb
+/// metadata (0 if none); the first in-frame tag is used when it is 0.
+#[inline(always)]
+pub fn parse_ethernet(
+    frame: &Frame,
+    key: &mut FlowKey,
+    ephemeral_start: u16,
+    is_known: impl Fn(u8, u16) -> bool,
+) -> Result<Parsed, ParseError> {
+    let eth = frame
+        .at::<EthHdr>(0)
+        .ok_or(need(OutsideReason::TruncatedL2))?;
+    let mut ethertype = u16::from_be(unsafe { (*eth).ether_type });
+    let mut offset = EthHdr::LEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        let tci = frame.be16(offset).ok_or(need(OutsideReason::TruncatedL2))?;
+        ethertype = frame
+            .be16(offset + 2)
+            .ok_or(need(OutsideReason::TruncatedL2))?;
+        if key.vlan_id == 0 {
+            key.vlan_id = tci & 0x0fff;
+        }
+        offset += 4;
+    }
+    match ethertype {
+        ETH_P_IP => parse_ipv4(frame, offset, key, ephemeral_start, is_known),
+        ETH_P_IPV6 => parse_ipv6(frame, offset, key, ephemeral_start, is_known),
+        other => {
+            key.family = family::NON_IP;
+            key.port = other;
+            Ok(Parsed {
+                l3_offset: offset,
+                l3_len: 0,
+                header_len: 0,
+            })
+        }
+    }
+}
+
+/// Parses a frame that starts with the IP header (TUN, PPP, WireGuard).
+#[inline(always)]
+pub fn parse_l3(
+    frame: &Frame,
+    key: &mut FlowKey,
+    ephemeral_start: u16,
+    is_known: impl Fn(u8, u16) -> bool,
+) -> Result<Parsed, ParseError> {
+    let [first, _] = frame.pair(0).ok_or(need(OutsideReason::UnknownL3))?;
+    match first >> 4 {
+        4 => parse_ipv4(frame, 0, key, ephemeral_start, is_known),
+        6 => parse_ipv6(frame, 0, key, ephemeral_start, is_known),
+        _ => Err(ParseError::Outside(OutsideReason::UnknownL3)),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(
+    frame: &Frame,
+    l3: usize,
+    key: &mut FlowKey,
+    ephemeral_start: u16,
+    is_known: impl Fn(u8, u16) -> bool,
+) -> Result<Parsed, ParseError> {
+    const BAD: OutsideReason = OutsideReason::MalformedIpv4;
+    let ip = frame.at::<Ipv4Hdr>(l3).ok_or(need(BAD))?;
+    let (vihl, tot_len, frags, proto, src, dst) = unsafe {
+        (
+            (*ip).vihl,
+            u16::from_be_bytes((*ip).tot_len),
+            u16::from_be_bytes((*ip).frags),
+            (*ip).proto,
+            (*ip).src_addr,
+            (*ip).dst_addr,
+        )
+    };
+    let header_len = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN {
+        return Err(ParseError::Outside(BAD));
+    }
+    key.family = family::IPV4;
+    key.proto = proto;
+    key.src[..4].copy_from_slice(&src);
+    key.dst[..4].copy_from_slice(&dst);
+    // A total length of 0 is what GSO "BIG TCP" aggregates carry; the caller
+    // then takes the length from the skb. Anything else shorter than the
+    // header is malformed.
+    if tot_len != 0 && (tot_len as usize) < header_len {
+        return Err(ParseError::Outside(BAD));
+    }
+    // Ports only in the first fragment; later ones have none to read.
+    let first_fragment = frags & 0x1fff == 0;
+    let l4 = l3 + header_len;
+    let l4_len = if first_fragment {
+        parse_l4(frame, l4, proto, key, ephemeral_start, is_known)
+    } else {
+        0
+    };
+    Ok(Parsed {
+        l3_offset: l3,
+        l3_len: tot_len as u32,
+        header_len: (header_len + l4_len) as u32,
+    })
+}
+
+#[inline(always)]
+fn parse_ipv6(
+    frame: &Frame,
+    l3: usize,
+    key: &mut FlowKey,
+    ephemeral_start: u16,
+    is_known: impl Fn(u8, u16) -> bool,
+) -> Result<Parsed, ParseError> {
+    const BAD: OutsideReason = OutsideReason::MalformedIpv6;
+    let ip = frame.at::<Ipv6Hdr>(l3).ok_or(need(BAD))?;
+    let (vcf0, payload_len, mut next) = unsafe {
+        (
+            (*ip).vcf[0],
+            u16::from_be_bytes((*ip).payload_len),
+            (*ip).next_hdr,
+        )
+    };
+    if vcf0 >> 4 != 6 {
+        return Err(ParseError::Outside(BAD));
+    }
+    key.family = family::IPV6;
+    unsafe {
+        key.src = (*ip).src_addr;
+        key.dst = (*ip).dst_addr;
+    }
+    let mut offset = l3 + Ipv6Hdr::LEN;
+    let mut first_fragment = true;
+    let mut chain_done = false;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        if !is_extension_header(next) {
+            chain_done = true;
+            break;
+        }
+        // Every extension header starts with (next header, length).
+        let [following, length] = frame
+            .pair(offset)
+            .ok_or(need(OutsideReason::Ipv6ExtensionChain))?;
+        let len = match next {
+            ipproto::HOPOPTS | ipproto::ROUTING | ipproto::DSTOPTS => (length as usize + 1) * 8,
+            ipproto::AH => (length as usize + 2) * 4,
+            ipproto::FRAGMENT => {
+                let frag = frame
+                    .be16(offset + 2)
+                    .ok_or(need(OutsideReason::Ipv6ExtensionChain))?;
+                if frag & 0xfff8 != 0 {
+                    first_fragment = false;
+                }
+                8
+            }
+            _ => 0,
+        };
+        next = following;
+        offset += len;
+        if offset > MAX_L4_OFFSET {
+            return Err(ParseError::Outside(OutsideReason::Ipv6ExtensionChain));
+        }
+    }
+    if !chain_done && is_extension_header(next) {
+        return Err(ParseError::Outside(OutsideReason::Ipv6ExtensionChain));
+    }
+    key.proto = next;
+    let l4_len = if first_fragment {
+        parse_l4(frame, offset, next, key, ephemeral_start, is_known)
+    } else {
+        0
+    };
+    // payload_len 0 is a jumbogram or a BIG TCP aggregate: the caller takes
+    // the length from the skb.
+    let l3_len = if payload_len == 0 {
+        0
+    } else {
+        payload_len as u32 + Ipv6Hdr::LEN as u32
+    };
+    Ok(Parsed {
+        l3_offset: l3,
+        l3_len,
+        header_len: (offset - l3 + l4_len) as u32,
+    })
+}
+
+#[inline(always)]
+fn is_extension_header(next: u8) -> bool {
+    matches!(
+        next,
+        ipproto::HOPOPTS | ipproto::ROUTING | ipproto::DSTOPTS | ipproto::AH | ipproto::FRAGMENT
+    )
+}
+
+/// Fills `key.port` from the L4 header at `l4` and returns the L4 header
+/// length (0 when unknown or cut short: the frame is still counted by its IP
+/// header, just without a port).
+#[inline(always)]
+fn parse_l4(
+    frame: &Frame,
+    l4: usize,
+    proto: u8,
+    key: &mut FlowKey,
+    ephemeral_start: u16,
+    is_known: impl Fn(u8, u16) -> bool,
+) -> usize {
+    if l4 > MAX_L4_OFFSET {
+        return 0;
+    }
+    match proto {
+        ipproto::TCP => {
+            let Some(tcp) = frame.at::<TcpHdr>(l4) else {
+                return 0;
+            };
+            let (sport, dport, doff) = unsafe {
+                (
+                    u16::from_be_bytes((*tcp).source),
+                    u16::from_be_bytes((*tcp).dest),
+                    // Data offset: high nibble of byte 12.
+                    *((tcp as *const u8).add(12)) >> 4,
+                )
+            };
+            key.port = service_port::choose(sport, dport, ephemeral_start, |p| is_known(proto, p));
+            doff as usize * 4
+        }
+        ipproto::UDP | ipproto::UDPLITE | ipproto::SCTP => {
+            // SCTP's common header starts with the same two ports; UDP-Lite's
+            // header is UDP's.
+            let Some(udp) = frame.at::<UdpHdr>(l4) else {
+                return 0;
+            };
+            let (sport, dport) = unsafe {
+                (
+                    u16::from_be_bytes((*udp).src),
+                    u16::from_be_bytes((*udp).dst),
+                )
+            };
+            key.port = service_port::choose(sport, dport, ephemeral_start, |p| is_known(proto, p));
+            if proto == ipproto::SCTP {
+                12
+            } else {
+                UdpHdr::LEN
+            }
+        }
+        ipproto::ICMP | ipproto::ICMPV6 => match frame.pair(l4) {
+            Some([icmp_type, _code]) => {
+                key.port = icmp_type as u16;
+                // Type, code, checksum, and the 4-byte rest-of-header.
+                8
+            }
+            None => 0,
+        },
+        _ => 0,
+    }
+}
