@@ -171,7 +171,7 @@ dns-dup\t\t53/udp
         assert_eq!(r.name(PortClass::Udp, 80), None);
         // First definition wins, as getservbyport returns it.
         assert_eq!(r.name(PortClass::Udp, 53), Some("domain"));
-        assert_eq!(r.len(), 9);
+        assert_eq!(r.len(), 8);
     }
 
     #[test]
