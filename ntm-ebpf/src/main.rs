@@ -166,7 +166,7 @@ fn count_tc<const ETHERNET: bool>(ctx: &TcContext, direction: Direction) {
                 } else {
                     OutsideReason::MalformedIpv4
                 };
-                count_outside(reason, frame_l3, 1);
+                count_outside(reason, skb_len as u64, 1);
                 return;
             } else {
                 p.l3_len as u64

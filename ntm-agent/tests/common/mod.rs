@@ -1,0 +1,246 @@
+//! Shared helpers for the kernel tests: the root gate, network namespaces
+//! that clean up after themselves, and running code inside a namespace.
+//!
+//! Traffic rules: packets only ever flow between namespaces these helpers
+//! create, on 198.18.0.0/15 and 2001:2::/48, in bounded loops.
+#![allow(dead_code)]
+
+pub mod frames;
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+/// Returns false (and says why) when the kernel tests cannot run here; with
+/// NTM_REQUIRE_BPF=1 (CI) that is a failure instead.
+pub fn kernel_tests_enabled() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return true;
+    }
+    let required = std::env::var("NTM_REQUIRE_BPF").is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "NTM_REQUIRE_BPF=1 but the kernel tests need root (CAP_BPF, CAP_NET_ADMIN) to load programs and create namespaces"
+    );
+    eprintln!("SKIPPED: kernel tests need root (run as root, or via `cargo xtask test` as root)");
+    false
+}
+
+/// Runs a command and panics with its output if it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace, deleted (with its interfaces) on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let name = format!("ntmt-{tag}-{}-{id}", std::process::id());
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Self { name };
+        // Keep IPv6 quiet so that the only frames on a test link are the
+        // test's own: no router solicitations, no duplicate address detection,
+        // MLD reports sent at once rather than over seconds.
+        ns.exec(&[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.default.router_solicitations=0",
+            "net.ipv6.conf.default.dad_transmits=0",
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.conf.default.accept_ra=0",
+            "net.ipv6.conf.default.mldv1_unsolicited_report_interval=1",
+            "net.ipv6.conf.default.mldv2_unsolicited_report_interval=1",
+            "net.ipv6.conf.all.router_solicitations=0",
+        ]);
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        thread::scope(|s| {
+            s.spawn(|| {
+                self.enter_current_thread();
+                f()
+            })
+            .join()
+            .expect("thread in namespace panicked")
+        })
+    }
+
+    /// Moves the calling thread into this namespace (for good).
+    pub fn enter_current_thread(&self) {
+        let file = File::open(format!("/var/run/netns/{}", self.name))
+            .unwrap_or_else(|e| panic!("open netns {}: {e}", self.name));
+        // SAFETY: setns on a valid namespace fd; affects only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "setns {}: {}",
+            self.name,
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Two namespaces joined by a veth pair, addressed on the benchmarking
+/// ranges: `a` is 198.18.0.1 / 2001:2::1, `b` is 198.18.0.2 / 2001:2::2.
+/// Neighbours are static, so no ARP or neighbour discovery crosses the link.
+pub struct Link {
+    pub a: Netns,
+    pub b: Netns,
+    pub a_if: String,
+    pub b_if: String,
+}
+
+pub const A4: &str = "198.18.0.1";
+pub const B4: &str = "198.18.0.2";
+pub const A6: &str = "2001:2::1";
+pub const B6: &str = "2001:2::2";
+
+impl Link {
+    pub fn new(tag: &str) -> Self {
+        let a = Netns::new(&format!("{tag}a"));
+        let b = Netns::new(&format!("{tag}b"));
+        let a_if = "ntm0".to_string();
+        let b_if = "ntm1".to_string();
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &a_if,
+            "netns",
+            &a.name,
+            "address",
+            "02:00:00:00:00:01",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b_if,
+            "netns",
+            &b.name,
+            "address",
+            "02:00:00:00:00:02",
+        ]);
+        for (ns, ifname, v4, v6, peer_mac, peer4, peer6) in [
+            (&a, &a_if, A4, A6, "02:00:00:00:00:02", B4, B6),
+            (&b, &b_if, B4, B6, "02:00:00:00:00:01", A4, A6),
+        ] {
+            ns.exec(&["ip", "addr", "add", &format!("{v4}/24"), "dev", ifname]);
+            ns.exec(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                ifname,
+                "nodad",
+            ]);
+            ns.exec(&["ip", "link", "set", ifname, "up"]);
+            for peer in [peer4, peer6] {
+                ns.exec(&[
+                    "ip",
+                    "neigh",
+                    "replace",
+                    peer,
+                    "lladdr",
+                    peer_mac,
+                    "dev",
+                    ifname,
+                    "nud",
+                    "permanent",
+                ]);
+            }
+        }
+        let link = Self { a, b, a_if, b_if };
+        link.wait_quiet();
+        link
+    }
+
+    /// Sets segmentation/receive offloads on both ends.
+    pub fn set_offloads(&self, on: bool) {
+        let state = if on { "on" } else { "off" };
+        for (ns, ifname) in [(&self.a, &self.a_if), (&self.b, &self.b_if)] {
+            ns.exec(&[
+                "ethtool", "-K", ifname, "tso", state, "gso", state, "gro", state,
+            ]);
+        }
+    }
+
+    /// Frames and bytes that crossed `a`'s interface: (rx, tx) as
+    /// (packets, bytes including the Ethernet header).
+    pub fn a_stats(&self) -> ((u64, u64), (u64, u64)) {
+        let read = |what: &str| -> u64 {
+            self.a
+                .exec(&[
+                    "cat",
+                    &format!("/sys/class/net/{}/statistics/{what}", self.a_if),
+                ])
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        (
+            (read("rx_packets"), read("rx_bytes")),
+            (read("tx_packets"), read("tx_bytes")),
+        )
+    }
+
+    /// Waits until nothing has crossed the link for a while (the kernel's own
+    /// IPv6 multicast reports after link-up), at most a few seconds.
+    pub fn wait_quiet(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut last = self.a_stats();
+        let mut quiet_since = Instant::now();
+        while Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(100));
+            let now = self.a_stats();
+            if now != last {
+                last = now;
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= Duration::from_millis(400) {
+                return;
+            }
+        }
+    }
+}
