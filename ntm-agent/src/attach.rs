@@ -5,7 +5,10 @@
 //! stacks a second copy. On older kernels (clsact + netlink filters, which
 //! outlive the process) stale ntm filters are removed before attaching.
 
-use std::{fs, io, path::Path};
+use std::{
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _},
+};
 
 use aya::{
     programs::{
@@ -67,18 +70,28 @@ pub struct Attachment {
     links: Vec<(&'static str, SchedClassifierLinkId)>,
 }
 
-fn sys_class_net(iface: &str) -> std::path::PathBuf {
-    Path::new("/sys/class/net").join(iface)
-}
-
+/// Names of the interfaces in this thread's network namespace. (Not read
+/// from /sys/class/net: sysfs shows the namespace it was mounted in, which
+/// is not this thread's after setns.)
 fn available_interfaces() -> String {
-    let mut names: Vec<String> = fs::read_dir("/sys/class/net")
-        .map(|dir| {
-            dir.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut names = Vec::new();
+    // SAFETY: if_nameindex returns a list terminated by a zero entry, which
+    // we free with if_freenameindex.
+    unsafe {
+        let list = libc::if_nameindex();
+        if !list.is_null() {
+            let mut entry = list;
+            while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
+                names.push(
+                    std::ffi::CStr::from_ptr((*entry).if_name)
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+                entry = entry.add(1);
+            }
+            libc::if_freenameindex(list);
+        }
+    }
     names.sort();
     if names.is_empty() {
         "none found".to_string()
@@ -87,11 +100,30 @@ fn available_interfaces() -> String {
     }
 }
 
-fn read_sys_u32(iface: &str, attribute: &str) -> io::Result<u32> {
-    let text = fs::read_to_string(sys_class_net(iface).join(attribute))?;
-    text.trim()
-        .parse()
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{attribute}: {e}")))
+/// The interface's hardware type (ARPHRD_*), from SIOCGIFHWADDR.
+fn hardware_type(iface: &str) -> io::Result<u32> {
+    let name = std::ffi::CString::new(iface)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    if name.as_bytes().len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "name too long"));
+    }
+    // SAFETY: a plain datagram socket used only for the ioctl below; the
+    // ifreq is zeroed and holds a NUL-terminated name shorter than IFNAMSIZ.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let socket = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut request: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in request.ifr_name.iter_mut().zip(name.as_bytes()) {
+            *dst = *src as libc::c_char;
+        }
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFHWADDR, &mut request) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(request.ifr_ifru.ifru_hwaddr.sa_family as u32)
+    }
 }
 
 /// The interface's index and link kind, or a clear error when it is missing.
@@ -100,11 +132,13 @@ pub fn inspect(iface: &str) -> Result<(u32, LinkKind), AttachError> {
         iface: iface.to_string(),
         available: available_interfaces(),
     };
-    if iface.is_empty() || iface.contains('/') || !sys_class_net(iface).exists() {
+    let name = std::ffi::CString::new(iface).map_err(|_| unknown())?;
+    // SAFETY: a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
         return Err(unknown());
     }
-    let ifindex = read_sys_u32(iface, "ifindex").map_err(|_| unknown())?;
-    let kind = match read_sys_u32(iface, "type") {
+    let kind = match hardware_type(iface) {
         Ok(ARPHRD_ETHER) | Ok(ARPHRD_LOOPBACK) => LinkKind::Ethernet,
         Ok(_) => LinkKind::L3,
         Err(_) => return Err(unknown()),

@@ -16,10 +16,11 @@ const REPORT_TOP: usize = 50;
 async fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let config = Config::parse();
-    let mut agent = Agent::start(&config).context("ntm could not start")?;
-
+    // Before attaching: a SIGTERM that arrives while starting must still
+    // lead to a clean detach and final drain, not the default exit.
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut agent = Agent::start(&config).context("ntm could not start")?;
     let mut ticker = tokio::time::interval(config.drain_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drains: u32 = 0;
