@@ -30,7 +30,7 @@ async fn main() -> anyhow::Result<()> {
             _ = ticker.tick() => {
                 agent.drain().context("draining the kernel's flow tables")?;
                 drains += 1;
-                if drains % SUMMARY_EVERY == 0 {
+                if drains.is_multiple_of(SUMMARY_EVERY) {
                     let total = agent.grand_total();
                     log::info!(
                         "{} flows, {} bytes, {} packets counted in {:.0?}",

@@ -83,7 +83,9 @@ fn main() -> Result<()> {
             if toolchain::is_root() {
                 apt_install(TEST_PACKAGES)?;
             }
-            run(cargo().args(["test", "--workspace"]).args(args))
+            run(cargo()
+                .args(["test", "--workspace", "--exclude", "ntm-ebpf"])
+                .args(args))
         }
         Task::Bench => {
             ensure_ebpf_toolchain()?;
@@ -94,6 +96,8 @@ fn main() -> Result<()> {
             run(cargo().args([
                 "clippy",
                 "--workspace",
+                "--exclude",
+                "ntm-ebpf",
                 "--all-targets",
                 "--",
                 "-D",

@@ -1,0 +1,110 @@
+//! `cargo xtask bench`: the kernel program's cost per packet, measured with
+//! BPF_PROG_TEST_RUN next to an empty TC program on the same frames, in the
+//! same run, so that the ratio is meaningful on a noisy shared machine.
+//! Prints figures; asserts nothing.
+
+#[path = "../tests/common/frames.rs"]
+#[allow(dead_code)]
+mod frames;
+
+use aya::{
+    Ebpf,
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use frames::*;
+use ntm_agent::{
+    datapath::{Datapath, DatapathOptions},
+    services::ServiceRegistry,
+};
+use ntm_common::names;
+
+static BASELINE_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ntm-bench-baseline"));
+
+/// Runs per measurement inside the kernel (its loop, not ours).
+const REPEAT: u32 = 2_000_000;
+/// Measurements per program and frame; the median is reported.
+const ROUNDS: usize = 9;
+
+fn ns_per_packet(program: &SchedClassifier, frame: &[u8]) -> f64 {
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.repeat = REPEAT;
+    let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    // The kernel reports the mean duration of one run.
+    result.duration.as_nanos() as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the datapath benchmark loads eBPF programs: run it as root");
+        std::process::exit(1);
+    }
+    let mut services =
+        ServiceRegistry::from_file(std::path::Path::new("/etc/services")).unwrap_or_default();
+    services.add_spec("443=https").unwrap();
+    let (mut datapath, _tables) =
+        Datapath::load(&DatapathOptions::default(), &services).expect("load ntm");
+    let mut baseline = Ebpf::load(BASELINE_OBJECT).expect("load baseline");
+    let empty: &mut SchedClassifier = baseline
+        .program_mut("ntm_bench_empty")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    empty.load().expect("load empty program");
+
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "IPv4/TCP (74 B)",
+            eth(
+                ETH_IPV4,
+                &[],
+                &ipv4(6, &[], 0, &tcp(51_000, 443, &[1; 20], &[])),
+            ),
+        ),
+        (
+            "IPv6/UDP (1262 B)",
+            eth(ETH_IPV6, &[], &ipv6(17, &udp(40_000, 443, &[0; 1200]))),
+        ),
+        (
+            "VLAN IPv4/UDP (82 B)",
+            eth(
+                ETH_IPV4,
+                &[(TPID_8021Q, 100)],
+                &ipv4(17, &[], 0, &udp(40_000, 53, &[0; 32])),
+            ),
+        ),
+    ];
+
+    println!(
+        "ntm datapath: ns per packet (median of {ROUNDS} x BPF_PROG_TEST_RUN repeat {REPEAT})"
+    );
+    println!(
+        "{:<22} {:>10} {:>12} {:>8}",
+        "frame", "ntm", "empty TC", "ratio"
+    );
+    let ntm = datapath.tc_program(names::PROG_TC_INGRESS_ETH).unwrap();
+    for (name, frame) in &cases {
+        let (mut ours, mut base) = (Vec::new(), Vec::new());
+        // Warm up: the first run inserts the flow; steady state updates it.
+        ns_per_packet(ntm, frame);
+        for _ in 0..ROUNDS {
+            ours.push(ns_per_packet(ntm, frame));
+            base.push(ns_per_packet(empty, frame));
+        }
+        let (ours, base) = (median(ours), median(base));
+        println!(
+            "{:<22} {:>10.1} {:>12.1} {:>7.2}x",
+            name,
+            ours,
+            base,
+            ours / base
+        );
+    }
+}
