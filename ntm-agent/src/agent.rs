@@ -62,7 +62,7 @@ impl Agent {
             attach::inspect(iface)?;
         }
         for iface in &interfaces {
-            match attach::attach(&mut agent.datapath, iface) {
+            match attach::attach(&mut agent.datapath, iface, config.attach_mode) {
                 Ok(a) => agent.attachments.push(a),
                 Err(e) => {
                     agent.detach_all();

@@ -19,7 +19,10 @@ use aya::{
 };
 use ntm_common::names;
 
-use crate::datapath::{Datapath, is_permission_error};
+use crate::{
+    config::AttachMode,
+    datapath::{Datapath, is_permission_error},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -39,6 +42,10 @@ pub enum AttachError {
         "not allowed to attach to {iface}: ntm needs CAP_NET_ADMIN (and CAP_BPF); run it as root or grant those capabilities"
     )]
     NotPermitted { iface: String },
+    #[error(
+        "--attach-mode tcx needs Linux 6.6 or newer (this kernel has no TCX hooks); use --attach-mode clsact or auto"
+    )]
+    TcxUnavailable,
     #[error("attaching to {iface} {direction} failed: {detail}")]
     Failed {
         iface: String,
@@ -175,9 +182,18 @@ fn is_ntm_program(name: &str) -> bool {
 
 /// Attaches ntm to `iface`'s ingress and egress, first in line so that it
 /// counts what arrives before any other program can drop or change it.
-pub fn attach(datapath: &mut Datapath, iface: &str) -> Result<Attachment, AttachError> {
+pub fn attach(
+    datapath: &mut Datapath,
+    iface: &str,
+    mode: AttachMode,
+) -> Result<Attachment, AttachError> {
     let (ifindex, kind) = inspect(iface)?;
-    let tcx = tcx_available();
+    let tcx = match mode {
+        AttachMode::Auto => tcx_available(),
+        AttachMode::Tcx if tcx_available() => true,
+        AttachMode::Tcx => return Err(AttachError::TcxUnavailable),
+        AttachMode::Clsact => false,
+    };
     let mut attachment = Attachment {
         iface: iface.to_string(),
         ifindex,
@@ -186,9 +202,6 @@ pub fn attach(datapath: &mut Datapath, iface: &str) -> Result<Attachment, Attach
         links: Vec::new(),
     };
     if !tcx {
-        // clsact filters outlive their process: remove what an earlier ntm
-        // left behind (only programs with ntm's names), and make sure the
-        // qdisc exists.
         if let Err(e) = tc::qdisc_add_clsact(iface)
             && !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
         {
@@ -197,19 +210,22 @@ pub fn attach(datapath: &mut Datapath, iface: &str) -> Result<Attachment, Attach
     }
     for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
         let program_name = program_for(kind, direction);
-        if tcx {
+        // A live ntm holds a TCX link: refuse rather than count twice.
+        if tcx_available() {
             refuse_if_ntm_attached(iface, direction)?;
-        } else {
-            // Not found is the usual answer here, not an error.
-            let _ = tc::qdisc_detach_program(iface, direction, program_name);
         }
+        remove_stale_clsact_filters(iface, direction);
         let program: &mut SchedClassifier = datapath
             .tc_program(program_name)
             .ok_or_else(|| failed(iface, direction_name(direction), &"program missing"))?;
         let options = if tcx {
             TcAttachOptions::TcxOrder(LinkOrder::first())
         } else {
-            TcAttachOptions::Netlink(NlOptions::default())
+            // Priority 1: ahead of filters added with the default priority.
+            TcAttachOptions::Netlink(NlOptions {
+                priority: 1,
+                ..Default::default()
+            })
         };
         match program.attach_with_options(iface, direction, options) {
             Ok(link) => attachment.links.push((program_name, link)),
@@ -239,6 +255,28 @@ pub fn detach(datapath: &mut Datapath, attachment: &mut Attachment) {
             && let Err(e) = program.detach(link)
         {
             log::warn!("detaching {program_name} from {}: {e}", attachment.iface);
+        }
+    }
+}
+
+/// clsact filters outlive the process that added them: an ntm killed with
+/// -9 leaves its filters counting. Remove those (only filters carrying an ntm
+/// program's name), whatever the mode, so nothing is counted twice. In
+/// clsact mode this also replaces a running ntm's filters: the new process
+/// takes over.
+fn remove_stale_clsact_filters(iface: &str, direction: TcAttachType) {
+    for name in [
+        names::PROG_TC_INGRESS_ETH,
+        names::PROG_TC_EGRESS_ETH,
+        names::PROG_TC_INGRESS_L3,
+        names::PROG_TC_EGRESS_L3,
+    ] {
+        // "Not found" (or no clsact qdisc at all) is the usual answer.
+        if tc::qdisc_detach_program(iface, direction, name).is_ok() {
+            log::warn!(
+                "removed a stale ntm filter ({name}) from {iface} {}: an earlier ntm did not detach",
+                direction_name(direction)
+            );
         }
     }
 }

@@ -54,6 +54,19 @@ pub struct Config {
     /// Services file in /etc/services format.
     #[arg(long, env = "NTM_SERVICES_FILE", default_value = crate::services::ETC_SERVICES)]
     pub services_file: PathBuf,
+
+    /// How to hook into TC: tcx (Linux 6.6+; the attachment dies with the
+    /// process), clsact (older kernels; stale ntm filters are replaced at
+    /// start), or auto (tcx where the kernel has it).
+    #[arg(long, env = "NTM_ATTACH_MODE", value_enum, default_value_t = AttachMode::Auto)]
+    pub attach_mode: AttachMode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    Auto,
+    Tcx,
+    Clsact,
 }
 
 impl Config {

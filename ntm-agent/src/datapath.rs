@@ -161,14 +161,25 @@ impl Datapath {
 
 fn check_kernel() -> Result<(), DatapathError> {
     // An unreadable version is no reason to refuse: the load itself will say.
-    if let Ok(version) = KernelVersion::current()
-        && version < KernelVersion::new(MIN_KERNEL.0, MIN_KERNEL.1, 0)
-    {
+    match KernelVersion::current() {
+        Ok(version) => kernel_supported(version),
+        Err(_) => Ok(()),
+    }
+}
+
+fn kernel_supported(version: KernelVersion) -> Result<(), DatapathError> {
+    if version < KernelVersion::new(MIN_KERNEL.0, MIN_KERNEL.1, 0) {
         return Err(DatapathError::KernelTooOld {
             found: format!("{version:?}"),
         });
     }
     Ok(())
+}
+
+/// The last `lines` lines of a verifier log: where it gave up.
+fn log_tail(log: &str, lines: usize) -> String {
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so big flow
@@ -233,12 +244,10 @@ fn classify_program_error(name: &str, e: ProgramError) -> DatapathError {
                     what: format!("loading program {name}"),
                 };
             }
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = lines[lines.len().saturating_sub(VERIFIER_LOG_TAIL)..].join("\n");
             DatapathError::VerifierRejected {
                 program: name.to_string(),
                 io_error,
-                log_tail: tail,
+                log_tail: log_tail(&log, VERIFIER_LOG_TAIL),
             }
         }
         e if is_permission_error(&e) => DatapathError::NotPermitted {
@@ -248,5 +257,38 @@ fn classify_program_error(name: &str, e: ProgramError) -> DatapathError {
             program: name.to_string(),
             source,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_kernels_are_refused_with_the_version_needed() {
+        let err = kernel_supported(KernelVersion::new(4, 19, 0)).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("too old") && text.contains("5.10"), "{text}");
+        assert!(kernel_supported(KernelVersion::new(5, 10, 0)).is_ok());
+        assert!(kernel_supported(KernelVersion::new(6, 18, 44)).is_ok());
+    }
+
+    #[test]
+    fn verifier_log_tail_keeps_the_last_lines() {
+        let log = (1..=100)
+            .map(|i| format!("line {i}"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let tail = log_tail(&log, 3);
+        assert_eq!(tail, "line 98\nline 99\nline 100");
+        assert_eq!(log_tail("only", 40), "only");
+    }
+
+    #[test]
+    fn permission_errors_are_found_in_the_chain() {
+        let eperm = io::Error::from_raw_os_error(libc::EPERM);
+        assert!(is_permission_error(&eperm));
+        let other = io::Error::from_raw_os_error(libc::ENOENT);
+        assert!(!is_permission_error(&other));
     }
 }

@@ -512,3 +512,139 @@ fn clear_errors_for_bad_input() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// ntm filters tc lists on `a`'s interface, per direction (clsact mode).
+fn clsact_filters(link: &Link) -> (usize, usize) {
+    let count = |dir: &str| {
+        link.a
+            .exec(&["tc", "filter", "show", "dev", &link.a_if, dir])
+            .lines()
+            .filter(|l| l.contains("ntm_tc_"))
+            .count()
+    };
+    (count("ingress"), count("egress"))
+}
+
+fn wait_for_clsact_filters(link: &Link, want: (usize, usize)) -> (usize, usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = clsact_filters(link);
+        if now == want || Instant::now() > deadline {
+            return now;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn clsact_mode_counts_exactly_and_replaces_stale_filters() {
+    if !common::kernel_tests_enabled() {
+        return;
+    }
+    let link = Link::new("clsact");
+    // Exact counting through clsact filters, as on kernels before 6.6.
+    link.a.run(|| {
+        let mut agent = start_agent(&link, &["--attach-mode", "clsact"]);
+        assert!(agent.attachments().iter().all(|a| !a.tcx));
+        let _sink = udp_sink(&link, A4, 5600);
+        let mut sent = (0, 0);
+        let d = phase(&link, &mut agent, || {
+            sent = udp_burst(&link, A4, 5600, 1..=200);
+        });
+        let counted = flow(&d, B4, A4, ipproto::UDP, 5600, Direction::Ingress);
+        assert_eq!(
+            counted,
+            Counters {
+                bytes: sent.1,
+                packets: sent.0
+            }
+        );
+        let _ = agent.shutdown().unwrap();
+    });
+    assert_eq!(
+        clsact_filters(&link),
+        (0, 0),
+        "a clean stop removes its filters"
+    );
+
+    let spawn = || {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &link.a.name,
+                env!("CARGO_BIN_EXE_ntm-agent"),
+            ])
+            .args(["-i", &link.a_if, "--attach-mode", "clsact"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = spawn();
+    assert_eq!(wait_for_clsact_filters(&link, (1, 1)), (1, 1));
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // This is the hazard: the killed process's filters keep running.
+    assert_eq!(clsact_filters(&link), (1, 1), "filters outlive kill -9");
+
+    let mut again = spawn();
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        wait_for_clsact_filters(&link, (1, 1)),
+        (1, 1),
+        "stale ones replaced, not stacked"
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(again.id() as i32, libc::SIGTERM) };
+    assert!(again.wait().unwrap().success());
+    assert_eq!(wait_for_clsact_filters(&link, (0, 0)), (0, 0));
+}
+
+#[test]
+fn a_full_flow_table_still_adds_up() {
+    if !common::kernel_tests_enabled() {
+        return;
+    }
+    let link = Link::new("full");
+    link.a.run(|| {
+        let mut agent = start_agent(&link, &["--flow-table-size", "4"]);
+        let before = link.a_stats();
+        // 30 service ports, 5 datagrams each: 30 flows in, and as many ICMP
+        // port-unreachable flows out, for a 4-entry table.
+        link.b.run(|| {
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            for port in 1000..1030u16 {
+                for _ in 0..5 {
+                    socket.send_to(&[0x11; 64], (A4, port)).unwrap();
+                }
+            }
+        });
+        link.wait_quiet();
+        let d = agent.drain().unwrap();
+        let after = link.a_stats();
+        let frames = (after.0.0 - before.0.0) + (after.1.0 - before.1.0);
+        let bytes = (after.0.1 - before.0.1) + (after.1.1 - before.1.1) - ETH_HEADER * frames;
+
+        assert!(
+            d.flows.len() <= 4,
+            "{} flows in a 4-entry table",
+            d.flows.len()
+        );
+        let full = d.outside[ntm_common::OutsideReason::TableFull as usize];
+        assert!(full.packets > 0, "the overflow bucket is used");
+        let mut total = sum(&d, |_| true);
+        for c in &d.outside {
+            total.add(c);
+        }
+        assert_eq!(
+            total,
+            Counters {
+                bytes,
+                packets: frames
+            },
+            "flows + overflow = all traffic"
+        );
+        let _ = agent.shutdown().unwrap();
+    });
+}
