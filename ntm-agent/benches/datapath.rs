@@ -24,7 +24,7 @@ static BASELINE_OBJECT: &[u8] =
 /// Runs per measurement inside the kernel (its loop, not ours).
 const REPEAT: u32 = 2_000_000;
 /// Measurements per program and frame; the median is reported.
-const ROUNDS: usize = 9;
+const ROUNDS: usize = 15;
 
 fn ns_per_packet(program: &SchedClassifier, frame: &[u8]) -> f64 {
     let mut opts = TestRunOptions::new();
