@@ -1,9 +1,11 @@
 //! Command line and environment: every option is a flag and an `NTM_*`
 //! environment variable (the flag wins), as in the tool ntm replaces.
 
-use std::{fs, path::PathBuf, time::Duration};
+use std::{fs, net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
+
+use crate::labels::{Cidr, DEFAULT_LOCAL_NETS, Label};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -20,6 +22,11 @@ pub enum ConfigError {
     about = "Counts every packet crossing an interface in the kernel (eBPF) and exports per-flow traffic."
 )]
 pub struct Config {
+    /// tcpdump filter expression (several words are joined), e.g.
+    /// "src net 192.168.0.0/24 or dst net 192.168.0.0/24".
+    #[arg(env = "NTM_FILTERS", num_args = 0.., trailing_var_arg = true)]
+    pub filters: Vec<String>,
+
     /// Interface to monitor; repeat for several. Default: the interface of
     /// the default route.
     #[arg(
@@ -30,6 +37,60 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub interfaces: Vec<String>,
+
+    /// Port of the Prometheus endpoint (/metrics).
+    #[arg(short = 'p', long = "port", env = "NTM_PORT", default_value_t = 8000)]
+    pub port: u16,
+
+    /// Address the Prometheus endpoint listens on.
+    #[arg(
+        short = 'b',
+        long = "bind_ip",
+        visible_alias = "bind-ip",
+        env = "NTM_BIND",
+        default_value = "0.0.0.0"
+    )]
+    pub bind_ip: IpAddr,
+
+    /// Prefix of the metric names (<prefix>_bytes_total, ...).
+    #[arg(short = 's', long = "metric_prefix", visible_alias = "metric-prefix", env = "NTM_METRIC_PREFIX",
+          default_value = "ntm", value_parser = parse_metric_prefix)]
+    pub metric_prefix: String,
+
+    /// Keep hosts' full names in src/dst (more series); default: registrable
+    /// domains for remote hosts.
+    #[arg(short = 'f', long = "fqdn", env = "NTM_FQDN", value_parser = clap::builder::BoolishValueParser::new(),
+          action = clap::ArgAction::SetTrue)]
+    pub fqdn: bool,
+
+    /// Show addresses only in src/dst, never names.
+    #[arg(short = 'n', long = "numeric", env = "NTM_NUMERIC", value_parser = clap::builder::BoolishValueParser::new(),
+          action = clap::ArgAction::SetTrue)]
+    pub numeric: bool,
+
+    /// Labels to keep on the traffic counters (the others are summed over).
+    #[arg(
+        long,
+        env = "NTM_LABELS",
+        value_delimiter = ',',
+        default_value = "src,dst,service,proto,direction,iface"
+    )]
+    pub labels: Vec<Label>,
+
+    /// Local networks (CIDR, comma-separated or repeated): they decide the
+    /// direction label (inbound, outbound, internal, external).
+    #[arg(long = "local-net", env = "NTM_LOCAL_NETS", value_delimiter = ',', default_value = DEFAULT_LOCAL_NETS)]
+    pub local_nets: Vec<Cidr>,
+
+    /// Most traffic series exported; beyond it new label sets are folded into
+    /// series labelled "other" (their bytes still count).
+    #[arg(long, env = "NTM_MAX_SERIES", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_series: u32,
+
+    /// A series with no traffic for this long is dropped from /metrics.
+    #[arg(long, env = "NTM_SERIES_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub series_ttl: Duration,
 
     /// How often the kernel's flow table is drained (e.g. 500ms, 2s).
     #[arg(long, env = "NTM_DRAIN_INTERVAL", default_value = "1s", value_parser = parse_duration)]
@@ -90,6 +151,21 @@ impl Config {
     }
 }
 
+/// A Prometheus metric name prefix: [a-zA-Z_:][a-zA-Z0-9_:]*.
+pub fn parse_metric_prefix(text: &str) -> Result<String, String> {
+    let mut chars = text.chars();
+    let valid_first = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':');
+    if valid_first && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "{text:?} cannot start a Prometheus metric name: use letters, digits, '_' and ':', not starting with a digit"
+        ))
+    }
+}
+
 /// Parses "250ms", "2s", "1m" or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -104,7 +180,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => Duration::from_millis(number),
         "" | "s" => Duration::from_secs(number),
         "m" => Duration::from_secs(number * 60),
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s or m)")),
+        "h" => Duration::from_secs(number * 3600),
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
+            ));
+        }
     };
     if duration.is_zero() {
         return Err("the duration must be greater than zero".to_string());
@@ -151,7 +232,8 @@ mod tests {
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("fast").is_err());
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("5d").is_err());
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //! - [`attach`]: hooks them to each interface's ingress and egress;
 //! - [`drain`]: swaps and reads the kernel's flow tables without loss;
 //! - [`flows`]: running totals of the drained deltas;
+//! - [`labels`]: label values for a flow (services, protocols, direction);
+//! - [`metrics`]: Prometheus counters and self-metrics;
+//! - [`http`]: `/metrics` and `/healthz`;
 //! - [`agent`]: the lifecycle that wires these together.
 
 pub mod agent;
@@ -14,4 +17,7 @@ pub mod config;
 pub mod datapath;
 pub mod drain;
 pub mod flows;
+pub mod http;
+pub mod labels;
+pub mod metrics;
 pub mod services;
