@@ -191,7 +191,11 @@ fn udp_icmp_tcp_over_ipv4_and_ipv6_counted_exactly() {
             });
             let inbound = flow(&d, src, dst, ipproto::TCP, 5301, Direction::Ingress);
             let outbound = flow(&d, dst, src, ipproto::TCP, 5301, Direction::Egress);
-            let tcp_flows = d.flows.iter().filter(|(k, _)| k.proto == ipproto::TCP).count();
+            let tcp_flows = d
+                .flows
+                .iter()
+                .filter(|(k, _)| k.proto == ipproto::TCP)
+                .count();
             assert_eq!(tcp_flows, 2, "one flow per direction: {:?}", d.flows);
             assert!(inbound.bytes > 100_000 && outbound.packets > 0);
         }
@@ -334,7 +338,13 @@ fn draining_every_few_milliseconds_loses_nothing() {
         }
         let frames = after.0.0 - before.0.0;
         let l3_bytes = after.0.1 - before.0.1 - ETH_HEADER * frames;
-        assert_eq!(ingress, Counters { bytes: l3_bytes, packets: frames });
+        assert_eq!(
+            ingress,
+            Counters {
+                bytes: l3_bytes,
+                packets: frames
+            }
+        );
         let _ = agent.shutdown().unwrap();
     });
 }
@@ -432,7 +442,8 @@ fn restart_after_kill_never_stacks_a_second_copy() {
     let attached = wait_for_attached(&link, 1);
     assert_eq!((attached.0.len(), attached.1.len()), (1, 1), "first start");
 
-    // A second copy while the first runs refuses to double count.
+    // A second copy while the first runs (on another metrics port, or it
+    // would stop at the taken port) refuses to double count.
     let second = Command::new("ip")
         .args([
             "netns",
@@ -441,6 +452,8 @@ fn restart_after_kill_never_stacks_a_second_copy() {
             env!("CARGO_BIN_EXE_ntm-agent"),
             "-i",
             &link.a_if,
+            "-p",
+            "8001",
         ])
         .output()
         .unwrap();

@@ -45,8 +45,15 @@ enum Task {
 }
 
 /// Debian packages the kernel tests drive: namespaces and veths (iproute2),
-/// ICMP echo (iputils-ping), offload switches (ethtool), sysctl (procps).
-const TEST_PACKAGES: &[&str] = &["iproute2", "iputils-ping", "ethtool", "procps"];
+/// ICMP echo (iputils-ping), offload switches (ethtool), sysctl (procps),
+/// a real Prometheus and promtool for the scrape tests (prometheus).
+const TEST_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iputils-ping",
+    "ethtool",
+    "procps",
+    "prometheus",
+];
 
 /// The workspace root, so that commands work from any folder inside it.
 fn workspace_root() -> &'static std::path::Path {

@@ -166,6 +166,19 @@ impl Link {
             (&a, &a_if, A4, A6, "02:00:00:00:00:02", B4, B6),
             (&b, &b_if, B4, B6, "02:00:00:00:00:01", A4, A6),
         ] {
+            // The veth was created outside the namespace, with the host's
+            // defaults: quieten IPv6 on it before it comes up.
+            ns.exec(&[
+                "sysctl",
+                "-q",
+                "-w",
+                &format!("net.ipv6.conf.{ifname}.router_solicitations=0"),
+                &format!("net.ipv6.conf.{ifname}.dad_transmits=0"),
+                &format!("net.ipv6.conf.{ifname}.accept_dad=0"),
+                &format!("net.ipv6.conf.{ifname}.accept_ra=0"),
+                &format!("net.ipv6.conf.{ifname}.mldv1_unsolicited_report_interval=1"),
+                &format!("net.ipv6.conf.{ifname}.mldv2_unsolicited_report_interval=1"),
+            ]);
             ns.exec(&["ip", "addr", "add", &format!("{v4}/24"), "dev", ifname]);
             ns.exec(&[
                 "ip",
@@ -193,6 +206,20 @@ impl Link {
             }
         }
         let link = Self { a, b, a_if, b_if };
+        // The kernel reports carrier changes up to a second late (linkwatch),
+        // and IPv6 sends its multicast reports only then: wait for both ends
+        // to be up, then for the reports to pass.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (ns, ifname) in [(&link.a, &link.a_if), (&link.b, &link.b_if)] {
+            while ns
+                .exec(&["cat", &format!("/sys/class/net/{ifname}/operstate")])
+                .trim()
+                != "up"
+            {
+                assert!(Instant::now() < deadline, "{ifname} did not come up");
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
         link.wait_quiet();
         link
     }

@@ -1,0 +1,323 @@
+//! What Prometheus sees: the agent binary in a network namespace, a real
+//! Prometheus (Debian's package) scraping it on that namespace's loopback,
+//! known traffic, and PromQL answers compared exactly with what was sent.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream, UdpSocket},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{A4, B4, Link, Netns};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_ntm-agent");
+
+/// A child process killed (and reaped) on drop, so that nothing outlives a
+/// failed test.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A fresh folder under the target directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ntm-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// GET `path` from 127.0.0.1:`port` inside `ns`: (status, body).
+fn http_get(ns: &Netns, port: u16, path: &str) -> Option<(u16, String)> {
+    ns.run(|| {
+        let mut conn = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        conn.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        write!(conn, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+        let mut response = String::new();
+        conn.read_to_string(&mut response).ok()?;
+        let status = response.split_whitespace().nth(1)?.parse().ok()?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())?;
+        Some((status, body))
+    })
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The value of a PromQL query that yields one sample, if it does.
+fn promql(ns: &Netns, port: u16, query: &str) -> Option<f64> {
+    let (status, body) = http_get(
+        ns,
+        port,
+        &format!("/api/v1/query?query={}", urlencode(query)),
+    )?;
+    if status != 200 {
+        return None;
+    }
+    let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let result = json["data"]["result"].as_array()?;
+    if result.len() != 1 {
+        return None;
+    }
+    result[0]["value"][1].as_str()?.parse().ok()
+}
+
+fn spawn_agent(ns: &Netns, args: &[&str], envs: &[(&str, &str)]) -> Guard {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, AGENT]).args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    Guard(
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn prometheus_sees_exactly_what_was_sent() {
+    if !common::kernel_tests_enabled() {
+        return;
+    }
+    let link = Link::new("prom");
+    let before = link.a_stats();
+    // Environment variables as the old tool's users set them; 198.18.0.1 is
+    // the local host, so traffic from 198.18.0.2 is inbound.
+    let _agent = spawn_agent(
+        &link.a,
+        &[
+            "-i",
+            &link.a_if,
+            "--local-net",
+            "198.18.0.1/32",
+            "--drain-interval",
+            "200ms",
+        ],
+        &[
+            ("NTM_PORT", "9100"),
+            ("NTM_BIND", "127.0.0.1"),
+            ("NTM_METRIC_PREFIX", "home"),
+        ],
+    );
+    wait_for("the agent's /healthz", Duration::from_secs(30), || {
+        http_get(&link.a, 9100, "/healthz").filter(|(s, _)| *s == 200)
+    });
+
+    let dir = TempDir::new("prom");
+    let config = dir.0.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ntm\n    static_configs:\n      - targets: ['127.0.0.1:9100']\n",
+    )
+    .unwrap();
+    let _prometheus = Guard(
+        Command::new("ip")
+            .args(["netns", "exec", &link.a.name, "prometheus"])
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.0.join("data").display()
+            ))
+            .arg("--web.listen-address=127.0.0.1:9190")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian package) is installed by `cargo xtask test`"),
+    );
+
+    // Known traffic: 300 UDP datagrams of 1..=300 bytes to port 5300, and 20
+    // pings of 100 bytes.
+    let sink = link.a.run(|| UdpSocket::bind((A4, 5300)).unwrap());
+    let udp_bytes: u64 = link.b.run(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        (1..=300usize)
+            .map(|size| {
+                socket.send_to(&vec![7; size], (A4, 5300)).unwrap();
+                (28 + size) as u64
+            })
+            .sum()
+    });
+    link.b
+        .exec(&["ping", "-q", "-c", "20", "-i", "0.01", "-s", "100", A4]);
+    link.wait_quiet();
+    drop(sink);
+    let after = link.a_stats();
+    let frames = (after.0.0 - before.0.0) + (after.1.0 - before.1.0);
+    let l3_bytes = (after.0.1 - before.0.1) + (after.1.1 - before.1.1) - 14 * frames;
+
+    let query = |q: &str, want: f64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = None;
+        while Instant::now() < deadline {
+            last = promql(&link.a, 9190, q);
+            if last == Some(want) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+        let exposition = http_get(&link.a, 9100, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        let ours: Vec<&str> = exposition
+            .lines()
+            .filter(|l| l.starts_with("home_"))
+            .collect();
+        panic!(
+            "{q}: Prometheus says {last:?}, expected {want}; /metrics:\n{}",
+            ours.join("\n")
+        );
+    };
+    let udp = format!(
+        r#"home_bytes_total{{src="{B4}",dst="{A4}",service="5300",proto="udp",direction="inbound",iface="{}"}}"#,
+        link.a_if
+    );
+    query(&udp, udp_bytes as f64);
+    query(
+        r#"sum(home_packets_total{proto="udp",service="5300"})"#,
+        300.0,
+    );
+    query(
+        r#"home_packets_total{service="echo-request",proto="icmp",direction="inbound"}"#,
+        20.0,
+    );
+    query(
+        r#"home_packets_total{service="echo-reply",proto="icmp",direction="outbound"}"#,
+        20.0,
+    );
+    // Everything that crossed the interface, in total, through PromQL.
+    query("sum(home_bytes_total)", l3_bytes as f64);
+    query("sum(home_packets_total)", frames as f64);
+    query(r#"home_interface_attached{iface="ntm0"}"#, 1.0);
+
+    // The exposition passes promtool's checks.
+    let (_, exposition) = http_get(&link.a, 9100, "/metrics").unwrap();
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool: {report}"
+    );
+}
+
+fn agent_fails(args: &[&str], ns: &Netns) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, AGENT])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn endpoint_errors_and_flag_precedence() {
+    if !common::kernel_tests_enabled() {
+        return;
+    }
+    let link = Link::new("flags");
+    let iface = link.a_if.as_str();
+
+    // A taken port: clear error, and nothing left attached.
+    let taken = link
+        .a
+        .run(|| TcpListener::bind(("127.0.0.1", 9300)).unwrap());
+    let err = agent_fails(&["-i", iface, "-b", "127.0.0.1", "-p", "9300"], &link.a);
+    assert!(
+        err.contains("already in use") && err.contains("--port"),
+        "{err}"
+    );
+    drop(taken);
+    let attached = link
+        .a
+        .run(|| ntm_agent::attach::attached_ntm_programs(iface).unwrap());
+    assert_eq!(attached, (vec![], vec![]));
+
+    // An address this machine does not have (nothing is sent to it).
+    let err = agent_fails(&["-i", iface, "-b", "203.0.113.9"], &link.a);
+    assert!(
+        err.contains("not on this machine") && err.contains("--bind_ip"),
+        "{err}"
+    );
+
+    // A prefix Prometheus would reject.
+    let err = agent_fails(&["-i", iface, "-s", "9bad"], &link.a);
+    assert!(err.contains("metric name"), "{err}");
+
+    // tcpdump filters are refused until they are evaluated for real.
+    let err = agent_fails(&["-i", iface, "src", "net", "198.18.0.0/15"], &link.a);
+    assert!(err.contains("tcpdump filters"), "{err}");
+
+    // The flag wins over the environment variable.
+    let _agent = spawn_agent(
+        &link.a,
+        &["-i", iface, "-p", "9302"],
+        &[("NTM_PORT", "9301"), ("NTM_BIND", "127.0.0.1")],
+    );
+    wait_for(
+        "the agent on the flag's port",
+        Duration::from_secs(30),
+        || http_get(&link.a, 9302, "/healthz").filter(|(s, _)| *s == 200),
+    );
+    assert!(http_get(&link.a, 9301, "/healthz").is_none());
+}
