@@ -1,7 +1,12 @@
 //! Command line and environment: every option is a flag and an `NTM_*`
 //! environment variable (the flag wins), as in the tool ntm replaces.
 
-use std::{fs, net::IpAddr, path::PathBuf, time::Duration};
+use std::{
+    fs,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::Parser;
 
@@ -67,6 +72,25 @@ pub struct Config {
     #[arg(short = 'n', long = "numeric", env = "NTM_NUMERIC", value_parser = clap::builder::BoolishValueParser::new(),
           action = clap::ArgAction::SetTrue)]
     pub numeric: bool,
+
+    /// DNS server for reverse lookups (IP or IP:PORT); default: the first
+    /// nameserver in /etc/resolv.conf.
+    #[arg(long, env = "NTM_DNS_SERVER", value_parser = parse_dns_server)]
+    pub dns_server: Option<SocketAddr>,
+
+    /// How long one reverse lookup may take.
+    #[arg(long, env = "NTM_DNS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub dns_timeout: Duration,
+
+    /// Reverse lookups in flight at once.
+    #[arg(long, env = "NTM_DNS_WORKERS", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub dns_workers: u16,
+
+    /// How long a new flow waits for its hosts' names before it is exported
+    /// with addresses (its labels never change afterwards).
+    #[arg(long, env = "NTM_NAME_WAIT", default_value = "3s", value_parser = parse_duration)]
+    pub name_wait: Duration,
 
     /// Labels to keep on the traffic counters (the others are summed over).
     #[arg(
@@ -149,6 +173,18 @@ impl Config {
             .map(|iface| vec![iface])
             .ok_or(ConfigError::NoDefaultInterface)
     }
+}
+
+/// "IP" (port 53) or "IP:PORT" / "[IPv6]:PORT".
+pub fn parse_dns_server(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    text.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|_| {
+            format!("{text:?} is not a DNS server address like 192.168.1.1 or 127.0.0.1:5353")
+        })
 }
 
 /// A Prometheus metric name prefix: [a-zA-Z_:][a-zA-Z0-9_:]*.

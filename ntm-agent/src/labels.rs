@@ -7,6 +7,12 @@ use ntm_common::{FlowKey, family, ipproto, service_port::PortClass};
 
 use crate::{flows::address, services::ServiceRegistry};
 
+/// Whether the host labels are needed at all (resolving names is skipped
+/// when neither src nor dst is kept).
+pub fn wants_hosts(enabled: &[Label]) -> bool {
+    enabled.contains(&Label::Src) || enabled.contains(&Label::Dst)
+}
+
 /// The labels ntm can put on its traffic counters, in exposition order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Label {
@@ -260,19 +266,6 @@ pub fn service_name(key: &FlowKey, services: &ServiceRegistry) -> String {
     }
 }
 
-/// The host label of an address. Names come later (reverse DNS); until then
-/// the address itself, which is what `--numeric` asks for.
-pub fn host_label(ip: Option<IpAddr>) -> String {
-    match ip {
-        Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.to_string(),
-            None => v6.to_string(),
-        },
-        Some(v4) => v4.to_string(),
-        None => String::new(),
-    }
-}
-
 /// Everything labelling needs, fixed at start.
 pub struct Labeller {
     pub services: ServiceRegistry,
@@ -281,13 +274,14 @@ pub struct Labeller {
 }
 
 impl Labeller {
-    /// Label values of `key`, for the enabled labels, in their order.
-    pub fn values(&self, key: &FlowKey, iface: &str) -> Vec<String> {
+    /// Label values of `key`, for the enabled labels, in their order; the
+    /// host labels are decided by the caller (see `names`).
+    pub fn values(&self, key: &FlowKey, iface: &str, src: &str, dst: &str) -> Vec<String> {
         self.enabled
             .iter()
             .map(|label| match label {
-                Label::Src => host_label(address(key, true)),
-                Label::Dst => host_label(address(key, false)),
+                Label::Src => src.to_string(),
+                Label::Dst => dst.to_string(),
                 Label::Service => service_name(key, &self.services),
                 Label::Proto => proto_name(key),
                 Label::Direction => self.local.direction(key).to_string(),

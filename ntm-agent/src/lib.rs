@@ -7,6 +7,7 @@
 //! - [`drain`]: swaps and reads the kernel's flow tables without loss;
 //! - [`flows`]: running totals of the drained deltas;
 //! - [`labels`]: label values for a flow (services, protocols, direction);
+//! - [`names`] and [`dns`]: host names for src/dst (reverse DNS);
 //! - [`metrics`]: Prometheus counters and self-metrics;
 //! - [`http`]: `/metrics` and `/healthz`;
 //! - [`agent`]: the lifecycle that wires these together.
@@ -15,9 +16,11 @@ pub mod agent;
 pub mod attach;
 pub mod config;
 pub mod datapath;
+pub mod dns;
 pub mod drain;
 pub mod flows;
 pub mod http;
 pub mod labels;
 pub mod metrics;
+pub mod names;
 pub mod services;

@@ -7,9 +7,11 @@ use clap::Parser as _;
 use ntm_agent::{
     agent::Agent,
     config::Config,
+    dns::system_nameserver,
     http::{self, Health},
     labels::{Label, Labeller, LocalNets},
     metrics::{Metrics, MetricsOptions},
+    names::NameOptions,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -54,6 +56,18 @@ async fn main() -> anyhow::Result<()> {
             max_series: config.max_series as usize,
             series_ttl: config.series_ttl,
             flow_table_capacity: config.flow_table_size,
+            names: NameOptions {
+                server: if config.numeric {
+                    None
+                } else {
+                    config.dns_server.or_else(system_nameserver)
+                },
+                timeout: config.dns_timeout,
+                workers: config.dns_workers as usize,
+                queue: 4096,
+                fqdn: config.fqdn,
+                wait: config.name_wait,
+            },
         },
         labeller,
     )

@@ -6,12 +6,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ntm_common::OutsideReason;
+use ntm_common::{Counters, FlowKey, OutsideReason};
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
-use crate::{drain::Drained, labels::Label, labels::Labeller};
+use crate::{
+    drain::Drained,
+    flows::address,
+    labels::{Label, Labeller, wants_hosts},
+    names::{HostLabels, NameOptions, Resolver},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -32,7 +37,12 @@ pub struct MetricsOptions {
     pub max_series: usize,
     pub series_ttl: Duration,
     pub flow_table_capacity: u32,
+    pub names: NameOptions,
 }
+
+/// Flows waiting for their hosts' names, at most this many; beyond it they
+/// are exported with addresses at once.
+const MAX_WAITING_FLOWS: usize = 100_000;
 
 struct SeriesState {
     last_update: Instant,
@@ -45,6 +55,10 @@ pub struct Metrics {
     bytes: IntCounterVec,
     packets: IntCounterVec,
     series: HashMap<Vec<String>, SeriesState>,
+    hosts: HostLabels,
+    /// Deltas of flows whose host names are not decided yet, with the time
+    /// they were first seen.
+    waiting: HashMap<FlowKey, (Counters, Instant)>,
     series_gauge: IntGauge,
     series_folded: IntCounter,
     series_expired: IntCounter,
@@ -171,6 +185,18 @@ impl Metrics {
             })?;
         let build = register(&registry, &build_n, build)?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let lookups = counter_vec(
+            "dns_lookups_total",
+            "Reverse DNS lookups for host labels, by result",
+            &["result"],
+        )?;
+        let resolver = match options.names.server {
+            Some(server) if wants_hosts(&labeller.enabled) => {
+                Some(Resolver::start(server, &options.names, lookups))
+            }
+            _ => None,
+        };
+        let hosts = HostLabels::new(resolver, labeller.local.clone(), &options.names);
         let process = prometheus::process_collector::ProcessCollector::for_self();
         registry
             .register(Box::new(process))
@@ -186,6 +212,8 @@ impl Metrics {
             bytes,
             packets,
             series: HashMap::new(),
+            hosts,
+            waiting: HashMap::new(),
             series_gauge,
             series_folded,
             series_expired,
@@ -214,9 +242,28 @@ impl Metrics {
             .observe((drained.swap_time + drained.read_time).as_secs_f64());
         self.flow_table_entries.set(drained.flows.len() as i64);
         for (key, delta) in &drained.flows {
-            let values = self.labeller.values(key, &ifname(key.ifindex));
+            self.waiting
+                .entry(*key)
+                .and_modify(|(c, _)| c.add(delta))
+                .or_insert((*delta, now));
+        }
+        let overfull = self.waiting.len() > MAX_WAITING_FLOWS;
+        let mut still_waiting = HashMap::new();
+        for (key, (delta, first_seen)) in std::mem::take(&mut self.waiting) {
+            // Too many waiting: decide now (addresses where no name is known).
+            let seen = if overfull {
+                now - self.hosts_wait()
+            } else {
+                first_seen
+            };
+            let Some((src, dst)) = self.host_labels(&key, seen, now) else {
+                still_waiting.insert(key, (delta, first_seen));
+                continue;
+            };
+            let values = self.labeller.values(&key, &ifname(key.ifindex), &src, &dst);
             self.add(values, delta.bytes, delta.packets, now);
         }
+        self.waiting = still_waiting;
         for reason in OutsideReason::ALL {
             let delta = drained.outside[reason as usize];
             if delta.packets == 0 && delta.bytes == 0 {
@@ -247,6 +294,36 @@ impl Metrics {
             }
         }
         self.series_gauge.set(self.series.len() as i64);
+    }
+
+    fn hosts_wait(&self) -> Duration {
+        self.options.names.wait
+    }
+
+    /// (src, dst) labels, or None while a name is still awaited.
+    fn host_labels(
+        &mut self,
+        key: &FlowKey,
+        first_seen: Instant,
+        now: Instant,
+    ) -> Option<(String, String)> {
+        if !wants_hosts(&self.labeller.enabled) {
+            return Some((String::new(), String::new()));
+        }
+        match (address(key, true), address(key, false)) {
+            (Some(src), Some(dst)) => {
+                let src = self.hosts.label(src, first_seen, now);
+                let dst = self.hosts.label(dst, first_seen, now);
+                Some((src?, dst?))
+            }
+            // Non-IP frames have no hosts.
+            _ => Some((String::new(), String::new())),
+        }
+    }
+
+    /// Flows waiting for names right now (for tests and self-checks).
+    pub fn waiting_flows(&self) -> usize {
+        self.waiting.len()
     }
 
     fn add(&mut self, values: Vec<String>, bytes: u64, packets: u64, now: Instant) {
@@ -296,6 +373,7 @@ impl Metrics {
             self.series.remove(&values);
             self.series_expired.inc();
         }
+        self.hosts.expire(now, ttl);
         self.series_gauge.set(self.series.len() as i64);
     }
 
@@ -319,7 +397,7 @@ mod tests {
         labels::{Cidr, LocalNets},
         services::ServiceRegistry,
     };
-    use ntm_common::{Counters, FlowKey, family};
+    use ntm_common::family;
 
     fn metrics(max_series: usize, ttl: Duration, labels: Vec<Label>) -> Metrics {
         let labeller = Labeller {
@@ -333,6 +411,14 @@ mod tests {
                 max_series,
                 series_ttl: ttl,
                 flow_table_capacity: 1024,
+                names: NameOptions {
+                    server: None,
+                    timeout: Duration::from_secs(1),
+                    workers: 1,
+                    queue: 16,
+                    fqdn: false,
+                    wait: Duration::from_secs(2),
+                },
             },
             labeller,
         )

@@ -15,8 +15,6 @@ use std::{
 
 use common::{A4, B4, Link, Netns};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_ntm-agent");
-
 /// A child process killed (and reaped) on drop, so that nothing outlives a
 /// failed test.
 struct Guard(Child);
@@ -103,8 +101,8 @@ fn promql(ns: &Netns, port: u16, query: &str) -> Option<f64> {
 }
 
 fn spawn_agent(ns: &Netns, args: &[&str], envs: &[(&str, &str)]) -> Guard {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name, AGENT]).args(args);
+    let mut cmd = common::agent_in(ns, false);
+    cmd.args(args);
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -259,11 +257,7 @@ fn prometheus_sees_exactly_what_was_sent() {
 }
 
 fn agent_fails(args: &[&str], ns: &Netns) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name, AGENT])
-        .args(args)
-        .output()
-        .unwrap();
+    let out = common::agent_in(ns, false).args(args).output().unwrap();
     assert!(!out.status.success(), "{args:?} should fail");
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!err.contains("panicked"), "{err}");

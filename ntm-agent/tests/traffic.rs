@@ -404,15 +404,8 @@ fn offloads_do_not_change_the_numbers() {
 
 /// The agent binary inside namespace `a`.
 fn spawn_agent_binary(link: &Link) -> std::process::Child {
-    Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &link.a.name,
-            env!("CARGO_BIN_EXE_ntm-agent"),
-            "-i",
-            &link.a_if,
-        ])
+    common::agent_in(&link.a, false)
+        .args(["-i", &link.a_if])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -444,17 +437,8 @@ fn restart_after_kill_never_stacks_a_second_copy() {
 
     // A second copy while the first runs (on another metrics port, or it
     // would stop at the taken port) refuses to double count.
-    let second = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &link.a.name,
-            env!("CARGO_BIN_EXE_ntm-agent"),
-            "-i",
-            &link.a_if,
-            "-p",
-            "8001",
-        ])
+    let second = common::agent_in(&link.a, false)
+        .args(["-i", &link.a_if, "-p", "8001"])
         .output()
         .unwrap();
     assert!(!second.status.success());
@@ -600,13 +584,7 @@ fn clsact_mode_counts_exactly_and_replaces_stale_filters() {
     );
 
     let spawn = || {
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &link.a.name,
-                env!("CARGO_BIN_EXE_ntm-agent"),
-            ])
+        common::agent_in(&link.a, false)
             .args(["-i", &link.a_if, "--attach-mode", "clsact"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

@@ -48,6 +48,18 @@ pub fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The agent binary run inside `ns`. With `--numeric`: a test never lets it
+/// ask a DNS server of this machine about test addresses (tests of names
+/// pass `--dns-server` with their own server instead, after this).
+pub fn agent_in(ns: &Netns, names: bool) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_ntm-agent")]);
+    if !names {
+        cmd.arg("--numeric");
+    }
+    cmd
+}
+
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
 /// A network namespace, deleted (with its interfaces) on drop.
