@@ -3,7 +3,7 @@
 
 use std::{fmt, net::IpAddr, str::FromStr};
 
-use ntm_common::{FlowKey, family, ipproto, service_port::PortClass};
+use ntm_common::{FlowKey, family, ipproto, key_flags, service_port::PortClass};
 
 use crate::{flows::address, services::ServiceRegistry};
 
@@ -238,7 +238,8 @@ fn icmpv6_type_name(icmp_type: u16) -> Option<&'static str> {
 /// message type's name; the port number when it has no name; "" when the
 /// flow has no port.
 pub fn service_name(key: &FlowKey, services: &ServiceRegistry) -> String {
-    if key.family == family::NON_IP {
+    // Non-IP frames, later fragments and cut-short headers have no port.
+    if key.family == family::NON_IP || key.flags & key_flags::L4_MISSING != 0 {
         return String::new();
     }
     match key.proto {
@@ -378,6 +379,10 @@ mod tests {
         assert_eq!(service_name(&v4(lan, wan, 6, 0), &s), "");
         assert_eq!(service_name(&v4(lan, wan, 1, 8), &s), "echo-request");
         assert_eq!(service_name(&v4(lan, wan, 1, 42), &s), "42");
+        assert_eq!(service_name(&v4(lan, wan, 1, 0), &s), "echo-reply");
+        let mut later_fragment = v4(lan, wan, 1, 0);
+        later_fragment.flags = key_flags::L4_MISSING;
+        assert_eq!(service_name(&later_fragment, &s), "", "not an echo reply");
         assert_eq!(
             service_name(&v4(lan, wan, 47, 0), &s),
             "",

@@ -315,3 +315,185 @@ fn endpoint_errors_and_flag_precedence() {
     );
     assert!(http_get(&link.a, 9301, "/healthz").is_none());
 }
+
+/// Sum of `<metric>` samples whose label set contains every one of `parts`.
+fn sample_sum(text: &str, metric: &str, parts: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")) && parts.iter().all(|p| l.contains(p)))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn exposition_labels_for_every_kind_of_traffic() {
+    if !common::kernel_tests_enabled() {
+        return;
+    }
+    let link = Link::new("expo");
+    // An address on b that a has no static neighbour entry for: reaching it
+    // takes ARP.
+    link.b
+        .exec(&["ip", "addr", "add", "198.18.0.9/24", "dev", &link.b_if]);
+    let _agent = spawn_agent(
+        &link.a,
+        &[
+            "-i",
+            &link.a_if,
+            "-b",
+            "127.0.0.1",
+            "-p",
+            "9500",
+            "--drain-interval",
+            "100ms",
+        ],
+        &[],
+    );
+    wait_for("the agent's /healthz", Duration::from_secs(30), || {
+        http_get(&link.a, 9500, "/healthz").filter(|(s, _)| *s == 200)
+    });
+    let sinks = link
+        .a
+        .run(|| [443u16, 5300].map(|port| UdpSocket::bind((A4, port)).unwrap()));
+    link.b.run(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for port in [443u16, 5300] {
+            for _ in 0..5 {
+                socket.send_to(&[0; 200], (A4, port)).unwrap();
+            }
+        }
+        // ssh is closed on a: the SYN is answered with a reset.
+        let ssh = format!("{A4}:22").parse().unwrap();
+        let _ = TcpStream::connect_timeout(&ssh, Duration::from_secs(2));
+    });
+    // 3000 bytes of ICMP over a 1500-byte link: one first fragment with the
+    // ICMP header, then later fragments without one.
+    link.b.exec(&["ping", "-q", "-c", "2", "-s", "3000", A4]);
+    link.b
+        .exec(&["ping", "-q", "-c", "3", "-i", "0.01", common::A6]);
+    link.a.exec(&["ping", "-q", "-c", "1", "198.18.0.9"]);
+    link.wait_quiet();
+    drop(sinks);
+    thread::sleep(Duration::from_millis(500));
+    let (_, text) = http_get(&link.a, 9500, "/metrics").unwrap();
+    let packets = |parts: &[&str]| sample_sum(&text, "ntm_packets_total", parts);
+
+    assert_eq!(
+        packets(&[r#"service="https""#, r#"proto="udp""#]),
+        5,
+        "QUIC is https\n{text}"
+    );
+    assert_eq!(
+        packets(&[r#"service="5300""#, r#"proto="udp""#]),
+        5,
+        "unnamed port\n{text}"
+    );
+    assert_eq!(
+        packets(&[r#"service="ssh""#, r#"proto="tcp""#]),
+        2,
+        "SYN and RST\n{text}"
+    );
+    // Fragmented pings: 2 requests + 2 replies, 3 fragments each; only the
+    // first fragment of each has the ICMP type.
+    assert_eq!(
+        packets(&[
+            r#"service="echo-request""#,
+            r#"proto="icmp""#,
+            r#"dst="198.18.0.1""#
+        ]),
+        2
+    );
+    assert_eq!(
+        packets(&[r#"service="""#, r#"proto="icmp""#, r#"dst="198.18.0.1""#]),
+        4,
+        "{text}"
+    );
+    assert_eq!(
+        packets(&[
+            r#"service="echo-request""#,
+            r#"proto="icmp6""#,
+            r#"src="2001:2::2""#
+        ]),
+        3
+    );
+    assert_eq!(
+        packets(&[
+            r#"service="echo-reply""#,
+            r#"proto="icmp6""#,
+            r#"dst="2001:2::2""#
+        ]),
+        3
+    );
+    // ARP: one request out, one reply in, no hosts, no service.
+    assert_eq!(
+        packets(&[r#"proto="arp""#, r#"src="""#, r#"dst="""#, r#"service="""#]),
+        2,
+        "{text}"
+    );
+}
+
+#[test]
+fn series_budget_with_real_traffic_still_adds_up() {
+    if !common::kernel_tests_enabled() {
+        return;
+    }
+    let link = Link::new("budget");
+    let before = link.a_stats();
+    let _agent = spawn_agent(
+        &link.a,
+        &[
+            "-i",
+            &link.a_if,
+            "-b",
+            "127.0.0.1",
+            "-p",
+            "9600",
+            "--max-series",
+            "5",
+        ],
+        &[],
+    );
+    wait_for("the agent's /healthz", Duration::from_secs(30), || {
+        http_get(&link.a, 9600, "/healthz").filter(|(s, _)| *s == 200)
+    });
+    let sinks = link.a.run(|| {
+        (6000..6030u16)
+            .map(|port| UdpSocket::bind((A4, port)).unwrap())
+            .collect::<Vec<_>>()
+    });
+    link.b.run(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for port in 6000..6030u16 {
+            for _ in 0..4 {
+                socket.send_to(&[0; 100], (A4, port)).unwrap();
+            }
+        }
+    });
+    link.wait_quiet();
+    drop(sinks);
+    let after = link.a_stats();
+    let frames = (after.0.0 - before.0.0) + (after.1.0 - before.1.0);
+    let bytes = (after.0.1 - before.0.1) + (after.1.1 - before.1.1) - 14 * frames;
+    let text = wait_for(
+        "all traffic in the counters",
+        Duration::from_secs(20),
+        || {
+            let (_, text) = http_get(&link.a, 9600, "/metrics")?;
+            (sample_sum(&text, "ntm_bytes_total", &[]) == bytes).then_some(text)
+        },
+    );
+    assert_eq!(sample_sum(&text, "ntm_packets_total", &[]), frames);
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("ntm_bytes_total{"))
+        .count();
+    assert!(
+        series <= 6,
+        "5 series plus the folded one: {series}\n{text}"
+    );
+    assert!(
+        sample_sum(&text, "ntm_bytes_total", &[r#"src="other""#]) > 0,
+        "{text}"
+    );
+    assert!(sample_sum(&text, "ntm_series_folded_total", &[]) == 0); // a counter without labels
+    assert!(text.contains("ntm_series_folded_total "), "{text}");
+}

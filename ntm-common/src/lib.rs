@@ -62,6 +62,14 @@ pub mod family {
     pub const IPV6: u8 = 6;
 }
 
+/// `FlowKey::flags` bits.
+pub mod key_flags {
+    /// The packet's protocol has ports (or an ICMP type) but this packet
+    /// carries no such header: a later fragment, or a header cut short. Its
+    /// `port` is 0 and means "none", not ICMP type 0.
+    pub const L4_MISSING: u8 = 1;
+}
+
 /// IP protocol numbers the parser and the labels care about.
 pub mod ipproto {
     pub const HOPOPTS: u8 = 0;
@@ -107,9 +115,11 @@ pub struct FlowKey {
     pub proto: u8,
     /// [`Direction`] as u8.
     pub direction: u8,
+    /// [`key_flags`] bits.
+    pub flags: u8,
     /// Always zero; fills the key to a multiple of 8 bytes with no implicit
     /// padding.
-    pub _pad: [u8; 5],
+    pub _pad: [u8; 4],
 }
 
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 48);
@@ -203,7 +213,7 @@ mod tests {
     #[test]
     fn flow_key_has_no_implicit_padding() {
         // Field sizes add up to the struct size: nothing is hidden in between.
-        let fields = 16 + 16 + 4 + 2 + 2 + 1 + 1 + 1 + 5;
+        let fields = 16 + 16 + 4 + 2 + 2 + 1 + 1 + 1 + 1 + 4;
         assert_eq!(core::mem::size_of::<FlowKey>(), fields);
         let k = FlowKey::default();
         let base = &k as *const FlowKey as usize;
@@ -211,7 +221,8 @@ mod tests {
         assert_eq!(&k.vlan_id as *const u16 as usize - base, 36);
         assert_eq!(&k.port as *const u16 as usize - base, 38);
         assert_eq!(&k.family as *const u8 as usize - base, 40);
-        assert_eq!(&k._pad as *const [u8; 5] as usize - base, 43);
+        assert_eq!(&k.flags as *const u8 as usize - base, 43);
+        assert_eq!(&k._pad as *const [u8; 4] as usize - base, 44);
     }
 
     #[test]

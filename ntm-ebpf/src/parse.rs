@@ -12,7 +12,7 @@ use network_types::{
     tcp::TcpHdr,
     udp::UdpHdr,
 };
-use ntm_common::{FlowKey, OutsideReason, family, ipproto, service_port};
+use ntm_common::{FlowKey, OutsideReason, family, ipproto, key_flags, service_port};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
@@ -199,6 +199,7 @@ fn parse_ipv4(
     let l4_len = if first_fragment {
         parse_l4(frame, l4, proto, key, ephemeral_start, is_known)
     } else {
+        mark_l4_missing(proto, key);
         0
     };
     Ok(Parsed {
@@ -272,6 +273,7 @@ fn parse_ipv6(
     let l4_len = if first_fragment {
         parse_l4(frame, offset, next, key, ephemeral_start, is_known)
     } else {
+        mark_l4_missing(next, key);
         0
     };
     // payload_len 0 is a jumbogram or a BIG TCP aggregate: the caller takes
@@ -296,6 +298,23 @@ fn is_extension_header(next: u8) -> bool {
     )
 }
 
+/// For protocols with ports or an ICMP type: says this packet has none, so
+/// that port 0 is not read as ICMP type 0 (echo reply).
+#[inline(always)]
+fn mark_l4_missing(proto: u8, key: &mut FlowKey) {
+    if matches!(
+        proto,
+        ipproto::TCP
+            | ipproto::UDP
+            | ipproto::UDPLITE
+            | ipproto::SCTP
+            | ipproto::ICMP
+            | ipproto::ICMPV6
+    ) {
+        key.flags |= key_flags::L4_MISSING;
+    }
+}
+
 /// Fills `key.port` from the L4 header at `l4` and returns the L4 header
 /// length (0 when unknown or cut short: the frame is still counted by its IP
 /// header, just without a port).
@@ -309,11 +328,13 @@ fn parse_l4(
     is_known: impl Fn(u8, u16) -> bool,
 ) -> usize {
     if l4 > MAX_L4_OFFSET {
+        mark_l4_missing(proto, key);
         return 0;
     }
     match proto {
         ipproto::TCP => {
             let Some(tcp) = frame.at::<TcpHdr>(l4) else {
+                mark_l4_missing(proto, key);
                 return 0;
             };
             let (sport, dport, doff) = unsafe {
@@ -331,6 +352,7 @@ fn parse_l4(
             // SCTP's common header starts with the same two ports; UDP-Lite's
             // header is UDP's.
             let Some(udp) = frame.at::<UdpHdr>(l4) else {
+                mark_l4_missing(proto, key);
                 return 0;
             };
             let (sport, dport) = unsafe {
@@ -352,7 +374,10 @@ fn parse_l4(
                 // Type, code, checksum, and the 4-byte rest-of-header.
                 8
             }
-            None => 0,
+            None => {
+                mark_l4_missing(proto, key);
+                0
+            }
         },
         _ => 0,
     }
