@@ -201,12 +201,11 @@ pub fn attach(
         tcx,
         links: Vec::new(),
     };
-    if !tcx {
-        if let Err(e) = tc::qdisc_add_clsact(iface)
-            && !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
-        {
-            return Err(failed(iface, "clsact", &e));
-        }
+    if !tcx
+        && let Err(e) = tc::qdisc_add_clsact(iface)
+        && !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
+    {
+        return Err(failed(iface, "clsact", &e));
     }
     for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
         let program_name = program_for(kind, direction);
