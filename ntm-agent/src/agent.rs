@@ -25,7 +25,7 @@ pub enum AgentError {
     #[error(transparent)]
     Attach(#[from] AttachError),
     #[error("draining the flow tables failed: {0}")]
-    Drain(#[from] aya::maps::MapError),
+    Drain(#[from] crate::drain::DrainError),
 }
 
 pub struct Agent {
