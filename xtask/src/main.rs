@@ -38,7 +38,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Print performance figures (kernel program ns/packet vs an empty program).
+    /// Print performance figures: kernel program ns/packet vs an empty
+    /// program, scrape time and memory by series, drain time by table size.
     Bench,
     /// Clippy with warnings denied, for the host crates and the eBPF crate.
     Clippy,
@@ -96,7 +97,15 @@ fn main() -> Result<()> {
         }
         Task::Bench => {
             ensure_ebpf_toolchain()?;
-            run(cargo().args(["bench", "-p", "ntm-agent", "--bench", "datapath"]))
+            run(cargo().args([
+                "bench",
+                "-p",
+                "ntm-agent",
+                "--bench",
+                "datapath",
+                "--bench",
+                "exporter",
+            ]))
         }
         Task::Clippy => {
             ensure_ebpf_toolchain()?;

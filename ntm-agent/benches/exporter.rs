@@ -1,0 +1,174 @@
+//! `cargo xtask bench` (exporter part): scrape time and agent memory at
+//! 1k/10k/100k series, and drain time for 10k/100k/1M flow-table entries.
+//! Prints figures; asserts nothing.
+//!
+//! Each scrape measurement runs in a child process of its own so that its
+//! resident memory is that of an agent with that many series, not the sum of
+//! all sizes.
+
+#[path = "../tests/common/frames.rs"]
+#[allow(dead_code)]
+mod frames;
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use aya::programs::{TestRun, TestRunOptions};
+use frames::*;
+use ntm_agent::{
+    datapath::{Datapath, DatapathOptions},
+    drain::Drained,
+    labels::{Cidr, Label, Labeller, LocalNets},
+    metrics::{Metrics, MetricsOptions, encode},
+    names::NameOptions,
+    services::ServiceRegistry,
+};
+use ntm_common::{Counters, FlowKey, family, names};
+
+const SERIES_ENV: &str = "NTM_BENCH_SERIES";
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Runs in the child: an agent's metrics with `n` series, scraped 5 times.
+fn scrape_child(n: usize) {
+    let services = ServiceRegistry::from_file(std::path::Path::new("/etc/services"))
+        .unwrap_or_default();
+    // The loaded kernel side, as in a running agent.
+    let (_datapath, _tables) =
+        Datapath::load(&DatapathOptions::default(), &services).expect("load (run as root)");
+    let labeller = Labeller {
+        services,
+        local: LocalNets(vec!["10.0.0.0/8".parse::<Cidr>().unwrap()]),
+        enabled: Label::DEFAULT.to_vec(),
+    };
+    let mut metrics = Metrics::new(
+        MetricsOptions {
+            prefix: "ntm".into(),
+            max_series: n + 1,
+            series_ttl: Duration::from_secs(3600),
+            flow_table_capacity: 65_536,
+            names: NameOptions {
+                server: None,
+                timeout: Duration::from_secs(1),
+                workers: 1,
+                queue: 1,
+                fqdn: false,
+                wait: Duration::ZERO,
+            },
+        },
+        labeller,
+    )
+    .unwrap();
+    let flows = (0..n as u32)
+        .map(|i| {
+            let mut key = FlowKey {
+                family: family::IPV4,
+                proto: 6,
+                port: 443,
+                ifindex: 1,
+                ..Default::default()
+            };
+            key.src[..4].copy_from_slice(&(0x0a00_0000 | i).to_be_bytes());
+            key.dst[..4].copy_from_slice(&[93, 184, 216, 34]);
+            (key, Counters { bytes: 1500, packets: 1 })
+        })
+        .collect();
+    let drained = Drained {
+        flows,
+        ..Default::default()
+    };
+    metrics.record(&drained, |_| "eth0".into(), Instant::now());
+    let registry = metrics.registry();
+    let mut times = Vec::new();
+    let mut size = 0;
+    for _ in 0..5 {
+        let started = Instant::now();
+        size = encode(&registry).unwrap().len();
+        times.push(started.elapsed());
+    }
+    println!(
+        "{n} {} {:.1} {}",
+        median(times).as_secs_f64(),
+        rss_mib(),
+        size
+    );
+}
+
+fn scrape_figures() {
+    println!("\nscrape: /metrics encoding time (median of 5) and agent RSS, one process per size");
+    println!("{:>8} {:>12} {:>10} {:>12}", "series", "scrape", "RSS MiB", "body bytes");
+    for n in [1_000usize, 10_000, 100_000] {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .env(SERIES_ENV, n.to_string())
+            .output()
+            .expect("child");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().last().unwrap_or("");
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() == 4 {
+            let secs: f64 = f[1].parse().unwrap_or(0.0);
+            println!("{:>8} {:>10.3} s {:>10} {:>12}", f[0], secs, f[2], f[3]);
+        } else {
+            println!("{n:>8} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+fn drain_figures() {
+    println!("\ndrain: swap + read + clear of a table holding N flows (filled by the program)");
+    println!("{:>9} {:>10} {:>10} {:>10}", "entries", "swap", "read", "total");
+    for n in [10_000u32, 100_000, 1_000_000] {
+        let options = DatapathOptions {
+            flow_table_entries: n,
+            ..Default::default()
+        };
+        let (mut datapath, mut tables) =
+            Datapath::load(&options, &ServiceRegistry::default()).expect("load");
+        let program = datapath.tc_program(names::PROG_TC_INGRESS_ETH).unwrap();
+        let mut frame = eth(ETH_IPV4, &[], &ipv4(17, &[], 0, &udp(40_000, 53, &[0; 16])));
+        // Source address at byte 14 + 12 of the frame: one flow per address.
+        for i in 0..n {
+            frame[26..30].copy_from_slice(&(0x0a00_0000 | i).to_be_bytes());
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(&frame);
+            program.test_run(opts).expect("test_run");
+        }
+        let drained = tables.drain().expect("drain");
+        assert_eq!(drained.flows.len() as u32, n, "every flow drained");
+        println!(
+            "{:>9} {:>8.1}ms {:>8.1}ms {:>8.1}ms",
+            n,
+            drained.swap_time.as_secs_f64() * 1e3,
+            drained.read_time.as_secs_f64() * 1e3,
+            (drained.swap_time + drained.read_time).as_secs_f64() * 1e3
+        );
+    }
+}
+
+fn main() {
+    if let Ok(n) = std::env::var(SERIES_ENV) {
+        scrape_child(n.parse().expect("series count"));
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the exporter benchmark loads eBPF programs: run it as root");
+        std::process::exit(1);
+    }
+    scrape_figures();
+    drain_figures();
+}
