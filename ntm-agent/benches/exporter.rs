@@ -21,7 +21,7 @@ use ntm_agent::{
     datapath::{Datapath, DatapathOptions},
     drain::Drained,
     labels::{Cidr, Label, Labeller, LocalNets},
-    metrics::{Metrics, MetricsOptions, encode},
+    metrics::{Metrics, MetricsOptions},
     names::NameOptions,
     services::ServiceRegistry,
 };
@@ -45,8 +45,8 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 /// Runs in the child: an agent's metrics with `n` series, scraped 5 times.
 fn scrape_child(n: usize) {
-    let services = ServiceRegistry::from_file(std::path::Path::new("/etc/services"))
-        .unwrap_or_default();
+    let services =
+        ServiceRegistry::from_file(std::path::Path::new("/etc/services")).unwrap_or_default();
     // The loaded kernel side, as in a running agent.
     let (_datapath, _tables) =
         Datapath::load(&DatapathOptions::default(), &services).expect("load (run as root)");
@@ -84,7 +84,13 @@ fn scrape_child(n: usize) {
             };
             key.src[..4].copy_from_slice(&(0x0a00_0000 | i).to_be_bytes());
             key.dst[..4].copy_from_slice(&[93, 184, 216, 34]);
-            (key, Counters { bytes: 1500, packets: 1 })
+            (
+                key,
+                Counters {
+                    bytes: 1500,
+                    packets: 1,
+                },
+            )
         })
         .collect();
     let drained = Drained {
@@ -92,12 +98,12 @@ fn scrape_child(n: usize) {
         ..Default::default()
     };
     metrics.record(&drained, |_| "eth0".into(), Instant::now());
-    let registry = metrics.registry();
+    let exposition = metrics.exposition();
     let mut times = Vec::new();
     let mut size = 0;
     for _ in 0..5 {
         let started = Instant::now();
-        size = encode(&registry).unwrap().len();
+        size = exposition.encode().unwrap().len();
         times.push(started.elapsed());
     }
     println!(
@@ -110,7 +116,10 @@ fn scrape_child(n: usize) {
 
 fn scrape_figures() {
     println!("\nscrape: /metrics encoding time (median of 5) and agent RSS, one process per size");
-    println!("{:>8} {:>12} {:>10} {:>12}", "series", "scrape", "RSS MiB", "body bytes");
+    println!(
+        "{:>8} {:>12} {:>10} {:>12}",
+        "series", "scrape", "RSS MiB", "body bytes"
+    );
     for n in [1_000usize, 10_000, 100_000] {
         let out = Command::new(std::env::current_exe().unwrap())
             .env(SERIES_ENV, n.to_string())
@@ -130,7 +139,10 @@ fn scrape_figures() {
 
 fn drain_figures() {
     println!("\ndrain: swap + read + clear of a table holding N flows (filled by the program)");
-    println!("{:>9} {:>10} {:>10} {:>10}", "entries", "swap", "read", "total");
+    println!(
+        "{:>9} {:>10} {:>10} {:>10}",
+        "entries", "swap", "read", "total"
+    );
     for n in [10_000u32, 100_000, 1_000_000] {
         let options = DatapathOptions {
             flow_table_entries: n,

@@ -9,7 +9,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use prometheus::Registry;
+use crate::metrics::Exposition;
 use warp::{Filter, http::StatusCode};
 
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +85,7 @@ pub struct Server {
 impl Server {
     pub fn start(
         listener: std::net::TcpListener,
-        registry: Registry,
+        exposition: Exposition,
         health: Health,
     ) -> io::Result<Self> {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -98,7 +98,7 @@ impl Server {
                 runtime.block_on(async move {
                     match tokio::net::TcpListener::from_std(listener) {
                         Ok(listener) => {
-                            serve(listener, registry, health, async {
+                            serve(listener, exposition, health, async {
                                 let _ = stopped.await;
                             })
                             .await
@@ -127,7 +127,7 @@ impl Server {
 /// Serves until `shutdown` completes.
 async fn serve(
     listener: tokio::net::TcpListener,
-    registry: Registry,
+    exposition: Exposition,
     health: Health,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
@@ -135,7 +135,7 @@ async fn serve(
         .and(warp::path::end())
         .and(warp::get())
         .map(move || {
-            let (body, status, content_type) = match crate::metrics::encode(&registry) {
+            let (body, status, content_type) = match exposition.encode() {
                 Ok(body) => (body, StatusCode::OK, prometheus::TEXT_FORMAT),
                 Err(e) => (
                     format!("encoding metrics failed: {e}\n"),

@@ -8,7 +8,8 @@
 //! - [`flows`]: running totals of the drained deltas;
 //! - [`labels`]: label values for a flow (services, protocols, direction);
 //! - [`names`] and [`dns`]: host names for src/dst (reverse DNS);
-//! - [`metrics`]: Prometheus counters and self-metrics;
+//! - [`metrics`] and [`series`]: traffic counters (budget, expiry) and
+//!   self-metrics;
 //! - [`http`]: `/metrics` and `/healthz`;
 //! - [`agent`]: the lifecycle that wires these together.
 
@@ -23,4 +24,5 @@ pub mod http;
 pub mod labels;
 pub mod metrics;
 pub mod names;
+pub mod series;
 pub mod services;

@@ -78,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
         metrics.set_attached(&attachment.iface, mode, true);
         health.set(&attachment.iface, true);
     }
-    let server = http::Server::start(listener, metrics.registry(), health.clone())
+    let server = http::Server::start(listener, metrics.exposition(), health.clone())
         .context("starting the metrics endpoint")?;
     log::info!(
         "serving metrics on http://{}/metrics",

@@ -3,6 +3,7 @@
 
 use std::{
     collections::HashMap,
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
@@ -16,6 +17,7 @@ use crate::{
     flows::address,
     labels::{Label, Labeller, wants_hosts},
     names::{HostLabels, NameOptions, Resolver},
+    series::TrafficSeries,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -44,17 +46,11 @@ pub struct MetricsOptions {
 /// are exported with addresses at once.
 const MAX_WAITING_FLOWS: usize = 100_000;
 
-struct SeriesState {
-    last_update: Instant,
-}
-
 pub struct Metrics {
     registry: Registry,
     labeller: Labeller,
     options: MetricsOptions,
-    bytes: IntCounterVec,
-    packets: IntCounterVec,
-    series: HashMap<Vec<String>, SeriesState>,
+    traffic: Arc<RwLock<TrafficSeries>>,
     hosts: HostLabels,
     /// Deltas of flows whose host names are not decided yet, with the time
     /// they were first seen.
@@ -99,12 +95,7 @@ impl Metrics {
             })?;
             register(&registry, &n, c)
         };
-        let bytes = counter_vec(
-            "bytes_total",
-            "L3 bytes (IPv4 total length, IPv6 payload + 40) counted in the kernel",
-            &names,
-        )?;
-        let packets = counter_vec("packets_total", "Packets counted in the kernel", &names)?;
+        let traffic = Arc::new(RwLock::new(TrafficSeries::new(p, names.clone())));
         let outside_bytes = counter_vec(
             "outside_flow_table_bytes_total",
             "Bytes of frames counted outside the flow table, by reason (table_full is also in bytes_total as src=\"other\")",
@@ -209,9 +200,7 @@ impl Metrics {
             registry,
             labeller,
             options,
-            bytes,
-            packets,
-            series: HashMap::new(),
+            traffic,
             hosts,
             waiting: HashMap::new(),
             series_gauge,
@@ -225,9 +214,12 @@ impl Metrics {
         })
     }
 
-    /// The registry the HTTP endpoint encodes.
-    pub fn registry(&self) -> Registry {
-        self.registry.clone()
+    /// What the HTTP endpoint encodes.
+    pub fn exposition(&self) -> Exposition {
+        Exposition {
+            registry: self.registry.clone(),
+            traffic: Arc::clone(&self.traffic),
+        }
     }
 
     pub fn set_attached(&self, iface: &str, mode: &str, attached: bool) {
@@ -293,7 +285,7 @@ impl Metrics {
                 self.add_unbudgeted(values, delta.bytes, delta.packets, now);
             }
         }
-        self.series_gauge.set(self.series.len() as i64);
+        self.series_gauge.set(self.series_count() as i64);
     }
 
     fn hosts_wait(&self) -> Duration {
@@ -327,7 +319,11 @@ impl Metrics {
     }
 
     fn add(&mut self, values: Vec<String>, bytes: u64, packets: u64, now: Instant) {
-        if !self.series.contains_key(&values) && self.series.len() >= self.options.max_series {
+        let over_budget = {
+            let traffic = self.traffic.read().unwrap_or_else(|e| e.into_inner());
+            !traffic.contains(&values) && traffic.len() >= self.options.max_series
+        };
+        if over_budget {
             self.series_folded.inc();
             let folded = self.fold(values);
             self.add_unbudgeted(folded, bytes, packets, now);
@@ -348,46 +344,48 @@ impl Metrics {
     }
 
     fn add_unbudgeted(&mut self, values: Vec<String>, bytes: u64, packets: u64, now: Instant) {
-        let refs: Vec<&str> = values.iter().map(String::as_str).collect();
-        self.bytes.with_label_values(&refs).inc_by(bytes);
-        self.packets.with_label_values(&refs).inc_by(packets);
-        self.series
-            .entry(values)
-            .and_modify(|s| s.last_update = now)
-            .or_insert(SeriesState { last_update: now });
+        self.traffic
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(&values, bytes, packets, now);
     }
 
     /// Drops series without traffic for longer than the TTL.
     pub fn expire(&mut self, now: Instant) {
         let ttl = self.options.series_ttl;
-        let stale: Vec<Vec<String>> = self
-            .series
-            .iter()
-            .filter(|(_, s)| now.duration_since(s.last_update) > ttl)
-            .map(|(v, _)| v.clone())
-            .collect();
-        for values in stale {
-            let refs: Vec<&str> = values.iter().map(String::as_str).collect();
-            let _ = self.bytes.remove_label_values(&refs);
-            let _ = self.packets.remove_label_values(&refs);
-            self.series.remove(&values);
-            self.series_expired.inc();
-        }
+        let removed = self
+            .traffic
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .expire(now, ttl);
+        self.series_expired.inc_by(removed as u64);
         self.hosts.expire(now, ttl);
-        self.series_gauge.set(self.series.len() as i64);
+        self.series_gauge.set(self.series_count() as i64);
     }
 
     pub fn series_count(&self) -> usize {
-        self.series.len()
+        self.traffic.read().map(|t| t.len()).unwrap_or(0)
     }
 }
 
-/// The registry in the Prometheus text exposition format.
-pub fn encode(registry: &Registry) -> Result<String, prometheus::Error> {
-    let mut out = String::new();
-    let encoder = prometheus::TextEncoder::new();
-    encoder.encode_utf8(&registry.gather(), &mut out)?;
-    Ok(out)
+/// Everything `/metrics` shows: the traffic series and ntm's own metrics.
+#[derive(Clone)]
+pub struct Exposition {
+    registry: Registry,
+    traffic: Arc<RwLock<TrafficSeries>>,
+}
+
+impl Exposition {
+    /// The Prometheus text exposition format.
+    pub fn encode(&self) -> Result<String, prometheus::Error> {
+        let mut out = String::new();
+        self.traffic
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .encode(&mut out);
+        prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out)?;
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -457,7 +455,7 @@ mod tests {
     }
 
     fn total(m: &Metrics) -> u64 {
-        let text = encode(&m.registry).unwrap();
+        let text = m.exposition().encode().unwrap();
         text.lines()
             .filter(|l| l.starts_with("ntm_bytes_total{"))
             .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
@@ -472,7 +470,7 @@ mod tests {
             1500,
         )]);
         m.record(&d, |_| "eth0".into(), Instant::now());
-        let text = encode(&m.registry).unwrap();
+        let text = m.exposition().encode().unwrap();
         assert!(
             text.contains(r#"ntm_bytes_total{direction="outbound",dst="93.184.216.34",iface="eth0",proto="tcp",service="https",src="192.168.1.2"} 1500"#),
             "{text}"
@@ -493,7 +491,7 @@ mod tests {
             (flow([192, 168, 1, 3], [1, 1, 1, 1], 443), 50),
         ]);
         m.record(&d, |_| "eth0".into(), Instant::now());
-        let text = encode(&m.registry).unwrap();
+        let text = m.exposition().encode().unwrap();
         assert!(
             text.contains(r#"ntm_bytes_total{direction="outbound",service="https"} 150"#),
             "{text}"
@@ -509,7 +507,7 @@ mod tests {
             .collect();
         m.record(&drained(flows), |_| "eth0".into(), Instant::now());
         assert_eq!(total(&m), (1..=10u64).map(|i| 10 * i).sum::<u64>());
-        let text = encode(&m.registry).unwrap();
+        let text = m.exposition().encode().unwrap();
         assert!(text.contains(r#"src="other""#), "{text}");
         assert!(text.contains("ntm_series_folded_total 7"), "{text}");
         // 3 budgeted series plus one folded series.
@@ -531,7 +529,7 @@ mod tests {
         m.expire(start + Duration::from_secs(15));
         assert_eq!(m.series_count(), 1);
         assert_eq!(total(&m), 10, "the live series keeps its count");
-        let text = encode(&m.registry).unwrap();
+        let text = m.exposition().encode().unwrap();
         assert!(!text.contains(r#"src="192.168.1.3""#), "{text}");
         assert!(text.contains("ntm_series_expired_total 1"), "{text}");
     }
@@ -550,7 +548,7 @@ mod tests {
         };
         m.record(&d, |_| "eth0".into(), Instant::now());
         assert_eq!(total(&m), 1000);
-        let text = encode(&m.registry).unwrap();
+        let text = m.exposition().encode().unwrap();
         assert!(
             text.contains(r#"ntm_outside_flow_table_packets_total{reason="malformed_ipv4"} 1"#),
             "{text}"
