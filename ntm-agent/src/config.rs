@@ -155,6 +155,18 @@ pub enum AttachMode {
 }
 
 impl Config {
+    /// The tcpdump filter expression, if one was given (words joined by
+    /// spaces; an empty NTM_FILTERS means none).
+    pub fn filter_expression(&self) -> Option<String> {
+        let words: Vec<&str> = self
+            .filters
+            .iter()
+            .map(|w| w.trim())
+            .filter(|w| !w.is_empty())
+            .collect();
+        (!words.is_empty()).then(|| words.join(" "))
+    }
+
     /// The interfaces to attach to: those given, else the default route's.
     pub fn resolved_interfaces(&self) -> Result<Vec<String>, ConfigError> {
         if !self.interfaces.is_empty() {
@@ -292,6 +304,66 @@ mod tests {
         assert_eq!(c.resolved_interfaces().unwrap(), vec!["br0", "wan"]);
         let c = Config::try_parse_from(["ntm-agent", "--interface", "eth9"]).unwrap();
         assert_eq!(c.resolved_interfaces().unwrap(), vec!["eth9"]);
+    }
+
+    #[test]
+    fn every_option_has_its_env_var_and_the_old_spellings() {
+        use clap::CommandFactory;
+        let command = Config::command();
+        let env_of = |id: &str| {
+            command
+                .get_arguments()
+                .find(|a| a.get_id() == id)
+                .and_then(|a| a.get_env())
+                .map(|e| e.to_string_lossy().into_owned())
+        };
+        for (id, env) in [
+            ("filters", "NTM_FILTERS"),
+            ("interfaces", "NTM_INTERFACE"),
+            ("port", "NTM_PORT"),
+            ("bind_ip", "NTM_BIND"),
+            ("metric_prefix", "NTM_METRIC_PREFIX"),
+            ("fqdn", "NTM_FQDN"),
+            ("numeric", "NTM_NUMERIC"),
+            ("labels", "NTM_LABELS"),
+            ("local_nets", "NTM_LOCAL_NETS"),
+            ("max_series", "NTM_MAX_SERIES"),
+            ("series_ttl", "NTM_SERIES_TTL"),
+            ("dns_server", "NTM_DNS_SERVER"),
+            ("drain_interval", "NTM_DRAIN_INTERVAL"),
+        ] {
+            assert_eq!(env_of(id).as_deref(), Some(env), "{id}");
+        }
+        // Every option has one (flags without are a gap in the drop-in story).
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id != "help" && id != "version" {
+                assert!(arg.get_env().is_some(), "--{id} has no NTM_ variable");
+            }
+        }
+        // The old tool's spellings, short and long, and kebab-case.
+        let parse = |args: &[&str]| Config::try_parse_from(args).unwrap();
+        for args in [
+            &["ntm", "-p", "9000", "-b", "127.0.0.1", "-s", "home", "-f", "-i", "eth1"][..],
+            &["ntm", "--port", "9000", "--bind_ip", "127.0.0.1", "--metric_prefix", "home", "--fqdn", "--interface", "eth1"],
+            &["ntm", "--port=9000", "--bind-ip", "127.0.0.1", "--metric-prefix", "home", "--fqdn", "--iface", "eth1"],
+        ] {
+            let c = parse(args);
+            assert_eq!(c.port, 9000, "{args:?}");
+            assert_eq!(c.bind_ip.to_string(), "127.0.0.1");
+            assert_eq!(c.metric_prefix, "home");
+            assert!(c.fqdn);
+            assert_eq!(c.interfaces, vec!["eth1"]);
+        }
+        let c = parse(&["ntm", "-i", "eth0", "src", "net", "192.168.0.0/24", "or", "dst", "net", "192.168.0.0/24"]);
+        assert_eq!(
+            c.filter_expression().as_deref(),
+            Some("src net 192.168.0.0/24 or dst net 192.168.0.0/24")
+        );
+        assert_eq!(parse(&["ntm", "-i", "eth0"]).filter_expression(), None);
+        assert!(Config::try_parse_from(["ntm", "-s", "9bad"]).is_err());
+        assert!(Config::try_parse_from(["ntm", "--labels", "src,colour"]).is_err());
+        assert!(Config::try_parse_from(["ntm", "--local-net", "10.0.0.0/33"]).is_err());
     }
 
     #[test]

@@ -24,10 +24,9 @@ const REPORT_TOP: usize = 50;
 async fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let config = Config::parse();
-    if !config.filters.is_empty() {
+    if let Some(filter) = config.filter_expression() {
         bail!(
-            "tcpdump filters ({:?}) are not supported by this version of ntm yet; it would count all traffic instead of what the filter selects, so it refuses to start. Remove the filter (positional words or NTM_FILTERS) to count everything on the interface.",
-            config.filters.join(" ")
+            "tcpdump filters ({filter:?}) are not supported by this version of ntm yet; it would count all traffic instead of what the filter selects, so it refuses to start. Remove the filter (positional words or NTM_FILTERS) to count everything on the interface."
         );
     }
     // Before attaching: a SIGTERM that arrives while starting must still
