@@ -344,9 +344,41 @@ mod tests {
         // The old tool's spellings, short and long, and kebab-case.
         let parse = |args: &[&str]| Config::try_parse_from(args).unwrap();
         for args in [
-            &["ntm", "-p", "9000", "-b", "127.0.0.1", "-s", "home", "-f", "-i", "eth1"][..],
-            &["ntm", "--port", "9000", "--bind_ip", "127.0.0.1", "--metric_prefix", "home", "--fqdn", "--interface", "eth1"],
-            &["ntm", "--port=9000", "--bind-ip", "127.0.0.1", "--metric-prefix", "home", "--fqdn", "--iface", "eth1"],
+            &[
+                "ntm",
+                "-p",
+                "9000",
+                "-b",
+                "127.0.0.1",
+                "-s",
+                "home",
+                "-f",
+                "-i",
+                "eth1",
+            ][..],
+            &[
+                "ntm",
+                "--port",
+                "9000",
+                "--bind_ip",
+                "127.0.0.1",
+                "--metric_prefix",
+                "home",
+                "--fqdn",
+                "--interface",
+                "eth1",
+            ],
+            &[
+                "ntm",
+                "--port=9000",
+                "--bind-ip",
+                "127.0.0.1",
+                "--metric-prefix",
+                "home",
+                "--fqdn",
+                "--iface",
+                "eth1",
+            ],
         ] {
             let c = parse(args);
             assert_eq!(c.port, 9000, "{args:?}");
@@ -355,7 +387,18 @@ mod tests {
             assert!(c.fqdn);
             assert_eq!(c.interfaces, vec!["eth1"]);
         }
-        let c = parse(&["ntm", "-i", "eth0", "src", "net", "192.168.0.0/24", "or", "dst", "net", "192.168.0.0/24"]);
+        let c = parse(&[
+            "ntm",
+            "-i",
+            "eth0",
+            "src",
+            "net",
+            "192.168.0.0/24",
+            "or",
+            "dst",
+            "net",
+            "192.168.0.0/24",
+        ]);
         assert_eq!(
             c.filter_expression().as_deref(),
             Some("src net 192.168.0.0/24 or dst net 192.168.0.0/24")
