@@ -8,11 +8,17 @@
 //! next turn. Nothing is read while it can still change, so nothing is lost
 //! and nothing is counted twice, whatever the interval.
 //!
-//! Reading uses BPF_MAP_LOOKUP_AND_DELETE_BATCH (Linux 5.6+): thousands of
-//! entries per system call, where one lookup and one delete per entry would
-//! take seconds for a million flows.
+//! In front of each table sits a per-CPU flow cache (see
+//! `ntm_common::CacheSlot`), double-buffered the same way and swapped first:
+//! once both swaps have returned, neither the old cache nor the old table can
+//! change, and a flow's counts are in one of them or in both (summed here).
+//!
+//! Reading uses the batch map commands (Linux 5.6+): thousands of entries per
+//! system call, where one lookup and one delete per entry would take seconds
+//! for a million flows.
 
 use std::{
+    collections::HashMap,
     io,
     mem::size_of,
     os::fd::{AsFd as _, AsRawFd as _},
@@ -23,7 +29,7 @@ use aya::{
     Ebpf,
     maps::{ArrayOfMaps, Map, MapData, MapError, PerCpuArray},
 };
-use ntm_common::{Counters, FlowKey, OutsideReason, names};
+use ntm_common::{CacheSlot, Counters, FLOW_CACHE_SLOTS, FlowKey, OutsideReason, names};
 
 /// What one drain found: the counts added since the previous drain.
 #[derive(Clone, Debug, Default)]
@@ -50,6 +56,8 @@ pub enum DrainError {
 pub struct FlowTables {
     slot: ArrayOfMaps<MapData, MapData>,
     tables: [MapData; 2],
+    cache_slot: ArrayOfMaps<MapData, MapData>,
+    caches: [MapData; 2],
     /// Index into `tables` of the one the slot points at.
     active: usize,
     outside: PerCpuArray<MapData, Counters>,
@@ -57,6 +65,7 @@ pub struct FlowTables {
     outside_seen: [Counters; OutsideReason::COUNT as usize],
     possible_cpus: usize,
     batch: Batch,
+    cache_buffer: CacheBuffer,
 }
 
 impl FlowTables {
@@ -76,6 +85,16 @@ impl FlowTables {
         };
         let table_a = table(take(names::FLOW_TABLES[0])?)?;
         let table_b = table(take(names::FLOW_TABLES[1])?)?;
+        let cache_slot: ArrayOfMaps<MapData, MapData> =
+            take(names::ACTIVE_CACHE_SLOT)?.try_into()?;
+        let cache = |map: Map| match map {
+            Map::PerCpuArray(data) => Ok(data),
+            _ => Err(MapError::InvalidName {
+                name: "a flow cache that is not a per-CPU array".to_string(),
+            }),
+        };
+        let cache_a = cache(take(names::FLOW_CACHES[0])?)?;
+        let cache_b = cache(take(names::FLOW_CACHES[1])?)?;
         let outside: PerCpuArray<MapData, Counters> = take(names::OUTSIDE_COUNTERS)?.try_into()?;
         let possible_cpus = aya::util::nr_cpus().map_err(|(_, e)| {
             MapError::SyscallError(aya::sys::SyscallError {
@@ -86,13 +105,17 @@ impl FlowTables {
         let mut tables = Self {
             slot,
             tables: [table_a, table_b],
+            cache_slot,
+            caches: [cache_a, cache_b],
             active: 0,
             outside,
             outside_seen: Default::default(),
             possible_cpus,
             batch: Batch::new(possible_cpus),
+            cache_buffer: CacheBuffer::new(possible_cpus),
         };
         tables.slot.set(0, &tables.tables[0], 0)?;
+        tables.cache_slot.set(0, &tables.caches[0], 0)?;
         Ok(tables)
     }
 
@@ -101,14 +124,31 @@ impl FlowTables {
         let idle = self.active;
         let next = 1 - idle;
         let started = Instant::now();
+        // The cache first: a program still holding the old cache may move a
+        // flow from it into the table the slot names, which must then still
+        // be the old one or already the new one, never one we have read.
+        self.cache_slot.set(0, &self.caches[next], 0)?;
         self.slot.set(0, &self.tables[next], 0)?;
         self.active = next;
         let swapped = Instant::now();
 
-        let flows = self
+        let table = self
             .batch
             .read_and_clear(&self.tables[idle], self.possible_cpus)
             .map_err(DrainError::Batch)?;
+        let cached = self
+            .cache_buffer
+            .read_and_clear(&self.caches[idle])
+            .map_err(DrainError::Batch)?;
+        let flows = if cached.is_empty() {
+            table
+        } else {
+            let mut merged: HashMap<FlowKey, Counters> = table.into_iter().collect();
+            for (key, counters) in cached {
+                merged.entry(key).or_default().add(&counters);
+            }
+            merged.into_iter().collect()
+        };
         let outside = self.outside_deltas()?;
         Ok(Drained {
             flows,
@@ -151,7 +191,28 @@ struct BatchAttr {
     flags: u64,
 }
 
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_LOOKUP_AND_DELETE_BATCH: libc::c_long = 25;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// The bpf(2) system call with a batch attr: Ok(()) or the errno.
+fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> Result<(), io::Error> {
+    // SAFETY: the caller's attr points at buffers sized for `count` keys and
+    // values (and cursors), alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            size_of::<BatchAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
 /// Entries asked for per system call.
 const BATCH_ENTRIES: usize = 4096;
 /// A per-CPU value slot is the value size rounded up to 8 bytes.
@@ -209,18 +270,7 @@ impl Batch {
                 map_fd: fd as u32,
                 ..Default::default()
             };
-            // SAFETY: the attr points at buffers sized for `count` keys and
-            // `count` per-CPU values, and at two u32 cursors, all alive for
-            // the call.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_LOOKUP_AND_DELETE_BATCH,
-                    &mut attr as *mut BatchAttr,
-                    size_of::<BatchAttr>() as libc::c_uint,
-                )
-            };
-            let error = (rc < 0).then(io::Error::last_os_error);
+            let error = bpf_batch(BPF_MAP_LOOKUP_AND_DELETE_BATCH, &mut attr).err();
             match error.as_ref().and_then(io::Error::raw_os_error) {
                 None | Some(libc::ENOENT) => {}
                 // One hash bucket holds more entries than a batch: grow.
@@ -252,5 +302,72 @@ impl Batch {
             cursor_in = cursor_out;
             first = false;
         }
+    }
+}
+
+/// Reads an idle per-CPU flow cache whole, then zeroes it.
+struct CacheBuffer {
+    indices: Vec<u32>,
+    values: Vec<u8>,
+}
+
+const CACHE_SLOT_SIZE: usize = size_of::<CacheSlot>();
+
+impl CacheBuffer {
+    fn new(possible_cpus: usize) -> Self {
+        Self {
+            indices: (0..FLOW_CACHE_SLOTS).collect(),
+            values: vec![0; FLOW_CACHE_SLOTS as usize * possible_cpus * CACHE_SLOT_SIZE],
+        }
+    }
+
+    fn read_and_clear(&mut self, cache: &MapData) -> io::Result<Vec<(FlowKey, Counters)>> {
+        let fd = cache.fd().as_fd().as_raw_fd() as u32;
+        let mut out_cursor: u32 = 0;
+        let mut lookup = BatchAttr {
+            in_batch: 0,
+            out_batch: &mut out_cursor as *mut u32 as u64,
+            keys: self.indices.as_mut_ptr() as u64,
+            values: self.values.as_mut_ptr() as u64,
+            count: FLOW_CACHE_SLOTS,
+            map_fd: fd,
+            ..Default::default()
+        };
+        match bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut lookup) {
+            // ENOENT: the whole array fitted in this one batch.
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        if lookup.count != FLOW_CACHE_SLOTS {
+            return Err(io::Error::other(format!(
+                "read {} of {FLOW_CACHE_SLOTS} flow cache slots",
+                lookup.count
+            )));
+        }
+        let mut flows = Vec::new();
+        for chunk in self.values.chunks_exact(CACHE_SLOT_SIZE) {
+            // SAFETY: CacheSlot is plain old data, 64 bytes, and the buffer
+            // holds the kernel's copy of one slot per chunk.
+            let slot: CacheSlot = unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast()) };
+            if slot.counters.packets != 0 {
+                flows.push((slot.key, slot.counters));
+            }
+        }
+        if flows.is_empty() {
+            return Ok(flows);
+        }
+        // Zero every slot on every CPU for the cache's next turn.
+        self.values.fill(0);
+        self.indices = (0..FLOW_CACHE_SLOTS).collect();
+        let mut update = BatchAttr {
+            keys: self.indices.as_mut_ptr() as u64,
+            values: self.values.as_mut_ptr() as u64,
+            count: FLOW_CACHE_SLOTS,
+            map_fd: fd,
+            ..Default::default()
+        };
+        bpf_batch(BPF_MAP_UPDATE_BATCH, &mut update)?;
+        Ok(flows)
     }
 }

@@ -15,6 +15,10 @@ pub mod names {
     pub const ACTIVE_SLOT: &str = "NTM_ACTIVE_FLOWS";
     /// The two per-CPU flow tables that take turns behind [`ACTIVE_SLOT`].
     pub const FLOW_TABLES: [&str; 2] = ["NTM_FLOWS_A", "NTM_FLOWS_B"];
+    /// ARRAY_OF_MAPS with one slot: the flow cache the program counts into.
+    pub const ACTIVE_CACHE_SLOT: &str = "NTM_ACTIVE_CACHE";
+    /// The two per-CPU flow caches that take turns behind [`ACTIVE_CACHE_SLOT`].
+    pub const FLOW_CACHES: [&str; 2] = ["NTM_CACHE_A", "NTM_CACHE_B"];
     /// Per-CPU array of [`crate::Counters`], one per [`crate::OutsideReason`].
     pub const OUTSIDE_COUNTERS: &str = "NTM_OUTSIDE";
     /// Bitmap of known service ports, see [`crate::service_port::KnownPorts`].
@@ -32,6 +36,9 @@ pub mod names {
 /// time (`--flow-table-size`). Both tables always have the same size, since an
 /// ARRAY_OF_MAPS slot only accepts maps shaped like its template.
 pub const DEFAULT_FLOW_TABLE_ENTRIES: u32 = 65_536;
+
+/// Slots of each per-CPU flow cache (a power of two).
+pub const FLOW_CACHE_SLOTS: u32 = 4096;
 
 /// Size in 32-bit words of the known-port bitmap (3 protocol classes x 65536
 /// ports).
@@ -144,6 +151,57 @@ impl Counters {
     }
 }
 
+/// One slot of the per-CPU flow cache that sits in front of the flow table.
+///
+/// A per-CPU hash update costs more than everything else the program does;
+/// an array slot picked by a cheap hash of the key is a few instructions.
+/// The cache keeps the counts of one flow per slot; when another flow needs
+/// the slot, the old flow's counts move into the flow table. The drain reads
+/// both, so every count lives in exactly one place at any time. An empty slot
+/// has `counters.packets == 0`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheSlot {
+    pub key: FlowKey,
+    pub counters: Counters,
+}
+
+const _: () = assert!(core::mem::size_of::<CacheSlot>() == 64);
+
+/// Words of a [`FlowKey`], for the cache's compare and hash.
+pub const KEY_WORDS: usize = core::mem::size_of::<FlowKey>() / 8;
+
+/// The cache slot of a key (given as its [`KEY_WORDS`] 8-byte words): cheap
+/// enough for every packet, and mixing every word.
+#[inline(always)]
+pub fn cache_index(words: &[u64; KEY_WORDS]) -> u32 {
+    let mixed = words[0]
+        ^ words[1].rotate_left(17)
+        ^ words[2].rotate_left(31)
+        ^ words[3].rotate_left(43)
+        ^ words[4].rotate_left(53)
+        ^ words[5].rotate_left(7);
+    // Two rounds of a multiply-xorshift finaliser (as in splitmix64), so
+    // that keys differing in a few low bits still spread over all slots.
+    let mut h = mixed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    h ^= h >> 29;
+    h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h ^= h >> 32;
+    (h as u32) & (FLOW_CACHE_SLOTS - 1)
+}
+
+impl FlowKey {
+    /// The key as 8-byte words (it is 8-byte aligned and a multiple of 8).
+    pub fn words(&self) -> [u64; KEY_WORDS] {
+        let mut words = [0u64; KEY_WORDS];
+        for (i, w) in words.iter_mut().enumerate() {
+            // SAFETY: i < KEY_WORDS, so every read is inside the key.
+            *w = unsafe { *(self as *const FlowKey as *const u64).add(i) };
+        }
+        words
+    }
+}
+
 /// Why a frame was counted outside the flow table. Every frame the program
 /// sees ends up either in exactly one flow entry or in exactly one of these,
 /// so the sum of both always equals what crossed the hook.
@@ -204,6 +262,7 @@ mod pod {
     // implicit padding (asserted above), so any bit pattern is valid.
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::CacheSlot {}
 }
 
 #[cfg(test)]
@@ -223,6 +282,27 @@ mod tests {
         assert_eq!(&k.family as *const u8 as usize - base, 40);
         assert_eq!(&k.flags as *const u8 as usize - base, 43);
         assert_eq!(&k._pad as *const [u8; 4] as usize - base, 44);
+    }
+
+    #[test]
+    fn cache_index_is_in_range_and_spreads_keys() {
+        let mut used = [false; FLOW_CACHE_SLOTS as usize];
+        for i in 0..1000u32 {
+            let mut k = FlowKey {
+                family: family::IPV4,
+                proto: 6,
+                port: 443,
+                ifindex: 2,
+                ..Default::default()
+            };
+            k.src[..4].copy_from_slice(&(0xC612_0000 | i).to_be_bytes());
+            let index = cache_index(&k.words());
+            assert!(index < FLOW_CACHE_SLOTS);
+            used[index as usize] = true;
+        }
+        // 1000 keys differing only in one address byte pair land in many slots.
+        let distinct = used.iter().filter(|u| **u).count();
+        assert!(distinct > 800, "only {distinct} slots for 1000 keys");
     }
 
     #[test]

@@ -15,7 +15,8 @@ use aya_ebpf::{
 };
 use core::mem::{MaybeUninit, size_of};
 use ntm_common::{
-    Counters, DEFAULT_FLOW_TABLE_ENTRIES, Direction, FlowKey, KNOWN_PORT_WORDS, OutsideReason,
+    CacheSlot, Counters, DEFAULT_FLOW_TABLE_ENTRIES, Direction, FLOW_CACHE_SLOTS, FlowKey,
+    KEY_WORDS, KNOWN_PORT_WORDS, OutsideReason, cache_index,
     service_port::{self, PortClass},
 };
 
@@ -32,6 +33,18 @@ static NTM_ACTIVE_FLOWS: ArrayOfMaps<FlowTable, 1> = ArrayOfMaps::new();
 static NTM_FLOWS_A: FlowTable = FlowTable::new();
 #[btf_map]
 static NTM_FLOWS_B: FlowTable = FlowTable::new();
+
+const CACHE_SLOTS: usize = FLOW_CACHE_SLOTS as usize;
+type FlowCache = PerCpuArray<CacheSlot, CACHE_SLOTS>;
+
+/// The flow cache in front of the table, double-buffered like the tables
+/// and swapped with them.
+#[btf_map]
+static NTM_ACTIVE_CACHE: ArrayOfMaps<FlowCache, 1> = ArrayOfMaps::new();
+#[btf_map]
+static NTM_CACHE_A: FlowCache = FlowCache::new();
+#[btf_map]
+static NTM_CACHE_B: FlowCache = FlowCache::new();
 
 /// Frames counted outside the flow table, by [`OutsideReason`].
 #[btf_map]
@@ -185,11 +198,57 @@ fn count_tc<const ETHERNET: bool>(ctx: &TcContext, direction: Direction) {
             } else {
                 p.l3_len as u64
             };
-            count_flow(key, bytes, segments);
+            count_cached(key, bytes, segments);
         }
         Err(ParseError::Outside(reason)) | Err(ParseError::NeedMoreData(reason)) => {
             count_outside(reason, skb_len as u64, segments);
         }
+    }
+}
+
+/// Counts into the flow's cache slot; a slot held by another flow first
+/// hands that flow's counts to the flow table.
+#[inline(always)]
+fn count_cached(key: &FlowKey, bytes: u64, packets: u64) {
+    // Word by word: the BPF backend turns array copies and compares into
+    // calls to byte loops.
+    let k = key as *const FlowKey as *const u64;
+    let mut words = [0u64; KEY_WORDS];
+    for (i, w) in words.iter_mut().enumerate() {
+        // SAFETY: FlowKey is 8-byte aligned and KEY_WORDS words long.
+        *w = unsafe { *k.add(i) };
+    }
+    let Some(cache) = NTM_ACTIVE_CACHE.get(0) else {
+        count_flow(key, bytes, packets);
+        return;
+    };
+    let Some(slot) = cache.get_ptr_mut(cache_index(&words)) else {
+        count_flow(key, bytes, packets);
+        return;
+    };
+    let s = slot as *mut u64;
+    // SAFETY: a CacheSlot is KEY_WORDS key words then bytes and packets, all
+    // u64; it is this CPU's, and TC runs with bottom halves off.
+    unsafe {
+        let mut same = true;
+        for (i, w) in words.iter().enumerate() {
+            same &= *s.add(i) == *w;
+        }
+        let held_packets = *s.add(KEY_WORDS + 1);
+        if same && held_packets != 0 {
+            *s.add(KEY_WORDS) += bytes;
+            *s.add(KEY_WORDS + 1) = held_packets + packets;
+            return;
+        }
+        if held_packets != 0 {
+            let held_key = &*(s as *const FlowKey);
+            count_flow(held_key, *s.add(KEY_WORDS), held_packets);
+        }
+        for (i, w) in words.iter().enumerate() {
+            core::ptr::write_volatile(s.add(i), *w);
+        }
+        *s.add(KEY_WORDS) = bytes;
+        *s.add(KEY_WORDS + 1) = packets;
     }
 }
 
