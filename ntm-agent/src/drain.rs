@@ -140,15 +140,7 @@ impl FlowTables {
             .cache_buffer
             .read_and_clear(&self.caches[idle])
             .map_err(DrainError::Batch)?;
-        let flows = if cached.is_empty() {
-            table
-        } else {
-            let mut merged: HashMap<FlowKey, Counters> = table.into_iter().collect();
-            for (key, counters) in cached {
-                merged.entry(key).or_default().add(&counters);
-            }
-            merged.into_iter().collect()
-        };
+        let flows = merge(table, cached);
         let outside = self.outside_deltas()?;
         Ok(Drained {
             flows,
@@ -175,6 +167,29 @@ impl FlowTables {
         }
         Ok(deltas)
     }
+}
+
+/// The table's flows plus the cache's: a flow in both is summed. The cache is
+/// small (a few thousand slots per CPU) and the table may hold millions, so
+/// only the cache is indexed.
+fn merge(
+    mut table: Vec<(FlowKey, Counters)>,
+    cached: Vec<(FlowKey, Counters)>,
+) -> Vec<(FlowKey, Counters)> {
+    if cached.is_empty() {
+        return table;
+    }
+    let mut from_cache: HashMap<FlowKey, Counters> = HashMap::with_capacity(cached.len());
+    for (key, counters) in cached {
+        from_cache.entry(key).or_default().add(&counters);
+    }
+    for (key, counters) in table.iter_mut() {
+        if let Some(extra) = from_cache.remove(key) {
+            counters.add(&extra);
+        }
+    }
+    table.extend(from_cache);
+    table
 }
 
 /// `union bpf_attr` for the BPF_MAP_*_BATCH commands (uapi/linux/bpf.h).
@@ -369,5 +384,38 @@ impl CacheBuffer {
         };
         bpf_batch(BPF_MAP_UPDATE_BATCH, &mut update)?;
         Ok(flows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey {
+            port,
+            ..Default::default()
+        }
+    }
+
+    fn c(bytes: u64, packets: u64) -> Counters {
+        Counters { bytes, packets }
+    }
+
+    #[test]
+    fn merge_sums_flows_found_in_both_and_keeps_the_rest() {
+        let table = vec![(key(1), c(10, 1)), (key(2), c(20, 2))];
+        // Two CPUs' caches can both hold flow 2.
+        let cached = vec![(key(2), c(5, 1)), (key(3), c(7, 1)), (key(2), c(1, 1))];
+        let mut merged = merge(table, cached);
+        merged.sort_by_key(|(k, _)| k.port);
+        assert_eq!(
+            merged,
+            vec![(key(1), c(10, 1)), (key(2), c(26, 4)), (key(3), c(7, 1))]
+        );
+        assert_eq!(
+            merge(vec![(key(1), c(1, 1))], vec![]),
+            vec![(key(1), c(1, 1))]
+        );
     }
 }
