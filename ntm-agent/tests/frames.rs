@@ -510,3 +510,29 @@ fn a_full_table_still_counts_every_packet() {
     total.add(&overflow);
     assert_eq!(total, expected);
 }
+
+#[test]
+fn sctp_udplite_and_portless_protocols() {
+    let Some(mut h) = Harness::with(DatapathOptions::default(), "2905/sctp=m3ua,5060/udp=sip")
+    else {
+        return;
+    };
+    // SCTP's common header starts with the two ports.
+    let mut sctp = udp(40_000, 2905, &[0; 20]);
+    sctp.truncate(12);
+    sctp.extend([0u8; 16]);
+    let (key, c) = only_flow(&h.ingress(&eth(ETH_IPV4, &[], &ipv4(132, &[], 0, &sctp))));
+    assert_eq!(key, v4_key(132, 2905));
+    assert_eq!(c, counted(20 + 28));
+
+    // UDP-Lite shares UDP's header and UDP's service names.
+    let frame = eth(ETH_IPV6, &[], &ipv6(136, &udp(40_000, 5060, &[0; 10])));
+    let (key, _) = only_flow(&h.ingress(&frame));
+    assert_eq!(key, v6_key(136, 5060));
+
+    // GRE (47) has no ports: counted by protocol number, port 0, no flag.
+    let frame = eth(ETH_IPV4, &[], &ipv4(47, &[], 0, &[0; 24]));
+    let (key, c) = only_flow(&h.ingress(&frame));
+    assert_eq!(key, v4_key(47, 0));
+    assert_eq!(c, counted(44));
+}
