@@ -106,6 +106,11 @@ impl Metrics {
             "Frames counted outside the flow table, by reason",
             &["reason"],
         )?;
+        // Every reason from the start: a dashboard shows 0, not "no data".
+        for reason in OutsideReason::ALL {
+            outside_bytes.with_label_values(&[reason.as_str()]);
+            outside_packets.with_label_values(&[reason.as_str()]);
+        }
         let gauge = |suffix: &str, help: &str| {
             let n = name(suffix);
             let g = IntGauge::new(n.clone(), help).map_err(|source| MetricsError::Register {
@@ -181,6 +186,16 @@ impl Metrics {
             "Reverse DNS lookups for host labels, by result",
             &["result"],
         )?;
+        for result in [
+            "ok",
+            "no_name",
+            "server_error",
+            "timeout",
+            "error",
+            "dropped",
+        ] {
+            lookups.with_label_values(&[result]);
+        }
         let resolver = match options.names.server {
             Some(server) if wants_hosts(&labeller.enabled) => {
                 Some(Resolver::start(server, &options.names, lookups))

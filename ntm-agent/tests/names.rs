@@ -9,7 +9,7 @@ use std::{
     collections::HashMap,
     io::{Read, Write},
     net::{TcpStream, UdpSocket},
-    process::{Child, Stdio},
+    process::Stdio,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -18,16 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{A4, Link, Netns};
-
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{A4, Link, Netns, scrape::Guard};
 
 enum Answer {
     Name(&'static str, Duration),

@@ -5,100 +5,17 @@
 mod common;
 
 use std::{
-    io::{Read, Write},
+    io::Write,
     net::{TcpListener, TcpStream, UdpSocket},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use common::{A4, B4, Link, Netns};
-
-/// A child process killed (and reaped) on drop, so that nothing outlives a
-/// failed test.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A fresh folder under the target directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("ntm-test-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// GET `path` from 127.0.0.1:`port` inside `ns`: (status, body).
-fn http_get(ns: &Netns, port: u16, path: &str) -> Option<(u16, String)> {
-    ns.run(|| {
-        let mut conn = TcpStream::connect(("127.0.0.1", port)).ok()?;
-        conn.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        write!(conn, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-        let mut response = String::new();
-        conn.read_to_string(&mut response).ok()?;
-        let status = response.split_whitespace().nth(1)?.parse().ok()?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())?;
-        Some((status, body))
-    })
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// The value of a PromQL query that yields one sample, if it does.
-fn promql(ns: &Netns, port: u16, query: &str) -> Option<f64> {
-    let (status, body) = http_get(
-        ns,
-        port,
-        &format!("/api/v1/query?query={}", urlencode(query)),
-    )?;
-    if status != 200 {
-        return None;
-    }
-    let json: serde_json::Value = serde_json::from_str(&body).ok()?;
-    let result = json["data"]["result"].as_array()?;
-    if result.len() != 1 {
-        return None;
-    }
-    result[0]["value"][1].as_str()?.parse().ok()
-}
+use common::{
+    A4, B4, Link, Netns,
+    scrape::{Guard, http_get, plain_value, promql, sample_sum, wait_for},
+};
 
 fn spawn_agent(ns: &Netns, args: &[&str], envs: &[(&str, &str)]) -> Guard {
     let mut cmd = common::agent_in(ns, false);
@@ -143,27 +60,7 @@ fn prometheus_sees_exactly_what_was_sent() {
         http_get(&link.a, 9100, "/healthz").filter(|(s, _)| *s == 200)
     });
 
-    let dir = TempDir::new("prom");
-    let config = dir.0.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ntm\n    static_configs:\n      - targets: ['127.0.0.1:9100']\n",
-    )
-    .unwrap();
-    let _prometheus = Guard(
-        Command::new("ip")
-            .args(["netns", "exec", &link.a.name, "prometheus"])
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.0.join("data").display()
-            ))
-            .arg("--web.listen-address=127.0.0.1:9190")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus (Debian package) is installed by `cargo xtask test`"),
-    );
+    let _prometheus = common::scrape::start_prometheus(&link.a, 9190, 9100);
 
     // Known traffic: 300 UDP datagrams of 1..=300 bytes to port 5300, and 20
     // pings of 100 bytes.
@@ -314,22 +211,6 @@ fn endpoint_errors_and_flag_precedence() {
         || http_get(&link.a, 9302, "/healthz").filter(|(s, _)| *s == 200),
     );
     assert!(http_get(&link.a, 9301, "/healthz").is_none());
-}
-
-/// Sum of `<metric>` samples whose label set contains every one of `parts`.
-fn sample_sum(text: &str, metric: &str, parts: &[&str]) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")) && parts.iter().all(|p| l.contains(p)))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum()
-}
-
-/// The value of a metric without labels.
-fn plain_value(text: &str, metric: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{metric} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {metric} in:\n{text}"))
 }
 
 #[test]

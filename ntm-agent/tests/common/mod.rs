@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod frames;
+pub mod scrape;
 
 use std::{
     fs::File,
