@@ -67,11 +67,33 @@ pub enum LinkKind {
 const ARPHRD_ETHER: u32 = 1;
 const ARPHRD_LOOPBACK: u32 = 772;
 
+/// Which of an interface's hooks ntm uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hooks {
+    /// A plain interface: traffic in and out.
+    Both,
+    /// A bridge port: frames entering the bridge from this port.
+    Ingress,
+    /// A bridge: frames the host sends into the bridge.
+    Egress,
+}
+
+impl Hooks {
+    fn directions(self) -> &'static [TcAttachType] {
+        match self {
+            Hooks::Both => &[TcAttachType::Ingress, TcAttachType::Egress],
+            Hooks::Ingress => &[TcAttachType::Ingress],
+            Hooks::Egress => &[TcAttachType::Egress],
+        }
+    }
+}
+
 /// One interface ntm is attached to; detach with [`detach`].
 pub struct Attachment {
     pub iface: String,
     pub ifindex: u32,
     pub kind: LinkKind,
+    pub hooks: Hooks,
     /// Whether the kernel's TCX hooks were used (else clsact + netlink).
     pub tcx: bool,
     links: Vec<(&'static str, SchedClassifierLinkId)>,
@@ -180,11 +202,12 @@ fn is_ntm_program(name: &str) -> bool {
     name.starts_with("ntm_tc_")
 }
 
-/// Attaches ntm to `iface`'s ingress and egress, first in line so that it
-/// counts what arrives before any other program can drop or change it.
+/// Attaches ntm to `iface`'s `hooks`, first in line so that it counts what
+/// arrives before any other program can drop or change it.
 pub fn attach(
     datapath: &mut Datapath,
     iface: &str,
+    hooks: Hooks,
     mode: AttachMode,
 ) -> Result<Attachment, AttachError> {
     let (ifindex, kind) = inspect(iface)?;
@@ -198,6 +221,7 @@ pub fn attach(
         iface: iface.to_string(),
         ifindex,
         kind,
+        hooks,
         tcx,
         links: Vec::new(),
     };
@@ -207,7 +231,7 @@ pub fn attach(
     {
         return Err(failed(iface, "clsact", &e));
     }
-    for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
+    for &direction in hooks.directions() {
         let program_name = program_for(kind, direction);
         // A live ntm holds a TCX link: refuse rather than count twice.
         if tcx_available() {
@@ -241,7 +265,7 @@ pub fn attach(
         }
     }
     log::info!(
-        "attached to {iface} (ifindex {ifindex}, {kind:?} frames) at ingress and egress via {}",
+        "attached to {iface} (ifindex {ifindex}, {kind:?} frames, {hooks:?}) via {}",
         if tcx { "TCX" } else { "clsact" }
     );
     Ok(attachment)

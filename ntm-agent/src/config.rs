@@ -27,13 +27,20 @@ pub enum ConfigError {
     about = "Counts every packet crossing an interface in the kernel (eBPF) and exports per-flow traffic."
 )]
 pub struct Config {
+    /// Wait for interfaces named with -i that do not exist yet (PPPoE,
+    /// WireGuard, a container's veth) instead of refusing to start.
+    #[arg(long, env = "NTM_WAIT_FOR_INTERFACES", value_parser = clap::builder::BoolishValueParser::new(),
+          action = clap::ArgAction::SetTrue)]
+    pub wait_for_interfaces: bool,
+
     /// tcpdump filter expression (several words are joined), e.g.
     /// "src net 192.168.0.0/24 or dst net 192.168.0.0/24".
     #[arg(env = "NTM_FILTERS", num_args = 0.., trailing_var_arg = true)]
     pub filters: Vec<String>,
 
-    /// Interface to monitor; repeat for several. Default: the interface of
-    /// the default route.
+    /// Interface to monitor; repeat for several; shell patterns (veth*) too.
+    /// A bridge is counted once per frame crossing it (at its ports' ingress
+    /// and its own egress). Default: the interface of the default route.
     #[arg(
         short = 'i',
         long = "interface",

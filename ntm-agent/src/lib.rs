@@ -3,7 +3,8 @@
 //! - [`config`]: flags and `NTM_*` environment variables;
 //! - [`services`]: known service ports (/etc/services + `--service`);
 //! - [`datapath`]: loads the kernel programs and their maps;
-//! - [`attach`]: hooks them to each interface's ingress and egress;
+//! - [`netlink`] and [`attach`]: finds the links (bridges and their ports)
+//!   and hooks the programs to them;
 //! - [`drain`]: swaps and reads the kernel's flow tables without loss;
 //! - [`flows`]: running totals of the drained deltas;
 //! - [`labels`]: label values for a flow (services, protocols, direction);
@@ -24,5 +25,6 @@ pub mod http;
 pub mod labels;
 pub mod metrics;
 pub mod names;
+pub mod netlink;
 pub mod series;
 pub mod services;

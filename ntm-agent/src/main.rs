@@ -12,11 +12,16 @@ use ntm_agent::{
     labels::{Label, Labeller, LocalNets},
     metrics::{Metrics, MetricsOptions},
     names::NameOptions,
+    netlink::LinkEvents,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Drains between two expiry passes over the exported series.
 const EXPIRE_EVERY: u32 = 10;
+/// Drains between two rescans of the interfaces (link events do it sooner).
+const RESCAN_EVERY: u32 = 30;
+/// How long link events are let settle before the interfaces are re-read.
+const LINK_SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
 /// Flows listed in the exit summary.
 const REPORT_TOP: usize = 50;
 
@@ -72,11 +77,8 @@ async fn main() -> anyhow::Result<()> {
     )
     .context("setting up metrics")?;
     let health = Health::default();
-    for attachment in agent.attachments() {
-        let mode = if attachment.tcx { "tcx" } else { "clsact" };
-        metrics.set_attached(&attachment.iface, mode, true);
-        health.set(&attachment.iface, true);
-    }
+    report_attachments(&agent, &metrics, &health);
+    let mut link_events = spawn_link_watcher();
     let server = http::Server::start(listener, metrics.exposition(), health.clone())
         .context("starting the metrics endpoint")?;
     log::info!(
@@ -84,13 +86,7 @@ async fn main() -> anyhow::Result<()> {
         SocketAddr::new(config.bind_ip, config.port)
     );
 
-    let names: HashMap<u32, String> = agent.interface_names();
-    let ifname = |index: u32| {
-        names
-            .get(&index)
-            .cloned()
-            .unwrap_or_else(|| index.to_string())
-    };
+    let mut names: HashMap<u32, String> = agent.interface_names();
     let mut ticker = tokio::time::interval(config.drain_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drains: u32 = 0;
@@ -99,10 +95,22 @@ async fn main() -> anyhow::Result<()> {
             _ = ticker.tick() => {
                 let drained = agent.drain().context("draining the kernel's flow tables")?;
                 let now = Instant::now();
-                metrics.record(&drained, ifname, now);
+                metrics.record(&drained, |i| names.get(&i).cloned().unwrap_or_else(|| i.to_string()), now);
                 drains += 1;
                 if drains.is_multiple_of(EXPIRE_EVERY) {
                     metrics.expire(now);
+                }
+                // A safety net for missed link events.
+                if drains.is_multiple_of(RESCAN_EVERY) && follow_links(&mut agent, &metrics, &health) {
+                    names = agent.interface_names();
+                }
+            }
+            Some(()) = link_events.recv() => {
+                // Let a burst of events (a bridge gaining a port) settle.
+                tokio::time::sleep(LINK_SETTLE).await;
+                while link_events.try_recv().is_ok() {}
+                if follow_links(&mut agent, &metrics, &health) {
+                    names = agent.interface_names();
                 }
             }
             _ = sigint.recv() => break,
@@ -110,11 +118,74 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     log::info!("stopping: detaching and draining the last counts");
-    for attachment in agent.attachments() {
-        health.set(&attachment.iface, false);
+    for (requested, _) in agent.health() {
+        health.set(&requested, false);
     }
     let totals = agent.shutdown().context("final drain")?;
     server.stop();
-    print!("{}", totals.report(REPORT_TOP, ifname));
+    print!(
+        "{}",
+        totals.report(REPORT_TOP, |i| names
+            .get(&i)
+            .cloned()
+            .unwrap_or_else(|| i.to_string()))
+    );
     Ok(())
+}
+
+/// Re-plans the attachments after links changed; true if they did.
+fn follow_links(agent: &mut Agent, metrics: &Metrics, health: &Health) -> bool {
+    match agent.reconcile() {
+        Ok(changed) => {
+            if changed {
+                report_attachments(agent, metrics, health);
+            }
+            changed
+        }
+        Err(e) => {
+            log::warn!("{e}");
+            false
+        }
+    }
+}
+
+/// Health and the attach-state metric, per requested interface.
+fn report_attachments(agent: &Agent, metrics: &Metrics, health: &Health) {
+    let mode = if agent.attachments().all(|a| a.tcx) {
+        "tcx"
+    } else {
+        "clsact"
+    };
+    for (requested, ok) in agent.health() {
+        metrics.set_attached(&requested, mode, ok);
+        health.set(&requested, ok);
+        if !ok {
+            log::warn!("{requested}: not attached (yet)");
+        }
+    }
+}
+
+/// Link events from the kernel, on a thread of their own (the wait blocks).
+fn spawn_link_watcher() -> tokio::sync::mpsc::UnboundedReceiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    match LinkEvents::subscribe() {
+        Ok(mut events) => {
+            let spawned = std::thread::Builder::new()
+                .name("ntm-links".into())
+                .spawn(move || {
+                    while events.wait().is_ok() {
+                        if tx.send(()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                log::warn!("not following interface changes: {e}");
+            }
+        }
+        Err(e) => {
+            log::warn!("not following interface changes (netlink: {e}); rescanning periodically")
+        }
+    }
+    rx
 }

@@ -561,7 +561,7 @@ fn clsact_mode_counts_exactly_and_replaces_stale_filters() {
     // Exact counting through clsact filters, as on kernels before 6.6.
     link.a.run(|| {
         let mut agent = start_agent(&link, &["--attach-mode", "clsact"]);
-        assert!(agent.attachments().iter().all(|a| !a.tcx));
+        assert!(agent.attachments().all(|a| !a.tcx));
         let _sink = udp_sink(&link, A4, 5600);
         let mut sent = (0, 0);
         let d = phase(&link, &mut agent, || {
