@@ -8,7 +8,7 @@ use ntm_common::Counters;
 
 use crate::{
     attach::{self, AttachError, Attachment, Hooks},
-    config::{AttachMode, Config, ConfigError},
+    config::{AttachMode, Config, ConfigError, CountMode, XdpAction},
     datapath::{Datapath, DatapathError, DatapathOptions},
     drain::{Drained, FlowTables},
     flows::FlowTotals,
@@ -116,6 +116,7 @@ pub struct Agent {
     tables: FlowTables,
     requested: Vec<String>,
     mode: AttachMode,
+    count_mode: CountMode,
     /// Attached interfaces by ifindex, with the label of their traffic.
     attachments: BTreeMap<u32, (Attachment, String)>,
     /// Every ifindex's label ever used: counts drained after an interface
@@ -148,6 +149,7 @@ impl Agent {
         let options = DatapathOptions {
             flow_table_entries: config.flow_table_size,
             ephemeral_start: config.ephemeral_start,
+            xdp_drop: config.xdp_action == XdpAction::Drop,
         };
         let (datapath, tables) = Datapath::load(&options, &services)?;
         let mut agent = Self {
@@ -155,6 +157,7 @@ impl Agent {
             tables,
             requested,
             mode: config.attach_mode,
+            count_mode: config.mode,
             attachments: BTreeMap::new(),
             labels: HashMap::new(),
             failures: BTreeMap::new(),
@@ -177,7 +180,14 @@ impl Agent {
     }
 
     fn reconcile_with(&mut self, links: &[LinkInfo], strict: bool) -> Result<bool, AgentError> {
-        let (planned, _) = plan(&self.requested, links);
+        let (mut planned, _) = plan(&self.requested, links);
+        if self.count_mode == CountMode::Xdp {
+            // XDP sees what arrives; a bridge device's egress has no XDP hook.
+            planned.retain(|p| p.hooks != Hooks::Egress);
+            for p in &mut planned {
+                p.hooks = Hooks::Ingress;
+            }
+        }
         let mut changed = false;
         let present: HashMap<u32, &LinkInfo> = links.iter().map(|l| (l.index, l)).collect();
         // Gone, or planned differently: let go.
@@ -205,7 +215,11 @@ impl Agent {
             if self.attachments.contains_key(&p.ifindex) {
                 continue;
             }
-            match attach::attach(&mut self.datapath, &p.iface, p.hooks, self.mode) {
+            let attached = match self.count_mode {
+                CountMode::Tc => attach::attach(&mut self.datapath, &p.iface, p.hooks, self.mode),
+                CountMode::Xdp => attach::attach_xdp(&mut self.datapath, &p.iface),
+            };
+            match attached {
                 Ok(attachment) => {
                     self.labels.insert(p.ifindex, p.label.clone());
                     self.attachments.insert(p.ifindex, (attachment, p.label));

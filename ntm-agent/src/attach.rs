@@ -1,4 +1,5 @@
-//! Attaching the TC programs to an interface's ingress and egress.
+//! Attaching the programs: TC at an interface's ingress and/or egress, or
+//! XDP at its ingress.
 //!
 //! On kernels with TCX (6.6+) the attachment is a link owned by this process:
 //! it goes away with the process, even after `kill -9`, so a restart never
@@ -12,8 +13,9 @@ use std::{
 
 use aya::{
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, tc,
+        LinkOrder, SchedClassifier, TcAttachType, XdpMode, tc,
         tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions},
+        xdp::XdpLinkId,
     },
     util::KernelVersion,
 };
@@ -97,6 +99,8 @@ pub struct Attachment {
     /// Whether the kernel's TCX hooks were used (else clsact + netlink).
     pub tcx: bool,
     links: Vec<(&'static str, SchedClassifierLinkId)>,
+    /// XDP mode: the link and whether it is "native" or "generic".
+    pub xdp: Option<(XdpLinkId, &'static str)>,
 }
 
 /// Names of the interfaces in this thread's network namespace. (Not read
@@ -224,6 +228,7 @@ pub fn attach(
         hooks,
         tcx,
         links: Vec::new(),
+        xdp: None,
     };
     if !tcx
         && let Err(e) = tc::qdisc_add_clsact(iface)
@@ -271,8 +276,55 @@ pub fn attach(
     Ok(attachment)
 }
 
-/// Detaches what [`attach`] attached; safe to call twice.
+/// Attaches the XDP program to `iface`: natively where the driver supports
+/// it, else in generic (skb) mode, and says which.
+pub fn attach_xdp(datapath: &mut Datapath, iface: &str) -> Result<Attachment, AttachError> {
+    let (ifindex, kind) = inspect(iface)?;
+    if kind != LinkKind::Ethernet {
+        return Err(failed(
+            iface,
+            "xdp",
+            &"XDP mode needs an Ethernet interface",
+        ));
+    }
+    let program = datapath
+        .xdp_program()
+        .ok_or_else(|| failed(iface, "xdp", &"program missing"))?;
+    let (link, how) = match program.attach(iface, XdpMode::Driver) {
+        Ok(link) => (link, "native"),
+        Err(native) => {
+            log::info!("{iface}: native XDP not available ({native}); using generic XDP");
+            match program.attach(iface, XdpMode::Skb) {
+                Ok(link) => (link, "generic"),
+                Err(e) if is_permission_error(&e) => {
+                    return Err(AttachError::NotPermitted {
+                        iface: iface.to_string(),
+                    });
+                }
+                Err(e) => return Err(failed(iface, "xdp", &e)),
+            }
+        }
+    };
+    log::info!("attached to {iface} (ifindex {ifindex}) with {how} XDP");
+    Ok(Attachment {
+        iface: iface.to_string(),
+        ifindex,
+        kind,
+        hooks: Hooks::Ingress,
+        tcx: false,
+        links: Vec::new(),
+        xdp: Some((link, how)),
+    })
+}
+
+/// Detaches what [`attach`] or [`attach_xdp`] attached; safe to call twice.
 pub fn detach(datapath: &mut Datapath, attachment: &mut Attachment) {
+    if let Some((link, _)) = attachment.xdp.take()
+        && let Some(program) = datapath.xdp_program()
+        && let Err(e) = program.detach(link)
+    {
+        log::warn!("detaching XDP from {}: {e}", attachment.iface);
+    }
     for (program_name, link) in attachment.links.drain(..) {
         if let Some(program) = datapath.tc_program(program_name)
             && let Err(e) = program.detach(link)

@@ -147,11 +147,38 @@ pub struct Config {
     #[arg(long, env = "NTM_SERVICES_FILE", default_value = crate::services::ETC_SERVICES)]
     pub services_file: PathBuf,
 
+    /// Count with TC (ingress and egress) or XDP (ingress, for mirror
+    /// ports; native where the driver supports it, else generic).
+    #[arg(long, env = "NTM_MODE", value_enum, default_value_t = CountMode::Tc)]
+    pub mode: CountMode,
+
+    /// XDP mode: pass frames on after counting, or drop them.
+    #[arg(long, env = "NTM_XDP_ACTION", value_enum, default_value_t = XdpAction::Pass)]
+    pub xdp_action: XdpAction,
+
     /// How to hook into TC: tcx (Linux 6.6+; the attachment dies with the
     /// process), clsact (older kernels; stale ntm filters are replaced at
     /// start), or auto (tcx where the kernel has it).
     #[arg(long, env = "NTM_ATTACH_MODE", value_enum, default_value_t = AttachMode::Auto)]
     pub attach_mode: AttachMode,
+}
+
+/// Where packets are counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CountMode {
+    /// TC ingress and egress: everything in and out of the host.
+    Tc,
+    /// XDP ingress only: mirror/SPAN ports, before the stack.
+    Xdp,
+}
+
+/// What XDP mode does with a frame once counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpAction {
+    /// Let it go on into the stack.
+    Pass,
+    /// Discard it (mirrored copies nobody needs).
+    Drop,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

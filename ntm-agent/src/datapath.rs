@@ -6,7 +6,7 @@ use std::io;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, MapError},
-    programs::{ProgramError, SchedClassifier},
+    programs::{ProgramError, SchedClassifier, Xdp},
     util::KernelVersion,
 };
 use ntm_common::names;
@@ -29,6 +29,8 @@ pub struct DatapathOptions {
     pub flow_table_entries: u32,
     /// First port of the client ephemeral range (service-port rule).
     pub ephemeral_start: u16,
+    /// XDP mode: drop frames after counting them (mirror ports).
+    pub xdp_drop: bool,
 }
 
 impl Default for DatapathOptions {
@@ -36,6 +38,7 @@ impl Default for DatapathOptions {
         Self {
             flow_table_entries: ntm_common::DEFAULT_FLOW_TABLE_ENTRIES,
             ephemeral_start: ntm_common::service_port::DEFAULT_EPHEMERAL_START,
+            xdp_drop: false,
         }
     }
 }
@@ -101,6 +104,9 @@ impl Datapath {
             loader.map_max_entries(table, options.flow_table_entries);
         }
         loader.override_global(names::EPHEMERAL_START, &options.ephemeral_start, true);
+        // XDP_DROP is 1, XDP_PASS 2 (uapi/linux/bpf.h).
+        let xdp_action: u32 = if options.xdp_drop { 1 } else { 2 };
+        loader.override_global(names::XDP_ACTION, &xdp_action, true);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(classify_load_error)?;
 
         for name in [
@@ -121,6 +127,17 @@ impl Datapath {
                 .load()
                 .map_err(|e| classify_program_error(name, e))?;
         }
+
+        let xdp: &mut Xdp = ebpf
+            .program_mut(names::PROG_XDP)
+            .ok_or(DatapathError::Missing("the XDP program"))?
+            .try_into()
+            .map_err(|source| DatapathError::Program {
+                program: names::PROG_XDP.to_string(),
+                source,
+            })?;
+        xdp.load()
+            .map_err(|e| classify_program_error(names::PROG_XDP, e))?;
 
         let mut known: Array<MapData, u32> = ebpf
             .take_map(names::KNOWN_PORTS)
@@ -149,6 +166,13 @@ impl Datapath {
                 source,
             })?;
         Ok((Self { ebpf }, tables))
+    }
+
+    /// The loaded XDP program.
+    pub fn xdp_program(&mut self) -> Option<&mut Xdp> {
+        self.ebpf
+            .program_mut(names::PROG_XDP)
+            .and_then(|p| <&mut Xdp>::try_from(p).ok())
     }
 
     /// A loaded TC program by name (see `ntm_common::names`).

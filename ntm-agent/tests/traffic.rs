@@ -660,3 +660,48 @@ fn a_full_flow_table_still_adds_up() {
         let _ = agent.shutdown().unwrap();
     });
 }
+
+/// Datagrams waiting on `sink`, read without blocking.
+fn drain_socket(sink: &UdpSocket) -> usize {
+    sink.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 2048];
+    let mut n = 0;
+    while sink.recv(&mut buf).is_ok() {
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn xdp_mode_counts_then_passes_or_drops() {
+    if !common::kernel_tests_enabled() {
+        return;
+    }
+    let link = Link::new("xdp");
+    for (action, delivered) in [("pass", true), ("drop", false)] {
+        link.a.run(|| {
+            let mut agent = start_agent(&link, &["--mode", "xdp", "--xdp-action", action]);
+            let how: Vec<&str> = agent
+                .attachments()
+                .filter_map(|a| a.xdp.as_ref().map(|x| x.1))
+                .collect();
+            assert_eq!(how, vec!["native"], "veth supports native XDP");
+            let sink = udp_sink(&link, A4, 5700);
+            let sent = udp_burst(&link, A4, 5700, (0..100).map(|i| 10 + i));
+            link.wait_quiet();
+            let d = agent.drain().unwrap();
+            let counted = flow(&d, B4, A4, ipproto::UDP, 5700, Direction::Ingress);
+            assert_eq!(
+                counted,
+                Counters {
+                    bytes: sent.1,
+                    packets: sent.0
+                },
+                "{action}"
+            );
+            let received = drain_socket(&sink);
+            assert_eq!(received, if delivered { 100 } else { 0 }, "{action}");
+            let _ = agent.shutdown().unwrap();
+        });
+    }
+}

@@ -30,6 +30,9 @@ pub mod names {
     pub const PROG_TC_EGRESS_ETH: &str = "ntm_tc_egress_eth";
     pub const PROG_TC_INGRESS_L3: &str = "ntm_tc_ingress_l3";
     pub const PROG_TC_EGRESS_L3: &str = "ntm_tc_egress_l3";
+    pub const PROG_XDP: &str = "ntm_xdp";
+    /// Read-only global: XDP_PASS or XDP_DROP after counting, in XDP mode.
+    pub const XDP_ACTION: &str = "NTM_XDP_ACTION";
 }
 
 /// Compile-time capacity of each flow table; the agent may change it at load

@@ -8,10 +8,10 @@
 mod parse;
 
 use aya_ebpf::{
-    bindings::TC_ACT_UNSPEC,
+    bindings::{TC_ACT_UNSPEC, xdp_action},
     btf_maps::{Array, ArrayOfMaps, PerCpuArray, PerCpuHashMap},
-    macros::{btf_map, classifier},
-    programs::TcContext,
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use core::mem::{MaybeUninit, size_of};
 use ntm_common::{
@@ -63,6 +63,11 @@ static NTM_EPHEMERAL_START: u16 = service_port::DEFAULT_EPHEMERAL_START;
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = 17;
 const E2BIG: i32 = 7;
+
+/// What XDP mode does with a frame after counting it (XDP_PASS or
+/// XDP_DROP); set by the agent at load time.
+#[unsafe(no_mangle)]
+static NTM_XDP_ACTION: u32 = xdp_action::XDP_PASS;
 
 /// Bytes pulled into the linear area when headers lie beyond it.
 const PULL_LEN: u32 = 256;
@@ -180,9 +185,16 @@ fn count_tc<const ETHERNET: bool>(ctx: &TcContext, direction: Direction) {
     }
     // GSO/GRO aggregates count as the segments they carry on the wire.
     let segments = if gso_segs > 1 { gso_segs as u64 } else { 1 };
+    account(parsed, key, skb_len, segments);
+}
+
+/// Counts one frame (or aggregate of `segments`) of `frame_len` bytes, as
+/// parsed into `key`.
+#[inline(always)]
+fn account(parsed: Result<Parsed, ParseError>, key: &FlowKey, frame_len: u32, segments: u64) {
     match parsed {
         Ok(p) => {
-            let frame_l3 = skb_len.saturating_sub(p.l3_offset as u32) as u64;
+            let frame_l3 = frame_len.saturating_sub(p.l3_offset as u32) as u64;
             let bytes = if segments > 1 || p.l3_len == 0 {
                 // Every segment repeats the L3+L4 headers of the aggregate.
                 frame_l3 + (segments - 1) * p.header_len as u64
@@ -193,7 +205,7 @@ fn count_tc<const ETHERNET: bool>(ctx: &TcContext, direction: Direction) {
                 } else {
                     OutsideReason::MalformedIpv4
                 };
-                count_outside(reason, skb_len as u64, 1);
+                count_outside(reason, frame_len as u64, 1);
                 return;
             } else {
                 p.l3_len as u64
@@ -201,9 +213,33 @@ fn count_tc<const ETHERNET: bool>(ctx: &TcContext, direction: Direction) {
             count_cached(key, bytes, segments);
         }
         Err(ParseError::Outside(reason)) | Err(ParseError::NeedMoreData(reason)) => {
-            count_outside(reason, skb_len as u64, segments);
+            count_outside(reason, frame_len as u64, segments);
         }
     }
+}
+
+/// XDP: what a mirror or SPAN port receives, counted before the stack sees
+/// it; the agent chooses whether the copy then goes on (pass) or not (drop).
+#[xdp]
+pub fn ntm_xdp(ctx: XdpContext) -> u32 {
+    // SAFETY: the context pointer is the kernel's xdp_md for this frame.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let mut key_space = MaybeUninit::<FlowKey>::uninit();
+    zero_key(key_space.as_mut_ptr());
+    // SAFETY: every byte was just written, and all-zero is a valid FlowKey.
+    let key = unsafe { key_space.assume_init_mut() };
+    key.ifindex = ifindex;
+    key.direction = Direction::Ingress as u8;
+    let frame = Frame {
+        data: ctx.data(),
+        end: ctx.data_end(),
+    };
+    let ephemeral_start = unsafe { core::ptr::read_volatile(&NTM_EPHEMERAL_START) };
+    // In XDP every VLAN tag is still in the frame, and there is no more
+    // data to pull: what is not in [data, data_end) is not there.
+    let parsed = parse::parse_ethernet(&frame, key, ephemeral_start, is_known_port);
+    account(parsed, key, (frame.end - frame.data) as u32, 1);
+    unsafe { core::ptr::read_volatile(&NTM_XDP_ACTION) }
 }
 
 /// Counts into the flow's cache slot; a slot held by another flow first
