@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::programs::{SchedClassifier, TcAttachType};
 use clap::Parser as _;
 use common::{A4, A6, B4, B6, Link};
 use ntm_agent::{agent::Agent, config::Config, drain::Drained};
@@ -704,4 +705,67 @@ fn xdp_mode_counts_then_passes_or_drops() {
             let _ = agent.shutdown().unwrap();
         });
     }
+}
+
+#[test]
+fn other_tc_programs_keep_running_and_their_verdicts_stand() {
+    if !common::kernel_tests_enabled() {
+        return;
+    }
+    static OTHERS: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ntm-bench-baseline"));
+    let link = Link::new("neigh");
+    link.a.run(|| {
+        // Someone else's TC program, attached first: drops UDP to port 5801.
+        let mut others = aya::Ebpf::load(OTHERS).unwrap();
+        let neighbour: &mut SchedClassifier = others
+            .program_mut("neighbour_drop_5801")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        neighbour.load().unwrap();
+        neighbour.attach(&link.a_if, TcAttachType::Ingress).unwrap();
+        let on_ingress = || -> Vec<String> {
+            let (_, programs) =
+                SchedClassifier::query_tcx(&link.a_if, TcAttachType::Ingress).unwrap();
+            programs
+                .iter()
+                .map(|p| p.name_as_str().unwrap_or("?").to_string())
+                .collect()
+        };
+
+        let mut agent = start_agent(&link, &[]);
+        let order = on_ingress();
+        assert_eq!(order.len(), 2, "{order:?}");
+        assert!(order[0].starts_with("ntm_tc_"), "ntm runs first: {order:?}");
+        let kept = udp_sink(&link, A4, 5800);
+        let dropped = udp_sink(&link, A4, 5801);
+        let to_kept = udp_burst(&link, A4, 5800, (0..40).map(|_| 100));
+        let to_dropped = udp_burst(&link, A4, 5801, (0..60).map(|_| 100));
+        link.wait_quiet();
+        let d = agent.drain().unwrap();
+        // ntm counts everything that reached the interface...
+        let count = |port| flow(&d, B4, A4, ipproto::UDP, port, Direction::Ingress);
+        assert_eq!(
+            count(5800),
+            Counters {
+                bytes: to_kept.1,
+                packets: to_kept.0
+            }
+        );
+        assert_eq!(
+            count(5801),
+            Counters {
+                bytes: to_dropped.1,
+                packets: to_dropped.0
+            }
+        );
+        // ...and the other program still decides: its drops stand.
+        assert_eq!(drain_socket(&kept), 40);
+        assert_eq!(drain_socket(&dropped), 0);
+        let _ = agent.shutdown().unwrap();
+        // ntm never removes what it did not attach.
+        assert_eq!(on_ingress(), vec!["neighbour_drop_".to_string()]);
+        drop(others);
+    });
 }

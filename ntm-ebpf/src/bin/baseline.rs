@@ -1,13 +1,38 @@
-//! A TC program that does nothing: the baseline `cargo xtask bench` measures
-//! ntm's per-packet cost against, on the same frames in the same run.
+//! Programs that are not ntm, for measuring and testing it:
+//! - `ntm_bench_empty` does nothing: the baseline `cargo xtask bench`
+//!   measures ntm's per-packet cost against, on the same frames, in one run;
+//! - `neighbour_drop_5801` plays another tool's TC program on the same
+//!   interface (a CNI's, say): it drops UDP to port 5801 (IPv4, no options).
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    macros::classifier,
+    programs::TcContext,
+};
 
 #[classifier]
 pub fn ntm_bench_empty(_ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn neighbour_drop_5801(ctx: TcContext) -> i32 {
+    // Ethernet (14) + IPv4 without options (20): protocol at 23, UDP
+    // destination port at 36.
+    let (Ok(ethertype), Ok(proto), Ok(port)) = (
+        ctx.load::<[u8; 2]>(12),
+        ctx.load::<u8>(23),
+        ctx.load::<[u8; 2]>(36),
+    ) else {
+        return TC_ACT_UNSPEC;
+    };
+    if ethertype == [0x08, 0x00] && proto == 17 && u16::from_be_bytes(port) == 5801 {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_UNSPEC
+    }
 }
 
 #[cfg(not(test))]
