@@ -39,7 +39,8 @@ enum Task {
         args: Vec<String>,
     },
     /// Print performance figures: kernel program ns/packet vs an empty
-    /// program, scrape time and memory by series, drain time by table size.
+    /// program, scrape time and memory by series, drain time by table size,
+    /// and veth throughput with and without ntm (TC and XDP).
     Bench,
     /// Clippy with warnings denied, for the host crates and the eBPF crate.
     Clippy,
@@ -105,6 +106,8 @@ fn main() -> Result<()> {
                 "datapath",
                 "--bench",
                 "exporter",
+                "--bench",
+                "throughput",
             ]))
         }
         Task::Clippy => {

@@ -1,20 +1,28 @@
 //! Programs that are not ntm, for measuring and testing it:
 //! - `ntm_bench_empty` does nothing: the baseline `cargo xtask bench`
 //!   measures ntm's per-packet cost against, on the same frames, in one run;
+//! - `ntm_bench_empty_xdp` passes everything, the XDP baseline;
 //! - `neighbour_drop_5801` plays another tool's TC program on the same
 //!   interface (a CNI's, say): it drops UDP to port 5801 (IPv4, no options).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    macros::classifier,
-    programs::TcContext,
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 
 #[classifier]
 pub fn ntm_bench_empty(_ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
+}
+
+/// An XDP program that passes everything: on a veth, any XDP program changes
+/// the receive path, so ntm's XDP cost is measured against this.
+#[xdp]
+pub fn ntm_bench_empty_xdp(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 #[classifier]
