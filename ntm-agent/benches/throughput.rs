@@ -4,7 +4,6 @@
 //! asserts nothing.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::{
