@@ -203,6 +203,16 @@ fn every_frame_crossing_a_bridge_is_counted_once() {
     let later = udp(bridge.host(n), &ip(n), bridge.host(1), &ip(1), 5304, 40);
     let d = agent.drain().unwrap();
     assert_eq!(counted(&[d], 5304), later, "from the new port, once");
+
+    // A port taken out of the bridge is let go.
+    bridge
+        .hub
+        .exec(&["ip", "link", "set", &format!("p{n}"), "nomaster"]);
+    bridge
+        .hub
+        .run(|| assert!(agent.reconcile().unwrap(), "the old port is detached"));
+    let still: Vec<String> = agent.attachments().map(|a| a.iface.clone()).collect();
+    assert!(!still.contains(&format!("p{n}")), "{still:?}");
     let _ = agent.shutdown().unwrap();
 }
 
