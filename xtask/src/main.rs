@@ -48,13 +48,15 @@ enum Task {
 
 /// Debian packages the kernel tests drive: namespaces and veths (iproute2),
 /// ICMP echo (iputils-ping), offload switches (ethtool), sysctl (procps),
-/// a real Prometheus and promtool for the scrape tests (prometheus).
+/// a real Prometheus and promtool for the scrape tests (prometheus),
+/// systemd-analyze for the unit file (systemd).
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "ethtool",
     "procps",
     "prometheus",
+    "systemd",
 ];
 
 /// The workspace root, so that commands work from any folder inside it.
