@@ -32,6 +32,11 @@ fn output(cmd: &mut Command) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A command's standard output ("" if it fails).
+pub fn output_of(cmd: &mut Command) -> String {
+    output(cmd).unwrap_or_default()
+}
+
 pub fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd
         .status()
