@@ -126,6 +126,14 @@ const TEST_PACKAGES: &[&str] = &[
     "systemd",
 ];
 
+/// PyPI packages the chart test uses, pinned: Helm 4 embedded (lint and
+/// render offline) and the Kubernetes API schemas.
+const PYTHON_TEST_PACKAGES: &[&str] = &[
+    "helm-python-sdk==0.2.2",
+    "kubernetes-validate==1.37.0",
+    "PyYAML==6.0.4",
+];
+
 /// The workspace root, so that commands work from any folder inside it.
 fn workspace_root() -> &'static std::path::Path {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -161,7 +169,12 @@ fn main() -> Result<()> {
             if toolchain::is_root() {
                 apt_install(TEST_PACKAGES)?;
             }
+            let python = toolchain::ensure_python_env(
+                &workspace_root().join("target/pyenv"),
+                PYTHON_TEST_PACKAGES,
+            )?;
             run(cargo()
+                .env("NTM_PYTHON", python)
                 .args(["test", "--workspace", "--exclude", "ntm-ebpf"])
                 .args(args))
         }

@@ -183,3 +183,32 @@ pub fn ensure_ebpf_toolchain() -> Result<()> {
     ensure_nightly_rust_src()?;
     ensure_bpf_linker()
 }
+
+/// A Python virtual environment at `dir` with `packages` (pinned) installed;
+/// returns its interpreter. Cheap when it is already there.
+pub fn ensure_python_env(dir: &std::path::Path, packages: &[&str]) -> Result<PathBuf> {
+    let python = dir.join("bin/python");
+    let stamp = dir.join("ntm-packages.txt");
+    let wanted = packages.join("\n");
+    if python.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        return Ok(python);
+    }
+    eprintln!(
+        "xtask: preparing a Python environment for the chart test in {} ({})",
+        dir.display(),
+        packages.join(" ")
+    );
+    run(Command::new("python3").args(["-m", "venv"]).arg(dir))
+        .context("python3 -m venv failed; install python3 and python3-venv")?;
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(packages))?;
+    std::fs::write(&stamp, wanted)?;
+    Ok(python)
+}

@@ -1,0 +1,131 @@
+"""Lints and renders helm/ntm with default and non-default values, and
+validates every rendered manifest against the Kubernetes API schemas.
+
+Run by ntm-agent/tests/helm.rs with the Python environment that
+`cargo xtask test` prepares (helm-python-sdk embeds Helm 4, no binary or
+network needed; kubernetes-validate carries the schemas).
+Prints one line per check and "N passed, N failed" last; exits non-zero on
+any failure."""
+
+import json
+import os
+import sys
+
+import helm_python as helm
+import kubernetes_validate
+import yaml
+
+CHART = os.path.join(os.path.dirname(__file__), "..", "ntm")
+DASHBOARD = os.path.join(os.path.dirname(__file__), "..", "..", "grafana", "ntm.json")
+KUBE_VERSION = kubernetes_validate.latest_version()
+
+NON_DEFAULT = {
+    "interfaces": ["eth0", "veth*"],
+    "localNets": ["10.0.0.0/8", "fd00::/8"],
+    "labels": ["src", "dst", "service"],
+    "maxSeries": 5000,
+    "resolveNames": False,
+    "port": 9100,
+    "metricPrefix": "home",
+    "extraArgs": ["--drain-interval", "2s"],
+    "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus"}},
+    "dashboard": {"enabled": True, "labels": {"grafana_dashboard": "1"}},
+    "nodeSelector": {"kubernetes.io/os": "linux"},
+    "tolerations": [{"operator": "Exists"}],
+    "priorityClassName": "system-node-critical",
+}
+
+passed, failed = 0, 0
+
+
+def check(name, ok, detail=""):
+    global passed, failed
+    if ok:
+        passed += 1
+        print(f"ok   {name}")
+    else:
+        failed += 1
+        print(f"FAIL {name}: {detail}")
+
+
+def render(values):
+    chart = helm.Chart.load(CHART)
+    out = chart.render(values, name="ntm", namespace="monitoring", is_install=True)
+    docs = []
+    for path, text in out.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                docs.append((path, doc))
+    return out, docs
+
+
+def containers(docs):
+    ds = [d for _, d in docs if d["kind"] == "DaemonSet"]
+    return ds[0]["spec"]["template"]["spec"], ds[0]["spec"]["template"]["spec"]["containers"][0]
+
+
+lint = helm.lint(CHART, strict=True)
+serious = [m for m in lint.get("messages", []) if m.get("severity", 0) >= 2]
+check("helm lint --strict", not lint.get("errors") and not serious, lint)
+
+for label, values in [("default values", {}), ("non-default values", NON_DEFAULT)]:
+    out, docs = render(values)
+    for path, doc in docs:
+        if doc["kind"] == "ServiceMonitor":
+            # A CRD: not in the core schemas; check its shape by hand.
+            ok = doc["spec"]["endpoints"][0]["port"] == "metrics"
+            check(f"{label}: {path} (ServiceMonitor shape)", ok, doc)
+            continue
+        try:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+            check(f"{label}: {path} valid against Kubernetes {KUBE_VERSION}", True)
+        except Exception as e:  # the validator raises several error types
+            check(f"{label}: {path} valid against Kubernetes {KUBE_VERSION}", False, e)
+    pod, ctr = containers(docs)
+    env = {e["name"]: e["value"] for e in ctr["env"]}
+    sc = ctr["securityContext"]
+    check(f"{label}: host network", pod.get("hostNetwork") is True)
+    check(
+        f"{label}: least privilege",
+        sc.get("privileged") is False
+        and sorted(sc["capabilities"]["add"]) == ["BPF", "NET_ADMIN", "PERFMON"]
+        and sc["capabilities"]["drop"] == ["ALL"]
+        and sc.get("allowPrivilegeEscalation") is False,
+        sc,
+    )
+    check(
+        f"{label}: probes on /healthz",
+        ctr["readinessProbe"]["httpGet"]["path"] == "/healthz",
+    )
+    check(f"{label}: NOTES.txt", "port-forward" in out["ntm/templates/NOTES.txt"])
+    cms = [d for _, d in docs if d["kind"] == "ConfigMap"]
+    check(
+        f"{label}: dashboard ConfigMap for the sidecar, same as grafana/ntm.json",
+        len(cms) == 1
+        and cms[0]["metadata"]["labels"].get("grafana_dashboard") == "1"
+        and json.loads(cms[0]["data"]["ntm.json"]) == json.load(open(DASHBOARD)),
+    )
+    if values is NON_DEFAULT:
+        check(
+            "non-default values reach the agent",
+            env.get("NTM_INTERFACE") == "eth0,veth*"
+            and env.get("NTM_LOCAL_NETS") == "10.0.0.0/8,fd00::/8"
+            and env.get("NTM_NUMERIC") == "true"
+            and env.get("NTM_PORT") == "9100"
+            and env.get("NTM_METRIC_PREFIX") == "home"
+            and ctr["args"] == ["--drain-interval", "2s"]
+            and ctr["ports"][0]["containerPort"] == 9100,
+            env,
+        )
+        check("ServiceMonitor rendered", any(d["kind"] == "ServiceMonitor" for _, d in docs))
+    else:
+        check("no ServiceMonitor by default", not any(d["kind"] == "ServiceMonitor" for _, d in docs))
+
+_, docs = render({"privileged": True})
+_, ctr = containers(docs)
+check("privileged only as an opt-in", ctr["securityContext"] == {"privileged": True})
+
+print(f"{passed} passed, {failed} failed")
+sys.exit(1 if failed else 0)
