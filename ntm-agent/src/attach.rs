@@ -152,7 +152,7 @@ fn hardware_type(iface: &str) -> io::Result<u32> {
         for (dst, src) in request.ifr_name.iter_mut().zip(name.as_bytes()) {
             *dst = *src as libc::c_char;
         }
-        if libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFHWADDR, &mut request) < 0 {
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFHWADDR as _, &mut request) < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(request.ifr_ifru.ifru_hwaddr.sa_family as u32)

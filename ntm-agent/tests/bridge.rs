@@ -34,7 +34,18 @@ impl Bridge {
         let hub = Netns::new("hub");
         hub.exec(&["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"]);
         hub.exec(&["sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"]);
-        hub.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
+        // A fixed address: a bridge otherwise takes its lowest port MAC,
+        // which changes as ports come, and stales the hosts' ARP entries.
+        hub.exec(&[
+            "ip",
+            "link",
+            "add",
+            "br0",
+            "address",
+            "02:00:00:00:03:fe",
+            "type",
+            "bridge",
+        ]);
         hub.exec(&["ip", "addr", "add", &format!("{HOST}/24"), "dev", "br0"]);
         hub.exec(&["ip", "link", "set", "br0", "up"]);
         let mut bridge = Self {
@@ -91,22 +102,32 @@ impl Bridge {
     /// and neighbours are known, by pinging around once.
     fn warm_up(&self) {
         for (i, host) in self.hosts.iter().enumerate() {
-            host.exec(&["ping", "-q", "-c", "1", "-W", "5", HOST]);
+            ping_until_answered(host, HOST);
             for j in 0..self.hosts.len() {
                 if i != j {
-                    host.exec(&[
-                        "ping",
-                        "-q",
-                        "-c",
-                        "1",
-                        "-W",
-                        "5",
-                        &format!("198.18.3.{}", j + 1),
-                    ]);
+                    ping_until_answered(host, &format!("198.18.3.{}", j + 1));
                 }
             }
         }
     }
+}
+
+/// Pings until an answer comes (a fresh veth's carrier, and so the first
+/// neighbour resolution, can take up to a second), at most 10 times.
+fn ping_until_answered(from: &Netns, to: &str) {
+    for _ in 0..10 {
+        let answered = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &from.name, "ping", "-q", "-c", "1", "-W", "1", to,
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if answered {
+            return;
+        }
+        thread::sleep(Duration::from_millis(300));
+    }
+    panic!("{to} never answered a ping from {}", from.name);
 }
 
 fn ip(n: usize) -> String {

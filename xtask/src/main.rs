@@ -45,6 +45,9 @@ enum Task {
         #[arg(long, value_enum, default_value_t = Arch::Amd64)]
         arch: Arch,
     },
+    /// Build the container image (static musl binary, FROM scratch) with
+    /// podman, offline; prints its name.
+    Image,
     /// Print performance figures: kernel program ns/packet vs an empty
     /// program, scrape time and memory by series, drain time by table size,
     /// and veth throughput with and without ntm (TC and XDP).
@@ -113,6 +116,60 @@ fn dist(arch: Arch) -> Result<()> {
     Ok(())
 }
 
+/// Name of the image `cargo xtask image` builds.
+const IMAGE: &str = "localhost/ntm:dev";
+const MUSL: &str = "x86_64-unknown-linux-musl";
+
+/// Podman options that work in this kind of sandbox: vfs storage (no
+/// overlay on overlay), cgroupfs, runc.
+pub fn podman() -> Command {
+    let mut cmd = Command::new("podman");
+    cmd.args([
+        "--storage-driver",
+        "vfs",
+        "--runtime",
+        "runc",
+        "--cgroup-manager",
+        "cgroupfs",
+    ]);
+    cmd
+}
+
+/// Builds the static binary and the image from deploy/image/Dockerfile.
+fn image() -> Result<String> {
+    ensure_ebpf_toolchain()?;
+    apt_install(&["podman", "runc"])?;
+    // Podman refuses to start containers here unless ulimits are left alone.
+    let conf = std::path::Path::new("/etc/containers/containers.conf");
+    let current = std::fs::read_to_string(conf).unwrap_or_default();
+    if !current.contains("default_ulimits") {
+        std::fs::create_dir_all("/etc/containers")?;
+        std::fs::write(
+            conf,
+            format!("{current}\n[containers]\ndefault_ulimits = []\n"),
+        )?;
+    }
+    let installed =
+        toolchain::output_of(Command::new("rustup").args(["target", "list", "--installed"]));
+    if !installed.lines().any(|l| l.trim() == MUSL) {
+        eprintln!("xtask: adding the Rust standard library for {MUSL} (rustup)");
+        run(Command::new("rustup").args(["target", "add", MUSL]))?;
+    }
+    run(cargo().args(["build", "--release", "-p", "ntm-agent", "--target", MUSL]))?;
+    let context = workspace_root().join("target/image");
+    std::fs::create_dir_all(&context)?;
+    std::fs::copy(
+        workspace_root().join(format!("target/{MUSL}/release/ntm-agent")),
+        context.join("ntm-agent"),
+    )?;
+    std::fs::copy("/etc/services", context.join("services"))?;
+    run(podman()
+        .args(["build", "-q", "-t", IMAGE, "-f"])
+        .arg(workspace_root().join("deploy/image/Dockerfile"))
+        .arg(&context))?;
+    Ok(IMAGE.to_string())
+}
+
 /// Debian packages the kernel tests drive: namespaces and veths (iproute2),
 /// ICMP echo (iputils-ping), offload switches (ethtool), sysctl (procps),
 /// a real Prometheus and promtool for the scrape tests (prometheus),
@@ -124,6 +181,7 @@ const TEST_PACKAGES: &[&str] = &[
     "procps",
     "prometheus",
     "systemd",
+    "netbase",
 ];
 
 /// PyPI packages the chart test uses, pinned: Helm 4 embedded (lint and
@@ -169,16 +227,27 @@ fn main() -> Result<()> {
             if toolchain::is_root() {
                 apt_install(TEST_PACKAGES)?;
             }
+            // The image test runs the image built here (as root, with podman).
+            let image = if toolchain::is_root() {
+                Some(image()?)
+            } else {
+                None
+            };
             let python = toolchain::ensure_python_env(
                 &workspace_root().join("target/pyenv"),
                 PYTHON_TEST_PACKAGES,
             )?;
-            run(cargo()
+            let mut test = cargo();
+            if let Some(image) = image {
+                test.env("NTM_IMAGE", image);
+            }
+            run(test
                 .env("NTM_PYTHON", python)
                 .args(["test", "--workspace", "--exclude", "ntm-ebpf"])
                 .args(args))
         }
         Task::Dist { arch } => dist(arch),
+        Task::Image => image().map(|name| println!("{name}")),
         Task::Bench => {
             ensure_ebpf_toolchain()?;
             run(cargo().args([

@@ -1,0 +1,92 @@
+//! The container image (deploy/image/Dockerfile, built by `cargo xtask
+//! image`), run with podman the way a DaemonSet runs it: in a network
+//! namespace of the host's choosing, with only BPF, NET_ADMIN and PERFMON;
+//! it attaches to a veth and counts test traffic exactly.
+
+mod common;
+
+use std::{net::UdpSocket, process::Stdio, time::Duration};
+
+use common::{
+    A4, Link,
+    scrape::{Guard, http_get, sample_sum, wait_for},
+};
+
+#[test]
+fn the_image_runs_with_least_privilege_and_counts() {
+    if !common::kernel_tests_enabled() {
+        return;
+    }
+    let Ok(image) = std::env::var("NTM_IMAGE") else {
+        assert!(
+            std::env::var("NTM_REQUIRE_BPF").is_err(),
+            "NTM_IMAGE is not set: run the tests with `cargo xtask test`, which builds the image"
+        );
+        eprintln!("SKIPPED: no image (cargo xtask test builds it)");
+        return;
+    };
+    let link = Link::new("img");
+    let name = format!("ntm-test-{}", std::process::id());
+    let _container = Guard(
+        std::process::Command::new("podman")
+            .args([
+                "--storage-driver",
+                "vfs",
+                "--runtime",
+                "runc",
+                "--cgroup-manager",
+                "cgroupfs",
+            ])
+            .args(["run", "--rm", "--name", &name])
+            .arg(format!("--network=ns:/var/run/netns/{}", link.a.name))
+            // Podman's default seccomp profile (4.3) allows bpf() only with
+            // CAP_SYS_ADMIN; Kubernetes runs pods unconfined unless told.
+            .args(["--security-opt", "seccomp=unconfined"])
+            .args(["--cap-drop", "all", "--cap-add", "BPF,NET_ADMIN,PERFMON"])
+            .arg(&image)
+            .args([
+                "--numeric",
+                "-i",
+                &link.a_if,
+                "-b",
+                "127.0.0.1",
+                "-p",
+                "9960",
+            ])
+            .args(["--drain-interval", "100ms"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the container's /healthz", Duration::from_secs(60), || {
+        http_get(&link.a, 9960, "/healthz").filter(|(s, _)| *s == 200)
+    });
+    let _sink = link.a.run(|| UdpSocket::bind((A4, 5330)).unwrap());
+    link.b.run(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..12 {
+            socket.send_to(&[0; 50], (A4, 5330)).unwrap();
+        }
+    });
+    wait_for(
+        "the datagrams in the counters",
+        Duration::from_secs(20),
+        || {
+            let (_, text) = http_get(&link.a, 9960, "/metrics")?;
+            (sample_sum(&text, "ntm_bytes_total", &[r#"service="5330""#]) == 12 * 78).then_some(())
+        },
+    );
+    // Stop it cleanly (SIGTERM: detach and drain).
+    let _ = std::process::Command::new("podman")
+        .args([
+            "--storage-driver",
+            "vfs",
+            "--runtime",
+            "runc",
+            "--cgroup-manager",
+            "cgroupfs",
+        ])
+        .args(["stop", "-t", "10", &name])
+        .output();
+}
