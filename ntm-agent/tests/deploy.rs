@@ -3,11 +3,11 @@
 
 mod common;
 
-use std::{net::UdpSocket, process::Stdio, time::Duration};
+use std::process::Stdio;
 
 use common::{
-    A4, Link,
-    scrape::{Guard, TempDir, http_get, sample_sum, wait_for},
+    Link,
+    scrape::{Guard, TempDir, udp_counted_exactly, wait_healthy},
 };
 
 const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/systemd/ntm.service");
@@ -88,22 +88,6 @@ fn an_unprivileged_agent_with_the_units_capabilities_counts() {
             .spawn()
             .unwrap(),
     );
-    wait_for("the unprivileged agent", Duration::from_secs(30), || {
-        http_get(&link.a, 9950, "/healthz").filter(|(s, _)| *s == 200)
-    });
-    let _sink = link.a.run(|| UdpSocket::bind((A4, 5320)).unwrap());
-    link.b.run(|| {
-        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-        for _ in 0..10 {
-            socket.send_to(&[0; 72], (A4, 5320)).unwrap();
-        }
-    });
-    wait_for(
-        "the datagrams in the counters",
-        Duration::from_secs(20),
-        || {
-            let (_, text) = http_get(&link.a, 9950, "/metrics")?;
-            (sample_sum(&text, "ntm_bytes_total", &[r#"service="5320""#]) == 10 * 100).then_some(())
-        },
-    );
+    wait_healthy(&link.a, 9950);
+    udp_counted_exactly(&link, 5320, 10, 72, 9950);
 }

@@ -5,11 +5,11 @@
 
 mod common;
 
-use std::{net::UdpSocket, process::Stdio, time::Duration};
+use std::process::Stdio;
 
 use common::{
-    A4, Link,
-    scrape::{Guard, http_get, sample_sum, wait_for},
+    Link,
+    scrape::{Guard, udp_counted_exactly, wait_healthy},
 };
 
 #[test]
@@ -59,24 +59,8 @@ fn the_image_runs_with_least_privilege_and_counts() {
             .spawn()
             .unwrap(),
     );
-    wait_for("the container's /healthz", Duration::from_secs(60), || {
-        http_get(&link.a, 9960, "/healthz").filter(|(s, _)| *s == 200)
-    });
-    let _sink = link.a.run(|| UdpSocket::bind((A4, 5330)).unwrap());
-    link.b.run(|| {
-        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-        for _ in 0..12 {
-            socket.send_to(&[0; 50], (A4, 5330)).unwrap();
-        }
-    });
-    wait_for(
-        "the datagrams in the counters",
-        Duration::from_secs(20),
-        || {
-            let (_, text) = http_get(&link.a, 9960, "/metrics")?;
-            (sample_sum(&text, "ntm_bytes_total", &[r#"service="5330""#]) == 12 * 78).then_some(())
-        },
-    );
+    wait_healthy(&link.a, 9960);
+    udp_counted_exactly(&link, 5330, 12, 50, 9960);
     // Stop it cleanly (SIGTERM: detach and drain).
     let _ = std::process::Command::new("podman")
         .args([

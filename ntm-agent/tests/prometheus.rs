@@ -14,7 +14,7 @@ use std::{
 
 use common::{
     A4, B4, Link, Netns,
-    scrape::{Guard, http_get, plain_value, promql, sample_sum, wait_for},
+    scrape::{Guard, http_get, plain_value, promql, sample_sum, wait_for, wait_healthy},
 };
 
 fn spawn_agent(ns: &Netns, args: &[&str], envs: &[(&str, &str)]) -> Guard {
@@ -56,9 +56,7 @@ fn prometheus_sees_exactly_what_was_sent() {
             ("NTM_METRIC_PREFIX", "home"),
         ],
     );
-    wait_for("the agent's /healthz", Duration::from_secs(30), || {
-        http_get(&link.a, 9100, "/healthz").filter(|(s, _)| *s == 200)
-    });
+    wait_healthy(&link.a, 9100);
 
     let _prometheus = common::scrape::start_prometheus(&link.a, 9190, 9100);
 
@@ -237,9 +235,7 @@ fn exposition_labels_for_every_kind_of_traffic() {
         ],
         &[],
     );
-    wait_for("the agent's /healthz", Duration::from_secs(30), || {
-        http_get(&link.a, 9500, "/healthz").filter(|(s, _)| *s == 200)
-    });
+    wait_healthy(&link.a, 9500);
     let sinks = link
         .a
         .run(|| [443u16, 5300].map(|port| UdpSocket::bind((A4, port)).unwrap()));
@@ -341,9 +337,7 @@ fn series_budget_with_real_traffic_still_adds_up() {
         ],
         &[],
     );
-    wait_for("the agent's /healthz", Duration::from_secs(30), || {
-        http_get(&link.a, 9600, "/healthz").filter(|(s, _)| *s == 200)
-    });
+    wait_healthy(&link.a, 9600);
     let sinks = link.a.run(|| {
         (6000..6030u16)
             .map(|port| UdpSocket::bind((A4, port)).unwrap())
@@ -397,9 +391,7 @@ fn idle_series_expire_from_the_endpoint() {
         &["-i", &link.a_if, "-b", "127.0.0.1", "-p", "9700"],
         &[("NTM_SERIES_TTL", "1s"), ("NTM_DRAIN_INTERVAL", "100ms")],
     );
-    wait_for("the agent's /healthz", Duration::from_secs(30), || {
-        http_get(&link.a, 9700, "/healthz").filter(|(s, _)| *s == 200)
-    });
+    wait_healthy(&link.a, 9700);
     let _sink = link.a.run(|| UdpSocket::bind((A4, 5310)).unwrap());
     let send = || {
         link.b.run(|| {

@@ -150,3 +150,44 @@ pub fn start_prometheus(ns: &Netns, port: u16, target: u16) -> Prometheus {
         _dir: dir,
     }
 }
+
+/// Waits until the agent in `ns` answers /healthz on 127.0.0.1:`port` with
+/// 200 (every requested interface attached).
+pub fn wait_healthy(ns: &Netns, port: u16) {
+    wait_for("the agent's /healthz", Duration::from_secs(60), || {
+        http_get(ns, port, "/healthz").filter(|(s, _)| *s == 200)
+    });
+}
+
+/// Sends `count` datagrams of `payload` bytes from `link.b` to a socket on
+/// `link.a`'s UDP `port`, then waits until the agent serving metrics on
+/// `metrics_port` shows exactly their L3 bytes under service="`port`".
+pub fn udp_counted_exactly(
+    link: &super::Link,
+    port: u16,
+    count: usize,
+    payload: usize,
+    metrics_port: u16,
+) {
+    let _sink = link
+        .a
+        .run(|| std::net::UdpSocket::bind((super::A4, port)).unwrap());
+    link.b.run(|| {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..count {
+            socket
+                .send_to(&vec![0; payload], (super::A4, port))
+                .unwrap();
+        }
+    });
+    let service = format!("service=\"{port}\"");
+    let want = (count * (payload + 28)) as u64;
+    wait_for(
+        "the datagrams in the counters",
+        Duration::from_secs(20),
+        || {
+            let (_, text) = http_get(&link.a, metrics_port, "/metrics")?;
+            (sample_sum(&text, "ntm_bytes_total", &[&service]) == want).then_some(())
+        },
+    );
+}
