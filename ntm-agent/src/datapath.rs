@@ -1,17 +1,24 @@
 //! Loading the kernel programs: the embedded eBPF object, its settings, its
 //! maps, and clear errors when the kernel or the privileges say no.
 
-use std::io;
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, MapError},
+    maps::{Array, Map, MapData, MapError},
     programs::{ProgramError, SchedClassifier, Xdp},
     util::KernelVersion,
 };
-use ntm_common::names;
+use ntm_common::{names, tail};
 
-use crate::{drain::FlowTables, services::ServiceRegistry};
+use crate::{
+    drain::FlowTables,
+    filter::{self, Filter, FilterError, Hook, LinkType, load},
+    services::ServiceRegistry,
+};
 
 /// The kernel programs, built by build.rs from the ntm-ebpf crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ntm"));
@@ -82,13 +89,86 @@ pub enum DatapathError {
         #[source]
         source: MapError,
     },
+    #[error("setting up the tail call to {program} failed: {source}")]
+    TailSetup {
+        program: &'static str,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The loaded kernel side: programs ready to attach, flow tables ready to
 /// drain.
 pub struct Datapath {
     ebpf: Ebpf,
+    /// The program arrays and the verdict map, held for the agent's life:
+    /// the kernel empties a program array when its last user handle closes.
+    tc_tails: MapData,
+    xdp_tails: MapData,
+    verdict: MapData,
+    /// The filter in the hooks now, if any.
+    filter: Option<Filter>,
 }
+
+/// One hook's filter slot and the counting half its filter hands over to.
+struct FilterSlot {
+    hook: Hook,
+    link: LinkType,
+    xdp: bool,
+    slot: u32,
+    count_slot: u32,
+}
+
+const FILTER_SLOTS: [FilterSlot; 5] = [
+    FilterSlot {
+        hook: Hook::TcEthernet,
+        link: LinkType::Ethernet,
+        xdp: false,
+        slot: tail::FILTER_INGRESS_ETH,
+        count_slot: tail::COUNT_INGRESS_ETH,
+    },
+    FilterSlot {
+        hook: Hook::TcEthernet,
+        link: LinkType::Ethernet,
+        xdp: false,
+        slot: tail::FILTER_EGRESS_ETH,
+        count_slot: tail::COUNT_EGRESS_ETH,
+    },
+    FilterSlot {
+        hook: Hook::TcL3,
+        link: LinkType::RawIp,
+        xdp: false,
+        slot: tail::FILTER_INGRESS_L3,
+        count_slot: tail::COUNT_INGRESS_L3,
+    },
+    FilterSlot {
+        hook: Hook::TcL3,
+        link: LinkType::RawIp,
+        xdp: false,
+        slot: tail::FILTER_EGRESS_L3,
+        count_slot: tail::COUNT_EGRESS_L3,
+    },
+    FilterSlot {
+        hook: Hook::Xdp,
+        link: LinkType::Ethernet,
+        xdp: true,
+        slot: tail::FILTER_XDP,
+        count_slot: tail::COUNT_XDP,
+    },
+];
+
+/// The counting halves and their slots.
+const COUNT_PROGRAMS: [(&str, bool, u32); 5] = [
+    (
+        names::PROG_COUNT_INGRESS_ETH,
+        false,
+        tail::COUNT_INGRESS_ETH,
+    ),
+    (names::PROG_COUNT_EGRESS_ETH, false, tail::COUNT_EGRESS_ETH),
+    (names::PROG_COUNT_INGRESS_L3, false, tail::COUNT_INGRESS_L3),
+    (names::PROG_COUNT_EGRESS_L3, false, tail::COUNT_EGRESS_L3),
+    (names::PROG_COUNT_XDP, true, tail::COUNT_XDP),
+];
 
 impl Datapath {
     /// Loads and verifies every program, writes the known-port bitmap, and
@@ -114,6 +194,10 @@ impl Datapath {
             names::PROG_TC_EGRESS_ETH,
             names::PROG_TC_INGRESS_L3,
             names::PROG_TC_EGRESS_L3,
+            names::PROG_COUNT_INGRESS_ETH,
+            names::PROG_COUNT_EGRESS_ETH,
+            names::PROG_COUNT_INGRESS_L3,
+            names::PROG_COUNT_EGRESS_L3,
         ] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -138,6 +222,40 @@ impl Datapath {
             })?;
         xdp.load()
             .map_err(|e| classify_program_error(names::PROG_XDP, e))?;
+        let count_xdp: &mut Xdp = ebpf
+            .program_mut(names::PROG_COUNT_XDP)
+            .ok_or(DatapathError::Missing("the XDP counting program"))?
+            .try_into()
+            .map_err(|source| DatapathError::Program {
+                program: names::PROG_COUNT_XDP.to_string(),
+                source,
+            })?;
+        count_xdp
+            .load()
+            .map_err(|e| classify_program_error(names::PROG_COUNT_XDP, e))?;
+
+        let tc_tails = take_map_data(&mut ebpf, names::TC_TAILS)?;
+        let xdp_tails = take_map_data(&mut ebpf, names::XDP_TAILS)?;
+        let verdict = take_map_data(&mut ebpf, names::FILTER_VERDICT)?;
+        for (name, is_xdp, slot) in COUNT_PROGRAMS {
+            let program_fd = ebpf
+                .program(name)
+                .ok_or(DatapathError::Missing("a counting program"))?
+                .fd()
+                .map_err(|source| DatapathError::Program {
+                    program: name.to_string(),
+                    source,
+                })?
+                .as_fd()
+                .as_raw_fd();
+            let tails = if is_xdp { &xdp_tails } else { &tc_tails };
+            load::set_slot(tails.fd().as_fd().as_raw_fd(), slot, program_fd).map_err(|source| {
+                DatapathError::TailSetup {
+                    program: name,
+                    source,
+                }
+            })?;
+        }
 
         let mut known: Array<MapData, u32> = ebpf
             .take_map(names::KNOWN_PORTS)
@@ -165,7 +283,108 @@ impl Datapath {
                 map: names::ACTIVE_SLOT,
                 source,
             })?;
-        Ok((Self { ebpf }, tables))
+        Ok((
+            Self {
+                ebpf,
+                tc_tails,
+                xdp_tails,
+                verdict,
+                filter: None,
+            },
+            tables,
+        ))
+    }
+
+    /// Puts `filter` in every hook's filter slot (or, with `None`, empties
+    /// them so that every frame is counted). All programs are built and
+    /// loaded first, so a filter the kernel refuses changes nothing; then
+    /// each slot is swapped, atomically for the frames going through it. A
+    /// link type the filter does not compile for gets an empty slot: the
+    /// agent does not attach to such interfaces (see
+    /// [`Datapath::filter_allows`]).
+    pub fn set_filter(&mut self, filter: Option<Filter>) -> Result<(), FilterError> {
+        let fds = filter::translate::MapFds {
+            tails: 0,
+            verdict: self.verdict.fd().as_fd().as_raw_fd(),
+        };
+        let mut loaded = Vec::new();
+        if let Some(filter) = &filter {
+            for slot in &FILTER_SLOTS {
+                let Ok(program) = filter.program(slot.link) else {
+                    continue;
+                };
+                let tails = if slot.xdp {
+                    &self.xdp_tails
+                } else {
+                    &self.tc_tails
+                };
+                let fds = filter::translate::MapFds {
+                    tails: tails.fd().as_fd().as_raw_fd(),
+                    ..fds
+                };
+                let insns = filter::translate::translate(program, slot.hook, slot.count_slot, fds)
+                    .map_err(|source| FilterError::Translate {
+                        expression: filter.expression.clone(),
+                        source,
+                    })?;
+                let (prog_type, attach_type) = if slot.xdp {
+                    (load::PROG_TYPE_XDP, load::ATTACH_TYPE_XDP)
+                } else {
+                    (load::PROG_TYPE_SCHED_CLS, 0)
+                };
+                let fd = load::load_program(prog_type, attach_type, "ntm_filter", &insns).map_err(
+                    |failure| {
+                        if failure.error.raw_os_error() == Some(libc::EPERM)
+                            && failure.log.trim().is_empty()
+                        {
+                            FilterError::NotPermitted
+                        } else {
+                            FilterError::Rejected {
+                                expression: filter.expression.clone(),
+                                hook: slot.hook,
+                                error: failure.error,
+                                log_tail: log_tail(&failure.log, VERIFIER_LOG_TAIL),
+                            }
+                        }
+                    },
+                )?;
+                loaded.push((slot, fd));
+            }
+        }
+        for slot in &FILTER_SLOTS {
+            let tails = if slot.xdp {
+                &self.xdp_tails
+            } else {
+                &self.tc_tails
+            };
+            let map_fd = tails.fd().as_fd().as_raw_fd();
+            match loaded
+                .iter()
+                .find(|(s, _)| s.slot == slot.slot && s.xdp == slot.xdp)
+            {
+                Some((_, program)) => load::set_slot(map_fd, slot.slot, program.as_raw_fd()),
+                None => load::clear_slot(map_fd, slot.slot),
+            }
+            .map_err(FilterError::Install)?;
+        }
+        // The program arrays hold the programs now; our handles can go.
+        drop(loaded);
+        self.filter = filter;
+        Ok(())
+    }
+
+    /// The filter in place, if any.
+    pub fn filter(&self) -> Option<&Filter> {
+        self.filter.as_ref()
+    }
+
+    /// Whether frames of `link` can be counted as the filter asks: with no
+    /// filter always; with one, only if it compiled for that link type.
+    pub fn filter_allows(&self, link: LinkType) -> Result<(), FilterError> {
+        match &self.filter {
+            None => Ok(()),
+            Some(filter) => filter.program(link).map(|_| ()),
+        }
     }
 
     /// The loaded XDP program.
@@ -180,6 +399,14 @@ impl Datapath {
         self.ebpf
             .program_mut(name)
             .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+    }
+}
+
+/// Takes a map out of the object as plain map data (for its fd).
+fn take_map_data(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, DatapathError> {
+    match ebpf.take_map(name).ok_or(DatapathError::Missing(name))? {
+        Map::ProgramArray(data) | Map::PerCpuArray(data) => Ok(data),
+        _ => Err(DatapathError::Missing(name)),
     }
 }
 

@@ -150,6 +150,21 @@ impl FlowTables {
         })
     }
 
+    /// The kernel's running total for `reason` (all CPUs), without
+    /// draining anything: what a drain would report is unaffected.
+    pub fn outside_total(&self, reason: OutsideReason) -> Result<Counters, DrainError> {
+        let mut total = Counters::default();
+        for per_cpu in self
+            .outside
+            .get(&(reason as u32), 0)
+            .map_err(DrainError::Map)?
+            .iter()
+        {
+            total.add(per_cpu);
+        }
+        Ok(total)
+    }
+
     fn outside_deltas(&mut self) -> Result<[Counters; OutsideReason::COUNT as usize], MapError> {
         let mut deltas = [Counters::default(); OutsideReason::COUNT as usize];
         for reason in OutsideReason::ALL {

@@ -2,6 +2,8 @@
 //!
 //! - [`config`]: flags and `NTM_*` environment variables;
 //! - [`services`]: known service ports (/etc/services + `--service`);
+//! - [`filter`]: tcpdump filter expressions (libpcap), translated for the
+//!   kernel and run before counting;
 //! - [`datapath`]: loads the kernel programs and their maps;
 //! - [`netlink`] and [`attach`]: finds the links (bridges and their ports)
 //!   and hooks the programs to them;
@@ -20,6 +22,7 @@ pub mod config;
 pub mod datapath;
 pub mod dns;
 pub mod drain;
+pub mod filter;
 pub mod flows;
 pub mod http;
 pub mod labels;

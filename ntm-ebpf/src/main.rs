@@ -9,7 +9,7 @@ mod parse;
 
 use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action},
-    btf_maps::{Array, ArrayOfMaps, PerCpuArray, PerCpuHashMap},
+    btf_maps::{Array, ArrayOfMaps, PerCpuArray, PerCpuHashMap, ProgramArray},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -18,6 +18,7 @@ use ntm_common::{
     CacheSlot, Counters, DEFAULT_FLOW_TABLE_ENTRIES, Direction, FLOW_CACHE_SLOTS, FlowKey,
     KEY_WORDS, KNOWN_PORT_WORDS, OutsideReason, cache_index,
     service_port::{self, PortClass},
+    tail,
 };
 
 use parse::{Frame, ParseError, Parsed};
@@ -54,6 +55,18 @@ static NTM_OUTSIDE: PerCpuArray<Counters, { OutsideReason::COUNT as usize }> = P
 #[btf_map]
 static NTM_KNOWN_PORTS: Array<u32, { KNOWN_PORT_WORDS as usize }> = Array::new();
 
+/// Filter programs and counting halves of the TC hooks (see
+/// `ntm_common::tail`). The agent fills the counting halves at load time and
+/// the filter slots only while a filter is configured.
+#[btf_map]
+static NTM_TC_TAILS: ProgramArray<{ tail::TC_SLOTS as usize }> = ProgramArray::new();
+#[btf_map]
+static NTM_XDP_TAILS: ProgramArray<{ tail::XDP_SLOTS as usize }> = ProgramArray::new();
+
+/// The filter program's verdict for the frame in hand on this CPU.
+#[btf_map]
+static NTM_FILTER_VERDICT: PerCpuArray<u32, 1> = PerCpuArray::new();
+
 /// Start of the client ephemeral port range; set by the agent at load time.
 /// Read-only after load, so the verifier treats it as a constant.
 #[unsafe(no_mangle)]
@@ -72,28 +85,75 @@ static NTM_XDP_ACTION: u32 = xdp_action::XDP_PASS;
 /// Bytes pulled into the linear area when headers lie beyond it.
 const PULL_LEN: u32 = 256;
 
+// The attached programs: run the hook's filter if there is one (a tail call
+// that does not return), else count the frame here.
+
 #[classifier]
 pub fn ntm_tc_ingress_eth(ctx: TcContext) -> i32 {
-    count_tc::<true>(&ctx, Direction::Ingress);
-    TC_ACT_UNSPEC
+    filter_then_count::<true>(&ctx, Direction::Ingress, tail::FILTER_INGRESS_ETH)
 }
 
 #[classifier]
 pub fn ntm_tc_egress_eth(ctx: TcContext) -> i32 {
-    count_tc::<true>(&ctx, Direction::Egress);
-    TC_ACT_UNSPEC
+    filter_then_count::<true>(&ctx, Direction::Egress, tail::FILTER_EGRESS_ETH)
 }
 
 #[classifier]
 pub fn ntm_tc_ingress_l3(ctx: TcContext) -> i32 {
-    count_tc::<false>(&ctx, Direction::Ingress);
-    TC_ACT_UNSPEC
+    filter_then_count::<false>(&ctx, Direction::Ingress, tail::FILTER_INGRESS_L3)
 }
 
 #[classifier]
 pub fn ntm_tc_egress_l3(ctx: TcContext) -> i32 {
-    count_tc::<false>(&ctx, Direction::Egress);
+    filter_then_count::<false>(&ctx, Direction::Egress, tail::FILTER_EGRESS_L3)
+}
+
+// The counting halves, entered from a filter program with its verdict.
+
+#[classifier]
+pub fn ntm_count_in_eth(ctx: TcContext) -> i32 {
+    count_tc::<true>(&ctx, Direction::Ingress, filtered_out());
     TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn ntm_count_out_eth(ctx: TcContext) -> i32 {
+    count_tc::<true>(&ctx, Direction::Egress, filtered_out());
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn ntm_count_in_l3(ctx: TcContext) -> i32 {
+    count_tc::<false>(&ctx, Direction::Ingress, filtered_out());
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn ntm_count_out_l3(ctx: TcContext) -> i32 {
+    count_tc::<false>(&ctx, Direction::Egress, filtered_out());
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn filter_then_count<const ETHERNET: bool>(
+    ctx: &TcContext,
+    direction: Direction,
+    filter_slot: u32,
+) -> i32 {
+    // SAFETY: a tail call either does not return or, with the slot empty,
+    // returns with nothing changed.
+    unsafe { NTM_TC_TAILS.tail_call(ctx, filter_slot) };
+    count_tc::<ETHERNET>(ctx, direction, false);
+    TC_ACT_UNSPEC
+}
+
+/// Whether the filter program that tail-called us rejected the frame.
+#[inline(always)]
+fn filtered_out() -> bool {
+    match NTM_FILTER_VERDICT.get(0) {
+        Some(verdict) => *verdict == tail::VERDICT_FILTERED,
+        None => false,
+    }
 }
 
 #[inline(always)]
@@ -139,7 +199,7 @@ fn zero_key(key: *mut FlowKey) {
 }
 
 #[inline(always)]
-fn count_tc<const ETHERNET: bool>(ctx: &TcContext, direction: Direction) {
+fn count_tc<const ETHERNET: bool>(ctx: &TcContext, direction: Direction, filtered: bool) {
     let skb = ctx.skb.skb;
     let (skb_len, ifindex, vlan_present, vlan_tci, gso_segs) = unsafe {
         (
@@ -185,19 +245,32 @@ fn count_tc<const ETHERNET: bool>(ctx: &TcContext, direction: Direction) {
     }
     // GSO/GRO aggregates count as the segments they carry on the wire.
     let segments = if gso_segs > 1 { gso_segs as u64 } else { 1 };
-    account(parsed, key, skb_len, segments);
+    account(parsed, key, skb_len, segments, filtered);
 }
 
 /// Counts one frame (or aggregate of `segments`) of `frame_len` bytes, as
-/// parsed into `key`.
+/// parsed into `key`; a frame the filter rejected goes to `Filtered`, with
+/// the bytes it would have been counted with.
 #[inline(always)]
-fn account(parsed: Result<Parsed, ParseError>, key: &FlowKey, frame_len: u32, segments: u64) {
-    match parsed {
+fn account(
+    parsed: Result<Parsed, ParseError>,
+    key: &FlowKey,
+    frame_len: u32,
+    segments: u64,
+    filtered: bool,
+) {
+    // Where the frame goes without a filter, and with which bytes; a frame
+    // the filter rejected goes to Filtered with exactly those bytes.
+    let (bytes, packets, outside) = match parsed {
         Ok(p) => {
             let frame_l3 = frame_len.saturating_sub(p.l3_offset as u32) as u64;
-            let bytes = if segments > 1 || p.l3_len == 0 {
+            if segments > 1 || p.l3_len == 0 {
                 // Every segment repeats the L3+L4 headers of the aggregate.
-                frame_l3 + (segments - 1) * p.header_len as u64
+                (
+                    frame_l3 + (segments - 1) * p.header_len as u64,
+                    segments,
+                    None,
+                )
             } else if p.l3_len as u64 > frame_l3 {
                 // The length field claims more than the frame holds.
                 let reason = if key.family == ntm_common::family::IPV6 {
@@ -205,16 +278,19 @@ fn account(parsed: Result<Parsed, ParseError>, key: &FlowKey, frame_len: u32, se
                 } else {
                     OutsideReason::MalformedIpv4
                 };
-                count_outside(reason, frame_len as u64, 1);
-                return;
+                (frame_len as u64, 1, Some(reason))
             } else {
-                p.l3_len as u64
-            };
-            count_cached(key, bytes, segments);
+                (p.l3_len as u64, segments, None)
+            }
         }
         Err(ParseError::Outside(reason)) | Err(ParseError::NeedMoreData(reason)) => {
-            count_outside(reason, frame_len as u64, segments);
+            (frame_len as u64, segments, Some(reason))
         }
+    };
+    match (filtered, outside) {
+        (true, _) => count_outside(OutsideReason::Filtered, bytes, packets),
+        (false, Some(reason)) => count_outside(reason, bytes, packets),
+        (false, None) => count_cached(key, bytes, packets),
     }
 }
 
@@ -222,6 +298,21 @@ fn account(parsed: Result<Parsed, ParseError>, key: &FlowKey, frame_len: u32, se
 /// it; the agent chooses whether the copy then goes on (pass) or not (drop).
 #[xdp]
 pub fn ntm_xdp(ctx: XdpContext) -> u32 {
+    // SAFETY: as in filter_then_count.
+    unsafe { NTM_XDP_TAILS.tail_call(&ctx, tail::FILTER_XDP) };
+    count_xdp(&ctx, false);
+    unsafe { core::ptr::read_volatile(&NTM_XDP_ACTION) }
+}
+
+/// XDP's counting half, entered from a filter program.
+#[xdp]
+pub fn ntm_count_xdp(ctx: XdpContext) -> u32 {
+    count_xdp(&ctx, filtered_out());
+    unsafe { core::ptr::read_volatile(&NTM_XDP_ACTION) }
+}
+
+#[inline(always)]
+fn count_xdp(ctx: &XdpContext, filtered: bool) {
     // SAFETY: the context pointer is the kernel's xdp_md for this frame.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     let mut key_space = MaybeUninit::<FlowKey>::uninit();
@@ -238,8 +329,7 @@ pub fn ntm_xdp(ctx: XdpContext) -> u32 {
     // In XDP every VLAN tag is still in the frame, and there is no more
     // data to pull: what is not in [data, data_end) is not there.
     let parsed = parse::parse_ethernet(&frame, key, ephemeral_start, is_known_port);
-    account(parsed, key, (frame.end - frame.data) as u32, 1);
-    unsafe { core::ptr::read_volatile(&NTM_XDP_ACTION) }
+    account(parsed, key, (frame.end - frame.data) as u32, 1, filtered);
 }
 
 /// Counts into the flow's cache slot; a slot held by another flow first
