@@ -7,10 +7,11 @@ use std::collections::{BTreeMap, HashMap};
 use ntm_common::Counters;
 
 use crate::{
-    attach::{self, AttachError, Attachment, Hooks},
-    config::{AttachMode, Config, ConfigError, CountMode, XdpAction},
+    attach::{self, AttachError, Attachment, Hooks, LinkKind},
+    config::{AttachMode, Config, ConfigError, CountMode, FilterSource, XdpAction},
     datapath::{Datapath, DatapathError, DatapathOptions},
     drain::{Drained, FlowTables},
+    filter::{self, Filter, FilterError, LinkType},
     flows::FlowTotals,
     netlink::{self, LinkInfo},
     services::{ServiceRegistry, ServicesError},
@@ -30,6 +31,29 @@ pub enum AgentError {
     Drain(#[from] crate::drain::DrainError),
     #[error("listing this machine's network interfaces failed: {0}")]
     Links(std::io::Error),
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+}
+
+/// Reads and compiles the configured filter (None: count every frame). A
+/// filter file that holds only comments means no filter.
+pub fn load_filter(source: &FilterSource) -> Result<Option<Filter>, FilterError> {
+    let expression = match source {
+        FilterSource::None => return Ok(None),
+        FilterSource::Expression(expression) => expression.clone(),
+        FilterSource::File(path) => filter::read_filter_file(path)?,
+    };
+    if expression.is_empty() {
+        return Ok(None);
+    }
+    Filter::compile(&expression).map(Some)
+}
+
+fn link_type(kind: LinkKind) -> LinkType {
+    match kind {
+        LinkKind::Ethernet => LinkType::Ethernet,
+        LinkKind::L3 => LinkType::RawIp,
+    }
 }
 
 /// Where to attach: one interface, which of its hooks, and the `iface` label
@@ -134,6 +158,8 @@ impl Agent {
     /// --wait-for-interfaces; on any error nothing stays attached.
     pub fn start(config: &Config) -> Result<Self, AgentError> {
         let requested = config.resolved_interfaces()?;
+        // A bad filter fails here, before the kernel is touched.
+        let filter = load_filter(&config.filter_source()?)?;
         let mut services = ServiceRegistry::from_file(&config.services_file)?;
         for spec in &config.services {
             services.add_spec(spec)?;
@@ -151,7 +177,8 @@ impl Agent {
             ephemeral_start: config.ephemeral_start,
             xdp_drop: config.xdp_action == XdpAction::Drop,
         };
-        let (datapath, tables) = Datapath::load(&options, &services)?;
+        let (mut datapath, tables) = Datapath::load(&options, &services)?;
+        datapath.set_filter(filter)?;
         let mut agent = Self {
             datapath,
             tables,
@@ -215,6 +242,18 @@ impl Agent {
             if self.attachments.contains_key(&p.ifindex) {
                 continue;
             }
+            // Counting frames the filter cannot judge would count what it
+            // excludes: such an interface is not attached.
+            if let Ok((_, kind)) = attach::inspect(&p.iface)
+                && let Err(e) = self.datapath.filter_allows(link_type(kind))
+            {
+                if strict {
+                    return Err(e.into());
+                }
+                log::warn!("not attaching to {}: {e}", p.iface);
+                self.failures.insert(p.iface.clone(), e.to_string());
+                continue;
+            }
             let attached = match self.count_mode {
                 CountMode::Tc => attach::attach(&mut self.datapath, &p.iface, p.hooks, self.mode),
                 CountMode::Xdp => attach::attach_xdp(&mut self.datapath, &p.iface),
@@ -233,6 +272,25 @@ impl Agent {
             }
         }
         Ok(changed)
+    }
+
+    /// Puts a new filter in place (SIGHUP). It must compile and load for
+    /// every interface attached now; otherwise nothing changes and the error
+    /// says why. Counting goes on throughout: each hook switches filters
+    /// between two frames.
+    pub fn replace_filter(&mut self, filter: Option<Filter>) -> Result<(), AgentError> {
+        if let Some(filter) = &filter {
+            for (attachment, _) in self.attachments.values() {
+                filter.program(link_type(attachment.kind))?;
+            }
+        }
+        self.datapath.set_filter(filter)?;
+        Ok(())
+    }
+
+    /// The filter expression in effect, if any.
+    pub fn filter_expression(&self) -> Option<&str> {
+        self.datapath.filter().map(|f| f.expression.as_str())
     }
 
     /// Drains the kernel's tables into the running totals.

@@ -18,6 +18,21 @@ pub enum ConfigError {
         "no interface given and no default route found in /proc/net/route or /proc/net/ipv6_route; name one with -i/--interface (or NTM_INTERFACE)"
     )]
     NoDefaultInterface,
+    #[error(
+        "a filter was given both as words ({words:?}) and with -F/--filter-file ({file}); give it one way"
+    )]
+    TwoFilters { words: String, file: String },
+}
+
+/// Where the tcpdump filter comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FilterSource {
+    /// None: every frame is counted.
+    None,
+    /// The positional words or NTM_FILTERS, fixed for the process's life.
+    Expression(String),
+    /// A file, read at start and again on SIGHUP.
+    File(std::path::PathBuf),
 }
 
 #[derive(Clone, Debug, Parser)]
@@ -37,6 +52,13 @@ pub struct Config {
     /// "src net 192.168.0.0/24 or dst net 192.168.0.0/24".
     #[arg(env = "NTM_FILTERS", num_args = 0.., trailing_var_arg = true)]
     pub filters: Vec<String>,
+
+    /// Read the tcpdump filter expression from this file (as tcpdump -F;
+    /// `#` starts a comment). SIGHUP re-reads it and swaps the new filter in
+    /// without losing a count; a bad new filter is logged and the old one
+    /// stays.
+    #[arg(short = 'F', long = "filter-file", env = "NTM_FILTER_FILE")]
+    pub filter_file: Option<std::path::PathBuf>,
 
     /// Interface to monitor; repeat for several; shell patterns (veth*) too.
     /// A bridge is counted once per frame crossing it (at its ports' ingress
@@ -201,6 +223,19 @@ impl Config {
         (!words.is_empty()).then(|| words.join(" "))
     }
 
+    /// Where the filter comes from; words and a file together are an error.
+    pub fn filter_source(&self) -> Result<FilterSource, ConfigError> {
+        match (self.filter_expression(), &self.filter_file) {
+            (Some(words), Some(file)) => Err(ConfigError::TwoFilters {
+                words,
+                file: file.display().to_string(),
+            }),
+            (Some(words), None) => Ok(FilterSource::Expression(words)),
+            (None, Some(file)) => Ok(FilterSource::File(file.clone())),
+            (None, None) => Ok(FilterSource::None),
+        }
+    }
+
     /// The interfaces to attach to: those given, else the default route's.
     pub fn resolved_interfaces(&self) -> Result<Vec<String>, ConfigError> {
         if !self.interfaces.is_empty() {
@@ -353,6 +388,7 @@ mod tests {
         };
         for (id, env) in [
             ("filters", "NTM_FILTERS"),
+            ("filter_file", "NTM_FILTER_FILE"),
             ("interfaces", "NTM_INTERFACE"),
             ("port", "NTM_PORT"),
             ("bind_ip", "NTM_BIND"),
@@ -438,6 +474,25 @@ mod tests {
             Some("src net 192.168.0.0/24 or dst net 192.168.0.0/24")
         );
         assert_eq!(parse(&["ntm", "-i", "eth0"]).filter_expression(), None);
+        assert_eq!(
+            parse(&["ntm", "-i", "eth0"]).filter_source().unwrap(),
+            FilterSource::None
+        );
+        assert_eq!(
+            parse(&["ntm", "-F", "/etc/ntm.filter"])
+                .filter_source()
+                .unwrap(),
+            FilterSource::File("/etc/ntm.filter".into())
+        );
+        assert_eq!(
+            parse(&["ntm", "udp"]).filter_source().unwrap(),
+            FilterSource::Expression("udp".into())
+        );
+        let both = parse(&["ntm", "-F", "/etc/ntm.filter", "udp"])
+            .filter_source()
+            .unwrap_err()
+            .to_string();
+        assert!(both.contains("one way"), "{both}");
         assert!(Config::try_parse_from(["ntm", "-s", "9bad"]).is_err());
         assert!(Config::try_parse_from(["ntm", "--labels", "src,colour"]).is_err());
         assert!(Config::try_parse_from(["ntm", "--local-net", "10.0.0.0/33"]).is_err());

@@ -2,11 +2,11 @@
 
 use std::{collections::HashMap, net::SocketAddr, time::Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::Parser as _;
 use ntm_agent::{
-    agent::Agent,
-    config::Config,
+    agent::{Agent, load_filter},
+    config::{Config, FilterSource},
     dns::system_nameserver,
     http::{self, Health},
     labels::{Label, Labeller, LocalNets},
@@ -29,15 +29,12 @@ const REPORT_TOP: usize = 50;
 async fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let config = Config::parse();
-    if let Some(filter) = config.filter_expression() {
-        bail!(
-            "tcpdump filters ({filter:?}) are not supported by this version of ntm yet; it would count all traffic instead of what the filter selects, so it refuses to start. Remove the filter (positional words or NTM_FILTERS) to count everything on the interface."
-        );
-    }
+    let filter_source = config.filter_source().context("ntm could not start")?;
     // Before attaching: a SIGTERM that arrives while starting must still
     // lead to a clean detach and final drain, not the default exit.
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     // Bind before touching the kernel: a taken port fails fast and clean.
     let listener = http::bind(SocketAddr::new(config.bind_ip, config.port))
         .context("ntm could not start its metrics endpoint")?;
@@ -78,6 +75,10 @@ async fn main() -> anyhow::Result<()> {
     .context("setting up metrics")?;
     let health = Health::default();
     report_attachments(&agent, &metrics, &health);
+    metrics.set_filter(agent.filter_expression());
+    if let Some(expression) = agent.filter_expression() {
+        log::info!("counting only frames that match the filter {expression:?}");
+    }
     let mut link_events = spawn_link_watcher();
     let server = http::Server::start(listener, metrics.exposition(), health.clone())
         .context("starting the metrics endpoint")?;
@@ -113,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
                     names = agent.interface_names();
                 }
             }
+            _ = sighup.recv() => reload_filter(&mut agent, &metrics, &filter_source),
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
@@ -131,6 +133,36 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| i.to_string()))
     );
     Ok(())
+}
+
+/// SIGHUP: re-reads the filter source and swaps the new filter in; a filter
+/// that does not compile or load is logged and the old one stays.
+fn reload_filter(agent: &mut Agent, metrics: &Metrics, source: &FilterSource) {
+    if matches!(source, FilterSource::Expression(_)) {
+        log::info!(
+            "SIGHUP: the filter was given on the command line or in NTM_FILTERS and cannot change; use -F/--filter-file to change it without a restart"
+        );
+        return;
+    }
+    let result = load_filter(source)
+        .map_err(ntm_agent::agent::AgentError::from)
+        .and_then(|filter| agent.replace_filter(filter));
+    match result {
+        Ok(()) => {
+            metrics.filter_reloaded(true);
+            metrics.set_filter(agent.filter_expression());
+            match agent.filter_expression() {
+                Some(expression) => {
+                    log::info!("SIGHUP: now counting frames that match {expression:?}")
+                }
+                None => log::info!("SIGHUP: no filter: counting every frame"),
+            }
+        }
+        Err(e) => {
+            metrics.filter_reloaded(false);
+            log::error!("SIGHUP: keeping the current filter: {e}");
+        }
+    }
 }
 
 /// Re-plans the attachments after links changed; true if they did.

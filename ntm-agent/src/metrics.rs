@@ -63,6 +63,10 @@ pub struct Metrics {
     flow_table_entries: IntGauge,
     drain_seconds: Histogram,
     attached: IntGaugeVec,
+    filtered_bytes: IntCounter,
+    filtered_packets: IntCounter,
+    filter_active: IntGaugeVec,
+    filter_reloads: IntCounterVec,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(
@@ -107,7 +111,11 @@ impl Metrics {
             &["reason"],
         )?;
         // Every reason from the start: a dashboard shows 0, not "no data".
-        for reason in OutsideReason::ALL {
+        // (Filtered frames have counters of their own, below.)
+        for reason in OutsideReason::ALL
+            .into_iter()
+            .filter(|r| *r != OutsideReason::Filtered)
+        {
             outside_bytes.with_label_values(&[reason.as_str()]);
             outside_packets.with_label_values(&[reason.as_str()]);
         }
@@ -128,6 +136,22 @@ impl Metrics {
             register(&registry, &n, c)
         };
         let series_gauge = gauge("series", "Traffic series exported now")?;
+        let filtered_bytes = counter(
+            "filtered_bytes_total",
+            "Bytes of frames the tcpdump filter did not match (not in bytes_total), counted as bytes_total would",
+        )?;
+        let filtered_packets = counter(
+            "filtered_packets_total",
+            "Frames the tcpdump filter did not match (not in packets_total)",
+        )?;
+        let filter_reloads = counter_vec(
+            "filter_reloads_total",
+            "Filter changes on SIGHUP, by result (error: the old filter stays)",
+            &["result"],
+        )?;
+        for result in ["ok", "error"] {
+            filter_reloads.with_label_values(&[result]);
+        }
         let series_folded = counter(
             "series_folded_total",
             "Flow deltas folded into \"other\" series because of --max-series",
@@ -173,6 +197,19 @@ impl Metrics {
             source,
         })?;
         let attached = register(&registry, &attached_n, attached)?;
+        let filter_n = name("filter_active");
+        let filter_active = IntGaugeVec::new(
+            Opts::new(
+                filter_n.clone(),
+                "1 for the tcpdump filter in effect (\"\" when every frame is counted)",
+            ),
+            &["filter"],
+        )
+        .map_err(|source| MetricsError::Register {
+            name: filter_n.clone(),
+            source,
+        })?;
+        let filter_active = register(&registry, &filter_n, filter_active)?;
         let build_n = name("build_info");
         let build = IntGaugeVec::new(Opts::new(build_n.clone(), "ntm's version"), &["version"])
             .map_err(|source| MetricsError::Register {
@@ -226,7 +263,26 @@ impl Metrics {
             flow_table_entries,
             drain_seconds,
             attached,
+            filtered_bytes,
+            filtered_packets,
+            filter_active,
+            filter_reloads,
         })
+    }
+
+    /// The filter in effect (None: every frame counted).
+    pub fn set_filter(&self, expression: Option<&str>) {
+        self.filter_active.reset();
+        self.filter_active
+            .with_label_values(&[expression.unwrap_or("")])
+            .set(1);
+    }
+
+    /// One SIGHUP's filter change, done or refused.
+    pub fn filter_reloaded(&self, ok: bool) {
+        self.filter_reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
     }
 
     /// What the HTTP endpoint encodes.
@@ -274,6 +330,11 @@ impl Metrics {
         for reason in OutsideReason::ALL {
             let delta = drained.outside[reason as usize];
             if delta.packets == 0 && delta.bytes == 0 {
+                continue;
+            }
+            if reason == OutsideReason::Filtered {
+                self.filtered_bytes.inc_by(delta.bytes);
+                self.filtered_packets.inc_by(delta.packets);
                 continue;
             }
             self.outside_bytes
