@@ -14,6 +14,7 @@ use aya::{
 use frames::*;
 use ntm_agent::{
     datapath::{Datapath, DatapathOptions},
+    filter::{Filter, LinkType},
     services::ServiceRegistry,
 };
 use ntm_common::names;
@@ -107,4 +108,77 @@ fn main() {
             ours / base
         );
     }
+    filters(&mut datapath, &cases);
+}
+
+/// The README's filter (which these test-range frames do not match, so they
+/// go to the filtered counter), the same filter on the frames' own subnet
+/// (they match and are counted as usual), and a long filter, each next to
+/// no filter, alternating in the same run.
+fn filters(datapath: &mut Datapath, cases: &[(&str, Vec<u8>)]) {
+    let long = "(tcp and (port 22 or port 80 or port 443 or portrange 8000-8100)) \
+                or (udp and (port 53 or port 123 or port 443)) or icmp or icmp6";
+    let filters = [
+        (
+            "README filter",
+            "src net 192.168.0.0/24 or dst net 192.168.0.0/24",
+        ),
+        (
+            "same, matching",
+            "src net 198.18.1.0/24 or dst net 198.18.1.0/24",
+        ),
+        ("long filter", long),
+    ];
+    let compiled: Vec<(&str, Filter, usize)> = filters
+        .iter()
+        .map(|(name, expression)| {
+            let filter = Filter::compile(expression).expect("filter compiles");
+            let length = filter
+                .program(LinkType::Ethernet)
+                .map(|p| p.len())
+                .unwrap_or(0);
+            (*name, filter, length)
+        })
+        .collect();
+    println!();
+    println!(
+        "with a tcpdump filter: ns per packet, and ratio to no filter (same frames, same run)"
+    );
+    for (name, filter, length) in &compiled {
+        println!(
+            "  {name}: {:?} ({length} classic instructions)",
+            filter.expression
+        );
+    }
+    print!("{:<22} {:>10}", "frame", "no filter");
+    for (name, _, _) in &compiled {
+        print!(" {:>24}", name);
+    }
+    println!();
+    for (name, frame) in cases {
+        let mut none = Vec::new();
+        let mut with: Vec<Vec<f64>> = vec![Vec::new(); compiled.len()];
+        for _ in 0..ROUNDS {
+            datapath.set_filter(None).expect("no filter");
+            let ntm = datapath.tc_program(names::PROG_TC_INGRESS_ETH).unwrap();
+            ns_per_packet(ntm, frame);
+            none.push(ns_per_packet(ntm, frame));
+            for (i, (_, filter, _)) in compiled.iter().enumerate() {
+                datapath
+                    .set_filter(Some(filter.clone()))
+                    .expect("filter loads");
+                let ntm = datapath.tc_program(names::PROG_TC_INGRESS_ETH).unwrap();
+                ns_per_packet(ntm, frame);
+                with[i].push(ns_per_packet(ntm, frame));
+            }
+        }
+        let none = median(none);
+        print!("{:<22} {:>10.1}", name, none);
+        for samples in with {
+            let ns = median(samples);
+            print!(" {:>14.1} ({:>5.2}x)", ns, ns / none);
+        }
+        println!();
+    }
+    datapath.set_filter(None).expect("no filter");
 }

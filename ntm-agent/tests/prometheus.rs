@@ -193,9 +193,18 @@ fn endpoint_errors_and_flag_precedence() {
     let err = agent_fails(&["-i", iface, "-s", "9bad"], &link.a);
     assert!(err.contains("metric name"), "{err}");
 
-    // tcpdump filters are refused until they are evaluated for real.
-    let err = agent_fails(&["-i", iface, "src", "net", "198.18.0.0/15"], &link.a);
-    assert!(err.contains("tcpdump filters"), "{err}");
+    // A filter libpcap refuses, from the environment as the old tool took it.
+    let out = common::agent_in(&link.a, false)
+        .args(["-i", iface])
+        .env("NTM_FILTERS", "src net 198.18.0.0/33")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad filter expression \"src net 198.18.0.0/33\""),
+        "{err}"
+    );
 
     // The flag wins over the environment variable.
     let _agent = spawn_agent(

@@ -1,7 +1,8 @@
 //! `cargo xtask <command>`: developer commands for ntm. Each one first makes
-//! sure the eBPF toolchain is in place (see toolchain.rs), so that they work
-//! on a fresh machine.
+//! sure the eBPF toolchain and libpcap are in place (see toolchain.rs), so
+//! that they work on a fresh machine.
 
+mod libpcap;
 mod toolchain;
 
 use std::process::Command;
@@ -20,7 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install or check the eBPF toolchain (nightly rust-src, LLVM 22, bpf-linker).
+    /// Install or check the build toolchain (nightly rust-src, LLVM 22,
+    /// bpf-linker, libpcap-dev).
     Setup,
     /// Build ntm-agent (release) with its kernel programs.
     Build,
@@ -86,12 +88,16 @@ fn dist(arch: Arch) -> Result<()> {
                 eprintln!("xtask: adding the Rust standard library for {triple} (rustup)");
                 run(Command::new("rustup").args(["target", "add", triple]))?;
             }
+            // The machine's libpcap is for the host: link a static one built
+            // for arm64 (ntm-agent/build.rs reads NTM_LIBPCAP_DIR).
+            let pcap = libpcap::static_libpcap(&workspace_root().join("target"), triple)?;
             run(cargo()
                 .args(["build", "--release", "-p", "ntm-agent", "--target", triple])
                 .env(
                     "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
                     "aarch64-linux-gnu-gcc",
-                ))?;
+                )
+                .env("NTM_LIBPCAP_DIR", pcap))?;
             (
                 Some(triple),
                 workspace_root().join(format!("target/{triple}/release/ntm-agent")),
@@ -155,7 +161,11 @@ fn image() -> Result<String> {
         eprintln!("xtask: adding the Rust standard library for {MUSL} (rustup)");
         run(Command::new("rustup").args(["target", "add", MUSL]))?;
     }
-    run(cargo().args(["build", "--release", "-p", "ntm-agent", "--target", MUSL]))?;
+    // A static binary needs libpcap built for musl (see libpcap.rs).
+    let pcap = libpcap::static_libpcap(&workspace_root().join("target"), MUSL)?;
+    run(cargo()
+        .args(["build", "--release", "-p", "ntm-agent", "--target", MUSL])
+        .env("NTM_LIBPCAP_DIR", pcap))?;
     let context = workspace_root().join("target/image");
     std::fs::create_dir_all(&context)?;
     std::fs::copy(

@@ -1,7 +1,8 @@
-//! Checks, and installs where it can, what building the eBPF side needs on a
+//! Checks, and installs where it can, what building ntm-agent needs on a
 //! fresh Debian machine: nightly Rust with rust-src, LLVM 22's development
-//! files, and bpf-linker built against them. Says what it does, and what to do
-//! where it cannot.
+//! files, and bpf-linker built against them for the eBPF side; libpcap's
+//! development files for the agent's packet filters. Says what it does, and
+//! what to do where it cannot.
 
 use std::{
     path::PathBuf,
@@ -178,10 +179,13 @@ fn ensure_bpf_linker() -> Result<()> {
     Ok(())
 }
 
-/// Everything the eBPF build needs; cheap when all is in place.
+/// Everything building ntm-agent needs: the eBPF toolchain, and libpcap
+/// (the agent links it to compile filter expressions). Cheap when all is in
+/// place.
 pub fn ensure_ebpf_toolchain() -> Result<()> {
     ensure_nightly_rust_src()?;
-    ensure_bpf_linker()
+    ensure_bpf_linker()?;
+    apt_install(&["libpcap-dev"]).context("ntm-agent links libpcap (libpcap-dev)")
 }
 
 /// A Python virtual environment at `dir` with `packages` (pinned) installed;
