@@ -299,7 +299,7 @@ impl Emitter {
         self.raw(op::ST | op::MEM | size, dst, 0, off, imm);
     }
     /// Byte-swaps the low `bits` of `dst` (network to host order).
-    fn to_host(&mut self, dst: u8, bits: i32) {
+    fn swap_to_host_order(&mut self, dst: u8, bits: i32) {
         if bits > 8 {
             self.raw(op::ALU | op::END | op::TO_BE, dst, 0, 0, bits);
         }
@@ -359,7 +359,7 @@ impl Emitter {
         self.alu64_imm(op::ADD, R4, size as i32);
         self.jmp64_reg(op::JGT, R4, R3, slow);
         self.load(width, dst, R2, 0);
-        self.to_host(dst, 8 * size as i32);
+        self.swap_to_host_order(dst, 8 * size as i32);
         self.ja(done);
         self.bind(slow);
         self.slow_load(size, dst, reject);
@@ -387,7 +387,7 @@ impl Emitter {
         self.alu64_imm(op::ADD, R4, size as i32);
         self.jmp64_reg(op::JGT, R4, R3, slow);
         self.load(width_of(size), dst, R2, 0);
-        self.to_host(dst, 8 * size as i32);
+        self.swap_to_host_order(dst, 8 * size as i32);
         self.ja(done);
         self.bind(slow);
         self.mov32_imm(R1, offset as u32);
@@ -413,7 +413,7 @@ impl Emitter {
                 self.call(SKB_LOAD_BYTES);
                 self.jmp64_imm(op::JNE, R0, 0, reject);
                 self.load(width_of(size), dst, R10, LOAD_BUFFER);
-                self.to_host(dst, 8 * size as i32);
+                self.swap_to_host_order(dst, 8 * size as i32);
             }
         }
     }
@@ -590,7 +590,7 @@ pub fn translate(
         // The tag as it would sit in the frame: TPID (kept in network
         // order by the kernel), then TCI.
         e.load(op::W, R1, CTX, skb::VLAN_PROTO);
-        e.to_host(R1, 16);
+        e.swap_to_host_order(R1, 16);
         e.alu32_imm(op::LSH, R1, 16);
         e.load(op::W, R2, CTX, skb::VLAN_TCI);
         e.alu32_imm(op::AND, R2, 0xffff);
