@@ -101,6 +101,10 @@ const FILTERS: &[&str] = &[
     "ip multicast",
     "ip6 multicast",
     "tcp or (udp and not port 53) or icmp6",
+    "ip6 protochain 6",
+    "ip6 protochain 17",
+    "protochain 58",
+    "ip protochain 17",
 ];
 
 /// A small deterministic generator: the corpus is the same on every run.
@@ -481,4 +485,41 @@ fn kernel_verdicts_equal_libpcaps_on_raw_ip_frames() {
     let pairs = differential(&mut h, Program::TcRawIp, &frames);
     assert!(pairs > 5_000, "only {pairs} pairs");
     eprintln!("{pairs} (filter, frame) pairs agree");
+}
+
+/// A long filter (hundreds of classic instructions, as generated from a
+/// list of hosts) passes the verifier and still agrees with libpcap.
+#[test]
+fn a_long_filter_loads_and_agrees_with_libpcap() {
+    let Some(mut h) = Harness::new() else { return };
+    let hosts: Vec<String> = (0..120)
+        .map(|i| format!("host 198.18.{}.{}", i / 50, i % 50 + 1))
+        .collect();
+    let expression = format!("udp and ({})", hosts.join(" or "));
+    let filter = Filter::compile(&expression).expect("compiles");
+    let classic = filter.program(LinkType::Ethernet).unwrap().to_vec();
+    assert!(classic.len() > 200, "only {} instructions", classic.len());
+    h.datapath
+        .set_filter(Some(filter))
+        .expect("the kernel takes it");
+    let frames = ethernet_frames(&mut Rng(0x5eed_0004));
+    let mut checked = 0;
+    for frame in &frames {
+        let before = h.filtered_packets();
+        if !h.try_run(Program::TcEthernet, frame) {
+            continue;
+        }
+        let kernel_matched = h.filtered_packets() == before;
+        assert_eq!(
+            kernel_matched,
+            pcap::offline_matches(&classic, frame),
+            "{frame:02x?}"
+        );
+        checked += 1;
+    }
+    assert!(checked > 300);
+    eprintln!(
+        "{} classic instructions, {checked} frames agree",
+        classic.len()
+    );
 }

@@ -15,6 +15,9 @@
 //!   `bpf_skb_load_bytes`, so every offset libpcap can ask for is reachable.
 //! - A load outside the frame rejects, as in libpcap; so do a division by
 //!   zero and a jump outside the program. Shifts by 32 or more give 0.
+//! - Loops (libpcap emits them for `protochain`) are unrolled: the code
+//!   inside a loop is emitted once per backward jump taken, up to libpcap's
+//!   own bound, so the program has forward jumps only.
 //!
 //! The verdict goes into the per-CPU verdict map and the program tail-calls
 //! the hook's counting half (see `ntm_common::tail`).
@@ -51,9 +54,7 @@ pub enum TranslateError {
         "its translation for the kernel is {0} eBPF instructions, more than the {MAX_EBPF_INSNS} ntm can address: shorten the filter"
     )]
     TranslationTooLong(usize),
-    #[error(
-        "it needs a backward jump at instruction {0} (libpcap compiles 'protochain' to a loop); ntm's kernel side runs loop-free filters only: use 'ip6 proto N' / 'ip proto N' instead"
-    )]
+    #[error("classic BPF instruction {0} jumps to itself: an endless loop")]
     BackwardJump(usize),
     #[error("classic BPF instruction {index} (opcode {code:#06x}) is not one ntm can translate")]
     UnknownOpcode { index: usize, code: u16 },
@@ -351,7 +352,9 @@ impl Emitter {
         let done = self.label();
         let (data, data_end) = self.ctx_offsets();
         let width = width_of(size);
-        self.jmp64_imm(op::JGT, R1, MAX_PACKET_OFF as i32, slow);
+        // The verifier only trusts a bounds check on a packet pointer whose
+        // largest possible offset, access included, stays within 64 KiB.
+        self.jmp64_imm(op::JGT, R1, (MAX_PACKET_OFF - size) as i32, slow);
         self.load(op::W, R2, CTX, data);
         self.load(op::W, R3, CTX, data_end);
         self.alu64_reg(op::ADD, R2, R1);
@@ -550,6 +553,113 @@ fn scratch_used(program: &[ClassicInsn]) -> Vec<u32> {
     used
 }
 
+/// How often a filter may jump backwards per frame: libpcap's own bound
+/// (MAX_BACKWARD_JUMPS) for the loops it emits for `protochain`.
+pub const MAX_BACKWARD_JUMPS: usize = 64;
+
+/// Where control goes after each classic instruction.
+struct Flow {
+    /// Targets (index, is a backward jump); empty for a return.
+    jumps: Vec<(usize, bool)>,
+}
+
+/// The successors of every instruction, checked: jumps stay inside the
+/// program and a jump to itself (an endless loop) is refused.
+fn control_flow(program: &[ClassicInsn]) -> Result<Vec<Flow>, TranslateError> {
+    let len = program.len() as i64;
+    let mut flow = Vec::with_capacity(program.len());
+    for (index, insn) in program.iter().enumerate() {
+        let next = index as i64 + 1;
+        let inside = |to: i64| -> Result<usize, TranslateError> {
+            if (0..len).contains(&to) {
+                Ok(to as usize)
+            } else {
+                Err(TranslateError::JumpOutOfRange(index))
+            }
+        };
+        let jumps = match classic::class(insn.code) {
+            classic::RET => vec![],
+            classic::JMP if classic::op(insn.code) == 0x00 => {
+                // JA: libpcap encodes a backward jump as a negative k.
+                let distance = insn.k as i32 as i64;
+                if distance == -1 {
+                    return Err(TranslateError::BackwardJump(index));
+                }
+                vec![(inside(next + distance)?, distance < 0)]
+            }
+            classic::JMP => vec![
+                (inside(next + insn.jt as i64)?, false),
+                (inside(next + insn.jf as i64)?, false),
+            ],
+            // Falling off the end rejects, as in libpcap.
+            _ if next == len => vec![],
+            _ => vec![(next as usize, false)],
+        };
+        flow.push(Flow { jumps });
+    }
+    Ok(flow)
+}
+
+/// The blocks to emit: each classic instruction once, except those inside a
+/// loop, which are emitted once per backward jump taken so far (0 to
+/// [`MAX_BACKWARD_JUMPS`]) so that the eBPF program has no loop and every
+/// jump goes forward. A block is (instruction, level); instructions from
+/// which no backward jump can be reached share one copy at the last level.
+struct Blocks {
+    order: Vec<(usize, usize)>,
+    position: std::collections::HashMap<(usize, usize), usize>,
+    in_loop: Vec<bool>,
+}
+
+impl Blocks {
+    const AFTER_LOOPS: usize = MAX_BACKWARD_JUMPS + 1;
+
+    fn plan(flow: &[Flow]) -> Self {
+        // Jumps other than backward ones go forward, so one pass from the end
+        // finds what can still reach a backward jump.
+        let mut in_loop = vec![false; flow.len()];
+        for index in (0..flow.len()).rev() {
+            in_loop[index] = flow[index]
+                .jumps
+                .iter()
+                .any(|&(to, backward)| backward || in_loop[to]);
+        }
+        let mut blocks = Self {
+            order: Vec::new(),
+            position: Default::default(),
+            in_loop,
+        };
+        let start = blocks.block_of(0, 0, false);
+        let mut seen = std::collections::HashSet::new();
+        let mut stack: Vec<(usize, usize)> = start.into_iter().collect();
+        while let Some(block) = stack.pop() {
+            if !seen.insert(block) {
+                continue;
+            }
+            for &(to, backward) in &flow[block.0].jumps {
+                if let Some(next) = blocks.block_of(to, block.1, backward) {
+                    stack.push(next);
+                }
+            }
+        }
+        let mut order: Vec<(usize, usize)> = seen.into_iter().collect();
+        order.sort_by_key(|&(index, level)| (level, index));
+        blocks.position = order.iter().enumerate().map(|(p, b)| (*b, p)).collect();
+        blocks.order = order;
+        blocks
+    }
+
+    /// The block a jump from `level` to instruction `to` lands in; None when
+    /// it would be one backward jump too many (the frame is rejected).
+    fn block_of(&self, to: usize, level: usize, backward: bool) -> Option<(usize, usize)> {
+        if !self.in_loop[to] {
+            return Some((to, Self::AFTER_LOOPS));
+        }
+        let level = if backward { level + 1 } else { level };
+        (level <= MAX_BACKWARD_JUMPS).then_some((to, level))
+    }
+}
+
 /// Translates `program` for `hook`. `count_slot` is the tail-call slot of
 /// the hook's counting half in `maps.tails`.
 pub fn translate(
@@ -570,7 +680,6 @@ pub fn translate(
         labels: Vec::new(),
         fixups: Vec::new(),
     };
-    let at: Vec<Label> = (0..program.len()).map(|_| e.label()).collect();
     let accept = e.label();
     let reject = e.label();
     let verdict = e.label();
@@ -599,16 +708,20 @@ pub fn translate(
         e.bind(untagged);
     }
 
-    let target = |index: usize, skip: u32| -> Result<Label, TranslateError> {
-        let to = index as u64 + 1 + skip as u64;
-        if to >= program.len() as u64 {
-            return Err(TranslateError::JumpOutOfRange(index));
+    let flow = control_flow(program)?;
+    let blocks = Blocks::plan(&flow);
+    let labels: Vec<Label> = blocks.order.iter().map(|_| e.label()).collect();
+    // Where a jump from `level` to classic instruction `to` lands.
+    let land = |to: usize, level: usize, backward: bool| -> Label {
+        match blocks.block_of(to, level, backward) {
+            Some(block) => labels[blocks.position[&block]],
+            None => reject,
         }
-        Ok(to as usize)
     };
 
-    for (index, insn) in program.iter().enumerate() {
-        e.bind(at[index]);
+    for (position, &(index, level)) in blocks.order.iter().enumerate() {
+        e.bind(labels[position]);
+        let insn = &program[index];
         let code = insn.code;
         let k = insn.k;
         let unknown = TranslateError::UnknownOpcode { index, code };
@@ -709,13 +822,8 @@ pub fn translate(
             classic::JMP => {
                 let operation = match classic::op(code) {
                     0x00 => {
-                        // JA: k is a forward distance; libpcap encodes a
-                        // backward jump as a huge (wrapped) one.
-                        if k as i32 <= -1 {
-                            return Err(TranslateError::BackwardJump(index));
-                        }
-                        let to = target(index, k)?;
-                        e.ja(at[to]);
+                        let (to, backward) = flow[index].jumps[0];
+                        e.ja(land(to, level, backward));
                         continue;
                     }
                     0x10 => op::JEQ,
@@ -724,25 +832,29 @@ pub fn translate(
                     0x40 => op::JSET,
                     _ => return Err(unknown),
                 };
-                let on_true = at[target(index, insn.jt as u32)?];
-                let on_false = at[target(index, insn.jf as u32)?];
+                let on_true = land(flow[index].jumps[0].0, level, false);
+                let on_false = land(flow[index].jumps[1].0, level, false);
                 if classic::src(code) == classic::K {
                     e.jmp32_imm(operation, A, k, on_true);
                 } else {
                     e.jmp32_reg(operation, A, X, on_true);
                 }
-                if insn.jf != 0 {
+                if position + 1 >= labels.len() || labels[position + 1] != on_false {
                     e.ja(on_false);
                 }
+                continue;
             }
-            classic::RET => match code & 0x18 {
-                classic::K => e.ja(if k != 0 { accept } else { reject }),
-                classic::RVAL_A => {
-                    e.jmp32_imm(op::JNE, A, 0, accept);
-                    e.ja(reject);
+            classic::RET => {
+                match code & 0x18 {
+                    classic::K => e.ja(if k != 0 { accept } else { reject }),
+                    classic::RVAL_A => {
+                        e.jmp32_imm(op::JNE, A, 0, accept);
+                        e.ja(reject);
+                    }
+                    _ => return Err(unknown),
                 }
-                _ => return Err(unknown),
-            },
+                continue;
+            }
             classic::MISC => match code & 0xf8 {
                 classic::TAX => e.mov32_reg(X, A),
                 classic::TXA => e.mov32_reg(A, X),
@@ -750,9 +862,16 @@ pub fn translate(
             },
             _ => return Err(unknown),
         }
+        // On to the next instruction, unless it is emitted next anyway;
+        // past the last one the frame is rejected, as in libpcap.
+        let next = match flow[index].jumps.first() {
+            Some(&(to, backward)) => land(to, level, backward),
+            None => reject,
+        };
+        if position + 1 >= labels.len() || labels[position + 1] != next {
+            e.ja(next);
+        }
     }
-    // Falling off the end of a classic program rejects (libpcap returns 0).
-    e.ja(reject);
 
     e.bind(accept);
     e.mov32_imm(A, ntm_common::tail::VERDICT_MATCH);
@@ -856,4 +975,118 @@ fn without_unreachable(insns: Vec<Insn>) -> Vec<Insn> {
         out.push(insn);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FDS: MapFds = MapFds {
+        tails: 3,
+        verdict: 4,
+    };
+
+    fn insn(code: u16, jt: u8, jf: u8, k: u32) -> ClassicInsn {
+        ClassicInsn { code, jt, jf, k }
+    }
+
+    const RET_K: u16 = 0x06;
+    const LDH_ABS: u16 = 0x28;
+    const JEQ_K: u16 = 0x15;
+    const JA: u16 = 0x05;
+
+    #[test]
+    fn a_filter_longer_than_the_kernel_takes_is_refused_with_the_limit() {
+        let program = vec![insn(RET_K, 0, 0, 0); MAX_CLASSIC_INSNS + 1];
+        let err = translate(&program, Hook::TcEthernet, 4, FDS).unwrap_err();
+        assert_eq!(err, TranslateError::TooLong(MAX_CLASSIC_INSNS + 1));
+        let text = err.to_string();
+        assert!(text.contains("4097") && text.contains("4096"), "{text}");
+        let program = vec![insn(RET_K, 0, 0, 0); MAX_CLASSIC_INSNS];
+        assert!(translate(&program, Hook::TcEthernet, 4, FDS).is_ok());
+    }
+
+    #[test]
+    fn loops_bad_jumps_and_unknown_opcodes_are_refused() {
+        let endless = [insn(JA, 0, 0, u32::MAX), insn(RET_K, 0, 0, 1)];
+        assert_eq!(
+            translate(&endless, Hook::Xdp, 1, FDS),
+            Err(TranslateError::BackwardJump(0))
+        );
+        let before_start = [insn(JA, 0, 0, u32::MAX - 1), insn(RET_K, 0, 0, 1)];
+        assert_eq!(
+            translate(&before_start, Hook::Xdp, 1, FDS),
+            Err(TranslateError::JumpOutOfRange(0))
+        );
+        let past_end = [insn(JEQ_K, 5, 0, 1), insn(RET_K, 0, 0, 1)];
+        assert_eq!(
+            translate(&past_end, Hook::Xdp, 1, FDS),
+            Err(TranslateError::JumpOutOfRange(0))
+        );
+        let unknown = [insn(0xff, 0, 0, 0)];
+        assert!(matches!(
+            translate(&unknown, Hook::Xdp, 1, FDS),
+            Err(TranslateError::UnknownOpcode { index: 0, .. })
+        ));
+        assert_eq!(
+            translate(&[], Hook::Xdp, 1, FDS),
+            Err(TranslateError::Empty)
+        );
+    }
+
+    #[test]
+    fn a_loop_is_unrolled_into_forward_jumps_up_to_libpcaps_bound() {
+        // 0: ld #0; 1: add #1; 2: jeq #1000 -> 4 else 3; 3: ja -> 1; 4: ret #1
+        let program = [
+            insn(0x00, 0, 0, 0),
+            insn(0x04, 0, 0, 1),
+            insn(JEQ_K, 1, 0, 1000),
+            insn(JA, 0, 0, (-3i32) as u32),
+            insn(RET_K, 0, 0, 1),
+        ];
+        let insns = translate(&program, Hook::TcL3, 6, FDS).unwrap();
+        for (at, i) in insns.iter().enumerate() {
+            let class = i.code & 0x07;
+            if class == op::JMP || class == op::JMP32 {
+                assert!(i.off >= 0, "backward jump at {at}");
+            }
+        }
+        // The loop body (instructions 1-3) is there once per level.
+        let adds = insns
+            .iter()
+            .filter(|i| i.code == op::ALU | op::ADD | op::K && i.regs & 0x0f == A)
+            .count();
+        assert_eq!(adds, MAX_BACKWARD_JUMPS + 1);
+    }
+
+    #[test]
+    fn no_instruction_is_left_unreachable_and_every_jump_lands_inside() {
+        // "ip": ldh [12]; jeq #0x800 jt 0 jf 1; ret #1; ret #0. Plus code
+        // after an unconditional jump that nothing reaches.
+        let program = [
+            insn(LDH_ABS, 0, 0, 12),
+            insn(JEQ_K, 0, 2, 0x800),
+            insn(JA, 0, 0, 1),
+            insn(RET_K, 0, 0, 7),
+            insn(RET_K, 0, 0, 1),
+            insn(RET_K, 0, 0, 0),
+        ];
+        for hook in [Hook::TcEthernet, Hook::TcL3, Hook::Xdp] {
+            let insns = translate(&program, hook, 4, FDS).unwrap();
+            let kept = without_unreachable(insns.clone());
+            assert_eq!(kept, insns, "{hook:?}: translate already removed dead code");
+            for (at, i) in insns.iter().enumerate() {
+                let class = i.code & 0x07;
+                let operation = i.code & 0xf0;
+                if (class == op::JMP || class == op::JMP32)
+                    && operation != op::CALL
+                    && operation != op::EXIT
+                {
+                    let target = at as i64 + 1 + i.off as i64;
+                    assert!((0..insns.len() as i64).contains(&target), "{hook:?} @{at}");
+                }
+            }
+            assert_eq!(insns.last().unwrap().code, op::JMP | op::EXIT);
+        }
+    }
 }
