@@ -33,6 +33,9 @@ NON_DEFAULT = {
     "nodeSelector": {"kubernetes.io/os": "linux"},
     "tolerations": [{"operator": "Exists"}],
     "priorityClassName": "system-node-critical",
+    "user": "",
+    "seccompProfile": {"type": "Unconfined"},
+    "filter": "not port 22",
 }
 
 passed, failed = 0, 0
@@ -96,6 +99,17 @@ for label, values in [("default values", {}), ("non-default values", NON_DEFAULT
         sc,
     )
     check(
+        f"{label}: seccomp profile",
+        sc.get("seccompProfile")
+        == ({"type": "Unconfined"} if values is NON_DEFAULT else {"type": "RuntimeDefault"}),
+        sc,
+    )
+    check(
+        f"{label}: gives up root after attaching",
+        env.get("NTM_USER") == (None if values is NON_DEFAULT else "65534"),
+        env,
+    )
+    check(
         f"{label}: probes on /healthz",
         ctr["readinessProbe"]["httpGet"]["path"] == "/healthz",
     )
@@ -115,6 +129,7 @@ for label, values in [("default values", {}), ("non-default values", NON_DEFAULT
             and env.get("NTM_NUMERIC") == "true"
             and env.get("NTM_PORT") == "9100"
             and env.get("NTM_METRIC_PREFIX") == "home"
+            and env.get("NTM_FILTERS") == "not port 22"
             and ctr["args"] == ["--drain-interval", "2s"]
             and ctr["ports"][0]["containerPort"] == 9100,
             env,

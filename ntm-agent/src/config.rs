@@ -60,6 +60,12 @@ pub struct Config {
     #[arg(short = 'F', long = "filter-file", env = "NTM_FILTER_FILE")]
     pub filter_file: Option<std::path::PathBuf>,
 
+    /// After attaching, switch to this user (name, uid or uid:gid), keeping
+    /// only CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (to follow new interfaces
+    /// and load new filters). Needs ntm to start as root.
+    #[arg(long = "user", env = "NTM_USER")]
+    pub user: Option<String>,
+
     /// Interface to monitor; repeat for several; shell patterns (veth*) too.
     /// A bridge is counted once per frame crossing it (at its ports' ingress
     /// and its own egress). Default: the interface of the default route.
@@ -389,6 +395,7 @@ mod tests {
         for (id, env) in [
             ("filters", "NTM_FILTERS"),
             ("filter_file", "NTM_FILTER_FILE"),
+            ("user", "NTM_USER"),
             ("interfaces", "NTM_INTERFACE"),
             ("port", "NTM_PORT"),
             ("bind_ip", "NTM_BIND"),

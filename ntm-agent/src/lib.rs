@@ -7,6 +7,7 @@
 //! - [`datapath`]: loads the kernel programs and their maps;
 //! - [`netlink`] and [`attach`]: finds the links (bridges and their ports)
 //!   and hooks the programs to them;
+//! - [`privileges`]: gives up root after attaching (`--user`);
 //! - [`drain`]: swaps and reads the kernel's flow tables without loss;
 //! - [`flows`]: running totals of the drained deltas;
 //! - [`labels`]: label values for a flow (services, protocols, direction);
@@ -29,5 +30,6 @@ pub mod labels;
 pub mod metrics;
 pub mod names;
 pub mod netlink;
+pub mod privileges;
 pub mod series;
 pub mod services;

@@ -13,6 +13,7 @@ use ntm_agent::{
     metrics::{Metrics, MetricsOptions},
     names::NameOptions,
     netlink::LinkEvents,
+    privileges,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -38,7 +39,25 @@ async fn main() -> anyhow::Result<()> {
     // Bind before touching the kernel: a taken port fails fast and clean.
     let listener = http::bind(SocketAddr::new(config.bind_ip, config.port))
         .context("ntm could not start its metrics endpoint")?;
+    let user = config
+        .user
+        .as_deref()
+        .map(privileges::resolve_user)
+        .transpose()
+        .context("ntm could not start")?;
     let mut agent = Agent::start(&config).context("ntm could not start")?;
+    // Before any other thread starts, so that all of them run as `user`.
+    if let Some(user) = user {
+        if let Err(e) = privileges::drop_to(user) {
+            let _ = agent.shutdown();
+            return Err(e).context("ntm could not give up root");
+        }
+        log::info!(
+            "running as uid {} gid {} with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON only",
+            user.uid,
+            user.gid
+        );
+    }
 
     let mut enabled: Vec<Label> = Vec::new();
     for label in &config.labels {
