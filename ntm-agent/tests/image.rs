@@ -2,6 +2,11 @@
 //! image`), run with podman the way a DaemonSet runs it: in a network
 //! namespace of the host's choosing, with only BPF, NET_ADMIN and PERFMON;
 //! it attaches to a veth and counts test traffic exactly.
+//!
+//! This is the host's (amd64) image. The arm64 image (localhost/ntm:dev-arm64,
+//! `cargo xtask image --arch arm64`, also built by CI's `cargo xtask dist
+//! --arch arm64`) cannot run here; xtask checks instead that its binary runs
+//! under qemu-user.
 
 mod common;
 

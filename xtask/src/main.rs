@@ -5,9 +5,12 @@
 mod libpcap;
 mod toolchain;
 
-use std::process::Command;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 use toolchain::{apt_install, ensure_ebpf_toolchain, run};
@@ -42,14 +45,20 @@ enum Task {
     },
     /// Build a release binary for a target architecture (amd64 or arm64,
     /// cross-compiled for Raspberry Pi-class gateways) and smoke-test it
-    /// (under qemu-user for arm64). Prints the binary's path.
+    /// (under qemu-user for arm64). Prints the binary's path. For arm64, as
+    /// root, also builds and checks the arm64 image (see `image`).
     Dist {
         #[arg(long, value_enum, default_value_t = Arch::Amd64)]
         arch: Arch,
     },
-    /// Build the container image (static musl binary, FROM scratch) with
-    /// podman, offline; prints its name.
-    Image,
+    /// Build the container image (FROM scratch, static binary: musl for
+    /// amd64, glibc for arm64) with podman, offline; prints its name
+    /// (localhost/ntm:dev, or localhost/ntm:dev-arm64). The arm64 image's
+    /// binary is checked under qemu-user.
+    Image {
+        #[arg(long, value_enum, default_value_t = Arch::Amd64)]
+        arch: Arch,
+    },
     /// Print performance figures: kernel program ns/packet vs an empty
     /// program, scrape time and memory by series, drain time by table size,
     /// and veth throughput with and without ntm (TC and XDP).
@@ -65,6 +74,8 @@ enum Arch {
 }
 
 /// Builds (and for arm64 cross-builds) the agent and checks the binary runs.
+/// For arm64, as root, also builds the arm64 image and checks the binary in
+/// it runs (see `image`), so that CI's `dist --arch arm64` covers both.
 fn dist(arch: Arch) -> Result<()> {
     ensure_ebpf_toolchain()?;
     let (triple, path) = match arch {
@@ -73,34 +84,17 @@ fn dist(arch: Arch) -> Result<()> {
             (None, workspace_root().join("target/release/ntm-agent"))
         }
         Arch::Arm64 => {
-            let triple = "aarch64-unknown-linux-gnu";
-            apt_install(&[
-                "gcc-aarch64-linux-gnu",
-                "libc6-dev-arm64-cross",
-                "qemu-user",
-            ])?;
-            let installed = toolchain::output_of(Command::new("rustup").args([
-                "target",
-                "list",
-                "--installed",
-            ]));
-            if !installed.lines().any(|l| l.trim() == triple) {
-                eprintln!("xtask: adding the Rust standard library for {triple} (rustup)");
-                run(Command::new("rustup").args(["target", "add", triple]))?;
-            }
+            ensure_arm64_cross()?;
             // The machine's libpcap is for the host: link a static one built
             // for arm64 (ntm-agent/build.rs reads NTM_LIBPCAP_DIR).
-            let pcap = libpcap::static_libpcap(&workspace_root().join("target"), triple)?;
+            let pcap = libpcap::static_libpcap(&workspace_root().join("target"), ARM64)?;
             run(cargo()
-                .args(["build", "--release", "-p", "ntm-agent", "--target", triple])
-                .env(
-                    "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
-                    "aarch64-linux-gnu-gcc",
-                )
+                .args(["build", "--release", "-p", "ntm-agent", "--target", ARM64])
+                .env(ARM64_LINKER_VAR, ARM64_LINKER)
                 .env("NTM_LIBPCAP_DIR", pcap))?;
             (
-                Some(triple),
-                workspace_root().join(format!("target/{triple}/release/ntm-agent")),
+                Some(ARM64),
+                workspace_root().join(format!("target/{ARM64}/release/ntm-agent")),
             )
         }
     };
@@ -113,18 +107,48 @@ fn dist(arch: Arch) -> Result<()> {
             qemu
         }
     };
-    let out = check.arg("--version").output()?;
-    let version = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() || !version.starts_with("ntm-agent ") {
-        anyhow::bail!("{} does not run: {version}", path.display());
+    let version = answers_version(&mut check, &path)?;
+    println!("{} ({version})", path.display());
+    if let Arch::Arm64 = arch {
+        // Building images needs root here (podman's configuration, vfs
+        // storage), as for the amd64 image `cargo xtask test` builds.
+        if toolchain::is_root() {
+            println!("{}", image(Arch::Arm64)?);
+        } else {
+            eprintln!(
+                "xtask: not building the arm64 image (podman needs root here); `cargo xtask image --arch arm64` as root builds it"
+            );
+        }
     }
-    println!("{} ({})", path.display(), version.trim());
     Ok(())
 }
 
-/// Name of the image `cargo xtask image` builds.
+/// Runs `cmd` (`binary`, possibly under qemu) with `--version` and returns
+/// what it printed, or fails unless it printed "ntm-agent <version>".
+fn answers_version(cmd: &mut Command, binary: &Path) -> Result<String> {
+    let out = cmd
+        .arg("--version")
+        .output()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    let version = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !version.starts_with("ntm-agent ") {
+        bail!(
+            "{} does not run ({}): {version}{}",
+            binary.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(version.trim().to_string())
+}
+
+/// Names of the images `cargo xtask image` builds.
 const IMAGE: &str = "localhost/ntm:dev";
+const IMAGE_ARM64: &str = "localhost/ntm:dev-arm64";
 const MUSL: &str = "x86_64-unknown-linux-musl";
+const ARM64: &str = "aarch64-unknown-linux-gnu";
+const ARM64_LINKER_VAR: &str = "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER";
+const ARM64_LINKER: &str = "aarch64-linux-gnu-gcc";
 
 /// Podman options that work in this kind of sandbox: vfs storage (no
 /// overlay on overlay), cgroupfs, runc.
@@ -141,12 +165,93 @@ pub fn podman() -> Command {
     cmd
 }
 
-/// Builds the static binary and the image from deploy/image/Dockerfile.
-fn image() -> Result<String> {
+/// Adds the Rust standard library for `triple` unless rustup has it.
+fn ensure_rust_target(triple: &str) -> Result<()> {
+    let installed =
+        toolchain::output_of(Command::new("rustup").args(["target", "list", "--installed"]));
+    if !installed.lines().any(|l| l.trim() == triple) {
+        eprintln!("xtask: adding the Rust standard library for {triple} (rustup)");
+        run(Command::new("rustup").args(["target", "add", triple]))?;
+    }
+    Ok(())
+}
+
+/// The arm64 cross toolchain: gcc and glibc for aarch64 (libc6-dev-arm64-cross
+/// also has the libc.a of the static build), qemu-user for the smoke tests,
+/// and Rust's standard library for the target.
+fn ensure_arm64_cross() -> Result<()> {
+    apt_install(&[
+        "gcc-aarch64-linux-gnu",
+        "libc6-dev-arm64-cross",
+        "qemu-user",
+    ])?;
+    ensure_rust_target(ARM64)
+}
+
+/// The static x86_64 binary of the amd64 image (musl, with a musl libpcap).
+fn static_amd64_binary() -> Result<PathBuf> {
+    ensure_rust_target(MUSL)?;
+    // A static binary needs libpcap built for musl (see libpcap.rs).
+    let pcap = libpcap::static_libpcap(&workspace_root().join("target"), MUSL)?;
+    run(cargo()
+        .args(["build", "--release", "-p", "ntm-agent", "--target", MUSL])
+        .env("NTM_LIBPCAP_DIR", pcap))?;
+    Ok(workspace_root().join(format!("target/{MUSL}/release/ntm-agent")))
+}
+
+/// The static aarch64 binary of the arm64 image: glibc linked in
+/// (+crt-static), with the same static arm64 libpcap as `dist --arch arm64`.
+/// Built in its own target folder, so that it and dist's dynamic binary do
+/// not replace each other. The flag is for the aarch64 target only: the
+/// build scripts, and aya-build's nested eBPF build (bpfel-unknown-none,
+/// its own CARGO_ENCODED_RUSTFLAGS), do not see it.
+fn static_arm64_binary() -> Result<PathBuf> {
+    ensure_arm64_cross()?;
+    let pcap = libpcap::static_libpcap(&workspace_root().join("target"), ARM64)?;
+    let target_dir = workspace_root().join("target/static-arm64");
+    run(cargo()
+        .args(["build", "--release", "-p", "ntm-agent", "--target", ARM64])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        // Either would take precedence over the target's flags below.
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env(
+            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+            "-C target-feature=+crt-static",
+        )
+        .env(ARM64_LINKER_VAR, ARM64_LINKER)
+        .env("NTM_LIBPCAP_DIR", pcap))?;
+    let path = target_dir.join(format!("{ARM64}/release/ntm-agent"));
+    static_aarch64(&path)?;
+    Ok(path)
+}
+
+/// Fails unless `path` is a static aarch64 executable (per `file`): FROM
+/// scratch has no loader and no shared libraries.
+fn static_aarch64(path: &Path) -> Result<()> {
+    apt_install(&["file"])?;
+    let kind = toolchain::output_of(Command::new("file").arg("-b").arg(path));
+    let is_static = kind.contains("statically linked") || kind.contains("static-pie linked");
+    if !kind.contains("ARM aarch64") || !is_static || kind.contains("interpreter") {
+        bail!(
+            "{} is not a static aarch64 executable: {}",
+            path.display(),
+            kind.trim()
+        );
+    }
+    Ok(())
+}
+
+/// Builds the image for `arch` from deploy/image/Dockerfile (FROM scratch:
+/// the static binary and /etc/services, no emulation needed) and checks it;
+/// returns its name. The arm64 image's binary is taken out of the image and
+/// run under qemu-user (no binfmt_misc needed).
+fn image(arch: Arch) -> Result<String> {
     ensure_ebpf_toolchain()?;
     apt_install(&["podman", "runc"])?;
     // Podman refuses to start containers here unless ulimits are left alone.
-    let conf = std::path::Path::new("/etc/containers/containers.conf");
+    let conf = Path::new("/etc/containers/containers.conf");
     let current = std::fs::read_to_string(conf).unwrap_or_default();
     if !current.contains("default_ulimits") {
         std::fs::create_dir_all("/etc/containers")?;
@@ -155,29 +260,68 @@ fn image() -> Result<String> {
             format!("{current}\n[containers]\ndefault_ulimits = []\n"),
         )?;
     }
-    let installed =
-        toolchain::output_of(Command::new("rustup").args(["target", "list", "--installed"]));
-    if !installed.lines().any(|l| l.trim() == MUSL) {
-        eprintln!("xtask: adding the Rust standard library for {MUSL} (rustup)");
-        run(Command::new("rustup").args(["target", "add", MUSL]))?;
-    }
-    // A static binary needs libpcap built for musl (see libpcap.rs).
-    let pcap = libpcap::static_libpcap(&workspace_root().join("target"), MUSL)?;
-    run(cargo()
-        .args(["build", "--release", "-p", "ntm-agent", "--target", MUSL])
-        .env("NTM_LIBPCAP_DIR", pcap))?;
-    let context = workspace_root().join("target/image");
+    let (binary, name, context, podman_arch) = match arch {
+        Arch::Amd64 => (static_amd64_binary()?, IMAGE, "target/image", "amd64"),
+        Arch::Arm64 => (
+            static_arm64_binary()?,
+            IMAGE_ARM64,
+            "target/image-arm64",
+            "arm64",
+        ),
+    };
+    let context = workspace_root().join(context);
     std::fs::create_dir_all(&context)?;
-    std::fs::copy(
-        workspace_root().join(format!("target/{MUSL}/release/ntm-agent")),
-        context.join("ntm-agent"),
-    )?;
+    std::fs::copy(&binary, context.join("ntm-agent"))?;
     std::fs::copy("/etc/services", context.join("services"))?;
+    // `-q` prints the image ID: to stderr, so that stdout is only the name.
     run(podman()
-        .args(["build", "-q", "-t", IMAGE, "-f"])
+        .args(["build", "-q", "--arch", podman_arch, "-t", name, "-f"])
         .arg(workspace_root().join("deploy/image/Dockerfile"))
-        .arg(&context))?;
-    Ok(IMAGE.to_string())
+        .arg(&context)
+        .stdout(std::io::stderr()))?;
+    let built = toolchain::output_of(podman().args([
+        "image",
+        "inspect",
+        "--format",
+        "{{.Architecture}}",
+        name,
+    ]));
+    if built.trim() != podman_arch {
+        bail!("{name} was built for {:?}, not {podman_arch}", built.trim());
+    }
+    if let Arch::Arm64 = arch {
+        let version = image_binary_runs_arm64(name, &context)?;
+        eprintln!("xtask: {name}: its ntm-agent runs under qemu-aarch64 ({version})");
+    }
+    Ok(name.to_string())
+}
+
+/// Copies ntm-agent out of the arm64 image `name` (a created, never started
+/// container), checks it is static and runs it with `qemu-aarch64 BINARY
+/// --version` (qemu-user called directly: no binfmt_misc needed).
+fn image_binary_runs_arm64(name: &str, scratch: &Path) -> Result<String> {
+    let container = format!("ntm-extract-{}", std::process::id());
+    let binary = scratch.join("from-image/ntm-agent");
+    std::fs::create_dir_all(binary.parent().unwrap_or(scratch))?;
+    if binary.exists() {
+        std::fs::remove_file(&binary)?;
+    }
+    run(podman()
+        .args([
+            "create", "-q", "--arch", "arm64", "--name", &container, name,
+        ])
+        .stdout(std::process::Stdio::null()))?;
+    let copied = run(podman()
+        .arg("cp")
+        .arg(format!("{container}:/usr/local/bin/ntm-agent"))
+        .arg(&binary));
+    let removed = run(podman()
+        .args(["rm", &container])
+        .stdout(std::process::Stdio::null()));
+    copied?;
+    removed?;
+    static_aarch64(&binary)?;
+    answers_version(Command::new("qemu-aarch64").arg(&binary), &binary)
 }
 
 /// Debian packages the kernel tests drive: namespaces and veths (iproute2),
@@ -203,10 +347,10 @@ const PYTHON_TEST_PACKAGES: &[&str] = &[
 ];
 
 /// The workspace root, so that commands work from any folder inside it.
-fn workspace_root() -> &'static std::path::Path {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .unwrap_or(std::path::Path::new("."))
+        .unwrap_or(Path::new("."))
 }
 
 fn cargo() -> Command {
@@ -239,7 +383,7 @@ fn main() -> Result<()> {
             }
             // The image test runs the image built here (as root, with podman).
             let image = if toolchain::is_root() {
-                Some(image()?)
+                Some(image(Arch::Amd64)?)
             } else {
                 None
             };
@@ -257,7 +401,7 @@ fn main() -> Result<()> {
                 .args(args))
         }
         Task::Dist { arch } => dist(arch),
-        Task::Image => image().map(|name| println!("{name}")),
+        Task::Image { arch } => image(arch).map(|name| println!("{name}")),
         Task::Bench => {
             ensure_ebpf_toolchain()?;
             run(cargo().args([
