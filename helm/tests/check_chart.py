@@ -93,7 +93,12 @@ for label, values in [("default values", {}), ("non-default values", NON_DEFAULT
     check(
         f"{label}: least privilege",
         sc.get("privileged") is False
-        and sorted(sc["capabilities"]["add"]) == ["BPF", "NET_ADMIN", "PERFMON"]
+        and sorted(sc["capabilities"]["add"])
+        == (
+            ["BPF", "NET_ADMIN", "PERFMON"]
+            if values is NON_DEFAULT
+            else ["BPF", "NET_ADMIN", "PERFMON", "SETGID", "SETUID"]
+        )
         and sc["capabilities"]["drop"] == ["ALL"]
         and sc.get("allowPrivilegeEscalation") is False,
         sc,

@@ -24,7 +24,9 @@ pub enum PrivilegeError {
         "--user needs ntm to start as root (it switches to that user after attaching); start it as root, or leave --user out"
     )]
     NotRoot,
-    #[error("switching to uid {uid} gid {gid} failed at {step}: {source}")]
+    #[error(
+        "switching to uid {uid} gid {gid} failed at {step}: {source}; ntm needs CAP_SETUID and CAP_SETGID to switch (in a container, add them with the others)"
+    )]
     Switch {
         uid: u32,
         gid: u32,

@@ -47,7 +47,16 @@ fn the_image_runs_with_least_privilege_and_counts() {
             // Podman's default seccomp profile (4.3) allows bpf() only with
             // CAP_SYS_ADMIN; Kubernetes runs pods unconfined unless told.
             .args(["--security-opt", "seccomp=unconfined"])
-            .args(["--cap-drop", "all", "--cap-add", "BPF,NET_ADMIN,PERFMON"])
+            // As the chart runs it: uid 0 with these capabilities, and ntm
+            // becomes 65534 with only BPF, NET_ADMIN and PERFMON once
+            // attached.
+            .args([
+                "--cap-drop",
+                "all",
+                "--cap-add",
+                "BPF,NET_ADMIN,PERFMON,SETUID,SETGID",
+            ])
+            .args(["--env", "NTM_USER=65534"])
             .arg(&image)
             .args([
                 "--numeric",
@@ -66,6 +75,27 @@ fn the_image_runs_with_least_privilege_and_counts() {
     );
     wait_healthy(&link.a, 9960);
     udp_counted_exactly(&link, 5330, 12, 50, 9960);
+    // The agent in the container now runs as 65534.
+    let pid = std::process::Command::new("podman")
+        .args([
+            "--storage-driver",
+            "vfs",
+            "--runtime",
+            "runc",
+            "--cgroup-manager",
+            "cgroupfs",
+        ])
+        .args(["inspect", "--format", "{{.State.Pid}}", &name])
+        .output()
+        .unwrap();
+    let pid = String::from_utf8_lossy(&pid.stdout).trim().to_string();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert_eq!(
+        uid.split_whitespace().skip(1).collect::<Vec<_>>(),
+        ["65534"; 4],
+        "{status}"
+    );
     // Stop it cleanly (SIGTERM: detach and drain).
     let _ = std::process::Command::new("podman")
         .args([
