@@ -13,6 +13,7 @@ use common::{
     Link, Netns,
     frames::*,
     scrape::{Guard, TempDir, http_get, plain_value, sample_sum, wait_for, wait_healthy},
+    send_raw,
 };
 use ntm_agent::{
     agent::{Agent, load_filter},
@@ -406,41 +407,4 @@ fn bad_filters_fail_before_anything_is_attached() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("raw IP"), "{err}");
-}
-
-/// Sends raw Ethernet frames out of `iface` with an AF_PACKET socket.
-fn send_raw(iface: &str, frames: &[Vec<u8>]) {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    // SAFETY: a raw packet socket, a zeroed sockaddr_ll naming the interface,
-    // and sendto with buffers that outlive the calls.
-    unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
-        assert!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        let socket = OwnedFd::from_raw_fd(fd);
-        let name = std::ffi::CString::new(iface).unwrap();
-        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
-        addr.sll_halen = 6;
-        for frame in frames {
-            let sent = libc::sendto(
-                socket.as_raw_fd(),
-                frame.as_ptr() as *const libc::c_void,
-                frame.len(),
-                0,
-                &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            );
-            assert_eq!(
-                sent,
-                frame.len() as isize,
-                "{}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
 }

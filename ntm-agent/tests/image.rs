@@ -33,15 +33,7 @@ fn the_image_runs_with_least_privilege_and_counts() {
     let link = Link::new("img");
     let name = format!("ntm-test-{}", std::process::id());
     let _container = Guard(
-        std::process::Command::new("podman")
-            .args([
-                "--storage-driver",
-                "vfs",
-                "--runtime",
-                "runc",
-                "--cgroup-manager",
-                "cgroupfs",
-            ])
+        podman()
             .args(["run", "--rm", "--name", &name])
             .arg(format!("--network=ns:/var/run/netns/{}", link.a.name))
             // Podman's default seccomp profile (4.3) allows bpf() only with
@@ -76,15 +68,7 @@ fn the_image_runs_with_least_privilege_and_counts() {
     wait_healthy(&link.a, 9960);
     udp_counted_exactly(&link, 5330, 12, 50, 9960);
     // The agent in the container now runs as 65534.
-    let pid = std::process::Command::new("podman")
-        .args([
-            "--storage-driver",
-            "vfs",
-            "--runtime",
-            "runc",
-            "--cgroup-manager",
-            "cgroupfs",
-        ])
+    let pid = podman()
         .args(["inspect", "--format", "{{.State.Pid}}", &name])
         .output()
         .unwrap();
@@ -97,15 +81,19 @@ fn the_image_runs_with_least_privilege_and_counts() {
         "{status}"
     );
     // Stop it cleanly (SIGTERM: detach and drain).
-    let _ = std::process::Command::new("podman")
-        .args([
-            "--storage-driver",
-            "vfs",
-            "--runtime",
-            "runc",
-            "--cgroup-manager",
-            "cgroupfs",
-        ])
-        .args(["stop", "-t", "10", &name])
-        .output();
+    let _ = podman().args(["stop", "-t", "10", &name]).output();
+}
+
+/// Podman as `cargo xtask image` runs it here: vfs storage, runc, cgroupfs.
+fn podman() -> std::process::Command {
+    let mut cmd = std::process::Command::new("podman");
+    cmd.args([
+        "--storage-driver",
+        "vfs",
+        "--runtime",
+        "runc",
+        "--cgroup-manager",
+        "cgroupfs",
+    ]);
+    cmd
 }

@@ -4,16 +4,10 @@
 
 mod common;
 
-use std::{
-    ffi::CString,
-    fs::OpenOptions,
-    io::Write,
-    net::UdpSocket,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
-};
+use std::{fs::OpenOptions, io::Write, net::UdpSocket, os::fd::AsRawFd};
 
 use clap::Parser as _;
-use common::{Netns, frames::*};
+use common::{Netns, frames::*, send_raw};
 use ntm_agent::{agent::Agent, config::Config, drain::Drained};
 use ntm_common::{Counters, Direction, FlowKey, OutsideReason, family, ipproto};
 
@@ -160,42 +154,6 @@ fn tun_device_frames_start_at_the_ip_header() {
         assert!(d.outside.iter().all(|c| c.packets == 0), "{:?}", d.outside);
         let _ = agent.shutdown().unwrap();
     });
-}
-
-/// Sends raw Ethernet frames out of `iface` with an AF_PACKET socket.
-fn send_raw(iface: &str, frames: &[Vec<u8>]) {
-    // SAFETY: a raw packet socket, a zeroed sockaddr_ll naming the interface,
-    // and sendto with buffers that outlive the calls.
-    unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
-        assert!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        let socket = OwnedFd::from_raw_fd(fd);
-        let name = CString::new(iface).unwrap();
-        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
-        addr.sll_halen = 6;
-        for frame in frames {
-            let sent = libc::sendto(
-                socket.as_raw_fd(),
-                frame.as_ptr() as *const libc::c_void,
-                frame.len(),
-                0,
-                &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            );
-            assert_eq!(
-                sent,
-                frame.len() as isize,
-                "{}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
 }
 
 #[test]

@@ -10,7 +10,7 @@ pub mod scrape;
 
 use std::{
     fs::File,
-    os::fd::AsRawFd,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
     thread,
@@ -281,6 +281,42 @@ impl Link {
             } else if quiet_since.elapsed() >= Duration::from_millis(400) {
                 return;
             }
+        }
+    }
+}
+
+/// Sends raw Ethernet frames out of `iface` with an AF_PACKET socket.
+pub fn send_raw(iface: &str, frames: &[Vec<u8>]) {
+    // SAFETY: a raw packet socket, a zeroed sockaddr_ll naming the interface,
+    // and sendto with buffers that outlive the calls.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let socket = OwnedFd::from_raw_fd(fd);
+        let name = std::ffi::CString::new(iface).unwrap();
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+        addr.sll_halen = 6;
+        for frame in frames {
+            let sent = libc::sendto(
+                socket.as_raw_fd(),
+                frame.as_ptr() as *const libc::c_void,
+                frame.len(),
+                0,
+                &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            );
+            assert_eq!(
+                sent,
+                frame.len() as isize,
+                "{}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
