@@ -3,7 +3,7 @@
 
 use std::{
     io,
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
 };
 
 use aya::{
@@ -114,7 +114,6 @@ pub struct Datapath {
 struct FilterSlot {
     hook: Hook,
     link: LinkType,
-    xdp: bool,
     slot: u32,
     count_slot: u32,
 }
@@ -123,35 +122,30 @@ const FILTER_SLOTS: [FilterSlot; 5] = [
     FilterSlot {
         hook: Hook::TcEthernet,
         link: LinkType::Ethernet,
-        xdp: false,
         slot: tail::FILTER_INGRESS_ETH,
         count_slot: tail::COUNT_INGRESS_ETH,
     },
     FilterSlot {
         hook: Hook::TcEthernet,
         link: LinkType::Ethernet,
-        xdp: false,
         slot: tail::FILTER_EGRESS_ETH,
         count_slot: tail::COUNT_EGRESS_ETH,
     },
     FilterSlot {
         hook: Hook::TcL3,
         link: LinkType::RawIp,
-        xdp: false,
         slot: tail::FILTER_INGRESS_L3,
         count_slot: tail::COUNT_INGRESS_L3,
     },
     FilterSlot {
         hook: Hook::TcL3,
         link: LinkType::RawIp,
-        xdp: false,
         slot: tail::FILTER_EGRESS_L3,
         count_slot: tail::COUNT_EGRESS_L3,
     },
     FilterSlot {
         hook: Hook::Xdp,
         link: LinkType::Ethernet,
-        xdp: true,
         slot: tail::FILTER_XDP,
         count_slot: tail::COUNT_XDP,
     },
@@ -212,27 +206,19 @@ impl Datapath {
                 .map_err(|e| classify_program_error(name, e))?;
         }
 
-        let xdp: &mut Xdp = ebpf
-            .program_mut(names::PROG_XDP)
-            .ok_or(DatapathError::Missing("the XDP program"))?
-            .try_into()
-            .map_err(|source| DatapathError::Program {
-                program: names::PROG_XDP.to_string(),
-                source,
-            })?;
-        xdp.load()
-            .map_err(|e| classify_program_error(names::PROG_XDP, e))?;
-        let count_xdp: &mut Xdp = ebpf
-            .program_mut(names::PROG_COUNT_XDP)
-            .ok_or(DatapathError::Missing("the XDP counting program"))?
-            .try_into()
-            .map_err(|source| DatapathError::Program {
-                program: names::PROG_COUNT_XDP.to_string(),
-                source,
-            })?;
-        count_xdp
-            .load()
-            .map_err(|e| classify_program_error(names::PROG_COUNT_XDP, e))?;
+        for name in [names::PROG_XDP, names::PROG_COUNT_XDP] {
+            let program: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing("an XDP program"))?
+                .try_into()
+                .map_err(|source| DatapathError::Program {
+                    program: name.to_string(),
+                    source,
+                })?;
+            program
+                .load()
+                .map_err(|e| classify_program_error(name, e))?;
+        }
 
         let tc_tails = take_map_data(&mut ebpf, names::TC_TAILS)?;
         let xdp_tails = take_map_data(&mut ebpf, names::XDP_TAILS)?;
@@ -249,7 +235,7 @@ impl Datapath {
                 .as_fd()
                 .as_raw_fd();
             let tails = if is_xdp { &xdp_tails } else { &tc_tails };
-            load::set_slot(tails.fd().as_fd().as_raw_fd(), slot, program_fd).map_err(|source| {
+            load::set_slot(raw_fd(tails), slot, program_fd).map_err(|source| {
                 DatapathError::TailSetup {
                     program: name,
                     source,
@@ -303,74 +289,73 @@ impl Datapath {
     /// agent does not attach to such interfaces (see
     /// [`Datapath::filter_allows`]).
     pub fn set_filter(&mut self, filter: Option<Filter>) -> Result<(), FilterError> {
-        let fds = filter::translate::MapFds {
-            tails: 0,
-            verdict: self.verdict.fd().as_fd().as_raw_fd(),
-        };
-        let mut loaded = Vec::new();
-        if let Some(filter) = &filter {
-            for slot in &FILTER_SLOTS {
-                let Ok(program) = filter.program(slot.link) else {
-                    continue;
-                };
-                let tails = if slot.xdp {
-                    &self.xdp_tails
-                } else {
-                    &self.tc_tails
-                };
-                let fds = filter::translate::MapFds {
-                    tails: tails.fd().as_fd().as_raw_fd(),
-                    ..fds
-                };
-                let insns = filter::translate::translate(program, slot.hook, slot.count_slot, fds)
-                    .map_err(|source| FilterError::Translate {
-                        expression: filter.expression.clone(),
-                        source,
-                    })?;
-                let (prog_type, attach_type) = if slot.xdp {
-                    (load::PROG_TYPE_XDP, load::ATTACH_TYPE_XDP)
-                } else {
-                    (load::PROG_TYPE_SCHED_CLS, 0)
-                };
-                let fd = load::load_program(prog_type, attach_type, "ntm_filter", &insns).map_err(
-                    |failure| {
-                        if failure.error.raw_os_error() == Some(libc::EPERM)
-                            && failure.log.trim().is_empty()
-                        {
-                            FilterError::NotPermitted
-                        } else {
-                            FilterError::Rejected {
-                                expression: filter.expression.clone(),
-                                hook: slot.hook,
-                                error: failure.error,
-                                log_tail: log_tail(&failure.log, VERIFIER_LOG_TAIL),
-                            }
-                        }
-                    },
-                )?;
-                loaded.push((slot, fd));
-            }
-        }
+        // One program per slot (None: the slot is emptied), all loaded
+        // before any slot changes.
+        let mut programs = Vec::with_capacity(FILTER_SLOTS.len());
         for slot in &FILTER_SLOTS {
-            let tails = if slot.xdp {
-                &self.xdp_tails
-            } else {
-                &self.tc_tails
+            let classic = filter.as_ref().and_then(|f| f.program(slot.link).ok());
+            let program = match (classic, &filter) {
+                (Some(classic), Some(filter)) => {
+                    Some(self.load_filter_program(filter, classic, slot)?)
+                }
+                _ => None,
             };
-            let map_fd = tails.fd().as_fd().as_raw_fd();
-            match loaded
-                .iter()
-                .find(|(s, _)| s.slot == slot.slot && s.xdp == slot.xdp)
-            {
-                Some((_, program)) => load::set_slot(map_fd, slot.slot, program.as_raw_fd()),
-                None => load::clear_slot(map_fd, slot.slot),
+            programs.push(program);
+        }
+        for (slot, program) in FILTER_SLOTS.iter().zip(&programs) {
+            let tails = self.tails_fd(slot.hook);
+            match program {
+                Some(program) => load::set_slot(tails, slot.slot, program.as_raw_fd()),
+                None => load::clear_slot(tails, slot.slot),
             }
             .map_err(FilterError::Install)?;
         }
         // The program arrays hold the programs now; our handles can go.
-        drop(loaded);
+        drop(programs);
         self.filter = filter;
         Ok(())
+    }
+
+    /// Translates `classic` for `slot`'s hook and loads it.
+    fn load_filter_program(
+        &self,
+        filter: &Filter,
+        classic: &[filter::ClassicInsn],
+        slot: &FilterSlot,
+    ) -> Result<OwnedFd, FilterError> {
+        let fds = filter::translate::MapFds {
+            tails: self.tails_fd(slot.hook),
+            verdict: raw_fd(&self.verdict),
+        };
+        let insns = filter::translate::translate(classic, slot.hook, slot.count_slot, fds)
+            .map_err(|source| FilterError::Translate {
+                expression: filter.expression.clone(),
+                source,
+            })?;
+        let (prog_type, attach_type) = match slot.hook {
+            Hook::Xdp => (load::PROG_TYPE_XDP, load::ATTACH_TYPE_XDP),
+            Hook::TcEthernet | Hook::TcL3 => (load::PROG_TYPE_SCHED_CLS, 0),
+        };
+        load::load_program(prog_type, attach_type, "ntm_filter", &insns).map_err(|failure| {
+            if failure.error.raw_os_error() == Some(libc::EPERM) && failure.log.trim().is_empty() {
+                FilterError::NotPermitted
+            } else {
+                FilterError::Rejected {
+                    expression: filter.expression.clone(),
+                    hook: slot.hook,
+                    error: failure.error,
+                    log_tail: log_tail(&failure.log, VERIFIER_LOG_TAIL),
+                }
+            }
+        })
+    }
+
+    /// The program array a hook's filter and counting half live in.
+    fn tails_fd(&self, hook: Hook) -> i32 {
+        match hook {
+            Hook::Xdp => raw_fd(&self.xdp_tails),
+            Hook::TcEthernet | Hook::TcL3 => raw_fd(&self.tc_tails),
+        }
     }
 
     /// The filter in place, if any.
@@ -400,6 +385,10 @@ impl Datapath {
             .program_mut(name)
             .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
     }
+}
+
+fn raw_fd(map: &MapData) -> i32 {
+    map.fd().as_fd().as_raw_fd()
 }
 
 /// Takes a map out of the object as plain map data (for its fd).

@@ -350,19 +350,10 @@ impl Emitter {
     fn physical_load_at_r1(&mut self, size: u32, dst: u8, reject: Label) {
         let slow = self.label();
         let done = self.label();
-        let (data, data_end) = self.ctx_offsets();
-        let width = width_of(size);
         // The verifier only trusts a bounds check on a packet pointer whose
         // largest possible offset, access included, stays within 64 KiB.
         self.jmp64_imm(op::JGT, R1, (MAX_PACKET_OFF - size) as i32, slow);
-        self.load(op::W, R2, CTX, data);
-        self.load(op::W, R3, CTX, data_end);
-        self.alu64_reg(op::ADD, R2, R1);
-        self.mov64_reg(R4, R2);
-        self.alu64_imm(op::ADD, R4, size as i32);
-        self.jmp64_reg(op::JGT, R4, R3, slow);
-        self.load(width, dst, R2, 0);
-        self.swap_to_host_order(dst, 8 * size as i32);
+        self.linear_load(size, None, dst, slow);
         self.ja(done);
         self.bind(slow);
         self.slow_load(size, dst, reject);
@@ -371,31 +362,41 @@ impl Emitter {
 
     /// As [`Self::physical_load_at_r1`] for an offset known now.
     fn physical_load_const(&mut self, size: u32, offset: u64, dst: u8, reject: Label) {
+        if offset > i32::MAX as u64 {
+            self.ja(reject);
+            return;
+        }
         if offset + size as u64 > MAX_PACKET_OFF as u64 {
-            if offset > i32::MAX as u64 {
-                self.ja(reject);
-                return;
-            }
             self.mov32_imm(R1, offset as u32);
             self.slow_load(size, dst, reject);
             return;
         }
         let slow = self.label();
         let done = self.label();
-        let (data, data_end) = self.ctx_offsets();
-        self.load(op::W, R2, CTX, data);
-        self.load(op::W, R3, CTX, data_end);
-        self.alu64_imm(op::ADD, R2, offset as i32);
-        self.mov64_reg(R4, R2);
-        self.alu64_imm(op::ADD, R4, size as i32);
-        self.jmp64_reg(op::JGT, R4, R3, slow);
-        self.load(width_of(size), dst, R2, 0);
-        self.swap_to_host_order(dst, 8 * size as i32);
+        self.linear_load(size, Some(offset as i32), dst, slow);
         self.ja(done);
         self.bind(slow);
         self.mov32_imm(R1, offset as u32);
         self.slow_load(size, dst, reject);
         self.bind(done);
+    }
+
+    /// `dst` = `size` bytes big-endian read directly from the packet at
+    /// `offset` (or at R1 when None, already bounded), or a jump to `slow`
+    /// when they lie beyond the linear data.
+    fn linear_load(&mut self, size: u32, offset: Option<i32>, dst: u8, slow: Label) {
+        let (data, data_end) = self.ctx_offsets();
+        self.load(op::W, R2, CTX, data);
+        self.load(op::W, R3, CTX, data_end);
+        match offset {
+            Some(offset) => self.alu64_imm(op::ADD, R2, offset),
+            None => self.alu64_reg(op::ADD, R2, R1),
+        }
+        self.mov64_reg(R4, R2);
+        self.alu64_imm(op::ADD, R4, size as i32);
+        self.jmp64_reg(op::JGT, R4, R3, slow);
+        self.load(width_of(size), dst, R2, 0);
+        self.swap_to_host_order(dst, 8 * size as i32);
     }
 
     /// The bytes are not in the linear data: in TC ask the kernel to copy
