@@ -3,7 +3,7 @@
 //! same run, so that the ratio is meaningful on a noisy shared machine.
 //! Prints figures; asserts nothing.
 
-#[path = "../tests/common/frames.rs"]
+#[path = "../tests/integration/kit/frames.rs"]
 #[allow(dead_code)]
 mod frames;
 
@@ -11,13 +11,13 @@ use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
+use clap::Parser as _;
 use frames::*;
 use ntm_agent::{
-    datapath::{Datapath, DatapathOptions},
-    filter::{Filter, LinkType},
-    services::ServiceRegistry,
+    config::Config,
+    kernel::{filter::Filter, load::Datapath},
 };
-use ntm_common::names;
+use ntm_common::programs::LinkType;
 
 static BASELINE_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ntm-bench-baseline"));
@@ -47,11 +47,13 @@ fn main() {
         eprintln!("the datapath benchmark loads eBPF programs: run it as root");
         std::process::exit(1);
     }
-    let mut services =
-        ServiceRegistry::from_file(std::path::Path::new("/etc/services")).unwrap_or_default();
-    services.add_spec("443=https").unwrap();
-    let (mut datapath, _tables) =
-        Datapath::load(&DatapathOptions::default(), &services).expect("load ntm");
+    let config = Config::try_parse_from(["ntm-agent", "--service", "443=https"]).expect("flags");
+    let services = config.services().expect("services");
+    let (mut datapath, _tables) = Datapath::load(
+        &config.kernel().expect("kernel options").datapath,
+        &services.known_port_bitmap(),
+    )
+    .expect("load ntm");
     let mut baseline = Ebpf::load(BASELINE_OBJECT).expect("load baseline");
     let empty: &mut SchedClassifier = baseline
         .program_mut("ntm_bench_empty")
@@ -90,7 +92,7 @@ fn main() {
         "{:<22} {:>10} {:>12} {:>8}",
         "frame", "ntm", "empty TC", "ratio"
     );
-    let ntm = datapath.tc_program(names::PROG_TC_INGRESS_ETH).unwrap();
+    let ntm = datapath.tc_program(TC_INGRESS_ETH).unwrap();
     for (name, frame) in &cases {
         let (mut ours, mut base) = (Vec::new(), Vec::new());
         // Warm up: the first run inserts the flow; steady state updates it.
@@ -160,14 +162,14 @@ fn filters(datapath: &mut Datapath, cases: &[(&str, Vec<u8>)]) {
         let mut with: Vec<Vec<f64>> = vec![Vec::new(); compiled.len()];
         for _ in 0..ROUNDS {
             datapath.set_filter(None).expect("no filter");
-            let ntm = datapath.tc_program(names::PROG_TC_INGRESS_ETH).unwrap();
+            let ntm = datapath.tc_program(TC_INGRESS_ETH).unwrap();
             ns_per_packet(ntm, frame);
             none.push(ns_per_packet(ntm, frame));
             for (i, (_, filter, _)) in compiled.iter().enumerate() {
                 datapath
                     .set_filter(Some(filter.clone()))
                     .expect("filter loads");
-                let ntm = datapath.tc_program(names::PROG_TC_INGRESS_ETH).unwrap();
+                let ntm = datapath.tc_program(TC_INGRESS_ETH).unwrap();
                 ns_per_packet(ntm, frame);
                 with[i].push(ns_per_packet(ntm, frame));
             }

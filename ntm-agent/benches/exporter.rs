@@ -6,7 +6,7 @@
 //! resident memory is that of an agent with that many series, not the sum of
 //! all sizes.
 
-#[path = "../tests/common/frames.rs"]
+#[path = "../tests/integration/kit/frames.rs"]
 #[allow(dead_code)]
 mod frames;
 
@@ -16,16 +16,17 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions};
+use clap::Parser as _;
 use frames::*;
 use ntm_agent::{
-    datapath::{Datapath, DatapathOptions},
-    drain::Drained,
-    labels::{Cidr, Label, Labeller, LocalNets},
-    metrics::{Metrics, MetricsOptions},
-    names::NameOptions,
-    services::ServiceRegistry,
+    config::Config,
+    kernel::{
+        drain::Drained,
+        load::{Datapath, DatapathOptions},
+    },
+    pipeline::Pipeline,
 };
-use ntm_common::{Counters, FlowKey, family, names};
+use ntm_common::{Counters, FlowKey, family};
 
 const SERIES_ENV: &str = "NTM_BENCH_SERIES";
 
@@ -45,34 +46,24 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 /// Runs in the child: an agent's metrics with `n` series, scraped 5 times.
 fn scrape_child(n: usize) {
-    let services =
-        ServiceRegistry::from_file(std::path::Path::new("/etc/services")).unwrap_or_default();
+    let max_series = (n + 1).to_string();
+    let config = Config::try_parse_from([
+        "ntm-agent",
+        "--numeric",
+        "--local-net",
+        "10.0.0.0/8",
+        "--max-series",
+        &max_series,
+    ])
+    .expect("flags");
+    let services = config.services().expect("services");
     // The loaded kernel side, as in a running agent.
-    let (_datapath, _tables) =
-        Datapath::load(&DatapathOptions::default(), &services).expect("load (run as root)");
-    let labeller = Labeller {
-        services,
-        local: LocalNets(vec!["10.0.0.0/8".parse::<Cidr>().unwrap()]),
-        enabled: Label::DEFAULT.to_vec(),
-    };
-    let mut metrics = Metrics::new(
-        MetricsOptions {
-            prefix: "ntm".into(),
-            max_series: n + 1,
-            series_ttl: Duration::from_secs(3600),
-            flow_table_capacity: 65_536,
-            names: NameOptions {
-                server: None,
-                timeout: Duration::from_secs(1),
-                workers: 1,
-                queue: 1,
-                fqdn: false,
-                wait: Duration::ZERO,
-            },
-        },
-        labeller,
+    let (_datapath, _tables) = Datapath::load(
+        &config.kernel().expect("kernel options").datapath,
+        &services.known_port_bitmap(),
     )
-    .unwrap();
+    .expect("load (run as root)");
+    let mut pipeline = Pipeline::new(config.pipeline(), services).expect("pipeline");
     let flows = (0..n as u32)
         .map(|i| {
             let mut key = FlowKey {
@@ -97,8 +88,9 @@ fn scrape_child(n: usize) {
         flows,
         ..Default::default()
     };
-    metrics.record(&drained, |_| "eth0".into(), Instant::now());
-    let exposition = metrics.exposition();
+    let interfaces = std::collections::HashMap::from([(1, "eth0".to_string())]);
+    pipeline.process(&drained, &interfaces, Instant::now());
+    let exposition = pipeline.exposition();
     let mut times = Vec::new();
     let mut size = 0;
     for _ in 0..5 {
@@ -148,9 +140,8 @@ fn drain_figures() {
             flow_table_entries: n,
             ..Default::default()
         };
-        let (mut datapath, mut tables) =
-            Datapath::load(&options, &ServiceRegistry::default()).expect("load");
-        let program = datapath.tc_program(names::PROG_TC_INGRESS_ETH).unwrap();
+        let (mut datapath, mut tables) = Datapath::load(&options, &[]).expect("load");
+        let program = datapath.tc_program(TC_INGRESS_ETH).unwrap();
         let mut frame = eth(ETH_IPV4, &[], &ipv4(17, &[], 0, &udp(40_000, 53, &[0; 16])));
         // Source address at byte 14 + 12 of the frame: one flow per address.
         for i in 0..n {

@@ -3,17 +3,15 @@
 //! with its XDP program, measured in alternation in one run. Prints figures;
 //! asserts nothing.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+#[path = "../tests/integration/kit/mod.rs"]
+mod kit;
 
 use std::{
     net::UdpSocket,
     time::{Duration, Instant},
 };
 
-use clap::Parser as _;
-use common::{A4, Link};
-use ntm_agent::{agent::Agent, config::Config};
+use kit::{A4, Link};
 
 /// How long each measurement sends.
 const WINDOW: Duration = Duration::from_millis(1500);
@@ -88,10 +86,9 @@ fn main() {
                     measure(&link)
                 }
                 Some(extra) => {
-                    let mut args = vec!["ntm-agent", "-i", link.a_if.as_str()];
-                    args.extend_from_slice(extra);
-                    let agent =
-                        Agent::start(&Config::try_parse_from(args).unwrap()).expect("agent");
+                    let mut flags = vec!["-i", link.a_if.as_str()];
+                    flags.extend_from_slice(extra);
+                    let agent = kit::start_kernel(&flags);
                     let pps = measure(&link);
                     let _ = agent.shutdown();
                     pps

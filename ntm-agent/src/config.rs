@@ -10,7 +10,19 @@ use std::{
 
 use clap::Parser;
 
-use crate::labels::{Cidr, DEFAULT_LOCAL_NETS, Label};
+use crate::{
+    export::{
+        labels::{Cidr, DEFAULT_LOCAL_NETS, Label, LocalNets},
+        names::{NameOptions, dns::system_nameserver},
+        services::{ServiceRegistry, ServicesError},
+    },
+    kernel::{KernelOptions, load::DatapathOptions},
+    pipeline::PipelineOptions,
+};
+
+/// Reverse lookups waiting for a DNS worker at most; beyond it the address
+/// is shown.
+const DNS_QUEUE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -171,9 +183,10 @@ pub struct Config {
     #[arg(long = "service", env = "NTM_SERVICES", value_delimiter = ',')]
     pub services: Vec<String>,
 
-    /// Services file in /etc/services format.
-    #[arg(long, env = "NTM_SERVICES_FILE", default_value = crate::services::ETC_SERVICES)]
-    pub services_file: PathBuf,
+    /// Services file in /etc/services format [default: /etc/services, which
+    /// may be absent; a file given here must be readable].
+    #[arg(long, env = "NTM_SERVICES_FILE")]
+    pub services_file: Option<PathBuf>,
 
     /// Count with TC (ingress and egress) or XDP (ingress, for mirror
     /// ports; native where the driver supports it, else generic).
@@ -217,6 +230,66 @@ pub enum AttachMode {
 }
 
 impl Config {
+    /// The kernel side's options.
+    pub fn kernel(&self) -> Result<KernelOptions, ConfigError> {
+        Ok(KernelOptions {
+            interfaces: self.resolved_interfaces()?,
+            wait_for_interfaces: self.wait_for_interfaces,
+            filter: self.filter_source()?,
+            count_mode: self.mode,
+            attach_mode: self.attach_mode,
+            datapath: DatapathOptions {
+                flow_table_entries: self.flow_table_size,
+                ephemeral_start: self.ephemeral_start,
+                xdp_drop: self.xdp_action == XdpAction::Drop,
+            },
+        })
+    }
+
+    /// The known service ports: the services file and `--service`. The
+    /// default /etc/services may be missing (minimal containers have none);
+    /// a file named with --services-file must be readable.
+    pub fn services(&self) -> Result<ServiceRegistry, ServicesError> {
+        let mut services = match &self.services_file {
+            Some(path) => ServiceRegistry::from_file(path)?,
+            None => ServiceRegistry::from_default_file()?,
+        };
+        for spec in &self.services {
+            services.add_spec(spec)?;
+        }
+        Ok(services)
+    }
+
+    /// The export side's options.
+    pub fn pipeline(&self) -> PipelineOptions {
+        let mut labels: Vec<Label> = Vec::new();
+        for label in &self.labels {
+            if !labels.contains(label) {
+                labels.push(*label);
+            }
+        }
+        PipelineOptions {
+            prefix: self.metric_prefix.clone(),
+            labels,
+            local: LocalNets(self.local_nets.clone()),
+            max_series: self.max_series as usize,
+            series_ttl: self.series_ttl,
+            flow_table_capacity: self.flow_table_size,
+            names: NameOptions {
+                server: if self.numeric {
+                    None
+                } else {
+                    self.dns_server.or_else(system_nameserver)
+                },
+                timeout: self.dns_timeout,
+                workers: self.dns_workers as usize,
+                queue: DNS_QUEUE,
+                fqdn: self.fqdn,
+                wait: self.name_wait,
+            },
+        }
+    }
+
     /// The tcpdump filter expression, if one was given (words joined by
     /// spaces; an empty NTM_FILTERS means none).
     pub fn filter_expression(&self) -> Option<String> {

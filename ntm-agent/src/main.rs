@@ -1,19 +1,16 @@
-//! `ntm-agent`: wires the library's stages together and handles signals.
+//! `ntm-agent`: builds the stages from the configuration, runs the drain
+//! loop, follows interfaces and signals, and reports a failure as one clear
+//! message.
 
-use std::{collections::HashMap, net::SocketAddr, time::Instant};
+use std::{net::SocketAddr, process::ExitCode, time::Instant};
 
 use anyhow::Context as _;
 use clap::Parser as _;
 use ntm_agent::{
-    agent::{Agent, load_filter},
     config::{Config, FilterSource},
-    dns::system_nameserver,
-    http::{self, Health},
-    labels::{Label, Labeller, LocalNets},
-    metrics::{Metrics, MetricsOptions},
-    names::NameOptions,
-    netlink::LinkEvents,
-    privileges,
+    export::http::{self, Health},
+    kernel::{Kernel, links::LinkEvents, load_filter, privileges},
+    pipeline::Pipeline,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -23,14 +20,31 @@ const EXPIRE_EVERY: u32 = 10;
 const RESCAN_EVERY: u32 = 30;
 /// How long link events are let settle before the interfaces are re-read.
 const LINK_SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
-/// Flows listed in the exit summary.
-const REPORT_TOP: usize = 50;
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let config = Config::parse();
-    let filter_source = config.filter_source().context("ntm could not start")?;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&anyhow::Error::new(e).context("ntm could not start its runtime")),
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// One line on stderr with the whole chain of causes, never a backtrace
+/// (whatever RUST_BACKTRACE says): the message says what to do.
+fn fail(error: &anyhow::Error) -> ExitCode {
+    eprintln!("ntm-agent: {error:#}");
+    ExitCode::FAILURE
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
     // Before attaching: a SIGTERM that arrives while starting must still
     // lead to a clean detach and final drain, not the default exit.
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -45,13 +59,13 @@ async fn main() -> anyhow::Result<()> {
         .map(privileges::resolve_user)
         .transpose()
         .context("ntm could not start")?;
-    let mut agent = Agent::start(&config).context("ntm could not start")?;
+    let kernel_options = config.kernel().context("ntm could not start")?;
+    let services = config.services().context("ntm could not start")?;
+    let mut kernel = Kernel::start(&kernel_options, &services.known_port_bitmap())
+        .context("ntm could not start")?;
     // Before any other thread starts, so that all of them run as `user`.
     if let Some(user) = user {
-        if let Err(e) = privileges::drop_to(user) {
-            let _ = agent.shutdown();
-            return Err(e).context("ntm could not give up root");
-        }
+        privileges::drop_to(user).context("ntm could not give up root")?;
         log::info!(
             "running as uid {} gid {} with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON only",
             user.uid,
@@ -59,104 +73,69 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    let mut enabled: Vec<Label> = Vec::new();
-    for label in &config.labels {
-        if !enabled.contains(label) {
-            enabled.push(*label);
-        }
-    }
-    let labeller = Labeller {
-        services: agent.services.clone(),
-        local: LocalNets(config.local_nets.clone()),
-        enabled,
-    };
-    let mut metrics = Metrics::new(
-        MetricsOptions {
-            prefix: config.metric_prefix.clone(),
-            max_series: config.max_series as usize,
-            series_ttl: config.series_ttl,
-            flow_table_capacity: config.flow_table_size,
-            names: NameOptions {
-                server: if config.numeric {
-                    None
-                } else {
-                    config.dns_server.or_else(system_nameserver)
-                },
-                timeout: config.dns_timeout,
-                workers: config.dns_workers as usize,
-                queue: 4096,
-                fqdn: config.fqdn,
-                wait: config.name_wait,
-            },
-        },
-        labeller,
-    )
-    .context("setting up metrics")?;
+    let mut pipeline = Pipeline::new(config.pipeline(), services).context("setting up metrics")?;
     let health = Health::default();
-    report_attachments(&agent, &metrics, &health);
-    metrics.set_filter(agent.filter_expression());
-    if let Some(expression) = agent.filter_expression() {
+    report_attachments(&kernel, &pipeline, &health);
+    pipeline.metrics().set_filter(kernel.filter_expression());
+    if let Some(expression) = kernel.filter_expression() {
         log::info!("counting only frames that match the filter {expression:?}");
     }
     let mut link_events = spawn_link_watcher();
-    let server = http::Server::start(listener, metrics.exposition(), health.clone())
-        .context("starting the metrics endpoint")?;
+    let server = http::Server::start(
+        listener,
+        pipeline.exposition(),
+        health.clone(),
+        pipeline.metrics().http_connection_errors.clone(),
+    )
+    .context("starting the metrics endpoint")?;
     log::info!(
         "serving metrics on http://{}/metrics",
         SocketAddr::new(config.bind_ip, config.port)
     );
 
-    let mut names: HashMap<u32, String> = agent.interface_names();
     let mut ticker = tokio::time::interval(config.drain_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drains: u32 = 0;
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                let drained = agent.drain().context("draining the kernel's flow tables")?;
+                let drained = kernel.drain().context("draining the kernel's flow tables")?;
                 let now = Instant::now();
-                metrics.record(&drained, |i| names.get(&i).cloned().unwrap_or_else(|| i.to_string()), now);
+                pipeline.process(&drained, kernel.interface_labels(), now);
                 drains += 1;
                 if drains.is_multiple_of(EXPIRE_EVERY) {
-                    metrics.expire(now);
+                    pipeline.expire(now);
                 }
                 // A safety net for missed link events.
-                if drains.is_multiple_of(RESCAN_EVERY) && follow_links(&mut agent, &metrics, &health) {
-                    names = agent.interface_names();
+                if drains.is_multiple_of(RESCAN_EVERY) {
+                    follow_links(&mut kernel, &pipeline, &health);
                 }
             }
             Some(()) = link_events.recv() => {
                 // Let a burst of events (a bridge gaining a port) settle.
                 tokio::time::sleep(LINK_SETTLE).await;
                 while link_events.try_recv().is_ok() {}
-                if follow_links(&mut agent, &metrics, &health) {
-                    names = agent.interface_names();
-                }
+                follow_links(&mut kernel, &pipeline, &health);
             }
-            _ = sighup.recv() => reload_filter(&mut agent, &metrics, &filter_source),
+            _ = sighup.recv() => reload_filter(&mut kernel, &pipeline, &kernel_options.filter),
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
     }
     log::info!("stopping: detaching and draining the last counts");
-    for (requested, _) in agent.health() {
+    for (requested, _) in kernel.health() {
         health.set(&requested, false);
     }
-    let totals = agent.shutdown().context("final drain")?;
+    let labels = kernel.interface_labels().clone();
+    let last = kernel.shutdown().context("final drain")?;
+    pipeline.process(&last, &labels, Instant::now());
     server.stop();
-    print!(
-        "{}",
-        totals.report(REPORT_TOP, |i| names
-            .get(&i)
-            .cloned()
-            .unwrap_or_else(|| i.to_string()))
-    );
     Ok(())
 }
 
 /// SIGHUP: re-reads the filter source and swaps the new filter in; a filter
 /// that does not compile or load is logged and the old one stays.
-fn reload_filter(agent: &mut Agent, metrics: &Metrics, source: &FilterSource) {
+fn reload_filter(kernel: &mut Kernel, pipeline: &Pipeline, source: &FilterSource) {
     if matches!(source, FilterSource::Expression(_)) {
         log::info!(
             "SIGHUP: the filter was given on the command line or in NTM_FILTERS and cannot change; use -F/--filter-file to change it without a restart"
@@ -164,13 +143,14 @@ fn reload_filter(agent: &mut Agent, metrics: &Metrics, source: &FilterSource) {
         return;
     }
     let result = load_filter(source)
-        .map_err(ntm_agent::agent::AgentError::from)
-        .and_then(|filter| agent.replace_filter(filter));
+        .map_err(ntm_agent::kernel::KernelError::from)
+        .and_then(|filter| kernel.replace_filter(filter));
+    let metrics = pipeline.metrics();
     match result {
         Ok(()) => {
             metrics.filter_reloaded(true);
-            metrics.set_filter(agent.filter_expression());
-            match agent.filter_expression() {
+            metrics.set_filter(kernel.filter_expression());
+            match kernel.filter_expression() {
                 Some(expression) => {
                     log::info!("SIGHUP: now counting frames that match {expression:?}")
                 }
@@ -184,31 +164,22 @@ fn reload_filter(agent: &mut Agent, metrics: &Metrics, source: &FilterSource) {
     }
 }
 
-/// Re-plans the attachments after links changed; true if they did.
-fn follow_links(agent: &mut Agent, metrics: &Metrics, health: &Health) -> bool {
-    match agent.reconcile() {
-        Ok(changed) => {
-            if changed {
-                report_attachments(agent, metrics, health);
-            }
-            changed
-        }
-        Err(e) => {
-            log::warn!("{e}");
-            false
-        }
+/// Re-plans the attachments after links changed.
+fn follow_links(kernel: &mut Kernel, pipeline: &Pipeline, health: &Health) {
+    match kernel.reconcile() {
+        Ok(true) => report_attachments(kernel, pipeline, health),
+        Ok(false) => {}
+        Err(e) => log::warn!("{e}"),
     }
 }
 
-/// Health and the attach-state metric, per requested interface.
-fn report_attachments(agent: &Agent, metrics: &Metrics, health: &Health) {
-    let mode = if agent.attachments().all(|a| a.tcx) {
-        "tcx"
-    } else {
-        "clsact"
-    };
-    for (requested, ok) in agent.health() {
-        metrics.set_attached(&requested, mode, ok);
+/// Health per requested interface, and the attach-state metric per
+/// interface and mode.
+fn report_attachments(kernel: &Kernel, pipeline: &Pipeline, health: &Health) {
+    pipeline
+        .metrics()
+        .set_interfaces(&kernel.interface_states());
+    for (requested, ok) in kernel.health() {
         health.set(&requested, ok);
         if !ok {
             log::warn!("{requested}: not attached (yet)");

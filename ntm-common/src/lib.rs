@@ -6,10 +6,12 @@
 //! the kernel (compiled for bpfel) and in host unit tests.
 #![no_std]
 
+pub mod programs;
 pub mod service_port;
 
-/// Names of the maps and programs in the eBPF object, shared so that a rename
-/// on one side is a compile error on the other rather than a load failure.
+/// Names of the maps in the eBPF object, shared so that a rename on one side
+/// is a compile error on the other rather than a load failure. (Programs are
+/// declared in [`programs`].)
 pub mod names {
     /// ARRAY_OF_MAPS with one slot: the flow table the program counts into.
     pub const ACTIVE_SLOT: &str = "NTM_ACTIVE_FLOWS";
@@ -26,18 +28,6 @@ pub mod names {
     /// Read-only global: first port of the client ephemeral range.
     pub const EPHEMERAL_START: &str = "NTM_EPHEMERAL_START";
 
-    pub const PROG_TC_INGRESS_ETH: &str = "ntm_tc_ingress_eth";
-    pub const PROG_TC_EGRESS_ETH: &str = "ntm_tc_egress_eth";
-    pub const PROG_TC_INGRESS_L3: &str = "ntm_tc_ingress_l3";
-    pub const PROG_TC_EGRESS_L3: &str = "ntm_tc_egress_l3";
-    pub const PROG_XDP: &str = "ntm_xdp";
-    /// The counting halves of the hooks above, entered by tail call from a
-    /// filter program (see [`crate::tail`]). Never attached themselves.
-    pub const PROG_COUNT_INGRESS_ETH: &str = "ntm_count_in_eth";
-    pub const PROG_COUNT_EGRESS_ETH: &str = "ntm_count_out_eth";
-    pub const PROG_COUNT_INGRESS_L3: &str = "ntm_count_in_l3";
-    pub const PROG_COUNT_EGRESS_L3: &str = "ntm_count_out_l3";
-    pub const PROG_COUNT_XDP: &str = "ntm_count_xdp";
     /// PROG_ARRAY of the TC hooks: filter programs and counting halves.
     pub const TC_TAILS: &str = "NTM_TC_TAILS";
     /// PROG_ARRAY of the XDP hook (a program array holds one program type).
@@ -238,6 +228,27 @@ pub fn cache_index(words: &[u64; KEY_WORDS]) -> u32 {
 }
 
 impl FlowKey {
+    /// The source address of an IP flow (None for non-IP frames).
+    pub fn src_addr(&self) -> Option<core::net::IpAddr> {
+        self.address(&self.src)
+    }
+
+    /// The destination address of an IP flow (None for non-IP frames).
+    pub fn dst_addr(&self) -> Option<core::net::IpAddr> {
+        self.address(&self.dst)
+    }
+
+    fn address(&self, bytes: &[u8; 16]) -> Option<core::net::IpAddr> {
+        use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        match self.family {
+            family::IPV4 => Some(IpAddr::V4(Ipv4Addr::new(
+                bytes[0], bytes[1], bytes[2], bytes[3],
+            ))),
+            family::IPV6 => Some(IpAddr::V6(Ipv6Addr::from(*bytes))),
+            _ => None,
+        }
+    }
+
     /// The key as 8-byte words (it is 8-byte aligned and a multiple of 8).
     pub fn words(&self) -> [u64; KEY_WORDS] {
         let mut words = [0u64; KEY_WORDS];
@@ -362,6 +373,20 @@ mod tests {
             assert_eq!(*r as u32, i as u32);
             assert!(!r.as_str().is_empty());
         }
+    }
+
+    #[test]
+    fn addresses_by_family() {
+        let mut k = FlowKey {
+            family: family::IPV4,
+            ..Default::default()
+        };
+        k.src[..4].copy_from_slice(&[198, 18, 0, 1]);
+        assert_eq!(k.src_addr(), "198.18.0.1".parse().ok());
+        k.family = family::IPV6;
+        k.dst = "2001:2::1".parse::<core::net::Ipv6Addr>().unwrap().octets();
+        assert_eq!(k.dst_addr(), "2001:2::1".parse().ok());
+        assert_eq!(FlowKey::default().src_addr(), None);
     }
 
     #[test]

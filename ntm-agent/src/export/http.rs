@@ -1,0 +1,239 @@
+//! The HTTP endpoint: `GET /metrics` (Prometheus text format) and
+//! `GET /healthz` (200 only while every requested interface is attached).
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use prometheus::IntCounter;
+use warp::{Filter, http::StatusCode};
+
+use super::Exposition;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error(
+        "cannot listen on {addr}: the port is already in use; stop what uses it or choose another with -p/--port (NTM_PORT)"
+    )]
+    PortTaken { addr: SocketAddr },
+    #[error(
+        "cannot listen on {addr}: that address is not on this machine; choose one of its addresses (or 0.0.0.0) with -b/--bind_ip (NTM_BIND)"
+    )]
+    AddressNotAvailable { addr: SocketAddr },
+    #[error("cannot listen on {addr}: {source}")]
+    Other {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Attach state per interface, shared between the agent and `/healthz`.
+#[derive(Clone, Default)]
+pub struct Health {
+    interfaces: Arc<Mutex<BTreeMap<String, bool>>>,
+}
+
+impl Health {
+    pub fn set(&self, iface: &str, attached: bool) {
+        if let Ok(mut map) = self.interfaces.lock() {
+            map.insert(iface.to_string(), attached);
+        }
+    }
+
+    /// (healthy, one line per interface)
+    pub fn report(&self) -> (bool, String) {
+        let Ok(map) = self.interfaces.lock() else {
+            return (false, "health state unavailable\n".to_string());
+        };
+        let mut text = String::new();
+        for (iface, attached) in map.iter() {
+            let state = if *attached {
+                "attached"
+            } else {
+                "NOT attached"
+            };
+            text.push_str(&format!("{iface}: {state}\n"));
+        }
+        let healthy = !map.is_empty() && map.values().all(|a| *a);
+        (healthy, text)
+    }
+}
+
+/// Binds the listening socket now, so that a taken port or a foreign
+/// address is reported at start, with what to do about it.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, HttpError> {
+    let classify = |source: io::Error| match source.kind() {
+        io::ErrorKind::AddrInUse => HttpError::PortTaken { addr },
+        io::ErrorKind::AddrNotAvailable => HttpError::AddressNotAvailable { addr },
+        _ => HttpError::Other { addr, source },
+    };
+    let listener = std::net::TcpListener::bind(addr).map_err(classify)?;
+    listener.set_nonblocking(true).map_err(classify)?;
+    Ok(listener)
+}
+
+/// How long a client may take to send its request headers; a slower one
+/// is disconnected (it would otherwise hold a connection open for ever).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long requests in flight may take to finish once the server stops.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// The endpoint, on a thread of its own: encoding a large scrape never
+/// delays a drain, and a slow drain never delays a scrape.
+pub struct Server {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Serves on `listener`; connections that end in an error (a client
+    /// that went away mid-request, a bad request, headers too slow) are
+    /// counted in `connection_errors` and logged at debug level only, so
+    /// that no client can flood the log.
+    pub fn start(
+        listener: std::net::TcpListener,
+        exposition: Exposition,
+        health: Health,
+        connection_errors: IntCounter,
+    ) -> io::Result<Self> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let thread = std::thread::Builder::new()
+            .name("ntm-http".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            serve(listener, exposition, health, connection_errors, async {
+                                let _ = stopped.await;
+                            })
+                            .await
+                        }
+                        Err(e) => log::error!("metrics endpoint: {e}"),
+                    }
+                })
+            })?;
+        Ok(Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops accepting, lets requests in flight finish (briefly), and joins
+    /// the thread.
+    pub fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Serves until `shutdown` completes.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    exposition: Exposition,
+    health: Health,
+    connection_errors: IntCounter,
+    shutdown: impl Future<Output = ()>,
+) {
+    let service = TowerToHyperService::new(warp::service(routes(exposition, health)));
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: wait a moment, go on.
+                    log::debug!("metrics endpoint: accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            // Reap finished connections as they end.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let service = service.clone();
+        let errors = connection_errors.clone();
+        connections.spawn(async move {
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
+                errors.inc();
+                log::debug!("metrics endpoint: connection ended with an error: {e}");
+            }
+        });
+    }
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    });
+    if drained.await.is_err() {
+        connections.abort_all();
+    }
+}
+
+/// `/metrics`, `/healthz` and `/`.
+fn routes(
+    exposition: Exposition,
+    health: Health,
+) -> impl Filter<Extract = (impl warp::Reply,), Error = warp::Rejection> + Clone + Send + Sync + 'static
+{
+    let metrics = warp::path("metrics")
+        .and(warp::path::end())
+        .and(warp::get())
+        .map(move || {
+            let (body, status, content_type) = match exposition.encode() {
+                Ok(body) => (body, StatusCode::OK, prometheus::TEXT_FORMAT),
+                Err(e) => (
+                    format!("encoding metrics failed: {e}\n"),
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                ),
+            };
+            let mut response = warp::http::Response::new(body);
+            *response.status_mut() = status;
+            response.headers_mut().insert(
+                warp::http::header::CONTENT_TYPE,
+                warp::http::HeaderValue::from_static(content_type),
+            );
+            response
+        });
+    let healthz = warp::path("healthz")
+        .and(warp::path::end())
+        .and(warp::get())
+        .map(move || {
+            let (healthy, text) = health.report();
+            let status = if healthy {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            warp::reply::with_status(text, status)
+        });
+    let root = warp::path::end().map(|| {
+        warp::reply::html(String::from(
+            "<html><body><h1>ntm</h1><p><a href=\"/metrics\">/metrics</a> \
+             <a href=\"/healthz\">/healthz</a></p></body></html>",
+        ))
+    });
+    metrics.or(healthz).or(root)
+}

@@ -1,0 +1,428 @@
+//! From a flow key to Prometheus label values: protocol and service names,
+//! direction from the local networks, host labels.
+
+use std::{fmt, net::IpAddr, str::FromStr};
+
+use ntm_common::{FlowKey, family, ipproto, key_flags, service_port::PortClass};
+
+use super::services::ServiceRegistry;
+
+/// Whether the host labels are needed at all (resolving names is skipped
+/// when neither src nor dst is kept).
+pub fn wants_hosts(enabled: &[Label]) -> bool {
+    enabled.contains(&Label::Src) || enabled.contains(&Label::Dst)
+}
+
+/// The labels ntm can put on its traffic counters, in exposition order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Label {
+    Src,
+    Dst,
+    Service,
+    Proto,
+    Direction,
+    Iface,
+    Vlan,
+}
+
+impl Label {
+    pub const ALL: [Label; 7] = [
+        Label::Src,
+        Label::Dst,
+        Label::Service,
+        Label::Proto,
+        Label::Direction,
+        Label::Iface,
+        Label::Vlan,
+    ];
+    /// Default set: the old tool's four plus direction and interface.
+    pub const DEFAULT: [Label; 6] = [
+        Label::Src,
+        Label::Dst,
+        Label::Service,
+        Label::Proto,
+        Label::Direction,
+        Label::Iface,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Label::Src => "src",
+            Label::Dst => "dst",
+            Label::Service => "service",
+            Label::Proto => "proto",
+            Label::Direction => "direction",
+            Label::Iface => "iface",
+            Label::Vlan => "vlan",
+        }
+    }
+}
+
+impl FromStr for Label {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Label::ALL
+            .into_iter()
+            .find(|l| l.name() == s.trim())
+            .ok_or_else(|| {
+                format!(
+                    "unknown label {s:?}; choose from {}",
+                    Label::ALL.map(Label::name).join(", ")
+                )
+            })
+    }
+}
+
+/// An IP network in CIDR notation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("{s:?} is not a network like 192.168.1.0/24 or fd00::/8");
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s.trim(), None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.parse::<u8>().map_err(|_| bad())?,
+            None => max,
+        };
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// Networks counted as local by default: private (RFC 1918), shared/CGNAT,
+/// link-local, loopback, IPv6 unique-local, link-local and loopback, and
+/// multicast/broadcast, which do not leave the local network.
+pub const DEFAULT_LOCAL_NETS: &str = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,169.254.0.0/16,127.0.0.0/8,224.0.0.0/4,255.255.255.255/32,fc00::/7,fe80::/10,::1/128,ff00::/8";
+
+/// Which addresses are local, for the `direction` label.
+#[derive(Clone, Debug)]
+pub struct LocalNets(pub Vec<Cidr>);
+
+impl LocalNets {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.0.iter().any(|net| net.contains(ip))
+    }
+
+    /// `inbound` (remote -> local), `outbound` (local -> remote), `internal`
+    /// (both local) or `external` (neither), or "" for non-IP frames.
+    pub fn direction(&self, key: &FlowKey) -> &'static str {
+        match (key.src_addr(), key.dst_addr()) {
+            (Some(src), Some(dst)) => match (self.contains(src), self.contains(dst)) {
+                (false, true) => "inbound",
+                (true, false) => "outbound",
+                (true, true) => "internal",
+                (false, false) => "external",
+            },
+            _ => "",
+        }
+    }
+}
+
+/// Lower-case protocol name, as the tool ntm replaces printed them; the
+/// number for protocols without a well-known name; the EtherType's name (or
+/// hex value) for non-IP frames.
+pub fn proto_name(key: &FlowKey) -> String {
+    if key.family == family::NON_IP {
+        return match key.port {
+            0x0806 => "arp".into(),
+            0x8035 => "rarp".into(),
+            0x88CC => "lldp".into(),
+            0x888E => "eapol".into(),
+            0x8863 => "pppoe-discovery".into(),
+            0x8864 => "pppoe".into(),
+            0x88F7 => "ptp".into(),
+            0x8847 | 0x8848 => "mpls".into(),
+            0x22F0 => "avtp".into(),
+            other => format!("ethertype-0x{other:04x}"),
+        };
+    }
+    match key.proto {
+        ipproto::ICMP => "icmp".into(),
+        2 => "igmp".into(),
+        4 => "ipip".into(),
+        ipproto::TCP => "tcp".into(),
+        ipproto::UDP => "udp".into(),
+        41 => "ipv6".into(),
+        47 => "gre".into(),
+        ipproto::ESP => "esp".into(),
+        ipproto::AH => "ah".into(),
+        ipproto::ICMPV6 => "icmp6".into(),
+        89 => "ospf".into(),
+        103 => "pim".into(),
+        112 => "vrrp".into(),
+        ipproto::SCTP => "sctp".into(),
+        ipproto::UDPLITE => "udplite".into(),
+        other => other.to_string(),
+    }
+}
+
+fn icmp_type_name(icmp_type: u16) -> Option<&'static str> {
+    Some(match icmp_type {
+        0 => "echo-reply",
+        3 => "destination-unreachable",
+        4 => "source-quench",
+        5 => "redirect",
+        8 => "echo-request",
+        9 => "router-advertisement",
+        10 => "router-solicitation",
+        11 => "time-exceeded",
+        12 => "parameter-problem",
+        13 => "timestamp-request",
+        14 => "timestamp-reply",
+        _ => return None,
+    })
+}
+
+fn icmpv6_type_name(icmp_type: u16) -> Option<&'static str> {
+    Some(match icmp_type {
+        1 => "destination-unreachable",
+        2 => "packet-too-big",
+        3 => "time-exceeded",
+        4 => "parameter-problem",
+        128 => "echo-request",
+        129 => "echo-reply",
+        130 => "mld-query",
+        131 => "mld-report",
+        132 => "mld-done",
+        133 => "router-solicitation",
+        134 => "router-advertisement",
+        135 => "neighbor-solicitation",
+        136 => "neighbor-advertisement",
+        137 => "redirect",
+        143 => "mldv2-report",
+        _ => return None,
+    })
+}
+
+/// The service label: the service name of the port the kernel chose (every
+/// /etc/services name, per protocol, plus `--service` additions; UDP 443 is
+/// https, for QUIC, unless the file or the user says otherwise); the ICMP
+/// message type's name; the port number when it has no name; "" when the
+/// flow has no port.
+pub fn service_name(key: &FlowKey, services: &ServiceRegistry) -> String {
+    // Non-IP frames, later fragments and cut-short headers have no port.
+    if key.family == family::NON_IP || key.flags & key_flags::L4_MISSING != 0 {
+        return String::new();
+    }
+    match key.proto {
+        ipproto::ICMP => icmp_type_name(key.port)
+            .map(str::to_string)
+            .unwrap_or_else(|| key.port.to_string()),
+        ipproto::ICMPV6 => icmpv6_type_name(key.port)
+            .map(str::to_string)
+            .unwrap_or_else(|| key.port.to_string()),
+        proto => {
+            let Some(class) = PortClass::of_ipproto(proto) else {
+                return String::new();
+            };
+            if key.port == 0 {
+                return String::new();
+            }
+            if let Some(name) = services.name(class, key.port) {
+                return name.to_string();
+            }
+            if class == PortClass::Udp && key.port == 443 {
+                return "https".to_string();
+            }
+            key.port.to_string()
+        }
+    }
+}
+
+/// Everything labelling needs, fixed at start.
+pub struct Labeller {
+    pub services: ServiceRegistry,
+    pub local: LocalNets,
+    pub enabled: Vec<Label>,
+}
+
+impl Labeller {
+    /// Label values of `key`, for the enabled labels, in their order; the
+    /// host labels are decided by the caller (see `names`).
+    pub fn values(&self, key: &FlowKey, iface: &str, src: &str, dst: &str) -> Vec<String> {
+        self.enabled
+            .iter()
+            .map(|label| match label {
+                Label::Src => src.to_string(),
+                Label::Dst => dst.to_string(),
+                Label::Service => service_name(key, &self.services),
+                Label::Proto => proto_name(key),
+                Label::Direction => self.local.direction(key).to_string(),
+                Label::Iface => iface.to_string(),
+                Label::Vlan => {
+                    if key.vlan_id == 0 {
+                        String::new()
+                    } else {
+                        key.vlan_id.to_string()
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Whether the host labels are needed at all.
+    pub fn wants_hosts(&self) -> bool {
+        wants_hosts(&self.enabled)
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.enabled.iter().map(|l| l.name()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local() -> LocalNets {
+        LocalNets(
+            DEFAULT_LOCAL_NETS
+                .split(',')
+                .map(|c| c.parse().unwrap())
+                .collect(),
+        )
+    }
+
+    fn v4(src: [u8; 4], dst: [u8; 4], proto: u8, port: u16) -> FlowKey {
+        let mut k = FlowKey {
+            family: family::IPV4,
+            proto,
+            port,
+            ..Default::default()
+        };
+        k.src[..4].copy_from_slice(&src);
+        k.dst[..4].copy_from_slice(&dst);
+        k
+    }
+
+    #[test]
+    fn cidrs_parse_and_match() {
+        let net: Cidr = "192.168.1.0/24".parse().unwrap();
+        assert!(net.contains("192.168.1.77".parse().unwrap()));
+        assert!(!net.contains("192.168.2.1".parse().unwrap()));
+        assert!(!net.contains("fd00::1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        let host: Cidr = "2001:db8::1".parse().unwrap();
+        assert!(host.contains("2001:db8::1".parse().unwrap()));
+        assert!(!host.contains("2001:db8::2".parse().unwrap()));
+        for bad in ["192.168.1.0/33", "fd00::/129", "nonsense", "10.0.0.0/x"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn directions_from_local_networks() {
+        let l = local();
+        let lan = [192, 168, 1, 10];
+        let wan = [93, 184, 216, 34];
+        assert_eq!(l.direction(&v4(wan, lan, 6, 443)), "inbound");
+        assert_eq!(l.direction(&v4(lan, wan, 6, 443)), "outbound");
+        assert_eq!(l.direction(&v4(lan, [10, 0, 0, 1], 6, 22)), "internal");
+        assert_eq!(l.direction(&v4(wan, [1, 1, 1, 1], 17, 53)), "external");
+        assert_eq!(
+            l.direction(&v4(lan, [224, 0, 0, 251], 17, 5353)),
+            "internal"
+        );
+        let arp = FlowKey {
+            family: family::NON_IP,
+            port: 0x0806,
+            ..Default::default()
+        };
+        assert_eq!(l.direction(&arp), "");
+    }
+
+    #[test]
+    fn services_icmp_quic_and_numbers() {
+        let mut s = ServiceRegistry::parse("https 443/tcp\nhttp-alt 8080/tcp\ndomain 53/udp\n");
+        s.add_spec("8123/tcp=home-assistant").unwrap();
+        let lan = [192, 168, 1, 10];
+        let wan = [93, 184, 216, 34];
+        assert_eq!(service_name(&v4(lan, wan, 6, 443), &s), "https");
+        assert_eq!(service_name(&v4(lan, wan, 17, 443), &s), "https", "QUIC");
+        assert_eq!(service_name(&v4(lan, wan, 6, 8080), &s), "http-alt");
+        assert_eq!(service_name(&v4(lan, wan, 6, 8123), &s), "home-assistant");
+        assert_eq!(service_name(&v4(lan, wan, 6, 9999), &s), "9999");
+        assert_eq!(service_name(&v4(lan, wan, 6, 0), &s), "");
+        assert_eq!(service_name(&v4(lan, wan, 1, 8), &s), "echo-request");
+        assert_eq!(service_name(&v4(lan, wan, 1, 42), &s), "42");
+        assert_eq!(service_name(&v4(lan, wan, 1, 0), &s), "echo-reply");
+        let mut later_fragment = v4(lan, wan, 1, 0);
+        later_fragment.flags = key_flags::L4_MISSING;
+        assert_eq!(service_name(&later_fragment, &s), "", "not an echo reply");
+        assert_eq!(
+            service_name(&v4(lan, wan, 47, 0), &s),
+            "",
+            "GRE has no ports"
+        );
+        let mut icmp6 = v4(lan, wan, ipproto::ICMPV6, 135);
+        icmp6.family = family::IPV6;
+        assert_eq!(service_name(&icmp6, &s), "neighbor-solicitation");
+    }
+
+    #[test]
+    fn protocol_names() {
+        let k = |proto| v4([1, 1, 1, 1], [2, 2, 2, 2], proto, 0);
+        assert_eq!(proto_name(&k(6)), "tcp");
+        assert_eq!(proto_name(&k(58)), "icmp6");
+        assert_eq!(proto_name(&k(47)), "gre");
+        assert_eq!(proto_name(&k(253)), "253");
+        let arp = FlowKey {
+            family: family::NON_IP,
+            port: 0x0806,
+            ..Default::default()
+        };
+        assert_eq!(proto_name(&arp), "arp");
+        let odd = FlowKey {
+            family: family::NON_IP,
+            port: 0x1234,
+            ..Default::default()
+        };
+        assert_eq!(proto_name(&odd), "ethertype-0x1234");
+    }
+
+    #[test]
+    fn labels_parse_by_name() {
+        assert_eq!("src".parse::<Label>(), Ok(Label::Src));
+        let err = "colour".parse::<Label>().unwrap_err();
+        assert!(err.contains("src, dst"), "{err}");
+    }
+}

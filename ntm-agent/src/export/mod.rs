@@ -1,0 +1,51 @@
+//! The export side: from drained flow deltas to what users read.
+//!
+//! Rooms, in the order a flow's deltas travel (`crate::pipeline` wires
+//! them):
+//! - [`pending`]: new flows wait (bounded) for their hosts' names;
+//! - [`names`]: host labels from reverse DNS, sticky for a series' life;
+//! - [`labels`] and [`services`]: label values (service names, protocols,
+//!   direction from the local networks);
+//! - [`budget`] and [`series`]: the series budget, folding and expiry, and
+//!   the compact series store with its text encoder;
+//! - [`self_metrics`]: ntm's own health metrics;
+//! - [`http`]: `/metrics` and `/healthz`.
+
+pub mod budget;
+pub mod http;
+pub mod labels;
+pub mod names;
+pub mod pending;
+pub mod self_metrics;
+pub mod series;
+pub mod services;
+
+use std::sync::{Arc, RwLock};
+
+use prometheus::Registry;
+
+use self::series::TrafficSeries;
+
+/// Everything `/metrics` shows: the traffic series and ntm's own metrics.
+#[derive(Clone)]
+pub struct Exposition {
+    registry: Registry,
+    traffic: Arc<RwLock<TrafficSeries>>,
+}
+
+impl Exposition {
+    pub fn new(registry: Registry, traffic: Arc<RwLock<TrafficSeries>>) -> Self {
+        Self { registry, traffic }
+    }
+
+    /// The Prometheus text exposition format.
+    pub fn encode(&self) -> Result<String, prometheus::Error> {
+        let mut out = String::new();
+        self.traffic
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .encode(&mut out);
+        prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out)?;
+        Ok(out)
+    }
+}

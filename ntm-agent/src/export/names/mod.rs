@@ -1,0 +1,225 @@
+//! Host names for the `src`/`dst` labels: asynchronous, cached, bounded
+//! reverse DNS, and labels that never change during a series' life.
+//!
+//! Lookups run on worker threads; the drain loop only reads the cache. A
+//! flow whose host has no answer yet waits (a bounded time, `--name-wait`)
+//! before it is first exported, so that a name arriving a moment later does
+//! not split its counter into an address series and a name series. Once an
+//! address's label is decided it is kept while it is in use ("sticky").
+
+pub mod dns;
+pub mod resolver;
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use ntm_common::FlowKey;
+use prometheus::IntCounterVec;
+
+use self::resolver::Resolver;
+use super::labels::LocalNets;
+
+#[derive(Clone, Debug)]
+pub struct NameOptions {
+    /// None: addresses only (`--numeric`, or no resolver configured).
+    pub server: Option<SocketAddr>,
+    pub timeout: Duration,
+    pub workers: usize,
+    /// Lookups waiting for a worker; beyond it new ones are dropped (and the
+    /// address shown).
+    pub queue: usize,
+    /// Keep remote hosts' full names instead of their registrable domain.
+    pub fqdn: bool,
+    /// How long a new flow waits for its hosts' names before it is exported
+    /// with addresses.
+    pub wait: Duration,
+}
+
+struct Sticky {
+    label: String,
+    last_used: Instant,
+}
+
+/// Decides and remembers the host label of each address.
+pub struct HostLabels {
+    /// Whether src or dst are labels at all (else nothing is resolved).
+    wanted: bool,
+    resolver: Option<Resolver>,
+    local: LocalNets,
+    fqdn: bool,
+    wait: Duration,
+    sticky: HashMap<IpAddr, Sticky>,
+}
+
+impl HostLabels {
+    /// Starts the resolver when names are wanted and a server is set;
+    /// `lookups` counts its lookups by result.
+    pub fn start(
+        wanted: bool,
+        local: LocalNets,
+        options: &NameOptions,
+        lookups: IntCounterVec,
+    ) -> Self {
+        let resolver = match options.server {
+            Some(server) if wanted => Some(Resolver::start(server, options, lookups)),
+            _ => None,
+        };
+        Self::new(wanted, resolver, local, options)
+    }
+
+    fn new(
+        wanted: bool,
+        resolver: Option<Resolver>,
+        local: LocalNets,
+        options: &NameOptions,
+    ) -> Self {
+        Self {
+            wanted,
+            resolver,
+            local,
+            fqdn: options.fqdn,
+            wait: options.wait,
+            sticky: HashMap::new(),
+        }
+    }
+
+    /// How long a new flow waits for its names at most.
+    pub fn wait(&self) -> Duration {
+        self.wait
+    }
+
+    /// (src, dst) labels of a flow first seen at `first_seen`, or None while
+    /// a name is still awaited. Empty when neither label is wanted, and for
+    /// non-IP frames, which have no hosts.
+    pub fn flow_labels(
+        &mut self,
+        key: &FlowKey,
+        first_seen: Instant,
+        now: Instant,
+    ) -> Option<(String, String)> {
+        if !self.wanted {
+            return Some((String::new(), String::new()));
+        }
+        match (key.src_addr(), key.dst_addr()) {
+            (Some(src), Some(dst)) => {
+                let src = self.label(src, first_seen, now);
+                let dst = self.label(dst, first_seen, now);
+                Some((src?, dst?))
+            }
+            _ => Some((String::new(), String::new())),
+        }
+    }
+
+    /// The label of `ip` for a flow first seen at `first_seen`, or None if
+    /// the flow should wait for a name a little longer.
+    pub fn label(&mut self, ip: IpAddr, first_seen: Instant, now: Instant) -> Option<String> {
+        if let Some(s) = self.sticky.get_mut(&ip) {
+            s.last_used = now;
+            return Some(s.label.clone());
+        }
+        let label = match &self.resolver {
+            None => ip.to_string(),
+            Some(resolver) => match resolver.lookup(ip, now) {
+                Some(Some(name)) => self.name_label(ip, name),
+                Some(None) => ip.to_string(),
+                None if now.duration_since(first_seen) < self.wait => return None,
+                None => ip.to_string(),
+            },
+        };
+        self.sticky.insert(
+            ip,
+            Sticky {
+                label: label.clone(),
+                last_used: now,
+            },
+        );
+        Some(label)
+    }
+
+    /// Local hosts keep their whole name (it is the device's identity);
+    /// remote hosts collapse to their registrable domain unless --fqdn.
+    fn name_label(&self, ip: IpAddr, name: String) -> String {
+        if self.fqdn || self.local.contains(ip) {
+            return name;
+        }
+        match psl::domain_str(&name) {
+            Some(domain) => domain.to_string(),
+            None => name,
+        }
+    }
+
+    /// Forgets labels not used for `ttl` (their series have expired too).
+    pub fn expire(&mut self, now: Instant, ttl: Duration) {
+        self.sticky
+            .retain(|_, s| now.duration_since(s.last_used) <= ttl);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> NameOptions {
+        NameOptions {
+            server: None,
+            timeout: Duration::from_secs(1),
+            workers: 1,
+            queue: 16,
+            fqdn: false,
+            wait: Duration::from_secs(2),
+        }
+    }
+
+    fn local() -> LocalNets {
+        LocalNets(vec!["192.168.0.0/16".parse().unwrap()])
+    }
+
+    #[test]
+    fn registrable_domains_for_remote_hosts_whole_names_for_local_ones() {
+        let h = HostLabels::new(true, None, local(), &options());
+        let remote: IpAddr = "93.184.216.34".parse().unwrap();
+        let lan: IpAddr = "192.168.1.5".parse().unwrap();
+        assert_eq!(h.name_label(remote, "news.bbc.co.uk".into()), "bbc.co.uk");
+        assert_eq!(h.name_label(remote, "a.b.1e100.net".into()), "1e100.net");
+        assert_eq!(
+            h.name_label(lan, "laptop.home.arpa".into()),
+            "laptop.home.arpa"
+        );
+        let fqdn = HostLabels::new(
+            true,
+            None,
+            local(),
+            &NameOptions {
+                fqdn: true,
+                ..options()
+            },
+        );
+        assert_eq!(
+            fqdn.name_label(remote, "news.bbc.co.uk".into()),
+            "news.bbc.co.uk"
+        );
+    }
+
+    #[test]
+    fn without_a_resolver_labels_are_addresses_at_once() {
+        let mut h = HostLabels::new(true, None, local(), &options());
+        let now = Instant::now();
+        let ip: IpAddr = "2001:2::1".parse().unwrap();
+        assert_eq!(h.label(ip, now, now), Some("2001:2::1".into()));
+    }
+
+    #[test]
+    fn sticky_labels_expire_when_unused() {
+        let mut h = HostLabels::new(true, None, local(), &options());
+        let t0 = Instant::now();
+        let ip: IpAddr = "198.18.0.9".parse().unwrap();
+        h.label(ip, t0, t0);
+        h.expire(t0 + Duration::from_secs(5), Duration::from_secs(10));
+        assert_eq!(h.sticky.len(), 1);
+        h.expire(t0 + Duration::from_secs(11), Duration::from_secs(10));
+        assert!(h.sticky.is_empty());
+    }
+}

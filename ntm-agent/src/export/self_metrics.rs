@@ -1,0 +1,271 @@
+//! ntm's own health metrics: what was counted outside the flow table or
+//! filtered out, the filter in effect, the attachments, the drains, the
+//! series budget, reverse DNS, the HTTP endpoint, and the process.
+//!
+//! They live in a `prometheus` registry; the traffic series do not (see
+//! `series.rs` for why).
+
+use ntm_common::OutsideReason;
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    core::Collector,
+};
+
+use crate::kernel::{InterfaceState, drain::Drained};
+
+#[derive(Debug, thiserror::Error)]
+#[error("registering metric {name}: {source}")]
+pub struct MetricsError {
+    name: String,
+    #[source]
+    source: prometheus::Error,
+}
+
+/// Results of reverse DNS lookups, the `result` label of
+/// `<prefix>_dns_lookups_total`.
+pub const DNS_RESULTS: [&str; 6] = [
+    "ok",
+    "no_name",
+    "server_error",
+    "timeout",
+    "error",
+    "dropped",
+];
+
+pub struct SelfMetrics {
+    registry: Registry,
+    outside_bytes: IntCounterVec,
+    outside_packets: IntCounterVec,
+    filtered_bytes: IntCounter,
+    filtered_packets: IntCounter,
+    filter_active: IntGaugeVec,
+    filter_reloads: IntCounterVec,
+    flow_table_entries: IntGauge,
+    drain_seconds: Histogram,
+    attached: IntGaugeVec,
+    pub series: IntGauge,
+    pub series_folded: IntCounter,
+    pub series_expired: IntCounter,
+    pub dns_lookups: IntCounterVec,
+    pub http_connection_errors: IntCounter,
+}
+
+/// Registers metrics under one prefix, with the name in every error.
+struct Registrar<'a> {
+    registry: &'a Registry,
+    prefix: &'a str,
+}
+
+impl Registrar<'_> {
+    fn register<C: Collector + Clone + 'static>(
+        &self,
+        suffix: &str,
+        make: impl FnOnce(String) -> prometheus::Result<C>,
+    ) -> Result<C, MetricsError> {
+        let name = format!("{}_{suffix}", self.prefix);
+        let fail = |source| MetricsError {
+            name: name.clone(),
+            source,
+        };
+        let collector = make(name.clone()).map_err(fail)?;
+        self.registry
+            .register(Box::new(collector.clone()))
+            .map_err(fail)?;
+        Ok(collector)
+    }
+
+    fn counter(&self, suffix: &str, help: &str) -> Result<IntCounter, MetricsError> {
+        self.register(suffix, |name| IntCounter::new(name, help))
+    }
+
+    fn gauge(&self, suffix: &str, help: &str) -> Result<IntGauge, MetricsError> {
+        self.register(suffix, |name| IntGauge::new(name, help))
+    }
+
+    fn counter_vec(
+        &self,
+        suffix: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntCounterVec, MetricsError> {
+        self.register(suffix, |name| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+        })
+    }
+
+    fn gauge_vec(
+        &self,
+        suffix: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntGaugeVec, MetricsError> {
+        self.register(suffix, |name| {
+            IntGaugeVec::new(Opts::new(name, help), labels)
+        })
+    }
+}
+
+impl SelfMetrics {
+    pub fn new(prefix: &str, flow_table_capacity: u32) -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let r = Registrar {
+            registry: &registry,
+            prefix,
+        };
+        let outside_bytes = r.counter_vec(
+            "outside_flow_table_bytes_total",
+            "Bytes of frames counted outside the flow table, by reason (table_full is also in bytes_total as src=\"other\")",
+            &["reason"],
+        )?;
+        let outside_packets = r.counter_vec(
+            "outside_flow_table_packets_total",
+            "Frames counted outside the flow table, by reason",
+            &["reason"],
+        )?;
+        // Every reason from the start: a dashboard shows 0, not "no data".
+        // (Filtered frames have counters of their own, below.)
+        for reason in OutsideReason::ALL
+            .into_iter()
+            .filter(|r| *r != OutsideReason::Filtered)
+        {
+            outside_bytes.with_label_values(&[reason.as_str()]);
+            outside_packets.with_label_values(&[reason.as_str()]);
+        }
+        let filter_reloads = r.counter_vec(
+            "filter_reloads_total",
+            "Filter changes on SIGHUP, by result (error: the old filter stays)",
+            &["result"],
+        )?;
+        for result in ["ok", "error"] {
+            filter_reloads.with_label_values(&[result]);
+        }
+        let capacity = r.gauge(
+            "flow_table_capacity",
+            "Flows each kernel table holds before traffic goes to the overflow bucket",
+        )?;
+        capacity.set(flow_table_capacity as i64);
+        let build = r.gauge_vec("build_info", "ntm's version", &["version"])?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let dns_lookups = r.counter_vec(
+            "dns_lookups_total",
+            "Reverse DNS lookups for host labels, by result",
+            &["result"],
+        )?;
+        for result in DNS_RESULTS {
+            dns_lookups.with_label_values(&[result]);
+        }
+        let metrics = Self {
+            outside_bytes,
+            outside_packets,
+            filtered_bytes: r.counter(
+                "filtered_bytes_total",
+                "Bytes of frames the tcpdump filter did not match (not in bytes_total), counted as bytes_total would",
+            )?,
+            filtered_packets: r.counter(
+                "filtered_packets_total",
+                "Frames the tcpdump filter did not match (not in packets_total)",
+            )?,
+            filter_active: r.gauge_vec(
+                "filter_active",
+                "1 for the tcpdump filter in effect (\"\" when every frame is counted)",
+                &["filter"],
+            )?,
+            filter_reloads,
+            flow_table_entries: r.gauge(
+                "flow_table_entries",
+                "Flows in the kernel table drained last (per interval)",
+            )?,
+            drain_seconds: r.register("drain_duration_seconds", |name| {
+                Histogram::with_opts(
+                    HistogramOpts::new(name, "Time to swap and read the kernel flow table")
+                        .buckets(vec![
+                            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        ]),
+                )
+            })?,
+            attached: r.gauge_vec(
+                "interface_attached",
+                "1 while ntm's programs are attached to the interface's hooks; mode: tcx, clsact, xdp-native or xdp-generic",
+                &["iface", "mode"],
+            )?,
+            series: r.gauge("series", "Traffic series exported now")?,
+            series_folded: r.counter(
+                "series_folded_total",
+                "Flow deltas folded into \"other\" series because of --max-series",
+            )?,
+            series_expired: r.counter(
+                "series_expired_total",
+                "Series dropped after --series-ttl without traffic",
+            )?,
+            dns_lookups,
+            http_connection_errors: r.counter(
+                "http_connection_errors_total",
+                "HTTP connections that ended in an error (client went away, bad request, header timeout)",
+            )?,
+            registry,
+        };
+        let process = prometheus::process_collector::ProcessCollector::for_self();
+        metrics
+            .registry
+            .register(Box::new(process))
+            .map_err(|source| MetricsError {
+                name: "process_*".to_string(),
+                source,
+            })?;
+        Ok(metrics)
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// One drain: its duration, the table's size, and what was counted
+    /// outside the table or filtered out.
+    pub fn record_drain(&self, drained: &Drained) {
+        self.drain_seconds
+            .observe((drained.swap_time + drained.read_time).as_secs_f64());
+        self.flow_table_entries.set(drained.flows.len() as i64);
+        for reason in OutsideReason::ALL {
+            let delta = drained.outside[reason as usize];
+            if delta.packets == 0 && delta.bytes == 0 {
+                continue;
+            }
+            if reason == OutsideReason::Filtered {
+                self.filtered_bytes.inc_by(delta.bytes);
+                self.filtered_packets.inc_by(delta.packets);
+                continue;
+            }
+            self.outside_bytes
+                .with_label_values(&[reason.as_str()])
+                .inc_by(delta.bytes);
+            self.outside_packets
+                .with_label_values(&[reason.as_str()])
+                .inc_by(delta.packets);
+        }
+    }
+
+    /// The filter in effect (None: every frame counted).
+    pub fn set_filter(&self, expression: Option<&str>) {
+        self.filter_active.reset();
+        self.filter_active
+            .with_label_values(&[expression.unwrap_or("")])
+            .set(1);
+    }
+
+    /// One SIGHUP's filter change, done or refused.
+    pub fn filter_reloaded(&self, ok: bool) {
+        self.filter_reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    /// The attachments now: series that no longer apply go away.
+    pub fn set_interfaces(&self, states: &[InterfaceState]) {
+        self.attached.reset();
+        for state in states {
+            self.attached
+                .with_label_values(&[state.iface.as_str(), state.mode.as_str()])
+                .set(state.attached as i64);
+        }
+    }
+}

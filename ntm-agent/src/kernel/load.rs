@@ -1,0 +1,455 @@
+//! Loading the kernel programs: the embedded eBPF object, its settings, its
+//! maps, and clear errors when the kernel or the privileges say no.
+
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, Map, MapData, MapError},
+    programs::{ProgramError, SchedClassifier, Xdp},
+    util::KernelVersion,
+};
+use ntm_common::{
+    names,
+    programs::{self, Hook, LinkType},
+};
+
+use super::{
+    drain::{DrainError, FlowTables},
+    filter::{self, Filter, FilterError},
+    sys::{SyscallError, bpf, process},
+};
+
+/// The kernel programs, built by build.rs from the ntm-ebpf crate.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ntm"));
+
+/// Oldest kernel ntm is written for: BTF-defined map-in-map, `gso_segs` in
+/// `__sk_buff` and bounded loops in the verifier are all older than this.
+pub const MIN_KERNEL: (u8, u8) = (5, 10);
+
+/// Lines of the verifier's log shown when it rejects a program.
+const VERIFIER_LOG_TAIL: usize = 40;
+/// Bytes of verifier log asked for when a filter program is rejected.
+const VERIFIER_LOG_SIZE: usize = 1 << 20;
+
+#[derive(Clone, Debug)]
+pub struct DatapathOptions {
+    /// Capacity of each of the two flow tables.
+    pub flow_table_entries: u32,
+    /// First port of the client ephemeral range (service-port rule).
+    pub ephemeral_start: u16,
+    /// XDP mode: drop frames after counting them (mirror ports).
+    pub xdp_drop: bool,
+}
+
+impl Default for DatapathOptions {
+    fn default() -> Self {
+        Self {
+            flow_table_entries: ntm_common::DEFAULT_FLOW_TABLE_ENTRIES,
+            ephemeral_start: ntm_common::service_port::DEFAULT_EPHEMERAL_START,
+            xdp_drop: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "kernel {found} is too old: ntm needs Linux {}.{} or newer (with BTF and BPF map-in-map support)",
+        MIN_KERNEL.0, MIN_KERNEL.1
+    )]
+    KernelTooOld { found: String },
+    #[error(
+        "not allowed to load eBPF programs ({what}): run ntm as root, or grant it CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (e.g. setcap cap_bpf,cap_net_admin,cap_perfmon+ep on the binary, or the capabilities in a container's securityContext)"
+    )]
+    NotPermitted { what: String },
+    #[error(
+        "the kernel could not load ntm's maps and programs ({source}); is the kernel built with BTF and CONFIG_BPF_SYSCALL?"
+    )]
+    Object {
+        #[source]
+        source: aya::EbpfError,
+    },
+    #[error(
+        "the kernel's verifier rejected program {program} ({io_error}); this is a bug in ntm, please report it with this log tail:\n{log_tail}"
+    )]
+    VerifierRejected {
+        program: String,
+        #[source]
+        io_error: io::Error,
+        log_tail: String,
+    },
+    #[error("loading program {program} failed: {source}")]
+    Program {
+        program: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error(
+        "the eBPF object is missing {0}; the build is broken (rebuild with `cargo xtask build`)"
+    )]
+    Missing(&'static str),
+    #[error("setting up the flow tables failed: {0}")]
+    FlowTables(#[from] DrainError),
+    #[error("setting up map {map} failed: {source}")]
+    MapSetup {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("setting up the tail call to {program} failed: {source}")]
+    TailSetup {
+        program: &'static str,
+        #[source]
+        source: SyscallError,
+    },
+}
+
+/// The loaded kernel side: programs ready to attach, flow tables ready to
+/// drain.
+pub struct Datapath {
+    ebpf: Ebpf,
+    /// The program arrays and the verdict map, held for the agent's life:
+    /// the kernel empties a program array when its last user handle closes.
+    tc_tails: MapData,
+    xdp_tails: MapData,
+    verdict: MapData,
+    /// The filter in the hooks now, if any.
+    filter: Option<Filter>,
+}
+
+impl Datapath {
+    /// Loads and verifies every program of [`programs::HOOKS`], puts each
+    /// counting half in its tail-call slot, writes the known-port bitmap,
+    /// and returns the datapath with the flow tables taken out for draining.
+    pub fn load(
+        options: &DatapathOptions,
+        known_ports: &[u32],
+    ) -> Result<(Self, FlowTables), DatapathError> {
+        check_kernel()?;
+        // Ignored where memcg accounting is used (5.11+), which is fine.
+        if let Err(e) = process::raise_memlock_limit() {
+            log::debug!("{e}");
+        }
+        let mut loader = EbpfLoader::new();
+        for table in names::FLOW_TABLES {
+            loader.map_max_entries(table, options.flow_table_entries);
+        }
+        loader.override_global(names::EPHEMERAL_START, &options.ephemeral_start, true);
+        // XDP_DROP is 1, XDP_PASS 2 (uapi/linux/bpf.h).
+        let xdp_action: u32 = if options.xdp_drop { 1 } else { 2 };
+        loader.override_global(names::XDP_ACTION, &xdp_action, true);
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(classify_load_error)?;
+
+        for hook in &programs::HOOKS {
+            for name in [hook.entry, hook.count] {
+                let program = ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?;
+                let loaded = if hook.is_xdp() {
+                    <&mut Xdp>::try_from(program).and_then(|p| p.load())
+                } else {
+                    <&mut SchedClassifier>::try_from(program).and_then(|p| p.load())
+                };
+                loaded.map_err(|e| classify_program_error(name, e))?;
+            }
+        }
+
+        let tc_tails = take_map_data(&mut ebpf, names::TC_TAILS)?;
+        let xdp_tails = take_map_data(&mut ebpf, names::XDP_TAILS)?;
+        let verdict = take_map_data(&mut ebpf, names::FILTER_VERDICT)?;
+        for hook in &programs::HOOKS {
+            let program = ebpf
+                .program(hook.count)
+                .ok_or(DatapathError::Missing(hook.count))?
+                .fd()
+                .map_err(|source| DatapathError::Program {
+                    program: hook.count.to_string(),
+                    source,
+                })?;
+            let tails = if hook.is_xdp() { &xdp_tails } else { &tc_tails };
+            bpf::set_program_slot(tails.fd().as_fd(), hook.count_slot, program.as_fd()).map_err(
+                |source| DatapathError::TailSetup {
+                    program: hook.count,
+                    source,
+                },
+            )?;
+        }
+
+        let mut known: Array<MapData, u32> = ebpf
+            .take_map(names::KNOWN_PORTS)
+            .ok_or(DatapathError::Missing(names::KNOWN_PORTS))?
+            .try_into()
+            .map_err(|source| DatapathError::MapSetup {
+                map: names::KNOWN_PORTS,
+                source,
+            })?;
+        for (index, word) in known_ports.iter().enumerate() {
+            if *word != 0 {
+                known
+                    .set(index as u32, *word, 0)
+                    .map_err(|source| DatapathError::MapSetup {
+                        map: names::KNOWN_PORTS,
+                        source,
+                    })?;
+            }
+        }
+        // The program keeps its own reference to the map; ours can go.
+        drop(known);
+
+        let tables = FlowTables::take_from(&mut ebpf)?;
+        Ok((
+            Self {
+                ebpf,
+                tc_tails,
+                xdp_tails,
+                verdict,
+                filter: None,
+            },
+            tables,
+        ))
+    }
+
+    /// Puts `filter` in every hook's filter slot (or, with `None`, empties
+    /// them so that every frame is counted). All programs are built and
+    /// loaded first, so a filter the kernel refuses changes nothing; then
+    /// each slot is swapped, atomically for the frames going through it. A
+    /// link type the filter does not compile for gets an empty slot: the
+    /// agent does not attach to such interfaces (see
+    /// [`Datapath::filter_allows`]).
+    pub fn set_filter(&mut self, filter: Option<Filter>) -> Result<(), FilterError> {
+        // One program per hook (None: the slot is emptied), all loaded
+        // before any slot changes.
+        let mut loaded = Vec::with_capacity(programs::HOOKS.len());
+        for hook in &programs::HOOKS {
+            let program = match &filter {
+                Some(filter) => match filter.program(hook.link) {
+                    Ok(classic) => Some(self.load_filter_program(filter, classic, hook)?),
+                    Err(_) => None,
+                },
+                None => None,
+            };
+            loaded.push(program);
+        }
+        for (hook, program) in programs::HOOKS.iter().zip(&loaded) {
+            let tails = self.tails(hook);
+            match program {
+                Some(program) => bpf::set_program_slot(tails, hook.filter_slot, program.as_fd()),
+                None => bpf::clear_program_slot(tails, hook.filter_slot),
+            }
+            .map_err(FilterError::Install)?;
+        }
+        // The program arrays hold the programs now; our handles can go.
+        drop(loaded);
+        self.filter = filter;
+        Ok(())
+    }
+
+    /// Translates `classic` for `hook` and loads it.
+    fn load_filter_program(
+        &self,
+        filter: &Filter,
+        classic: &[filter::ClassicInsn],
+        hook: &Hook,
+    ) -> Result<OwnedFd, FilterError> {
+        let fds = filter::translate::MapFds {
+            tails: self.tails(hook).as_raw_fd(),
+            verdict: self.verdict.fd().as_fd().as_raw_fd(),
+        };
+        let insns = filter::translate::translate(classic, hook, fds).map_err(|source| {
+            FilterError::Translate {
+                expression: filter.expression.clone(),
+                source,
+            }
+        })?;
+        let spec = bpf::ProgramSpec {
+            prog_type: if hook.is_xdp() {
+                bpf::PROG_TYPE_XDP
+            } else {
+                bpf::PROG_TYPE_SCHED_CLS
+            },
+            expected_attach_type: if hook.is_xdp() {
+                bpf::ATTACH_TYPE_XDP
+            } else {
+                0
+            },
+            name: "ntm_filter",
+            insns: &insns,
+        };
+        let error = match bpf::load_program(&spec, None) {
+            Ok(fd) => return Ok(fd),
+            Err(e) if e.errno() == Some(libc::EPERM) => return Err(FilterError::NotPermitted),
+            Err(e) => e,
+        };
+        // Once more with the verifier's log, to say why.
+        let mut log = vec![0u8; VERIFIER_LOG_SIZE];
+        match bpf::load_program(&spec, Some(&mut log)) {
+            // Accepted the second time (a transient failure): keep it.
+            Ok(fd) => Ok(fd),
+            Err(_) => {
+                let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+                Err(FilterError::Rejected {
+                    expression: filter.expression.clone(),
+                    hook: format!("{} {}", hook.link.name(), hook.point.name()),
+                    source: error,
+                    log_tail: log_tail(&String::from_utf8_lossy(&log[..end]), VERIFIER_LOG_TAIL),
+                })
+            }
+        }
+    }
+
+    /// The program array a hook's filter and counting half live in.
+    fn tails(&self, hook: &Hook) -> BorrowedFd<'_> {
+        if hook.is_xdp() {
+            self.xdp_tails.fd().as_fd()
+        } else {
+            self.tc_tails.fd().as_fd()
+        }
+    }
+
+    /// The filter in place, if any.
+    pub fn filter(&self) -> Option<&Filter> {
+        self.filter.as_ref()
+    }
+
+    /// Whether frames of `link` can be counted as the filter asks: with no
+    /// filter always; with one, only if it compiled for that link type.
+    pub fn filter_allows(&self, link: LinkType) -> Result<(), FilterError> {
+        match &self.filter {
+            None => Ok(()),
+            Some(filter) => filter.program(link).map(|_| ()),
+        }
+    }
+
+    /// A loaded XDP program by name (see `ntm_common::programs`).
+    pub fn xdp_program(&mut self, name: &str) -> Option<&mut Xdp> {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|p| <&mut Xdp>::try_from(p).ok())
+    }
+
+    /// A loaded TC program by name (see `ntm_common::programs`).
+    pub fn tc_program(&mut self, name: &str) -> Option<&mut SchedClassifier> {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+    }
+}
+
+/// Takes a map out of the object as plain map data (for its fd).
+fn take_map_data(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, DatapathError> {
+    match ebpf.take_map(name).ok_or(DatapathError::Missing(name))? {
+        Map::ProgramArray(data) | Map::PerCpuArray(data) => Ok(data),
+        _ => Err(DatapathError::Missing(name)),
+    }
+}
+
+fn check_kernel() -> Result<(), DatapathError> {
+    // An unreadable version is no reason to refuse: the load itself will say.
+    match KernelVersion::current() {
+        Ok(version) => kernel_supported(version),
+        Err(_) => Ok(()),
+    }
+}
+
+fn kernel_supported(version: KernelVersion) -> Result<(), DatapathError> {
+    if version < KernelVersion::new(MIN_KERNEL.0, MIN_KERNEL.1, 0) {
+        return Err(DatapathError::KernelTooOld {
+            found: format!("{version:?}"),
+        });
+    }
+    Ok(())
+}
+
+/// The last `lines` lines of a verifier log: where it gave up.
+fn log_tail(log: &str, lines: usize) -> String {
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Whether an error (or any error it wraps) is the kernel's EPERM/EACCES.
+pub(crate) fn is_permission_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if let Some(io) = err.downcast_ref::<io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
+        {
+            return true;
+        }
+        current = err.source();
+    }
+    false
+}
+
+fn classify_load_error(e: aya::EbpfError) -> DatapathError {
+    if is_permission_error(&e) {
+        return DatapathError::NotPermitted {
+            what: "creating BPF maps".to_string(),
+        };
+    }
+    DatapathError::Object { source: e }
+}
+
+fn classify_program_error(name: &str, e: ProgramError) -> DatapathError {
+    match e {
+        // The verifier answers EACCES for programs it rejects, so only a
+        // plain EPERM with nothing logged means missing privileges.
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            if io_error.raw_os_error() == Some(libc::EPERM) && log.trim().is_empty() {
+                return DatapathError::NotPermitted {
+                    what: format!("loading program {name}"),
+                };
+            }
+            DatapathError::VerifierRejected {
+                program: name.to_string(),
+                io_error,
+                log_tail: log_tail(&log, VERIFIER_LOG_TAIL),
+            }
+        }
+        e if is_permission_error(&e) => DatapathError::NotPermitted {
+            what: format!("loading program {name}"),
+        },
+        source => DatapathError::Program {
+            program: name.to_string(),
+            source,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_kernels_are_refused_with_the_version_needed() {
+        let err = kernel_supported(KernelVersion::new(4, 19, 0)).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("too old") && text.contains("5.10"), "{text}");
+        assert!(kernel_supported(KernelVersion::new(5, 10, 0)).is_ok());
+        assert!(kernel_supported(KernelVersion::new(6, 18, 44)).is_ok());
+    }
+
+    #[test]
+    fn verifier_log_tail_keeps_the_last_lines() {
+        let log = (1..=100)
+            .map(|i| format!("line {i}"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let tail = log_tail(&log, 3);
+        assert_eq!(tail, "line 98\nline 99\nline 100");
+        assert_eq!(log_tail("only", 40), "only");
+    }
+
+    #[test]
+    fn permission_errors_are_found_in_the_chain() {
+        let eperm = io::Error::from_raw_os_error(libc::EPERM);
+        assert!(is_permission_error(&eperm));
+        let other = io::Error::from_raw_os_error(libc::ENOENT);
+        assert!(!is_permission_error(&other));
+    }
+}

@@ -1,0 +1,337 @@
+//! The one place where the export stages are wired: a drain's flow deltas
+//! go through them in this order, and come out as traffic series.
+//!
+//! ```text
+//! Drained (kernel::drain)
+//!   -> self-metrics of the drain (outside the table, filtered, timing)
+//!   -> pending: new flows wait for their hosts' names (names::HostLabels)
+//!   -> labels: service, protocol, direction, interface (labels::Labeller)
+//!   -> budget: at most --max-series, the rest folded into "other"
+//!   -> series: the store /metrics encodes (http)
+//! ```
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use ntm_common::OutsideReason;
+
+use crate::{
+    export::{
+        Exposition,
+        budget::SeriesBudget,
+        labels::{Label, Labeller, LocalNets},
+        names::{HostLabels, NameOptions},
+        pending::PendingFlows,
+        self_metrics::{MetricsError, SelfMetrics},
+        series::TrafficSeries,
+        services::ServiceRegistry,
+    },
+    kernel::drain::Drained,
+};
+
+/// What the export stages need, built from the configuration in one place
+/// (`Config::pipeline`).
+#[derive(Clone, Debug)]
+pub struct PipelineOptions {
+    pub prefix: String,
+    /// Labels kept on the traffic counters, each once, in order.
+    pub labels: Vec<Label>,
+    pub local: LocalNets,
+    pub max_series: usize,
+    pub series_ttl: Duration,
+    /// Reported as `<prefix>_flow_table_capacity`.
+    pub flow_table_capacity: u32,
+    pub names: NameOptions,
+}
+
+pub struct Pipeline {
+    metrics: SelfMetrics,
+    pending: PendingFlows,
+    hosts: HostLabels,
+    labeller: Labeller,
+    budget: SeriesBudget,
+    exposition: Exposition,
+}
+
+impl Pipeline {
+    /// Builds every stage (and starts the reverse-DNS workers if names are
+    /// wanted).
+    pub fn new(options: PipelineOptions, services: ServiceRegistry) -> Result<Self, MetricsError> {
+        let metrics = SelfMetrics::new(&options.prefix, options.flow_table_capacity)?;
+        let labeller = Labeller {
+            services,
+            local: options.local.clone(),
+            enabled: options.labels.clone(),
+        };
+        let hosts = HostLabels::start(
+            labeller.wants_hosts(),
+            options.local,
+            &options.names,
+            metrics.dns_lookups.clone(),
+        );
+        let series = Arc::new(RwLock::new(TrafficSeries::new(
+            &options.prefix,
+            labeller.names(),
+        )));
+        let budget = SeriesBudget::new(
+            Arc::clone(&series),
+            options.labels,
+            options.max_series,
+            options.series_ttl,
+            (
+                metrics.series.clone(),
+                metrics.series_folded.clone(),
+                metrics.series_expired.clone(),
+            ),
+        );
+        let exposition = Exposition::new(metrics.registry().clone(), series);
+        Ok(Self {
+            metrics,
+            pending: PendingFlows::default(),
+            hosts,
+            labeller,
+            budget,
+            exposition,
+        })
+    }
+
+    /// One drain's deltas through every stage. `iface_labels` names the
+    /// interfaces by index (see `Kernel::interface_labels`).
+    pub fn process(
+        &mut self,
+        drained: &Drained,
+        iface_labels: &HashMap<u32, String>,
+        now: Instant,
+    ) {
+        self.metrics.record_drain(drained);
+        self.pending.add(&drained.flows, now);
+        let Self {
+            pending,
+            hosts,
+            labeller,
+            budget,
+            ..
+        } = self;
+        let wait = hosts.wait();
+        pending.release(
+            now,
+            wait,
+            |key, first_seen| hosts.flow_labels(key, first_seen, now),
+            |key, (src, dst), delta| {
+                let iface = iface_labels
+                    .get(&key.ifindex)
+                    .cloned()
+                    .unwrap_or_else(|| key.ifindex.to_string());
+                budget.add(labeller.values(key, &iface, &src, &dst), delta, now);
+            },
+        );
+        // Traffic that found no room in the flow table is still traffic: it
+        // goes into the main counters, labelled "other", so that their
+        // totals add up.
+        for reason in [
+            OutsideReason::TableFull,
+            OutsideReason::InsertFailed,
+            OutsideReason::NoActiveTable,
+        ] {
+            let delta = drained.outside[reason as usize];
+            if delta.packets != 0 || delta.bytes != 0 {
+                self.budget.add_overflow(&delta, now);
+            }
+        }
+    }
+
+    /// Drops idle series, and the host labels only they used.
+    pub fn expire(&mut self, now: Instant) {
+        self.budget.expire(now);
+        self.hosts.expire(now, self.budget.ttl());
+    }
+
+    pub fn metrics(&self) -> &SelfMetrics {
+        &self.metrics
+    }
+
+    /// What the HTTP endpoint encodes.
+    pub fn exposition(&self) -> Exposition {
+        self.exposition.clone()
+    }
+
+    pub fn series_count(&self) -> usize {
+        self.budget.len()
+    }
+
+    /// Flows waiting for names right now.
+    pub fn waiting_flows(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::labels::Cidr;
+    use ntm_common::{Counters, FlowKey, family};
+
+    fn pipeline(max_series: usize, ttl: Duration, labels: Vec<Label>) -> Pipeline {
+        Pipeline::new(
+            PipelineOptions {
+                prefix: "ntm".into(),
+                labels,
+                local: LocalNets(vec!["192.168.0.0/16".parse::<Cidr>().unwrap()]),
+                max_series,
+                series_ttl: ttl,
+                flow_table_capacity: 1024,
+                names: NameOptions {
+                    server: None,
+                    timeout: Duration::from_secs(1),
+                    workers: 1,
+                    queue: 16,
+                    fqdn: false,
+                    wait: Duration::from_secs(2),
+                },
+            },
+            ServiceRegistry::parse("https 443/tcp\n"),
+        )
+        .unwrap()
+    }
+
+    fn flow(src: [u8; 4], dst: [u8; 4], port: u16) -> FlowKey {
+        let mut k = FlowKey {
+            family: family::IPV4,
+            proto: 6,
+            port,
+            ifindex: 2,
+            ..Default::default()
+        };
+        k.src[..4].copy_from_slice(&src);
+        k.dst[..4].copy_from_slice(&dst);
+        k
+    }
+
+    fn drained(flows: Vec<(FlowKey, u64)>) -> Drained {
+        Drained {
+            flows: flows
+                .into_iter()
+                .map(|(k, b)| {
+                    (
+                        k,
+                        Counters {
+                            bytes: b,
+                            packets: 1,
+                        },
+                    )
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn eth0() -> HashMap<u32, String> {
+        HashMap::from([(2, "eth0".to_string())])
+    }
+
+    fn total(p: &Pipeline) -> u64 {
+        let text = p.exposition().encode().unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("ntm_bytes_total{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+
+    #[test]
+    fn labels_in_the_exposition() {
+        let mut p = pipeline(100, Duration::from_secs(60), Label::DEFAULT.to_vec());
+        let d = drained(vec![(
+            flow([192, 168, 1, 2], [93, 184, 216, 34], 443),
+            1500,
+        )]);
+        p.process(&d, &eth0(), Instant::now());
+        let text = p.exposition().encode().unwrap();
+        assert!(
+            text.contains(r#"ntm_bytes_total{direction="outbound",dst="93.184.216.34",iface="eth0",proto="tcp",service="https",src="192.168.1.2"} 1500"#),
+            "{text}"
+        );
+        assert!(text.contains("ntm_build_info{version="), "{text}");
+        assert!(text.contains("ntm_flow_table_capacity 1024"), "{text}");
+        assert_eq!(p.waiting_flows(), 0);
+    }
+
+    #[test]
+    fn dropped_labels_are_summed_over() {
+        let mut p = pipeline(
+            100,
+            Duration::from_secs(60),
+            vec![Label::Service, Label::Direction],
+        );
+        let d = drained(vec![
+            (flow([192, 168, 1, 2], [8, 8, 8, 8], 443), 100),
+            (flow([192, 168, 1, 3], [1, 1, 1, 1], 443), 50),
+        ]);
+        p.process(&d, &eth0(), Instant::now());
+        let text = p.exposition().encode().unwrap();
+        assert!(
+            text.contains(r#"ntm_bytes_total{direction="outbound",service="https"} 150"#),
+            "{text}"
+        );
+        assert_eq!(p.series_count(), 1);
+    }
+
+    #[test]
+    fn budget_folds_into_other_and_totals_still_add_up() {
+        let mut p = pipeline(3, Duration::from_secs(60), Label::DEFAULT.to_vec());
+        let flows = (1..=10u8)
+            .map(|i| (flow([192, 168, 1, i], [8, 8, 8, 8], 443), 10 * i as u64))
+            .collect();
+        p.process(&drained(flows), &eth0(), Instant::now());
+        assert_eq!(total(&p), (1..=10u64).map(|i| 10 * i).sum::<u64>());
+        let text = p.exposition().encode().unwrap();
+        assert!(text.contains(r#"src="other""#), "{text}");
+        assert!(text.contains("ntm_series_folded_total 7"), "{text}");
+        // 3 budgeted series plus one folded series.
+        assert_eq!(p.series_count(), 4);
+        assert!(text.contains("ntm_series 4"), "{text}");
+    }
+
+    #[test]
+    fn idle_series_expire_and_counting_goes_on() {
+        let mut p = pipeline(100, Duration::from_secs(10), Label::DEFAULT.to_vec());
+        let start = Instant::now();
+        let a = flow([192, 168, 1, 2], [8, 8, 8, 8], 443);
+        let b = flow([192, 168, 1, 3], [8, 8, 8, 8], 443);
+        p.process(&drained(vec![(a, 5), (b, 7)]), &eth0(), start);
+        p.process(
+            &drained(vec![(a, 5)]),
+            &eth0(),
+            start + Duration::from_secs(8),
+        );
+        p.expire(start + Duration::from_secs(15));
+        assert_eq!(p.series_count(), 1);
+        assert_eq!(total(&p), 10, "the live series keeps its count");
+        let text = p.exposition().encode().unwrap();
+        assert!(!text.contains(r#"src="192.168.1.3""#), "{text}");
+        assert!(text.contains("ntm_series_expired_total 1"), "{text}");
+    }
+
+    #[test]
+    fn overflow_counts_in_the_main_counters_as_other() {
+        let mut p = pipeline(100, Duration::from_secs(60), Label::DEFAULT.to_vec());
+        let mut d = drained(vec![(flow([192, 168, 1, 2], [8, 8, 8, 8], 443), 100)]);
+        d.outside[OutsideReason::TableFull as usize] = Counters {
+            bytes: 900,
+            packets: 9,
+        };
+        d.outside[OutsideReason::MalformedIpv4 as usize] = Counters {
+            bytes: 60,
+            packets: 1,
+        };
+        p.process(&d, &eth0(), Instant::now());
+        assert_eq!(total(&p), 1000);
+        let text = p.exposition().encode().unwrap();
+        assert!(
+            text.contains(r#"ntm_outside_flow_table_packets_total{reason="malformed_ipv4"} 1"#),
+            "{text}"
+        );
+    }
+}

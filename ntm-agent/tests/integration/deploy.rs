@@ -1,0 +1,86 @@
+//! Deployment artefacts, tested like code: the systemd unit is valid, and
+//! its capabilities are exactly enough for an unprivileged ntm to count.
+
+use std::process::Stdio;
+
+use crate::kit::{
+    Link,
+    scrape::{Guard, TempDir, udp_counted_exactly, wait_healthy},
+};
+
+const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/systemd/ntm.service");
+
+fn unit_value(key: &str) -> String {
+    let text = std::fs::read_to_string(UNIT).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{key}= in {UNIT}"))
+        .to_string()
+}
+
+pub fn systemd_unit_verifies() {
+    if !std::path::Path::new("/usr/bin/systemd-analyze").exists() {
+        assert!(
+            std::env::var("NTM_REQUIRE_BPF").is_err(),
+            "systemd-analyze is missing (Debian package systemd)"
+        );
+        eprintln!("SKIPPED: no systemd-analyze here");
+        return;
+    }
+    // The unit as installed, pointing at the binary just built.
+    let dir = TempDir::new("unit");
+    let text = std::fs::read_to_string(UNIT)
+        .unwrap()
+        .replace("/usr/local/bin/ntm-agent", env!("CARGO_BIN_EXE_ntm-agent"));
+    let unit = dir.0.join("ntm.service");
+    std::fs::write(&unit, text).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", unit.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && report.trim().is_empty(), "{report}");
+    assert_eq!(
+        unit_value("AmbientCapabilities"),
+        unit_value("CapabilityBoundingSet")
+    );
+}
+
+pub fn an_unprivileged_agent_with_the_units_capabilities_counts() {
+    // CAP_BPF CAP_NET_ADMIN CAP_PERFMON -> +bpf,+net_admin,+perfmon
+    let caps: Vec<String> = unit_value("AmbientCapabilities")
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_ascii_lowercase()))
+        .collect();
+    let caps = format!("-all,{}", caps.join(","));
+    let link = Link::new("caps");
+    let _agent = Guard(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &link.a.name, "setpriv"])
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(format!("--inh-caps={caps}"))
+            .arg(format!("--ambient-caps={caps}"))
+            .arg(format!("--bounding-set={caps}"))
+            .arg(env!("CARGO_BIN_EXE_ntm-agent"))
+            .args([
+                "--numeric",
+                "-i",
+                &link.a_if,
+                "-b",
+                "127.0.0.1",
+                "-p",
+                "9950",
+            ])
+            .args(["--drain-interval", "100ms"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_healthy(&link.a, 9950);
+    udp_counted_exactly(&link, 5320, 10, 72, 9950);
+}

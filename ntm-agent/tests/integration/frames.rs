@@ -1,0 +1,516 @@
+//! The real kernel program, loaded into the kernel, fed crafted frames with
+//! BPF_PROG_TEST_RUN; what it counted is read back through the agent's own
+//! drain. Covers what real interfaces here cannot produce: VLAN tags in the
+//! frame, IPv4 options and fragments, IPv6 extension chains, malformed and
+//! truncated frames, GSO aggregates.
+
+use crate::kit::frames::*;
+use aya::programs::{TestRun, TestRunOptions};
+use ntm_agent::{
+    export::services::ServiceRegistry,
+    kernel::{
+        drain::{Drained, FlowTables},
+        load::{Datapath, DatapathOptions},
+    },
+};
+use ntm_common::{Counters, Direction, FlowKey, OutsideReason, family, key_flags};
+
+struct Harness {
+    datapath: Datapath,
+    tables: FlowTables,
+}
+
+/// Offset of `gso_segs` in `struct __sk_buff` (uapi/linux/bpf.h); the only
+/// context field these tests set.
+const SKB_GSO_SEGS_OFFSET: usize = 164;
+const SKB_CTX_SIZE: usize = 192;
+
+impl Harness {
+    fn new() -> Self {
+        Self::with(
+            DatapathOptions::default(),
+            "53/udp=domain,443/tcp=https,443/udp=https",
+        )
+    }
+
+    fn with(options: DatapathOptions, services: &str) -> Self {
+        let mut registry = ServiceRegistry::default();
+        for spec in services.split(',').filter(|s| !s.is_empty()) {
+            registry.add_spec(spec).unwrap();
+        }
+        let (datapath, tables) =
+            Datapath::load(&options, &registry.known_port_bitmap()).expect("load");
+        Self { datapath, tables }
+    }
+
+    /// Runs `frame` through `program` `repeat` times, then drains.
+    fn run(&mut self, program: &str, frame: &[u8], gso_segs: u32, repeat: u32) -> Drained {
+        let mut ctx = [0u8; SKB_CTX_SIZE];
+        ctx[SKB_GSO_SEGS_OFFSET..SKB_GSO_SEGS_OFFSET + 4].copy_from_slice(&gso_segs.to_ne_bytes());
+        let prog = self.datapath.tc_program(program).expect("program");
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.ctx_in = Some(&ctx);
+        opts.repeat = repeat;
+        let result = prog
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("test_run of {} bytes: {e:?}", frame.len()));
+        // TC_ACT_UNSPEC: the packet always continues unchanged.
+        assert_eq!(result.return_value as i32, -1);
+        self.tables.drain().expect("drain")
+    }
+
+    fn ingress(&mut self, frame: &[u8]) -> Drained {
+        self.run(TC_INGRESS_ETH, frame, 0, 1)
+    }
+}
+
+/// The single flow a drain must have found.
+fn only_flow(d: &Drained) -> (FlowKey, Counters) {
+    assert_eq!(d.flows.len(), 1, "expected one flow, got {:?}", d.flows);
+    assert!(
+        d.outside.iter().all(|c| c.packets == 0),
+        "unexpected outside counts: {:?}",
+        d.outside
+    );
+    d.flows[0]
+}
+
+/// The frame must have been counted outside the table, for `reason` only.
+fn only_outside(d: &Drained, reason: OutsideReason, bytes: u64) {
+    assert!(d.flows.is_empty(), "expected no flow, got {:?}", d.flows);
+    for r in OutsideReason::ALL {
+        let expected = if r == reason {
+            Counters { bytes, packets: 1 }
+        } else {
+            Counters::default()
+        };
+        assert_eq!(d.outside[r as usize], expected, "outside[{}]", r.as_str());
+    }
+}
+
+fn v4_key(proto: u8, port: u16) -> FlowKey {
+    let mut k = FlowKey {
+        family: family::IPV4,
+        proto,
+        port,
+        ifindex: 1,
+        ..Default::default()
+    };
+    k.src[..4].copy_from_slice(&SRC4);
+    k.dst[..4].copy_from_slice(&DST4);
+    k
+}
+
+fn v6_key(proto: u8, port: u16) -> FlowKey {
+    FlowKey {
+        family: family::IPV6,
+        proto,
+        port,
+        ifindex: 1,
+        src: SRC6,
+        dst: DST6,
+        ..Default::default()
+    }
+}
+
+fn counted(bytes: u64) -> Counters {
+    Counters { bytes, packets: 1 }
+}
+
+pub fn ipv4_udp_to_a_known_port_in_both_directions() {
+    let mut h = Harness::new();
+    let frame = eth(ETH_IPV4, &[], &ipv4(17, &[], 0, &udp(40_000, 53, &[7; 10])));
+    let (key, c) = only_flow(&h.ingress(&frame));
+    assert_eq!(key, v4_key(17, 53));
+    assert_eq!(c, counted(20 + 8 + 10));
+
+    // The reply: same service port; the egress hook says so in the key.
+    let reply = eth(ETH_IPV4, &[], &ipv4(17, &[], 0, &udp(53, 40_000, &[7; 30])));
+    let (key, c) = only_flow(&h.run(TC_EGRESS_ETH, &reply, 0, 1));
+    assert_eq!(key.port, 53);
+    assert_eq!(key.direction, Direction::Egress as u8);
+    assert_eq!(c, counted(20 + 8 + 30));
+}
+
+pub fn repeated_frames_are_counted_exactly() {
+    let mut h = Harness::new();
+    let frame = eth(
+        ETH_IPV4,
+        &[],
+        &ipv4(6, &[], 0, &tcp(51_000, 443, &[], &[1; 100])),
+    );
+    let (key, c) = only_flow(&h.run(TC_INGRESS_ETH, &frame, 0, 10_000));
+    assert_eq!(key, v4_key(6, 443));
+    assert_eq!(
+        c,
+        Counters {
+            bytes: 140 * 10_000,
+            packets: 10_000
+        }
+    );
+}
+
+pub fn single_and_double_vlan_tags_in_the_frame() {
+    let mut h = Harness::new();
+    let ip = ipv4(17, &[], 0, &udp(40_000, 53, &[0; 4]));
+    let (key, c) = only_flow(&h.ingress(&eth(ETH_IPV4, &[(TPID_8021Q, 100)], &ip)));
+    assert_eq!(
+        key,
+        FlowKey {
+            vlan_id: 100,
+            ..v4_key(17, 53)
+        }
+    );
+    assert_eq!(c, counted(32));
+
+    // QinQ: the outer (service) tag is the one kept; priority bits ignored.
+    let qinq = eth(
+        ETH_IPV4,
+        &[(TPID_8021AD, 0xE000 | 200), (TPID_8021Q, 100)],
+        &ip,
+    );
+    let (key, c) = only_flow(&h.ingress(&qinq));
+    assert_eq!(key.vlan_id, 200);
+    assert_eq!(c, counted(32));
+
+    // A tag with nothing after it is a truncated link-layer header.
+    let mut cut = eth(TPID_8021Q, &[], &[]);
+    cut.extend_from_slice(&[0, 100]);
+    only_outside(
+        &h.ingress(&cut),
+        OutsideReason::TruncatedL2,
+        cut.len() as u64,
+    );
+}
+
+pub fn ipv4_options_and_fragments() {
+    let mut h = Harness::new();
+    // 12 bytes of options (IHL 8): the ports are still found.
+    let opts = [1u8; 12];
+    let frame = eth(
+        ETH_IPV4,
+        &[],
+        &ipv4(6, &opts, 0, &tcp(51_000, 443, &[], &[0; 8])),
+    );
+    let (key, c) = only_flow(&h.ingress(&frame));
+    assert_eq!(key, v4_key(6, 443));
+    assert_eq!(c, counted(32 + 20 + 8));
+
+    // First fragment (MF set, offset 0): ports read.
+    let first = eth(
+        ETH_IPV4,
+        &[],
+        &ipv4(17, &[], 0x2000, &udp(40_000, 53, &[0; 24])),
+    );
+    let (key, c) = only_flow(&h.ingress(&first));
+    assert_eq!(key, v4_key(17, 53));
+    assert_eq!(c, counted(20 + 32));
+
+    // Later fragment: its payload is not a UDP header; no port, same bytes rule.
+    let later = eth(ETH_IPV4, &[], &ipv4(17, &[], 4, &[0xAA; 40]));
+    let (key, c) = only_flow(&h.ingress(&later));
+    assert_eq!(
+        key,
+        FlowKey {
+            flags: key_flags::L4_MISSING,
+            ..v4_key(17, 0)
+        }
+    );
+    assert_eq!(c, counted(60));
+}
+
+pub fn ipv6_extension_header_chains() {
+    let mut h = Harness::new();
+    // hop-by-hop -> destination options (16 bytes) -> fragment (first) -> UDP.
+    let mut payload = ext_options(60, 1);
+    payload.extend(ext_options(44, 2));
+    payload.extend(ext_fragment(17, 0, true));
+    payload.extend(udp(40_000, 53, &[0; 20]));
+    let frame = eth(ETH_IPV6, &[], &ipv6(0, &payload));
+    let (key, c) = only_flow(&h.ingress(&frame));
+    assert_eq!(key, v6_key(17, 53));
+    assert_eq!(c, counted(40 + payload.len() as u64));
+
+    // Routing header, then AH, then TCP.
+    let mut payload = ext_options(51, 1);
+    payload.extend(ext_ah(6, 3));
+    payload.extend(tcp(51_000, 443, &[], &[]));
+    let (key, _) = only_flow(&h.ingress(&eth(ETH_IPV6, &[], &ipv6(43, &payload))));
+    assert_eq!(key, v6_key(6, 443));
+
+    // A later fragment: protocol known, no port.
+    let mut payload = ext_fragment(17, 100, false);
+    payload.extend([0u8; 48]);
+    let (key, c) = only_flow(&h.ingress(&eth(ETH_IPV6, &[], &ipv6(44, &payload))));
+    assert_eq!(
+        key,
+        FlowKey {
+            flags: key_flags::L4_MISSING,
+            ..v6_key(17, 0)
+        }
+    );
+    assert_eq!(c, counted(40 + 56));
+
+    // Seven destination-options headers: longer than the parser follows.
+    let mut payload = Vec::new();
+    for _ in 0..6 {
+        payload.extend(ext_options(60, 1));
+    }
+    payload.extend(ext_options(17, 1));
+    payload.extend(udp(1, 2, &[]));
+    let frame = eth(ETH_IPV6, &[], &ipv6(60, &payload));
+    only_outside(
+        &h.ingress(&frame),
+        OutsideReason::Ipv6ExtensionChain,
+        frame.len() as u64,
+    );
+
+    // An extension header cut short.
+    let frame = eth(ETH_IPV6, &[], &ipv6(0, &[17]));
+    let d = h.ingress(&frame);
+    assert!(d.flows.is_empty());
+    assert_eq!(
+        d.outside[OutsideReason::Ipv6ExtensionChain as usize].packets,
+        1
+    );
+}
+
+pub fn icmp_and_icmpv6_message_types() {
+    let mut h = Harness::new();
+    let echo = eth(ETH_IPV4, &[], &ipv4(1, &[], 0, &icmp(8, 0, &[0; 56])));
+    let (key, c) = only_flow(&h.ingress(&echo));
+    assert_eq!(key, v4_key(1, 8));
+    assert_eq!(c, counted(84));
+
+    let echo6 = eth(ETH_IPV6, &[], &ipv6(58, &icmp(128, 0, &[0; 56])));
+    let (key, c) = only_flow(&h.ingress(&echo6));
+    assert_eq!(key, v6_key(58, 128));
+    assert_eq!(c, counted(104));
+}
+
+pub fn non_ip_frames_are_counted_by_ethertype() {
+    let mut h = Harness::new();
+    let arp = eth(ETH_ARP, &[(TPID_8021Q, 7)], &arp_request());
+    let (key, c) = only_flow(&h.ingress(&arp));
+    assert_eq!(
+        key,
+        FlowKey {
+            family: family::NON_IP,
+            port: ETH_ARP,
+            vlan_id: 7,
+            ifindex: 1,
+            ..Default::default()
+        }
+    );
+    // Everything after the link-layer header (18 bytes with the tag).
+    assert_eq!(c, counted(28));
+
+    let lldp = eth(0x88CC, &[], &[0; 46]);
+    let (key, c) = only_flow(&h.ingress(&lldp));
+    assert_eq!((key.family, key.port), (family::NON_IP, 0x88CC));
+    assert_eq!(c, counted(46));
+}
+
+pub fn malformed_frames_are_counted_by_reason_not_lost() {
+    let mut h = Harness::new();
+    // IPv4 header cut after 10 bytes. BPF_PROG_TEST_RUN refuses an
+    // untagged IPv4 frame shorter than an IP header, so the frame carries a
+    // VLAN tag: the parser walks past it to the same truncated header.
+    let short = eth(ETH_IPV4, &[(TPID_8021Q, 5)], &[0x45; 10]);
+    only_outside(
+        &h.ingress(&short),
+        OutsideReason::MalformedIpv4,
+        short.len() as u64,
+    );
+
+    // IHL 3 (12 bytes) is impossible.
+    let mut bad_ihl = ipv4(17, &[], 0, &udp(1, 2, &[]));
+    bad_ihl[0] = 0x43;
+    let frame = eth(ETH_IPV4, &[], &bad_ihl);
+    only_outside(
+        &h.ingress(&frame),
+        OutsideReason::MalformedIpv4,
+        frame.len() as u64,
+    );
+
+    // EtherType says IPv4, the header says version 6.
+    let mut wrong_version = ipv4(17, &[], 0, &udp(1, 2, &[]));
+    wrong_version[0] = 0x65;
+    let frame = eth(ETH_IPV4, &[], &wrong_version);
+    only_outside(
+        &h.ingress(&frame),
+        OutsideReason::MalformedIpv4,
+        frame.len() as u64,
+    );
+
+    // Total length claims more than the frame carries: counted by what is there.
+    let mut too_long = ipv4(17, &[], 0, &udp(1, 2, &[0; 10]));
+    too_long[2..4].copy_from_slice(&1000u16.to_be_bytes());
+    let frame = eth(ETH_IPV4, &[], &too_long);
+    only_outside(
+        &h.ingress(&frame),
+        OutsideReason::MalformedIpv4,
+        frame.len() as u64,
+    );
+
+    // IPv6 header cut short (tagged, as above).
+    let frame = eth(ETH_IPV6, &[(TPID_8021Q, 5)], &[0x60; 30]);
+    only_outside(
+        &h.ingress(&frame),
+        OutsideReason::MalformedIpv6,
+        frame.len() as u64,
+    );
+
+    // A TCP header cut short still counts as IP traffic, without a port.
+    let frame = eth(ETH_IPV4, &[], &ipv4(6, &[], 0, &[0xC3, 0x50, 0x01]));
+    let (key, c) = only_flow(&h.ingress(&frame));
+    assert_eq!(
+        key,
+        FlowKey {
+            flags: key_flags::L4_MISSING,
+            ..v4_key(6, 0)
+        }
+    );
+    assert_eq!(c, counted(23));
+}
+
+pub fn ethernet_padding_is_not_counted() {
+    let mut h = Harness::new();
+    // A 42-byte frame padded to the 60-byte Ethernet minimum.
+    let mut frame = eth(ETH_IPV4, &[], &ipv4(17, &[], 0, &udp(40_000, 53, &[])));
+    frame.resize(60, 0);
+    let (_, c) = only_flow(&h.ingress(&frame));
+    assert_eq!(c, counted(28));
+}
+
+pub fn gso_aggregates_count_as_their_wire_segments() {
+    let mut h = Harness::new();
+    // 4 segments of 500 payload bytes, TCP with 12 bytes of options: each
+    // wire segment is 20 + 32 + 500 = 552 L3 bytes. (BPF_PROG_TEST_RUN takes
+    // at most about a page of data, hence the small segments.)
+    let options = [1u8; 12];
+    let frame = eth(
+        ETH_IPV4,
+        &[],
+        &ipv4(6, &[], 0, &tcp(51_000, 443, &options, &[0; 2000])),
+    );
+    let (key, c) = only_flow(&h.run(TC_EGRESS_ETH, &frame, 4, 1));
+    assert_eq!(key.port, 443);
+    assert_eq!(
+        c,
+        Counters {
+            bytes: 4 * 552,
+            packets: 4
+        }
+    );
+
+    // IPv6 + UDP GSO: 3 segments of 500 bytes, 40 + 8 + 500 each.
+    let frame = eth(ETH_IPV6, &[], &ipv6(17, &udp(40_000, 443, &[0; 1500])));
+
+    let (key, c) = only_flow(&h.run(TC_EGRESS_ETH, &frame, 3, 1));
+    assert_eq!(key.port, 443);
+    assert_eq!(
+        c,
+        Counters {
+            bytes: 3 * 548,
+            packets: 3
+        }
+    );
+}
+
+pub fn service_port_rule_runs_in_the_kernel() {
+    let mut h = Harness::new();
+    let flow = |h: &mut Harness, sport, dport| {
+        let frame = eth(ETH_IPV4, &[], &ipv4(17, &[], 0, &udp(sport, dport, &[])));
+        only_flow(&h.ingress(&frame)).0.port
+    };
+    assert_eq!(flow(&mut h, 53, 40_000), 53);
+    assert_eq!(
+        flow(&mut h, 45_000, 8123),
+        8123,
+        "unknown port below the ephemeral range"
+    );
+    assert_eq!(flow(&mut h, 45_000, 50_000), 0, "two ephemeral ports");
+    assert_eq!(flow(&mut h, 443, 53), 53, "both known: the lower");
+
+    // The ephemeral range start is the agent's to set.
+    let options = DatapathOptions {
+        ephemeral_start: 1024,
+        ..Default::default()
+    };
+    let mut low = Harness::with(options, "");
+    assert_eq!(flow(&mut low, 45_000, 8123), 0);
+    assert_eq!(flow(&mut low, 45_000, 800), 800);
+}
+
+pub fn a_full_table_still_counts_every_packet() {
+    let options = DatapathOptions {
+        flow_table_entries: 8,
+        ..Default::default()
+    };
+    let mut h = Harness::with(options, "");
+    // 10000 distinct flows (by source address), 3 packets each. The flow
+    // cache holds at most one flow per slot (4096 per CPU); every flow it
+    // cannot hold goes to the 8-entry table, and beyond that to the overflow
+    // bucket.
+    let mut expected = Counters::default();
+    let mut frame = eth(
+        ETH_IPV4,
+        &[],
+        &ipv4(17, &[], 0, &udp(40_000, 1000, &[0; 12])),
+    );
+    for i in 0..10_000u32 {
+        frame[26..30].copy_from_slice(&(0xC612_0000 | i).to_be_bytes());
+        let prog = h.datapath.tc_program(TC_INGRESS_ETH).unwrap();
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&frame);
+        opts.repeat = 3;
+        prog.test_run(opts).unwrap();
+        expected.add(&Counters {
+            bytes: 3 * 40,
+            packets: 3,
+        });
+    }
+    let d = h.tables.drain().unwrap();
+    let cache_slots = ntm_common::FLOW_CACHE_SLOTS as usize * aya::util::nr_cpus().unwrap();
+    assert!(
+        d.flows.len() <= cache_slots + 8,
+        "{} flows from a cache of {cache_slots} and a table of 8",
+        d.flows.len()
+    );
+    let mut total = Counters::default();
+    for (_, c) in &d.flows {
+        assert_eq!(c.packets % 3, 0, "a flow's packets are never split: {c:?}");
+        total.add(c);
+    }
+    let overflow = d.outside[OutsideReason::TableFull as usize];
+    assert!(
+        overflow.packets >= 3 * (10_000 - cache_slots as u64 - 8),
+        "{overflow:?}"
+    );
+    total.add(&overflow);
+    assert_eq!(total, expected);
+}
+
+pub fn sctp_udplite_and_portless_protocols() {
+    let mut h = Harness::with(DatapathOptions::default(), "2905/sctp=m3ua,5060/udp=sip");
+    // SCTP's common header starts with the two ports.
+    let mut sctp = udp(40_000, 2905, &[0; 20]);
+    sctp.truncate(12);
+    sctp.extend([0u8; 16]);
+    let (key, c) = only_flow(&h.ingress(&eth(ETH_IPV4, &[], &ipv4(132, &[], 0, &sctp))));
+    assert_eq!(key, v4_key(132, 2905));
+    assert_eq!(c, counted(20 + 28));
+
+    // UDP-Lite shares UDP's header and UDP's service names.
+    let frame = eth(ETH_IPV6, &[], &ipv6(136, &udp(40_000, 5060, &[0; 10])));
+    let (key, _) = only_flow(&h.ingress(&frame));
+    assert_eq!(key, v6_key(136, 5060));
+
+    // GRE (47) has no ports: counted by protocol number, port 0, no flag.
+    let frame = eth(ETH_IPV4, &[], &ipv4(47, &[], 0, &[0; 24]));
+    let (key, c) = only_flow(&h.ingress(&frame));
+    assert_eq!(key, v4_key(47, 0));
+    assert_eq!(c, counted(44));
+}

@@ -1,0 +1,347 @@
+//! The test kit, shared by the integration tests and the benches: the root
+//! gate, network namespaces and veth links that clean up after themselves,
+//! running code inside a namespace, raw frames, the agent process, scrapes.
+//!
+//! Traffic rules: packets only ever flow between namespaces these helpers
+//! create, on 198.18.0.0/15 and 2001:2::/48, in bounded loops.
+#![allow(dead_code)]
+
+pub mod frames;
+pub mod scrape;
+
+use std::{
+    fs::File,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+/// What a test needs from the machine.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// Root: loading programs, namespaces, attaching.
+    Root,
+    /// Nothing special.
+    Nothing,
+}
+
+/// The one gate for "needs root": whether such tests can run here. Without
+/// root they are reported as ignored, with a message, unless
+/// NTM_REQUIRE_BPF=1 (CI), which makes that an error.
+pub fn root_tests_enabled() -> Result<bool, String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(true);
+    }
+    if std::env::var("NTM_REQUIRE_BPF").is_ok_and(|v| v == "1") {
+        return Err("NTM_REQUIRE_BPF=1 but the kernel tests need root (CAP_BPF, CAP_NET_ADMIN) to load programs and create namespaces".to_string());
+    }
+    eprintln!(
+        "kernel tests IGNORED: they need root (run as root, or via `cargo xtask test` as root)"
+    );
+    Ok(false)
+}
+
+/// Runs a command and panics with its output if it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The agent binary run inside `ns`. With `--numeric`: a test never lets it
+/// ask a DNS server of this machine about test addresses (tests of names
+/// pass `--dns-server` with their own server instead, after this).
+pub fn agent_in(ns: &Netns, names: bool) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_ntm-agent")]);
+    if !names {
+        cmd.arg("--numeric");
+    }
+    cmd
+}
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace, deleted (with its interfaces) on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let name = format!("ntmt-{tag}-{}-{id}", std::process::id());
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Self { name };
+        // Keep IPv6 quiet so that the only frames on a test link are the
+        // test's own: no router solicitations, no duplicate address detection,
+        // MLD reports sent at once rather than over seconds.
+        ns.exec(&[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.default.router_solicitations=0",
+            "net.ipv6.conf.default.dad_transmits=0",
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.conf.default.accept_ra=0",
+            "net.ipv6.conf.default.mldv1_unsolicited_report_interval=1",
+            "net.ipv6.conf.default.mldv2_unsolicited_report_interval=1",
+            "net.ipv6.conf.all.router_solicitations=0",
+        ]);
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        thread::scope(|s| {
+            s.spawn(|| {
+                self.enter_current_thread();
+                f()
+            })
+            .join()
+            .expect("thread in namespace panicked")
+        })
+    }
+
+    /// Moves the calling thread into this namespace (for good).
+    pub fn enter_current_thread(&self) {
+        let file = File::open(format!("/var/run/netns/{}", self.name))
+            .unwrap_or_else(|e| panic!("open netns {}: {e}", self.name));
+        // SAFETY: setns on a valid namespace fd; affects only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "setns {}: {}",
+            self.name,
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Two namespaces joined by a veth pair, addressed on the benchmarking
+/// ranges: `a` is 198.18.0.1 / 2001:2::1, `b` is 198.18.0.2 / 2001:2::2.
+/// Neighbours are static, so no ARP or neighbour discovery crosses the link.
+pub struct Link {
+    pub a: Netns,
+    pub b: Netns,
+    pub a_if: String,
+    pub b_if: String,
+}
+
+pub const A4: &str = "198.18.0.1";
+pub const B4: &str = "198.18.0.2";
+pub const A6: &str = "2001:2::1";
+pub const B6: &str = "2001:2::2";
+
+impl Link {
+    pub fn new(tag: &str) -> Self {
+        let a = Netns::new(&format!("{tag}a"));
+        let b = Netns::new(&format!("{tag}b"));
+        let a_if = "ntm0".to_string();
+        let b_if = "ntm1".to_string();
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &a_if,
+            "netns",
+            &a.name,
+            "address",
+            "02:00:00:00:00:01",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b_if,
+            "netns",
+            &b.name,
+            "address",
+            "02:00:00:00:00:02",
+        ]);
+        for (ns, ifname, v4, v6, peer_mac, peer4, peer6) in [
+            (&a, &a_if, A4, A6, "02:00:00:00:00:02", B4, B6),
+            (&b, &b_if, B4, B6, "02:00:00:00:00:01", A4, A6),
+        ] {
+            // The veth was created outside the namespace, with the host's
+            // defaults: quieten IPv6 on it before it comes up.
+            ns.exec(&[
+                "sysctl",
+                "-q",
+                "-w",
+                &format!("net.ipv6.conf.{ifname}.router_solicitations=0"),
+                &format!("net.ipv6.conf.{ifname}.dad_transmits=0"),
+                &format!("net.ipv6.conf.{ifname}.accept_dad=0"),
+                &format!("net.ipv6.conf.{ifname}.accept_ra=0"),
+                &format!("net.ipv6.conf.{ifname}.mldv1_unsolicited_report_interval=1"),
+                &format!("net.ipv6.conf.{ifname}.mldv2_unsolicited_report_interval=1"),
+            ]);
+            ns.exec(&["ip", "addr", "add", &format!("{v4}/24"), "dev", ifname]);
+            ns.exec(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                ifname,
+                "nodad",
+            ]);
+            ns.exec(&["ip", "link", "set", ifname, "up"]);
+            for peer in [peer4, peer6] {
+                ns.exec(&[
+                    "ip",
+                    "neigh",
+                    "replace",
+                    peer,
+                    "lladdr",
+                    peer_mac,
+                    "dev",
+                    ifname,
+                    "nud",
+                    "permanent",
+                ]);
+            }
+        }
+        let link = Self { a, b, a_if, b_if };
+        // The kernel reports carrier changes up to a second late (linkwatch),
+        // and IPv6 sends its multicast reports only then: wait for both ends
+        // to be up, then for the reports to pass.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (ns, ifname) in [(&link.a, &link.a_if), (&link.b, &link.b_if)] {
+            while ns
+                .exec(&["cat", &format!("/sys/class/net/{ifname}/operstate")])
+                .trim()
+                != "up"
+            {
+                assert!(Instant::now() < deadline, "{ifname} did not come up");
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        link.wait_quiet();
+        link
+    }
+
+    /// Sets segmentation/receive offloads on both ends.
+    pub fn set_offloads(&self, on: bool) {
+        let state = if on { "on" } else { "off" };
+        for (ns, ifname) in [(&self.a, &self.a_if), (&self.b, &self.b_if)] {
+            ns.exec(&[
+                "ethtool", "-K", ifname, "tso", state, "gso", state, "gro", state,
+            ]);
+        }
+    }
+
+    /// Frames and bytes that crossed `a`'s interface: (rx, tx) as
+    /// (packets, bytes including the Ethernet header).
+    pub fn a_stats(&self) -> ((u64, u64), (u64, u64)) {
+        let read = |what: &str| -> u64 {
+            self.a
+                .exec(&[
+                    "cat",
+                    &format!("/sys/class/net/{}/statistics/{what}", self.a_if),
+                ])
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        (
+            (read("rx_packets"), read("rx_bytes")),
+            (read("tx_packets"), read("tx_bytes")),
+        )
+    }
+
+    /// Waits until nothing has crossed the link for a while (the kernel's own
+    /// IPv6 multicast reports after link-up), at most a few seconds.
+    pub fn wait_quiet(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut last = self.a_stats();
+        let mut quiet_since = Instant::now();
+        while Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(100));
+            let now = self.a_stats();
+            if now != last {
+                last = now;
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= Duration::from_millis(400) {
+                return;
+            }
+        }
+    }
+}
+
+/// Sends raw Ethernet frames out of `iface` with an AF_PACKET socket.
+pub fn send_raw(iface: &str, frames: &[Vec<u8>]) {
+    // SAFETY: a raw packet socket, a zeroed sockaddr_ll naming the interface,
+    // and sendto with buffers that outlive the calls.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let socket = OwnedFd::from_raw_fd(fd);
+        let name = std::ffi::CString::new(iface).unwrap();
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+        addr.sll_halen = 6;
+        for frame in frames {
+            let sent = libc::sendto(
+                socket.as_raw_fd(),
+                frame.as_ptr() as *const libc::c_void,
+                frame.len(),
+                0,
+                &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            );
+            assert_eq!(
+                sent,
+                frame.len() as isize,
+                "{}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// The kernel side started from these flags, as the agent starts it.
+pub fn start_kernel(flags: &[&str]) -> ntm_agent::kernel::Kernel {
+    use clap::Parser as _;
+    let args = std::iter::once("ntm-agent").chain(flags.iter().copied());
+    start_kernel_with(&ntm_agent::config::Config::try_parse_from(args).expect("flags parse"))
+}
+
+/// The kernel side started from `config`, as the agent starts it.
+pub fn start_kernel_with(config: &ntm_agent::config::Config) -> ntm_agent::kernel::Kernel {
+    let options = config.kernel().expect("kernel options");
+    let services = config.services().expect("services");
+    ntm_agent::kernel::Kernel::start(&options, &services.known_port_bitmap())
+        .expect("kernel starts")
+}

@@ -1,0 +1,261 @@
+//! Host names through a real DNS exchange: a DNS server the test runs on the
+//! namespace's loopback answers the agent's PTR queries (local and remote
+//! names, a slow answer, a failing one); the labels Prometheus would scrape
+//! are checked, with exact byte counts and no series split.
+
+use std::{
+    collections::HashMap,
+    io::{Read, Write},
+    net::{TcpStream, UdpSocket},
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::kit::{A4, Link, Netns, scrape::Guard};
+
+enum Answer {
+    Name(&'static str, Duration),
+    ServFail,
+}
+
+/// Answers PTR queries on 127.0.0.1:`port` inside `ns` until dropped.
+struct DnsServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl DnsServer {
+    fn start(ns: &Netns, port: u16, answers: HashMap<&'static str, Answer>) -> Self {
+        let socket = ns.run(|| UdpSocket::bind(("127.0.0.1", port)).unwrap());
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            let answers = Arc::new(answers);
+            let mut buf = [0u8; 512];
+            while !stopping.load(Ordering::Relaxed) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                let query = buf[..n].to_vec();
+                let socket = socket.try_clone().unwrap();
+                let answers = Arc::clone(&answers);
+                // Each answer on its own thread: a slow one delays no other.
+                thread::spawn(move || {
+                    let name = question_name(&query);
+                    let (rcode, ptr, delay) = match answers.get(name.as_str()) {
+                        Some(Answer::Name(ptr, delay)) => (0, Some(*ptr), *delay),
+                        Some(Answer::ServFail) => (2, None, Duration::ZERO),
+                        None => (3, None, Duration::ZERO),
+                    };
+                    thread::sleep(delay);
+                    let _ = socket.send_to(&response(&query, rcode, ptr), from);
+                });
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn question_name(query: &[u8]) -> String {
+    let mut labels = Vec::new();
+    let mut pos = 12;
+    while pos < query.len() && query[pos] != 0 {
+        let len = query[pos] as usize;
+        labels.push(String::from_utf8_lossy(&query[pos + 1..pos + 1 + len]).into_owned());
+        pos += 1 + len;
+    }
+    labels.join(".")
+}
+
+fn response(query: &[u8], rcode: u8, ptr: Option<&str>) -> Vec<u8> {
+    let question_end = 12 + question_name(query).len() + 2 + 4;
+    let mut msg = query[..question_end].to_vec();
+    msg[2] = 0x81;
+    msg[3] = 0x80 | rcode;
+    msg[6] = 0;
+    msg[7] = ptr.is_some() as u8;
+    if let Some(name) = ptr {
+        msg.extend_from_slice(&[0xC0, 12, 0, 12, 0, 1, 0, 0, 1, 44]);
+        let mut rdata = Vec::new();
+        for label in name.split('.') {
+            rdata.push(label.len() as u8);
+            rdata.extend_from_slice(label.as_bytes());
+        }
+        rdata.push(0);
+        msg.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        msg.extend_from_slice(&rdata);
+    }
+    msg
+}
+
+fn scrape(ns: &Netns, port: u16) -> Option<String> {
+    ns.run(|| {
+        let mut conn = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        conn.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        write!(conn, "GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text).ok()?;
+        Some(text)
+    })
+}
+
+/// Sum of `ntm_bytes_total` series whose labels contain all of `parts`.
+fn bytes_where(text: &str, parts: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with("ntm_bytes_total{") && parts.iter().all(|p| l.contains(p)))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// 10 datagrams of 100 bytes from `src` (an address of b) to a's sink.
+fn send_from(link: &Link, src: &str) -> u64 {
+    link.b.run(|| {
+        let socket = UdpSocket::bind((src, 0)).unwrap();
+        for _ in 0..10 {
+            socket.send_to(&[1; 100], (A4, 5300)).unwrap();
+        }
+    });
+    10 * 128
+}
+
+pub fn names_from_a_real_dns_exchange_without_splitting_series() {
+    let link = Link::new("names");
+    for extra in ["198.18.0.3", "198.18.0.4", "198.18.0.5"] {
+        link.b.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{extra}/24"),
+            "dev",
+            &link.b_if,
+        ]);
+    }
+    let _dns = DnsServer::start(
+        &link.a,
+        5353,
+        HashMap::from([
+            (
+                "1.0.18.198.in-addr.arpa",
+                Answer::Name("gateway.home.arpa", Duration::ZERO),
+            ),
+            (
+                "2.0.18.198.in-addr.arpa",
+                Answer::Name("laptop.home.arpa", Duration::ZERO),
+            ),
+            (
+                "3.0.18.198.in-addr.arpa",
+                Answer::Name("news.bbc.co.uk", Duration::ZERO),
+            ),
+            // Answers after the flow's wait for names is over.
+            (
+                "4.0.18.198.in-addr.arpa",
+                Answer::Name("slow.example.net", Duration::from_secs(2)),
+            ),
+            ("5.0.18.198.in-addr.arpa", Answer::ServFail),
+        ]),
+    );
+    let _sink = link.a.run(|| UdpSocket::bind((A4, 5300)).unwrap());
+    let _agent = Guard(
+        crate::kit::agent_in(&link.a, true)
+            .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", "9400"])
+            .args(["--dns-server", "127.0.0.1:5353", "--dns-timeout", "5s"])
+            .args(["--name-wait", "500ms", "--drain-interval", "100ms"])
+            .args(["--local-net", "198.18.0.1/32,198.18.0.2/32"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while scrape(&link.a, 9400).is_none() {
+        assert!(Instant::now() < deadline, "agent did not come up");
+        thread::sleep(Duration::from_millis(100));
+    }
+
+    let mut sent: HashMap<&str, u64> = HashMap::new();
+    for src in ["198.18.0.2", "198.18.0.3", "198.18.0.4", "198.18.0.5"] {
+        *sent.entry(src).or_default() += send_from(&link, src);
+    }
+    // While the slow lookup is outstanding, scraping answers at once.
+    thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    assert!(scrape(&link.a, 9400).is_some());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a scrape waited {:?} for DNS",
+        started.elapsed()
+    );
+    // After the slow name has arrived, the same hosts send again.
+    thread::sleep(Duration::from_millis(2700));
+    for src in ["198.18.0.2", "198.18.0.3", "198.18.0.4", "198.18.0.5"] {
+        *sent.entry(src).or_default() += send_from(&link, src);
+    }
+
+    let expect = [
+        // Local host: its whole name; so is the local destination.
+        (r#"src="laptop.home.arpa""#, "198.18.0.2"),
+        // Remote host: its registrable domain (public suffix list).
+        (r#"src="bbc.co.uk""#, "198.18.0.3"),
+        // Its name came after the flow was exported: the address stays.
+        (r#"src="198.18.0.4""#, "198.18.0.4"),
+        // The server failed: the address.
+        (r#"src="198.18.0.5""#, "198.18.0.5"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = scrape(&link.a, 9400).unwrap_or_default();
+        let done = expect.iter().all(|(label, src)| {
+            bytes_where(&text, &[label, r#"dst="gateway.home.arpa""#]) == sent[src]
+        });
+        if done || Instant::now() > deadline {
+            break text;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    for (label, src) in expect {
+        assert_eq!(
+            bytes_where(
+                &text,
+                &[label, r#"dst="gateway.home.arpa""#, r#"service="5300""#]
+            ),
+            sent[src],
+            "{label}\n{text}"
+        );
+    }
+    assert!(
+        !text.contains("example.net"),
+        "a late name split a series:\n{text}"
+    );
+    assert!(
+        text.contains(r#"direction="internal",dst="gateway.home.arpa""#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"ntm_dns_lookups_total{result="server_error"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"ntm_dns_lookups_total{result="ok"} 4"#),
+        "{text}"
+    );
+}

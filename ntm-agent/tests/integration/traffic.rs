@@ -1,0 +1,733 @@
+//! Real packets between two network namespaces over a veth pair, counted by
+//! the real agent attached to one end, compared per flow and in total with
+//! what was sent and with the interface's own counters. Exact equality.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::Command,
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::kit::{A4, A6, B4, B6, Link};
+use aya::programs::{SchedClassifier, TcAttachType};
+use ntm_agent::kernel::{Kernel, drain::Drained};
+use ntm_common::{Counters, Direction, FlowKey, ipproto};
+
+const ETH_HEADER: u64 = 14;
+
+fn start_agent(link: &Link, extra: &[&str]) -> Kernel {
+    let mut args = vec!["ntm-agent", "-i", link.a_if.as_str()];
+    args.extend_from_slice(extra);
+    crate::kit::start_kernel(&args[1..])
+}
+
+fn ip_bytes(ip: &str) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    match ip.parse::<std::net::IpAddr>().unwrap() {
+        std::net::IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
+        std::net::IpAddr::V6(v6) => out = v6.octets(),
+    }
+    out
+}
+
+/// Sum of the drained flows matching `pred`.
+fn sum(d: &Drained, pred: impl Fn(&FlowKey) -> bool) -> Counters {
+    let mut total = Counters::default();
+    for (_, c) in d.flows.iter().filter(|(k, _)| pred(k)) {
+        total.add(c);
+    }
+    total
+}
+
+fn flow(d: &Drained, src: &str, dst: &str, proto: u8, port: u16, dir: Direction) -> Counters {
+    let (src, dst) = (ip_bytes(src), ip_bytes(dst));
+    sum(d, |k| {
+        k.src == src
+            && k.dst == dst
+            && k.proto == proto
+            && k.port == port
+            && k.direction == dir as u8
+    })
+}
+
+/// Runs `traffic`, waits until the link is quiet, drains, and checks that the
+/// drained counts equal the interface's own counters for that window, per
+/// direction: every frame that crossed, counted once.
+fn phase(link: &Link, agent: &mut Kernel, traffic: impl FnOnce()) -> Drained {
+    let before = link.a_stats();
+    traffic();
+    link.wait_quiet();
+    let drained = agent.drain().unwrap();
+    let after = link.a_stats();
+    for (dir, (p0, b0), (p1, b1)) in [
+        (Direction::Ingress, before.0, after.0),
+        (Direction::Egress, before.1, after.1),
+    ] {
+        let counted = sum(&drained, |k| k.direction == dir as u8);
+        let frames = p1 - p0;
+        let expected = Counters {
+            bytes: (b1 - b0) - ETH_HEADER * frames,
+            packets: frames,
+        };
+        assert_eq!(
+            counted, expected,
+            "{dir:?}: counted vs the interface's counters"
+        );
+    }
+    assert!(
+        drained.outside.iter().all(|c| c.packets == 0),
+        "{:?}",
+        drained.outside
+    );
+    drained
+}
+
+fn udp_burst(
+    link: &Link,
+    dst: &str,
+    port: u16,
+    sizes: impl Iterator<Item = usize> + Send,
+) -> (u64, u64) {
+    link.b.run(|| {
+        let bind: SocketAddr = if dst.contains(':') {
+            "[::]:0".parse().unwrap()
+        } else {
+            "0.0.0.0:0".parse().unwrap()
+        };
+        let header = if dst.contains(':') { 48 } else { 28 };
+        let socket = UdpSocket::bind(bind).unwrap();
+        let target: SocketAddr = if dst.contains(':') {
+            SocketAddr::new(dst.parse::<Ipv6Addr>().unwrap().into(), port)
+        } else {
+            format!("{dst}:{port}").parse().unwrap()
+        };
+        let (mut packets, mut bytes) = (0, 0);
+        for size in sizes {
+            socket.send_to(&vec![0x5A; size], target).unwrap();
+            packets += 1;
+            bytes += (header + size) as u64;
+        }
+        (packets, bytes)
+    })
+}
+
+/// A UDP socket in `a` that swallows datagrams, so none is answered with
+/// ICMP port-unreachable.
+fn udp_sink(link: &Link, addr: &str, port: u16) -> UdpSocket {
+    link.a.run(|| {
+        let addr: SocketAddr = if addr.contains(':') {
+            SocketAddr::new(addr.parse::<Ipv6Addr>().unwrap().into(), port)
+        } else {
+            format!("{addr}:{port}").parse().unwrap()
+        };
+        UdpSocket::bind(addr).unwrap()
+    })
+}
+
+pub fn udp_icmp_tcp_over_ipv4_and_ipv6_counted_exactly() {
+    let link = Link::new("exact");
+    link.set_offloads(false);
+    link.wait_quiet();
+    link.a.run(|| {
+        let mut agent = start_agent(&link, &[]);
+        let _sink4 = udp_sink(&link, A4, 5300);
+        let _sink6 = udp_sink(&link, A6, 5300);
+
+        // UDP, 300 datagrams of 1..=300 payload bytes, per family.
+        for (src, dst) in [(B4, A4), (B6, A6)] {
+            let mut sent = (0, 0);
+            let d = phase(&link, &mut agent, || {
+                sent = udp_burst(&link, dst, 5300, 1..=300);
+            });
+            let counted = flow(&d, src, dst, ipproto::UDP, 5300, Direction::Ingress);
+            assert_eq!(
+                counted,
+                Counters {
+                    bytes: sent.1,
+                    packets: sent.0
+                },
+                "UDP {src} -> {dst}"
+            );
+        }
+
+        // ICMP echo: 20 requests in, 20 replies out, 100 bytes of payload.
+        for (src, dst, proto, request, reply, header) in [
+            (B4, A4, ipproto::ICMP, 8, 0, 28u64),
+            (B6, A6, ipproto::ICMPV6, 128, 129, 48u64),
+        ] {
+            let d = phase(&link, &mut agent, || {
+                link.b
+                    .exec(&["ping", "-q", "-c", "20", "-i", "0.01", "-s", "100", dst]);
+            });
+            let expected = Counters {
+                bytes: 20 * (header + 100),
+                packets: 20,
+            };
+            assert_eq!(
+                flow(&d, src, dst, proto, request, Direction::Ingress),
+                expected
+            );
+            assert_eq!(
+                flow(&d, dst, src, proto, reply, Direction::Egress),
+                expected
+            );
+        }
+
+        // TCP: 100 kB from b to a's port 5301. With only this connection on
+        // the link, each direction is exactly one flow, so the interface's
+        // counters are the per-flow oracle.
+        for (src, dst) in [(B4, A4), (B6, A6)] {
+            let d = phase(&link, &mut agent, || {
+                tcp_transfer(&link, dst, 5301, 100_000, false);
+            });
+            let inbound = flow(&d, src, dst, ipproto::TCP, 5301, Direction::Ingress);
+            let outbound = flow(&d, dst, src, ipproto::TCP, 5301, Direction::Egress);
+            let tcp_flows = d
+                .flows
+                .iter()
+                .filter(|(k, _)| k.proto == ipproto::TCP)
+                .count();
+            assert_eq!(tcp_flows, 2, "one flow per direction: {:?}", d.flows);
+            assert!(inbound.bytes > 100_000 && outbound.packets > 0);
+        }
+        let _ = agent.shutdown().unwrap();
+    });
+}
+
+/// What the client socket of a TCP transfer says it sent: segments (each
+/// wire segment once, whatever the offloads) and payload bytes.
+#[derive(Clone, Copy, Debug)]
+struct TcpSent {
+    segments: u64,
+    payload: u64,
+}
+
+/// Reads `tcpi_segs_out` and `tcpi_bytes_sent` from TCP_INFO (offsets from
+/// uapi/linux/tcp.h; libc's struct stops before them).
+fn tcp_sent(conn: &TcpStream) -> TcpSent {
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(conn),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr() as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    assert!(rc == 0 && len >= 208, "TCP_INFO: rc {rc}, {len} bytes");
+    let u32_at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().unwrap()) as u64;
+    let u64_at = |o: usize| u64::from_ne_bytes(info[o..o + 8].try_into().unwrap());
+    TcpSent {
+        segments: u32_at(136),
+        payload: u64_at(200),
+    }
+}
+
+/// Sends `bytes` over TCP to `dst:port` (listener in `a`, client in `b`), or
+/// from a to b when `from_a`. Returns when both sides have closed, with what
+/// the client's socket says it sent.
+fn tcp_transfer(link: &Link, dst: &str, port: u16, bytes: usize, from_a: bool) -> TcpSent {
+    let (server_ns, client_ns) = if from_a {
+        (&link.b, &link.a)
+    } else {
+        (&link.a, &link.b)
+    };
+    let addr: SocketAddr = if dst.contains(':') {
+        SocketAddr::new(dst.parse::<Ipv6Addr>().unwrap().into(), port)
+    } else {
+        format!("{dst}:{port}").parse().unwrap()
+    };
+    let listener = server_ns.run(|| TcpListener::bind(addr).unwrap());
+    thread::scope(|s| {
+        let server = s.spawn(|| {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut received = Vec::new();
+            conn.read_to_end(&mut received).unwrap();
+            received.len()
+        });
+        let sent = client_ns.run(|| {
+            let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+            conn.write_all(&vec![0x42; bytes]).unwrap();
+            conn.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            conn.read_to_end(&mut rest).unwrap();
+            // The peer's FIN is in; give our ACK of it a moment to leave.
+            thread::sleep(Duration::from_millis(50));
+            tcp_sent(&conn)
+        });
+        assert_eq!(server.join().unwrap(), bytes);
+        sent
+    })
+}
+
+pub fn draining_every_few_milliseconds_loses_nothing() {
+    let link = Link::new("drain");
+    link.a.run(|| {
+        let mut agent = start_agent(&link, &[]);
+        let _sink = udp_sink(&link, A4, 5400);
+        let before = link.a_stats();
+        // The burst lasts until at least MIN_DRAINS drains have happened
+        // during it (bounded: at most 300k datagrams or 20 s), so the test
+        // does not depend on how fast this machine sends.
+        const MIN_DRAINS: usize = 30;
+        let done = AtomicBool::new(false);
+        let drains_done = AtomicUsize::new(0);
+        let mut drains = Vec::new();
+        let started = Instant::now();
+        let sent = thread::scope(|s| {
+            let sender = s.spawn(|| {
+                let sizes = (0..300_000usize).map(|i| 64 + i % 900).take_while(|_| {
+                    drains_done.load(Ordering::Relaxed) < MIN_DRAINS
+                        && started.elapsed() < Duration::from_secs(20)
+                });
+                let sent = udp_burst(&link, A4, 5400, sizes);
+                done.store(true, Ordering::Release);
+                sent
+            });
+            while !done.load(Ordering::Acquire) {
+                drains.push(agent.drain().unwrap());
+                drains_done.fetch_add(1, Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(2));
+            }
+            sender.join().unwrap()
+        });
+        link.wait_quiet();
+        drains.push(agent.drain().unwrap());
+        let after = link.a_stats();
+        assert!(
+            drains.len() > MIN_DRAINS,
+            "only {} drains during the burst",
+            drains.len()
+        );
+        assert!(sent.0 > 1_000, "only {} datagrams sent", sent.0);
+
+        let mut counted = Counters::default();
+        for d in &drains {
+            counted.add(&flow(d, B4, A4, ipproto::UDP, 5400, Direction::Ingress));
+        }
+        assert_eq!(
+            counted,
+            Counters {
+                bytes: sent.1,
+                packets: sent.0
+            },
+            "over {} drains",
+            drains.len()
+        );
+        // And everything that arrived (the datagrams plus whatever else the
+        // kernel sent meanwhile) equals the interface's own counters.
+        let mut ingress = Counters::default();
+        for d in &drains {
+            ingress.add(&sum(d, |k| k.direction == Direction::Ingress as u8));
+        }
+        let frames = after.0.0 - before.0.0;
+        let l3_bytes = after.0.1 - before.0.1 - ETH_HEADER * frames;
+        assert_eq!(
+            ingress,
+            Counters {
+                bytes: l3_bytes,
+                packets: frames
+            }
+        );
+        let _ = agent.shutdown().unwrap();
+    });
+}
+
+pub fn offloads_do_not_change_the_numbers() {
+    let link = Link::new("gso");
+    let payload = 300_000;
+    for offloads in [false, true] {
+        link.set_offloads(offloads);
+        link.wait_quiet();
+        let (d, sent, before, after) = link.a.run(|| {
+            let mut agent = start_agent(&link, &[]);
+            let before = link.a_stats();
+            let sent = tcp_transfer(&link, B4, 5500, payload, true);
+            link.wait_quiet();
+            let d = agent.drain().unwrap();
+            let after = link.a_stats();
+            let _ = agent.shutdown().unwrap();
+            (d, sent, before, after)
+        });
+        // The wire truth from the sender's socket: every segment carries
+        // 20 bytes of IPv4 and 32 of TCP header (timestamps), the SYN 8 more
+        // (MSS, SACK-permitted, window scale).
+        let wire = Counters {
+            bytes: 52 * sent.segments + 8 + sent.payload,
+            packets: sent.segments,
+        };
+        assert_eq!(sent.payload, payload as u64, "no retransmissions on a veth");
+        let counted = flow(&d, A4, B4, ipproto::TCP, 5500, Direction::Egress);
+        assert_eq!(counted, wire, "data direction, offloads {offloads}");
+        let frames = after.1.0 - before.1.0;
+        if offloads {
+            // Make sure the aggregates really happened, or this proves nothing.
+            assert!(
+                frames < sent.segments,
+                "{frames} frames for {} segments",
+                sent.segments
+            );
+        } else {
+            // Without offloads every frame is one segment: the interface's
+            // own counters agree too.
+            let l3 = after.1.1 - before.1.1 - ETH_HEADER * frames;
+            assert_eq!(
+                counted,
+                Counters {
+                    bytes: l3,
+                    packets: frames
+                }
+            );
+        }
+    }
+}
+
+/// The agent binary inside namespace `a`.
+fn spawn_agent_binary(link: &Link) -> std::process::Child {
+    crate::kit::agent_in(&link.a, false)
+        .args(["-i", &link.a_if])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_for_attached(link: &Link, want: usize) -> (Vec<u32>, Vec<u32>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = link
+            .a
+            .run(|| ntm_agent::kernel::attach::attached_ntm_programs(&link.a_if).unwrap());
+        if (now.0.len(), now.1.len()) == (want, want) || Instant::now() > deadline {
+            return now;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn restart_after_kill_never_stacks_a_second_copy() {
+    let link = Link::new("restart");
+    let mut first = spawn_agent_binary(&link);
+    let attached = wait_for_attached(&link, 1);
+    assert_eq!((attached.0.len(), attached.1.len()), (1, 1), "first start");
+
+    // A second copy while the first runs (on another metrics port, or it
+    // would stop at the taken port) refuses to double count.
+    let second = crate::kit::agent_in(&link.a, false)
+        .args(["-i", &link.a_if, "-p", "8001"])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("already attached"), "{stderr}");
+    assert_eq!(
+        wait_for_attached(&link, 1),
+        attached,
+        "the first copy is untouched"
+    );
+
+    // kill -9: no chance to detach; TCX links die with the process.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let gone = wait_for_attached(&link, 0);
+    assert_eq!(
+        (gone.0.len(), gone.1.len()),
+        (0, 0),
+        "nothing left after kill -9"
+    );
+
+    let mut again = spawn_agent_binary(&link);
+    let attached = wait_for_attached(&link, 1);
+    assert_eq!(
+        (attached.0.len(), attached.1.len()),
+        (1, 1),
+        "exactly one copy after restart"
+    );
+
+    // SIGTERM: clean exit, report printed, nothing left attached.
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(again.id() as i32, libc::SIGTERM) };
+    let status = again.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut out = String::new();
+    again
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(out.contains("iface"), "exit report: {out}");
+    let gone = wait_for_attached(&link, 0);
+    assert_eq!((gone.0.len(), gone.1.len()), (0, 0));
+}
+
+pub fn clear_errors_for_bad_input() {
+    let agent = env!("CARGO_BIN_EXE_ntm-agent");
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    let err = run(Command::new(agent).args(["-i", "no-such-if0"]));
+    assert!(
+        err.contains("no-such-if0") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(err.contains("lo"), "lists the interfaces there are: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let err = run(Command::new(agent).args(["-i", "lo", "--service", "http=80"]));
+    assert!(err.contains("PORT[/PROTO]=NAME"), "{err}");
+
+    let err = run(Command::new(agent).args(["-i", "lo", "--drain-interval", "soon"]));
+    assert!(err.contains("duration"), "{err}");
+
+    // Without privileges (nobody, no capabilities): says which are missing.
+    let err = run(Command::new("setpriv").args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        agent,
+        "-i",
+        "lo",
+    ]));
+    assert!(
+        err.contains("CAP_BPF") && err.contains("not allowed"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// ntm filters tc lists on `a`'s interface, per direction (clsact mode).
+fn clsact_filters(link: &Link) -> (usize, usize) {
+    let count = |dir: &str| {
+        link.a
+            .exec(&["tc", "filter", "show", "dev", &link.a_if, dir])
+            .lines()
+            .filter(|l| l.contains("ntm_tc_"))
+            .count()
+    };
+    (count("ingress"), count("egress"))
+}
+
+fn wait_for_clsact_filters(link: &Link, want: (usize, usize)) -> (usize, usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = clsact_filters(link);
+        if now == want || Instant::now() > deadline {
+            return now;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn clsact_mode_counts_exactly_and_replaces_stale_filters() {
+    let link = Link::new("clsact");
+    // Exact counting through clsact filters, as on kernels before 6.6.
+    link.a.run(|| {
+        let mut agent = start_agent(&link, &["--attach-mode", "clsact"]);
+        assert!(
+            agent
+                .attachments()
+                .all(|a| a.mode() == ntm_agent::kernel::attach::LinkMode::Clsact)
+        );
+        let _sink = udp_sink(&link, A4, 5600);
+        let mut sent = (0, 0);
+        let d = phase(&link, &mut agent, || {
+            sent = udp_burst(&link, A4, 5600, 1..=200);
+        });
+        let counted = flow(&d, B4, A4, ipproto::UDP, 5600, Direction::Ingress);
+        assert_eq!(
+            counted,
+            Counters {
+                bytes: sent.1,
+                packets: sent.0
+            }
+        );
+        let _ = agent.shutdown().unwrap();
+    });
+    assert_eq!(
+        clsact_filters(&link),
+        (0, 0),
+        "a clean stop removes its filters"
+    );
+
+    let spawn = || {
+        crate::kit::agent_in(&link.a, false)
+            .args(["-i", &link.a_if, "--attach-mode", "clsact"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = spawn();
+    assert_eq!(wait_for_clsact_filters(&link, (1, 1)), (1, 1));
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // This is the hazard: the killed process's filters keep running.
+    assert_eq!(clsact_filters(&link), (1, 1), "filters outlive kill -9");
+
+    let mut again = spawn();
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        wait_for_clsact_filters(&link, (1, 1)),
+        (1, 1),
+        "stale ones replaced, not stacked"
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(again.id() as i32, libc::SIGTERM) };
+    assert!(again.wait().unwrap().success());
+    assert_eq!(wait_for_clsact_filters(&link, (0, 0)), (0, 0));
+}
+
+pub fn a_full_flow_table_still_adds_up() {
+    let link = Link::new("full");
+    link.a.run(|| {
+        let mut agent = start_agent(&link, &["--flow-table-size", "4"]);
+        let before = link.a_stats();
+        // 6000 service ports, 2 datagrams each: 6000 flows in (and ICMP
+        // port-unreachable flows out), more than the flow cache (4096 slots
+        // per CPU) and the 4-entry table hold together.
+        link.b.run(|| {
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            for port in 1000..7000u16 {
+                for _ in 0..2 {
+                    socket.send_to(&[0x11; 64], (A4, port)).unwrap();
+                }
+            }
+        });
+        link.wait_quiet();
+        let d = agent.drain().unwrap();
+        let after = link.a_stats();
+        let frames = (after.0.0 - before.0.0) + (after.1.0 - before.1.0);
+        let bytes = (after.0.1 - before.0.1) + (after.1.1 - before.1.1) - ETH_HEADER * frames;
+
+        let cache_slots = ntm_common::FLOW_CACHE_SLOTS as usize * aya::util::nr_cpus().unwrap();
+        assert!(
+            d.flows.len() <= cache_slots + 4,
+            "{} flows from a cache of {cache_slots} and a 4-entry table",
+            d.flows.len()
+        );
+        let full = d.outside[ntm_common::OutsideReason::TableFull as usize];
+        assert!(full.packets > 0, "the overflow bucket is used");
+        let mut total = sum(&d, |_| true);
+        for c in &d.outside {
+            total.add(c);
+        }
+        assert_eq!(
+            total,
+            Counters {
+                bytes,
+                packets: frames
+            },
+            "flows + overflow = all traffic"
+        );
+        let _ = agent.shutdown().unwrap();
+    });
+}
+
+/// Datagrams waiting on `sink`, read without blocking.
+fn drain_socket(sink: &UdpSocket) -> usize {
+    sink.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 2048];
+    let mut n = 0;
+    while sink.recv(&mut buf).is_ok() {
+        n += 1;
+    }
+    n
+}
+
+pub fn xdp_mode_counts_then_passes_or_drops() {
+    let link = Link::new("xdp");
+    for (action, delivered) in [("pass", true), ("drop", false)] {
+        link.a.run(|| {
+            let mut agent = start_agent(&link, &["--mode", "xdp", "--xdp-action", action]);
+            let how: Vec<&str> = agent.attachments().map(|a| a.mode().as_str()).collect();
+            assert_eq!(how, vec!["xdp-native"], "veth supports native XDP");
+            let sink = udp_sink(&link, A4, 5700);
+            let sent = udp_burst(&link, A4, 5700, (0..100).map(|i| 10 + i));
+            link.wait_quiet();
+            let d = agent.drain().unwrap();
+            let counted = flow(&d, B4, A4, ipproto::UDP, 5700, Direction::Ingress);
+            assert_eq!(
+                counted,
+                Counters {
+                    bytes: sent.1,
+                    packets: sent.0
+                },
+                "{action}"
+            );
+            let received = drain_socket(&sink);
+            assert_eq!(received, if delivered { 100 } else { 0 }, "{action}");
+            let _ = agent.shutdown().unwrap();
+        });
+    }
+}
+
+pub fn other_tc_programs_keep_running_and_their_verdicts_stand() {
+    static OTHERS: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ntm-bench-baseline"));
+    let link = Link::new("neigh");
+    link.a.run(|| {
+        // Someone else's TC program, attached first: drops UDP to port 5801.
+        let mut others = aya::Ebpf::load(OTHERS).unwrap();
+        let neighbour: &mut SchedClassifier = others
+            .program_mut("neighbour_drop_5801")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        neighbour.load().unwrap();
+        neighbour.attach(&link.a_if, TcAttachType::Ingress).unwrap();
+        let on_ingress = || -> Vec<String> {
+            let (_, programs) =
+                SchedClassifier::query_tcx(&link.a_if, TcAttachType::Ingress).unwrap();
+            programs
+                .iter()
+                .map(|p| p.name_as_str().unwrap_or("?").to_string())
+                .collect()
+        };
+
+        let mut agent = start_agent(&link, &[]);
+        let order = on_ingress();
+        assert_eq!(order.len(), 2, "{order:?}");
+        assert!(order[0].starts_with("ntm_tc_"), "ntm runs first: {order:?}");
+        let kept = udp_sink(&link, A4, 5800);
+        let dropped = udp_sink(&link, A4, 5801);
+        let to_kept = udp_burst(&link, A4, 5800, (0..40).map(|_| 100));
+        let to_dropped = udp_burst(&link, A4, 5801, (0..60).map(|_| 100));
+        link.wait_quiet();
+        let d = agent.drain().unwrap();
+        // ntm counts everything that reached the interface...
+        let count = |port| flow(&d, B4, A4, ipproto::UDP, port, Direction::Ingress);
+        assert_eq!(
+            count(5800),
+            Counters {
+                bytes: to_kept.1,
+                packets: to_kept.0
+            }
+        );
+        assert_eq!(
+            count(5801),
+            Counters {
+                bytes: to_dropped.1,
+                packets: to_dropped.0
+            }
+        );
+        // ...and the other program still decides: its drops stand.
+        assert_eq!(drain_socket(&kept), 40);
+        assert_eq!(drain_socket(&dropped), 0);
+        let _ = agent.shutdown().unwrap();
+        // ntm never removes what it did not attach.
+        assert_eq!(on_ingress(), vec!["neighbour_drop_".to_string()]);
+        drop(others);
+    });
+}
