@@ -320,10 +320,14 @@ impl OutsideReason {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: both are repr(C), made only of integers and byte arrays, with no
-    // implicit padding (asserted above), so any bit pattern is valid.
+    // SAFETY (all three): repr(C), made only of integers and byte arrays,
+    // with no implicit padding (sizes asserted above), so any bit pattern is
+    // a valid value.
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Counters {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::CacheSlot {}
 }
 

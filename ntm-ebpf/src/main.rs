@@ -177,11 +177,33 @@ fn parse_tc<const ETHERNET: bool>(
         data: ctx.data(),
         end: ctx.data_end(),
     };
-    let ephemeral_start = unsafe { core::ptr::read_volatile(&NTM_EPHEMERAL_START) };
+    let ephemeral_start = setting(&NTM_EPHEMERAL_START);
     if ETHERNET {
         parse::parse_ethernet(&frame, key, ephemeral_start, is_known_port)
     } else {
         parse::parse_l3(&frame, key, ephemeral_start, is_known_port)
+    }
+}
+
+/// A setting the agent writes into the object before loading it. The
+/// volatile read keeps the compiler from folding in the default; the
+/// verifier then sees the loaded value as a constant (the map is frozen).
+#[inline(always)]
+fn setting<T: Copy>(value: &'static T) -> T {
+    // SAFETY: `value` is a valid, aligned, initialised static.
+    unsafe { core::ptr::read_volatile(value) }
+}
+
+/// Adds to the counters `counters` points at: this CPU's value in a
+/// per-CPU map, which nothing else writes while the program runs (TC and
+/// XDP run with bottom halves off, so no other program runs on this CPU).
+#[inline(always)]
+fn add_counts(counters: *mut Counters, bytes: u64, packets: u64) {
+    // SAFETY: the pointer comes from a successful per-CPU map lookup (the
+    // verifier checks it is not null), and as above no one else writes it.
+    unsafe {
+        (*counters).bytes += bytes;
+        (*counters).packets += packets;
     }
 }
 
@@ -201,6 +223,8 @@ fn zero_key(key: *mut FlowKey) {
 #[inline(always)]
 fn count_tc<const ETHERNET: bool>(ctx: &TcContext, direction: Direction, filtered: bool) {
     let skb = ctx.skb.skb;
+    // SAFETY: `skb` is the kernel's __sk_buff for this frame, valid for the
+    // program's run; these fields are readable by TC programs.
     let (skb_len, ifindex, vlan_present, vlan_tci, gso_segs) = unsafe {
         (
             (*skb).len,
@@ -298,17 +322,18 @@ fn account(
 /// it; the agent chooses whether the copy then goes on (pass) or not (drop).
 #[xdp]
 pub fn ntm_xdp(ctx: XdpContext) -> u32 {
-    // SAFETY: as in filter_then_count.
+    // SAFETY: a tail call either does not return or, with the slot empty,
+    // returns with nothing changed.
     unsafe { NTM_XDP_TAILS.tail_call(&ctx, tail::FILTER_XDP) };
     count_xdp(&ctx, false);
-    unsafe { core::ptr::read_volatile(&NTM_XDP_ACTION) }
+    setting(&NTM_XDP_ACTION)
 }
 
 /// XDP's counting half, entered from a filter program.
 #[xdp]
 pub fn ntm_count_xdp(ctx: XdpContext) -> u32 {
     count_xdp(&ctx, filtered_out());
-    unsafe { core::ptr::read_volatile(&NTM_XDP_ACTION) }
+    setting(&NTM_XDP_ACTION)
 }
 
 #[inline(always)]
@@ -325,7 +350,7 @@ fn count_xdp(ctx: &XdpContext, filtered: bool) {
         data: ctx.data(),
         end: ctx.data_end(),
     };
-    let ephemeral_start = unsafe { core::ptr::read_volatile(&NTM_EPHEMERAL_START) };
+    let ephemeral_start = setting(&NTM_EPHEMERAL_START);
     // In XDP every VLAN tag is still in the frame, and there is no more
     // data to pull: what is not in [data, data_end) is not there.
     let parsed = parse::parse_ethernet(&frame, key, ephemeral_start, is_known_port);
@@ -385,11 +410,7 @@ fn count_flow(key: &FlowKey, bytes: u64, packets: u64) {
         return;
     };
     if let Some(counters) = table.get_ptr_mut(key) {
-        // Per-CPU value, and TC runs with bottom halves off: no other writer.
-        unsafe {
-            (*counters).bytes += bytes;
-            (*counters).packets += packets;
-        }
+        add_counts(counters, bytes, packets);
         return;
     }
     let fresh = Counters { bytes, packets };
@@ -399,10 +420,7 @@ fn count_flow(key: &FlowKey, bytes: u64, packets: u64) {
             // Another CPU inserted the key between our lookup and insert; our
             // CPU's slot in it exists now.
             match table.get_ptr_mut(key) {
-                Some(counters) => unsafe {
-                    (*counters).bytes += bytes;
-                    (*counters).packets += packets;
-                },
+                Some(counters) => add_counts(counters, bytes, packets),
                 None => count_outside(OutsideReason::InsertFailed, bytes, packets),
             }
         }
@@ -414,17 +432,15 @@ fn count_flow(key: &FlowKey, bytes: u64, packets: u64) {
 #[inline(always)]
 fn count_outside(reason: OutsideReason, bytes: u64, packets: u64) {
     if let Some(counters) = NTM_OUTSIDE.get_ptr_mut(reason as u32) {
-        unsafe {
-            (*counters).bytes += bytes;
-            (*counters).packets += packets;
-        }
+        add_counts(counters, bytes, packets);
     }
 }
 
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // The verifier rejects any path that could reach here, so it never runs.
+    // SAFETY: the verifier rejects any path that could reach here (it has
+    // no way to panic), so this never runs.
     unsafe { core::hint::unreachable_unchecked() }
 }
 

@@ -71,11 +71,13 @@ impl Frame {
     /// least two bytes long.
     #[inline(always)]
     fn pair(&self, offset: usize) -> Option<[u8; 2]> {
+        // SAFETY: `at` checked that the two bytes lie inside the frame.
         self.at::<[u8; 2]>(offset).map(|p| unsafe { *p })
     }
 
     #[inline(always)]
     fn be16(&self, offset: usize) -> Option<u16> {
+        // SAFETY: `at` checked that the two bytes lie inside the frame.
         self.at::<[u8; 2]>(offset)
             .map(|p| u16::from_be_bytes(unsafe { *p }))
     }
@@ -86,6 +88,9 @@ impl Frame {
 /// (it assumes the packet's 1-byte alignment); the kernel allows unaligned
 /// packet loads on the architectures whose JIT ntm targets, and IP headers
 /// sit 4-byte aligned in practice anyway.
+///
+/// # Safety
+/// `N * 4` bytes at `from` must be inside the frame.
 #[inline(always)]
 unsafe fn load_address<const N: usize>(from: *const u8, to: &mut [u8; 16]) {
     let words = to.as_mut_ptr() as *mut u32;
@@ -113,6 +118,7 @@ pub fn parse_ethernet(
     let eth = frame
         .at::<EthHdr>(0)
         .ok_or(need(OutsideReason::TruncatedL2))?;
+    // SAFETY: `at` checked that the whole Ethernet header is in the frame.
     let mut ethertype = u16::from_be(unsafe { (*eth).ether_type });
     let mut offset = EthHdr::LEN;
     for _ in 0..MAX_VLAN_TAGS {
@@ -169,6 +175,7 @@ fn parse_ipv4(
 ) -> Result<Parsed, ParseError> {
     const BAD: OutsideReason = OutsideReason::MalformedIpv4;
     let ip = frame.at::<Ipv4Hdr>(l3).ok_or(need(BAD))?;
+    // SAFETY: `at` checked that the whole fixed IPv4 header is in the frame.
     let (vihl, tot_len, frags, proto) = unsafe {
         (
             (*ip).vihl,
@@ -183,6 +190,7 @@ fn parse_ipv4(
     }
     key.family = family::IPV4;
     key.proto = proto;
+    // SAFETY: both addresses (4 bytes each) are inside the checked header.
     unsafe {
         load_address::<1>((*ip).src_addr.as_ptr(), &mut key.src);
         load_address::<1>((*ip).dst_addr.as_ptr(), &mut key.dst);
@@ -219,6 +227,7 @@ fn parse_ipv6(
 ) -> Result<Parsed, ParseError> {
     const BAD: OutsideReason = OutsideReason::MalformedIpv6;
     let ip = frame.at::<Ipv6Hdr>(l3).ok_or(need(BAD))?;
+    // SAFETY: `at` checked that the whole IPv6 header is in the frame.
     let (vcf0, payload_len, mut next) = unsafe {
         (
             (*ip).vcf[0],
@@ -230,6 +239,7 @@ fn parse_ipv6(
         return Err(ParseError::Outside(BAD));
     }
     key.family = family::IPV6;
+    // SAFETY: both addresses (16 bytes each) are inside the checked header.
     unsafe {
         load_address::<4>((*ip).src_addr.as_ptr(), &mut key.src);
         load_address::<4>((*ip).dst_addr.as_ptr(), &mut key.dst);
@@ -337,6 +347,8 @@ fn parse_l4(
                 mark_l4_missing(proto, key);
                 return 0;
             };
+            // SAFETY: `at` checked that the 20-byte TCP header (ports, and
+            // the data offset at byte 12) is in the frame.
             let (sport, dport, doff) = unsafe {
                 (
                     u16::from_be_bytes((*tcp).source),
@@ -355,6 +367,7 @@ fn parse_l4(
                 mark_l4_missing(proto, key);
                 return 0;
             };
+            // SAFETY: `at` checked that the 8-byte header is in the frame.
             let (sport, dport) = unsafe {
                 (
                     u16::from_be_bytes((*udp).src),

@@ -359,8 +359,19 @@ fn cargo() -> Command {
     cmd
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
+/// A failure is one message (with its causes), never a backtrace.
+fn main() -> std::process::ExitCode {
+    match task(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn task(command: Task) -> Result<()> {
+    match command {
         Task::Setup => ensure_ebpf_toolchain(),
         Task::Build => {
             ensure_ebpf_toolchain()?;

@@ -6,13 +6,16 @@
 //! everything else. This runs before ntm starts any other thread, so every
 //! thread inherits the reduced set.
 
+use caps::{CapSet, Capability, CapsHashSet, errors::CapsError};
+
 use super::sys::{SyscallError, process};
 
-/// Capability numbers (linux/capability.h).
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-const KEPT: [u32; 3] = [CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON];
+/// What ntm keeps once it has attached.
+const KEPT: [Capability; 3] = [
+    Capability::CAP_BPF,
+    Capability::CAP_NET_ADMIN,
+    Capability::CAP_PERFMON,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrivilegeError {
@@ -31,6 +34,8 @@ pub enum PrivilegeError {
         #[source]
         source: SyscallError,
     },
+    #[error("narrowing the capabilities to CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON failed: {0}")]
+    Capabilities(#[source] CapsError),
 }
 
 /// Whom to become.
@@ -64,18 +69,27 @@ pub fn drop_to(user: User) -> Result<(), PrivilegeError> {
     if !process::is_root() {
         return Err(PrivilegeError::NotRoot);
     }
-    process::switch_user_keeping(user.uid, user.gid, kept_mask()).map_err(|source| {
-        PrivilegeError::Switch {
-            uid: user.uid,
-            gid: user.gid,
-            source,
-        }
-    })
+    let caps = PrivilegeError::Capabilities;
+    // Keep the permitted set across the change of uid...
+    caps::securebits::set_keepcaps(true).map_err(caps)?;
+    process::switch_ids(user.uid, user.gid).map_err(|source| PrivilegeError::Switch {
+        uid: user.uid,
+        gid: user.gid,
+        source,
+    })?;
+    // ...then narrow it to the three, effective first (the effective set
+    // must stay within the permitted one), and none to hand on.
+    let kept: CapsHashSet = KEPT.into_iter().collect();
+    caps::set(None, CapSet::Effective, &kept).map_err(caps)?;
+    caps::set(None, CapSet::Permitted, &kept).map_err(caps)?;
+    caps::clear(None, CapSet::Inheritable).map_err(caps)?;
+    caps::clear(None, CapSet::Ambient).map_err(caps)?;
+    caps::securebits::set_keepcaps(false).map_err(caps)
 }
 
 /// The capability mask ntm keeps, as /proc/PID/status prints it (CapEff).
 pub fn kept_mask() -> u64 {
-    KEPT.iter().fold(0, |mask, cap| mask | 1 << cap)
+    KEPT.iter().fold(0, |mask, cap| mask | cap.bitmask())
 }
 
 #[cfg(test)]

@@ -191,6 +191,7 @@ pub fn sighup_swaps_the_filter_from_its_file_without_losing_a_packet() {
         std::thread::sleep(Duration::from_millis(80));
         std::fs::write(&file, "udp dst port 5002 # second\n").unwrap();
         // SAFETY: signalling our own child.
+        // SAFETY: sending a signal to our own child.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
         sender.join().unwrap();
     });
@@ -222,6 +223,7 @@ pub fn sighup_swaps_the_filter_from_its_file_without_losing_a_packet() {
 
     // A bad new filter is refused and the old one stays.
     std::fs::write(&file, "udp dst port").unwrap();
+    // SAFETY: sending a signal to our own child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
     let text = wait_for("the refused reload", Duration::from_secs(20), || {
         let text = metrics(&link.a, port);
