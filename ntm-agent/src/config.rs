@@ -13,7 +13,7 @@ use clap::Parser;
 use crate::{
     export::{
         labels::{Cidr, DEFAULT_LOCAL_NETS, Label, LocalNets},
-        names::{NameOptions, dns::system_nameserver},
+        names::{NameOptions, resolver::Upstream},
         services::{ServiceRegistry, ServicesError},
     },
     kernel::{KernelOptions, load::DatapathOptions},
@@ -120,8 +120,8 @@ pub struct Config {
           action = clap::ArgAction::SetTrue)]
     pub numeric: bool,
 
-    /// DNS server for reverse lookups (IP or IP:PORT); default: the first
-    /// nameserver in /etc/resolv.conf.
+    /// DNS server for reverse lookups (IP or IP:PORT); default: the
+    /// nameservers and options of /etc/resolv.conf.
     #[arg(long, env = "NTM_DNS_SERVER", value_parser = parse_dns_server)]
     pub dns_server: Option<SocketAddr>,
 
@@ -276,10 +276,10 @@ impl Config {
             series_ttl: self.series_ttl,
             flow_table_capacity: self.flow_table_size,
             names: NameOptions {
-                server: if self.numeric {
+                upstream: if self.numeric {
                     None
                 } else {
-                    self.dns_server.or_else(system_nameserver)
+                    Some(self.dns_server.map_or(Upstream::System, Upstream::Server))
                 },
                 timeout: self.dns_timeout,
                 workers: self.dns_workers as usize,

@@ -184,7 +184,7 @@ mod tests {
                 series_ttl: ttl,
                 flow_table_capacity: 1024,
                 names: NameOptions {
-                    server: None,
+                    upstream: None,
                     timeout: Duration::from_secs(1),
                     workers: 1,
                     queue: 16,

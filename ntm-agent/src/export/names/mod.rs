@@ -7,25 +7,24 @@
 //! not split its counter into an address series and a name series. Once an
 //! address's label is decided it is kept while it is in use ("sticky").
 
-pub mod dns;
 pub mod resolver;
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
 use ntm_common::FlowKey;
 use prometheus::IntCounterVec;
 
-use self::resolver::Resolver;
+use self::resolver::{Resolver, Upstream};
 use super::labels::LocalNets;
 
 #[derive(Clone, Debug)]
 pub struct NameOptions {
-    /// None: addresses only (`--numeric`, or no resolver configured).
-    pub server: Option<SocketAddr>,
+    /// Where reverse lookups go; None: addresses only (`--numeric`).
+    pub upstream: Option<Upstream>,
     pub timeout: Duration,
     pub workers: usize,
     /// Lookups waiting for a worker; beyond it new ones are dropped (and the
@@ -63,8 +62,14 @@ impl HostLabels {
         options: &NameOptions,
         lookups: IntCounterVec,
     ) -> Self {
-        let resolver = match options.server {
-            Some(server) if wanted => Some(Resolver::start(server, options, lookups)),
+        let resolver = match &options.upstream {
+            Some(upstream) if wanted => match Resolver::start(upstream, options, lookups) {
+                Ok(resolver) => Some(resolver),
+                Err(e) => {
+                    log::warn!("host names: addresses only: {e}");
+                    None
+                }
+            },
             _ => None,
         };
         Self::new(wanted, resolver, local, options)
@@ -164,7 +169,7 @@ mod tests {
 
     fn options() -> NameOptions {
         NameOptions {
-            server: None,
+            upstream: None,
             timeout: Duration::from_secs(1),
             workers: 1,
             queue: 16,

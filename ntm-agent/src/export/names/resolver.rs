@@ -1,23 +1,28 @@
-//! Reverse DNS on worker threads, behind a cache the drain loop reads
-//! without ever waiting for the network.
+//! Reverse DNS (PTR) with hickory-resolver, on a thread of its own, behind
+//! a bounded cache that the drain loop reads without ever waiting for the
+//! network.
+//!
+//! hickory brings what a DNS client needs and ntm had not: every
+//! `nameserver` and the options of `/etc/resolv.conf`, TCP when an answer
+//! is truncated, and a parser that has seen the world's DNS servers.
 
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc, Mutex,
-        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
-    },
-    thread,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use prometheus::IntCounterVec;
-
-use super::{
-    NameOptions,
-    dns::{DnsError, PtrAnswer, query_ptr},
+use hickory_resolver::{
+    Resolver as Hickory, TokioResolver,
+    config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig},
+    net::{DnsError, NetError, runtime::TokioRuntimeProvider},
+    proto::rr::{Name, RData},
 };
+use prometheus::IntCounterVec;
+use tokio::sync::{Semaphore, mpsc};
+
+use super::NameOptions;
 
 /// Cached answers are kept at least this long (servers that answer TTL 0
 /// would otherwise be asked on every drain) and at most this long.
@@ -25,6 +30,30 @@ const MIN_CACHE: Duration = Duration::from_secs(30);
 const MAX_CACHE: Duration = Duration::from_secs(3600);
 /// After a failure (timeout, server error), ask again after this long.
 const RETRY_AFTER: Duration = Duration::from_secs(60);
+/// How long "no name" answers are remembered when the server gives no TTL.
+const NEGATIVE_TTL: Duration = Duration::from_secs(300);
+/// Addresses the cache holds at most; past it, answers past their refresh
+/// time are dropped first, and new addresses are shown as addresses.
+pub const MAX_CACHED: usize = 65_536;
+
+/// Which DNS servers to ask.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Upstream {
+    /// Those of /etc/resolv.conf, with its options.
+    System,
+    /// This one (`--dns-server`), over UDP and TCP.
+    Server(SocketAddr),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolverError {
+    #[error("reading the system's DNS configuration (/etc/resolv.conf): {0}")]
+    SystemConfig(#[source] NetError),
+    #[error("setting up the DNS resolver: {0}")]
+    Build(#[source] NetError),
+    #[error("starting the DNS thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
 
 #[derive(Clone, Debug)]
 enum Entry {
@@ -35,60 +64,98 @@ enum Entry {
     },
 }
 
-/// The shared cache and the queue to the workers.
+/// The shared cache and the queue to the lookups.
 #[derive(Clone)]
 pub struct Resolver {
     cache: Arc<Mutex<HashMap<IpAddr, Entry>>>,
-    queue: SyncSender<IpAddr>,
+    queue: mpsc::Sender<IpAddr>,
     lookups: IntCounterVec,
 }
 
+/// How one lookup ended, and how long to keep what it found.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Name(String, Duration),
+    NoName(Duration),
+    ServerError,
+    Timeout,
+    Error,
+}
+
+impl Outcome {
+    fn result(&self) -> &'static str {
+        match self {
+            Outcome::Name(..) => "ok",
+            Outcome::NoName(_) => "no_name",
+            Outcome::ServerError => "server_error",
+            Outcome::Timeout => "timeout",
+            Outcome::Error => "error",
+        }
+    }
+}
+
 impl Resolver {
-    /// Starts `options.workers` threads asking `server`.
-    pub fn start(server: SocketAddr, options: &NameOptions, lookups: IntCounterVec) -> Self {
-        let (queue, requests) = sync_channel::<IpAddr>(options.queue.max(1));
-        let requests = Arc::new(Mutex::new(requests));
+    /// Starts the DNS thread: at most `options.workers` lookups in flight,
+    /// each given `options.timeout` in all, `options.queue` waiting.
+    pub fn start(
+        upstream: &Upstream,
+        options: &NameOptions,
+        lookups: IntCounterVec,
+    ) -> Result<Self, ResolverError> {
+        let hickory = build(upstream, options.timeout)?;
+        let (queue, requests) = mpsc::channel(options.queue.max(1));
         let resolver = Self {
             cache: Arc::default(),
             queue,
             lookups,
         };
-        for n in 0..options.workers.max(1) {
-            let worker = resolver.clone();
-            let requests = Arc::clone(&requests);
-            let timeout = options.timeout;
-            let spawned = thread::Builder::new()
-                .name(format!("ntm-dns-{n}"))
-                .spawn(move || worker.work(&requests, server, timeout));
-            if let Err(e) = spawned {
-                log::warn!("could not start DNS worker {n}: {e}");
-            }
-        }
-        resolver
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ResolverError::Thread)?;
+        let worker = resolver.clone();
+        let (workers, timeout) = (options.workers.max(1), options.timeout);
+        std::thread::Builder::new()
+            .name("ntm-dns".into())
+            .spawn(move || runtime.block_on(worker.serve(hickory, requests, workers, timeout)))
+            .map_err(ResolverError::Thread)?;
+        Ok(resolver)
     }
 
-    fn work(&self, requests: &Mutex<Receiver<IpAddr>>, server: SocketAddr, timeout: Duration) {
-        loop {
-            let next = match requests.lock() {
-                Ok(rx) => rx.recv(),
-                Err(_) => return,
+    async fn serve(
+        self,
+        hickory: TokioResolver,
+        mut requests: mpsc::Receiver<IpAddr>,
+        workers: usize,
+        timeout: Duration,
+    ) {
+        let in_flight = Arc::new(Semaphore::new(workers));
+        while let Some(ip) = requests.recv().await {
+            let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+                return;
             };
-            let Ok(ip) = next else { return };
-            let (result, name, keep) = match query_ptr(server, ip, timeout) {
-                Ok(PtrAnswer::Name { name, ttl }) => ("ok", Some(name), ttl),
-                Ok(PtrAnswer::NoName { ttl }) => ("no_name", None, ttl),
-                Ok(PtrAnswer::ServerError(_)) => ("server_error", None, RETRY_AFTER),
-                Err(DnsError::Timeout { .. }) => ("timeout", None, RETRY_AFTER),
-                Err(e) => {
-                    log::debug!("reverse lookup of {ip}: {e}");
-                    ("error", None, RETRY_AFTER)
-                }
-            };
-            self.lookups.with_label_values(&[result]).inc();
-            let refresh_at = Instant::now() + keep.clamp(MIN_CACHE, MAX_CACHE);
-            if let Ok(mut cache) = self.cache.lock() {
-                cache.insert(ip, Entry::Done { name, refresh_at });
-            }
+            let (hickory, this) = (hickory.clone(), self.clone());
+            tokio::spawn(async move {
+                let outcome = match tokio::time::timeout(timeout, reverse(&hickory, ip)).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => Outcome::Timeout,
+                };
+                this.record(ip, outcome);
+                drop(permit);
+            });
+        }
+    }
+
+    fn record(&self, ip: IpAddr, outcome: Outcome) {
+        self.lookups.with_label_values(&[outcome.result()]).inc();
+        let (name, keep) = match outcome {
+            Outcome::Name(name, ttl) => (Some(name), ttl),
+            Outcome::NoName(ttl) => (None, ttl),
+            Outcome::ServerError | Outcome::Timeout | Outcome::Error => (None, RETRY_AFTER),
+        };
+        let refresh_at = Instant::now() + keep.clamp(MIN_CACHE, MAX_CACHE);
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.insert(ip, Entry::Done { name, refresh_at });
         }
     }
 
@@ -115,6 +182,14 @@ impl Resolver {
             }
             Some(Entry::Pending) => None,
             None => {
+                if cache.len() >= MAX_CACHED {
+                    cache.retain(|_, e| matches!(e, Entry::Done { refresh_at, .. } if *refresh_at > now));
+                }
+                if cache.len() >= MAX_CACHED {
+                    // Full of live answers: this address is shown as such.
+                    self.lookups.with_label_values(&["dropped"]).inc();
+                    return Some(None);
+                }
                 if self.enqueue(ip) {
                     cache.insert(ip, Entry::Pending);
                     None
@@ -135,10 +210,69 @@ impl Resolver {
     fn enqueue(&self, ip: IpAddr) -> bool {
         match self.queue.try_send(ip) {
             Ok(()) => true,
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            Err(_) => {
                 self.lookups.with_label_values(&["dropped"]).inc();
                 false
             }
+        }
+    }
+}
+
+/// A hickory resolver for `upstream`: no cache of its own (ours is bounded
+/// and sticky) and no hosts file (static names are a rung of their own).
+fn build(upstream: &Upstream, timeout: Duration) -> Result<TokioResolver, ResolverError> {
+    let mut builder = match upstream {
+        Upstream::System => TokioResolver::builder_tokio().map_err(ResolverError::SystemConfig)?,
+        Upstream::Server(server) => {
+            let connections = [ConnectionConfig::udp(), ConnectionConfig::tcp()]
+                .into_iter()
+                .map(|mut c| {
+                    c.port = server.port();
+                    c
+                })
+                .collect();
+            let config = ResolverConfig::from_name_servers(vec![NameServerConfig::new(
+                server.ip(),
+                true,
+                connections,
+            )]);
+            Hickory::builder_with_config(config, TokioRuntimeProvider::default())
+        }
+    };
+    // The system's options (ndots, attempts, rotate, ...) stay; these go.
+    let options = builder.options_mut();
+    options.timeout = timeout;
+    options.cache_size = 0;
+    options.use_hosts_file = ResolveHosts::Never;
+    builder.build().map_err(ResolverError::Build)
+}
+
+/// One PTR lookup: the first name answered, lower case, without the
+/// trailing dot.
+async fn reverse(hickory: &TokioResolver, ip: IpAddr) -> Outcome {
+    match hickory.reverse_lookup(Name::from(ip)).await {
+        Ok(lookup) => {
+            let keep = lookup
+                .valid_until()
+                .saturating_duration_since(Instant::now());
+            let name = lookup.answers().iter().find_map(|record| match &record.data {
+                RData::PTR(ptr) => Some(ptr.0.to_utf8()),
+                _ => None,
+            });
+            match name.map(|n| n.trim_end_matches('.').to_ascii_lowercase()) {
+                Some(name) if !name.is_empty() => Outcome::Name(name, keep),
+                _ => Outcome::NoName(keep),
+            }
+        }
+        Err(NetError::Dns(DnsError::NoRecordsFound(no))) => Outcome::NoName(
+            no.negative_ttl
+                .map_or(NEGATIVE_TTL, |ttl| Duration::from_secs(ttl.into())),
+        ),
+        Err(NetError::Dns(DnsError::ResponseCode(_))) => Outcome::ServerError,
+        Err(NetError::Timeout) => Outcome::Timeout,
+        Err(e) => {
+            log::debug!("reverse lookup of {ip}: {e}");
+            Outcome::Error
         }
     }
 }
