@@ -1,23 +1,31 @@
 //! The links of this network namespace, from rtnetlink: name, index, kind
 //! (bridge, veth, ...) and bridge master; and a socket that wakes up when
-//! links appear, change or go away.
+//! links appear, change or go away. Messages are built and parsed by
+//! netlink-packet-route; the socket is netlink-sys's.
 //!
 //! Netlink rather than /sys/class/net: sysfs shows the namespace it was
 //! mounted in, netlink the one of the thread that asks.
 
-use std::{io, os::fd::OwnedFd};
+use std::io;
 
-use super::sys::{SyscallError, netlink};
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    link::{InfoKind, LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 /// Reading the links failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LinksError {
-    #[error(transparent)]
-    Syscall(#[from] SyscallError),
+    #[error("rtnetlink socket: {0}")]
+    Socket(#[source] io::Error),
     #[error("the kernel refused the link dump: {0}")]
     Refused(#[source] io::Error),
-    #[error("malformed netlink message from the kernel")]
-    Malformed,
+    #[error("malformed netlink message from the kernel: {0}")]
+    Malformed(String),
 }
 
 /// One network interface.
@@ -31,68 +39,25 @@ pub struct LinkInfo {
     pub master: Option<u32>,
 }
 
-const RTM_NEWLINK: u16 = 16;
-const RTM_GETLINK: u16 = 18;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_DUMP: u16 = 0x300;
-const IFLA_IFNAME: u16 = 3;
-const IFLA_MASTER: u16 = 10;
-const IFLA_LINKINFO: u16 = 18;
-const IFLA_INFO_KIND: u16 = 1;
-const RTMGRP_LINK: u32 = 1;
-/// struct nlmsghdr, struct ifinfomsg.
-const NLMSG_HDR: usize = 16;
-const IFINFOMSG: usize = 16;
-
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-/// Route attributes in `b`: (type, payload) pairs.
-fn attributes(mut b: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    while b.len() >= 4 {
-        let (Some(len), Some(kind)) = (u16_at(b, 0), u16_at(b, 2)) else {
-            break;
-        };
-        let len = len as usize;
-        if len < 4 || len > b.len() {
-            break;
-        }
-        out.push((kind & 0x3fff, &b[4..len]));
-        let next = len.next_multiple_of(4).min(b.len());
-        b = &b[next..];
-    }
-    out
-}
-
-/// Parses one RTM_NEWLINK message body (after the nlmsghdr).
-fn parse_link(body: &[u8]) -> Option<LinkInfo> {
-    let index = u32_at(body, 4)?;
+/// The link of one RTM_NEWLINK message (None without a name).
+fn link_info(message: &LinkMessage) -> Option<LinkInfo> {
     let mut link = LinkInfo {
-        index,
+        index: message.header.index,
         name: String::new(),
         kind: String::new(),
         master: None,
     };
-    for (kind, payload) in attributes(body.get(IFINFOMSG..)?) {
-        match kind {
-            IFLA_IFNAME => {
-                let name = payload.split(|b| *b == 0).next().unwrap_or_default();
-                link.name = String::from_utf8_lossy(name).into_owned();
-            }
-            IFLA_MASTER => link.master = u32_at(payload, 0).filter(|m| *m != 0),
-            IFLA_LINKINFO => {
-                for (info, value) in attributes(payload) {
-                    if info == IFLA_INFO_KIND {
-                        let kind = value.split(|b| *b == 0).next().unwrap_or_default();
-                        link.kind = String::from_utf8_lossy(kind).into_owned();
+    for attribute in &message.attributes {
+        match attribute {
+            LinkAttribute::IfName(name) => link.name = name.clone(),
+            LinkAttribute::Controller(master) if *master != 0 => link.master = Some(*master),
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    if let NlLinkInfo::Kind(kind) = info {
+                        link.kind = match kind {
+                            InfoKind::Other(other) => other.clone(),
+                            known => known.to_string(),
+                        };
                     }
                 }
             }
@@ -102,58 +67,83 @@ fn parse_link(body: &[u8]) -> Option<LinkInfo> {
     (!link.name.is_empty()).then_some(link)
 }
 
+/// Parses one datagram of a link dump into `links`; true once the dump is
+/// done.
+fn parse_dump(mut datagram: &[u8], links: &mut Vec<LinkInfo>) -> Result<bool, LinksError> {
+    while !datagram.is_empty() {
+        let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(datagram)
+            .map_err(|e| LinksError::Malformed(e.to_string()))?;
+        let length = message.header.length as usize;
+        match message.payload {
+            NetlinkPayload::Done(_) => return Ok(true),
+            NetlinkPayload::Error(e) => return Err(LinksError::Refused(e.to_io())),
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                links.extend(link_info(&link));
+            }
+            _ => {}
+        }
+        if length == 0 || length > datagram.len() {
+            return Err(LinksError::Malformed(format!(
+                "message length {length} in a datagram of {}",
+                datagram.len()
+            )));
+        }
+        datagram = &datagram[length.next_multiple_of(4).min(datagram.len())..];
+    }
+    Ok(false)
+}
+
 /// Every link of the calling thread's network namespace.
 pub fn links() -> Result<Vec<LinkInfo>, LinksError> {
-    let socket = netlink::route_socket(0)?;
-    let mut request = [0u8; NLMSG_HDR + IFINFOMSG];
-    request[0..4].copy_from_slice(&((NLMSG_HDR + IFINFOMSG) as u32).to_ne_bytes());
-    request[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
-    request[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    request[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    request[NLMSG_HDR] = libc::AF_UNSPEC as u8;
-    netlink::send(&socket, &request)?;
+    let mut socket = Socket::new(NETLINK_ROUTE).map_err(LinksError::Socket)?;
+    socket.bind_auto().map_err(LinksError::Socket)?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .map_err(LinksError::Socket)?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = 1;
+    let mut request = NetlinkMessage::new(
+        header,
+        NetlinkPayload::from(RouteNetlinkMessage::GetLink(LinkMessage::default())),
+    );
+    request.finalize();
+    let mut buffer = vec![0u8; request.buffer_len()];
+    request.serialize(&mut buffer);
+    socket.send(&buffer, 0).map_err(LinksError::Socket)?;
     let mut links = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = netlink::recv(&socket, &mut buf)?;
-        let mut msg = &buf[..n];
-        while msg.len() >= NLMSG_HDR {
-            let len = u32_at(msg, 0).unwrap_or(0) as usize;
-            let kind = u16_at(msg, 4).unwrap_or(0);
-            if len < NLMSG_HDR || len > msg.len() {
-                return Err(LinksError::Malformed);
-            }
-            match kind {
-                NLMSG_DONE => return Ok(links),
-                NLMSG_ERROR => {
-                    let errno = u32_at(msg, NLMSG_HDR).map(|e| -(e as i32)).unwrap_or(0);
-                    return Err(LinksError::Refused(io::Error::from_raw_os_error(errno)));
-                }
-                RTM_NEWLINK => links.extend(parse_link(&msg[NLMSG_HDR..len])),
-                _ => {}
-            }
-            msg = &msg[len.next_multiple_of(4).min(msg.len())..];
+        // recv_from_full sizes its buffer to the datagram: nothing is cut.
+        let (datagram, _) = socket.recv_from_full().map_err(LinksError::Socket)?;
+        if parse_dump(&datagram, &mut links)? {
+            return Ok(links);
         }
     }
 }
 
 /// A socket subscribed to link changes; `wait` blocks until one happens.
 pub struct LinkEvents {
-    socket: OwnedFd,
-    buf: Vec<u8>,
+    socket: Socket,
 }
 
 impl LinkEvents {
-    pub fn subscribe() -> Result<Self, SyscallError> {
-        Ok(Self {
-            socket: netlink::route_socket(RTMGRP_LINK)?,
-            buf: vec![0u8; 64 * 1024],
-        })
+    pub fn subscribe() -> Result<Self, LinksError> {
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(LinksError::Socket)?;
+        socket
+            .bind(&SocketAddr::new(0, libc::RTMGRP_LINK as u32))
+            .map_err(LinksError::Socket)?;
+        Ok(Self { socket })
     }
 
-    /// Blocks until a link appears, changes or disappears.
-    pub fn wait(&mut self) -> Result<(), SyscallError> {
-        netlink::recv(&self.socket, &mut self.buf).map(|_| ())
+    /// Blocks until a link appears, changes or disappears. (What changed is
+    /// not parsed: the caller re-reads the links.) ENOBUFS, events lost
+    /// because too many came at once, is a wake-up too.
+    pub fn wait(&mut self) -> Result<(), LinksError> {
+        match self.socket.recv_from_full() {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(()),
+            Err(e) => Err(LinksError::Socket(e)),
+        }
     }
 }
 
@@ -201,11 +191,36 @@ mod tests {
     }
 
     #[test]
-    fn attribute_parsing_survives_garbage() {
-        for len in 0..40 {
+    fn link_messages_become_link_infos() {
+        let mut message = LinkMessage::default();
+        message.header.index = 7;
+        message.attributes = vec![
+            LinkAttribute::IfName("br0".into()),
+            LinkAttribute::LinkInfo(vec![NlLinkInfo::Kind(InfoKind::Bridge)]),
+        ];
+        assert_eq!(
+            link_info(&message),
+            Some(LinkInfo {
+                index: 7,
+                name: "br0".into(),
+                kind: "bridge".into(),
+                master: None,
+            })
+        );
+        message.attributes = vec![
+            LinkAttribute::IfName("p1".into()),
+            LinkAttribute::Controller(7),
+        ];
+        assert_eq!(link_info(&message).map(|l| l.master), Some(Some(7)));
+        message.attributes.clear();
+        assert_eq!(link_info(&message), None, "a link without a name");
+    }
+
+    #[test]
+    fn garbage_from_the_socket_is_an_error_not_a_panic() {
+        for len in 0..64 {
             let junk: Vec<u8> = (0..len).map(|i| (i * 37) as u8).collect();
-            let _ = parse_link(&junk);
-            let _ = attributes(&junk);
+            let _ = parse_dump(&junk, &mut Vec::new());
         }
     }
 }

@@ -183,7 +183,9 @@ impl Resolver {
             Some(Entry::Pending) => None,
             None => {
                 if cache.len() >= MAX_CACHED {
-                    cache.retain(|_, e| matches!(e, Entry::Done { refresh_at, .. } if *refresh_at > now));
+                    cache.retain(
+                        |_, e| matches!(e, Entry::Done { refresh_at, .. } if *refresh_at > now),
+                    );
                 }
                 if cache.len() >= MAX_CACHED {
                     // Full of live answers: this address is shown as such.
@@ -255,10 +257,13 @@ async fn reverse(hickory: &TokioResolver, ip: IpAddr) -> Outcome {
             let keep = lookup
                 .valid_until()
                 .saturating_duration_since(Instant::now());
-            let name = lookup.answers().iter().find_map(|record| match &record.data {
-                RData::PTR(ptr) => Some(ptr.0.to_utf8()),
-                _ => None,
-            });
+            let name = lookup
+                .answers()
+                .iter()
+                .find_map(|record| match &record.data {
+                    RData::PTR(ptr) => Some(ptr.0.to_utf8()),
+                    _ => None,
+                });
             match name.map(|n| n.trim_end_matches('.').to_ascii_lowercase()) {
                 Some(name) if !name.is_empty() => Outcome::Name(name, keep),
                 _ => Outcome::NoName(keep),

@@ -1,6 +1,14 @@
 //! libpcap, linked as a library and used for one thing: compiling tcpdump
 //! filter expressions into classic BPF, so that their syntax and meaning are
 //! libpcap's own. (Tests also use its userspace interpreter as the oracle.)
+//!
+//! Why these few lines of FFI and not the `pcap` crate (2.5, checked): its
+//! `BpfProgram` keeps the instructions' fields private (they can only be
+//! printed, or the slice cast on an undocumented layout), and ntm needs
+//! them to translate the program; its `compile` passes netmask 0 where
+//! tcpdump passes PCAP_NETMASK_UNKNOWN, which changes what some
+//! expressions mean. Everything else it would bring (capture, devices) ntm
+//! does not use. The static builds link libpcap.a as before (build.rs).
 
 use std::ffi::{CStr, CString, c_char, c_int, c_uint};
 

@@ -7,12 +7,10 @@
 //! - [`bpf`]: batch map reads and writes, loading in-memory programs,
 //!   program-array slots;
 //! - [`netdev`]: interface names, indexes and hardware types;
-//! - [`netlink`]: rtnetlink sockets;
 //! - [`process`]: resource limits, user and capability switches.
 
 pub mod bpf;
 pub mod netdev;
-pub mod netlink;
 pub mod process;
 
 use std::io;

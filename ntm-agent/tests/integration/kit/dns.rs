@@ -108,4 +108,3 @@ fn response(query: &[u8], rcode: u8, ptr: Option<&str>) -> Vec<u8> {
     }
     msg
 }
-
