@@ -14,9 +14,13 @@ use crate::{
     export::{
         labels::{Cidr, DEFAULT_LOCAL_NETS, Label, LocalNets},
         names::{NameOptions, resolver::Upstream},
-        services::{ServiceRegistry, ServicesError},
+        services::{ServiceRegistry, ServiceSpec, ServicesError},
     },
-    kernel::{KernelOptions, load::DatapathOptions},
+    kernel::{
+        KernelOptions,
+        load::DatapathOptions,
+        privileges::{User, resolve_user},
+    },
     pipeline::PipelineOptions,
 };
 
@@ -54,30 +58,26 @@ pub enum FilterSource {
     about = "Counts every packet crossing an interface in the kernel (eBPF) and exports per-flow traffic."
 )]
 pub struct Config {
-    /// Wait for interfaces named with -i that do not exist yet (PPPoE,
-    /// WireGuard, a container's veth) instead of refusing to start.
-    #[arg(long, env = "NTM_WAIT_FOR_INTERFACES", value_parser = clap::builder::BoolishValueParser::new(),
-          action = clap::ArgAction::SetTrue)]
-    pub wait_for_interfaces: bool,
+    #[command(flatten)]
+    pub interfaces: InterfaceArgs,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub names: NameArgs,
+    #[command(flatten)]
+    pub series: SeriesArgs,
+    #[command(flatten)]
+    pub datapath: DatapathArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
+    #[command(flatten)]
+    pub privileges: PrivilegeArgs,
+}
 
-    /// tcpdump filter expression (several words are joined), e.g.
-    /// "src net 192.168.0.0/24 or dst net 192.168.0.0/24".
-    #[arg(env = "NTM_FILTERS", num_args = 0.., trailing_var_arg = true)]
-    pub filters: Vec<String>,
-
-    /// Read the tcpdump filter expression from this file (as tcpdump -F;
-    /// `#` starts a comment). SIGHUP re-reads it and swaps the new filter in
-    /// without losing a count; a bad new filter is logged and the old one
-    /// stays.
-    #[arg(short = 'F', long = "filter-file", env = "NTM_FILTER_FILE")]
-    pub filter_file: Option<std::path::PathBuf>,
-
-    /// After attaching, switch to this user (name, uid or uid:gid), keeping
-    /// only CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (to follow new interfaces
-    /// and load new filters). Needs ntm to start as root.
-    #[arg(long = "user", env = "NTM_USER")]
-    pub user: Option<String>,
-
+/// Where to count.
+#[derive(Clone, Debug, clap::Args)]
+#[command(next_help_heading = "Interfaces")]
+pub struct InterfaceArgs {
     /// Interface to monitor; repeat for several; shell patterns (veth*) too.
     /// A bridge is counted once per frame crossing it (at its ports' ingress
     /// and its own egress). Default: the interface of the default route.
@@ -90,25 +90,34 @@ pub struct Config {
     )]
     pub interfaces: Vec<String>,
 
-    /// Port of the Prometheus endpoint (/metrics).
-    #[arg(short = 'p', long = "port", env = "NTM_PORT", default_value_t = 8000)]
-    pub port: u16,
+    /// Wait for interfaces named with -i that do not exist yet (PPPoE,
+    /// WireGuard, a container's veth) instead of refusing to start.
+    #[arg(long, env = "NTM_WAIT_FOR_INTERFACES", value_parser = clap::builder::BoolishValueParser::new(),
+          action = clap::ArgAction::SetTrue)]
+    pub wait_for_interfaces: bool,
+}
 
-    /// Address the Prometheus endpoint listens on.
-    #[arg(
-        short = 'b',
-        long = "bind_ip",
-        visible_alias = "bind-ip",
-        env = "NTM_BIND",
-        default_value = "0.0.0.0"
-    )]
-    pub bind_ip: IpAddr,
+/// Which frames to count (tcpdump syntax, evaluated in the kernel).
+#[derive(Clone, Debug, clap::Args)]
+#[command(next_help_heading = "Filter")]
+pub struct FilterArgs {
+    /// tcpdump filter expression (several words are joined), e.g.
+    /// "src net 192.168.0.0/24 or dst net 192.168.0.0/24".
+    #[arg(env = "NTM_FILTERS", num_args = 0.., trailing_var_arg = true)]
+    pub filters: Vec<String>,
 
-    /// Prefix of the metric names (<prefix>_bytes_total, ...).
-    #[arg(short = 's', long = "metric_prefix", visible_alias = "metric-prefix", env = "NTM_METRIC_PREFIX",
-          default_value = "ntm", value_parser = parse_metric_prefix)]
-    pub metric_prefix: String,
+    /// Read the tcpdump filter expression from this file (as tcpdump -F;
+    /// `#` starts a comment). SIGHUP re-reads it and swaps the new filter in
+    /// without losing a count; a bad new filter is logged and the old one
+    /// stays.
+    #[arg(short = 'F', long = "filter-file", env = "NTM_FILTER_FILE")]
+    pub filter_file: Option<std::path::PathBuf>,
+}
 
+/// Host names in src and dst.
+#[derive(Clone, Debug, clap::Args)]
+#[command(next_help_heading = "Names")]
+pub struct NameArgs {
     /// Keep hosts' full names in src/dst (more series); default: registrable
     /// domains for remote hosts.
     #[arg(short = 'f', long = "fqdn", env = "NTM_FQDN", value_parser = clap::builder::BoolishValueParser::new(),
@@ -138,7 +147,12 @@ pub struct Config {
     /// with addresses (its labels never change afterwards).
     #[arg(long, env = "NTM_NAME_WAIT", default_value = "3s", value_parser = parse_duration)]
     pub name_wait: Duration,
+}
 
+/// Labels, services and the series budget.
+#[derive(Clone, Debug, clap::Args)]
+#[command(next_help_heading = "Series")]
+pub struct SeriesArgs {
     /// Labels to keep on the traffic counters (the others are summed over).
     #[arg(
         long,
@@ -153,6 +167,17 @@ pub struct Config {
     #[arg(long = "local-net", env = "NTM_LOCAL_NETS", value_delimiter = ',', default_value = DEFAULT_LOCAL_NETS)]
     pub local_nets: Vec<Cidr>,
 
+    /// Extra service port, PORT[/PROTO]=NAME (e.g. 8123/tcp=home-assistant);
+    /// repeatable; wins over the services file.
+    #[arg(long = "service", env = "NTM_SERVICES", value_delimiter = ',',
+          value_name = "PORT[/PROTO]=NAME", value_parser = parse_service)]
+    pub services: Vec<ServiceSpec>,
+
+    /// Services file in /etc/services format [default: /etc/services, which
+    /// may be absent; a file given here must be readable].
+    #[arg(long, env = "NTM_SERVICES_FILE")]
+    pub services_file: Option<PathBuf>,
+
     /// Most traffic series exported; beyond it new label sets are folded into
     /// series labelled "other" (their bytes still count).
     #[arg(long, env = "NTM_MAX_SERIES", default_value_t = 10_000,
@@ -162,6 +187,26 @@ pub struct Config {
     /// A series with no traffic for this long is dropped from /metrics.
     #[arg(long, env = "NTM_SERIES_TTL", default_value = "1h", value_parser = parse_duration)]
     pub series_ttl: Duration,
+}
+
+/// How the kernel side counts.
+#[derive(Clone, Debug, clap::Args)]
+#[command(next_help_heading = "Datapath")]
+pub struct DatapathArgs {
+    /// Count with TC (ingress and egress) or XDP (ingress, for mirror
+    /// ports; native where the driver supports it, else generic).
+    #[arg(long, env = "NTM_MODE", value_enum, default_value_t = CountMode::Tc)]
+    pub mode: CountMode,
+
+    /// XDP mode: pass frames on after counting, or drop them.
+    #[arg(long, env = "NTM_XDP_ACTION", value_enum, default_value_t = XdpAction::Pass)]
+    pub xdp_action: XdpAction,
+
+    /// How to hook into TC: tcx (Linux 6.6+; the attachment dies with the
+    /// process), clsact (older kernels; stale ntm filters are replaced at
+    /// start), or auto (tcx where the kernel has it).
+    #[arg(long, env = "NTM_ATTACH_MODE", value_enum, default_value_t = AttachMode::Auto)]
+    pub attach_mode: AttachMode,
 
     /// How often the kernel's flow table is drained (e.g. 500ms, 2s).
     #[arg(long, env = "NTM_DRAIN_INTERVAL", default_value = "1s", value_parser = parse_duration)]
@@ -177,31 +222,42 @@ pub struct Config {
     /// name no service.
     #[arg(long, env = "NTM_EPHEMERAL_START", default_value_t = ntm_common::service_port::DEFAULT_EPHEMERAL_START)]
     pub ephemeral_start: u16,
+}
 
-    /// Extra service port, PORT[/PROTO]=NAME (e.g. 8123/tcp=home-assistant);
-    /// repeatable; wins over the services file.
-    #[arg(long = "service", env = "NTM_SERVICES", value_delimiter = ',')]
-    pub services: Vec<String>,
+/// The endpoint.
+#[derive(Clone, Debug, clap::Args)]
+#[command(next_help_heading = "HTTP")]
+pub struct HttpArgs {
+    /// Port of the Prometheus endpoint (/metrics).
+    #[arg(short = 'p', long = "port", env = "NTM_PORT", default_value_t = 8000)]
+    pub port: u16,
 
-    /// Services file in /etc/services format [default: /etc/services, which
-    /// may be absent; a file given here must be readable].
-    #[arg(long, env = "NTM_SERVICES_FILE")]
-    pub services_file: Option<PathBuf>,
+    /// Address the Prometheus endpoint listens on.
+    #[arg(
+        short = 'b',
+        long = "bind_ip",
+        visible_alias = "bind-ip",
+        env = "NTM_BIND",
+        default_value = "0.0.0.0"
+    )]
+    pub bind_ip: IpAddr,
 
-    /// Count with TC (ingress and egress) or XDP (ingress, for mirror
-    /// ports; native where the driver supports it, else generic).
-    #[arg(long, env = "NTM_MODE", value_enum, default_value_t = CountMode::Tc)]
-    pub mode: CountMode,
+    /// Prefix of the metric names (<prefix>_bytes_total, ...).
+    #[arg(short = 's', long = "metric_prefix", visible_alias = "metric-prefix", env = "NTM_METRIC_PREFIX",
+          default_value = "ntm", value_parser = parse_metric_prefix)]
+    pub metric_prefix: String,
+}
 
-    /// XDP mode: pass frames on after counting, or drop them.
-    #[arg(long, env = "NTM_XDP_ACTION", value_enum, default_value_t = XdpAction::Pass)]
-    pub xdp_action: XdpAction,
-
-    /// How to hook into TC: tcx (Linux 6.6+; the attachment dies with the
-    /// process), clsact (older kernels; stale ntm filters are replaced at
-    /// start), or auto (tcx where the kernel has it).
-    #[arg(long, env = "NTM_ATTACH_MODE", value_enum, default_value_t = AttachMode::Auto)]
-    pub attach_mode: AttachMode,
+/// What ntm runs as.
+#[derive(Clone, Debug, clap::Args)]
+#[command(next_help_heading = "Privileges")]
+pub struct PrivilegeArgs {
+    /// After attaching, switch to this user (name, uid or uid:gid), keeping
+    /// only CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (to follow new interfaces
+    /// and load new filters). Needs ntm to start as root.
+    #[arg(long = "user", env = "NTM_USER", value_name = "NAME|UID[:GID]",
+          value_parser = parse_user)]
+    pub user: Option<User>,
 }
 
 /// Where packets are counted.
@@ -234,14 +290,14 @@ impl Config {
     pub fn kernel(&self) -> Result<KernelOptions, ConfigError> {
         Ok(KernelOptions {
             interfaces: self.resolved_interfaces()?,
-            wait_for_interfaces: self.wait_for_interfaces,
+            wait_for_interfaces: self.interfaces.wait_for_interfaces,
             filter: self.filter_source()?,
-            count_mode: self.mode,
-            attach_mode: self.attach_mode,
+            count_mode: self.datapath.mode,
+            attach_mode: self.datapath.attach_mode,
             datapath: DatapathOptions {
-                flow_table_entries: self.flow_table_size,
-                ephemeral_start: self.ephemeral_start,
-                xdp_drop: self.xdp_action == XdpAction::Drop,
+                flow_table_entries: self.datapath.flow_table_size,
+                ephemeral_start: self.datapath.ephemeral_start,
+                xdp_drop: self.datapath.xdp_action == XdpAction::Drop,
             },
         })
     }
@@ -250,12 +306,12 @@ impl Config {
     /// default /etc/services may be missing (minimal containers have none);
     /// a file named with --services-file must be readable.
     pub fn services(&self) -> Result<ServiceRegistry, ServicesError> {
-        let mut services = match &self.services_file {
+        let mut services = match &self.series.services_file {
             Some(path) => ServiceRegistry::from_file(path)?,
             None => ServiceRegistry::from_default_file()?,
         };
-        for spec in &self.services {
-            services.add_spec(spec)?;
+        for spec in &self.series.services {
+            services.add(spec);
         }
         Ok(services)
     }
@@ -263,29 +319,33 @@ impl Config {
     /// The export side's options.
     pub fn pipeline(&self) -> PipelineOptions {
         let mut labels: Vec<Label> = Vec::new();
-        for label in &self.labels {
+        for label in &self.series.labels {
             if !labels.contains(label) {
                 labels.push(*label);
             }
         }
         PipelineOptions {
-            prefix: self.metric_prefix.clone(),
+            prefix: self.http.metric_prefix.clone(),
             labels,
-            local: LocalNets(self.local_nets.clone()),
-            max_series: self.max_series as usize,
-            series_ttl: self.series_ttl,
-            flow_table_capacity: self.flow_table_size,
+            local: LocalNets(self.series.local_nets.clone()),
+            max_series: self.series.max_series as usize,
+            series_ttl: self.series.series_ttl,
+            flow_table_capacity: self.datapath.flow_table_size,
             names: NameOptions {
-                upstream: if self.numeric {
+                upstream: if self.names.numeric {
                     None
                 } else {
-                    Some(self.dns_server.map_or(Upstream::System, Upstream::Server))
+                    Some(
+                        self.names
+                            .dns_server
+                            .map_or(Upstream::System, Upstream::Server),
+                    )
                 },
-                timeout: self.dns_timeout,
-                workers: self.dns_workers as usize,
+                timeout: self.names.dns_timeout,
+                workers: self.names.dns_workers as usize,
                 queue: DNS_QUEUE,
-                fqdn: self.fqdn,
-                wait: self.name_wait,
+                fqdn: self.names.fqdn,
+                wait: self.names.name_wait,
             },
         }
     }
@@ -294,6 +354,7 @@ impl Config {
     /// spaces; an empty NTM_FILTERS means none).
     pub fn filter_expression(&self) -> Option<String> {
         let words: Vec<&str> = self
+            .filter
             .filters
             .iter()
             .map(|w| w.trim())
@@ -304,7 +365,7 @@ impl Config {
 
     /// Where the filter comes from; words and a file together are an error.
     pub fn filter_source(&self) -> Result<FilterSource, ConfigError> {
-        match (self.filter_expression(), &self.filter_file) {
+        match (self.filter_expression(), &self.filter.filter_file) {
             (Some(words), Some(file)) => Err(ConfigError::TwoFilters {
                 words,
                 file: file.display().to_string(),
@@ -317,9 +378,9 @@ impl Config {
 
     /// The interfaces to attach to: those given, else the default route's.
     pub fn resolved_interfaces(&self) -> Result<Vec<String>, ConfigError> {
-        if !self.interfaces.is_empty() {
+        if !self.interfaces.interfaces.is_empty() {
             let mut seen = Vec::new();
-            for iface in &self.interfaces {
+            for iface in &self.interfaces.interfaces {
                 let iface = iface.trim().to_string();
                 if !iface.is_empty() && !seen.contains(&iface) {
                     seen.push(iface);
@@ -333,6 +394,16 @@ impl Config {
             .map(|iface| vec![iface])
             .ok_or(ConfigError::NoDefaultInterface)
     }
+}
+
+/// `PORT[/PROTO]=NAME`, checked at parse time.
+fn parse_service(text: &str) -> Result<ServiceSpec, String> {
+    text.parse().map_err(|e: ServicesError| e.to_string())
+}
+
+/// A user name, uid or uid:gid, looked up at parse time.
+fn parse_user(text: &str) -> Result<User, String> {
+    resolve_user(text).map_err(|e| e.to_string())
 }
 
 /// "IP" (port 53) or "IP:PORT" / "[IPv6]:PORT".
@@ -531,11 +602,11 @@ mod tests {
             ],
         ] {
             let c = parse(args);
-            assert_eq!(c.port, 9000, "{args:?}");
-            assert_eq!(c.bind_ip.to_string(), "127.0.0.1");
-            assert_eq!(c.metric_prefix, "home");
-            assert!(c.fqdn);
-            assert_eq!(c.interfaces, vec!["eth1"]);
+            assert_eq!(c.http.port, 9000, "{args:?}");
+            assert_eq!(c.http.bind_ip.to_string(), "127.0.0.1");
+            assert_eq!(c.http.metric_prefix, "home");
+            assert!(c.names.fqdn);
+            assert_eq!(c.interfaces.interfaces, vec!["eth1"]);
         }
         let c = parse(&[
             "ntm",
@@ -581,9 +652,9 @@ mod tests {
     #[test]
     fn defaults() {
         let c = Config::try_parse_from(["ntm-agent"]).unwrap();
-        assert_eq!(c.drain_interval, Duration::from_secs(1));
-        assert_eq!(c.flow_table_size, 65_536);
-        assert_eq!(c.ephemeral_start, 32_768);
+        assert_eq!(c.datapath.drain_interval, Duration::from_secs(1));
+        assert_eq!(c.datapath.flow_table_size, 65_536);
+        assert_eq!(c.datapath.ephemeral_start, 32_768);
         assert!(Config::try_parse_from(["ntm-agent", "--flow-table-size", "0"]).is_err());
     }
 }

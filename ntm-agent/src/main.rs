@@ -51,14 +51,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     // Bind before touching the kernel: a taken port fails fast and clean.
-    let listener = http::bind(SocketAddr::new(config.bind_ip, config.port))
+    let listener = http::bind(SocketAddr::new(config.http.bind_ip, config.http.port))
         .context("ntm could not start its metrics endpoint")?;
-    let user = config
-        .user
-        .as_deref()
-        .map(privileges::resolve_user)
-        .transpose()
-        .context("ntm could not start")?;
+    let user = config.privileges.user;
     let kernel_options = config.kernel().context("ntm could not start")?;
     let services = config.services().context("ntm could not start")?;
     let mut kernel = Kernel::start(&kernel_options, &services.known_port_bitmap())
@@ -90,10 +85,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     .context("starting the metrics endpoint")?;
     log::info!(
         "serving metrics on http://{}/metrics",
-        SocketAddr::new(config.bind_ip, config.port)
+        SocketAddr::new(config.http.bind_ip, config.http.port)
     );
 
-    let mut ticker = tokio::time::interval(config.drain_interval);
+    let mut ticker = tokio::time::interval(config.datapath.drain_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drains: u32 = 0;
     loop {

@@ -83,30 +83,17 @@ impl ServiceRegistry {
         registry
     }
 
+    /// Adds a `--service` definition; it wins over the file.
+    pub fn add(&mut self, spec: &ServiceSpec) {
+        for class in &spec.classes {
+            self.names
+                .insert((*class as u32, spec.port), spec.name.clone());
+        }
+    }
+
     /// Adds `PORT[/PROTO]=NAME` (the `--service` flag); wins over the file.
     pub fn add_spec(&mut self, spec: &str) -> Result<(), ServicesError> {
-        let bad = || ServicesError::BadSpec {
-            spec: spec.to_string(),
-        };
-        let (port_proto, name) = spec.split_once('=').ok_or_else(bad)?;
-        let name = name.trim();
-        if name.is_empty() || name.contains(char::is_whitespace) {
-            return Err(bad());
-        }
-        let (port, classes): (&str, Vec<PortClass>) = match port_proto.split_once('/') {
-            Some((port, proto)) => (port, vec![class_of_name(proto).ok_or_else(bad)?]),
-            None => (
-                port_proto,
-                vec![PortClass::Tcp, PortClass::Udp, PortClass::Sctp],
-            ),
-        };
-        let port: u16 = port.trim().parse().map_err(|_| bad())?;
-        if port == 0 {
-            return Err(bad());
-        }
-        for class in classes {
-            self.names.insert((class as u32, port), name.to_string());
-        }
+        self.add(&spec.parse()?);
         Ok(())
     }
 
@@ -135,6 +122,46 @@ impl ServiceRegistry {
             words[word as usize] |= mask;
         }
         words
+    }
+}
+
+/// One `--service PORT[/PROTO]=NAME`: a name for a port, for one protocol
+/// or (without PROTO) for TCP, UDP and SCTP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub port: u16,
+    pub classes: Vec<PortClass>,
+    pub name: String,
+}
+
+impl std::str::FromStr for ServiceSpec {
+    type Err = ServicesError;
+
+    fn from_str(spec: &str) -> Result<Self, ServicesError> {
+        let bad = || ServicesError::BadSpec {
+            spec: spec.to_string(),
+        };
+        let (port_proto, name) = spec.split_once('=').ok_or_else(bad)?;
+        let name = name.trim();
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return Err(bad());
+        }
+        let (port, classes): (&str, Vec<PortClass>) = match port_proto.split_once('/') {
+            Some((port, proto)) => (port, vec![class_of_name(proto).ok_or_else(bad)?]),
+            None => (
+                port_proto,
+                vec![PortClass::Tcp, PortClass::Udp, PortClass::Sctp],
+            ),
+        };
+        let port: u16 = port.trim().parse().map_err(|_| bad())?;
+        if port == 0 {
+            return Err(bad());
+        }
+        Ok(Self {
+            port,
+            classes,
+            name: name.to_string(),
+        })
     }
 }
 
