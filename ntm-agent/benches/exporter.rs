@@ -1,5 +1,6 @@
 //! `cargo xtask bench` (exporter part): scrape time and agent memory at
-//! 1k/10k/100k series, and drain time for 10k/100k/1M flow-table entries.
+//! 1k/10k/100k series, ntm's series encoder next to the prometheus
+//! crate's, and drain time for 10k/100k/1M flow-table entries.
 //! Prints figures; asserts nothing.
 //!
 //! Each scrape measurement runs in a child process of its own so that its
@@ -20,6 +21,7 @@ use clap::Parser as _;
 use frames::*;
 use ntm_agent::{
     config::Config,
+    export::series::TrafficSeries,
     kernel::{
         drain::Drained,
         load::{Datapath, DatapathOptions},
@@ -129,6 +131,80 @@ fn scrape_figures() {
     }
 }
 
+/// The traffic series encoded by ntm's own encoder and by the `prometheus`
+/// crate's (IntCounterVec + TextEncoder), same series, same run: the reason
+/// `export/series.rs` exists, measured.
+fn encoder_figures() {
+    println!(
+        "\nencoder: /metrics text of N traffic series (both counters), ntm's encoder vs the prometheus crate's, median of 5"
+    );
+    println!(
+        "{:>8} {:>12} {:>12} {:>8}",
+        "series", "ntm", "prometheus", "ratio"
+    );
+    let names = ["src", "dst", "service", "proto", "direction", "iface"];
+    for n in [1_000u32, 10_000, 100_000] {
+        let values: Vec<Vec<String>> = (0..n)
+            .map(|i| {
+                vec![
+                    std::net::Ipv4Addr::from(0x0a00_0000 | i).to_string(),
+                    "93.184.216.34".to_string(),
+                    "https".to_string(),
+                    "tcp".to_string(),
+                    "outbound".to_string(),
+                    "eth0".to_string(),
+                ]
+            })
+            .collect();
+        let now = Instant::now();
+        let mut ours = TrafficSeries::new("ntm", names.to_vec());
+        for v in &values {
+            ours.add(v, 1500, 1, now);
+        }
+        let registry = prometheus::Registry::new();
+        let counter = |name: &str| {
+            let c = prometheus::IntCounterVec::new(prometheus::Opts::new(name, "help"), &names)
+                .expect("counter");
+            registry.register(Box::new(c.clone())).expect("register");
+            c
+        };
+        let (bytes, packets) = (counter("ntm_bytes_total"), counter("ntm_packets_total"));
+        for v in &values {
+            let labels: Vec<&str> = v.iter().map(String::as_str).collect();
+            bytes.with_label_values(&labels).inc_by(1500);
+            packets.with_label_values(&labels).inc_by(1);
+        }
+        let time = |encode: &dyn Fn() -> usize| {
+            let mut times = Vec::new();
+            for _ in 0..5 {
+                let started = Instant::now();
+                std::hint::black_box(encode());
+                times.push(started.elapsed());
+            }
+            median(times)
+        };
+        let ntm = time(&|| {
+            let mut out = String::new();
+            ours.encode(&mut out);
+            out.len()
+        });
+        let theirs = time(&|| {
+            let mut out = String::new();
+            prometheus::TextEncoder::new()
+                .encode_utf8(&registry.gather(), &mut out)
+                .expect("encode");
+            out.len()
+        });
+        println!(
+            "{:>8} {:>10.2}ms {:>10.2}ms {:>7.2}x",
+            n,
+            ntm.as_secs_f64() * 1e3,
+            theirs.as_secs_f64() * 1e3,
+            theirs.as_secs_f64() / ntm.as_secs_f64()
+        );
+    }
+}
+
 fn drain_figures() {
     println!("\ndrain: swap + read + clear of a table holding N flows (filled by the program)");
     println!(
@@ -173,5 +249,6 @@ fn main() {
         std::process::exit(1);
     }
     scrape_figures();
+    encoder_figures();
     drain_figures();
 }
