@@ -40,8 +40,24 @@ fn main() -> ExitCode {
 /// One line on stderr with the whole chain of causes, never a backtrace
 /// (whatever RUST_BACKTRACE says): the message says what to do.
 fn fail(error: &anyhow::Error) -> ExitCode {
-    eprintln!("ntm-agent: {error:#}");
+    eprintln!("ntm-agent: {}", one_line(error));
     ExitCode::FAILURE
+}
+
+/// The chain of causes joined by ": ", each said once: most messages name
+/// their cause already, and keep it as their source too.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

@@ -255,6 +255,10 @@ mod tests {
         );
         assert!(text.contains("ntm_build_info{version="), "{text}");
         assert!(text.contains("ntm_flow_table_capacity 1024"), "{text}");
+        assert!(
+            text.contains(r#"ntm_kernel_program_info{hook="xdp",link="Ethernet",program="ntm_xdp",role="entry"} 1"#),
+            "{text}"
+        );
         assert_eq!(p.waiting_flows(), 0);
     }
 

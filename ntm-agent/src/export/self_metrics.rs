@@ -5,7 +5,7 @@
 //! They live in a `prometheus` registry; the traffic series do not (see
 //! `series.rs` for why).
 
-use ntm_common::OutsideReason;
+use ntm_common::{OutsideReason, programs};
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     core::Collector,
@@ -146,6 +146,24 @@ impl SelfMetrics {
         capacity.set(flow_table_capacity as i64);
         let build = r.gauge_vec("build_info", "ntm's version", &["version"])?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        // The programs as the kernel names them (bpftool prog show name ...).
+        let programs = r.gauge_vec(
+            "kernel_program_info",
+            "ntm's kernel programs by hook: the one attached (role=\"entry\") and the counting half a filter hands over to (role=\"count\"); names as the kernel shows them",
+            &["program", "hook", "link", "role"],
+        )?;
+        for hook in &programs::HOOKS {
+            for (name, role) in [(hook.entry, "entry"), (hook.count, "count")] {
+                programs
+                    .with_label_values(&[
+                        programs::kernel_name(name),
+                        hook.point.name(),
+                        hook.link.name(),
+                        role,
+                    ])
+                    .set(1);
+            }
+        }
         let dns_lookups = r.counter_vec(
             "dns_lookups_total",
             "Reverse DNS lookups for host labels, by result",

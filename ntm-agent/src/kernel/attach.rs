@@ -45,11 +45,12 @@ pub enum AttachError {
         "--attach-mode tcx needs Linux 6.6 or newer (this kernel has no TCX hooks); use --attach-mode clsact or auto"
     )]
     TcxUnavailable,
-    #[error("attaching to {iface} {direction} failed: {detail}")]
+    #[error("attaching to {iface} {direction} failed: {source}")]
     Failed {
         iface: String,
         direction: &'static str,
-        detail: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -192,12 +193,12 @@ pub fn attach_tc(
         && let Err(e) = tc::qdisc_add_clsact(iface)
         && !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
     {
-        return Err(failed(iface, "clsact", &e));
+        return Err(failed(iface, "clsact", e));
     }
     let mut links = Vec::new();
     for &point in hooks.points() {
         let hook = programs::hook(point, link_type)
-            .ok_or_else(|| failed(iface, point.name(), &"no program for this link type"))?;
+            .ok_or_else(|| failed(iface, point.name(), "no program for this link type"))?;
         let direction = tc_attach_type(point);
         // A live ntm holds a TCX link: refuse rather than count twice.
         if tcx_available() {
@@ -206,7 +207,7 @@ pub fn attach_tc(
         remove_stale_clsact_filters(iface, direction);
         let program: &mut SchedClassifier = datapath
             .tc_program(hook.entry)
-            .ok_or_else(|| failed(iface, point.name(), &"program missing"))?;
+            .ok_or_else(|| failed(iface, point.name(), "program missing"))?;
         let options = if tcx {
             TcAttachOptions::TcxOrder(LinkOrder::first())
         } else {
@@ -227,7 +228,7 @@ pub fn attach_tc(
                     iface: iface.to_string(),
                 });
             }
-            Err(e) => return Err(failed(iface, point.name(), &e)),
+            Err(e) => return Err(failed(iface, point.name(), e)),
         }
     }
     log::info!(
@@ -249,10 +250,10 @@ pub fn attach_tc(
 pub fn attach_xdp(datapath: &mut Datapath, iface: &str) -> Result<Attachment, AttachError> {
     let (ifindex, link_type) = inspect(iface)?;
     let hook = programs::hook(HookPoint::XdpIngress, link_type)
-        .ok_or_else(|| failed(iface, "xdp", &"XDP mode needs an Ethernet interface"))?;
+        .ok_or_else(|| failed(iface, "xdp", "XDP mode needs an Ethernet interface"))?;
     let program = datapath
         .xdp_program(hook.entry)
-        .ok_or_else(|| failed(iface, "xdp", &"program missing"))?;
+        .ok_or_else(|| failed(iface, "xdp", "program missing"))?;
     let (id, native) = match program.attach(iface, XdpMode::Driver) {
         Ok(id) => (id, true),
         Err(native) => {
@@ -264,13 +265,11 @@ pub fn attach_xdp(datapath: &mut Datapath, iface: &str) -> Result<Attachment, At
                         iface: iface.to_string(),
                     });
                 }
-                Err(e) => return Err(failed(iface, "xdp", &e)),
+                Err(e) => return Err(failed(iface, "xdp", e)),
             }
         }
     };
-    let link = program
-        .take_link(id)
-        .map_err(|e| failed(iface, "xdp", &e))?;
+    let link = program.take_link(id).map_err(|e| failed(iface, "xdp", e))?;
     let attachment = Attachment {
         iface: iface.to_string(),
         ifindex,
@@ -334,7 +333,7 @@ pub fn attached_ntm_programs(iface: &str) -> Result<(Vec<u32>, Vec<u32>), Attach
                     .map(|p| p.id())
                     .collect::<Vec<u32>>()
             })
-            .map_err(|e| failed(iface, name, &e))
+            .map_err(|e| failed(iface, name, e))
     };
     Ok((
         query(TcAttachType::Ingress, "ingress")?,
@@ -342,10 +341,14 @@ pub fn attached_ntm_programs(iface: &str) -> Result<(Vec<u32>, Vec<u32>), Attach
     ))
 }
 
-fn failed(iface: &str, direction: &'static str, e: &dyn std::fmt::Display) -> AttachError {
+fn failed(
+    iface: &str,
+    direction: &'static str,
+    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> AttachError {
     AttachError::Failed {
         iface: iface.to_string(),
         direction,
-        detail: e.to_string(),
+        source: source.into(),
     }
 }
