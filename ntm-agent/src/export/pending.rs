@@ -58,6 +58,11 @@ impl PendingFlows {
                 None => true,
             }
         });
+        // A burst of new flows leaves a large, mostly empty table behind:
+        // give the memory back once most of it is unused.
+        if self.waiting.capacity() > 4 * self.waiting.len().max(1024) {
+            self.waiting.shrink_to(2 * self.waiting.len());
+        }
     }
 
     /// Flows waiting now.
