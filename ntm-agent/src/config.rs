@@ -124,6 +124,19 @@ pub struct NameArgs {
           action = clap::ArgAction::SetTrue)]
     pub fqdn: bool,
 
+    /// Names from an /etc/hosts-style file (ADDRESS NAME ...), the highest
+    /// rung of the naming ladder; repeatable, comma-separated; re-read when
+    /// it changes.
+    #[arg(long = "hosts-file", env = "NTM_HOSTS_FILES", value_delimiter = ',')]
+    pub hosts_files: Vec<PathBuf>,
+
+    /// Device names from a DHCP server's lease file in dnsmasq's format
+    /// (also OpenWrt's /tmp/dhcp.leases): the hostname each device sent, for
+    /// the address it was given; repeatable, comma-separated; re-read when
+    /// it changes.
+    #[arg(long = "leases", env = "NTM_LEASES", value_delimiter = ',')]
+    pub lease_files: Vec<PathBuf>,
+
     /// Show addresses only in src/dst, never names.
     #[arg(short = 'n', long = "numeric", env = "NTM_NUMERIC", value_parser = clap::builder::BoolishValueParser::new(),
           action = clap::ArgAction::SetTrue)]
@@ -346,6 +359,17 @@ impl Config {
                 queue: DNS_QUEUE,
                 fqdn: self.names.fqdn,
                 wait: self.names.name_wait,
+                // --numeric: addresses only, from every rung.
+                hosts_files: if self.names.numeric {
+                    Vec::new()
+                } else {
+                    self.names.hosts_files.clone()
+                },
+                lease_files: if self.names.numeric {
+                    Vec::new()
+                } else {
+                    self.names.lease_files.clone()
+                },
             },
         }
     }

@@ -71,6 +71,7 @@ impl Pipeline {
             options.local,
             &options.names,
             metrics.dns_lookups.clone(),
+            metrics.names.clone(),
         );
         let series = Arc::new(RwLock::new(TrafficSeries::new(
             &options.prefix,
@@ -190,6 +191,8 @@ mod tests {
                     queue: 16,
                     fqdn: false,
                     wait: Duration::from_secs(2),
+                    hosts_files: Vec::new(),
+                    lease_files: Vec::new(),
                 },
             },
             ServiceRegistry::parse("https 443/tcp\n"),

@@ -327,8 +327,11 @@ fn image_binary_runs_arm64(name: &str, scratch: &Path) -> Result<String> {
 /// Debian packages the kernel tests drive: namespaces and veths (iproute2),
 /// ICMP echo (iputils-ping), offload switches (ethtool), sysctl (procps),
 /// a real Prometheus and promtool for the scrape tests (prometheus),
-/// systemd-analyze for the unit file (systemd).
+/// systemd-analyze for the unit file (systemd), a DHCP server and client
+/// for device names (dnsmasq-base, busybox's udhcpc).
 const TEST_PACKAGES: &[&str] = &[
+    "dnsmasq-base",
+    "busybox",
     "iproute2",
     "iputils-ping",
     "ethtool",

@@ -47,6 +47,7 @@ pub struct SelfMetrics {
     pub series_folded: IntCounter,
     pub series_expired: IntCounter,
     pub dns_lookups: IntCounterVec,
+    pub names: IntGaugeVec,
     pub http_connection_errors: IntCounter,
 }
 
@@ -216,6 +217,11 @@ impl SelfMetrics {
                 "Series dropped after --series-ttl without traffic",
             )?,
             dns_lookups,
+            names: r.gauge_vec(
+                "names",
+                "Addresses labelled now, by where the label came from (static: --hosts-file, dhcp: --leases, dns: reverse DNS, address: no name)",
+                &["source"],
+            )?,
             http_connection_errors: r.counter(
                 "http_connection_errors_total",
                 "HTTP connections that ended in an error (client went away, bad request, header timeout)",

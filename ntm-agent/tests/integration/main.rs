@@ -69,6 +69,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: image::the_image_runs_with_least_privilege_and_counts,
     Root: links::tun_device_frames_start_at_the_ip_header,
     Root: links::vlan_tags_moved_into_skb_metadata_are_still_seen,
+    Root: names::devices_by_hosts_files_and_dhcp_leases,
     Root: names::names_from_a_real_dns_exchange_without_splitting_series,
     Root: privileges::after_attaching_it_runs_as_nobody_with_three_capabilities_and_still_works,
     Root: privileges::an_unknown_user_fails_before_anything_is_attached,

@@ -169,3 +169,144 @@ pub fn names_from_a_real_dns_exchange_without_splitting_series() {
         "{text}"
     );
 }
+
+/// Devices by the names people gave them: a hosts file (`--hosts-file`),
+/// and the hostname a real DHCP client (busybox udhcpc) sent to a real
+/// DHCP server (dnsmasq), read from dnsmasq's lease file (`--leases`). The
+/// ladder: the hosts file wins over reverse DNS; a leased device has its
+/// name; an address with neither, and no PTR, stays an address.
+pub fn devices_by_hosts_files_and_dhcp_leases() {
+    let link = Link::new("lease");
+    let dir = crate::kit::scrape::TempDir::new("lease");
+    let leases = dir.0.join("dnsmasq.leases");
+    let hosts = dir.0.join("hosts");
+    std::fs::write(&hosts, "# the office\n198.18.0.2 printer\n").unwrap();
+    // DHCP only (--port=0: no DNS), on a's end of the test link only.
+    let _dnsmasq = Guard(
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &link.a.name,
+                "dnsmasq",
+                "--keep-in-foreground",
+            ])
+            .args([
+                "--conf-file=/dev/null",
+                "--port=0",
+                "--no-resolv",
+                "--no-hosts",
+            ])
+            .args([
+                "--interface",
+                &link.a_if,
+                "--bind-interfaces",
+                "--except-interface=lo",
+            ])
+            .args(["--dhcp-range=198.18.0.100,198.18.0.150,255.255.255.0,10m"])
+            .args(["--dhcp-authoritative", "--no-ping", "--user=root"])
+            .arg(format!("--dhcp-leasefile={}", leases.display()))
+            .arg(format!(
+                "--pid-file={}",
+                dir.0.join("dnsmasq.pid").display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq (cargo xtask test installs dnsmasq-base)"),
+    );
+    // The client adds the address it is given to b's end of the link.
+    let script = dir.0.join("udhcpc.script");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n[ \"$1\" = bound ] && ip addr add \"$ip/${mask:-24}\" dev \"$interface\"\nexit 0\n",
+    )
+    .unwrap();
+    crate::kit::sh(&["chmod", "+x", script.to_str().unwrap()]);
+    let leased = link.b.exec(&[
+        "busybox",
+        "udhcpc",
+        "-f",
+        "-q",
+        "-n",
+        "-t",
+        "10",
+        "-T",
+        "1",
+        "-i",
+        &link.b_if,
+        "-x",
+        "hostname:phone-of-ana",
+        "-s",
+        script.to_str().unwrap(),
+    ]);
+    let wait_for_lease = Instant::now() + Duration::from_secs(20);
+    let leased_ip = loop {
+        let text = std::fs::read_to_string(&leases).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains(" phone-of-ana ")) {
+            break line.split_whitespace().nth(2).unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < wait_for_lease,
+            "no lease: {leased}\n{text}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    link.b
+        .exec(&["ip", "addr", "add", "198.18.0.4/24", "dev", &link.b_if]);
+    // Reverse DNS has a name for the printer (the hosts file must win) and
+    // none for the rest.
+    let _dns = DnsServer::start(
+        &link.a,
+        5354,
+        HashMap::from([(
+            "2.0.18.198.in-addr.arpa",
+            Answer::Name("wrong.example.net", Duration::ZERO),
+        )]),
+    );
+    let _sink = link.a.run(|| UdpSocket::bind((A4, 5300)).unwrap());
+    let _agent = Guard(
+        crate::kit::agent_in(&link.a, true)
+            .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", "9410"])
+            .args(["--dns-server", "127.0.0.1:5354", "--name-wait", "500ms"])
+            .args(["--drain-interval", "100ms", "--local-net", "198.18.0.0/24"])
+            .arg("--hosts-file")
+            .arg(&hosts)
+            .arg("--leases")
+            .arg(&leases)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    crate::kit::scrape::wait_healthy(&link.a, 9410);
+    let sent: Vec<(&str, u64)> = ["198.18.0.2", leased_ip.as_str(), "198.18.0.4"]
+        .into_iter()
+        .map(|src| (src, send_from(&link, src)))
+        .collect();
+    let expect = [
+        (r#"src="printer""#, sent[0].1),
+        (r#"src="phone-of-ana""#, sent[1].1),
+        (r#"src="198.18.0.4""#, sent[2].1),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = scrape(&link.a, 9410).unwrap_or_default();
+        let got: Vec<u64> = expect
+            .iter()
+            .map(|(label, _)| bytes_where(&text, &[label, r#"service="5300""#]))
+            .collect();
+        let want: Vec<u64> = expect.iter().map(|(_, bytes)| *bytes).collect();
+        if got == want {
+            assert!(!text.contains("wrong.example.net"), "{text}");
+            assert!(text.contains(r#"ntm_names{source="static"} 1"#), "{text}");
+            assert!(text.contains(r#"ntm_names{source="dhcp"} 1"#), "{text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "want {want:?}, got {got:?}:\n{text}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}

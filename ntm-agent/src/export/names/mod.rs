@@ -7,6 +7,7 @@
 //! not split its counter into an address series and a name series. Once an
 //! address's label is decided it is kept while it is in use ("sticky").
 
+pub mod files;
 pub mod resolver;
 
 use std::{
@@ -16,9 +17,12 @@ use std::{
 };
 
 use ntm_common::FlowKey;
-use prometheus::IntCounterVec;
+use prometheus::{IntCounterVec, IntGaugeVec};
 
-use self::resolver::{Resolver, Upstream};
+use self::{
+    files::{NameFiles, Source},
+    resolver::{Resolver, Upstream},
+};
 use super::labels::LocalNets;
 
 #[derive(Clone, Debug)]
@@ -35,10 +39,15 @@ pub struct NameOptions {
     /// How long a new flow waits for its hosts' names before it is exported
     /// with addresses.
     pub wait: Duration,
+    /// `/etc/hosts`-style files, the top rung (`--hosts-file`).
+    pub hosts_files: Vec<std::path::PathBuf>,
+    /// DHCP lease files in dnsmasq's format (`--leases`).
+    pub lease_files: Vec<std::path::PathBuf>,
 }
 
 struct Sticky {
     label: String,
+    source: Source,
     last_used: Instant,
 }
 
@@ -46,21 +55,27 @@ struct Sticky {
 pub struct HostLabels {
     /// Whether src or dst are labels at all (else nothing is resolved).
     wanted: bool,
+    /// The ladder's file rungs: hosts files, then leases.
+    files: NameFiles,
     resolver: Option<Resolver>,
     local: LocalNets,
     fqdn: bool,
     wait: Duration,
     sticky: HashMap<IpAddr, Sticky>,
+    /// Addresses labelled now, by source (`<prefix>_names{source}`).
+    by_source: Option<IntGaugeVec>,
 }
 
 impl HostLabels {
-    /// Starts the resolver when names are wanted and a server is set;
-    /// `lookups` counts its lookups by result.
+    /// Reads the name files and starts the resolver, when names are wanted;
+    /// `lookups` counts the resolver's lookups by result, `by_source` the
+    /// addresses labelled by each rung.
     pub fn start(
         wanted: bool,
         local: LocalNets,
         options: &NameOptions,
         lookups: IntCounterVec,
+        by_source: IntGaugeVec,
     ) -> Self {
         let resolver = match &options.upstream {
             Some(upstream) if wanted => match Resolver::start(upstream, options, lookups) {
@@ -72,7 +87,15 @@ impl HostLabels {
             },
             _ => None,
         };
-        Self::new(wanted, resolver, local, options)
+        let mut labels = Self::new(wanted, resolver, local, options);
+        if wanted {
+            labels.files = NameFiles::open(&options.hosts_files, &options.lease_files);
+        }
+        for source in Source::ALL {
+            by_source.with_label_values(&[source.as_str()]).set(0);
+        }
+        labels.by_source = Some(by_source);
+        labels
     }
 
     fn new(
@@ -83,12 +106,19 @@ impl HostLabels {
     ) -> Self {
         Self {
             wanted,
+            files: NameFiles::default(),
             resolver,
             local,
             fqdn: options.fqdn,
             wait: options.wait,
             sticky: HashMap::new(),
+            by_source: None,
         }
+    }
+
+    /// Re-reads the name files that changed (cheap when none did).
+    pub fn refresh(&mut self) {
+        self.files.refresh();
     }
 
     /// How long a new flow waits for its names at most.
@@ -125,23 +155,37 @@ impl HostLabels {
             s.last_used = now;
             return Some(s.label.clone());
         }
-        let label = match &self.resolver {
-            None => ip.to_string(),
-            Some(resolver) => match resolver.lookup(ip, now) {
-                Some(Some(name)) => self.name_label(ip, name),
-                Some(None) => ip.to_string(),
-                None if now.duration_since(first_seen) < self.wait => return None,
-                None => ip.to_string(),
-            },
+        // The ladder, highest rung first. A name the user or the DHCP
+        // server gave is the device's own: kept whole.
+        let (label, source) = if let Some((name, source)) = self.files.name(ip) {
+            (name.to_string(), source)
+        } else {
+            match &self.resolver {
+                None => (ip.to_string(), Source::Address),
+                Some(resolver) => match resolver.lookup(ip, now) {
+                    Some(Some(name)) => (self.name_label(ip, name), Source::Dns),
+                    Some(None) => (ip.to_string(), Source::Address),
+                    None if now.duration_since(first_seen) < self.wait => return None,
+                    None => (ip.to_string(), Source::Address),
+                },
+            }
         };
+        self.count(source, 1);
         self.sticky.insert(
             ip,
             Sticky {
                 label: label.clone(),
+                source,
                 last_used: now,
             },
         );
         Some(label)
+    }
+
+    fn count(&self, source: Source, delta: i64) {
+        if let Some(gauge) = &self.by_source {
+            gauge.with_label_values(&[source.as_str()]).add(delta);
+        }
     }
 
     /// Local hosts keep their whole name (it is the device's identity);
@@ -158,8 +202,17 @@ impl HostLabels {
 
     /// Forgets labels not used for `ttl` (their series have expired too).
     pub fn expire(&mut self, now: Instant, ttl: Duration) {
-        self.sticky
-            .retain(|_, s| now.duration_since(s.last_used) <= ttl);
+        let mut gone = Vec::new();
+        self.sticky.retain(|_, s| {
+            let keep = now.duration_since(s.last_used) <= ttl;
+            if !keep {
+                gone.push(s.source);
+            }
+            keep
+        });
+        for source in gone {
+            self.count(source, -1);
+        }
     }
 }
 
@@ -175,6 +228,8 @@ mod tests {
             queue: 16,
             fqdn: false,
             wait: Duration::from_secs(2),
+            hosts_files: Vec::new(),
+            lease_files: Vec::new(),
         }
     }
 

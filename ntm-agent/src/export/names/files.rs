@@ -1,0 +1,323 @@
+//! Names from files the user points ntm at: `/etc/hosts`-style files
+//! (`--hosts-file`, the ladder's top rung) and DHCP servers' lease files
+//! (`--leases`, in dnsmasq's format, which is also OpenWrt's
+//! `/tmp/dhcp.leases`).
+//!
+//! Each file is re-read when it changes (size or modification time). A file
+//! that is missing, unreadable, too large or garbled keeps the names it gave
+//! last, and the log says so once per change, not once per drain.
+//!
+//! Parsed here rather than by a crate: both formats are lines of
+//! whitespace-separated fields (no crate reads dnsmasq's lease file), and
+//! what matters is the bounds and the checks on names, which are ntm's.
+
+use std::{
+    collections::HashMap,
+    fs,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+/// Where a host's label came from: the `source` of `ntm_names`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    /// A hosts file (`--hosts-file`).
+    Static,
+    /// A DHCP lease (`--leases`): the name the device sent.
+    Dhcp,
+    /// Reverse DNS.
+    Dns,
+    /// No name: the address itself.
+    Address,
+}
+
+impl Source {
+    pub const ALL: [Source; 4] = [Source::Static, Source::Dhcp, Source::Dns, Source::Address];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Static => "static",
+            Source::Dhcp => "dhcp",
+            Source::Dns => "dns",
+            Source::Address => "address",
+        }
+    }
+}
+
+/// How a file's lines are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// `ADDRESS NAME [ALIASES...]`, `#` comments.
+    Hosts,
+    /// dnsmasq: `EXPIRY MAC ADDRESS HOSTNAME CLIENT-ID` (IPv4), and after a
+    /// `duid` line `EXPIRY IAID ADDRESS HOSTNAME CLIENT-DUID` (IPv6);
+    /// HOSTNAME `*` when the device sent none; EXPIRY 0 for no end.
+    DnsmasqLeases,
+}
+
+/// Bytes ntm reads of one file at most; a larger one keeps its old names.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+/// Names one file gives at most; further lines are skipped (and counted).
+pub const MAX_NAMES_PER_FILE: usize = 65_536;
+/// A DNS name's longest text form.
+const MAX_NAME_LEN: usize = 253;
+
+/// A name that can stand as a label: not empty, not too long, no
+/// whitespace or control characters. (Quotes and markup are allowed here:
+/// every output escapes its labels.)
+pub fn usable_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// The names in `text`, and how many lines were skipped (malformed, or
+/// beyond the bound). `now` decides which leases have ended.
+pub fn parse(format: Format, text: &str, now: SystemTime) -> (HashMap<IpAddr, String>, usize) {
+    let now = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut names = HashMap::new();
+    let mut skipped = 0;
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("");
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.is_empty() {
+            continue;
+        }
+        let entry = match format {
+            Format::Hosts => match fields.as_slice() {
+                [address, name, ..] => Some((*address, *name)),
+                _ => None,
+            },
+            Format::DnsmasqLeases => match fields.as_slice() {
+                ["duid", ..] => continue,
+                [expiry, _, address, name, ..] => {
+                    let ended = expiry.parse::<u64>().is_ok_and(|e| e != 0 && e < now);
+                    if ended || *name == "*" {
+                        continue;
+                    }
+                    Some((*address, *name))
+                }
+                _ => None,
+            },
+        };
+        let parsed = entry.and_then(|(address, name)| {
+            // A zone index (fe80::1%eth0) is not part of the address.
+            let address = address.split('%').next().unwrap_or(address);
+            let address: IpAddr = address.parse().ok()?;
+            usable_name(name).then(|| (address, name.to_ascii_lowercase()))
+        });
+        match parsed {
+            Some((address, name)) if names.len() < MAX_NAMES_PER_FILE => {
+                // As in /etc/hosts, the first line for an address wins.
+                names.entry(address).or_insert(name);
+            }
+            _ => skipped += 1,
+        }
+    }
+    (names, skipped)
+}
+
+/// One file and what it said last.
+struct NameFile {
+    path: PathBuf,
+    format: Format,
+    /// (length, modification time) of the version read.
+    read: Option<(u64, Option<SystemTime>)>,
+    names: HashMap<IpAddr, String>,
+    /// What is wrong with it now, if anything (logged when it changes).
+    problem: Option<String>,
+}
+
+impl NameFile {
+    fn refresh(&mut self) {
+        let metadata = match fs::metadata(&self.path) {
+            Ok(m) => m,
+            Err(e) => return self.trouble(format!("cannot read it ({e})")),
+        };
+        let version = (metadata.len(), metadata.modified().ok());
+        if self.read == Some(version) && self.problem.is_none() {
+            return;
+        }
+        if metadata.len() > MAX_FILE_BYTES {
+            return self.trouble(format!(
+                "it is {} bytes, more than the {MAX_FILE_BYTES} ntm reads",
+                metadata.len()
+            ));
+        }
+        let bytes = match fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(e) => return self.trouble(format!("cannot read it ({e})")),
+        };
+        let (names, skipped) = parse(
+            self.format,
+            &String::from_utf8_lossy(&bytes),
+            SystemTime::now(),
+        );
+        self.read = Some(version);
+        if self.problem.take().is_some() || self.names.len() != names.len() || skipped > 0 {
+            log::info!(
+                "{}: {} names{}",
+                self.path.display(),
+                names.len(),
+                if skipped > 0 {
+                    format!(" ({skipped} lines skipped: malformed, or beyond {MAX_NAMES_PER_FILE})")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        self.names = names;
+    }
+
+    fn trouble(&mut self, problem: String) {
+        if self.problem.as_ref() != Some(&problem) {
+            log::warn!(
+                "{}: {problem}; keeping the {} names it gave before",
+                self.path.display(),
+                self.names.len()
+            );
+            self.problem = Some(problem);
+        }
+    }
+}
+
+/// The hosts files and lease files, in the ladder's order.
+#[derive(Default)]
+pub struct NameFiles {
+    files: Vec<(NameFile, Source)>,
+}
+
+impl NameFiles {
+    /// Reads every file once; one that cannot be read is logged, and tried
+    /// again on every [`NameFiles::refresh`].
+    pub fn open(hosts: &[PathBuf], leases: &[PathBuf]) -> Self {
+        let file = |path: &Path, format| NameFile {
+            path: path.to_path_buf(),
+            format,
+            read: None,
+            names: HashMap::new(),
+            problem: None,
+        };
+        let mut files = Self {
+            files: hosts
+                .iter()
+                .map(|p| (file(p, Format::Hosts), Source::Static))
+                .chain(
+                    leases
+                        .iter()
+                        .map(|p| (file(p, Format::DnsmasqLeases), Source::Dhcp)),
+                )
+                .collect(),
+        };
+        files.refresh();
+        files
+    }
+
+    /// Re-reads the files that changed.
+    pub fn refresh(&mut self) {
+        for (file, _) in &mut self.files {
+            file.refresh();
+        }
+    }
+
+    /// The name of `ip` from the first file that has one, and its rung.
+    pub fn name(&self, ip: IpAddr) -> Option<(&str, Source)> {
+        self.files
+            .iter()
+            .find_map(|(file, source)| file.names.get(&ip).map(|n| (n.as_str(), *source)))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn hosts_files_first_name_first_line_wins() {
+        let text = "# static names\n127.0.0.1 localhost\n198.18.0.2\tPrinter printer.lan # office\n\
+                    198.18.0.2 other\n2001:2::5 nas\nfe80::1%eth0 router\nnot-an-address x\n198.18.0.9\n";
+        let (names, skipped) = parse(Format::Hosts, text, at(0));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(names[&ip("198.18.0.2")], "printer");
+        assert_eq!(names[&ip("2001:2::5")], "nas");
+        assert_eq!(names[&ip("fe80::1")], "router");
+        assert_eq!(names.len(), 4);
+        assert_eq!(skipped, 2, "the bad address and the line without a name");
+    }
+
+    #[test]
+    fn dnsmasq_leases_v4_and_v6_without_ended_or_nameless_ones() {
+        let text = "1700000100 02:00:00:00:00:0a 198.18.0.100 phone-of-ana 01:02:00:00:00:00:00:0a\n\
+                    0 02:00:00:00:00:0b 198.18.0.101 tv *\n\
+                    1700000100 02:00:00:00:00:0c 198.18.0.102 * *\n\
+                    1600000000 02:00:00:00:00:0d 198.18.0.103 gone *\n\
+                    duid 00:01:00:01:2c:00:00:00:02:00:00:00:00:01\n\
+                    1700000100 1234 2001:2::100 laptop 00:01:00:01\n\
+                    garbage\n";
+        let (names, skipped) = parse(Format::DnsmasqLeases, text, at(1_700_000_000));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(names[&ip("198.18.0.100")], "phone-of-ana");
+        assert_eq!(names[&ip("198.18.0.101")], "tv", "expiry 0 never ends");
+        assert_eq!(names[&ip("2001:2::100")], "laptop");
+        assert_eq!(names.len(), 3);
+        assert_eq!(skipped, 1);
+    }
+
+    #[test]
+    fn names_are_bounded_and_checked() {
+        assert!(usable_name("a-b.c_d"));
+        assert!(!usable_name("<img src=x onerror=alert(1)>"), "whitespace");
+        assert!(
+            usable_name("\"quoted\"</script>"),
+            "escaped by every output"
+        );
+        assert!(!usable_name(""));
+        assert!(!usable_name(&"x".repeat(254)));
+        assert!(!usable_name("bell\u{7}"));
+        let many: String = (0..MAX_NAMES_PER_FILE + 10)
+            .map(|i| format!("10.{}.{}.{} h{i}\n", i >> 16, (i >> 8) & 255, i & 255))
+            .collect();
+        let (names, skipped) = parse(Format::Hosts, &many, at(0));
+        assert_eq!(names.len(), MAX_NAMES_PER_FILE);
+        assert_eq!(skipped, 10);
+        // Garbage of every length, never a panic.
+        for len in 0..200 {
+            let junk: String = (0..len)
+                .map(|i| char::from(32 + (i * 7 % 90) as u8))
+                .collect();
+            let _ = parse(Format::DnsmasqLeases, &junk, at(0));
+            let _ = parse(Format::Hosts, &junk, at(0));
+        }
+    }
+
+    #[test]
+    fn a_file_that_goes_bad_keeps_its_names_and_a_new_version_is_read() {
+        let dir = std::env::temp_dir().join(format!("ntm-names-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("hosts");
+        fs::write(&path, "198.18.0.2 printer\n").unwrap();
+        let mut files = NameFiles::open(std::slice::from_ref(&path), &[]);
+        let ip: IpAddr = "198.18.0.2".parse().unwrap();
+        assert_eq!(files.name(ip), Some(("printer", Source::Static)));
+        fs::remove_file(&path).unwrap();
+        files.refresh();
+        assert_eq!(files.name(ip), Some(("printer", Source::Static)), "kept");
+        fs::write(&path, "198.18.0.2 scanner-and-printer\n").unwrap();
+        files.refresh();
+        assert_eq!(
+            files.name(ip),
+            Some(("scanner-and-printer", Source::Static))
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
