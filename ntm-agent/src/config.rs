@@ -130,6 +130,13 @@ pub struct NameArgs {
     #[arg(long = "hosts-file", env = "NTM_HOSTS_FILES", value_delimiter = ',')]
     pub hosts_files: Vec<PathBuf>,
 
+    /// Device names by MAC address from an /etc/ethers-style file (MAC
+    /// NAME): every address the device uses (its IPv4 lease, its IPv6
+    /// addresses, as the neighbour table shows them) gets the name;
+    /// repeatable, comma-separated; re-read when it changes.
+    #[arg(long = "ethers-file", env = "NTM_ETHERS_FILES", value_delimiter = ',')]
+    pub ethers_files: Vec<PathBuf>,
+
     /// Device names from a DHCP server's lease file in dnsmasq's format
     /// (also OpenWrt's /tmp/dhcp.leases): the hostname each device sent, for
     /// the address it was given; repeatable, comma-separated; re-read when
@@ -364,6 +371,11 @@ impl Config {
                     Vec::new()
                 } else {
                     self.names.hosts_files.clone()
+                },
+                ethers_files: if self.names.numeric {
+                    Vec::new()
+                } else {
+                    self.names.ethers_files.clone()
                 },
                 lease_files: if self.names.numeric {
                     Vec::new()

@@ -9,7 +9,11 @@ use clap::Parser as _;
 use ntm_agent::{
     config::{Config, FilterSource},
     export::http::{self, Health},
-    kernel::{Kernel, links::LinkEvents, load_filter, privileges},
+    kernel::{
+        Kernel,
+        links::{self, LinkEvents},
+        load_filter, privileges,
+    },
     pipeline::Pipeline,
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -85,6 +89,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let mut pipeline = Pipeline::new(config.pipeline(), services).context("setting up metrics")?;
+    pipeline.read_neighbours_with(Box::new(|| match links::neighbours() {
+        Ok(entries) => Some(entries),
+        Err(e) => {
+            log::debug!("reading the neighbour table: {e}");
+            None
+        }
+    }));
     let health = Health::default();
     report_attachments(&kernel, &pipeline, &health);
     pipeline.metrics().set_filter(kernel.filter_expression());

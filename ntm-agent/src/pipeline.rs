@@ -12,6 +12,7 @@
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
@@ -23,7 +24,7 @@ use crate::{
         Exposition,
         budget::SeriesBudget,
         labels::{Label, Labeller, LocalNets},
-        names::{HostLabels, NameOptions},
+        names::{HostLabels, NameOptions, files::Mac},
         pending::PendingFlows,
         self_metrics::{MetricsError, SelfMetrics},
         series::TrafficSeries,
@@ -47,8 +48,16 @@ pub struct PipelineOptions {
     pub names: NameOptions,
 }
 
+/// Reads the neighbour table (IP address to MAC); None when it could not.
+pub type NeighbourSource = Box<dyn FnMut() -> Option<Vec<(IpAddr, Mac)>> + Send>;
+
+/// How old the neighbour table may be when a new address is named.
+const NEIGHBOURS_FRESH: Duration = Duration::from_secs(1);
+
 pub struct Pipeline {
     metrics: SelfMetrics,
+    neighbours: Option<NeighbourSource>,
+    neighbours_read: Option<Instant>,
     pending: PendingFlows,
     hosts: HostLabels,
     labeller: Labeller,
@@ -91,12 +100,20 @@ impl Pipeline {
         let exposition = Exposition::new(metrics.registry().clone(), series);
         Ok(Self {
             metrics,
+            neighbours: None,
+            neighbours_read: None,
             pending: PendingFlows::default(),
             hosts,
             labeller,
             budget,
             exposition,
         })
+    }
+
+    /// Where the neighbour table comes from (the agent: rtnetlink), for
+    /// names by MAC address.
+    pub fn read_neighbours_with(&mut self, source: NeighbourSource) {
+        self.neighbours = Some(source);
     }
 
     /// One drain's deltas through every stage. `iface_labels` names the
@@ -108,7 +125,24 @@ impl Pipeline {
         now: Instant,
     ) {
         self.metrics.record_drain(drained);
+        // The name files that changed are read again (a stat each).
+        self.hosts.refresh();
         self.pending.add(&drained.flows, now);
+        // New flows may bring new addresses, named by their MAC: read the
+        // neighbour table first (at most once a second).
+        let stale = self
+            .neighbours_read
+            .is_none_or(|read| now.duration_since(read) >= NEIGHBOURS_FRESH);
+        if stale
+            && !self.pending.is_empty()
+            && self.hosts.wants_neighbours()
+            && let Some(read) = self.neighbours.as_mut()
+        {
+            if let Some(entries) = read() {
+                self.hosts.set_neighbours(entries);
+            }
+            self.neighbours_read = Some(now);
+        }
         let Self {
             pending,
             hosts,
@@ -192,6 +226,7 @@ mod tests {
                     fqdn: false,
                     wait: Duration::from_secs(2),
                     hosts_files: Vec::new(),
+                    ethers_files: Vec::new(),
                     lease_files: Vec::new(),
                 },
             },

@@ -6,7 +6,7 @@
 //! Netlink rather than /sys/class/net: sysfs shows the namespace it was
 //! mounted in, netlink the one of the thread that asks.
 
-use std::io;
+use std::{io, net::IpAddr};
 
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
@@ -14,6 +14,7 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     RouteNetlinkMessage,
     link::{InfoKind, LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -67,9 +68,12 @@ fn link_info(message: &LinkMessage) -> Option<LinkInfo> {
     (!link.name.is_empty()).then_some(link)
 }
 
-/// Parses one datagram of a link dump into `links`; true once the dump is
-/// done.
-fn parse_dump(mut datagram: &[u8], links: &mut Vec<LinkInfo>) -> Result<bool, LinksError> {
+/// Parses one datagram of a dump, handing each message to `each`; true
+/// once the dump is done.
+fn parse_dump(
+    mut datagram: &[u8],
+    each: &mut impl FnMut(RouteNetlinkMessage),
+) -> Result<bool, LinksError> {
     while !datagram.is_empty() {
         let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(datagram)
             .map_err(|e| LinksError::Malformed(e.to_string()))?;
@@ -77,9 +81,7 @@ fn parse_dump(mut datagram: &[u8], links: &mut Vec<LinkInfo>) -> Result<bool, Li
         match message.payload {
             NetlinkPayload::Done(_) => return Ok(true),
             NetlinkPayload::Error(e) => return Err(LinksError::Refused(e.to_io())),
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
-                links.extend(link_info(&link));
-            }
+            NetlinkPayload::InnerMessage(message) => each(message),
             _ => {}
         }
         if length == 0 || length > datagram.len() {
@@ -93,8 +95,11 @@ fn parse_dump(mut datagram: &[u8], links: &mut Vec<LinkInfo>) -> Result<bool, Li
     Ok(false)
 }
 
-/// Every link of the calling thread's network namespace.
-pub fn links() -> Result<Vec<LinkInfo>, LinksError> {
+/// Sends one dump request and hands every answer to `each`.
+fn dump(
+    request: RouteNetlinkMessage,
+    mut each: impl FnMut(RouteNetlinkMessage),
+) -> Result<(), LinksError> {
     let mut socket = Socket::new(NETLINK_ROUTE).map_err(LinksError::Socket)?;
     socket.bind_auto().map_err(LinksError::Socket)?;
     socket
@@ -103,22 +108,73 @@ pub fn links() -> Result<Vec<LinkInfo>, LinksError> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     header.sequence_number = 1;
-    let mut request = NetlinkMessage::new(
-        header,
-        NetlinkPayload::from(RouteNetlinkMessage::GetLink(LinkMessage::default())),
-    );
+    let mut request = NetlinkMessage::new(header, NetlinkPayload::from(request));
     request.finalize();
     let mut buffer = vec![0u8; request.buffer_len()];
     request.serialize(&mut buffer);
     socket.send(&buffer, 0).map_err(LinksError::Socket)?;
-    let mut links = Vec::new();
     loop {
         // recv_from_full sizes its buffer to the datagram: nothing is cut.
         let (datagram, _) = socket.recv_from_full().map_err(LinksError::Socket)?;
-        if parse_dump(&datagram, &mut links)? {
-            return Ok(links);
+        if parse_dump(&datagram, &mut each)? {
+            return Ok(());
         }
     }
+}
+
+/// Every link of the calling thread's network namespace.
+pub fn links() -> Result<Vec<LinkInfo>, LinksError> {
+    let mut links = Vec::new();
+    dump(
+        RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        |message| {
+            if let RouteNetlinkMessage::NewLink(link) = message {
+                links.extend(link_info(&link));
+            }
+        },
+    )?;
+    Ok(links)
+}
+
+/// A MAC address.
+pub type Mac = [u8; 6];
+
+/// The neighbour table (ARP and NDP) of the calling thread's network
+/// namespace: which MAC address uses which IP address, as this host last
+/// saw it. Entries without a link-layer address (incomplete, failed) are
+/// left out.
+pub fn neighbours() -> Result<Vec<(IpAddr, Mac)>, LinksError> {
+    let mut found = Vec::new();
+    dump(
+        RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()),
+        |message| {
+            if let RouteNetlinkMessage::NewNeighbour(neighbour) = message {
+                found.extend(neighbour_entry(&neighbour));
+            }
+        },
+    )?;
+    Ok(found)
+}
+
+fn neighbour_entry(message: &NeighbourMessage) -> Option<(IpAddr, Mac)> {
+    let mut address = None;
+    let mut mac = None;
+    for attribute in &message.attributes {
+        match attribute {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                address = Some(IpAddr::V4(*v4))
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                address = Some(IpAddr::V6(*v6))
+            }
+            NeighbourAttribute::LinkLayerAddress(bytes) => {
+                mac = Mac::try_from(bytes.as_slice()).ok()
+            }
+            _ => {}
+        }
+    }
+    // All-zero: a neighbour entry on a link without MAC addresses.
+    Some((address?, mac.filter(|m| *m != [0; 6])?))
 }
 
 /// A socket subscribed to link changes; `wait` blocks until one happens.
@@ -183,6 +239,22 @@ mod tests {
     }
 
     #[test]
+    fn neighbour_messages_become_address_and_mac() {
+        let mut message = NeighbourMessage::default();
+        message.attributes = vec![
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6("2001:2::2".parse().unwrap())),
+            NeighbourAttribute::LinkLayerAddress(vec![2, 0, 0, 0, 0, 2]),
+        ];
+        assert_eq!(
+            neighbour_entry(&message),
+            Some(("2001:2::2".parse().unwrap(), [2, 0, 0, 0, 0, 2]))
+        );
+        message.attributes.pop();
+        assert_eq!(neighbour_entry(&message), None, "no MAC yet");
+        assert!(neighbours().is_ok());
+    }
+
+    #[test]
     fn this_namespace_has_loopback() {
         let links = links().unwrap();
         let lo = links.iter().find(|l| l.name == "lo").expect("lo");
@@ -220,7 +292,7 @@ mod tests {
     fn garbage_from_the_socket_is_an_error_not_a_panic() {
         for len in 0..64 {
             let junk: Vec<u8> = (0..len).map(|i| (i * 37) as u8).collect();
-            let _ = parse_dump(&junk, &mut Vec::new());
+            let _ = parse_dump(&junk, &mut |_| {});
         }
     }
 }

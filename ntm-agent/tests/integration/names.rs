@@ -13,7 +13,7 @@ use std::{
 };
 
 use crate::kit::{
-    A4, Link, Netns,
+    A4, A6, B6, Link, Netns,
     dns::{Answer, DnsServer},
     scrape::Guard,
 };
@@ -170,17 +170,34 @@ pub fn names_from_a_real_dns_exchange_without_splitting_series() {
     );
 }
 
-/// Devices by the names people gave them: a hosts file (`--hosts-file`),
-/// and the hostname a real DHCP client (busybox udhcpc) sent to a real
-/// DHCP server (dnsmasq), read from dnsmasq's lease file (`--leases`). The
-/// ladder: the hosts file wins over reverse DNS; a leased device has its
-/// name; an address with neither, and no PTR, stays an address.
+/// 10 datagrams of 100 bytes from `src` (an IPv6 address of b) to a's
+/// IPv6 sink; the IP bytes they carry.
+fn send_from_v6(link: &Link, src: &str) -> u64 {
+    link.b.run(|| {
+        let socket = UdpSocket::bind((src, 0)).unwrap();
+        for _ in 0..10 {
+            socket.send_to(&[1; 100], (A6, 5300)).unwrap();
+        }
+    });
+    10 * 148
+}
+
+/// Devices by the names people gave them: a hosts file (`--hosts-file`), an
+/// ethers file (`--ethers-file`), and the hostname a real DHCP client
+/// (busybox udhcpc) sent to a real DHCP server (dnsmasq), read from
+/// dnsmasq's lease file (`--leases`). The ladder: a static name by address
+/// wins over reverse DNS; a static name by MAC; the leased address has the
+/// device's name, and so has the device's IPv6 address (same MAC in the
+/// neighbour table); an address with none of these stays an address; a
+/// line added to the hosts file while running names the next new address.
 pub fn devices_by_hosts_files_and_dhcp_leases() {
     let link = Link::new("lease");
     let dir = crate::kit::scrape::TempDir::new("lease");
     let leases = dir.0.join("dnsmasq.leases");
     let hosts = dir.0.join("hosts");
+    let ethers = dir.0.join("ethers");
     std::fs::write(&hosts, "# the office\n198.18.0.2 printer\n").unwrap();
+    std::fs::write(&ethers, "02:00:00:00:00:99 tv\n").unwrap();
     // DHCP only (--port=0: no DNS), on a's end of the test link only.
     let _dnsmasq = Guard(
         std::process::Command::new("ip")
@@ -252,8 +269,34 @@ pub fn devices_by_hosts_files_and_dhcp_leases() {
         );
         thread::sleep(Duration::from_millis(100));
     };
-    link.b
-        .exec(&["ip", "addr", "add", "198.18.0.4/24", "dev", &link.b_if]);
+    // More addresses on b; a's neighbour table says which MAC each is at
+    // (b's own, 02:00:00:00:00:02, for 198.18.0.2 and 2001:2::2 already).
+    for (address, mac) in [
+        ("198.18.0.4", "02:00:00:00:00:99"),
+        ("198.18.0.5", "02:00:00:00:00:98"),
+        ("198.18.0.6", "02:00:00:00:00:97"),
+    ] {
+        link.b.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{address}/24"),
+            "dev",
+            &link.b_if,
+        ]);
+        link.a.exec(&[
+            "ip",
+            "neigh",
+            "replace",
+            address,
+            "lladdr",
+            mac,
+            "dev",
+            &link.a_if,
+            "nud",
+            "permanent",
+        ]);
+    }
     // Reverse DNS has a name for the printer (the hosts file must win) and
     // none for the rest.
     let _dns = DnsServer::start(
@@ -264,14 +307,22 @@ pub fn devices_by_hosts_files_and_dhcp_leases() {
             Answer::Name("wrong.example.net", Duration::ZERO),
         )]),
     );
-    let _sink = link.a.run(|| UdpSocket::bind((A4, 5300)).unwrap());
+    let _sinks = link.a.run(|| {
+        (
+            UdpSocket::bind((A4, 5300)).unwrap(),
+            UdpSocket::bind((A6, 5300)).unwrap(),
+        )
+    });
     let _agent = Guard(
         crate::kit::agent_in(&link.a, true)
             .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", "9410"])
             .args(["--dns-server", "127.0.0.1:5354", "--name-wait", "500ms"])
-            .args(["--drain-interval", "100ms", "--local-net", "198.18.0.0/24"])
+            .args(["--drain-interval", "100ms"])
+            .args(["--local-net", "198.18.0.0/24,2001:2::/64"])
             .arg("--hosts-file")
             .arg(&hosts)
+            .arg("--ethers-file")
+            .arg(&ethers)
             .arg("--leases")
             .arg(&leases)
             .stdout(Stdio::null())
@@ -280,28 +331,40 @@ pub fn devices_by_hosts_files_and_dhcp_leases() {
             .unwrap(),
     );
     crate::kit::scrape::wait_healthy(&link.a, 9410);
-    let sent: Vec<(&str, u64)> = ["198.18.0.2", leased_ip.as_str(), "198.18.0.4"]
-        .into_iter()
-        .map(|src| (src, send_from(&link, src)))
-        .collect();
-    let expect = [
-        (r#"src="printer""#, sent[0].1),
-        (r#"src="phone-of-ana""#, sent[1].1),
-        (r#"src="198.18.0.4""#, sent[2].1),
+    let expect = vec![
+        (r#"src="printer""#, send_from(&link, "198.18.0.2")),
+        (r#"src="tv""#, send_from(&link, "198.18.0.4")),
+        (r#"src="198.18.0.5""#, send_from(&link, "198.18.0.5")),
+        (
+            r#"src="phone-of-ana""#,
+            send_from(&link, &leased_ip) + send_from_v6(&link, B6),
+        ),
     ];
+    let text = wait_for_bytes(&link, 9410, &expect);
+    assert!(!text.contains("wrong.example.net"), "{text}");
+    assert!(text.contains(r#"ntm_names{source="static"} 2"#), "{text}");
+    assert!(text.contains(r#"ntm_names{source="dhcp"} 2"#), "{text}");
+
+    // A name added while running names the next new address.
+    std::fs::write(&hosts, "198.18.0.2 printer\n198.18.0.6 scanner\n").unwrap();
+    thread::sleep(Duration::from_millis(500));
+    let expect = vec![(r#"src="scanner""#, send_from(&link, "198.18.0.6"))];
+    wait_for_bytes(&link, 9410, &expect);
+}
+
+/// Waits until the UDP bytes to port 5300 of each label equal what was
+/// sent; returns the scrape.
+fn wait_for_bytes(link: &Link, port: u16, expect: &[(&str, u64)]) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let text = scrape(&link.a, 9410).unwrap_or_default();
+        let text = scrape(&link.a, port).unwrap_or_default();
         let got: Vec<u64> = expect
             .iter()
             .map(|(label, _)| bytes_where(&text, &[label, r#"service="5300""#]))
             .collect();
         let want: Vec<u64> = expect.iter().map(|(_, bytes)| *bytes).collect();
         if got == want {
-            assert!(!text.contains("wrong.example.net"), "{text}");
-            assert!(text.contains(r#"ntm_names{source="static"} 1"#), "{text}");
-            assert!(text.contains(r#"ntm_names{source="dhcp"} 1"#), "{text}");
-            break;
+            return text;
         }
         assert!(
             Instant::now() < deadline,

@@ -1,7 +1,8 @@
 //! Names from files the user points ntm at: `/etc/hosts`-style files
-//! (`--hosts-file`, the ladder's top rung) and DHCP servers' lease files
+//! (`--hosts-file`) and `/etc/ethers`-style files (`--ethers-file`, names
+//! by MAC address), the ladder's top rung; and DHCP servers' lease files
 //! (`--leases`, in dnsmasq's format, which is also OpenWrt's
-//! `/tmp/dhcp.leases`).
+//! `/tmp/dhcp.leases`), which name both the address and the MAC.
 //!
 //! Each file is re-read when it changes (size or modification time). A file
 //! that is missing, unreadable, too large or garbled keeps the names it gave
@@ -15,7 +16,7 @@ use std::{
     collections::HashMap,
     fs,
     net::IpAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -50,6 +51,9 @@ impl Source {
 pub enum Format {
     /// `ADDRESS NAME [ALIASES...]`, `#` comments.
     Hosts,
+    /// `MAC NAME`, `#` comments (a line naming an address instead of a
+    /// host is skipped).
+    Ethers,
     /// dnsmasq: `EXPIRY MAC ADDRESS HOSTNAME CLIENT-ID` (IPv4), and after a
     /// `duid` line `EXPIRY IAID ADDRESS HOSTNAME CLIENT-DUID` (IPv6);
     /// HOSTNAME `*` when the device sent none; EXPIRY 0 for no end.
@@ -72,50 +76,93 @@ pub fn usable_name(name: &str) -> bool {
         && !name.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
-/// The names in `text`, and how many lines were skipped (malformed, or
-/// beyond the bound). `now` decides which leases have ended.
-pub fn parse(format: Format, text: &str, now: SystemTime) -> (HashMap<IpAddr, String>, usize) {
+/// A MAC address.
+pub type Mac = [u8; 6];
+
+/// `02:00:5e:10:00:01` (or with `-`), the form hosts files and leases use.
+pub fn parse_mac(text: &str) -> Option<Mac> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split([':', '-']);
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.is_empty() || part.len() > 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// What one file names.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Parsed {
+    pub by_address: HashMap<IpAddr, String>,
+    pub by_mac: HashMap<Mac, String>,
+    /// Lines skipped: malformed, or beyond [`MAX_NAMES_PER_FILE`].
+    pub skipped: usize,
+}
+
+/// The names in `text`. `now` decides which leases have ended.
+pub fn parse(format: Format, text: &str, now: SystemTime) -> Parsed {
     let now = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let mut names = HashMap::new();
-    let mut skipped = 0;
+    let mut parsed = Parsed::default();
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("");
         let fields: Vec<&str> = line.split_whitespace().collect();
         if fields.is_empty() {
             continue;
         }
-        let entry = match format {
+        // (address, MAC, name) of the line.
+        let entry: Option<(Option<&str>, Option<&str>, &str)> = match format {
             Format::Hosts => match fields.as_slice() {
-                [address, name, ..] => Some((*address, *name)),
+                [address, name, ..] => Some((Some(*address), None, *name)),
+                _ => None,
+            },
+            Format::Ethers => match fields.as_slice() {
+                [_, name] if name.parse::<IpAddr>().is_ok() => continue,
+                [mac, name] => Some((None, Some(*mac), *name)),
                 _ => None,
             },
             Format::DnsmasqLeases => match fields.as_slice() {
                 ["duid", ..] => continue,
-                [expiry, _, address, name, ..] => {
+                [expiry, hardware, address, name, ..] => {
                     let ended = expiry.parse::<u64>().is_ok_and(|e| e != 0 && e < now);
                     if ended || *name == "*" {
                         continue;
                     }
-                    Some((*address, *name))
+                    // IPv6 leases carry an IAID where IPv4 ones have the MAC.
+                    Some((Some(*address), Some(*hardware), *name))
                 }
                 _ => None,
             },
         };
-        let parsed = entry.and_then(|(address, name)| {
-            // A zone index (fe80::1%eth0) is not part of the address.
-            let address = address.split('%').next().unwrap_or(address);
-            let address: IpAddr = address.parse().ok()?;
-            usable_name(name).then(|| (address, name.to_ascii_lowercase()))
-        });
-        match parsed {
-            Some((address, name)) if names.len() < MAX_NAMES_PER_FILE => {
-                // As in /etc/hosts, the first line for an address wins.
-                names.entry(address).or_insert(name);
-            }
-            _ => skipped += 1,
+        let Some((address, mac, name)) = entry else {
+            parsed.skipped += 1;
+            continue;
+        };
+        // A zone index (fe80::1%eth0) is not part of the address.
+        let address = address.map(|a| a.split('%').next().unwrap_or(a).parse::<IpAddr>());
+        let mac = mac.and_then(parse_mac);
+        let usable = usable_name(name)
+            && !matches!(address, Some(Err(_)))
+            && (address.is_some() || mac.is_some());
+        if !usable || parsed.by_address.len() + parsed.by_mac.len() >= MAX_NAMES_PER_FILE {
+            parsed.skipped += 1;
+            continue;
+        }
+        let name = name.to_ascii_lowercase();
+        // As in /etc/hosts, the first line for an address (or MAC) wins.
+        if let Some(Ok(address)) = address {
+            parsed
+                .by_address
+                .entry(address)
+                .or_insert_with(|| name.clone());
+        }
+        if let Some(mac) = mac {
+            parsed.by_mac.entry(mac).or_insert(name);
         }
     }
-    (names, skipped)
+    parsed
 }
 
 /// One file and what it said last.
@@ -124,7 +171,7 @@ struct NameFile {
     format: Format,
     /// (length, modification time) of the version read.
     read: Option<(u64, Option<SystemTime>)>,
-    names: HashMap<IpAddr, String>,
+    names: Parsed,
     /// What is wrong with it now, if anything (logged when it changes).
     problem: Option<String>,
 }
@@ -149,17 +196,17 @@ impl NameFile {
             Ok(bytes) => bytes,
             Err(e) => return self.trouble(format!("cannot read it ({e})")),
         };
-        let (names, skipped) = parse(
+        let names = parse(
             self.format,
             &String::from_utf8_lossy(&bytes),
             SystemTime::now(),
         );
         self.read = Some(version);
-        if self.problem.take().is_some() || self.names.len() != names.len() || skipped > 0 {
+        let (count, skipped) = (names.by_address.len() + names.by_mac.len(), names.skipped);
+        if self.problem.take().is_some() || self.count() != count || skipped > 0 {
             log::info!(
-                "{}: {} names{}",
+                "{}: {count} names{}",
                 self.path.display(),
-                names.len(),
                 if skipped > 0 {
                     format!(" ({skipped} lines skipped: malformed, or beyond {MAX_NAMES_PER_FILE})")
                 } else {
@@ -170,12 +217,16 @@ impl NameFile {
         self.names = names;
     }
 
+    fn count(&self) -> usize {
+        self.names.by_address.len() + self.names.by_mac.len()
+    }
+
     fn trouble(&mut self, problem: String) {
         if self.problem.as_ref() != Some(&problem) {
             log::warn!(
                 "{}: {problem}; keeping the {} names it gave before",
                 self.path.display(),
-                self.names.len()
+                self.count()
             );
             self.problem = Some(problem);
         }
@@ -191,24 +242,29 @@ pub struct NameFiles {
 impl NameFiles {
     /// Reads every file once; one that cannot be read is logged, and tried
     /// again on every [`NameFiles::refresh`].
-    pub fn open(hosts: &[PathBuf], leases: &[PathBuf]) -> Self {
-        let file = |path: &Path, format| NameFile {
-            path: path.to_path_buf(),
+    pub fn open(hosts: &[PathBuf], ethers: &[PathBuf], leases: &[PathBuf]) -> Self {
+        let file = |path: &PathBuf, format| NameFile {
+            path: path.clone(),
             format,
             read: None,
-            names: HashMap::new(),
+            names: Parsed::default(),
             problem: None,
         };
         let mut files = Self {
-            files: hosts
+            files: (hosts
                 .iter()
-                .map(|p| (file(p, Format::Hosts), Source::Static))
-                .chain(
-                    leases
-                        .iter()
-                        .map(|p| (file(p, Format::DnsmasqLeases), Source::Dhcp)),
-                )
-                .collect(),
+                .map(|p| (file(p, Format::Hosts), Source::Static)))
+            .chain(
+                ethers
+                    .iter()
+                    .map(|p| (file(p, Format::Ethers), Source::Static)),
+            )
+            .chain(
+                leases
+                    .iter()
+                    .map(|p| (file(p, Format::DnsmasqLeases), Source::Dhcp)),
+            )
+            .collect(),
         };
         files.refresh();
         files
@@ -221,15 +277,35 @@ impl NameFiles {
         }
     }
 
-    /// The name of `ip` from the first file that has one, and its rung.
-    pub fn name(&self, ip: IpAddr) -> Option<(&str, Source)> {
-        self.files
-            .iter()
-            .find_map(|(file, source)| file.names.get(&ip).map(|n| (n.as_str(), *source)))
+    /// The name of `ip` (using the MAC address `mac` uses it from, when
+    /// known), and its rung. The ladder: static names by address, then by
+    /// MAC (a device keeps its name on every address it uses), then DHCP
+    /// leases by address, then by MAC.
+    pub fn name(&self, ip: IpAddr, mac: Option<Mac>) -> Option<(&str, Source)> {
+        for rung in [Source::Static, Source::Dhcp] {
+            let files = self.files.iter().filter(|(_, s)| *s == rung);
+            for (file, _) in files.clone() {
+                if let Some(name) = file.names.by_address.get(&ip) {
+                    return Some((name, rung));
+                }
+            }
+            if let Some(mac) = mac {
+                for (file, _) in files {
+                    if let Some(name) = file.names.by_mac.get(&mac) {
+                        return Some((name, rung));
+                    }
+                }
+            }
+        }
+        None
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
+    /// Whether any file names MAC addresses (then the neighbour table is
+    /// worth reading).
+    pub fn names_macs(&self) -> bool {
+        self.files
+            .iter()
+            .any(|(file, _)| file.format != Format::Hosts)
     }
 }
 
@@ -246,7 +322,11 @@ mod tests {
     fn hosts_files_first_name_first_line_wins() {
         let text = "# static names\n127.0.0.1 localhost\n198.18.0.2\tPrinter printer.lan # office\n\
                     198.18.0.2 other\n2001:2::5 nas\nfe80::1%eth0 router\nnot-an-address x\n198.18.0.9\n";
-        let (names, skipped) = parse(Format::Hosts, text, at(0));
+        let Parsed {
+            by_address: names,
+            skipped,
+            ..
+        } = parse(Format::Hosts, text, at(0));
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(names[&ip("198.18.0.2")], "printer");
         assert_eq!(names[&ip("2001:2::5")], "nas");
@@ -264,13 +344,37 @@ mod tests {
                     duid 00:01:00:01:2c:00:00:00:02:00:00:00:00:01\n\
                     1700000100 1234 2001:2::100 laptop 00:01:00:01\n\
                     garbage\n";
-        let (names, skipped) = parse(Format::DnsmasqLeases, text, at(1_700_000_000));
+        let parsed = parse(Format::DnsmasqLeases, text, at(1_700_000_000));
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let names = &parsed.by_address;
         assert_eq!(names[&ip("198.18.0.100")], "phone-of-ana");
         assert_eq!(names[&ip("198.18.0.101")], "tv", "expiry 0 never ends");
         assert_eq!(names[&ip("2001:2::100")], "laptop");
         assert_eq!(names.len(), 3);
-        assert_eq!(skipped, 1);
+        assert_eq!(parsed.by_mac[&[2, 0, 0, 0, 0, 0x0a]], "phone-of-ana");
+        assert_eq!(parsed.by_mac.len(), 2, "the IAID is no MAC");
+        assert_eq!(parsed.skipped, 1);
+    }
+
+    #[test]
+    fn ethers_files_name_macs_and_a_device_keeps_its_name_on_every_address() {
+        let text = "02:00:00:00:00:02 phone
+02-00-00-00-00-03	TV # living room
+                    02:00:00:00:00:04 198.18.0.4
+zz:00:00:00:00:05 bad
+";
+        let parsed = parse(Format::Ethers, text, at(0));
+        assert_eq!(parsed.by_mac[&[2, 0, 0, 0, 0, 2]], "phone");
+        assert_eq!(parsed.by_mac[&[2, 0, 0, 0, 0, 3]], "tv");
+        assert_eq!(parsed.by_mac.len(), 2);
+        assert_eq!(
+            parsed.skipped, 1,
+            "the bad MAC; the address line is no name"
+        );
+        assert_eq!(parse_mac("2:0:0:0:0:2"), Some([2, 0, 0, 0, 0, 2]));
+        assert_eq!(parse_mac("02:00:00:00:00"), None);
+        assert_eq!(parse_mac("02:00:00:00:00:02:03"), None);
+        assert_eq!(parse_mac("002:00:00:00:00:02"), None);
     }
 
     #[test]
@@ -287,16 +391,17 @@ mod tests {
         let many: String = (0..MAX_NAMES_PER_FILE + 10)
             .map(|i| format!("10.{}.{}.{} h{i}\n", i >> 16, (i >> 8) & 255, i & 255))
             .collect();
-        let (names, skipped) = parse(Format::Hosts, &many, at(0));
-        assert_eq!(names.len(), MAX_NAMES_PER_FILE);
-        assert_eq!(skipped, 10);
+        let parsed = parse(Format::Hosts, &many, at(0));
+        assert_eq!(parsed.by_address.len(), MAX_NAMES_PER_FILE);
+        assert_eq!(parsed.skipped, 10);
         // Garbage of every length, never a panic.
         for len in 0..200 {
             let junk: String = (0..len)
                 .map(|i| char::from(32 + (i * 7 % 90) as u8))
                 .collect();
-            let _ = parse(Format::DnsmasqLeases, &junk, at(0));
-            let _ = parse(Format::Hosts, &junk, at(0));
+            for format in [Format::Hosts, Format::Ethers, Format::DnsmasqLeases] {
+                let _ = parse(format, &junk, at(0));
+            }
         }
     }
 
@@ -306,16 +411,20 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("hosts");
         fs::write(&path, "198.18.0.2 printer\n").unwrap();
-        let mut files = NameFiles::open(std::slice::from_ref(&path), &[]);
+        let mut files = NameFiles::open(std::slice::from_ref(&path), &[], &[]);
         let ip: IpAddr = "198.18.0.2".parse().unwrap();
-        assert_eq!(files.name(ip), Some(("printer", Source::Static)));
+        assert_eq!(files.name(ip, None), Some(("printer", Source::Static)));
         fs::remove_file(&path).unwrap();
         files.refresh();
-        assert_eq!(files.name(ip), Some(("printer", Source::Static)), "kept");
+        assert_eq!(
+            files.name(ip, None),
+            Some(("printer", Source::Static)),
+            "kept"
+        );
         fs::write(&path, "198.18.0.2 scanner-and-printer\n").unwrap();
         files.refresh();
         assert_eq!(
-            files.name(ip),
+            files.name(ip, None),
             Some(("scanner-and-printer", Source::Static))
         );
         fs::remove_dir_all(&dir).unwrap();

@@ -20,7 +20,7 @@ use ntm_common::FlowKey;
 use prometheus::{IntCounterVec, IntGaugeVec};
 
 use self::{
-    files::{NameFiles, Source},
+    files::{Mac, NameFiles, Source},
     resolver::{Resolver, Upstream},
 };
 use super::labels::LocalNets;
@@ -41,6 +41,8 @@ pub struct NameOptions {
     pub wait: Duration,
     /// `/etc/hosts`-style files, the top rung (`--hosts-file`).
     pub hosts_files: Vec<std::path::PathBuf>,
+    /// `/etc/ethers`-style files: names by MAC (`--ethers-file`).
+    pub ethers_files: Vec<std::path::PathBuf>,
     /// DHCP lease files in dnsmasq's format (`--leases`).
     pub lease_files: Vec<std::path::PathBuf>,
 }
@@ -62,9 +64,14 @@ pub struct HostLabels {
     fqdn: bool,
     wait: Duration,
     sticky: HashMap<IpAddr, Sticky>,
+    /// Which MAC address uses which IP address (the neighbour table).
+    neighbours: HashMap<IpAddr, Mac>,
     /// Addresses labelled now, by source (`<prefix>_names{source}`).
     by_source: Option<IntGaugeVec>,
 }
+
+/// Neighbour entries kept at most (a /16 of devices).
+pub const MAX_NEIGHBOURS: usize = 65_536;
 
 impl HostLabels {
     /// Reads the name files and starts the resolver, when names are wanted;
@@ -89,7 +96,11 @@ impl HostLabels {
         };
         let mut labels = Self::new(wanted, resolver, local, options);
         if wanted {
-            labels.files = NameFiles::open(&options.hosts_files, &options.lease_files);
+            labels.files = NameFiles::open(
+                &options.hosts_files,
+                &options.ethers_files,
+                &options.lease_files,
+            );
         }
         for source in Source::ALL {
             by_source.with_label_values(&[source.as_str()]).set(0);
@@ -112,8 +123,20 @@ impl HostLabels {
             fqdn: options.fqdn,
             wait: options.wait,
             sticky: HashMap::new(),
+            neighbours: HashMap::new(),
             by_source: None,
         }
+    }
+
+    /// Whether a name could come from a MAC address: then the caller keeps
+    /// [`HostLabels::set_neighbours`] fresh.
+    pub fn wants_neighbours(&self) -> bool {
+        self.wanted && self.files.names_macs()
+    }
+
+    /// The neighbour table now (IP to MAC), at most [`MAX_NEIGHBOURS`].
+    pub fn set_neighbours(&mut self, entries: impl IntoIterator<Item = (IpAddr, Mac)>) {
+        self.neighbours = entries.into_iter().take(MAX_NEIGHBOURS).collect();
     }
 
     /// Re-reads the name files that changed (cheap when none did).
@@ -157,7 +180,8 @@ impl HostLabels {
         }
         // The ladder, highest rung first. A name the user or the DHCP
         // server gave is the device's own: kept whole.
-        let (label, source) = if let Some((name, source)) = self.files.name(ip) {
+        let mac = self.neighbours.get(&ip).copied();
+        let (label, source) = if let Some((name, source)) = self.files.name(ip, mac) {
             (name.to_string(), source)
         } else {
             match &self.resolver {
@@ -229,6 +253,7 @@ mod tests {
             fqdn: false,
             wait: Duration::from_secs(2),
             hosts_files: Vec::new(),
+            ethers_files: Vec::new(),
             lease_files: Vec::new(),
         }
     }
