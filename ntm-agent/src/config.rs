@@ -137,10 +137,11 @@ pub struct NameArgs {
     #[arg(long = "ethers-file", env = "NTM_ETHERS_FILES", value_delimiter = ',')]
     pub ethers_files: Vec<PathBuf>,
 
-    /// Device names from a DHCP server's lease file in dnsmasq's format
-    /// (also OpenWrt's /tmp/dhcp.leases): the hostname each device sent, for
-    /// the address it was given; repeatable, comma-separated; re-read when
-    /// it changes.
+    /// Device names from a DHCP server's lease file: dnsmasq's (also
+    /// OpenWrt's /tmp/dhcp.leases), ISC dhcpd's dhcpd.leases or Kea's CSV,
+    /// told apart by their content: the hostname each device sent, for the
+    /// address it was given and its MAC; repeatable, comma-separated;
+    /// re-read when it changes.
     #[arg(long = "leases", env = "NTM_LEASES", value_delimiter = ',')]
     pub lease_files: Vec<PathBuf>,
 

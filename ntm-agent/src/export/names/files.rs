@@ -54,10 +54,18 @@ pub enum Format {
     /// `MAC NAME`, `#` comments (a line naming an address instead of a
     /// host is skipped).
     Ethers,
-    /// dnsmasq: `EXPIRY MAC ADDRESS HOSTNAME CLIENT-ID` (IPv4), and after a
-    /// `duid` line `EXPIRY IAID ADDRESS HOSTNAME CLIENT-DUID` (IPv6);
-    /// HOSTNAME `*` when the device sent none; EXPIRY 0 for no end.
-    DnsmasqLeases,
+    /// A DHCP server's leases, in the format the text shows:
+    /// - dnsmasq (and OpenWrt): `EXPIRY MAC ADDRESS HOSTNAME CLIENT-ID`
+    ///   (IPv4), and after a `duid` line `EXPIRY IAID ADDRESS HOSTNAME
+    ///   CLIENT-DUID` (IPv6); HOSTNAME `*` when the device sent none;
+    ///   EXPIRY 0 for no end;
+    /// - ISC dhcpd (`dhcpd.leases`): `lease ADDRESS { ... }` blocks with
+    ///   `binding state`, `hardware ethernet` and `client-hostname`; the
+    ///   last block for an address is the current one;
+    /// - Kea's CSV (`kea-leases4.csv`, `kea-leases6.csv`): a header naming
+    ///   the columns (`address`, `hwaddr`, `expire`, `hostname`, `state`);
+    ///   the last line for an address is the current one.
+    Leases,
 }
 
 /// Bytes ntm reads of one file at most; a larger one keeps its old names.
@@ -105,6 +113,21 @@ pub struct Parsed {
 /// The names in `text`. `now` decides which leases have ended.
 pub fn parse(format: Format, text: &str, now: SystemTime) -> Parsed {
     let now = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    if format == Format::Leases {
+        let first = text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'));
+        if first.is_some_and(|l| l.starts_with("address,")) {
+            return parse_kea(text, now);
+        }
+        if text
+            .lines()
+            .any(|l| l.trim_start().starts_with("lease ") && l.trim_end().ends_with('{'))
+        {
+            return parse_isc(text);
+        }
+    }
     let mut parsed = Parsed::default();
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("");
@@ -123,7 +146,7 @@ pub fn parse(format: Format, text: &str, now: SystemTime) -> Parsed {
                 [mac, name] => Some((None, Some(*mac), *name)),
                 _ => None,
             },
-            Format::DnsmasqLeases => match fields.as_slice() {
+            Format::Leases => match fields.as_slice() {
                 ["duid", ..] => continue,
                 [expiry, hardware, address, name, ..] => {
                     let ended = expiry.parse::<u64>().is_ok_and(|e| e != 0 && e < now);
@@ -136,33 +159,133 @@ pub fn parse(format: Format, text: &str, now: SystemTime) -> Parsed {
                 _ => None,
             },
         };
-        let Some((address, mac, name)) = entry else {
-            parsed.skipped += 1;
-            continue;
-        };
+        match entry {
+            Some((address, mac, name)) => parsed.add(address, mac, name),
+            None => parsed.skipped += 1,
+        }
+    }
+    parsed
+}
+
+impl Parsed {
+    /// Adds one entry, unless it is unusable or the file's bound is
+    /// reached (then it counts as skipped). The first entry for an address
+    /// or MAC wins, as in /etc/hosts.
+    fn add(&mut self, address: Option<&str>, mac: Option<&str>, name: &str) {
         // A zone index (fe80::1%eth0) is not part of the address.
         let address = address.map(|a| a.split('%').next().unwrap_or(a).parse::<IpAddr>());
         let mac = mac.and_then(parse_mac);
         let usable = usable_name(name)
             && !matches!(address, Some(Err(_)))
             && (address.is_some() || mac.is_some());
-        if !usable || parsed.by_address.len() + parsed.by_mac.len() >= MAX_NAMES_PER_FILE {
-            parsed.skipped += 1;
-            continue;
+        if !usable || self.by_address.len() + self.by_mac.len() >= MAX_NAMES_PER_FILE {
+            self.skipped += 1;
+            return;
         }
         let name = name.to_ascii_lowercase();
-        // As in /etc/hosts, the first line for an address (or MAC) wins.
         if let Some(Ok(address)) = address {
-            parsed
-                .by_address
+            self.by_address
                 .entry(address)
                 .or_insert_with(|| name.clone());
         }
         if let Some(mac) = mac {
-            parsed.by_mac.entry(mac).or_insert(name);
+            self.by_mac.entry(mac).or_insert(name);
+        }
+    }
+}
+
+/// The current lease of each address in a log-like lease file (the last
+/// record wins): (MAC, hostname), None where the lease is not active.
+type CurrentLeases<'a> = HashMap<&'a str, Option<(Option<&'a str>, &'a str)>>;
+
+fn from_current(current: CurrentLeases<'_>, skipped: usize) -> Parsed {
+    let mut parsed = Parsed {
+        skipped,
+        ..Parsed::default()
+    };
+    for (address, lease) in current {
+        if let Some((mac, name)) = lease {
+            parsed.add(Some(address), mac, name);
         }
     }
     parsed
+}
+
+/// ISC dhcpd's `dhcpd.leases`.
+fn parse_isc(text: &str) -> Parsed {
+    let mut current: CurrentLeases = HashMap::new();
+    let mut skipped = 0;
+    // The block being read: address, MAC, hostname, active.
+    let mut block: Option<(&str, Option<&str>, Option<&str>, bool)> = None;
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        let words: Vec<&str> = line.trim_end_matches(';').split_whitespace().collect();
+        match (words.as_slice(), block.as_mut()) {
+            (["lease", address, "{"], _) => block = Some((address, None, None, true)),
+            (["}"], Some(_)) => {
+                if let Some((address, mac, name, active)) = block.take() {
+                    if current.len() >= MAX_NAMES_PER_FILE && !current.contains_key(address) {
+                        skipped += 1;
+                        continue;
+                    }
+                    current.insert(address, name.filter(|_| active).map(|n| (mac, n)));
+                }
+            }
+            (["binding", "state", state], Some(b)) => b.3 = *state == "active",
+            (["hardware", "ethernet", mac], Some(b)) => b.1 = Some(mac),
+            (["client-hostname", name], Some(b)) => b.2 = Some(name.trim_matches('"')),
+            _ => {}
+        }
+    }
+    from_current(current, skipped)
+}
+
+/// Kea's memfile CSV (`kea-leases4.csv`, `kea-leases6.csv`).
+fn parse_kea(text: &str, now: u64) -> Parsed {
+    let mut lines = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'));
+    let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name);
+    let (Some(address_at), Some(name_at)) = (column("address"), column("hostname")) else {
+        return Parsed {
+            skipped: 1,
+            ..Parsed::default()
+        };
+    };
+    let (mac_at, expire_at, state_at, lifetime_at) = (
+        column("hwaddr"),
+        column("expire"),
+        column("state"),
+        column("valid_lifetime"),
+    );
+    let mut current: CurrentLeases = HashMap::new();
+    let mut skipped = 0;
+    for line in lines {
+        let fields: Vec<&str> = line.split(',').collect();
+        let (Some(address), Some(name)) = (fields.get(address_at), fields.get(name_at)) else {
+            skipped += 1;
+            continue;
+        };
+        let field = |at: Option<usize>| at.and_then(|at| fields.get(at)).copied();
+        let number = |at| field(at).and_then(|v| v.parse::<u64>().ok());
+        // State 0 is a lease in use (1 declined, 2 reclaimed); a lifetime
+        // of 0 is a released one.
+        let active = field(state_at).is_none_or(|s| s == "0")
+            && number(lifetime_at) != Some(0)
+            && number(expire_at).is_none_or(|e| e == 0 || e >= now);
+        // Kea writes names as FQDNs, and commas inside values as "&#x2c".
+        let name = name.trim_end_matches('.');
+        if current.len() >= MAX_NAMES_PER_FILE && !current.contains_key(address) {
+            skipped += 1;
+            continue;
+        }
+        let lease = (active && !name.is_empty() && !name.contains("&#x2c"))
+            .then_some((field(mac_at), name));
+        current.insert(address, lease);
+    }
+    from_current(current, skipped)
 }
 
 /// One file and what it said last.
@@ -262,7 +385,7 @@ impl NameFiles {
             .chain(
                 leases
                     .iter()
-                    .map(|p| (file(p, Format::DnsmasqLeases), Source::Dhcp)),
+                    .map(|p| (file(p, Format::Leases), Source::Dhcp)),
             )
             .collect(),
         };
@@ -344,7 +467,7 @@ mod tests {
                     duid 00:01:00:01:2c:00:00:00:02:00:00:00:00:01\n\
                     1700000100 1234 2001:2::100 laptop 00:01:00:01\n\
                     garbage\n";
-        let parsed = parse(Format::DnsmasqLeases, text, at(1_700_000_000));
+        let parsed = parse(Format::Leases, text, at(1_700_000_000));
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let names = &parsed.by_address;
         assert_eq!(names[&ip("198.18.0.100")], "phone-of-ana");
@@ -354,6 +477,51 @@ mod tests {
         assert_eq!(parsed.by_mac[&[2, 0, 0, 0, 0, 0x0a]], "phone-of-ana");
         assert_eq!(parsed.by_mac.len(), 2, "the IAID is no MAC");
         assert_eq!(parsed.skipped, 1);
+    }
+
+    #[test]
+    fn isc_dhcpd_leases_last_block_wins_and_only_active_ones_count() {
+        let text = "# The format of this file is documented in the dhcpd.leases(5) manual page.\n\
+            lease 198.18.0.100 {\n  starts 4 2026/12/03 10:00:00;\n  binding state active;\n\
+              hardware ethernet 02:00:00:00:00:0a;\n  client-hostname \"phone-of-ana\";\n}\n\
+            lease 198.18.0.101 {\n  binding state active;\n  client-hostname \"old-name\";\n}\n\
+            lease 198.18.0.101 {\n  binding state active;\n  client-hostname \"new-name\";\n}\n\
+            lease 198.18.0.102 {\n  binding state active;\n  client-hostname \"gone\";\n}\n\
+            lease 198.18.0.102 {\n  binding state free;\n}\n\
+            lease 198.18.0.103 {\n  binding state active;\n}\n";
+        let parsed = parse(Format::Leases, text, at(0));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(parsed.by_address[&ip("198.18.0.100")], "phone-of-ana");
+        assert_eq!(parsed.by_address[&ip("198.18.0.101")], "new-name");
+        assert_eq!(parsed.by_address.len(), 2);
+        assert_eq!(parsed.by_mac[&[2, 0, 0, 0, 0, 0x0a]], "phone-of-ana");
+        // A block cut short by a write in progress is simply not there yet.
+        let half = &text[..text.find("lease 198.18.0.101").unwrap() + 30];
+        assert_eq!(parse(Format::Leases, half, at(0)).by_address.len(), 1);
+    }
+
+    #[test]
+    fn kea_csv_leases_by_header_last_line_wins() {
+        let text = "address,hwaddr,client_id,valid_lifetime,expire,subnet_id,fqdn_fwd,fqdn_rev,hostname,state,user_context,pool_id\n\
+            198.18.0.100,02:00:00:00:00:0a,01:02,3600,1700003600,1,0,0,phone-of-ana.home.arpa.,0,,0\n\
+            198.18.0.101,02:00:00:00:00:0b,,3600,1700003600,1,0,0,tv,0,,0\n\
+            198.18.0.101,02:00:00:00:00:0b,,0,1700000000,1,0,0,tv,0,,0\n\
+            198.18.0.102,02:00:00:00:00:0c,,3600,1600000000,1,0,0,expired,0,,0\n\
+            198.18.0.103,02:00:00:00:00:0d,,3600,1700003600,1,0,0,declined,1,,0\n\
+            198.18.0.104,02:00:00:00:00:0e,,3600,1700003600,1,0,0,a&#x2cb,0,,0\n\
+            short,line\n";
+        let parsed = parse(Format::Leases, text, at(1_700_000_000));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            parsed.by_address[&ip("198.18.0.100")],
+            "phone-of-ana.home.arpa"
+        );
+        assert_eq!(parsed.by_address.len(), 1, "{parsed:?}");
+        let v6 = "address,duid,valid_lifetime,expire,subnet_id,pref_lifetime,lease_type,iaid,prefix_len,fqdn_fwd,fqdn_rev,hostname,hwaddr,state\n\
+            2001:2::100,00:01:00:01,3600,1700003600,1,1800,0,1,128,0,0,laptop,02:00:00:00:00:0f,0\n";
+        let parsed = parse(Format::Leases, v6, at(1_700_000_000));
+        assert_eq!(parsed.by_address[&ip("2001:2::100")], "laptop");
+        assert_eq!(parsed.by_mac[&[2, 0, 0, 0, 0, 0x0f]], "laptop");
     }
 
     #[test]
@@ -399,7 +567,7 @@ zz:00:00:00:00:05 bad
             let junk: String = (0..len)
                 .map(|i| char::from(32 + (i * 7 % 90) as u8))
                 .collect();
-            for format in [Format::Hosts, Format::Ethers, Format::DnsmasqLeases] {
+            for format in [Format::Hosts, Format::Ethers, Format::Leases] {
                 let _ = parse(format, &junk, at(0));
             }
         }
