@@ -13,8 +13,11 @@ pub mod resolver;
 use std::{
     collections::HashMap,
     net::IpAddr,
+    num::NonZeroUsize,
     time::{Duration, Instant},
 };
+
+use lru::LruCache;
 
 use ntm_common::FlowKey;
 use prometheus::{IntCounterVec, IntGaugeVec};
@@ -63,12 +66,18 @@ pub struct HostLabels {
     local: LocalNets,
     fqdn: bool,
     wait: Duration,
-    sticky: HashMap<IpAddr, Sticky>,
+    /// Decided labels, least recently used first out when full.
+    sticky: LruCache<IpAddr, Sticky>,
     /// Which MAC address uses which IP address (the neighbour table).
     neighbours: HashMap<IpAddr, Mac>,
     /// Addresses labelled now, by source (`<prefix>_names{source}`).
     by_source: Option<IntGaugeVec>,
 }
+
+/// Addresses whose label is remembered at most. Past it the least recently
+/// used is forgotten (should it come back while its series lives, its label
+/// is decided again, the same way unless a name source changed).
+pub const MAX_STICKY: NonZeroUsize = NonZeroUsize::new(262_144).expect("not zero");
 
 /// Neighbour entries kept at most (a /16 of devices).
 pub const MAX_NEIGHBOURS: usize = 65_536;
@@ -122,7 +131,7 @@ impl HostLabels {
             local,
             fqdn: options.fqdn,
             wait: options.wait,
-            sticky: HashMap::new(),
+            sticky: LruCache::new(MAX_STICKY),
             neighbours: HashMap::new(),
             by_source: None,
         }
@@ -195,14 +204,14 @@ impl HostLabels {
             }
         };
         self.count(source, 1);
-        self.sticky.insert(
-            ip,
-            Sticky {
-                label: label.clone(),
-                source,
-                last_used: now,
-            },
-        );
+        let sticky = Sticky {
+            label: label.clone(),
+            source,
+            last_used: now,
+        };
+        if let Some((_, evicted)) = self.sticky.push(ip, sticky) {
+            self.count(evicted.source, -1);
+        }
         Some(label)
     }
 
@@ -226,16 +235,14 @@ impl HostLabels {
 
     /// Forgets labels not used for `ttl` (their series have expired too).
     pub fn expire(&mut self, now: Instant, ttl: Duration) {
-        let mut gone = Vec::new();
-        self.sticky.retain(|_, s| {
-            let keep = now.duration_since(s.last_used) <= ttl;
-            if !keep {
-                gone.push(s.source);
+        // Least recently used first: the expired ones are at that end.
+        while let Some((_, s)) = self.sticky.peek_lru() {
+            if now.duration_since(s.last_used) <= ttl {
+                break;
             }
-            keep
-        });
-        for source in gone {
-            self.count(source, -1);
+            if let Some((_, s)) = self.sticky.pop_lru() {
+                self.count(s.source, -1);
+            }
         }
     }
 }
@@ -294,6 +301,26 @@ mod tests {
         let now = Instant::now();
         let ip: IpAddr = "2001:2::1".parse().unwrap();
         assert_eq!(h.label(ip, now, now), Some("2001:2::1".into()));
+    }
+
+    #[test]
+    fn expiry_goes_least_recently_used_first_and_the_counts_follow() {
+        let gauge = IntGaugeVec::new(prometheus::Opts::new("names", "h"), &["source"]).unwrap();
+        let mut h = HostLabels::new(true, None, local(), &options());
+        h.by_source = Some(gauge.clone());
+        let t0 = Instant::now();
+        let ip = |last: u8| IpAddr::from([198, 18, 0, last]);
+        for last in 1..=3 {
+            h.label(ip(last), t0, t0 + Duration::from_secs(last.into()));
+        }
+        // Used again: now the most recent.
+        h.label(ip(1), t0, t0 + Duration::from_secs(10));
+        let addresses = || gauge.with_label_values(&["address"]).get();
+        assert_eq!(addresses(), 3);
+        h.expire(t0 + Duration::from_secs(14), Duration::from_secs(10));
+        assert_eq!(h.sticky.len(), 1, "2 and 3 idle for over 10 s");
+        assert!(h.sticky.contains(&ip(1)));
+        assert_eq!(addresses(), 1);
     }
 
     #[test]

@@ -7,8 +7,8 @@
 //! is truncated, and a parser that has seen the world's DNS servers.
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
+    num::NonZeroUsize,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -19,6 +19,7 @@ use hickory_resolver::{
     net::{DnsError, NetError, runtime::TokioRuntimeProvider},
     proto::rr::{Name, RData},
 };
+use lru::LruCache;
 use prometheus::IntCounterVec;
 use tokio::sync::{Semaphore, mpsc};
 
@@ -32,9 +33,9 @@ const MAX_CACHE: Duration = Duration::from_secs(3600);
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 /// How long "no name" answers are remembered when the server gives no TTL.
 const NEGATIVE_TTL: Duration = Duration::from_secs(300);
-/// Addresses the cache holds at most; past it, answers past their refresh
-/// time are dropped first, and new addresses are shown as addresses.
-pub const MAX_CACHED: usize = 65_536;
+/// Addresses the cache holds at most; past it, the least recently asked
+/// for is forgotten.
+pub const MAX_CACHED: NonZeroUsize = NonZeroUsize::new(65_536).expect("not zero");
 
 /// Which DNS servers to ask.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,7 +68,7 @@ enum Entry {
 /// The shared cache and the queue to the lookups.
 #[derive(Clone)]
 pub struct Resolver {
-    cache: Arc<Mutex<HashMap<IpAddr, Entry>>>,
+    cache: Arc<Mutex<LruCache<IpAddr, Entry>>>,
     queue: mpsc::Sender<IpAddr>,
     lookups: IntCounterVec,
 }
@@ -105,7 +106,7 @@ impl Resolver {
         let hickory = build(upstream, options.timeout)?;
         let (queue, requests) = mpsc::channel(options.queue.max(1));
         let resolver = Self {
-            cache: Arc::default(),
+            cache: Arc::new(Mutex::new(LruCache::new(MAX_CACHED))),
             queue,
             lookups,
         };
@@ -155,7 +156,7 @@ impl Resolver {
         };
         let refresh_at = Instant::now() + keep.clamp(MIN_CACHE, MAX_CACHE);
         if let Ok(mut cache) = self.cache.lock() {
-            cache.insert(ip, Entry::Done { name, refresh_at });
+            cache.put(ip, Entry::Done { name, refresh_at });
         }
     }
 
@@ -170,7 +171,7 @@ impl Resolver {
                 let name = name.clone();
                 if now >= *refresh_at && self.enqueue(ip) {
                     // Keep answering with the old name until the new one is in.
-                    cache.insert(
+                    cache.put(
                         ip,
                         Entry::Done {
                             name: name.clone(),
@@ -182,21 +183,11 @@ impl Resolver {
             }
             Some(Entry::Pending) => None,
             None => {
-                if cache.len() >= MAX_CACHED {
-                    cache.retain(
-                        |_, e| matches!(e, Entry::Done { refresh_at, .. } if *refresh_at > now),
-                    );
-                }
-                if cache.len() >= MAX_CACHED {
-                    // Full of live answers: this address is shown as such.
-                    self.lookups.with_label_values(&["dropped"]).inc();
-                    return Some(None);
-                }
                 if self.enqueue(ip) {
-                    cache.insert(ip, Entry::Pending);
+                    cache.put(ip, Entry::Pending);
                     None
                 } else {
-                    cache.insert(
+                    cache.put(
                         ip,
                         Entry::Done {
                             name: None,
