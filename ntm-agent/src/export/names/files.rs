@@ -573,6 +573,29 @@ zz:00:00:00:00:05 bad
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+
+        /// Whatever the bytes (lease and hosts files can be written by any
+        /// DHCP client's say-so): no panic, every name usable, the bound held.
+        #[test]
+        fn any_text_parses_within_bounds(
+            text in proptest::string::string_regex("(?s).{0,600}").expect("regex"),
+            lease_like in "([0-9]{1,10} [0-9a-f:]{0,17} [0-9.:a-f]{0,39} [ -~]{0,20} [ -~]{0,10}\n){0,8}",
+            header in proptest::sample::select(vec!["", "address,hwaddr,expire,hostname,state\n", "lease 198.18.0.1 {\n"]),
+        ) {
+            for format in [Format::Hosts, Format::Ethers, Format::Leases] {
+                for input in [text.clone(), format!("{header}{lease_like}"), format!("{header}{text}")] {
+                    let parsed = parse(format, &input, at(1_700_000_000));
+                    proptest::prop_assert!(parsed.by_address.len() + parsed.by_mac.len() <= MAX_NAMES_PER_FILE);
+                    for name in parsed.by_address.values().chain(parsed.by_mac.values()) {
+                        proptest::prop_assert!(usable_name(name), "{name:?}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_file_that_goes_bad_keeps_its_names_and_a_new_version_is_read() {
         let dir = std::env::temp_dir().join(format!("ntm-names-{}", std::process::id()));
