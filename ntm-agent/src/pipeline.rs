@@ -218,17 +218,7 @@ mod tests {
                 max_series,
                 series_ttl: ttl,
                 flow_table_capacity: 1024,
-                names: NameOptions {
-                    upstream: None,
-                    timeout: Duration::from_secs(1),
-                    workers: 1,
-                    queue: 16,
-                    fqdn: false,
-                    wait: Duration::from_secs(2),
-                    hosts_files: Vec::new(),
-                    ethers_files: Vec::new(),
-                    lease_files: Vec::new(),
-                },
+                names: NameOptions::addresses_only(),
             },
             ServiceRegistry::parse("https 443/tcp\n"),
         )

@@ -7,12 +7,6 @@ use ntm_common::{FlowKey, family, ipproto, key_flags, service_port::PortClass};
 
 use super::services::ServiceRegistry;
 
-/// Whether the host labels are needed at all (resolving names is skipped
-/// when neither src nor dst is kept).
-pub fn wants_hosts(enabled: &[Label]) -> bool {
-    enabled.contains(&Label::Src) || enabled.contains(&Label::Dst)
-}
-
 /// The labels ntm can put on its traffic counters, in exposition order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Label {
@@ -300,7 +294,7 @@ impl Labeller {
 
     /// Whether the host labels are needed at all.
     pub fn wants_hosts(&self) -> bool {
-        wants_hosts(&self.enabled)
+        self.enabled.contains(&Label::Src) || self.enabled.contains(&Label::Dst)
     }
 
     pub fn names(&self) -> Vec<&'static str> {

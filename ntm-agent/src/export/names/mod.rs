@@ -50,6 +50,24 @@ pub struct NameOptions {
     pub lease_files: Vec<std::path::PathBuf>,
 }
 
+#[cfg(test)]
+impl NameOptions {
+    /// No name sources at all, a 2 s wait: what unit tests start from.
+    pub(crate) fn addresses_only() -> Self {
+        Self {
+            upstream: None,
+            timeout: Duration::from_secs(1),
+            workers: 1,
+            queue: 16,
+            fqdn: false,
+            wait: Duration::from_secs(2),
+            hosts_files: Vec::new(),
+            ethers_files: Vec::new(),
+            lease_files: Vec::new(),
+        }
+    }
+}
+
 struct Sticky {
     label: String,
     source: Source,
@@ -252,17 +270,7 @@ mod tests {
     use super::*;
 
     fn options() -> NameOptions {
-        NameOptions {
-            upstream: None,
-            timeout: Duration::from_secs(1),
-            workers: 1,
-            queue: 16,
-            fqdn: false,
-            wait: Duration::from_secs(2),
-            hosts_files: Vec::new(),
-            ethers_files: Vec::new(),
-            lease_files: Vec::new(),
-        }
+        NameOptions::addresses_only()
     }
 
     fn local() -> LocalNets {
