@@ -168,6 +168,30 @@ pub struct NameArgs {
     /// with addresses (its labels never change afterwards).
     #[arg(long, env = "NTM_NAME_WAIT", default_value = "3s", value_parser = parse_duration)]
     pub name_wait: Duration,
+
+    /// Do not read the DNS answers that cross the monitored interfaces
+    /// (by default a server is named by the name its client asked for).
+    #[arg(long = "no-observe-dns", env = "NTM_NO_OBSERVE_DNS", value_parser = clap::builder::BoolishValueParser::new(),
+          action = clap::ArgAction::SetTrue)]
+    pub no_observe_dns: bool,
+
+    /// Do not read the DHCP messages that cross the monitored interfaces
+    /// (by default a device is named by the hostname it sent).
+    #[arg(long = "no-observe-dhcp", env = "NTM_NO_OBSERVE_DHCP", value_parser = clap::builder::BoolishValueParser::new(),
+          action = clap::ArgAction::SetTrue)]
+    pub no_observe_dhcp: bool,
+
+    /// DNS and DHCP messages handed from the kernel to ntm per second per
+    /// CPU at most; beyond it they are counted as dropped (traffic is
+    /// counted all the same).
+    #[arg(long = "observe-rate", env = "NTM_OBSERVE_RATE", default_value_t = ntm_common::observe::DEFAULT_RATE_PER_CPU,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub observe_rate: u32,
+
+    /// Shortest time a DNS answer seen on the wire names its addresses:
+    /// clients keep using an answer past a short TTL (at most a day).
+    #[arg(long = "dns-answer-min-ttl", env = "NTM_DNS_ANSWER_MIN_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub answer_min_ttl: Duration,
 }
 
 /// Labels, services and the series budget.
@@ -319,8 +343,31 @@ impl Config {
                 flow_table_entries: self.datapath.flow_table_size,
                 ephemeral_start: self.datapath.ephemeral_start,
                 xdp_drop: self.datapath.xdp_action == XdpAction::Drop,
+                observe_rate: self.names.observe_rate,
+                observe_kinds: self.observe_kinds(),
             },
         })
+    }
+
+    /// Which frames the kernel hands over for names (`observe::Kind`
+    /// bits): none when no label shows hosts or with `--numeric`.
+    pub fn observe_kinds(&self) -> u32 {
+        let hosts = self
+            .series
+            .labels
+            .iter()
+            .any(|l| matches!(l, Label::Src | Label::Dst));
+        if !hosts || self.names.numeric {
+            return 0;
+        }
+        let mut kinds = 0;
+        if !self.names.no_observe_dns {
+            kinds |= 1 << ntm_common::observe::Kind::Dns as u32;
+        }
+        if !self.names.no_observe_dhcp {
+            kinds |= 1 << ntm_common::observe::Kind::Dhcp as u32;
+        }
+        kinds
     }
 
     /// The known service ports: the services file and `--service`. The
@@ -383,6 +430,7 @@ impl Config {
                 } else {
                     self.names.lease_files.clone()
                 },
+                answer_min_ttl: self.names.answer_min_ttl,
             },
         }
     }

@@ -12,7 +12,9 @@ use ntm_agent::{
     kernel::{
         Kernel,
         links::{self, LinkEvents},
-        load_filter, privileges,
+        load_filter,
+        observe::{ObservedFrame, Observer},
+        privileges,
     },
     pipeline::Pipeline,
 };
@@ -103,6 +105,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         log::info!("counting only frames that match the filter {expression:?}");
     }
     let mut link_events = spawn_link_watcher();
+    // DNS and DHCP frames for names, read as they come (None: off).
+    let mut observer = kernel.take_observer();
+    let mut observed: Vec<Vec<u8>> = Vec::new();
     let server = http::Server::start(
         listener,
         pipeline.exposition(),
@@ -120,9 +125,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut drains: u32 = 0;
     loop {
         tokio::select! {
+            read = read_observed(observer.as_mut(), &mut observed) => {
+                if let Err(e) = read {
+                    log::warn!("names from the wire stop: {e}");
+                    observer = None;
+                }
+                learn(&mut pipeline, &mut observed);
+            }
             _ = ticker.tick() => {
+                // Answers first, so that they name the flows they led to.
+                if let Some(observer) = observer.as_mut() {
+                    observer.read_now(&mut observed);
+                    learn(&mut pipeline, &mut observed);
+                }
                 let drained = kernel.drain().context("draining the kernel's flow tables")?;
                 let now = Instant::now();
+                pipeline.record_observer(observer.as_ref().map(|o| o.drops()).as_ref());
                 pipeline.process(&drained, kernel.interface_labels(), now);
                 drains += 1;
                 if drains.is_multiple_of(EXPIRE_EVERY) {
@@ -153,6 +171,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
     pipeline.process(&last, &labels, Instant::now());
     server.stop();
     Ok(())
+}
+
+/// Waits for DNS and DHCP frames (forever when observation is off).
+async fn read_observed(
+    observer: Option<&mut Observer>,
+    records: &mut Vec<Vec<u8>>,
+) -> Result<usize, ntm_agent::kernel::observe::ObserverError> {
+    match observer {
+        Some(observer) => observer.read(records).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What the frames read say, into the names.
+fn learn(pipeline: &mut Pipeline, records: &mut Vec<Vec<u8>>) {
+    let now = Instant::now();
+    for record in records.drain(..) {
+        if let Some(frame) = ObservedFrame::from_record(&record) {
+            pipeline.observe(&frame, now);
+        }
+    }
 }
 
 /// SIGHUP: re-reads the filter source and swaps the new filter in; a filter

@@ -30,7 +30,7 @@ use crate::{
         series::TrafficSeries,
         services::ServiceRegistry,
     },
-    kernel::drain::Drained,
+    kernel::{drain::Drained, observe::ObservedFrame},
 };
 
 /// What the export stages need, built from the configuration in one place
@@ -114,6 +114,50 @@ impl Pipeline {
     /// names by MAC address.
     pub fn read_neighbours_with(&mut self, source: NeighbourSource) {
         self.neighbours = Some(source);
+    }
+
+    /// A DNS or DHCP frame the kernel handed over: what it says about
+    /// names is kept for the flows to come.
+    pub fn observe(&mut self, frame: &ObservedFrame<'_>, now: Instant) {
+        use crate::export::{names::wire, self_metrics::protocol_label};
+        let result = match wire::facts(frame) {
+            Ok(facts) => {
+                for fact in facts {
+                    self.hosts.learn(fact, now);
+                }
+                "parsed"
+            }
+            Err(wire::WireError::Truncated(_)) => "truncated",
+            Err(e) => {
+                // Hostile input: at debug level only, so that a flood of
+                // garbage cannot flood the log; the counter says it.
+                log::debug!("a {} message: {e}", protocol_label(frame.kind));
+                "malformed"
+            }
+        };
+        self.metrics
+            .observed_messages
+            .with_label_values(&[protocol_label(frame.kind), result])
+            .inc();
+    }
+
+    /// What the kernel could not hand over, and the sizes of the name
+    /// tables (once per drain).
+    pub fn record_observer(&self, drops: Option<&crate::kernel::observe::Drops>) {
+        if let Some(drops) = drops {
+            self.metrics.record_observe_drops(drops);
+        }
+        let sizes = self.hosts.observed_sizes();
+        let gauge = &self.metrics.observed_names;
+        gauge
+            .with_label_values(&["answers"])
+            .set(sizes.answers as i64);
+        gauge
+            .with_label_values(&["clients"])
+            .set(sizes.clients as i64);
+        gauge
+            .with_label_values(&["leases"])
+            .set(sizes.leases as i64);
     }
 
     /// One drain's deltas through every stage. `iface_labels` names the

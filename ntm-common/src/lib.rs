@@ -6,6 +6,7 @@
 //! the kernel (compiled for bpfel) and in host unit tests.
 #![no_std]
 
+pub mod observe;
 pub mod programs;
 pub mod service_port;
 
@@ -37,6 +38,18 @@ pub mod names {
     pub const FILTER_VERDICT: &str = "NTM_FILTER_VERDICT";
     /// Read-only global: XDP_PASS or XDP_DROP after counting, in XDP mode.
     pub const XDP_ACTION: &str = "NTM_XDP_ACTION";
+
+    /// RINGBUF of [`crate::observe::Record`]s: DNS and DHCP frames for names.
+    pub const OBSERVED: &str = "NTM_OBSERVED";
+    /// Per-CPU array of u64: frames not handed over, see
+    /// [`crate::observe::DropReason`].
+    pub const OBSERVE_DROPS: &str = "NTM_OBSERVE_DROPS";
+    /// Read-only global: frames handed over per second per CPU at most; 0
+    /// turns observation off (and the verifier removes its code).
+    pub const OBSERVE_RATE: &str = "NTM_OBSERVE_RATE";
+    /// Read-only global: which [`crate::observe::Kind`]s are handed over, a
+    /// bit (`1 << kind`) each.
+    pub const OBSERVE_KINDS: &str = "NTM_OBSERVE_KINDS";
 }
 
 /// Compile-time capacity of each flow table; the agent may change it at load

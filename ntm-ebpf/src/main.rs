@@ -9,19 +9,22 @@ mod parse;
 
 use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action},
-    btf_maps::{Array, ArrayOfMaps, PerCpuArray, PerCpuHashMap, ProgramArray},
+    btf_maps::{Array, ArrayOfMaps, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
+    cty::c_void,
+    helpers::generated::{bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use core::mem::{MaybeUninit, size_of};
 use ntm_common::{
     CacheSlot, Counters, DEFAULT_FLOW_TABLE_ENTRIES, Direction, FLOW_CACHE_SLOTS, FlowKey,
-    KEY_WORDS, KNOWN_PORT_WORDS, OutsideReason, cache_index,
+    KEY_WORDS, KNOWN_PORT_WORDS, OutsideReason, cache_index, ipproto,
+    observe::{self, CAPTURE_BYTES, DropReason, Record},
     service_port::{self, PortClass},
     tail,
 };
 
-use parse::{Frame, ParseError, Parsed};
+use parse::{Frame, NOT_OBSERVED, ParseError, Parsed};
 
 const TABLE_ENTRIES: usize = DEFAULT_FLOW_TABLE_ENTRIES as usize;
 type FlowTable = PerCpuHashMap<FlowKey, Counters, TABLE_ENTRIES>;
@@ -71,6 +74,42 @@ static NTM_FILTER_VERDICT: PerCpuArray<u32, 1> = PerCpuArray::new();
 /// Read-only after load, so the verifier treats it as a constant.
 #[unsafe(no_mangle)]
 static NTM_EPHEMERAL_START: u16 = service_port::DEFAULT_EPHEMERAL_START;
+
+/// DNS and DHCP frames for the agent's names (see `ntm_common::observe`).
+#[btf_map]
+static NTM_OBSERVED: RingBuf<Record, { observe::RING_BYTES as usize }> = RingBuf::new();
+
+/// Frames chosen for the agent but not handed over, by kind and reason.
+#[btf_map]
+static NTM_OBSERVE_DROPS: PerCpuArray<u64, { observe::DROP_SLOTS as usize }> = PerCpuArray::new();
+
+/// This CPU's rate window for [`NTM_OBSERVED`].
+#[repr(C)]
+struct RateWindow {
+    start_ns: u64,
+    used: u64,
+}
+#[btf_map]
+static NTM_OBSERVE_WINDOW: PerCpuArray<RateWindow, 1> = PerCpuArray::new();
+
+/// Frames handed to the agent per second per CPU at most; 0: none (set by
+/// the agent at load time; read-only, so with 0 the verifier drops the code).
+#[unsafe(no_mangle)]
+static NTM_OBSERVE_RATE: u32 = observe::DEFAULT_RATE_PER_CPU;
+
+/// Which kinds are handed over, a bit (`1 << kind`) each; read-only.
+#[unsafe(no_mangle)]
+static NTM_OBSERVE_KINDS: u32 = 0b11;
+
+/// Whether the agent wants a frame of `kind` (NOT_OBSERVED: no). Both
+/// settings are constants to the verifier: with observation off this is
+/// false and the code behind it is gone.
+#[inline(always)]
+fn agent_wants(kind: u8) -> bool {
+    kind != NOT_OBSERVED
+        && setting(&NTM_OBSERVE_RATE) != 0
+        && setting(&NTM_OBSERVE_KINDS) & (1u32 << (kind & 7)) != 0
+}
 
 // bpf_map_update_elem flags and the errno values it returns.
 const BPF_NOEXIST: u64 = 1;
@@ -269,7 +308,147 @@ fn count_tc<const ETHERNET: bool>(ctx: &TcContext, direction: Direction, filtere
     }
     // GSO/GRO aggregates count as the segments they carry on the wire.
     let segments = if gso_segs > 1 { gso_segs as u64 } else { 1 };
+    let wanted = wanted_by_agent(&parsed, key);
     account(parsed, key, skb_len, segments, filtered);
+    if agent_wants(wanted) {
+        observe_tc(ctx, wanted, direction, ifindex, skb_len, ETHERNET);
+    }
+}
+
+/// The `observe::Kind` of a frame the agent wants for names, or
+/// NOT_OBSERVED. A TCP segment without payload says nothing.
+#[inline(always)]
+fn wanted_by_agent(parsed: &Result<Parsed, ParseError>, key: &FlowKey) -> u8 {
+    match parsed {
+        Ok(p) if p.observe != NOT_OBSERVED => {
+            if key.proto == ipproto::TCP && p.l3_len != 0 && p.l3_len <= p.header_len {
+                NOT_OBSERVED
+            } else {
+                p.observe
+            }
+        }
+        _ => NOT_OBSERVED,
+    }
+}
+
+/// Whether this CPU may hand over one more frame in this second.
+#[inline(always)]
+fn within_rate() -> bool {
+    let Some(window) = NTM_OBSERVE_WINDOW.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: no arguments, no memory touched.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let rate = setting(&NTM_OBSERVE_RATE) as u64;
+    // SAFETY: the pointer comes from a successful per-CPU lookup, and no
+    // one else writes this CPU's value while the program runs (as in
+    // `add_counts`).
+    unsafe {
+        if now.wrapping_sub((*window).start_ns) >= 1_000_000_000 {
+            (*window).start_ns = now;
+            (*window).used = 0;
+        }
+        if (*window).used >= rate {
+            return false;
+        }
+        (*window).used += 1;
+    }
+    true
+}
+
+#[inline(always)]
+fn count_drop(kind: u8, reason: DropReason) {
+    let slot = kind as u32 * DropReason::COUNT + reason as u32;
+    if let Some(count) = NTM_OBSERVE_DROPS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's value of a per-CPU map, as in `add_counts`.
+        unsafe { *count += 1 };
+    }
+}
+
+/// How many bytes of a frame of `len` to copy: at least 1 (the helpers
+/// refuse 0), at most CAPTURE_BYTES. The mask is what the verifier sees
+/// in the helper's length register (a compare would bound a copy of it);
+/// for 1..=CAPTURE_BYTES it changes nothing, and a length of 0 becomes a
+/// copy the helper refuses.
+#[inline(always)]
+fn capture_len(len: u32) -> u32 {
+    let len = if len as usize > CAPTURE_BYTES {
+        CAPTURE_BYTES as u32
+    } else {
+        len
+    };
+    (len.wrapping_sub(1) & (CAPTURE_BYTES as u32 - 1)) + 1
+}
+
+/// Hands a copy of the frame in `ctx` to the agent, within the rate.
+#[inline(always)]
+fn observe_tc(
+    ctx: &TcContext,
+    kind: u8,
+    direction: Direction,
+    ifindex: u32,
+    skb_len: u32,
+    ethernet: bool,
+) {
+    if !within_rate() {
+        count_drop(kind, DropReason::RateLimited);
+        return;
+    }
+    let Some(mut entry) = NTM_OBSERVED.reserve(0) else {
+        count_drop(kind, DropReason::RingFull);
+        return;
+    };
+    let len = capture_len(skb_len);
+    let record = entry.as_mut_ptr();
+    // SAFETY: `record` is a reserved, writable Record; `len` is 1 to
+    // CAPTURE_BYTES, the size of its data; bpf_skb_load_bytes reads the
+    // skb (linear or not) within its length and fails otherwise.
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const c_void,
+            0,
+            (*record).data.as_mut_ptr() as *mut c_void,
+            len,
+        )
+    } == 0;
+    if !loaded {
+        entry.discard(0);
+        return;
+    }
+    let link = if ethernet {
+        observe::link::ETHERNET
+    } else {
+        observe::link::RAW_IP
+    };
+    // SAFETY: as above, the record is reserved and writable.
+    unsafe { write_header(record, ifindex, skb_len, len, direction, link, kind) };
+    entry.submit(0);
+}
+
+/// # Safety
+/// `record` must point at a reserved ring buffer record.
+#[inline(always)]
+unsafe fn write_header(
+    record: *mut Record,
+    ifindex: u32,
+    frame_len: u32,
+    captured: u32,
+    direction: Direction,
+    link: u8,
+    kind: u8,
+) {
+    // SAFETY: the caller says `record` is writable.
+    unsafe {
+        (*record).header = observe::Header {
+            ifindex,
+            frame_len,
+            captured: captured as u16,
+            direction: direction as u8,
+            link,
+            kind,
+            _pad: [0; 3],
+        };
+    }
 }
 
 /// Counts one frame (or aggregate of `segments`) of `frame_len` bytes, as
@@ -354,7 +533,53 @@ fn count_xdp(ctx: &XdpContext, filtered: bool) {
     // In XDP every VLAN tag is still in the frame, and there is no more
     // data to pull: what is not in [data, data_end) is not there.
     let parsed = parse::parse_ethernet(&frame, key, ephemeral_start, is_known_port);
-    account(parsed, key, (frame.end - frame.data) as u32, 1, filtered);
+    let frame_len = (frame.end - frame.data) as u32;
+    let wanted = wanted_by_agent(&parsed, key);
+    account(parsed, key, frame_len, 1, filtered);
+    if agent_wants(wanted) {
+        observe_xdp(ctx, wanted, ifindex, frame_len);
+    }
+}
+
+/// XDP's [`observe_tc`]: the frame is all in [data, data_end).
+#[inline(always)]
+fn observe_xdp(ctx: &XdpContext, kind: u8, ifindex: u32, frame_len: u32) {
+    if !within_rate() {
+        count_drop(kind, DropReason::RateLimited);
+        return;
+    }
+    let Some(mut entry) = NTM_OBSERVED.reserve(0) else {
+        count_drop(kind, DropReason::RingFull);
+        return;
+    };
+    let len = capture_len(frame_len);
+    let record = entry.as_mut_ptr();
+    // SAFETY: as in observe_tc; bpf_xdp_load_bytes checks the frame's bounds.
+    let loaded = unsafe {
+        bpf_xdp_load_bytes(
+            ctx.ctx as *mut _,
+            0,
+            (*record).data.as_mut_ptr() as *mut c_void,
+            len,
+        )
+    } == 0;
+    if !loaded {
+        entry.discard(0);
+        return;
+    }
+    // SAFETY: the record is reserved and writable.
+    unsafe {
+        write_header(
+            record,
+            ifindex,
+            frame_len,
+            len,
+            Direction::Ingress,
+            observe::link::ETHERNET,
+            kind,
+        )
+    };
+    entry.submit(0);
 }
 
 /// Counts into the flow's cache slot; a slot held by another flow first

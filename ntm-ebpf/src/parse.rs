@@ -12,7 +12,7 @@ use network_types::{
     tcp::TcpHdr,
     udp::UdpHdr,
 };
-use ntm_common::{FlowKey, OutsideReason, family, ipproto, key_flags, service_port};
+use ntm_common::{FlowKey, OutsideReason, family, ipproto, key_flags, observe, service_port};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
@@ -38,7 +38,13 @@ pub struct Parsed {
     pub l3_len: u32,
     /// L3 + L4 header bytes: repeated in every segment of a GSO aggregate.
     pub header_len: u32,
+    /// An [`observe::Kind`] if the agent wants this frame for names, else
+    /// [`NOT_OBSERVED`].
+    pub observe: u8,
 }
+
+/// `Parsed::observe` of a frame the agent does not want.
+pub const NOT_OBSERVED: u8 = 0xff;
 
 /// Why the parse stopped early: either a reason to count the frame outside
 /// the flow table, or "the headers lie beyond the linear data" (the caller may
@@ -144,6 +150,7 @@ pub fn parse_ethernet(
                 l3_offset: offset,
                 l3_len: 0,
                 header_len: 0,
+                observe: NOT_OBSERVED,
             })
         }
     }
@@ -204,16 +211,17 @@ fn parse_ipv4(
     // Ports only in the first fragment; later ones have none to read.
     let first_fragment = frags & 0x1fff == 0;
     let l4 = l3 + header_len;
-    let l4_len = if first_fragment {
+    let (l4_len, observe) = if first_fragment {
         parse_l4(frame, l4, proto, key, ephemeral_start, is_known)
     } else {
         mark_l4_missing(proto, key);
-        0
+        (0, NOT_OBSERVED)
     };
     Ok(Parsed {
         l3_offset: l3,
         l3_len: tot_len as u32,
         header_len: (header_len + l4_len) as u32,
+        observe,
     })
 }
 
@@ -280,11 +288,11 @@ fn parse_ipv6(
         return Err(ParseError::Outside(OutsideReason::Ipv6ExtensionChain));
     }
     key.proto = next;
-    let l4_len = if first_fragment {
+    let (l4_len, observe) = if first_fragment {
         parse_l4(frame, offset, next, key, ephemeral_start, is_known)
     } else {
         mark_l4_missing(next, key);
-        0
+        (0, NOT_OBSERVED)
     };
     // payload_len 0 is a jumbogram or a BIG TCP aggregate: the caller takes
     // the length from the skb.
@@ -297,6 +305,7 @@ fn parse_ipv6(
         l3_offset: l3,
         l3_len,
         header_len: (offset - l3 + l4_len) as u32,
+        observe,
     })
 }
 
@@ -327,7 +336,8 @@ fn mark_l4_missing(proto: u8, key: &mut FlowKey) {
 
 /// Fills `key.port` from the L4 header at `l4` and returns the L4 header
 /// length (0 when unknown or cut short: the frame is still counted by its IP
-/// header, just without a port).
+/// header, just without a port), with whether the agent wants the frame
+/// for names (`Parsed::observe`).
 #[inline(always)]
 fn parse_l4(
     frame: &Frame,
@@ -336,16 +346,16 @@ fn parse_l4(
     key: &mut FlowKey,
     ephemeral_start: u16,
     is_known: impl Fn(u8, u16) -> bool,
-) -> usize {
+) -> (usize, u8) {
     if l4 > MAX_L4_OFFSET {
         mark_l4_missing(proto, key);
-        return 0;
+        return (0, NOT_OBSERVED);
     }
     match proto {
         ipproto::TCP => {
             let Some(tcp) = frame.at::<TcpHdr>(l4) else {
                 mark_l4_missing(proto, key);
-                return 0;
+                return (0, NOT_OBSERVED);
             };
             // SAFETY: `at` checked that the 20-byte TCP header (ports, and
             // the data offset at byte 12) is in the frame.
@@ -358,14 +368,14 @@ fn parse_l4(
                 )
             };
             key.port = service_port::choose(sport, dport, ephemeral_start, |p| is_known(proto, p));
-            doff as usize * 4
+            (doff as usize * 4, observed(true, sport, dport))
         }
         ipproto::UDP | ipproto::UDPLITE | ipproto::SCTP => {
             // SCTP's common header starts with the same two ports; UDP-Lite's
             // header is UDP's.
             let Some(udp) = frame.at::<UdpHdr>(l4) else {
                 mark_l4_missing(proto, key);
-                return 0;
+                return (0, NOT_OBSERVED);
             };
             // SAFETY: `at` checked that the 8-byte header is in the frame.
             let (sport, dport) = unsafe {
@@ -376,22 +386,30 @@ fn parse_l4(
             };
             key.port = service_port::choose(sport, dport, ephemeral_start, |p| is_known(proto, p));
             if proto == ipproto::SCTP {
-                12
+                (12, NOT_OBSERVED)
             } else {
-                UdpHdr::LEN
+                (UdpHdr::LEN, observed(false, sport, dport))
             }
         }
         ipproto::ICMP | ipproto::ICMPV6 => match frame.pair(l4) {
             Some([icmp_type, _code]) => {
                 key.port = icmp_type as u16;
                 // Type, code, checksum, and the 4-byte rest-of-header.
-                8
+                (8, NOT_OBSERVED)
             }
             None => {
                 mark_l4_missing(proto, key);
-                0
+                (0, NOT_OBSERVED)
             }
         },
-        _ => 0,
+        _ => (0, NOT_OBSERVED),
+    }
+}
+
+#[inline(always)]
+fn observed(tcp: bool, sport: u16, dport: u16) -> u8 {
+    match observe::Kind::of_ports(tcp, sport, dport) {
+        Some(kind) => kind as u8,
+        None => NOT_OBSERVED,
     }
 }

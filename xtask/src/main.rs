@@ -332,6 +332,7 @@ fn image_binary_runs_arm64(name: &str, scratch: &Path) -> Result<String> {
 const TEST_PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "busybox",
+    "bind9-dnsutils",
     "iproute2",
     "iputils-ping",
     "ethtool",

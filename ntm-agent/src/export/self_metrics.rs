@@ -48,8 +48,23 @@ pub struct SelfMetrics {
     pub series_expired: IntCounter,
     pub dns_lookups: IntCounterVec,
     pub names: IntGaugeVec,
+    /// `<prefix>_observed_messages_total{protocol, result}`.
+    pub observed_messages: IntCounterVec,
+    /// What the kernel reported dropped so far, to add the deltas.
+    observed_drops_seen: std::sync::Mutex<crate::kernel::observe::Drops>,
+    pub observed_names: IntGaugeVec,
     pub http_connection_errors: IntCounter,
 }
+
+/// Values of `result` in `<prefix>_observed_messages_total`: the sum is
+/// every message the kernel picked out; the last two were not handed over.
+pub const OBSERVED_RESULTS: [&str; 5] = [
+    "parsed",
+    "malformed",
+    "truncated",
+    "rate_limited",
+    "ring_full",
+];
 
 /// Registers metrics under one prefix, with the name in every error.
 struct Registrar<'a> {
@@ -173,7 +188,24 @@ impl SelfMetrics {
         for result in DNS_RESULTS {
             dns_lookups.with_label_values(&[result]);
         }
+        let observed_messages = r.counter_vec(
+            "observed_messages_total",
+            "DNS responses and DHCP messages on the monitored interfaces picked out for names, by protocol and result (parsed; malformed; truncated: larger than the copy; rate_limited and ring_full: not handed to ntm, see --observe-rate)",
+            &["protocol", "result"],
+        )?;
+        for protocol in ["dns", "dhcp"] {
+            for result in OBSERVED_RESULTS {
+                observed_messages.with_label_values(&[protocol, result]);
+            }
+        }
         let metrics = Self {
+            observed_messages,
+            observed_drops_seen: Default::default(),
+            observed_names: r.gauge_vec(
+                "observed_names",
+                "Entries of the tables of names learnt from the wire (answers: DNS answers per client and address; clients: DHCP host names; leases: DHCP leases), each bounded",
+                &["table"],
+            )?,
             outside_bytes,
             outside_packets,
             filtered_bytes: r.counter(
@@ -219,7 +251,7 @@ impl SelfMetrics {
             dns_lookups,
             names: r.gauge_vec(
                 "names",
-                "Addresses labelled now, by where the label came from (static: --hosts-file, dhcp: --leases, dns: reverse DNS, address: no name)",
+                "Hosts (address and label) in labels now, by where the label came from (static: --hosts-file or --ethers-file, dhcp: --leases or DHCP on the wire, dns_answer: a DNS answer on the wire, reverse_dns, address: no name)",
                 &["source"],
             )?,
             http_connection_errors: r.counter(
@@ -245,6 +277,26 @@ impl SelfMetrics {
 
     /// One drain: its duration, the table's size, and what was counted
     /// outside the table or filtered out.
+    /// Adds what the kernel dropped since the last call.
+    pub fn record_observe_drops(&self, drops: &crate::kernel::observe::Drops) {
+        use ntm_common::observe::{DropReason, Kind};
+        let Ok(mut seen) = self.observed_drops_seen.lock() else {
+            return;
+        };
+        for kind in Kind::ALL {
+            for reason in DropReason::ALL {
+                let (k, r) = (kind as usize, reason as usize);
+                let delta = drops[k][r].saturating_sub(seen[k][r]);
+                seen[k][r] = drops[k][r];
+                if delta > 0 {
+                    self.observed_messages
+                        .with_label_values(&[protocol_label(kind), reason.as_str()])
+                        .inc_by(delta);
+                }
+            }
+        }
+    }
+
     pub fn record_drain(&self, drained: &Drained) {
         self.drain_seconds
             .observe((drained.swap_time + drained.read_time).as_secs_f64());
@@ -291,5 +343,13 @@ impl SelfMetrics {
                 .with_label_values(&[state.iface.as_str(), state.mode.as_str()])
                 .set(state.attached as i64);
         }
+    }
+}
+
+/// The `protocol` label of an observed message.
+pub fn protocol_label(kind: ntm_common::observe::Kind) -> &'static str {
+    match kind {
+        ntm_common::observe::Kind::Dns => "dns",
+        ntm_common::observe::Kind::Dhcp => "dhcp",
     }
 }

@@ -20,6 +20,7 @@ use ntm_common::{
 use super::{
     drain::{DrainError, FlowTables},
     filter::{self, Filter, FilterError},
+    observe::{Observer, ObserverError},
     sys::{SyscallError, bpf, process},
 };
 
@@ -43,6 +44,11 @@ pub struct DatapathOptions {
     pub ephemeral_start: u16,
     /// XDP mode: drop frames after counting them (mirror ports).
     pub xdp_drop: bool,
+    /// DNS and DHCP frames handed to the agent per second per CPU at most;
+    /// 0: none (no name needs them).
+    pub observe_rate: u32,
+    /// Which `observe::Kind`s are handed over (a bit per kind).
+    pub observe_kinds: u32,
 }
 
 impl Default for DatapathOptions {
@@ -51,6 +57,8 @@ impl Default for DatapathOptions {
             flow_table_entries: ntm_common::DEFAULT_FLOW_TABLE_ENTRIES,
             ephemeral_start: ntm_common::service_port::DEFAULT_EPHEMERAL_START,
             xdp_drop: false,
+            observe_rate: 0,
+            observe_kinds: 0,
         }
     }
 }
@@ -100,6 +108,8 @@ pub enum DatapathError {
         #[source]
         source: MapError,
     },
+    #[error("setting up the DNS and DHCP ring buffer failed: {0}")]
+    Observer(#[from] ObserverError),
     #[error("setting up the tail call to {program} failed: {source}")]
     TailSetup {
         program: &'static str,
@@ -119,6 +129,8 @@ pub struct Datapath {
     verdict: MapData,
     /// The filter in the hooks now, if any.
     filter: Option<Filter>,
+    /// The ring buffer of DNS and DHCP frames, until the agent takes it.
+    observer: Option<Observer>,
 }
 
 impl Datapath {
@@ -142,6 +154,13 @@ impl Datapath {
         // XDP_DROP is 1, XDP_PASS 2 (uapi/linux/bpf.h).
         let xdp_action: u32 = if options.xdp_drop { 1 } else { 2 };
         loader.override_global(names::XDP_ACTION, &xdp_action, true);
+        let observe_rate = if options.observe_kinds == 0 {
+            0
+        } else {
+            options.observe_rate
+        };
+        loader.override_global(names::OBSERVE_RATE, &observe_rate, true);
+        loader.override_global(names::OBSERVE_KINDS, &options.observe_kinds, true);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(classify_load_error)?;
 
         for hook in &programs::HOOKS {
@@ -199,6 +218,11 @@ impl Datapath {
         drop(known);
 
         let tables = FlowTables::take_from(&mut ebpf)?;
+        let observer = if observe_rate == 0 {
+            None
+        } else {
+            Some(Observer::take_from(&mut ebpf)?)
+        };
         Ok((
             Self {
                 ebpf,
@@ -206,6 +230,7 @@ impl Datapath {
                 xdp_tails,
                 verdict,
                 filter: None,
+                observer,
             },
             tables,
         ))
@@ -309,6 +334,12 @@ impl Datapath {
     }
 
     /// The filter in place, if any.
+    /// The ring buffer of DNS and DHCP frames, once (None if observation
+    /// is off).
+    pub fn take_observer(&mut self) -> Option<Observer> {
+        self.observer.take()
+    }
+
     pub fn filter(&self) -> Option<&Filter> {
         self.filter.as_ref()
     }

@@ -11,6 +11,7 @@
 //!   which ones count each frame once;
 //! - [`attach`]: TC or XDP attachments that detach when dropped;
 //! - [`drain`]: the lossless swap-and-read of the flow tables;
+//! - [`observe`]: the ring buffer of DNS and DHCP frames for names;
 //! - [`privileges`]: giving up root once attached;
 //! - [`sys`]: the raw system calls all of these make.
 
@@ -19,6 +20,7 @@ pub mod drain;
 pub mod filter;
 pub mod links;
 pub mod load;
+pub mod observe;
 pub mod plan;
 pub mod privileges;
 pub mod sys;
@@ -308,6 +310,12 @@ impl Kernel {
 
     /// The `iface` label of traffic counted on each interface index (a
     /// bridge port's traffic is labelled with its bridge).
+    /// The ring buffer of DNS and DHCP frames, once (None if observation
+    /// is off).
+    pub fn take_observer(&mut self) -> Option<observe::Observer> {
+        self.datapath.take_observer()
+    }
+
     pub fn interface_labels(&self) -> &HashMap<u32, String> {
         &self.labels
     }

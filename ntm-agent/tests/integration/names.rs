@@ -18,7 +18,7 @@ use crate::kit::{
     scrape::Guard,
 };
 
-fn scrape(ns: &Netns, port: u16) -> Option<String> {
+pub fn scrape(ns: &Netns, port: u16) -> Option<String> {
     ns.run(|| {
         let mut conn = TcpStream::connect(("127.0.0.1", port)).ok()?;
         conn.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
@@ -30,7 +30,7 @@ fn scrape(ns: &Netns, port: u16) -> Option<String> {
 }
 
 /// Sum of `ntm_bytes_total` series whose labels contain all of `parts`.
-fn bytes_where(text: &str, parts: &[&str]) -> u64 {
+pub fn bytes_where(text: &str, parts: &[&str]) -> u64 {
     text.lines()
         .filter(|l| l.starts_with("ntm_bytes_total{") && parts.iter().all(|p| l.contains(p)))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())

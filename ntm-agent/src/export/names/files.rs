@@ -25,22 +25,32 @@ use std::{
 pub enum Source {
     /// A hosts file (`--hosts-file`).
     Static,
-    /// A DHCP lease (`--leases`): the name the device sent.
+    /// DHCP: the name the device sent, from a lease file (`--leases`) or
+    /// its messages on the wire.
     Dhcp,
+    /// A DNS answer on the wire: the name the peer asked for.
+    DnsAnswer,
     /// Reverse DNS.
-    Dns,
+    ReverseDns,
     /// No name: the address itself.
     Address,
 }
 
 impl Source {
-    pub const ALL: [Source; 4] = [Source::Static, Source::Dhcp, Source::Dns, Source::Address];
+    pub const ALL: [Source; 5] = [
+        Source::Static,
+        Source::Dhcp,
+        Source::DnsAnswer,
+        Source::ReverseDns,
+        Source::Address,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Static => "static",
             Source::Dhcp => "dhcp",
-            Source::Dns => "dns",
+            Source::DnsAnswer => "dns_answer",
+            Source::ReverseDns => "reverse_dns",
             Source::Address => "address",
         }
     }

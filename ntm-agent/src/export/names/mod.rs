@@ -8,7 +8,9 @@
 //! address's label is decided it is kept while it is in use ("sticky").
 
 pub mod files;
+pub mod observed;
 pub mod resolver;
+pub mod wire;
 
 use std::{
     collections::HashMap,
@@ -24,7 +26,9 @@ use prometheus::{IntCounterVec, IntGaugeVec};
 
 use self::{
     files::{Mac, NameFiles, Source},
+    observed::{ObservedNames, TableSizes},
     resolver::{Resolver, Upstream},
+    wire::Fact,
 };
 use super::labels::LocalNets;
 
@@ -48,6 +52,8 @@ pub struct NameOptions {
     pub ethers_files: Vec<std::path::PathBuf>,
     /// DHCP lease files in dnsmasq's format (`--leases`).
     pub lease_files: Vec<std::path::PathBuf>,
+    /// Shortest time an observed DNS answer names its addresses.
+    pub answer_min_ttl: Duration,
 }
 
 #[cfg(test)]
@@ -64,6 +70,7 @@ impl NameOptions {
             hosts_files: Vec::new(),
             ethers_files: Vec::new(),
             lease_files: Vec::new(),
+            answer_min_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -74,7 +81,8 @@ struct Sticky {
     last_used: Instant,
 }
 
-/// Decides and remembers the host label of each address.
+/// Decides and remembers the host label of each address, as seen from
+/// each peer (two clients may know one server by two names).
 pub struct HostLabels {
     /// Whether src or dst are labels at all (else nothing is resolved).
     wanted: bool,
@@ -84,10 +92,16 @@ pub struct HostLabels {
     local: LocalNets,
     fqdn: bool,
     wait: Duration,
-    /// Decided labels, least recently used first out when full.
-    sticky: LruCache<IpAddr, Sticky>,
+    /// Decided labels by (address, peer), least recently used first out
+    /// when full.
+    sticky: LruCache<(IpAddr, IpAddr), Sticky>,
     /// Which MAC address uses which IP address (the neighbour table).
     neighbours: HashMap<IpAddr, Mac>,
+    /// DNS answers and DHCP messages seen on the wire.
+    observed: ObservedNames,
+    /// The hosts (address and label) that sticky labels hold now, with
+    /// how many (address, peer) entries hold each.
+    hosts: HashMap<(IpAddr, String), (Source, usize)>,
     /// Addresses labelled now, by source (`<prefix>_names{source}`).
     by_source: Option<IntGaugeVec>,
 }
@@ -151,6 +165,8 @@ impl HostLabels {
             wait: options.wait,
             sticky: LruCache::new(MAX_STICKY),
             neighbours: HashMap::new(),
+            observed: ObservedNames::new(options.answer_min_ttl),
+            hosts: HashMap::new(),
             by_source: None,
         }
     }
@@ -158,7 +174,19 @@ impl HostLabels {
     /// Whether a name could come from a MAC address: then the caller keeps
     /// [`HostLabels::set_neighbours`] fresh.
     pub fn wants_neighbours(&self) -> bool {
-        self.wanted && self.files.names_macs()
+        self.wanted && (self.files.names_macs() || self.observed.sizes().clients > 0)
+    }
+
+    /// Keeps what a DNS or DHCP message on the wire said.
+    pub fn learn(&mut self, fact: Fact, now: Instant) {
+        if self.wanted {
+            self.observed.learn(fact, now);
+        }
+    }
+
+    /// Entries of the tables of names learnt from the wire.
+    pub fn observed_sizes(&self) -> TableSizes {
+        self.observed.sizes()
     }
 
     /// The neighbour table now (IP to MAC), at most [`MAX_NEIGHBOURS`].
@@ -190,47 +218,102 @@ impl HostLabels {
         }
         match (key.src_addr(), key.dst_addr()) {
             (Some(src), Some(dst)) => {
-                let src = self.label(src, first_seen, now);
-                let dst = self.label(dst, first_seen, now);
-                Some((src?, dst?))
+                let src_label = self.label(src, dst, first_seen, now);
+                let dst_label = self.label(dst, src, first_seen, now);
+                Some((src_label?, dst_label?))
             }
             _ => Some((String::new(), String::new())),
         }
     }
 
-    /// The label of `ip` for a flow first seen at `first_seen`, or None if
-    /// the flow should wait for a name a little longer.
-    pub fn label(&mut self, ip: IpAddr, first_seen: Instant, now: Instant) -> Option<String> {
-        if let Some(s) = self.sticky.get_mut(&ip) {
+    /// The label of `ip` in a flow with `peer` first seen at `first_seen`,
+    /// or None if the flow should wait for a name a little longer.
+    pub fn label(
+        &mut self,
+        ip: IpAddr,
+        peer: IpAddr,
+        first_seen: Instant,
+        now: Instant,
+    ) -> Option<String> {
+        if let Some(s) = self.sticky.get_mut(&(ip, peer)) {
             s.last_used = now;
             return Some(s.label.clone());
         }
-        // The ladder, highest rung first. A name the user or the DHCP
-        // server gave is the device's own: kept whole.
-        let mac = self.neighbours.get(&ip).copied();
-        let (label, source) = if let Some((name, source)) = self.files.name(ip, mac) {
-            (name.to_string(), source)
-        } else {
-            match &self.resolver {
-                None => (ip.to_string(), Source::Address),
-                Some(resolver) => match resolver.lookup(ip, now) {
-                    Some(Some(name)) => (self.name_label(ip, name), Source::Dns),
-                    Some(None) => (ip.to_string(), Source::Address),
-                    None if now.duration_since(first_seen) < self.wait => return None,
-                    None => (ip.to_string(), Source::Address),
-                },
-            }
-        };
-        self.count(source, 1);
+        let (label, source) = self.decide(ip, peer, first_seen, now)?;
+        self.hold(ip, &label, source);
         let sticky = Sticky {
             label: label.clone(),
             source,
             last_used: now,
         };
-        if let Some((_, evicted)) = self.sticky.push(ip, sticky) {
-            self.count(evicted.source, -1);
+        if let Some(((evicted_ip, _), evicted)) = self.sticky.push((ip, peer), sticky) {
+            self.release(evicted_ip, evicted);
         }
         Some(label)
+    }
+
+    fn hold(&mut self, ip: IpAddr, label: &str, source: Source) {
+        let held = self
+            .hosts
+            .entry((ip, label.to_string()))
+            .or_insert((source, 0));
+        held.1 += 1;
+        if held.1 == 1 {
+            self.count(source, 1);
+        }
+    }
+
+    fn release(&mut self, ip: IpAddr, sticky: Sticky) {
+        let key = (ip, sticky.label);
+        if let Some(held) = self.hosts.get_mut(&key) {
+            held.1 -= 1;
+            if held.1 == 0 {
+                self.hosts.remove(&key);
+                self.count(sticky.source, -1);
+            }
+        }
+    }
+
+    /// The hosts in labels now: address, label, where the label came from.
+    pub fn hosts(&self) -> impl Iterator<Item = (IpAddr, &str, Source)> {
+        self.hosts
+            .iter()
+            .map(|((ip, label), (source, _))| (*ip, label.as_str(), *source))
+    }
+
+    /// The ladder, highest rung first; None: wait for reverse DNS.
+    fn decide(
+        &mut self,
+        ip: IpAddr,
+        peer: IpAddr,
+        first_seen: Instant,
+        now: Instant,
+    ) -> Option<(String, Source)> {
+        let mac = self
+            .neighbours
+            .get(&ip)
+            .copied()
+            .or_else(|| self.observed.leased_mac(ip));
+        // A name the user or the device gave is the device's own: whole.
+        if let Some((name, source)) = self.files.name(ip, mac) {
+            return Some((name.to_string(), source));
+        }
+        if let Some(name) = self.observed.device(ip, mac) {
+            return Some((name.to_string(), Source::Dhcp));
+        }
+        if let Some(name) = self.observed.answer(peer, ip, now) {
+            let name = name.to_string();
+            return Some((self.name_label(ip, name), Source::DnsAnswer));
+        }
+        Some(match &self.resolver {
+            None => (ip.to_string(), Source::Address),
+            Some(resolver) => match resolver.lookup(ip, now) {
+                Some(Some(name)) => (self.name_label(ip, name), Source::ReverseDns),
+                Some(None) => (ip.to_string(), Source::Address),
+                None if now.duration_since(first_seen) < self.wait => return None,
+                None => (ip.to_string(), Source::Address),
+            },
+        })
     }
 
     fn count(&self, source: Source, delta: i64) {
@@ -251,15 +334,17 @@ impl HostLabels {
         }
     }
 
-    /// Forgets labels not used for `ttl` (their series have expired too).
+    /// Forgets labels not used for `ttl` (their series have expired too),
+    /// and answers whose TTL is over.
     pub fn expire(&mut self, now: Instant, ttl: Duration) {
+        self.observed.expire(now);
         // Least recently used first: the expired ones are at that end.
         while let Some((_, s)) = self.sticky.peek_lru() {
             if now.duration_since(s.last_used) <= ttl {
                 break;
             }
-            if let Some((_, s)) = self.sticky.pop_lru() {
-                self.count(s.source, -1);
+            if let Some(((ip, _), s)) = self.sticky.pop_lru() {
+                self.release(ip, s);
             }
         }
     }
@@ -308,7 +393,8 @@ mod tests {
         let mut h = HostLabels::new(true, None, local(), &options());
         let now = Instant::now();
         let ip: IpAddr = "2001:2::1".parse().unwrap();
-        assert_eq!(h.label(ip, now, now), Some("2001:2::1".into()));
+        let peer: IpAddr = "2001:2::2".parse().unwrap();
+        assert_eq!(h.label(ip, peer, now, now), Some("2001:2::1".into()));
     }
 
     #[test]
@@ -318,16 +404,17 @@ mod tests {
         h.by_source = Some(gauge.clone());
         let t0 = Instant::now();
         let ip = |last: u8| IpAddr::from([198, 18, 0, last]);
+        let peer = ip(100);
         for last in 1..=3 {
-            h.label(ip(last), t0, t0 + Duration::from_secs(last.into()));
+            h.label(ip(last), peer, t0, t0 + Duration::from_secs(last.into()));
         }
         // Used again: now the most recent.
-        h.label(ip(1), t0, t0 + Duration::from_secs(10));
+        h.label(ip(1), peer, t0, t0 + Duration::from_secs(10));
         let addresses = || gauge.with_label_values(&["address"]).get();
         assert_eq!(addresses(), 3);
         h.expire(t0 + Duration::from_secs(14), Duration::from_secs(10));
         assert_eq!(h.sticky.len(), 1, "2 and 3 idle for over 10 s");
-        assert!(h.sticky.contains(&ip(1)));
+        assert!(h.sticky.contains(&(ip(1), peer)));
         assert_eq!(addresses(), 1);
     }
 
@@ -336,7 +423,7 @@ mod tests {
         let mut h = HostLabels::new(true, None, local(), &options());
         let t0 = Instant::now();
         let ip: IpAddr = "198.18.0.9".parse().unwrap();
-        h.label(ip, t0, t0);
+        h.label(ip, ip, t0, t0);
         h.expire(t0 + Duration::from_secs(5), Duration::from_secs(10));
         assert_eq!(h.sticky.len(), 1);
         h.expire(t0 + Duration::from_secs(11), Duration::from_secs(10));

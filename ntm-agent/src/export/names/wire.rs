@@ -1,0 +1,556 @@
+//! What the DNS and DHCP frames the kernel hands over say about names.
+//!
+//! Everything here comes from the network and is hostile: the frame is
+//! sliced by etherparse, DNS messages are decoded by hickory-proto and DHCP
+//! messages by dhcproto, and what they say is bounded (a message yields at
+//! most [`MAX_FACTS`] facts, a name at most `files::MAX_NAME_LEN` bytes)
+//! before anything is kept. A parser that rejects a message says why, once
+//! per message; nothing here panics (the property tests feed it garbage).
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use dhcproto::{Decodable as _, Decoder, v4, v6};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use hickory_proto::{
+    op::{Message, MessageType, OpCode, ResponseCode},
+    rr::{Name, RData},
+    serialize::binary::{BinDecodable as _, BinDecoder},
+};
+use ntm_common::observe::Kind;
+
+use super::files::{Mac, usable_name};
+use crate::kernel::observe::ObservedFrame;
+
+/// Facts kept from one message at most (a response may carry thousands
+/// of records; the first ones are what the client uses).
+pub const MAX_FACTS: usize = 64;
+/// CNAMEs followed from the name asked at most.
+const MAX_CNAME_HOPS: usize = 8;
+/// DUIDs are at most 130 bytes (RFC 8415 11.1).
+const MAX_DUID: usize = 130;
+
+/// How a DHCP client is known: by its MAC, or (DHCPv6 with a DUID that
+/// holds no MAC) by its DUID.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Client {
+    Mac(Mac),
+    Duid(Box<[u8]>),
+}
+
+/// One thing a message says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fact {
+    /// `client` asked for `name` and was told `address`, for `ttl` seconds.
+    Answer {
+        client: IpAddr,
+        address: IpAddr,
+        name: String,
+        ttl: u32,
+    },
+    /// A DHCP client said its host name.
+    ClientName { client: Client, name: String },
+    /// A DHCP server gave `address` to `client`.
+    Lease { client: Client, address: IpAddr },
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("the frame is cut short or not UDP/TCP over IP: {0}")]
+    Frame(String),
+    #[error("the copy of a {0}-byte frame is cut short")]
+    Truncated(u32),
+    #[error("not a DNS message: {0}")]
+    Dns(String),
+    #[error("not a DHCP message: {0}")]
+    Dhcp(String),
+}
+
+/// The facts of one handed-over frame (an empty list: a well-formed
+/// message that names nothing, e.g. an NXDOMAIN).
+pub fn facts(frame: &ObservedFrame<'_>) -> Result<Vec<Fact>, WireError> {
+    let cut_short = (frame.bytes.len() as u32) < frame.frame_len;
+    let sliced = if frame.ethernet {
+        SlicedPacket::from_ethernet(frame.bytes)
+    } else {
+        SlicedPacket::from_ip(frame.bytes)
+    };
+    let packet = match sliced {
+        Ok(packet) => packet,
+        Err(_) if cut_short => return Err(WireError::Truncated(frame.frame_len)),
+        Err(e) => return Err(WireError::Frame(e.to_string())),
+    };
+    // A response goes to the client that asked.
+    let dst = match &packet.net {
+        Some(NetSlice::Ipv4(ip)) => IpAddr::V4(ip.header().destination_addr()),
+        Some(NetSlice::Ipv6(ip)) => IpAddr::V6(ip.header().destination_addr()),
+        _ => return Err(WireError::Frame("no IP header".into())),
+    };
+    match (&packet.transport, frame.kind) {
+        (Some(TransportSlice::Udp(udp)), Kind::Dns) => dns(udp.payload(), dst),
+        (Some(TransportSlice::Tcp(tcp)), Kind::Dns) => dns_over_tcp(tcp.payload(), dst),
+        (Some(TransportSlice::Udp(udp)), Kind::Dhcp) => match udp.destination_port() {
+            67 | 68 => dhcp4(udp.payload()),
+            _ => dhcp6(udp.payload()),
+        },
+        _ => Err(WireError::Frame("neither UDP nor TCP".into())),
+    }
+}
+
+/// DNS over TCP: messages with a two-byte length in front, perhaps
+/// several in one segment. A segment that continues a message begun in an
+/// earlier one is not reassembled (it reads as malformed).
+fn dns_over_tcp(mut payload: &[u8], client: IpAddr) -> Result<Vec<Fact>, WireError> {
+    let mut facts = Vec::new();
+    while payload.len() >= 2 {
+        let len = u16::from_be_bytes([payload[0], payload[1]]) as usize;
+        let Some(message) = payload.get(2..2 + len) else {
+            return Err(WireError::Dns(format!(
+                "a {len}-byte message over TCP continues in another segment"
+            )));
+        };
+        facts.extend(dns(message, client)?);
+        payload = &payload[2 + len..];
+        if facts.len() >= MAX_FACTS {
+            facts.truncate(MAX_FACTS);
+            break;
+        }
+    }
+    Ok(facts)
+}
+
+/// A DNS response: each address it gives for the name the client asked
+/// (through CNAMEs), as an [`Fact::Answer`].
+pub fn dns(payload: &[u8], client: IpAddr) -> Result<Vec<Fact>, WireError> {
+    let message = Message::from_vec(payload).map_err(|e| WireError::Dns(e.to_string()))?;
+    let meta = &message.metadata;
+    if meta.message_type != MessageType::Response
+        || meta.op_code != OpCode::Query
+        || meta.response_code != ResponseCode::NoError
+    {
+        return Ok(Vec::new());
+    }
+    // One question is what every resolver asks; a response with another
+    // count is odd enough not to trust.
+    let [query] = message.queries.as_slice() else {
+        return Ok(Vec::new());
+    };
+    let asked = query.name.to_lowercase();
+    let Some(name) = display_name(&asked) else {
+        return Ok(Vec::new());
+    };
+    // The chain from the name asked: the name, the CNAME it points at, and
+    // so on, in the order the server gave them.
+    let mut chain: Vec<Name> = vec![asked];
+    for _ in 0..MAX_CNAME_HOPS {
+        let last = chain.last().cloned().unwrap_or_default();
+        let next = message.answers.iter().find_map(|r| match &r.data {
+            RData::CNAME(target) if r.name.to_lowercase() == last => Some(target.0.to_lowercase()),
+            _ => None,
+        });
+        match next {
+            Some(target) if !chain.contains(&target) => chain.push(target),
+            _ => break,
+        }
+    }
+    let mut facts = Vec::new();
+    for record in &message.answers {
+        let address = match &record.data {
+            RData::A(a) => IpAddr::V4(a.0),
+            RData::AAAA(aaaa) => IpAddr::V6(aaaa.0),
+            _ => continue,
+        };
+        if !chain.contains(&record.name.to_lowercase()) {
+            continue;
+        }
+        facts.push(Fact::Answer {
+            client,
+            address,
+            name: name.clone(),
+            ttl: record.ttl,
+        });
+        if facts.len() == MAX_FACTS {
+            break;
+        }
+    }
+    Ok(facts)
+}
+
+/// A name as labels show it: without the root's dot, and only if it is one
+/// a label may carry (`files::usable_name`).
+fn display_name(name: &Name) -> Option<String> {
+    let text = name.to_utf8();
+    let text = text.strip_suffix('.').unwrap_or(&text);
+    usable_name(text).then(|| text.to_string())
+}
+
+/// A host name a DHCP client sent, as labels show it.
+fn host_name(text: &str) -> Option<String> {
+    let text = text.trim_end_matches('\0').trim();
+    let text = text.strip_suffix('.').unwrap_or(text);
+    usable_name(text).then(|| text.to_string())
+}
+
+/// DHCPv4: the name a client sends (option 81 FQDN, else option 12) in
+/// DISCOVER, REQUEST and INFORM; the address a server gives in ACK.
+pub fn dhcp4(payload: &[u8]) -> Result<Vec<Fact>, WireError> {
+    let message = v4::Message::decode(&mut Decoder::new(payload))
+        .map_err(|e| WireError::Dhcp(e.to_string()))?;
+    // hlen first: dhcproto 0.15's chaddr() slices by it and panics past
+    // 16 (found by the property test below).
+    if message.htype() != v4::HType::Eth || message.hlen() != 6 {
+        return Ok(Vec::new());
+    }
+    let chaddr = message.chaddr();
+    let mac: Mac = [
+        chaddr[0], chaddr[1], chaddr[2], chaddr[3], chaddr[4], chaddr[5],
+    ];
+    let client = Client::Mac(mac);
+    let opts = message.opts();
+    let fqdn = match opts.get(v4::OptionCode::ClientFQDN) {
+        Some(v4::DhcpOption::ClientFQDN(fqdn)) => display_name(fqdn.domain()),
+        _ => None,
+    };
+    let name = fqdn.or_else(|| match opts.get(v4::OptionCode::Hostname) {
+        Some(v4::DhcpOption::Hostname(name)) => host_name(name),
+        _ => None,
+    });
+    let mut facts = Vec::new();
+    if let Some(name) = name {
+        facts.push(Fact::ClientName {
+            client: client.clone(),
+            name,
+        });
+    }
+    if opts.msg_type() == Some(v4::MessageType::Ack) {
+        let given = match message.yiaddr() {
+            Ipv4Addr::UNSPECIFIED => message.ciaddr(),
+            given => given,
+        };
+        if !given.is_unspecified() {
+            facts.push(Fact::Lease {
+                client,
+                address: IpAddr::V4(given),
+            });
+        }
+    }
+    Ok(facts)
+}
+
+/// DHCPv6: the name a client sends (Client FQDN, option 39) and the
+/// addresses a server gives in a REPLY (IA_NA), tied by the client's DUID.
+pub fn dhcp6(payload: &[u8]) -> Result<Vec<Fact>, WireError> {
+    let message = v6::Message::decode(&mut Decoder::new(payload))
+        .map_err(|e| WireError::Dhcp(e.to_string()))?;
+    let opts = message.opts();
+    let Some(v6::DhcpOption::ClientId(duid)) = opts.get(v6::OptionCode::ClientId) else {
+        return Ok(Vec::new());
+    };
+    if duid.is_empty() || duid.len() > MAX_DUID {
+        return Err(WireError::Dhcp(format!("a DUID of {} bytes", duid.len())));
+    }
+    let client = client_of_duid(duid);
+    let mut facts = Vec::new();
+    for opt in opts.iter() {
+        match opt {
+            v6::DhcpOption::Unknown(unknown) if unknown.code() == v6::OptionCode::ClientFqdn => {
+                // Flags, then the name in DNS wire format (RFC 4704).
+                let data = unknown.data();
+                let name = data
+                    .get(1..)
+                    .and_then(|wire| Name::read(&mut BinDecoder::new(wire)).ok())
+                    .and_then(|name| display_name(&name));
+                if let Some(name) = name {
+                    facts.push(Fact::ClientName {
+                        client: client.clone(),
+                        name,
+                    });
+                }
+            }
+            v6::DhcpOption::IANA(ia) if message.msg_type() == v6::MessageType::Reply => {
+                for inner in ia.opts.iter() {
+                    if let v6::DhcpOption::IAAddr(addr) = inner
+                        && addr.valid_life != 0
+                    {
+                        facts.push(Fact::Lease {
+                            client: client.clone(),
+                            address: IpAddr::V6(addr.addr),
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+        if facts.len() >= MAX_FACTS {
+            facts.truncate(MAX_FACTS);
+            break;
+        }
+    }
+    Ok(facts)
+}
+
+/// A DUID that holds the client's Ethernet MAC (DUID-LLT, DUID-LL) names
+/// the same device as its DHCPv4 messages and its frames do.
+fn client_of_duid(duid: &[u8]) -> Client {
+    let mac_at = match duid {
+        // DUID-LLT: type 1, hardware type 1 (Ethernet), 4 bytes of time.
+        [0, 1, 0, 1, ..] if duid.len() == 14 => Some(8),
+        // DUID-LL: type 3, hardware type 1.
+        [0, 3, 0, 1, ..] if duid.len() == 10 => Some(4),
+        _ => None,
+    };
+    match mac_at {
+        Some(at) => {
+            let mut mac = [0u8; 6];
+            mac.copy_from_slice(&duid[at..at + 6]);
+            Client::Mac(mac)
+        }
+        None => Client::Duid(duid.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::{
+        op::Query,
+        rr::{Record, RecordType, rdata},
+        serialize::binary::BinEncodable as _,
+    };
+    use proptest::prelude::*;
+
+    const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
+
+    fn response(asked: &str, answers: Vec<Record>) -> Vec<u8> {
+        let mut m = Message::response(7, OpCode::Query);
+        m.add_query(Query::query(
+            Name::from_ascii(asked).unwrap(),
+            RecordType::A,
+        ));
+        for a in answers {
+            m.add_answer(a);
+        }
+        m.to_bytes().unwrap()
+    }
+
+    fn a(name: &str, ttl: u32, ip: [u8; 4]) -> Record {
+        Record::from_rdata(
+            Name::from_ascii(name).unwrap(),
+            ttl,
+            RData::A(rdata::A(ip.into())),
+        )
+    }
+
+    fn cname(name: &str, target: &str) -> Record {
+        Record::from_rdata(
+            Name::from_ascii(name).unwrap(),
+            300,
+            RData::CNAME(rdata::CNAME(Name::from_ascii(target).unwrap())),
+        )
+    }
+
+    #[test]
+    fn a_cname_chain_names_the_address_by_the_name_asked() {
+        let bytes = response(
+            "www.Example.test.",
+            vec![
+                cname("www.example.test.", "edge.cdn.test."),
+                cname("edge.cdn.test.", "e1.cdn.test."),
+                a("e1.cdn.test.", 20, [198, 18, 1, 1]),
+                // Not on the chain: a spoofed extra.
+                a("other.test.", 20, [198, 18, 1, 9]),
+            ],
+        );
+        assert_eq!(
+            dns(&bytes, CLIENT).unwrap(),
+            vec![Fact::Answer {
+                client: CLIENT,
+                address: "198.18.1.1".parse().unwrap(),
+                name: "www.example.test".into(),
+                ttl: 20,
+            }]
+        );
+    }
+
+    #[test]
+    fn a_cname_loop_ends() {
+        let bytes = response(
+            "a.test.",
+            vec![
+                cname("a.test.", "b.test."),
+                cname("b.test.", "a.test."),
+                a("b.test.", 5, [198, 18, 1, 2]),
+            ],
+        );
+        assert_eq!(dns(&bytes, CLIENT).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn errors_and_queries_name_nothing() {
+        let mut m = Message::response(1, OpCode::Query);
+        m.metadata.response_code = ResponseCode::NXDomain;
+        m.add_query(Query::query(
+            Name::from_ascii("x.test.").unwrap(),
+            RecordType::A,
+        ));
+        m.add_answer(a("x.test.", 5, [198, 18, 1, 3]));
+        assert_eq!(dns(&m.to_bytes().unwrap(), CLIENT).unwrap(), vec![]);
+        let mut q = Message::query();
+        q.add_query(Query::query(
+            Name::from_ascii("x.test.").unwrap(),
+            RecordType::A,
+        ));
+        assert_eq!(dns(&q.to_bytes().unwrap(), CLIENT).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_huge_answer_keeps_the_first_facts() {
+        let answers = (0..1000u32)
+            .map(|i| a("many.test.", 5, [198, 18, (i >> 8) as u8, i as u8]))
+            .collect();
+        let bytes = response("many.test.", answers);
+        assert_eq!(dns(&bytes, CLIENT).unwrap().len(), MAX_FACTS);
+    }
+
+    #[test]
+    fn a_compression_pointer_loop_is_malformed() {
+        // Header with one question whose name is a pointer to itself.
+        let mut bytes = vec![0, 1, 0x81, 0x80, 0, 1, 0, 0, 0, 0, 0, 0];
+        bytes.extend([0xc0, 12, 0, 1, 0, 1]);
+        assert!(matches!(dns(&bytes, CLIENT), Err(WireError::Dns(_))));
+    }
+
+    #[test]
+    fn tcp_messages_follow_their_length() {
+        let one = response("t.test.", vec![a("t.test.", 5, [198, 18, 1, 4])]);
+        let mut segment = Vec::new();
+        for _ in 0..2 {
+            segment.extend((one.len() as u16).to_be_bytes());
+            segment.extend(&one);
+        }
+        assert_eq!(dns_over_tcp(&segment, CLIENT).unwrap().len(), 2);
+        let cut = &segment[..10];
+        assert!(dns_over_tcp(cut, CLIENT).is_err());
+    }
+
+    #[test]
+    fn duids_with_a_mac_name_the_device_by_it() {
+        let llt = [0, 1, 0, 1, 1, 2, 3, 4, 2, 0, 0, 0, 0, 7];
+        assert_eq!(client_of_duid(&llt), Client::Mac([2, 0, 0, 0, 0, 7]));
+        let ll = [0, 3, 0, 1, 2, 0, 0, 0, 0, 8];
+        assert_eq!(client_of_duid(&ll), Client::Mac([2, 0, 0, 0, 0, 8]));
+        let uuid = [0, 4, 1, 2, 3];
+        assert_eq!(client_of_duid(&uuid), Client::Duid(uuid.into()));
+    }
+
+    fn dhcp4_request(name: &str) -> Vec<u8> {
+        use dhcproto::Encodable as _;
+        let mut m = v4::Message::default();
+        m.set_chaddr(&[2, 0, 0, 0, 0, 7]);
+        m.opts_mut()
+            .insert(v4::DhcpOption::MessageType(v4::MessageType::Request));
+        m.opts_mut()
+            .insert(v4::DhcpOption::Hostname(name.to_string()));
+        m.to_vec().unwrap()
+    }
+
+    fn dhcp6_request(fqdn: &str) -> Vec<u8> {
+        use dhcproto::Encodable as _;
+        let mut m = v6::Message::new(v6::MessageType::Request);
+        m.opts_mut()
+            .insert(v6::DhcpOption::ClientId(vec![0, 3, 0, 1, 2, 0, 0, 0, 0, 8]));
+        let mut wire = vec![1];
+        wire.extend(Name::from_ascii(fqdn).unwrap().to_bytes().unwrap());
+        m.opts_mut()
+            .insert(v6::DhcpOption::Unknown(v6::UnknownOption::new(
+                v6::OptionCode::ClientFqdn,
+                wire,
+            )));
+        m.to_vec().unwrap()
+    }
+
+    #[test]
+    fn dhcp_clients_name_themselves_by_mac_or_duid() {
+        assert_eq!(
+            dhcp4(&dhcp4_request("phone")).unwrap(),
+            vec![Fact::ClientName {
+                client: Client::Mac([2, 0, 0, 0, 0, 7]),
+                name: "phone".into()
+            }]
+        );
+        assert_eq!(
+            dhcp6(&dhcp6_request("phone.test.")).unwrap(),
+            vec![Fact::ClientName {
+                client: Client::Mac([2, 0, 0, 0, 0, 8]),
+                name: "phone.test".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn host_names_are_trimmed_and_checked() {
+        assert_eq!(host_name("phone\0"), Some("phone".into()));
+        assert_eq!(host_name("a b"), None);
+        assert_eq!(host_name(""), None);
+        assert_eq!(
+            host_name("<img src=x onerror=alert(1)>"),
+            None,
+            "a space makes it unusable as a label"
+        );
+        assert_eq!(
+            host_name("<script>"),
+            Some("<script>".into()),
+            "escaped downstream"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 5000, ..ProptestConfig::default() })]
+
+        /// Any bytes: an error or facts, within the bound; never a panic.
+        #[test]
+        fn any_bytes_are_parsed_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let results = [dns(&bytes, CLIENT), dns_over_tcp(&bytes, CLIENT), dhcp4(&bytes), dhcp6(&bytes)];
+            for facts in results.into_iter().flatten() {
+                prop_assert!(facts.len() <= MAX_FACTS);
+            }
+        }
+
+        /// Real DHCPv4 and DHCPv6 messages with bytes flipped and cut: the same.
+        #[test]
+        fn mutated_dhcp_messages_are_parsed_or_refused(
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+            cut in any::<usize>(),
+        ) {
+            for mut bytes in [dhcp4_request("phone"), dhcp6_request("phone.test.")] {
+                for (at, value) in &flips {
+                    let len = bytes.len();
+                    bytes[at % len] = *value;
+                }
+                bytes.truncate(cut % (bytes.len() + 1));
+                for facts in [dhcp4(&bytes), dhcp6(&bytes)].into_iter().flatten() {
+                    prop_assert!(facts.len() <= MAX_FACTS);
+                }
+            }
+        }
+
+        /// A real response with bytes flipped: the same.
+        #[test]
+        fn mutated_responses_are_parsed_or_refused(
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+            cut in any::<usize>(),
+        ) {
+            let mut bytes = response("m.test.", vec![
+                cname("m.test.", "n.test."),
+                a("n.test.", 5, [198, 18, 1, 5]),
+            ]);
+            for (at, value) in flips {
+                let len = bytes.len();
+                bytes[at % len] = value;
+            }
+            bytes.truncate(cut % (bytes.len() + 1));
+            if let Ok(facts) = dns(&bytes, CLIENT) {
+                prop_assert!(facts.len() <= MAX_FACTS);
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The agent's end of the kernel's ring buffer of DNS and DHCP frames
+//! (`ntm_common::observe`): records are read as they arrive, not per
+//! drain, so that an answer is known before the traffic it names is.
+
+use std::{
+    io,
+    os::fd::{AsRawFd as _, RawFd},
+};
+
+use aya::{
+    Ebpf,
+    maps::{MapData, MapError, PerCpuArray, RingBuf},
+};
+use ntm_common::{
+    Direction, names,
+    observe::{DROP_SLOTS, DropReason, Header, Kind, link},
+};
+use tokio::io::{Interest, unix::AsyncFd};
+
+/// Most records read in one go, so that a flood cannot hold up the loop
+/// (the rest are read on the next turn).
+const BATCH: usize = 4096;
+
+/// One frame as the kernel copied it.
+#[derive(Clone, Copy, Debug)]
+pub struct ObservedFrame<'a> {
+    pub ifindex: u32,
+    pub direction: Direction,
+    pub kind: Kind,
+    /// The bytes start with an Ethernet header (else with the IP header).
+    pub ethernet: bool,
+    /// The frame's length on the wire; more than `bytes.len()` when the
+    /// copy was cut short.
+    pub frame_len: u32,
+    pub bytes: &'a [u8],
+}
+
+impl<'a> ObservedFrame<'a> {
+    /// Reads a record; None for one that is not laid out as the kernel
+    /// writes them (a bug, never input from the network).
+    pub fn from_record(record: &'a [u8]) -> Option<Self> {
+        let header = Header::read(record)?;
+        let bytes = record.get(16..16 + header.captured as usize)?;
+        Some(Self {
+            ifindex: header.ifindex,
+            direction: Direction::from_u8(header.direction)?,
+            kind: Kind::from_u8(header.kind)?,
+            ethernet: header.link == link::ETHERNET,
+            frame_len: header.frame_len,
+            bytes,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObserverError {
+    #[error("the eBPF object has no map {0}; the build is broken")]
+    Missing(&'static str),
+    #[error("opening map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("watching the ring buffer: {0}")]
+    Poll(#[source] io::Error),
+}
+
+/// Frames chosen for names but not handed over, by kind and reason, since
+/// the programs were loaded.
+pub type Drops = [[u64; DropReason::COUNT as usize]; Kind::COUNT as usize];
+
+pub struct Observer {
+    /// The ring's descriptor registered with tokio's reactor, on the first
+    /// read (inside the runtime). Declared before `ring`, so that it is
+    /// deregistered before the descriptor closes.
+    poll: Option<AsyncFd<RawFd>>,
+    ring: RingBuf<MapData>,
+    drops: PerCpuArray<MapData, u64>,
+}
+
+impl Observer {
+    pub(crate) fn take_from(ebpf: &mut Ebpf) -> Result<Self, ObserverError> {
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(ObserverError::Missing(name));
+        let ring =
+            RingBuf::try_from(take(names::OBSERVED)?).map_err(|source| ObserverError::Map {
+                map: names::OBSERVED,
+                source,
+            })?;
+        let drops = PerCpuArray::try_from(take(names::OBSERVE_DROPS)?).map_err(|source| {
+            ObserverError::Map {
+                map: names::OBSERVE_DROPS,
+                source,
+            }
+        })?;
+        Ok(Self {
+            poll: None,
+            ring,
+            drops,
+        })
+    }
+
+    /// Waits until records are there, then copies them (up to a batch)
+    /// into `records`; returns how many.
+    pub async fn read(&mut self, records: &mut Vec<Vec<u8>>) -> Result<usize, ObserverError> {
+        if self.poll.is_none() {
+            let fd = self.ring.as_raw_fd();
+            // SAFETY: `fd` is the ring buffer map's, owned by `self.ring`,
+            // which outlives `self.poll` (field order) and never changes it.
+            let registered = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) };
+            self.poll = Some(registered.map_err(|e| ObserverError::Poll(e.into()))?);
+        }
+        let Some(poll) = self.poll.as_ref() else {
+            return Ok(0);
+        };
+        let mut guard = poll.readable().await.map_err(ObserverError::Poll)?;
+        let read = take(&mut self.ring, records);
+        if read < BATCH {
+            guard.clear_ready();
+        }
+        Ok(read)
+    }
+
+    /// Copies the records there are now (up to a batch), without waiting:
+    /// before a drain, so that answers come before the flows they name.
+    pub fn read_now(&mut self, records: &mut Vec<Vec<u8>>) -> usize {
+        take(&mut self.ring, records)
+    }
+
+    /// What the kernel could not hand over, summed over the CPUs.
+    pub fn drops(&self) -> Drops {
+        let mut drops: Drops = Default::default();
+        for slot in 0..DROP_SLOTS {
+            let Ok(per_cpu) = self.drops.get(&slot, 0) else {
+                continue;
+            };
+            let total: u64 = per_cpu.iter().sum();
+            let kind = (slot / DropReason::COUNT) as usize;
+            let reason = (slot % DropReason::COUNT) as usize;
+            drops[kind][reason] = total;
+        }
+        drops
+    }
+}
+
+fn take(ring: &mut RingBuf<MapData>, records: &mut Vec<Vec<u8>>) -> usize {
+    let mut read = 0;
+    while read < BATCH {
+        let Some(item) = ring.next() else {
+            break;
+        };
+        records.push(item.to_vec());
+        read += 1;
+    }
+    read
+}

@@ -1,0 +1,349 @@
+//! Names from the wire: a real DNS server (dnsmasq) answers a real client
+//! (`dig`, over UDP and TCP, and the system resolver through `getent`) in
+//! another namespace, and a real DHCP client (busybox udhcpc) sends its
+//! host name to dnsmasq's DHCP server; the agent, watching the link, names
+//! the traffic that follows by what the messages said. Reverse DNS goes to
+//! a server that knows no name, so every name here came off the wire.
+
+use std::{
+    collections::HashMap,
+    net::UdpSocket,
+    path::Path,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    kit::{
+        B4, B6, Link, Netns,
+        dns::DnsServer,
+        scrape::{Guard, TempDir, wait_healthy},
+    },
+    names::{bytes_where, scrape},
+};
+
+/// A second client address on b, and the servers' addresses on a.
+const B4_OTHER: &str = "198.18.0.3";
+const VIDEO: &str = "198.18.0.50";
+const SHOP6: &str = "2001:2::51";
+const CDN: &str = "198.18.0.52";
+const BRIEF: &str = "198.18.0.53";
+const TCP_ONLY: &str = "198.18.0.54";
+const SYSTEM: &str = "198.18.0.55";
+const SINK_PORT: u16 = 5300;
+
+/// dnsmasq on a's end of the link only: DNS on port 53 of A4 (no upstream,
+/// no hosts file), and with `dhcp` a DHCP range too.
+fn dnsmasq(link: &Link, dir: &Path, extra: &[&str]) -> Guard {
+    Guard(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &link.a.name,
+                "dnsmasq",
+                "--keep-in-foreground",
+            ])
+            .args(["--conf-file=/dev/null", "--no-resolv", "--no-hosts"])
+            .args([
+                "--interface",
+                &link.a_if,
+                "--bind-interfaces",
+                "--except-interface=lo",
+            ])
+            .args(["--user=root", "--log-facility=-"])
+            .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq (cargo xtask test installs dnsmasq-base)"),
+    )
+}
+
+fn agent(link: &Link, port: u16, extra: &[&str]) -> Guard {
+    let agent = Guard(
+        crate::kit::agent_in(&link.a, true)
+            .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", &port.to_string()])
+            .args(["--dns-server", "127.0.0.1:5355", "--name-wait", "300ms"])
+            .args(["--drain-interval", "100ms"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_healthy(&link.a, port);
+    agent
+}
+
+/// `dig` in b, from `from`, for `name`; returns its short answer.
+fn dig(link: &Link, from: &str, args: &[&str]) -> String {
+    let mut full = vec![
+        "dig",
+        "@198.18.0.1",
+        "-b",
+        from,
+        "+short",
+        "+time=2",
+        "+tries=3",
+    ];
+    full.extend_from_slice(args);
+    link.b.exec(&full)
+}
+
+/// 10 datagrams of 100 bytes from `src` (on b) to `dst`:5300 (on a); the
+/// IP bytes sent.
+fn send(link: &Link, src: &str, dst: &str) -> u64 {
+    link.b.run(|| {
+        let socket = UdpSocket::bind((src, 0)).unwrap();
+        for _ in 0..10 {
+            socket.send_to(&[7; 100], (dst, SINK_PORT)).unwrap();
+        }
+    });
+    let header = if dst.contains(':') { 48 } else { 28 };
+    10 * (100 + header)
+}
+
+fn sinks(link: &Link, addresses: &[&str]) -> Vec<UdpSocket> {
+    link.a.run(|| {
+        addresses
+            .iter()
+            .map(|a| UdpSocket::bind((*a, SINK_PORT)).unwrap())
+            .collect()
+    })
+}
+
+fn add_address(ns: &Netns, iface: &str, address: &str) {
+    let prefix = if address.contains(':') { "64" } else { "24" };
+    ns.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{address}/{prefix}"),
+        "dev",
+        iface,
+        "nodad",
+    ]);
+}
+
+/// Waits until the bytes to the sink of each (label parts, bytes) equal
+/// what was sent; returns the scrape.
+fn wait_for(link: &Link, port: u16, expect: &[(Vec<&str>, u64)]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = scrape(&link.a, port).unwrap_or_default();
+        let got: Vec<u64> = expect
+            .iter()
+            .map(|(parts, _)| {
+                let mut parts = parts.clone();
+                parts.push(r#"service="5300""#);
+                bytes_where(&text, &parts)
+            })
+            .collect();
+        let want: Vec<u64> = expect.iter().map(|(_, bytes)| *bytes).collect();
+        if got == want {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "want {want:?}, got {got:?}:\n{text}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A, AAAA and a CNAME chain answered over UDP, one over TCP, one through
+/// the system resolver; two clients that asked two names for one address
+/// get their own; an answer past its TTL names nothing; remote names show
+/// their registrable domain.
+pub fn servers_by_the_name_their_client_asked() {
+    let link = Link::new("dnsobs");
+    let dir = TempDir::new("dnsobs");
+    add_address(&link.b, &link.b_if, B4_OTHER);
+    for address in [VIDEO, CDN, BRIEF, TCP_ONLY, SYSTEM, SHOP6] {
+        add_address(&link.a, &link.a_if, address);
+    }
+    let _dnsmasq = dnsmasq(
+        &link,
+        dir.0.as_path(),
+        &[
+            "--port=53",
+            "--local-ttl=60",
+            // --address makes no PTR record: reverse DNS could not find
+            // these names, only the answer on the wire can.
+            &format!("--address=/www.video.test/{VIDEO}"),
+            "--host-record=edge.cdn.test,198.18.0.51,2001:2::51",
+            "--cname=www.shop.test,edge.cdn.test",
+            &format!("--address=/cdn-a.test/{CDN}"),
+            &format!("--address=/cdn-b.test/{CDN}"),
+            &format!("--host-record=brief.test,{BRIEF},1"),
+            &format!("--address=/tcp-only.test/{TCP_ONLY}"),
+            &format!("--address=/sys.test/{SYSTEM}"),
+        ],
+    );
+    // Reverse DNS: a server that knows no name.
+    let _ptr = DnsServer::start(&link.a, 5355, HashMap::new());
+    let _sinks = sinks(&link, &[VIDEO, CDN, BRIEF, TCP_ONLY, SYSTEM, SHOP6]);
+    let _agent = agent(&link, 9420, &["--dns-answer-min-ttl", "1s"]);
+
+    // Wait for dnsmasq to answer at all.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dig(&link, B4, &["www.video.test"]).trim() != VIDEO {
+        assert!(Instant::now() < deadline, "dnsmasq does not answer");
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        dig(&link, B4, &["www.shop.test", "AAAA"]).lines().last(),
+        Some(SHOP6)
+    );
+    assert_eq!(dig(&link, B4, &["cdn-a.test"]).trim(), CDN);
+    assert_eq!(dig(&link, B4_OTHER, &["cdn-b.test"]).trim(), CDN);
+    assert_eq!(dig(&link, B4, &["+tcp", "tcp-only.test"]).trim(), TCP_ONLY);
+    assert_eq!(dig(&link, B4, &["brief.test"]).trim(), BRIEF);
+    // The system resolver (glibc, through /etc/resolv.conf, which `ip
+    // netns exec` takes from /etc/netns/<name>/).
+    let etc = Path::new("/etc/netns").join(&link.b.name);
+    std::fs::create_dir_all(&etc).unwrap();
+    let _etc = RemoveOnDrop(etc.clone());
+    std::fs::write(
+        etc.join("resolv.conf"),
+        "nameserver 198.18.0.1\noptions timeout:2 attempts:3\n",
+    )
+    .unwrap();
+    let resolved = link.b.exec(&["getent", "ahostsv4", "sys.test"]);
+    assert!(resolved.contains(SYSTEM), "getent: {resolved}");
+
+    // brief.test's answer (TTL 1 s) is over before its traffic starts.
+    thread::sleep(Duration::from_millis(2500));
+    let brief = format!(r#"dst="{BRIEF}""#);
+    let expect = vec![
+        (vec![r#"dst="video.test""#], send(&link, B4, VIDEO)),
+        (vec![r#"dst="shop.test""#], send(&link, B6, SHOP6)),
+        (
+            vec![r#"src="198.18.0.2""#, r#"dst="cdn-a.test""#],
+            send(&link, B4, CDN),
+        ),
+        (
+            vec![r#"src="198.18.0.3""#, r#"dst="cdn-b.test""#],
+            send(&link, B4_OTHER, CDN),
+        ),
+        (vec![r#"dst="tcp-only.test""#], send(&link, B4, TCP_ONLY)),
+        (vec![r#"dst="sys.test""#], send(&link, B4, SYSTEM)),
+        (vec![brief.as_str()], send(&link, B4, BRIEF)),
+    ];
+    let text = wait_for(&link, 9420, &expect);
+    // Every flow to a server is in exactly the series above.
+    let total: u64 = expect.iter().map(|(_, b)| b).sum();
+    assert_eq!(bytes_where(&text, &[r#"service="5300""#]), total, "{text}");
+    assert!(!text.contains("brief.test"), "{text}");
+    let parsed = crate::kit::scrape::sample_sum(
+        &text,
+        "ntm_observed_messages_total",
+        &[r#"protocol="dns""#, r#"result="parsed""#],
+    );
+    assert!(parsed >= 7, "answers parsed: {parsed}\n{text}");
+    assert!(
+        text.contains(r#"ntm_names{source="dns_answer"} 6"#),
+        "{text}"
+    );
+}
+
+/// The host name a real DHCP client sent, read off the wire (no lease
+/// file): its leased address and, through the neighbour table, its two
+/// IPv6 addresses show as one device.
+pub fn devices_by_the_host_name_their_dhcp_client_sent() {
+    let link = Link::new("dhcpobs");
+    let dir = TempDir::new("dhcpobs");
+    let _dnsmasq = dnsmasq(
+        &link,
+        dir.0.as_path(),
+        &[
+            "--port=0",
+            "--dhcp-range=198.18.0.100,198.18.0.150,255.255.255.0,10m",
+            "--dhcp-authoritative",
+            "--no-ping",
+            &format!("--dhcp-leasefile={}", dir.0.join("leases").display()),
+        ],
+    );
+    let _ptr = DnsServer::start(&link.a, 5355, HashMap::new());
+    let _agent = agent(&link, 9421, &[]);
+    let script = dir.0.join("udhcpc.script");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n[ \"$1\" = bound ] && ip addr add \"$ip/${mask:-24}\" dev \"$interface\"\nexit 0\n",
+    )
+    .unwrap();
+    crate::kit::sh(&["chmod", "+x", script.to_str().unwrap()]);
+    link.b.exec(&[
+        "busybox",
+        "udhcpc",
+        "-f",
+        "-q",
+        "-n",
+        "-t",
+        "10",
+        "-T",
+        "1",
+        "-i",
+        &link.b_if,
+        "-x",
+        "hostname:laptop-of-bo",
+        "-s",
+        script.to_str().unwrap(),
+    ]);
+    let shown = link
+        .b
+        .exec(&["ip", "-4", "-o", "addr", "show", "dev", &link.b_if]);
+    let leased = shown
+        .split_whitespace()
+        .filter_map(|w| w.split('/').next())
+        .find(|a| a.starts_with("198.18.0.1") && a.len() == "198.18.0.100".len())
+        .unwrap_or_else(|| panic!("no lease: {shown}"))
+        .to_string();
+    // A privacy-style second IPv6 address; a's neighbour table knows both
+    // at b's MAC (as a router's does).
+    let privacy = "2001:2::9a3f";
+    add_address(&link.b, &link.b_if, privacy);
+    let mac = link
+        .b
+        .exec(&["cat", &format!("/sys/class/net/{}/address", link.b_if)]);
+    for address in [B6, privacy] {
+        link.a.exec(&[
+            "ip",
+            "neigh",
+            "replace",
+            address,
+            "lladdr",
+            mac.trim(),
+            "dev",
+            &link.a_if,
+            "nud",
+            "permanent",
+        ]);
+    }
+    let _sinks = sinks(&link, &[crate::kit::A4, crate::kit::A6]);
+    let expect = vec![(
+        vec![r#"src="laptop-of-bo""#],
+        send(&link, &leased, crate::kit::A4)
+            + send(&link, B6, crate::kit::A6)
+            + send(&link, privacy, crate::kit::A6),
+    )];
+    let text = wait_for(&link, 9421, &expect);
+    assert!(text.contains(r#"ntm_names{source="dhcp"} 3"#), "{text}");
+    let parsed = crate::kit::scrape::sample_sum(
+        &text,
+        "ntm_observed_messages_total",
+        &[r#"protocol="dhcp""#, r#"result="parsed""#],
+    );
+    assert!(parsed >= 2, "DHCP messages parsed: {parsed}\n{text}");
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,170 @@
+//! Frames the kernel hands to the agent for names: DNS responses and DHCP
+//! messages, copied whole (up to [`CAPTURE_BYTES`]) into a ring buffer.
+//!
+//! The kernel only picks them out by port and copies them, within a rate
+//! per CPU; every decision about what they say is the agent's.
+
+/// Bytes of a frame copied at most: more than an Ethernet MTU, so every
+/// DNS response over UDP that is not fragmented. A power of two, so that
+/// the kernel program can bound the copy's length with a mask, the one
+/// form the verifier follows through to the helper's argument.
+pub const CAPTURE_BYTES: usize = 2048;
+
+/// Size of the ring buffer (a power of two of pages): some 1,000 records,
+/// a quarter of a second of the default rate on a 2-CPU machine (the
+/// agent reads them as they come).
+pub const RING_BYTES: u32 = 2 << 20;
+
+/// Default of `--observe-rate`: frames handed over per second per CPU at most.
+pub const DEFAULT_RATE_PER_CPU: u32 = 2000;
+
+/// What a handed-over frame is, by its ports.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// From port 53, UDP or TCP (with payload).
+    Dns = 0,
+    /// DHCPv4 (ports 67 and 68) or DHCPv6 (546 and 547), either way.
+    Dhcp = 1,
+}
+
+impl Kind {
+    pub const COUNT: u32 = 2;
+    pub const ALL: [Kind; 2] = [Kind::Dns, Kind::Dhcp];
+
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Dns),
+            1 => Some(Self::Dhcp),
+            _ => None,
+        }
+    }
+
+    /// What a UDP or TCP packet between these ports is, if the agent wants
+    /// to see it. Called for every packet: a few compares.
+    #[inline(always)]
+    pub fn of_ports(tcp: bool, sport: u16, dport: u16) -> Option<Self> {
+        if sport == 53 {
+            return Some(Self::Dns);
+        }
+        if tcp {
+            return None;
+        }
+        match (sport, dport) {
+            (68, 67) | (67, 68) | (546, 547) | (547, 546) => Some(Self::Dhcp),
+            _ => None,
+        }
+    }
+}
+
+/// Why a frame chosen for the agent was not handed over: indexes of
+/// [`crate::names::OBSERVE_DROPS`] are `kind * DropReason::COUNT + reason`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// Over the rate per CPU (`--observe-rate`).
+    RateLimited = 0,
+    /// The ring buffer was full: the agent did not keep up.
+    RingFull = 1,
+}
+
+impl DropReason {
+    pub const COUNT: u32 = 2;
+    pub const ALL: [DropReason; 2] = [DropReason::RateLimited, DropReason::RingFull];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RateLimited => "rate_limited",
+            Self::RingFull => "ring_full",
+        }
+    }
+}
+
+/// Entries of [`crate::names::OBSERVE_DROPS`].
+pub const DROP_SLOTS: u32 = Kind::COUNT * DropReason::COUNT;
+
+/// `Header::link` values: what the captured bytes start with.
+pub mod link {
+    pub const ETHERNET: u8 = 0;
+    pub const RAW_IP: u8 = 1;
+}
+
+/// The fixed part of a record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Header {
+    pub ifindex: u32,
+    /// The frame's length on the wire (the skb's), which may exceed what
+    /// was captured.
+    pub frame_len: u32,
+    /// Bytes of `Record::data` that hold the frame, from its first byte.
+    pub captured: u16,
+    /// A [`crate::Direction`].
+    pub direction: u8,
+    /// A [`link`] value.
+    pub link: u8,
+    /// A [`Kind`].
+    pub kind: u8,
+    pub _pad: [u8; 3],
+}
+
+/// One ring buffer record.
+#[repr(C)]
+pub struct Record {
+    pub header: Header,
+    pub data: [u8; CAPTURE_BYTES],
+}
+
+/// Record size, as the ring buffer holds it.
+pub const RECORD_BYTES: usize = core::mem::size_of::<Record>();
+const _: () = assert!(RECORD_BYTES == 16 + CAPTURE_BYTES);
+const _: () = assert!(CAPTURE_BYTES.is_power_of_two());
+const _: () = assert!(RECORD_BYTES.is_multiple_of(8));
+
+impl Header {
+    /// Reads a header from the front of a record's bytes.
+    pub fn read(bytes: &[u8]) -> Option<Self> {
+        let b = bytes.get(..16)?;
+        Some(Self {
+            ifindex: u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+            frame_len: u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+            captured: u16::from_ne_bytes([b[8], b[9]]),
+            direction: b[10],
+            link: b[11],
+            kind: b[12],
+            _pad: [0; 3],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_from_port_53_dhcp_both_ways() {
+        assert_eq!(Kind::of_ports(false, 53, 40000), Some(Kind::Dns));
+        assert_eq!(Kind::of_ports(true, 53, 40000), Some(Kind::Dns));
+        // Queries are not wanted: only answers say which name has which address.
+        assert_eq!(Kind::of_ports(false, 40000, 53), None);
+        assert_eq!(Kind::of_ports(false, 68, 67), Some(Kind::Dhcp));
+        assert_eq!(Kind::of_ports(false, 67, 68), Some(Kind::Dhcp));
+        assert_eq!(Kind::of_ports(false, 546, 547), Some(Kind::Dhcp));
+        assert_eq!(Kind::of_ports(true, 68, 67), None);
+        assert_eq!(Kind::of_ports(false, 80, 443), None);
+    }
+
+    #[test]
+    fn a_header_reads_back() {
+        let mut bytes = [0u8; 16];
+        bytes[0..4].copy_from_slice(&7u32.to_ne_bytes());
+        bytes[4..8].copy_from_slice(&1600u32.to_ne_bytes());
+        bytes[8..10].copy_from_slice(&1520u16.to_ne_bytes());
+        bytes[10] = 1;
+        bytes[12] = 1;
+        let h = Header::read(&bytes).unwrap();
+        assert_eq!((h.ifindex, h.frame_len, h.captured), (7, 1600, 1520));
+        assert_eq!((h.direction, h.link, h.kind), (1, 0, 1));
+        assert!(Header::read(&bytes[..15]).is_none());
+    }
+}
