@@ -514,3 +514,154 @@ pub fn sctp_udplite_and_portless_protocols() {
     assert_eq!(key, v4_key(47, 0));
     assert_eq!(c, counted(44));
 }
+
+/// A DNS response header: id 1, QR + RD + RA, NOERROR, with these counts.
+fn dns_header(questions: u16, answers: u16) -> Vec<u8> {
+    let mut h = vec![0, 1, 0x81, 0x80];
+    for count in [questions, answers, 0, 0] {
+        h.extend_from_slice(&count.to_be_bytes());
+    }
+    h
+}
+
+/// "ok.test" A 198.18.1.1 (TTL 60), well formed.
+fn dns_answer_ok() -> Vec<u8> {
+    let mut m = dns_header(1, 1);
+    m.extend_from_slice(b"\x02ok\x04test\x00\x00\x01\x00\x01");
+    m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 198, 18, 1, 1]);
+    m
+}
+
+/// Hostile DNS and DHCP frames through the real kernel program: each is
+/// counted exactly as any frame; each DNS or DHCP one is handed to the agent
+/// (a TCP segment without payload is not); the agent's parsers refuse the
+/// hostile ones without a panic and take the one good answer. A flood
+/// beyond the rate is counted: every frame either handed or dropped, none
+/// lost, and the traffic counted in full.
+pub fn hostile_dns_and_dhcp_frames_are_counted_and_handed_over() {
+    use ntm_agent::{
+        export::names::wire::{self, Fact},
+        kernel::observe::ObservedFrame,
+    };
+    use ntm_common::observe::{DropReason, Kind};
+    let options = DatapathOptions {
+        observe_rate: 50,
+        observe_kinds: 0b11,
+        ..Default::default()
+    };
+    let mut h = Harness::with(options, "53/udp=domain,53/tcp=domain");
+    let mut observer = h.datapath.take_observer().expect("observation is on");
+
+    let pointer_loop = {
+        let mut m = dns_header(1, 0);
+        m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        m
+    };
+    // Claims 65535 answers and has none.
+    let huge_counts = {
+        let mut m = dns_header(1, 65_535);
+        m.extend_from_slice(b"\x02ok\x04test\x00\x00\x01\x00\x01");
+        m
+    };
+    let truncated = dns_answer_ok()[..20].to_vec();
+    // A record whose length says more than there is.
+    let wrong_length = {
+        let mut m = dns_answer_ok();
+        let at = m.len() - 6;
+        m[at] = 0xff;
+        m
+    };
+    let garbage: Vec<u8> = (0..1900u32).map(|i| (i * 37 % 251) as u8).collect();
+    let mut tcp_ok = (dns_answer_ok().len() as u16).to_be_bytes().to_vec();
+    tcp_ok.extend(dns_answer_ok());
+    let hostile_udp = [
+        dns_answer_ok(),
+        pointer_loop,
+        huge_counts,
+        truncated,
+        wrong_length,
+        garbage.clone(),
+        Vec::new(),
+    ];
+    let mut handed = 0;
+    for payload in &hostile_udp {
+        let frame = eth(ETH_IPV4, &[], &ipv4(17, &[], 0, &udp(53, 40_000, payload)));
+        let (key, c) = only_flow(&h.ingress(&frame));
+        assert_eq!((key.proto, key.port), (17, 53));
+        assert_eq!(c, counted(20 + 8 + payload.len() as u64));
+        handed += 1;
+    }
+    let dhcp = eth(
+        ETH_IPV4,
+        &[],
+        &ipv4(17, &[], 0, &udp(68, 67, &garbage[..300])),
+    );
+    assert_eq!(only_flow(&h.ingress(&dhcp)).1, counted(20 + 8 + 300));
+    handed += 1;
+    let over_tcp = eth(
+        ETH_IPV4,
+        &[],
+        &ipv4(6, &[], 0, &tcp(53, 40_000, &[], &tcp_ok)),
+    );
+    assert_eq!(
+        only_flow(&h.ingress(&over_tcp)).1,
+        counted(20 + 20 + tcp_ok.len() as u64)
+    );
+    handed += 1;
+    // No payload: nothing to hand over.
+    let empty_tcp = eth(ETH_IPV4, &[], &ipv4(6, &[], 0, &tcp(53, 40_000, &[], &[])));
+    assert_eq!(only_flow(&h.ingress(&empty_tcp)).1, counted(40));
+    // Queries are not handed over either: only answers name anything.
+    let query = eth(ETH_IPV4, &[], &ipv4(17, &[], 0, &udp(40_000, 53, &[0; 30])));
+    assert_eq!(only_flow(&h.ingress(&query)).1, counted(58));
+
+    let mut records = Vec::new();
+    observer.read_now(&mut records);
+    assert_eq!(records.len(), handed, "one record per DNS or DHCP frame");
+    let mut answers = Vec::new();
+    let mut refused = 0;
+    for record in &records {
+        let frame = ObservedFrame::from_record(record).expect("a record as the kernel writes them");
+        assert_eq!(frame.bytes.len() as u32, frame.frame_len, "copied whole");
+        match wire::facts(&frame) {
+            Ok(facts) => answers.extend(facts),
+            Err(_) => refused += 1,
+        }
+    }
+    let ok = Fact::Answer {
+        client: "198.18.2.2".parse().unwrap(),
+        address: "198.18.1.1".parse().unwrap(),
+        name: "ok.test".into(),
+        ttl: 60,
+    };
+    assert_eq!(
+        answers,
+        vec![ok.clone(), ok],
+        "the good answer, over UDP and TCP"
+    );
+    assert!(refused >= 5, "hostile messages refused: {refused}");
+
+    // A flood of 500 answers on one CPU, at a rate of 50 per second.
+    let frame = eth(
+        ETH_IPV4,
+        &[],
+        &ipv4(17, &[], 0, &udp(53, 40_000, &dns_answer_ok())),
+    );
+    let drained = h.run(TC_INGRESS_ETH, &frame, 0, 500);
+    let (_, c) = only_flow(&drained);
+    assert_eq!(c.packets, 500, "counting is unaffected");
+    records.clear();
+    while observer.read_now(&mut records) > 0 {}
+    let dropped = observer.drops()[Kind::Dns as usize][DropReason::RateLimited as usize];
+    assert_eq!(
+        records.len() as u64 + dropped,
+        500,
+        "handed or counted as dropped"
+    );
+    // The frames above may have used some of this CPU's window already.
+    assert!(
+        (50 - handed..=100).contains(&records.len()),
+        "within the rate (one or two one-second windows): {}",
+        records.len()
+    );
+}

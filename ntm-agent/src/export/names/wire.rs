@@ -504,7 +504,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 5000, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 20000, ..ProptestConfig::default() })]
 
         /// Any bytes: an error or facts, within the bound; never a panic.
         #[test]
