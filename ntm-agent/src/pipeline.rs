@@ -51,11 +51,22 @@ pub struct PipelineOptions {
 /// Reads the neighbour table (IP address to MAC); None when it could not.
 pub type NeighbourSource = Box<dyn FnMut() -> Option<Vec<(IpAddr, Mac)>> + Send>;
 
+/// `02:00:5e:10:00:01`, as `ip neigh` and ethers files write a MAC.
+fn format_mac(mac: Mac) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// How old the neighbour table may be when a new address is named.
 const NEIGHBOURS_FRESH: Duration = Duration::from_secs(1);
 
 pub struct Pipeline {
     metrics: SelfMetrics,
+    /// `HostLabels::hosts_version` when `<prefix>_host_info` was last built.
+    host_info_version: Option<u64>,
+    max_series: usize,
     neighbours: Option<NeighbourSource>,
     neighbours_read: Option<Instant>,
     pending: PendingFlows,
@@ -100,6 +111,8 @@ impl Pipeline {
         let exposition = Exposition::new(metrics.registry().clone(), series);
         Ok(Self {
             metrics,
+            host_info_version: None,
+            max_series: options.max_series,
             neighbours: None,
             neighbours_read: None,
             pending: PendingFlows::default(),
@@ -219,6 +232,24 @@ impl Pipeline {
             if delta.packets != 0 || delta.bytes != 0 {
                 self.budget.add_overflow(&delta, now);
             }
+        }
+        self.update_host_info();
+    }
+
+    /// Rebuilds `<prefix>_host_info` when the hosts in labels changed, with
+    /// at most as many hosts as there may be series.
+    fn update_host_info(&mut self) {
+        let version = self.hosts.hosts_version();
+        if self.host_info_version == Some(version) {
+            return;
+        }
+        self.host_info_version = Some(version);
+        let info = &self.metrics.host_info;
+        info.reset();
+        for (ip, name, source, mac) in self.hosts.hosts().take(self.max_series) {
+            let mac = mac.map(format_mac).unwrap_or_default();
+            info.with_label_values(&[&ip.to_string(), name, &mac, source.as_str()])
+                .set(1);
         }
     }
 

@@ -429,6 +429,8 @@ fn task(command: Task) -> Result<()> {
                 "exporter",
                 "--bench",
                 "throughput",
+                "--bench",
+                "names",
             ]))
         }
         Task::Clippy => {

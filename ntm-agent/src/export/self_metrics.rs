@@ -53,6 +53,8 @@ pub struct SelfMetrics {
     /// What the kernel reported dropped so far, to add the deltas.
     observed_drops_seen: std::sync::Mutex<crate::kernel::observe::Drops>,
     pub observed_names: IntGaugeVec,
+    /// `<prefix>_host_info{address, name, mac, source}`.
+    pub host_info: IntGaugeVec,
     pub http_connection_errors: IntCounter,
 }
 
@@ -205,6 +207,11 @@ impl SelfMetrics {
                 "observed_names",
                 "Entries of the tables of names learnt from the wire (answers: DNS answers per client and address; clients: DHCP host names; leases: DHCP leases), each bounded",
                 &["table"],
+            )?,
+            host_info: r.gauge_vec(
+                "host_info",
+                "1 for each host (address and the name its series show) in the traffic series now, with its MAC where known and where the name came from; join on it (address or name) instead of adding labels to every series; at most --max-series hosts",
+                &["address", "name", "mac", "source"],
             )?,
             outside_bytes,
             outside_packets,

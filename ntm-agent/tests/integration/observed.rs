@@ -248,6 +248,21 @@ pub fn servers_by_the_name_their_client_asked() {
         text.contains(r#"ntm_names{source="dns_answer"} 6"#),
         "{text}"
     );
+    // The info metric lists each host in the series once, with its source.
+    for (address, name) in [
+        (VIDEO, "video.test"),
+        (CDN, "cdn-a.test"),
+        (CDN, "cdn-b.test"),
+        (SHOP6, "shop.test"),
+    ] {
+        let line = format!(
+            r#"ntm_host_info{{address="{address}",mac="",name="{name}",source="dns_answer"}} 1"#
+        );
+        assert!(text.contains(&line), "no {line}:\n{text}");
+    }
+    let line =
+        format!(r#"ntm_host_info{{address="{BRIEF}",mac="",name="{BRIEF}",source="address"}} 1"#);
+    assert!(text.contains(&line), "no {line}:\n{text}");
 }
 
 /// The host name a real DHCP client sent, read off the wire (no lease
@@ -332,6 +347,13 @@ pub fn devices_by_the_host_name_their_dhcp_client_sent() {
     )];
     let text = wait_for(&link, 9421, &expect);
     assert!(text.contains(r#"ntm_names{source="dhcp"} 3"#), "{text}");
+    for address in [leased.as_str(), B6, privacy] {
+        let line = format!(
+            r#"ntm_host_info{{address="{address}",mac="{}",name="laptop-of-bo",source="dhcp"}} 1"#,
+            mac.trim()
+        );
+        assert!(text.contains(&line), "no {line}:\n{text}");
+    }
     let parsed = crate::kit::scrape::sample_sum(
         &text,
         "ntm_observed_messages_total",

@@ -300,8 +300,11 @@ pub fn draining_every_few_milliseconds_loses_nothing() {
         link.wait_quiet();
         drains.push(agent.drain().unwrap());
         let after = link.a_stats();
+        // The sender stops once MIN_DRAINS drains are done, so there are at
+        // least that many (one more if the loop drained once more before
+        // it saw the sender finish).
         assert!(
-            drains.len() > MIN_DRAINS,
+            drains.len() >= MIN_DRAINS,
             "only {} drains during the burst",
             drains.len()
         );

@@ -102,6 +102,8 @@ pub struct HostLabels {
     /// The hosts (address and label) that sticky labels hold now, with
     /// how many (address, peer) entries hold each.
     hosts: HashMap<(IpAddr, String), (Source, usize)>,
+    /// Bumped whenever `hosts` gains or loses one.
+    hosts_changed: u64,
     /// Addresses labelled now, by source (`<prefix>_names{source}`).
     by_source: Option<IntGaugeVec>,
 }
@@ -167,6 +169,7 @@ impl HostLabels {
             neighbours: HashMap::new(),
             observed: ObservedNames::new(options.answer_min_ttl),
             hosts: HashMap::new(),
+            hosts_changed: 0,
             by_source: None,
         }
     }
@@ -259,6 +262,7 @@ impl HostLabels {
             .or_insert((source, 0));
         held.1 += 1;
         if held.1 == 1 {
+            self.hosts_changed += 1;
             self.count(source, 1);
         }
     }
@@ -269,16 +273,28 @@ impl HostLabels {
             held.1 -= 1;
             if held.1 == 0 {
                 self.hosts.remove(&key);
+                self.hosts_changed += 1;
                 self.count(sticky.source, -1);
             }
         }
     }
 
-    /// The hosts in labels now: address, label, where the label came from.
-    pub fn hosts(&self) -> impl Iterator<Item = (IpAddr, &str, Source)> {
-        self.hosts
-            .iter()
-            .map(|((ip, label), (source, _))| (*ip, label.as_str(), *source))
+    /// The hosts in labels now: address, label, where the label came
+    /// from, and the MAC the address is at if known.
+    pub fn hosts(&self) -> impl Iterator<Item = (IpAddr, &str, Source, Option<Mac>)> {
+        self.hosts.iter().map(|((ip, label), (source, _))| {
+            let mac = self
+                .neighbours
+                .get(ip)
+                .copied()
+                .or_else(|| self.observed.leased_mac(*ip));
+            (*ip, label.as_str(), *source, mac)
+        })
+    }
+
+    /// Changes whenever a host enters or leaves the labels.
+    pub fn hosts_version(&self) -> u64 {
+        self.hosts_changed
     }
 
     /// The ladder, highest rung first; None: wait for reverse DNS.
