@@ -169,6 +169,21 @@ pub struct NameArgs {
     #[arg(long, env = "NTM_NAME_WAIT", default_value = "3s", value_parser = parse_duration)]
     pub name_wait: Duration,
 
+    /// Docker or Podman API socket to name containers by (repeatable,
+    /// comma-separated) [default: /run/podman/podman.sock,
+    /// /var/run/docker.sock and /run/docker.sock, where they exist].
+    #[arg(
+        long = "container-socket",
+        env = "NTM_CONTAINER_SOCKETS",
+        value_delimiter = ','
+    )]
+    pub container_sockets: Vec<PathBuf>,
+
+    /// Do not name containers by asking Docker or Podman.
+    #[arg(long = "no-containers", env = "NTM_NO_CONTAINERS", value_parser = clap::builder::BoolishValueParser::new(),
+          action = clap::ArgAction::SetTrue)]
+    pub no_containers: bool,
+
     /// Do not read the DNS answers that cross the monitored interfaces
     /// (by default a server is named by the name its client asked for).
     #[arg(long = "no-observe-dns", env = "NTM_NO_OBSERVE_DNS", value_parser = clap::builder::BoolishValueParser::new(),
@@ -347,6 +362,19 @@ impl Config {
                 observe_kinds: self.observe_kinds(),
             },
         })
+    }
+
+    /// The container engines' sockets to ask for names, None: do not ask
+    /// (`--no-containers`, `--numeric`, or no label shows hosts); an empty
+    /// list: the default sockets.
+    pub fn container_sockets(&self) -> Option<Vec<PathBuf>> {
+        let hosts = self
+            .series
+            .labels
+            .iter()
+            .any(|l| matches!(l, Label::Src | Label::Dst));
+        (hosts && !self.names.numeric && !self.names.no_containers)
+            .then(|| self.names.container_sockets.clone())
     }
 
     /// Which frames the kernel hands over for names (`observe::Kind`

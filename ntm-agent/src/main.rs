@@ -8,7 +8,10 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use ntm_agent::{
     config::{Config, FilterSource},
-    export::http::{self, Health},
+    export::{
+        http::{self, Health},
+        names::containers::ContainerNames,
+    },
     kernel::{
         Kernel,
         links::{self, LinkEvents},
@@ -98,6 +101,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
             None
         }
     }));
+    if let Some(sockets) = config.container_sockets() {
+        pipeline.name_containers_with(ContainerNames::spawn(sockets));
+    }
     let health = Health::default();
     report_attachments(&kernel, &pipeline, &health);
     pipeline.metrics().set_filter(kernel.filter_expression());

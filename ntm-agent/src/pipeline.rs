@@ -123,6 +123,15 @@ impl Pipeline {
         })
     }
 
+    /// Where container names come from (the agent: the engines' API
+    /// sockets).
+    pub fn name_containers_with(
+        &mut self,
+        containers: crate::export::names::containers::ContainerNames,
+    ) {
+        self.hosts.name_containers_with(containers);
+    }
+
     /// Where the neighbour table comes from (the agent: rtnetlink), for
     /// names by MAC address.
     pub fn read_neighbours_with(&mut self, source: NeighbourSource) {
@@ -171,6 +180,9 @@ impl Pipeline {
         gauge
             .with_label_values(&["leases"])
             .set(sizes.leases as i64);
+        gauge
+            .with_label_values(&["containers"])
+            .set(self.hosts.container_count() as i64);
     }
 
     /// One drain's deltas through every stage. `iface_labels` names the

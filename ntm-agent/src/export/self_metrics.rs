@@ -205,7 +205,7 @@ impl SelfMetrics {
             observed_drops_seen: Default::default(),
             observed_names: r.gauge_vec(
                 "observed_names",
-                "Entries of the tables of names learnt from the wire (answers: DNS answers per client and address; clients: DHCP host names; leases: DHCP leases), each bounded",
+                "Entries of the name tables ntm keeps besides its files (answers: DNS answers per client and address; clients: DHCP host names; leases: DHCP leases; containers: addresses of Docker or Podman containers), each bounded",
                 &["table"],
             )?,
             host_info: r.gauge_vec(

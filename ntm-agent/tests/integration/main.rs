@@ -73,6 +73,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: links::vlan_tags_moved_into_skb_metadata_are_still_seen,
     Root: names::devices_by_hosts_files_and_dhcp_leases,
     Root: names::names_from_a_real_dns_exchange_without_splitting_series,
+    Root: names::containers_by_the_names_their_engine_gives,
     Root: observed::servers_by_the_name_their_client_asked,
     Root: observed::devices_by_the_host_name_their_dhcp_client_sent,
     Root: privileges::after_attaching_it_runs_as_nobody_with_three_capabilities_and_still_works,

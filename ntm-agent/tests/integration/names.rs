@@ -373,3 +373,139 @@ fn wait_for_bytes(link: &Link, port: u16, expect: &[(&str, u64)]) -> String {
         thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Runs `podman` with `args`; its stdout, or its stderr if it failed.
+fn podman(args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new("podman")
+        .args(args)
+        .output()
+        .expect("podman (cargo xtask test installs it)");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Removes a podman container or network when dropped.
+struct PodmanObject(&'static str, String);
+
+impl Drop for PodmanObject {
+    fn drop(&mut self) {
+        let _ = podman(&[self.0, "rm", "-f", &self.1]);
+    }
+}
+
+/// A Podman container's name for its address, from Podman's API socket
+/// (the Docker-compatible API, as Docker serves it too). The container
+/// runs ntm's own image (the only image the tests have) on an internal
+/// Podman network in the test range; the traffic itself flows between the
+/// test's namespaces, from the container's address.
+pub fn containers_by_the_names_their_engine_gives() {
+    let Ok(image) = std::env::var("NTM_IMAGE") else {
+        assert!(
+            std::env::var("NTM_REQUIRE_BPF").is_err(),
+            "NTM_IMAGE is not set: run the tests with `cargo xtask test`, which builds the image"
+        );
+        eprintln!("SKIPPED: no image (cargo xtask test builds it)");
+        return;
+    };
+    let dir = crate::kit::scrape::TempDir::new("containers");
+    let socket = dir.0.join("podman.sock");
+    let _service = Guard(
+        std::process::Command::new("podman")
+            .args(["system", "service", "--time=0"])
+            .arg(format!("unix://{}", socket.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("podman"),
+    );
+    let pid = std::process::id();
+    let network = format!("ntmt-net-{pid}");
+    podman(&[
+        "network",
+        "create",
+        "--internal",
+        "--disable-dns",
+        "--subnet",
+        "198.19.77.0/24",
+        &network,
+    ])
+    .expect("podman network create");
+    let _network = PodmanObject("network", network.clone());
+    let name = format!("ntm-web-{pid}");
+    let container_ip = "198.19.77.10";
+    podman(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--network",
+        &network,
+        "--ip",
+        container_ip,
+        "--security-opt",
+        "seccomp=unconfined",
+        "--cap-drop",
+        "all",
+        "--cap-add",
+        "BPF,NET_ADMIN,PERFMON",
+        &image,
+        "--numeric",
+        "-i",
+        "lo",
+        "-b",
+        "127.0.0.1",
+        "-p",
+        "9000",
+    ])
+    .expect("podman run");
+    let _container = PodmanObject("container", name.clone());
+    let running = podman(&["inspect", "--format", "{{.State.Running}}", &name]).unwrap_or_default();
+    assert_eq!(running.trim(), "true", "the container runs");
+
+    let link = Link::new("ctr");
+    link.b.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{container_ip}/32"),
+        "dev",
+        &link.b_if,
+    ]);
+    let _dns = DnsServer::start(&link.a, 5356, HashMap::new());
+    let _sink = link
+        .a
+        .run(|| UdpSocket::bind((crate::kit::A4, 5300)).unwrap());
+    let _agent = Guard(
+        crate::kit::agent_in(&link.a, true)
+            .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", "9412"])
+            .args(["--dns-server", "127.0.0.1:5356", "--name-wait", "300ms"])
+            .args(["--drain-interval", "100ms"])
+            .arg("--container-socket")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    crate::kit::scrape::wait_healthy(&link.a, 9412);
+    // The engine is asked at start and every 5 s.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = scrape(&link.a, 9412).unwrap_or_default();
+        if text.contains(r#"ntm_observed_names{table="containers"} 1"#) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no container seen:\n{text}");
+        thread::sleep(Duration::from_millis(200));
+    }
+    let label = format!(r#"src="{name}""#);
+    let expect = vec![(label.as_str(), send_from(&link, container_ip))];
+    let text = wait_for_bytes(&link, 9412, &expect);
+    assert!(
+        text.contains(r#"ntm_names{source="container"} 1"#),
+        "{text}"
+    );
+}

@@ -25,6 +25,8 @@ use std::{
 pub enum Source {
     /// A hosts file (`--hosts-file`).
     Static,
+    /// A container on this host (Docker or Podman).
+    Container,
     /// DHCP: the name the device sent, from a lease file (`--leases`) or
     /// its messages on the wire.
     Dhcp,
@@ -37,8 +39,9 @@ pub enum Source {
 }
 
 impl Source {
-    pub const ALL: [Source; 5] = [
+    pub const ALL: [Source; 6] = [
         Source::Static,
+        Source::Container,
         Source::Dhcp,
         Source::DnsAnswer,
         Source::ReverseDns,
@@ -48,6 +51,7 @@ impl Source {
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Static => "static",
+            Source::Container => "container",
             Source::Dhcp => "dhcp",
             Source::DnsAnswer => "dns_answer",
             Source::ReverseDns => "reverse_dns",

@@ -7,6 +7,7 @@
 //! not split its counter into an address series and a name series. Once an
 //! address's label is decided it is kept while it is in use ("sticky").
 
+pub mod containers;
 pub mod files;
 pub mod observed;
 pub mod resolver;
@@ -25,6 +26,7 @@ use ntm_common::FlowKey;
 use prometheus::{IntCounterVec, IntGaugeVec};
 
 use self::{
+    containers::ContainerNames,
     files::{Mac, NameFiles, Source},
     observed::{ObservedNames, TableSizes},
     resolver::{Resolver, Upstream},
@@ -99,6 +101,8 @@ pub struct HostLabels {
     neighbours: HashMap<IpAddr, Mac>,
     /// DNS answers and DHCP messages seen on the wire.
     observed: ObservedNames,
+    /// Containers on this host by address, if an engine is asked.
+    containers: Option<ContainerNames>,
     /// The hosts (address and label) that sticky labels hold now, with
     /// how many (address, peer) entries hold each.
     hosts: HashMap<(IpAddr, String), (Source, usize)>,
@@ -168,6 +172,7 @@ impl HostLabels {
             sticky: LruCache::new(MAX_STICKY),
             neighbours: HashMap::new(),
             observed: ObservedNames::new(options.answer_min_ttl),
+            containers: None,
             hosts: HashMap::new(),
             hosts_changed: 0,
             by_source: None,
@@ -178,6 +183,18 @@ impl HostLabels {
     /// [`HostLabels::set_neighbours`] fresh.
     pub fn wants_neighbours(&self) -> bool {
         self.wanted && (self.files.names_macs() || self.observed.sizes().clients > 0)
+    }
+
+    /// Where container names come from (the agent: the engines' sockets).
+    pub fn name_containers_with(&mut self, containers: ContainerNames) {
+        if self.wanted {
+            self.containers = Some(containers);
+        }
+    }
+
+    /// Container addresses known now.
+    pub fn container_count(&self) -> usize {
+        self.containers.as_ref().map_or(0, |c| c.len())
     }
 
     /// Keeps what a DNS or DHCP message on the wire said.
@@ -313,6 +330,9 @@ impl HostLabels {
         // A name the user or the device gave is the device's own: whole.
         if let Some((name, source)) = self.files.name(ip, mac) {
             return Some((name.to_string(), source));
+        }
+        if let Some(name) = self.containers.as_ref().and_then(|c| c.get(ip)) {
+            return Some((name, Source::Container));
         }
         if let Some(name) = self.observed.device(ip, mac) {
             return Some((name.to_string(), Source::Dhcp));
