@@ -132,9 +132,12 @@ fn load(flags: &[&str], services: &ntm_agent::export::services::ServiceRegistry)
 /// counted).
 fn observation(services: &ntm_agent::export::services::ServiceRegistry, cases: &[(&str, Vec<u8>)]) {
     let mut on = load(&[], services);
-    let mut off = load(&["--no-observe-dns", "--no-observe-dhcp"], services);
+    // --numeric: neither observation nor MAC learning is loaded.
+    let mut off = load(&["--numeric"], services);
     println!();
-    println!("DNS/DHCP observation: ns per packet, on (default) vs off (same frames, same run)");
+    println!(
+        "names in the kernel (DNS/DHCP observation, MAC learning): ns per packet, on (default) vs off (--numeric), same frames, same run"
+    );
     println!("{:<22} {:>10} {:>10} {:>8}", "frame", "on", "off", "ratio");
     for (name, frame) in cases {
         let (mut a, mut b) = (Vec::new(), Vec::new());

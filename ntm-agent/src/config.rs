@@ -360,32 +360,33 @@ impl Config {
                 xdp_drop: self.datapath.xdp_action == XdpAction::Drop,
                 observe_rate: self.names.observe_rate,
                 observe_kinds: self.observe_kinds(),
+                learn_macs: self.wants_names(),
             },
         })
+    }
+
+    /// Whether any label shows hosts, by name (not `--numeric`).
+    pub fn wants_names(&self) -> bool {
+        let hosts = self
+            .series
+            .labels
+            .iter()
+            .any(|l| matches!(l, Label::Src | Label::Dst));
+        hosts && !self.names.numeric
     }
 
     /// The container engines' sockets to ask for names, None: do not ask
     /// (`--no-containers`, `--numeric`, or no label shows hosts); an empty
     /// list: the default sockets.
     pub fn container_sockets(&self) -> Option<Vec<PathBuf>> {
-        let hosts = self
-            .series
-            .labels
-            .iter()
-            .any(|l| matches!(l, Label::Src | Label::Dst));
-        (hosts && !self.names.numeric && !self.names.no_containers)
+        (self.wants_names() && !self.names.no_containers)
             .then(|| self.names.container_sockets.clone())
     }
 
     /// Which frames the kernel hands over for names (`observe::Kind`
     /// bits): none when no label shows hosts or with `--numeric`.
     pub fn observe_kinds(&self) -> u32 {
-        let hosts = self
-            .series
-            .labels
-            .iter()
-            .any(|l| matches!(l, Label::Src | Label::Dst));
-        if !hosts || self.names.numeric {
+        if !self.wants_names() {
             return 0;
         }
         let mut kinds = 0;

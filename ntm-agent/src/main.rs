@@ -101,6 +101,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
             None
         }
     }));
+    if let Some(macs) = kernel.take_macs() {
+        pipeline.read_learnt_macs_with(Box::new(move || Some(macs.read())));
+    }
     if let Some(sockets) = config.container_sockets() {
         pipeline.name_containers_with(ContainerNames::spawn(sockets));
     }

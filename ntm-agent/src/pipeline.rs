@@ -64,6 +64,8 @@ const NEIGHBOURS_FRESH: Duration = Duration::from_secs(1);
 
 pub struct Pipeline {
     metrics: SelfMetrics,
+    /// Reads the kernel's table of source MACs by address.
+    learnt_macs: Option<NeighbourSource>,
     /// `HostLabels::hosts_version` when `<prefix>_host_info` was last built.
     host_info_version: Option<u64>,
     max_series: usize,
@@ -111,6 +113,7 @@ impl Pipeline {
         let exposition = Exposition::new(metrics.registry().clone(), series);
         Ok(Self {
             metrics,
+            learnt_macs: None,
             host_info_version: None,
             max_series: options.max_series,
             neighbours: None,
@@ -130,6 +133,13 @@ impl Pipeline {
         containers: crate::export::names::containers::ContainerNames,
     ) {
         self.hosts.name_containers_with(containers);
+    }
+
+    /// Where the MACs learnt from frames come from (the agent: the
+    /// kernel's table), for names by MAC address; read with the neighbour
+    /// table.
+    pub fn read_learnt_macs_with(&mut self, source: NeighbourSource) {
+        self.learnt_macs = Some(source);
     }
 
     /// Where the neighbour table comes from (the agent: rtnetlink), for
@@ -209,6 +219,9 @@ impl Pipeline {
         {
             if let Some(entries) = read() {
                 self.hosts.set_neighbours(entries);
+            }
+            if let Some(entries) = self.learnt_macs.as_mut().and_then(|read| read()) {
+                self.hosts.set_learnt_macs(entries);
             }
             self.neighbours_read = Some(now);
         }

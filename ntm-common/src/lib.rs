@@ -50,6 +50,13 @@ pub mod names {
     /// Read-only global: which [`crate::observe::Kind`]s are handed over, a
     /// bit (`1 << kind`) each.
     pub const OBSERVE_KINDS: &str = "NTM_OBSERVE_KINDS";
+    /// LRU_HASH of [`crate::observe::MacKey`] to [`crate::observe::MacValue`]:
+    /// the MAC a frame came from, by its source address, written when a
+    /// flow takes a flow-cache slot (not per packet).
+    pub const MACS: &str = "NTM_MACS";
+    /// Read-only global: 1 to fill [`MACS`], 0 not to (and the verifier
+    /// removes the code).
+    pub const LEARN_MACS: &str = "NTM_LEARN_MACS";
 }
 
 /// Compile-time capacity of each flow table; the agent may change it at load

@@ -137,6 +137,41 @@ impl Header {
     }
 }
 
+/// Entries of [`crate::names::MACS`], the kernel's LRU table of which
+/// MAC sent from which IP address.
+pub const MAC_ENTRIES: u32 = 16_384;
+
+/// A key of [`crate::names::MACS`]: an IP address (IPv4 in the first four
+/// bytes) and its family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MacKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A value of [`crate::names::MACS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MacValue {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<MacKey>() == 20);
+const _: () = assert!(core::mem::size_of::<MacValue>() == 8);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (both): repr(C), only byte arrays and bytes, sizes asserted
+    // above with no implicit padding, so any bit pattern is a valid value.
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MacKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MacValue {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ mod parse;
 
 use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action},
-    btf_maps::{Array, ArrayOfMaps, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
+    btf_maps::{Array, ArrayOfMaps, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
     cty::c_void,
     helpers::generated::{bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::{btf_map, classifier, xdp},
@@ -19,7 +19,7 @@ use core::mem::{MaybeUninit, size_of};
 use ntm_common::{
     CacheSlot, Counters, DEFAULT_FLOW_TABLE_ENTRIES, Direction, FLOW_CACHE_SLOTS, FlowKey,
     KEY_WORDS, KNOWN_PORT_WORDS, OutsideReason, cache_index, ipproto,
-    observe::{self, CAPTURE_BYTES, DropReason, Record},
+    observe::{self, CAPTURE_BYTES, DropReason, MacKey, MacValue, Record},
     service_port::{self, PortClass},
     tail,
 };
@@ -96,6 +96,15 @@ static NTM_OBSERVE_WINDOW: PerCpuArray<RateWindow, 1> = PerCpuArray::new();
 /// the agent at load time; read-only, so with 0 the verifier drops the code).
 #[unsafe(no_mangle)]
 static NTM_OBSERVE_RATE: u32 = observe::DEFAULT_RATE_PER_CPU;
+
+/// Source MACs by source address, learnt when a flow takes a cache slot.
+#[btf_map]
+static NTM_MACS: LruHashMap<MacKey, MacValue, { observe::MAC_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// 1: fill NTM_MACS (the agent names devices by MAC); read-only.
+#[unsafe(no_mangle)]
+static NTM_LEARN_MACS: u32 = 1;
 
 /// Which kinds are handed over, a bit (`1 << kind`) each; read-only.
 #[unsafe(no_mangle)]
@@ -309,7 +318,10 @@ fn count_tc<const ETHERNET: bool>(ctx: &TcContext, direction: Direction, filtere
     // GSO/GRO aggregates count as the segments they carry on the wire.
     let segments = if gso_segs > 1 { gso_segs as u64 } else { 1 };
     let wanted = wanted_by_agent(&parsed, key);
-    account(parsed, key, skb_len, segments, filtered);
+    let took_slot = account(parsed, key, skb_len, segments, filtered);
+    if ETHERNET && took_slot && direction == Direction::Ingress && setting(&NTM_LEARN_MACS) != 0 {
+        learn_mac(ctx.data(), ctx.data_end(), key);
+    }
     if agent_wants(wanted) {
         observe_tc(ctx, wanted, direction, ifindex, skb_len, ETHERNET);
     }
@@ -453,7 +465,8 @@ unsafe fn write_header(
 
 /// Counts one frame (or aggregate of `segments`) of `frame_len` bytes, as
 /// parsed into `key`; a frame the filter rejected goes to `Filtered`, with
-/// the bytes it would have been counted with.
+/// the bytes it would have been counted with. True if the frame's flow
+/// just took a flow-cache slot (it was not the slot's flow before).
 #[inline(always)]
 fn account(
     parsed: Result<Parsed, ParseError>,
@@ -461,7 +474,7 @@ fn account(
     frame_len: u32,
     segments: u64,
     filtered: bool,
-) {
+) -> bool {
     // Where the frame goes without a filter, and with which bytes; a frame
     // the filter rejected goes to Filtered with exactly those bytes.
     let (bytes, packets, outside) = match parsed {
@@ -491,10 +504,50 @@ fn account(
         }
     };
     match (filtered, outside) {
-        (true, _) => count_outside(OutsideReason::Filtered, bytes, packets),
-        (false, Some(reason)) => count_outside(reason, bytes, packets),
+        (true, _) => {
+            count_outside(OutsideReason::Filtered, bytes, packets);
+            false
+        }
+        (false, Some(reason)) => {
+            count_outside(reason, bytes, packets);
+            false
+        }
         (false, None) => count_cached(key, bytes, packets),
     }
+}
+
+/// Notes which MAC the frame came from for its source address, if that
+/// is news: called only when a flow takes a cache slot, so a steady flow
+/// costs nothing, and only on Ethernet ingress (at egress the source MAC
+/// is this machine's).
+#[inline(always)]
+fn learn_mac(data: usize, end: usize, key: &FlowKey) {
+    if key.family == ntm_common::family::NON_IP || data + 12 > end {
+        return;
+    }
+    // The source MAC: bytes 6..12, as one 4-byte and one 2-byte load.
+    // SAFETY: the 12 bytes were just checked to lie inside the frame.
+    let (high, low) = unsafe {
+        (
+            core::ptr::read_unaligned((data + 6) as *const [u8; 4]),
+            core::ptr::read_unaligned((data + 10) as *const [u8; 2]),
+        )
+    };
+    let mac = [high[0], high[1], high[2], high[3], low[0], low[1]];
+    let mac_key = MacKey {
+        addr: key.src,
+        family: key.family,
+        _pad: [0; 3],
+    };
+    // SAFETY: a plain lookup; the value is copied out at once.
+    if let Some(known) = unsafe { NTM_MACS.get(&mac_key) }
+        && known.mac == mac
+    {
+        return;
+    }
+    let value = MacValue { mac, _pad: [0; 2] };
+    // The table is an LRU: a full one forgets its least recent entry.
+    let _ = NTM_MACS.insert(&mac_key, &value, 0);
 }
 
 /// XDP: what a mirror or SPAN port receives, counted before the stack sees
@@ -535,7 +588,10 @@ fn count_xdp(ctx: &XdpContext, filtered: bool) {
     let parsed = parse::parse_ethernet(&frame, key, ephemeral_start, is_known_port);
     let frame_len = (frame.end - frame.data) as u32;
     let wanted = wanted_by_agent(&parsed, key);
-    account(parsed, key, frame_len, 1, filtered);
+    let took_slot = account(parsed, key, frame_len, 1, filtered);
+    if took_slot && setting(&NTM_LEARN_MACS) != 0 {
+        learn_mac(frame.data, frame.end, key);
+    }
     if agent_wants(wanted) {
         observe_xdp(ctx, wanted, ifindex, frame_len);
     }
@@ -585,7 +641,7 @@ fn observe_xdp(ctx: &XdpContext, kind: u8, ifindex: u32, frame_len: u32) {
 /// Counts into the flow's cache slot; a slot held by another flow first
 /// hands that flow's counts to the flow table.
 #[inline(always)]
-fn count_cached(key: &FlowKey, bytes: u64, packets: u64) {
+fn count_cached(key: &FlowKey, bytes: u64, packets: u64) -> bool {
     // Word by word: the BPF backend turns array copies and compares into
     // calls to byte loops.
     let k = key as *const FlowKey as *const u64;
@@ -596,11 +652,11 @@ fn count_cached(key: &FlowKey, bytes: u64, packets: u64) {
     }
     let Some(cache) = NTM_ACTIVE_CACHE.get(0) else {
         count_flow(key, bytes, packets);
-        return;
+        return false;
     };
     let Some(slot) = cache.get_ptr_mut(cache_index(&words)) else {
         count_flow(key, bytes, packets);
-        return;
+        return false;
     };
     let s = slot as *mut u64;
     // SAFETY: a CacheSlot is KEY_WORDS key words then bytes and packets, all
@@ -614,7 +670,7 @@ fn count_cached(key: &FlowKey, bytes: u64, packets: u64) {
         if same && held_packets != 0 {
             *s.add(KEY_WORDS) += bytes;
             *s.add(KEY_WORDS + 1) = held_packets + packets;
-            return;
+            return false;
         }
         if held_packets != 0 {
             let held_key = &*(s as *const FlowKey);
@@ -626,6 +682,7 @@ fn count_cached(key: &FlowKey, bytes: u64, packets: u64) {
         *s.add(KEY_WORDS) = bytes;
         *s.add(KEY_WORDS + 1) = packets;
     }
+    true
 }
 
 #[inline(always)]

@@ -20,7 +20,7 @@ use ntm_common::{
 use super::{
     drain::{DrainError, FlowTables},
     filter::{self, Filter, FilterError},
-    observe::{Observer, ObserverError},
+    observe::{LearntMacs, Observer, ObserverError},
     sys::{SyscallError, bpf, process},
 };
 
@@ -49,6 +49,8 @@ pub struct DatapathOptions {
     pub observe_rate: u32,
     /// Which `observe::Kind`s are handed over (a bit per kind).
     pub observe_kinds: u32,
+    /// Fill the table of source MACs by address (devices named by MAC).
+    pub learn_macs: bool,
 }
 
 impl Default for DatapathOptions {
@@ -59,6 +61,7 @@ impl Default for DatapathOptions {
             xdp_drop: false,
             observe_rate: 0,
             observe_kinds: 0,
+            learn_macs: false,
         }
     }
 }
@@ -131,6 +134,8 @@ pub struct Datapath {
     filter: Option<Filter>,
     /// The ring buffer of DNS and DHCP frames, until the agent takes it.
     observer: Option<Observer>,
+    /// The table of source MACs, until the agent takes it.
+    macs: Option<LearntMacs>,
 }
 
 impl Datapath {
@@ -161,6 +166,8 @@ impl Datapath {
         };
         loader.override_global(names::OBSERVE_RATE, &observe_rate, true);
         loader.override_global(names::OBSERVE_KINDS, &options.observe_kinds, true);
+        let learn_macs = options.learn_macs as u32;
+        loader.override_global(names::LEARN_MACS, &learn_macs, true);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(classify_load_error)?;
 
         for hook in &programs::HOOKS {
@@ -223,6 +230,11 @@ impl Datapath {
         } else {
             Some(Observer::take_from(&mut ebpf)?)
         };
+        let macs = if options.learn_macs {
+            Some(LearntMacs::take_from(&mut ebpf)?)
+        } else {
+            None
+        };
         Ok((
             Self {
                 ebpf,
@@ -231,6 +243,7 @@ impl Datapath {
                 verdict,
                 filter: None,
                 observer,
+                macs,
             },
             tables,
         ))
@@ -338,6 +351,11 @@ impl Datapath {
     /// is off).
     pub fn take_observer(&mut self) -> Option<Observer> {
         self.observer.take()
+    }
+
+    /// The table of source MACs by address, once (None if not learnt).
+    pub fn take_macs(&mut self) -> Option<LearntMacs> {
+        self.macs.take()
     }
 
     pub fn filter(&self) -> Option<&Filter> {

@@ -316,6 +316,11 @@ impl Kernel {
         self.datapath.take_observer()
     }
 
+    /// The table of source MACs by address, once (None if not learnt).
+    pub fn take_macs(&mut self) -> Option<observe::LearntMacs> {
+        self.datapath.take_macs()
+    }
+
     pub fn interface_labels(&self) -> &HashMap<u32, String> {
         &self.labels
     }

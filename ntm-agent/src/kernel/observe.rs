@@ -1,19 +1,22 @@
-//! The agent's end of the kernel's ring buffer of DNS and DHCP frames
-//! (`ntm_common::observe`): records are read as they arrive, not per
-//! drain, so that an answer is known before the traffic it names is.
+//! The agent's end of what the kernel observes for names: the ring buffer
+//! of DNS and DHCP frames (`ntm_common::observe`), read as records arrive,
+//! not per drain, so that an answer is known before the traffic it names
+//! is; and the LRU table of which MAC sent from which address.
 
 use std::{
     io,
     os::fd::{AsRawFd as _, RawFd},
 };
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
 use aya::{
     Ebpf,
-    maps::{MapData, MapError, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
 };
 use ntm_common::{
-    Direction, names,
-    observe::{DROP_SLOTS, DropReason, Header, Kind, link},
+    Direction, family, names,
+    observe::{DROP_SLOTS, DropReason, Header, Kind, MacKey, MacValue, link},
 };
 use tokio::io::{Interest, unix::AsyncFd};
 
@@ -153,4 +156,43 @@ fn take(ring: &mut RingBuf<MapData>, records: &mut Vec<Vec<u8>>) -> usize {
         read += 1;
     }
     read
+}
+
+/// The kernel's LRU table of source MACs by source address
+/// (`ntm_common::names::MACS`), filled when a flow takes a cache slot.
+pub struct LearntMacs {
+    map: HashMap<MapData, MacKey, MacValue>,
+}
+
+impl LearntMacs {
+    pub(crate) fn take_from(ebpf: &mut Ebpf) -> Result<Self, ObserverError> {
+        let map = ebpf
+            .take_map(names::MACS)
+            .ok_or(ObserverError::Missing(names::MACS))?;
+        let map = HashMap::try_from(map).map_err(|source| ObserverError::Map {
+            map: names::MACS,
+            source,
+        })?;
+        Ok(Self { map })
+    }
+
+    /// Every (address, MAC) in the table now (at most
+    /// `observe::MAC_ENTRIES`).
+    pub fn read(&self) -> Vec<(IpAddr, [u8; 6])> {
+        self.map
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(key, value)| {
+                let ip = match key.family {
+                    family::IPV4 => {
+                        let a = key.addr;
+                        IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+                    }
+                    family::IPV6 => IpAddr::V6(Ipv6Addr::from(key.addr)),
+                    _ => return None,
+                };
+                Some((ip, value.mac))
+            })
+            .collect()
+    }
 }

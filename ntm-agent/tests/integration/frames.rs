@@ -665,3 +665,49 @@ pub fn hostile_dns_and_dhcp_frames_are_counted_and_handed_over() {
         records.len()
     );
 }
+
+/// Which MAC sent from which address, learnt in the kernel when a flow
+/// takes a flow-cache slot: at ingress, for IPv4 and IPv6; not at egress
+/// (the source MAC is this machine's there), not for non-IP frames; a
+/// device that moves to another MAC is followed; counting is unaffected.
+pub fn source_macs_are_learnt_when_a_flow_takes_a_cache_slot() {
+    let options = DatapathOptions {
+        learn_macs: true,
+        ..Default::default()
+    };
+    let mut h = Harness::with(options, "");
+    let macs = h.datapath.take_macs().expect("MAC learning is on");
+    let sent_from = [2, 0, 0, 0, 0, 1];
+    let v4 = eth(
+        ETH_IPV4,
+        &[],
+        &ipv4(17, &[], 0, &udp(40_000, 5300, &[0; 10])),
+    );
+    assert_eq!(only_flow(&h.run(TC_INGRESS_ETH, &v4, 0, 5)).1.packets, 5);
+    let v6 = eth(ETH_IPV6, &[], &ipv6(17, &udp(40_000, 5300, &[0; 10])));
+    only_flow(&h.ingress(&v6));
+    let mut from_egress = v4.clone();
+    from_egress[26..30].copy_from_slice(&[198, 18, 9, 9]);
+    only_flow(&h.run(TC_EGRESS_ETH, &from_egress, 0, 1));
+    h.ingress(&arp_request());
+    let mut learnt = macs.read();
+    learnt.sort();
+    assert_eq!(
+        learnt,
+        vec![
+            ("198.18.1.1".parse().unwrap(), sent_from),
+            ("2001:2::1".parse().unwrap(), sent_from),
+        ]
+    );
+    // The same address from another MAC (a new network card, or a MAC
+    // privacy setting): the table follows. The flow is new in the cache
+    // after the drain above swapped it.
+    let mut moved = v4.clone();
+    moved[11] = 0x77;
+    only_flow(&h.ingress(&moved));
+    let learnt = macs.read();
+    assert!(
+        learnt.contains(&("198.18.1.1".parse().unwrap(), [2, 0, 0, 0, 0, 0x77])),
+        "{learnt:?}"
+    );
+}

@@ -67,6 +67,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: frames::a_full_table_still_counts_every_packet,
     Root: frames::sctp_udplite_and_portless_protocols,
     Root: frames::hostile_dns_and_dhcp_frames_are_counted_and_handed_over,
+    Root: frames::source_macs_are_learnt_when_a_flow_takes_a_cache_slot,
     Nothing: helm::chart_lints_renders_and_validates,
     Root: image::the_image_runs_with_least_privilege_and_counts,
     Root: links::tun_device_frames_start_at_the_ip_header,

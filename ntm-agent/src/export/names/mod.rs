@@ -99,6 +99,9 @@ pub struct HostLabels {
     sticky: LruCache<(IpAddr, IpAddr), Sticky>,
     /// Which MAC address uses which IP address (the neighbour table).
     neighbours: HashMap<IpAddr, Mac>,
+    /// The same, learnt from frames (the kernel's table), without the MACs
+    /// of routers (which send from every address behind them).
+    learnt_macs: HashMap<IpAddr, Mac>,
     /// DNS answers and DHCP messages seen on the wire.
     observed: ObservedNames,
     /// Containers on this host by address, if an engine is asked.
@@ -119,6 +122,11 @@ pub const MAX_STICKY: NonZeroUsize = NonZeroUsize::new(262_144).expect("not zero
 
 /// Neighbour entries kept at most (a /16 of devices).
 pub const MAX_NEIGHBOURS: usize = 65_536;
+
+/// Addresses one device plausibly uses (an IPv4 lease, link-local, SLAAC
+/// and a week of daily privacy addresses); a MAC seen sending from more is
+/// a router's, forwarding for the addresses behind it, and names none.
+pub const MAX_ADDRESSES_PER_DEVICE: usize = 64;
 
 impl HostLabels {
     /// Reads the name files and starts the resolver, when names are wanted;
@@ -171,6 +179,7 @@ impl HostLabels {
             wait: options.wait,
             sticky: LruCache::new(MAX_STICKY),
             neighbours: HashMap::new(),
+            learnt_macs: HashMap::new(),
             observed: ObservedNames::new(options.answer_min_ttl),
             containers: None,
             hosts: HashMap::new(),
@@ -212,6 +221,39 @@ impl HostLabels {
     /// The neighbour table now (IP to MAC), at most [`MAX_NEIGHBOURS`].
     pub fn set_neighbours(&mut self, entries: impl IntoIterator<Item = (IpAddr, Mac)>) {
         self.neighbours = entries.into_iter().take(MAX_NEIGHBOURS).collect();
+    }
+
+    /// Which MAC sent from which address, as frames showed (the kernel's
+    /// table); a MAC with more than [`MAX_ADDRESSES_PER_DEVICE`] addresses
+    /// is a router's and is left out.
+    pub fn set_learnt_macs(&mut self, entries: Vec<(IpAddr, Mac)>) {
+        let mut per_mac: HashMap<Mac, usize> = HashMap::new();
+        for (_, mac) in &entries {
+            *per_mac.entry(*mac).or_default() += 1;
+        }
+        self.learnt_macs = entries
+            .into_iter()
+            .filter(|(ip, mac)| {
+                !ip.is_unspecified()
+                    && per_mac.get(mac).copied().unwrap_or(0) <= MAX_ADDRESSES_PER_DEVICE
+            })
+            .take(MAX_NEIGHBOURS)
+            .collect();
+    }
+
+    /// The MAC an address is at: the neighbour table's, else the one frames
+    /// showed, else the one its DHCP lease was given to.
+    fn mac_of(&self, ip: IpAddr) -> Option<Mac> {
+        // A group address is no device's (the neighbour table maps them to
+        // multicast MACs).
+        if ip.is_multicast() {
+            return None;
+        }
+        self.neighbours
+            .get(&ip)
+            .or_else(|| self.learnt_macs.get(&ip))
+            .copied()
+            .or_else(|| self.observed.leased_mac(ip))
     }
 
     /// Re-reads the name files that changed (cheap when none did).
@@ -299,14 +341,9 @@ impl HostLabels {
     /// The hosts in labels now: address, label, where the label came
     /// from, and the MAC the address is at if known.
     pub fn hosts(&self) -> impl Iterator<Item = (IpAddr, &str, Source, Option<Mac>)> {
-        self.hosts.iter().map(|((ip, label), (source, _))| {
-            let mac = self
-                .neighbours
-                .get(ip)
-                .copied()
-                .or_else(|| self.observed.leased_mac(*ip));
-            (*ip, label.as_str(), *source, mac)
-        })
+        self.hosts
+            .iter()
+            .map(|((ip, label), (source, _))| (*ip, label.as_str(), *source, self.mac_of(*ip)))
     }
 
     /// Changes whenever a host enters or leaves the labels.
@@ -322,11 +359,7 @@ impl HostLabels {
         first_seen: Instant,
         now: Instant,
     ) -> Option<(String, Source)> {
-        let mac = self
-            .neighbours
-            .get(&ip)
-            .copied()
-            .or_else(|| self.observed.leased_mac(ip));
+        let mac = self.mac_of(ip);
         // A name the user or the device gave is the device's own: whole.
         if let Some((name, source)) = self.files.name(ip, mac) {
             return Some((name.to_string(), source));
@@ -452,6 +485,28 @@ mod tests {
         assert_eq!(h.sticky.len(), 1, "2 and 3 idle for over 10 s");
         assert!(h.sticky.contains(&(ip(1), peer)));
         assert_eq!(addresses(), 1);
+    }
+
+    #[test]
+    fn a_mac_behind_many_addresses_is_a_routers_and_names_none() {
+        let mut h = HostLabels::new(true, None, local(), &options());
+        let device = [2, 0, 0, 0, 0, 7];
+        let router = [2, 0, 0, 0, 0, 1];
+        let mut entries: Vec<(IpAddr, Mac)> = vec![
+            ("198.18.0.7".parse().unwrap(), device),
+            ("2001:2::7".parse().unwrap(), device),
+            ("0.0.0.0".parse().unwrap(), device),
+        ];
+        for i in 0..=MAX_ADDRESSES_PER_DEVICE as u32 {
+            entries.push((IpAddr::from((0x5db8_0000u32 + i).to_be_bytes()), router));
+        }
+        h.set_learnt_macs(entries);
+        assert_eq!(h.mac_of("2001:2::7".parse().unwrap()), Some(device));
+        assert_eq!(h.mac_of("93.184.0.1".parse().unwrap()), None);
+        assert_eq!(h.learnt_macs.len(), 2, "no router, no unspecified address");
+        // The neighbour table wins.
+        h.set_neighbours([("198.18.0.7".parse().unwrap(), router)]);
+        assert_eq!(h.mac_of("198.18.0.7".parse().unwrap()), Some(router));
     }
 
     #[test]
