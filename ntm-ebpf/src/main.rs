@@ -540,14 +540,14 @@ fn learn_mac(data: usize, end: usize, key: &FlowKey) {
         _pad: [0; 3],
     };
     // SAFETY: a plain lookup; the value is copied out at once.
-    if let Some(known) = unsafe { NTM_MACS.get(&mac_key) }
+    if let Some(known) = unsafe { NTM_MACS.get(mac_key) }
         && known.mac == mac
     {
         return;
     }
     let value = MacValue { mac, _pad: [0; 2] };
     // The table is an LRU: a full one forgets its least recent entry.
-    let _ = NTM_MACS.insert(&mac_key, &value, 0);
+    let _ = NTM_MACS.insert(mac_key, value, 0);
 }
 
 /// XDP: what a mirror or SPAN port receives, counted before the stack sees
