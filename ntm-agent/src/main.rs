@@ -102,7 +102,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }));
     if let Some(macs) = kernel.take_macs() {
-        pipeline.read_learnt_macs_with(Box::new(move || Some(macs.read())));
+        pipeline.look_up_macs_with(Box::new(move |ip| macs.lookup(ip)));
     }
     if let Some(sockets) = config.container_sockets() {
         pipeline.name_containers_with(ContainerNames::spawn(sockets));

@@ -64,8 +64,7 @@ const NEIGHBOURS_FRESH: Duration = Duration::from_secs(1);
 
 pub struct Pipeline {
     metrics: SelfMetrics,
-    /// Reads the kernel's table of source MACs by address.
-    learnt_macs: Option<NeighbourSource>,
+
     /// `HostLabels::hosts_version` when `<prefix>_host_info` was last built.
     host_info_version: Option<u64>,
     max_series: usize,
@@ -113,7 +112,7 @@ impl Pipeline {
         let exposition = Exposition::new(metrics.registry().clone(), series);
         Ok(Self {
             metrics,
-            learnt_macs: None,
+
             host_info_version: None,
             max_series: options.max_series,
             neighbours: None,
@@ -136,10 +135,9 @@ impl Pipeline {
     }
 
     /// Where the MACs learnt from frames come from (the agent: the
-    /// kernel's table), for names by MAC address; read with the neighbour
-    /// table.
-    pub fn read_learnt_macs_with(&mut self, source: NeighbourSource) {
-        self.learnt_macs = Some(source);
+    /// kernel's table), for names by MAC address.
+    pub fn look_up_macs_with(&mut self, lookup: crate::export::names::MacLookup) {
+        self.hosts.look_up_macs_with(lookup);
     }
 
     /// Where the neighbour table comes from (the agent: rtnetlink), for
@@ -219,9 +217,6 @@ impl Pipeline {
         {
             if let Some(entries) = read() {
                 self.hosts.set_neighbours(entries);
-            }
-            if let Some(entries) = self.learnt_macs.as_mut().and_then(|read| read()) {
-                self.hosts.set_learnt_macs(entries);
             }
             self.neighbours_read = Some(now);
         }

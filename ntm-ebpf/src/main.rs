@@ -402,62 +402,75 @@ fn observe_tc(
     skb_len: u32,
     ethernet: bool,
 ) {
-    if !within_rate() {
-        count_drop(kind, DropReason::RateLimited);
-        return;
-    }
-    let Some(mut entry) = NTM_OBSERVED.reserve(0) else {
-        count_drop(kind, DropReason::RingFull);
-        return;
-    };
-    let len = capture_len(skb_len);
-    let record = entry.as_mut_ptr();
-    // SAFETY: `record` is a reserved, writable Record; `len` is 1 to
-    // CAPTURE_BYTES, the size of its data; bpf_skb_load_bytes reads the
-    // skb (linear or not) within its length and fails otherwise.
-    let loaded = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb as *const c_void,
-            0,
-            (*record).data.as_mut_ptr() as *mut c_void,
-            len,
-        )
-    } == 0;
-    if !loaded {
-        entry.discard(0);
-        return;
-    }
     let link = if ethernet {
         observe::link::ETHERNET
     } else {
         observe::link::RAW_IP
     };
+    let frame = FrameInfo {
+        kind,
+        ifindex,
+        frame_len: skb_len,
+        direction,
+        link,
+    };
+    hand_over(&frame, |to, len| {
+        // SAFETY: `to` is `len` (1 to CAPTURE_BYTES) writable bytes of a
+        // reserved record; bpf_skb_load_bytes reads the skb (linear or
+        // not) within its length and fails otherwise.
+        unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const c_void, 0, to, len) == 0 }
+    });
+}
+
+/// What a record's header says of the frame it holds.
+struct FrameInfo {
+    kind: u8,
+    ifindex: u32,
+    frame_len: u32,
+    direction: Direction,
+    link: u8,
+}
+
+/// The hand-over both hooks share: within the rate, into a reserved
+/// record, whose data `load` fills with the frame's first `len` bytes
+/// (with its hook's helper), reporting whether it could.
+#[inline(always)]
+fn hand_over(frame: &FrameInfo, load: impl FnOnce(*mut c_void, u32) -> bool) {
+    if !within_rate() {
+        count_drop(frame.kind, DropReason::RateLimited);
+        return;
+    }
+    let Some(mut entry) = NTM_OBSERVED.reserve(0) else {
+        count_drop(frame.kind, DropReason::RingFull);
+        return;
+    };
+    let len = capture_len(frame.frame_len);
+    let record = entry.as_mut_ptr();
+    // SAFETY: `record` is a reserved, writable Record; only the address of
+    // its data is taken here.
+    let data = unsafe { (*record).data.as_mut_ptr() as *mut c_void };
+    if !load(data, len) {
+        entry.discard(0);
+        return;
+    }
     // SAFETY: as above, the record is reserved and writable.
-    unsafe { write_header(record, ifindex, skb_len, len, direction, link, kind) };
+    unsafe { write_header(record, frame, len) };
     entry.submit(0);
 }
 
 /// # Safety
 /// `record` must point at a reserved ring buffer record.
 #[inline(always)]
-unsafe fn write_header(
-    record: *mut Record,
-    ifindex: u32,
-    frame_len: u32,
-    captured: u32,
-    direction: Direction,
-    link: u8,
-    kind: u8,
-) {
+unsafe fn write_header(record: *mut Record, frame: &FrameInfo, captured: u32) {
     // SAFETY: the caller says `record` is writable.
     unsafe {
         (*record).header = observe::Header {
-            ifindex,
-            frame_len,
+            ifindex: frame.ifindex,
+            frame_len: frame.frame_len,
             captured: captured as u16,
-            direction: direction as u8,
-            link,
-            kind,
+            direction: frame.direction as u8,
+            link: frame.link,
+            kind: frame.kind,
             _pad: [0; 3],
         };
     }
@@ -600,42 +613,18 @@ fn count_xdp(ctx: &XdpContext, filtered: bool) {
 /// XDP's [`observe_tc`]: the frame is all in [data, data_end).
 #[inline(always)]
 fn observe_xdp(ctx: &XdpContext, kind: u8, ifindex: u32, frame_len: u32) {
-    if !within_rate() {
-        count_drop(kind, DropReason::RateLimited);
-        return;
-    }
-    let Some(mut entry) = NTM_OBSERVED.reserve(0) else {
-        count_drop(kind, DropReason::RingFull);
-        return;
+    let frame = FrameInfo {
+        kind,
+        ifindex,
+        frame_len,
+        direction: Direction::Ingress,
+        link: observe::link::ETHERNET,
     };
-    let len = capture_len(frame_len);
-    let record = entry.as_mut_ptr();
-    // SAFETY: as in observe_tc; bpf_xdp_load_bytes checks the frame's bounds.
-    let loaded = unsafe {
-        bpf_xdp_load_bytes(
-            ctx.ctx as *mut _,
-            0,
-            (*record).data.as_mut_ptr() as *mut c_void,
-            len,
-        )
-    } == 0;
-    if !loaded {
-        entry.discard(0);
-        return;
-    }
-    // SAFETY: the record is reserved and writable.
-    unsafe {
-        write_header(
-            record,
-            ifindex,
-            frame_len,
-            len,
-            Direction::Ingress,
-            observe::link::ETHERNET,
-            kind,
-        )
-    };
-    entry.submit(0);
+    hand_over(&frame, |to, len| {
+        // SAFETY: as in observe_tc; bpf_xdp_load_bytes checks the frame's
+        // bounds.
+        unsafe { bpf_xdp_load_bytes(ctx.ctx as *mut _, 0, to, len) == 0 }
+    });
 }
 
 /// Counts into the flow's cache slot; a slot held by another flow first

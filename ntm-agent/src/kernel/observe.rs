@@ -176,6 +176,22 @@ impl LearntMacs {
         Ok(Self { map })
     }
 
+    /// The MAC frames from `ip` came from last, if the table has it.
+    pub fn lookup(&self, ip: IpAddr) -> Option<[u8; 6]> {
+        let mut key = MacKey::default();
+        match ip {
+            IpAddr::V4(v4) => {
+                key.addr[..4].copy_from_slice(&v4.octets());
+                key.family = family::IPV4;
+            }
+            IpAddr::V6(v6) => {
+                key.addr = v6.octets();
+                key.family = family::IPV6;
+            }
+        }
+        self.map.get(&key, 0).ok().map(|value| value.mac)
+    }
+
     /// Every (address, MAC) in the table now (at most
     /// `observe::MAC_ENTRIES`).
     pub fn read(&self) -> Vec<(IpAddr, [u8; 6])> {

@@ -16,12 +16,7 @@ use crate::kit::{
 };
 
 pub fn the_image_runs_with_least_privilege_and_counts() {
-    let Ok(image) = std::env::var("NTM_IMAGE") else {
-        assert!(
-            std::env::var("NTM_REQUIRE_BPF").is_err(),
-            "NTM_IMAGE is not set: run the tests with `cargo xtask test`, which builds the image"
-        );
-        eprintln!("SKIPPED: no image (cargo xtask test builds it)");
+    let Some(image) = crate::kit::test_image() else {
         return;
     };
     let link = Link::new("img");

@@ -233,30 +233,7 @@ pub fn devices_by_hosts_files_and_dhcp_leases() {
             .expect("dnsmasq (cargo xtask test installs dnsmasq-base)"),
     );
     // The client adds the address it is given to b's end of the link.
-    let script = dir.0.join("udhcpc.script");
-    std::fs::write(
-        &script,
-        "#!/bin/sh\n[ \"$1\" = bound ] && ip addr add \"$ip/${mask:-24}\" dev \"$interface\"\nexit 0\n",
-    )
-    .unwrap();
-    crate::kit::sh(&["chmod", "+x", script.to_str().unwrap()]);
-    let leased = link.b.exec(&[
-        "busybox",
-        "udhcpc",
-        "-f",
-        "-q",
-        "-n",
-        "-t",
-        "10",
-        "-T",
-        "1",
-        "-i",
-        &link.b_if,
-        "-x",
-        "hostname:phone-of-ana",
-        "-s",
-        script.to_str().unwrap(),
-    ]);
+    let leased = crate::kit::dhcp::udhcpc(&link, &dir.0, "phone-of-ana");
     let wait_for_lease = Instant::now() + Duration::from_secs(20);
     let leased_ip = loop {
         let text = std::fs::read_to_string(&leases).unwrap_or_default();
@@ -402,12 +379,7 @@ impl Drop for PodmanObject {
 /// Podman network in the test range; the traffic itself flows between the
 /// test's namespaces, from the container's address.
 pub fn containers_by_the_names_their_engine_gives() {
-    let Ok(image) = std::env::var("NTM_IMAGE") else {
-        assert!(
-            std::env::var("NTM_REQUIRE_BPF").is_err(),
-            "NTM_IMAGE is not set: run the tests with `cargo xtask test`, which builds the image"
-        );
-        eprintln!("SKIPPED: no image (cargo xtask test builds it)");
+    let Some(image) = crate::kit::test_image() else {
         return;
     };
     let dir = crate::kit::scrape::TempDir::new("containers");

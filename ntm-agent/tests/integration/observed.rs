@@ -283,31 +283,9 @@ pub fn devices_by_the_host_name_their_dhcp_client_sent() {
         ],
     );
     let _ptr = DnsServer::start(&link.a, 5355, HashMap::new());
-    let _agent = agent(&link, 9421, &[]);
-    let script = dir.0.join("udhcpc.script");
-    std::fs::write(
-        &script,
-        "#!/bin/sh\n[ \"$1\" = bound ] && ip addr add \"$ip/${mask:-24}\" dev \"$interface\"\nexit 0\n",
-    )
-    .unwrap();
-    crate::kit::sh(&["chmod", "+x", script.to_str().unwrap()]);
-    link.b.exec(&[
-        "busybox",
-        "udhcpc",
-        "-f",
-        "-q",
-        "-n",
-        "-t",
-        "10",
-        "-T",
-        "1",
-        "-i",
-        &link.b_if,
-        "-x",
-        "hostname:laptop-of-bo",
-        "-s",
-        script.to_str().unwrap(),
-    ]);
+    // Local networks: a frame's MAC names only local addresses.
+    let _agent = agent(&link, 9421, &["--local-net", "198.18.0.0/24,2001:2::/64"]);
+    crate::kit::dhcp::udhcpc(&link, &dir.0, "laptop-of-bo");
     let shown = link
         .b
         .exec(&["ip", "-4", "-o", "addr", "show", "dev", &link.b_if]);

@@ -99,9 +99,13 @@ pub struct HostLabels {
     sticky: LruCache<(IpAddr, IpAddr), Sticky>,
     /// Which MAC address uses which IP address (the neighbour table).
     neighbours: HashMap<IpAddr, Mac>,
-    /// The same, learnt from frames (the kernel's table), without the MACs
-    /// of routers (which send from every address behind them).
+    /// Asks the kernel's table of source MACs by address (learnt from
+    /// frames) about one address.
+    mac_lookup: Option<MacLookup>,
+    /// What it said, until the neighbour table is read again, with how
+    /// many addresses each MAC has (a router's has many).
     learnt_macs: HashMap<IpAddr, Mac>,
+    addresses_per_mac: HashMap<Mac, usize>,
     /// DNS answers and DHCP messages seen on the wire.
     observed: ObservedNames,
     /// Containers on this host by address, if an engine is asked.
@@ -119,6 +123,9 @@ pub struct HostLabels {
 /// used is forgotten (should it come back while its series lives, its label
 /// is decided again, the same way unless a name source changed).
 pub const MAX_STICKY: NonZeroUsize = NonZeroUsize::new(262_144).expect("not zero");
+
+/// Asks for the MAC frames from an address came from.
+pub type MacLookup = Box<dyn FnMut(IpAddr) -> Option<Mac> + Send>;
 
 /// Neighbour entries kept at most (a /16 of devices).
 pub const MAX_NEIGHBOURS: usize = 65_536;
@@ -179,7 +186,9 @@ impl HostLabels {
             wait: options.wait,
             sticky: LruCache::new(MAX_STICKY),
             neighbours: HashMap::new(),
+            mac_lookup: None,
             learnt_macs: HashMap::new(),
+            addresses_per_mac: HashMap::new(),
             observed: ObservedNames::new(options.answer_min_ttl),
             containers: None,
             hosts: HashMap::new(),
@@ -221,31 +230,58 @@ impl HostLabels {
     /// The neighbour table now (IP to MAC), at most [`MAX_NEIGHBOURS`].
     pub fn set_neighbours(&mut self, entries: impl IntoIterator<Item = (IpAddr, Mac)>) {
         self.neighbours = entries.into_iter().take(MAX_NEIGHBOURS).collect();
+        // Frames' MACs are asked again from now on (a device may have
+        // moved); the counts per MAC start over with them.
+        self.learnt_macs.clear();
+        self.addresses_per_mac.clear();
     }
 
-    /// Which MAC sent from which address, as frames showed (the kernel's
-    /// table); a MAC with more than [`MAX_ADDRESSES_PER_DEVICE`] addresses
-    /// is a router's and is left out.
-    pub fn set_learnt_macs(&mut self, entries: Vec<(IpAddr, Mac)>) {
-        let mut per_mac: HashMap<Mac, usize> = HashMap::new();
-        for (_, mac) in &entries {
-            *per_mac.entry(*mac).or_default() += 1;
-        }
-        self.learnt_macs = entries
-            .into_iter()
-            .filter(|(ip, mac)| {
-                !ip.is_unspecified()
-                    && per_mac.get(mac).copied().unwrap_or(0) <= MAX_ADDRESSES_PER_DEVICE
-            })
-            .take(MAX_NEIGHBOURS)
-            .collect();
+    /// Where MACs learnt from frames come from (the agent: the kernel's
+    /// table, one lookup per address).
+    pub fn look_up_macs_with(&mut self, lookup: MacLookup) {
+        self.mac_lookup = Some(lookup);
     }
 
-    /// The MAC an address is at: the neighbour table's, else the one frames
-    /// showed, else the one its DHCP lease was given to.
-    fn mac_of(&self, ip: IpAddr) -> Option<Mac> {
+    /// The MAC an address is at: the neighbour table's; else, for a local
+    /// address (in `--local-net`), the one its frames came from, unless
+    /// that MAC sends from more than [`MAX_ADDRESSES_PER_DEVICE`]
+    /// addresses (a router's); else the one its DHCP lease was given to.
+    /// Remote addresses never take a frame's MAC: theirs is the router's.
+    fn mac_of(&mut self, ip: IpAddr) -> Option<Mac> {
         // A group address is no device's (the neighbour table maps them to
         // multicast MACs).
+        if ip.is_multicast() || ip.is_unspecified() {
+            return None;
+        }
+        if let Some(mac) = self.neighbours.get(&ip) {
+            return Some(*mac);
+        }
+        if self.local.contains(ip) {
+            let learnt = match self.learnt_macs.get(&ip) {
+                Some(mac) => Some(*mac),
+                None => self.look_up_mac(ip),
+            };
+            if let Some(mac) = learnt
+                && self.addresses_per_mac.get(&mac).copied().unwrap_or(0)
+                    <= MAX_ADDRESSES_PER_DEVICE
+            {
+                return Some(mac);
+            }
+        }
+        self.observed.leased_mac(ip)
+    }
+
+    fn look_up_mac(&mut self, ip: IpAddr) -> Option<Mac> {
+        let mac = (self.mac_lookup.as_mut()?)(ip)?;
+        if self.learnt_macs.len() < MAX_NEIGHBOURS {
+            self.learnt_macs.insert(ip, mac);
+            *self.addresses_per_mac.entry(mac).or_default() += 1;
+        }
+        Some(mac)
+    }
+
+    /// The MAC an address is known at, without asking the kernel.
+    fn known_mac(&self, ip: IpAddr) -> Option<Mac> {
         if ip.is_multicast() {
             return None;
         }
@@ -343,7 +379,7 @@ impl HostLabels {
     pub fn hosts(&self) -> impl Iterator<Item = (IpAddr, &str, Source, Option<Mac>)> {
         self.hosts
             .iter()
-            .map(|((ip, label), (source, _))| (*ip, label.as_str(), *source, self.mac_of(*ip)))
+            .map(|((ip, label), (source, _))| (*ip, label.as_str(), *source, self.known_mac(*ip)))
     }
 
     /// Changes whenever a host enters or leaves the labels.
@@ -488,25 +524,29 @@ mod tests {
     }
 
     #[test]
-    fn a_mac_behind_many_addresses_is_a_routers_and_names_none() {
+    fn frames_macs_name_local_addresses_only_and_never_a_routers() {
         let mut h = HostLabels::new(true, None, local(), &options());
         let device = [2, 0, 0, 0, 0, 7];
         let router = [2, 0, 0, 0, 0, 1];
-        let mut entries: Vec<(IpAddr, Mac)> = vec![
-            ("198.18.0.7".parse().unwrap(), device),
-            ("2001:2::7".parse().unwrap(), device),
-            ("0.0.0.0".parse().unwrap(), device),
-        ];
-        for i in 0..=MAX_ADDRESSES_PER_DEVICE as u32 {
-            entries.push((IpAddr::from((0x5db8_0000u32 + i).to_be_bytes()), router));
+        h.look_up_macs_with(Box::new(move |ip: IpAddr| match ip {
+            IpAddr::V4(v4) if v4.octets()[2] == 1 => Some(device),
+            _ => Some(router),
+        }));
+        assert_eq!(h.mac_of("192.168.1.7".parse().unwrap()), Some(device));
+        assert_eq!(
+            h.mac_of("93.184.0.1".parse().unwrap()),
+            None,
+            "a remote address's frames come from the router"
+        );
+        // A local MAC that sends from many addresses is a router's too.
+        for i in 0..=MAX_ADDRESSES_PER_DEVICE as u8 {
+            h.mac_of(IpAddr::from([192, 168, 2, i]));
         }
-        h.set_learnt_macs(entries);
-        assert_eq!(h.mac_of("2001:2::7".parse().unwrap()), Some(device));
-        assert_eq!(h.mac_of("93.184.0.1".parse().unwrap()), None);
-        assert_eq!(h.learnt_macs.len(), 2, "no router, no unspecified address");
+        assert_eq!(h.mac_of("192.168.2.200".parse().unwrap()), None);
+        assert_eq!(h.mac_of("192.168.1.8".parse().unwrap()), Some(device));
         // The neighbour table wins.
-        h.set_neighbours([("198.18.0.7".parse().unwrap(), router)]);
-        assert_eq!(h.mac_of("198.18.0.7".parse().unwrap()), Some(router));
+        h.set_neighbours([("192.168.1.7".parse().unwrap(), router)]);
+        assert_eq!(h.mac_of("192.168.1.7".parse().unwrap()), Some(router));
     }
 
     #[test]

@@ -487,6 +487,58 @@ mod tests {
     }
 
     #[test]
+    fn a_dhcpv6_reply_ties_its_addresses_to_the_client() {
+        use dhcproto::Encodable as _;
+        let mut reply = v6::Message::new(v6::MessageType::Reply);
+        reply.opts_mut().insert(v6::DhcpOption::ClientId(vec![
+            0, 4, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9,
+        ]));
+        let mut ia = v6::IANA {
+            id: 1,
+            t1: 0,
+            t2: 0,
+            opts: v6::DhcpOptions::new(),
+        };
+        for (addr, valid) in [("2001:2::100", 3600), ("2001:2::101", 0)] {
+            ia.opts.insert(v6::DhcpOption::IAAddr(v6::IAAddr {
+                addr: addr.parse().unwrap(),
+                preferred_life: valid,
+                valid_life: valid,
+                opts: v6::DhcpOptions::new(),
+            }));
+        }
+        reply.opts_mut().insert(v6::DhcpOption::IANA(ia));
+        let facts = dhcp6(&reply.to_vec().unwrap()).unwrap();
+        let duid: Box<[u8]> = vec![0, 4, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9].into();
+        assert_eq!(
+            facts,
+            vec![Fact::Lease {
+                client: Client::Duid(duid),
+                address: "2001:2::100".parse().unwrap(),
+            }],
+            "a lease with no valid lifetime left is over"
+        );
+    }
+
+    #[test]
+    fn a_dhcpv4_ack_gives_the_address() {
+        use dhcproto::Encodable as _;
+        let mut ack = v4::Message::default();
+        ack.set_opcode(v4::Opcode::BootReply)
+            .set_chaddr(&[2, 0, 0, 0, 0, 7])
+            .set_yiaddr(Ipv4Addr::new(198, 18, 0, 120));
+        ack.opts_mut()
+            .insert(v4::DhcpOption::MessageType(v4::MessageType::Ack));
+        assert_eq!(
+            dhcp4(&ack.to_vec().unwrap()).unwrap(),
+            vec![Fact::Lease {
+                client: Client::Mac([2, 0, 0, 0, 0, 7]),
+                address: "198.18.0.120".parse().unwrap(),
+            }]
+        );
+    }
+
+    #[test]
     fn host_names_are_trimmed_and_checked() {
         assert_eq!(host_name("phone\0"), Some("phone".into()));
         assert_eq!(host_name("a b"), None);

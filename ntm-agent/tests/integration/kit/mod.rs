@@ -6,6 +6,7 @@
 //! create, on 198.18.0.0/15 and 2001:2::/48, in bounded loops.
 #![allow(dead_code)]
 
+pub mod dhcp;
 pub mod dns;
 pub mod frames;
 pub mod scrape;
@@ -345,4 +346,21 @@ pub fn start_kernel_with(config: &ntm_agent::config::Config) -> ntm_agent::kerne
     let services = config.services().expect("services");
     ntm_agent::kernel::Kernel::start(&options, &services.known_port_bitmap())
         .expect("kernel starts")
+}
+
+/// The image `cargo xtask test` built (`NTM_IMAGE`), or None (and a
+/// skip message) when the tests run without it; with NTM_REQUIRE_BPF=1
+/// a missing image fails instead.
+pub fn test_image() -> Option<String> {
+    match std::env::var("NTM_IMAGE") {
+        Ok(image) => Some(image),
+        Err(_) => {
+            assert!(
+                std::env::var("NTM_REQUIRE_BPF").is_err(),
+                "NTM_IMAGE is not set: run the tests with `cargo xtask test`, which builds the image"
+            );
+            eprintln!("SKIPPED: no image (cargo xtask test builds it)");
+            None
+        }
+    }
 }
