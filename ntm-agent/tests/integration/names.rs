@@ -332,23 +332,11 @@ pub fn devices_by_hosts_files_and_dhcp_leases() {
 /// Waits until the UDP bytes to port 5300 of each label equal what was
 /// sent; returns the scrape.
 fn wait_for_bytes(link: &Link, port: u16, expect: &[(&str, u64)]) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = scrape(&link.a, port).unwrap_or_default();
-        let got: Vec<u64> = expect
-            .iter()
-            .map(|(label, _)| bytes_where(&text, &[label, r#"service="5300""#]))
-            .collect();
-        let want: Vec<u64> = expect.iter().map(|(_, bytes)| *bytes).collect();
-        if got == want {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "want {want:?}, got {got:?}:\n{text}"
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
+    let expect: Vec<(Vec<&str>, u64)> = expect
+        .iter()
+        .map(|(label, bytes)| (vec![*label], *bytes))
+        .collect();
+    crate::observed::wait_for(link, port, &expect)
 }
 
 /// Runs `podman` with `args`; its stdout, or its stderr if it failed.

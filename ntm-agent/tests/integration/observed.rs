@@ -130,7 +130,7 @@ fn add_address(ns: &Netns, iface: &str, address: &str) {
 
 /// Waits until the bytes to the sink of each (label parts, bytes) equal
 /// what was sent; returns the scrape.
-fn wait_for(link: &Link, port: u16, expect: &[(Vec<&str>, u64)]) -> String {
+pub fn wait_for(link: &Link, port: u16, expect: &[(Vec<&str>, u64)]) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let text = scrape(&link.a, port).unwrap_or_default();
