@@ -130,27 +130,10 @@ impl ObservedNames {
         }
     }
 
-    /// Drops answers whose TTL is over, oldest use first.
+    /// Drops answers whose TTL is over.
     pub fn expire(&mut self, now: Instant) {
-        for table in [&mut self.answers] {
-            let expired: Vec<_> = table
-                .iter()
-                .filter(|(_, a)| a.until <= now)
-                .map(|(k, _)| *k)
-                .collect();
-            for key in expired {
-                table.pop(&key);
-            }
-        }
-        let expired: Vec<_> = self
-            .by_address
-            .iter()
-            .filter(|(_, a)| a.until <= now)
-            .map(|(k, _)| *k)
-            .collect();
-        for key in expired {
-            self.by_address.pop(&key);
-        }
+        expire_answers(&mut self.answers, now);
+        expire_answers(&mut self.by_address, now);
     }
 
     pub fn sizes(&self) -> TableSizes {
@@ -159,6 +142,19 @@ impl ObservedNames {
             clients: self.clients.len(),
             leases: self.leases.len(),
         }
+    }
+}
+
+/// Removes the entries of `table` whose TTL is over (a pass over the
+/// table, every few drains).
+fn expire_answers<K: Copy + std::hash::Hash + Eq>(table: &mut LruCache<K, Answered>, now: Instant) {
+    let expired: Vec<K> = table
+        .iter()
+        .filter(|(_, a)| a.until <= now)
+        .map(|(k, _)| *k)
+        .collect();
+    for key in expired {
+        table.pop(&key);
     }
 }
 
