@@ -59,7 +59,8 @@ pub enum AttachError {
 pub enum Hooks {
     /// A plain interface: traffic in and out.
     Both,
-    /// A bridge port: frames entering the bridge from this port.
+    /// Ingress only: a bridge port (frames entering the bridge from it),
+    /// or loopback (every frame comes back in).
     Ingress,
     /// A bridge: frames the host sends into the bridge.
     Egress,

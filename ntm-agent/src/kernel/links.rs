@@ -13,7 +13,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     RouteNetlinkMessage,
-    link::{InfoKind, LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage},
+    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -38,6 +38,8 @@ pub struct LinkInfo {
     pub kind: String,
     /// Index of the bridge (or bond) this link is a port of.
     pub master: Option<u32>,
+    /// A loopback device: every frame leaves it and comes back in.
+    pub loopback: bool,
 }
 
 /// The link of one RTM_NEWLINK message (None without a name).
@@ -47,6 +49,7 @@ fn link_info(message: &LinkMessage) -> Option<LinkInfo> {
         name: String::new(),
         kind: String::new(),
         master: None,
+        loopback: message.header.flags.contains(LinkFlags::Loopback),
     };
     for attribute in &message.attributes {
         match attribute {
@@ -277,8 +280,12 @@ mod tests {
                 name: "br0".into(),
                 kind: "bridge".into(),
                 master: None,
+                loopback: false,
             })
         );
+        message.header.flags = LinkFlags::Loopback | LinkFlags::Up;
+        assert_eq!(link_info(&message).map(|l| l.loopback), Some(true));
+        message.header.flags = LinkFlags::empty();
         message.attributes = vec![
             LinkAttribute::IfName("p1".into()),
             LinkAttribute::Controller(7),

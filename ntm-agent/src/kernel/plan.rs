@@ -75,10 +75,17 @@ pub fn plan(requested: &[String], links: &[LinkInfo]) -> (Vec<Planned>, Vec<Stri
                     // there, once. Hooking it as well would count it twice.
                     continue;
                 }
+                // Loopback sees each packet twice, leaving and coming back
+                // in: counted once, at ingress.
+                let hooks = if link.loopback {
+                    Hooks::Ingress
+                } else {
+                    Hooks::Both
+                };
                 planned.entry(link.index).or_insert(Planned {
                     iface: link.name.clone(),
                     ifindex: link.index,
-                    hooks: Hooks::Both,
+                    hooks,
                     label: link.name.clone(),
                 });
             }
@@ -97,6 +104,7 @@ mod tests {
             name: name.into(),
             kind: kind.into(),
             master,
+            loopback: name == "lo",
         }
     }
 
@@ -147,6 +155,8 @@ mod tests {
         // A port on its own, without its bridge: both hooks.
         let (alone, _) = plan(&req(&["eth1"]), &links());
         assert_eq!(alone[0].hooks, Hooks::Both);
+        let (lo, _) = plan(&["lo".into()], &[link(1, "lo", "", None)]);
+        assert_eq!(lo[0].hooks, Hooks::Ingress, "loopback: each packet once");
     }
 
     #[test]

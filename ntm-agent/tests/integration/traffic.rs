@@ -736,3 +736,53 @@ pub fn other_tc_programs_keep_running_and_their_verdicts_stand() {
         drop(others);
     });
 }
+
+/// Loopback hands every packet to its egress hook and then to its ingress
+/// hook: `-i lo` counts each one once, over IPv4 and IPv6, exactly.
+pub fn loopback_counts_each_packet_once() {
+    let ns = crate::kit::Netns::new("lo");
+    ns.run(|| {
+        let mut kernel = crate::kit::start_kernel(&["-i", "lo", "--numeric"]);
+        kernel.drain().unwrap();
+        let (mut sent, mut sinks) = (Vec::new(), Vec::new());
+        for (address, header) in [("127.0.0.1", 28u64), ("::1", 48)] {
+            let sink = UdpSocket::bind((address, 5300)).unwrap();
+            let socket = UdpSocket::bind((address, 0)).unwrap();
+            for i in 0..50usize {
+                socket.send_to(&vec![1; 100 + i], (address, 5300)).unwrap();
+            }
+            let bytes: u64 = (0..50u64).map(|i| header + 100 + i).sum();
+            sent.push((address, bytes));
+            sinks.push(sink);
+        }
+        // Every datagram is in the sinks: each crossed both hooks by now.
+        let mut buf = [0u8; 256];
+        for sink in &sinks {
+            sink.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            for _ in 0..50 {
+                sink.recv(&mut buf).unwrap();
+            }
+        }
+        let drained = kernel.drain().unwrap();
+        for (address, bytes) in sent {
+            let counted = flow(
+                &drained,
+                address,
+                address,
+                ipproto::UDP,
+                5300,
+                Direction::Ingress,
+            );
+            assert_eq!(counted, Counters { bytes, packets: 50 }, "{address}");
+            let egress = flow(
+                &drained,
+                address,
+                address,
+                ipproto::UDP,
+                5300,
+                Direction::Egress,
+            );
+            assert_eq!(egress, Counters::default(), "{address}: not at egress too");
+        }
+    });
+}
