@@ -29,6 +29,7 @@ NON_DEFAULT = {
     "metricPrefix": "home",
     "extraArgs": ["--drain-interval", "2s"],
     "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus"}},
+    "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus"}},
     "dashboard": {"enabled": True, "labels": {"grafana_dashboard": "1"}},
     "nodeSelector": {"kubernetes.io/os": "linux"},
     "tolerations": [{"operator": "Exists"}],
@@ -37,6 +38,10 @@ NON_DEFAULT = {
     "seccompProfile": {"type": "Unconfined"},
     "filter": "not port 22",
 }
+
+RULES = yaml.safe_load(
+    open(os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "prometheus", "ntm-rules.yml"))
+)
 
 passed, failed = 0, 0
 
@@ -76,6 +81,19 @@ check("helm lint --strict", not lint.get("errors") and not serious, lint)
 for label, values in [("default values", {}), ("non-default values", NON_DEFAULT)]:
     out, docs = render(values)
     for path, doc in docs:
+        if doc["kind"] == "PrometheusRule":
+            # A CRD as well: the rules file's groups, for this release.
+            rules = [r for g in doc["spec"]["groups"] for r in g["rules"]]
+            exprs = " ".join(r["expr"] for r in rules)
+            ok = (
+                len(rules) == len(RULES["groups"][0]["rules"])
+                and "home_interface_attached" in exprs
+                and "ntm_" not in exprs
+                and 'job="ntm"' in exprs
+                and doc["metadata"]["labels"].get("release") == "kube-prometheus"
+            )
+            check(f"{label}: {path} (PrometheusRule: the rules, with prefix and job)", ok, exprs)
+            continue
         if doc["kind"] == "ServiceMonitor":
             # A CRD: not in the core schemas; check its shape by hand.
             ok = doc["spec"]["endpoints"][0]["port"] == "metrics"

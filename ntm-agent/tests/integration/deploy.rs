@@ -84,3 +84,53 @@ pub fn an_unprivileged_agent_with_the_units_capabilities_counts() {
     wait_healthy(&link.a, 9950);
     udp_counted_exactly(&link, 5320, 10, 72, 9950);
 }
+
+const RULES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheus");
+
+/// The alert rules: `promtool check rules` is clean, `promtool test rules`
+/// (each alert fires on input that calls for it, not before its `for`)
+/// passes, and every ntm metric they name is one a real agent exports.
+pub fn alert_rules_pass_promtool_and_name_real_metrics() {
+    for args in [
+        vec!["check", "rules", "ntm-rules.yml"],
+        vec!["test", "rules", "ntm-rules.test.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(&args)
+            .current_dir(RULES_DIR)
+            .output()
+            .expect("promtool (cargo xtask test installs prometheus)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rules = std::fs::read_to_string(format!("{RULES_DIR}/ntm-rules.yml")).unwrap();
+    let named: std::collections::BTreeSet<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr:"))
+        .flat_map(|expr| expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')))
+        .filter(|word| word.starts_with("ntm_"))
+        .collect();
+    assert!(named.len() >= 4, "{named:?}");
+    let link = Link::new("rules");
+    let _agent = Guard(
+        crate::kit::agent_in(&link.a, false)
+            .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", "9470"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_healthy(&link.a, 9470);
+    let (_, text) = crate::kit::scrape::http_get(&link.a, 9470, "/metrics").unwrap();
+    for metric in named {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("# TYPE {metric} "))),
+            "the rules name {metric}, which ntm does not export:\n{text}"
+        );
+    }
+}

@@ -42,6 +42,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: dashboard::every_panel_query_returns_data_from_a_real_prometheus,
     Nothing: deploy::systemd_unit_verifies,
     Root: deploy::an_unprivileged_agent_with_the_units_capabilities_counts,
+    Root: deploy::alert_rules_pass_promtool_and_name_real_metrics,
     Root: endpoint::interface_attached_says_how_each_interface_is_hooked,
     Root: endpoint::user_errors_are_one_line_without_a_backtrace,
     Root: endpoint::no_client_can_flood_the_log_or_hold_a_connection,
