@@ -199,38 +199,16 @@ pub fn devices_by_hosts_files_and_dhcp_leases() {
     std::fs::write(&hosts, "# the office\n198.18.0.2 printer\n").unwrap();
     std::fs::write(&ethers, "02:00:00:00:00:99 tv\n").unwrap();
     // DHCP only (--port=0: no DNS), on a's end of the test link only.
-    let _dnsmasq = Guard(
-        std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &link.a.name,
-                "dnsmasq",
-                "--keep-in-foreground",
-            ])
-            .args([
-                "--conf-file=/dev/null",
-                "--port=0",
-                "--no-resolv",
-                "--no-hosts",
-            ])
-            .args([
-                "--interface",
-                &link.a_if,
-                "--bind-interfaces",
-                "--except-interface=lo",
-            ])
-            .args(["--dhcp-range=198.18.0.100,198.18.0.150,255.255.255.0,10m"])
-            .args(["--dhcp-authoritative", "--no-ping", "--user=root"])
-            .arg(format!("--dhcp-leasefile={}", leases.display()))
-            .arg(format!(
-                "--pid-file={}",
-                dir.0.join("dnsmasq.pid").display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dnsmasq (cargo xtask test installs dnsmasq-base)"),
+    let _dnsmasq = crate::kit::dhcp::dnsmasq(
+        &link,
+        &dir.0,
+        &[
+            "--port=0",
+            "--dhcp-range=198.18.0.100,198.18.0.150,255.255.255.0,10m",
+            "--dhcp-authoritative",
+            "--no-ping",
+            &format!("--dhcp-leasefile={}", leases.display()),
+        ],
     );
     // The client adds the address it is given to b's end of the link.
     let leased = crate::kit::dhcp::udhcpc(&link, &dir.0, "phone-of-ana");

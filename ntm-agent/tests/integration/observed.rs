@@ -9,7 +9,7 @@ use std::{
     collections::HashMap,
     net::UdpSocket,
     path::Path,
-    process::{Command, Stdio},
+    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
@@ -32,35 +32,6 @@ const BRIEF: &str = "198.18.0.53";
 const TCP_ONLY: &str = "198.18.0.54";
 const SYSTEM: &str = "198.18.0.55";
 const SINK_PORT: u16 = 5300;
-
-/// dnsmasq on a's end of the link only: DNS on port 53 of A4 (no upstream,
-/// no hosts file), and with `dhcp` a DHCP range too.
-fn dnsmasq(link: &Link, dir: &Path, extra: &[&str]) -> Guard {
-    Guard(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &link.a.name,
-                "dnsmasq",
-                "--keep-in-foreground",
-            ])
-            .args(["--conf-file=/dev/null", "--no-resolv", "--no-hosts"])
-            .args([
-                "--interface",
-                &link.a_if,
-                "--bind-interfaces",
-                "--except-interface=lo",
-            ])
-            .args(["--user=root", "--log-facility=-"])
-            .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dnsmasq (cargo xtask test installs dnsmasq-base)"),
-    )
-}
 
 fn agent(link: &Link, port: u16, extra: &[&str]) -> Guard {
     let agent = Guard(
@@ -165,7 +136,7 @@ pub fn servers_by_the_name_their_client_asked() {
     for address in [VIDEO, CDN, BRIEF, TCP_ONLY, SYSTEM, SHOP6] {
         add_address(&link.a, &link.a_if, address);
     }
-    let _dnsmasq = dnsmasq(
+    let _dnsmasq = crate::kit::dhcp::dnsmasq(
         &link,
         dir.0.as_path(),
         &[
@@ -271,7 +242,7 @@ pub fn servers_by_the_name_their_client_asked() {
 pub fn devices_by_the_host_name_their_dhcp_client_sent() {
     let link = Link::new("dhcpobs");
     let dir = TempDir::new("dhcpobs");
-    let _dnsmasq = dnsmasq(
+    let _dnsmasq = crate::kit::dhcp::dnsmasq(
         &link,
         dir.0.as_path(),
         &[

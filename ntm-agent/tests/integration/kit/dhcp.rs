@@ -1,9 +1,43 @@
-//! A real DHCP client for the name tests: busybox's udhcpc, which sends a
-//! host name and puts the address it is given on its interface.
+//! Real DHCP and DNS parts for the name tests: dnsmasq on a's end of a
+//! test link, and busybox's udhcpc on b's, which sends a host name and
+//! puts the address it is given on its interface.
 
-use std::path::Path;
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
 
-use super::Link;
+use super::{Link, scrape::Guard};
+
+/// dnsmasq on a's end of `link` only (never another interface, no
+/// upstream, no hosts file), its pid file in `dir`, with `extra` options:
+/// a DHCP range, `--port=53` and names for DNS, or `--port=0` for none.
+pub fn dnsmasq(link: &Link, dir: &Path, extra: &[&str]) -> Guard {
+    Guard(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &link.a.name,
+                "dnsmasq",
+                "--keep-in-foreground",
+            ])
+            .args(["--conf-file=/dev/null", "--no-resolv", "--no-hosts"])
+            .args([
+                "--interface",
+                &link.a_if,
+                "--bind-interfaces",
+                "--except-interface=lo",
+            ])
+            .args(["--user=root", "--log-facility=-"])
+            .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq (cargo xtask test installs dnsmasq-base)"),
+    )
+}
 
 /// Runs udhcpc once on b's end of `link` (its script in `dir`), sending
 /// `hostname`; returns what it printed. The leased address ends up on
