@@ -79,7 +79,6 @@ impl NameOptions {
 
 struct Sticky {
     label: String,
-    source: Source,
     last_used: Instant,
 }
 
@@ -341,7 +340,6 @@ impl HostLabels {
         self.hold(ip, &label, source);
         let sticky = Sticky {
             label: label.clone(),
-            source,
             last_used: now,
         };
         if let Some(((evicted_ip, _), evicted)) = self.sticky.push((ip, peer), sticky) {
@@ -367,9 +365,12 @@ impl HostLabels {
         if let Some(held) = self.hosts.get_mut(&key) {
             held.1 -= 1;
             if held.1 == 0 {
+                // Counted under the source it was first held with (two
+                // peers may have reached one label by two rungs).
+                let source = held.0;
                 self.hosts.remove(&key);
                 self.hosts_changed += 1;
-                self.count(sticky.source, -1);
+                self.count(source, -1);
             }
         }
     }
