@@ -606,6 +606,50 @@ mod tests {
     use super::*;
 
     #[test]
+    fn names_from_the_kernel_follow_the_flags() {
+        // -i: no default-route lookup in a unit test.
+        let config = |args: &[&str]| {
+            let fixed = ["ntm-agent", "-i", "eth0"];
+            Config::try_parse_from(fixed.into_iter().chain(args.iter().copied())).unwrap()
+        };
+        let dns = 1 << ntm_common::observe::Kind::Dns as u32;
+        let dhcp = 1 << ntm_common::observe::Kind::Dhcp as u32;
+        let on = config(&[]);
+        assert_eq!(on.observe_kinds(), dns | dhcp, "on by default");
+        assert!(on.kernel().unwrap().datapath.learn_macs);
+        assert_eq!(
+            on.container_sockets(),
+            Some(Vec::new()),
+            "the default sockets"
+        );
+        assert_eq!(config(&["--no-observe-dns"]).observe_kinds(), dhcp);
+        assert_eq!(config(&["--no-observe-dhcp"]).observe_kinds(), dns);
+        assert_eq!(config(&["--no-containers"]).container_sockets(), None);
+        assert_eq!(
+            config(&["--container-socket", "/run/a.sock,/run/b.sock"]).container_sockets(),
+            Some(vec![
+                PathBuf::from("/run/a.sock"),
+                PathBuf::from("/run/b.sock")
+            ])
+        );
+        // No names at all: nothing observed, learnt or asked.
+        for off in [&["--numeric"][..], &["--labels", "service,iface"][..]] {
+            let c = config(off);
+            assert_eq!(c.observe_kinds(), 0, "{off:?}");
+            assert!(!c.kernel().unwrap().datapath.learn_macs, "{off:?}");
+            assert_eq!(c.container_sockets(), None, "{off:?}");
+        }
+        assert!(Config::try_parse_from(["ntm-agent", "--observe-rate", "0"]).is_err());
+        assert_eq!(
+            config(&["--dns-answer-min-ttl", "5s"])
+                .pipeline()
+                .names
+                .answer_min_ttl,
+            Duration::from_secs(5)
+        );
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
