@@ -23,7 +23,7 @@ use crate::{
     export::{
         Exposition,
         budget::SeriesBudget,
-        labels::{Label, Labeller, LocalNets},
+        labels::{Label, Labeller, LocalNets, iface_label},
         names::{HostLabels, NameOptions, files::Mac},
         pending::PendingFlows,
         self_metrics::{MetricsError, SelfMetrics},
@@ -201,7 +201,7 @@ impl Pipeline {
         iface_labels: &HashMap<u32, String>,
         now: Instant,
     ) {
-        self.metrics.record_drain(drained);
+        self.metrics.record_drain(drained, iface_labels);
         // The name files that changed are read again (a stat each).
         self.hosts.refresh();
         self.pending.add(&drained.flows, now);
@@ -233,24 +233,23 @@ impl Pipeline {
             wait,
             |key, first_seen| hosts.flow_labels(key, first_seen, now),
             |key, (src, dst), delta| {
-                let iface = iface_labels
-                    .get(&key.ifindex)
-                    .cloned()
-                    .unwrap_or_else(|| key.ifindex.to_string());
+                let iface = iface_label(iface_labels, key.ifindex);
                 budget.add(labeller.values(key, &iface, &src, &dst), delta, now);
             },
         );
         // Traffic that found no room in the flow table is still traffic: it
-        // goes into the main counters, labelled "other", so that their
-        // totals add up.
-        for reason in [
-            OutsideReason::TableFull,
-            OutsideReason::InsertFailed,
-            OutsideReason::NoActiveTable,
-        ] {
-            let delta = drained.outside[reason as usize];
-            if delta.packets != 0 || delta.bytes != 0 {
-                self.budget.add_overflow(&delta, now);
+        // goes into the main counters of its interface, every other label
+        // "other" (its addresses, and so its direction, are not kept), so
+        // that per-interface totals add up.
+        for (at, delta) in drained.outside.iter() {
+            if matches!(
+                at.reason,
+                OutsideReason::TableFull
+                    | OutsideReason::InsertFailed
+                    | OutsideReason::NoActiveTable
+            ) {
+                let iface = iface_label(iface_labels, at.ifindex);
+                self.budget.add_overflow(&iface, delta, now);
             }
         }
         self.update_host_info();
@@ -442,23 +441,52 @@ mod tests {
     }
 
     #[test]
-    fn overflow_counts_in_the_main_counters_as_other() {
+    fn overflow_counts_in_the_main_counters_of_its_interface() {
+        use crate::kernel::drain::Outside;
+        use ntm_common::Direction;
         let mut p = pipeline(100, Duration::from_secs(60), Label::DEFAULT.to_vec());
         let mut d = drained(vec![(flow([192, 168, 1, 2], [8, 8, 8, 8], 443), 100)]);
-        d.outside[OutsideReason::TableFull as usize] = Counters {
-            bytes: 900,
-            packets: 9,
+        let at = |ifindex, direction, reason| Outside {
+            ifindex,
+            direction,
+            reason,
         };
-        d.outside[OutsideReason::MalformedIpv4 as usize] = Counters {
-            bytes: 60,
-            packets: 1,
-        };
-        p.process(&d, &eth0(), Instant::now());
-        assert_eq!(total(&p), 1000);
-        let text = p.exposition().encode().unwrap();
-        assert!(
-            text.contains(r#"ntm_outside_flow_table_packets_total{reason="malformed_ipv4"} 1"#),
-            "{text}"
+        let c = |bytes, packets| Counters { bytes, packets };
+        d.outside.add(
+            at(2, Direction::Ingress, OutsideReason::TableFull),
+            &c(900, 9),
         );
+        d.outside.add(
+            at(2, Direction::Egress, OutsideReason::TableFull),
+            &c(40, 1),
+        );
+        d.outside.add(
+            at(
+                Outside::UNKNOWN_IFINDEX,
+                Direction::Egress,
+                OutsideReason::InsertFailed,
+            ),
+            &c(20, 1),
+        );
+        d.outside.add(
+            at(2, Direction::Ingress, OutsideReason::MalformedIpv4),
+            &c(60, 1),
+        );
+        d.outside
+            .add(at(2, Direction::Egress, OutsideReason::Filtered), &c(70, 1));
+        p.process(&d, &eth0(), Instant::now());
+        assert_eq!(total(&p), 100 + 900 + 40 + 20);
+        let text = p.exposition().encode().unwrap();
+        for line in [
+            r#"ntm_bytes_total{direction="other",dst="other",iface="eth0",proto="other",service="other",src="other"} 940"#,
+            r#"ntm_bytes_total{direction="other",dst="other",iface="other",proto="other",service="other",src="other"} 20"#,
+            r#"ntm_outside_flow_table_packets_total{direction="ingress",iface="eth0",reason="malformed_ipv4"} 1"#,
+            r#"ntm_outside_flow_table_bytes_total{direction="ingress",iface="eth0",reason="table_full"} 900"#,
+            r#"ntm_outside_flow_table_bytes_total{direction="egress",iface="eth0",reason="table_full"} 40"#,
+            r#"ntm_outside_flow_table_bytes_total{direction="egress",iface="other",reason="insert_failed"} 20"#,
+            r#"ntm_filtered_bytes_total{direction="egress",iface="eth0"} 70"#,
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
     }
 }

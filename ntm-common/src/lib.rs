@@ -22,8 +22,24 @@ pub mod names {
     pub const ACTIVE_CACHE_SLOT: &str = "NTM_ACTIVE_CACHE";
     /// The two per-CPU flow caches that take turns behind [`ACTIVE_CACHE_SLOT`].
     pub const FLOW_CACHES: [&str; 2] = ["NTM_CACHE_A", "NTM_CACHE_B"];
-    /// Per-CPU array of [`crate::Counters`], one per [`crate::OutsideReason`].
+    /// Per-CPU array of [`crate::OutsideSlot`]s: frames filtered out or
+    /// finding the table full, by generation, interface (direct-mapped, see
+    /// [`crate::outside_slot_index`]), direction and reason. The hot path:
+    /// an array slot, no hashing.
+    pub const OUTSIDE_SLOTS: &str = "NTM_OUTSIDE_SLOTS";
+    /// Per-CPU hash of [`crate::OutsideKey`] to [`crate::Counters`]: the
+    /// other outside counts (malformed frames and the like), and those of
+    /// an interface whose [`OUTSIDE_SLOTS`] slot another interface holds.
     pub const OUTSIDE_COUNTERS: &str = "NTM_OUTSIDE";
+    /// Per-CPU array of [`crate::Counters`] for the rare frame whose
+    /// [`OUTSIDE_COUNTERS`] entry could not be made (the hash is full): by
+    /// generation, direction and reason, interface unknown. See
+    /// [`crate::outside_unkeyed_index`].
+    pub const OUTSIDE_UNKEYED: &str = "NTM_OUTSIDE_UNKEYED";
+    /// Array of one u32: the generation (0 or 1) outside counts go to now.
+    /// The agent flips it before swapping the flow tables, and so reads the
+    /// other generation when no program can still be writing it.
+    pub const OUTSIDE_GENERATION: &str = "NTM_OUTSIDE_GENERATION";
     /// Bitmap of known service ports, see [`crate::service_port::KnownPorts`].
     pub const KNOWN_PORTS: &str = "NTM_KNOWN_PORTS";
     /// Read-only global: first port of the client ephemeral range.
@@ -103,18 +119,28 @@ pub mod tail {
 
 /// Which hook saw the frame.
 #[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Direction {
     Ingress = 0,
     Egress = 1,
 }
 
 impl Direction {
+    pub const ALL: [Direction; 2] = [Self::Ingress, Self::Egress];
+
     pub fn from_u8(v: u8) -> Option<Self> {
         match v {
             0 => Some(Self::Ingress),
             1 => Some(Self::Egress),
             _ => None,
+        }
+    }
+
+    /// Stable label value (`direction` of ntm's own metrics).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
         }
     }
 }
@@ -284,7 +310,7 @@ impl FlowKey {
 /// sees ends up either in exactly one flow entry or in exactly one of these,
 /// so the sum of both always equals what crossed the hook.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum OutsideReason {
     /// The flow table was full (-E2BIG): the overflow bucket.
     TableFull = 0,
@@ -322,6 +348,10 @@ impl OutsideReason {
         Self::Filtered,
     ];
 
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Self::ALL.get(v as usize).copied()
+    }
+
     /// Stable label value for self-metrics and logs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -338,6 +368,104 @@ impl OutsideReason {
     }
 }
 
+/// Where and why frames were counted outside the flow table: the key of
+/// [`names::OUTSIDE_COUNTERS`]. The generation makes the counters
+/// double-buffered like the flow tables, so the agent reads and deletes what
+/// it drains (nothing accumulates across drains, interfaces or agents).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OutsideKey {
+    /// Interface index the frame was seen on.
+    pub ifindex: u32,
+    /// [`Direction`] as u8.
+    pub direction: u8,
+    /// [`OutsideReason`] as u8.
+    pub reason: u8,
+    /// 0 or 1, see [`names::OUTSIDE_GENERATION`].
+    pub generation: u8,
+    /// Always zero.
+    pub _pad: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<OutsideKey>() == 8);
+
+/// Entries of [`names::OUTSIDE_COUNTERS`], both generations together: an
+/// interface uses one per direction and reason it sees (usually none, or
+/// `filtered` and `table_full` both ways), so this is room for hundreds of
+/// busy interfaces per drain interval.
+pub const OUTSIDE_ENTRIES: u32 = 4096;
+
+/// One slot of [`names::OUTSIDE_SLOTS`]: the interface that holds it on
+/// this CPU (0: none yet) and its counts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutsideSlot {
+    pub ifindex: u32,
+    /// Always zero.
+    pub _pad: u32,
+    pub counters: Counters,
+}
+
+const _: () = assert!(core::mem::size_of::<OutsideSlot>() == 24);
+
+/// Interfaces [`names::OUTSIDE_SLOTS`] keeps apart directly (by ifindex
+/// modulo this); others share, through [`names::OUTSIDE_COUNTERS`].
+pub const OUTSIDE_IFACE_SLOTS: u32 = 64;
+/// The reasons that may come with every frame (a filter that rejects most
+/// of them, a flood of new flows) have slots; the rest, rare by nature
+/// (malformed frames), go to [`names::OUTSIDE_COUNTERS`].
+pub const OUTSIDE_SLOT_REASONS: [OutsideReason; 2] =
+    [OutsideReason::Filtered, OutsideReason::TableFull];
+/// Slots of one generation of [`names::OUTSIDE_SLOTS`].
+pub const OUTSIDE_SLOTS_PER_GENERATION: u32 =
+    OUTSIDE_IFACE_SLOTS * 2 * OUTSIDE_SLOT_REASONS.len() as u32;
+/// Slots of [`names::OUTSIDE_SLOTS`], both generations.
+pub const OUTSIDE_SLOTS: u32 = 2 * OUTSIDE_SLOTS_PER_GENERATION;
+
+/// The [`names::OUTSIDE_SLOTS`] slot of a generation, interface, direction
+/// and reason, if the reason has slots; generation `g`'s slots are
+/// `g * OUTSIDE_SLOTS_PER_GENERATION` onwards.
+#[inline(always)]
+pub fn outside_slot_index(
+    generation: u32,
+    ifindex: u32,
+    direction: u8,
+    reason: OutsideReason,
+) -> Option<u32> {
+    let hot = match reason {
+        OutsideReason::Filtered => 0,
+        OutsideReason::TableFull => 1,
+        _ => return None,
+    };
+    Some(
+        (((generation & 1) * OUTSIDE_IFACE_SLOTS + ifindex % OUTSIDE_IFACE_SLOTS) * 2
+            + (direction as u32 & 1))
+            * OUTSIDE_SLOT_REASONS.len() as u32
+            + hot,
+    )
+}
+
+/// Where a [`names::OUTSIDE_SLOTS`] slot index points: (generation,
+/// direction, reason); the interface is in the slot.
+pub fn outside_slot_of(index: u32) -> (u32, u8, OutsideReason) {
+    let reasons = OUTSIDE_SLOT_REASONS.len() as u32;
+    let reason = OUTSIDE_SLOT_REASONS[(index % reasons) as usize];
+    let rest = index / reasons;
+    let direction = (rest % 2) as u8;
+    let generation = rest / 2 / OUTSIDE_IFACE_SLOTS;
+    (generation, direction, reason)
+}
+
+/// Slots of [`names::OUTSIDE_UNKEYED`].
+pub const OUTSIDE_UNKEYED_SLOTS: u32 = 2 * 2 * OutsideReason::COUNT;
+
+/// The [`names::OUTSIDE_UNKEYED`] slot of a generation, direction and
+/// reason (all in range: generation and direction 0 or 1).
+#[inline(always)]
+pub fn outside_unkeyed_index(generation: u32, direction: u8, reason: OutsideReason) -> u32 {
+    ((generation & 1) * 2 + (direction as u32 & 1)) * OutsideReason::COUNT + reason as u32
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY (all three): repr(C), made only of integers and byte arrays,
@@ -349,6 +477,10 @@ mod pod {
     unsafe impl aya::Pod for super::Counters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CacheSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OutsideKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OutsideSlot {}
 }
 
 #[cfg(test)]
@@ -395,8 +527,56 @@ mod tests {
     fn outside_reasons_are_dense_and_named() {
         for (i, r) in OutsideReason::ALL.iter().enumerate() {
             assert_eq!(*r as u32, i as u32);
+            assert_eq!(OutsideReason::from_u8(i as u8), Some(*r));
             assert!(!r.as_str().is_empty());
         }
+    }
+
+    #[test]
+    fn outside_slots_are_distinct_in_range_and_invert() {
+        let mut seen = [false; OUTSIDE_SLOTS as usize];
+        for generation in 0..2 {
+            for ifindex in 0..OUTSIDE_IFACE_SLOTS {
+                for direction in 0..2u8 {
+                    for reason in OUTSIDE_SLOT_REASONS {
+                        let i = outside_slot_index(generation, ifindex, direction, reason).unwrap();
+                        assert!(!seen[i as usize], "slot {i} twice");
+                        seen[i as usize] = true;
+                        assert_eq!(outside_slot_of(i), (generation, direction, reason));
+                        assert_eq!(
+                            i / OUTSIDE_SLOTS_PER_GENERATION,
+                            generation,
+                            "a generation's slots are one range"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(seen.iter().all(|s| *s));
+        assert_eq!(
+            outside_slot_index(0, 3, 0, OutsideReason::MalformedIpv4),
+            None
+        );
+        // Interfaces 64 apart share a slot.
+        assert_eq!(
+            outside_slot_index(0, 3, 1, OutsideReason::Filtered),
+            outside_slot_index(0, 67, 1, OutsideReason::Filtered)
+        );
+    }
+
+    #[test]
+    fn outside_unkeyed_slots_are_distinct_and_in_range() {
+        let mut seen = [false; OUTSIDE_UNKEYED_SLOTS as usize];
+        for generation in 0..2 {
+            for direction in 0..2u8 {
+                for reason in OutsideReason::ALL {
+                    let i = outside_unkeyed_index(generation, direction, reason);
+                    assert!(!seen[i as usize], "slot {i} twice");
+                    seen[i as usize] = true;
+                }
+            }
+        }
+        assert!(seen.iter().all(|s| *s));
     }
 
     #[test]

@@ -18,8 +18,10 @@ use aya_ebpf::{
 use core::mem::{MaybeUninit, size_of};
 use ntm_common::{
     CacheSlot, Counters, DEFAULT_FLOW_TABLE_ENTRIES, Direction, FLOW_CACHE_SLOTS, FlowKey,
-    KEY_WORDS, KNOWN_PORT_WORDS, OutsideReason, cache_index, ipproto,
+    KEY_WORDS, KNOWN_PORT_WORDS, OUTSIDE_ENTRIES, OUTSIDE_SLOTS, OUTSIDE_UNKEYED_SLOTS, OutsideKey,
+    OutsideReason, OutsideSlot, cache_index, ipproto,
     observe::{self, CAPTURE_BYTES, DropReason, MacKey, MacValue, Record},
+    outside_slot_index, outside_unkeyed_index,
     service_port::{self, PortClass},
     tail,
 };
@@ -50,9 +52,28 @@ static NTM_CACHE_A: FlowCache = FlowCache::new();
 #[btf_map]
 static NTM_CACHE_B: FlowCache = FlowCache::new();
 
-/// Frames counted outside the flow table, by [`OutsideReason`].
+/// Frames filtered out or finding the table full, by generation, interface
+/// (one slot per ifindex modulo OUTSIDE_IFACE_SLOTS), direction and reason:
+/// an array slot, because a filter that rejects most frames, or a flood of
+/// new flows, sends each frame here.
 #[btf_map]
-static NTM_OUTSIDE: PerCpuArray<Counters, { OutsideReason::COUNT as usize }> = PerCpuArray::new();
+static NTM_OUTSIDE_SLOTS: PerCpuArray<OutsideSlot, { OUTSIDE_SLOTS as usize }> = PerCpuArray::new();
+
+/// Outside counts of the other reasons, and of an interface whose slot
+/// another interface holds, by interface, direction, reason and generation
+/// (see `ntm_common::OutsideKey`).
+#[btf_map]
+static NTM_OUTSIDE: PerCpuHashMap<OutsideKey, Counters, { OUTSIDE_ENTRIES as usize }> =
+    PerCpuHashMap::new();
+
+/// Where an outside count goes when NTM_OUTSIDE has no room for its key.
+#[btf_map]
+static NTM_OUTSIDE_UNKEYED: PerCpuArray<Counters, { OUTSIDE_UNKEYED_SLOTS as usize }> =
+    PerCpuArray::new();
+
+/// The generation outside counts go to now; the agent flips it to drain.
+#[btf_map]
+static NTM_OUTSIDE_GENERATION: Array<u32, 1> = Array::new();
 
 /// Known service ports, a bitmap per protocol class (see ntm_common).
 #[btf_map]
@@ -518,11 +539,11 @@ fn account(
     };
     match (filtered, outside) {
         (true, _) => {
-            count_outside(OutsideReason::Filtered, bytes, packets);
+            count_outside(key, OutsideReason::Filtered, bytes, packets);
             false
         }
         (false, Some(reason)) => {
-            count_outside(reason, bytes, packets);
+            count_outside(key, reason, bytes, packets);
             false
         }
         (false, None) => count_cached(key, bytes, packets),
@@ -677,7 +698,7 @@ fn count_cached(key: &FlowKey, bytes: u64, packets: u64) -> bool {
 #[inline(always)]
 fn count_flow(key: &FlowKey, bytes: u64, packets: u64) {
     let Some(table) = NTM_ACTIVE_FLOWS.get(0) else {
-        count_outside(OutsideReason::NoActiveTable, bytes, packets);
+        count_outside(key, OutsideReason::NoActiveTable, bytes, packets);
         return;
     };
     if let Some(counters) = table.get_ptr_mut(key) {
@@ -692,17 +713,67 @@ fn count_flow(key: &FlowKey, bytes: u64, packets: u64) {
             // CPU's slot in it exists now.
             match table.get_ptr_mut(key) {
                 Some(counters) => add_counts(counters, bytes, packets),
-                None => count_outside(OutsideReason::InsertFailed, bytes, packets),
+                None => count_outside(key, OutsideReason::InsertFailed, bytes, packets),
             }
         }
-        Err(err) if err == -E2BIG => count_outside(OutsideReason::TableFull, bytes, packets),
-        Err(_) => count_outside(OutsideReason::InsertFailed, bytes, packets),
+        Err(err) if err == -E2BIG => count_outside(key, OutsideReason::TableFull, bytes, packets),
+        Err(_) => count_outside(key, OutsideReason::InsertFailed, bytes, packets),
     }
 }
 
-#[inline(always)]
-fn count_outside(reason: OutsideReason, bytes: u64, packets: u64) {
-    if let Some(counters) = NTM_OUTSIDE.get_ptr_mut(reason as u32) {
+/// Counts a frame of `key`'s interface and direction outside the flow
+/// table, for `reason`, in the generation the agent has not begun to drain.
+/// A function of its own (a BPF-to-BPF call): inlined at each of its
+/// callers it would make the counting path larger, and slower, for every
+/// frame.
+#[inline(never)]
+fn count_outside(key: &FlowKey, reason: OutsideReason, bytes: u64, packets: u64) {
+    let generation = match NTM_OUTSIDE_GENERATION.get(0) {
+        Some(g) => *g & 1,
+        None => 0,
+    };
+    // `reason` is a constant at each call, so this folds to a slot or not.
+    if let Some(index) = outside_slot_index(generation, key.ifindex, key.direction, reason)
+        && let Some(slot) = NTM_OUTSIDE_SLOTS.get_ptr_mut(index)
+    {
+        // SAFETY: the slot is this CPU's (per-CPU array, TC and XDP run with
+        // bottom halves off), and the pointer comes from a successful lookup.
+        unsafe {
+            if (*slot).ifindex == key.ifindex || (*slot).ifindex == 0 {
+                (*slot).ifindex = key.ifindex;
+                (*slot).counters.bytes += bytes;
+                (*slot).counters.packets += packets;
+                return;
+            }
+        }
+    }
+    // A rare reason, or another interface holds the slot: the hash.
+    let outside = OutsideKey {
+        ifindex: key.ifindex,
+        direction: key.direction,
+        reason: reason as u8,
+        generation: generation as u8,
+        _pad: 0,
+    };
+    if let Some(counters) = NTM_OUTSIDE.get_ptr_mut(outside) {
+        add_counts(counters, bytes, packets);
+        return;
+    }
+    // This CPU's value is ours, the other CPUs' start at zero.
+    let fresh = Counters { bytes, packets };
+    match NTM_OUTSIDE.insert(outside, fresh, BPF_NOEXIST) {
+        Ok(()) => return,
+        Err(err) if err == -EEXIST => {
+            if let Some(counters) = NTM_OUTSIDE.get_ptr_mut(outside) {
+                add_counts(counters, bytes, packets);
+                return;
+            }
+        }
+        Err(_) => {}
+    }
+    // No room for the key: still counted, without its interface.
+    let slot = outside_unkeyed_index(generation, key.direction, reason);
+    if let Some(counters) = NTM_OUTSIDE_UNKEYED.get_ptr_mut(slot) {
         add_counts(counters, bytes, packets);
     }
 }

@@ -64,10 +64,18 @@ impl SeriesBudget {
         self.add_unbudgeted(&values, delta, now);
     }
 
-    /// Traffic the kernel counted outside its flow table for want of room:
-    /// every label `other`, outside the budget (one series at most).
-    pub fn add_overflow(&mut self, delta: &Counters, now: Instant) {
-        let values: Vec<String> = self.labels.iter().map(|_| OTHER.to_string()).collect();
+    /// Traffic the kernel counted outside its flow table for want of room,
+    /// on interface `iface`: every other label `other`, outside the budget
+    /// (one series per interface at most).
+    pub fn add_overflow(&mut self, iface: &str, delta: &Counters, now: Instant) {
+        let values: Vec<String> = self
+            .labels
+            .iter()
+            .map(|label| match label {
+                Label::Iface => iface.to_string(),
+                _ => OTHER.to_string(),
+            })
+            .collect();
         self.add_unbudgeted(&values, delta, now);
     }
 

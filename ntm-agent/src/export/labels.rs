@@ -150,6 +150,19 @@ impl LocalNets {
     }
 }
 
+/// The `iface` label of traffic counted on interface `ifindex`: the
+/// interface's (or its bridge's) label, `other` where the kernel could not
+/// keep the interface, the index for an interface ntm never attached to.
+pub fn iface_label(iface_labels: &std::collections::HashMap<u32, String>, ifindex: u32) -> String {
+    if ifindex == crate::kernel::drain::Outside::UNKNOWN_IFINDEX {
+        return super::budget::OTHER.to_string();
+    }
+    iface_labels
+        .get(&ifindex)
+        .cloned()
+        .unwrap_or_else(|| ifindex.to_string())
+}
+
 /// Lower-case protocol name, as the tool ntm replaces printed them; the
 /// number for protocols without a well-known name; the EtherType's name (or
 /// hex value) for non-IP frames.

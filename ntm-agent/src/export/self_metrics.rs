@@ -5,12 +5,15 @@
 //! They live in a `prometheus` registry; the traffic series do not (see
 //! `series.rs` for why).
 
-use ntm_common::{OutsideReason, programs};
+use std::collections::{BTreeSet, HashMap};
+
+use ntm_common::{Direction, OutsideReason, programs};
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     core::Collector,
 };
 
+use super::labels::iface_label;
 use crate::kernel::{InterfaceState, drain::Drained};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,8 +39,11 @@ pub struct SelfMetrics {
     registry: Registry,
     outside_bytes: IntCounterVec,
     outside_packets: IntCounterVec,
-    filtered_bytes: IntCounter,
-    filtered_packets: IntCounter,
+    filtered_bytes: IntCounterVec,
+    filtered_packets: IntCounterVec,
+    /// The `iface` values the outside and filtered counters have series
+    /// for, so that those of interfaces that went away can go too.
+    outside_ifaces: std::sync::Mutex<BTreeSet<String>>,
     filter_active: IntGaugeVec,
     filter_reloads: IntCounterVec,
     flow_table_entries: IntGauge,
@@ -132,23 +138,14 @@ impl SelfMetrics {
         };
         let outside_bytes = r.counter_vec(
             "outside_flow_table_bytes_total",
-            "Bytes of frames counted outside the flow table, by reason (table_full is also in bytes_total as src=\"other\")",
-            &["reason"],
+            "Bytes of frames counted outside the flow table, by reason, interface and hook direction (ingress or egress); table_full, insert_failed and no_active_table are also in bytes_total, with their iface and every other label \"other\"; iface=\"other\": the interface could not be kept",
+            OUTSIDE_LABELS,
         )?;
         let outside_packets = r.counter_vec(
             "outside_flow_table_packets_total",
-            "Frames counted outside the flow table, by reason",
-            &["reason"],
+            "Frames counted outside the flow table, by reason, interface and hook direction (see outside_flow_table_bytes_total)",
+            OUTSIDE_LABELS,
         )?;
-        // Every reason from the start: a dashboard shows 0, not "no data".
-        // (Filtered frames have counters of their own, below.)
-        for reason in OutsideReason::ALL
-            .into_iter()
-            .filter(|r| *r != OutsideReason::Filtered)
-        {
-            outside_bytes.with_label_values(&[reason.as_str()]);
-            outside_packets.with_label_values(&[reason.as_str()]);
-        }
         let filter_reloads = r.counter_vec(
             "filter_reloads_total",
             "Filter changes on SIGHUP, by result (error: the old filter stays)",
@@ -215,14 +212,17 @@ impl SelfMetrics {
             )?,
             outside_bytes,
             outside_packets,
-            filtered_bytes: r.counter(
+            filtered_bytes: r.counter_vec(
                 "filtered_bytes_total",
-                "Bytes of frames the tcpdump filter did not match (not in bytes_total), counted as bytes_total would",
+                "Bytes of frames the tcpdump filter did not match (not in bytes_total), counted as bytes_total would, by interface and hook direction (ingress or egress)",
+                FILTERED_LABELS,
             )?,
-            filtered_packets: r.counter(
+            filtered_packets: r.counter_vec(
                 "filtered_packets_total",
-                "Frames the tcpdump filter did not match (not in packets_total)",
+                "Frames the tcpdump filter did not match (not in packets_total), by interface and hook direction",
+                FILTERED_LABELS,
             )?,
+            outside_ifaces: Default::default(),
             filter_active: r.gauge_vec(
                 "filter_active",
                 "1 for the tcpdump filter in effect (\"\" when every frame is counted)",
@@ -304,25 +304,31 @@ impl SelfMetrics {
         }
     }
 
-    pub fn record_drain(&self, drained: &Drained) {
+    /// One drain: its duration, the table's size, and what was counted
+    /// outside the table or filtered out, by the interfaces' labels.
+    pub fn record_drain(&self, drained: &Drained, iface_labels: &HashMap<u32, String>) {
         self.drain_seconds
             .observe((drained.swap_time + drained.read_time).as_secs_f64());
         self.flow_table_entries.set(drained.flows.len() as i64);
-        for reason in OutsideReason::ALL {
-            let delta = drained.outside[reason as usize];
-            if delta.packets == 0 && delta.bytes == 0 {
+        for (at, delta) in drained.outside.iter() {
+            let iface = iface_label(iface_labels, at.ifindex);
+            let direction = at.direction.as_str();
+            if at.reason == OutsideReason::Filtered {
+                let labels = [iface.as_str(), direction];
+                self.filtered_bytes
+                    .with_label_values(&labels)
+                    .inc_by(delta.bytes);
+                self.filtered_packets
+                    .with_label_values(&labels)
+                    .inc_by(delta.packets);
                 continue;
             }
-            if reason == OutsideReason::Filtered {
-                self.filtered_bytes.inc_by(delta.bytes);
-                self.filtered_packets.inc_by(delta.packets);
-                continue;
-            }
+            let labels = [at.reason.as_str(), iface.as_str(), direction];
             self.outside_bytes
-                .with_label_values(&[reason.as_str()])
+                .with_label_values(&labels)
                 .inc_by(delta.bytes);
             self.outside_packets
-                .with_label_values(&[reason.as_str()])
+                .with_label_values(&labels)
                 .inc_by(delta.packets);
         }
     }
@@ -343,6 +349,9 @@ impl SelfMetrics {
     }
 
     /// The attachments now: series that no longer apply go away.
+    /// The attachments now. Each interface's outside and filtered counters
+    /// start at 0 (so that a dashboard shows 0 and `increase()` sees the
+    /// first frames); those of interfaces that are gone are dropped.
     pub fn set_interfaces(&self, states: &[InterfaceState]) {
         self.attached.reset();
         for state in states {
@@ -350,8 +359,44 @@ impl SelfMetrics {
                 .with_label_values(&[state.iface.as_str(), state.mode.as_str()])
                 .set(state.attached as i64);
         }
+        let Ok(mut known) = self.outside_ifaces.lock() else {
+            return;
+        };
+        let now: BTreeSet<String> = states.iter().map(|s| s.iface.clone()).collect();
+        for gone in known.difference(&now) {
+            for direction in Direction::ALL {
+                let labels = [gone.as_str(), direction.as_str()];
+                let _ = self.filtered_bytes.remove_label_values(&labels);
+                let _ = self.filtered_packets.remove_label_values(&labels);
+                for reason in OutsideReason::ALL {
+                    let labels = [reason.as_str(), gone.as_str(), direction.as_str()];
+                    let _ = self.outside_bytes.remove_label_values(&labels);
+                    let _ = self.outside_packets.remove_label_values(&labels);
+                }
+            }
+        }
+        for iface in now.difference(&known) {
+            for direction in Direction::ALL {
+                let labels = [iface.as_str(), direction.as_str()];
+                self.filtered_bytes.with_label_values(&labels);
+                self.filtered_packets.with_label_values(&labels);
+                let labels = [
+                    OutsideReason::TableFull.as_str(),
+                    iface.as_str(),
+                    direction.as_str(),
+                ];
+                self.outside_bytes.with_label_values(&labels);
+                self.outside_packets.with_label_values(&labels);
+            }
+        }
+        *known = now;
     }
 }
+
+/// Labels of `<prefix>_outside_flow_table_{bytes,packets}_total`.
+const OUTSIDE_LABELS: &[&str] = &["reason", "iface", "direction"];
+/// Labels of `<prefix>_filtered_{bytes,packets}_total`.
+const FILTERED_LABELS: &[&str] = &["iface", "direction"];
 
 /// The `protocol` label of an observed message.
 pub fn protocol_label(kind: ntm_common::observe::Kind) -> &'static str {

@@ -13,12 +13,18 @@
 //! once both swaps have returned, neither the old cache nor the old table can
 //! change, and a flow's counts are in one of them or in both (summed here).
 //!
+//! Frames counted outside the flow table (filtered, table full, malformed)
+//! are keyed by interface, direction, reason and a generation bit. The agent
+//! flips the generation before the swaps, so once they return no program
+//! can still be counting into the old generation: its entries are read and
+//! deleted, and nothing accumulates in the kernel from drain to drain.
+//!
 //! Reading uses the batch map commands (Linux 5.6+): thousands of entries per
 //! system call, where one lookup and one delete per entry would take seconds
 //! for a million flows.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     io,
     mem::size_of,
     os::fd::AsFd as _,
@@ -27,9 +33,12 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{ArrayOfMaps, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, ArrayOfMaps, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
 };
-use ntm_common::{CacheSlot, Counters, FLOW_CACHE_SLOTS, FlowKey, OutsideReason, names};
+use ntm_common::{
+    CacheSlot, Counters, Direction, FLOW_CACHE_SLOTS, FlowKey, OUTSIDE_SLOTS_PER_GENERATION,
+    OutsideKey, OutsideReason, OutsideSlot, names, outside_slot_of, outside_unkeyed_index,
+};
 
 use super::sys::{SyscallError, bpf};
 
@@ -37,12 +46,63 @@ use super::sys::{SyscallError, bpf};
 #[derive(Clone, Debug, Default)]
 pub struct Drained {
     pub flows: Vec<(FlowKey, Counters)>,
-    /// Per [`OutsideReason`], indexed by its value.
-    pub outside: [Counters; OutsideReason::COUNT as usize],
+    /// Frames counted outside the flow table.
+    pub outside: OutsideCounts,
     /// How long the swap took (mostly the kernel's wait for running programs).
     pub swap_time: Duration,
     /// How long reading and clearing the idle table took.
     pub read_time: Duration,
+}
+
+/// Where and why frames were counted outside the flow table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Outside {
+    /// The interface, or [`Outside::UNKNOWN_IFINDEX`] for frames whose key
+    /// found no room in the kernel's outside table.
+    pub ifindex: u32,
+    pub direction: Direction,
+    pub reason: OutsideReason,
+}
+
+impl Outside {
+    /// No interface has index 0.
+    pub const UNKNOWN_IFINDEX: u32 = 0;
+}
+
+/// Counts outside the flow table, by [`Outside`]; only those with traffic.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutsideCounts(BTreeMap<Outside, Counters>);
+
+impl OutsideCounts {
+    pub fn add(&mut self, at: Outside, counts: &Counters) {
+        if counts.packets != 0 || counts.bytes != 0 {
+            self.0.entry(at).or_default().add(counts);
+        }
+    }
+
+    /// Adds everything in `other` (a second drain, say).
+    pub fn merge(&mut self, other: &OutsideCounts) {
+        for (at, counts) in other.iter() {
+            self.add(*at, counts);
+        }
+    }
+
+    /// All interfaces and directions of one reason.
+    pub fn total(&self, reason: OutsideReason) -> Counters {
+        let mut total = Counters::default();
+        for (_, counts) in self.0.iter().filter(|(at, _)| at.reason == reason) {
+            total.add(counts);
+        }
+        total
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Outside, &Counters)> {
+        self.0.iter()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,9 +122,14 @@ pub struct FlowTables {
     caches: [MapData; 2],
     /// Index into `tables` of the one the slot points at.
     active: usize,
-    outside: PerCpuArray<MapData, Counters>,
-    /// The kernel's outside counters only grow; this is what we saw last.
-    outside_seen: [Counters; OutsideReason::COUNT as usize],
+    outside_slots: MapData,
+    outside_slots_buffer: OutsideSlotsBuffer,
+    outside: PerCpuHashMap<MapData, OutsideKey, Counters>,
+    outside_unkeyed: PerCpuArray<MapData, Counters>,
+    outside_generation: Array<MapData, u32>,
+    /// The generation the kernel counts outside frames into now.
+    generation: u32,
+    possible_cpus: usize,
     batch: Batch,
     cache_buffer: CacheBuffer,
 }
@@ -96,7 +161,18 @@ impl FlowTables {
         };
         let cache_a = cache(take(names::FLOW_CACHES[0])?)?;
         let cache_b = cache(take(names::FLOW_CACHES[1])?)?;
-        let outside: PerCpuArray<MapData, Counters> = take(names::OUTSIDE_COUNTERS)?.try_into()?;
+        let outside_slots = match take(names::OUTSIDE_SLOTS)? {
+            Map::PerCpuArray(data) => data,
+            _ => {
+                return Err(MapError::InvalidName {
+                    name: "outside slots that are not a per-CPU array".to_string(),
+                }
+                .into());
+            }
+        };
+        let outside = take(names::OUTSIDE_COUNTERS)?.try_into()?;
+        let outside_unkeyed = take(names::OUTSIDE_UNKEYED)?.try_into()?;
+        let outside_generation = take(names::OUTSIDE_GENERATION)?.try_into()?;
         let possible_cpus = aya::util::nr_cpus().map_err(|(_, e)| DrainError::Cpus(e))?;
         let mut tables = Self {
             slot,
@@ -104,13 +180,19 @@ impl FlowTables {
             cache_slot,
             caches: [cache_a, cache_b],
             active: 0,
+            outside_slots,
+            outside_slots_buffer: OutsideSlotsBuffer::new(possible_cpus),
             outside,
-            outside_seen: Default::default(),
+            outside_unkeyed,
+            outside_generation,
+            generation: 0,
+            possible_cpus,
             batch: Batch::new(possible_cpus),
             cache_buffer: CacheBuffer::new(possible_cpus),
         };
         tables.slot.set(0, &tables.tables[0], 0)?;
         tables.cache_slot.set(0, &tables.caches[0], 0)?;
+        tables.outside_generation.set(0, tables.generation, 0)?;
         Ok(tables)
     }
 
@@ -119,6 +201,11 @@ impl FlowTables {
         let idle = self.active;
         let next = 1 - idle;
         let started = Instant::now();
+        // Outside counts go to the other generation from now on; the swaps
+        // below wait for every program that may still use the old one.
+        let idle_generation = self.generation;
+        self.generation ^= 1;
+        self.outside_generation.set(0, self.generation, 0)?;
         // The cache first: a program still holding the old cache may move a
         // flow from it into the table the slot names, which must then still
         // be the old one or already the new one, never one we have read.
@@ -136,7 +223,10 @@ impl FlowTables {
             .read_and_clear(&self.caches[idle])
             .map_err(DrainError::Batch)?;
         let flows = merge(table, cached);
-        let outside = self.outside_deltas()?;
+        let mut outside = self.read_and_clear_outside(idle_generation)?;
+        self.outside_slots_buffer
+            .read_and_clear(&self.outside_slots, idle_generation, &mut outside)
+            .map_err(DrainError::Batch)?;
         Ok(Drained {
             flows,
             outside,
@@ -145,37 +235,95 @@ impl FlowTables {
         })
     }
 
-    /// The kernel's running total for `reason` (all CPUs), without
-    /// draining anything: what a drain would report is unaffected.
-    pub fn outside_total(&self, reason: OutsideReason) -> Result<Counters, DrainError> {
-        let mut total = Counters::default();
-        for per_cpu in self
-            .outside
-            .get(&(reason as u32), 0)
-            .map_err(DrainError::Map)?
-            .iter()
-        {
-            total.add(per_cpu);
+    /// What the kernel counted outside the flow table for `reason` and a
+    /// drain has not taken yet, without draining: the active generation
+    /// (a drain leaves the other one empty).
+    pub fn outside_undrained(&mut self, reason: OutsideReason) -> Result<Counters, DrainError> {
+        let generation = self.generation;
+        let mut counts = OutsideCounts::default();
+        self.outside_slots_buffer
+            .read(&self.outside_slots, generation, &mut counts)
+            .map_err(DrainError::Batch)?;
+        let mut total = counts.total(reason);
+        for key in self.outside.keys() {
+            let key = key?;
+            if key.reason != reason as u8 || key.generation as u32 != generation {
+                continue;
+            }
+            match self.outside.get(&key, 0) {
+                Ok(values) => values.iter().for_each(|c| total.add(c)),
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for direction in Direction::ALL {
+            let slot = outside_unkeyed_index(generation, direction as u8, reason);
+            self.outside_unkeyed
+                .get(&slot, 0)?
+                .iter()
+                .for_each(|c| total.add(c));
         }
         Ok(total)
     }
 
-    fn outside_deltas(&mut self) -> Result<[Counters; OutsideReason::COUNT as usize], MapError> {
-        let mut deltas = [Counters::default(); OutsideReason::COUNT as usize];
-        for reason in OutsideReason::ALL {
-            let index = reason as usize;
-            let mut total = Counters::default();
-            for per_cpu in self.outside.get(&(index as u32), 0)?.iter() {
-                total.add(per_cpu);
-            }
-            let seen = self.outside_seen[index];
-            deltas[index] = Counters {
-                bytes: total.bytes.wrapping_sub(seen.bytes),
-                packets: total.packets.wrapping_sub(seen.packets),
+    /// Reads and deletes the outside counts of a generation no program
+    /// writes any more.
+    fn read_and_clear_outside(&mut self, generation: u32) -> Result<OutsideCounts, MapError> {
+        let mut counts = OutsideCounts::default();
+        // Keys first, then values: deleting while walking the hash would
+        // restart the walk.
+        let keys = self
+            .outside
+            .keys()
+            .filter(|k| {
+                k.as_ref()
+                    .map_or(true, |k| k.generation as u32 == generation)
+            })
+            .collect::<Result<Vec<OutsideKey>, MapError>>()?;
+        for key in keys {
+            let values = match self.outside.get(&key, 0) {
+                Ok(values) => values,
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(e),
             };
-            self.outside_seen[index] = total;
+            self.outside.remove(&key)?;
+            let (Some(direction), Some(reason)) = (
+                Direction::from_u8(key.direction),
+                OutsideReason::from_u8(key.reason),
+            ) else {
+                continue;
+            };
+            let mut total = Counters::default();
+            values.iter().for_each(|c| total.add(c));
+            let at = Outside {
+                ifindex: key.ifindex,
+                direction,
+                reason,
+            };
+            counts.add(at, &total);
         }
-        Ok(deltas)
+        for direction in Direction::ALL {
+            for reason in OutsideReason::ALL {
+                let slot = outside_unkeyed_index(generation, direction as u8, reason);
+                let mut total = Counters::default();
+                self.outside_unkeyed
+                    .get(&slot, 0)?
+                    .iter()
+                    .for_each(|c| total.add(c));
+                if total == Counters::default() {
+                    continue;
+                }
+                let zeros = PerCpuValues::try_from(vec![Counters::default(); self.possible_cpus])?;
+                self.outside_unkeyed.set(slot, zeros, 0)?;
+                let at = Outside {
+                    ifindex: Outside::UNKNOWN_IFINDEX,
+                    direction,
+                    reason,
+                };
+                counts.add(at, &total);
+            }
+        }
+        Ok(counts)
     }
 }
 
@@ -348,6 +496,121 @@ impl CacheBuffer {
         self.indices = (0..FLOW_CACHE_SLOTS).collect();
         bpf::update_batch(fd, &mut self.buffers(), FLOW_CACHE_SLOTS)?;
         Ok(flows)
+    }
+}
+
+/// Reads one generation of the per-CPU outside slots (a batch), then zeroes
+/// the slots it found used (another batch).
+struct OutsideSlotsBuffer {
+    indices: Vec<u32>,
+    values: Vec<u8>,
+    used: Vec<u32>,
+    zeros: Vec<u8>,
+    possible_cpus: usize,
+}
+
+const OUTSIDE_SLOT_SIZE: usize = size_of::<OutsideSlot>();
+
+impl OutsideSlotsBuffer {
+    fn new(possible_cpus: usize) -> Self {
+        let slots = OUTSIDE_SLOTS_PER_GENERATION as usize;
+        Self {
+            indices: vec![0; slots],
+            values: vec![0; slots * possible_cpus * OUTSIDE_SLOT_SIZE],
+            used: Vec::with_capacity(slots),
+            zeros: Vec::new(),
+            possible_cpus,
+        }
+    }
+
+    /// Adds generation `generation`'s counts to `counts` and notes the
+    /// slots that held any.
+    fn read(
+        &mut self,
+        slots: &MapData,
+        generation: u32,
+        counts: &mut OutsideCounts,
+    ) -> Result<(), SyscallError> {
+        let first = generation * OUTSIDE_SLOTS_PER_GENERATION;
+        // An array's batch cursor is the index before the first one read.
+        let cursor = first.checked_sub(1);
+        let mut next = 0;
+        let mut buffers = bpf::BatchBuffers {
+            keys: &mut self.indices,
+            values: &mut self.values,
+            value_size: self.possible_cpus * OUTSIDE_SLOT_SIZE,
+        };
+        let filled = match bpf::lookup_batch(
+            slots.fd().as_fd(),
+            false,
+            cursor.as_ref(),
+            &mut next,
+            &mut buffers,
+        )? {
+            bpf::BatchRead::Done { filled } | bpf::BatchRead::More { filled } => filled,
+        };
+        if filled != OUTSIDE_SLOTS_PER_GENERATION as usize {
+            return Err(SyscallError {
+                call: "bpf(BPF_MAP_LOOKUP_BATCH) of the outside slots",
+                source: std::io::Error::other(format!(
+                    "read {filled} of {OUTSIDE_SLOTS_PER_GENERATION} slots"
+                )),
+            });
+        }
+        self.used.clear();
+        for (i, index) in self.indices.iter().enumerate() {
+            let (_, direction, reason) = outside_slot_of(*index);
+            let Some(direction) = Direction::from_u8(direction) else {
+                continue;
+            };
+            let mut used = false;
+            for cpu in 0..self.possible_cpus {
+                let at = (i * self.possible_cpus + cpu) * OUTSIDE_SLOT_SIZE;
+                let bytes = &self.values[at..at + OUTSIDE_SLOT_SIZE];
+                // SAFETY: `bytes` is OUTSIDE_SLOT_SIZE long, the size of an
+                // OutsideSlot, which is plain old data (any bytes are a valid
+                // one); read_unaligned needs no alignment.
+                let slot: OutsideSlot = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+                if slot == OutsideSlot::default() {
+                    continue;
+                }
+                used = true;
+                let at = Outside {
+                    ifindex: slot.ifindex,
+                    direction,
+                    reason,
+                };
+                counts.add(at, &slot.counters);
+            }
+            if used {
+                self.used.push(*index);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::read`], then zeroes the used slots on every CPU (slot and
+    /// interface) for the generation's next turn.
+    fn read_and_clear(
+        &mut self,
+        slots: &MapData,
+        generation: u32,
+        counts: &mut OutsideCounts,
+    ) -> Result<(), SyscallError> {
+        self.read(slots, generation, counts)?;
+        if self.used.is_empty() {
+            return Ok(());
+        }
+        let value_size = self.possible_cpus * OUTSIDE_SLOT_SIZE;
+        self.zeros.clear();
+        self.zeros.resize(self.used.len() * value_size, 0);
+        let count = self.used.len() as u32;
+        let mut buffers = bpf::BatchBuffers {
+            keys: &mut self.used,
+            values: &mut self.zeros,
+            value_size,
+        };
+        bpf::update_batch(slots.fd().as_fd(), &mut buffers, count)
     }
 }
 

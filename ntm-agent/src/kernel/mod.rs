@@ -302,9 +302,7 @@ impl Kernel {
         let mut last = self.drain()?;
         let more = self.drain()?;
         last.flows.extend(more.flows);
-        for (total, delta) in last.outside.iter_mut().zip(more.outside.iter()) {
-            total.add(delta);
-        }
+        last.outside.merge(&more.outside);
         Ok(last)
     }
 

@@ -9,7 +9,7 @@ use std::{net::UdpSocket, process::Stdio, time::Duration};
 use crate::kit::{
     Link, Netns,
     frames::*,
-    scrape::{Guard, TempDir, http_get, plain_value, sample_sum, wait_for, wait_healthy},
+    scrape::{Guard, TempDir, http_get, sample_sum, wait_for, wait_healthy},
     send_raw,
 };
 use clap::Parser as _;
@@ -112,7 +112,7 @@ pub fn only_matching_traffic_is_counted_and_the_rest_is_filtered_exactly() {
     send_udp(&link, "198.18.2.2", "198.18.2.1", 5001, 25, 300);
     let text = wait_for("the counts", Duration::from_secs(20), || {
         let text = metrics(&link.a, port);
-        (plain_value(&text, "ntm_filtered_packets_total") >= 25
+        (sample_sum(&text, "ntm_filtered_packets_total", &[]) >= 25
             && sample_sum(&text, "ntm_packets_total", &[]) >= 40)
             .then_some(text)
     });
@@ -128,16 +128,27 @@ pub fn only_matching_traffic_is_counted_and_the_rest_is_filtered_exactly() {
         "{text}"
     );
     assert_eq!(sample_sum(&text, "ntm_packets_total", &[]), 40, "{text}");
-    // The rest: only in the filtered counters, with the same kind of bytes.
+    // The rest: only in the filtered counters, with the same kind of bytes,
+    // under the interface and hook that saw them.
+    let ingress = [r#"iface="ntm0""#, r#"direction="ingress""#];
     assert_eq!(
-        plain_value(&text, "ntm_filtered_bytes_total"),
+        sample_sum(&text, "ntm_filtered_bytes_total", &ingress),
         25 * 328,
         "{text}"
     );
     assert_eq!(
-        plain_value(&text, "ntm_filtered_packets_total"),
+        sample_sum(&text, "ntm_filtered_packets_total", &ingress),
         25,
         "{text}"
+    );
+    assert_eq!(
+        sample_sum(&text, "ntm_filtered_packets_total", &[]),
+        25,
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"ntm_filtered_packets_total{direction="egress",iface="ntm0"} 0"#),
+        "every interface and direction starts at 0: {text}"
     );
     assert!(
         text.contains(r#"ntm_filter_active{filter="src net 198.18.1.0/24"} 1"#),
@@ -200,14 +211,14 @@ pub fn sighup_swaps_the_filter_from_its_file_without_losing_a_packet() {
     let text = wait_for("the reload and the counts", Duration::from_secs(20), || {
         let text = metrics(&link.a, port);
         let total = sample_sum(&text, "ntm_packets_total", &[])
-            + plain_value(&text, "ntm_filtered_packets_total");
+            + sample_sum(&text, "ntm_filtered_packets_total", &[]);
         (total >= 2 * per_port as u64
             && text.contains(r#"ntm_filter_reloads_total{result="ok"} 1"#))
         .then_some(text)
     });
     let to_5001 = sample_sum(&text, "ntm_packets_total", &[r#"service="5001""#]);
     let to_5002 = sample_sum(&text, "ntm_packets_total", &[r#"service="5002""#]);
-    let filtered = plain_value(&text, "ntm_filtered_packets_total");
+    let filtered = sample_sum(&text, "ntm_filtered_packets_total", &[]);
     // Every packet is in exactly one place; both filters counted some.
     assert_eq!(to_5001 + to_5002 + filtered, 2 * per_port as u64, "{text}");
     assert!(to_5001 > 0 && to_5002 > 0 && filtered > 0, "{text}");
@@ -318,9 +329,9 @@ pub fn vlan_tags_in_skb_metadata_look_to_the_filter_as_they_do_to_tcpdump() {
                 }
                 for r in OutsideReason::ALL {
                     if r == OutsideReason::Filtered {
-                        filtered.add(&d.outside[r as usize]);
+                        filtered.add(&d.outside.total(r));
                     } else {
-                        counted.add(&d.outside[r as usize]);
+                        counted.add(&d.outside.total(r));
                     }
                 }
             }

@@ -350,9 +350,9 @@ impl Harness {
         );
     }
 
-    fn filtered_packets(&self) -> u64 {
+    fn filtered_packets(&mut self) -> u64 {
         self.tables
-            .outside_total(OutsideReason::Filtered)
+            .outside_undrained(OutsideReason::Filtered)
             .expect("read outside counters")
             .packets
     }
@@ -362,9 +362,7 @@ impl Harness {
         let mut all = self.tables.drain().expect("drain");
         let more = self.tables.drain().expect("drain");
         all.flows.extend(more.flows);
-        for (a, b) in all.outside.iter_mut().zip(more.outside.iter()) {
-            a.add(b);
-        }
+        all.outside.merge(&more.outside);
         all
     }
 }
@@ -376,7 +374,7 @@ fn counted(d: &Drained) -> Counters {
     }
     for r in OutsideReason::ALL {
         if r != OutsideReason::Filtered {
-            c.add(&d.outside[r as usize]);
+            c.add(&d.outside.total(r));
         }
     }
     c
@@ -439,7 +437,7 @@ fn differential(h: &mut Harness, program: Program, frames: &[Vec<u8>]) -> usize 
             "{program:?} {expression:?}: matching frames counted as without a filter"
         );
         assert_eq!(
-            d.outside[OutsideReason::Filtered as usize],
+            d.outside.total(OutsideReason::Filtered),
             expect_filtered,
             "{program:?} {expression:?}: the rest only as filtered, same bytes"
         );

@@ -262,20 +262,77 @@ impl Link {
     /// Frames and bytes that crossed `a`'s interface: (rx, tx) as
     /// (packets, bytes including the Ethernet header).
     pub fn a_stats(&self) -> ((u64, u64), (u64, u64)) {
-        let read = |what: &str| -> u64 {
-            self.a
-                .exec(&[
-                    "cat",
-                    &format!("/sys/class/net/{}/statistics/{what}", self.a_if),
-                ])
+        if_stats(&self.a, &self.a_if)
+    }
+
+    /// A second veth pair between `a` and `b`, number `n` (1-9): `ntm{2n}`
+    /// in a with 198.18.`n`.1/24, `ntm{2n+1}` in b with 198.18.`n`.2/24,
+    /// static neighbours, up and quiet. Returns the two names.
+    pub fn add_veth(&self, n: u8) -> (String, String) {
+        assert!((1..=9).contains(&n), "pair {n}");
+        let (a_if, b_if) = (format!("ntm{}", 2 * n), format!("ntm{}", 2 * n + 1));
+        let (a_mac, b_mac) = (
+            format!("02:00:00:00:0{n}:01"),
+            format!("02:00:00:00:0{n}:02"),
+        );
+        let (a4, b4) = (format!("198.18.{n}.1"), format!("198.18.{n}.2"));
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &a_if,
+            "netns",
+            &self.a.name,
+            "address",
+            &a_mac,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b_if,
+            "netns",
+            &self.b.name,
+            "address",
+            &b_mac,
+        ]);
+        for (ns, ifname, v4, peer4, peer_mac) in [
+            (&self.a, &a_if, &a4, &b4, &b_mac),
+            (&self.b, &b_if, &b4, &a4, &a_mac),
+        ] {
+            // No IPv6 on it: the pair carries only the test's IPv4.
+            ns.exec(&[
+                "sysctl",
+                "-q",
+                "-w",
+                &format!("net.ipv6.conf.{ifname}.disable_ipv6=1"),
+            ]);
+            ns.exec(&["ip", "addr", "add", &format!("{v4}/24"), "dev", ifname]);
+            ns.exec(&["ip", "link", "set", ifname, "up"]);
+            ns.exec(&[
+                "ip",
+                "neigh",
+                "replace",
+                peer4,
+                "lladdr",
+                peer_mac,
+                "dev",
+                ifname,
+                "nud",
+                "permanent",
+            ]);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (ns, ifname) in [(&self.a, &a_if), (&self.b, &b_if)] {
+            while ns
+                .exec(&["cat", &format!("/sys/class/net/{ifname}/operstate")])
                 .trim()
-                .parse()
-                .unwrap()
-        };
-        (
-            (read("rx_packets"), read("rx_bytes")),
-            (read("tx_packets"), read("tx_bytes")),
-        )
+                != "up"
+            {
+                assert!(Instant::now() < deadline, "{ifname} did not come up");
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        (a_if, b_if)
     }
 
     /// Waits until nothing has crossed the link for a while (the kernel's own
@@ -295,6 +352,21 @@ impl Link {
             }
         }
     }
+}
+
+/// Frames and bytes that crossed `ifname` in `ns`: (rx, tx) as (packets,
+/// bytes including the Ethernet header).
+pub fn if_stats(ns: &Netns, ifname: &str) -> ((u64, u64), (u64, u64)) {
+    let read = |what: &str| -> u64 {
+        ns.exec(&["cat", &format!("/sys/class/net/{ifname}/statistics/{what}")])
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    (
+        (read("rx_packets"), read("rx_bytes")),
+        (read("tx_packets"), read("tx_bytes")),
+    )
 }
 
 /// Sends raw Ethernet frames out of `iface` with an AF_PACKET socket.
