@@ -151,6 +151,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 let now = Instant::now();
                 pipeline.record_observer(observer.as_ref().map(|o| o.drops()).as_ref());
                 pipeline.process(&drained, kernel.interface_labels(), now);
+                pipeline.check_coverage(&drained, &kernel.hooked(), now);
                 drains += 1;
                 if drains.is_multiple_of(EXPIRE_EVERY) {
                     pipeline.expire(now);

@@ -23,6 +23,7 @@ use crate::{
     export::{
         Exposition,
         budget::SeriesBudget,
+        coverage::Coverage,
         labels::{Label, Labeller, LocalNets, iface_label},
         names::{HostLabels, NameOptions, files::Mac},
         pending::PendingFlows,
@@ -30,7 +31,7 @@ use crate::{
         series::TrafficSeries,
         services::ServiceRegistry,
     },
-    kernel::{drain::Drained, observe::ObservedFrame},
+    kernel::{Hooked, drain::Drained, observe::ObservedFrame},
 };
 
 /// What the export stages need, built from the configuration in one place
@@ -74,6 +75,7 @@ pub struct Pipeline {
     hosts: HostLabels,
     labeller: Labeller,
     budget: SeriesBudget,
+    coverage: Coverage,
     exposition: Exposition,
 }
 
@@ -110,6 +112,7 @@ impl Pipeline {
             ),
         );
         let exposition = Exposition::new(metrics.registry().clone(), series);
+        let coverage = Coverage::new(metrics.coverage.clone());
         Ok(Self {
             metrics,
 
@@ -121,6 +124,7 @@ impl Pipeline {
             hosts,
             labeller,
             budget,
+            coverage,
             exposition,
         })
     }
@@ -253,6 +257,12 @@ impl Pipeline {
             }
         }
         self.update_host_info();
+    }
+
+    /// The self-check of one drain: what it counted per attached interface
+    /// and hook next to the kernel's statistics read with it.
+    pub fn check_coverage(&mut self, drained: &Drained, hooked: &[Hooked], now: Instant) {
+        self.coverage.record(drained, hooked, now);
     }
 
     /// Rebuilds `<prefix>_host_info` when the hosts in labels changed, with

@@ -9,9 +9,11 @@
 //! - [`budget`] and [`series`]: the series budget, folding and expiry, and
 //!   the compact series store with its text encoder;
 //! - [`self_metrics`]: ntm's own health metrics;
+//! - [`coverage`]: the self-check against the kernel's interface counters;
 //! - [`http`]: `/metrics` and `/healthz`.
 
 pub mod budget;
+pub mod coverage;
 pub mod http;
 pub mod labels;
 pub mod names;

@@ -9,8 +9,8 @@ use std::collections::{BTreeSet, HashMap};
 
 use ntm_common::{Direction, OutsideReason, programs};
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    core::Collector,
+    GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, core::Collector,
 };
 
 use super::labels::iface_label;
@@ -62,6 +62,10 @@ pub struct SelfMetrics {
     /// `<prefix>_host_info{address, name, mac, source}`.
     pub host_info: IntGaugeVec,
     pub http_connection_errors: IntCounter,
+    /// The self-check: `<prefix>_interface_kernel_{packets,bytes}_total`,
+    /// `_counted_packets_total` and `_coverage_ratio`, by iface and
+    /// direction (see `coverage.rs`).
+    pub coverage: (IntCounterVec, IntCounterVec, IntCounterVec, GaugeVec),
 }
 
 /// Values of `result` in `<prefix>_observed_messages_total`: the sum is
@@ -197,7 +201,34 @@ impl SelfMetrics {
                 observed_messages.with_label_values(&[protocol, result]);
             }
         }
+        let coverage = (
+            r.counter_vec(
+                "interface_kernel_packets_total",
+                "Frames the kernel's own statistics of the interface (rtnetlink IFLA_STATS64 rx_packets for ingress, tx_packets for egress) counted since ntm attached, at each hook ntm counts at; compare with interface_counted_packets_total",
+                FILTERED_LABELS,
+            )?,
+            r.counter_vec(
+                "interface_kernel_bytes_total",
+                "Bytes the kernel's statistics of the interface counted since ntm attached (rx_bytes, tx_bytes): link-layer bytes, so not comparable with bytes_total, which counts L3 bytes (14 bytes less per Ethernet frame, 18 with a VLAN tag)",
+                FILTERED_LABELS,
+            )?,
+            r.counter_vec(
+                "interface_counted_packets_total",
+                "Frames ntm's program saw at the interface's hook: in the traffic counters, outside the flow table and filtered out. Equals interface_kernel_packets_total when nothing is missed; fewer: frames dropped before the ingress hook (rx_dropped) or not yet drained; more: GSO/GRO aggregates the driver counts as one packet and ntm as their segments, frames a qdisc dropped after the egress hook",
+                FILTERED_LABELS,
+            )?,
+            r.register("interface_coverage_ratio", |name| {
+                GaugeVec::new(
+                    Opts::new(
+                        name,
+                        "interface_counted_packets_total / interface_kernel_packets_total over the last minute (1: every frame the kernel counted was counted; 1 when nothing crossed)",
+                    ),
+                    FILTERED_LABELS,
+                )
+            })?,
+        );
         let metrics = Self {
+            coverage,
             observed_messages,
             observed_drops_seen: Default::default(),
             observed_names: r.gauge_vec(

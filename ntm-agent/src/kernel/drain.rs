@@ -48,6 +48,9 @@ pub struct Drained {
     pub flows: Vec<(FlowKey, Counters)>,
     /// Frames counted outside the flow table.
     pub outside: OutsideCounts,
+    /// The kernel's statistics of every interface, read right after the
+    /// tables were read (`Kernel::drain`; empty if they could not be read).
+    pub link_stats: HashMap<u32, super::links::LinkStats>,
     /// How long the swap took (mostly the kernel's wait for running programs).
     pub swap_time: Duration,
     /// How long reading and clearing the idle table took.
@@ -232,6 +235,7 @@ impl FlowTables {
             outside,
             swap_time: swapped - started,
             read_time: swapped.elapsed(),
+            link_stats: HashMap::new(),
         })
     }
 

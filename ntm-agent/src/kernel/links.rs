@@ -6,7 +6,7 @@
 //! Netlink rather than /sys/class/net: sysfs shows the namespace it was
 //! mounted in, netlink the one of the thread that asks.
 
-use std::{io, net::IpAddr};
+use std::{collections::HashMap, io, net::IpAddr};
 
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
@@ -137,6 +137,43 @@ pub fn links() -> Result<Vec<LinkInfo>, LinksError> {
         },
     )?;
     Ok(links)
+}
+
+/// What the kernel's own statistics of an interface (IFLA_STATS64) counted
+/// since it was created: frames and bytes including the link-layer header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+/// The kernel's statistics of every link of the calling thread's network
+/// namespace, by index.
+pub fn link_stats() -> Result<HashMap<u32, LinkStats>, LinksError> {
+    let mut stats = HashMap::new();
+    dump(
+        RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        |message| {
+            if let RouteNetlinkMessage::NewLink(link) = message {
+                for attribute in &link.attributes {
+                    if let LinkAttribute::Stats64(s) = attribute {
+                        stats.insert(
+                            link.header.index,
+                            LinkStats {
+                                rx_packets: s.rx_packets,
+                                rx_bytes: s.rx_bytes,
+                                tx_packets: s.tx_packets,
+                                tx_bytes: s.tx_bytes,
+                            },
+                        );
+                    }
+                }
+            }
+        },
+    )?;
+    Ok(stats)
 }
 
 /// A MAC address.

@@ -36,6 +36,7 @@ use self::{
     plan::plan,
 };
 use crate::config::{AttachMode, CountMode, FilterSource};
+use ntm_common::Direction;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -88,6 +89,18 @@ pub struct InterfaceState {
     pub attached: bool,
 }
 
+/// One attached interface, as the self-check sees it.
+#[derive(Clone, Debug)]
+pub struct Hooked {
+    pub ifindex: u32,
+    /// The `iface` label of its traffic.
+    pub label: String,
+    /// The hooks ntm counts at.
+    pub directions: &'static [Direction],
+    /// The kernel's statistics when it was attached.
+    pub since: links::LinkStats,
+}
+
 pub struct Kernel {
     /// Attached interfaces by ifindex, with the label of their traffic.
     /// First, so that they are dropped (detached) before the programs.
@@ -98,6 +111,9 @@ pub struct Kernel {
     /// Every ifindex's label ever used: counts drained after an interface
     /// went away still get its name.
     labels: HashMap<u32, String>,
+    /// The kernel's statistics of each attached interface when it was
+    /// attached: what the self-check compares from.
+    stats_at_attach: HashMap<u32, links::LinkStats>,
     /// Planned interfaces that could not be attached, by name: their
     /// traffic label and why.
     failures: BTreeMap<String, (String, String)>,
@@ -127,6 +143,7 @@ impl Kernel {
             options: options.clone(),
             attachments: BTreeMap::new(),
             labels: HashMap::new(),
+            stats_at_attach: HashMap::new(),
             failures: BTreeMap::new(),
         };
         // On an error `kernel` is dropped, and its attachments with it.
@@ -164,7 +181,11 @@ impl Kernel {
             keep
         });
         changed |= self.attachments.len() != before;
+        let attachments = &self.attachments;
+        self.stats_at_attach
+            .retain(|index, _| attachments.contains_key(index));
         self.failures.clear();
+        let mut attached_now = Vec::new();
         for p in planned {
             if self.attachments.contains_key(&p.ifindex) {
                 continue;
@@ -194,6 +215,7 @@ impl Kernel {
             match attached {
                 Ok(attachment) => {
                     self.labels.insert(p.ifindex, p.label.clone());
+                    attached_now.push(p.ifindex);
                     self.attachments.insert(p.ifindex, (attachment, p.label));
                     changed = true;
                 }
@@ -205,7 +227,37 @@ impl Kernel {
                 }
             }
         }
+        if !attached_now.is_empty() {
+            // Where the kernel's counters stood when counting began; an
+            // interface without statistics is compared from zero.
+            let stats = links::link_stats().unwrap_or_else(|e| {
+                log::warn!("cannot read the interfaces' statistics for the self-check: {e}");
+                HashMap::new()
+            });
+            for index in attached_now {
+                let at = stats.get(&index).copied().unwrap_or_default();
+                self.stats_at_attach.insert(index, at);
+            }
+        }
         Ok(changed)
+    }
+
+    /// Each attached interface's hooks, label and the kernel's statistics
+    /// when it was attached, for the self-check.
+    pub fn hooked(&self) -> Vec<Hooked> {
+        self.attachments
+            .iter()
+            .map(|(index, (attachment, label))| Hooked {
+                ifindex: *index,
+                label: label.clone(),
+                directions: match attachment.hooks {
+                    Hooks::Both => &[Direction::Ingress, Direction::Egress],
+                    Hooks::Ingress => &[Direction::Ingress],
+                    Hooks::Egress => &[Direction::Egress],
+                },
+                since: self.stats_at_attach.get(index).copied().unwrap_or_default(),
+            })
+            .collect()
     }
 
     /// Puts a new filter in place (SIGHUP). It must compile and load for
@@ -228,8 +280,15 @@ impl Kernel {
     }
 
     /// Everything counted since the last drain.
+    /// With the kernel's interface statistics read right after, for the
+    /// self-check (so that few frames cross between the two).
     pub fn drain(&mut self) -> Result<Drained, KernelError> {
-        Ok(self.tables.drain()?)
+        let mut drained = self.tables.drain()?;
+        match links::link_stats() {
+            Ok(stats) => drained.link_stats = stats,
+            Err(e) => log::debug!("interface statistics for the self-check: {e}"),
+        }
+        Ok(drained)
     }
 
     pub fn attachments(&self) -> impl Iterator<Item = &Attachment> {

@@ -701,6 +701,87 @@ pub fn a_full_flow_table_adds_up_per_interface() {
     );
 }
 
+/// The self-check, through the real agent: with offloads off, what ntm
+/// counted at each hook equals what the interface's own counters say
+/// crossed it (UDP both ways, with ICMP errors, and TCP), and the coverage
+/// figure is 1.
+pub fn coverage_equals_the_interface_counters() {
+    use crate::kit::scrape::{Guard, http_get, sample_sum, wait_for, wait_healthy};
+    let link = Link::new("cov");
+    link.set_offloads(false);
+    link.wait_quiet();
+    let port = 9494;
+    let _agent = Guard(
+        crate::kit::agent_in(&link.a, false)
+            .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", &port.to_string()])
+            .args(["--drain-interval", "200ms"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_healthy(&link.a, port);
+    // A first check before any traffic, so that the minute's window starts
+    // where nothing is in flight.
+    wait_for("the first self-check", Duration::from_secs(10), || {
+        let (_, text) = http_get(&link.a, port, "/metrics")?;
+        text.contains("ntm_interface_coverage_ratio{").then_some(())
+    });
+    let before = link.a_stats();
+    // UDP to a closed port (ICMP errors come back out), IPv4 and IPv6, and
+    // a TCP transfer each way.
+    udp_burst(&link, A4, 7001, (0..300).map(|i| 20 + i * 3));
+    udp_burst(&link, A6, 7002, (0..200).map(|i| 1 + i * 5));
+    tcp_transfer(&link, A4, 7003, 300_000, false);
+    tcp_transfer(&link, B6, 7004, 200_000, true);
+    link.wait_quiet();
+    let after = link.a_stats();
+    let crossed = [
+        ("ingress", after.0.0 - before.0.0, after.0.1 - before.0.1),
+        ("egress", after.1.0 - before.1.0, after.1.1 - before.1.1),
+    ];
+    let dir = |d: &str| format!("direction=\"{d}\"");
+    let text = wait_for(
+        "ntm's count to reach the kernel's",
+        Duration::from_secs(20),
+        || {
+            let (_, text) = http_get(&link.a, port, "/metrics")?;
+            crossed
+                .iter()
+                .all(|(d, frames, _)| {
+                    sample_sum(&text, "ntm_interface_counted_packets_total", &[&dir(d)]) == *frames
+                })
+                .then_some(text)
+        },
+    );
+    for (d, frames, bytes) in crossed {
+        let labels = [r#"iface="ntm0""#, &dir(d)];
+        assert!(frames > 100, "{d}: {frames} frames");
+        assert_eq!(
+            sample_sum(&text, "ntm_interface_kernel_packets_total", &labels),
+            frames,
+            "{d}: the kernel's frames since ntm attached"
+        );
+        assert_eq!(
+            sample_sum(&text, "ntm_interface_kernel_bytes_total", &labels),
+            bytes,
+            "{d}: the kernel's bytes"
+        );
+        assert_eq!(
+            sample_sum(&text, "ntm_interface_counted_packets_total", &labels),
+            frames,
+            "{d}: ntm's frames"
+        );
+        assert_eq!(
+            sample_sum(&text, "ntm_packets_total", &[r#"iface="ntm0""#]),
+            crossed[0].1 + crossed[1].1,
+            "the traffic counters hold them all"
+        );
+        let ratio = format!("ntm_interface_coverage_ratio{{direction=\"{d}\",iface=\"ntm0\"}} 1\n");
+        assert!(text.contains(&ratio), "{ratio} in {text}");
+    }
+}
+
 pub fn a_full_flow_table_still_adds_up() {
     let link = Link::new("full");
     link.a.run(|| {
