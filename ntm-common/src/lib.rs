@@ -73,12 +73,19 @@ pub mod names {
     /// Read-only global: 1 to fill [`MACS`], 0 not to (and the verifier
     /// removes the code).
     pub const LEARN_MACS: &str = "NTM_LEARN_MACS";
+    /// LRU_HASH of fragmented datagrams (addresses, protocol, id) to the
+    /// service port their first fragment had, for their later fragments.
+    pub const FRAGMENTS: &str = "NTM_FRAGMENTS";
 }
 
 /// Compile-time capacity of each flow table; the agent may change it at load
 /// time (`--flow-table-size`). Both tables always have the same size, since an
 /// ARRAY_OF_MAPS slot only accepts maps shaped like its template.
 pub const DEFAULT_FLOW_TABLE_ENTRIES: u32 = 65_536;
+
+/// Fragmented datagrams the kernel remembers the service port of, for
+/// their later fragments (an LRU table, `NTM_FRAGMENTS`).
+pub const FRAGMENT_ENTRIES: u32 = 4096;
 
 /// Slots of each per-CPU flow cache (a power of two).
 pub const FLOW_CACHE_SLOTS: u32 = 4096;

@@ -26,7 +26,7 @@ use ntm_common::{
     tail,
 };
 
-use parse::{Frame, NOT_OBSERVED, ParseError, Parsed};
+use parse::{Fragment, Frame, NOT_OBSERVED, ParseError, Parsed};
 
 const TABLE_ENTRIES: usize = DEFAULT_FLOW_TABLE_ENTRIES as usize;
 type FlowTable = PerCpuHashMap<FlowKey, Counters, TABLE_ENTRIES>;
@@ -121,6 +121,25 @@ static NTM_OBSERVE_RATE: u32 = observe::DEFAULT_RATE_PER_CPU;
 /// Source MACs by source address, learnt when a flow takes a cache slot.
 #[btf_map]
 static NTM_MACS: LruHashMap<MacKey, MacValue, { observe::MAC_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// A fragmented datagram: its addresses (the flow key's first four words),
+/// identification, protocol and family. Every byte is a named field, so
+/// the hash sees no stray padding.
+#[repr(C, align(8))]
+struct FragmentKey {
+    addresses: [u64; 4],
+    id: u32,
+    proto: u8,
+    family: u8,
+    _pad: [u8; 2],
+}
+
+/// The service port of each fragmented datagram whose first fragment was
+/// seen, for its later fragments (which carry no ports). An LRU: bounded,
+/// and a datagram's entry is forgotten once newer ones need the room.
+#[btf_map]
+static NTM_FRAGMENTS: LruHashMap<FragmentKey, u32, { ntm_common::FRAGMENT_ENTRIES as usize }> =
     LruHashMap::new();
 
 /// 1: fill NTM_MACS (the agent names devices by MAC); read-only.
@@ -336,6 +355,7 @@ fn count_tc<const ETHERNET: bool>(ctx: &TcContext, direction: Direction, filtere
             }
         }
     }
+    join_fragments(&parsed, key);
     // GSO/GRO aggregates count as the segments they carry on the wire.
     let segments = if gso_segs > 1 { gso_segs as u64 } else { 1 };
     let wanted = wanted_by_agent(&parsed, key);
@@ -497,6 +517,41 @@ unsafe fn write_header(record: *mut Record, frame: &FrameInfo, captured: u32) {
     }
 }
 
+/// Puts a fragment in its datagram's flow: the first fragment notes its
+/// service port, a later one takes it (and is no longer "without L4"). A
+/// later fragment whose first one was not seen keeps no port, as before.
+#[inline(always)]
+fn join_fragments(parsed: &Result<Parsed, ParseError>, key: &mut FlowKey) {
+    let (first, id) = match parsed {
+        Ok(Parsed {
+            fragment: Fragment::First(id),
+            ..
+        }) => (true, *id),
+        Ok(Parsed {
+            fragment: Fragment::Later(id),
+            ..
+        }) => (false, *id),
+        _ => return,
+    };
+    let words = key.words();
+    let datagram = FragmentKey {
+        addresses: [words[0], words[1], words[2], words[3]],
+        id,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    };
+    if first {
+        if key.flags & ntm_common::key_flags::L4_MISSING == 0 {
+            let _ = NTM_FRAGMENTS.insert(datagram, key.port as u32, 0);
+        }
+    // SAFETY: a plain lookup; the value is copied out at once.
+    } else if let Some(port) = unsafe { NTM_FRAGMENTS.get(datagram) } {
+        key.port = *port as u16;
+        key.flags &= !ntm_common::key_flags::L4_MISSING;
+    }
+}
+
 /// Counts one frame (or aggregate of `segments`) of `frame_len` bytes, as
 /// parsed into `key`; a frame the filter rejected goes to `Filtered`, with
 /// the bytes it would have been counted with. True if the frame's flow
@@ -620,6 +675,7 @@ fn count_xdp(ctx: &XdpContext, filtered: bool) {
     // In XDP every VLAN tag is still in the frame, and there is no more
     // data to pull: what is not in [data, data_end) is not there.
     let parsed = parse::parse_ethernet(&frame, key, ephemeral_start, is_known_port);
+    join_fragments(&parsed, key);
     let frame_len = (frame.end - frame.data) as u32;
     let wanted = wanted_by_agent(&parsed, key);
     let took_slot = account(parsed, key, frame_len, 1, filtered);

@@ -41,6 +41,19 @@ pub struct Parsed {
     /// An [`observe::Kind`] if the agent wants this frame for names, else
     /// [`NOT_OBSERVED`].
     pub observe: u8,
+    /// Whether the packet is a fragment of a larger datagram, and which.
+    pub fragment: Fragment,
+}
+
+/// Where a packet stands in its datagram: later fragments carry no ports,
+/// and take their datagram's from the first (see `main.rs`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    Whole,
+    /// Offset 0 with more to come, and the datagram's identification.
+    First(u32),
+    /// Offset above 0, and the datagram's identification.
+    Later(u32),
 }
 
 /// `Parsed::observe` of a frame the agent does not want.
@@ -151,6 +164,7 @@ pub fn parse_ethernet(
                 l3_len: 0,
                 header_len: 0,
                 observe: NOT_OBSERVED,
+                fragment: Fragment::Whole,
             })
         }
     }
@@ -183,10 +197,11 @@ fn parse_ipv4(
     const BAD: OutsideReason = OutsideReason::MalformedIpv4;
     let ip = frame.at::<Ipv4Hdr>(l3).ok_or(need(BAD))?;
     // SAFETY: `at` checked that the whole fixed IPv4 header is in the frame.
-    let (vihl, tot_len, frags, proto) = unsafe {
+    let (vihl, tot_len, id, frags, proto) = unsafe {
         (
             (*ip).vihl,
             u16::from_be_bytes((*ip).tot_len),
+            u16::from_be_bytes((*ip).id),
             u16::from_be_bytes((*ip).frags),
             (*ip).proto,
         )
@@ -210,6 +225,11 @@ fn parse_ipv4(
     }
     // Ports only in the first fragment; later ones have none to read.
     let first_fragment = frags & 0x1fff == 0;
+    let fragment = match (first_fragment, frags & 0x2000 != 0) {
+        (true, false) => Fragment::Whole,
+        (true, true) => Fragment::First(id as u32),
+        (false, _) => Fragment::Later(id as u32),
+    };
     let l4 = l3 + header_len;
     let (l4_len, observe) = if first_fragment {
         parse_l4(frame, l4, proto, key, ephemeral_start, is_known)
@@ -222,6 +242,7 @@ fn parse_ipv4(
         l3_len: tot_len as u32,
         header_len: (header_len + l4_len) as u32,
         observe,
+        fragment,
     })
 }
 
@@ -254,6 +275,7 @@ fn parse_ipv6(
     }
     let mut offset = l3 + Ipv6Hdr::LEN;
     let mut first_fragment = true;
+    let mut fragment = Fragment::Whole;
     let mut chain_done = false;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         if !is_extension_header(next) {
@@ -268,11 +290,20 @@ fn parse_ipv6(
             ipproto::HOPOPTS | ipproto::ROUTING | ipproto::DSTOPTS => (length as usize + 1) * 8,
             ipproto::AH => (length as usize + 2) * 4,
             ipproto::FRAGMENT => {
-                let frag = frame
-                    .be16(offset + 2)
+                // The whole 8-byte header in one check: next header,
+                // reserved, offset and M flag, identification.
+                let header = frame
+                    .at::<[u8; 8]>(offset)
                     .ok_or(need(OutsideReason::Ipv6ExtensionChain))?;
+                // SAFETY: `at` checked that the 8 bytes lie inside the frame.
+                let header = unsafe { *header };
+                let frag = u16::from_be_bytes([header[2], header[3]]);
+                let id = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
                 if frag & 0xfff8 != 0 {
                     first_fragment = false;
+                    fragment = Fragment::Later(id);
+                } else if frag & 1 != 0 {
+                    fragment = Fragment::First(id);
                 }
                 8
             }
@@ -306,6 +337,7 @@ fn parse_ipv6(
         l3_len,
         header_len: (offset - l3 + l4_len) as u32,
         observe,
+        fragment,
     })
 }
 

@@ -213,9 +213,19 @@ pub fn ipv4_options_and_fragments() {
     assert_eq!(key, v4_key(17, 53));
     assert_eq!(c, counted(20 + 32));
 
-    // Later fragment: its payload is not a UDP header; no port, same bytes rule.
+    // A later fragment of that datagram (same addresses, protocol and
+    // identification): its payload is not a UDP header, but it takes the
+    // first fragment's port, so the datagram stays in one series.
     let later = eth(ETH_IPV4, &[], &ipv4(17, &[], 4, &[0xAA; 40]));
     let (key, c) = only_flow(&h.ingress(&later));
+    assert_eq!(key, v4_key(17, 53));
+    assert_eq!(c, counted(60));
+
+    // A later fragment of a datagram whose first fragment was not seen
+    // (another identification): no port, same bytes rule.
+    let mut stray = later.clone();
+    stray[18..20].copy_from_slice(&[0x56, 0x78]);
+    let (key, c) = only_flow(&h.ingress(&stray));
     assert_eq!(
         key,
         FlowKey {
@@ -245,9 +255,16 @@ pub fn ipv6_extension_header_chains() {
     let (key, _) = only_flow(&h.ingress(&eth(ETH_IPV6, &[], &ipv6(43, &payload))));
     assert_eq!(key, v6_key(6, 443));
 
-    // A later fragment: protocol known, no port.
+    // A later fragment of the first chain's datagram (identification 1):
+    // the first fragment's port.
     let mut payload = ext_fragment(17, 100, false);
     payload.extend([0u8; 48]);
+    let (key, c) = only_flow(&h.ingress(&eth(ETH_IPV6, &[], &ipv6(44, &payload))));
+    assert_eq!(key, v6_key(17, 53));
+    assert_eq!(c, counted(40 + 56));
+
+    // A later fragment of an unseen datagram: protocol known, no port.
+    payload[4..8].copy_from_slice(&[0, 0, 0, 9]);
     let (key, c) = only_flow(&h.ingress(&eth(ETH_IPV6, &[], &ipv6(44, &payload))));
     assert_eq!(
         key,

@@ -93,6 +93,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: traffic::clsact_mode_counts_exactly_and_replaces_stale_filters,
     Root: traffic::a_full_flow_table_still_adds_up,
     Root: traffic::a_full_flow_table_adds_up_per_interface,
+    Root: traffic::fragmented_datagrams_stay_in_one_series,
     Root: traffic::coverage_equals_the_interface_counters,
     Root: traffic::loopback_counts_each_packet_once,
     Root: traffic::xdp_mode_counts_then_passes_or_drops,

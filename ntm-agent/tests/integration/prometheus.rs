@@ -273,20 +273,27 @@ pub fn exposition_labels_for_every_kind_of_traffic() {
         "SYN and RST\n{text}"
     );
     // Fragmented pings: 2 requests + 2 replies, 3 fragments each; only the
-    // first fragment of each has the ICMP type.
+    // first fragment of each has the ICMP type, and the later two take it
+    // from the first: each datagram is in one series.
     assert_eq!(
         packets(&[
             r#"service="echo-request""#,
             r#"proto="icmp""#,
             r#"dst="198.18.0.1""#
         ]),
-        2
-    );
-    assert_eq!(
-        packets(&[r#"service="""#, r#"proto="icmp""#, r#"dst="198.18.0.1""#]),
-        4,
+        6,
         "{text}"
     );
+    assert_eq!(
+        packets(&[
+            r#"service="echo-reply""#,
+            r#"proto="icmp""#,
+            r#"src="198.18.0.1""#
+        ]),
+        6,
+        "{text}"
+    );
+    assert_eq!(packets(&[r#"service="""#, r#"proto="icmp""#]), 0, "{text}");
     assert_eq!(
         packets(&[
             r#"service="echo-request""#,

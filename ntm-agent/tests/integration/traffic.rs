@@ -262,6 +262,47 @@ fn tcp_transfer(link: &Link, dst: &str, port: u16, bytes: usize, from_a: bool) -
     })
 }
 
+/// Datagrams larger than the link's MTU, fragmented by the sender (IPv4
+/// and IPv6): every fragment lands in its datagram's series (the later ones
+/// take the first one's service port), bytes exact.
+pub fn fragmented_datagrams_stay_in_one_series() {
+    let link = Link::new("frag");
+    link.set_offloads(false);
+    link.wait_quiet();
+    link.a.run(|| {
+        let mut agent = start_agent(&link, &[]);
+        let _sink4 = udp_sink(&link, A4, 7010);
+        let _sink6 = udp_sink(&link, A6, 7010);
+        for (src, dst, header) in [(B4, A4, 20u64), (B6, A6, 48u64)] {
+            // 10 datagrams of 4,000 bytes over a 1,500-byte MTU: 3 fragments
+            // each, the UDP header in the first only.
+            let d = phase(&link, &mut agent, || {
+                udp_burst(&link, dst, 7010, std::iter::repeat_n(4000, 10));
+            });
+            let ingress: Vec<_> = d
+                .flows
+                .iter()
+                .filter(|(k, _)| k.direction == Direction::Ingress as u8)
+                .collect();
+            assert_eq!(ingress.len(), 1, "{src} -> {dst}: one series: {ingress:?}");
+            let (key, counted) = ingress[0];
+            assert_eq!(key.port, 7010, "{key:?}");
+            assert_eq!(key.flags, 0, "no fragment without its port: {key:?}");
+            // Each fragment repeats the IP header (and IPv6 its fragment
+            // header); the UDP header is in the first one.
+            assert_eq!(
+                *counted,
+                Counters {
+                    bytes: 10 * (4000 + 8 + 3 * header),
+                    packets: 30
+                },
+                "{src} -> {dst}"
+            );
+        }
+        let _ = agent.shutdown().unwrap();
+    });
+}
+
 pub fn draining_every_few_milliseconds_loses_nothing() {
     let link = Link::new("drain");
     link.a.run(|| {
