@@ -42,18 +42,7 @@ fn add_subnets(link: &Link) {
             ns.exec(&["ip", "addr", "add", &format!("{addr}/24"), "dev", ifname]);
         }
         for peer in peers {
-            ns.exec(&[
-                "ip",
-                "neigh",
-                "replace",
-                peer,
-                "lladdr",
-                peer_mac,
-                "dev",
-                ifname,
-                "nud",
-                "permanent",
-            ]);
+            ns.permanent_neighbour(ifname, peer, peer_mac);
         }
     }
     link.wait_quiet();

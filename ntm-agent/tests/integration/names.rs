@@ -239,18 +239,7 @@ pub fn devices_by_hosts_files_and_dhcp_leases() {
             "dev",
             &link.b_if,
         ]);
-        link.a.exec(&[
-            "ip",
-            "neigh",
-            "replace",
-            address,
-            "lladdr",
-            mac,
-            "dev",
-            &link.a_if,
-            "nud",
-            "permanent",
-        ]);
+        link.a.permanent_neighbour(&link.a_if, address, mac);
     }
     // Reverse DNS has a name for the printer (the hosts file must win) and
     // none for the rest.

@@ -279,18 +279,8 @@ pub fn devices_by_the_host_name_their_dhcp_client_sent() {
         .a
         .exec(&["cat", &format!("/sys/class/net/{}/address", link.a_if)]);
     for address in [crate::kit::A4, crate::kit::A6] {
-        link.b.exec(&[
-            "ip",
-            "neigh",
-            "replace",
-            address,
-            "lladdr",
-            a_mac.trim(),
-            "dev",
-            &link.b_if,
-            "nud",
-            "permanent",
-        ]);
+        link.b
+            .permanent_neighbour(&link.b_if, address, a_mac.trim());
     }
     let _sinks = sinks(&link, &[crate::kit::A4, crate::kit::A6]);
     let expect = vec![(

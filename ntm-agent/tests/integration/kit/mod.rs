@@ -111,6 +111,36 @@ impl Netns {
         sh(&full)
     }
 
+    /// A permanent neighbour entry: `ip` is at `mac` on `ifname`, so no
+    /// ARP or neighbour discovery crosses the link.
+    pub fn permanent_neighbour(&self, ifname: &str, ip: &str, mac: &str) {
+        self.exec(&[
+            "ip",
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            mac,
+            "dev",
+            ifname,
+            "nud",
+            "permanent",
+        ]);
+    }
+
+    /// Waits (at most until `deadline`) until `ifname` is up: the kernel
+    /// reports carrier changes up to a second late (linkwatch).
+    pub fn wait_up(&self, ifname: &str, deadline: Instant) {
+        while self
+            .exec(&["cat", &format!("/sys/class/net/{ifname}/operstate")])
+            .trim()
+            != "up"
+        {
+            assert!(Instant::now() < deadline, "{ifname} did not come up");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Runs `f` on a thread that has entered this namespace.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         thread::scope(|s| {
@@ -216,18 +246,7 @@ impl Link {
             ]);
             ns.exec(&["ip", "link", "set", ifname, "up"]);
             for peer in [peer4, peer6] {
-                ns.exec(&[
-                    "ip",
-                    "neigh",
-                    "replace",
-                    peer,
-                    "lladdr",
-                    peer_mac,
-                    "dev",
-                    ifname,
-                    "nud",
-                    "permanent",
-                ]);
+                ns.permanent_neighbour(ifname, peer, peer_mac);
             }
         }
         let link = Self { a, b, a_if, b_if };
@@ -235,16 +254,8 @@ impl Link {
         // and IPv6 sends its multicast reports only then: wait for both ends
         // to be up, then for the reports to pass.
         let deadline = Instant::now() + Duration::from_secs(10);
-        for (ns, ifname) in [(&link.a, &link.a_if), (&link.b, &link.b_if)] {
-            while ns
-                .exec(&["cat", &format!("/sys/class/net/{ifname}/operstate")])
-                .trim()
-                != "up"
-            {
-                assert!(Instant::now() < deadline, "{ifname} did not come up");
-                thread::sleep(Duration::from_millis(50));
-            }
-        }
+        link.a.wait_up(&link.a_if, deadline);
+        link.b.wait_up(&link.b_if, deadline);
         link.wait_quiet();
         link
     }
@@ -308,30 +319,11 @@ impl Link {
             ]);
             ns.exec(&["ip", "addr", "add", &format!("{v4}/24"), "dev", ifname]);
             ns.exec(&["ip", "link", "set", ifname, "up"]);
-            ns.exec(&[
-                "ip",
-                "neigh",
-                "replace",
-                peer4,
-                "lladdr",
-                peer_mac,
-                "dev",
-                ifname,
-                "nud",
-                "permanent",
-            ]);
+            ns.permanent_neighbour(ifname, peer4, peer_mac);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        for (ns, ifname) in [(&self.a, &a_if), (&self.b, &b_if)] {
-            while ns
-                .exec(&["cat", &format!("/sys/class/net/{ifname}/operstate")])
-                .trim()
-                != "up"
-            {
-                assert!(Instant::now() < deadline, "{ifname} did not come up");
-                thread::sleep(Duration::from_millis(50));
-            }
-        }
+        self.a.wait_up(&a_if, deadline);
+        self.b.wait_up(&b_if, deadline);
         (a_if, b_if)
     }
 
