@@ -136,6 +136,15 @@ for label, values in [("default values", {}), ("non-default values", NON_DEFAULT
         f"{label}: probes on /healthz",
         ctr["readinessProbe"]["httpGet"]["path"] == "/healthz",
     )
+    mounts = {m["name"]: m["mountPath"] for m in ctr.get("volumeMounts", [])}
+    volumes = {v["name"]: v.get("hostPath", {}).get("path") for v in pod.get("volumes", [])}
+    check(
+        f"{label}: pinned state in the node's bpffs",
+        mounts.get("bpffs") == "/sys/fs/bpf"
+        and volumes.get("bpffs") == "/sys/fs/bpf"
+        and env.get("NTM_NO_PIN") == "false",
+        (mounts, volumes, env.get("NTM_NO_PIN")),
+    )
     check(f"{label}: NOTES.txt", "port-forward" in out["ntm/templates/NOTES.txt"])
     cms = [d for _, d in docs if d["kind"] == "ConfigMap"]
     check(
@@ -160,6 +169,15 @@ for label, values in [("default values", {}), ("non-default values", NON_DEFAULT
         check("ServiceMonitor rendered", any(d["kind"] == "ServiceMonitor" for _, d in docs))
     else:
         check("no ServiceMonitor by default", not any(d["kind"] == "ServiceMonitor" for _, d in docs))
+
+_, docs = render({"pinState": False})
+pod, ctr = containers(docs)
+env = {e["name"]: e["value"] for e in ctr["env"]}
+check(
+    "pinState false: no bpffs, counting stops with the pod",
+    env.get("NTM_NO_PIN") == "true" and "volumes" not in pod and "volumeMounts" not in ctr,
+    env,
+)
 
 _, docs = render({"privileged": True})
 _, ctr = containers(docs)

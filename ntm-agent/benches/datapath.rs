@@ -52,6 +52,7 @@ fn main() {
     let (mut datapath, _tables) = Datapath::load(
         &config.kernel().expect("kernel options").datapath,
         &services.known_port_bitmap(),
+        None,
     )
     .expect("load ntm");
     let mut baseline = Ebpf::load(BASELINE_OBJECT).expect("load baseline");
@@ -166,6 +167,7 @@ fn load(flags: &[&str], services: &ntm_agent::export::services::ServiceRegistry)
     let (datapath, _tables) = Datapath::load(
         &config.kernel().expect("kernel options").datapath,
         &services.known_port_bitmap(),
+        None,
     )
     .expect("load ntm");
     datapath

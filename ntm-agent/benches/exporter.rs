@@ -63,6 +63,7 @@ fn scrape_child(n: usize) {
     let (_datapath, _tables) = Datapath::load(
         &config.kernel().expect("kernel options").datapath,
         &services.known_port_bitmap(),
+        None,
     )
     .expect("load (run as root)");
     let mut pipeline = Pipeline::new(config.pipeline(), services).expect("pipeline");
@@ -216,7 +217,7 @@ fn drain_figures() {
             flow_table_entries: n,
             ..Default::default()
         };
-        let (mut datapath, mut tables) = Datapath::load(&options, &[]).expect("load");
+        let (mut datapath, mut tables) = Datapath::load(&options, &[], None).expect("load");
         let program = datapath.tc_program(TC_INGRESS_ETH).unwrap();
         let mut frame = eth(ETH_IPV4, &[], &ipv4(17, &[], 0, &udp(40_000, 53, &[0; 16])));
         // Source address at byte 14 + 12 of the frame: one flow per address.

@@ -55,9 +55,12 @@ pub enum FilterSource {
 #[command(
     name = "ntm-agent",
     version,
-    about = "Counts every packet crossing an interface in the kernel (eBPF) and exports per-flow traffic."
+    about = "Counts every packet crossing an interface in the kernel (eBPF) and exports per-flow traffic.",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     #[command(flatten)]
     pub interfaces: InterfaceArgs,
     #[command(flatten)]
@@ -73,6 +76,24 @@ pub struct Config {
     #[command(flatten)]
     pub privileges: PrivilegeArgs,
 }
+
+/// What `ntm-agent` does other than counting.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Command {
+    /// Stop counting for good in this network namespace: detach ntm's
+    /// programs that outlive the agent (TCX and XDP links pinned in
+    /// bpffs, clsact filters) and remove its pinned state. The systemd
+    /// unit runs it when the service is stopped (not restarted), the Helm
+    /// chart when it is uninstalled. Refused while an agent runs here.
+    Detach {
+        /// The pinned state's directory, as the agent was given it.
+        #[arg(long, env = "NTM_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+/// Where the agent keeps its kernel state across restarts, by default.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ntm";
 
 /// Where to count.
 #[derive(Clone, Debug, clap::Args)]
@@ -282,6 +303,25 @@ pub struct DatapathArgs {
     /// name no service.
     #[arg(long, env = "NTM_EPHEMERAL_START", default_value_t = ntm_common::service_port::DEFAULT_EPHEMERAL_START)]
     pub ephemeral_start: u16,
+
+    /// Where in bpffs ntm keeps its programs' links and tables, one
+    /// directory per network namespace, so that counting goes on while the
+    /// agent restarts or upgrades and the next start takes it over. Where
+    /// no bpffs is mounted there, ntm counts only while it runs.
+    #[arg(long, env = "NTM_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+
+    /// How long the pinned programs go on counting with no agent (a crash
+    /// with no restart, a stop without `ntm-agent detach`); after it they
+    /// let every frame through uncounted until the next start or a detach.
+    /// 0: until then, however long.
+    #[arg(long, env = "NTM_ORPHAN_TIMEOUT", default_value = "15m", value_parser = parse_timeout)]
+    pub orphan_timeout: Duration,
+
+    /// Keep nothing in bpffs: counting stops when the agent stops.
+    #[arg(long = "no-pin", env = "NTM_NO_PIN", value_parser = clap::builder::BoolishValueParser::new(),
+          action = clap::ArgAction::SetTrue)]
+    pub no_pin: bool,
 }
 
 /// The endpoint.
@@ -354,6 +394,9 @@ impl Config {
             filter: self.filter_source()?,
             count_mode: self.datapath.mode,
             attach_mode: self.datapath.attach_mode,
+            pin_dir: (!self.datapath.no_pin).then(|| self.datapath.pin_dir.clone()),
+            orphan_timeout: (!self.datapath.orphan_timeout.is_zero())
+                .then_some(self.datapath.orphan_timeout),
             datapath: DatapathOptions {
                 flow_table_entries: self.datapath.flow_table_size,
                 ephemeral_start: self.datapath.ephemeral_start,
@@ -574,6 +617,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// A duration, or 0 / "never" for none.
+pub fn parse_timeout(text: &str) -> Result<Duration, String> {
+    match text.trim() {
+        "0" | "never" => Ok(Duration::ZERO),
+        other => parse_duration(other),
+    }
+}
+
 /// The interface of the IPv4 default route, else of the IPv6 one.
 pub fn default_route_interface() -> Option<String> {
     let v4 = fs::read_to_string("/proc/net/route").unwrap_or_default();
@@ -673,6 +724,36 @@ mod tests {
             Some("wan6".into())
         );
         assert_eq!(default_route_from_tables("header\n", ""), None);
+    }
+
+    #[test]
+    fn orphan_timeout_and_pinning_from_flags() {
+        let c = Config::try_parse_from(["ntm-agent", "-i", "eth0"]).unwrap();
+        let k = c.kernel().unwrap();
+        assert_eq!(
+            k.pin_dir.as_deref(),
+            Some(std::path::Path::new(DEFAULT_PIN_DIR))
+        );
+        assert_eq!(k.orphan_timeout, Some(Duration::from_secs(15 * 60)));
+        let c = Config::try_parse_from([
+            "ntm-agent",
+            "-i",
+            "eth0",
+            "--no-pin",
+            "--orphan-timeout",
+            "never",
+        ])
+        .unwrap();
+        let k = c.kernel().unwrap();
+        assert_eq!((k.pin_dir, k.orphan_timeout), (None, None));
+        assert!(Config::try_parse_from(["ntm-agent", "--orphan-timeout", "soon"]).is_err());
+        match Config::try_parse_from(["ntm-agent", "detach", "--pin-dir", "/x"])
+            .unwrap()
+            .command
+        {
+            Some(Command::Detach { pin_dir }) => assert_eq!(pin_dir, PathBuf::from("/x")),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

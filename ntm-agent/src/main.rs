@@ -7,7 +7,7 @@ use std::{net::SocketAddr, process::ExitCode, time::Instant};
 use anyhow::Context as _;
 use clap::Parser as _;
 use ntm_agent::{
-    config::{Config, FilterSource},
+    config::{Command, Config, FilterSource},
     export::{
         http::{self, Health},
         names::containers::ContainerNames,
@@ -33,6 +33,12 @@ const LINK_SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let config = Config::parse();
+    if let Some(Command::Detach { pin_dir }) = &config.command {
+        return match detach(pin_dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -44,6 +50,17 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
+}
+
+/// `ntm-agent detach`: stops counting for good here, and says what it
+/// removed.
+fn detach(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    let detached = ntm_agent::kernel::detach(pin_dir).context("ntm could not detach")?;
+    println!(
+        "ntm: detached {} pinned link(s) and {} clsact filter(s); removed the pinned state (it held {} packets, {} bytes, that no agent exported)",
+        detached.links, detached.filters, detached.unexported.packets, detached.unexported.bytes
+    );
+    Ok(())
 }
 
 /// One line on stderr with the whole chain of causes, never a backtrace
@@ -85,6 +102,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .context("ntm could not start")?;
     // Before any other thread starts, so that all of them run as `user`.
     if let Some(user) = user {
+        kernel
+            .hand_pins_to(user.uid, user.gid)
+            .context("ntm could not give its pinned state to --user")?;
         privileges::drop_to(user).context("ntm could not give up root")?;
         log::info!(
             "running as uid {} gid {} with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON only",
@@ -106,6 +126,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     if let Some(sockets) = config.container_sockets() {
         pipeline.name_containers_with(ContainerNames::spawn(sockets));
+    }
+    // What the last agent's pinned tables held: counted while no agent ran.
+    if let Some(adopted) = kernel.take_adopted() {
+        pipeline.process(&adopted, kernel.interface_labels(), Instant::now());
     }
     let health = Health::default();
     report_attachments(&kernel, &pipeline, &health);
@@ -132,8 +156,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut ticker = tokio::time::interval(config.datapath.drain_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drains: u32 = 0;
+    // The lease, renewed well within the orphan timeout (whatever the drain
+    // interval), so that the programs count for as long as the agent runs.
+    let mut lease = tokio::time::interval(lease_period(kernel_options.orphan_timeout));
+    lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = lease.tick() => {
+                if let Err(e) = kernel.renew_lease() {
+                    log::warn!("{e}");
+                }
+            }
             read = read_observed(observer.as_mut(), &mut observed) => {
                 if let Err(e) = read {
                     log::warn!("names from the wire stop: {e}");
@@ -172,7 +205,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
         }
     }
-    log::info!("stopping: detaching and draining the last counts");
+    if kernel.keeps_counting() {
+        log::info!(
+            "stopping: the programs go on counting into the pinned tables for the next start (`ntm-agent detach` stops them for good)"
+        );
+    } else {
+        log::info!("stopping: detaching and draining the last counts");
+    }
     for (requested, _) in kernel.health() {
         health.set(&requested, false);
     }
@@ -181,6 +220,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     pipeline.process(&last, &labels, Instant::now());
     server.stop();
     Ok(())
+}
+
+/// How often the lease is renewed: four times per orphan timeout, between
+/// once a second and once a minute.
+fn lease_period(timeout: Option<std::time::Duration>) -> std::time::Duration {
+    use std::time::Duration;
+    timeout.map_or(Duration::from_secs(60), |t| {
+        (t / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    })
 }
 
 /// Waits for DNS and DHCP frames (forever when observation is off).

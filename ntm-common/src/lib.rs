@@ -76,7 +76,38 @@ pub mod names {
     /// LRU_HASH of fragmented datagrams (addresses, protocol, id) to the
     /// service port their first fragment had, for their later fragments.
     pub const FRAGMENTS: &str = "NTM_FRAGMENTS";
+    /// Array of one u64: until when (CLOCK_MONOTONIC ns) the agent vouches
+    /// for reading the tables; past it with no renewal the programs stop
+    /// counting (the orphan timeout). 0: no timeout.
+    pub const LEASE: &str = "NTM_LEASE";
+
+    /// The maps kept in bpffs across restarts (see [`crate::LAYOUT_VERSION`]):
+    /// what the next agent reads (the tables and what points into them) and
+    /// the program arrays, which the kernel would empty when the last
+    /// process holding them goes (a filter would then be skipped).
+    pub const PINNED: [&str; 13] = [
+        ACTIVE_SLOT,
+        FLOW_TABLES[0],
+        FLOW_TABLES[1],
+        ACTIVE_CACHE_SLOT,
+        FLOW_CACHES[0],
+        FLOW_CACHES[1],
+        OUTSIDE_SLOTS,
+        OUTSIDE_COUNTERS,
+        OUTSIDE_UNKEYED,
+        OUTSIDE_GENERATION,
+        TC_TAILS,
+        XDP_TAILS,
+        LEASE,
+    ];
 }
+
+/// The layout of the state ntm keeps in bpffs across restarts: the names in
+/// [`names::PINNED`], the flow key, counters, cache slots and outside keys
+/// and slots, and how the drain reads them. A starting agent adopts and
+/// drains state of its own layout; state of another layout it reads where
+/// the formats allow and replaces. Change it with any of those.
+pub const LAYOUT_VERSION: u32 = 1;
 
 /// Compile-time capacity of each flow table; the agent may change it at load
 /// time (`--flow-table-size`). Both tables always have the same size, since an

@@ -75,6 +75,51 @@ static NTM_OUTSIDE_UNKEYED: PerCpuArray<Counters, { OUTSIDE_UNKEYED_SLOTS as usi
 #[btf_map]
 static NTM_OUTSIDE_GENERATION: Array<u32, 1> = Array::new();
 
+/// The agent's lease: until when (CLOCK_MONOTONIC ns) it vouches for
+/// reading these tables; 0: no timeout. The agent renews it while it runs.
+#[btf_map]
+static NTM_LEASE: Array<u64, 1> = Array::new();
+
+/// Set once the lease ran out with no agent to renew it (the orphan
+/// timeout): from then on the programs let every frame through uncounted,
+/// at the cost of this one load. Read per frame, so a global (a direct
+/// load), written only by [`check_lease`].
+#[unsafe(no_mangle)]
+static mut NTM_ORPHANED: u32 = 0;
+
+/// How often the lease is looked at: whenever a counter crosses a multiple
+/// of 2^LEASE_CHECK_SHIFT packets (a cache slot, a table entry, an outside
+/// slot), so that the clock is read about once per 4096 frames of a flow.
+const LEASE_CHECK_SHIFT: u32 = 12;
+
+#[inline(always)]
+fn orphaned() -> bool {
+    // SAFETY: a plain aligned load of a global only check_lease writes
+    // (a racing write is a u32 store: the load sees 0 or 1).
+    unsafe { core::ptr::read_volatile(&raw const NTM_ORPHANED) != 0 }
+}
+
+/// Whether adding `added` packets to `before` crosses a lease check point.
+#[inline(always)]
+fn lease_check_due(before: u64, added: u64) -> bool {
+    (before + added) >> LEASE_CHECK_SHIFT != before >> LEASE_CHECK_SHIFT
+}
+
+/// Stops counting for good if the lease ran out. A call of its own, taken
+/// about once per 4096 frames, so the clock read is off the hot path.
+#[inline(never)]
+fn check_lease() {
+    let until = match NTM_LEASE.get(0) {
+        Some(until) => *until,
+        None => return,
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    if until != 0 && unsafe { bpf_ktime_get_ns() } > until {
+        // SAFETY: an aligned store to a global; see `orphaned`.
+        unsafe { core::ptr::write_volatile(&raw mut NTM_ORPHANED, 1) };
+    }
+}
+
 /// Known service ports, a bitmap per protocol class (see ntm_common).
 #[btf_map]
 static NTM_KNOWN_PORTS: Array<u32, { KNOWN_PORT_WORDS as usize }> = Array::new();
@@ -228,6 +273,9 @@ fn filter_then_count<const ETHERNET: bool>(
     direction: Direction,
     filter_slot: u32,
 ) -> i32 {
+    if orphaned() {
+        return TC_ACT_UNSPEC;
+    }
     // SAFETY: a tail call either does not return or, with the slot empty,
     // returns with nothing changed.
     unsafe { NTM_TC_TAILS.tail_call(ctx, filter_slot) };
@@ -289,9 +337,14 @@ fn setting<T: Copy>(value: &'static T) -> T {
 fn add_counts(counters: *mut Counters, bytes: u64, packets: u64) {
     // SAFETY: the pointer comes from a successful per-CPU map lookup (the
     // verifier checks it is not null), and as above no one else writes it.
-    unsafe {
+    let before = unsafe {
+        let before = (*counters).packets;
         (*counters).bytes += bytes;
-        (*counters).packets += packets;
+        (*counters).packets = before + packets;
+        before
+    };
+    if lease_check_due(before, packets) {
+        check_lease();
     }
 }
 
@@ -643,6 +696,9 @@ fn learn_mac(data: usize, end: usize, key: &FlowKey) {
 /// it; the agent chooses whether the copy then goes on (pass) or not (drop).
 #[xdp]
 pub fn ntm_xdp(ctx: XdpContext) -> u32 {
+    if orphaned() {
+        return xdp_action::XDP_PASS;
+    }
     // SAFETY: a tail call either does not return or, with the slot empty,
     // returns with nothing changed.
     unsafe { NTM_XDP_TAILS.tail_call(&ctx, tail::FILTER_XDP) };
@@ -736,6 +792,9 @@ fn count_cached(key: &FlowKey, bytes: u64, packets: u64) -> bool {
         if same && held_packets != 0 {
             *s.add(KEY_WORDS) += bytes;
             *s.add(KEY_WORDS + 1) = held_packets + packets;
+            if lease_check_due(held_packets, packets) {
+                check_lease();
+            }
             return false;
         }
         if held_packets != 0 {
@@ -796,9 +855,13 @@ fn count_outside(key: &FlowKey, reason: OutsideReason, bytes: u64, packets: u64)
         // bottom halves off), and the pointer comes from a successful lookup.
         unsafe {
             if (*slot).ifindex == key.ifindex || (*slot).ifindex == 0 {
+                let before = (*slot).counters.packets;
                 (*slot).ifindex = key.ifindex;
                 (*slot).counters.bytes += bytes;
-                (*slot).counters.packets += packets;
+                (*slot).counters.packets = before + packets;
+                if lease_check_due(before, packets) {
+                    check_lease();
+                }
                 return;
             }
         }

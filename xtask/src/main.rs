@@ -328,8 +328,10 @@ fn image_binary_runs_arm64(name: &str, scratch: &Path) -> Result<String> {
 /// ICMP echo (iputils-ping), offload switches (ethtool), sysctl (procps),
 /// a real Prometheus and promtool for the scrape tests (prometheus),
 /// systemd-analyze for the unit file (systemd), a DHCP server and client
-/// for device names (dnsmasq-base, busybox's udhcpc).
+/// for device names (dnsmasq-base, busybox's udhcpc), bpftool to check
+/// that `ntm-agent detach` leaves no program, link or pin.
 const TEST_PACKAGES: &[&str] = &[
+    "bpftool",
     "dnsmasq-base",
     "busybox",
     "bind9-dnsutils",
@@ -349,6 +351,29 @@ const PYTHON_TEST_PACKAGES: &[&str] = &[
     "kubernetes-validate==1.37.0",
     "PyYAML==6.0.4",
 ];
+
+/// Mounts a bpffs at /sys/fs/bpf if none is there (systemd does it at
+/// boot; a container or a minimal machine may not have one), so that ntm
+/// keeps counting across its restarts. Says so, and goes on if it cannot.
+fn mount_bpffs() {
+    let mounted = std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+        m.lines()
+            .any(|l| l.split(' ').nth(1) == Some("/sys/fs/bpf"))
+    });
+    if mounted || !Path::new("/sys/fs/bpf").is_dir() {
+        return;
+    }
+    eprintln!(
+        "xtask: mounting a bpffs at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf), where ntm keeps counting across restarts"
+    );
+    let ok = Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("xtask: could not mount it; ntm will count only while it runs");
+    }
+}
 
 /// The workspace root, so that commands work from any folder inside it.
 fn workspace_root() -> &'static Path {
@@ -388,6 +413,8 @@ fn task(command: Task) -> Result<()> {
                 eprintln!(
                     "xtask: ntm-agent needs root (or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON); it will say so if it cannot load"
                 );
+            } else {
+                mount_bpffs();
             }
             run(Command::new(workspace_root().join("target/release/ntm-agent")).args(args))
         }
@@ -431,6 +458,8 @@ fn task(command: Task) -> Result<()> {
                 "throughput",
                 "--bench",
                 "names",
+                "--bench",
+                "restart",
             ]))
         }
         Task::Clippy => {

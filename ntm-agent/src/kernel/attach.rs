@@ -2,15 +2,23 @@
 //! XDP at its ingress. An [`Attachment`] owns its links: dropping it
 //! detaches ntm from that interface.
 //!
-//! On kernels with TCX (6.6+) the attachment is a link owned by this process:
-//! it goes away with the process, even after `kill -9`, so a restart never
-//! stacks a second copy. On older kernels (clsact + netlink filters, which
-//! outlive the process) stale ntm filters are removed before attaching.
+//! On kernels with TCX (6.6+) the attachment is a link. Unpinned, it goes
+//! away with the process, even after `kill -9`; pinned in bpffs (see
+//! [`super::pins`]) it keeps counting while no agent runs, and the next agent
+//! takes it over: the link's program is replaced in one step, so no frame
+//! is counted twice or missed. XDP links are the same. On older kernels
+//! (clsact + netlink filters, which outlive the process anyway) ntm's filter
+//! sits at a fixed priority and handle, and a starting agent replaces the
+//! program in it the same way; other ntm filters are stale and removed.
+
+use std::path::PathBuf;
 
 use aya::{
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, XdpMode, tc,
-        tc::{NlOptions, SchedClassifierLink, TcAttachOptions},
+        LinkOrder, SchedClassifier, TcAttachType, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc,
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
         xdp::XdpLink,
     },
     util::KernelVersion,
@@ -19,6 +27,7 @@ use ntm_common::programs::{self, HookPoint, LinkType};
 
 use super::{
     load::{Datapath, is_permission_error},
+    pins::NetnsPins,
     sys::netdev,
 };
 use crate::config::AttachMode;
@@ -113,16 +122,50 @@ pub enum Links {
     },
 }
 
-/// One interface ntm is attached to. Dropping it detaches.
+/// Where ntm's clsact filter sits on a hook: first (priority 1), at a
+/// handle of its own, so that the next agent finds it and replaces its
+/// program in place.
+pub const CLSACT_PRIORITY: u16 = 1;
+pub const CLSACT_HANDLE: u32 = 0x6e74_6d01;
+
+/// One interface ntm is attached to. Dropping it detaches, unless its
+/// links are pinned (see [`Attachment::release`]).
 pub struct Attachment {
     pub iface: String,
     pub ifindex: u32,
     pub link_type: LinkType,
     pub hooks: Hooks,
     pub links: Links,
+    /// Where its links are pinned in bpffs (TCX and XDP with pins).
+    pub pinned: Vec<PathBuf>,
+    /// Whether it was taken over from an earlier agent.
+    pub adopted: bool,
 }
 
 impl Attachment {
+    /// Detaches for good: unpins its links, then drops them.
+    pub fn release(self) {
+        for path in &self.pinned {
+            if let Err(e) = std::fs::remove_file(path) {
+                log::warn!("could not unpin {}: {e}", path.display());
+            }
+        }
+    }
+
+    /// Leaves the interface counting after the agent is gone: pinned links
+    /// stay (closing our handle does not detach them) and clsact filters
+    /// stay in place. Unpinned TCX and XDP links cannot stay: they detach.
+    pub fn leave_counting(self) {
+        if let Links::Tc { tcx: false, links } = self.links {
+            for link in links {
+                // A clsact "link" is the filter's address (interface,
+                // priority, handle), no kernel object: forgetting it, rather
+                // than letting its drop delete the filter, leaks nothing.
+                std::mem::forget(link);
+            }
+        }
+    }
+
     pub fn mode(&self) -> LinkMode {
         match self.links {
             Links::Tc { tcx: true, .. } => LinkMode::Tcx,
@@ -181,12 +224,16 @@ fn tc_attach_type(point: HookPoint) -> TcAttachType {
 }
 
 /// Attaches ntm to `iface`'s `hooks`, first in line so that it counts what
-/// arrives before any other program can drop or change it.
+/// arrives before any other program can drop or change it. With `pins`, a
+/// link an earlier agent pinned there is taken over (its program replaced
+/// by this agent's) and a new link is pinned; in clsact mode ntm's filter
+/// at [`CLSACT_PRIORITY`] and [`CLSACT_HANDLE`] is taken over likewise.
 pub fn attach_tc(
     datapath: &mut Datapath,
     iface: &str,
     hooks: Hooks,
     mode: AttachMode,
+    pins: Option<&NetnsPins>,
 ) -> Result<Attachment, AttachError> {
     let (ifindex, link_type) = inspect(iface)?;
     let tcx = tc_mode(mode)? == LinkMode::Tcx;
@@ -197,45 +244,47 @@ pub fn attach_tc(
         return Err(failed(iface, "clsact", e));
     }
     let mut links = Vec::new();
+    let mut pinned = Vec::new();
+    let mut adopted = false;
     for &point in hooks.points() {
         let hook = programs::hook(point, link_type)
             .ok_or_else(|| failed(iface, point.name(), "no program for this link type"))?;
         let direction = tc_attach_type(point);
-        // A live ntm holds a TCX link: refuse rather than count twice.
-        if tcx_available() {
-            refuse_if_ntm_attached(iface, direction)?;
-        }
-        remove_stale_clsact_filters(iface, direction);
+        let pin_path = pins.map(|p| p.link_path(ifindex, point));
         let program: &mut SchedClassifier = datapath
             .tc_program(hook.entry)
             .ok_or_else(|| failed(iface, point.name(), "program missing"))?;
-        let options = if tcx {
-            TcAttachOptions::TcxOrder(LinkOrder::first())
-        } else {
-            // Priority 1: ahead of filters added with the default priority.
-            TcAttachOptions::Netlink(NlOptions {
-                priority: 1,
-                ..Default::default()
-            })
-        };
         // On an error, `links` is dropped: nothing stays half-attached.
-        let attached = program
-            .attach_with_options(iface, direction, options)
-            .and_then(|id| program.take_link(id));
-        match attached {
-            Ok(link) => links.push(link),
-            Err(e) if is_permission_error(&e) => {
-                return Err(AttachError::NotPermitted {
-                    iface: iface.to_string(),
-                });
+        let (link, took_over) = if tcx {
+            attach_tcx_hook(program, iface, direction, pin_path.as_ref())?
+        } else {
+            attach_clsact_hook(program, iface, direction)?
+        };
+        adopted |= took_over;
+        let link = match (tcx, pin_path) {
+            (true, Some(path)) if !took_over => {
+                let link = pin_link(link, &path).map_err(|e| failed(iface, point.name(), e))?;
+                pinned.push(path);
+                link
             }
-            Err(e) => return Err(failed(iface, point.name(), e)),
-        }
+            (true, Some(path)) => {
+                pinned.push(path);
+                link
+            }
+            _ => link,
+        };
+        links.push(link);
     }
     log::info!(
-        "attached to {iface} (ifindex {ifindex}, {} frames, {hooks:?}) via {}",
+        "{} {iface} (ifindex {ifindex}, {} frames, {hooks:?}) via {}{}",
+        if adopted {
+            "took over counting on"
+        } else {
+            "attached to"
+        },
         link_type.name(),
-        if tcx { "TCX" } else { "clsact" }
+        if tcx { "TCX" } else { "clsact" },
+        if pinned.is_empty() { "" } else { ", pinned" }
     );
     Ok(Attachment {
         iface: iface.to_string(),
@@ -243,18 +292,168 @@ pub fn attach_tc(
         link_type,
         hooks,
         links: Links::Tc { tcx, links },
+        pinned,
+        adopted,
     })
 }
 
+/// One TCX hook: the pinned link there taken over, or a new link. Returns
+/// the link and whether it was taken over.
+fn attach_tcx_hook(
+    program: &mut SchedClassifier,
+    iface: &str,
+    direction: TcAttachType,
+    pin_path: Option<&PathBuf>,
+) -> Result<(SchedClassifierLink, bool), AttachError> {
+    let name = direction_name(direction);
+    if let Some(path) = pin_path
+        && path.exists()
+    {
+        let taken = PinnedLink::from_pin(path)
+            .map_err(|e| failed(iface, name, e))
+            .and_then(|pinned| {
+                SchedClassifierLink::try_from(FdLink::from(pinned))
+                    .map_err(|e| failed(iface, name, e))
+            })
+            .and_then(|link| {
+                program
+                    .attach_to_link(link)
+                    .and_then(|id| program.take_link(id))
+                    .map_err(|e| failed(iface, name, e))
+            });
+        match taken {
+            Ok(link) => return Ok((link, true)),
+            // A link that is no longer what it was (its interface went
+            // and came back): let it go and attach anew.
+            Err(e) => {
+                log::warn!("not taking over {}: {e}", path.display());
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+    // A live ntm holds a TCX link: refuse rather than count twice.
+    refuse_if_ntm_attached(iface, direction)?;
+    remove_stale_clsact_filters(iface, direction);
+    let attached = program
+        .attach_with_options(
+            iface,
+            direction,
+            TcAttachOptions::TcxOrder(LinkOrder::first()),
+        )
+        .and_then(|id| program.take_link(id));
+    match attached {
+        Ok(link) => Ok((link, false)),
+        Err(e) if is_permission_error(&e) => Err(AttachError::NotPermitted {
+            iface: iface.to_string(),
+        }),
+        Err(e) => Err(failed(iface, name, e)),
+    }
+}
+
+/// One clsact hook: ntm's filter there gets this agent's program in place
+/// (netlink replaces a filter's program atomically), or, if there is none,
+/// stale ntm filters are removed and the filter is added.
+fn attach_clsact_hook(
+    program: &mut SchedClassifier,
+    iface: &str,
+    direction: TcAttachType,
+) -> Result<(SchedClassifierLink, bool), AttachError> {
+    let name = direction_name(direction);
+    let ours = TcHandle::from(CLSACT_HANDLE);
+    if let Ok(existing) =
+        SchedClassifierLink::attached(iface, direction, CLSACT_PRIORITY, ours, None)
+        && let Ok(link) = program
+            .attach_to_link(existing)
+            .and_then(|id| program.take_link(id))
+    {
+        return Ok((link, true));
+    }
+    remove_stale_clsact_filters(iface, direction);
+    let options = TcAttachOptions::Netlink(NlOptions {
+        // Ahead of filters added with the default priority.
+        priority: CLSACT_PRIORITY,
+        handle: ours,
+        ..Default::default()
+    });
+    let attached = program
+        .attach_with_options(iface, direction, options)
+        .and_then(|id| program.take_link(id));
+    match attached {
+        Ok(link) => Ok((link, false)),
+        Err(e) if is_permission_error(&e) => Err(AttachError::NotPermitted {
+            iface: iface.to_string(),
+        }),
+        Err(e) => Err(failed(iface, name, e)),
+    }
+}
+
+/// Pins a TCX link at `path`, and gives it back.
+fn pin_link(
+    link: SchedClassifierLink,
+    path: &PathBuf,
+) -> Result<SchedClassifierLink, Box<dyn std::error::Error + Send + Sync>> {
+    let pinned = FdLink::try_from(link)?.pin(path)?;
+    Ok(SchedClassifierLink::try_from(FdLink::from(pinned))?)
+}
+
+fn direction_name(direction: TcAttachType) -> &'static str {
+    if direction == TcAttachType::Egress {
+        "egress"
+    } else {
+        "ingress"
+    }
+}
+
 /// Attaches the XDP program to `iface`: natively where the driver supports
-/// it, else in generic (skb) mode, and says which.
-pub fn attach_xdp(datapath: &mut Datapath, iface: &str) -> Result<Attachment, AttachError> {
+/// it, else in generic (skb) mode, and says which. With `pins`, an XDP link
+/// an earlier agent pinned there is taken over, and a new one pinned.
+pub fn attach_xdp(
+    datapath: &mut Datapath,
+    iface: &str,
+    pins: Option<&NetnsPins>,
+) -> Result<Attachment, AttachError> {
     let (ifindex, link_type) = inspect(iface)?;
     let hook = programs::hook(HookPoint::XdpIngress, link_type)
         .ok_or_else(|| failed(iface, "xdp", "XDP mode needs an Ethernet interface"))?;
     let program = datapath
         .xdp_program(hook.entry)
         .ok_or_else(|| failed(iface, "xdp", "program missing"))?;
+    // The pin's name says the mode the earlier agent got.
+    let pin_path = |native: bool| pins.map(|p| p.xdp_link_path(ifindex, native));
+    let earlier = [true, false]
+        .into_iter()
+        .find_map(|native| pin_path(native).filter(|p| p.exists()).map(|p| (p, native)));
+    if let Some((path, native)) = earlier {
+        let taken = PinnedLink::from_pin(&path)
+            .map_err(|e| failed(iface, "xdp", e))
+            .and_then(|pinned| {
+                XdpLink::try_from(FdLink::from(pinned)).map_err(|e| failed(iface, "xdp", e))
+            })
+            .and_then(|link| {
+                program
+                    .attach_to_link(link)
+                    .and_then(|id| program.take_link(id))
+                    .map_err(|e| failed(iface, "xdp", e))
+            });
+        match taken {
+            Ok(link) => {
+                log::info!("took over counting on {iface} (ifindex {ifindex}) with XDP, pinned");
+                return Ok(Attachment {
+                    iface: iface.to_string(),
+                    ifindex,
+                    link_type,
+                    hooks: Hooks::Ingress,
+                    links: Links::Xdp { native, link },
+                    pinned: vec![path],
+                    adopted: true,
+                });
+            }
+            Err(e) => {
+                log::warn!("not taking over {}: {e}", path.display());
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
     let (id, native) = match program.attach(iface, XdpMode::Driver) {
         Ok(id) => (id, true),
         Err(native) => {
@@ -270,13 +469,35 @@ pub fn attach_xdp(datapath: &mut Datapath, iface: &str) -> Result<Attachment, At
             }
         }
     };
-    let link = program.take_link(id).map_err(|e| failed(iface, "xdp", e))?;
+    let mut link = program.take_link(id).map_err(|e| failed(iface, "xdp", e))?;
+    let mut pinned = Vec::new();
+    if let Some(path) = pin_path(native) {
+        // Links made through netlink (kernels before 5.9) cannot be pinned;
+        // they outlive the process anyway.
+        match FdLink::try_from(link) {
+            Ok(fd_link) => {
+                let fd_link =
+                    FdLink::from(fd_link.pin(&path).map_err(|e| failed(iface, "xdp", e))?);
+                link = XdpLink::try_from(fd_link).map_err(|e| failed(iface, "xdp", e))?;
+                pinned.push(path);
+            }
+            Err(_) => {
+                return Err(failed(
+                    iface,
+                    "xdp",
+                    "this kernel attaches XDP without links (before 5.9), which cannot be pinned; run with --no-pin",
+                ));
+            }
+        }
+    }
     let attachment = Attachment {
         iface: iface.to_string(),
         ifindex,
         link_type,
         hooks: Hooks::Ingress,
         links: Links::Xdp { native, link },
+        pinned,
+        adopted: false,
     };
     log::info!(
         "attached to {iface} (ifindex {ifindex}) with {}",
@@ -290,19 +511,42 @@ pub fn attach_xdp(datapath: &mut Datapath, iface: &str) -> Result<Attachment, At
 /// program's name), whatever the mode, so nothing is counted twice. In
 /// clsact mode this also replaces a running ntm's filters: the new process
 /// takes over.
-fn remove_stale_clsact_filters(iface: &str, direction: TcAttachType) {
+fn remove_stale_clsact_filters(iface: &str, direction: TcAttachType) -> usize {
+    let mut removed = 0;
     for hook in programs::HOOKS.iter().filter(|h| !h.is_xdp()) {
         // "Not found" (or no clsact qdisc at all) is the usual answer.
         if tc::qdisc_detach_program(iface, direction, hook.entry).is_ok() {
-            log::warn!(
-                "removed a stale ntm filter ({}) from {iface} {direction:?}: an earlier ntm did not detach",
+            log::info!(
+                "removed an ntm filter ({}) that an earlier agent left on {iface} {direction:?}",
                 hook.entry
             );
+            removed += 1;
         }
     }
+    removed
+}
+
+/// Removes ntm's clsact filters from every interface of this namespace but
+/// `keep` (those this agent attached to): an earlier agent's filters on
+/// interfaces no longer asked for would otherwise go on counting into
+/// tables nobody reads.
+pub fn remove_clsact_filters_except(keep: &[u32]) -> usize {
+    let mut removed = 0;
+    for iface in netdev::names() {
+        if netdev::index_of(&iface).is_some_and(|index| keep.contains(&index)) {
+            continue;
+        }
+        for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
+            removed += remove_stale_clsact_filters(&iface, direction);
+        }
+    }
+    removed
 }
 
 fn refuse_if_ntm_attached(iface: &str, direction: TcAttachType) -> Result<(), AttachError> {
+    if !tcx_available() {
+        return Ok(());
+    }
     let Ok((_, attached)) = SchedClassifier::query_tcx(iface, direction) else {
         return Ok(());
     };
@@ -310,11 +554,7 @@ fn refuse_if_ntm_attached(iface: &str, direction: TcAttachType) -> Result<(), At
         if info.name_as_str().is_some_and(programs::is_ntm_entry) {
             return Err(AttachError::AlreadyAttached {
                 iface: iface.to_string(),
-                direction: if direction == TcAttachType::Egress {
-                    "egress"
-                } else {
-                    "ingress"
-                },
+                direction: direction_name(direction),
                 program_id: info.id(),
             });
         }

@@ -57,6 +57,27 @@ pub struct Drained {
     pub read_time: Duration,
 }
 
+impl Drained {
+    /// Adds the counts of another drain (a flow in both appears twice;
+    /// the export stages sum by key).
+    pub fn merge(&mut self, other: Drained) {
+        self.flows.extend(other.flows);
+        self.outside.merge(&other.outside);
+    }
+
+    /// Frames and bytes in it, flows and outside counts together.
+    pub fn total(&self) -> Counters {
+        let mut total = Counters::default();
+        for (_, counts) in &self.flows {
+            total.add(counts);
+        }
+        for (_, counts) in self.outside.iter() {
+            total.add(counts);
+        }
+        total
+    }
+}
+
 /// Where and why frames were counted outside the flow table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Outside {
@@ -140,11 +161,43 @@ pub struct FlowTables {
 impl FlowTables {
     /// Takes the maps out of a loaded object and points the slot at table 0.
     pub(crate) fn take_from(ebpf: &mut Ebpf) -> Result<Self, DrainError> {
-        let mut take = |name: &'static str| {
+        let mut tables = Self::from_maps(|name| {
             ebpf.take_map(name).ok_or(MapError::InvalidName {
                 name: name.to_string(),
             })
-        };
+        })?;
+        tables.slot.set(0, &tables.tables[0], 0)?;
+        tables.cache_slot.set(0, &tables.caches[0], 0)?;
+        tables.outside_generation.set(0, tables.generation, 0)?;
+        Ok(tables)
+    }
+
+    /// The tables an earlier agent pinned in `dir`, to be drained once no
+    /// program counts into them any more (each [`FlowTables::drain`] reads
+    /// one table and one generation; two read everything). Refused unless
+    /// every map has the key and value sizes this build reads.
+    pub(crate) fn from_pinned(dir: &std::path::Path) -> Result<Self, DrainError> {
+        Self::from_maps(|name| {
+            let data = MapData::from_pin(dir.join(name))?;
+            let info = data.info()?;
+            if let Some((key, value)) = expected_sizes(name)
+                && (info.key_size() as usize, info.value_size() as usize) != (key, value)
+            {
+                return Err(MapError::InvalidName {
+                    name: format!(
+                        "{name} with {}-byte keys and {}-byte values (this build reads {key} and {value})",
+                        info.key_size(),
+                        info.value_size()
+                    ),
+                });
+            }
+            Map::from_map_data(data)
+        })
+    }
+
+    fn from_maps(
+        mut take: impl FnMut(&'static str) -> Result<Map, MapError>,
+    ) -> Result<Self, DrainError> {
         let slot: ArrayOfMaps<MapData, MapData> = take(names::ACTIVE_SLOT)?.try_into()?;
         let table = |map: Map| match map {
             Map::PerCpuHashMap(data) => Ok(data),
@@ -177,7 +230,7 @@ impl FlowTables {
         let outside_unkeyed = take(names::OUTSIDE_UNKEYED)?.try_into()?;
         let outside_generation = take(names::OUTSIDE_GENERATION)?.try_into()?;
         let possible_cpus = aya::util::nr_cpus().map_err(|(_, e)| DrainError::Cpus(e))?;
-        let mut tables = Self {
+        Ok(Self {
             slot,
             tables: [table_a, table_b],
             cache_slot,
@@ -192,11 +245,7 @@ impl FlowTables {
             possible_cpus,
             batch: Batch::new(possible_cpus),
             cache_buffer: CacheBuffer::new(possible_cpus),
-        };
-        tables.slot.set(0, &tables.tables[0], 0)?;
-        tables.cache_slot.set(0, &tables.caches[0], 0)?;
-        tables.outside_generation.set(0, tables.generation, 0)?;
-        Ok(tables)
+        })
     }
 
     /// Swaps tables and returns everything counted since the last drain.
@@ -329,6 +378,21 @@ impl FlowTables {
         }
         Ok(counts)
     }
+}
+
+/// The key and value sizes this build reads in each pinned map it drains
+/// (None: a map whose sizes the kernel checks itself, like a map-in-map).
+fn expected_sizes(name: &str) -> Option<(usize, usize)> {
+    let four = size_of::<u32>();
+    Some(match name {
+        n if names::FLOW_TABLES.contains(&n) => (size_of::<FlowKey>(), size_of::<Counters>()),
+        n if names::FLOW_CACHES.contains(&n) => (four, size_of::<CacheSlot>()),
+        names::OUTSIDE_SLOTS => (four, size_of::<OutsideSlot>()),
+        names::OUTSIDE_COUNTERS => (size_of::<OutsideKey>(), size_of::<Counters>()),
+        names::OUTSIDE_UNKEYED => (four, size_of::<Counters>()),
+        names::OUTSIDE_GENERATION => (four, four),
+        _ => return None,
+    })
 }
 
 /// The table's flows plus the cache's: a flow in both is summed. The cache is

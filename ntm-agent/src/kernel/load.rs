@@ -136,15 +136,20 @@ pub struct Datapath {
     observer: Option<Observer>,
     /// The table of source MACs, until the agent takes it.
     macs: Option<LearntMacs>,
+    /// Until when this agent vouches for the tables (the orphan timeout).
+    lease: Array<MapData, u64>,
 }
 
 impl Datapath {
     /// Loads and verifies every program of [`programs::HOOKS`], puts each
     /// counting half in its tail-call slot, writes the known-port bitmap,
     /// and returns the datapath with the flow tables taken out for draining.
+    /// With `pin_maps_in`, the maps the next agent reads
+    /// (`names::PINNED`) are pinned in that (new, empty) directory.
     pub fn load(
         options: &DatapathOptions,
         known_ports: &[u32],
+        pin_maps_in: Option<&std::path::Path>,
     ) -> Result<(Self, FlowTables), DatapathError> {
         check_kernel()?;
         // Ignored where memcg accounting is used (5.11+), which is fine.
@@ -152,6 +157,11 @@ impl Datapath {
             log::debug!("{e}");
         }
         let mut loader = EbpfLoader::new();
+        if let Some(dir) = pin_maps_in {
+            for name in names::PINNED {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
         for table in names::FLOW_TABLES {
             loader.map_max_entries(table, options.flow_table_entries);
         }
@@ -224,6 +234,14 @@ impl Datapath {
         // The program keeps its own reference to the map; ours can go.
         drop(known);
 
+        let lease: Array<MapData, u64> = ebpf
+            .take_map(names::LEASE)
+            .ok_or(DatapathError::Missing(names::LEASE))?
+            .try_into()
+            .map_err(|source| DatapathError::MapSetup {
+                map: names::LEASE,
+                source,
+            })?;
         let tables = FlowTables::take_from(&mut ebpf)?;
         let observer = if observe_rate == 0 {
             None
@@ -244,6 +262,7 @@ impl Datapath {
                 filter: None,
                 observer,
                 macs,
+                lease,
             },
             tables,
         ))
@@ -282,6 +301,16 @@ impl Datapath {
         drop(loaded);
         self.filter = filter;
         Ok(())
+    }
+
+    /// Renews the lease: if no agent renews it within `timeout`, the
+    /// programs stop counting (None: they never do).
+    pub fn renew_lease(&mut self, timeout: Option<std::time::Duration>) -> Result<(), MapError> {
+        let until = match timeout {
+            Some(timeout) => process::monotonic_ns().saturating_add(timeout.as_nanos() as u64),
+            None => 0,
+        };
+        self.lease.set(0, until, 0)
     }
 
     /// Translates `classic` for `hook` and loads it.

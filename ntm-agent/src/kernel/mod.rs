@@ -11,6 +11,8 @@
 //!   which ones count each frame once;
 //! - [`attach`]: TC or XDP attachments that detach when dropped;
 //! - [`drain`]: the lossless swap-and-read of the flow tables;
+//! - [`pins`]: what is kept in bpffs so that counting goes on while no
+//!   agent runs, and taken over by the next;
 //! - [`observe`]: the ring buffer of DNS and DHCP frames for names;
 //! - [`privileges`]: giving up root once attached;
 //! - [`sys`]: the raw system calls all of these make.
@@ -21,11 +23,15 @@ pub mod filter;
 pub mod links;
 pub mod load;
 pub mod observe;
+pub mod pins;
 pub mod plan;
 pub mod privileges;
 pub mod sys;
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+};
 
 use self::{
     attach::{AttachError, Attachment, Hooks, LinkMode},
@@ -33,10 +39,12 @@ use self::{
     filter::{Filter, FilterError},
     links::{LinkInfo, LinksError},
     load::{Datapath, DatapathError, DatapathOptions},
+    pins::{NetnsPins, PinError},
     plan::plan,
+    sys::netns::{AgentLock, LockError},
 };
 use crate::config::{AttachMode, CountMode, FilterSource};
-use ntm_common::Direction;
+use ntm_common::{Counters, Direction, LAYOUT_VERSION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -50,6 +58,25 @@ pub enum KernelError {
     Links(#[from] LinksError),
     #[error(transparent)]
     Filter(#[from] FilterError),
+    #[error(transparent)]
+    Pins(#[from] PinError),
+    #[error(
+        "another ntm agent is already running in this network namespace (process {}): stop it first; two would count every packet twice",
+        pid.map_or("unknown".to_string(), |p| p.to_string())
+    )]
+    AnotherAgent { pid: Option<u32> },
+    #[error("cannot take this network namespace's agent lock: {0}")]
+    Lock(#[source] LockError),
+    #[error("renewing the lease of the kernel programs failed: {0}")]
+    Lease(#[source] aya::maps::MapError),
+}
+
+/// This namespace's agent lock, or who holds it.
+fn take_lock() -> Result<AgentLock, KernelError> {
+    AgentLock::take().map_err(|e| match e {
+        LockError::Held { pid } => KernelError::AnotherAgent { pid },
+        e => KernelError::Lock(e),
+    })
 }
 
 /// What the kernel side needs, built from the configuration in one place
@@ -63,6 +90,12 @@ pub struct KernelOptions {
     pub filter: FilterSource,
     pub count_mode: CountMode,
     pub attach_mode: AttachMode,
+    /// Where to keep the links and tables in bpffs across restarts (None:
+    /// counting stops with the agent).
+    pub pin_dir: Option<PathBuf>,
+    /// How long the programs go on counting with no agent (None: until
+    /// `ntm-agent detach`).
+    pub orphan_timeout: Option<std::time::Duration>,
     pub datapath: DatapathOptions,
 }
 
@@ -117,6 +150,51 @@ pub struct Kernel {
     /// Planned interfaces that could not be attached, by name: their
     /// traffic label and why.
     failures: BTreeMap<String, (String, String)>,
+    /// This namespace's pinned state, if kept, and this agent's maps in it.
+    pins: Option<NetnsPins>,
+    maps_dir: Option<PathBuf>,
+    /// What earlier agents' tables held, until the agent takes it.
+    adopted: Option<Drained>,
+    /// One agent per network namespace, for as long as this one lives.
+    _lock: AgentLock,
+}
+
+/// What `ntm-agent detach` removed.
+#[derive(Clone, Debug, Default)]
+pub struct Detached {
+    /// Pinned TCX and XDP links unpinned (so detached).
+    pub links: usize,
+    /// clsact filters removed.
+    pub filters: usize,
+    /// What the pinned tables held that no agent had exported.
+    pub unexported: Counters,
+}
+
+/// Stops counting for good in the calling thread's network namespace:
+/// unpins every link (which detaches it), removes ntm's clsact filters and
+/// the pinned tables. Refused while an agent runs here.
+pub fn detach(pin_root: &Path) -> Result<Detached, KernelError> {
+    let _lock = take_lock()?;
+    let mut detached = Detached::default();
+    let pins = NetnsPins::locate(pin_root)?.filter(|p| p.dir().exists());
+    if let Some(pins) = &pins {
+        for link in pins.links() {
+            pins::remove_tree(&link)?;
+            detached.links += 1;
+        }
+    }
+    detached.filters = attach::remove_clsact_filters_except(&[]);
+    if let Some(pins) = &pins {
+        // Nothing counts into them now: what they hold was never exported.
+        for earlier in pins.earlier_maps(None) {
+            match pins::drain_earlier(&earlier) {
+                Ok(drained) => detached.unexported.add(&drained.total()),
+                Err(e) => log::warn!("{e}"),
+            }
+        }
+        pins.remove()?;
+    }
+    Ok(detached)
 }
 
 impl Kernel {
@@ -127,6 +205,7 @@ impl Kernel {
     pub fn start(options: &KernelOptions, known_ports: &[u32]) -> Result<Self, KernelError> {
         // A bad filter fails here, before the kernel is touched.
         let filter = load_filter(&options.filter)?;
+        let lock = take_lock()?;
         let links = links::links()?;
         let (_, missing) = plan(&options.interfaces, &links);
         if let Some(name) = missing.first()
@@ -135,8 +214,29 @@ impl Kernel {
             // Reuse the attach error: it lists the interfaces there are.
             attach::inspect(name)?;
         }
-        let (mut datapath, tables) = Datapath::load(&options.datapath, known_ports)?;
-        datapath.set_filter(filter)?;
+        let pins = match &options.pin_dir {
+            Some(root) => open_pins(root),
+            None => None,
+        };
+        let maps_dir = pins.as_ref().map(NetnsPins::new_maps_dir).transpose()?;
+        let loaded = Datapath::load(&options.datapath, known_ports, maps_dir.as_deref())
+            .map_err(KernelError::from)
+            .and_then(|(mut datapath, tables)| {
+                datapath.set_filter(filter)?;
+                datapath
+                    .renew_lease(options.orphan_timeout)
+                    .map_err(KernelError::Lease)?;
+                Ok((datapath, tables))
+            });
+        let (datapath, tables) = match loaded {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                if let Some(dir) = &maps_dir {
+                    let _ = pins::remove_tree(dir);
+                }
+                return Err(e);
+            }
+        };
         let mut kernel = Self {
             datapath,
             tables,
@@ -145,10 +245,124 @@ impl Kernel {
             labels: HashMap::new(),
             stats_at_attach: HashMap::new(),
             failures: BTreeMap::new(),
+            pins,
+            maps_dir,
+            adopted: None,
+            _lock: lock,
         };
-        // On an error `kernel` is dropped, and its attachments with it.
-        kernel.reconcile_with(&links, true)?;
+        if let Err(e) = kernel.reconcile_with(&links, true) {
+            // Nothing stays attached, pinned or not.
+            kernel.release_all();
+            return Err(e);
+        }
+        kernel.take_over_the_rest();
         Ok(kernel)
+    }
+
+    /// After attaching at start: lets go of what earlier agents left and
+    /// this one does not use (pinned links, clsact filters of interfaces no
+    /// longer asked for), then drains their tables, which no program counts
+    /// into any more.
+    fn take_over_the_rest(&mut self) {
+        let ours: Vec<&Path> = self
+            .attachments
+            .values()
+            .flat_map(|(a, _)| a.pinned.iter().map(PathBuf::as_path))
+            .collect();
+        if let Some(pins) = &self.pins {
+            for link in pins.links() {
+                if !ours.contains(&link.as_path()) {
+                    log::info!("letting go of {}: not asked for now", link.display());
+                    if let Err(e) = pins::remove_tree(&link) {
+                        log::warn!("{e}");
+                    }
+                }
+            }
+        }
+        let attached: Vec<u32> = self.attachments.keys().copied().collect();
+        attach::remove_clsact_filters_except(&attached);
+        let Some(pins) = &self.pins else {
+            return;
+        };
+        let mut adopted = Drained::default();
+        for earlier in pins.earlier_maps(self.maps_dir.as_deref()) {
+            if let Some(ago) = pins::lease_ran_out(&earlier) {
+                log::warn!(
+                    "the earlier agent's programs stopped counting {}s ago: no agent renewed their lease within --orphan-timeout, so frames since then were not counted",
+                    ago.as_secs()
+                );
+            }
+            match pins::drain_earlier(&earlier) {
+                Ok(drained) => {
+                    let total = drained.total();
+                    match earlier.layout {
+                        Some(LAYOUT_VERSION) => log::info!(
+                            "took over the pinned state in {}: {} packets ({} bytes) counted since the last agent's last drain",
+                            pins.dir().display(),
+                            total.packets,
+                            total.bytes
+                        ),
+                        layout => log::warn!(
+                            "pinned state of another layout ({}; this build's is v{LAYOUT_VERSION}) held {} packets ({} bytes): drained and replaced",
+                            layout.map_or("unknown".to_string(), |l| format!("v{l}")),
+                            total.packets,
+                            total.bytes
+                        ),
+                    }
+                    adopted.merge(drained);
+                }
+                Err(e) => log::warn!(
+                    "{e}; the pinned state of layout {} is replaced and what it held is lost",
+                    earlier
+                        .layout
+                        .map_or("unknown".to_string(), |l| format!("v{l}"))
+                ),
+            }
+            if let Err(e) = pins::remove_tree(&earlier.path) {
+                log::warn!("{e}");
+            }
+        }
+        if adopted.total() != Counters::default() {
+            self.adopted = Some(adopted);
+        }
+    }
+
+    /// Renews the lease of the kernel programs (see `--orphan-timeout`).
+    pub fn renew_lease(&mut self) -> Result<(), KernelError> {
+        self.datapath
+            .renew_lease(self.options.orphan_timeout)
+            .map_err(KernelError::Lease)
+    }
+
+    /// What earlier agents' pinned tables held when this one started, once.
+    /// Not part of any drain: the self-check compares from the start of
+    /// this agent.
+    pub fn take_adopted(&mut self) -> Option<Drained> {
+        self.adopted.take()
+    }
+
+    /// Whether the programs go on counting after this agent stops (their
+    /// links and tables are pinned).
+    pub fn keeps_counting(&self) -> bool {
+        self.pins.is_some()
+    }
+
+    /// Gives the pinned state to the user the agent becomes (`--user`).
+    pub fn hand_pins_to(&self, uid: u32, gid: u32) -> Result<(), KernelError> {
+        match &self.pins {
+            Some(pins) => Ok(pins.hand_to(uid, gid)?),
+            None => Ok(()),
+        }
+    }
+
+    /// Detaches everywhere for good and forgets this agent's tables.
+    fn release_all(&mut self) {
+        for (_, (attachment, _)) in std::mem::take(&mut self.attachments) {
+            attachment.release();
+        }
+        if let Some(dir) = &self.maps_dir {
+            let _ = pins::remove_tree(dir);
+        }
     }
 
     /// Re-reads the interfaces and attaches to new ones (or new bridge
@@ -169,18 +383,24 @@ impl Kernel {
             }
         }
         let mut changed = false;
-        // Gone, or planned differently: let go (dropping detaches).
-        let before = self.attachments.len();
-        self.attachments.retain(|index, (a, label)| {
-            let keep = planned
-                .iter()
-                .any(|p| p.ifindex == *index && p.hooks == a.hooks && &p.label == label);
-            if !keep {
-                log::info!("no longer attached to {}", a.iface);
+        // Gone, or planned differently: let go for good.
+        let unplanned: Vec<u32> = self
+            .attachments
+            .iter()
+            .filter(|(index, (a, label))| {
+                !planned
+                    .iter()
+                    .any(|p| p.ifindex == **index && p.hooks == a.hooks && &p.label == label)
+            })
+            .map(|(index, _)| *index)
+            .collect();
+        for index in unplanned {
+            if let Some((attachment, _)) = self.attachments.remove(&index) {
+                log::info!("no longer attached to {}", attachment.iface);
+                attachment.release();
+                changed = true;
             }
-            keep
-        });
-        changed |= self.attachments.len() != before;
+        }
         let attachments = &self.attachments;
         self.stats_at_attach
             .retain(|index, _| attachments.contains_key(index));
@@ -209,8 +429,11 @@ impl Kernel {
                     &p.iface,
                     p.hooks,
                     self.options.attach_mode,
+                    self.pins.as_ref(),
                 ),
-                CountMode::Xdp => attach::attach_xdp(&mut self.datapath, &p.iface),
+                CountMode::Xdp => {
+                    attach::attach_xdp(&mut self.datapath, &p.iface, self.pins.as_ref())
+                }
             };
             match attached {
                 Ok(attachment) => {
@@ -353,15 +576,23 @@ impl Kernel {
             .collect()
     }
 
-    /// Detaches everywhere, then drains twice: once for the tables that
-    /// were active, once for the others, so every packet counted before the
-    /// detach is in what this returns.
+    /// Stops this agent. With pinned state, the programs go on counting
+    /// into the pinned tables for the next agent, and nothing is drained
+    /// (the next agent drains it). Without, detaches everywhere, then
+    /// drains twice: once for the tables that were active, once for the
+    /// others, so every packet counted before the detach is in what this
+    /// returns.
     pub fn shutdown(mut self) -> Result<Drained, KernelError> {
+        if self.keeps_counting() {
+            for (_, (attachment, _)) in std::mem::take(&mut self.attachments) {
+                attachment.leave_counting();
+            }
+            return Ok(self.adopted.take().unwrap_or_default());
+        }
         self.attachments.clear();
         let mut last = self.drain()?;
         let more = self.drain()?;
-        last.flows.extend(more.flows);
-        last.outside.merge(&more.outside);
+        last.merge(more);
         Ok(last)
     }
 
@@ -380,5 +611,24 @@ impl Kernel {
 
     pub fn interface_labels(&self) -> &HashMap<u32, String> {
         &self.labels
+    }
+}
+
+/// This namespace's pinned state under `root`, or None (with a warning
+/// saying what it costs) where nothing can be pinned.
+fn open_pins(root: &Path) -> Option<NetnsPins> {
+    match NetnsPins::open(root) {
+        Ok(Some(pins)) => Some(pins),
+        Ok(None) => {
+            log::warn!(
+                "no bpffs at {}: counting stops while ntm is not running (mount one with `mount -t bpf bpf /sys/fs/bpf`, as systemd does at boot, or in Kubernetes mount the host's /sys/fs/bpf; --no-pin says this is meant)",
+                root.display()
+            );
+            None
+        }
+        Err(e) => {
+            log::warn!("{e}: counting stops while ntm is not running");
+            None
+        }
     }
 }

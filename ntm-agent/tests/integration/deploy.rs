@@ -27,15 +27,22 @@ pub fn systemd_unit_verifies() {
         eprintln!("SKIPPED: no systemd-analyze here");
         return;
     }
-    // The unit as installed, pointing at the binary just built.
+    // The units as installed, pointing at the binary just built: the agent
+    // and the two that detach it when it stops for good.
     let dir = TempDir::new("unit");
-    let text = std::fs::read_to_string(UNIT)
-        .unwrap()
-        .replace("/usr/local/bin/ntm-agent", env!("CARGO_BIN_EXE_ntm-agent"));
-    let unit = dir.0.join("ntm.service");
-    std::fs::write(&unit, text).unwrap();
+    let mut units = Vec::new();
+    for name in ["ntm.service", "ntm-pins.service", "ntm-detach.service"] {
+        let source = std::path::Path::new(UNIT).with_file_name(name);
+        let text = std::fs::read_to_string(&source)
+            .unwrap()
+            .replace("/usr/local/bin/ntm-agent", env!("CARGO_BIN_EXE_ntm-agent"));
+        let unit = dir.0.join(name);
+        std::fs::write(&unit, text).unwrap();
+        units.push(unit.to_string_lossy().into_owned());
+    }
     let out = std::process::Command::new("systemd-analyze")
-        .args(["verify", unit.to_str().unwrap()])
+        .arg("verify")
+        .args(&units)
         .output()
         .unwrap();
     let report = format!(

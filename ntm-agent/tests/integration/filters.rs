@@ -312,7 +312,8 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        let (datapath, tables) = Datapath::load(&DatapathOptions::default(), &[]).expect("load");
+        let (datapath, tables) =
+            Datapath::load(&DatapathOptions::default(), &[], None).expect("load");
         Self { datapath, tables }
     }
 

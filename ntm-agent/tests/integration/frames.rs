@@ -39,7 +39,7 @@ impl Harness {
             registry.add_spec(spec).unwrap();
         }
         let (datapath, tables) =
-            Datapath::load(&options, &registry.known_port_bitmap()).expect("load");
+            Datapath::load(&options, &registry.known_port_bitmap(), None).expect("load");
         Self { datapath, tables }
     }
 

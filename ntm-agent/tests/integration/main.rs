@@ -22,6 +22,7 @@ mod names;
 mod observed;
 mod privileges;
 mod prometheus;
+mod restart;
 mod traffic;
 
 use kit::Needs;
@@ -85,6 +86,11 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: prometheus::exposition_labels_for_every_kind_of_traffic,
     Root: prometheus::series_budget_with_real_traffic_still_adds_up,
     Root: prometheus::idle_series_expire_from_the_endpoint,
+    Root: restart::counted_equals_sent_across_kill_and_sigterm_then_detach_leaves_nothing_tcx,
+    Root: restart::counted_equals_sent_across_kill_and_sigterm_then_detach_leaves_nothing_clsact,
+    Root: restart::counted_equals_sent_across_kill_and_sigterm_then_detach_leaves_nothing_xdp,
+    Root: restart::another_layout_is_drained_and_replaced_and_a_full_table_counts_while_no_agent_runs,
+    Root: restart::past_the_orphan_timeout_the_programs_stop_counting,
     Root: traffic::udp_icmp_tcp_over_ipv4_and_ipv6_counted_exactly,
     Root: traffic::draining_every_few_milliseconds_loses_nothing,
     Root: traffic::offloads_do_not_change_the_numbers,

@@ -467,7 +467,10 @@ pub fn restart_after_kill_never_stacks_a_second_copy() {
         .unwrap();
     assert!(!second.status.success());
     let stderr = String::from_utf8_lossy(&second.stderr);
-    assert!(stderr.contains("already attached"), "{stderr}");
+    assert!(
+        stderr.contains("another ntm agent is already running in this network namespace"),
+        "{stderr}"
+    );
     assert_eq!(
         wait_for_attached(&link, 1),
         attached,

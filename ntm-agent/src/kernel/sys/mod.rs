@@ -7,10 +7,13 @@
 //! - [`bpf`]: batch map reads and writes, loading in-memory programs,
 //!   program-array slots;
 //! - [`netdev`]: interface names, indexes and hardware types;
+//! - [`netns`]: the network namespace's identity, bpffs detection, and the
+//!   one-agent-per-namespace lock;
 //! - [`process`]: resource limits, user and capability switches.
 
 pub mod bpf;
 pub mod netdev;
+pub mod netns;
 pub mod process;
 
 use std::io;

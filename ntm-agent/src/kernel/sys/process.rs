@@ -64,3 +64,14 @@ pub fn switch_ids(uid: u32, gid: u32) -> Result<(), SyscallError> {
     }
     Ok(())
 }
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the kernel's
+/// bpf_ktime_get_ns (std's Instant hides its value).
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: an all-zero timespec is a valid value of this C struct.
+    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: clock_gettime writes into `now`, owned here; CLOCK_MONOTONIC
+    // always exists, so it cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}

@@ -397,10 +397,13 @@ pub fn send_raw(iface: &str, frames: &[Vec<u8>]) {
     }
 }
 
-/// The kernel side started from these flags, as the agent starts it.
+/// The kernel side started from these flags, as the agent starts it, with
+/// nothing pinned (a test's kernel must not outlive it).
 pub fn start_kernel(flags: &[&str]) -> ntm_agent::kernel::Kernel {
     use clap::Parser as _;
-    let args = std::iter::once("ntm-agent").chain(flags.iter().copied());
+    let args = ["ntm-agent", "--no-pin"]
+        .into_iter()
+        .chain(flags.iter().copied());
     start_kernel_with(&ntm_agent::config::Config::try_parse_from(args).expect("flags parse"))
 }
 
@@ -426,5 +429,37 @@ pub fn test_image() -> Option<String> {
             eprintln!("SKIPPED: no image (cargo xtask test builds it)");
             None
         }
+    }
+}
+
+/// A bpffs of the test's own, mounted on a fresh directory: agents run
+/// under `ip netns exec`, which mounts a sysfs of the namespace over /sys
+/// and so hides /sys/fs/bpf. Unmounting it on drop drops every pin left in
+/// it, so a failed test leaves nothing attached or loaded.
+pub struct BpfFs {
+    pub dir: std::path::PathBuf,
+}
+
+impl BpfFs {
+    pub fn new(tag: &str) -> Self {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ntm-bpffs-{tag}-{}-{id}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        sh(&["mount", "-t", "bpf", "bpf", dir.to_str().unwrap()]);
+        Self { dir }
+    }
+
+    /// The `--pin-dir` the agents of a test share.
+    pub fn pin_dir(&self) -> String {
+        self.dir.join("ntm").to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .args(["-l", self.dir.to_str().unwrap_or_default()])
+            .status();
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
