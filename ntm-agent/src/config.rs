@@ -404,6 +404,14 @@ impl Config {
                 observe_rate: self.names.observe_rate,
                 observe_kinds: self.observe_kinds(),
                 learn_macs: self.wants_names(),
+                mac_nets: crate::kernel::load::mac_nets(
+                    &self
+                        .series
+                        .local_nets
+                        .iter()
+                        .map(|c| (c.addr(), c.prefix()))
+                        .collect::<Vec<_>>(),
+                ),
             },
         })
     }

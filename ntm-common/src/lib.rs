@@ -70,6 +70,9 @@ pub mod names {
     /// the MAC a frame came from, by its source address, written when a
     /// flow takes a flow-cache slot (not per packet).
     pub const MACS: &str = "NTM_MACS";
+    /// Array of one [`crate::observe::MacNets`]: the sources whose MACs go
+    /// into [`MACS`] (the agent's local networks).
+    pub const MAC_NETS: &str = "NTM_MAC_NETS";
     /// Read-only global: 1 to fill [`MACS`], 0 not to (and the verifier
     /// removes the code).
     pub const LEARN_MACS: &str = "NTM_LEARN_MACS";

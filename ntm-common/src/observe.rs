@@ -159,6 +159,77 @@ pub struct MacValue {
     pub _pad: [u8; 2],
 }
 
+/// Networks per family whose sources' MACs are learnt.
+pub const MAC_NETS: usize = 16;
+
+/// The value of [`crate::names::MAC_NETS`]: the networks whose sources'
+/// MACs the kernel learns (the agent's `--local-net`: only a local
+/// address's frames carry its device's MAC; a remote one's carry the
+/// router's, which the agent never uses). Addresses and masks in network
+/// byte order, as the frame has them; IPv4 in one word.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MacNets {
+    /// IPv4 networks: (address, mask).
+    pub v4: [[u32; 2]; MAC_NETS],
+    /// IPv6 networks: address words then mask words.
+    pub v6: [[u32; 8]; MAC_NETS],
+    pub v4_count: u32,
+    pub v6_count: u32,
+    /// Non-zero: learn from every source (more networks than fit, or the
+    /// agent's default before it writes its own).
+    pub all: u32,
+    pub _pad: u32,
+}
+
+impl MacNets {
+    /// Learn from every source.
+    pub const ALL: MacNets = MacNets {
+        v4: [[0; 2]; MAC_NETS],
+        v6: [[0; 8]; MAC_NETS],
+        v4_count: 0,
+        v6_count: 0,
+        all: 1,
+        _pad: 0,
+    };
+
+    /// Whether an address (IPv4 in the first word) of `family` is in one
+    /// of the networks.
+    #[inline(always)]
+    pub fn contains(&self, family: u8, addr: &[u32; 4]) -> bool {
+        if self.all != 0 {
+            return true;
+        }
+        if family == crate::family::IPV4 {
+            for i in 0..MAC_NETS {
+                if i as u32 >= self.v4_count {
+                    break;
+                }
+                let [net, mask] = self.v4[i];
+                if addr[0] & mask == net {
+                    return true;
+                }
+            }
+        } else if family == crate::family::IPV6 {
+            for i in 0..MAC_NETS {
+                if i as u32 >= self.v6_count {
+                    break;
+                }
+                let n = &self.v6[i];
+                if addr[0] & n[4] == n[0]
+                    && addr[1] & n[5] == n[1]
+                    && addr[2] & n[6] == n[2]
+                    && addr[3] & n[7] == n[3]
+                {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<MacNets>() == 16 * 8 + 16 * 32 + 16);
 const _: () = assert!(core::mem::size_of::<MacKey>() == 20);
 const _: () = assert!(core::mem::size_of::<MacValue>() == 8);
 
@@ -170,6 +241,9 @@ mod pod {
     unsafe impl aya::Pod for super::MacKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::MacValue {}
+    // SAFETY: repr(C), only u32 arrays and u32s, size asserted above with no
+    // implicit padding, so any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::MacNets {}
 }
 
 #[cfg(test)]

@@ -163,6 +163,10 @@ static NTM_OBSERVE_WINDOW: PerCpuArray<RateWindow, 1> = PerCpuArray::new();
 #[unsafe(no_mangle)]
 static NTM_OBSERVE_RATE: u32 = observe::DEFAULT_RATE_PER_CPU;
 
+/// The sources whose MACs are learnt (the agent's local networks).
+#[btf_map]
+static NTM_MAC_NETS: Array<observe::MacNets, 1> = Array::new();
+
 /// Source MACs by source address, learnt when a flow takes a cache slot.
 #[btf_map]
 static NTM_MACS: LruHashMap<MacKey, MacValue, { observe::MAC_ENTRIES as usize }> =
@@ -666,6 +670,16 @@ fn account(
 fn learn_mac(data: usize, end: usize, key: &FlowKey) {
     if key.family == ntm_common::family::NON_IP || data + 12 > end {
         return;
+    }
+    // Only a local source's frames carry its device's MAC; a flood of
+    // remote sources must cost no table lookups, nor push local devices
+    // out of the table.
+    let src = key.src.as_ptr() as *const [u32; 4];
+    // SAFETY: `src` points at the key's 16 address bytes; read unaligned.
+    let src = unsafe { core::ptr::read_unaligned(src) };
+    match NTM_MAC_NETS.get(0) {
+        Some(nets) if nets.contains(key.family, &src) => {}
+        _ => return,
     }
     // The source MAC: bytes 6..12, as one 4-byte and one 2-byte load.
     // SAFETY: the 12 bytes were just checked to lie inside the frame.

@@ -460,6 +460,8 @@ fn task(command: Task) -> Result<()> {
                 "names",
                 "--bench",
                 "restart",
+                "--bench",
+                "flows",
             ]))
         }
         Task::Clippy => {

@@ -51,6 +51,48 @@ pub struct DatapathOptions {
     pub observe_kinds: u32,
     /// Fill the table of source MACs by address (devices named by MAC).
     pub learn_macs: bool,
+    /// Whose MACs are learnt: the local networks (see [`mac_nets`]).
+    pub mac_nets: ntm_common::observe::MacNets,
+}
+
+/// The kernel's form of the networks whose sources' MACs are learnt, from
+/// (address, prefix length) pairs; more than fit: every source.
+pub fn mac_nets(nets: &[(std::net::IpAddr, u8)]) -> ntm_common::observe::MacNets {
+    use ntm_common::observe::{MAC_NETS, MacNets};
+    use std::net::IpAddr;
+    let mut out = MacNets {
+        all: 0,
+        ..MacNets::ALL
+    };
+    for (addr, prefix) in nets {
+        match addr {
+            IpAddr::V4(v4) => {
+                if out.v4_count as usize == MAC_NETS {
+                    return MacNets::ALL;
+                }
+                let mask = u32::MAX.checked_shl(32 - *prefix as u32).unwrap_or(0);
+                // Network byte order, as the frame holds the address.
+                let net = (u32::from(*v4) & mask).to_be();
+                out.v4[out.v4_count as usize] = [net, mask.to_be()];
+                out.v4_count += 1;
+            }
+            IpAddr::V6(v6) => {
+                if out.v6_count as usize == MAC_NETS {
+                    return MacNets::ALL;
+                }
+                let mask = u128::MAX.checked_shl(128 - *prefix as u32).unwrap_or(0);
+                let net = u128::from(*v6) & mask;
+                let words = |v: u128| {
+                    let b = v.to_be_bytes();
+                    [0, 4, 8, 12].map(|i| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]))
+                };
+                let (n, m) = (words(net), words(mask));
+                out.v6[out.v6_count as usize] = [n[0], n[1], n[2], n[3], m[0], m[1], m[2], m[3]];
+                out.v6_count += 1;
+            }
+        }
+    }
+    out
 }
 
 impl Default for DatapathOptions {
@@ -62,6 +104,7 @@ impl Default for DatapathOptions {
             observe_rate: 0,
             observe_kinds: 0,
             learn_macs: false,
+            mac_nets: ntm_common::observe::MacNets::ALL,
         }
     }
 }
@@ -248,6 +291,21 @@ impl Datapath {
         } else {
             Some(Observer::take_from(&mut ebpf)?)
         };
+        if options.learn_macs {
+            let mut nets: Array<MapData, ntm_common::observe::MacNets> = ebpf
+                .take_map(names::MAC_NETS)
+                .ok_or(DatapathError::Missing(names::MAC_NETS))?
+                .try_into()
+                .map_err(|source| DatapathError::MapSetup {
+                    map: names::MAC_NETS,
+                    source,
+                })?;
+            nets.set(0, options.mac_nets, 0)
+                .map_err(|source| DatapathError::MapSetup {
+                    map: names::MAC_NETS,
+                    source,
+                })?;
+        }
         let macs = if options.learn_macs {
             Some(LearntMacs::take_from(&mut ebpf)?)
         } else {
@@ -521,6 +579,36 @@ mod tests {
         let tail = log_tail(&log, 3);
         assert_eq!(tail, "line 98\nline 99\nline 100");
         assert_eq!(log_tail("only", 40), "only");
+    }
+
+    #[test]
+    fn mac_nets_match_what_they_were_given() {
+        let nets = mac_nets(&[
+            ("192.168.0.0".parse().unwrap(), 16),
+            ("10.1.2.3".parse().unwrap(), 8),
+            ("fe80::".parse().unwrap(), 10),
+        ]);
+        let v4 = |a: [u8; 4]| [u32::from_ne_bytes(a), 0, 0, 0];
+        let v6 = |ip: &str| {
+            let b = ip.parse::<std::net::Ipv6Addr>().unwrap().octets();
+            [0, 4, 8, 12].map(|i| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]))
+        };
+        let (four, six) = (ntm_common::family::IPV4, ntm_common::family::IPV6);
+        assert!(nets.contains(four, &v4([192, 168, 7, 9])));
+        assert!(nets.contains(four, &v4([10, 200, 0, 1])));
+        assert!(!nets.contains(four, &v4([192, 169, 0, 1])));
+        assert!(!nets.contains(four, &v4([93, 184, 0, 1])));
+        assert!(nets.contains(six, &v6("fe80::1")));
+        assert!(nets.contains(six, &v6("febf::1")));
+        assert!(!nets.contains(six, &v6("2001:db8::1")));
+        assert!(!nets.contains(ntm_common::family::NON_IP, &[0; 4]));
+        let many: Vec<_> = (0..17u8)
+            .map(|i| (std::net::IpAddr::from([10, i, 0, 0]), 16))
+            .collect();
+        assert!(
+            mac_nets(&many).contains(four, &v4([93, 184, 0, 1])),
+            "too many: all"
+        );
     }
 
     #[test]
