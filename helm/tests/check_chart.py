@@ -170,6 +170,23 @@ for label, values in [("default values", {}), ("non-default values", NON_DEFAULT
     else:
         check("no ServiceMonitor by default", not any(d["kind"] == "ServiceMonitor" for _, d in docs))
 
+_, docs = render({})
+hooks = [d for _, d in docs if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-delete"]
+job = [d for d in hooks if d["kind"] == "Job"]
+script = " ".join(job[0]["spec"]["template"]["spec"]["containers"][0]["command"]) if job else ""
+check(
+    "uninstall: a pre-delete hook rolls NTM_DETACH_ON_STOP out before the DaemonSet goes",
+    sorted(d["kind"] for d in hooks) == ["Job", "Role", "RoleBinding", "ServiceAccount"]
+    and "set env daemonset/ntm NTM_DETACH_ON_STOP=true" in script
+    and "rollout status daemonset/ntm" in script,
+    script,
+)
+_, docs = render({"uninstallDetach": {"enabled": False}})
+check(
+    "uninstall hook can be turned off",
+    not any(d["metadata"].get("annotations", {}).get("helm.sh/hook") for _, d in docs),
+)
+
 _, docs = render({"pinState": False})
 pod, ctr = containers(docs)
 env = {e["name"]: e["value"] for e in ctr["env"]}

@@ -318,6 +318,12 @@ pub struct DatapathArgs {
     #[arg(long, env = "NTM_ORPHAN_TIMEOUT", default_value = "15m", value_parser = parse_timeout)]
     pub orphan_timeout: Duration,
 
+    /// Stop for good on SIGTERM: detach and remove the pinned state, as
+    /// `ntm-agent detach` does (the Helm chart sets it before uninstalling).
+    #[arg(long = "detach-on-stop", env = "NTM_DETACH_ON_STOP", value_parser = clap::builder::BoolishValueParser::new(),
+          action = clap::ArgAction::SetTrue)]
+    pub detach_on_stop: bool,
+
     /// Keep nothing in bpffs: counting stops when the agent stops.
     #[arg(long = "no-pin", env = "NTM_NO_PIN", value_parser = clap::builder::BoolishValueParser::new(),
           action = clap::ArgAction::SetTrue)]
@@ -397,6 +403,7 @@ impl Config {
             pin_dir: (!self.datapath.no_pin).then(|| self.datapath.pin_dir.clone()),
             orphan_timeout: (!self.datapath.orphan_timeout.is_zero())
                 .then_some(self.datapath.orphan_timeout),
+            detach_on_stop: self.datapath.detach_on_stop,
             datapath: DatapathOptions {
                 flow_table_entries: self.datapath.flow_table_size,
                 ephemeral_start: self.datapath.ephemeral_start,

@@ -334,19 +334,26 @@ fn attach_tcx_hook(
     // A live ntm holds a TCX link: refuse rather than count twice.
     refuse_if_ntm_attached(iface, direction)?;
     remove_stale_clsact_filters(iface, direction);
+    let options = TcAttachOptions::TcxOrder(LinkOrder::first());
+    Ok((attach_new(program, iface, direction, options)?, false))
+}
+
+/// A new TC attachment of `program`, owned by the caller.
+fn attach_new(
+    program: &mut SchedClassifier,
+    iface: &str,
+    direction: TcAttachType,
+    options: TcAttachOptions,
+) -> Result<SchedClassifierLink, AttachError> {
     let attached = program
-        .attach_with_options(
-            iface,
-            direction,
-            TcAttachOptions::TcxOrder(LinkOrder::first()),
-        )
+        .attach_with_options(iface, direction, options)
         .and_then(|id| program.take_link(id));
     match attached {
-        Ok(link) => Ok((link, false)),
+        Ok(link) => Ok(link),
         Err(e) if is_permission_error(&e) => Err(AttachError::NotPermitted {
             iface: iface.to_string(),
         }),
-        Err(e) => Err(failed(iface, name, e)),
+        Err(e) => Err(failed(iface, direction_name(direction), e)),
     }
 }
 
@@ -358,7 +365,6 @@ fn attach_clsact_hook(
     iface: &str,
     direction: TcAttachType,
 ) -> Result<(SchedClassifierLink, bool), AttachError> {
-    let name = direction_name(direction);
     let ours = TcHandle::from(CLSACT_HANDLE);
     if let Ok(existing) =
         SchedClassifierLink::attached(iface, direction, CLSACT_PRIORITY, ours, None)
@@ -375,16 +381,7 @@ fn attach_clsact_hook(
         handle: ours,
         ..Default::default()
     });
-    let attached = program
-        .attach_with_options(iface, direction, options)
-        .and_then(|id| program.take_link(id));
-    match attached {
-        Ok(link) => Ok((link, false)),
-        Err(e) if is_permission_error(&e) => Err(AttachError::NotPermitted {
-            iface: iface.to_string(),
-        }),
-        Err(e) => Err(failed(iface, name, e)),
-    }
+    Ok((attach_new(program, iface, direction, options)?, false))
 }
 
 /// Pins a TCX link at `path`, and gives it back.

@@ -256,14 +256,7 @@ impl Datapath {
             )?;
         }
 
-        let mut known: Array<MapData, u32> = ebpf
-            .take_map(names::KNOWN_PORTS)
-            .ok_or(DatapathError::Missing(names::KNOWN_PORTS))?
-            .try_into()
-            .map_err(|source| DatapathError::MapSetup {
-                map: names::KNOWN_PORTS,
-                source,
-            })?;
+        let mut known: Array<MapData, u32> = take_array(&mut ebpf, names::KNOWN_PORTS)?;
         for (index, word) in known_ports.iter().enumerate() {
             if *word != 0 {
                 known
@@ -277,14 +270,7 @@ impl Datapath {
         // The program keeps its own reference to the map; ours can go.
         drop(known);
 
-        let lease: Array<MapData, u64> = ebpf
-            .take_map(names::LEASE)
-            .ok_or(DatapathError::Missing(names::LEASE))?
-            .try_into()
-            .map_err(|source| DatapathError::MapSetup {
-                map: names::LEASE,
-                source,
-            })?;
+        let lease: Array<MapData, u64> = take_array(&mut ebpf, names::LEASE)?;
         let tables = FlowTables::take_from(&mut ebpf)?;
         let observer = if observe_rate == 0 {
             None
@@ -292,14 +278,8 @@ impl Datapath {
             Some(Observer::take_from(&mut ebpf)?)
         };
         if options.learn_macs {
-            let mut nets: Array<MapData, ntm_common::observe::MacNets> = ebpf
-                .take_map(names::MAC_NETS)
-                .ok_or(DatapathError::Missing(names::MAC_NETS))?
-                .try_into()
-                .map_err(|source| DatapathError::MapSetup {
-                    map: names::MAC_NETS,
-                    source,
-                })?;
+            let mut nets: Array<MapData, ntm_common::observe::MacNets> =
+                take_array(&mut ebpf, names::MAC_NETS)?;
             nets.set(0, options.mac_nets, 0)
                 .map_err(|source| DatapathError::MapSetup {
                     map: names::MAC_NETS,
@@ -471,6 +451,17 @@ impl Datapath {
             .program_mut(name)
             .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
     }
+}
+
+/// Takes an array map out of the object.
+fn take_array<V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<Array<MapData, V>, DatapathError> {
+    ebpf.take_map(name)
+        .ok_or(DatapathError::Missing(name))?
+        .try_into()
+        .map_err(|source| DatapathError::MapSetup { map: name, source })
 }
 
 /// Takes a map out of the object as plain map data (for its fd).

@@ -96,6 +96,9 @@ pub struct KernelOptions {
     /// How long the programs go on counting with no agent (None: until
     /// `ntm-agent detach`).
     pub orphan_timeout: Option<std::time::Duration>,
+    /// A stop is for good: detach and remove the pinned state, as
+    /// `ntm-agent detach` would (the chart sets it before uninstalling).
+    pub detach_on_stop: bool,
     pub datapath: DatapathOptions,
 }
 
@@ -344,7 +347,7 @@ impl Kernel {
     /// Whether the programs go on counting after this agent stops (their
     /// links and tables are pinned).
     pub fn keeps_counting(&self) -> bool {
-        self.pins.is_some()
+        self.pins.is_some() && !self.options.detach_on_stop
     }
 
     /// Gives the pinned state to the user the agent becomes (`--user`).
@@ -578,7 +581,8 @@ impl Kernel {
 
     /// Stops this agent. With pinned state, the programs go on counting
     /// into the pinned tables for the next agent, and nothing is drained
-    /// (the next agent drains it). Without, detaches everywhere, then
+    /// (the next agent drains it). Without (or with `detach_on_stop`, which
+    /// also removes the pinned state), detaches everywhere, then
     /// drains twice: once for the tables that were active, once for the
     /// others, so every packet counted before the detach is in what this
     /// returns.
@@ -589,10 +593,16 @@ impl Kernel {
             }
             return Ok(self.adopted.take().unwrap_or_default());
         }
-        self.attachments.clear();
+        // Detach everywhere (unpinning first, so that nothing stays).
+        for (_, (attachment, _)) in std::mem::take(&mut self.attachments) {
+            attachment.release();
+        }
         let mut last = self.drain()?;
         let more = self.drain()?;
         last.merge(more);
+        if let Some(pins) = &self.pins {
+            pins.remove()?;
+        }
         Ok(last)
     }
 
