@@ -88,6 +88,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: prometheus::idle_series_expire_from_the_endpoint,
     Root: restart::counted_equals_sent_across_kill_and_sigterm_then_detach_leaves_nothing_tcx,
     Root: restart::counted_equals_sent_across_kill_and_sigterm_then_detach_leaves_nothing_clsact,
+    Root: restart::counted_equals_sent_across_kill_and_sigterm_then_detach_leaves_nothing_xdp,
     Root: restart::another_layout_is_drained_and_replaced_and_a_full_table_counts_while_no_agent_runs,
     Root: restart::past_the_orphan_timeout_the_programs_stop_counting,
     Root: restart::detach_on_stop_leaves_nothing_after_sigterm,
