@@ -485,6 +485,7 @@ impl Config {
             local: LocalNets(self.series.local_nets.clone()),
             max_series: self.series.max_series as usize,
             series_ttl: self.series.series_ttl,
+            drain_interval: self.datapath.drain_interval,
             flow_table_capacity: self.datapath.flow_table_size,
             names: NameOptions {
                 upstream: if self.names.numeric {

@@ -144,7 +144,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let server = http::Server::start(
         listener,
         pipeline.exposition(),
-        health.clone(),
+        pipeline.api(health.clone()),
         pipeline.metrics().http_connection_errors.clone(),
     )
     .context("starting the metrics endpoint")?;

@@ -8,6 +8,8 @@
 //!   -> labels: service, protocol, direction, interface (labels::Labeller)
 //!   -> budget: at most --max-series, the rest folded into "other"
 //!   -> series: the store /metrics encodes (http)
+//!   -> live: per device, server, service and interface, beside the
+//!            budget (its own bounds): what the API and the page show
 //! ```
 
 use std::{
@@ -22,9 +24,12 @@ use ntm_common::OutsideReason;
 use crate::{
     export::{
         Exposition,
+        api::Api,
         budget::SeriesBudget,
         coverage::Coverage,
-        labels::{Label, Labeller, LocalNets, iface_label},
+        http::Health,
+        labels::{Label, Labeller, LocalNets, iface_label, service_name},
+        live::LiveTraffic,
         names::{HostLabels, NameOptions, files::Mac},
         pending::PendingFlows,
         self_metrics::{MetricsError, SelfMetrics},
@@ -44,6 +49,9 @@ pub struct PipelineOptions {
     pub local: LocalNets,
     pub max_series: usize,
     pub series_ttl: Duration,
+    /// How often the kernel is drained (the live view's rate buckets are
+    /// at least this long).
+    pub drain_interval: Duration,
     /// Reported as `<prefix>_flow_table_capacity`.
     pub flow_table_capacity: u32,
     pub names: NameOptions,
@@ -77,6 +85,10 @@ pub struct Pipeline {
     budget: SeriesBudget,
     coverage: Coverage,
     exposition: Exposition,
+    live: Arc<RwLock<LiveTraffic>>,
+    /// Devices in the live view when their addresses were last filled in.
+    live_devices_described: usize,
+    flow_table_capacity: u32,
 }
 
 impl Pipeline {
@@ -91,7 +103,7 @@ impl Pipeline {
         };
         let hosts = HostLabels::start(
             labeller.wants_hosts(),
-            options.local,
+            options.local.clone(),
             &options.names,
             metrics.dns_lookups.clone(),
             metrics.names.clone(),
@@ -113,6 +125,11 @@ impl Pipeline {
         );
         let exposition = Exposition::new(metrics.registry().clone(), series);
         let coverage = Coverage::new(metrics.coverage.clone());
+        let live = Arc::new(RwLock::new(LiveTraffic::new(
+            options.local.clone(),
+            options.drain_interval.max(Duration::from_secs(1)),
+            Instant::now(),
+        )));
         Ok(Self {
             metrics,
 
@@ -126,6 +143,9 @@ impl Pipeline {
             budget,
             coverage,
             exposition,
+            live,
+            live_devices_described: 0,
+            flow_table_capacity: options.flow_table_capacity,
         })
     }
 
@@ -229,8 +249,11 @@ impl Pipeline {
             hosts,
             labeller,
             budget,
+            live,
             ..
         } = self;
+        // One write lock for the whole drain: the API waits at most a drain.
+        let mut live = live.write().unwrap_or_else(|e| e.into_inner());
         let wait = hosts.wait();
         pending.release(
             now,
@@ -238,9 +261,12 @@ impl Pipeline {
             |key, first_seen| hosts.flow_labels(key, first_seen, now),
             |key, (src, dst), delta| {
                 let iface = iface_label(iface_labels, key.ifindex);
+                let service = service_name(key, &labeller.services);
+                live.add_flow(key, &iface, (&src, &dst), &service, delta, now);
                 budget.add(labeller.values(key, &iface, &src, &dst), delta, now);
             },
         );
+        let mut overflow = ntm_common::Counters::default();
         // Traffic that found no room in the flow table is still traffic: it
         // goes into the main counters of its interface, every other label
         // "other" (its addresses, and so its direction, are not kept), so
@@ -253,9 +279,21 @@ impl Pipeline {
                     | OutsideReason::NoActiveTable
             ) {
                 let iface = iface_label(iface_labels, at.ifindex);
+                live.add_overflow(&iface, at.direction, delta, now);
+                overflow.add(delta);
                 self.budget.add_overflow(&iface, delta, now);
             }
         }
+        let status = &mut live.status;
+        status.overflow.add(&overflow);
+        status.series = self.budget.len();
+        status.max_series = self.max_series;
+        status.series_folded = self.metrics.series_folded.get();
+        status.flow_table_capacity = self.flow_table_capacity;
+        status.waiting_flows = self.pending.len();
+        status.drains += 1;
+        status.last_drain = Some(std::time::SystemTime::now());
+        drop(live);
         self.update_host_info();
     }
 
@@ -269,6 +307,18 @@ impl Pipeline {
     /// at most as many hosts as there may be series.
     fn update_host_info(&mut self) {
         let version = self.hosts.hosts_version();
+        let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
+        let devices = live.device_count();
+        if self.host_info_version == Some(version) && self.live_devices_described == devices {
+            return;
+        }
+        live.describe_hosts(
+            self.hosts
+                .hosts()
+                .map(|(ip, name, source, mac)| (ip, name, source.as_str(), mac)),
+        );
+        self.live_devices_described = devices;
+        drop(live);
         if self.host_info_version == Some(version) {
             return;
         }
@@ -284,6 +334,10 @@ impl Pipeline {
 
     /// Drops idle series, and the host labels only they used.
     pub fn expire(&mut self, now: Instant) {
+        self.live
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .expire(now, self.budget.ttl());
         self.budget.expire(now);
         self.hosts.expire(now, self.budget.ttl());
     }
@@ -295,6 +349,15 @@ impl Pipeline {
     /// What the HTTP endpoint encodes.
     pub fn exposition(&self) -> Exposition {
         self.exposition.clone()
+    }
+
+    /// What the JSON API reads: the live view, and `health` for the
+    /// interfaces' attach state.
+    pub fn api(&self, health: Health) -> Api {
+        Api {
+            live: Arc::clone(&self.live),
+            health,
+        }
     }
 
     pub fn series_count(&self) -> usize {
@@ -321,6 +384,7 @@ mod tests {
                 local: LocalNets(vec!["192.168.0.0/16".parse::<Cidr>().unwrap()]),
                 max_series,
                 series_ttl: ttl,
+                drain_interval: Duration::from_secs(1),
                 flow_table_capacity: 1024,
                 names: NameOptions::addresses_only(),
             },

@@ -1,5 +1,6 @@
-//! The HTTP endpoint: `GET /metrics` (Prometheus text format) and
-//! `GET /healthz` (200 only while every requested interface is attached).
+//! The HTTP endpoint: `GET /metrics` (Prometheus text format),
+//! `GET /healthz` (200 only while every requested interface is attached)
+//! and the JSON API under `/api/v1/` (see [`super::api`]).
 
 use std::{
     collections::BTreeMap,
@@ -17,7 +18,7 @@ use hyper_util::{
 use prometheus::IntCounter;
 use warp::{Filter, http::StatusCode};
 
-use super::Exposition;
+use super::{Exposition, api::Api, live::Kind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -47,6 +48,14 @@ impl Health {
     pub fn set(&self, iface: &str, attached: bool) {
         if let Ok(mut map) = self.interfaces.lock() {
             map.insert(iface.to_string(), attached);
+        }
+    }
+
+    /// Each requested interface and whether it is attached.
+    pub fn states(&self) -> Vec<(String, bool)> {
+        match self.interfaces.lock() {
+            Ok(map) => map.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            Err(_) => Vec::new(),
         }
     }
 
@@ -103,7 +112,7 @@ impl Server {
     pub fn start(
         listener: std::net::TcpListener,
         exposition: Exposition,
-        health: Health,
+        api: Api,
         connection_errors: IntCounter,
     ) -> io::Result<Self> {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -116,7 +125,7 @@ impl Server {
                 runtime.block_on(async move {
                     match tokio::net::TcpListener::from_std(listener) {
                         Ok(listener) => {
-                            serve(listener, exposition, health, connection_errors, async {
+                            serve(listener, exposition, api, connection_errors, async {
                                 let _ = stopped.await;
                             })
                             .await
@@ -147,11 +156,11 @@ impl Server {
 async fn serve(
     listener: tokio::net::TcpListener,
     exposition: Exposition,
-    health: Health,
+    api: Api,
     connection_errors: IntCounter,
     shutdown: impl Future<Output = ()>,
 ) {
-    let service = TowerToHyperService::new(warp::service(routes(exposition, health)));
+    let service = TowerToHyperService::new(warp::service(routes(exposition, api)));
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -191,12 +200,61 @@ async fn serve(
     }
 }
 
-/// `/metrics`, `/healthz` and `/`.
-fn routes(
-    exposition: Exposition,
-    health: Health,
+/// A JSON document, or the API's error as one.
+fn json_reply(result: Result<String, super::api::ApiError>) -> warp::http::Response<String> {
+    let (status, body) = match result {
+        Ok(body) => (StatusCode::OK, body),
+        Err(e) => (
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            e.body(),
+        ),
+    };
+    let mut response = warp::http::Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        warp::http::header::CONTENT_TYPE,
+        warp::http::HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        warp::http::header::CACHE_CONTROL,
+        warp::http::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+/// `/api/v1/...`: devices, servers, services, interfaces, status.
+fn api_routes(
+    api: Api,
 ) -> impl Filter<Extract = (impl warp::Reply,), Error = warp::Rejection> + Clone + Send + Sync + 'static
 {
+    type Query = std::collections::HashMap<String, String>;
+    let query = || warp::query::<Query>();
+    let (a, b, c, d, e) = (api.clone(), api.clone(), api.clone(), api.clone(), api);
+    let devices = warp::path!("api" / "v1" / "devices")
+        .and(query())
+        .map(move |q: Query| json_reply(a.devices(&q)));
+    let servers = warp::path!("api" / "v1" / "servers")
+        .and(query())
+        .map(move |q: Query| json_reply(b.top(Kind::Servers, &q)));
+    let services = warp::path!("api" / "v1" / "services")
+        .and(query())
+        .map(move |q: Query| json_reply(c.top(Kind::Services, &q)));
+    let interfaces = warp::path!("api" / "v1" / "interfaces")
+        .and(query())
+        .map(move |q: Query| json_reply(d.interfaces(&q)));
+    let status = warp::path!("api" / "v1" / "status").map(move || json_reply(Ok(e.status())));
+    warp::get().and(devices.or(servers).or(services).or(interfaces).or(status))
+}
+
+/// `/metrics`, `/healthz`, `/api/v1/...` and `/`; every answer says
+/// `nosniff`, so that no browser reads a name in it as markup.
+fn routes(
+    exposition: Exposition,
+    api: Api,
+) -> impl Filter<Extract = (impl warp::Reply,), Error = warp::Rejection> + Clone + Send + Sync + 'static
+{
+    let health = api.health.clone();
     let metrics = warp::path("metrics")
         .and(warp::path::end())
         .and(warp::get())
@@ -235,5 +293,12 @@ fn routes(
              <a href=\"/healthz\">/healthz</a></p></body></html>",
         ))
     });
-    metrics.or(healthz).or(root)
+    metrics
+        .or(healthz)
+        .or(api_routes(api))
+        .or(root)
+        .with(warp::reply::with::header(
+            "x-content-type-options",
+            "nosniff",
+        ))
 }

@@ -10,12 +10,16 @@
 //!   the compact series store with its text encoder;
 //! - [`self_metrics`]: ntm's own health metrics;
 //! - [`coverage`]: the self-check against the kernel's interface counters;
-//! - [`http`]: `/metrics` and `/healthz`.
+//! - [`live`] and [`api`]: what the page and the JSON API show now, per
+//!   device, server, service and interface;
+//! - [`http`]: `/metrics`, `/healthz` and the API.
 
+pub mod api;
 pub mod budget;
 pub mod coverage;
 pub mod http;
 pub mod labels;
+pub mod live;
 pub mod names;
 pub mod pending;
 pub mod self_metrics;

@@ -8,6 +8,7 @@
 
 mod kit;
 
+mod api;
 mod bridge;
 mod dashboard;
 mod deploy;
@@ -37,6 +38,7 @@ macro_rules! tests {
 
 /// Every test, with what it needs.
 const TESTS: &[(Needs, &str, fn())] = tests![
+    Root: api::the_api_shows_devices_servers_services_and_interfaces_exactly,
     Root: bridge::every_frame_crossing_a_bridge_is_counted_once,
     Root: bridge::interfaces_absent_at_start_and_recreated_are_followed,
     Nothing: dashboard::dashboard_structure,

@@ -1,0 +1,435 @@
+//! The JSON API (`/api/v1/...`) the page uses, stable for scripts: what
+//! [`LiveTraffic`] and [`Health`] hold, as JSON documents. Names come from
+//! the network; serde_json escapes them, and the endpoint serves them as
+//! `application/json` with `nosniff`, so that no browser reads them as
+//! markup.
+//!
+//! Every document has `started` (when the agent started, Unix seconds:
+//! totals count from then) and `rate_window_seconds` (rates are bytes per
+//! second averaged over that window).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::{Instant, SystemTime},
+};
+
+use serde::Serialize;
+
+use super::{
+    http::Health,
+    live::{Kind, LiveTraffic, Row},
+};
+
+/// Rows a listing returns unless `limit` says otherwise.
+pub const DEFAULT_LIMIT: usize = 100;
+/// Rows a listing returns at most (the largest table's bound).
+pub const MAX_LIMIT: usize = super::live::MAX_SERVERS + 1;
+
+/// What a listing was asked for that it cannot answer: a 400 or 404 with
+/// a JSON `{"error": ...}` body.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    #[error("limit must be a whole number from 1 to {MAX_LIMIT}, not {0:?}")]
+    BadLimit(String),
+    #[error("no device is named {0:?} (GET /api/v1/devices lists them)")]
+    NoSuchDevice(String),
+    #[error("unknown parameter {0:?}")]
+    UnknownParameter(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::NoSuchDevice(_) => 404,
+            _ => 400,
+        }
+    }
+
+    pub fn body(&self) -> String {
+        json(&ErrorBody {
+            error: self.to_string(),
+        })
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: String,
+}
+
+/// What the API reads: the live view and the interfaces' attach state.
+#[derive(Clone)]
+pub struct Api {
+    pub live: Arc<RwLock<LiveTraffic>>,
+    pub health: Health,
+}
+
+/// Bytes and packets one way since the agent started, and the rate now.
+#[derive(Serialize)]
+struct Way {
+    bytes: u64,
+    packets: u64,
+    /// Bytes per second over the last `rate_window_seconds`.
+    rate: f64,
+}
+
+#[derive(Serialize)]
+struct Traffic {
+    name: String,
+    download: Way,
+    upload: Way,
+}
+
+#[derive(Serialize)]
+struct Device {
+    #[serde(flatten)]
+    traffic: Traffic,
+    addresses: Vec<String>,
+    mac: Option<String>,
+    /// The rung of the naming ladder the name came from.
+    name_source: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Interface {
+    name: String,
+    /// Whether ntm counts on it now (None: traffic counted on it earlier,
+    /// or on a port of it, but it is not one of the requested interfaces).
+    attached: Option<bool>,
+    rx: Way,
+    tx: Way,
+}
+
+#[derive(Serialize)]
+struct Listing<T> {
+    started: u64,
+    rate_window_seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
+    #[serde(flatten)]
+    rows: T,
+}
+
+#[derive(Serialize)]
+struct Devices {
+    devices: Vec<Device>,
+}
+#[derive(Serialize)]
+struct Servers {
+    servers: Vec<Traffic>,
+}
+#[derive(Serialize)]
+struct Services {
+    services: Vec<Traffic>,
+}
+#[derive(Serialize)]
+struct Interfaces {
+    interfaces: Vec<Interface>,
+}
+
+#[derive(Serialize)]
+struct Counts {
+    bytes: u64,
+    packets: u64,
+}
+
+#[derive(Serialize)]
+struct Status {
+    started: u64,
+    rate_window_seconds: f64,
+    /// Every requested interface attached (what `/healthz` says).
+    healthy: bool,
+    interfaces: Vec<InterfaceState>,
+    series: usize,
+    max_series: usize,
+    series_folded: u64,
+    /// Frames the flow table had no room for (in the `other` series).
+    overflow: Counts,
+    flow_table_capacity: u32,
+    waiting_flows: usize,
+    drains: u64,
+    last_drain: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct InterfaceState {
+    name: String,
+    attached: bool,
+}
+
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn way(row: &Row, i: usize) -> Way {
+    Way {
+        bytes: row.total[i].bytes,
+        packets: row.total[i].packets,
+        rate: row.rate[i],
+    }
+}
+
+fn traffic(row: &Row) -> Traffic {
+    Traffic {
+        name: row.name.clone(),
+        download: way(row, 0),
+        upload: way(row, 1),
+    }
+}
+
+fn json(value: &impl Serialize) -> String {
+    // Serialising these types cannot fail: no maps with non-string keys,
+    // no custom serialisers.
+    serde_json::to_string(value).unwrap_or_else(|_| String::from("{}"))
+}
+
+/// The query of a listing: `limit` and, where it applies, `device`.
+struct Query {
+    limit: usize,
+    device: Option<String>,
+}
+
+impl Query {
+    fn parse(query: &HashMap<String, String>, takes_device: bool) -> Result<Self, ApiError> {
+        let mut parsed = Query {
+            limit: DEFAULT_LIMIT,
+            device: None,
+        };
+        for (name, value) in query {
+            match name.as_str() {
+                "limit" => {
+                    parsed.limit = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_LIMIT).contains(n))
+                        .ok_or_else(|| ApiError::BadLimit(value.clone()))?
+                }
+                "device" if takes_device => parsed.device = Some(value.clone()),
+                _ => return Err(ApiError::UnknownParameter(name.clone())),
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+impl Api {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, LiveTraffic> {
+        self.live.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn listing<T: Serialize>(live: &LiveTraffic, device: Option<String>, rows: T) -> String {
+        json(&Listing {
+            started: unix_seconds(live.started()),
+            rate_window_seconds: live.rate_window().as_secs_f64(),
+            device,
+            rows,
+        })
+    }
+
+    /// `GET /api/v1/devices[?limit=N]`: local hosts, busiest first.
+    pub fn devices(&self, query: &HashMap<String, String>) -> Result<String, ApiError> {
+        let query = Query::parse(query, false)?;
+        let live = self.read();
+        let devices = live
+            .devices(Instant::now(), query.limit)
+            .into_iter()
+            .map(|(row, device)| Device {
+                traffic: traffic(&row),
+                addresses: device.addresses.iter().map(|ip| ip.to_string()).collect(),
+                mac: device.mac.map(|mac| {
+                    mac.iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":")
+                }),
+                name_source: device.source,
+            })
+            .collect();
+        Ok(Self::listing(&live, None, Devices { devices }))
+    }
+
+    /// `GET /api/v1/servers[?device=NAME][&limit=N]` and the same for
+    /// `services`: remote hosts or services, overall or of one device.
+    pub fn top(&self, kind: Kind, query: &HashMap<String, String>) -> Result<String, ApiError> {
+        let query = Query::parse(query, true)?;
+        let live = self.read();
+        let rows = live
+            .top(kind, query.device.as_deref(), Instant::now(), query.limit)
+            .ok_or_else(|| ApiError::NoSuchDevice(query.device.clone().unwrap_or_default()))?;
+        let rows: Vec<Traffic> = rows.iter().map(traffic).collect();
+        Ok(match kind {
+            Kind::Servers => Self::listing(&live, query.device, Servers { servers: rows }),
+            _ => Self::listing(&live, query.device, Services { services: rows }),
+        })
+    }
+
+    /// `GET /api/v1/interfaces`: every interface traffic was counted on,
+    /// and every requested one, with its attach state.
+    pub fn interfaces(&self, query: &HashMap<String, String>) -> Result<String, ApiError> {
+        let query = Query::parse(query, false)?;
+        let live = self.read();
+        let attached: HashMap<String, bool> = self.health.states().into_iter().collect();
+        let rows = live
+            .top(Kind::Interfaces, None, Instant::now(), query.limit)
+            .unwrap_or_default();
+        let mut interfaces: Vec<Interface> = rows
+            .iter()
+            .map(|row| Interface {
+                name: row.name.clone(),
+                attached: attached.get(&row.name).copied(),
+                rx: way(row, 0),
+                tx: way(row, 1),
+            })
+            .collect();
+        // Requested interfaces with no traffic yet are shown too.
+        for (name, state) in &attached {
+            if interfaces.len() < query.limit && !interfaces.iter().any(|i| &i.name == name) {
+                let zero = || Way {
+                    bytes: 0,
+                    packets: 0,
+                    rate: 0.0,
+                };
+                interfaces.push(Interface {
+                    name: name.clone(),
+                    attached: Some(*state),
+                    rx: zero(),
+                    tx: zero(),
+                });
+            }
+        }
+        Ok(Self::listing(&live, None, Interfaces { interfaces }))
+    }
+
+    /// `GET /api/v1/status`: ntm's health.
+    pub fn status(&self) -> String {
+        let live = self.read();
+        let (healthy, _) = self.health.report();
+        let status = &live.status;
+        json(&Status {
+            started: unix_seconds(live.started()),
+            rate_window_seconds: live.rate_window().as_secs_f64(),
+            healthy,
+            interfaces: self
+                .health
+                .states()
+                .into_iter()
+                .map(|(name, attached)| InterfaceState { name, attached })
+                .collect(),
+            series: status.series,
+            max_series: status.max_series,
+            series_folded: status.series_folded,
+            overflow: Counts {
+                bytes: status.overflow.bytes,
+                packets: status.overflow.packets,
+            },
+            flow_table_capacity: status.flow_table_capacity,
+            waiting_flows: status.waiting_flows,
+            drains: status.drains,
+            last_drain: status.last_drain.map(unix_seconds),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::labels::{Cidr, LocalNets};
+    use ntm_common::{Counters, Direction, FlowKey, family};
+    use std::time::Duration;
+
+    fn api() -> Api {
+        let now = Instant::now();
+        let mut live = LiveTraffic::new(
+            LocalNets(vec!["192.168.0.0/16".parse::<Cidr>().unwrap()]),
+            Duration::from_secs(1),
+            now,
+        );
+        let mut key = FlowKey {
+            src: [0; 16],
+            dst: [0; 16],
+            ifindex: 2,
+            vlan_id: 0,
+            port: 443,
+            family: family::IPV4,
+            proto: 6,
+            direction: Direction::Ingress as u8,
+            flags: 0,
+            _pad: [0; 4],
+        };
+        key.src[..4].copy_from_slice(&[93, 184, 216, 34]);
+        key.dst[..4].copy_from_slice(&[192, 168, 1, 20]);
+        let hostile = "<img src=x onerror=alert(1)>\"\\";
+        live.add_flow(
+            &key,
+            "eth0",
+            ("example.com", hostile),
+            "https",
+            &Counters {
+                bytes: 1500,
+                packets: 1,
+            },
+            now,
+        );
+        let health = Health::default();
+        health.set("eth0", true);
+        Api {
+            live: Arc::new(RwLock::new(live)),
+            health,
+        }
+    }
+
+    fn query(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn names_from_the_network_come_back_as_the_same_json_strings() {
+        let body = api().devices(&query(&[])).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            doc["devices"][0]["name"],
+            "<img src=x onerror=alert(1)>\"\\"
+        );
+        assert_eq!(doc["devices"][0]["download"]["bytes"], 1500);
+        assert_eq!(doc["devices"][0]["upload"]["packets"], 0);
+    }
+
+    #[test]
+    fn a_device_s_servers_and_bad_queries() {
+        let api = api();
+        let hostile = "<img src=x onerror=alert(1)>\"\\";
+        let body = api
+            .top(Kind::Servers, &query(&[("device", hostile)]))
+            .unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(doc["servers"][0]["name"], "example.com");
+        assert_eq!(doc["device"], hostile);
+        assert_eq!(
+            api.top(Kind::Servers, &query(&[("device", "x")])),
+            Err(ApiError::NoSuchDevice("x".into()))
+        );
+        let bad = api.devices(&query(&[("limit", "0")])).unwrap_err();
+        assert_eq!(bad.status(), 400);
+        assert!(serde_json::from_str::<serde_json::Value>(&bad.body()).is_ok());
+        assert!(api.devices(&query(&[("device", "x")])).is_err());
+    }
+
+    #[test]
+    fn interfaces_and_status() {
+        let api = api();
+        let doc: serde_json::Value =
+            serde_json::from_str(&api.interfaces(&query(&[])).unwrap()).unwrap();
+        assert_eq!(doc["interfaces"][0]["name"], "eth0");
+        assert_eq!(doc["interfaces"][0]["attached"], true);
+        assert_eq!(doc["interfaces"][0]["rx"]["bytes"], 1500);
+        let status: serde_json::Value = serde_json::from_str(&api.status()).unwrap();
+        assert_eq!(status["healthy"], true);
+        assert_eq!(status["interfaces"][0]["name"], "eth0");
+    }
+}
