@@ -196,6 +196,34 @@ check(
     env,
 )
 
+_, docs = render(
+    {
+        "webConfig": {"secretName": "ntm-web", "tls": True},
+        "serviceMonitor": {
+            "enabled": True,
+            "basicAuth": {"username": {"name": "ntm-auth", "key": "user"}, "password": {"name": "ntm-auth", "key": "password"}},
+            "tlsConfig": {"ca": {"configMap": {"name": "ntm-ca", "key": "ca.crt"}}, "serverName": "ntm"},
+        },
+    }
+)
+pod, ctr = containers(docs)
+env = {e["name"]: e["value"] for e in ctr["env"]}
+mounts = {m["name"]: m["mountPath"] for m in ctr.get("volumeMounts", [])}
+secrets = {v["name"]: v.get("secret", {}).get("secretName") for v in pod.get("volumes", [])}
+monitor = [d for _, d in docs if d["kind"] == "ServiceMonitor"][0]["spec"]["endpoints"][0]
+check(
+    "webConfig: the Secret mounted and passed, HTTPS probes, the ServiceMonitor over TLS with basic auth",
+    env.get("NTM_WEB_CONFIG_FILE") == "/etc/ntm/web/web-config.yml"
+    and mounts.get("web-config") == "/etc/ntm/web"
+    and secrets.get("web-config") == "ntm-web"
+    and ctr["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    and "tcpSocket" in ctr["livenessProbe"]
+    and monitor.get("scheme") == "https"
+    and monitor["basicAuth"]["password"]["name"] == "ntm-auth"
+    and monitor["tlsConfig"]["serverName"] == "ntm",
+    (env, mounts, secrets, ctr["readinessProbe"], monitor),
+)
+
 _, docs = render({"privileged": True})
 _, ctr = containers(docs)
 check("privileged only as an opt-in", ctr["securityContext"] == {"privileged": True})

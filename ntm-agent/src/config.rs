@@ -352,6 +352,16 @@ pub struct HttpArgs {
     #[arg(short = 's', long = "metric_prefix", visible_alias = "metric-prefix", env = "NTM_METRIC_PREFIX",
           default_value = "ntm", value_parser = parse_metric_prefix)]
     pub metric_prefix: String,
+
+    /// TLS and basic auth for the page, the API and /metrics: a web config
+    /// file in the format of Prometheus's exporter-toolkit (node_exporter's
+    /// --web.config.file). /healthz stays open for probes.
+    #[arg(
+        long = "web-config-file",
+        env = "NTM_WEB_CONFIG_FILE",
+        value_name = "FILE"
+    )]
+    pub web_config_file: Option<PathBuf>,
 }
 
 /// What ntm runs as.

@@ -11,6 +11,7 @@ use ntm_agent::{
     export::{
         http::{self, Health},
         names::containers::ContainerNames,
+        web_config::WebConfigWatcher,
     },
     kernel::{
         Kernel,
@@ -95,6 +96,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Bind before touching the kernel: a taken port fails fast and clean.
     let listener = http::bind(SocketAddr::new(config.http.bind_ip, config.http.port))
         .context("ntm could not start its metrics endpoint")?;
+    // Before touching the kernel too: a bad web config attaches nothing.
+    let web = config
+        .http
+        .web_config_file
+        .as_deref()
+        .map(WebConfigWatcher::load)
+        .transpose()
+        .context("ntm could not start its metrics endpoint")?;
+    if let Some(web) = web.as_ref() {
+        log::info!("web config: {}", web.loaded().describe());
+    }
     let user = config.privileges.user;
     let kernel_options = config.kernel().context("ntm could not start")?;
     let services = config.services().context("ntm could not start")?;
@@ -141,15 +153,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // DNS and DHCP frames for names, read as they come (None: off).
     let mut observer = kernel.take_observer();
     let mut observed: Vec<Vec<u8>> = Vec::new();
+    let scheme = match web.as_ref() {
+        Some(web) if web.loaded().tls.is_some() => "https",
+        _ => "http",
+    };
     let server = http::Server::start(
         listener,
-        pipeline.exposition(),
-        pipeline.api(health.clone()),
-        pipeline.metrics().http_connection_errors.clone(),
+        http::Site {
+            exposition: pipeline.exposition(),
+            api: pipeline.api(health.clone()),
+            web,
+            connection_errors: pipeline.metrics().http_connection_errors.clone(),
+            refused: pipeline.metrics().http_refused.clone(),
+        },
     )
     .context("starting the metrics endpoint")?;
     log::info!(
-        "serving metrics on http://{}/metrics",
+        "serving metrics on {scheme}://{}/metrics",
         SocketAddr::new(config.http.bind_ip, config.http.port)
     );
 

@@ -8,17 +8,22 @@ use std::{
     io,
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntCounterVec};
 use warp::{Filter, http::StatusCode};
 
-use super::{Exposition, api::Api, live::Kind};
+use super::{
+    Exposition,
+    api::Api,
+    live::Kind,
+    web_config::{WebConfig, WebConfigWatcher},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -97,6 +102,18 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long requests in flight may take to finish once the server stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// What the endpoint serves, and how it counts what it refuses.
+pub struct Site {
+    pub exposition: Exposition,
+    pub api: Api,
+    /// `--web-config-file`, loaded (None: plain HTTP, open to all).
+    pub web: Option<WebConfigWatcher>,
+    /// Connections that ended in an error.
+    pub connection_errors: IntCounter,
+    /// Requests and connections the web config refused, by reason.
+    pub refused: IntCounterVec,
+}
+
 /// The endpoint, on a thread of its own: encoding a large scrape never
 /// delays a drain, and a slow drain never delays a scrape.
 pub struct Server {
@@ -105,16 +122,11 @@ pub struct Server {
 }
 
 impl Server {
-    /// Serves on `listener`; connections that end in an error (a client
-    /// that went away mid-request, a bad request, headers too slow) are
-    /// counted in `connection_errors` and logged at debug level only, so
-    /// that no client can flood the log.
-    pub fn start(
-        listener: std::net::TcpListener,
-        exposition: Exposition,
-        api: Api,
-        connection_errors: IntCounter,
-    ) -> io::Result<Self> {
+    /// Serves `site` on `listener`; connections that end in an error (a
+    /// client that went away mid-request, a bad request, headers too slow,
+    /// a failed TLS handshake) are counted and logged at debug level only,
+    /// so that no client can flood the log.
+    pub fn start(listener: std::net::TcpListener, site: Site) -> io::Result<Self> {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -125,7 +137,7 @@ impl Server {
                 runtime.block_on(async move {
                     match tokio::net::TcpListener::from_std(listener) {
                         Ok(listener) => {
-                            serve(listener, exposition, api, connection_errors, async {
+                            serve(listener, site, async {
                                 let _ = stopped.await;
                             })
                             .await
@@ -152,15 +164,17 @@ impl Server {
     }
 }
 
+/// bcrypt verifications running at once, at most: a client trying
+/// passwords as fast as it can takes at most this many cores' worth.
+const BCRYPT_AT_ONCE: usize = 2;
+
 /// Serves until `shutdown` completes.
 async fn serve(
     listener: tokio::net::TcpListener,
-    exposition: Exposition,
-    api: Api,
-    connection_errors: IntCounter,
+    mut site: Site,
     shutdown: impl Future<Output = ()>,
 ) {
-    let service = TowerToHyperService::new(warp::service(routes(exposition, api)));
+    let bcrypt = Arc::new(tokio::sync::Semaphore::new(BCRYPT_AT_ONCE));
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -178,14 +192,53 @@ async fn serve(
             // Reap finished connections as they end.
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
-        let service = service.clone();
-        let errors = connection_errors.clone();
+        // The configuration as it is now (renewed certificates, changed
+        // passwords): each connection uses the one it started with.
+        let web = site.web.as_mut().map(|w| w.current(Instant::now()));
+        let guard = Guard {
+            web: web.clone(),
+            bcrypt: Arc::clone(&bcrypt),
+            refused: site.refused.clone(),
+        };
+        let service = TowerToHyperService::new(warp::service(routes(
+            site.exposition.clone(),
+            site.api.clone(),
+            guard,
+        )));
+        let errors = site.connection_errors.clone();
+        let refused = site.refused.clone();
         connections.spawn(async move {
-            let served = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let tls = web.as_ref().and_then(|w| w.tls.clone());
+            let served = match tls {
+                None => serve_connection(stream, service).await,
+                Some(tls) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
+                    let stream =
+                        match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                refused.with_label_values(&["tls_handshake"]).inc();
+                                log::debug!("metrics endpoint: TLS handshake failed: {e}");
+                                return;
+                            }
+                            Err(_) => {
+                                refused.with_label_values(&["tls_handshake"]).inc();
+                                log::debug!("metrics endpoint: TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    if !tls.client_allowed(stream.get_ref().1.peer_certificates()) {
+                        refused.with_label_values(&["client_certificate"]).inc();
+                        log::debug!(
+                            "metrics endpoint: a client certificate without an allowed SAN"
+                        );
+                        return;
+                    }
+                    serve_connection(stream, service).await
+                }
+            };
             if let Err(e) = served {
                 errors.inc();
                 log::debug!("metrics endpoint: connection ended with an error: {e}");
@@ -198,6 +251,110 @@ async fn serve(
     if drained.await.is_err() {
         connections.abort_all();
     }
+}
+
+/// HTTP/1.1 on one connection, plain or TLS.
+async fn serve_connection<S, I>(io: I, service: S) -> Result<(), hyper::Error>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(io), service)
+        .await
+}
+
+/// Why a request was refused (turned into its answer by [`refusal`]).
+#[derive(Debug)]
+enum Refused {
+    Unauthorized,
+    RateLimited,
+}
+
+impl warp::reject::Reject for Refused {}
+
+/// What the web config asks of each request but `/healthz`: a token of
+/// the rate limit, then a user's password.
+#[derive(Clone)]
+struct Guard {
+    web: Option<Arc<WebConfig>>,
+    bcrypt: Arc<tokio::sync::Semaphore>,
+    refused: IntCounterVec,
+}
+
+impl Guard {
+    async fn admit(self, authorization: Option<String>) -> Result<(), warp::Rejection> {
+        let Some(web) = self.web else {
+            return Ok(());
+        };
+        if let Some(limit) = &web.rate_limit
+            && !limit.allow(Instant::now())
+        {
+            self.refused.with_label_values(&["rate_limited"]).inc();
+            return Err(warp::reject::custom(Refused::RateLimited));
+        }
+        if web.auth.is_none() {
+            return Ok(());
+        }
+        let verdict = match web
+            .auth
+            .as_ref()
+            .and_then(|a| a.quick(authorization.as_deref()))
+        {
+            Some(verdict) => verdict,
+            None => {
+                // bcrypt, off this thread, a few at a time.
+                let permit = self.bcrypt.acquire_owned().await;
+                let web = Arc::clone(&web);
+                tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    web.auth
+                        .as_ref()
+                        .is_some_and(|a| a.check(authorization.as_deref()))
+                })
+                .await
+                .unwrap_or(false)
+            }
+        };
+        if verdict {
+            Ok(())
+        } else {
+            self.refused.with_label_values(&["unauthorized"]).inc();
+            Err(warp::reject::custom(Refused::Unauthorized))
+        }
+    }
+
+    fn filter(
+        self,
+    ) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+        warp::header::optional::<String>("authorization")
+            .and_then(move |authorization| self.clone().admit(authorization))
+            .untuple_one()
+    }
+}
+
+/// The answer to a refused request: 401 asking for basic auth, or 429.
+async fn refusal(
+    rejection: warp::Rejection,
+) -> Result<warp::http::Response<String>, warp::Rejection> {
+    let (status, text) = match rejection.find::<Refused>() {
+        Some(Refused::Unauthorized) => (StatusCode::UNAUTHORIZED, "Unauthorized\n"),
+        Some(Refused::RateLimited) => (StatusCode::TOO_MANY_REQUESTS, "Too Many Requests\n"),
+        None => return Err(rejection),
+    };
+    let mut response = warp::http::Response::new(text.to_string());
+    *response.status_mut() = status;
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            warp::http::header::WWW_AUTHENTICATE,
+            warp::http::HeaderValue::from_static("Basic realm=\"ntm\", charset=\"UTF-8\""),
+        );
+    }
+    Ok(response)
 }
 
 /// A JSON document, or the API's error as one.
@@ -247,13 +404,24 @@ fn api_routes(
     warp::get().and(devices.or(servers).or(services).or(interfaces).or(status))
 }
 
-/// `/metrics`, `/healthz`, `/api/v1/...` and `/`; every answer says
-/// `nosniff`, so that no browser reads a name in it as markup.
+/// `/healthz` (open, for probes), and behind the web config's guard
+/// `/metrics`, `/api/v1/...` and `/`; every answer says `nosniff`, so that
+/// no browser reads a name in it as markup, and carries the web config's
+/// headers.
 fn routes(
     exposition: Exposition,
     api: Api,
+    guard: Guard,
 ) -> impl Filter<Extract = (impl warp::Reply,), Error = warp::Rejection> + Clone + Send + Sync + 'static
 {
+    let mut headers = warp::http::HeaderMap::new();
+    headers.insert(
+        "x-content-type-options",
+        warp::http::HeaderValue::from_static("nosniff"),
+    );
+    for (name, value) in guard.web.iter().flat_map(|w| w.headers.iter()) {
+        headers.insert(name.clone(), value.clone());
+    }
     let health = api.health.clone();
     let metrics = warp::path("metrics")
         .and(warp::path::end())
@@ -293,12 +461,9 @@ fn routes(
              <a href=\"/healthz\">/healthz</a></p></body></html>",
         ))
     });
-    metrics
-        .or(healthz)
-        .or(api_routes(api))
-        .or(root)
-        .with(warp::reply::with::header(
-            "x-content-type-options",
-            "nosniff",
-        ))
+    let guarded = guard.filter().and(metrics.or(api_routes(api)).or(root));
+    healthz
+        .or(guarded)
+        .recover(refusal)
+        .with(warp::reply::with::headers(headers))
 }

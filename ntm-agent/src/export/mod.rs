@@ -12,7 +12,8 @@
 //! - [`coverage`]: the self-check against the kernel's interface counters;
 //! - [`live`] and [`api`]: what the page and the JSON API show now, per
 //!   device, server, service and interface;
-//! - [`http`]: `/metrics`, `/healthz` and the API.
+//! - [`http`]: `/metrics`, `/healthz` and the API, secured as
+//!   [`web_config`] says.
 
 pub mod api;
 pub mod budget;
@@ -25,6 +26,7 @@ pub mod pending;
 pub mod self_metrics;
 pub mod series;
 pub mod services;
+pub mod web_config;
 
 use std::sync::{Arc, RwLock};
 

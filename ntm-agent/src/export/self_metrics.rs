@@ -62,11 +62,23 @@ pub struct SelfMetrics {
     /// `<prefix>_host_info{address, name, mac, source}`.
     pub host_info: IntGaugeVec,
     pub http_connection_errors: IntCounter,
+    /// `<prefix>_http_requests_refused_total{reason}`: `unauthorized` (no
+    /// or wrong basic auth), `rate_limited`, `client_certificate` (a SAN
+    /// not in client_allowed_sans), `tls_handshake`.
+    pub http_refused: IntCounterVec,
     /// The self-check: `<prefix>_interface_kernel_{packets,bytes}_total`,
     /// `_counted_packets_total` and `_coverage_ratio`, by iface and
     /// direction (see `coverage.rs`).
     pub coverage: (IntCounterVec, IntCounterVec, IntCounterVec, GaugeVec),
 }
+
+/// Values of `reason` in `<prefix>_http_requests_refused_total`.
+pub const REFUSED_REASONS: [&str; 4] = [
+    "unauthorized",
+    "rate_limited",
+    "client_certificate",
+    "tls_handshake",
+];
 
 /// Values of `result` in `<prefix>_observed_messages_total`: the sum is
 /// every message the kernel picked out; the last two were not handed over.
@@ -296,8 +308,16 @@ impl SelfMetrics {
                 "http_connection_errors_total",
                 "HTTP connections that ended in an error (client went away, bad request, header timeout)",
             )?,
+            http_refused: r.counter_vec(
+                "http_requests_refused_total",
+                "HTTP requests and connections refused by the web config: unauthorized, rate_limited, client_certificate, tls_handshake",
+                &["reason"],
+            )?,
             registry,
         };
+        for reason in REFUSED_REASONS {
+            metrics.http_refused.with_label_values(&[reason]);
+        }
         let process = prometheus::process_collector::ProcessCollector::for_self();
         metrics
             .registry

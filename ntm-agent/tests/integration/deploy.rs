@@ -40,6 +40,14 @@ pub fn systemd_unit_verifies() {
         std::fs::write(&unit, text).unwrap();
         units.push(unit.to_string_lossy().into_owned());
     }
+    // With the web config's drop-in, as installed.
+    let drop_in = dir.0.join("ntm.service.d");
+    std::fs::create_dir_all(&drop_in).unwrap();
+    std::fs::copy(
+        std::path::Path::new(UNIT).with_file_name("ntm-web-config.conf"),
+        drop_in.join("web-config.conf"),
+    )
+    .unwrap();
     let out = std::process::Command::new("systemd-analyze")
         .arg("verify")
         .args(&units)

@@ -25,6 +25,7 @@ mod privileges;
 mod prometheus;
 mod restart;
 mod traffic;
+mod web;
 
 use kit::Needs;
 use libtest_mimic::{Arguments, Trial};
@@ -39,6 +40,8 @@ macro_rules! tests {
 /// Every test, with what it needs.
 const TESTS: &[(Needs, &str, fn())] = tests![
     Root: api::the_api_shows_devices_servers_services_and_interfaces_exactly,
+    Root: web::prometheus_scrapes_over_tls_with_a_client_certificate_and_basic_auth,
+    Root: web::a_bad_web_config_fails_at_start_with_nothing_attached,
     Root: bridge::every_frame_crossing_a_bridge_is_counted_once,
     Root: bridge::interfaces_absent_at_start_and_recreated_are_followed,
     Nothing: dashboard::dashboard_structure,

@@ -10,6 +10,7 @@ pub mod dhcp;
 pub mod dns;
 pub mod frames;
 pub mod scrape;
+pub mod tls;
 
 use std::{
     fs::File,

@@ -122,12 +122,18 @@ pub struct Prometheus {
 }
 
 pub fn start_prometheus(ns: &Netns, port: u16, target: u16) -> Prometheus {
+    start_prometheus_with(ns, port, target, "")
+}
+
+/// As [`start_prometheus`], with more of the scrape job's settings
+/// (`scheme`, `tls_config`, `basic_auth`: YAML indented by four spaces).
+pub fn start_prometheus_with(ns: &Netns, port: u16, target: u16, job: &str) -> Prometheus {
     let dir = TempDir::new(&format!("prom{port}"));
     let config = dir.0.join("prometheus.yml");
     std::fs::write(
         &config,
         format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ntm\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ntm\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n{job}"
         ),
     )
     .unwrap();
