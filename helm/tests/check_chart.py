@@ -187,13 +187,29 @@ check(
     not any(d["metadata"].get("annotations", {}).get("helm.sh/hook") for _, d in docs),
 )
 
-_, docs = render({"pinState": False})
+_, docs = render({"pinState": False, "stateDir": ""})
 pod, ctr = containers(docs)
 env = {e["name"]: e["value"] for e in ctr["env"]}
 check(
-    "pinState false: no bpffs, counting stops with the pod",
-    env.get("NTM_NO_PIN") == "true" and "volumes" not in pod and "volumeMounts" not in ctr,
+    "pinState false, stateDir empty: no bpffs, no history on the node",
+    env.get("NTM_NO_PIN") == "true"
+    and env.get("NTM_NO_HISTORY") == "true"
+    and "volumes" not in pod
+    and "volumeMounts" not in ctr,
     env,
+)
+
+_, docs = render({})
+pod, ctr = containers(docs)
+env = {e["name"]: e["value"] for e in ctr["env"]}
+mounts = {m["name"]: m["mountPath"] for m in ctr.get("volumeMounts", [])}
+volumes = {v["name"]: v.get("hostPath", {}) for v in pod.get("volumes", [])}
+check(
+    "history in the node's /var/lib/ntm by default",
+    env.get("NTM_STATE_DIR") == "/var/lib/ntm"
+    and mounts.get("state") == "/var/lib/ntm"
+    and volumes.get("state") == {"path": "/var/lib/ntm", "type": "DirectoryOrCreate"},
+    (env, mounts, volumes),
 )
 
 _, docs = render(

@@ -74,6 +74,8 @@ pub struct Config {
     #[command(flatten)]
     pub http: HttpArgs,
     #[command(flatten)]
+    pub history: HistoryArgs,
+    #[command(flatten)]
     pub privileges: PrivilegeArgs,
 }
 
@@ -330,6 +332,105 @@ pub struct DatapathArgs {
     pub no_pin: bool,
 }
 
+/// The history database.
+#[derive(Clone, Debug, clap::Args)]
+#[command(next_help_heading = "History")]
+pub struct HistoryArgs {
+    /// Where ntm keeps its state: the history database (history.db), one
+    /// agent per folder.
+    #[arg(
+        long = "state-dir",
+        env = "NTM_STATE_DIR",
+        default_value = "/var/lib/ntm"
+    )]
+    pub state_dir: PathBuf,
+
+    /// Keep the history in memory only (lost at each restart).
+    #[arg(long = "no-history", env = "NTM_NO_HISTORY")]
+    pub no_history: bool,
+
+    /// How often the history is committed to disk: a kill -9 loses at most
+    /// this much of it (SIGTERM loses nothing).
+    #[arg(long = "history-commit-interval", env = "NTM_HISTORY_COMMIT_INTERVAL",
+          default_value = "10s", value_parser = parse_duration)]
+    pub commit_interval: Duration,
+
+    /// How long the minute, hour and day totals are kept.
+    #[arg(long = "history-keep", env = "NTM_HISTORY_KEEP", value_name = "MINUTES,HOURS,DAYS",
+          default_value = "48h,90d,5y", value_parser = parse_history_keep)]
+    pub keep: (Duration, Duration, Duration),
+
+    /// The largest the history database may grow (K, M or G bytes); past
+    /// it, the oldest minutes go first, then hours, then days.
+    #[arg(long = "history-max-size", env = "NTM_HISTORY_MAX_SIZE",
+          default_value = "256M", value_parser = parse_size)]
+    pub max_size: u64,
+}
+
+/// `48h,90d,5y`: the minute, hour and day tiers' retention. The minutes
+/// must cover a day (today's totals come from them) and the days a
+/// period (62 days).
+pub fn parse_history_keep(text: &str) -> Result<(Duration, Duration, Duration), String> {
+    let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+    let [minutes, hours, days] = parts[..] else {
+        return Err(format!(
+            "{text:?}: give three durations, for minutes, hours and days, like 48h,90d,5y"
+        ));
+    };
+    let long = |part: &str| -> Result<Duration, String> {
+        let (number, unit) = part.split_at(
+            part.find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(part.len()),
+        );
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("{part:?} is not a duration like 48h, 90d or 5y"))?;
+        match unit {
+            "h" => Ok(Duration::from_secs(n * 3600)),
+            "d" => Ok(Duration::from_secs(n * 86_400)),
+            "y" => Ok(Duration::from_secs(n * 366 * 86_400)),
+            _ => Err(format!("{part:?}: use h, d or y")),
+        }
+    };
+    let (minutes, hours, days) = (long(minutes)?, long(hours)?, long(days)?);
+    if minutes < Duration::from_secs(25 * 3600) {
+        return Err("keep minutes for at least 25h (today's totals come from them)".into());
+    }
+    if hours < minutes {
+        return Err("keep hours at least as long as minutes".into());
+    }
+    if days < Duration::from_secs(62 * 86_400) || days < hours {
+        return Err("keep days for at least 62d, and at least as long as hours (period totals come from them)".into());
+    }
+    Ok((minutes, hours, days))
+}
+
+/// `256M`: bytes, with K, M or G (powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 64M or 1G"))?;
+    let shift = match unit.trim_end_matches(['B', 'i']) {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => return Err(format!("{text:?}: use K, M or G")),
+    };
+    let bytes = n
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))?;
+    if bytes < 1 << 20 {
+        return Err("the history needs at least 1M".into());
+    }
+    Ok(bytes)
+}
+
 /// The endpoint.
 #[derive(Clone, Debug, clap::Args)]
 #[command(next_help_heading = "HTTP")]
@@ -497,6 +598,16 @@ impl Config {
             series_ttl: self.series.series_ttl,
             drain_interval: self.datapath.drain_interval,
             flow_table_capacity: self.datapath.flow_table_size,
+            history: crate::export::history::HistoryOptions {
+                state_dir: (!self.history.no_history).then(|| self.history.state_dir.clone()),
+                retention: crate::export::history::Retention {
+                    minutes: self.history.keep.0,
+                    hours: self.history.keep.1,
+                    days: self.history.keep.2,
+                    max_bytes: self.history.max_size,
+                },
+                commit_interval: self.history.commit_interval,
+            },
             names: NameOptions {
                 upstream: if self.names.numeric {
                     None

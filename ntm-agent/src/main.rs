@@ -117,6 +117,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
         kernel
             .hand_pins_to(user.uid, user.gid)
             .context("ntm could not give its pinned state to --user")?;
+        if !config.history.no_history {
+            ntm_agent::export::history::hand_state_dir_to(
+                &config.history.state_dir,
+                user.uid,
+                user.gid,
+            )
+            .context("ntm could not give its --state-dir to --user")?;
+        }
         privileges::drop_to(user).context("ntm could not give up root")?;
         log::info!(
             "running as uid {} gid {} with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON only",
@@ -239,6 +247,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let last = kernel.shutdown().context("final drain")?;
     pipeline.process(&last, &labels, Instant::now());
     server.stop();
+    pipeline.finish();
     Ok(())
 }
 

@@ -27,6 +27,7 @@ use crate::{
         api::Api,
         budget::SeriesBudget,
         coverage::Coverage,
+        history::{self, History, HistoryOptions},
         http::Health,
         labels::{Label, Labeller, LocalNets, iface_label, service_name},
         live::LiveTraffic,
@@ -54,7 +55,16 @@ pub struct PipelineOptions {
     pub drain_interval: Duration,
     /// Reported as `<prefix>_flow_table_capacity`.
     pub flow_table_capacity: u32,
+    pub history: HistoryOptions,
     pub names: NameOptions,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("history: {0}")]
+    History(#[from] crate::export::history::store::StoreError),
 }
 
 /// Reads the neighbour table (IP address to MAC); None when it could not.
@@ -86,6 +96,7 @@ pub struct Pipeline {
     coverage: Coverage,
     exposition: Exposition,
     live: Arc<RwLock<LiveTraffic>>,
+    history: History,
     /// Devices in the live view when their addresses were last filled in.
     live_devices_described: usize,
     flow_table_capacity: u32,
@@ -94,8 +105,13 @@ pub struct Pipeline {
 impl Pipeline {
     /// Builds every stage (and starts the reverse-DNS workers if names are
     /// wanted).
-    pub fn new(options: PipelineOptions, services: ServiceRegistry) -> Result<Self, MetricsError> {
+    pub fn new(options: PipelineOptions, services: ServiceRegistry) -> Result<Self, PipelineError> {
         let metrics = SelfMetrics::new(&options.prefix, options.flow_table_capacity)?;
+        let history = History::start(
+            &options.history,
+            metrics.history.clone(),
+            history::local_day_start,
+        )?;
         let labeller = Labeller {
             services,
             local: options.local.clone(),
@@ -144,6 +160,7 @@ impl Pipeline {
             coverage,
             exposition,
             live,
+            history,
             live_devices_described: 0,
             flow_table_capacity: options.flow_table_capacity,
         })
@@ -293,7 +310,11 @@ impl Pipeline {
         status.waiting_flows = self.pending.len();
         status.drains += 1;
         status.last_drain = Some(std::time::SystemTime::now());
+        // What the history has not been given yet, for its next commit.
+        let unsent = live.take_unsent();
         drop(live);
+        self.history
+            .add(history::minute_of(std::time::SystemTime::now()), unsent);
         self.update_host_info();
     }
 
@@ -356,8 +377,14 @@ impl Pipeline {
     pub fn api(&self, health: Health) -> Api {
         Api {
             live: Arc::clone(&self.live),
+            history: self.history.reader(),
             health,
         }
+    }
+
+    /// Commits the history (after the last drain went through).
+    pub fn finish(self) {
+        self.history.stop();
     }
 
     pub fn series_count(&self) -> usize {
@@ -385,6 +412,11 @@ mod tests {
                 max_series,
                 series_ttl: ttl,
                 drain_interval: Duration::from_secs(1),
+                history: HistoryOptions {
+                    state_dir: None,
+                    retention: Default::default(),
+                    commit_interval: Duration::from_secs(10),
+                },
                 flow_table_capacity: 1024,
                 names: NameOptions::addresses_only(),
             },

@@ -462,6 +462,8 @@ fn task(command: Task) -> Result<()> {
                 "restart",
                 "--bench",
                 "flows",
+                "--bench",
+                "history",
             ]))
         }
         Task::Clippy => {

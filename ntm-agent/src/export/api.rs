@@ -9,7 +9,7 @@
 //! second averaged over that window).
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, RwLock},
     time::{Instant, SystemTime},
 };
@@ -17,6 +17,7 @@ use std::{
 use serde::Serialize;
 
 use super::{
+    history::{HistoryReader, Tier},
     http::Health,
     live::{Kind, LiveTraffic, Row},
 };
@@ -36,12 +37,17 @@ pub enum ApiError {
     NoSuchDevice(String),
     #[error("unknown parameter {0:?}")]
     UnknownParameter(String),
+    #[error("{0}")]
+    BadHistoryQuery(String),
+    #[error("the history cannot be read now: {0}")]
+    HistoryUnavailable(String),
 }
 
 impl ApiError {
     pub fn status(&self) -> u16 {
         match self {
             ApiError::NoSuchDevice(_) => 404,
+            ApiError::HistoryUnavailable(_) => 503,
             _ => 400,
         }
     }
@@ -62,6 +68,7 @@ struct ErrorBody {
 #[derive(Clone)]
 pub struct Api {
     pub live: Arc<RwLock<LiveTraffic>>,
+    pub history: HistoryReader,
     pub health: Health,
 }
 
@@ -150,6 +157,60 @@ struct Status {
     waiting_flows: usize,
     drains: u64,
     last_drain: Option<u64>,
+    /// Whether the history is kept on disk (false: in memory, see the log).
+    history_persistent: bool,
+    /// Buckets of counts waiting for the history's next commit.
+    history_uncommitted: usize,
+}
+
+#[derive(Serialize)]
+struct Counted {
+    bytes: u64,
+    packets: u64,
+}
+
+/// One step of a history: download and upload (rx and tx for an
+/// interface), from its start for `step` seconds.
+#[derive(Serialize)]
+struct Point {
+    start: i64,
+    #[serde(flatten)]
+    ways: BTreeMap<&'static str, Counted>,
+}
+
+#[derive(Serialize)]
+struct HistoryDoc {
+    kind: &'static str,
+    name: String,
+    from: i64,
+    to: i64,
+    step: i64,
+    /// Whether the history is kept on disk (false: this run only).
+    persistent: bool,
+    points: Vec<Point>,
+}
+
+/// Points a history answer has at most.
+pub const MAX_POINTS: i64 = 10_000;
+
+fn kind_of(name: &str) -> Option<(Kind, &'static str)> {
+    Some(match name {
+        "devices" => (Kind::Devices, "devices"),
+        "servers" => (Kind::Servers, "servers"),
+        "services" => (Kind::Services, "services"),
+        "interfaces" => (Kind::Interfaces, "interfaces"),
+        _ => return None,
+    })
+}
+
+/// The names of the two ways in JSON: an interface's hooks, or the local
+/// networks' download and upload.
+fn way_names(kind: Kind) -> [&'static str; 2] {
+    if kind == Kind::Interfaces {
+        ["rx", "tx"]
+    } else {
+        ["download", "upload"]
+    }
 }
 
 #[derive(Serialize)]
@@ -303,6 +364,102 @@ impl Api {
         Ok(Self::listing(&live, None, Interfaces { interfaces }))
     }
 
+    /// `GET /api/v1/history?kind=K&name=N[&from=T][&to=T][&step=S]`: one
+    /// subject's totals per step (seconds, a multiple of 60) from `from` to
+    /// `to` (Unix seconds; default the last 24 hours).
+    pub fn history(&self, query: &HashMap<String, String>) -> Result<String, ApiError> {
+        let bad = |m: String| ApiError::BadHistoryQuery(m);
+        let mut kind = None;
+        let mut name = None;
+        let now = unix_seconds(SystemTime::now()) as i64;
+        let (mut from, mut to, mut step) = (None, None, None);
+        for (key, value) in query {
+            let number = || {
+                value
+                    .parse::<i64>()
+                    .map_err(|_| bad(format!("{key} must be a whole number, not {value:?}")))
+            };
+            match key.as_str() {
+                "kind" => {
+                    kind = Some(kind_of(value).ok_or_else(|| {
+                        bad(format!(
+                            "kind must be devices, servers, services or interfaces, not {value:?}"
+                        ))
+                    })?)
+                }
+                "name" => name = Some(value.clone()),
+                "from" => from = Some(number()?),
+                "to" => to = Some(number()?),
+                "step" => step = Some(number()?),
+                _ => return Err(ApiError::UnknownParameter(key.clone())),
+            }
+        }
+        let (kind, kind_name) = kind.ok_or_else(|| bad("kind is missing".into()))?;
+        let name = name.ok_or_else(|| bad("name is missing".into()))?;
+        let to = to.unwrap_or(now);
+        let from = from.unwrap_or(to - 86_400);
+        if from >= to {
+            return Err(bad(format!("from ({from}) must be before to ({to})")));
+        }
+        let step = step.unwrap_or(match to - from {
+            span if span <= 2 * 86_400 => 60,
+            span if span <= 90 * 86_400 => 3600,
+            _ => 86_400,
+        });
+        if step < 60 || step % 60 != 0 {
+            return Err(bad(format!(
+                "step must be a multiple of 60 seconds, not {step}"
+            )));
+        }
+        if (to - from) / step > MAX_POINTS {
+            return Err(bad(format!(
+                "that is more than {MAX_POINTS} steps: choose a larger step or a shorter range"
+            )));
+        }
+        // The coarsest tier that divides the step (it is kept the longest);
+        // a bucket counts in the step its start falls in.
+        let tier = [Tier::Day, Tier::Hour, Tier::Minute]
+            .into_iter()
+            .find(|tier| step % tier.seconds() == 0)
+            .unwrap_or(Tier::Minute);
+        let series = self
+            .history
+            .series(kind, &name, tier, (from, to), step)
+            .map_err(|e| ApiError::HistoryUnavailable(e.to_string()))?;
+        let [first, second] = way_names(kind);
+        let points = series
+            .into_iter()
+            .map(|(start, totals)| Point {
+                start,
+                ways: BTreeMap::from([
+                    (
+                        first,
+                        Counted {
+                            bytes: totals[0].bytes,
+                            packets: totals[0].packets,
+                        },
+                    ),
+                    (
+                        second,
+                        Counted {
+                            bytes: totals[1].bytes,
+                            packets: totals[1].packets,
+                        },
+                    ),
+                ]),
+            })
+            .collect();
+        Ok(json(&HistoryDoc {
+            kind: kind_name,
+            name,
+            from,
+            to,
+            step,
+            persistent: self.history.persistent(),
+            points,
+        }))
+    }
+
     /// `GET /api/v1/status`: ntm's health.
     pub fn status(&self) -> String {
         let live = self.read();
@@ -329,6 +486,8 @@ impl Api {
             waiting_flows: status.waiting_flows,
             drains: status.drains,
             last_drain: status.last_drain.map(unix_seconds),
+            history_persistent: self.history.persistent(),
+            history_uncommitted: self.history.uncommitted(),
         })
     }
 }
@@ -375,8 +534,20 @@ mod tests {
         );
         let health = Health::default();
         health.set("eth0", true);
+        let metrics = crate::export::self_metrics::SelfMetrics::new("ntm", 1024).unwrap();
+        let history = crate::export::history::History::start(
+            &crate::export::history::HistoryOptions {
+                state_dir: None,
+                retention: Default::default(),
+                commit_interval: Duration::from_secs(60),
+            },
+            metrics.history.clone(),
+            crate::export::history::local_day_start,
+        )
+        .unwrap();
         Api {
             live: Arc::new(RwLock::new(live)),
+            history: history.reader(),
             health,
         }
     }

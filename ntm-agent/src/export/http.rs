@@ -387,7 +387,14 @@ fn api_routes(
 {
     type Query = std::collections::HashMap<String, String>;
     let query = || warp::query::<Query>();
-    let (a, b, c, d, e) = (api.clone(), api.clone(), api.clone(), api.clone(), api);
+    let (a, b, c, d, e, f) = (
+        api.clone(),
+        api.clone(),
+        api.clone(),
+        api.clone(),
+        api.clone(),
+        api,
+    );
     let devices = warp::path!("api" / "v1" / "devices")
         .and(query())
         .map(move |q: Query| json_reply(a.devices(&q)));
@@ -401,7 +408,17 @@ fn api_routes(
         .and(query())
         .map(move |q: Query| json_reply(d.interfaces(&q)));
     let status = warp::path!("api" / "v1" / "status").map(move || json_reply(Ok(e.status())));
-    warp::get().and(devices.or(servers).or(services).or(interfaces).or(status))
+    let history = warp::path!("api" / "v1" / "history")
+        .and(query())
+        .map(move |q: Query| json_reply(f.history(&q)));
+    warp::get().and(
+        devices
+            .or(servers)
+            .or(services)
+            .or(interfaces)
+            .or(status)
+            .or(history),
+    )
 }
 
 /// `/healthz` (open, for probes), and behind the web config's guard

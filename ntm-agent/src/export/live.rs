@@ -138,18 +138,62 @@ impl<T> Table<T> {
         }
     }
 
+    /// The name `name`'s counts go under: its own, or [`OTHER`] once the
+    /// table is full.
+    fn slot<'n>(&self, name: &'n str) -> &'n str {
+        if self.entries.len() >= self.max && !self.entries.contains_key(name) {
+            OTHER
+        } else {
+            name
+        }
+    }
+
     fn entry(&mut self, name: &str, new: impl FnOnce() -> T) -> &mut T {
+        let name = self.slot(name);
         // One lookup for the common case, a known name.
         if self.entries.contains_key(name) {
             return self.entries.get_mut(name).expect("just found");
         }
-        let name = if self.entries.len() >= self.max {
-            OTHER
-        } else {
-            name
-        };
         self.entries.entry(name.to_string()).or_insert_with(new)
     }
+}
+
+/// When counts arrive: the rate bucket and the time.
+#[derive(Clone, Copy)]
+struct Moment {
+    bucket: u64,
+    now: Instant,
+}
+
+/// Counts for the history, per kind and name.
+type Unsent = HashMap<(Kind, String), [Counters; 2]>;
+
+fn add_unsent(unsent: &mut Unsent, kind: Kind, name: &str, way: Way, delta: &Counters) {
+    match unsent.get_mut(&(kind, name.to_string())) {
+        Some(counts) => counts[way as usize].add(delta),
+        None => {
+            let mut counts = [Counters::default(); 2];
+            counts[way as usize].add(delta);
+            unsent.insert((kind, name.to_string()), counts);
+        }
+    }
+}
+
+/// Adds `delta` to `name`'s entry of a table (or its `other`), and to what
+/// the history has not been given yet.
+fn add_to(
+    (table, kind): (&mut Table<Traffic>, Kind),
+    unsent: &mut Unsent,
+    name: &str,
+    way: Way,
+    delta: &Counters,
+    at: Moment,
+) {
+    let name = table.slot(name);
+    table
+        .entry(name, || Traffic::new(at.now))
+        .add(way, delta, at.bucket, at.now);
+    add_unsent(unsent, kind, name, way, delta);
 }
 
 /// A local host: its traffic, and its own servers and services.
@@ -178,9 +222,10 @@ impl Device {
     }
 }
 
-/// Which table [`LiveTraffic::top`] lists.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which table: [`LiveTraffic::top`] lists one, the history keeps each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
+    Devices,
     Servers,
     Services,
     Interfaces,
@@ -219,6 +264,9 @@ pub struct LiveTraffic {
     servers: Table<Traffic>,
     services: Table<Traffic>,
     interfaces: Table<Traffic>,
+    /// Counts per entry since [`LiveTraffic::take_unsent`] last took them:
+    /// what the history has not been given yet.
+    unsent: HashMap<(Kind, String), [Counters; 2]>,
     pub status: Status,
 }
 
@@ -235,6 +283,7 @@ impl LiveTraffic {
             servers: Table::new(MAX_SERVERS),
             services: Table::new(MAX_SERVICES),
             interfaces: Table::new(MAX_INTERFACES),
+            unsent: HashMap::new(),
             status: Status::default(),
         }
     }
@@ -255,17 +304,33 @@ impl LiveTraffic {
         delta: &Counters,
         now: Instant,
     ) {
-        let bucket = self.bucket_of(now);
-        self.add_interface(iface, key.direction, delta, bucket, now);
+        let at = Moment {
+            bucket: self.bucket_of(now),
+            now,
+        };
+        self.add_interface(iface, key.direction, delta, at);
+        let Self {
+            local,
+            devices,
+            servers,
+            services,
+            unsent,
+            ..
+        } = self;
         let (Some(src_ip), Some(dst_ip)) = (key.src_addr(), key.dst_addr()) else {
             // Not IP (ARP, say): a service of the interface, no hosts.
-            self.services
-                .entry(service, || Traffic::new(now))
-                .add(Way::In, delta, bucket, now);
+            add_to(
+                (services, Kind::Services),
+                unsent,
+                service,
+                Way::In,
+                delta,
+                at,
+            );
             return;
         };
-        let src_local = self.local.contains(src_ip);
-        let dst_local = self.local.contains(dst_ip);
+        let src_local = local.contains(src_ip);
+        let dst_local = local.contains(dst_ip);
         let name = |label: &str, ip: IpAddr| {
             if label.is_empty() {
                 ip.to_string()
@@ -276,9 +341,7 @@ impl LiveTraffic {
         let (src_name, dst_name) = (name(src, src_ip), name(dst, dst_ip));
         // Into the local networks is a download, anything else an upload.
         let way = if dst_local { Way::In } else { Way::Out };
-        self.services
-            .entry(service, || Traffic::new(now))
-            .add(way, delta, bucket, now);
+        add_to((services, Kind::Services), unsent, service, way, delta, at);
         // The remote side, when exactly one side is local.
         let server = match (src_local, dst_local) {
             (false, true) => Some(src_name.as_str()),
@@ -286,28 +349,28 @@ impl LiveTraffic {
             _ => None,
         };
         if let Some(server) = server {
-            self.servers
-                .entry(server, || Traffic::new(now))
-                .add(way, delta, bucket, now);
+            add_to((servers, Kind::Servers), unsent, server, way, delta, at);
         }
-        for (local, device, device_way) in [
+        for (is_local, device, device_way) in [
             (src_local, &src_name, Way::Out),
             (dst_local, &dst_name, Way::In),
         ] {
-            if !local {
+            if !is_local {
                 continue;
             }
-            let device = self.devices.entry(device, || Device::new(now));
-            device.traffic.add(device_way, delta, bucket, now);
+            let slot = devices.slot(device);
+            add_unsent(unsent, Kind::Devices, slot, device_way, delta);
+            let device = devices.entry(slot, || Device::new(now));
+            device.traffic.add(device_way, delta, at.bucket, now);
             device
                 .services
                 .entry(service, || Traffic::new(now))
-                .add(device_way, delta, bucket, now);
+                .add(device_way, delta, at.bucket, now);
             if let Some(server) = server {
                 device
                     .servers
                     .entry(server, || Traffic::new(now))
-                    .add(device_way, delta, bucket, now);
+                    .add(device_way, delta, at.bucket, now);
             }
         }
     }
@@ -321,26 +384,33 @@ impl LiveTraffic {
         delta: &Counters,
         now: Instant,
     ) {
-        let bucket = self.bucket_of(now);
-        self.add_interface(iface, direction as u8, delta, bucket, now);
+        let at = Moment {
+            bucket: self.bucket_of(now),
+            now,
+        };
+        self.add_interface(iface, direction as u8, delta, at);
     }
 
-    fn add_interface(
-        &mut self,
-        iface: &str,
-        direction: u8,
-        delta: &Counters,
-        bucket: u64,
-        now: Instant,
-    ) {
+    fn add_interface(&mut self, iface: &str, direction: u8, delta: &Counters, at: Moment) {
         let way = if direction == Direction::Egress as u8 {
             Way::Out
         } else {
             Way::In
         };
-        self.interfaces
-            .entry(iface, || Traffic::new(now))
-            .add(way, delta, bucket, now);
+        add_to(
+            (&mut self.interfaces, Kind::Interfaces),
+            &mut self.unsent,
+            iface,
+            way,
+            delta,
+            at,
+        );
+    }
+
+    /// The counts per kind and name since the last call: the history's
+    /// share of what was added.
+    pub fn take_unsent(&mut self) -> Unsent {
+        std::mem::take(&mut self.unsent)
     }
 
     /// The addresses, MAC and name source of the devices, from the hosts
@@ -436,6 +506,14 @@ impl LiveTraffic {
     ) -> Option<Vec<Row>> {
         let now_bucket = self.bucket_of(now);
         let table = match (kind, device) {
+            (Kind::Devices, _) => {
+                let rows = self
+                    .devices(now, limit)
+                    .into_iter()
+                    .map(|(row, _)| row)
+                    .collect();
+                return Some(rows);
+            }
             (Kind::Servers, None) => &self.servers,
             (Kind::Services, None) => &self.services,
             (Kind::Interfaces, _) => &self.interfaces,

@@ -12,12 +12,15 @@
 //! - [`coverage`]: the self-check against the kernel's interface counters;
 //! - [`live`] and [`api`]: what the page and the JSON API show now, per
 //!   device, server, service and interface;
+//! - [`history`]: the same counts per minute, hour and day in SQLite,
+//!   across restarts;
 //! - [`http`]: `/metrics`, `/healthz` and the API, secured as
 //!   [`web_config`] says.
 
 pub mod api;
 pub mod budget;
 pub mod coverage;
+pub mod history;
 pub mod http;
 pub mod labels;
 pub mod live;

@@ -66,6 +66,9 @@ pub struct SelfMetrics {
     /// or wrong basic auth), `rate_limited`, `client_certificate` (a SAN
     /// not in client_allowed_sans), `tls_handshake`.
     pub http_refused: IntCounterVec,
+    /// `<prefix>_history_*`: whether the history is on disk, its commits,
+    /// its size, and what failing commits dropped.
+    pub history: crate::export::history::HistoryMetrics,
     /// The self-check: `<prefix>_interface_kernel_{packets,bytes}_total`,
     /// `_counted_packets_total` and `_coverage_ratio`, by iface and
     /// direction (see `coverage.rs`).
@@ -308,6 +311,25 @@ impl SelfMetrics {
                 "http_connection_errors_total",
                 "HTTP connections that ended in an error (client went away, bad request, header timeout)",
             )?,
+            history: crate::export::history::HistoryMetrics {
+                persistent: r.gauge(
+                    "history_persistent",
+                    "1 while the history is written to its database in --state-dir, 0 while it is kept in memory only (see the log)",
+                )?,
+                commits: r.counter_vec(
+                    "history_commits_total",
+                    "Commits of the history database, by result (ok, error)",
+                    &["result"],
+                )?,
+                database_bytes: r.gauge(
+                    "history_database_bytes",
+                    "Size of the history database (without its write-ahead log)",
+                )?,
+                lost: r.gauge(
+                    "history_lost_buckets",
+                    "Minute buckets of counts the history dropped because its commits kept failing",
+                )?,
+            },
             http_refused: r.counter_vec(
                 "http_requests_refused_total",
                 "HTTP requests and connections refused by the web config: unauthorized, rate_limited, client_certificate, tls_handshake",
@@ -315,6 +337,9 @@ impl SelfMetrics {
             )?,
             registry,
         };
+        for result in ["ok", "error"] {
+            metrics.history.commits.with_label_values(&[result]);
+        }
         for reason in REFUSED_REASONS {
             metrics.http_refused.with_label_values(&[reason]);
         }

@@ -17,6 +17,7 @@ mod filter_traffic;
 mod filters;
 mod frames;
 mod helm;
+mod history;
 mod image;
 mod links;
 mod names;
@@ -42,6 +43,8 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: api::the_api_shows_devices_servers_services_and_interfaces_exactly,
     Root: web::prometheus_scrapes_over_tls_with_a_client_certificate_and_basic_auth,
     Root: web::a_bad_web_config_fails_at_start_with_nothing_attached,
+    Root: history::totals_survive_a_restart_and_a_kill_9,
+    Root: history::a_damaged_newer_or_read_only_database_keeps_counting,
     Root: bridge::every_frame_crossing_a_bridge_is_counted_once,
     Root: bridge::interfaces_absent_at_start_and_recreated_are_followed,
     Nothing: dashboard::dashboard_structure,

@@ -68,6 +68,9 @@ pub fn sh(args: &[&str]) -> String {
 pub fn agent_in(ns: &Netns, names: bool) -> Command {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_ntm-agent")]);
+    // Each namespace's agents keep their history apart from every other
+    // test's (and from this machine's /var/lib/ntm); --state-dir wins.
+    cmd.env("NTM_STATE_DIR", ns.state_dir());
     if !names {
         cmd.arg("--numeric");
     }
@@ -104,6 +107,11 @@ impl Netns {
         ]);
         ns.exec(&["ip", "link", "set", "lo", "up"]);
         ns
+    }
+
+    /// Where agents in this namespace keep their state (removed with it).
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("ntm-state-{}", self.name))
     }
 
     pub fn exec(&self, args: &[&str]) -> String {
@@ -172,6 +180,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.state_dir());
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();

@@ -1,0 +1,272 @@
+//! `cargo xtask bench` (page and history part): the JSON API's response
+//! time with 1k and 10k series next to /metrics' for the same agent; the
+//! history database's bytes per day for 100 and 1,000 devices; the history
+//! writer's time per commit and per drain; a drain through the pipeline
+//! with the live view and the history, next to the series alone.
+//! Prints figures; asserts nothing.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use clap::Parser as _;
+use ntm_agent::{
+    config::Config,
+    export::{
+        history::{Batch, History, HistoryOptions, Tier, store::Store},
+        http::Health,
+        labels::{Cidr, LocalNets},
+        live::{Kind, LiveTraffic},
+        self_metrics::SelfMetrics,
+    },
+    kernel::drain::Drained,
+    pipeline::Pipeline,
+};
+use ntm_common::{Counters, FlowKey, family};
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn time(runs: usize, mut f: impl FnMut() -> usize) -> Duration {
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let started = Instant::now();
+        std::hint::black_box(f());
+        times.push(started.elapsed());
+    }
+    median(times)
+}
+
+/// `n` flows: devices 10.0.x.y, each to one of 64 servers, https.
+fn drained(n: u32) -> Drained {
+    let flows = (0..n)
+        .map(|i| {
+            let mut key = FlowKey {
+                family: family::IPV4,
+                proto: 6,
+                port: 443,
+                ifindex: 1,
+                ..Default::default()
+            };
+            key.src[..4].copy_from_slice(&(0x0a00_0000 | i).to_be_bytes());
+            key.dst[..4].copy_from_slice(&[93, 184, 216, (i % 64) as u8]);
+            (
+                key,
+                Counters {
+                    bytes: 1500,
+                    packets: 1,
+                },
+            )
+        })
+        .collect();
+    Drained {
+        flows,
+        ..Default::default()
+    }
+}
+
+fn pipeline(n: u32) -> Pipeline {
+    let max_series = (n + 1).to_string();
+    let config = Config::try_parse_from([
+        "ntm-agent",
+        "--numeric",
+        "--no-history",
+        "--local-net",
+        "10.0.0.0/8",
+        "--max-series",
+        &max_series,
+    ])
+    .expect("flags");
+    let services = config.services().expect("services");
+    Pipeline::new(config.pipeline(), services).expect("pipeline")
+}
+
+fn api_figures() {
+    println!(
+        "\npage API: response time (median of 20) with N series (N devices, 64 servers), next to /metrics of the same agent"
+    );
+    println!(
+        "{:>8} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10}",
+        "series", "/metrics", "devices", "servers", "services", "interfaces", "devices/metrics"
+    );
+    let interfaces = HashMap::from([(1, "eth0".to_string())]);
+    for n in [1_000u32, 10_000] {
+        let mut pipeline = pipeline(n);
+        pipeline.process(&drained(n), &interfaces, Instant::now());
+        let exposition = pipeline.exposition();
+        let api = pipeline.api(Health::default());
+        let none = HashMap::new();
+        let metrics = time(20, || exposition.encode().unwrap().len());
+        let devices = time(20, || api.devices(&none).unwrap().len());
+        let servers = time(20, || api.top(Kind::Servers, &none).unwrap().len());
+        let services = time(20, || api.top(Kind::Services, &none).unwrap().len());
+        let ifaces = time(20, || api.interfaces(&none).unwrap().len());
+        let ms = |d: Duration| format!("{:.2}ms", d.as_secs_f64() * 1e3);
+        println!(
+            "{:>8} {:>12} {:>12} {:>12} {:>12} {:>12} {:>9.2}x",
+            n,
+            ms(metrics),
+            ms(devices),
+            ms(servers),
+            ms(services),
+            ms(ifaces),
+            devices.as_secs_f64() / metrics.as_secs_f64()
+        );
+    }
+}
+
+fn drain_figures() {
+    println!(
+        "\ndrain: one drain of N flows through the whole pipeline, and the share of it the live view and the history hand-off take (median of 10)"
+    );
+    println!(
+        "{:>8} {:>14} {:>16} {:>8}",
+        "flows", "pipeline", "live + history", "share"
+    );
+    let interfaces = HashMap::from([(1, "eth0".to_string())]);
+    for n in [1_000u32, 10_000] {
+        let batch = drained(n);
+        let mut pipeline = pipeline(n);
+        pipeline.process(&batch, &interfaces, Instant::now());
+        let whole = time(10, || {
+            pipeline.process(&batch, &interfaces, Instant::now());
+            0
+        });
+        // The same flows into a live view and a history of their own.
+        let local = LocalNets(vec!["10.0.0.0/8".parse::<Cidr>().unwrap()]);
+        let mut live = LiveTraffic::new(local, Duration::from_secs(1), Instant::now());
+        let metrics = SelfMetrics::new("bench", 1024).unwrap();
+        let history = History::start(
+            &HistoryOptions {
+                state_dir: None,
+                retention: Default::default(),
+                commit_interval: Duration::from_secs(3600),
+            },
+            metrics.history.clone(),
+            utc_day,
+        )
+        .unwrap();
+        let names: Vec<(String, String)> = batch
+            .flows
+            .iter()
+            .map(|(k, _)| {
+                (
+                    k.src_addr().unwrap().to_string(),
+                    k.dst_addr().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let share = time(10, || {
+            let now = Instant::now();
+            for ((key, delta), (src, dst)) in batch.flows.iter().zip(&names) {
+                live.add_flow(key, "eth0", (src, dst), "https", delta, now);
+            }
+            history.add(0, live.take_unsent());
+            0
+        });
+        println!(
+            "{:>8} {:>12.2}ms {:>14.2}ms {:>7.0}%",
+            n,
+            whole.as_secs_f64() * 1e3,
+            share.as_secs_f64() * 1e3,
+            100.0 * share.as_secs_f64() / whole.as_secs_f64()
+        );
+        history.stop();
+    }
+}
+
+/// Local midnight is UTC midnight here: the figures do not depend on it.
+fn utc_day(t: i64) -> i64 {
+    t - t.rem_euclid(86_400)
+}
+
+fn database_figures() {
+    println!(
+        "\nhistory: a day of minutes (one commit a minute, as a drain every second with the default 10s commit would batch six), each device talking to one of its 10% servers, 5 services, 1 interface"
+    );
+    println!(
+        "{:>8} {:>14} {:>16} {:>16} {:>18}",
+        "devices", "bytes/day", "commit (median)", "per drain (1s)", "minutes, hours, days rows"
+    );
+    for devices in [100u32, 1_000] {
+        let dir = std::env::temp_dir().join(format!(
+            "ntm-bench-history-{}-{devices}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("history.db");
+        let mut store = Store::open(&path).expect("open");
+        let day0 = 1_764_633_600; // a midnight
+        let mut commits = Vec::new();
+        for minute in 0..1440i64 {
+            let t = day0 + 60 * minute;
+            let mut batch = Batch::new();
+            let c = |b: u64| {
+                [
+                    Counters {
+                        bytes: b,
+                        packets: b / 1000 + 1,
+                    },
+                    Counters {
+                        bytes: b / 10,
+                        packets: b / 1000 + 1,
+                    },
+                ]
+            };
+            for d in 0..devices {
+                batch.insert(
+                    (t, Kind::Devices, format!("device-{d}.home.arpa")),
+                    c(150_000),
+                );
+            }
+            for s in 0..(devices / 10).max(1) {
+                batch.insert(
+                    (t, Kind::Servers, format!("server-{s}.example.com")),
+                    c(1_500_000),
+                );
+            }
+            for service in ["https", "http", "dns", "quic", "ssh"] {
+                batch.insert((t, Kind::Services, service.to_string()), c(3_000_000));
+            }
+            batch.insert((t, Kind::Interfaces, "eth0".to_string()), c(15_000_000));
+            let started = Instant::now();
+            store.add(&batch, utc_day).expect("commit");
+            commits.push(started.elapsed());
+        }
+        store
+            .prune(
+                [(Tier::Minute, 0), (Tier::Hour, 0), (Tier::Day, 0)],
+                u64::MAX,
+            )
+            .unwrap();
+        drop(store);
+        // Fold the WAL into the file: its size is then the history's.
+        {
+            let db = rusqlite::Connection::open(&path).unwrap();
+            db.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+                .unwrap();
+        }
+        let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let subjects = devices + (devices / 10).max(1) + 6;
+        let commit = median(commits);
+        println!(
+            "{:>8} {:>12.1}MB {:>14.2}ms {:>14.3}ms {:>18}",
+            devices,
+            bytes as f64 / 1e6,
+            commit.as_secs_f64() * 1e3,
+            commit.as_secs_f64() * 1e3 / 60.0,
+            format!("{}, {}, {}", 1440 * subjects, 24 * subjects, subjects)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+fn main() {
+    api_figures();
+    drain_figures();
+    database_figures();
+}

@@ -1,0 +1,461 @@
+//! History that survives restarts: the totals of each device, server,
+//! service and interface, per minute, hour and day, in an SQLite database
+//! in `--state-dir` (see [`store`]; why SQLite: ARCHITECTURE.md).
+//!
+//! The pipeline hands each drain's counts per subject to [`History::add`]
+//! (a map insert under a lock: the drain never waits for the disk); a
+//! thread of its own commits them every `--history-commit-interval`, in one
+//! transaction, and prunes old buckets. A `kill -9` loses at most what was
+//! not committed yet; SIGTERM commits everything first.
+//!
+//! A database that cannot be used (corrupt, read-only, of a newer ntm,
+//! another agent's) is logged once and replaced by one in memory: the
+//! history of this run, with counting and `/metrics` untouched. A corrupt
+//! file is moved aside (never deleted) and a new one started; a commit
+//! that fails (disk full) keeps its counts for the next try.
+
+pub mod store;
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard, mpsc},
+    thread::JoinHandle,
+    time::{Duration, SystemTime},
+};
+
+use ntm_common::Counters;
+use prometheus::{IntCounterVec, IntGauge};
+
+use self::store::{Store, StoreError};
+use crate::export::live::Kind;
+
+/// A bucket's width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tier {
+    Minute = 0,
+    Hour = 1,
+    Day = 2,
+}
+
+impl Tier {
+    pub fn seconds(self) -> i64 {
+        match self {
+            Tier::Minute => 60,
+            Tier::Hour => 3600,
+            Tier::Day => 86_400,
+        }
+    }
+}
+
+/// Bytes and packets in, and out (see [`crate::export::live::Way`]).
+pub type Totals = [Counters; 2];
+
+/// Counts not in the database yet, by minute (Unix seconds), kind and
+/// subject.
+pub type Batch = HashMap<(i64, Kind, String), Totals>;
+
+/// Counts waiting for a commit, at most: past it (a disk that stays full
+/// for hours), the oldest minutes are dropped and counted as lost.
+const MAX_PENDING: usize = 1_000_000;
+
+/// How long each tier is kept, and how large the file may grow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retention {
+    pub minutes: Duration,
+    pub hours: Duration,
+    pub days: Duration,
+    pub max_bytes: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            minutes: Duration::from_secs(48 * 3600),
+            hours: Duration::from_secs(90 * 86_400),
+            days: Duration::from_secs(5 * 366 * 86_400),
+            max_bytes: 256 << 20,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct HistoryOptions {
+    /// Where the database lives (None: in memory only, `--no-history`).
+    pub state_dir: Option<PathBuf>,
+    pub retention: Retention,
+    pub commit_interval: Duration,
+}
+
+/// ntm's metrics of its history.
+#[derive(Clone)]
+pub struct HistoryMetrics {
+    /// 1 while the history is written to disk, 0 while in memory only.
+    pub persistent: IntGauge,
+    /// Commits by result (`ok`, `error`).
+    pub commits: IntCounterVec,
+    pub database_bytes: IntGauge,
+    /// Minute buckets of counts dropped because commits kept failing.
+    pub lost: IntGauge,
+}
+
+/// The file, and the lock that makes it this agent's.
+const DATABASE: &str = "history.db";
+const LOCK: &str = "history.lock";
+
+/// The database handle the writer and the API share, with what is not
+/// committed yet.
+pub struct History {
+    store: Arc<Mutex<Store>>,
+    pending: Arc<Mutex<Batch>>,
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    /// Where the database is (None: in memory).
+    pub path: Option<PathBuf>,
+    /// Held while the agent runs (the file lock goes with it).
+    _lock: Option<File>,
+}
+
+/// What can be read while the agent runs: the database and the counts
+/// waiting for the next commit.
+#[derive(Clone)]
+pub struct HistoryReader {
+    store: Arc<Mutex<Store>>,
+    pending: Arc<Mutex<Batch>>,
+    persistent: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Moves a damaged database (and its WAL) aside, so that nothing is
+/// deleted and a new one can start.
+fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
+    let stamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let aside = path.with_extension(format!("db.corrupt-{stamp}"));
+    std::fs::rename(path, &aside)?;
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(side));
+    }
+    Ok(aside)
+}
+
+/// Opens the database in `dir`, or says why not.
+fn open_in(dir: &Path) -> Result<(Store, File, PathBuf), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let lock_path = dir.join(LOCK);
+    let lock =
+        File::create(&lock_path).map_err(|e| format!("cannot write in {}: {e}", dir.display()))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(format!(
+                "another ntm agent writes the history in {}; give each agent its own --state-dir",
+                dir.display()
+            ));
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(format!("cannot lock {}: {e}", lock_path.display()));
+        }
+    }
+    let path = dir.join(DATABASE);
+    match Store::open(&path) {
+        Ok(store) => Ok((store, lock, path)),
+        Err(StoreError::Corrupt(..)) => {
+            let aside = move_aside(&path).map_err(|e| {
+                format!(
+                    "{} is damaged and cannot be moved aside: {e}",
+                    path.display()
+                )
+            })?;
+            log::warn!(
+                "history: {} was damaged; moved it to {} and started a new history",
+                path.display(),
+                aside.display()
+            );
+            let store = Store::open(&path).map_err(|e| e.to_string())?;
+            Ok((store, lock, path))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl History {
+    /// Opens the history (or one in memory, saying why) and starts its
+    /// writer. `day_start` gives the local midnight a minute is in.
+    pub fn start(
+        options: &HistoryOptions,
+        metrics: HistoryMetrics,
+        day_start: fn(i64) -> i64,
+    ) -> Result<Self, StoreError> {
+        let opened = match &options.state_dir {
+            Some(dir) => match open_in(dir) {
+                Ok(opened) => Some(opened),
+                Err(why) => {
+                    log::error!(
+                        "history: {why}; keeping this run's history in memory only (counting and /metrics are not affected)"
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        let (store, lock, path) = match opened {
+            Some((store, lock, path)) => (store, Some(lock), Some(path)),
+            None => (Store::in_memory()?, None, None),
+        };
+        metrics.persistent.set(i64::from(path.is_some()));
+        let store = Arc::new(Mutex::new(store));
+        let pending = Arc::new(Mutex::new(Batch::new()));
+        let (stop, stopped) = mpsc::channel();
+        let writer = Writer {
+            store: Arc::clone(&store),
+            pending: Arc::clone(&pending),
+            retention: options.retention.clone(),
+            metrics,
+            day_start,
+        };
+        let interval = options.commit_interval;
+        let thread = std::thread::Builder::new()
+            .name("ntm-history".into())
+            .spawn(move || writer.run(interval, stopped))
+            .map_err(|e| log::error!("history: cannot start its writer: {e}"))
+            .ok();
+        Ok(Self {
+            store,
+            pending,
+            stop: Some(stop),
+            thread,
+            path,
+            _lock: lock,
+        })
+    }
+
+    /// Counts of the minute starting at `minute` (Unix seconds), for the
+    /// next commit.
+    pub fn add(&self, minute: i64, counts: impl IntoIterator<Item = ((Kind, String), Totals)>) {
+        let mut pending = lock(&self.pending);
+        for ((kind, name), totals) in counts {
+            let entry = pending.entry((minute, kind, name)).or_default();
+            entry[0].add(&totals[0]);
+            entry[1].add(&totals[1]);
+        }
+    }
+
+    pub fn reader(&self) -> HistoryReader {
+        HistoryReader {
+            store: Arc::clone(&self.store),
+            pending: Arc::clone(&self.pending),
+            persistent: self.path.is_some(),
+        }
+    }
+
+    /// Commits what is pending and stops the writer.
+    pub fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl HistoryReader {
+    /// Whether the history is on disk (false: in memory, this run only).
+    pub fn persistent(&self) -> bool {
+        self.persistent
+    }
+
+    /// Buckets (minute and subject) waiting for a commit now.
+    pub fn uncommitted(&self) -> usize {
+        lock(&self.pending).len()
+    }
+
+    /// Each subject's totals of `kind` since `since` (Unix seconds), from
+    /// `tier`'s buckets and what waits for a commit; None if the database
+    /// could not be read (logged at debug: the caller says so).
+    pub fn totals_since(
+        &self,
+        kind: Kind,
+        tier: Tier,
+        since: i64,
+    ) -> Result<HashMap<String, Totals>, StoreError> {
+        let mut totals = lock(&self.store).totals_since(kind, tier, since)?;
+        let bucket_of = |minute: i64| minute - minute.rem_euclid(tier.seconds());
+        for ((minute, k, name), counts) in lock(&self.pending).iter() {
+            // A bucket that starts before `since` is not counted from the
+            // database either (days start at local midnight: `since` is one).
+            if *k == kind && (tier == Tier::Day || bucket_of(*minute) >= since) && *minute >= since
+            {
+                let entry = totals.entry(name.clone()).or_default();
+                entry[0].add(&counts[0]);
+                entry[1].add(&counts[1]);
+            }
+        }
+        Ok(totals)
+    }
+
+    /// One subject's totals from `from` to `to` in steps of `step` seconds,
+    /// from the finest tier that still holds `from` and divides `step`.
+    pub fn series(
+        &self,
+        kind: Kind,
+        name: &str,
+        tier: Tier,
+        range: (i64, i64),
+        step: i64,
+    ) -> Result<Vec<(i64, Totals)>, StoreError> {
+        let mut series: std::collections::BTreeMap<i64, Totals> = lock(&self.store)
+            .series(kind, name, tier, range, step)?
+            .into_iter()
+            .collect();
+        let (from, to) = range;
+        for ((minute, k, n), counts) in lock(&self.pending).iter() {
+            if *k == kind && n == name && (from..to).contains(minute) {
+                let start = minute - (minute - from).rem_euclid(step.max(1));
+                let entry = series.entry(start).or_default();
+                entry[0].add(&counts[0]);
+                entry[1].add(&counts[1]);
+            }
+        }
+        Ok(series.into_iter().collect())
+    }
+}
+
+/// Creates `dir` and gives it, with what is in it, to `uid`:`gid`, so
+/// that the history can be written after the agent gives up root.
+pub fn hand_state_dir_to(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+    for entry in std::fs::read_dir(dir)? {
+        std::os::unix::fs::chown(entry?.path(), Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
+
+/// The start (Unix seconds) of the local day that `t` is in, in the
+/// machine's time zone (`TZ`, else /etc/localtime; UTC where neither says).
+pub fn local_day_start(t: i64) -> i64 {
+    jiff::Timestamp::from_second(t)
+        .ok()
+        .and_then(|ts| {
+            ts.to_zoned_datetime(jiff::tz::TimeZone::system())
+                .start_of_day()
+                .ok()
+        })
+        .map_or(t - t.rem_euclid(86_400), |day| day.timestamp().as_second())
+}
+
+/// The minute (Unix seconds) `now` is in.
+pub fn minute_of(now: SystemTime) -> i64 {
+    let t = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    t - t.rem_euclid(60)
+}
+
+/// How often old buckets are pruned and the size cap is checked.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// The thread that commits.
+struct Writer {
+    store: Arc<Mutex<Store>>,
+    pending: Arc<Mutex<Batch>>,
+    retention: Retention,
+    metrics: HistoryMetrics,
+    day_start: fn(i64) -> i64,
+}
+
+impl Writer {
+    fn run(self, interval: Duration, stopped: mpsc::Receiver<()>) {
+        let mut last_prune: Option<std::time::Instant> = None;
+        let mut failing = false;
+        loop {
+            let stop = !matches!(
+                stopped.recv_timeout(interval),
+                Err(mpsc::RecvTimeoutError::Timeout)
+            );
+            failing = self.commit(failing);
+            if !stop && last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+                self.prune();
+                last_prune = Some(std::time::Instant::now());
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+
+    /// Commits the pending counts; on an error keeps them for the next
+    /// try. Returns whether it failed (logged once per run of failures).
+    fn commit(&self, failing: bool) -> bool {
+        let batch = std::mem::take(&mut *lock(&self.pending));
+        if batch.is_empty() {
+            return failing;
+        }
+        let result = lock(&self.store).add(&batch, self.day_start);
+        match result {
+            Ok(()) => {
+                self.metrics.commits.with_label_values(&["ok"]).inc();
+                if failing {
+                    log::info!("history: commits succeed again");
+                }
+                if let Ok(size) = lock(&self.store).size() {
+                    self.metrics.database_bytes.set(size as i64);
+                }
+                false
+            }
+            Err(e) => {
+                self.metrics.commits.with_label_values(&["error"]).inc();
+                if !failing {
+                    log::error!(
+                        "history: cannot commit ({e}); keeping the counts in memory and trying again (counting and /metrics are not affected)"
+                    );
+                }
+                let mut pending = lock(&self.pending);
+                for (key, counts) in batch {
+                    let entry = pending.entry(key).or_default();
+                    entry[0].add(&counts[0]);
+                    entry[1].add(&counts[1]);
+                }
+                if pending.len() > MAX_PENDING {
+                    let mut minutes: Vec<i64> = pending.keys().map(|k| k.0).collect();
+                    minutes.sort_unstable();
+                    let cut = minutes[pending.len() - MAX_PENDING];
+                    let before = pending.len();
+                    pending.retain(|k, _| k.0 > cut);
+                    self.metrics.lost.add((before - pending.len()) as i64);
+                }
+                true
+            }
+        }
+    }
+
+    fn prune(&self) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let r = &self.retention;
+        let keep_after = [
+            (Tier::Minute, now - r.minutes.as_secs() as i64),
+            (Tier::Hour, now - r.hours.as_secs() as i64),
+            (Tier::Day, now - r.days.as_secs() as i64),
+        ];
+        let result = lock(&self.store).prune(keep_after, r.max_bytes);
+        match result {
+            Ok(deleted) if deleted > 0 => log::debug!("history: pruned {deleted} old buckets"),
+            Ok(_) => {}
+            Err(e) => log::warn!("history: pruning: {e}"),
+        }
+    }
+}

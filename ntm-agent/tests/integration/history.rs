@@ -1,0 +1,234 @@
+//! The history database with real agents: totals survive a SIGTERM and a
+//! `kill -9` (once committed) exactly; the tiers agree; a damaged, newer
+//! or read-only database keeps the agent counting.
+
+use std::{
+    net::UdpSocket,
+    path::Path,
+    process::{Child, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use crate::kit::{
+    A4, B4, Link,
+    scrape::{Guard, TempDir, http_get, plain_value, sample_sum, wait_for, wait_healthy},
+};
+
+const PORT: u16 = 9450;
+
+fn start(link: &Link, state: &Path) -> Child {
+    crate::kit::agent_in(&link.a, false)
+        .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", &PORT.to_string()])
+        .args(["--local-net", "198.18.0.2/32", "--drain-interval", "200ms"])
+        .args(["--no-pin", "--history-commit-interval", "1s"])
+        .arg("--state-dir")
+        .arg(state)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// `count` datagrams of 100 bytes from the device (198.18.0.2) to the
+/// agent's host: its upload, in L3 bytes.
+fn upload(link: &Link, count: u64) -> (u64, u64) {
+    let sink = link.a.run(|| UdpSocket::bind((A4, 5300)).unwrap());
+    link.b.run(|| {
+        let socket = UdpSocket::bind((B4, 0)).unwrap();
+        for _ in 0..count {
+            socket.send_to(&[4; 100], (A4, 5300)).unwrap();
+        }
+    });
+    link.wait_quiet();
+    drop(sink);
+    (128 * count, count)
+}
+
+fn get_json(link: &Link, path: &str) -> Value {
+    let (status, body) = http_get(&link.a, PORT, path).unwrap_or_else(|| panic!("GET {path}"));
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The device's upload in the history of the last two hours, summed over
+/// steps of `step` seconds.
+fn history_upload(link: &Link, step: u64) -> (u64, u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let from = now - now % 3600 - 3600;
+    let doc = get_json(
+        link,
+        &format!(
+            "/api/v1/history?kind=devices&name=198.18.0.2&from={from}&to={}&step={step}",
+            now + 60
+        ),
+    );
+    doc["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .fold((0, 0), |acc, p| {
+            (
+                acc.0 + p["upload"]["bytes"].as_u64().unwrap(),
+                acc.1 + p["upload"]["packets"].as_u64().unwrap(),
+            )
+        })
+}
+
+/// What the live view says the device uploaded since this agent started.
+fn live_upload(link: &Link) -> Option<(u64, u64)> {
+    let doc = get_json(link, "/api/v1/devices");
+    let device = doc["devices"]
+        .as_array()?
+        .iter()
+        .find(|d| d["name"] == "198.18.0.2")?
+        .clone();
+    Some((
+        device["upload"]["bytes"].as_u64()?,
+        device["upload"]["packets"].as_u64()?,
+    ))
+}
+
+fn commits(link: &Link) -> u64 {
+    let metrics = http_get(&link.a, PORT, "/metrics").unwrap().1;
+    sample_sum(&metrics, "ntm_history_commits_total", &[r#"result="ok""#])
+}
+
+fn add(a: (u64, u64), b: (u64, u64)) -> (u64, u64) {
+    (a.0 + b.0, a.1 + b.1)
+}
+
+pub fn totals_survive_a_restart_and_a_kill_9() {
+    let link = Link::new("hist");
+    let state = TempDir::new("hist");
+
+    // First run, stopped with SIGTERM: everything is committed at the stop.
+    let mut agent = Guard(start(&link, &state.0));
+    wait_healthy(&link.a, PORT);
+    let first = upload(&link, 300);
+    wait_for("the first upload, live", Duration::from_secs(20), || {
+        live_upload(&link).filter(|u| *u == first)
+    });
+    assert_eq!(
+        history_upload(&link, 60),
+        first,
+        "pending counts are in the answer"
+    );
+    crate::kit::sh(&["kill", "-TERM", &agent.0.id().to_string()]);
+    agent.0.wait().unwrap();
+    assert!(state.0.join("history.db").exists());
+
+    // Second run: the history has the first run's totals, exactly.
+    let mut agent = Guard(start(&link, &state.0));
+    wait_healthy(&link.a, PORT);
+    assert_eq!(history_upload(&link, 60), first);
+    let second = upload(&link, 200);
+    wait_for("the second upload, live", Duration::from_secs(20), || {
+        live_upload(&link).filter(|u| *u == second)
+    });
+    // Nothing waits for a commit: the counts are in the file.
+    wait_for("the commit", Duration::from_secs(10), || {
+        (get_json(&link, "/api/v1/status")["history_uncommitted"] == 0).then_some(())
+    });
+    assert!(commits(&link) >= 1);
+    agent.0.kill().unwrap();
+    agent.0.wait().unwrap();
+
+    // Third run, after a kill -9: what was committed is there, exactly, in
+    // every tier (sums of minutes equal the hours they are in).
+    let _agent = Guard(start(&link, &state.0));
+    wait_healthy(&link.a, PORT);
+    let both = add(first, second);
+    assert_eq!(history_upload(&link, 60), both);
+    assert_eq!(history_upload(&link, 3600), both);
+    let status = get_json(&link, "/api/v1/history?kind=devices&name=198.18.0.2");
+    assert_eq!(status["persistent"], true);
+    let metrics = http_get(&link.a, PORT, "/metrics").unwrap().1;
+    assert_eq!(plain_value(&metrics, "ntm_history_persistent"), 1);
+}
+
+/// Each broken state directory: the agent counts exactly all the same,
+/// says so on /metrics, and deletes nothing.
+pub fn a_damaged_newer_or_read_only_database_keeps_counting() {
+    let link = Link::new("histbad");
+    let dir = TempDir::new("histbad");
+
+    // Damaged: moved aside (its bytes kept), a new history started.
+    let damaged = dir.0.join("damaged");
+    std::fs::create_dir_all(&damaged).unwrap();
+    let garbage = vec![0x5a; 16_384];
+    std::fs::write(damaged.join("history.db"), &garbage).unwrap();
+    check_counting(&link, &damaged, 1);
+    let aside: Vec<_> = std::fs::read_dir(&damaged)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("history.db.corrupt-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "moved aside once");
+    assert_eq!(std::fs::read(aside[0].path()).unwrap(), garbage);
+
+    // Written by a newer ntm: left alone, this run's history in memory.
+    let newer = dir.0.join("newer");
+    std::fs::create_dir_all(&newer).unwrap();
+    {
+        let db = rusqlite::Connection::open(newer.join("history.db")).unwrap();
+        db.pragma_update(None, "user_version", 99).unwrap();
+        db.execute_batch("CREATE TABLE future (x)").unwrap();
+    }
+    let before = std::fs::read(newer.join("history.db")).unwrap();
+    check_counting(&link, &newer, 0);
+    assert_eq!(std::fs::read(newer.join("history.db")).unwrap(), before);
+
+    // A read-only file system (root ignores file modes, a mount does not).
+    let read_only = dir.0.join("read-only");
+    std::fs::create_dir_all(&read_only).unwrap();
+    crate::kit::sh(&[
+        "mount",
+        "-t",
+        "tmpfs",
+        "-o",
+        "ro,size=1m",
+        "ntm-test",
+        &read_only.to_string_lossy(),
+    ]);
+    check_counting(&link, &read_only, 0);
+    crate::kit::sh(&["umount", &read_only.to_string_lossy()]);
+}
+
+/// Starts an agent on `state`, checks that it counts the device's upload
+/// exactly and that `ntm_history_persistent` is `persistent`, stops it.
+fn check_counting(link: &Link, state: &Path, persistent: u64) {
+    let mut agent = Guard(start(link, state));
+    wait_healthy(&link.a, PORT);
+    let sent = upload(link, 50);
+    wait_for("the upload, live", Duration::from_secs(20), || {
+        live_upload(link).filter(|u| *u == sent)
+    });
+    let metrics = http_get(&link.a, PORT, "/metrics").unwrap().1;
+    assert_eq!(
+        sample_sum(
+            &metrics,
+            "ntm_bytes_total",
+            &[r#"src="198.18.0.2""#, r#"proto="udp""#]
+        ),
+        sent.0
+    );
+    assert_eq!(
+        plain_value(&metrics, "ntm_history_persistent"),
+        persistent,
+        "{}",
+        state.display()
+    );
+    // This run's history answers either way.
+    assert_eq!(history_upload(link, 60), sent);
+    crate::kit::sh(&["kill", "-TERM", &agent.0.id().to_string()]);
+    agent.0.wait().unwrap();
+}
