@@ -365,6 +365,18 @@ pub struct HistoryArgs {
     #[arg(long = "history-max-size", env = "NTM_HISTORY_MAX_SIZE",
           default_value = "256M", value_parser = parse_size)]
     pub max_size: u64,
+
+    /// The day of the month billing periods start on (1 to 28), for the
+    /// "month" totals and quotas (as vnstat's MonthRotate).
+    #[arg(long = "period-start-day", env = "NTM_PERIOD_START_DAY", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=crate::export::history::periods::MAX_START_DAY as i64))]
+    pub period_start_day: u8,
+
+    /// A data cap per interface: IFACE=SIZE[/day|week|month] (month: the
+    /// billing period), e.g. wwan0=50G/month; SIZE in bytes with k, M, G, T
+    /// (powers of 1000) or Ki, Mi, Gi, Ti. Exported as <prefix>_quota_used_ratio.
+    #[arg(long = "quota", env = "NTM_QUOTAS", value_delimiter = ',')]
+    pub quotas: Vec<crate::export::history::Quota>,
 }
 
 /// `48h,90d,5y`: the minute, hour and day tiers' retention. The minutes
@@ -607,6 +619,9 @@ impl Config {
                     max_bytes: self.history.max_size,
                 },
                 commit_interval: self.history.commit_interval,
+                period_start_day: self.history.period_start_day,
+                quotas: self.history.quotas.clone(),
+                max_period_devices: self.series.max_series as usize,
             },
             names: NameOptions {
                 upstream: if self.names.numeric {

@@ -17,7 +17,7 @@ use std::{
 use serde::Serialize;
 
 use super::{
-    history::{HistoryReader, Tier},
+    history::{HistoryReader, Tier, periods::Period},
     http::Health,
     live::{Kind, LiveTraffic, Row},
 };
@@ -88,10 +88,18 @@ struct Traffic {
     upload: Way,
 }
 
+/// Totals per period (`day`, `week`, `month`: the billing period), each
+/// way, from the history.
+type PeriodDoc = BTreeMap<&'static str, BTreeMap<&'static str, Counted>>;
+
 #[derive(Serialize)]
 struct Device {
     #[serde(flatten)]
     traffic: Traffic,
+    /// Today, this week and this billing period (absent when the history
+    /// cannot be read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    periods: Option<PeriodDoc>,
     addresses: Vec<String>,
     mac: Option<String>,
     /// The rung of the naming ladder the name came from.
@@ -101,6 +109,8 @@ struct Device {
 #[derive(Serialize)]
 struct Interface {
     name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    periods: Option<PeriodDoc>,
     /// Whether ntm counts on it now (None: traffic counted on it earlier,
     /// or on a port of it, but it is not one of the requested interfaces).
     attached: Option<bool>,
@@ -163,7 +173,7 @@ struct Status {
     history_uncommitted: usize,
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Serialize)]
 struct Counted {
     bytes: u64,
     packets: u64,
@@ -276,6 +286,72 @@ impl Query {
     }
 }
 
+/// Each subject's period totals of `kind`, as JSON (None: the history
+/// cannot be read now; the rest of the answer stands).
+fn periods_of(history: &HistoryReader, kind: Kind) -> Option<HashMap<String, PeriodDoc>> {
+    let now = unix_seconds(SystemTime::now()) as i64;
+    let [first, second] = way_names(kind);
+    let mut docs: HashMap<String, PeriodDoc> = HashMap::new();
+    for period in Period::ALL {
+        let totals = history
+            .period_totals(kind, period, now)
+            .map_err(|e| log::debug!("API: period totals: {e}"))
+            .ok()?;
+        for (name, t) in totals {
+            let ways = BTreeMap::from([
+                (
+                    first,
+                    Counted {
+                        bytes: t[0].bytes,
+                        packets: t[0].packets,
+                    },
+                ),
+                (
+                    second,
+                    Counted {
+                        bytes: t[1].bytes,
+                        packets: t[1].packets,
+                    },
+                ),
+            ]);
+            docs.entry(name).or_default().insert(period.as_str(), ways);
+        }
+    }
+    Some(docs)
+}
+
+/// A subject's periods, zero where it had no traffic.
+fn periods_for(
+    docs: &Option<HashMap<String, PeriodDoc>>,
+    name: &str,
+    kind: Kind,
+) -> Option<PeriodDoc> {
+    let docs = docs.as_ref()?;
+    let [first, second] = way_names(kind);
+    let mut doc = docs.get(name).cloned().unwrap_or_default();
+    for period in Period::ALL {
+        doc.entry(period.as_str()).or_insert_with(|| {
+            BTreeMap::from([
+                (
+                    first,
+                    Counted {
+                        bytes: 0,
+                        packets: 0,
+                    },
+                ),
+                (
+                    second,
+                    Counted {
+                        bytes: 0,
+                        packets: 0,
+                    },
+                ),
+            ])
+        });
+    }
+    Some(doc)
+}
+
 impl Api {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, LiveTraffic> {
         self.live.read().unwrap_or_else(|e| e.into_inner())
@@ -293,11 +369,13 @@ impl Api {
     /// `GET /api/v1/devices[?limit=N]`: local hosts, busiest first.
     pub fn devices(&self, query: &HashMap<String, String>) -> Result<String, ApiError> {
         let query = Query::parse(query, false)?;
+        let periods = periods_of(&self.history, Kind::Devices);
         let live = self.read();
         let devices = live
             .devices(Instant::now(), query.limit)
             .into_iter()
             .map(|(row, device)| Device {
+                periods: periods_for(&periods, &row.name, Kind::Devices),
                 traffic: traffic(&row),
                 addresses: device.addresses.iter().map(|ip| ip.to_string()).collect(),
                 mac: device.mac.map(|mac| {
@@ -331,6 +409,7 @@ impl Api {
     /// and every requested one, with its attach state.
     pub fn interfaces(&self, query: &HashMap<String, String>) -> Result<String, ApiError> {
         let query = Query::parse(query, false)?;
+        let periods = periods_of(&self.history, Kind::Interfaces);
         let live = self.read();
         let attached: HashMap<String, bool> = self.health.states().into_iter().collect();
         let rows = live
@@ -339,6 +418,7 @@ impl Api {
         let mut interfaces: Vec<Interface> = rows
             .iter()
             .map(|row| Interface {
+                periods: periods_for(&periods, &row.name, Kind::Interfaces),
                 name: row.name.clone(),
                 attached: attached.get(&row.name).copied(),
                 rx: way(row, 0),
@@ -354,6 +434,7 @@ impl Api {
                     rate: 0.0,
                 };
                 interfaces.push(Interface {
+                    periods: periods_for(&periods, name, Kind::Interfaces),
                     name: name.clone(),
                     attached: Some(*state),
                     rx: zero(),
@@ -540,6 +621,9 @@ mod tests {
                 state_dir: None,
                 retention: Default::default(),
                 commit_interval: Duration::from_secs(60),
+                period_start_day: 1,
+                quotas: Vec::new(),
+                max_period_devices: 100,
             },
             metrics.history.clone(),
             crate::export::history::local_day_start,

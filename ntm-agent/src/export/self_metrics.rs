@@ -329,6 +329,25 @@ impl SelfMetrics {
                     "history_lost_buckets",
                     "Minute buckets of counts the history dropped because its commits kept failing",
                 )?,
+                period_bytes: r.gauge_vec(
+                    "period_bytes",
+                    "Bytes this day (from local midnight), week (from Monday) and billing period (from --period-start-day), per device (download, upload) and per interface (rx, tx); at most --max-series devices, the busiest",
+                    &["period", "device", "iface", "direction"],
+                )?,
+                quota_bytes: r.gauge_vec(
+                    "quota_bytes",
+                    "The data cap of an interface per period (--quota)",
+                    &["iface", "period"],
+                )?,
+                quota_used: r.register("quota_used_ratio", |name| {
+                    GaugeVec::new(
+                        Opts::new(
+                            name,
+                            "Share of the interface's --quota used in the current period (rx and tx; 1 is all of it)",
+                        ),
+                        &["iface", "period"],
+                    )
+                })?,
             },
             http_refused: r.counter_vec(
                 "http_requests_refused_total",

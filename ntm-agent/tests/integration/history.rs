@@ -232,3 +232,86 @@ fn check_counting(link: &Link, state: &Path, persistent: u64) {
     crate::kit::sh(&["kill", "-TERM", &agent.0.id().to_string()]);
     agent.0.wait().unwrap();
 }
+
+/// Today's, this week's and this billing period's totals per device and
+/// interface, on /metrics and in the API, and an interface's quota: all
+/// equal what was sent (everything here was sent today).
+pub fn period_totals_and_a_quota_equal_what_was_sent() {
+    let link = Link::new("period");
+    let state = TempDir::new("period");
+    let _agent = Guard(
+        crate::kit::agent_in(&link.a, false)
+            .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", &PORT.to_string()])
+            .args(["--local-net", "198.18.0.2/32", "--drain-interval", "200ms"])
+            .args(["--no-pin", "--history-commit-interval", "1s"])
+            .args(["--period-start-day", "28"])
+            .arg(format!("--quota={}=100k/month", link.a_if))
+            .arg("--state-dir")
+            .arg(&state.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_healthy(&link.a, PORT);
+    let sent = upload(&link, 150);
+    let gauge = |text: &str, period: &str| {
+        sample_sum(
+            text,
+            "ntm_period_bytes",
+            &[
+                &format!(r#"period="{period}""#),
+                r#"device="198.18.0.2""#,
+                r#"direction="upload""#,
+            ],
+        )
+    };
+    let metrics = wait_for("the period totals", Duration::from_secs(20), || {
+        let text = http_get(&link.a, PORT, "/metrics")?.1;
+        ["day", "week", "month"]
+            .iter()
+            .all(|p| gauge(&text, p) == sent.0)
+            .then_some(text)
+    });
+    // The interface's periods hold everything counted on it; the quota's
+    // share is that over 100,000 bytes.
+    let on_iface = sample_sum(
+        &metrics,
+        "ntm_bytes_total",
+        &[&format!(r#"iface="{}""#, link.a_if)],
+    );
+    let iface_period = sample_sum(
+        &metrics,
+        "ntm_period_bytes",
+        &[r#"period="month""#, &format!(r#"iface="{}""#, link.a_if)],
+    );
+    assert_eq!(iface_period, on_iface, "{metrics}");
+    let ratio = metrics
+        .lines()
+        .find(|l| l.starts_with("ntm_quota_used_ratio{") && l.contains(&link.a_if))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .expect("the quota's share");
+    assert!(
+        (ratio - on_iface as f64 / 100_000.0).abs() < 1e-9,
+        "{ratio} {on_iface}"
+    );
+    assert!(metrics.contains(&format!(
+        r#"ntm_quota_bytes{{iface="{}",period="month"}} 100000"#,
+        link.a_if
+    )));
+    // The API says the same.
+    let doc = get_json(&link, "/api/v1/devices");
+    let device = doc["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "198.18.0.2")
+        .unwrap();
+    for period in ["day", "week", "month"] {
+        assert_eq!(
+            device["periods"][period]["upload"]["bytes"].as_u64(),
+            Some(sent.0),
+            "{device}"
+        );
+    }
+}

@@ -14,6 +14,7 @@
 //! file is moved aside (never deleted) and a new one started; a commit
 //! that fails (disk full) keeps its counts for the next try.
 
+pub mod periods;
 pub mod store;
 
 use std::{
@@ -26,9 +27,12 @@ use std::{
 };
 
 use ntm_common::Counters;
-use prometheus::{IntCounterVec, IntGauge};
+use prometheus::{GaugeVec, IntCounterVec, IntGauge, IntGaugeVec};
 
-use self::store::{Store, StoreError};
+use self::{
+    periods::{Period, period_start},
+    store::{Store, StoreError},
+};
 use crate::export::live::Kind;
 
 /// A bucket's width.
@@ -86,6 +90,67 @@ pub struct HistoryOptions {
     pub state_dir: Option<PathBuf>,
     pub retention: Retention,
     pub commit_interval: Duration,
+    /// The day of the month billing periods start on (1 to 28).
+    pub period_start_day: u8,
+    /// `--quota`: data caps per interface and period.
+    pub quotas: Vec<Quota>,
+    /// Devices in `<prefix>_period_bytes`, at most (the series budget).
+    pub max_period_devices: usize,
+}
+
+/// A data cap: `--quota eth0=1T/month`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quota {
+    pub iface: String,
+    pub bytes: u64,
+    pub period: Period,
+}
+
+impl std::str::FromStr for Quota {
+    type Err = String;
+
+    /// `IFACE=SIZE[/day|week|month]`; sizes in bytes with k, M, G or T
+    /// (powers of 1000, as data plans count) or Ki, Mi, Gi, Ti (of 1024).
+    fn from_str(text: &str) -> Result<Self, String> {
+        let usage = || format!("{text:?} is not a quota like eth0=1T/month or wwan0=500M/day");
+        let (iface, rest) = text.split_once('=').ok_or_else(usage)?;
+        let (size, period) = rest.split_once('/').unwrap_or((rest, "month"));
+        let period = match period {
+            "day" => Period::Day,
+            "week" => Period::Week,
+            "month" => Period::Month,
+            _ => return Err(usage()),
+        };
+        let digits = size
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(size.len());
+        let (number, unit) = size.split_at(digits);
+        let number: u64 = number.parse().map_err(|_| usage())?;
+        let unit: u64 = match unit.trim_end_matches('B') {
+            "" => 1,
+            "k" | "K" => 1_000,
+            "M" => 1_000_000,
+            "G" => 1_000_000_000,
+            "T" => 1_000_000_000_000,
+            "Ki" => 1 << 10,
+            "Mi" => 1 << 20,
+            "Gi" => 1 << 30,
+            "Ti" => 1 << 40,
+            _ => return Err(usage()),
+        };
+        let bytes = number
+            .checked_mul(unit)
+            .filter(|b| *b > 0)
+            .ok_or_else(usage)?;
+        if iface.is_empty() {
+            return Err(usage());
+        }
+        Ok(Self {
+            iface: iface.to_string(),
+            bytes,
+            period,
+        })
+    }
 }
 
 /// ntm's metrics of its history.
@@ -98,6 +163,12 @@ pub struct HistoryMetrics {
     pub database_bytes: IntGauge,
     /// Minute buckets of counts dropped because commits kept failing.
     pub lost: IntGauge,
+    /// `<prefix>_period_bytes{period, device, iface, direction}`.
+    pub period_bytes: IntGaugeVec,
+    /// `<prefix>_quota_bytes{iface, period}` and
+    /// `<prefix>_quota_used_ratio{iface, period}`.
+    pub quota_bytes: IntGaugeVec,
+    pub quota_used: GaugeVec,
 }
 
 /// The file, and the lock that makes it this agent's.
@@ -115,6 +186,7 @@ pub struct History {
     pub path: Option<PathBuf>,
     /// Held while the agent runs (the file lock goes with it).
     _lock: Option<File>,
+    period_start_day: u8,
 }
 
 /// What can be read while the agent runs: the database and the counts
@@ -124,6 +196,7 @@ pub struct HistoryReader {
     store: Arc<Mutex<Store>>,
     pending: Arc<Mutex<Batch>>,
     persistent: bool,
+    period_start_day: u8,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -216,11 +289,19 @@ impl History {
         let pending = Arc::new(Mutex::new(Batch::new()));
         let (stop, stopped) = mpsc::channel();
         let writer = Writer {
+            reader: HistoryReader {
+                store: Arc::clone(&store),
+                pending: Arc::clone(&pending),
+                persistent: path.is_some(),
+                period_start_day: options.period_start_day,
+            },
             store: Arc::clone(&store),
             pending: Arc::clone(&pending),
             retention: options.retention.clone(),
             metrics,
             day_start,
+            quotas: options.quotas.clone(),
+            max_period_devices: options.max_period_devices,
         };
         let interval = options.commit_interval;
         let thread = std::thread::Builder::new()
@@ -235,6 +316,7 @@ impl History {
             thread,
             path,
             _lock: lock,
+            period_start_day: options.period_start_day,
         })
     }
 
@@ -254,6 +336,7 @@ impl History {
             store: Arc::clone(&self.store),
             pending: Arc::clone(&self.pending),
             persistent: self.path.is_some(),
+            period_start_day: self.period_start_day,
         }
     }
 
@@ -272,6 +355,46 @@ impl HistoryReader {
     /// Whether the history is on disk (false: in memory, this run only).
     pub fn persistent(&self) -> bool {
         self.persistent
+    }
+
+    /// Each subject's totals of `kind` in the `period` that `now` (Unix
+    /// seconds) is in, committed and waiting alike: today from the hours
+    /// since local midnight (and the minutes before the first whole hour,
+    /// in a zone half an hour off), weeks and billing periods from the
+    /// days.
+    pub fn period_totals(
+        &self,
+        kind: Kind,
+        period: Period,
+        now: i64,
+    ) -> Result<HashMap<String, Totals>, StoreError> {
+        let tz = jiff::tz::TimeZone::system();
+        let since = period_start(period, now, &tz, self.period_start_day);
+        let mut totals = {
+            let store = lock(&self.store);
+            match period {
+                Period::Day => {
+                    let first_hour = since + (3600 - since.rem_euclid(3600)) % 3600;
+                    let mut totals =
+                        store.totals_between(kind, Tier::Minute, (since, first_hour))?;
+                    for (name, t) in store.totals_since(kind, Tier::Hour, first_hour)? {
+                        let entry = totals.entry(name).or_default();
+                        entry[0].add(&t[0]);
+                        entry[1].add(&t[1]);
+                    }
+                    totals
+                }
+                Period::Week | Period::Month => store.totals_since(kind, Tier::Day, since)?,
+            }
+        };
+        for ((minute, k, name), counts) in lock(&self.pending).iter() {
+            if *k == kind && *minute >= since {
+                let entry = totals.entry(name.clone()).or_default();
+                entry[0].add(&counts[0]);
+                entry[1].add(&counts[1]);
+            }
+        }
+        Ok(totals)
     }
 
     /// Buckets (minute and subject) waiting for a commit now.
@@ -368,6 +491,9 @@ const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 /// The thread that commits.
 struct Writer {
+    reader: HistoryReader,
+    quotas: Vec<Quota>,
+    max_period_devices: usize,
     store: Arc<Mutex<Store>>,
     pending: Arc<Mutex<Batch>>,
     retention: Retention,
@@ -385,6 +511,7 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Timeout)
             );
             failing = self.commit(failing);
+            self.publish_periods();
             if !stop && last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
                 self.prune();
                 last_prune = Some(std::time::Instant::now());
@@ -437,6 +564,82 @@ impl Writer {
                 }
                 true
             }
+        }
+    }
+
+    /// `<prefix>_period_bytes` and the quotas, from the history as it is
+    /// now (after each commit, and at least every commit interval, so that
+    /// a new day starts at zero even when nothing is sent).
+    fn publish_periods(&self) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let gauge = &self.metrics.period_bytes;
+        let mut values: Vec<([&'static str; 2], String, String, u64)> = Vec::new();
+        let mut interface_totals: HashMap<(Period, String), u64> = HashMap::new();
+        for period in Period::ALL {
+            let devices = match self.reader.period_totals(Kind::Devices, period, now) {
+                Ok(d) => d,
+                Err(e) => {
+                    log::debug!("history: period totals: {e}");
+                    return;
+                }
+            };
+            // The busiest devices, as many as the series budget allows.
+            let mut devices: Vec<(String, Totals)> = devices.into_iter().collect();
+            devices.sort_by_key(|(name, t)| {
+                (std::cmp::Reverse(t[0].bytes + t[1].bytes), name.clone())
+            });
+            devices.truncate(self.max_period_devices);
+            for (name, t) in devices {
+                values.push((
+                    [period.as_str(), "download"],
+                    name.clone(),
+                    String::new(),
+                    t[0].bytes,
+                ));
+                values.push(([period.as_str(), "upload"], name, String::new(), t[1].bytes));
+            }
+            let Ok(interfaces) = self.reader.period_totals(Kind::Interfaces, period, now) else {
+                return;
+            };
+            for (name, t) in interfaces {
+                values.push((
+                    [period.as_str(), "rx"],
+                    String::new(),
+                    name.clone(),
+                    t[0].bytes,
+                ));
+                values.push((
+                    [period.as_str(), "tx"],
+                    String::new(),
+                    name.clone(),
+                    t[1].bytes,
+                ));
+                interface_totals.insert((period, name), t[0].bytes + t[1].bytes);
+            }
+        }
+        gauge.reset();
+        for ([period, direction], device, iface, bytes) in values {
+            gauge
+                .with_label_values(&[period, &device, &iface, direction])
+                .set(bytes as i64);
+        }
+        for quota in &self.quotas {
+            let used = interface_totals
+                .get(&(quota.period, quota.iface.clone()))
+                .copied()
+                .unwrap_or(0);
+            let labels = [quota.iface.as_str(), quota.period.as_str()];
+            self.metrics
+                .quota_bytes
+                .with_label_values(&labels)
+                .set(quota.bytes as i64);
+            self.metrics
+                .quota_used
+                .with_label_values(&labels)
+                .set(used as f64 / quota.bytes as f64);
         }
     }
 

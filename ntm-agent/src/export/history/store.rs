@@ -294,17 +294,28 @@ impl Store {
         tier: Tier,
         since: i64,
     ) -> Result<HashMap<String, Totals>, StoreError> {
+        self.totals_between(kind, tier, (since, i64::MAX))
+    }
+
+    /// Each subject's totals of `kind` in `tier` buckets starting in
+    /// `[from, to)`.
+    pub fn totals_between(
+        &self,
+        kind: Kind,
+        tier: Tier,
+        (from, to): (i64, i64),
+    ) -> Result<HashMap<String, Totals>, StoreError> {
         let mut query = self
             .db
             .prepare_cached(
                 "SELECT s.name, SUM(t.in_bytes), SUM(t.in_packets), SUM(t.out_bytes), SUM(t.out_packets)
                  FROM totals t JOIN subjects s ON s.id = t.subject
-                 WHERE t.tier = ?1 AND t.start >= ?2 AND s.kind = ?3
+                 WHERE t.tier = ?1 AND t.start >= ?2 AND t.start < ?4 AND s.kind = ?3
                  GROUP BY s.name",
             )
             .map_err(|e| self.sqlite(e))?;
         let rows = query
-            .query_map(params![tier as i64, since, kind_code(kind)], |row| {
+            .query_map(params![tier as i64, from, kind_code(kind), to], |row| {
                 Ok((row.get::<_, String>(0)?, counts(row, 1)?))
             })
             .map_err(|e| self.sqlite(e))?;
