@@ -146,12 +146,6 @@ struct Interfaces {
 }
 
 #[derive(Serialize)]
-struct Counts {
-    bytes: u64,
-    packets: u64,
-}
-
-#[derive(Serialize)]
 struct Status {
     started: u64,
     rate_window_seconds: f64,
@@ -162,7 +156,7 @@ struct Status {
     max_series: usize,
     series_folded: u64,
     /// Frames the flow table had no room for (in the `other` series).
-    overflow: Counts,
+    overflow: Counted,
     flow_table_capacity: u32,
     waiting_flows: usize,
     drains: u64,
@@ -286,11 +280,25 @@ impl Query {
     }
 }
 
+impl From<&ntm_common::Counters> for Counted {
+    fn from(c: &ntm_common::Counters) -> Self {
+        Self {
+            bytes: c.bytes,
+            packets: c.packets,
+        }
+    }
+}
+
+/// Both ways of `totals`, by their names for `kind`.
+fn ways(kind: Kind, totals: &crate::export::history::Totals) -> BTreeMap<&'static str, Counted> {
+    let [first, second] = way_names(kind);
+    BTreeMap::from([(first, (&totals[0]).into()), (second, (&totals[1]).into())])
+}
+
 /// Each subject's period totals of `kind`, as JSON (None: the history
 /// cannot be read now; the rest of the answer stands).
 fn periods_of(history: &HistoryReader, kind: Kind) -> Option<HashMap<String, PeriodDoc>> {
     let now = unix_seconds(SystemTime::now()) as i64;
-    let [first, second] = way_names(kind);
     let mut docs: HashMap<String, PeriodDoc> = HashMap::new();
     for period in Period::ALL {
         let totals = history
@@ -298,23 +306,9 @@ fn periods_of(history: &HistoryReader, kind: Kind) -> Option<HashMap<String, Per
             .map_err(|e| log::debug!("API: period totals: {e}"))
             .ok()?;
         for (name, t) in totals {
-            let ways = BTreeMap::from([
-                (
-                    first,
-                    Counted {
-                        bytes: t[0].bytes,
-                        packets: t[0].packets,
-                    },
-                ),
-                (
-                    second,
-                    Counted {
-                        bytes: t[1].bytes,
-                        packets: t[1].packets,
-                    },
-                ),
-            ]);
-            docs.entry(name).or_default().insert(period.as_str(), ways);
+            docs.entry(name)
+                .or_default()
+                .insert(period.as_str(), ways(kind, &t));
         }
     }
     Some(docs)
@@ -327,27 +321,10 @@ fn periods_for(
     kind: Kind,
 ) -> Option<PeriodDoc> {
     let docs = docs.as_ref()?;
-    let [first, second] = way_names(kind);
     let mut doc = docs.get(name).cloned().unwrap_or_default();
     for period in Period::ALL {
-        doc.entry(period.as_str()).or_insert_with(|| {
-            BTreeMap::from([
-                (
-                    first,
-                    Counted {
-                        bytes: 0,
-                        packets: 0,
-                    },
-                ),
-                (
-                    second,
-                    Counted {
-                        bytes: 0,
-                        packets: 0,
-                    },
-                ),
-            ])
-        });
+        doc.entry(period.as_str())
+            .or_insert_with(|| ways(kind, &Default::default()));
     }
     Some(doc)
 }
@@ -507,27 +484,11 @@ impl Api {
             .history
             .series(kind, &name, tier, (from, to), step)
             .map_err(|e| ApiError::HistoryUnavailable(e.to_string()))?;
-        let [first, second] = way_names(kind);
         let points = series
             .into_iter()
             .map(|(start, totals)| Point {
                 start,
-                ways: BTreeMap::from([
-                    (
-                        first,
-                        Counted {
-                            bytes: totals[0].bytes,
-                            packets: totals[0].packets,
-                        },
-                    ),
-                    (
-                        second,
-                        Counted {
-                            bytes: totals[1].bytes,
-                            packets: totals[1].packets,
-                        },
-                    ),
-                ]),
+                ways: ways(kind, &totals),
             })
             .collect();
         Ok(json(&HistoryDoc {
@@ -559,10 +520,7 @@ impl Api {
             series: status.series,
             max_series: status.max_series,
             series_folded: status.series_folded,
-            overflow: Counts {
-                bytes: status.overflow.bytes,
-                packets: status.overflow.packets,
-            },
+            overflow: (&status.overflow).into(),
             flow_table_capacity: status.flow_table_capacity,
             waiting_flows: status.waiting_flows,
             drains: status.drains,
