@@ -455,11 +455,11 @@ impl Api {
         let (kind, kind_name) = kind.ok_or_else(|| bad("kind is missing".into()))?;
         let name = name.ok_or_else(|| bad("name is missing".into()))?;
         let to = to.unwrap_or(now);
-        let from = from.unwrap_or(to - 86_400);
+        let from = from.unwrap_or(to.saturating_sub(86_400));
         if from >= to {
             return Err(bad(format!("from ({from}) must be before to ({to})")));
         }
-        let step = step.unwrap_or(match to - from {
+        let step = step.unwrap_or(match to.saturating_sub(from) {
             span if span <= 2 * 86_400 => 60,
             span if span <= 90 * 86_400 => 3600,
             _ => 86_400,
@@ -469,7 +469,7 @@ impl Api {
                 "step must be a multiple of 60 seconds, not {step}"
             )));
         }
-        if (to - from) / step > MAX_POINTS {
+        if to.saturating_sub(from) / step > MAX_POINTS {
             return Err(bad(format!(
                 "that is more than {MAX_POINTS} steps: choose a larger step or a shorter range"
             )));
@@ -627,10 +627,53 @@ mod tests {
             api.top(Kind::Servers, &query(&[("device", "x")])),
             Err(ApiError::NoSuchDevice("x".into()))
         );
+        // Extremes are errors, not overflows.
+        for (from, to, step) in [
+            (i64::MIN.to_string(), i64::MAX.to_string(), "60"),
+            ("0".into(), "60".into(), "-60"),
+        ] {
+            let q = query(&[
+                ("kind", "devices"),
+                ("name", "x"),
+                ("from", &from),
+                ("to", &to),
+                ("step", step),
+            ]);
+            assert!(api.history(&q).is_err());
+        }
         let bad = api.devices(&query(&[("limit", "0")])).unwrap_err();
         assert_eq!(bad.status(), 400);
         assert!(serde_json::from_str::<serde_json::Value>(&bad.body()).is_ok());
         assert!(api.devices(&query(&[("device", "x")])).is_err());
+    }
+
+    proptest::proptest! {
+        /// Query parameters come from any HTTP client: whatever they are,
+        /// every listing answers JSON (a document or an error), never panics.
+        #[test]
+        fn any_query_gets_json(
+            pairs in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec!["limit", "device", "kind", "name", "from", "to", "step", "x"]),
+                    ".{0,24}",
+                ),
+                0..5,
+            )
+        ) {
+            let api = api();
+            let q: HashMap<String, String> =
+                pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            for answer in [
+                api.devices(&q),
+                api.top(Kind::Servers, &q),
+                api.top(Kind::Services, &q),
+                api.interfaces(&q),
+                api.history(&q),
+            ] {
+                let body = answer.unwrap_or_else(|e| e.body());
+                proptest::prop_assert!(serde_json::from_str::<serde_json::Value>(&body).is_ok());
+            }
+        }
     }
 
     #[test]

@@ -841,6 +841,18 @@ mod tests {
         assert!(!limit.allow(t0 + Duration::from_secs(1)));
     }
 
+    proptest::proptest! {
+        /// The Authorization header comes from any client: any bytes of it
+        /// are refused or decoded, never a panic.
+        #[test]
+        fn any_authorization_header_is_safe(header in ".{0,80}", raw in proptest::collection::vec(proptest::num::u8::ANY, 0..60)) {
+            let _ = decode_basic(&header);
+            use base64::Engine as _;
+            let encoded = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(&raw));
+            let _ = decode_basic(&encoded);
+        }
+    }
+
     #[test]
     fn basic_headers_decode() {
         assert_eq!(

@@ -340,8 +340,13 @@ impl History {
         }
     }
 
-    /// Commits what is pending and stops the writer.
-    pub fn stop(mut self) {
+    /// Commits what is pending and stops the writer (as dropping does, on
+    /// every way out of the agent).
+    pub fn stop(self) {}
+}
+
+impl Drop for History {
+    fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
