@@ -115,7 +115,7 @@ for label, values in [("default values", {}), ("non-default values", NON_DEFAULT
         == (
             ["BPF", "NET_ADMIN", "PERFMON"]
             if values is NON_DEFAULT
-            else ["BPF", "NET_ADMIN", "PERFMON", "SETGID", "SETUID"]
+            else ["BPF", "CHOWN", "NET_ADMIN", "PERFMON", "SETGID", "SETUID"]
         )
         and sc["capabilities"]["drop"] == ["ALL"]
         and sc.get("allowPrivilegeEscalation") is False,

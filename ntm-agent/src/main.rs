@@ -117,13 +117,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
         kernel
             .hand_pins_to(user.uid, user.gid)
             .context("ntm could not give its pinned state to --user")?;
-        if !config.history.no_history {
-            ntm_agent::export::history::hand_state_dir_to(
+        // Without it the history stays in memory (and says so): counting
+        // does not depend on it.
+        if !config.history.no_history
+            && let Err(e) = ntm_agent::export::history::hand_state_dir_to(
                 &config.history.state_dir,
                 user.uid,
                 user.gid,
             )
-            .context("ntm could not give its --state-dir to --user")?;
+        {
+            log::warn!(
+                "history: cannot give {} to --user ({e}; as root, ntm needs CAP_CHOWN for it)",
+                config.history.state_dir.display()
+            );
         }
         privileges::drop_to(user).context("ntm could not give up root")?;
         log::info!(

@@ -35,7 +35,7 @@ pub fn the_image_runs_with_least_privilege_and_counts() {
                 "--cap-drop",
                 "all",
                 "--cap-add",
-                "BPF,NET_ADMIN,PERFMON,SETUID,SETGID",
+                "BPF,NET_ADMIN,PERFMON,CHOWN,SETUID,SETGID",
             ])
             .args(["--env", "NTM_USER=65534"])
             .arg(&image)
