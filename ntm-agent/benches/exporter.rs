@@ -49,8 +49,11 @@ fn median(mut v: Vec<Duration>) -> Duration {
 /// Runs in the child: an agent's metrics with `n` series, scraped 5 times.
 fn scrape_child(n: usize) {
     let max_series = (n + 1).to_string();
+    // --no-history: a bench's made-up traffic stays out of this machine's
+    // history (/var/lib/ntm).
     let config = Config::try_parse_from([
         "ntm-agent",
+        "--no-history",
         "--numeric",
         "--local-net",
         "10.0.0.0/8",

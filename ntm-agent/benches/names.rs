@@ -84,7 +84,9 @@ fn cpu_time() -> Duration {
 }
 
 fn main() {
-    let config = Config::try_parse_from(["ntm-agent", "--numeric"]).expect("flags");
+    // --no-history: a bench's made-up traffic stays out of this machine's
+    // history (/var/lib/ntm).
+    let config = Config::try_parse_from(["ntm-agent", "--numeric", "--no-history"]).expect("flags");
     let services = config.services().expect("services");
     let mut pipeline = Pipeline::new(config.pipeline(), services).expect("pipeline");
     const RESPONSES: u32 = 100_000;
