@@ -329,7 +329,8 @@ fn image_binary_runs_arm64(name: &str, scratch: &Path) -> Result<String> {
 /// a real Prometheus and promtool for the scrape tests (prometheus),
 /// systemd-analyze for the unit file (systemd), a DHCP server and client
 /// for device names (dnsmasq-base, busybox's udhcpc), bpftool to check
-/// that `ntm-agent detach` leaves no program, link or pin.
+/// that `ntm-agent detach` leaves no program, link or pin, and a headless
+/// Chromium with its WebDriver for the page (chromium, chromium-driver).
 const TEST_PACKAGES: &[&str] = &[
     "bpftool",
     "dnsmasq-base",
@@ -342,6 +343,8 @@ const TEST_PACKAGES: &[&str] = &[
     "prometheus",
     "systemd",
     "netbase",
+    "chromium",
+    "chromium-driver",
 ];
 
 /// PyPI packages the chart test uses, pinned: Helm 4 embedded (lint and

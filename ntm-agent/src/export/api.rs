@@ -149,6 +149,12 @@ struct Interfaces {
 struct Status {
     started: u64,
     rate_window_seconds: f64,
+    /// How often the rates and totals change (a drain, at least 1 s): how
+    /// often a page or script may usefully ask again.
+    refresh_seconds: f64,
+    /// All traffic counted (`name` is `all`): download is what came into
+    /// the local networks, upload everything else, as for the services.
+    traffic: Traffic,
     /// Every requested interface attached (what `/healthz` says).
     healthy: bool,
     interfaces: Vec<InterfaceState>,
@@ -510,6 +516,8 @@ impl Api {
         json(&Status {
             started: unix_seconds(live.started()),
             rate_window_seconds: live.rate_window().as_secs_f64(),
+            refresh_seconds: live.bucket().as_secs_f64(),
+            traffic: traffic(&live.all(Instant::now())),
             healthy,
             interfaces: self
                 .health
@@ -687,5 +695,9 @@ mod tests {
         let status: serde_json::Value = serde_json::from_str(&api.status()).unwrap();
         assert_eq!(status["healthy"], true);
         assert_eq!(status["interfaces"][0]["name"], "eth0");
+        // All traffic: the one flow came in from a remote host.
+        assert_eq!(status["traffic"]["download"]["bytes"], 1500);
+        assert_eq!(status["traffic"]["upload"]["bytes"], 0);
+        assert_eq!(status["refresh_seconds"], 1.0);
     }
 }

@@ -1,6 +1,7 @@
 //! The HTTP endpoint: `GET /metrics` (Prometheus text format),
-//! `GET /healthz` (200 only while every requested interface is attached)
-//! and the JSON API under `/api/v1/` (see [`super::api`]).
+//! `GET /healthz` (200 only while every requested interface is attached),
+//! the JSON API under `/api/v1/` (see [`super::api`]) and the live page at
+//! `GET /` (see [`super::page`]).
 
 use std::{
     collections::BTreeMap,
@@ -422,9 +423,10 @@ fn api_routes(
 }
 
 /// `/healthz` (open, for probes), and behind the web config's guard
-/// `/metrics`, `/api/v1/...` and `/`; every answer says `nosniff`, so that
-/// no browser reads a name in it as markup, and carries the web config's
-/// headers.
+/// `/metrics`, `/api/v1/...` and the page (`/` and its files); every
+/// answer says `nosniff`, so that no browser reads a name in it as markup,
+/// carries the page's Content-Security-Policy, and the web config's
+/// headers (which may replace those).
 fn routes(
     exposition: Exposition,
     api: Api,
@@ -435,6 +437,14 @@ fn routes(
     headers.insert(
         "x-content-type-options",
         warp::http::HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        warp::http::header::CONTENT_SECURITY_POLICY,
+        warp::http::HeaderValue::from_static(super::page::CONTENT_SECURITY_POLICY),
+    );
+    headers.insert(
+        warp::http::header::REFERRER_POLICY,
+        warp::http::HeaderValue::from_static("no-referrer"),
     );
     for (name, value) in guard.web.iter().flat_map(|w| w.headers.iter()) {
         headers.insert(name.clone(), value.clone());
@@ -472,13 +482,9 @@ fn routes(
             };
             warp::reply::with_status(text, status)
         });
-    let root = warp::path::end().map(|| {
-        warp::reply::html(String::from(
-            "<html><body><h1>ntm</h1><p><a href=\"/metrics\">/metrics</a> \
-             <a href=\"/healthz\">/healthz</a></p></body></html>",
-        ))
-    });
-    let guarded = guard.filter().and(metrics.or(api_routes(api)).or(root));
+    let guarded = guard
+        .filter()
+        .and(metrics.or(api_routes(api)).or(super::page::routes()));
     healthz
         .or(guarded)
         .recover(refusal)

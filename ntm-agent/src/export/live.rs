@@ -264,6 +264,9 @@ pub struct LiveTraffic {
     servers: Table<Traffic>,
     services: Table<Traffic>,
     interfaces: Table<Traffic>,
+    /// All traffic, by the same way as the services (the page's
+    /// throughput: every table's listing is cut at its limit).
+    all: Traffic,
     /// Counts per entry since [`LiveTraffic::take_unsent`] last took them:
     /// what the history has not been given yet.
     unsent: HashMap<(Kind, String), [Counters; 2]>,
@@ -283,6 +286,7 @@ impl LiveTraffic {
             servers: Table::new(MAX_SERVERS),
             services: Table::new(MAX_SERVICES),
             interfaces: Table::new(MAX_INTERFACES),
+            all: Traffic::new(now),
             unsent: HashMap::new(),
             status: Status::default(),
         }
@@ -314,11 +318,13 @@ impl LiveTraffic {
             devices,
             servers,
             services,
+            all,
             unsent,
             ..
         } = self;
         let (Some(src_ip), Some(dst_ip)) = (key.src_addr(), key.dst_addr()) else {
             // Not IP (ARP, say): a service of the interface, no hosts.
+            all.add(Way::In, delta, at.bucket, now);
             add_to(
                 (services, Kind::Services),
                 unsent,
@@ -341,6 +347,7 @@ impl LiveTraffic {
         let (src_name, dst_name) = (name(src, src_ip), name(dst, dst_ip));
         // Into the local networks is a download, anything else an upload.
         let way = if dst_local { Way::In } else { Way::Out };
+        all.add(way, delta, at.bucket, now);
         add_to((services, Kind::Services), unsent, service, way, delta, at);
         // The remote side, when exactly one side is local.
         let server = match (src_local, dst_local) {
@@ -528,9 +535,19 @@ impl LiveTraffic {
         Some(Self::sorted(rows, limit))
     }
 
+    /// All traffic counted, each way as the services count it.
+    pub fn all(&self, now: Instant) -> Row {
+        self.row("all", &self.all, self.bucket_of(now))
+    }
+
     /// When the agent started (totals count from then).
     pub fn started(&self) -> SystemTime {
         self.started
+    }
+
+    /// How often the rates change: one bucket.
+    pub fn bucket(&self) -> Duration {
+        self.bucket
     }
 
     /// The length of the window rates are averaged over.
@@ -605,6 +622,7 @@ mod tests {
         assert_eq!(mine, servers);
         let ifaces = live.top(Kind::Interfaces, None, t0, 10).unwrap();
         assert_eq!(ifaces[0].total, [c(1500, 1), c(60, 1)]);
+        assert_eq!(live.all(t0).total, [c(1500, 1), c(60, 1)]);
         assert!(live.top(Kind::Services, Some("nobody"), t0, 10).is_none());
     }
 

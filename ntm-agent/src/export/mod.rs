@@ -25,6 +25,7 @@ pub mod http;
 pub mod labels;
 pub mod live;
 pub mod names;
+pub mod page;
 pub mod pending;
 pub mod self_metrics;
 pub mod series;

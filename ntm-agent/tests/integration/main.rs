@@ -22,6 +22,7 @@ mod image;
 mod links;
 mod names;
 mod observed;
+mod page;
 mod privileges;
 mod prometheus;
 mod restart;
@@ -41,6 +42,7 @@ macro_rules! tests {
 /// Every test, with what it needs.
 const TESTS: &[(Needs, &str, fn())] = tests![
     Root: api::the_api_shows_devices_servers_services_and_interfaces_exactly,
+    Root: page::the_page_shows_what_was_sent_and_names_as_text,
     Root: web::prometheus_scrapes_over_tls_with_a_client_certificate_and_basic_auth,
     Root: web::a_bad_web_config_fails_at_start_with_nothing_attached,
     Root: history::totals_survive_a_restart_and_a_kill_9,

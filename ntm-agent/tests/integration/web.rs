@@ -117,12 +117,14 @@ pub fn prometheus_scrapes_over_tls_with_a_client_certificate_and_basic_auth() {
             .contains("x-frame-options: deny"),
         "{response}"
     );
-    // A wrong password, none, the API without one: 401, asking for basic auth.
+    // A wrong password, none, the API or the page without one: 401, asking
+    // for basic auth.
     for (path, password) in [
         ("/metrics", Some("wrong")),
         ("/metrics", None),
         ("/api/v1/devices", None),
         ("/", Some("S3CRET")),
+        ("/page.js", None),
     ] {
         let (status, response) = get(&link.a, &pki, path, password).unwrap();
         assert_eq!(status, 401, "{path} {password:?}: {response}");

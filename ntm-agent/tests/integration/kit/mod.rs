@@ -6,6 +6,7 @@
 //! create, on 198.18.0.0/15 and 2001:2::/48, in bounded loops.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod dhcp;
 pub mod dns;
 pub mod frames;
