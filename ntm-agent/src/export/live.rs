@@ -11,6 +11,7 @@
 //! idle for the series TTL are forgotten.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeSet, HashMap},
     net::IpAddr,
     time::{Duration, Instant, SystemTime},
@@ -165,16 +166,22 @@ struct Moment {
     now: Instant,
 }
 
-/// Counts for the history, per kind and name.
-type Unsent = HashMap<(Kind, String), [Counters; 2]>;
+/// Counts for the history, per kind (by `Kind as usize`) and name: looked
+/// up by `&str`, so that adding to a known name allocates nothing (this
+/// runs for every flow of every drain).
+#[derive(Default)]
+struct Unsent([HashMap<String, [Counters; 2]>; Kind::ALL.len()]);
 
-fn add_unsent(unsent: &mut Unsent, kind: Kind, name: &str, way: Way, delta: &Counters) {
-    match unsent.get_mut(&(kind, name.to_string())) {
-        Some(counts) => counts[way as usize].add(delta),
-        None => {
-            let mut counts = [Counters::default(); 2];
-            counts[way as usize].add(delta);
-            unsent.insert((kind, name.to_string()), counts);
+impl Unsent {
+    fn add(&mut self, kind: Kind, name: &str, way: Way, delta: &Counters) {
+        let table = &mut self.0[kind as usize];
+        match table.get_mut(name) {
+            Some(counts) => counts[way as usize].add(delta),
+            None => {
+                let mut counts = [Counters::default(); 2];
+                counts[way as usize].add(delta);
+                table.insert(name.to_string(), counts);
+            }
         }
     }
 }
@@ -193,7 +200,7 @@ fn add_to(
     table
         .entry(name, || Traffic::new(at.now))
         .add(way, delta, at.bucket, at.now);
-    add_unsent(unsent, kind, name, way, delta);
+    unsent.add(kind, name, way, delta);
 }
 
 /// A local host: its traffic, and its own servers and services.
@@ -229,6 +236,16 @@ pub enum Kind {
     Servers,
     Services,
     Interfaces,
+}
+
+impl Kind {
+    /// Every kind, in the order of its `as usize`.
+    pub const ALL: [Kind; 4] = [
+        Kind::Devices,
+        Kind::Servers,
+        Kind::Services,
+        Kind::Interfaces,
+    ];
 }
 
 /// One row of a listing: a name, totals each way and rates each way (bytes
@@ -269,7 +286,7 @@ pub struct LiveTraffic {
     all: Traffic,
     /// Counts per entry since [`LiveTraffic::take_unsent`] last took them:
     /// what the history has not been given yet.
-    unsent: HashMap<(Kind, String), [Counters; 2]>,
+    unsent: Unsent,
     pub status: Status,
 }
 
@@ -287,7 +304,7 @@ impl LiveTraffic {
             services: Table::new(MAX_SERVICES),
             interfaces: Table::new(MAX_INTERFACES),
             all: Traffic::new(now),
-            unsent: HashMap::new(),
+            unsent: Unsent::default(),
             status: Status::default(),
         }
     }
@@ -299,11 +316,11 @@ impl LiveTraffic {
     /// One flow's delta with its labels: `src` and `dst` are its host
     /// labels (empty when host labels are off: then the addresses name
     /// the hosts), `service` its service label.
-    pub fn add_flow(
+    pub fn add_flow<'l>(
         &mut self,
         key: &FlowKey,
         iface: &str,
-        (src, dst): (&str, &str),
+        (src, dst): (&'l str, &'l str),
         service: &str,
         delta: &Counters,
         now: Instant,
@@ -337,11 +354,13 @@ impl LiveTraffic {
         };
         let src_local = local.contains(src_ip);
         let dst_local = local.contains(dst_ip);
-        let name = |label: &str, ip: IpAddr| {
+        // A host is its label, or its address when host labels are off
+        // (only then is a name made).
+        let name = |label: &'l str, ip: IpAddr| -> Cow<'l, str> {
             if label.is_empty() {
-                ip.to_string()
+                Cow::Owned(ip.to_string())
             } else {
-                label.to_string()
+                Cow::Borrowed(label)
             }
         };
         let (src_name, dst_name) = (name(src, src_ip), name(dst, dst_ip));
@@ -351,22 +370,22 @@ impl LiveTraffic {
         add_to((services, Kind::Services), unsent, service, way, delta, at);
         // The remote side, when exactly one side is local.
         let server = match (src_local, dst_local) {
-            (false, true) => Some(src_name.as_str()),
-            (true, false) => Some(dst_name.as_str()),
+            (false, true) => Some(&*src_name),
+            (true, false) => Some(&*dst_name),
             _ => None,
         };
         if let Some(server) = server {
             add_to((servers, Kind::Servers), unsent, server, way, delta, at);
         }
         for (is_local, device, device_way) in [
-            (src_local, &src_name, Way::Out),
-            (dst_local, &dst_name, Way::In),
+            (src_local, &*src_name, Way::Out),
+            (dst_local, &*dst_name, Way::In),
         ] {
             if !is_local {
                 continue;
             }
             let slot = devices.slot(device);
-            add_unsent(unsent, Kind::Devices, slot, device_way, delta);
+            unsent.add(Kind::Devices, slot, device_way, delta);
             let device = devices.entry(slot, || Device::new(now));
             device.traffic.add(device_way, delta, at.bucket, now);
             device
@@ -416,8 +435,17 @@ impl LiveTraffic {
 
     /// The counts per kind and name since the last call: the history's
     /// share of what was added.
-    pub fn take_unsent(&mut self) -> Unsent {
-        std::mem::take(&mut self.unsent)
+    pub fn take_unsent(&mut self) -> Vec<((Kind, String), [Counters; 2])> {
+        let Unsent(tables) = std::mem::take(&mut self.unsent);
+        Kind::ALL
+            .into_iter()
+            .zip(tables)
+            .flat_map(|(kind, table)| {
+                table
+                    .into_iter()
+                    .map(move |(name, counts)| ((kind, name), counts))
+            })
+            .collect()
     }
 
     /// The addresses, MAC and name source of the devices, from the hosts

@@ -4,26 +4,34 @@
 //! markup show as text and run nothing; the browser's console has no
 //! errors and it asked nothing of any host but the agent.
 
-use std::{net::UdpSocket, process::Stdio, time::Duration};
+use std::{collections::HashMap, net::UdpSocket, process::Stdio, time::Duration};
 
 use serde_json::Value;
 
 use crate::kit::{
     A4, B4, Link,
     browser::Browser,
+    dns::{Answer, DnsServer},
     scrape::{Guard, TempDir, http_get, sample_sum, wait_for, wait_healthy},
 };
 
 const PORT: u16 = 9440;
 const DRIVER_PORT: u16 = 9441;
 
-/// Host names that are markup, as a hosts file can give them (a name has
-/// no whitespace: `<img src=x onerror=...>` is not a name ntm takes from
-/// any source, so these are the forms that do get through).
+/// Host names that are markup, as a hosts file can give them (without
+/// whitespace: a name with a space is not taken from a file or a DHCP
+/// message).
 const HOSTILE_DEVICE: &str = "<img/src='x'/onerror=alert(1)>";
 const HOSTILE_SERVER: &str = "\"><svg/onload=alert(2)>";
 const HOSTILE_DEVICE_IP: &str = "198.18.0.3";
 const HOSTILE_SERVER_IP: &str = "198.18.0.4";
+/// The name the test's DNS server gives 198.18.0.5 (reverse DNS), with
+/// its spaces: it arrives as the resolver writes a DNS name's special
+/// characters, escaped as in a zone file.
+const HOSTILE_PTR_IP: &str = "198.18.0.5";
+const HOSTILE_PTR: &str = "<img src=x onerror=alert(1)>";
+const HOSTILE_PTR_SHOWN: &str = r"\<img\040src\=x\040onerror\=alert\(1\)\>";
+const DNS_PORT: u16 = 5357;
 
 /// The page's byte figures, as `page.js` writes them (decimal units,
 /// three figures).
@@ -91,10 +99,11 @@ fn metrics_of(metrics: &str, name: &str) -> (u64, u64) {
 }
 
 /// A laptop (198.18.0.2) and a device with a hostile name (198.18.0.3)
-/// talk to the nas (198.18.0.1, the agent's host) and to a server with a
-/// hostile name (198.18.0.4). The page, loaded in Chromium, shows each
-/// device's and server's totals for the run, today and the billing period
-/// exactly as sent and as `/metrics` has them; picking the laptop shows
+/// talk to the nas (198.18.0.1, the agent's host), to a server with a
+/// hostile name (198.18.0.4) and to one that reverse DNS names
+/// `<img src=x onerror=alert(1)>` (198.18.0.5). The page, loaded in
+/// Chromium, shows each device's and server's totals for the run, today
+/// and the billing period exactly as sent and as `/metrics` has them; picking the laptop shows
 /// its servers only; the names show as text, no script of theirs runs;
 /// the console has no errors; every request went to the agent. Screenshots
 /// (wide and phone-sized) are saved under the target directory.
@@ -108,14 +117,18 @@ pub fn the_page_shows_what_was_sent_and_names_as_text() {
         "dev",
         &link.b_if,
     ]);
-    link.a.exec(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{HOSTILE_SERVER_IP}/24"),
-        "dev",
-        &link.a_if,
-    ]);
+    for ip in [HOSTILE_SERVER_IP, HOSTILE_PTR_IP] {
+        link.a
+            .exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", &link.a_if]);
+    }
+    let _dns = DnsServer::start(
+        &link.a,
+        DNS_PORT,
+        HashMap::from([(
+            "5.0.18.198.in-addr.arpa",
+            Answer::Name(HOSTILE_PTR, Duration::ZERO),
+        )]),
+    );
     let dir = TempDir::new("page");
     let hosts = dir.0.join("hosts");
     std::fs::write(
@@ -129,6 +142,7 @@ pub fn the_page_shows_what_was_sent_and_names_as_text() {
         crate::kit::agent_in(&link.a, true)
             .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", &PORT.to_string()])
             .args(["--local-net", "198.18.0.2/32,198.18.0.3/32"])
+            .args(["--dns-server", &format!("127.0.0.1:{DNS_PORT}")])
             .args([
                 "--drain-interval",
                 "200ms",
@@ -160,12 +174,13 @@ pub fn the_page_shows_what_was_sent_and_names_as_text() {
             false
         );
 
-        // The laptop: 160 datagrams up to the nas, 60 down. The hostile device:
-        // 40 up to the hostile server.
+        // The laptop: 160 datagrams up to the nas, 60 down. The hostile
+        // device: 40 up to the hostile server, 20 to the one named by DNS.
         let sinks = link.a.run(|| {
             [
                 UdpSocket::bind((A4, 5300)).unwrap(),
                 UdpSocket::bind((HOSTILE_SERVER_IP, 5302)).unwrap(),
+                UdpSocket::bind((HOSTILE_PTR_IP, 5303)).unwrap(),
             ]
         });
         let sink_b = link.b.run(|| UdpSocket::bind((B4, 5301)).unwrap());
@@ -196,7 +211,10 @@ pub fn the_page_shows_what_was_sent_and_names_as_text() {
                     .send_to(&[3; 200], (HOSTILE_SERVER_IP, 5302))
                     .unwrap();
             }
-            40 * 228
+            for _ in 0..20 {
+                socket.send_to(&[4; 100], (HOSTILE_PTR_IP, 5303)).unwrap();
+            }
+            40 * 228 + 20 * 128
         });
         link.wait_quiet();
         drop((sinks, sink_b));
@@ -272,7 +290,13 @@ pub fn the_page_shows_what_was_sent_and_names_as_text() {
         assert_eq!(server["first"], HOSTILE_SERVER);
         assert_eq!(
             (cell(server, 2).0, cell(server, 3).0),
-            (Some(0), Some(hostile_up))
+            (Some(0), Some(40 * 228))
+        );
+        let by_dns = row(&servers, HOSTILE_PTR_SHOWN).expect("the server named by DNS");
+        assert_eq!(by_dns["first"], HOSTILE_PTR_SHOWN);
+        assert_eq!(
+            (cell(by_dns, 2).0, cell(by_dns, 3).0),
+            (Some(0), Some(20 * 128))
         );
 
         // The laptop picked: its servers only, and its own section.

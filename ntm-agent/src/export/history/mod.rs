@@ -56,6 +56,12 @@ impl Tier {
 /// Bytes and packets in, and out (see [`crate::export::live::Way`]).
 pub type Totals = [Counters; 2];
 
+/// Adds `more` to `total`, each way.
+pub fn add_totals(total: &mut Totals, more: &Totals) {
+    total[0].add(&more[0]);
+    total[1].add(&more[1]);
+}
+
 /// Counts not in the database yet, by minute (Unix seconds), kind and
 /// subject.
 pub type Batch = HashMap<(i64, Kind, String), Totals>;
@@ -326,8 +332,7 @@ impl History {
         let mut pending = lock(&self.pending);
         for ((kind, name), totals) in counts {
             let entry = pending.entry((minute, kind, name)).or_default();
-            entry[0].add(&totals[0]);
-            entry[1].add(&totals[1]);
+            add_totals(entry, &totals);
         }
     }
 
@@ -384,8 +389,7 @@ impl HistoryReader {
                         store.totals_between(kind, Tier::Minute, (since, first_hour))?;
                     for (name, t) in store.totals_since(kind, Tier::Hour, first_hour)? {
                         let entry = totals.entry(name).or_default();
-                        entry[0].add(&t[0]);
-                        entry[1].add(&t[1]);
+                        add_totals(entry, &t);
                     }
                     totals
                 }
@@ -395,8 +399,7 @@ impl HistoryReader {
         for ((minute, k, name), counts) in lock(&self.pending).iter() {
             if *k == kind && *minute >= since {
                 let entry = totals.entry(name.clone()).or_default();
-                entry[0].add(&counts[0]);
-                entry[1].add(&counts[1]);
+                add_totals(entry, counts);
             }
         }
         Ok(totals)
@@ -405,30 +408,6 @@ impl HistoryReader {
     /// Buckets (minute and subject) waiting for a commit now.
     pub fn uncommitted(&self) -> usize {
         lock(&self.pending).len()
-    }
-
-    /// Each subject's totals of `kind` since `since` (Unix seconds), from
-    /// `tier`'s buckets and what waits for a commit; None if the database
-    /// could not be read (logged at debug: the caller says so).
-    pub fn totals_since(
-        &self,
-        kind: Kind,
-        tier: Tier,
-        since: i64,
-    ) -> Result<HashMap<String, Totals>, StoreError> {
-        let mut totals = lock(&self.store).totals_since(kind, tier, since)?;
-        let bucket_of = |minute: i64| minute - minute.rem_euclid(tier.seconds());
-        for ((minute, k, name), counts) in lock(&self.pending).iter() {
-            // A bucket that starts before `since` is not counted from the
-            // database either (days start at local midnight: `since` is one).
-            if *k == kind && (tier == Tier::Day || bucket_of(*minute) >= since) && *minute >= since
-            {
-                let entry = totals.entry(name.clone()).or_default();
-                entry[0].add(&counts[0]);
-                entry[1].add(&counts[1]);
-            }
-        }
-        Ok(totals)
     }
 
     /// One subject's totals from `from` to `to` in steps of `step` seconds,
@@ -450,8 +429,7 @@ impl HistoryReader {
             if *k == kind && n == name && (from..to).contains(minute) {
                 let start = minute - (minute - from).rem_euclid(step.max(1));
                 let entry = series.entry(start).or_default();
-                entry[0].add(&counts[0]);
-                entry[1].add(&counts[1]);
+                add_totals(entry, counts);
             }
         }
         Ok(series.into_iter().collect())
@@ -556,8 +534,7 @@ impl Writer {
                 let mut pending = lock(&self.pending);
                 for (key, counts) in batch {
                     let entry = pending.entry(key).or_default();
-                    entry[0].add(&counts[0]);
-                    entry[1].add(&counts[1]);
+                    add_totals(entry, &counts);
                 }
                 if pending.len() > MAX_PENDING {
                     let mut minutes: Vec<i64> = pending.keys().map(|k| k.0).collect();

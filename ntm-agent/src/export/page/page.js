@@ -79,6 +79,7 @@ const state = {
   lastGood: null,
   timer: null,
   historyLoaded: 0,
+  generation: 0,
   deviceSteps: null, // the selected device's last history, for redrawing
 };
 const THROUGHPUT_POINTS = 300;
@@ -140,6 +141,11 @@ function deviceQuery(limit) {
 
 async function refresh() {
   state.timer = null;
+  if (document.hidden) return; // asked again when shown (visibilitychange)
+  // A refresh started later (a device picked meanwhile) wins: an older
+  // answer is not drawn over it.
+  state.generation += 1;
+  const generation = state.generation;
   try {
     const [status, devices, servers, services, interfaces] = await Promise.all([
       getJson('api/v1/status'),
@@ -148,6 +154,7 @@ async function refresh() {
       getJson('api/v1/services?' + deviceQuery(10)),
       getJson('api/v1/interfaces'),
     ]);
+    if (generation !== state.generation) return;
     state.refreshSeconds = status.refresh_seconds || 1;
     state.rateWindow = status.rate_window_seconds || 10;
     showStatus(status);
@@ -166,6 +173,7 @@ async function refresh() {
       loadDeviceHistory(state.device);
     }
   } catch (e) {
+    if (generation !== state.generation) return;
     if (e instanceof ApiError && e.status === 404 && state.device) {
       // The selected device is gone (expired, or a stale link).
       select(null);
@@ -447,6 +455,9 @@ document.addEventListener('DOMContentLoaded', () => {
   window.addEventListener('resize', () => {
     drawThroughput();
     if (state.deviceSteps) drawBars($('device-chart'), state.deviceSteps);
+  });
+  document.addEventListener('visibilitychange', () => {
+    if (!document.hidden) refreshNow();
   });
   state.device = selectedFromHash();
   refresh();
