@@ -69,6 +69,18 @@ function period(periods, name, way) {
   return periods && periods[name] ? periods[name][way] : undefined;
 }
 
+// A device's or an interface's figures, each of its two ways (`download`
+// and `upload`, or `rx` and `tx`): now, today, in the billing period,
+// since the agent started.
+function figureCells(row, first, second) {
+  const cells = [bytesCell(row[first], true), bytesCell(row[second], true)];
+  for (const name of ['day', 'month']) {
+    cells.push(bytesCell(period(row.periods, name, first)), bytesCell(period(row.periods, name, second)));
+  }
+  cells.push(bytesCell(row[first]), bytesCell(row[second]));
+  return cells;
+}
+
 // --- state -----------------------------------------------------------
 
 const state = {
@@ -259,17 +271,7 @@ function showDevices(doc) {
     if (device.addresses.length > 0) {
       name.append(element('span', device.addresses.join(', '), 'sub muted'));
     }
-    tr.append(
-      name,
-      bytesCell(device.download, true),
-      bytesCell(device.upload, true),
-      bytesCell(period(device.periods, 'day', 'download')),
-      bytesCell(period(device.periods, 'day', 'upload')),
-      bytesCell(period(device.periods, 'month', 'download')),
-      bytesCell(period(device.periods, 'month', 'upload')),
-      bytesCell(device.download),
-      bytesCell(device.upload),
-    );
+    tr.append(name, ...figureCells(device, 'download', 'upload'));
     return tr;
   });
   document.querySelector('#devices tbody').replaceChildren(...rows);
@@ -301,18 +303,7 @@ function showInterfaces(doc) {
     tr.dataset.name = iface.name;
     const counting = iface.attached === true ? 'yes' : iface.attached === false ? 'not attached' : '–';
     const state_ = element('td', counting, iface.attached === false ? 'bad-text' : '');
-    tr.append(
-      element('td', iface.name),
-      state_,
-      bytesCell(iface.rx, true),
-      bytesCell(iface.tx, true),
-      bytesCell(period(iface.periods, 'day', 'rx')),
-      bytesCell(period(iface.periods, 'day', 'tx')),
-      bytesCell(period(iface.periods, 'month', 'rx')),
-      bytesCell(period(iface.periods, 'month', 'tx')),
-      bytesCell(iface.rx),
-      bytesCell(iface.tx),
-    );
+    tr.append(element('td', iface.name), state_, ...figureCells(iface, 'rx', 'tx'));
     return tr;
   });
   document.querySelector('#interfaces tbody').replaceChildren(...rows);
