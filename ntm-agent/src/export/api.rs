@@ -148,6 +148,9 @@ struct Interfaces {
 #[derive(Serialize)]
 struct Status {
     started: u64,
+    /// The agent's clock (Unix seconds), for a client whose own clock is
+    /// off: the page asks for history ranges by it.
+    now: u64,
     rate_window_seconds: f64,
     /// How often the rates and totals change (a drain, at least 1 s): how
     /// often a page or script may usefully ask again.
@@ -515,6 +518,7 @@ impl Api {
         let status = &live.status;
         json(&Status {
             started: unix_seconds(live.started()),
+            now: unix_seconds(SystemTime::now()),
             rate_window_seconds: live.rate_window().as_secs_f64(),
             refresh_seconds: live.bucket().as_secs_f64(),
             traffic: traffic(&live.all(Instant::now())),
@@ -699,5 +703,8 @@ mod tests {
         assert_eq!(status["traffic"]["download"]["bytes"], 1500);
         assert_eq!(status["traffic"]["upload"]["bytes"], 0);
         assert_eq!(status["refresh_seconds"], 1.0);
+        let now = unix_seconds(SystemTime::now());
+        let agent_now = status["now"].as_u64().unwrap();
+        assert!((now - 5..=now).contains(&agent_now), "{agent_now} vs {now}");
     }
 }

@@ -93,6 +93,7 @@ const state = {
   historyLoaded: 0,
   generation: 0,
   deviceSteps: null, // the selected device's last history, for redrawing
+  agentClockOffset: 0, // ms the agent's clock is ahead of this browser's
 };
 const THROUGHPUT_POINTS = 300;
 
@@ -120,6 +121,7 @@ function select(device) {
 
 // --- fetching --------------------------------------------------------
 
+// The agent answered, but not with the document (a 4xx or 5xx).
 class ApiError extends Error {
   constructor(status, message) {
     super(message);
@@ -127,12 +129,29 @@ class ApiError extends Error {
   }
 }
 
+// No answer at all: the agent is down, the network is, or it took longer
+// than the page waits.
+class NoAnswer extends Error {}
+
+// How long a request may take before the page gives up on it and asks
+// again at the next refresh: without a bound, one request lost on the way
+// would stop the page's refreshes for good.
+function timeoutMs() {
+  return Math.max(5, 5 * state.refreshSeconds) * 1000;
+}
+
 async function getJson(path) {
-  const response = await fetch(path, {
-    cache: 'no-store',
-    credentials: 'same-origin',
-    headers: { Accept: 'application/json' },
-  });
+  let response;
+  try {
+    response = await fetch(path, {
+      cache: 'no-store',
+      credentials: 'same-origin',
+      headers: { Accept: 'application/json' },
+      signal: AbortSignal.timeout(timeoutMs()),
+    });
+  } catch (e) {
+    throw new NoAnswer(e.message);
+  }
   let doc = null;
   try {
     doc = await response.json();
@@ -168,6 +187,7 @@ async function refresh() {
     ]);
     if (generation !== state.generation) return;
     state.refreshSeconds = status.refresh_seconds || 1;
+    state.agentClockOffset = (status.now || 0) * 1000 - Date.now();
     state.rateWindow = status.rate_window_seconds || 10;
     showStatus(status);
     showThroughput(status);
@@ -178,6 +198,7 @@ async function refresh() {
     showDevice(devices);
     state.lastGood = new Date();
     $('offline').hidden = true;
+    $('problem').hidden = true;
     $('updated').textContent = 'updated ' + state.lastGood.toLocaleTimeString();
     document.body.dataset.updated = String(state.lastGood.getTime());
     if (state.device && Date.now() - state.historyLoaded > 60000) {
@@ -191,7 +212,17 @@ async function refresh() {
       select(null);
       return;
     }
-    showOffline();
+    if (e instanceof NoAnswer) {
+      showOffline();
+    } else if (e instanceof ApiError) {
+      // 429 (asked too often), 503 (the history cannot be read), ...
+      showProblem('The agent answered ' + e.status + ': ' + e.message + '.');
+    } else {
+      // A fault of the page itself: in the console too, where a developer
+      // (and the page test) looks.
+      console.error(e);
+      showProblem('The page failed to show the figures: ' + e.message + '.');
+    }
   }
   schedule();
 }
@@ -210,7 +241,17 @@ function refreshNow() {
   refresh();
 }
 
+function showProblem(text) {
+  $('offline').hidden = true;
+  $('problem').hidden = false;
+  $('problem').textContent = text;
+  const badge = $('health');
+  badge.textContent = 'not up to date';
+  badge.className = 'badge bad';
+}
+
 function showOffline() {
+  $('problem').hidden = true;
   $('offline').hidden = false;
   $('offline-since').textContent = state.lastGood ? state.lastGood.toLocaleTimeString() : 'never';
   const badge = $('health');
@@ -255,58 +296,77 @@ function showThroughput(status) {
 }
 
 function drawThroughput() {
-  drawLines($('now-chart'), state.throughput.map((p) => [p.down, p.up]));
+  drawLines($('now-chart'), state.throughput.map((p) => [p.down, p.up, p.t]));
+}
+
+// A table's rows, one per named item, in the items' order. A row whose
+// item stays is updated in place, not rebuilt: its button keeps the
+// keyboard focus, and a click never lands on a row being replaced.
+// `cells(item, tr)` gives the row's cells; it may hand back cells the row
+// already has.
+function updateRows(body, items, cells) {
+  const old = new Map();
+  for (const tr of body.rows) old.set(tr.dataset.name, tr);
+  items.forEach((item, i) => {
+    let tr = old.get(item.name);
+    old.delete(item.name);
+    if (!tr) {
+      tr = document.createElement('tr');
+      tr.dataset.name = item.name;
+    }
+    const wanted = cells(item, tr);
+    for (const td of Array.from(tr.cells)) {
+      if (!wanted.includes(td)) td.remove();
+    }
+    wanted.forEach((td, j) => {
+      if (tr.cells[j] !== td) tr.insertBefore(td, tr.cells[j] || null);
+    });
+    if (body.rows[i] !== tr) body.insertBefore(tr, body.rows[i] || null);
+  });
+  for (const gone of old.values()) gone.remove();
 }
 
 function showDevices(doc) {
-  const rows = doc.devices.map((device) => {
-    const tr = document.createElement('tr');
-    tr.dataset.name = device.name;
-    if (device.name === state.device) tr.className = 'selected';
-    const name = element('td');
-    const button = element('button', device.name, 'link');
-    button.type = 'button';
-    button.addEventListener('click', () => select(device.name === state.device ? null : device.name));
-    name.append(button);
-    if (device.addresses.length > 0) {
-      name.append(element('span', device.addresses.join(', '), 'sub muted'));
+  updateRows(document.querySelector('#devices tbody'), doc.devices, (device, tr) => {
+    tr.className = device.name === state.device ? 'selected' : '';
+    let name = tr.cells[0];
+    if (!name) {
+      name = element('td');
+      const button = element('button', device.name, 'link');
+      button.type = 'button';
+      button.addEventListener('click', () => select(device.name === state.device ? null : device.name));
+      name.append(button, element('span', undefined, 'sub muted'));
     }
-    tr.append(name, ...figureCells(device, 'download', 'upload'));
-    return tr;
+    const addresses = name.querySelector('span');
+    addresses.textContent = device.addresses.join(', ');
+    addresses.hidden = device.addresses.length === 0;
+    return [name, ...figureCells(device, 'download', 'upload')];
   });
-  document.querySelector('#devices tbody').replaceChildren(...rows);
-  $('devices-empty').hidden = rows.length > 0;
+  $('devices-empty').hidden = doc.devices.length > 0;
 }
 
 function showTop(table, rows) {
-  const body = document.querySelector('#' + table + ' tbody');
-  body.replaceChildren(...rows.map((row) => {
-    const tr = document.createElement('tr');
-    tr.dataset.name = row.name;
-    tr.append(
-      element('td', row.name === '' ? '(none)' : row.name),
-      bytesCell(row.download, true),
-      bytesCell(row.upload, true),
-      bytesCell(row.download),
-      bytesCell(row.upload),
-    );
-    return tr;
-  }));
+  updateRows(document.querySelector('#' + table + ' tbody'), rows, (row) => [
+    element('td', row.name === '' ? '(none)' : row.name),
+    bytesCell(row.download, true),
+    bytesCell(row.upload, true),
+    bytesCell(row.download),
+    bytesCell(row.upload),
+  ]);
   for (const scope of document.querySelectorAll('.scope')) {
     scope.textContent = state.device ? 'of ' + state.device : 'of all devices';
   }
 }
 
 function showInterfaces(doc) {
-  const rows = doc.interfaces.map((iface) => {
-    const tr = document.createElement('tr');
-    tr.dataset.name = iface.name;
+  updateRows(document.querySelector('#interfaces tbody'), doc.interfaces, (iface) => {
     const counting = iface.attached === true ? 'yes' : iface.attached === false ? 'not attached' : '–';
-    const state_ = element('td', counting, iface.attached === false ? 'bad-text' : '');
-    tr.append(element('td', iface.name), state_, ...figureCells(iface, 'rx', 'tx'));
-    return tr;
+    return [
+      element('td', iface.name),
+      element('td', counting, iface.attached === false ? 'bad-text' : ''),
+      ...figureCells(iface, 'rx', 'tx'),
+    ];
   });
-  document.querySelector('#interfaces tbody').replaceChildren(...rows);
 }
 
 // The rungs of the naming ladder, as the API names them.
@@ -335,8 +395,10 @@ function showDevice(devices) {
 
 async function loadDeviceHistory(device) {
   try {
-    // The last 24 clock hours, this one included.
-    const now = Math.floor(Date.now() / 1000);
+    // The last 24 hours of the history, this one included, by the agent's
+    // clock. (The history's hours are Unix hours: the local clock's hours
+    // wherever the offset from UTC is whole hours.)
+    const now = Math.floor((Date.now() + state.agentClockOffset) / 1000);
     const to = now - (now % 3600) + 3600;
     const query = new URLSearchParams({
       kind: 'devices', name: device, from: String(to - 86400), to: String(to), step: '3600',
@@ -355,7 +417,8 @@ async function loadDeviceHistory(device) {
     }
     state.deviceSteps = steps;
     drawBars($('device-chart'), steps);
-  } catch (_) {
+  } catch (e) {
+    if (!(e instanceof NoAnswer || e instanceof ApiError)) console.error(e);
     state.deviceSteps = null;
     $('device-chart').replaceChildren();
   }
@@ -387,11 +450,15 @@ function scaleLabel(max, unit) {
   return label;
 }
 
-// Two lines (download, upload) over the samples.
+// Two lines (download, upload) over the samples ([download, upload, time
+// in ms]), placed by their time: a pause (the page hidden, the agent not
+// answering) shows as the stretch it was.
 function drawLines(chart, samples) {
   const WIDTH = sized(chart);
-  const max = Math.max(1, ...samples.flat());
-  const x = (i) => (samples.length < 2 ? WIDTH : (i / (samples.length - 1)) * WIDTH);
+  const max = Math.max(1, ...samples.map((s) => Math.max(s[0], s[1])));
+  const first = samples.length > 0 ? samples[0][2] : 0;
+  const span = samples.length > 1 ? samples[samples.length - 1][2] - first : 0;
+  const x = (i) => (span <= 0 ? WIDTH : ((samples[i][2] - first) / span) * WIDTH);
   const y = (v) => HEIGHT - (v / max) * (HEIGHT - TOP);
   const parts = [svg('line', { x1: 0, y1: TOP, x2: WIDTH, y2: TOP, class: 'grid' })];
   for (const [way, className] of [[0, 'down'], [1, 'up']]) {
