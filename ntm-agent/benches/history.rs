@@ -14,7 +14,7 @@ use clap::Parser as _;
 use ntm_agent::{
     config::Config,
     export::{
-        history::{Batch, History, HistoryOptions, Tier, store::Store},
+        history::{Batch, History, HistoryOptions, Tier, periods::Period, store::Store},
         http::Health,
         labels::{Cidr, LocalNets},
         live::{Kind, LiveTraffic},
@@ -89,8 +89,16 @@ fn api_figures() {
         "\npage API: response time (median of 20) with N series (N devices, 64 servers), next to /metrics of the same agent"
     );
     println!(
-        "{:>8} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10}",
-        "series", "/metrics", "devices", "servers", "services", "interfaces", "devices/metrics"
+        "{:>8} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>16} {:>16}",
+        "series",
+        "/metrics",
+        "devices",
+        "servers",
+        "services",
+        "interfaces",
+        "status",
+        "page refresh",
+        "refresh/metrics"
     );
     let interfaces = HashMap::from([(1, "eth0".to_string())]);
     for n in [1_000u32, 10_000] {
@@ -104,16 +112,29 @@ fn api_figures() {
         let servers = time(20, || api.top(Kind::Servers, &none).unwrap().len());
         let services = time(20, || api.top(Kind::Services, &none).unwrap().len());
         let ifaces = time(20, || api.interfaces(&none).unwrap().len());
+        let status = time(20, || api.status().len());
+        // What the page asks for at each refresh (page.js `refresh`).
+        let limit = |n: &str| HashMap::from([("limit".to_string(), n.to_string())]);
+        let (hundred, ten) = (limit("100"), limit("10"));
+        let refresh = time(20, || {
+            api.status().len()
+                + api.devices(&hundred).unwrap().len()
+                + api.top(Kind::Servers, &ten).unwrap().len()
+                + api.top(Kind::Services, &ten).unwrap().len()
+                + api.interfaces(&none).unwrap().len()
+        });
         let ms = |d: Duration| format!("{:.2}ms", d.as_secs_f64() * 1e3);
         println!(
-            "{:>8} {:>12} {:>12} {:>12} {:>12} {:>12} {:>9.2}x",
+            "{:>8} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>16} {:>15.2}x",
             n,
             ms(metrics),
             ms(devices),
             ms(servers),
             ms(services),
             ms(ifaces),
-            devices.as_secs_f64() / metrics.as_secs_f64()
+            ms(status),
+            ms(refresh),
+            refresh.as_secs_f64() / metrics.as_secs_f64()
         );
     }
 }
@@ -138,20 +159,7 @@ fn drain_figures() {
         // The same flows into a live view and a history of their own.
         let local = LocalNets(vec!["10.0.0.0/8".parse::<Cidr>().unwrap()]);
         let mut live = LiveTraffic::new(local, Duration::from_secs(1), Instant::now());
-        let metrics = SelfMetrics::new("bench", 1024).unwrap();
-        let history = History::start(
-            &HistoryOptions {
-                state_dir: None,
-                retention: Default::default(),
-                commit_interval: Duration::from_secs(3600),
-                period_start_day: 1,
-                quotas: Vec::new(),
-                max_period_devices: 100,
-            },
-            metrics.history.clone(),
-            utc_day,
-        )
-        .unwrap();
+        let (history, _metrics) = history(None);
         let names: Vec<(String, String)> = batch
             .flows
             .iter()
@@ -181,6 +189,26 @@ fn drain_figures() {
     }
 }
 
+/// A history that commits only when dropped (within a bench), in
+/// `state_dir` or in memory, with the self-metrics it reports to.
+fn history(state_dir: Option<std::path::PathBuf>) -> (History, SelfMetrics) {
+    let metrics = SelfMetrics::new("bench", 1024).unwrap();
+    let history = History::start(
+        &HistoryOptions {
+            state_dir,
+            retention: Default::default(),
+            commit_interval: Duration::from_secs(3600),
+            period_start_day: 1,
+            quotas: Vec::new(),
+            max_period_devices: 100,
+        },
+        metrics.history.clone(),
+        utc_day,
+    )
+    .unwrap();
+    (history, metrics)
+}
+
 /// Local midnight is UTC midnight here: the figures do not depend on it.
 fn utc_day(t: i64) -> i64 {
     t - t.rem_euclid(86_400)
@@ -191,8 +219,13 @@ fn database_figures() {
         "\nhistory: a day of minutes (one commit a minute, as a drain every second with the default 10s commit would batch six), each device talking to one of its 10% servers, 5 services, 1 interface"
     );
     println!(
-        "{:>8} {:>14} {:>16} {:>16} {:>18}",
-        "devices", "bytes/day", "commit (median)", "per drain (1s)", "minutes, hours, days rows"
+        "{:>8} {:>14} {:>16} {:>16} {:>26} {:>28}",
+        "devices",
+        "bytes/day",
+        "commit (median)",
+        "per drain (1s)",
+        "minutes, hours, days rows",
+        "periods: first answer, next"
     );
     for devices in [100u32, 1_000] {
         let dir = std::env::temp_dir().join(format!(
@@ -254,15 +287,43 @@ fn database_figures() {
                 .unwrap();
         }
         let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        // What an /api/v1/devices answer (100 devices) asks of the history
+        // at the day's end: the period totals of its devices. The first
+        // after a write adds up the store's rows; the next ones use what
+        // that one kept.
+        let (history, _metrics) = history(Some(dir.clone()));
+        let reader = history.reader();
+        let names: Vec<String> = (0..devices.min(100))
+            .map(|d| format!("device-{d}.home.arpa"))
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let answer = || {
+            Period::ALL
+                .iter()
+                .map(|period| {
+                    reader
+                        .period_totals_of(Kind::Devices, *period, day0 + 86_340, &names)
+                        .unwrap()
+                        .len()
+                })
+                .sum::<usize>()
+        };
+        let started = Instant::now();
+        answer();
+        let first = started.elapsed();
+        let kept = time(20, answer);
+        drop(history);
         let subjects = devices + (devices / 10).max(1) + 6;
         let commit = median(commits);
         println!(
-            "{:>8} {:>12.1}MB {:>14.2}ms {:>14.3}ms {:>18}",
+            "{:>8} {:>12.1}MB {:>14.2}ms {:>14.3}ms {:>26} {:>18.2}ms, {:.3}ms",
             devices,
             bytes as f64 / 1e6,
             commit.as_secs_f64() * 1e3,
             commit.as_secs_f64() * 1e3 / 60.0,
-            format!("{}, {}, {}", 1440 * subjects, 24 * subjects, subjects)
+            format!("{}, {}, {}", 1440 * subjects, 24 * subjects, subjects),
+            first.as_secs_f64() * 1e3,
+            kept.as_secs_f64() * 1e3
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

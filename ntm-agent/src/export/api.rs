@@ -304,18 +304,24 @@ fn ways(kind: Kind, totals: &crate::export::history::Totals) -> BTreeMap<&'stati
     BTreeMap::from([(first, (&totals[0]).into()), (second, (&totals[1]).into())])
 }
 
-/// Each subject's period totals of `kind`, as JSON (None: the history
-/// cannot be read now; the rest of the answer stands).
-fn periods_of(history: &HistoryReader, kind: Kind) -> Option<HashMap<String, PeriodDoc>> {
+/// The period totals of the subjects of `kind` an answer shows, as JSON
+/// (None: the history cannot be read now; the rest of the answer stands).
+/// Asked for with the live view's lock released: a commit holds the
+/// history's lock, and the drain must not wait for it.
+fn periods_of(
+    history: &HistoryReader,
+    kind: Kind,
+    names: &[&str],
+) -> Option<HashMap<String, PeriodDoc>> {
     let now = unix_seconds(SystemTime::now()) as i64;
     let mut docs: HashMap<String, PeriodDoc> = HashMap::new();
     for period in Period::ALL {
         let totals = history
-            .period_totals(kind, period, now)
+            .period_totals_of(kind, period, now, names)
             .map_err(|e| log::debug!("API: period totals: {e}"))
             .ok()?;
         for (name, t) in totals {
-            docs.entry(name)
+            docs.entry(name.to_string())
                 .or_default()
                 .insert(period.as_str(), ways(kind, &t));
         }
@@ -355,13 +361,12 @@ impl Api {
     /// `GET /api/v1/devices[?limit=N]`: local hosts, busiest first.
     pub fn devices(&self, query: &HashMap<String, String>) -> Result<String, ApiError> {
         let query = Query::parse(query, false)?;
-        let periods = periods_of(&self.history, Kind::Devices);
-        let live = self.read();
-        let devices = live
+        let mut devices: Vec<Device> = self
+            .read()
             .devices(Instant::now(), query.limit)
             .into_iter()
             .map(|(row, device)| Device {
-                periods: periods_for(&periods, &row.name, Kind::Devices),
+                periods: None,
                 traffic: traffic(&row),
                 addresses: device.addresses.iter().map(|ip| ip.to_string()).collect(),
                 mac: device.mac.map(|mac| {
@@ -373,7 +378,12 @@ impl Api {
                 name_source: device.source,
             })
             .collect();
-        Ok(Self::listing(&live, None, Devices { devices }))
+        let names: Vec<&str> = devices.iter().map(|d| d.traffic.name.as_str()).collect();
+        let periods = periods_of(&self.history, Kind::Devices, &names);
+        for device in &mut devices {
+            device.periods = periods_for(&periods, &device.traffic.name, Kind::Devices);
+        }
+        Ok(Self::listing(&self.read(), None, Devices { devices }))
     }
 
     /// `GET /api/v1/servers[?device=NAME][&limit=N]` and the same for
@@ -395,16 +405,15 @@ impl Api {
     /// and every requested one, with its attach state.
     pub fn interfaces(&self, query: &HashMap<String, String>) -> Result<String, ApiError> {
         let query = Query::parse(query, false)?;
-        let periods = periods_of(&self.history, Kind::Interfaces);
-        let live = self.read();
         let attached: HashMap<String, bool> = self.health.states().into_iter().collect();
-        let rows = live
+        let rows = self
+            .read()
             .top(Kind::Interfaces, None, Instant::now(), query.limit)
             .unwrap_or_default();
         let mut interfaces: Vec<Interface> = rows
             .iter()
             .map(|row| Interface {
-                periods: periods_for(&periods, &row.name, Kind::Interfaces),
+                periods: None,
                 name: row.name.clone(),
                 attached: attached.get(&row.name).copied(),
                 rx: way(row, 0),
@@ -420,7 +429,7 @@ impl Api {
                     rate: 0.0,
                 };
                 interfaces.push(Interface {
-                    periods: periods_for(&periods, name, Kind::Interfaces),
+                    periods: None,
                     name: name.clone(),
                     attached: Some(*state),
                     rx: zero(),
@@ -428,7 +437,12 @@ impl Api {
                 });
             }
         }
-        Ok(Self::listing(&live, None, Interfaces { interfaces }))
+        let names: Vec<&str> = interfaces.iter().map(|i| i.name.as_str()).collect();
+        let periods = periods_of(&self.history, Kind::Interfaces, &names);
+        for iface in &mut interfaces {
+            iface.periods = periods_for(&periods, &iface.name, Kind::Interfaces);
+        }
+        Ok(Self::listing(&self.read(), None, Interfaces { interfaces }))
     }
 
     /// `GET /api/v1/history?kind=K&name=N[&from=T][&to=T][&step=S]`: one

@@ -40,6 +40,9 @@ pub struct Store {
     db: Connection,
     name: String,
     subjects: HashMap<(Kind, String), i64>,
+    /// Bumped by every write: what a reader computed from the store holds
+    /// while this stays the same.
+    writes: u64,
 }
 
 fn kind_code(kind: Kind) -> i64 {
@@ -140,6 +143,7 @@ impl Store {
             db,
             name,
             subjects: HashMap::new(),
+            writes: 0,
         })
     }
 
@@ -157,7 +161,15 @@ impl Store {
         batch: &HashMap<(i64, Kind, String), [Counters; 2]>,
         day_start: impl Fn(i64) -> i64,
     ) -> Result<(), StoreError> {
-        let Self { db, subjects, name } = self;
+        let Self {
+            db,
+            subjects,
+            name,
+            writes,
+        } = self;
+        // Before anything is written: a write that fails half-way (rolled
+        // back) counts too, which costs a reader one needless recount.
+        *writes += 1;
         let sqlite = |source| StoreError::Sqlite {
             path: name.clone(),
             source,
@@ -227,6 +239,7 @@ impl Store {
         keep_after: [(Tier, i64); 3],
         max_bytes: u64,
     ) -> Result<u64, StoreError> {
+        self.writes += 1;
         let mut deleted = 0u64;
         for (tier, after) in keep_after {
             deleted += self
@@ -271,6 +284,12 @@ impl Store {
             self.subjects.clear();
         }
         Ok(deleted)
+    }
+
+    /// How many writes (commits, prunes) the store has had: a figure
+    /// computed from it holds while this stays the same.
+    pub fn writes(&self) -> u64 {
+        self.writes
     }
 
     /// The file's size in bytes (pages in use and free), the WAL aside.
