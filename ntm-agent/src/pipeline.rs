@@ -141,11 +141,16 @@ impl Pipeline {
         );
         let exposition = Exposition::new(metrics.registry().clone(), series);
         let coverage = Coverage::new(metrics.coverage.clone());
-        let live = Arc::new(RwLock::new(LiveTraffic::new(
+        let mut live = LiveTraffic::new(
             options.local.clone(),
             options.drain_interval.max(Duration::from_secs(1)),
             Instant::now(),
-        )));
+        );
+        // What is configured, from the start: the API's status is asked for
+        // before the first drain too.
+        live.status.max_series = options.max_series;
+        live.status.flow_table_capacity = options.flow_table_capacity;
+        let live = Arc::new(RwLock::new(live));
         Ok(Self {
             metrics,
 
@@ -469,6 +474,18 @@ mod tests {
             .filter(|l| l.starts_with("ntm_bytes_total{"))
             .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
             .sum()
+    }
+
+    /// The status tells the configured limits before the first drain
+    /// (a page opened as the agent starts shows "0 of 500", not "0 of 0").
+    #[test]
+    fn the_status_has_the_limits_before_any_drain() {
+        let pipeline = pipeline(500, Duration::from_secs(60), Vec::new());
+        let status: serde_json::Value =
+            serde_json::from_str(&pipeline.api(Health::default()).status()).unwrap();
+        assert_eq!(status["max_series"], 500);
+        assert_eq!(status["flow_table_capacity"], 1024);
+        assert_eq!(status["drains"], 0);
     }
 
     #[test]
