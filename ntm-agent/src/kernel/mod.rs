@@ -221,7 +221,21 @@ impl Kernel {
             Some(root) => open_pins(root),
             None => None,
         };
-        let maps_dir = pins.as_ref().map(NetnsPins::new_maps_dir).transpose()?;
+        let maps_dir = match pins.as_ref().map(NetnsPins::new_maps_dir).transpose() {
+            Ok(dir) => dir,
+            // Started without privileges where an earlier agent (root) left
+            // its state: what is missing is the privileges, not the folder.
+            Err(PinError::Io { source, path, .. })
+                if source.kind() == std::io::ErrorKind::PermissionDenied
+                    && !privileges::may_load_programs() =>
+            {
+                return Err(DatapathError::NotPermitted {
+                    what: format!("writing its pinned state in {}", path.display()),
+                }
+                .into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let loaded = Datapath::load(&options.datapath, known_ports, maps_dir.as_deref())
             .map_err(KernelError::from)
             .and_then(|(mut datapath, tables)| {

@@ -38,6 +38,15 @@ pub enum PrivilegeError {
     Capabilities(#[source] CapsError),
 }
 
+/// Whether this process may load eBPF programs at all: CAP_BPF (or, on
+/// kernels before 5.8, CAP_SYS_ADMIN) in its effective set. Unknown
+/// counts as yes: the kernel's own answer then tells.
+pub fn may_load_programs() -> bool {
+    [Capability::CAP_BPF, Capability::CAP_SYS_ADMIN]
+        .into_iter()
+        .any(|cap| caps::has_cap(None, CapSet::Effective, cap).unwrap_or(true))
+}
+
 /// Whom to become.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct User {

@@ -550,6 +550,43 @@ pub fn clear_errors_for_bad_input() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+
+    // The same where a root agent left its pinned state, which the
+    // unprivileged one cannot write to: still the privileges are named.
+    let ns = crate::kit::Netns::new("unprivileged");
+    let bpffs = crate::kit::BpfFs::new("unprivileged");
+    let mut earlier = crate::kit::agent_in(&ns, false)
+        .args(["-i", "lo", "-b", "127.0.0.1", "-p", "9443"])
+        .args(["--pin-dir", &bpffs.pin_dir()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    crate::kit::scrape::wait_healthy(&ns, 9443);
+    // SAFETY: kill(2) on the test's own child; no memory is involved.
+    assert_eq!(unsafe { libc::kill(earlier.id() as i32, libc::SIGTERM) }, 0);
+    assert!(earlier.wait().unwrap().success());
+    let err = run(Command::new("ip").args([
+        "netns",
+        "exec",
+        &ns.name,
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        agent,
+        "-i",
+        "lo",
+        "--pin-dir",
+        &bpffs.pin_dir(),
+    ]));
+    assert!(
+        err.contains("CAP_BPF") && err.contains("not allowed") && err.contains("pinned state"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 /// ntm filters tc lists on `a`'s interface, per direction (clsact mode).
