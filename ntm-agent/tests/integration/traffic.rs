@@ -535,7 +535,8 @@ pub fn clear_errors_for_bad_input() {
     assert!(err.contains("duration"), "{err}");
 
     // Without privileges (nobody, no capabilities): says which are missing.
-    let err = run(Command::new("setpriv").args([
+    let unprivileged = [
+        "setpriv",
         "--reuid=65534",
         "--regid=65534",
         "--clear-groups",
@@ -544,7 +545,8 @@ pub fn clear_errors_for_bad_input() {
         agent,
         "-i",
         "lo",
-    ]));
+    ];
+    let err = run(Command::new(unprivileged[0]).args(&unprivileged[1..]));
     assert!(
         err.contains("CAP_BPF") && err.contains("not allowed"),
         "{err}"
@@ -566,22 +568,10 @@ pub fn clear_errors_for_bad_input() {
     // SAFETY: kill(2) on the test's own child; no memory is involved.
     assert_eq!(unsafe { libc::kill(earlier.id() as i32, libc::SIGTERM) }, 0);
     assert!(earlier.wait().unwrap().success());
-    let err = run(Command::new("ip").args([
-        "netns",
-        "exec",
-        &ns.name,
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-        "--bounding-set=-all",
-        agent,
-        "-i",
-        "lo",
-        "--pin-dir",
-        &bpffs.pin_dir(),
-    ]));
+    let err = run(Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .args(unprivileged)
+        .args(["--pin-dir", &bpffs.pin_dir()]));
     assert!(
         err.contains("CAP_BPF") && err.contains("not allowed") && err.contains("pinned state"),
         "{err}"
