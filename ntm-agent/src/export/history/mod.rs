@@ -303,8 +303,6 @@ impl History {
         };
         let writer = Writer {
             reader: reader.clone(),
-            store: Arc::clone(&store),
-            pending: Arc::clone(&pending),
             retention: options.retention.clone(),
             metrics,
             day_start,
@@ -414,7 +412,7 @@ impl HistoryReader {
         let (committed, pending) = self.period_parts(kind, period, now, |_| true)?;
         let mut totals = (*committed).clone();
         for (name, counts) in pending {
-            add_totals(totals.entry(name.to_string()).or_default(), &counts);
+            add_totals(totals.entry(name).or_default(), &counts);
         }
         Ok(totals)
     }
@@ -504,7 +502,10 @@ impl HistoryReader {
         range: (i64, i64),
         step: i64,
     ) -> Result<Vec<(i64, Totals)>, StoreError> {
-        let mut series: std::collections::BTreeMap<i64, Totals> = lock(&self.store)
+        // The store's lock held while the pending counts are read: a commit
+        // in between would otherwise hide them (see `Writer::commit`).
+        let store = lock(&self.store);
+        let mut series: std::collections::BTreeMap<i64, Totals> = store
             .series(kind, name, tier, range, step)?
             .into_iter()
             .collect();
@@ -561,8 +562,6 @@ struct Writer {
     reader: HistoryReader,
     quotas: Vec<Quota>,
     max_period_devices: usize,
-    store: Arc<Mutex<Store>>,
-    pending: Arc<Mutex<Batch>>,
     retention: Retention,
     metrics: HistoryMetrics,
     day_start: fn(i64) -> i64,
@@ -596,8 +595,8 @@ impl Writer {
         // counts until it is in the store: a reader (which takes the same
         // lock first) sees it in one place or the other, never in neither.
         // The drain only ever waits for the pending lock, never for this.
-        let mut store = lock(&self.store);
-        let batch = std::mem::take(&mut *lock(&self.pending));
+        let mut store = lock(&self.reader.store);
+        let batch = std::mem::take(&mut *lock(&self.reader.pending));
         if batch.is_empty() {
             return failing;
         }
@@ -620,7 +619,7 @@ impl Writer {
                         "history: cannot commit ({e}); keeping the counts in memory and trying again (counting and /metrics are not affected)"
                     );
                 }
-                let mut pending = lock(&self.pending);
+                let mut pending = lock(&self.reader.pending);
                 for (key, counts) in batch {
                     let entry = pending.entry(key).or_default();
                     add_totals(entry, &counts);
@@ -725,7 +724,7 @@ impl Writer {
             (Tier::Hour, now - r.hours.as_secs() as i64),
             (Tier::Day, now - r.days.as_secs() as i64),
         ];
-        let result = lock(&self.store).prune(keep_after, r.max_bytes);
+        let result = lock(&self.reader.store).prune(keep_after, r.max_bytes);
         match result {
             Ok(deleted) if deleted > 0 => log::debug!("history: pruned {deleted} old buckets"),
             Ok(_) => {}
