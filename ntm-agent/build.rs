@@ -39,7 +39,7 @@ fn link_libpcap() -> anyhow::Result<()> {
             "{target} needs a static libpcap built for musl, which the machine's libpcap-dev is not: build with `cargo xtask image` (it builds one and sets NTM_LIBPCAP_DIR), or set NTM_LIBPCAP_DIR to a folder holding a musl libpcap.a"
         ),
         // The machine's libpcap (libpcap-dev), linked dynamically through
-        // #[link(name = "pcap")] in src/kernel/filter/pcap.rs.
+        // #[link(name = "pcap")] in src/filter/pcap.rs.
         _ => {}
     }
     Ok(())

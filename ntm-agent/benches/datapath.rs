@@ -13,10 +13,7 @@ use aya::{
 };
 use clap::Parser as _;
 use frames::*;
-use ntm_agent::{
-    config::Config,
-    kernel::{filter::Filter, load::Datapath},
-};
+use ntm_agent::{config::Config, filter::Filter, kernel::load::Datapath};
 use ntm_common::programs::LinkType;
 
 static BASELINE_OBJECT: &[u8] =
@@ -161,7 +158,7 @@ fn fragments(datapath: &mut Datapath, empty: &SchedClassifier) {
 }
 
 /// Loads ntm from these flags.
-fn load(flags: &[&str], services: &ntm_agent::export::services::ServiceRegistry) -> Datapath {
+fn load(flags: &[&str], services: &ntm_agent::pipeline::services::ServiceRegistry) -> Datapath {
     let args = std::iter::once("ntm-agent").chain(flags.iter().copied());
     let config = Config::try_parse_from(args).expect("flags");
     let (datapath, _tables) = Datapath::load(
@@ -177,7 +174,10 @@ fn load(flags: &[&str], services: &ntm_agent::export::services::ServiceRegistry)
 /// off, side by side; DNS responses handed over (the ring buffer read
 /// between rounds), and a flood of them past the rate (dropped and
 /// counted).
-fn observation(services: &ntm_agent::export::services::ServiceRegistry, cases: &[(&str, Vec<u8>)]) {
+fn observation(
+    services: &ntm_agent::pipeline::services::ServiceRegistry,
+    cases: &[(&str, Vec<u8>)],
+) {
     let mut on = load(&[], services);
     // --numeric: neither observation nor MAC learning is loaded.
     let mut off = load(&["--numeric"], services);

@@ -20,13 +20,13 @@ use aya::programs::{TestRun, TestRunOptions};
 use clap::Parser as _;
 use frames::*;
 use ntm_agent::{
+    agent::pipeline::Pipeline,
     config::Config,
-    export::series::TrafficSeries,
     kernel::{
         drain::Drained,
         load::{Datapath, DatapathOptions},
     },
-    pipeline::Pipeline,
+    outputs::series::TrafficSeries,
 };
 use ntm_common::{Counters, FlowKey, family};
 
@@ -137,7 +137,7 @@ fn scrape_figures() {
 
 /// The traffic series encoded by ntm's own encoder and by the `prometheus`
 /// crate's (IntCounterVec + TextEncoder), same series, same run: the reason
-/// `export/series.rs` exists, measured.
+/// `outputs/series.rs` exists, measured.
 fn encoder_figures() {
     println!(
         "\nencoder: /metrics text of N traffic series (both counters), ntm's encoder vs the prometheus crate's, median of 5"

@@ -12,16 +12,15 @@ use std::{
 
 use clap::Parser as _;
 use ntm_agent::{
+    agent::pipeline::Pipeline,
     config::Config,
-    export::{
-        history::{Batch, History, HistoryOptions, Tier, periods::Period, store::Store},
-        http::Health,
-        labels::{Cidr, LocalNets},
-        live::{Kind, LiveTraffic},
-        self_metrics::SelfMetrics,
-    },
+    health::{attached::Health, self_metrics::SelfMetrics},
     kernel::drain::Drained,
-    pipeline::Pipeline,
+    model::net::{Cidr, LocalNets},
+    outputs::{
+        history::{Batch, History, HistoryOptions, Tier, periods::Period, store::Store},
+        live::{Kind, LiveTraffic},
+    },
 };
 use ntm_common::{Counters, FlowKey, family};
 

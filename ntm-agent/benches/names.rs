@@ -10,13 +10,13 @@ use std::{
 
 use clap::Parser as _;
 use ntm_agent::{
+    agent::pipeline::Pipeline,
     config::Config,
-    export::names::{
+    kernel::observe::ObservedFrame,
+    names::{
         observed::{MAX_ANSWERS, MAX_CLIENTS, MAX_LEASES, ObservedNames},
         wire::{Client, Fact},
     },
-    kernel::observe::ObservedFrame,
-    pipeline::Pipeline,
 };
 use ntm_common::{Direction, observe::Kind};
 

@@ -11,17 +11,19 @@ use std::{
 use clap::Parser;
 
 use crate::{
-    export::{
-        labels::{Cidr, DEFAULT_LOCAL_NETS, Label, LocalNets},
-        names::{NameOptions, resolver::Upstream},
-        services::{ServiceRegistry, ServiceSpec, ServicesError},
-    },
     kernel::{
-        KernelOptions,
+        AttachMode, CountMode, FilterSource, KernelOptions,
         load::DatapathOptions,
         privileges::{User, resolve_user},
     },
-    pipeline::PipelineOptions,
+    model::{
+        net::{Cidr, DEFAULT_LOCAL_NETS, LocalNets},
+        series::Label,
+        units::parse_duration,
+    },
+    names::{NameOptions, resolver::Upstream},
+    outputs::history::HistoryOptions,
+    pipeline::services::{ServiceRegistry, ServiceSpec, ServicesError},
 };
 
 /// Reverse lookups waiting for a DNS worker at most; beyond it the address
@@ -38,17 +40,6 @@ pub enum ConfigError {
         "a filter was given both as words ({words:?}) and with -F/--filter-file ({file}); give it one way"
     )]
     TwoFilters { words: String, file: String },
-}
-
-/// Where the tcpdump filter comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum FilterSource {
-    /// None: every frame is counted.
-    None,
-    /// The positional words or NTM_FILTERS, fixed for the process's life.
-    Expression(String),
-    /// A file, read at start and again on SIGHUP.
-    File(std::path::PathBuf),
 }
 
 #[derive(Clone, Debug, Parser)]
@@ -369,14 +360,14 @@ pub struct HistoryArgs {
     /// The day of the month billing periods start on (1 to 28), for the
     /// "month" totals and quotas (as vnstat's MonthRotate).
     #[arg(long = "period-start-day", env = "NTM_PERIOD_START_DAY", default_value_t = 1,
-          value_parser = clap::value_parser!(u8).range(1..=crate::export::history::periods::MAX_START_DAY as i64))]
+          value_parser = clap::value_parser!(u8).range(1..=crate::outputs::history::periods::MAX_START_DAY as i64))]
     pub period_start_day: u8,
 
     /// A data cap per interface: IFACE=SIZE[/day|week|month] (month: the
     /// billing period), e.g. wwan0=50G/month; SIZE in bytes with k, M, G, T
     /// (powers of 1000) or Ki, Mi, Gi, Ti. Exported as <prefix>_quota_used_ratio.
     #[arg(long = "quota", env = "NTM_QUOTAS", value_delimiter = ',')]
-    pub quotas: Vec<crate::export::history::Quota>,
+    pub quotas: Vec<crate::outputs::history::Quota>,
 }
 
 /// `48h,90d,5y`: the minute, hour and day tiers' retention. The minutes
@@ -489,15 +480,6 @@ pub struct PrivilegeArgs {
     pub user: Option<User>,
 }
 
-/// Where packets are counted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum CountMode {
-    /// TC ingress and egress: everything in and out of the host.
-    Tc,
-    /// XDP ingress only: mirror/SPAN ports, before the stack.
-    Xdp,
-}
-
 /// What XDP mode does with a frame once counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpAction {
@@ -507,11 +489,23 @@ pub enum XdpAction {
     Drop,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum AttachMode {
-    Auto,
-    Tcx,
-    Clsact,
+/// What `agent::pipeline::Pipeline` needs: the options of the stages it
+/// wires, built from the configuration in one place (`Config::pipeline`).
+#[derive(Clone, Debug)]
+pub struct PipelineOptions {
+    pub prefix: String,
+    /// Labels kept on the traffic counters, each once, in order.
+    pub labels: Vec<Label>,
+    pub local: LocalNets,
+    pub max_series: usize,
+    pub series_ttl: Duration,
+    /// How often the kernel is drained (the live view's rate buckets are
+    /// at least this long).
+    pub drain_interval: Duration,
+    /// Reported as `<prefix>_flow_table_capacity`.
+    pub flow_table_capacity: u32,
+    pub history: HistoryOptions,
+    pub names: NameOptions,
 }
 
 impl Config {
@@ -610,9 +604,9 @@ impl Config {
             series_ttl: self.series.series_ttl,
             drain_interval: self.datapath.drain_interval,
             flow_table_capacity: self.datapath.flow_table_size,
-            history: crate::export::history::HistoryOptions {
+            history: crate::outputs::history::HistoryOptions {
                 state_dir: (!self.history.no_history).then(|| self.history.state_dir.clone()),
-                retention: crate::export::history::Retention {
+                retention: crate::outputs::history::Retention {
                     minutes: self.history.keep.0,
                     hours: self.history.keep.1,
                     days: self.history.keep.2,
@@ -740,33 +734,6 @@ pub fn parse_metric_prefix(text: &str) -> Result<String, String> {
             "{text:?} cannot start a Prometheus metric name: use letters, digits, '_' and ':', not starting with a digit"
         ))
     }
-}
-
-/// Parses "250ms", "2s", "1m" or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 500ms, 2s or 1m"))?;
-    let duration = match unit {
-        "ms" => Duration::from_millis(number),
-        "" | "s" => Duration::from_secs(number),
-        "m" => Duration::from_secs(number * 60),
-        "h" => Duration::from_secs(number * 3600),
-        _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
-            ));
-        }
-    };
-    if duration.is_zero() {
-        return Err("the duration must be greater than zero".to_string());
-    }
-    Ok(duration)
 }
 
 /// A duration, or 0 / "never" for none.

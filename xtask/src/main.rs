@@ -45,8 +45,9 @@ enum Task {
     },
     /// Build a release binary for a target architecture (amd64 or arm64,
     /// cross-compiled for Raspberry Pi-class gateways) and smoke-test it
-    /// (under qemu-user for arm64). Prints the binary's path. For arm64, as
-    /// root, also builds and checks the arm64 image (see `image`).
+    /// (under qemu-user for arm64). Prints the binary's path. The arm64
+    /// binary is static (glibc linked in); as root, the arm64 image is built
+    /// from it and checked too (see `image`).
     Dist {
         #[arg(long, value_enum, default_value_t = Arch::Amd64)]
         arch: Arch,
@@ -74,8 +75,11 @@ enum Arch {
 }
 
 /// Builds (and for arm64 cross-builds) the agent and checks the binary runs.
-/// For arm64, as root, also builds the arm64 image and checks the binary in
-/// it runs (see `image`), so that CI's `dist --arch arm64` covers both.
+/// For arm64 the binary is the static one the arm64 image holds (glibc
+/// linked in): one release build serves both, and it runs on any arm64
+/// Linux, with or without the image. As root, also builds the arm64 image
+/// from it and checks the binary in it runs (see `image`), so that CI's
+/// `dist --arch arm64` covers both.
 fn dist(arch: Arch) -> Result<()> {
     ensure_ebpf_toolchain()?;
     let (triple, path) = match arch {
@@ -83,20 +87,7 @@ fn dist(arch: Arch) -> Result<()> {
             run(cargo().args(["build", "--release", "-p", "ntm-agent"]))?;
             (None, workspace_root().join("target/release/ntm-agent"))
         }
-        Arch::Arm64 => {
-            ensure_arm64_cross()?;
-            // The machine's libpcap is for the host: link a static one built
-            // for arm64 (ntm-agent/build.rs reads NTM_LIBPCAP_DIR).
-            let pcap = libpcap::static_libpcap(&workspace_root().join("target"), ARM64)?;
-            run(cargo()
-                .args(["build", "--release", "-p", "ntm-agent", "--target", ARM64])
-                .env(ARM64_LINKER_VAR, ARM64_LINKER)
-                .env("NTM_LIBPCAP_DIR", pcap))?;
-            (
-                Some(ARM64),
-                workspace_root().join(format!("target/{ARM64}/release/ntm-agent")),
-            )
-        }
+        Arch::Arm64 => (Some(ARM64), static_arm64_binary()?),
     };
     // Smoke test: the binary starts, parses its flags and answers.
     let mut check = match triple {
@@ -199,10 +190,10 @@ fn static_amd64_binary() -> Result<PathBuf> {
     Ok(workspace_root().join(format!("target/{MUSL}/release/ntm-agent")))
 }
 
-/// The static aarch64 binary of the arm64 image: glibc linked in
-/// (+crt-static), with the same static arm64 libpcap as `dist --arch arm64`.
-/// Built in its own target folder, so that it and dist's dynamic binary do
-/// not replace each other. The flag is for the aarch64 target only: the
+/// The static aarch64 binary of `dist --arch arm64` and of the arm64 image:
+/// glibc linked in (+crt-static), with a static arm64 libpcap. Built in a
+/// target folder of its own, because its flags differ from a plain arm64
+/// build's. The flag is for the aarch64 target only: the
 /// build scripts, and aya-build's nested eBPF build (bpfel-unknown-none,
 /// its own CARGO_ENCODED_RUSTFLAGS), do not see it.
 fn static_arm64_binary() -> Result<PathBuf> {

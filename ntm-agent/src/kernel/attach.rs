@@ -26,11 +26,11 @@ use aya::{
 use ntm_common::programs::{self, HookPoint, LinkType};
 
 use super::{
+    AttachMode,
     load::{Datapath, is_permission_error},
     pins::NetnsPins,
-    sys::netdev,
 };
-use crate::config::AttachMode;
+use crate::sys::netdev;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {

@@ -40,7 +40,7 @@ use ntm_common::{
     OutsideKey, OutsideReason, OutsideSlot, names, outside_slot_of, outside_unkeyed_index,
 };
 
-use super::sys::{SyscallError, bpf};
+use crate::sys::{SyscallError, bpf};
 
 /// What one drain found: the counts added since the previous drain.
 #[derive(Clone, Debug, Default)]

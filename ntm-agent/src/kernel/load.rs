@@ -19,8 +19,10 @@ use ntm_common::{
 
 use super::{
     drain::{DrainError, FlowTables},
-    filter::{self, Filter, FilterError},
     observe::{LearntMacs, Observer, ObserverError},
+};
+use crate::{
+    filter::{self, Filter, FilterError},
     sys::{SyscallError, bpf, process},
 };
 

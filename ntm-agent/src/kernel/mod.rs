@@ -2,9 +2,9 @@
 //! follow interfaces that come and go, drain the flow tables, and detach
 //! and drain one last time on shutdown, so that nothing counted is lost.
 //!
-//! Rooms, in the order a frame's counts travel:
-//! - [`filter`]: tcpdump expressions compiled by libpcap and translated to
-//!   eBPF, run before counting;
+//! Rooms, in the order a frame's counts travel (the tcpdump filters it
+//! installs come from [`crate::filter`], the system calls it makes from
+//! [`crate::sys`]):
 //! - [`load`]: the embedded eBPF object, its maps and programs
 //!   (`ntm_common::programs` is the table of them);
 //! - [`links`] and [`plan`]: the interfaces there are, and which hooks of
@@ -14,36 +14,35 @@
 //! - [`pins`]: what is kept in bpffs so that counting goes on while no
 //!   agent runs, and taken over by the next;
 //! - [`observe`]: the ring buffer of DNS and DHCP frames for names;
-//! - [`privileges`]: giving up root once attached;
-//! - [`sys`]: the raw system calls all of these make.
+//! - [`privileges`]: giving up root once attached.
 
 pub mod attach;
 pub mod drain;
-pub mod filter;
 pub mod links;
 pub mod load;
 pub mod observe;
 pub mod pins;
 pub mod plan;
 pub mod privileges;
-pub mod sys;
 
 use std::{
     collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
 };
 
+use crate::{
+    filter::{self, Filter, FilterError},
+    sys::netns::{AgentLock, LockError},
+};
+
 use self::{
     attach::{AttachError, Attachment, Hooks, LinkMode},
     drain::{DrainError, Drained, FlowTables},
-    filter::{Filter, FilterError},
     links::{LinkInfo, LinksError},
     load::{Datapath, DatapathError, DatapathOptions},
     pins::{NetnsPins, PinError},
     plan::plan,
-    sys::netns::{AgentLock, LockError},
 };
-use crate::config::{AttachMode, CountMode, FilterSource};
 use ntm_common::{Counters, Direction, LAYOUT_VERSION};
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +76,47 @@ fn take_lock() -> Result<AgentLock, KernelError> {
         LockError::Held { pid } => KernelError::AnotherAgent { pid },
         e => KernelError::Lock(e),
     })
+}
+
+/// Where the tcpdump filter comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FilterSource {
+    /// None: every frame is counted.
+    None,
+    /// The positional words or NTM_FILTERS, fixed for the process's life.
+    Expression(String),
+    /// A file, read at start and again on SIGHUP.
+    File(std::path::PathBuf),
+}
+
+/// Where packets are counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CountMode {
+    /// TC ingress and egress: everything in and out of the host.
+    Tc,
+    /// XDP ingress only: mirror/SPAN ports, before the stack.
+    Xdp,
+}
+
+/// How TC programs are attached (`--attach-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    Auto,
+    Tcx,
+    Clsact,
+}
+
+/// The `iface` label of traffic counted on interface `ifindex`: the
+/// interface's (or its bridge's) label, `other` where the kernel could not
+/// keep the interface, the index for an interface ntm never attached to.
+pub fn iface_label(iface_labels: &std::collections::HashMap<u32, String>, ifindex: u32) -> String {
+    if ifindex == drain::Outside::UNKNOWN_IFINDEX {
+        return crate::model::OTHER.to_string();
+    }
+    iface_labels
+        .get(&ifindex)
+        .cloned()
+        .unwrap_or_else(|| ifindex.to_string())
 }
 
 /// What the kernel side needs, built from the configuration in one place

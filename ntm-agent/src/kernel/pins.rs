@@ -32,10 +32,8 @@ use std::{
 
 use ntm_common::{LAYOUT_VERSION, programs::HookPoint};
 
-use super::{
-    drain::{DrainError, Drained, FlowTables},
-    sys::netns,
-};
+use super::drain::{DrainError, Drained, FlowTables};
+use crate::sys::netns;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
@@ -254,7 +252,7 @@ pub fn lease_ran_out(maps: &EarlierMaps) -> Option<std::time::Duration> {
     let lease: aya::maps::Array<aya::maps::MapData, u64> =
         aya::maps::Map::from_map_data(data).ok()?.try_into().ok()?;
     let until = lease.get(&0, 0).ok()?;
-    let now = super::sys::process::monotonic_ns();
+    let now = crate::sys::process::monotonic_ns();
     (until != 0 && now > until).then(|| std::time::Duration::from_nanos(now - until))
 }
 

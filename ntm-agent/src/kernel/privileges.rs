@@ -8,7 +8,7 @@
 
 use caps::{CapSet, Capability, CapsHashSet, errors::CapsError};
 
-use super::sys::{SyscallError, process};
+use crate::sys::{SyscallError, process};
 
 /// What ntm keeps once it has attached.
 const KEPT: [Capability; 3] = [

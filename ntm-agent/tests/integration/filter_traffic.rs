@@ -14,8 +14,9 @@ use crate::kit::{
 };
 use clap::Parser as _;
 use ntm_agent::{
-    config::{Config, FilterSource},
-    kernel::{attach, filter::pcap, load_filter},
+    config::Config,
+    filter::pcap,
+    kernel::{FilterSource, attach, load_filter},
 };
 use ntm_common::{Counters, Direction, OutsideReason, programs::LinkType};
 

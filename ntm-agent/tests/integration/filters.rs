@@ -8,10 +8,12 @@
 
 use crate::kit::frames::*;
 use aya::programs::{TestRun, TestRunOptions};
-use ntm_agent::kernel::{
-    drain::{Drained, FlowTables},
+use ntm_agent::{
     filter::{Filter, pcap},
-    load::{Datapath, DatapathOptions},
+    kernel::{
+        drain::{Drained, FlowTables},
+        load::{Datapath, DatapathOptions},
+    },
 };
 use ntm_common::{Counters, OutsideReason, programs::LinkType};
 

@@ -7,11 +7,11 @@
 use crate::kit::frames::*;
 use aya::programs::{TestRun, TestRunOptions};
 use ntm_agent::{
-    export::services::ServiceRegistry,
     kernel::{
         drain::{Drained, FlowTables},
         load::{Datapath, DatapathOptions},
     },
+    pipeline::services::ServiceRegistry,
 };
 use ntm_common::{Counters, Direction, FlowKey, OutsideReason, family, key_flags};
 
@@ -563,8 +563,8 @@ fn dns_answer_ok() -> Vec<u8> {
 /// lost, and the traffic counted in full.
 pub fn hostile_dns_and_dhcp_frames_are_counted_and_handed_over() {
     use ntm_agent::{
-        export::names::wire::{self, Fact},
         kernel::observe::ObservedFrame,
+        names::wire::{self, Fact},
     };
     use ntm_common::observe::{DropReason, Kind};
     let options = DatapathOptions {

@@ -27,13 +27,12 @@ use std::{
 };
 
 use ntm_common::Counters;
-use prometheus::{GaugeVec, IntCounterVec, IntGauge, IntGaugeVec};
 
 use self::{
     periods::{Period, period_start},
     store::{Store, StoreError},
 };
-use crate::export::live::Kind;
+use crate::{health::self_metrics::HistoryMetrics, outputs::live::Kind};
 
 /// A bucket's width.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -53,7 +52,7 @@ impl Tier {
     }
 }
 
-/// Bytes and packets in, and out (see [`crate::export::live::Way`]).
+/// Bytes and packets in, and out (see [`crate::outputs::live::Way`]).
 pub type Totals = [Counters; 2];
 
 /// Adds `more` to `total`, each way.
@@ -157,24 +156,6 @@ impl std::str::FromStr for Quota {
             period,
         })
     }
-}
-
-/// ntm's metrics of its history.
-#[derive(Clone)]
-pub struct HistoryMetrics {
-    /// 1 while the history is written to disk, 0 while in memory only.
-    pub persistent: IntGauge,
-    /// Commits by result (`ok`, `error`).
-    pub commits: IntCounterVec,
-    pub database_bytes: IntGauge,
-    /// Minute buckets of counts dropped because commits kept failing.
-    pub lost: IntGauge,
-    /// `<prefix>_period_bytes{period, device, iface, direction}`.
-    pub period_bytes: IntGaugeVec,
-    /// `<prefix>_quota_bytes{iface, period}` and
-    /// `<prefix>_quota_used_ratio{iface, period}`.
-    pub quota_bytes: IntGaugeVec,
-    pub quota_used: GaugeVec,
 }
 
 /// The file, and the lock that makes it this agent's.
@@ -736,7 +717,7 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::self_metrics::SelfMetrics;
+    use crate::health::self_metrics::SelfMetrics;
 
     fn counts(inward: u64) -> Totals {
         [

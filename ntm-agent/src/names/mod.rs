@@ -27,12 +27,12 @@ use prometheus::{IntCounterVec, IntGaugeVec};
 
 use self::{
     containers::ContainerNames,
-    files::{Mac, NameFiles, Source},
+    files::{NameFiles, Source},
     observed::{ObservedNames, TableSizes},
     resolver::{Resolver, Upstream},
     wire::Fact,
 };
-use super::labels::LocalNets;
+use crate::model::net::{LocalNets, Mac};
 
 #[derive(Clone, Debug)]
 pub struct NameOptions {

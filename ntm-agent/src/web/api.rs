@@ -16,16 +16,18 @@ use std::{
 
 use serde::Serialize;
 
-use super::{
-    history::{HistoryReader, Tier, periods::Period},
-    http::Health,
-    live::{Kind, LiveTraffic, Row},
+use crate::{
+    health::attached::Health,
+    outputs::{
+        history::{HistoryReader, Tier, periods::Period},
+        live::{Kind, LiveTraffic, Row},
+    },
 };
 
 /// Rows a listing returns unless `limit` says otherwise.
 pub const DEFAULT_LIMIT: usize = 100;
 /// Rows a listing returns at most (the largest table's bound).
-pub const MAX_LIMIT: usize = super::live::MAX_SERVERS + 1;
+pub const MAX_LIMIT: usize = crate::outputs::live::MAX_SERVERS + 1;
 
 /// What a listing was asked for that it cannot answer: a 400 or 404 with
 /// a JSON `{"error": ...}` body.
@@ -74,7 +76,7 @@ pub struct Api {
 
 /// Bytes and packets one way since the agent started, and the rate now.
 #[derive(Serialize)]
-struct Way {
+struct WayDoc {
     bytes: u64,
     packets: u64,
     /// Bytes per second over the last `rate_window_seconds`.
@@ -82,10 +84,10 @@ struct Way {
 }
 
 #[derive(Serialize)]
-struct Traffic {
+struct TrafficDoc {
     name: String,
-    download: Way,
-    upload: Way,
+    download: WayDoc,
+    upload: WayDoc,
 }
 
 /// Totals per period (`day`, `week`, `month`: the billing period), each
@@ -93,9 +95,9 @@ struct Traffic {
 type PeriodDoc = BTreeMap<&'static str, BTreeMap<&'static str, Counted>>;
 
 #[derive(Serialize)]
-struct Device {
+struct DeviceDoc {
     #[serde(flatten)]
-    traffic: Traffic,
+    traffic: TrafficDoc,
     /// Today, this week and this billing period (absent when the history
     /// cannot be read).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -107,15 +109,15 @@ struct Device {
 }
 
 #[derive(Serialize)]
-struct Interface {
+struct InterfaceDoc {
     name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     periods: Option<PeriodDoc>,
     /// Whether ntm counts on it now (None: traffic counted on it earlier,
     /// or on a port of it, but it is not one of the requested interfaces).
     attached: Option<bool>,
-    rx: Way,
-    tx: Way,
+    rx: WayDoc,
+    tx: WayDoc,
 }
 
 #[derive(Serialize)]
@@ -130,23 +132,23 @@ struct Listing<T> {
 
 #[derive(Serialize)]
 struct Devices {
-    devices: Vec<Device>,
+    devices: Vec<DeviceDoc>,
 }
 #[derive(Serialize)]
 struct Servers {
-    servers: Vec<Traffic>,
+    servers: Vec<TrafficDoc>,
 }
 #[derive(Serialize)]
 struct Services {
-    services: Vec<Traffic>,
+    services: Vec<TrafficDoc>,
 }
 #[derive(Serialize)]
 struct Interfaces {
-    interfaces: Vec<Interface>,
+    interfaces: Vec<InterfaceDoc>,
 }
 
 #[derive(Serialize)]
-struct Status {
+struct StatusDoc {
     started: u64,
     /// The agent's clock (Unix seconds), for a client whose own clock is
     /// off: the page asks for history ranges by it.
@@ -157,10 +159,10 @@ struct Status {
     refresh_seconds: f64,
     /// All traffic counted (`name` is `all`): download is what came into
     /// the local networks, upload everything else, as for the services.
-    traffic: Traffic,
+    traffic: TrafficDoc,
     /// Every requested interface attached (what `/healthz` says).
     healthy: bool,
-    interfaces: Vec<InterfaceState>,
+    interfaces: Vec<AttachedDoc>,
     series: usize,
     max_series: usize,
     series_folded: u64,
@@ -227,7 +229,7 @@ fn way_names(kind: Kind) -> [&'static str; 2] {
 }
 
 #[derive(Serialize)]
-struct InterfaceState {
+struct AttachedDoc {
     name: String,
     attached: bool,
 }
@@ -238,16 +240,16 @@ fn unix_seconds(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-fn way(row: &Row, i: usize) -> Way {
-    Way {
+fn way(row: &Row, i: usize) -> WayDoc {
+    WayDoc {
         bytes: row.total[i].bytes,
         packets: row.total[i].packets,
         rate: row.rate[i],
     }
 }
 
-fn traffic(row: &Row) -> Traffic {
-    Traffic {
+fn traffic(row: &Row) -> TrafficDoc {
+    TrafficDoc {
         name: row.name.clone(),
         download: way(row, 0),
         upload: way(row, 1),
@@ -299,7 +301,7 @@ impl From<&ntm_common::Counters> for Counted {
 }
 
 /// Both ways of `totals`, by their names for `kind`.
-fn ways(kind: Kind, totals: &crate::export::history::Totals) -> BTreeMap<&'static str, Counted> {
+fn ways(kind: Kind, totals: &crate::outputs::history::Totals) -> BTreeMap<&'static str, Counted> {
     let [first, second] = way_names(kind);
     BTreeMap::from([(first, (&totals[0]).into()), (second, (&totals[1]).into())])
 }
@@ -361,11 +363,11 @@ impl Api {
     /// `GET /api/v1/devices[?limit=N]`: local hosts, busiest first.
     pub fn devices(&self, query: &HashMap<String, String>) -> Result<String, ApiError> {
         let query = Query::parse(query, false)?;
-        let mut devices: Vec<Device> = self
+        let mut devices: Vec<DeviceDoc> = self
             .read()
             .devices(Instant::now(), query.limit)
             .into_iter()
-            .map(|(row, device)| Device {
+            .map(|(row, device)| DeviceDoc {
                 periods: None,
                 traffic: traffic(&row),
                 addresses: device.addresses.iter().map(|ip| ip.to_string()).collect(),
@@ -394,7 +396,7 @@ impl Api {
         let rows = live
             .top(kind, query.device.as_deref(), Instant::now(), query.limit)
             .ok_or_else(|| ApiError::NoSuchDevice(query.device.clone().unwrap_or_default()))?;
-        let rows: Vec<Traffic> = rows.iter().map(traffic).collect();
+        let rows: Vec<TrafficDoc> = rows.iter().map(traffic).collect();
         Ok(match kind {
             Kind::Servers => Self::listing(&live, query.device, Servers { servers: rows }),
             _ => Self::listing(&live, query.device, Services { services: rows }),
@@ -410,9 +412,9 @@ impl Api {
             .read()
             .top(Kind::Interfaces, None, Instant::now(), query.limit)
             .unwrap_or_default();
-        let mut interfaces: Vec<Interface> = rows
+        let mut interfaces: Vec<InterfaceDoc> = rows
             .iter()
-            .map(|row| Interface {
+            .map(|row| InterfaceDoc {
                 periods: None,
                 name: row.name.clone(),
                 attached: attached.get(&row.name).copied(),
@@ -423,12 +425,12 @@ impl Api {
         // Requested interfaces with no traffic yet are shown too.
         for (name, state) in &attached {
             if interfaces.len() < query.limit && !interfaces.iter().any(|i| &i.name == name) {
-                let zero = || Way {
+                let zero = || WayDoc {
                     bytes: 0,
                     packets: 0,
                     rate: 0.0,
                 };
-                interfaces.push(Interface {
+                interfaces.push(InterfaceDoc {
                     periods: None,
                     name: name.clone(),
                     attached: Some(*state),
@@ -530,7 +532,7 @@ impl Api {
         let live = self.read();
         let (healthy, _) = self.health.report();
         let status = &live.status;
-        json(&Status {
+        json(&StatusDoc {
             started: unix_seconds(live.started()),
             now: unix_seconds(SystemTime::now()),
             rate_window_seconds: live.rate_window().as_secs_f64(),
@@ -541,7 +543,7 @@ impl Api {
                 .health
                 .states()
                 .into_iter()
-                .map(|(name, attached)| InterfaceState { name, attached })
+                .map(|(name, attached)| AttachedDoc { name, attached })
                 .collect(),
             series: status.series,
             max_series: status.max_series,
@@ -560,7 +562,7 @@ impl Api {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::labels::{Cidr, LocalNets};
+    use crate::model::net::{Cidr, LocalNets};
     use ntm_common::{Counters, Direction, FlowKey, family};
     use std::time::Duration;
 
@@ -599,9 +601,9 @@ mod tests {
         );
         let health = Health::default();
         health.set("eth0", true);
-        let metrics = crate::export::self_metrics::SelfMetrics::new("ntm", 1024).unwrap();
-        let history = crate::export::history::History::start(
-            &crate::export::history::HistoryOptions {
+        let metrics = crate::health::self_metrics::SelfMetrics::new("ntm", 1024).unwrap();
+        let history = crate::outputs::history::History::start(
+            &crate::outputs::history::HistoryOptions {
                 state_dir: None,
                 retention: Default::default(),
                 commit_interval: Duration::from_secs(60),
@@ -610,7 +612,7 @@ mod tests {
                 max_period_devices: 100,
             },
             metrics.history.clone(),
-            crate::export::history::local_day_start,
+            crate::outputs::history::local_day_start,
         )
         .unwrap();
         Api {

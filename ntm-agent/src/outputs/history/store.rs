@@ -13,7 +13,7 @@ use ntm_common::Counters;
 use rusqlite::{Connection, OpenFlags, params};
 
 use super::{Tier, Totals};
-use crate::export::live::Kind;
+use crate::outputs::live::Kind;
 
 /// The schema this build writes (`PRAGMA user_version`). A file with a
 /// higher one was written by a newer ntm and is left alone.

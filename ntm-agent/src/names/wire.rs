@@ -18,8 +18,9 @@ use hickory_proto::{
 };
 use ntm_common::observe::Kind;
 
-use super::files::{Mac, usable_name};
+use super::files::usable_name;
 use crate::kernel::observe::ObservedFrame;
+use crate::model::net::Mac;
 
 /// Facts kept from one message at most (a response may carry thousands
 /// of records; the first ones are what the client uses).

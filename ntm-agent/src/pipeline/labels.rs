@@ -1,175 +1,11 @@
 //! From a flow key to Prometheus label values: protocol and service names,
 //! direction from the local networks, host labels.
 
-use std::{fmt, net::IpAddr, str::FromStr};
-
 use ntm_common::{FlowKey, family, ipproto, key_flags, service_port::PortClass};
 
+use crate::model::{net::LocalNets, series::Label};
+
 use super::services::ServiceRegistry;
-
-/// The labels ntm can put on its traffic counters, in exposition order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Label {
-    Src,
-    Dst,
-    Service,
-    Proto,
-    Direction,
-    Iface,
-    Vlan,
-}
-
-impl Label {
-    pub const ALL: [Label; 7] = [
-        Label::Src,
-        Label::Dst,
-        Label::Service,
-        Label::Proto,
-        Label::Direction,
-        Label::Iface,
-        Label::Vlan,
-    ];
-    /// Default set: the old tool's four plus direction and interface.
-    pub const DEFAULT: [Label; 6] = [
-        Label::Src,
-        Label::Dst,
-        Label::Service,
-        Label::Proto,
-        Label::Direction,
-        Label::Iface,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Label::Src => "src",
-            Label::Dst => "dst",
-            Label::Service => "service",
-            Label::Proto => "proto",
-            Label::Direction => "direction",
-            Label::Iface => "iface",
-            Label::Vlan => "vlan",
-        }
-    }
-}
-
-impl FromStr for Label {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Label::ALL
-            .into_iter()
-            .find(|l| l.name() == s.trim())
-            .ok_or_else(|| {
-                format!(
-                    "unknown label {s:?}; choose from {}",
-                    Label::ALL.map(Label::name).join(", ")
-                )
-            })
-    }
-}
-
-/// An IP network in CIDR notation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl Cidr {
-    pub fn addr(&self) -> IpAddr {
-        self.addr
-    }
-
-    pub fn prefix(&self) -> u8 {
-        self.prefix
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("{s:?} is not a network like 192.168.1.0/24 or fd00::/8");
-        let (addr, prefix) = match s.trim().split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s.trim(), None),
-        };
-        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p.parse::<u8>().map_err(|_| bad())?,
-            None => max,
-        };
-        if prefix > max {
-            return Err(bad());
-        }
-        Ok(Self { addr, prefix })
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-/// Networks counted as local by default: private (RFC 1918), shared/CGNAT,
-/// link-local, loopback, IPv6 unique-local, link-local and loopback, and
-/// multicast/broadcast, which do not leave the local network.
-pub const DEFAULT_LOCAL_NETS: &str = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,169.254.0.0/16,127.0.0.0/8,224.0.0.0/4,255.255.255.255/32,fc00::/7,fe80::/10,::1/128,ff00::/8";
-
-/// Which addresses are local, for the `direction` label.
-#[derive(Clone, Debug)]
-pub struct LocalNets(pub Vec<Cidr>);
-
-impl LocalNets {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        self.0.iter().any(|net| net.contains(ip))
-    }
-
-    /// `inbound` (remote -> local), `outbound` (local -> remote), `internal`
-    /// (both local) or `external` (neither), or "" for non-IP frames.
-    pub fn direction(&self, key: &FlowKey) -> &'static str {
-        match (key.src_addr(), key.dst_addr()) {
-            (Some(src), Some(dst)) => match (self.contains(src), self.contains(dst)) {
-                (false, true) => "inbound",
-                (true, false) => "outbound",
-                (true, true) => "internal",
-                (false, false) => "external",
-            },
-            _ => "",
-        }
-    }
-}
-
-/// The `iface` label of traffic counted on interface `ifindex`: the
-/// interface's (or its bridge's) label, `other` where the kernel could not
-/// keep the interface, the index for an interface ntm never attached to.
-pub fn iface_label(iface_labels: &std::collections::HashMap<u32, String>, ifindex: u32) -> String {
-    if ifindex == crate::kernel::drain::Outside::UNKNOWN_IFINDEX {
-        return super::budget::OTHER.to_string();
-    }
-    iface_labels
-        .get(&ifindex)
-        .cloned()
-        .unwrap_or_else(|| ifindex.to_string())
-}
 
 /// Lower-case protocol name, as the tool ntm replaces printed them; the
 /// number for protocols without a well-known name; the EtherType's name (or
@@ -326,6 +162,7 @@ impl Labeller {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::net::{Cidr, DEFAULT_LOCAL_NETS};
 
     fn local() -> LocalNets {
         LocalNets(

@@ -19,7 +19,10 @@ use std::{
 
 use ntm_common::{Counters, Direction, FlowKey};
 
-use super::{budget::OTHER, labels::LocalNets, names::files::Mac};
+use crate::model::{
+    OTHER,
+    net::{LocalNets, Mac},
+};
 
 /// Devices kept at most (a home has tens, a large site's gateway thousands).
 pub const MAX_DEVICES: usize = 4096;
@@ -598,7 +601,7 @@ fn busiest_first(a: &Row, b: &Row) -> std::cmp::Ordering {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::labels::Cidr;
+    use crate::model::net::Cidr;
     use ntm_common::family;
 
     fn key(src: [u8; 4], dst: [u8; 4], direction: Direction) -> FlowKey {

@@ -11,10 +11,8 @@ use std::{
 
 use lru::LruCache;
 
-use super::{
-    files::Mac,
-    wire::{Client, Fact},
-};
+use super::wire::{Client, Fact};
+use crate::model::net::Mac;
 
 /// Answers kept per (client, address) at most.
 pub const MAX_ANSWERS: NonZeroUsize = NonZeroUsize::new(65_536).expect("not zero");

@@ -334,7 +334,7 @@ impl WebConfig {
             Some(limit) => {
                 let interval = match limit.interval.as_deref() {
                     None | Some("0") | Some("0s") => Duration::ZERO,
-                    Some(text) => crate::config::parse_duration(text)
+                    Some(text) => crate::model::units::parse_duration(text)
                         .map_err(|e| invalid(format!("rate_limit.interval: {e}")))?,
                 };
                 (!interval.is_zero()).then(|| RateLimit::new(interval, limit.burst.unwrap_or(1)))

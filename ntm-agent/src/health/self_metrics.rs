@@ -13,7 +13,7 @@ use prometheus::{
     Registry, core::Collector,
 };
 
-use super::labels::iface_label;
+use crate::kernel::iface_label;
 use crate::kernel::{InterfaceState, drain::Drained};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +22,24 @@ pub struct MetricsError {
     name: String,
     #[source]
     source: prometheus::Error,
+}
+
+/// ntm's metrics of its history.
+#[derive(Clone)]
+pub struct HistoryMetrics {
+    /// 1 while the history is written to disk, 0 while in memory only.
+    pub persistent: IntGauge,
+    /// Commits by result (`ok`, `error`).
+    pub commits: IntCounterVec,
+    pub database_bytes: IntGauge,
+    /// Minute buckets of counts dropped because commits kept failing.
+    pub lost: IntGauge,
+    /// `<prefix>_period_bytes{period, device, iface, direction}`.
+    pub period_bytes: IntGaugeVec,
+    /// `<prefix>_quota_bytes{iface, period}` and
+    /// `<prefix>_quota_used_ratio{iface, period}`.
+    pub quota_bytes: IntGaugeVec,
+    pub quota_used: GaugeVec,
 }
 
 /// Results of reverse DNS lookups, the `result` label of
@@ -68,7 +86,7 @@ pub struct SelfMetrics {
     pub http_refused: IntCounterVec,
     /// `<prefix>_history_*`: whether the history is on disk, its commits,
     /// its size, and what failing commits dropped.
-    pub history: crate::export::history::HistoryMetrics,
+    pub history: HistoryMetrics,
     /// The self-check: `<prefix>_interface_kernel_{packets,bytes}_total`,
     /// `_counted_packets_total` and `_coverage_ratio`, by iface and
     /// direction (see `coverage.rs`).
@@ -311,7 +329,7 @@ impl SelfMetrics {
                 "http_connection_errors_total",
                 "HTTP connections that ended in an error (client went away, bad request, header timeout)",
             )?,
-            history: crate::export::history::HistoryMetrics {
+            history: HistoryMetrics {
                 persistent: r.gauge(
                     "history_persistent",
                     "1 while the history is written to its database in --state-dir, 0 while it is kept in memory only (see the log)",

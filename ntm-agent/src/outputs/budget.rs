@@ -11,11 +11,8 @@ use std::{
 use ntm_common::Counters;
 use prometheus::{IntCounter, IntGauge};
 
-use super::{labels::Label, series::TrafficSeries};
-
-/// Label value of series that stand for traffic beyond the series budget or
-/// beyond the kernel's flow table.
-pub const OTHER: &str = "other";
+use super::series::TrafficSeries;
+use crate::model::{OTHER, series::Label};
 
 pub struct SeriesBudget {
     series: Arc<RwLock<TrafficSeries>>,

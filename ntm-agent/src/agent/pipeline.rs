@@ -22,61 +22,40 @@ use std::{
 use ntm_common::OutsideReason;
 
 use crate::{
-    export::{
-        Exposition,
-        api::Api,
-        budget::SeriesBudget,
+    config::PipelineOptions,
+    health::{
+        attached::Health,
         coverage::Coverage,
-        history::{self, History, HistoryOptions},
-        http::Health,
-        labels::{Label, Labeller, LocalNets, iface_label, service_name},
-        live::LiveTraffic,
-        names::{HostLabels, NameOptions, files::Mac},
-        pending::PendingFlows,
         self_metrics::{MetricsError, SelfMetrics},
+    },
+    kernel::{Hooked, drain::Drained, iface_label, observe::ObservedFrame},
+    model::net::{Mac, format_mac},
+    names::HostLabels,
+    outputs::{
+        Exposition,
+        budget::SeriesBudget,
+        history::{self, History},
+        live::LiveTraffic,
         series::TrafficSeries,
+    },
+    pipeline::{
+        labels::{Labeller, service_name},
+        pending::PendingFlows,
         services::ServiceRegistry,
     },
-    kernel::{Hooked, drain::Drained, observe::ObservedFrame},
+    web::api::Api,
 };
-
-/// What the export stages need, built from the configuration in one place
-/// (`Config::pipeline`).
-#[derive(Clone, Debug)]
-pub struct PipelineOptions {
-    pub prefix: String,
-    /// Labels kept on the traffic counters, each once, in order.
-    pub labels: Vec<Label>,
-    pub local: LocalNets,
-    pub max_series: usize,
-    pub series_ttl: Duration,
-    /// How often the kernel is drained (the live view's rate buckets are
-    /// at least this long).
-    pub drain_interval: Duration,
-    /// Reported as `<prefix>_flow_table_capacity`.
-    pub flow_table_capacity: u32,
-    pub history: HistoryOptions,
-    pub names: NameOptions,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error(transparent)]
     Metrics(#[from] MetricsError),
     #[error("history: {0}")]
-    History(#[from] crate::export::history::store::StoreError),
+    History(#[from] crate::outputs::history::store::StoreError),
 }
 
 /// Reads the neighbour table (IP address to MAC); None when it could not.
 pub type NeighbourSource = Box<dyn FnMut() -> Option<Vec<(IpAddr, Mac)>> + Send>;
-
-/// `02:00:5e:10:00:01`, as `ip neigh` and ethers files write a MAC.
-fn format_mac(mac: Mac) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
 
 /// How old the neighbour table may be when a new address is named.
 const NEIGHBOURS_FRESH: Duration = Duration::from_secs(1);
@@ -173,16 +152,13 @@ impl Pipeline {
 
     /// Where container names come from (the agent: the engines' API
     /// sockets).
-    pub fn name_containers_with(
-        &mut self,
-        containers: crate::export::names::containers::ContainerNames,
-    ) {
+    pub fn name_containers_with(&mut self, containers: crate::names::containers::ContainerNames) {
         self.hosts.name_containers_with(containers);
     }
 
     /// Where the MACs learnt from frames come from (the agent: the
     /// kernel's table), for names by MAC address.
-    pub fn look_up_macs_with(&mut self, lookup: crate::export::names::MacLookup) {
+    pub fn look_up_macs_with(&mut self, lookup: crate::names::MacLookup) {
         self.hosts.look_up_macs_with(lookup);
     }
 
@@ -195,7 +171,7 @@ impl Pipeline {
     /// A DNS or DHCP frame the kernel handed over: what it says about
     /// names is kept for the flows to come.
     pub fn observe(&mut self, frame: &ObservedFrame<'_>, now: Instant) {
-        use crate::export::{names::wire, self_metrics::protocol_label};
+        use crate::{health::self_metrics::protocol_label, names::wire};
         let result = match wire::facts(frame) {
             Ok(facts) => {
                 for fact in facts {
@@ -405,7 +381,14 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::labels::Cidr;
+    use crate::{
+        model::{
+            net::{Cidr, LocalNets},
+            series::Label,
+        },
+        names::NameOptions,
+        outputs::history::HistoryOptions,
+    };
     use ntm_common::{Counters, FlowKey, family};
 
     fn pipeline(max_series: usize, ttl: Duration, labels: Vec<Label>) -> Pipeline {

@@ -25,7 +25,7 @@
 use ntm_common::programs::{self, LinkType};
 
 use super::pcap::ClassicInsn;
-pub use crate::kernel::sys::bpf::Insn;
+pub use crate::sys::bpf::Insn;
 
 /// How the filter sees the frame, which follows from its hook (see the
 /// module documentation).

@@ -20,6 +20,8 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use crate::model::net::{Mac, parse_mac};
+
 /// Where a host's label came from: the `source` of `ntm_names`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Source {
@@ -96,23 +98,6 @@ pub fn usable_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && !name.chars().any(|c| c.is_whitespace() || c.is_control())
-}
-
-/// A MAC address.
-pub type Mac = [u8; 6];
-
-/// `02:00:5e:10:00:01` (or with `-`), the form hosts files and leases use.
-pub fn parse_mac(text: &str) -> Option<Mac> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split([':', '-']);
-    for byte in &mut mac {
-        let part = parts.next()?;
-        if part.is_empty() || part.len() > 2 {
-            return None;
-        }
-        *byte = u8::from_str_radix(part, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
 }
 
 /// What one file names.

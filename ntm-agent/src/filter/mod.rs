@@ -17,7 +17,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use ntm_common::programs::{self, HookPoint, LinkType};
 
-use super::sys::SyscallError;
+use crate::sys::SyscallError;
 pub use pcap::ClassicInsn;
 pub use translate::{MAX_CLASSIC_INSNS, TranslateError};
 

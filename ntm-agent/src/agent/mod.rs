@@ -1,0 +1,313 @@
+//! The agent: wires the rooms together and runs the loop. It binds the
+//! endpoint and reads the web config before touching the kernel (a taken
+//! port or a bad config attaches nothing), starts the kernel side, gives up
+//! root, builds the pipeline and the web, then drains, follows interfaces,
+//! renews the lease and answers signals until SIGINT or SIGTERM, and shuts
+//! down with a last drain.
+
+pub mod pipeline;
+
+use std::{net::SocketAddr, time::Instant};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+use self::pipeline::Pipeline;
+use crate::{
+    config::Config,
+    health::attached::Health,
+    kernel::{
+        FilterSource, Kernel, KernelError,
+        links::{self, LinkEvents},
+        load_filter,
+        observe::{ObservedFrame, Observer, ObserverError},
+        privileges,
+    },
+    names::containers::ContainerNames,
+    outputs::history::hand_state_dir_to,
+    web::{http, web_config::WebConfigWatcher},
+};
+
+/// Drains between two expiry passes over the exported series.
+const EXPIRE_EVERY: u32 = 10;
+/// Drains between two rescans of the interfaces (link events do it sooner).
+const RESCAN_EVERY: u32 = 30;
+/// How long link events are let settle before the interfaces are re-read.
+const LINK_SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Runs the agent until SIGINT or SIGTERM; an error says what failed, for
+/// `main` to print as one line.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Before attaching: a SIGTERM that arrives while starting must still
+    // lead to a clean detach and final drain, not the default exit.
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    // Bind before touching the kernel: a taken port fails fast and clean.
+    let listener = http::bind(SocketAddr::new(config.http.bind_ip, config.http.port))
+        .context("ntm could not start its metrics endpoint")?;
+    // Before touching the kernel too: a bad web config attaches nothing.
+    let web = config
+        .http
+        .web_config_file
+        .as_deref()
+        .map(WebConfigWatcher::load)
+        .transpose()
+        .context("ntm could not start its metrics endpoint")?;
+    if let Some(web) = web.as_ref() {
+        log::info!("web config: {}", web.loaded().describe());
+    }
+    let user = config.privileges.user;
+    let kernel_options = config.kernel().context("ntm could not start")?;
+    let services = config.services().context("ntm could not start")?;
+    let mut kernel = Kernel::start(&kernel_options, &services.known_port_bitmap())
+        .context("ntm could not start")?;
+    // Before any other thread starts, so that all of them run as `user`.
+    if let Some(user) = user {
+        kernel
+            .hand_pins_to(user.uid, user.gid)
+            .context("ntm could not give its pinned state to --user")?;
+        // Without it the history stays in memory (and says so): counting
+        // does not depend on it.
+        if !config.history.no_history
+            && let Err(e) = hand_state_dir_to(&config.history.state_dir, user.uid, user.gid)
+        {
+            log::warn!(
+                "history: cannot give {} to --user ({e}; as root, ntm needs CAP_CHOWN for it)",
+                config.history.state_dir.display()
+            );
+        }
+        privileges::drop_to(user).context("ntm could not give up root")?;
+        log::info!(
+            "running as uid {} gid {} with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON only",
+            user.uid,
+            user.gid
+        );
+    }
+
+    let mut pipeline = Pipeline::new(config.pipeline(), services).context("setting up metrics")?;
+    pipeline.read_neighbours_with(Box::new(|| match links::neighbours() {
+        Ok(entries) => Some(entries),
+        Err(e) => {
+            log::debug!("reading the neighbour table: {e}");
+            None
+        }
+    }));
+    if let Some(macs) = kernel.take_macs() {
+        pipeline.look_up_macs_with(Box::new(move |ip| macs.lookup(ip)));
+    }
+    if let Some(sockets) = config.container_sockets() {
+        pipeline.name_containers_with(ContainerNames::spawn(sockets));
+    }
+    // What the last agent's pinned tables held: counted while no agent ran.
+    if let Some(adopted) = kernel.take_adopted() {
+        pipeline.process(&adopted, kernel.interface_labels(), Instant::now());
+    }
+    let health = Health::default();
+    report_attachments(&kernel, &pipeline, &health);
+    pipeline.metrics().set_filter(kernel.filter_expression());
+    if let Some(expression) = kernel.filter_expression() {
+        log::info!("counting only frames that match the filter {expression:?}");
+    }
+    let mut link_events = spawn_link_watcher();
+    // DNS and DHCP frames for names, read as they come (None: off).
+    let mut observer = kernel.take_observer();
+    let mut observed: Vec<Vec<u8>> = Vec::new();
+    let scheme = match web.as_ref() {
+        Some(web) if web.loaded().tls.is_some() => "https",
+        _ => "http",
+    };
+    let server = http::Server::start(
+        listener,
+        http::Site {
+            exposition: pipeline.exposition(),
+            api: pipeline.api(health.clone()),
+            web,
+            connection_errors: pipeline.metrics().http_connection_errors.clone(),
+            refused: pipeline.metrics().http_refused.clone(),
+        },
+    )
+    .context("starting the metrics endpoint")?;
+    log::info!(
+        "serving metrics on {scheme}://{}/metrics",
+        SocketAddr::new(config.http.bind_ip, config.http.port)
+    );
+
+    let mut ticker = tokio::time::interval(config.datapath.drain_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drains: u32 = 0;
+    // The lease, renewed well within the orphan timeout (whatever the drain
+    // interval), so that the programs count for as long as the agent runs.
+    let mut lease = tokio::time::interval(lease_period(kernel_options.orphan_timeout));
+    lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = lease.tick() => {
+                if let Err(e) = kernel.renew_lease() {
+                    log::warn!("{e}");
+                }
+            }
+            read = read_observed(observer.as_mut(), &mut observed) => {
+                if let Err(e) = read {
+                    log::warn!("names from the wire stop: {e}");
+                    observer = None;
+                }
+                learn(&mut pipeline, &mut observed);
+            }
+            _ = ticker.tick() => {
+                // Answers first, so that they name the flows they led to.
+                if let Some(observer) = observer.as_mut() {
+                    observer.read_now(&mut observed);
+                    learn(&mut pipeline, &mut observed);
+                }
+                let drained = kernel.drain().context("draining the kernel's flow tables")?;
+                let now = Instant::now();
+                pipeline.record_observer(observer.as_ref().map(|o| o.drops()).as_ref());
+                pipeline.process(&drained, kernel.interface_labels(), now);
+                pipeline.check_coverage(&drained, &kernel.hooked(), now);
+                drains += 1;
+                if drains.is_multiple_of(EXPIRE_EVERY) {
+                    pipeline.expire(now);
+                }
+                // A safety net for missed link events.
+                if drains.is_multiple_of(RESCAN_EVERY) {
+                    follow_links(&mut kernel, &pipeline, &health);
+                }
+            }
+            Some(()) = link_events.recv() => {
+                // Let a burst of events (a bridge gaining a port) settle.
+                tokio::time::sleep(LINK_SETTLE).await;
+                while link_events.try_recv().is_ok() {}
+                follow_links(&mut kernel, &pipeline, &health);
+            }
+            _ = sighup.recv() => reload_filter(&mut kernel, &pipeline, &kernel_options.filter),
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    if kernel.keeps_counting() {
+        log::info!(
+            "stopping: the programs go on counting into the pinned tables for the next start (`ntm-agent detach` stops them for good)"
+        );
+    } else {
+        log::info!("stopping: detaching and draining the last counts");
+    }
+    for (requested, _) in kernel.health() {
+        health.set(&requested, false);
+    }
+    let labels = kernel.interface_labels().clone();
+    let last = kernel.shutdown().context("final drain")?;
+    pipeline.process(&last, &labels, Instant::now());
+    server.stop();
+    pipeline.finish();
+    Ok(())
+}
+
+/// How often the lease is renewed: four times per orphan timeout, between
+/// once a second and once a minute.
+fn lease_period(timeout: Option<std::time::Duration>) -> std::time::Duration {
+    use std::time::Duration;
+    timeout.map_or(Duration::from_secs(60), |t| {
+        (t / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    })
+}
+
+/// Waits for DNS and DHCP frames (forever when observation is off).
+async fn read_observed(
+    observer: Option<&mut Observer>,
+    records: &mut Vec<Vec<u8>>,
+) -> Result<usize, ObserverError> {
+    match observer {
+        Some(observer) => observer.read(records).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What the frames read say, into the names.
+fn learn(pipeline: &mut Pipeline, records: &mut Vec<Vec<u8>>) {
+    let now = Instant::now();
+    for record in records.drain(..) {
+        if let Some(frame) = ObservedFrame::from_record(&record) {
+            pipeline.observe(&frame, now);
+        }
+    }
+}
+
+/// SIGHUP: re-reads the filter source and swaps the new filter in; a filter
+/// that does not compile or load is logged and the old one stays.
+fn reload_filter(kernel: &mut Kernel, pipeline: &Pipeline, source: &FilterSource) {
+    if matches!(source, FilterSource::Expression(_)) {
+        log::info!(
+            "SIGHUP: the filter was given on the command line or in NTM_FILTERS and cannot change; use -F/--filter-file to change it without a restart"
+        );
+        return;
+    }
+    let result = load_filter(source)
+        .map_err(KernelError::from)
+        .and_then(|filter| kernel.replace_filter(filter));
+    let metrics = pipeline.metrics();
+    match result {
+        Ok(()) => {
+            metrics.filter_reloaded(true);
+            metrics.set_filter(kernel.filter_expression());
+            match kernel.filter_expression() {
+                Some(expression) => {
+                    log::info!("SIGHUP: now counting frames that match {expression:?}")
+                }
+                None => log::info!("SIGHUP: no filter: counting every frame"),
+            }
+        }
+        Err(e) => {
+            metrics.filter_reloaded(false);
+            log::error!("SIGHUP: keeping the current filter: {e}");
+        }
+    }
+}
+
+/// Re-plans the attachments after links changed.
+fn follow_links(kernel: &mut Kernel, pipeline: &Pipeline, health: &Health) {
+    match kernel.reconcile() {
+        Ok(true) => report_attachments(kernel, pipeline, health),
+        Ok(false) => {}
+        Err(e) => log::warn!("{e}"),
+    }
+}
+
+/// Health per requested interface, and the attach-state metric per
+/// interface and mode.
+fn report_attachments(kernel: &Kernel, pipeline: &Pipeline, health: &Health) {
+    pipeline
+        .metrics()
+        .set_interfaces(&kernel.interface_states());
+    for (requested, ok) in kernel.health() {
+        health.set(&requested, ok);
+        if !ok {
+            log::warn!("{requested}: not attached (yet)");
+        }
+    }
+}
+
+/// Link events from the kernel, on a thread of their own (the wait blocks).
+fn spawn_link_watcher() -> tokio::sync::mpsc::UnboundedReceiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    match LinkEvents::subscribe() {
+        Ok(mut events) => {
+            let spawned = std::thread::Builder::new()
+                .name("ntm-links".into())
+                .spawn(move || {
+                    while events.wait().is_ok() {
+                        if tx.send(()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                log::warn!("not following interface changes: {e}");
+            }
+        }
+        Err(e) => {
+            log::warn!("not following interface changes (netlink: {e}); rescanning periodically")
+        }
+    }
+    rx
+}
