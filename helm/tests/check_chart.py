@@ -1,7 +1,7 @@
 """Lints and renders helm/ntm with default and non-default values, and
 validates every rendered manifest against the Kubernetes API schemas.
 
-Run by ntm-agent/tests/helm.rs with the Python environment that
+Run by ntm-agent/tests/integration/helm.rs with the Python environment that
 `cargo xtask test` prepares (helm-python-sdk embeds Helm 4, no binary or
 network needed; kubernetes-validate carries the schemas).
 Prints one line per check and "N passed, N failed" last; exits non-zero on

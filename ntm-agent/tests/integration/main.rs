@@ -10,6 +10,7 @@ mod kit;
 
 mod api;
 mod bridge;
+mod configuration;
 mod dashboard;
 mod deploy;
 mod endpoint;
@@ -50,6 +51,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: history::period_totals_and_a_quota_equal_what_was_sent,
     Root: bridge::every_frame_crossing_a_bridge_is_counted_once,
     Root: bridge::interfaces_absent_at_start_and_recreated_are_followed,
+    Nothing: configuration::every_flag_is_documented_and_every_documented_flag_exists,
     Nothing: dashboard::dashboard_structure,
     Root: dashboard::every_panel_query_returns_data_from_a_real_prometheus,
     Nothing: deploy::systemd_unit_verifies,
