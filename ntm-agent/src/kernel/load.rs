@@ -29,9 +29,11 @@ use crate::{
 /// The kernel programs, built by build.rs from the ntm-ebpf crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ntm"));
 
-/// Oldest kernel ntm is written for: BTF-defined map-in-map, `gso_segs` in
-/// `__sk_buff` and bounded loops in the verifier are all older than this.
-pub const MIN_KERNEL: (u8, u8) = (5, 10);
+/// Oldest kernel ntm runs on: the XDP programs hand DNS and DHCP frames
+/// over with `bpf_xdp_load_bytes` (5.18), and every start loads them, in TC
+/// mode too. BTF-defined map-in-map, `gso_segs` in `__sk_buff`, bounded
+/// loops, batch map operations and the ring buffer are all older.
+pub const MIN_KERNEL: (u8, u8) = (5, 18);
 
 /// Lines of the verifier's log shown when it rejects a program.
 const VERIFIER_LOG_TAIL: usize = 40;
@@ -558,8 +560,9 @@ mod tests {
     fn old_kernels_are_refused_with_the_version_needed() {
         let err = kernel_supported(KernelVersion::new(4, 19, 0)).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("too old") && text.contains("5.10"), "{text}");
-        assert!(kernel_supported(KernelVersion::new(5, 10, 0)).is_ok());
+        assert!(text.contains("too old") && text.contains("5.18"), "{text}");
+        assert!(kernel_supported(KernelVersion::new(5, 17, 15)).is_err());
+        assert!(kernel_supported(KernelVersion::new(5, 18, 0)).is_ok());
         assert!(kernel_supported(KernelVersion::new(6, 18, 44)).is_ok());
     }
 
