@@ -21,6 +21,7 @@ mod helm;
 mod history;
 mod image;
 mod links;
+mod listing;
 mod names;
 mod observed;
 mod page;
@@ -85,6 +86,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: frames::source_macs_are_learnt_when_a_flow_takes_a_cache_slot,
     Nothing: helm::chart_lints_renders_and_validates,
     Root: image::the_image_runs_with_least_privilege_and_counts,
+    Nothing: listing::every_integration_test_is_listed,
     Root: links::tun_device_frames_start_at_the_ip_header,
     Root: links::vlan_tags_moved_into_skb_metadata_are_still_seen,
     Root: names::devices_by_hosts_files_and_dhcp_leases,

@@ -5,37 +5,17 @@
 
 use std::{
     collections::HashMap,
-    io::{Read, Write},
-    net::{TcpStream, UdpSocket},
+    net::UdpSocket,
     process::Stdio,
     thread,
     time::{Duration, Instant},
 };
 
 use crate::kit::{
-    A4, A6, B6, Link, Netns,
+    A4, A6, B6, Link,
     dns::{Answer, DnsServer},
-    scrape::Guard,
+    scrape::{Guard, bytes_where, metrics as scrape},
 };
-
-pub fn scrape(ns: &Netns, port: u16) -> Option<String> {
-    ns.run(|| {
-        let mut conn = TcpStream::connect(("127.0.0.1", port)).ok()?;
-        conn.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        write!(conn, "GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-        let mut text = String::new();
-        conn.read_to_string(&mut text).ok()?;
-        Some(text)
-    })
-}
-
-/// Sum of `ntm_bytes_total` series whose labels contain all of `parts`.
-pub fn bytes_where(text: &str, parts: &[&str]) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with("ntm_bytes_total{") && parts.iter().all(|p| l.contains(p)))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum()
-}
 
 /// 10 datagrams of 100 bytes from `src` (an address of b) to a's sink.
 fn send_from(link: &Link, src: &str) -> u64 {
@@ -303,7 +283,7 @@ fn wait_for_bytes(link: &Link, port: u16, expect: &[(&str, u64)]) -> String {
         .iter()
         .map(|(label, bytes)| (vec![*label], *bytes))
         .collect();
-    crate::observed::wait_for(link, port, &expect)
+    crate::kit::scrape::wait_for_sink_bytes(link, port, &expect)
 }
 
 /// Runs `podman` with `args`; its stdout, or its stderr if it failed.

@@ -14,13 +14,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{
-    kit::{
-        B4, B6, Link, Netns,
-        dns::DnsServer,
-        scrape::{Guard, TempDir, wait_healthy},
-    },
-    names::{bytes_where, scrape},
+use crate::kit::scrape::{bytes_where, wait_for_sink_bytes};
+use crate::kit::{
+    B4, B6, Link, Netns,
+    dns::DnsServer,
+    scrape::{Guard, TempDir, wait_healthy},
 };
 
 /// A second client address on b, and the servers' addresses on a.
@@ -97,32 +95,6 @@ fn add_address(ns: &Netns, iface: &str, address: &str) {
         iface,
         "nodad",
     ]);
-}
-
-/// Waits until the bytes to the sink of each (label parts, bytes) equal
-/// what was sent; returns the scrape.
-pub fn wait_for(link: &Link, port: u16, expect: &[(Vec<&str>, u64)]) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = scrape(&link.a, port).unwrap_or_default();
-        let got: Vec<u64> = expect
-            .iter()
-            .map(|(parts, _)| {
-                let mut parts = parts.clone();
-                parts.push(r#"service="5300""#);
-                bytes_where(&text, &parts)
-            })
-            .collect();
-        let want: Vec<u64> = expect.iter().map(|(_, bytes)| *bytes).collect();
-        if got == want {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "want {want:?}, got {got:?}:\n{text}"
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// A, AAAA and a CNAME chain answered over UDP, one over TCP, one through
@@ -204,7 +176,7 @@ pub fn servers_by_the_name_their_client_asked() {
         (vec![r#"dst="sys.test""#], send(&link, B4, SYSTEM)),
         (vec![brief.as_str()], send(&link, B4, BRIEF)),
     ];
-    wait_for(&link, 9420, &expect);
+    wait_for_sink_bytes(&link, 9420, &expect);
     // The info metric is rebuilt at the end of the drain that brought the
     // series: a scrape in between sees the series first. Wait for it.
     let brief_info =
@@ -295,7 +267,7 @@ pub fn devices_by_the_host_name_their_dhcp_client_sent() {
             + send(&link, B6, crate::kit::A6)
             + send(&link, privacy, crate::kit::A6),
     )];
-    let text = wait_for(&link, 9421, &expect);
+    let text = wait_for_sink_bytes(&link, 9421, &expect);
     // Three addresses, and b's link-local one if its MLD reports were seen.
     let named = text
         .lines()

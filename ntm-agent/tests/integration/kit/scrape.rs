@@ -105,6 +105,43 @@ pub fn sample_sum(text: &str, metric: &str, parts: &[&str]) -> u64 {
         .sum()
 }
 
+/// The body of `/metrics` from 127.0.0.1:`port` inside `ns`.
+pub fn metrics(ns: &Netns, port: u16) -> Option<String> {
+    http_get(ns, port, "/metrics").map(|(_, body)| body)
+}
+
+/// Sum of `ntm_bytes_total` samples whose label set contains every one of
+/// `parts`.
+pub fn bytes_where(text: &str, parts: &[&str]) -> u64 {
+    sample_sum(text, "ntm_bytes_total", parts)
+}
+
+/// Waits until the bytes to the sink (UDP port 5300) of each (label parts, bytes) equal
+/// what was sent; returns the scrape.
+pub fn wait_for_sink_bytes(link: &super::Link, port: u16, expect: &[(Vec<&str>, u64)]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = metrics(&link.a, port).unwrap_or_default();
+        let got: Vec<u64> = expect
+            .iter()
+            .map(|(parts, _)| {
+                let mut parts = parts.clone();
+                parts.push(r#"service="5300""#);
+                bytes_where(&text, &parts)
+            })
+            .collect();
+        let want: Vec<u64> = expect.iter().map(|(_, bytes)| *bytes).collect();
+        if got == want {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "want {want:?}, got {got:?}:\n{text}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// The value of a metric without labels.
 pub fn plain_value(text: &str, metric: &str) -> u64 {
     text.lines()
