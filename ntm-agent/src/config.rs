@@ -26,6 +26,14 @@ use crate::{
     pipeline::services::{ServiceRegistry, ServiceSpec, ServicesError},
 };
 
+/// The one parser of every on/off flag's environment variable: 1/0,
+/// true/false, yes/no, on/off, so that `NTM_X=1` means the same for every
+/// X (clap's default for a flag takes only true/false). On the command
+/// line such a flag still takes no value.
+fn on_off() -> clap::builder::BoolishValueParser {
+    clap::builder::BoolishValueParser::new()
+}
+
 /// Reverse lookups waiting for a DNS worker at most; beyond it the address
 /// is shown.
 const DNS_QUEUE: usize = 4096;
@@ -106,7 +114,7 @@ pub struct InterfaceArgs {
 
     /// Wait for interfaces named with -i that do not exist yet (PPPoE,
     /// WireGuard, a container's veth) instead of refusing to start.
-    #[arg(long, env = "NTM_WAIT_FOR_INTERFACES", value_parser = clap::builder::BoolishValueParser::new(),
+    #[arg(long, env = "NTM_WAIT_FOR_INTERFACES", value_parser = on_off(),
           action = clap::ArgAction::SetTrue)]
     pub wait_for_interfaces: bool,
 }
@@ -134,7 +142,7 @@ pub struct FilterArgs {
 pub struct NameArgs {
     /// Keep hosts' full names in src/dst (more series); default: registrable
     /// domains for remote hosts.
-    #[arg(short = 'f', long = "fqdn", env = "NTM_FQDN", value_parser = clap::builder::BoolishValueParser::new(),
+    #[arg(short = 'f', long = "fqdn", env = "NTM_FQDN", value_parser = on_off(),
           action = clap::ArgAction::SetTrue)]
     pub fqdn: bool,
 
@@ -160,7 +168,7 @@ pub struct NameArgs {
     pub lease_files: Vec<PathBuf>,
 
     /// Show addresses only in src/dst, never names.
-    #[arg(short = 'n', long = "numeric", env = "NTM_NUMERIC", value_parser = clap::builder::BoolishValueParser::new(),
+    #[arg(short = 'n', long = "numeric", env = "NTM_NUMERIC", value_parser = on_off(),
           action = clap::ArgAction::SetTrue)]
     pub numeric: bool,
 
@@ -194,19 +202,19 @@ pub struct NameArgs {
     pub container_sockets: Vec<PathBuf>,
 
     /// Do not name containers by asking Docker or Podman.
-    #[arg(long = "no-containers", env = "NTM_NO_CONTAINERS", value_parser = clap::builder::BoolishValueParser::new(),
+    #[arg(long = "no-containers", env = "NTM_NO_CONTAINERS", value_parser = on_off(),
           action = clap::ArgAction::SetTrue)]
     pub no_containers: bool,
 
     /// Do not read the DNS answers that cross the monitored interfaces
     /// (by default a server is named by the name its client asked for).
-    #[arg(long = "no-observe-dns", env = "NTM_NO_OBSERVE_DNS", value_parser = clap::builder::BoolishValueParser::new(),
+    #[arg(long = "no-observe-dns", env = "NTM_NO_OBSERVE_DNS", value_parser = on_off(),
           action = clap::ArgAction::SetTrue)]
     pub no_observe_dns: bool,
 
     /// Do not read the DHCP messages that cross the monitored interfaces
     /// (by default a device is named by the hostname it sent).
-    #[arg(long = "no-observe-dhcp", env = "NTM_NO_OBSERVE_DHCP", value_parser = clap::builder::BoolishValueParser::new(),
+    #[arg(long = "no-observe-dhcp", env = "NTM_NO_OBSERVE_DHCP", value_parser = on_off(),
           action = clap::ArgAction::SetTrue)]
     pub no_observe_dhcp: bool,
 
@@ -313,12 +321,12 @@ pub struct DatapathArgs {
 
     /// Stop for good on SIGTERM: detach and remove the pinned state, as
     /// `ntm-agent detach` does (the Helm chart sets it before uninstalling).
-    #[arg(long = "detach-on-stop", env = "NTM_DETACH_ON_STOP", value_parser = clap::builder::BoolishValueParser::new(),
+    #[arg(long = "detach-on-stop", env = "NTM_DETACH_ON_STOP", value_parser = on_off(),
           action = clap::ArgAction::SetTrue)]
     pub detach_on_stop: bool,
 
     /// Keep nothing in bpffs: counting stops when the agent stops.
-    #[arg(long = "no-pin", env = "NTM_NO_PIN", value_parser = clap::builder::BoolishValueParser::new(),
+    #[arg(long = "no-pin", env = "NTM_NO_PIN", value_parser = on_off(),
           action = clap::ArgAction::SetTrue)]
     pub no_pin: bool,
 }
@@ -337,7 +345,8 @@ pub struct HistoryArgs {
     pub state_dir: PathBuf,
 
     /// Keep the history in memory only (lost at each restart).
-    #[arg(long = "no-history", env = "NTM_NO_HISTORY")]
+    #[arg(long = "no-history", env = "NTM_NO_HISTORY", value_parser = on_off(),
+          action = clap::ArgAction::SetTrue)]
     pub no_history: bool,
 
     /// How often the history is committed to disk: a kill -9 loses at most
@@ -1005,6 +1014,93 @@ mod tests {
         assert!(Config::try_parse_from(["ntm", "-s", "9bad"]).is_err());
         assert!(Config::try_parse_from(["ntm", "--labels", "src,colour"]).is_err());
         assert!(Config::try_parse_from(["ntm", "--local-net", "10.0.0.0/33"]).is_err());
+    }
+
+    /// Set in a child run of this test binary: the child prints what
+    /// every on/off flag's variable made of the value its parent gave.
+    const BOOLEAN_ENV_CHILD: &str = "NTM_TEST_BOOLEAN_ENV_CHILD";
+
+    /// Every on/off flag (on when given) that has an environment variable,
+    /// a new one included: (id, long name, variable).
+    fn boolean_flags_with_env() -> Vec<(String, String, String)> {
+        use clap::CommandFactory;
+        Config::command()
+            .get_arguments()
+            .filter(|a| matches!(a.get_action(), clap::ArgAction::SetTrue))
+            .filter_map(|a| {
+                Some((
+                    a.get_id().to_string(),
+                    a.get_long()?.to_string(),
+                    a.get_env()?.to_string_lossy().into_owned(),
+                ))
+            })
+            .collect()
+    }
+
+    /// Every on/off flag's variable takes the same values (1/0,
+    /// true/false, yes/no, on/off), 0 and false meaning off, and each is
+    /// still a flag without a value on the command line. Clap reads the
+    /// variables when the command is built and a test must not change
+    /// the environment of the others running beside it: each value is
+    /// tried in a child run of this binary.
+    #[test]
+    fn every_boolean_env_var_takes_the_same_values() {
+        use clap::CommandFactory;
+        let flags = boolean_flags_with_env();
+        for name in ["NTM_NO_HISTORY", "NTM_NUMERIC", "NTM_NO_PIN"] {
+            assert!(flags.iter().any(|(_, _, env)| env == name), "{name}");
+        }
+        for (id, long, _) in &flags {
+            let matches = Config::command()
+                .try_get_matches_from(["ntm-agent", &format!("--{long}")])
+                .unwrap_or_else(|e| panic!("--{long}: {e}"));
+            assert!(matches.get_flag(id), "--{long}");
+        }
+        let exe = std::env::current_exe().unwrap();
+        for (value, on) in [
+            ("1", true),
+            ("0", false),
+            ("true", true),
+            ("false", false),
+            ("yes", true),
+            ("no", false),
+            ("on", true),
+            ("off", false),
+        ] {
+            let mut child = std::process::Command::new(&exe);
+            child
+                .args(["config::tests::boolean_env_vars_in_a_child", "--exact"])
+                .args(["--nocapture", "--test-threads=1"])
+                .env(BOOLEAN_ENV_CHILD, "1");
+            for (_, _, env) in &flags {
+                child.env(env, value);
+            }
+            let out = child.output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "={value}: {stdout}{stderr}");
+            for (id, _, env) in &flags {
+                assert!(
+                    stdout.contains(&format!("flag {id} {on}\n")),
+                    "{env}={value} should be {on}: {stdout}{stderr}"
+                );
+            }
+        }
+    }
+
+    /// The child's half of the test above (nothing to do in a normal run).
+    #[test]
+    fn boolean_env_vars_in_a_child() {
+        use clap::CommandFactory;
+        if std::env::var_os(BOOLEAN_ENV_CHILD).is_none() {
+            return;
+        }
+        let matches = Config::command()
+            .try_get_matches_from(["ntm-agent"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        for (id, _, _) in boolean_flags_with_env() {
+            println!("flag {id} {}", matches.get_flag(&id));
+        }
     }
 
     #[test]

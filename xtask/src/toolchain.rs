@@ -5,8 +5,11 @@
 //! what to do where it cannot.
 
 use std::{
-    path::PathBuf,
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -52,6 +55,98 @@ pub fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_some_and(|uid| uid.trim() == "0")
 }
 
+/// The lock `apt-get update` takes: it does not wait for it, whatever
+/// `DPkg::Lock::Timeout` says (apt 2.6 fails at once).
+const APT_UPDATE_LOCKS: [&str; 1] = ["/var/lib/apt/lists/lock"];
+
+/// The locks `apt-get install` takes, in the order it takes them.
+const APT_INSTALL_LOCKS: [&str; 3] = [
+    "/var/lib/dpkg/lock-frontend",
+    "/var/lib/dpkg/lock",
+    "/var/cache/apt/archives/lock",
+];
+
+/// How long to wait for apt's locks: on a fresh cloud machine
+/// unattended-upgrades holds them for minutes after boot, and failing at
+/// once would leave the setup half done.
+const APT_LOCK_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A process that holds a lock.
+#[derive(Debug, PartialEq, Eq)]
+pub struct LockHolder {
+    /// None for an open file description lock, which has no owner pid.
+    pub pid: Option<u32>,
+    /// Its command name, as /proc has it.
+    pub command: Option<String>,
+}
+
+impl std::fmt::Display for LockHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.command, self.pid) {
+            (Some(command), Some(pid)) => write!(f, "{command} (pid {pid})"),
+            (None, Some(pid)) => write!(f, "pid {pid}"),
+            _ => f.write_str("another process"),
+        }
+    }
+}
+
+/// Who holds an fcntl lock on `path` that would keep this process from
+/// taking a write lock on it (as apt and dpkg do), if anyone does; None
+/// also when the file cannot be opened (then apt says why itself).
+pub fn fcntl_lock_holder(path: &Path) -> Option<LockHolder> {
+    let file = File::open(path).ok()?;
+    // SAFETY: `flock` is a plain C struct; all zeroes is a valid value.
+    let mut probe: libc::flock = unsafe { std::mem::zeroed() };
+    probe.l_type = libc::F_WRLCK as _;
+    probe.l_whence = libc::SEEK_SET as _;
+    // l_start 0 and l_len 0: the whole file.
+    // SAFETY: F_GETLK reads and writes only `probe`, which outlives the
+    // call, on a descriptor that stays open until `file` is dropped.
+    let result = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut probe) };
+    if result != 0 || probe.l_type == libc::F_UNLCK as _ {
+        return None;
+    }
+    let pid = u32::try_from(probe.l_pid).ok().filter(|pid| *pid > 0);
+    let command = pid.and_then(|pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .ok()
+            .map(|name| name.trim().to_string())
+    });
+    Some(LockHolder { pid, command })
+}
+
+/// Waits, for [`APT_LOCK_TIMEOUT`] at most, until no other process holds
+/// any of `locks`, saying who holds one: apt itself waits silently, or
+/// not at all. Past the timeout apt runs anyway and says what it cannot
+/// lock.
+fn wait_for_apt_locks(locks: &[&str]) {
+    let deadline = Instant::now() + APT_LOCK_TIMEOUT;
+    let mut said: Option<String> = None;
+    loop {
+        let held = locks
+            .iter()
+            .find_map(|path| Some((*path, fcntl_lock_holder(Path::new(path))?)));
+        let Some((path, holder)) = held else {
+            if said.is_some() {
+                eprintln!("xtask: apt's locks are free, going on");
+            }
+            return;
+        };
+        if Instant::now() >= deadline {
+            return;
+        }
+        let waiting = format!(
+            "xtask: waiting (up to {} min) for the apt/dpkg lock {path}, held by {holder}",
+            APT_LOCK_TIMEOUT.as_secs() / 60
+        );
+        if said.as_ref() != Some(&waiting) {
+            eprintln!("{waiting}");
+            said = Some(waiting);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// Installs Debian packages that are missing. Needs root (no sudo here).
 pub fn apt_install(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
@@ -76,8 +171,14 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
         "xtask: installing Debian packages: {} (apt-get)",
         missing.join(" ")
     );
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    // Also passed to apt: another process may take a lock between the
+    // wait here and apt's own try.
+    let lock_timeout = format!("DPkg::Lock::Timeout={}", APT_LOCK_TIMEOUT.as_secs());
+    wait_for_apt_locks(&APT_UPDATE_LOCKS);
+    run(Command::new("apt-get").args(["-o", &lock_timeout, "update", "-qq"]))?;
+    wait_for_apt_locks(&APT_INSTALL_LOCKS);
     run(Command::new("apt-get")
+        .args(["-o", &lock_timeout])
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
@@ -215,4 +316,54 @@ pub fn ensure_python_env(dir: &std::path::Path, packages: &[&str]) -> Result<Pat
         .args(packages))?;
     std::fs::write(&stamp, wanted)?;
     Ok(python)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead as _, BufReader};
+
+    use super::*;
+
+    /// A lock taken with fcntl by another process (as apt takes its own)
+    /// is found, with that process's pid; none on a free or absent file.
+    #[test]
+    fn finds_the_process_holding_an_fcntl_lock() {
+        let dir = std::env::temp_dir().join(format!("xtask-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lock-frontend");
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(fcntl_lock_holder(&path), None, "free");
+        assert_eq!(fcntl_lock_holder(&dir.join("absent")), None, "absent");
+
+        // Python's lockf is fcntl(F_SETLKW); the holder sleeps at most 30 s.
+        let holder = Command::new("python3")
+            .args([
+                "-c",
+                "import fcntl, sys, time\n\
+                 f = open(sys.argv[1], 'r+')\n\
+                 fcntl.lockf(f, fcntl.LOCK_EX)\n\
+                 print('locked', flush=True)\n\
+                 time.sleep(30)",
+            ])
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .spawn();
+        let Ok(mut holder) = holder else {
+            eprintln!("skipped: python3 is needed to hold a lock from another process");
+            return;
+        };
+        let mut line = String::new();
+        if let Some(out) = holder.stdout.take() {
+            BufReader::new(out).read_line(&mut line).unwrap();
+        }
+        let found = fcntl_lock_holder(&path);
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert_eq!(line.trim(), "locked");
+        let found = found.expect("the lock is found");
+        assert_eq!(found.pid, Some(holder.id()));
+        assert!(found.command.is_some(), "{found:?}");
+        assert_eq!(fcntl_lock_holder(&path), None, "released with its holder");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

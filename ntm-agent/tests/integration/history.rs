@@ -315,3 +315,92 @@ pub fn period_totals_and_a_quota_equal_what_was_sent() {
         );
     }
 }
+
+/// After a SIGTERM and a start on the same state directory, the very first
+/// scrape has the period totals and the quota that the database holds,
+/// exactly: they do not wait for the new agent's first commit.
+pub fn period_totals_and_a_quota_from_the_first_scrape_after_a_restart() {
+    let link = Link::new("perst");
+    let state = TempDir::new("perst");
+    let quota = format!("--quota={}=100k/month", link.a_if);
+    let start_with = |commit_interval: &str| {
+        Guard(
+            crate::kit::agent_in(&link.a, false)
+                .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", &PORT.to_string()])
+                .args(["--local-net", "198.18.0.2/32", "--drain-interval", "200ms"])
+                .args(["--no-pin", "--history-commit-interval", commit_interval])
+                .arg(&quota)
+                .arg("--state-dir")
+                .arg(&state.0)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let device_upload = |text: &str, period: &str| {
+        sample_sum(
+            text,
+            "ntm_period_bytes",
+            &[
+                &format!(r#"period="{period}""#),
+                r#"device="198.18.0.2""#,
+                r#"direction="upload""#,
+            ],
+        )
+    };
+    let iface_label = format!(r#"iface="{}""#, link.a_if);
+    let iface_month = |text: &str| {
+        sample_sum(
+            text,
+            "ntm_period_bytes",
+            &[r#"period="month""#, &iface_label],
+        )
+    };
+
+    // First run: the traffic, on /metrics and in the database (SIGTERM
+    // commits what is pending).
+    let mut agent = start_with("1s");
+    wait_healthy(&link.a, PORT);
+    let sent = upload(&link, 150);
+    let before = wait_for("the period totals", Duration::from_secs(20), || {
+        let text = http_get(&link.a, PORT, "/metrics")?.1;
+        let on_iface = sample_sum(&text, "ntm_bytes_total", &[&iface_label]);
+        (["day", "week", "month"]
+            .iter()
+            .all(|p| device_upload(&text, p) == sent.0)
+            && iface_month(&text) == on_iface)
+            .then_some(text)
+    });
+    // Everything on the link is the test's upload: the quota's share is
+    // that, exactly.
+    let on_iface = iface_month(&before);
+    assert_eq!(on_iface, sent.0, "{before}");
+    crate::kit::sh(&["kill", "-TERM", &agent.0.id().to_string()]);
+    agent.0.wait().unwrap();
+
+    // Second run, whose own first commit (and publication) is a minute
+    // away: the first answer to /metrics already has the totals.
+    let _agent = start_with("60s");
+    let first = wait_for("the first scrape", Duration::from_secs(60), || {
+        http_get(&link.a, PORT, "/metrics").filter(|(status, _)| *status == 200)
+    })
+    .1;
+    for period in ["day", "week", "month"] {
+        assert_eq!(device_upload(&first, period), sent.0, "{period}: {first}");
+    }
+    assert_eq!(iface_month(&first), on_iface, "{first}");
+    assert!(
+        first.contains(&format!(
+            r#"ntm_quota_bytes{{iface="{}",period="month"}} 100000"#,
+            link.a_if
+        )),
+        "{first}"
+    );
+    let ratio = first
+        .lines()
+        .find(|l| l.starts_with("ntm_quota_used_ratio{") && l.contains(&iface_label))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no quota share in the first scrape:\n{first}"));
+    assert_eq!(ratio, on_iface as f64 / 100_000.0, "{first}");
+}

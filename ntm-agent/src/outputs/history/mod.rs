@@ -290,6 +290,10 @@ impl History {
             quotas: options.quotas.clone(),
             max_period_devices: options.max_period_devices,
         };
+        // The writer publishes only after its first commit interval: without
+        // this, a restarted agent's /metrics would lack the period totals
+        // and quotas the database already holds for up to that long.
+        writer.publish_periods();
         let interval = options.commit_interval;
         let thread = std::thread::Builder::new()
             .name("ntm-history".into())
@@ -619,8 +623,9 @@ impl Writer {
     }
 
     /// `<prefix>_period_bytes` and the quotas, from the history as it is
-    /// now (after each commit, and at least every commit interval, so that
-    /// a new day starts at zero even when nothing is sent).
+    /// now (at start, after each commit, and at least every commit
+    /// interval, so that a new day starts at zero even when nothing is
+    /// sent).
     fn publish_periods(&self) {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
