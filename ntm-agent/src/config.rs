@@ -658,6 +658,7 @@ impl Config {
                     self.names.lease_files.clone()
                 },
                 answer_min_ttl: self.names.answer_min_ttl,
+                container_sockets: self.container_sockets(),
             },
         }
     }

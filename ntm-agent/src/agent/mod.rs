@@ -23,7 +23,6 @@ use crate::{
         observe::{ObservedFrame, Observer, ObserverError},
         privileges,
     },
-    names::containers::ContainerNames,
     outputs::history::hand_state_dir_to,
     web::{http, web_config::WebConfigWatcher},
 };
@@ -95,9 +94,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }));
     if let Some(macs) = kernel.take_macs() {
         pipeline.look_up_macs_with(Box::new(move |ip| macs.lookup(ip)));
-    }
-    if let Some(sockets) = config.container_sockets() {
-        pipeline.name_containers_with(ContainerNames::spawn(sockets));
     }
     // What the last agent's pinned tables held: counted while no agent ran.
     if let Some(adopted) = kernel.take_adopted() {

@@ -150,12 +150,6 @@ impl Pipeline {
         })
     }
 
-    /// Where container names come from (the agent: the engines' API
-    /// sockets).
-    pub fn name_containers_with(&mut self, containers: crate::names::containers::ContainerNames) {
-        self.hosts.name_containers_with(containers);
-    }
-
     /// Where the MACs learnt from frames come from (the agent: the
     /// kernel's table), for names by MAC address.
     pub fn look_up_macs_with(&mut self, lookup: crate::names::MacLookup) {
@@ -174,7 +168,7 @@ impl Pipeline {
         use crate::{health::self_metrics::protocol_label, names::wire};
         let result = match wire::facts(frame) {
             Ok(facts) => {
-                for fact in facts {
+                for fact in &facts {
                     self.hosts.learn(fact, now);
                 }
                 "parsed"
@@ -199,7 +193,7 @@ impl Pipeline {
         if let Some(drops) = drops {
             self.metrics.record_observe_drops(drops);
         }
-        let sizes = self.hosts.observed_sizes();
+        let sizes = self.hosts.table_sizes();
         let gauge = &self.metrics.observed_names;
         gauge
             .with_label_values(&["answers"])
@@ -212,7 +206,7 @@ impl Pipeline {
             .set(sizes.leases as i64);
         gauge
             .with_label_values(&["containers"])
-            .set(self.hosts.container_count() as i64);
+            .set(sizes.containers as i64);
     }
 
     /// One drain's deltas through every stage. `iface_labels` names the

@@ -17,7 +17,11 @@ use std::{
 
 use bollard::{ClientVersion, Docker, query_parameters::ListContainersOptionsBuilder};
 
-use super::files::usable_name;
+use super::{
+    files::{Source, usable_name},
+    ladder::{Lookup, NameSource, Query},
+    observed::TableSizes,
+};
 
 /// Where Podman (as root) and Docker listen by default; the ones that
 /// exist are asked.
@@ -157,3 +161,16 @@ async fn list(socket: &Path) -> Result<Vec<(IpAddr, String)>, bollard::errors::E
     }
     Ok(found)
 }
+impl NameSource for ContainerNames {
+    fn name(&mut self, query: &Query) -> Lookup {
+        match self.get(query.ip) {
+            Some(name) => Lookup::Name(name, Source::Container),
+            None => Lookup::Next,
+        }
+    }
+
+    fn table_sizes(&self, sizes: &mut TableSizes) {
+        sizes.containers += self.len();
+    }
+}
+

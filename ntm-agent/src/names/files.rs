@@ -20,6 +20,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use super::ladder::{Lookup, NameSource, Query};
 use crate::model::net::{Mac, parse_mac};
 
 /// Where a host's label came from: the `source` of `ntm_names`.
@@ -49,6 +50,14 @@ impl Source {
         Source::ReverseDns,
         Source::Address,
     ];
+
+    /// Whether the name is one a client asked for (a server's): then a
+    /// remote host is labelled by its registrable domain (unless
+    /// `--fqdn`), not by each of its many host names. Names a user or a
+    /// device gave are kept whole.
+    pub fn names_a_server(self) -> bool {
+        matches!(self, Source::DnsAnswer | Source::ReverseDns)
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -428,6 +437,23 @@ impl NameFiles {
         self.files
             .iter()
             .any(|(file, _)| file.format != Format::Hosts)
+    }
+}
+
+impl NameSource for NameFiles {
+    fn name(&mut self, query: &Query) -> Lookup {
+        match NameFiles::name(self, query.ip, query.mac) {
+            Some((name, source)) => Lookup::Name(name.to_string(), source),
+            None => Lookup::Next,
+        }
+    }
+
+    fn refresh(&mut self) {
+        NameFiles::refresh(self);
+    }
+
+    fn names_macs(&self) -> bool {
+        NameFiles::names_macs(self)
     }
 }
 

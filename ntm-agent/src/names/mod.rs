@@ -1,14 +1,18 @@
-//! Host names for the `src`/`dst` labels: asynchronous, cached, bounded
-//! reverse DNS, and labels that never change during a series' life.
+//! Host names for the `src`/`dst` labels, from the naming ladder (see
+//! [`ladder`]: its sources, in order), and labels that never change during
+//! a series' life.
 //!
-//! Lookups run on worker threads; the drain loop only reads the cache. A
-//! flow whose host has no answer yet waits (a bounded time, `--name-wait`)
-//! before it is first exported, so that a name arriving a moment later does
-//! not split its counter into an address series and a name series. Once an
-//! address's label is decided it is kept while it is in use ("sticky").
+//! No source makes the drain loop wait: slow ones (reverse DNS, container
+//! engines) work on threads or tasks of their own and the ladder reads
+//! their tables. A flow whose host has no answer yet waits (a bounded time,
+//! `--name-wait`) before it is first exported, so that a name arriving a
+//! moment later does not split its counter into an address series and a
+//! name series. Once an address's label is decided it is kept while it is
+//! in use ("sticky").
 
 pub mod containers;
 pub mod files;
+pub mod ladder;
 pub mod observed;
 pub mod resolver;
 pub mod wire;
@@ -26,10 +30,10 @@ use ntm_common::FlowKey;
 use prometheus::{IntCounterVec, IntGaugeVec};
 
 use self::{
-    containers::ContainerNames,
-    files::{NameFiles, Source},
-    observed::{ObservedNames, TableSizes},
-    resolver::{Resolver, Upstream},
+    files::Source,
+    ladder::{Lookup, NameSource, Query},
+    observed::TableSizes,
+    resolver::Upstream,
     wire::Fact,
 };
 use crate::model::net::{LocalNets, Mac};
@@ -56,6 +60,9 @@ pub struct NameOptions {
     pub lease_files: Vec<std::path::PathBuf>,
     /// Shortest time an observed DNS answer names its addresses.
     pub answer_min_ttl: Duration,
+    /// The container engines' API sockets (the default ones if empty);
+    /// None: containers are not asked.
+    pub container_sockets: Option<Vec<std::path::PathBuf>>,
 }
 
 #[cfg(test)]
@@ -73,6 +80,7 @@ impl NameOptions {
             ethers_files: Vec::new(),
             lease_files: Vec::new(),
             answer_min_ttl: Duration::from_secs(60),
+            container_sockets: None,
         }
     }
 }
@@ -87,9 +95,8 @@ struct Sticky {
 pub struct HostLabels {
     /// Whether src or dst are labels at all (else nothing is resolved).
     wanted: bool,
-    /// The ladder's file rungs: hosts files, then leases.
-    files: NameFiles,
-    resolver: Option<Resolver>,
+    /// The name sources, highest rung first (see [`ladder::ladder`]).
+    ladder: Vec<Box<dyn NameSource>>,
     local: LocalNets,
     fqdn: bool,
     wait: Duration,
@@ -105,10 +112,6 @@ pub struct HostLabels {
     /// many addresses each MAC has (a router's has many).
     learnt_macs: HashMap<IpAddr, Mac>,
     addresses_per_mac: HashMap<Mac, usize>,
-    /// DNS answers and DHCP messages seen on the wire.
-    observed: ObservedNames,
-    /// Containers on this host by address, if an engine is asked.
-    containers: Option<ContainerNames>,
     /// The hosts (address and label) that sticky labels hold now, with
     /// how many (address, peer) entries hold each.
     hosts: HashMap<(IpAddr, String), (Source, usize)>,
@@ -135,9 +138,10 @@ pub const MAX_NEIGHBOURS: usize = 65_536;
 pub const MAX_ADDRESSES_PER_DEVICE: usize = 64;
 
 impl HostLabels {
-    /// Reads the name files and starts the resolver, when names are wanted;
-    /// `lookups` counts the resolver's lookups by result, `by_source` the
-    /// addresses labelled by each rung.
+    /// Builds the ladder of name sources (reading the name files, starting
+    /// the resolver), when names are wanted; `lookups` counts the
+    /// resolver's lookups by result, `by_source` the addresses labelled by
+    /// each rung.
     pub fn start(
         wanted: bool,
         local: LocalNets,
@@ -145,24 +149,12 @@ impl HostLabels {
         lookups: IntCounterVec,
         by_source: IntGaugeVec,
     ) -> Self {
-        let resolver = match &options.upstream {
-            Some(upstream) if wanted => match Resolver::start(upstream, options, lookups) {
-                Ok(resolver) => Some(resolver),
-                Err(e) => {
-                    log::warn!("host names: addresses only: {e}");
-                    None
-                }
-            },
-            _ => None,
+        let ladder = if wanted {
+            ladder::ladder(options, lookups)
+        } else {
+            Vec::new()
         };
-        let mut labels = Self::new(wanted, resolver, local, options);
-        if wanted {
-            labels.files = NameFiles::open(
-                &options.hosts_files,
-                &options.ethers_files,
-                &options.lease_files,
-            );
-        }
+        let mut labels = Self::new(wanted, ladder, local, options);
         for source in Source::ALL {
             by_source.with_label_values(&[source.as_str()]).set(0);
         }
@@ -172,14 +164,13 @@ impl HostLabels {
 
     fn new(
         wanted: bool,
-        resolver: Option<Resolver>,
+        ladder: Vec<Box<dyn NameSource>>,
         local: LocalNets,
         options: &NameOptions,
     ) -> Self {
         Self {
             wanted,
-            files: NameFiles::default(),
-            resolver,
+            ladder,
             local,
             fqdn: options.fqdn,
             wait: options.wait,
@@ -188,8 +179,6 @@ impl HostLabels {
             mac_lookup: None,
             learnt_macs: HashMap::new(),
             addresses_per_mac: HashMap::new(),
-            observed: ObservedNames::new(options.answer_min_ttl),
-            containers: None,
             hosts: HashMap::new(),
             hosts_changed: 0,
             by_source: None,
@@ -199,31 +188,24 @@ impl HostLabels {
     /// Whether a name could come from a MAC address: then the caller keeps
     /// [`HostLabels::set_neighbours`] fresh.
     pub fn wants_neighbours(&self) -> bool {
-        self.wanted && (self.files.names_macs() || self.observed.sizes().clients > 0)
-    }
-
-    /// Where container names come from (the agent: the engines' sockets).
-    pub fn name_containers_with(&mut self, containers: ContainerNames) {
-        if self.wanted {
-            self.containers = Some(containers);
-        }
-    }
-
-    /// Container addresses known now.
-    pub fn container_count(&self) -> usize {
-        self.containers.as_ref().map_or(0, |c| c.len())
+        self.wanted && self.ladder.iter().any(|source| source.names_macs())
     }
 
     /// Keeps what a DNS or DHCP message on the wire said.
-    pub fn learn(&mut self, fact: Fact, now: Instant) {
-        if self.wanted {
-            self.observed.learn(fact, now);
+    pub fn learn(&mut self, fact: &Fact, now: Instant) {
+        for source in &mut self.ladder {
+            source.learn(fact, now);
         }
     }
 
-    /// Entries of the tables of names learnt from the wire.
-    pub fn observed_sizes(&self) -> TableSizes {
-        self.observed.sizes()
+    /// Entries of the sources' tables (names learnt from the wire,
+    /// containers).
+    pub fn table_sizes(&self) -> TableSizes {
+        let mut sizes = TableSizes::default();
+        for source in &self.ladder {
+            source.table_sizes(&mut sizes);
+        }
+        sizes
     }
 
     /// The neighbour table now (IP to MAC), at most [`MAX_NEIGHBOURS`].
@@ -267,7 +249,11 @@ impl HostLabels {
                 return Some(mac);
             }
         }
-        self.observed.leased_mac(ip)
+        self.leased_mac(ip)
+    }
+
+    fn leased_mac(&self, ip: IpAddr) -> Option<Mac> {
+        self.ladder.iter().find_map(|source| source.leased_mac(ip))
     }
 
     fn look_up_mac(&mut self, ip: IpAddr) -> Option<Mac> {
@@ -288,12 +274,14 @@ impl HostLabels {
             .get(&ip)
             .or_else(|| self.learnt_macs.get(&ip))
             .copied()
-            .or_else(|| self.observed.leased_mac(ip))
+            .or_else(|| self.leased_mac(ip))
     }
 
     /// Re-reads the name files that changed (cheap when none did).
     pub fn refresh(&mut self) {
-        self.files.refresh();
+        for source in &mut self.ladder {
+            source.refresh();
+        }
     }
 
     /// How long a new flow waits for its names at most.
@@ -388,7 +376,9 @@ impl HostLabels {
         self.hosts_changed
     }
 
-    /// The ladder, highest rung first; None: wait for reverse DNS.
+    /// Climbs the ladder, highest rung first, to the first source that
+    /// names `ip` (the address itself where none does); None: wait for a
+    /// name on its way.
     fn decide(
         &mut self,
         ip: IpAddr,
@@ -396,30 +386,26 @@ impl HostLabels {
         first_seen: Instant,
         now: Instant,
     ) -> Option<(String, Source)> {
-        let mac = self.mac_of(ip);
-        // A name the user or the device gave is the device's own: whole.
-        if let Some((name, source)) = self.files.name(ip, mac) {
-            return Some((name.to_string(), source));
+        let query = Query {
+            ip,
+            peer,
+            mac: self.mac_of(ip),
+            first_seen,
+            now,
+        };
+        for source in &mut self.ladder {
+            match source.name(&query) {
+                Lookup::Name(name, source) if source.names_a_server() => {
+                    return Some((self.name_label(ip, name), source));
+                }
+                // A name the user or the device gave is the device's own:
+                // whole.
+                Lookup::Name(name, source) => return Some((name, source)),
+                Lookup::Wait => return None,
+                Lookup::Next => {}
+            }
         }
-        if let Some(name) = self.containers.as_ref().and_then(|c| c.get(ip)) {
-            return Some((name, Source::Container));
-        }
-        if let Some(name) = self.observed.device(ip, mac) {
-            return Some((name.to_string(), Source::Dhcp));
-        }
-        if let Some(name) = self.observed.answer(peer, ip, now) {
-            let name = name.to_string();
-            return Some((self.name_label(ip, name), Source::DnsAnswer));
-        }
-        Some(match &self.resolver {
-            None => (ip.to_string(), Source::Address),
-            Some(resolver) => match resolver.lookup(ip, now) {
-                Some(Some(name)) => (self.name_label(ip, name), Source::ReverseDns),
-                Some(None) => (ip.to_string(), Source::Address),
-                None if now.duration_since(first_seen) < self.wait => return None,
-                None => (ip.to_string(), Source::Address),
-            },
-        })
+        Some((ip.to_string(), Source::Address))
     }
 
     fn count(&self, source: Source, delta: i64) {
@@ -443,7 +429,9 @@ impl HostLabels {
     /// Forgets labels not used for `ttl` (their series have expired too),
     /// and answers whose TTL is over.
     pub fn expire(&mut self, now: Instant, ttl: Duration) {
-        self.observed.expire(now);
+        for source in &mut self.ladder {
+            source.expire(now);
+        }
         // Least recently used first: the expired ones are at that end.
         while let Some((_, s)) = self.sticky.peek_lru() {
             if now.duration_since(s.last_used) <= ttl {
@@ -470,7 +458,7 @@ mod tests {
 
     #[test]
     fn registrable_domains_for_remote_hosts_whole_names_for_local_ones() {
-        let h = HostLabels::new(true, None, local(), &options());
+        let h = HostLabels::new(true, Vec::new(), local(), &options());
         let remote: IpAddr = "93.184.216.34".parse().unwrap();
         let lan: IpAddr = "192.168.1.5".parse().unwrap();
         assert_eq!(h.name_label(remote, "news.bbc.co.uk".into()), "bbc.co.uk");
@@ -481,7 +469,7 @@ mod tests {
         );
         let fqdn = HostLabels::new(
             true,
-            None,
+            Vec::new(),
             local(),
             &NameOptions {
                 fqdn: true,
@@ -496,7 +484,7 @@ mod tests {
 
     #[test]
     fn without_a_resolver_labels_are_addresses_at_once() {
-        let mut h = HostLabels::new(true, None, local(), &options());
+        let mut h = HostLabels::new(true, Vec::new(), local(), &options());
         let now = Instant::now();
         let ip: IpAddr = "2001:2::1".parse().unwrap();
         let peer: IpAddr = "2001:2::2".parse().unwrap();
@@ -506,7 +494,7 @@ mod tests {
     #[test]
     fn expiry_goes_least_recently_used_first_and_the_counts_follow() {
         let gauge = IntGaugeVec::new(prometheus::Opts::new("names", "h"), &["source"]).unwrap();
-        let mut h = HostLabels::new(true, None, local(), &options());
+        let mut h = HostLabels::new(true, Vec::new(), local(), &options());
         h.by_source = Some(gauge.clone());
         let t0 = Instant::now();
         let ip = |last: u8| IpAddr::from([198, 18, 0, last]);
@@ -526,7 +514,7 @@ mod tests {
 
     #[test]
     fn frames_macs_name_local_addresses_only_and_never_a_routers() {
-        let mut h = HostLabels::new(true, None, local(), &options());
+        let mut h = HostLabels::new(true, Vec::new(), local(), &options());
         let device = [2, 0, 0, 0, 0, 7];
         let router = [2, 0, 0, 0, 0, 1];
         h.look_up_macs_with(Box::new(move |ip: IpAddr| match ip {
@@ -552,7 +540,7 @@ mod tests {
 
     #[test]
     fn sticky_labels_expire_when_unused() {
-        let mut h = HostLabels::new(true, None, local(), &options());
+        let mut h = HostLabels::new(true, Vec::new(), local(), &options());
         let t0 = Instant::now();
         let ip: IpAddr = "198.18.0.9".parse().unwrap();
         h.label(ip, ip, t0, t0);

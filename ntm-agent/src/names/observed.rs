@@ -11,7 +11,11 @@ use std::{
 
 use lru::LruCache;
 
-use super::wire::{Client, Fact};
+use super::{
+    files::Source,
+    ladder::{Lookup, NameSource, Query},
+    wire::{Client, Fact},
+};
 use crate::model::net::Mac;
 
 /// Answers kept per (client, address) at most.
@@ -37,6 +41,8 @@ pub struct TableSizes {
     pub answers: usize,
     pub clients: usize,
     pub leases: usize,
+    /// Containers known by address (`containers.rs`).
+    pub containers: usize,
 }
 
 pub struct ObservedNames {
@@ -139,7 +145,46 @@ impl ObservedNames {
             answers: self.answers.len(),
             clients: self.clients.len(),
             leases: self.leases.len(),
+            containers: 0,
         }
+    }
+}
+
+/// Two rungs from the wire: the host name a device's DHCP client sent
+/// (its own name: whole), then the name the peer asked DNS for.
+impl NameSource for ObservedNames {
+    fn name(&mut self, query: &Query) -> Lookup {
+        if let Some(name) = self.device(query.ip, query.mac) {
+            return Lookup::Name(name.to_string(), Source::Dhcp);
+        }
+        match self.answer(query.peer, query.ip, query.now) {
+            Some(name) => Lookup::Name(name.to_string(), Source::DnsAnswer),
+            None => Lookup::Next,
+        }
+    }
+
+    fn learn(&mut self, fact: &Fact, now: Instant) {
+        ObservedNames::learn(self, fact.clone(), now);
+    }
+
+    fn expire(&mut self, now: Instant) {
+        ObservedNames::expire(self, now);
+    }
+
+    fn leased_mac(&self, ip: IpAddr) -> Option<Mac> {
+        ObservedNames::leased_mac(self, ip)
+    }
+
+    /// DHCP clients are known by MAC.
+    fn names_macs(&self) -> bool {
+        !self.clients.is_empty()
+    }
+
+    fn table_sizes(&self, sizes: &mut TableSizes) {
+        let mine = self.sizes();
+        sizes.answers += mine.answers;
+        sizes.clients += mine.clients;
+        sizes.leases += mine.leases;
     }
 }
 

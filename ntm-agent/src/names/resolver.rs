@@ -23,7 +23,11 @@ use lru::LruCache;
 use prometheus::IntCounterVec;
 use tokio::sync::{Semaphore, mpsc};
 
-use super::NameOptions;
+use super::{
+    NameOptions,
+    files::Source,
+    ladder::{Lookup, NameSource, Query},
+};
 
 /// Cached answers are kept at least this long (servers that answer TTL 0
 /// would otherwise be asked on every drain) and at most this long.
@@ -91,6 +95,42 @@ impl Outcome {
             Outcome::ServerError => "server_error",
             Outcome::Timeout => "timeout",
             Outcome::Error => "error",
+        }
+    }
+}
+
+/// The ladder's last rung: reverse DNS, which a new flow waits for at most
+/// `--name-wait` from when it was first seen.
+pub struct ReverseDns {
+    resolver: Resolver,
+    wait: Duration,
+}
+
+impl ReverseDns {
+    /// Starts the resolver `options` asks for; None with `--numeric`, or
+    /// (with a warning) when it cannot start.
+    pub fn start(options: &NameOptions, lookups: IntCounterVec) -> Option<Self> {
+        let upstream = options.upstream.as_ref()?;
+        match Resolver::start(upstream, options, lookups) {
+            Ok(resolver) => Some(Self {
+                resolver,
+                wait: options.wait,
+            }),
+            Err(e) => {
+                log::warn!("host names: no reverse DNS, addresses where no other source names them: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl NameSource for ReverseDns {
+    fn name(&mut self, query: &Query) -> Lookup {
+        match self.resolver.lookup(query.ip, query.now) {
+            Some(Some(name)) => Lookup::Name(name, Source::ReverseDns),
+            Some(None) => Lookup::Next,
+            None if query.now.duration_since(query.first_seen) < self.wait => Lookup::Wait,
+            None => Lookup::Next,
         }
     }
 }
