@@ -7,6 +7,7 @@
 
 use std::{
     collections::HashMap,
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
@@ -16,10 +17,16 @@ use ntm_agent::{
     config::Config,
     health::{attached::Health, self_metrics::SelfMetrics},
     kernel::drain::Drained,
-    model::net::{Cidr, LocalNets},
+    model::{
+        net::{Cidr, LocalNets},
+        subjects::Subject,
+    },
     outputs::{
-        history::{Batch, History, HistoryOptions, Tier, periods::Period, store::Store},
-        live::{Kind, LiveTraffic},
+        history::{
+            Batch, History, HistoryOptions, Tier, periods::Period, sink::HistorySink, store::Store,
+        },
+        live::{LiveSink, LiveTraffic},
+        sink::{LabelledDrain, LabelledFlow, Sink},
     },
 };
 use ntm_common::{Counters, FlowKey, family};
@@ -108,8 +115,8 @@ fn api_figures() {
         let none = HashMap::new();
         let metrics = time(20, || exposition.encode().unwrap().len());
         let devices = time(20, || api.devices(&none).unwrap().len());
-        let servers = time(20, || api.top(Kind::Servers, &none).unwrap().len());
-        let services = time(20, || api.top(Kind::Services, &none).unwrap().len());
+        let servers = time(20, || api.top(Subject::Server, &none).unwrap().len());
+        let services = time(20, || api.top(Subject::Service, &none).unwrap().len());
         let ifaces = time(20, || api.interfaces(&none).unwrap().len());
         let status = time(20, || api.status().len());
         // What the page asks for at each refresh (page.js `refresh`).
@@ -118,8 +125,8 @@ fn api_figures() {
         let refresh = time(20, || {
             api.status().len()
                 + api.devices(&hundred).unwrap().len()
-                + api.top(Kind::Servers, &ten).unwrap().len()
-                + api.top(Kind::Services, &ten).unwrap().len()
+                + api.top(Subject::Server, &ten).unwrap().len()
+                + api.top(Subject::Service, &ten).unwrap().len()
                 + api.interfaces(&none).unwrap().len()
         });
         let ms = |d: Duration| format!("{:.2}ms", d.as_secs_f64() * 1e3);
@@ -155,26 +162,32 @@ fn drain_figures() {
             pipeline.process(&batch, &interfaces, Instant::now());
             0
         });
-        // The same flows into a live view and a history of their own.
+        // The same flows, labelled, into a live view and a history of
+        // their own.
         let local = LocalNets(vec!["10.0.0.0/8".parse::<Cidr>().unwrap()]);
-        let mut live = LiveTraffic::new(local, Duration::from_secs(1), Instant::now());
+        let live = LiveTraffic::new(local.clone(), Duration::from_secs(1), Instant::now());
+        let mut live = LiveSink::new(Arc::new(RwLock::new(live)));
         let (history, _metrics) = history(None);
-        let names: Vec<(String, String)> = batch
-            .flows
-            .iter()
-            .map(|(k, _)| {
-                (
-                    k.src_addr().unwrap().to_string(),
-                    k.dst_addr().unwrap().to_string(),
-                )
-            })
-            .collect();
+        let mut history = HistorySink::new(history, local);
+        let labelled = LabelledDrain {
+            flows: batch
+                .flows
+                .iter()
+                .map(|(key, delta)| LabelledFlow {
+                    key: *key,
+                    iface: "eth0".to_string(),
+                    src: key.src_addr().unwrap().to_string(),
+                    dst: key.dst_addr().unwrap().to_string(),
+                    service: "https".to_string(),
+                    delta: *delta,
+                })
+                .collect(),
+            overflow: Vec::new(),
+        };
         let share = time(10, || {
             let now = Instant::now();
-            for ((key, delta), (src, dst)) in batch.flows.iter().zip(&names) {
-                live.add_flow(key, "eth0", (src, dst), "https", delta, now);
-            }
-            history.add(0, live.take_unsent());
+            live.labelled(&labelled, now);
+            history.labelled(&labelled, now);
             0
         });
         println!(
@@ -184,7 +197,7 @@ fn drain_figures() {
             share.as_secs_f64() * 1e3,
             100.0 * share.as_secs_f64() / whole.as_secs_f64()
         );
-        history.stop();
+        history.finish();
     }
 }
 
@@ -254,20 +267,20 @@ fn database_figures() {
             };
             for d in 0..devices {
                 batch.insert(
-                    (t, Kind::Devices, format!("device-{d}.home.arpa")),
+                    (t, Subject::Device, format!("device-{d}.home.arpa")),
                     c(150_000),
                 );
             }
             for s in 0..(devices / 10).max(1) {
                 batch.insert(
-                    (t, Kind::Servers, format!("server-{s}.example.com")),
+                    (t, Subject::Server, format!("server-{s}.example.com")),
                     c(1_500_000),
                 );
             }
             for service in ["https", "http", "dns", "quic", "ssh"] {
-                batch.insert((t, Kind::Services, service.to_string()), c(3_000_000));
+                batch.insert((t, Subject::Service, service.to_string()), c(3_000_000));
             }
-            batch.insert((t, Kind::Interfaces, "eth0".to_string()), c(15_000_000));
+            batch.insert((t, Subject::Interface, "eth0".to_string()), c(15_000_000));
             let started = Instant::now();
             store.add(&batch, utc_day).expect("commit");
             commits.push(started.elapsed());
@@ -301,7 +314,7 @@ fn database_figures() {
                 .iter()
                 .map(|period| {
                     reader
-                        .period_totals_of(Kind::Devices, *period, day0 + 86_340, &names)
+                        .period_totals_of(Subject::Device, *period, day0 + 86_340, &names)
                         .unwrap()
                         .len()
                 })

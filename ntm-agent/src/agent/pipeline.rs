@@ -1,21 +1,24 @@
-//! The one place where the export stages are wired: a drain's flow deltas
-//! go through them in this order, and come out as traffic series.
+//! The one place where the stages and the outputs are wired: a drain's
+//! flow deltas go through them in this order.
 //!
 //! ```text
 //! Drained (kernel::drain)
 //!   -> self-metrics of the drain (outside the table, filtered, timing)
+//!   -> every sink's raw deltas (outputs that need no names)
 //!   -> pending: new flows wait for their hosts' names (names::HostLabels)
-//!   -> labels: service, protocol, direction, interface (labels::Labeller)
-//!   -> budget: at most --max-series, the rest folded into "other"
-//!   -> series: the store /metrics encodes (http)
-//!   -> live: per device, server, service and interface, beside the
-//!            budget (its own bounds): what the API and the page show
+//!   -> labels: interface, service, host labels
+//!   -> every sink's labelled deltas:
+//!        series: the series budget (at most --max-series, the rest folded
+//!                into "other") and the store /metrics encodes, host_info
+//!        live: per device, server, service and interface (its own
+//!              bounds): what the API and the page show now
+//!        history: the same shares per minute, hour and day, in SQLite
 //! ```
 
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
@@ -27,16 +30,19 @@ use crate::{
         attached::Health,
         coverage::Coverage,
         self_metrics::{MetricsError, SelfMetrics},
+        status::DrainStatus,
     },
     kernel::{Hooked, drain::Drained, iface_label, observe::ObservedFrame},
-    model::net::{Mac, format_mac},
+    model::net::Mac,
     names::HostLabels,
     outputs::{
         Exposition,
         budget::SeriesBudget,
-        history::{self, History},
-        live::LiveTraffic,
+        history::{self, History, HistoryReader, sink::HistorySink},
+        live::{LiveSink, LiveTraffic},
         series::TrafficSeries,
+        series_sink::SeriesSink,
+        sink::{Host, LabelledDrain, LabelledFlow, Overflow, Sink},
     },
     pipeline::{
         labels::{Labeller, service_name},
@@ -62,35 +68,27 @@ const NEIGHBOURS_FRESH: Duration = Duration::from_secs(1);
 
 pub struct Pipeline {
     metrics: SelfMetrics,
-
-    /// `HostLabels::hosts_version` when `<prefix>_host_info` was last built.
-    host_info_version: Option<u64>,
-    max_series: usize,
     neighbours: Option<NeighbourSource>,
     neighbours_read: Option<Instant>,
     pending: PendingFlows,
     hosts: HostLabels,
     labeller: Labeller,
-    budget: SeriesBudget,
     coverage: Coverage,
+    /// The outputs, each fed every drain's deltas.
+    sinks: Vec<Box<dyn Sink>>,
+    series_ttl: Duration,
+    /// What the web reads.
     exposition: Exposition,
     live: Arc<RwLock<LiveTraffic>>,
-    history: History,
-    /// Devices in the live view when their addresses were last filled in.
-    live_devices_described: usize,
-    flow_table_capacity: u32,
+    history: HistoryReader,
+    status: Arc<Mutex<DrainStatus>>,
 }
 
 impl Pipeline {
-    /// Builds every stage (and starts the reverse-DNS workers if names are
-    /// wanted).
+    /// Builds every stage and output (and starts the name sources' and the
+    /// history's threads).
     pub fn new(options: PipelineOptions, services: ServiceRegistry) -> Result<Self, PipelineError> {
         let metrics = SelfMetrics::new(&options.prefix, options.flow_table_capacity)?;
-        let history = History::start(
-            &options.history,
-            metrics.history.clone(),
-            history::local_day_start,
-        )?;
         let labeller = Labeller {
             services,
             local: options.local.clone(),
@@ -103,6 +101,9 @@ impl Pipeline {
             metrics.dns_lookups.clone(),
             metrics.names.clone(),
         );
+        let coverage = Coverage::new(metrics.coverage.clone());
+
+        // The outputs.
         let series = Arc::new(RwLock::new(TrafficSeries::new(
             &options.prefix,
             labeller.names(),
@@ -119,34 +120,49 @@ impl Pipeline {
             ),
         );
         let exposition = Exposition::new(metrics.registry().clone(), series);
-        let coverage = Coverage::new(metrics.coverage.clone());
-        let mut live = LiveTraffic::new(
+        let live = Arc::new(RwLock::new(LiveTraffic::new(
             options.local.clone(),
             options.drain_interval.max(Duration::from_secs(1)),
             Instant::now(),
-        );
+        )));
+        let history = History::start(
+            &options.history,
+            metrics.history.clone(),
+            history::local_day_start,
+        )?;
+        let history_reader = history.reader();
+        let sinks: Vec<Box<dyn Sink>> = vec![
+            Box::new(SeriesSink::new(
+                budget,
+                labeller.clone(),
+                metrics.host_info.clone(),
+                options.max_series,
+            )),
+            Box::new(LiveSink::new(Arc::clone(&live))),
+            Box::new(HistorySink::new(history, options.local.clone())),
+        ];
+
         // What is configured, from the start: the API's status is asked for
         // before the first drain too.
-        live.status.max_series = options.max_series;
-        live.status.flow_table_capacity = options.flow_table_capacity;
-        let live = Arc::new(RwLock::new(live));
+        let status = DrainStatus {
+            max_series: options.max_series,
+            flow_table_capacity: options.flow_table_capacity,
+            ..Default::default()
+        };
         Ok(Self {
             metrics,
-
-            host_info_version: None,
-            max_series: options.max_series,
             neighbours: None,
             neighbours_read: None,
             pending: PendingFlows::default(),
             hosts,
             labeller,
-            budget,
             coverage,
+            sinks,
+            series_ttl: options.series_ttl,
             exposition,
             live,
-            history,
-            live_devices_described: 0,
-            flow_table_capacity: options.flow_table_capacity,
+            history: history_reader,
+            status: Arc::new(Mutex::new(status)),
         })
     }
 
@@ -209,8 +225,8 @@ impl Pipeline {
             .set(sizes.containers as i64);
     }
 
-    /// One drain's deltas through every stage. `iface_labels` names the
-    /// interfaces by index (see `Kernel::interface_labels`).
+    /// One drain's deltas through every stage and output. `iface_labels`
+    /// names the interfaces by index (see `Kernel::interface_labels`).
     pub fn process(
         &mut self,
         drained: &Drained,
@@ -218,6 +234,9 @@ impl Pipeline {
         now: Instant,
     ) {
         self.metrics.record_drain(drained, iface_labels);
+        for sink in &mut self.sinks {
+            sink.raw(drained, now);
+        }
         // The name files that changed are read again (a stat each).
         self.hosts.refresh();
         self.pending.add(&drained.flows, now);
@@ -236,33 +255,34 @@ impl Pipeline {
             }
             self.neighbours_read = Some(now);
         }
+        let mut labelled = LabelledDrain::default();
         let Self {
             pending,
             hosts,
             labeller,
-            budget,
-            live,
             ..
         } = self;
-        // One write lock for the whole drain: the API waits at most a drain.
-        let mut live = live.write().unwrap_or_else(|e| e.into_inner());
         let wait = hosts.wait();
         pending.release(
             now,
             wait,
             |key, first_seen| hosts.flow_labels(key, first_seen, now),
             |key, (src, dst), delta| {
-                let iface = iface_label(iface_labels, key.ifindex);
-                let service = service_name(key, &labeller.services);
-                live.add_flow(key, &iface, (&src, &dst), &service, delta, now);
-                budget.add(labeller.values(key, &iface, &src, &dst), delta, now);
+                labelled.flows.push(LabelledFlow {
+                    key: *key,
+                    iface: iface_label(iface_labels, key.ifindex),
+                    src,
+                    dst,
+                    service: service_name(key, &labeller.services),
+                    delta: *delta,
+                });
             },
         );
-        let mut overflow = ntm_common::Counters::default();
         // Traffic that found no room in the flow table is still traffic: it
         // goes into the main counters of its interface, every other label
         // "other" (its addresses, and so its direction, are not kept), so
         // that per-interface totals add up.
+        let mut overflow = ntm_common::Counters::default();
         for (at, delta) in drained.outside.iter() {
             if matches!(
                 at.reason,
@@ -270,27 +290,27 @@ impl Pipeline {
                     | OutsideReason::InsertFailed
                     | OutsideReason::NoActiveTable
             ) {
-                let iface = iface_label(iface_labels, at.ifindex);
-                live.add_overflow(&iface, at.direction, delta, now);
+                labelled.overflow.push(Overflow {
+                    iface: iface_label(iface_labels, at.ifindex),
+                    direction: at.direction,
+                    delta: *delta,
+                });
                 overflow.add(delta);
-                self.budget.add_overflow(&iface, delta, now);
             }
         }
-        let status = &mut live.status;
-        status.overflow.add(&overflow);
-        status.series = self.budget.len();
-        status.max_series = self.max_series;
-        status.series_folded = self.metrics.series_folded.get();
-        status.flow_table_capacity = self.flow_table_capacity;
-        status.waiting_flows = self.pending.len();
-        status.drains += 1;
-        status.last_drain = Some(std::time::SystemTime::now());
-        // What the history has not been given yet, for its next commit.
-        let unsent = live.take_unsent();
-        drop(live);
-        self.history
-            .add(history::minute_of(std::time::SystemTime::now()), unsent);
-        self.update_host_info();
+        for sink in &mut self.sinks {
+            sink.labelled(&labelled, now);
+        }
+        {
+            let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            status.overflow.add(&overflow);
+            status.series = self.series_count();
+            status.series_folded = self.metrics.series_folded.get();
+            status.waiting_flows = self.pending.len();
+            status.drains += 1;
+            status.last_drain = Some(std::time::SystemTime::now());
+        }
+        self.describe_hosts();
     }
 
     /// The self-check of one drain: what it counted per attached interface
@@ -299,43 +319,35 @@ impl Pipeline {
         self.coverage.record(drained, hooked, now);
     }
 
-    /// Rebuilds `<prefix>_host_info` when the hosts in labels changed, with
-    /// at most as many hosts as there may be series.
-    fn update_host_info(&mut self) {
+    /// The hosts in labels, to the sinks that want them again.
+    fn describe_hosts(&mut self) {
         let version = self.hosts.hosts_version();
-        let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
-        let devices = live.device_count();
-        if self.host_info_version == Some(version) && self.live_devices_described == devices {
+        if !self.sinks.iter().any(|sink| sink.wants_hosts(version)) {
             return;
         }
-        live.describe_hosts(
-            self.hosts
-                .hosts()
-                .map(|(ip, name, source, mac)| (ip, name, source.as_str(), mac)),
-        );
-        self.live_devices_described = devices;
-        drop(live);
-        if self.host_info_version == Some(version) {
-            return;
-        }
-        self.host_info_version = Some(version);
-        let info = &self.metrics.host_info;
-        info.reset();
-        for (ip, name, source, mac) in self.hosts.hosts().take(self.max_series) {
-            let mac = mac.map(format_mac).unwrap_or_default();
-            info.with_label_values(&[&ip.to_string(), name, &mac, source.as_str()])
-                .set(1);
+        let hosts: Vec<Host<'_>> = self
+            .hosts
+            .hosts()
+            .map(|(ip, label, source, mac)| Host {
+                ip,
+                label,
+                source: source.as_str(),
+                mac,
+            })
+            .collect();
+        for sink in &mut self.sinks {
+            if sink.wants_hosts(version) {
+                sink.describe_hosts(version, &hosts);
+            }
         }
     }
 
     /// Drops idle series, and the host labels only they used.
     pub fn expire(&mut self, now: Instant) {
-        self.live
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .expire(now, self.budget.ttl());
-        self.budget.expire(now);
-        self.hosts.expire(now, self.budget.ttl());
+        for sink in &mut self.sinks {
+            sink.expire(now, self.series_ttl);
+        }
+        self.hosts.expire(now, self.series_ttl);
     }
 
     pub fn metrics(&self) -> &SelfMetrics {
@@ -347,23 +359,28 @@ impl Pipeline {
         self.exposition.clone()
     }
 
-    /// What the JSON API reads: the live view, and `health` for the
-    /// interfaces' attach state.
+    /// What the JSON API reads: the live view, the history, the pipeline's
+    /// status, and `health` for the interfaces' attach state.
     pub fn api(&self, health: Health) -> Api {
         Api {
             live: Arc::clone(&self.live),
-            history: self.history.reader(),
+            history: self.history.clone(),
             health,
+            status: Arc::clone(&self.status),
         }
     }
 
-    /// Commits the history (after the last drain went through).
-    pub fn finish(self) {
-        self.history.stop();
+    /// Writes out what the outputs hold (after the last drain went
+    /// through): the history commits.
+    pub fn finish(mut self) {
+        for sink in &mut self.sinks {
+            sink.finish();
+        }
     }
 
+    /// Traffic series in `/metrics` now.
     pub fn series_count(&self) -> usize {
-        self.budget.len()
+        usize::try_from(self.metrics.series.get()).unwrap_or(0)
     }
 
     /// Flows waiting for names right now.
@@ -591,5 +608,70 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} in\n{text}");
         }
+    }
+
+    /// The live view and the history are two sinks of the same labelled
+    /// deltas: per device, server, service and interface they hold the
+    /// same totals, each way, overflow included.
+    #[test]
+    fn the_live_view_and_the_history_add_up_alike() {
+        use crate::{
+            kernel::drain::Outside, model::subjects::Subject, outputs::history::periods::Period,
+        };
+        use ntm_common::Direction;
+        let mut p = pipeline(100, Duration::from_secs(60), Label::DEFAULT.to_vec());
+        let mut d = drained(vec![
+            (flow([192, 168, 1, 2], [8, 8, 8, 8], 443), 100),
+            (flow([8, 8, 8, 8], [192, 168, 1, 2], 443), 1000),
+            (flow([192, 168, 1, 3], [192, 168, 1, 2], 22), 30),
+            (flow([1, 1, 1, 1], [9, 9, 9, 9], 53), 7),
+        ]);
+        d.outside.add(
+            Outside {
+                ifindex: 2,
+                direction: Direction::Egress,
+                reason: OutsideReason::TableFull,
+            },
+            &Counters {
+                bytes: 40,
+                packets: 1,
+            },
+        );
+        let now = Instant::now();
+        p.process(&d, &eth0(), now);
+        p.process(&d, &eth0(), now);
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let live = p.live.read().unwrap();
+        for subject in Subject::ALL {
+            let shown: HashMap<String, [Counters; 2]> = live
+                .top(subject, None, now, usize::MAX)
+                .unwrap()
+                .into_iter()
+                .map(|row| (row.name, row.total))
+                .collect();
+            let kept = p.history.period_totals(subject, Period::Day, unix).unwrap();
+            assert!(!shown.is_empty(), "{subject:?}");
+            assert_eq!(shown, kept, "{subject:?}");
+        }
+        let interfaces = p
+            .history
+            .period_totals(Subject::Interface, Period::Day, unix);
+        assert_eq!(
+            interfaces.unwrap()["eth0"],
+            [
+                Counters {
+                    bytes: 2 * (100 + 1000 + 30 + 7),
+                    packets: 2 * 4,
+                },
+                Counters {
+                    bytes: 2 * 40,
+                    packets: 2,
+                },
+            ],
+            "the flows were seen by the ingress hook, the overflow by the egress one"
+        );
     }
 }

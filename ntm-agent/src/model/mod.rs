@@ -3,6 +3,8 @@
 //! - [`net`]: addresses and networks (CIDR, the local networks that decide
 //!   a flow's direction), MAC addresses;
 //! - [`series`]: the labels a traffic series may carry;
+//! - [`subjects`]: devices, servers, services and interfaces, and how a
+//!   flow's traffic is shared out among them;
 //! - [`units`]: durations as flags and config files write them;
 //! - [`OTHER`]: the label value of everything beyond a bound.
 //!
@@ -10,6 +12,7 @@
 
 pub mod net;
 pub mod series;
+pub mod subjects;
 pub mod units;
 
 /// Label value (and live-view name) of what stands for traffic beyond a

@@ -173,4 +173,3 @@ impl NameSource for ContainerNames {
         sizes.containers += self.len();
     }
 }
-

@@ -117,7 +117,9 @@ impl ReverseDns {
                 wait: options.wait,
             }),
             Err(e) => {
-                log::warn!("host names: no reverse DNS, addresses where no other source names them: {e}");
+                log::warn!(
+                    "host names: no reverse DNS, addresses where no other source names them: {e}"
+                );
                 None
             }
         }

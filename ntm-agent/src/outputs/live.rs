@@ -11,17 +11,19 @@
 //! idle for the series TTL are forgotten.
 
 use std::{
-    borrow::Cow,
     collections::{BTreeSet, HashMap},
     net::IpAddr,
+    sync::{Arc, RwLock},
     time::{Duration, Instant, SystemTime},
 };
 
 use ntm_common::{Counters, Direction, FlowKey};
 
+use super::sink::{Host, LabelledDrain, Sink};
 use crate::model::{
     OTHER,
     net::{LocalNets, Mac},
+    subjects::{Shares, Subject, Way},
 };
 
 /// Devices kept at most (a home has tens, a large site's gateway thousands).
@@ -40,16 +42,6 @@ const MAX_ADDRESSES_SHOWN: usize = 16;
 
 /// Rates are averaged over this many complete buckets.
 pub const RATE_BUCKETS: u64 = 10;
-
-/// Which way traffic went, seen from an entry: for a device, `In` is its
-/// download and `Out` its upload; for a server or a service, `In` is what
-/// came into the local networks (download) and `Out` what left them; for an
-/// interface, `In` is what its ingress hook saw and `Out` its egress hook.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Way {
-    In = 0,
-    Out = 1,
-}
 
 /// Bytes per bucket of time, for a rate over the last [`RATE_BUCKETS`]
 /// complete buckets: a rate that neither jumps with each drain nor lags
@@ -169,41 +161,11 @@ struct Moment {
     now: Instant,
 }
 
-/// Counts for the history, per kind (by `Kind as usize`) and name: looked
-/// up by `&str`, so that adding to a known name allocates nothing (this
-/// runs for every flow of every drain).
-#[derive(Default)]
-struct Unsent([HashMap<String, [Counters; 2]>; Kind::ALL.len()]);
-
-impl Unsent {
-    fn add(&mut self, kind: Kind, name: &str, way: Way, delta: &Counters) {
-        let table = &mut self.0[kind as usize];
-        match table.get_mut(name) {
-            Some(counts) => counts[way as usize].add(delta),
-            None => {
-                let mut counts = [Counters::default(); 2];
-                counts[way as usize].add(delta);
-                table.insert(name.to_string(), counts);
-            }
-        }
-    }
-}
-
-/// Adds `delta` to `name`'s entry of a table (or its `other`), and to what
-/// the history has not been given yet.
-fn add_to(
-    (table, kind): (&mut Table<Traffic>, Kind),
-    unsent: &mut Unsent,
-    name: &str,
-    way: Way,
-    delta: &Counters,
-    at: Moment,
-) {
-    let name = table.slot(name);
+/// Adds `delta` to `name`'s entry of a table (or its `other`).
+fn add_to(table: &mut Table<Traffic>, name: &str, way: Way, delta: &Counters, at: Moment) {
     table
         .entry(name, || Traffic::new(at.now))
         .add(way, delta, at.bucket, at.now);
-    unsent.add(kind, name, way, delta);
 }
 
 /// A local host: its traffic, and its own servers and services.
@@ -232,25 +194,6 @@ impl Device {
     }
 }
 
-/// Which table: [`LiveTraffic::top`] lists one, the history keeps each.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    Devices,
-    Servers,
-    Services,
-    Interfaces,
-}
-
-impl Kind {
-    /// Every kind, in the order of its `as usize`.
-    pub const ALL: [Kind; 4] = [
-        Kind::Devices,
-        Kind::Servers,
-        Kind::Services,
-        Kind::Interfaces,
-    ];
-}
-
 /// One row of a listing: a name, totals each way and rates each way (bytes
 /// per second over the last [`RATE_BUCKETS`] buckets).
 #[derive(Clone, Debug, PartialEq)]
@@ -258,20 +201,6 @@ pub struct Row {
     pub name: String,
     pub total: [Counters; 2],
     pub rate: [f64; 2],
-}
-
-/// ntm's health as the page shows it, set once per drain by the pipeline.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Status {
-    pub series: usize,
-    pub max_series: usize,
-    pub series_folded: u64,
-    /// Frames that found no room in the flow table (counted under `other`).
-    pub overflow: Counters,
-    pub flow_table_capacity: u32,
-    pub waiting_flows: usize,
-    pub drains: u64,
-    pub last_drain: Option<SystemTime>,
 }
 
 /// The live view (see the module's documentation).
@@ -287,10 +216,6 @@ pub struct LiveTraffic {
     /// All traffic, by the same way as the services (the page's
     /// throughput: every table's listing is cut at its limit).
     all: Traffic,
-    /// Counts per entry since [`LiveTraffic::take_unsent`] last took them:
-    /// what the history has not been given yet.
-    unsent: Unsent,
-    pub status: Status,
 }
 
 impl LiveTraffic {
@@ -307,8 +232,6 @@ impl LiveTraffic {
             services: Table::new(MAX_SERVICES),
             interfaces: Table::new(MAX_INTERFACES),
             all: Traffic::new(now),
-            unsent: Unsent::default(),
-            status: Status::default(),
         }
     }
 
@@ -322,9 +245,9 @@ impl LiveTraffic {
     pub fn add_flow<'l>(
         &mut self,
         key: &FlowKey,
-        iface: &str,
-        (src, dst): (&'l str, &'l str),
-        service: &str,
+        iface: &'l str,
+        hosts: (&'l str, &'l str),
+        service: &'l str,
         delta: &Counters,
         now: Instant,
     ) {
@@ -332,74 +255,37 @@ impl LiveTraffic {
             bucket: self.bucket_of(now),
             now,
         };
-        self.add_interface(iface, key.direction, delta, at);
+        let shares = Shares::of_flow(&self.local, key, iface, hosts, service);
+        let (iface, iface_way) = shares.interface;
+        self.add_interface(iface, iface_way, delta, at);
         let Self {
-            local,
             devices,
             servers,
             services,
             all,
-            unsent,
             ..
         } = self;
-        let (Some(src_ip), Some(dst_ip)) = (key.src_addr(), key.dst_addr()) else {
-            // Not IP (ARP, say): a service of the interface, no hosts.
-            all.add(Way::In, delta, at.bucket, now);
-            add_to(
-                (services, Kind::Services),
-                unsent,
-                service,
-                Way::In,
-                delta,
-                at,
-            );
-            return;
-        };
-        let src_local = local.contains(src_ip);
-        let dst_local = local.contains(dst_ip);
-        // A host is its label, or its address when host labels are off
-        // (only then is a name made).
-        let name = |label: &'l str, ip: IpAddr| -> Cow<'l, str> {
-            if label.is_empty() {
-                Cow::Owned(ip.to_string())
-            } else {
-                Cow::Borrowed(label)
-            }
-        };
-        let (src_name, dst_name) = (name(src, src_ip), name(dst, dst_ip));
-        // Into the local networks is a download, anything else an upload.
-        let way = if dst_local { Way::In } else { Way::Out };
-        all.add(way, delta, at.bucket, now);
-        add_to((services, Kind::Services), unsent, service, way, delta, at);
-        // The remote side, when exactly one side is local.
-        let server = match (src_local, dst_local) {
-            (false, true) => Some(&*src_name),
-            (true, false) => Some(&*dst_name),
-            _ => None,
-        };
-        if let Some(server) = server {
-            add_to((servers, Kind::Servers), unsent, server, way, delta, at);
+        all.add(shares.way, delta, at.bucket, now);
+        add_to(services, service, shares.way, delta, at);
+        if let Some(server) = &shares.server {
+            add_to(servers, server, shares.way, delta, at);
         }
-        for (is_local, device, device_way) in [
-            (src_local, &*src_name, Way::Out),
-            (dst_local, &*dst_name, Way::In),
-        ] {
-            if !is_local {
-                continue;
-            }
-            let slot = devices.slot(device);
-            unsent.add(Kind::Devices, slot, device_way, delta);
-            let device = devices.entry(slot, || Device::new(now));
-            device.traffic.add(device_way, delta, at.bucket, now);
-            device
-                .services
-                .entry(service, || Traffic::new(now))
-                .add(device_way, delta, at.bucket, now);
-            if let Some(server) = server {
-                device
-                    .servers
-                    .entry(server, || Traffic::new(now))
-                    .add(device_way, delta, at.bucket, now);
+        for (device, device_way) in shares.devices.iter().flatten() {
+            let device = devices.entry(device, || Device::new(now));
+            device.traffic.add(*device_way, delta, at.bucket, now);
+            device.services.entry(service, || Traffic::new(now)).add(
+                *device_way,
+                delta,
+                at.bucket,
+                now,
+            );
+            if let Some(server) = &shares.server {
+                device.servers.entry(server, || Traffic::new(now)).add(
+                    *device_way,
+                    delta,
+                    at.bucket,
+                    now,
+                );
             }
         }
     }
@@ -417,38 +303,11 @@ impl LiveTraffic {
             bucket: self.bucket_of(now),
             now,
         };
-        self.add_interface(iface, direction as u8, delta, at);
+        self.add_interface(iface, Way::of_hook(direction as u8), delta, at);
     }
 
-    fn add_interface(&mut self, iface: &str, direction: u8, delta: &Counters, at: Moment) {
-        let way = if direction == Direction::Egress as u8 {
-            Way::Out
-        } else {
-            Way::In
-        };
-        add_to(
-            (&mut self.interfaces, Kind::Interfaces),
-            &mut self.unsent,
-            iface,
-            way,
-            delta,
-            at,
-        );
-    }
-
-    /// The counts per kind and name since the last call: the history's
-    /// share of what was added.
-    pub fn take_unsent(&mut self) -> Vec<((Kind, String), [Counters; 2])> {
-        let Unsent(tables) = std::mem::take(&mut self.unsent);
-        Kind::ALL
-            .into_iter()
-            .zip(tables)
-            .flat_map(|(kind, table)| {
-                table
-                    .into_iter()
-                    .map(move |(name, counts)| ((kind, name), counts))
-            })
-            .collect()
+    fn add_interface(&mut self, iface: &str, way: Way, delta: &Counters, at: Moment) {
+        add_to(&mut self.interfaces, iface, way, delta, at);
     }
 
     /// The addresses, MAC and name source of the devices, from the hosts
@@ -537,14 +396,14 @@ impl LiveTraffic {
     /// such device).
     pub fn top(
         &self,
-        kind: Kind,
+        kind: Subject,
         device: Option<&str>,
         now: Instant,
         limit: usize,
     ) -> Option<Vec<Row>> {
         let now_bucket = self.bucket_of(now);
         let table = match (kind, device) {
-            (Kind::Devices, _) => {
+            (Subject::Device, _) => {
                 let rows = self
                     .devices(now, limit)
                     .into_iter()
@@ -552,11 +411,11 @@ impl LiveTraffic {
                     .collect();
                 return Some(rows);
             }
-            (Kind::Servers, None) => &self.servers,
-            (Kind::Services, None) => &self.services,
-            (Kind::Interfaces, _) => &self.interfaces,
-            (Kind::Servers, Some(d)) => &self.devices.entries.get(d)?.servers,
-            (Kind::Services, Some(d)) => &self.devices.entries.get(d)?.services,
+            (Subject::Server, None) => &self.servers,
+            (Subject::Service, None) => &self.services,
+            (Subject::Interface, _) => &self.interfaces,
+            (Subject::Server, Some(d)) => &self.devices.entries.get(d)?.servers,
+            (Subject::Service, Some(d)) => &self.devices.entries.get(d)?.services,
         };
         let rows = table
             .entries
@@ -596,6 +455,70 @@ fn busiest_first(a: &Row, b: &Row) -> std::cmp::Ordering {
         .total_cmp(&rate(a))
         .then(total(b).cmp(&total(a)))
         .then(a.name.cmp(&b.name))
+}
+
+/// The live view as an output: it takes a drain's labelled deltas under
+/// one write lock (the API waits at most for a drain), and names its
+/// devices' addresses, MACs and sources from the hosts in labels.
+pub struct LiveSink {
+    live: Arc<RwLock<LiveTraffic>>,
+    /// The hosts' version and the number of devices when the devices were
+    /// last described (a new device needs describing too).
+    described: Option<(u64, usize)>,
+}
+
+impl LiveSink {
+    pub fn new(live: Arc<RwLock<LiveTraffic>>) -> Self {
+        Self {
+            live,
+            described: None,
+        }
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, LiveTraffic> {
+        self.live.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Sink for LiveSink {
+    fn labelled(&mut self, drain: &LabelledDrain, now: Instant) {
+        let mut live = self.write();
+        for flow in &drain.flows {
+            live.add_flow(
+                &flow.key,
+                &flow.iface,
+                (&flow.src, &flow.dst),
+                &flow.service,
+                &flow.delta,
+                now,
+            );
+        }
+        for overflow in &drain.overflow {
+            live.add_overflow(&overflow.iface, overflow.direction, &overflow.delta, now);
+        }
+    }
+
+    fn wants_hosts(&self, version: u64) -> bool {
+        let devices = self.live.read().map_or(0, |live| live.device_count());
+        self.described != Some((version, devices))
+    }
+
+    fn describe_hosts(&mut self, version: u64, hosts: &[Host<'_>]) {
+        let devices = {
+            let mut live = self.write();
+            live.describe_hosts(
+                hosts
+                    .iter()
+                    .map(|host| (host.ip, host.label, host.source, host.mac)),
+            );
+            live.device_count()
+        };
+        self.described = Some((version, devices));
+    }
+
+    fn expire(&mut self, now: Instant, ttl: Duration) {
+        self.write().expire(now, ttl);
+    }
 }
 
 #[cfg(test)]
@@ -646,15 +569,15 @@ mod tests {
         assert_eq!(devices.len(), 1);
         assert_eq!(devices[0].0.name, "laptop");
         assert_eq!(devices[0].0.total, [c(1500, 1), c(60, 1)]);
-        let servers = live.top(Kind::Servers, None, t0, 10).unwrap();
+        let servers = live.top(Subject::Server, None, t0, 10).unwrap();
         assert_eq!(servers[0].name, "93.184.216.34");
         assert_eq!(servers[0].total, [c(1500, 1), c(60, 1)]);
-        let mine = live.top(Kind::Servers, Some("laptop"), t0, 10).unwrap();
+        let mine = live.top(Subject::Server, Some("laptop"), t0, 10).unwrap();
         assert_eq!(mine, servers);
-        let ifaces = live.top(Kind::Interfaces, None, t0, 10).unwrap();
+        let ifaces = live.top(Subject::Interface, None, t0, 10).unwrap();
         assert_eq!(ifaces[0].total, [c(1500, 1), c(60, 1)]);
         assert_eq!(live.all(t0).total, [c(1500, 1), c(60, 1)]);
-        assert!(live.top(Kind::Services, Some("nobody"), t0, 10).is_none());
+        assert!(live.top(Subject::Service, Some("nobody"), t0, 10).is_none());
     }
 
     #[test]
@@ -667,7 +590,7 @@ mod tests {
         let get = |n: &str| devices.iter().find(|d| d.0.name == n).unwrap().0.total;
         assert_eq!(get("a"), [c(0, 0), c(100, 2)]);
         assert_eq!(get("b"), [c(100, 2), c(0, 0)]);
-        assert!(live.top(Kind::Servers, None, t0, 10).unwrap().is_empty());
+        assert!(live.top(Subject::Server, None, t0, 10).unwrap().is_empty());
     }
 
     #[test]
@@ -678,7 +601,7 @@ mod tests {
             let k = key([10, 0, 0, i], [192, 168, 1, 20], Direction::Ingress);
             live.add_flow(&k, "eth0", ("", "laptop"), "https", &c(10, 1), t0);
         }
-        let mine = live.top(Kind::Servers, Some("laptop"), t0, 100).unwrap();
+        let mine = live.top(Subject::Server, Some("laptop"), t0, 100).unwrap();
         assert_eq!(mine.len(), MAX_PER_DEVICE + 1);
         let other = mine.iter().find(|r| r.name == OTHER).unwrap();
         assert_eq!(other.total[0], c(50, 5));
@@ -719,6 +642,10 @@ mod tests {
         assert_eq!(live.devices(t0, 10).len(), 1);
         live.expire(t0 + Duration::from_secs(61), Duration::from_secs(60));
         assert!(live.devices(t0, 10).is_empty());
-        assert!(live.top(Kind::Interfaces, None, t0, 10).unwrap().is_empty());
+        assert!(
+            live.top(Subject::Interface, None, t0, 10)
+                .unwrap()
+                .is_empty()
+        );
     }
 }

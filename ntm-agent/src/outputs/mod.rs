@@ -1,9 +1,12 @@
 //! The outputs: what a drain's labelled deltas become.
 //!
-//! - [`budget`] and [`series`]: the Prometheus traffic series: at most
-//!   `--max-series`, the rest folded into `other`, idle ones expired; the
-//!   compact series store and its text encoder; [`Exposition`] is what
-//!   `/metrics` shows;
+//! - [`sink`]: the one interface every output receives a drain's deltas
+//!   through;
+//! - [`series_sink`], [`budget`] and [`series`]: the Prometheus traffic
+//!   series: at most `--max-series`, the rest folded into `other`, idle
+//!   ones expired; the compact series store and its text encoder; the hosts
+//!   in labels as `<prefix>_host_info`; [`Exposition`] is what `/metrics`
+//!   shows;
 //! - [`live`]: what the page and the JSON API show now, per device,
 //!   server, service and interface;
 //! - [`history`]: the same counts per minute, hour and day in SQLite,
@@ -13,6 +16,8 @@ pub mod budget;
 pub mod history;
 pub mod live;
 pub mod series;
+pub mod series_sink;
+pub mod sink;
 
 use std::sync::{Arc, RwLock};
 

@@ -119,6 +119,7 @@ pub fn service_name(key: &FlowKey, services: &ServiceRegistry) -> String {
 }
 
 /// Everything labelling needs, fixed at start.
+#[derive(Clone, Debug)]
 pub struct Labeller {
     pub services: ServiceRegistry,
     pub local: LocalNets,

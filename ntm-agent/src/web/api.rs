@@ -10,17 +10,18 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::{Instant, SystemTime},
 };
 
 use serde::Serialize;
 
 use crate::{
-    health::attached::Health,
+    health::{attached::Health, status::DrainStatus},
+    model::subjects::Subject,
     outputs::{
         history::{HistoryReader, Tier, periods::Period},
-        live::{Kind, LiveTraffic, Row},
+        live::{LiveTraffic, Row},
     },
 };
 
@@ -66,12 +67,14 @@ struct ErrorBody {
     error: String,
 }
 
-/// What the API reads: the live view and the interfaces' attach state.
+/// What the API reads: the live view, the history, the interfaces' attach
+/// state and the pipeline's state.
 #[derive(Clone)]
 pub struct Api {
     pub live: Arc<RwLock<LiveTraffic>>,
     pub history: HistoryReader,
     pub health: Health,
+    pub status: Arc<Mutex<DrainStatus>>,
 }
 
 /// Bytes and packets one way since the agent started, and the rate now.
@@ -208,20 +211,20 @@ struct HistoryDoc {
 /// Points a history answer has at most.
 pub const MAX_POINTS: i64 = 10_000;
 
-fn kind_of(name: &str) -> Option<(Kind, &'static str)> {
+fn kind_of(name: &str) -> Option<(Subject, &'static str)> {
     Some(match name {
-        "devices" => (Kind::Devices, "devices"),
-        "servers" => (Kind::Servers, "servers"),
-        "services" => (Kind::Services, "services"),
-        "interfaces" => (Kind::Interfaces, "interfaces"),
+        "devices" => (Subject::Device, "devices"),
+        "servers" => (Subject::Server, "servers"),
+        "services" => (Subject::Service, "services"),
+        "interfaces" => (Subject::Interface, "interfaces"),
         _ => return None,
     })
 }
 
 /// The names of the two ways in JSON: an interface's hooks, or the local
 /// networks' download and upload.
-fn way_names(kind: Kind) -> [&'static str; 2] {
-    if kind == Kind::Interfaces {
+fn way_names(kind: Subject) -> [&'static str; 2] {
+    if kind == Subject::Interface {
         ["rx", "tx"]
     } else {
         ["download", "upload"]
@@ -301,7 +304,10 @@ impl From<&ntm_common::Counters> for Counted {
 }
 
 /// Both ways of `totals`, by their names for `kind`.
-fn ways(kind: Kind, totals: &crate::outputs::history::Totals) -> BTreeMap<&'static str, Counted> {
+fn ways(
+    kind: Subject,
+    totals: &crate::outputs::history::Totals,
+) -> BTreeMap<&'static str, Counted> {
     let [first, second] = way_names(kind);
     BTreeMap::from([(first, (&totals[0]).into()), (second, (&totals[1]).into())])
 }
@@ -312,7 +318,7 @@ fn ways(kind: Kind, totals: &crate::outputs::history::Totals) -> BTreeMap<&'stat
 /// history's lock, and the drain must not wait for it.
 fn periods_of(
     history: &HistoryReader,
-    kind: Kind,
+    kind: Subject,
     names: &[&str],
 ) -> Option<HashMap<String, PeriodDoc>> {
     let now = unix_seconds(SystemTime::now()) as i64;
@@ -335,7 +341,7 @@ fn periods_of(
 fn periods_for(
     docs: &Option<HashMap<String, PeriodDoc>>,
     name: &str,
-    kind: Kind,
+    kind: Subject,
 ) -> Option<PeriodDoc> {
     let docs = docs.as_ref()?;
     let mut doc = docs.get(name).cloned().unwrap_or_default();
@@ -381,16 +387,16 @@ impl Api {
             })
             .collect();
         let names: Vec<&str> = devices.iter().map(|d| d.traffic.name.as_str()).collect();
-        let periods = periods_of(&self.history, Kind::Devices, &names);
+        let periods = periods_of(&self.history, Subject::Device, &names);
         for device in &mut devices {
-            device.periods = periods_for(&periods, &device.traffic.name, Kind::Devices);
+            device.periods = periods_for(&periods, &device.traffic.name, Subject::Device);
         }
         Ok(Self::listing(&self.read(), None, Devices { devices }))
     }
 
     /// `GET /api/v1/servers[?device=NAME][&limit=N]` and the same for
     /// `services`: remote hosts or services, overall or of one device.
-    pub fn top(&self, kind: Kind, query: &HashMap<String, String>) -> Result<String, ApiError> {
+    pub fn top(&self, kind: Subject, query: &HashMap<String, String>) -> Result<String, ApiError> {
         let query = Query::parse(query, true)?;
         let live = self.read();
         let rows = live
@@ -398,7 +404,7 @@ impl Api {
             .ok_or_else(|| ApiError::NoSuchDevice(query.device.clone().unwrap_or_default()))?;
         let rows: Vec<TrafficDoc> = rows.iter().map(traffic).collect();
         Ok(match kind {
-            Kind::Servers => Self::listing(&live, query.device, Servers { servers: rows }),
+            Subject::Server => Self::listing(&live, query.device, Servers { servers: rows }),
             _ => Self::listing(&live, query.device, Services { services: rows }),
         })
     }
@@ -410,7 +416,7 @@ impl Api {
         let attached: HashMap<String, bool> = self.health.states().into_iter().collect();
         let rows = self
             .read()
-            .top(Kind::Interfaces, None, Instant::now(), query.limit)
+            .top(Subject::Interface, None, Instant::now(), query.limit)
             .unwrap_or_default();
         let mut interfaces: Vec<InterfaceDoc> = rows
             .iter()
@@ -440,9 +446,9 @@ impl Api {
             }
         }
         let names: Vec<&str> = interfaces.iter().map(|i| i.name.as_str()).collect();
-        let periods = periods_of(&self.history, Kind::Interfaces, &names);
+        let periods = periods_of(&self.history, Subject::Interface, &names);
         for iface in &mut interfaces {
-            iface.periods = periods_for(&periods, &iface.name, Kind::Interfaces);
+            iface.periods = periods_for(&periods, &iface.name, Subject::Interface);
         }
         Ok(Self::listing(&self.read(), None, Interfaces { interfaces }))
     }
@@ -531,7 +537,11 @@ impl Api {
     pub fn status(&self) -> String {
         let live = self.read();
         let (healthy, _) = self.health.report();
-        let status = &live.status;
+        let status = self
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         json(&StatusDoc {
             started: unix_seconds(live.started()),
             now: unix_seconds(SystemTime::now()),
@@ -619,6 +629,7 @@ mod tests {
             live: Arc::new(RwLock::new(live)),
             history: history.reader(),
             health,
+            status: Arc::default(),
         }
     }
 
@@ -646,13 +657,13 @@ mod tests {
         let api = api();
         let hostile = "<img src=x onerror=alert(1)>\"\\";
         let body = api
-            .top(Kind::Servers, &query(&[("device", hostile)]))
+            .top(Subject::Server, &query(&[("device", hostile)]))
             .unwrap();
         let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(doc["servers"][0]["name"], "example.com");
         assert_eq!(doc["device"], hostile);
         assert_eq!(
-            api.top(Kind::Servers, &query(&[("device", "x")])),
+            api.top(Subject::Server, &query(&[("device", "x")])),
             Err(ApiError::NoSuchDevice("x".into()))
         );
         // Extremes are errors, not overflows.
@@ -693,8 +704,8 @@ mod tests {
                 pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
             for answer in [
                 api.devices(&q),
-                api.top(Kind::Servers, &q),
-                api.top(Kind::Services, &q),
+                api.top(Subject::Server, &q),
+                api.top(Subject::Service, &q),
                 api.interfaces(&q),
                 api.history(&q),
             ] {

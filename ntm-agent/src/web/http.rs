@@ -22,7 +22,7 @@ use super::{
     api::Api,
     web_config::{WebConfig, WebConfigWatcher},
 };
-use crate::outputs::{Exposition, live::Kind};
+use crate::{model::subjects::Subject, outputs::Exposition};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -359,10 +359,10 @@ fn api_routes(
         .map(move |q: Query| json_reply(a.devices(&q)));
     let servers = warp::path!("api" / "v1" / "servers")
         .and(query())
-        .map(move |q: Query| json_reply(b.top(Kind::Servers, &q)));
+        .map(move |q: Query| json_reply(b.top(Subject::Server, &q)));
     let services = warp::path!("api" / "v1" / "services")
         .and(query())
-        .map(move |q: Query| json_reply(c.top(Kind::Services, &q)));
+        .map(move |q: Query| json_reply(c.top(Subject::Service, &q)));
     let interfaces = warp::path!("api" / "v1" / "interfaces")
         .and(query())
         .map(move |q: Query| json_reply(d.interfaces(&q)));

@@ -15,6 +15,7 @@
 //! that fails (disk full) keeps its counts for the next try.
 
 pub mod periods;
+pub mod sink;
 pub mod store;
 
 use std::{
@@ -32,7 +33,7 @@ use self::{
     periods::{Period, period_start},
     store::{Store, StoreError},
 };
-use crate::{health::self_metrics::HistoryMetrics, outputs::live::Kind};
+use crate::{health::self_metrics::HistoryMetrics, model::subjects::Subject};
 
 /// A bucket's width.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -52,7 +53,7 @@ impl Tier {
     }
 }
 
-/// Bytes and packets in, and out (see [`crate::outputs::live::Way`]).
+/// Bytes and packets in, and out (see [`crate::model::subjects::Way`]).
 pub type Totals = [Counters; 2];
 
 /// Adds `more` to `total`, each way.
@@ -63,7 +64,7 @@ pub fn add_totals(total: &mut Totals, more: &Totals) {
 
 /// Counts not in the database yet, by minute (Unix seconds), kind and
 /// subject.
-pub type Batch = HashMap<(i64, Kind, String), Totals>;
+pub type Batch = HashMap<(i64, Subject, String), Totals>;
 
 /// Counts waiting for a commit, at most: past it (a disk that stays full
 /// for hours), the oldest minutes are dropped and counted as lost.
@@ -181,7 +182,7 @@ pub struct HistoryReader {
     store: Arc<Mutex<Store>>,
     pending: Arc<Mutex<Batch>>,
     /// Locked after `store`, before `pending`.
-    committed: Arc<Mutex<HashMap<(Kind, Period), CommittedPeriod>>>,
+    committed: Arc<Mutex<HashMap<(Subject, Period), CommittedPeriod>>>,
     persistent: bool,
     period_start_day: u8,
 }
@@ -311,7 +312,7 @@ impl History {
 
     /// Counts of the minute starting at `minute` (Unix seconds), for the
     /// next commit.
-    pub fn add(&self, minute: i64, counts: impl IntoIterator<Item = ((Kind, String), Totals)>) {
+    pub fn add(&self, minute: i64, counts: impl IntoIterator<Item = ((Subject, String), Totals)>) {
         let mut pending = lock(&self.reader.pending);
         for ((kind, name), totals) in counts {
             let entry = pending.entry((minute, kind, name)).or_default();
@@ -360,7 +361,7 @@ type PeriodParts = (Arc<HashMap<String, Totals>>, Vec<(String, Totals)>);
 /// the days.
 fn committed_totals(
     store: &Store,
-    kind: Kind,
+    kind: Subject,
     period: Period,
     since: i64,
 ) -> Result<HashMap<String, Totals>, StoreError> {
@@ -390,7 +391,7 @@ impl HistoryReader {
     /// days.
     pub fn period_totals(
         &self,
-        kind: Kind,
+        kind: Subject,
         period: Period,
         now: i64,
     ) -> Result<HashMap<String, Totals>, StoreError> {
@@ -407,7 +408,7 @@ impl HistoryReader {
     /// at the cost of a lookup per name, not a copy of every subject's.
     pub fn period_totals_of<'a>(
         &self,
-        kind: Kind,
+        kind: Subject,
         period: Period,
         now: i64,
         names: &[&'a str],
@@ -438,7 +439,7 @@ impl HistoryReader {
     /// `wanted` says.
     fn period_parts(
         &self,
-        kind: Kind,
+        kind: Subject,
         period: Period,
         now: i64,
         wanted: impl Fn(&str) -> bool,
@@ -481,7 +482,7 @@ impl HistoryReader {
     /// from the finest tier that still holds `from` and divides `step`.
     pub fn series(
         &self,
-        kind: Kind,
+        kind: Subject,
         name: &str,
         tier: Tier,
         range: (i64, i64),
@@ -635,7 +636,7 @@ impl Writer {
         let mut values: Vec<([&'static str; 2], String, String, u64)> = Vec::new();
         let mut interface_totals: HashMap<(Period, String), u64> = HashMap::new();
         for period in Period::ALL {
-            let devices = match self.reader.period_totals(Kind::Devices, period, now) {
+            let devices = match self.reader.period_totals(Subject::Device, period, now) {
                 Ok(d) => d,
                 Err(e) => {
                     log::debug!("history: period totals: {e}");
@@ -657,7 +658,7 @@ impl Writer {
                 ));
                 values.push(([period.as_str(), "upload"], name, String::new(), t[1].bytes));
             }
-            let Ok(interfaces) = self.reader.period_totals(Kind::Interfaces, period, now) else {
+            let Ok(interfaces) = self.reader.period_totals(Subject::Interface, period, now) else {
                 return;
             };
             for (name, t) in interfaces {
@@ -765,9 +766,9 @@ mod tests {
         let now = minute_of(SystemTime::now());
         let laptop = |period| {
             let of = reader
-                .period_totals_of(Kind::Devices, period, now, &["laptop", "phone"])
+                .period_totals_of(Subject::Device, period, now, &["laptop", "phone"])
                 .unwrap();
-            let all = reader.period_totals(Kind::Devices, period, now).unwrap();
+            let all = reader.period_totals(Subject::Device, period, now).unwrap();
             assert_eq!(of["phone"], Totals::default(), "no traffic: zero");
             assert_eq!(Some(&of["laptop"]), all.get("laptop"));
             of["laptop"][0].bytes
@@ -776,7 +777,7 @@ mod tests {
         for round in 1..=5u64 {
             history.add(
                 now,
-                [((Kind::Devices, "laptop".to_string()), counts(round))],
+                [((Subject::Device, "laptop".to_string()), counts(round))],
             );
             sent += round;
             // Waiting or committed: as many as were added, in every period.
@@ -789,7 +790,10 @@ mod tests {
             }
         }
         // Another kind's subject of the same name is not counted.
-        history.add(now, [((Kind::Servers, "laptop".to_string()), counts(1000))]);
+        history.add(
+            now,
+            [((Subject::Server, "laptop".to_string()), counts(1000))],
+        );
         assert_eq!(laptop(Period::Day), sent);
     }
 }

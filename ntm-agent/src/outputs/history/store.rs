@@ -13,7 +13,7 @@ use ntm_common::Counters;
 use rusqlite::{Connection, OpenFlags, params};
 
 use super::{Tier, Totals};
-use crate::outputs::live::Kind;
+use crate::model::subjects::Subject;
 
 /// The schema this build writes (`PRAGMA user_version`). A file with a
 /// higher one was written by a newer ntm and is left alone.
@@ -39,18 +39,18 @@ pub enum StoreError {
 pub struct Store {
     db: Connection,
     name: String,
-    subjects: HashMap<(Kind, String), i64>,
+    subjects: HashMap<(Subject, String), i64>,
     /// Bumped by every write: what a reader computed from the store holds
     /// while this stays the same.
     writes: u64,
 }
 
-fn kind_code(kind: Kind) -> i64 {
+fn kind_code(kind: Subject) -> i64 {
     match kind {
-        Kind::Devices => 0,
-        Kind::Servers => 1,
-        Kind::Services => 2,
-        Kind::Interfaces => 3,
+        Subject::Device => 0,
+        Subject::Server => 1,
+        Subject::Service => 2,
+        Subject::Interface => 3,
     }
 }
 
@@ -158,7 +158,7 @@ impl Store {
     /// in one transaction: all of it or, on an error, none of it.
     pub fn add(
         &mut self,
-        batch: &HashMap<(i64, Kind, String), [Counters; 2]>,
+        batch: &HashMap<(i64, Subject, String), [Counters; 2]>,
         day_start: impl Fn(i64) -> i64,
     ) -> Result<(), StoreError> {
         let Self {
@@ -309,7 +309,7 @@ impl Store {
     /// after `since`.
     pub fn totals_since(
         &self,
-        kind: Kind,
+        kind: Subject,
         tier: Tier,
         since: i64,
     ) -> Result<HashMap<String, Totals>, StoreError> {
@@ -320,7 +320,7 @@ impl Store {
     /// `[from, to)`.
     pub fn totals_between(
         &self,
-        kind: Kind,
+        kind: Subject,
         tier: Tier,
         (from, to): (i64, i64),
     ) -> Result<HashMap<String, Totals>, StoreError> {
@@ -346,7 +346,7 @@ impl Store {
     /// totals), oldest first.
     pub fn series(
         &self,
-        kind: Kind,
+        kind: Subject,
         name: &str,
         tier: Tier,
         (from, to): (i64, i64),
@@ -407,26 +407,32 @@ mod tests {
         for m in 0..(2 * 1440) {
             let minute = t0 + 60 * m;
             batch.insert(
-                (minute, Kind::Devices, "laptop".to_string()),
+                (minute, Subject::Device, "laptop".to_string()),
                 [c(m as u64 + 1, 1), c(2 * m as u64, 2)],
             );
         }
         store.add(&batch, day).unwrap();
         let by_tier =
-            |store: &Store, tier| store.totals_since(Kind::Devices, tier, 0).unwrap()["laptop"];
+            |store: &Store, tier| store.totals_since(Subject::Device, tier, 0).unwrap()["laptop"];
         assert_eq!(by_tier(&store, Tier::Minute), by_tier(&store, Tier::Hour));
         assert_eq!(by_tier(&store, Tier::Hour), by_tier(&store, Tier::Day));
         let minutes = store
-            .series(Kind::Devices, "laptop", Tier::Minute, (t0, t0 + 3600), 3600)
+            .series(
+                Subject::Device,
+                "laptop",
+                Tier::Minute,
+                (t0, t0 + 3600),
+                3600,
+            )
             .unwrap();
         let hours = store
-            .series(Kind::Devices, "laptop", Tier::Hour, (t0, t0 + 3600), 3600)
+            .series(Subject::Device, "laptop", Tier::Hour, (t0, t0 + 3600), 3600)
             .unwrap();
         assert_eq!(minutes, hours);
         assert_eq!(minutes[0].1[0], c((1..=60).sum(), 60));
         let days = store
             .series(
-                Kind::Devices,
+                Subject::Device,
                 "laptop",
                 Tier::Day,
                 (t0, t0 + 2 * 86_400),
@@ -436,7 +442,7 @@ mod tests {
         assert_eq!(days.len(), 2);
         let hours = store
             .series(
-                Kind::Devices,
+                Subject::Device,
                 "laptop",
                 Tier::Hour,
                 (t0, t0 + 2 * 86_400),
@@ -455,7 +461,7 @@ mod tests {
         let mut batch = HashMap::new();
         for m in 0..3000i64 {
             batch.insert(
-                (60 * m, Kind::Servers, format!("s{}", m % 50)),
+                (60 * m, Subject::Server, format!("s{}", m % 50)),
                 [c(1, 1), c(0, 0)],
             );
         }
@@ -468,7 +474,7 @@ mod tests {
             .unwrap();
         assert_eq!(deleted, 1000);
         let left: u64 = store
-            .totals_since(Kind::Servers, Tier::Minute, 0)
+            .totals_since(Subject::Server, Tier::Minute, 0)
             .unwrap()
             .values()
             .map(|t| t[0].packets)
@@ -476,7 +482,7 @@ mod tests {
         assert_eq!(left, 2000);
         // The hours still have everything.
         let hours: u64 = store
-            .totals_since(Kind::Servers, Tier::Hour, 0)
+            .totals_since(Subject::Server, Tier::Hour, 0)
             .unwrap()
             .values()
             .map(|t| t[0].packets)
@@ -489,7 +495,9 @@ mod tests {
                 size / 2,
             )
             .unwrap();
-        let minutes = store.totals_since(Kind::Servers, Tier::Minute, 0).unwrap();
+        let minutes = store
+            .totals_since(Subject::Server, Tier::Minute, 0)
+            .unwrap();
         let left: u64 = minutes.values().map(|t| t[0].packets).sum();
         assert!(left < 2000, "{left}");
     }
@@ -516,14 +524,16 @@ mod tests {
         let fine = dir.join("fine.db");
         let mut store = Store::open(&fine).unwrap();
         let batch = HashMap::from([(
-            (60, Kind::Interfaces, "eth0".to_string()),
+            (60, Subject::Interface, "eth0".to_string()),
             [c(5, 1), c(7, 1)],
         )]);
         store.add(&batch, day).unwrap();
         drop(store);
         let store = Store::open(&fine).unwrap();
         assert_eq!(
-            store.totals_since(Kind::Interfaces, Tier::Day, 0).unwrap()["eth0"],
+            store
+                .totals_since(Subject::Interface, Tier::Day, 0)
+                .unwrap()["eth0"],
             [c(5, 1), c(7, 1)]
         );
         let _ = std::fs::remove_dir_all(&dir);

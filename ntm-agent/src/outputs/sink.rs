@@ -1,0 +1,84 @@
+//! What every output receives: one interface for all of them, so that an
+//! output is one more [`Sink`] in the list `agent::pipeline` wires, and
+//! knows nothing of the others.
+//!
+//! A drain reaches each sink twice: first as the kernel's raw flow deltas
+//! ([`Sink::raw`], for outputs that need no names, such as flow export),
+//! then as labelled deltas ([`Sink::labelled`]: the flows whose hosts'
+//! names are decided, with their labels, and the traffic the flow table had
+//! no room for). A sink does its work off the drain path where it is slow
+//! (the history commits on a thread of its own).
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use ntm_common::{Counters, Direction, FlowKey};
+
+use crate::{kernel::drain::Drained, model::net::Mac};
+
+/// One flow's delta with its labels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabelledFlow {
+    pub key: FlowKey,
+    /// Its interface's label (see `kernel::iface_label`).
+    pub iface: String,
+    /// Its hosts' labels; empty when host labels are off (then a host is
+    /// its address).
+    pub src: String,
+    pub dst: String,
+    pub service: String,
+    pub delta: Counters,
+}
+
+/// Traffic that found no room in the kernel's flow table: only its
+/// interface and the hook that saw it are known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Overflow {
+    pub iface: String,
+    pub direction: Direction,
+    pub delta: Counters,
+}
+
+/// One drain's labelled deltas.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LabelledDrain {
+    pub flows: Vec<LabelledFlow>,
+    pub overflow: Vec<Overflow>,
+}
+
+/// A host in labels now, as the names know it.
+#[derive(Clone, Copy, Debug)]
+pub struct Host<'a> {
+    pub ip: IpAddr,
+    pub label: &'a str,
+    /// The rung of the naming ladder the label came from.
+    pub source: &'static str,
+    pub mac: Option<Mac>,
+}
+
+/// An output.
+pub trait Sink: Send {
+    /// A drain's flow deltas as the kernel counted them, before any name.
+    fn raw(&mut self, _drained: &Drained, _now: Instant) {}
+
+    /// A drain's labelled deltas.
+    fn labelled(&mut self, _drain: &LabelledDrain, _now: Instant) {}
+
+    /// Whether the sink wants the hosts in labels again: they changed
+    /// (`version` is new), or the sink's own use of them did.
+    fn wants_hosts(&self, _version: u64) -> bool {
+        false
+    }
+
+    /// The hosts in labels now, at `version` (asked for by
+    /// [`Sink::wants_hosts`]).
+    fn describe_hosts(&mut self, _version: u64, _hosts: &[Host<'_>]) {}
+
+    /// Drops what saw no traffic for `ttl`.
+    fn expire(&mut self, _now: Instant, _ttl: Duration) {}
+
+    /// After the last drain: write out what is pending.
+    fn finish(&mut self) {}
+}
