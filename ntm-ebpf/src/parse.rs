@@ -46,7 +46,7 @@ pub struct Parsed {
 }
 
 /// Where a packet stands in its datagram: later fragments carry no ports,
-/// and take their datagram's from the first (see `main.rs`).
+/// and take their datagram's from the first (see `count.rs`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Fragment {
     Whole,

@@ -1,0 +1,180 @@
+//! Every map and every load-time setting of the kernel programs, in one
+//! place: the agent finds each of them by its name (`ntm_common::names`,
+//! the settings' names in its loader), so a name here is part of the
+//! interface with the agent and does not change.
+//!
+//! The settings are read-only globals the agent writes into the object
+//! before loading it; [`setting`] reads one.
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    btf_maps::{Array, ArrayOfMaps, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
+    macros::btf_map,
+};
+use ntm_common::{
+    CacheSlot, Counters, DEFAULT_FLOW_TABLE_ENTRIES, FLOW_CACHE_SLOTS, FlowKey, KNOWN_PORT_WORDS,
+    OUTSIDE_ENTRIES, OUTSIDE_SLOTS, OUTSIDE_UNKEYED_SLOTS, OutsideKey, OutsideSlot,
+    observe::{self, MacKey, MacValue, Record},
+    service_port, tail,
+};
+
+// The flow tables and the flow cache in front of them.
+
+const TABLE_ENTRIES: usize = DEFAULT_FLOW_TABLE_ENTRIES as usize;
+type FlowTable = PerCpuHashMap<FlowKey, Counters, TABLE_ENTRIES>;
+
+/// The table being counted into. The agent points slot 0 at one of the two
+/// tables below and swaps it to drain the other without losing a packet.
+#[btf_map]
+pub static NTM_ACTIVE_FLOWS: ArrayOfMaps<FlowTable, 1> = ArrayOfMaps::new();
+#[btf_map]
+static NTM_FLOWS_A: FlowTable = FlowTable::new();
+#[btf_map]
+static NTM_FLOWS_B: FlowTable = FlowTable::new();
+
+const CACHE_SLOTS: usize = FLOW_CACHE_SLOTS as usize;
+type FlowCache = PerCpuArray<CacheSlot, CACHE_SLOTS>;
+
+/// The flow cache in front of the table, double-buffered like the tables
+/// and swapped with them.
+#[btf_map]
+pub static NTM_ACTIVE_CACHE: ArrayOfMaps<FlowCache, 1> = ArrayOfMaps::new();
+#[btf_map]
+static NTM_CACHE_A: FlowCache = FlowCache::new();
+#[btf_map]
+static NTM_CACHE_B: FlowCache = FlowCache::new();
+
+// Counts outside the flow table.
+
+/// Frames filtered out or finding the table full, by generation, interface
+/// (one slot per ifindex modulo OUTSIDE_IFACE_SLOTS), direction and reason:
+/// an array slot, because a filter that rejects most frames, or a flood of
+/// new flows, sends each frame here.
+#[btf_map]
+pub static NTM_OUTSIDE_SLOTS: PerCpuArray<OutsideSlot, { OUTSIDE_SLOTS as usize }> =
+    PerCpuArray::new();
+
+/// Outside counts of the other reasons, and of an interface whose slot
+/// another interface holds, by interface, direction, reason and generation
+/// (see `ntm_common::OutsideKey`).
+#[btf_map]
+pub static NTM_OUTSIDE: PerCpuHashMap<OutsideKey, Counters, { OUTSIDE_ENTRIES as usize }> =
+    PerCpuHashMap::new();
+
+/// Where an outside count goes when NTM_OUTSIDE has no room for its key.
+#[btf_map]
+pub static NTM_OUTSIDE_UNKEYED: PerCpuArray<Counters, { OUTSIDE_UNKEYED_SLOTS as usize }> =
+    PerCpuArray::new();
+
+/// The generation outside counts go to now; the agent flips it to drain.
+#[btf_map]
+pub static NTM_OUTSIDE_GENERATION: Array<u32, 1> = Array::new();
+
+// The lease (see `lease.rs`).
+
+/// The agent's lease: until when (CLOCK_MONOTONIC ns) it vouches for
+/// reading these tables; 0: no timeout. The agent renews it while it runs.
+#[btf_map]
+pub static NTM_LEASE: Array<u64, 1> = Array::new();
+
+// What the hooks look up: service ports, filters and their verdicts, and the
+// ports of fragmented datagrams.
+
+/// Known service ports, a bitmap per protocol class (see ntm_common).
+#[btf_map]
+pub static NTM_KNOWN_PORTS: Array<u32, { KNOWN_PORT_WORDS as usize }> = Array::new();
+
+/// Filter programs and counting halves of the TC hooks (see
+/// `ntm_common::tail`). The agent fills the counting halves at load time and
+/// the filter slots only while a filter is configured.
+#[btf_map]
+pub static NTM_TC_TAILS: ProgramArray<{ tail::TC_SLOTS as usize }> = ProgramArray::new();
+#[btf_map]
+pub static NTM_XDP_TAILS: ProgramArray<{ tail::XDP_SLOTS as usize }> = ProgramArray::new();
+
+/// The filter program's verdict for the frame in hand on this CPU.
+#[btf_map]
+pub static NTM_FILTER_VERDICT: PerCpuArray<u32, 1> = PerCpuArray::new();
+
+/// A fragmented datagram: its addresses (the flow key's first four words),
+/// identification, protocol and family. Every byte is a named field, so
+/// the hash sees no stray padding.
+#[repr(C, align(8))]
+pub struct FragmentKey {
+    pub addresses: [u64; 4],
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// The service port of each fragmented datagram whose first fragment was
+/// seen, for its later fragments (which carry no ports). An LRU: bounded,
+/// and a datagram's entry is forgotten once newer ones need the room.
+#[btf_map]
+pub static NTM_FRAGMENTS: LruHashMap<FragmentKey, u32, { ntm_common::FRAGMENT_ENTRIES as usize }> =
+    LruHashMap::new();
+
+// The hand-over of DNS and DHCP frames, and the MACs learnt (see
+// `observe.rs`).
+
+/// DNS and DHCP frames for the agent's names (see `ntm_common::observe`).
+#[btf_map]
+pub static NTM_OBSERVED: RingBuf<Record, { observe::RING_BYTES as usize }> = RingBuf::new();
+
+/// Frames chosen for the agent but not handed over, by kind and reason.
+#[btf_map]
+pub static NTM_OBSERVE_DROPS: PerCpuArray<u64, { observe::DROP_SLOTS as usize }> =
+    PerCpuArray::new();
+
+/// This CPU's rate window for [`NTM_OBSERVED`].
+#[repr(C)]
+pub struct RateWindow {
+    pub start_ns: u64,
+    pub used: u64,
+}
+#[btf_map]
+pub static NTM_OBSERVE_WINDOW: PerCpuArray<RateWindow, 1> = PerCpuArray::new();
+
+/// The sources whose MACs are learnt (the agent's local networks).
+#[btf_map]
+pub static NTM_MAC_NETS: Array<observe::MacNets, 1> = Array::new();
+
+/// Source MACs by source address, learnt when a flow takes a cache slot.
+#[btf_map]
+pub static NTM_MACS: LruHashMap<MacKey, MacValue, { observe::MAC_ENTRIES as usize }> =
+    LruHashMap::new();
+
+// Settings.
+
+/// Start of the client ephemeral port range; set by the agent at load time.
+/// Read-only after load, so the verifier treats it as a constant.
+#[unsafe(no_mangle)]
+pub static NTM_EPHEMERAL_START: u16 = service_port::DEFAULT_EPHEMERAL_START;
+
+/// Frames handed to the agent per second per CPU at most; 0: none (set by
+/// the agent at load time; read-only, so with 0 the verifier drops the code).
+#[unsafe(no_mangle)]
+pub static NTM_OBSERVE_RATE: u32 = observe::DEFAULT_RATE_PER_CPU;
+
+/// 1: fill NTM_MACS (the agent names devices by MAC); read-only.
+#[unsafe(no_mangle)]
+pub static NTM_LEARN_MACS: u32 = 1;
+
+/// Which kinds are handed over, a bit (`1 << kind`) each; read-only.
+#[unsafe(no_mangle)]
+pub static NTM_OBSERVE_KINDS: u32 = 0b11;
+
+/// What XDP mode does with a frame after counting it (XDP_PASS or
+/// XDP_DROP); set by the agent at load time.
+#[unsafe(no_mangle)]
+pub static NTM_XDP_ACTION: u32 = xdp_action::XDP_PASS;
+
+/// A setting the agent writes into the object before loading it. The
+/// volatile read keeps the compiler from folding in the default; the
+/// verifier then sees the loaded value as a constant (the map is frozen).
+#[inline(always)]
+pub fn setting<T: Copy>(value: &'static T) -> T {
+    // SAFETY: `value` is a valid, aligned, initialised static.
+    unsafe { core::ptr::read_volatile(value) }
+}
