@@ -35,7 +35,7 @@ use std::io::Read as _;
 
 use crate::kit::{
     A4, A6, B4, B6, Link,
-    scrape::{Guard, TempDir, metrics, sample_sum, wait_healthy},
+    scrape::{Guard, TempDir, metrics, sample_sum, wait_for, wait_healthy},
 };
 
 const PORT: u16 = 9800;
@@ -366,6 +366,13 @@ fn scrape_after_traffic() -> String {
     let before = link.a_stats();
     let _agent = start_agent(&link, &dir.0);
     wait_healthy(&link.a, PORT);
+    // A first self-check before any traffic (as traffic.rs waits for), so
+    // that the coverage ratio's minute starts where nothing is in flight.
+    wait_for("the first self-check", Duration::from_secs(10), || {
+        metrics(&link.a, PORT)?
+            .contains("ntm_interface_coverage_ratio{")
+            .then_some(())
+    });
 
     let udp4 = traffic_mix(&link);
     let after = link.a_stats();
