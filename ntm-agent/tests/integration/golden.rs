@@ -21,17 +21,22 @@
 //! Everything else, traffic counts above all, is exact: the link names are
 //! fixed (`ntm0`, `ntm1`), as are the MACs, addresses, names (a hosts file),
 //! services (a services file of the test's own) and every flag.
+//!
+//! **When it scrapes**: after a first self-check (so the coverage ratio's
+//! minute starts before the traffic), once the traffic counters and the
+//! filtered ones add up to the interface's own statistics, the interface's
+//! day total holds all of it (the history committed), and two scrapes in a
+//! row read the same. A run that crosses local midnight (new day, week or
+//! billing period totals) is done once more.
 
 use std::{
-    io::Write as _,
+    io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::Path,
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
-
-use std::io::Read as _;
 
 use crate::kit::{
     A4, A6, B4, B6, Link,
@@ -43,8 +48,9 @@ const PORT: u16 = 9800;
 /// The golden file, relative to the crate.
 const GOLDEN: &str = "tests/integration/golden/exposition.txt";
 
-/// Samples whose value cannot be fixed: (sample name, why). Their value is
-/// written as `<v>`; their name and labels are compared as they are.
+/// Samples whose value cannot be fixed: (sample name, or name and labels
+/// as written, why). Their value is written as `<v>`; their name and labels
+/// are compared as they are.
 const VARIABLE_VALUES: &[(&str, &str)] = &[
     (
         "ntm_drain_duration_seconds_bucket",
@@ -56,7 +62,7 @@ const VARIABLE_VALUES: &[(&str, &str)] = &[
         "drains so far: one per --drain-interval since the start",
     ),
     (
-        "ntm_history_commits_total",
+        r#"ntm_history_commits_total{result="ok"}"#,
         "commits so far: one per --history-commit-interval since the start",
     ),
     (
@@ -71,7 +77,6 @@ const VARIABLE_VALUES: &[(&str, &str)] = &[
     ),
     ("process_resident_memory_bytes", "memory"),
     ("process_virtual_memory_bytes", "memory"),
-    ("process_virtual_memory_max_bytes", "the machine's limit"),
     ("process_start_time_seconds", "the time the agent started"),
     (
         "process_threads",
@@ -244,8 +249,11 @@ fn normalise(text: &str) -> String {
         }
         let name = line.split(['{', ' ']).next().unwrap_or_default();
         let mut line = line.to_string();
-        if VARIABLE_VALUES.iter().any(|(n, _)| *n == name) {
-            let (series, _) = line.rsplit_once(' ').expect("a sample has a value");
+        let (series, _) = line.rsplit_once(' ').expect("a sample has a value");
+        if VARIABLE_VALUES
+            .iter()
+            .any(|(n, _)| *n == name || *n == series)
+        {
             line = format!("{series} <v>");
         }
         if name.ends_with("_build_info") {
@@ -301,38 +309,39 @@ fn diff(want: &str, got: &str, limit: usize) -> String {
             };
         }
     }
-    // The edit script: (' ' | '-' | '+', line).
+    // The edit script: (' ' | '-' | '+', line, the golden file's line
+    // number there), removals before additions as diff writes them.
     let mut script = Vec::new();
     let (mut i, mut j) = (0, 0);
     while i < a.len() || j < b.len() {
         if i < a.len() && j < b.len() && a[i] == b[j] {
-            script.push((' ', a[i]));
+            script.push((' ', a[i], i + 1));
             (i, j) = (i + 1, j + 1);
-        } else if j < b.len() && (i == a.len() || lcs[i][j + 1] >= lcs[i + 1][j]) {
-            script.push(('+', b[j]));
-            j += 1;
-        } else {
-            script.push(('-', a[i]));
+        } else if i < a.len() && (j == b.len() || lcs[i + 1][j] >= lcs[i][j + 1]) {
+            script.push(('-', a[i], i + 1));
             i += 1;
+        } else {
+            script.push(('+', b[j], i + 1));
+            j += 1;
         }
     }
     // Only the changes and 3 lines around each.
     let near = |k: usize| {
         script[k.saturating_sub(3)..(k + 4).min(script.len())]
             .iter()
-            .any(|(op, _)| *op != ' ')
+            .any(|(op, _, _)| *op != ' ')
     };
     let mut out = Vec::new();
-    let mut skipped = false;
-    for (k, (op, line)) in script.iter().enumerate() {
+    let mut in_hunk = false;
+    for (k, (op, line, at)) in script.iter().enumerate() {
         if near(k) {
-            if skipped || (out.is_empty() && k > 0) {
-                out.push(format!("@@ line {} @@", k + 1));
+            if !in_hunk {
+                out.push(format!("@@ {GOLDEN}, line {at} @@"));
             }
-            skipped = false;
+            in_hunk = true;
             out.push(format!("{op}{line}"));
         } else {
-            skipped = true;
+            in_hunk = false;
         }
     }
     let total = out.len();
