@@ -17,6 +17,7 @@ mod endpoint;
 mod filter_traffic;
 mod filters;
 mod frames;
+mod golden;
 mod helm;
 mod history;
 mod image;
@@ -85,6 +86,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: frames::sctp_udplite_and_portless_protocols,
     Root: frames::hostile_dns_and_dhcp_frames_are_counted_and_handed_over,
     Root: frames::source_macs_are_learnt_when_a_flow_takes_a_cache_slot,
+    Root: golden::the_exposition_equals_the_golden_file,
     Nothing: helm::chart_lints_renders_and_validates,
     Root: image::the_image_runs_with_least_privilege_and_counts,
     Nothing: listing::every_integration_test_is_listed,
