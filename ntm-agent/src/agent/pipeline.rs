@@ -181,25 +181,28 @@ impl Pipeline {
     /// A DNS or DHCP frame the kernel handed over: what it says about
     /// names is kept for the flows to come.
     pub fn observe(&mut self, frame: &ObservedFrame<'_>, now: Instant) {
-        use crate::{health::self_metrics::protocol_label, names::wire};
+        use crate::{
+            health::self_metrics::{ObservedResult, protocol_label},
+            names::wire,
+        };
         let result = match wire::facts(frame) {
             Ok(facts) => {
                 for fact in &facts {
                     self.hosts.learn(fact, now);
                 }
-                "parsed"
+                ObservedResult::Parsed
             }
-            Err(wire::WireError::Truncated(_)) => "truncated",
+            Err(wire::WireError::Truncated(_)) => ObservedResult::Truncated,
             Err(e) => {
                 // Hostile input: at debug level only, so that a flood of
                 // garbage cannot flood the log; the counter says it.
                 log::debug!("a {} message: {e}", protocol_label(frame.kind));
-                "malformed"
+                ObservedResult::Malformed
             }
         };
         self.metrics
             .observed_messages
-            .with_label_values(&[protocol_label(frame.kind), result])
+            .with_label_values(&[protocol_label(frame.kind), result.as_str()])
             .inc();
     }
 

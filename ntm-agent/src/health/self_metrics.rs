@@ -42,16 +42,40 @@ pub struct HistoryMetrics {
     pub quota_used: GaugeVec,
 }
 
-/// Results of reverse DNS lookups, the `result` label of
+/// How a reverse DNS lookup ended: the `result` label of
 /// `<prefix>_dns_lookups_total`.
-pub const DNS_RESULTS: [&str; 6] = [
-    "ok",
-    "no_name",
-    "server_error",
-    "timeout",
-    "error",
-    "dropped",
-];
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DnsResult {
+    Ok,
+    NoName,
+    ServerError,
+    Timeout,
+    Error,
+    /// Not asked: the queue of lookups was full.
+    Dropped,
+}
+
+impl DnsResult {
+    pub const ALL: [DnsResult; 6] = [
+        DnsResult::Ok,
+        DnsResult::NoName,
+        DnsResult::ServerError,
+        DnsResult::Timeout,
+        DnsResult::Error,
+        DnsResult::Dropped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DnsResult::Ok => "ok",
+            DnsResult::NoName => "no_name",
+            DnsResult::ServerError => "server_error",
+            DnsResult::Timeout => "timeout",
+            DnsResult::Error => "error",
+            DnsResult::Dropped => "dropped",
+        }
+    }
+}
 
 pub struct SelfMetrics {
     registry: Registry,
@@ -101,15 +125,33 @@ pub const REFUSED_REASONS: [&str; 4] = [
     "tls_handshake",
 ];
 
-/// Values of `result` in `<prefix>_observed_messages_total`: the sum is
-/// every message the kernel picked out; the last two were not handed over.
-pub const OBSERVED_RESULTS: [&str; 5] = [
-    "parsed",
-    "malformed",
-    "truncated",
-    "rate_limited",
-    "ring_full",
-];
+/// How a DNS or DHCP message the kernel handed over was read: the
+/// `result` label of `<prefix>_observed_messages_total`, beside the
+/// kernel's reasons for not handing one over (`observe::DropReason`). The
+/// sum is every message the kernel picked out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObservedResult {
+    Parsed,
+    Malformed,
+    /// Larger than the copy the kernel hands over.
+    Truncated,
+}
+
+impl ObservedResult {
+    pub const ALL: [ObservedResult; 3] = [
+        ObservedResult::Parsed,
+        ObservedResult::Malformed,
+        ObservedResult::Truncated,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObservedResult::Parsed => "parsed",
+            ObservedResult::Malformed => "malformed",
+            ObservedResult::Truncated => "truncated",
+        }
+    }
+}
 
 /// Registers metrics under one prefix, with the name in every error.
 struct Registrar<'a> {
@@ -221,8 +263,8 @@ impl SelfMetrics {
             "Reverse DNS lookups for host labels, by result",
             &["result"],
         )?;
-        for result in DNS_RESULTS {
-            dns_lookups.with_label_values(&[result]);
+        for result in DnsResult::ALL {
+            dns_lookups.with_label_values(&[result.as_str()]);
         }
         let observed_messages = r.counter_vec(
             "observed_messages_total",
@@ -230,7 +272,9 @@ impl SelfMetrics {
             &["protocol", "result"],
         )?;
         for protocol in ["dns", "dhcp"] {
-            for result in OBSERVED_RESULTS {
+            let results = ObservedResult::ALL.map(ObservedResult::as_str);
+            let dropped = ntm_common::observe::DropReason::ALL.map(|r| r.as_str());
+            for result in results.into_iter().chain(dropped) {
                 observed_messages.with_label_values(&[protocol, result]);
             }
         }
@@ -395,8 +439,6 @@ impl SelfMetrics {
         &self.registry
     }
 
-    /// One drain: its duration, the table's size, and what was counted
-    /// outside the table or filtered out.
     /// Adds what the kernel dropped since the last call.
     pub fn record_observe_drops(&self, drops: &crate::kernel::observe::Drops) {
         use ntm_common::observe::{DropReason, Kind};

@@ -28,6 +28,7 @@ use super::{
     files::Source,
     ladder::{Lookup, NameSource, Query},
 };
+use crate::health::self_metrics::DnsResult;
 
 /// Cached answers are kept at least this long (servers that answer TTL 0
 /// would otherwise be asked on every drain) and at most this long.
@@ -88,13 +89,13 @@ enum Outcome {
 }
 
 impl Outcome {
-    fn result(&self) -> &'static str {
+    fn result(&self) -> DnsResult {
         match self {
-            Outcome::Name(..) => "ok",
-            Outcome::NoName(_) => "no_name",
-            Outcome::ServerError => "server_error",
-            Outcome::Timeout => "timeout",
-            Outcome::Error => "error",
+            Outcome::Name(..) => DnsResult::Ok,
+            Outcome::NoName(_) => DnsResult::NoName,
+            Outcome::ServerError => DnsResult::ServerError,
+            Outcome::Timeout => DnsResult::Timeout,
+            Outcome::Error => DnsResult::Error,
         }
     }
 }
@@ -190,7 +191,9 @@ impl Resolver {
     }
 
     fn record(&self, ip: IpAddr, outcome: Outcome) {
-        self.lookups.with_label_values(&[outcome.result()]).inc();
+        self.lookups
+            .with_label_values(&[outcome.result().as_str()])
+            .inc();
         let (name, keep) = match outcome {
             Outcome::Name(name, ttl) => (Some(name), ttl),
             Outcome::NoName(ttl) => (None, ttl),
@@ -246,7 +249,9 @@ impl Resolver {
         match self.queue.try_send(ip) {
             Ok(()) => true,
             Err(_) => {
-                self.lookups.with_label_values(&["dropped"]).inc();
+                self.lookups
+                    .with_label_values(&[DnsResult::Dropped.as_str()])
+                    .inc();
                 false
             }
         }
