@@ -33,7 +33,7 @@ use crate::{
         status::DrainStatus,
     },
     kernel::{Hooked, drain::Drained, iface_label, observe::ObservedFrame},
-    model::net::Mac,
+    model::{net::Mac, sync},
     names::HostLabels,
     outputs::{
         Exposition,
@@ -305,7 +305,7 @@ impl Pipeline {
             sink.labelled(&labelled, now);
         }
         {
-            let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            let mut status = sync::lock(&self.status);
             status.overflow.add(&overflow);
             status.series = self.series_count();
             status.series_folded = self.metrics.series_folded.get();

@@ -6,6 +6,8 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use crate::model::sync;
+
 /// Attach state per interface, shared between the agent and `/healthz`.
 #[derive(Clone, Default)]
 pub struct Health {
@@ -14,24 +16,20 @@ pub struct Health {
 
 impl Health {
     pub fn set(&self, iface: &str, attached: bool) {
-        if let Ok(mut map) = self.interfaces.lock() {
-            map.insert(iface.to_string(), attached);
-        }
+        sync::lock(&self.interfaces).insert(iface.to_string(), attached);
     }
 
     /// Each requested interface and whether it is attached.
     pub fn states(&self) -> Vec<(String, bool)> {
-        match self.interfaces.lock() {
-            Ok(map) => map.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-            Err(_) => Vec::new(),
-        }
+        sync::lock(&self.interfaces)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
     }
 
     /// (healthy, one line per interface)
     pub fn report(&self) -> (bool, String) {
-        let Ok(map) = self.interfaces.lock() else {
-            return (false, "health state unavailable\n".to_string());
-        };
+        let map = sync::lock(&self.interfaces);
         let mut text = String::new();
         for (iface, attached) in map.iter() {
             let state = if *attached {

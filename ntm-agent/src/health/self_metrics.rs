@@ -13,8 +13,8 @@ use prometheus::{
     Registry, core::Collector,
 };
 
-use crate::kernel::iface_label;
 use crate::kernel::{InterfaceState, drain::Drained};
+use crate::{kernel::iface_label, model::sync};
 
 #[derive(Debug, thiserror::Error)]
 #[error("registering metric {name}: {source}")]
@@ -442,9 +442,7 @@ impl SelfMetrics {
     /// Adds what the kernel dropped since the last call.
     pub fn record_observe_drops(&self, drops: &crate::kernel::observe::Drops) {
         use ntm_common::observe::{DropReason, Kind};
-        let Ok(mut seen) = self.observed_drops_seen.lock() else {
-            return;
-        };
+        let mut seen = sync::lock(&self.observed_drops_seen);
         for kind in Kind::ALL {
             for reason in DropReason::ALL {
                 let (k, r) = (kind as usize, reason as usize);
@@ -514,9 +512,7 @@ impl SelfMetrics {
                 .with_label_values(&[state.iface.as_str(), state.mode.as_str()])
                 .set(state.attached as i64);
         }
-        let Ok(mut known) = self.outside_ifaces.lock() else {
-            return;
-        };
+        let mut known = sync::lock(&self.outside_ifaces);
         let now: BTreeSet<String> = states.iter().map(|s| s.iface.clone()).collect();
         for gone in known.difference(&now) {
             for direction in Direction::ALL {

@@ -5,6 +5,7 @@
 //! - [`series`]: the labels a traffic series may carry;
 //! - [`subjects`]: devices, servers, services and interfaces, and how a
 //!   flow's traffic is shared out among them;
+//! - [`sync`]: the one policy for a poisoned lock;
 //! - [`units`]: durations as flags and config files write them;
 //! - [`OTHER`]: the label value of everything beyond a bound.
 //!
@@ -13,6 +14,7 @@
 pub mod net;
 pub mod series;
 pub mod subjects;
+pub mod sync;
 pub mod units;
 
 /// Label value (and live-view name) of what stands for traffic beyond a

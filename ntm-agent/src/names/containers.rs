@@ -22,6 +22,7 @@ use super::{
     ladder::{Lookup, NameSource, Query},
     observed::TableSizes,
 };
+use crate::model::sync;
 
 /// Where Podman (as root) and Docker listen by default; the ones that
 /// exist are asked.
@@ -53,11 +54,11 @@ pub struct ContainerNames {
 
 impl ContainerNames {
     pub fn get(&self, ip: IpAddr) -> Option<String> {
-        self.table.read().ok()?.get(&ip).cloned()
+        sync::read(&self.table).get(&ip).cloned()
     }
 
     pub fn len(&self) -> usize {
-        self.table.read().map(|t| t.len()).unwrap_or(0)
+        sync::read(&self.table).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -65,9 +66,7 @@ impl ContainerNames {
     }
 
     fn replace(&self, table: HashMap<IpAddr, String>) {
-        if let Ok(mut shared) = self.table.write() {
-            *shared = table;
-        }
+        *sync::write(&self.table) = table;
     }
 
     /// Asks the engines behind `sockets` (the default ones if empty) now

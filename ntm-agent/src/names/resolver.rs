@@ -28,7 +28,7 @@ use super::{
     files::Source,
     ladder::{Lookup, NameSource, Query},
 };
-use crate::health::self_metrics::DnsResult;
+use crate::{health::self_metrics::DnsResult, model::sync};
 
 /// Cached answers are kept at least this long (servers that answer TTL 0
 /// would otherwise be asked on every drain) and at most this long.
@@ -200,17 +200,13 @@ impl Resolver {
             Outcome::ServerError | Outcome::Timeout | Outcome::Error => (None, RETRY_AFTER),
         };
         let refresh_at = Instant::now() + keep.clamp(MIN_CACHE, MAX_CACHE);
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.put(ip, Entry::Done { name, refresh_at });
-        }
+        sync::lock(&self.cache).put(ip, Entry::Done { name, refresh_at });
     }
 
     /// The cached answer for `ip`: Some(name or None) when known, None while
     /// a lookup is under way (one is started if needed). Never blocks on DNS.
     pub fn lookup(&self, ip: IpAddr, now: Instant) -> Option<Option<String>> {
-        let Ok(mut cache) = self.cache.lock() else {
-            return Some(None);
-        };
+        let mut cache = sync::lock(&self.cache);
         match cache.get(&ip) {
             Some(Entry::Done { name, refresh_at }) => {
                 let name = name.clone();

@@ -12,7 +12,7 @@ use ntm_common::Counters;
 use prometheus::{IntCounter, IntGauge};
 
 use super::series::TrafficSeries;
-use crate::model::{OTHER, series::Label};
+use crate::model::{OTHER, series::Label, sync};
 
 pub struct SeriesBudget {
     series: Arc<RwLock<TrafficSeries>>,
@@ -49,7 +49,7 @@ impl SeriesBudget {
     /// to its folded series when the budget is spent.
     pub fn add(&mut self, values: Vec<String>, delta: &Counters, now: Instant) {
         let over_budget = {
-            let series = self.series.read().unwrap_or_else(|e| e.into_inner());
+            let series = sync::read(&self.series);
             !series.contains(&values) && series.len() >= self.max_series
         };
         let values = if over_budget {
@@ -88,21 +88,21 @@ impl SeriesBudget {
     }
 
     fn add_unbudgeted(&mut self, values: &[String], delta: &Counters, now: Instant) {
-        let mut series = self.series.write().unwrap_or_else(|e| e.into_inner());
+        let mut series = sync::write(&self.series);
         series.add(values, delta.bytes, delta.packets, now);
         self.count.set(series.len() as i64);
     }
 
     /// Drops series without traffic for longer than the TTL.
     pub fn expire(&mut self, now: Instant) {
-        let mut series = self.series.write().unwrap_or_else(|e| e.into_inner());
+        let mut series = sync::write(&self.series);
         let removed = series.expire(now, self.ttl);
         self.expired.inc_by(removed as u64);
         self.count.set(series.len() as i64);
     }
 
     pub fn len(&self) -> usize {
-        self.series.read().map(|s| s.len()).unwrap_or(0)
+        sync::read(&self.series).len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -24,6 +24,7 @@ use crate::model::{
     OTHER,
     net::{LocalNets, Mac},
     subjects::{Shares, Subject, Way},
+    sync,
 };
 
 /// Devices kept at most (a home has tens, a large site's gateway thousands).
@@ -476,7 +477,7 @@ impl LiveSink {
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, LiveTraffic> {
-        self.live.write().unwrap_or_else(|e| e.into_inner())
+        sync::write(&self.live)
     }
 }
 
@@ -499,7 +500,7 @@ impl Sink for LiveSink {
     }
 
     fn wants_hosts(&self, version: u64) -> bool {
-        let devices = self.live.read().map_or(0, |live| live.device_count());
+        let devices = sync::read(&self.live).device_count();
         self.described != Some((version, devices))
     }
 

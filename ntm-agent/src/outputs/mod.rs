@@ -40,10 +40,7 @@ impl Exposition {
     /// The Prometheus text exposition format.
     pub fn encode(&self) -> Result<String, prometheus::Error> {
         let mut out = String::new();
-        self.traffic
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .encode(&mut out);
+        crate::model::sync::read(&self.traffic).encode(&mut out);
         prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out)?;
         Ok(out)
     }

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::{
     health::{attached::Health, status::DrainStatus},
-    model::subjects::Subject,
+    model::{subjects::Subject, sync},
     outputs::{
         history::{HistoryReader, Tier, periods::Period},
         live::{LiveTraffic, Row},
@@ -354,7 +354,7 @@ fn periods_for(
 
 impl Api {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, LiveTraffic> {
-        self.live.read().unwrap_or_else(|e| e.into_inner())
+        sync::read(&self.live)
     }
 
     fn listing<T: Serialize>(live: &LiveTraffic, device: Option<String>, rows: T) -> String {
@@ -537,11 +537,7 @@ impl Api {
     pub fn status(&self) -> String {
         let live = self.read();
         let (healthy, _) = self.health.report();
-        let status = self
-            .status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let status = sync::lock(&self.status).clone();
         json(&StatusDoc {
             started: unix_seconds(live.started()),
             now: unix_seconds(SystemTime::now()),
