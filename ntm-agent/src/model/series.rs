@@ -1,4 +1,5 @@
-//! The labels a traffic series may carry (`--labels`).
+//! The labels a traffic series may carry (`--labels`), and what a name
+//! from outside must be to stand as a label's value.
 
 use std::str::FromStr;
 
@@ -60,4 +61,16 @@ impl FromStr for Label {
                 )
             })
     }
+}
+
+/// A DNS name's longest text form.
+const MAX_NAME_LEN: usize = 253;
+
+/// A name that can stand as a label: not empty, not too long, no
+/// whitespace or control characters. (Quotes and markup are allowed here:
+/// every output escapes its labels.)
+pub fn usable_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.chars().any(|c| c.is_whitespace() || c.is_control())
 }

@@ -17,11 +17,8 @@ use std::{
 
 use bollard::{ClientVersion, Docker, query_parameters::ListContainersOptionsBuilder};
 
-use super::{
-    files::{Source, usable_name},
-    ladder::{Lookup, NameSource, Query},
-    observed::TableSizes,
-};
+use super::source::{Lookup, NameSource, Query, Source, TableSizes};
+use crate::model::series::usable_name;
 use crate::model::sync;
 
 /// Where Podman (as root) and Docker listen by default; the ones that

@@ -20,56 +20,9 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use super::ladder::{Lookup, NameSource, Query};
+use super::source::{Lookup, NameSource, Query, Source};
 use crate::model::net::{Mac, parse_mac};
-
-/// Where a host's label came from: the `source` of `ntm_names`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Source {
-    /// A hosts file (`--hosts-file`).
-    Static,
-    /// A container on this host (Docker or Podman).
-    Container,
-    /// DHCP: the name the device sent, from a lease file (`--leases`) or
-    /// its messages on the wire.
-    Dhcp,
-    /// A DNS answer on the wire: the name the peer asked for.
-    DnsAnswer,
-    /// Reverse DNS.
-    ReverseDns,
-    /// No name: the address itself.
-    Address,
-}
-
-impl Source {
-    pub const ALL: [Source; 6] = [
-        Source::Static,
-        Source::Container,
-        Source::Dhcp,
-        Source::DnsAnswer,
-        Source::ReverseDns,
-        Source::Address,
-    ];
-
-    /// Whether the name is one a client asked for (a server's): then a
-    /// remote host is labelled by its registrable domain (unless
-    /// `--fqdn`), not by each of its many host names. Names a user or a
-    /// device gave are kept whole.
-    pub fn names_a_server(self) -> bool {
-        matches!(self, Source::DnsAnswer | Source::ReverseDns)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Static => "static",
-            Source::Container => "container",
-            Source::Dhcp => "dhcp",
-            Source::DnsAnswer => "dns_answer",
-            Source::ReverseDns => "reverse_dns",
-            Source::Address => "address",
-        }
-    }
-}
+use crate::model::series::usable_name;
 
 /// How a file's lines are read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,18 +50,6 @@ pub enum Format {
 pub const MAX_FILE_BYTES: u64 = 16 << 20;
 /// Names one file gives at most; further lines are skipped (and counted).
 pub const MAX_NAMES_PER_FILE: usize = 65_536;
-/// A DNS name's longest text form.
-const MAX_NAME_LEN: usize = 253;
-
-/// A name that can stand as a label: not empty, not too long, no
-/// whitespace or control characters. (Quotes and markup are allowed here:
-/// every output escapes its labels.)
-pub fn usable_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && !name.chars().any(|c| c.is_whitespace() || c.is_control())
-}
-
 /// What one file names.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Parsed {

@@ -15,6 +15,7 @@ pub mod files;
 pub mod ladder;
 pub mod observed;
 pub mod resolver;
+pub mod source;
 pub mod wire;
 
 use std::{
@@ -30,10 +31,8 @@ use ntm_common::FlowKey;
 use prometheus::{IntCounterVec, IntGaugeVec};
 
 use self::{
-    files::Source,
-    ladder::{Lookup, NameSource, Query},
-    observed::TableSizes,
     resolver::Upstream,
+    source::{Lookup, NameSource, Query, Source, TableSizes},
     wire::Fact,
 };
 use crate::model::net::{LocalNets, Mac};

@@ -12,8 +12,7 @@ use std::{
 use lru::LruCache;
 
 use super::{
-    files::Source,
-    ladder::{Lookup, NameSource, Query},
+    source::{Lookup, NameSource, Query, Source, TableSizes},
     wire::{Client, Fact},
 };
 use crate::model::net::Mac;
@@ -33,16 +32,6 @@ pub const MAX_ANSWER_TTL: Duration = Duration::from_secs(24 * 3600);
 struct Answered {
     name: String,
     until: Instant,
-}
-
-/// Entries of each table, for `<prefix>_observed_names{table}`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TableSizes {
-    pub answers: usize,
-    pub clients: usize,
-    pub leases: usize,
-    /// Containers known by address (`containers.rs`).
-    pub containers: usize,
 }
 
 pub struct ObservedNames {

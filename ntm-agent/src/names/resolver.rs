@@ -25,8 +25,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use super::{
     NameOptions,
-    files::Source,
-    ladder::{Lookup, NameSource, Query},
+    source::{Lookup, NameSource, Query, Source},
 };
 use crate::{health::self_metrics::DnsResult, model::sync};
 

@@ -3,7 +3,7 @@
 //! Everything here comes from the network and is hostile: the frame is
 //! sliced by etherparse, DNS messages are decoded by hickory-proto and DHCP
 //! messages by dhcproto, and what they say is bounded (a message yields at
-//! most [`MAX_FACTS`] facts, a name at most `files::MAX_NAME_LEN` bytes)
+//! most [`MAX_FACTS`] facts, a name at most `model::series::MAX_NAME_LEN` bytes)
 //! before anything is kept. A parser that rejects a message says why, once
 //! per message; nothing here panics (the property tests feed it garbage).
 
@@ -18,9 +18,9 @@ use hickory_proto::{
 };
 use ntm_common::observe::Kind;
 
-use super::files::usable_name;
 use crate::kernel::observe::ObservedFrame;
 use crate::model::net::Mac;
+use crate::model::series::usable_name;
 
 /// Facts kept from one message at most (a response may carry thousands
 /// of records; the first ones are what the client uses).
@@ -177,7 +177,7 @@ pub fn dns(payload: &[u8], client: IpAddr) -> Result<Vec<Fact>, WireError> {
 }
 
 /// A name as labels show it: without the root's dot, and only if it is one
-/// a label may carry (`files::usable_name`).
+/// a label may carry (`model::series::usable_name`).
 fn display_name(name: &Name) -> Option<String> {
     let text = name.to_utf8();
     let text = text.strip_suffix('.').unwrap_or(&text);
