@@ -54,16 +54,31 @@ pub enum Fact {
     Lease { client: Client, address: IpAddr },
 }
 
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+/// Why a handed-over frame says nothing. Built on every malformed frame
+/// (hostile input, perhaps a flood): each variant keeps the parser's own
+/// error, or a number, and allocates nothing itself. Each message names
+/// its cause, which is also its source.
+#[derive(Debug, thiserror::Error)]
 pub enum WireError {
     #[error("the frame is cut short or not UDP/TCP over IP: {0}")]
-    Frame(String),
+    Frame(#[source] etherparse::err::packet::SliceError),
+    #[error("the frame is not IP (no IPv4 or IPv6 header)")]
+    NotIp,
+    #[error("the frame is neither UDP nor TCP over IP")]
+    NotUdpOrTcp,
     #[error("the copy of a {0}-byte frame is cut short")]
     Truncated(u32),
     #[error("not a DNS message: {0}")]
-    Dns(String),
-    #[error("not a DHCP message: {0}")]
-    Dhcp(String),
+    Dns(#[source] hickory_proto::serialize::binary::DecodeError),
+    /// DNS over TCP split over segments is not reassembled.
+    #[error("a {0}-byte DNS message over TCP continues in another segment (not reassembled)")]
+    DnsContinues(usize),
+    #[error("not a DHCPv4 message: {0}")]
+    Dhcp4(#[source] dhcproto::error::DecodeError),
+    #[error("not a DHCPv6 message: {0}")]
+    Dhcp6(#[source] dhcproto::error::DecodeError),
+    #[error("a DHCPv6 client DUID of {0} bytes (1 to {MAX_DUID} are valid)")]
+    DuidLength(usize),
 }
 
 /// The facts of one handed-over frame (an empty list: a well-formed
@@ -78,13 +93,13 @@ pub fn facts(frame: &ObservedFrame<'_>) -> Result<Vec<Fact>, WireError> {
     let packet = match sliced {
         Ok(packet) => packet,
         Err(_) if cut_short => return Err(WireError::Truncated(frame.frame_len)),
-        Err(e) => return Err(WireError::Frame(e.to_string())),
+        Err(e) => return Err(WireError::Frame(e)),
     };
     // A response goes to the client that asked.
     let dst = match &packet.net {
         Some(NetSlice::Ipv4(ip)) => IpAddr::V4(ip.header().destination_addr()),
         Some(NetSlice::Ipv6(ip)) => IpAddr::V6(ip.header().destination_addr()),
-        _ => return Err(WireError::Frame("no IP header".into())),
+        _ => return Err(WireError::NotIp),
     };
     match (&packet.transport, frame.kind) {
         (Some(TransportSlice::Udp(udp)), Kind::Dns) => dns(udp.payload(), dst),
@@ -93,7 +108,7 @@ pub fn facts(frame: &ObservedFrame<'_>) -> Result<Vec<Fact>, WireError> {
             67 | 68 => dhcp4(udp.payload()),
             _ => dhcp6(udp.payload()),
         },
-        _ => Err(WireError::Frame("neither UDP nor TCP".into())),
+        _ => Err(WireError::NotUdpOrTcp),
     }
 }
 
@@ -105,9 +120,7 @@ fn dns_over_tcp(mut payload: &[u8], client: IpAddr) -> Result<Vec<Fact>, WireErr
     while payload.len() >= 2 {
         let len = u16::from_be_bytes([payload[0], payload[1]]) as usize;
         let Some(message) = payload.get(2..2 + len) else {
-            return Err(WireError::Dns(format!(
-                "a {len}-byte message over TCP continues in another segment"
-            )));
+            return Err(WireError::DnsContinues(len));
         };
         facts.extend(dns(message, client)?);
         payload = &payload[2 + len..];
@@ -122,7 +135,7 @@ fn dns_over_tcp(mut payload: &[u8], client: IpAddr) -> Result<Vec<Fact>, WireErr
 /// A DNS response: each address it gives for the name the client asked
 /// (through CNAMEs), as an [`Fact::Answer`].
 pub fn dns(payload: &[u8], client: IpAddr) -> Result<Vec<Fact>, WireError> {
-    let message = Message::from_vec(payload).map_err(|e| WireError::Dns(e.to_string()))?;
+    let message = Message::from_vec(payload).map_err(WireError::Dns)?;
     let meta = &message.metadata;
     if meta.message_type != MessageType::Response
         || meta.op_code != OpCode::Query
@@ -194,8 +207,7 @@ fn host_name(text: &str) -> Option<String> {
 /// DHCPv4: the name a client sends (option 81 FQDN, else option 12) in
 /// DISCOVER, REQUEST and INFORM; the address a server gives in ACK.
 pub fn dhcp4(payload: &[u8]) -> Result<Vec<Fact>, WireError> {
-    let message = v4::Message::decode(&mut Decoder::new(payload))
-        .map_err(|e| WireError::Dhcp(e.to_string()))?;
+    let message = v4::Message::decode(&mut Decoder::new(payload)).map_err(WireError::Dhcp4)?;
     // hlen first: dhcproto 0.15's chaddr() slices by it and panics past
     // 16 (found by the property test below).
     if message.htype() != v4::HType::Eth || message.hlen() != 6 {
@@ -240,14 +252,13 @@ pub fn dhcp4(payload: &[u8]) -> Result<Vec<Fact>, WireError> {
 /// DHCPv6: the name a client sends (Client FQDN, option 39) and the
 /// addresses a server gives in a REPLY (IA_NA), tied by the client's DUID.
 pub fn dhcp6(payload: &[u8]) -> Result<Vec<Fact>, WireError> {
-    let message = v6::Message::decode(&mut Decoder::new(payload))
-        .map_err(|e| WireError::Dhcp(e.to_string()))?;
+    let message = v6::Message::decode(&mut Decoder::new(payload)).map_err(WireError::Dhcp6)?;
     let opts = message.opts();
     let Some(v6::DhcpOption::ClientId(duid)) = opts.get(v6::OptionCode::ClientId) else {
         return Ok(Vec::new());
     };
     if duid.is_empty() || duid.len() > MAX_DUID {
-        return Err(WireError::Dhcp(format!("a DUID of {} bytes", duid.len())));
+        return Err(WireError::DuidLength(duid.len()));
     }
     let client = client_of_duid(duid);
     let mut facts = Vec::new();
@@ -554,6 +565,28 @@ mod tests {
             Some("<script>".into()),
             "escaped downstream"
         );
+    }
+
+    /// Refusals say what failed once, keep the parser's error as their
+    /// source, and stay small (a flood of garbage builds one per frame).
+    #[test]
+    fn refusals_keep_their_cause() {
+        use std::error::Error as _;
+        assert!(std::mem::size_of::<WireError>() <= 64);
+        let refusals = [
+            dns(&[0, 1, 2], CLIENT).unwrap_err(),
+            dhcp4(&[1, 2, 3]).unwrap_err(),
+            dhcp6(&[]).unwrap_err(),
+        ];
+        for e in refusals {
+            let cause = e.source().expect("a source").to_string();
+            assert_eq!(e.to_string().matches(&cause).count(), 1, "{e}");
+        }
+        assert!(matches!(dhcp4(&[1, 2, 3]), Err(WireError::Dhcp4(_))));
+        assert!(matches!(
+            dns_over_tcp(&[0, 200, 1], CLIENT),
+            Err(WireError::DnsContinues(200))
+        ));
     }
 
     proptest! {

@@ -208,43 +208,116 @@ fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
     Ok(aside)
 }
 
+/// Why the history in `--state-dir` cannot be used (this run's history
+/// is then kept in memory). Each message names its cause, which is also
+/// its source.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(
+        "cannot create {}: {source}; create it, or give another --state-dir",
+        dir.display()
+    )]
+    CreateDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot write in {}: {source}; make it writable by the agent's user, or give another --state-dir",
+        dir.display()
+    )]
+    NotWritable {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "another ntm agent writes the history in {}; give each agent its own --state-dir",
+        dir.display()
+    )]
+    Locked { dir: PathBuf },
+    #[error("cannot lock {}: {source}", path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The damage is `damage`; what failed is the move.
+    #[error("{damage}; it cannot be moved aside: {source}; move it away to start a new history")]
+    CannotMoveAside {
+        damage: Box<StoreError>,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{} was damaged and moved to {}, but a new history cannot start: {source}",
+        path.display(),
+        aside.display()
+    )]
+    AfterMovingAside {
+        path: PathBuf,
+        aside: PathBuf,
+        #[source]
+        source: Box<StoreError>,
+    },
+    /// Newer, read-only, or another SQLite error: left as it is.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// Opens the database in `dir`, or says why not.
-fn open_in(dir: &Path) -> Result<(Store, File, PathBuf), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+fn open_in(dir: &Path) -> Result<(Store, File, PathBuf), OpenError> {
+    std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
+        dir: dir.to_owned(),
+        source,
+    })?;
     let lock_path = dir.join(LOCK);
-    let lock =
-        File::create(&lock_path).map_err(|e| format!("cannot write in {}: {e}", dir.display()))?;
+    let lock = File::create(&lock_path).map_err(|source| OpenError::NotWritable {
+        dir: dir.to_owned(),
+        source,
+    })?;
     match lock.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(format!(
-                "another ntm agent writes the history in {}; give each agent its own --state-dir",
-                dir.display()
-            ));
+            return Err(OpenError::Locked {
+                dir: dir.to_owned(),
+            });
         }
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(format!("cannot lock {}: {e}", lock_path.display()));
+        Err(std::fs::TryLockError::Error(source)) => {
+            return Err(OpenError::Lock {
+                path: lock_path,
+                source,
+            });
         }
     }
     let path = dir.join(DATABASE);
     match Store::open(&path) {
         Ok(store) => Ok((store, lock, path)),
-        Err(StoreError::Corrupt(..)) => {
-            let aside = move_aside(&path).map_err(|e| {
-                format!(
-                    "{} is damaged and cannot be moved aside: {e}",
-                    path.display()
-                )
-            })?;
+        Err(damage) if damage.is_damaged() => {
+            let aside = match move_aside(&path) {
+                Ok(aside) => aside,
+                Err(source) => {
+                    return Err(OpenError::CannotMoveAside {
+                        damage: Box::new(damage),
+                        source,
+                    });
+                }
+            };
             log::warn!(
                 "history: {} was damaged; moved it to {} and started a new history",
                 path.display(),
                 aside.display()
             );
-            let store = Store::open(&path).map_err(|e| e.to_string())?;
-            Ok((store, lock, path))
+            match Store::open(&path) {
+                Ok(store) => Ok((store, lock, path)),
+                Err(source) => Err(OpenError::AfterMovingAside {
+                    path,
+                    aside,
+                    source: Box::new(source),
+                }),
+            }
         }
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -795,5 +868,67 @@ mod tests {
             [((Subject::Server, "laptop".to_string()), counts(1000))],
         );
         assert_eq!(laptop(Period::Day), sent);
+    }
+
+    /// Each way the state directory can fail says what failed and why,
+    /// once, keeps the cause as its source, and moves aside only a damaged
+    /// file.
+    #[test]
+    fn open_in_says_why_and_moves_aside_only_a_damaged_file() {
+        use std::error::Error as _;
+        let root = std::env::temp_dir().join(format!("ntm-open-in-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+
+        // A state directory under a file cannot be created.
+        std::fs::write(root.join("file"), b"").unwrap();
+        let e = open_in(&root.join("file/state")).err().unwrap();
+        assert!(matches!(e, OpenError::CreateDir { .. }), "{e:?}");
+        let cause = e.source().unwrap().to_string();
+        assert_eq!(e.to_string().matches(&cause).count(), 1, "{e}");
+
+        // Another agent's: refused, nothing touched.
+        let shared = root.join("shared");
+        let (_store, _lock, _) = open_in(&shared).unwrap();
+        let e = open_in(&shared).err().unwrap();
+        assert!(matches!(e, OpenError::Locked { .. }), "{e:?}");
+        assert!(e.to_string().contains("--state-dir"), "{e}");
+
+        // Damaged: moved aside, a new one started.
+        let damaged = root.join("damaged");
+        std::fs::create_dir_all(&damaged).unwrap();
+        std::fs::write(damaged.join(DATABASE), vec![0x5a; 8192]).unwrap();
+        open_in(&damaged).unwrap();
+        let aside = std::fs::read_dir(&damaged)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("history.db.corrupt-")
+            })
+            .count();
+        assert_eq!(aside, 1);
+
+        // Newer: left as it is, the store's error as it says it.
+        let newer = root.join("newer");
+        std::fs::create_dir_all(&newer).unwrap();
+        rusqlite::Connection::open(newer.join(DATABASE))
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let before = std::fs::read(newer.join(DATABASE)).unwrap();
+        let e = open_in(&newer).err().unwrap();
+        assert!(
+            matches!(e, OpenError::Store(StoreError::Newer { found: 99, .. })),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with(&newer.join(DATABASE).display().to_string())
+        );
+        assert_eq!(std::fs::read(newer.join(DATABASE)).unwrap(), before);
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

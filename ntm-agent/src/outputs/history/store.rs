@@ -19,20 +19,50 @@ use crate::model::subjects::Subject;
 /// higher one was written by a newer ntm and is left alone.
 pub const SCHEMA_VERSION: i64 = 1;
 
+/// What went wrong with the database at `path` (":memory:" for the one in
+/// memory). Each message names its cause, which is also its source.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{0} is not an SQLite database, or is damaged ({1})")]
-    Corrupt(String, String),
+    /// SQLite says the file is not a database, or a damaged one: it may be
+    /// moved aside ([`StoreError::is_damaged`]).
+    #[error("{path} is not an SQLite database, or is damaged ({source})")]
+    Corrupt {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// SQLite's `quick_check` found damage (what it says is `found`): as
+    /// [`StoreError::Corrupt`].
+    #[error("{path} is damaged (SQLite's quick check says: {found})")]
+    FailedCheck { path: String, found: String },
     #[error(
         "{path} was written by a newer ntm (schema {found}; this one knows {SCHEMA_VERSION}); it is left as it is: upgrade ntm, or move the file away to start a new history"
     )]
     Newer { path: String, found: i64 },
+    /// The file (or its folder) cannot be written: a read-only file or
+    /// mount, or one the agent's user does not own.
+    #[error(
+        "{path} cannot be written ({source}): make it and its folder writable by the agent's user, or give another --state-dir"
+    )]
+    ReadOnly {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
     #[error("{path}: {source}")]
     Sqlite {
         path: String,
         #[source]
         source: rusqlite::Error,
     },
+}
+
+impl StoreError {
+    /// The file is damaged: moving it aside and starting a new one is
+    /// what can be done (a newer or read-only one is left as it is).
+    pub fn is_damaged(&self) -> bool {
+        matches!(self, Self::Corrupt { .. } | Self::FailedCheck { .. })
+    }
 }
 
 /// The database, with the ids of the subjects written so far.
@@ -100,15 +130,24 @@ impl Store {
     }
 
     fn prepare(db: Connection, name: String) -> Result<Self, StoreError> {
-        let sqlite = |source| StoreError::Sqlite {
-            path: name.clone(),
-            source,
+        let sqlite = |source: rusqlite::Error| match source.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::ReadOnly) => StoreError::ReadOnly {
+                path: name.clone(),
+                source,
+            },
+            _ => StoreError::Sqlite {
+                path: name.clone(),
+                source,
+            },
         };
-        let corrupt = |e: rusqlite::Error| match e.sqlite_error_code() {
+        let corrupt = |source: rusqlite::Error| match source.sqlite_error_code() {
             Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
-                StoreError::Corrupt(name.clone(), e.to_string())
+                StoreError::Corrupt {
+                    path: name.clone(),
+                    source,
+                }
             }
-            _ => sqlite(e),
+            _ => sqlite(source),
         };
         db.busy_timeout(Duration::from_secs(2)).map_err(sqlite)?;
         let version: i64 = db
@@ -124,7 +163,10 @@ impl Store {
             .pragma_query_value(None, "quick_check", |row| row.get(0))
             .map_err(corrupt)?;
         if check != "ok" {
-            return Err(StoreError::Corrupt(name, check));
+            return Err(StoreError::FailedCheck {
+                path: name,
+                found: check,
+            });
         }
         // Before the first table: lets the size cap give pages back.
         db.pragma_update(None, "auto_vacuum", "INCREMENTAL")
@@ -508,10 +550,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let garbage = dir.join("garbage.db");
         std::fs::write(&garbage, vec![0x5a; 8192]).unwrap();
-        assert!(matches!(
-            Store::open(&garbage),
-            Err(StoreError::Corrupt(..))
-        ));
+        let damaged = Store::open(&garbage).err().unwrap();
+        assert!(
+            matches!(damaged, StoreError::Corrupt { .. }) && damaged.is_damaged(),
+            "{damaged:?}"
+        );
         let newer = dir.join("newer.db");
         {
             let db = Connection::open(&newer).unwrap();
@@ -536,6 +579,27 @@ mod tests {
                 .unwrap()["eth0"],
             [c(5, 1), c(7, 1)]
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A database that cannot be written is said to be read-only (not
+    /// damaged: it is left as it is), with SQLite's error as its source.
+    #[test]
+    fn a_read_only_database_is_not_damaged() {
+        use std::error::Error as _;
+        let dir = std::env::temp_dir().join(format!("ntm-store-ro-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ro.db");
+        drop(Store::open(&path).unwrap());
+        // Root ignores file modes: a read-only connection stands for them.
+        let db = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        let e = Store::prepare(db, path.display().to_string())
+            .err()
+            .unwrap();
+        assert!(matches!(e, StoreError::ReadOnly { .. }), "{e:?}");
+        assert!(!e.is_damaged());
+        let cause = e.source().unwrap().to_string();
+        assert_eq!(e.to_string().matches(&cause).count(), 1, "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
