@@ -22,7 +22,7 @@ use std::{
     collections::HashMap,
     fs::File,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard, mpsc},
+    sync::{Arc, Mutex, mpsc},
     thread::JoinHandle,
     time::{Duration, SystemTime},
 };
@@ -33,7 +33,10 @@ use self::{
     periods::{Period, period_start},
     store::{Store, StoreError},
 };
-use crate::{health::self_metrics::HistoryMetrics, model::subjects::Subject};
+use crate::{
+    health::self_metrics::HistoryMetrics,
+    model::{subjects::Subject, sync::lock},
+};
 
 /// A bucket's width.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -185,10 +188,6 @@ pub struct HistoryReader {
     committed: Arc<Mutex<HashMap<(Subject, Period), CommittedPeriod>>>,
     persistent: bool,
     period_start_day: u8,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Moves a damaged database (and its WAL) aside, so that nothing is
