@@ -212,7 +212,12 @@ fn ntm_filters(link: &Link) -> usize {
         .sum()
 }
 
-fn restart_then_detach(mode: &str) {
+/// Run once per attach mode (`CASES` in `main.rs`: tcx, clsact, xdp).
+pub fn counted_equals_sent_across_kill_and_sigterm_then_detach_leaves_nothing(mode: &str) {
+    if mode == "tcx" && !ntm_agent::kernel::attach::tcx_available() {
+        eprintln!("SKIPPED: this kernel has no TCX (Linux 6.6+)");
+        return;
+    }
     let bpffs = BpfFs::new(mode);
     let logs = TempDir::new(&format!("restart-{mode}"));
     let link = Link::new(&format!("rs{}", &mode[..2]));
@@ -358,22 +363,6 @@ fn wait_for_or<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option
         }
         thread::sleep(Duration::from_millis(200));
     }
-}
-
-pub fn counted_equals_sent_across_kill_and_sigterm_then_detach_leaves_nothing_tcx() {
-    if !ntm_agent::kernel::attach::tcx_available() {
-        eprintln!("SKIPPED: this kernel has no TCX (Linux 6.6+)");
-        return;
-    }
-    restart_then_detach("tcx");
-}
-
-pub fn counted_equals_sent_across_kill_and_sigterm_then_detach_leaves_nothing_clsact() {
-    restart_then_detach("clsact");
-}
-
-pub fn counted_equals_sent_across_kill_and_sigterm_then_detach_leaves_nothing_xdp() {
-    restart_then_detach("xdp");
 }
 
 /// An upgrade from a build of another layout (simulated by renaming the
