@@ -28,7 +28,7 @@ use ntm_agent::{
     },
     outputs::series::TrafficSeries,
 };
-use ntm_common::{Counters, FlowKey, family};
+use ntm_common::{Counters, test_util::KeyBuilder};
 
 const SERIES_ENV: &str = "NTM_BENCH_SERIES";
 
@@ -72,17 +72,11 @@ fn scrape_child(n: usize) {
     let mut pipeline = Pipeline::new(config.pipeline(), services).expect("pipeline");
     let flows = (0..n as u32)
         .map(|i| {
-            let mut key = FlowKey {
-                family: family::IPV4,
-                proto: 6,
-                port: 443,
-                ifindex: 1,
-                ..Default::default()
-            };
-            key.src[..4].copy_from_slice(&(0x0a00_0000 | i).to_be_bytes());
-            key.dst[..4].copy_from_slice(&[93, 184, 216, 34]);
             (
-                key,
+                KeyBuilder::v4(0x0a00_0000 | i, [93, 184, 216, 34])
+                    .tcp(443)
+                    .ifindex(1)
+                    .build(),
                 Counters {
                     bytes: 1500,
                     packets: 1,

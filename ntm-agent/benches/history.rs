@@ -29,7 +29,7 @@ use ntm_agent::{
         sink::{LabelledDrain, LabelledFlow, Sink},
     },
 };
-use ntm_common::{Counters, FlowKey, family};
+use ntm_common::{Counters, test_util::KeyBuilder};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -50,17 +50,11 @@ fn time(runs: usize, mut f: impl FnMut() -> usize) -> Duration {
 fn drained(n: u32) -> Drained {
     let flows = (0..n)
         .map(|i| {
-            let mut key = FlowKey {
-                family: family::IPV4,
-                proto: 6,
-                port: 443,
-                ifindex: 1,
-                ..Default::default()
-            };
-            key.src[..4].copy_from_slice(&(0x0a00_0000 | i).to_be_bytes());
-            key.dst[..4].copy_from_slice(&[93, 184, 216, (i % 64) as u8]);
             (
-                key,
+                KeyBuilder::v4(0x0a00_0000 | i, [93, 184, 216, (i % 64) as u8])
+                    .tcp(443)
+                    .ifindex(1)
+                    .build(),
                 Counters {
                     bytes: 1500,
                     packets: 1,

@@ -9,14 +9,14 @@ mod kit;
 
 use std::{
     net::UdpSocket,
-    process::{Child, Stdio},
+    process::Child,
     sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use kit::{
-    A4, BpfFs, Link, agent_in,
+    A4, Agent, BpfFs, Link,
     scrape::{http_get, sample_sum},
 };
 
@@ -29,14 +29,12 @@ const PORT: u16 = 7300;
 /// /healthz (every interface attached, counting).
 fn start(link: &Link, bpffs: &BpfFs, port: u16, extra: &[&str]) -> (Child, Duration) {
     let started = Instant::now();
-    let child = agent_in(&link.a, false)
-        .args(["-i", &link.a_if, "-p", &port.to_string()])
+    let child = Agent::in_ns(&link.a)
+        .iface(&link.a_if)
+        .port_any_address(port)
         .args(["--pin-dir", &bpffs.pin_dir()])
         .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("agent");
+        .spawn_child();
     while http_get(&link.a, port, "/healthz").is_none_or(|(status, _)| status != 200) {
         assert!(
             started.elapsed() < Duration::from_secs(30),

@@ -9,6 +9,8 @@
 pub mod observe;
 pub mod programs;
 pub mod service_port;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
 
 /// Names of the maps in the eBPF object, shared so that a rename on one side
 /// is a compile error on the other rather than a load failure. (Programs are
@@ -547,14 +549,10 @@ mod tests {
     fn cache_index_is_in_range_and_spreads_keys() {
         let mut used = [false; FLOW_CACHE_SLOTS as usize];
         for i in 0..1000u32 {
-            let mut k = FlowKey {
-                family: family::IPV4,
-                proto: 6,
-                port: 443,
-                ifindex: 2,
-                ..Default::default()
-            };
-            k.src[..4].copy_from_slice(&(0xC612_0000 | i).to_be_bytes());
+            let k = test_util::KeyBuilder::v4(0xC612_0000 | i, 0)
+                .tcp(443)
+                .ifindex(2)
+                .build();
             let index = cache_index(&k.words());
             assert!(index < FLOW_CACHE_SLOTS);
             used[index as usize] = true;

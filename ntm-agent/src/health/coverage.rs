@@ -178,7 +178,7 @@ fn share(counted: u64, kernel: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ntm_common::{Counters, FlowKey};
+    use ntm_common::{Counters, test_util::KeyBuilder};
     use prometheus::Opts;
 
     fn coverage() -> Coverage {
@@ -204,11 +204,7 @@ mod tests {
     fn drained(ingress: u64, egress: u64, stats: LinkStats) -> Drained {
         let flow = |direction: Direction, packets| {
             (
-                FlowKey {
-                    ifindex: 2,
-                    direction: direction as u8,
-                    ..Default::default()
-                },
+                KeyBuilder::new().ifindex(2).direction(direction).build(),
                 Counters {
                     bytes: packets * 86,
                     packets,

@@ -685,12 +685,10 @@ impl OutsideSlotsBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ntm_common::test_util::KeyBuilder;
 
     fn key(port: u16) -> FlowKey {
-        FlowKey {
-            port,
-            ..Default::default()
-        }
+        KeyBuilder::new().port(port).build()
     }
 
     fn c(bytes: u64, packets: u64) -> Counters {

@@ -164,6 +164,7 @@ impl Labeller {
 mod tests {
     use super::*;
     use crate::model::net::{Cidr, DEFAULT_LOCAL_NETS};
+    use ntm_common::test_util::KeyBuilder;
 
     fn local() -> LocalNets {
         LocalNets(
@@ -175,15 +176,7 @@ mod tests {
     }
 
     fn v4(src: [u8; 4], dst: [u8; 4], proto: u8, port: u16) -> FlowKey {
-        let mut k = FlowKey {
-            family: family::IPV4,
-            proto,
-            port,
-            ..Default::default()
-        };
-        k.src[..4].copy_from_slice(&src);
-        k.dst[..4].copy_from_slice(&dst);
-        k
+        KeyBuilder::v4(src, dst).proto(proto).port(port).build()
     }
 
     #[test]
@@ -215,11 +208,7 @@ mod tests {
             l.direction(&v4(lan, [224, 0, 0, 251], 17, 5353)),
             "internal"
         );
-        let arp = FlowKey {
-            family: family::NON_IP,
-            port: 0x0806,
-            ..Default::default()
-        };
+        let arp = KeyBuilder::non_ip(0x0806).build();
         assert_eq!(l.direction(&arp), "");
     }
 
@@ -238,16 +227,18 @@ mod tests {
         assert_eq!(service_name(&v4(lan, wan, 1, 8), &s), "echo-request");
         assert_eq!(service_name(&v4(lan, wan, 1, 42), &s), "42");
         assert_eq!(service_name(&v4(lan, wan, 1, 0), &s), "echo-reply");
-        let mut later_fragment = v4(lan, wan, 1, 0);
-        later_fragment.flags = key_flags::L4_MISSING;
+        let later_fragment = KeyBuilder::v4(lan, wan).icmp(0).l4_missing().build();
         assert_eq!(service_name(&later_fragment, &s), "", "not an echo reply");
         assert_eq!(
             service_name(&v4(lan, wan, 47, 0), &s),
             "",
             "GRE has no ports"
         );
-        let mut icmp6 = v4(lan, wan, ipproto::ICMPV6, 135);
-        icmp6.family = family::IPV6;
+        // (IPv4 addresses in an IPv6 key: the addresses play no part.)
+        let icmp6 = KeyBuilder::v4(lan, wan)
+            .icmpv6(135)
+            .family(family::IPV6)
+            .build();
         assert_eq!(service_name(&icmp6, &s), "neighbor-solicitation");
     }
 
@@ -258,17 +249,9 @@ mod tests {
         assert_eq!(proto_name(&k(58)), "icmp6");
         assert_eq!(proto_name(&k(47)), "gre");
         assert_eq!(proto_name(&k(253)), "253");
-        let arp = FlowKey {
-            family: family::NON_IP,
-            port: 0x0806,
-            ..Default::default()
-        };
+        let arp = KeyBuilder::non_ip(0x0806).build();
         assert_eq!(proto_name(&arp), "arp");
-        let odd = FlowKey {
-            family: family::NON_IP,
-            port: 0x1234,
-            ..Default::default()
-        };
+        let odd = KeyBuilder::non_ip(0x1234).build();
         assert_eq!(proto_name(&odd), "ethertype-0x1234");
     }
 

@@ -78,12 +78,10 @@ impl PendingFlows {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ntm_common::test_util::KeyBuilder;
 
     fn key(port: u16) -> FlowKey {
-        FlowKey {
-            port,
-            ..Default::default()
-        }
+        KeyBuilder::new().port(port).build()
     }
 
     #[test]

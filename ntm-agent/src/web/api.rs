@@ -569,7 +569,7 @@ impl Api {
 mod tests {
     use super::*;
     use crate::model::net::{Cidr, LocalNets};
-    use ntm_common::{Counters, Direction, FlowKey, family};
+    use ntm_common::{Counters, Direction, test_util::KeyBuilder};
     use std::time::Duration;
 
     fn api() -> Api {
@@ -579,20 +579,11 @@ mod tests {
             Duration::from_secs(1),
             now,
         );
-        let mut key = FlowKey {
-            src: [0; 16],
-            dst: [0; 16],
-            ifindex: 2,
-            vlan_id: 0,
-            port: 443,
-            family: family::IPV4,
-            proto: 6,
-            direction: Direction::Ingress as u8,
-            flags: 0,
-            _pad: [0; 4],
-        };
-        key.src[..4].copy_from_slice(&[93, 184, 216, 34]);
-        key.dst[..4].copy_from_slice(&[192, 168, 1, 20]);
+        let key = KeyBuilder::v4([93, 184, 216, 34], [192, 168, 1, 20])
+            .tcp(443)
+            .ifindex(2)
+            .direction(Direction::Ingress)
+            .build();
         let hostile = "<img src=x onerror=alert(1)>\"\\";
         live.add_flow(
             &key,

@@ -2,13 +2,13 @@
 //! per device, server, service and interface, totals equal what was sent
 //! and what `/metrics` says, and bad queries get a JSON error.
 
-use std::{net::UdpSocket, process::Stdio, time::Duration};
+use std::{net::UdpSocket, time::Duration};
 
 use serde_json::Value;
 
 use crate::kit::{
-    A4, B4, Link,
-    scrape::{Guard, TempDir, http_get, sample_sum, wait_for, wait_healthy},
+    A4, Agent, B4, Link,
+    scrape::{TempDir, http_get, sample_sum, wait_for, wait_healthy},
 };
 
 const PORT: u16 = 9430;
@@ -40,18 +40,15 @@ pub fn the_api_shows_devices_servers_services_and_interfaces_exactly() {
     let dir = TempDir::new("api");
     let hosts = dir.0.join("hosts");
     std::fs::write(&hosts, "198.18.0.2 laptop\n198.18.0.1 nas\n").unwrap();
-    let _agent = Guard(
-        crate::kit::agent_in(&link.a, true)
-            .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", &PORT.to_string()])
-            .args(["--local-net", "198.18.0.2/32", "--drain-interval", "200ms"])
-            .args(["--name-wait", "200ms", "--no-pin"])
-            .arg("--hosts-file")
-            .arg(&hosts)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _agent = Agent::in_ns(&link.a)
+        .names(true)
+        .iface(&link.a_if)
+        .port(PORT)
+        .args(["--local-net", "198.18.0.2/32", "--drain-interval", "200ms"])
+        .args(["--name-wait", "200ms", "--no-pin"])
+        .arg("--hosts-file")
+        .arg(&hosts)
+        .spawn();
     wait_healthy(&link.a, PORT);
 
     let sink_a = link.a.run(|| UdpSocket::bind((A4, 5300)).unwrap());

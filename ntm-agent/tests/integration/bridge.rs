@@ -4,14 +4,13 @@
 
 use std::{
     net::UdpSocket,
-    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
 
 use crate::kit::{
-    Netns,
-    scrape::{Guard, http_get, sample_sum, wait_for},
+    Agent, Netns,
+    scrape::{http_get, sample_sum, wait_for},
     sh,
 };
 use ntm_agent::kernel::{attach::Hooks, drain::Drained};
@@ -247,23 +246,12 @@ pub fn interfaces_absent_at_start_and_recreated_are_followed() {
             thread::sleep(Duration::from_millis(50));
         }
     };
-    let _agent = Guard(
-        crate::kit::agent_in(&a, false)
-            .args([
-                "-i",
-                "wgx0",
-                "--wait-for-interfaces",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                "9900",
-            ])
-            .args(["--drain-interval", "100ms"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _agent = Agent::in_ns(&a)
+        .iface("wgx0")
+        .arg("--wait-for-interfaces")
+        .port(9900)
+        .args(["--drain-interval", "100ms"])
+        .spawn();
     // Up, but the interface is not there: not healthy.
     let (status, body) = wait_for("the agent", Duration::from_secs(30), || {
         http_get(&a, 9900, "/healthz")

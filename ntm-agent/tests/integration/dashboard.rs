@@ -6,8 +6,8 @@
 use std::{collections::HashSet, net::UdpSocket, time::Duration};
 
 use crate::kit::{
-    A4, Link, Netns,
-    scrape::{Guard, http_get, start_prometheus, wait_for},
+    A4, Agent, Link, Netns,
+    scrape::{http_get, start_prometheus, wait_for},
 };
 use serde_json::Value;
 
@@ -118,15 +118,11 @@ fn query(ns: &Netns, port: u16, q: &str) -> Result<usize, String> {
 
 pub fn every_panel_query_returns_data_from_a_real_prometheus() {
     let link = Link::new("dash");
-    let _agent = Guard(
-        crate::kit::agent_in(&link.a, false)
-            .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", "9800"])
-            .args(["--local-net", "198.18.0.1/32", "--drain-interval", "200ms"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _agent = Agent::in_ns(&link.a)
+        .iface(&link.a_if)
+        .port(9800)
+        .args(["--local-net", "198.18.0.1/32", "--drain-interval", "200ms"])
+        .spawn();
     wait_for("the agent", Duration::from_secs(30), || {
         http_get(&link.a, 9800, "/healthz").filter(|(s, _)| *s == 200)
     });

@@ -4,7 +4,7 @@
 use std::process::Stdio;
 
 use crate::kit::{
-    Link,
+    Agent, Link,
     scrape::{Guard, TempDir, udp_counted_exactly, wait_healthy},
 };
 
@@ -131,14 +131,7 @@ pub fn alert_rules_pass_promtool_and_name_real_metrics() {
         .collect();
     assert!(named.len() >= 4, "{named:?}");
     let link = Link::new("rules");
-    let _agent = Guard(
-        crate::kit::agent_in(&link.a, false)
-            .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", "9470"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _agent = Agent::in_ns(&link.a).iface(&link.a_if).port(9470).spawn();
     wait_healthy(&link.a, 9470);
     let (_, text) = crate::kit::scrape::http_get(&link.a, 9470, "/metrics").unwrap();
     for metric in named {

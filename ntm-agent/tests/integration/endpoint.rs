@@ -4,28 +4,19 @@
 //! that no client can use to flood the log or to hold connections open.
 
 use std::{
-    fs::File,
     io::{Read, Write},
     net::TcpStream,
-    process::Stdio,
     time::{Duration, Instant},
 };
 
 use crate::kit::{
-    Link, Netns,
+    Agent, Link, Netns,
     scrape::{Guard, TempDir, http_get, plain_value, wait_healthy},
 };
 
 /// The agent in `ns` on 127.0.0.1:`port`, its log written to `log`.
 fn spawn_logged(ns: &Netns, port: u16, args: &[&str], log: &std::path::Path) -> Guard {
-    let log = File::create(log).unwrap();
-    let port = port.to_string();
-    let mut cmd = crate::kit::agent_in(ns, false);
-    cmd.args(["-b", "127.0.0.1", "-p", &port])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(log);
-    Guard(cmd.spawn().unwrap())
+    Agent::in_ns(ns).port(port).args(args).log_to(log).spawn()
 }
 
 /// The `ntm_interface_attached` lines of a scrape, sorted.
@@ -105,11 +96,10 @@ pub fn user_errors_are_one_line_without_a_backtrace() {
         (&["-i", "lo", "tcp prot 80"], "bad filter expression"),
     ];
     for (args, says) in cases {
-        let out = crate::kit::agent_in(&ns, false)
+        let out = Agent::in_ns(&ns)
             .args(args)
             .env("RUST_BACKTRACE", "1")
-            .output()
-            .unwrap();
+            .output();
         let err = String::from_utf8_lossy(&out.stderr);
         // Log lines (timestamped, bracketed) may come first. A value that
         // does not parse is clap's usage error (exit 2: the message, then

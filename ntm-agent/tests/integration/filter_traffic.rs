@@ -4,12 +4,12 @@
 //! tcpdump sees them; SIGHUP swaps the filter without losing a packet; bad
 //! filters fail before anything is attached.
 
-use std::{net::UdpSocket, process::Stdio, time::Duration};
+use std::{net::UdpSocket, time::Duration};
 
 use crate::kit::{
-    Link, Netns,
+    Agent, Link, Netns,
     frames::*,
-    scrape::{Guard, TempDir, http_get, sample_sum, wait_for, wait_healthy},
+    scrape::{TempDir, http_get, sample_sum, wait_for, wait_healthy},
     send_raw,
 };
 use clap::Parser as _;
@@ -64,17 +64,6 @@ fn send_udp(link: &Link, src: &str, dst: &str, port: u16, count: usize, payload:
     drop(sink);
 }
 
-fn spawn_agent(ns: &Netns, args: &[&str]) -> Guard {
-    Guard(
-        crate::kit::agent_in(ns, false)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
 fn metrics(ns: &Netns, port: u16) -> String {
     http_get(ns, port, "/metrics").expect("metrics").1
 }
@@ -83,20 +72,12 @@ pub fn only_matching_traffic_is_counted_and_the_rest_is_filtered_exactly() {
     let link = Link::new("flt");
     add_subnets(&link);
     let port = 9481;
-    let _agent = spawn_agent(
-        &link.a,
-        &[
-            "-i",
-            &link.a_if,
-            "-p",
-            &port.to_string(),
-            "--drain-interval",
-            "100ms",
-            "src",
-            "net",
-            "198.18.1.0/24",
-        ],
-    );
+    let _agent = Agent::in_ns(&link.a)
+        .iface(&link.a_if)
+        .port_any_address(port)
+        .args(["--drain-interval", "100ms"])
+        .args(["src", "net", "198.18.1.0/24"])
+        .spawn();
     wait_healthy(&link.a, port);
     send_udp(&link, "198.18.1.2", "198.18.1.1", 5001, 40, 100);
     send_udp(&link, "198.18.2.2", "198.18.2.1", 5001, 25, 300);
@@ -152,19 +133,11 @@ pub fn sighup_swaps_the_filter_from_its_file_without_losing_a_packet() {
     let file = dir.0.join("filter");
     std::fs::write(&file, "# first\nudp dst port 5001\n").unwrap();
     let port = 9482;
-    let agent = spawn_agent(
-        &link.a,
-        &[
-            "-i",
-            &link.a_if,
-            "-p",
-            &port.to_string(),
-            "--drain-interval",
-            "100ms",
-            "-F",
-            file.to_str().unwrap(),
-        ],
-    );
+    let agent = Agent::in_ns(&link.a)
+        .iface(&link.a_if)
+        .port_any_address(port)
+        .args(["--drain-interval", "100ms", "-F", file.to_str().unwrap()])
+        .spawn();
     wait_healthy(&link.a, port);
     let pid = agent.0.id() as i32;
     let sinks = link.a.run(|| {
@@ -338,11 +311,11 @@ pub fn vlan_tags_in_skb_metadata_look_to_the_filter_as_they_do_to_tcpdump() {
 pub fn bad_filters_fail_before_anything_is_attached() {
     let link = Link::new("fbad");
     let run = |args: &[&str]| {
-        let out = crate::kit::agent_in(&link.a, false)
-            .args(["-i", &link.a_if, "-p", "9483"])
+        let out = Agent::in_ns(&link.a)
+            .iface(&link.a_if)
+            .port_any_address(9483)
             .args(args)
-            .output()
-            .unwrap();
+            .output();
         assert!(!out.status.success(), "{args:?} should fail");
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(!err.contains("panicked"), "{err}");
@@ -375,18 +348,11 @@ pub fn bad_filters_fail_before_anything_is_attached() {
     link.a
         .exec(&["ip", "tuntap", "add", "dev", "ntmtun0", "mode", "tun"]);
     link.a.exec(&["ip", "link", "set", "ntmtun0", "up"]);
-    let out = crate::kit::agent_in(&link.a, false)
-        .args([
-            "-i",
-            "ntmtun0",
-            "-p",
-            "9484",
-            "ether",
-            "host",
-            "02:00:00:00:00:01",
-        ])
-        .output()
-        .unwrap();
+    let out = Agent::in_ns(&link.a)
+        .iface("ntmtun0")
+        .port_any_address(9484)
+        .args(["ether", "host", "02:00:00:00:00:01"])
+        .output();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("raw IP"), "{err}");

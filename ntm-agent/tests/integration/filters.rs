@@ -454,18 +454,17 @@ fn differential(h: &mut Harness, program: Program, frames: &[Vec<u8>]) -> usize 
     pairs
 }
 
-pub fn kernel_verdicts_equal_libpcaps_on_ethernet_frames_at_tc() {
+/// Run once per hook (`CASES` in `main.rs`: at_tc, at_xdp), each with
+/// frames of its own seed.
+pub fn kernel_verdicts_equal_libpcaps_on_ethernet_frames(hook: &str) {
+    let (program, seed) = match hook {
+        "at_tc" => (Program::TcEthernet, 0x5eed_0001),
+        "at_xdp" => (Program::Xdp, 0x5eed_0002),
+        _ => panic!("no hook {hook}"),
+    };
     let mut h = Harness::new();
-    let frames = ethernet_frames(&mut Rng(0x5eed_0001));
-    let pairs = differential(&mut h, Program::TcEthernet, &frames);
-    assert!(pairs > 10_000, "only {pairs} pairs");
-    eprintln!("{pairs} (filter, frame) pairs agree");
-}
-
-pub fn kernel_verdicts_equal_libpcaps_on_ethernet_frames_at_xdp() {
-    let mut h = Harness::new();
-    let frames = ethernet_frames(&mut Rng(0x5eed_0002));
-    let pairs = differential(&mut h, Program::Xdp, &frames);
+    let frames = ethernet_frames(&mut Rng(seed));
+    let pairs = differential(&mut h, program, &frames);
     assert!(pairs > 10_000, "only {pairs} pairs");
     eprintln!("{pairs} (filter, frame) pairs agree");
 }

@@ -13,7 +13,9 @@ use ntm_agent::{
     },
     pipeline::services::ServiceRegistry,
 };
-use ntm_common::{Counters, Direction, FlowKey, OutsideReason, family, key_flags};
+use ntm_common::{
+    Counters, Direction, FlowKey, OutsideReason, family, ipproto, test_util::KeyBuilder,
+};
 
 struct Harness {
     datapath: Datapath,
@@ -95,29 +97,15 @@ fn only_outside(d: &Drained, reason: OutsideReason, bytes: u64) {
     }
 }
 
-fn v4_key(proto: u8, port: u16) -> FlowKey {
-    let mut k = FlowKey {
-        family: family::IPV4,
-        proto,
-        port,
-        ifindex: 1,
-        ..Default::default()
-    };
-    k.src[..4].copy_from_slice(&SRC4);
-    k.dst[..4].copy_from_slice(&DST4);
-    k
+/// The key of a crafted IPv4 frame (from [`SRC4`] to [`DST4`]) as a test
+/// run counts it: on the loopback interface, ingress.
+fn v4() -> KeyBuilder {
+    KeyBuilder::v4(SRC4, DST4).ifindex(1)
 }
 
-fn v6_key(proto: u8, port: u16) -> FlowKey {
-    FlowKey {
-        family: family::IPV6,
-        proto,
-        port,
-        ifindex: 1,
-        src: SRC6,
-        dst: DST6,
-        ..Default::default()
-    }
+/// The same for IPv6 ([`SRC6`] to [`DST6`]).
+fn v6() -> KeyBuilder {
+    KeyBuilder::v6(SRC6, DST6).ifindex(1)
 }
 
 fn counted(bytes: u64) -> Counters {
@@ -128,7 +116,7 @@ pub fn ipv4_udp_to_a_known_port_in_both_directions() {
     let mut h = Harness::new();
     let frame = eth(ETH_IPV4, &[], &ipv4(17, &[], 0, &udp(40_000, 53, &[7; 10])));
     let (key, c) = only_flow(&h.ingress(&frame));
-    assert_eq!(key, v4_key(17, 53));
+    assert_eq!(key, v4().udp(53).build());
     assert_eq!(c, counted(20 + 8 + 10));
 
     // The reply: same service port; the egress hook says so in the key.
@@ -147,7 +135,7 @@ pub fn repeated_frames_are_counted_exactly() {
         &ipv4(6, &[], 0, &tcp(51_000, 443, &[], &[1; 100])),
     );
     let (key, c) = only_flow(&h.run(TC_INGRESS_ETH, &frame, 0, 10_000));
-    assert_eq!(key, v4_key(6, 443));
+    assert_eq!(key, v4().tcp(443).build());
     assert_eq!(
         c,
         Counters {
@@ -161,13 +149,7 @@ pub fn single_and_double_vlan_tags_in_the_frame() {
     let mut h = Harness::new();
     let ip = ipv4(17, &[], 0, &udp(40_000, 53, &[0; 4]));
     let (key, c) = only_flow(&h.ingress(&eth(ETH_IPV4, &[(TPID_8021Q, 100)], &ip)));
-    assert_eq!(
-        key,
-        FlowKey {
-            vlan_id: 100,
-            ..v4_key(17, 53)
-        }
-    );
+    assert_eq!(key, v4().udp(53).vlan(100).build());
     assert_eq!(c, counted(32));
 
     // QinQ: the outer (service) tag is the one kept; priority bits ignored.
@@ -200,7 +182,7 @@ pub fn ipv4_options_and_fragments() {
         &ipv4(6, &opts, 0, &tcp(51_000, 443, &[], &[0; 8])),
     );
     let (key, c) = only_flow(&h.ingress(&frame));
-    assert_eq!(key, v4_key(6, 443));
+    assert_eq!(key, v4().tcp(443).build());
     assert_eq!(c, counted(32 + 20 + 8));
 
     // First fragment (MF set, offset 0): ports read.
@@ -210,7 +192,7 @@ pub fn ipv4_options_and_fragments() {
         &ipv4(17, &[], 0x2000, &udp(40_000, 53, &[0; 24])),
     );
     let (key, c) = only_flow(&h.ingress(&first));
-    assert_eq!(key, v4_key(17, 53));
+    assert_eq!(key, v4().udp(53).build());
     assert_eq!(c, counted(20 + 32));
 
     // A later fragment of that datagram (same addresses, protocol and
@@ -218,7 +200,7 @@ pub fn ipv4_options_and_fragments() {
     // first fragment's port, so the datagram stays in one series.
     let later = eth(ETH_IPV4, &[], &ipv4(17, &[], 4, &[0xAA; 40]));
     let (key, c) = only_flow(&h.ingress(&later));
-    assert_eq!(key, v4_key(17, 53));
+    assert_eq!(key, v4().udp(53).build());
     assert_eq!(c, counted(60));
 
     // A later fragment of a datagram whose first fragment was not seen
@@ -226,13 +208,7 @@ pub fn ipv4_options_and_fragments() {
     let mut stray = later.clone();
     stray[18..20].copy_from_slice(&[0x56, 0x78]);
     let (key, c) = only_flow(&h.ingress(&stray));
-    assert_eq!(
-        key,
-        FlowKey {
-            flags: key_flags::L4_MISSING,
-            ..v4_key(17, 0)
-        }
-    );
+    assert_eq!(key, v4().udp(0).l4_missing().build());
     assert_eq!(c, counted(60));
 }
 
@@ -245,7 +221,7 @@ pub fn ipv6_extension_header_chains() {
     payload.extend(udp(40_000, 53, &[0; 20]));
     let frame = eth(ETH_IPV6, &[], &ipv6(0, &payload));
     let (key, c) = only_flow(&h.ingress(&frame));
-    assert_eq!(key, v6_key(17, 53));
+    assert_eq!(key, v6().udp(53).build());
     assert_eq!(c, counted(40 + payload.len() as u64));
 
     // Routing header, then AH, then TCP.
@@ -253,26 +229,20 @@ pub fn ipv6_extension_header_chains() {
     payload.extend(ext_ah(6, 3));
     payload.extend(tcp(51_000, 443, &[], &[]));
     let (key, _) = only_flow(&h.ingress(&eth(ETH_IPV6, &[], &ipv6(43, &payload))));
-    assert_eq!(key, v6_key(6, 443));
+    assert_eq!(key, v6().tcp(443).build());
 
     // A later fragment of the first chain's datagram (identification 1):
     // the first fragment's port.
     let mut payload = ext_fragment(17, 100, false);
     payload.extend([0u8; 48]);
     let (key, c) = only_flow(&h.ingress(&eth(ETH_IPV6, &[], &ipv6(44, &payload))));
-    assert_eq!(key, v6_key(17, 53));
+    assert_eq!(key, v6().udp(53).build());
     assert_eq!(c, counted(40 + 56));
 
     // A later fragment of an unseen datagram: protocol known, no port.
     payload[4..8].copy_from_slice(&[0, 0, 0, 9]);
     let (key, c) = only_flow(&h.ingress(&eth(ETH_IPV6, &[], &ipv6(44, &payload))));
-    assert_eq!(
-        key,
-        FlowKey {
-            flags: key_flags::L4_MISSING,
-            ..v6_key(17, 0)
-        }
-    );
+    assert_eq!(key, v6().udp(0).l4_missing().build());
     assert_eq!(c, counted(40 + 56));
 
     // Seven destination-options headers: longer than the parser follows.
@@ -303,12 +273,12 @@ pub fn icmp_and_icmpv6_message_types() {
     let mut h = Harness::new();
     let echo = eth(ETH_IPV4, &[], &ipv4(1, &[], 0, &icmp(8, 0, &[0; 56])));
     let (key, c) = only_flow(&h.ingress(&echo));
-    assert_eq!(key, v4_key(1, 8));
+    assert_eq!(key, v4().icmp(8).build());
     assert_eq!(c, counted(84));
 
     let echo6 = eth(ETH_IPV6, &[], &ipv6(58, &icmp(128, 0, &[0; 56])));
     let (key, c) = only_flow(&h.ingress(&echo6));
-    assert_eq!(key, v6_key(58, 128));
+    assert_eq!(key, v6().icmpv6(128).build());
     assert_eq!(c, counted(104));
 }
 
@@ -316,16 +286,7 @@ pub fn non_ip_frames_are_counted_by_ethertype() {
     let mut h = Harness::new();
     let arp = eth(ETH_ARP, &[(TPID_8021Q, 7)], &arp_request());
     let (key, c) = only_flow(&h.ingress(&arp));
-    assert_eq!(
-        key,
-        FlowKey {
-            family: family::NON_IP,
-            port: ETH_ARP,
-            vlan_id: 7,
-            ifindex: 1,
-            ..Default::default()
-        }
-    );
+    assert_eq!(key, KeyBuilder::non_ip(ETH_ARP).vlan(7).ifindex(1).build());
     // Everything after the link-layer header (18 bytes with the tag).
     assert_eq!(c, counted(28));
 
@@ -388,13 +349,7 @@ pub fn malformed_frames_are_counted_by_reason_not_lost() {
     // A TCP header cut short still counts as IP traffic, without a port.
     let frame = eth(ETH_IPV4, &[], &ipv4(6, &[], 0, &[0xC3, 0x50, 0x01]));
     let (key, c) = only_flow(&h.ingress(&frame));
-    assert_eq!(
-        key,
-        FlowKey {
-            flags: key_flags::L4_MISSING,
-            ..v4_key(6, 0)
-        }
-    );
+    assert_eq!(key, v4().tcp(0).l4_missing().build());
     assert_eq!(c, counted(23));
 }
 
@@ -523,18 +478,18 @@ pub fn sctp_udplite_and_portless_protocols() {
     sctp.truncate(12);
     sctp.extend([0u8; 16]);
     let (key, c) = only_flow(&h.ingress(&eth(ETH_IPV4, &[], &ipv4(132, &[], 0, &sctp))));
-    assert_eq!(key, v4_key(132, 2905));
+    assert_eq!(key, v4().proto(ipproto::SCTP).port(2905).build());
     assert_eq!(c, counted(20 + 28));
 
     // UDP-Lite shares UDP's header and UDP's service names.
     let frame = eth(ETH_IPV6, &[], &ipv6(136, &udp(40_000, 5060, &[0; 10])));
     let (key, _) = only_flow(&h.ingress(&frame));
-    assert_eq!(key, v6_key(136, 5060));
+    assert_eq!(key, v6().proto(ipproto::UDPLITE).port(5060).build());
 
     // GRE (47) has no ports: counted by protocol number, port 0, no flag.
     let frame = eth(ETH_IPV4, &[], &ipv4(47, &[], 0, &[0; 24]));
     let (key, c) = only_flow(&h.ingress(&frame));
-    assert_eq!(key, v4_key(47, 0));
+    assert_eq!(key, v4().proto(47).build());
     assert_eq!(c, counted(44));
 }
 

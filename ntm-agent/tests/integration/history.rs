@@ -2,33 +2,26 @@
 //! `kill -9` (once committed) exactly; the tiers agree; a damaged, newer
 //! or read-only database keeps the agent counting.
 
-use std::{
-    net::UdpSocket,
-    path::Path,
-    process::{Child, Stdio},
-    time::Duration,
-};
+use std::{net::UdpSocket, path::Path, time::Duration};
 
 use serde_json::Value;
 
 use crate::kit::{
-    A4, B4, Link,
+    A4, Agent, B4, Link,
     scrape::{Guard, TempDir, http_get, plain_value, sample_sum, wait_for, wait_healthy},
 };
 
 const PORT: u16 = 9450;
 
-fn start(link: &Link, state: &Path) -> Child {
-    crate::kit::agent_in(&link.a, false)
-        .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", &PORT.to_string()])
+fn start(link: &Link, state: &Path) -> Guard {
+    Agent::in_ns(&link.a)
+        .iface(&link.a_if)
+        .port(PORT)
         .args(["--local-net", "198.18.0.2/32", "--drain-interval", "200ms"])
         .args(["--no-pin", "--history-commit-interval", "1s"])
         .arg("--state-dir")
         .arg(state)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .spawn()
-        .unwrap()
 }
 
 /// `count` datagrams of 100 bytes from the device (198.18.0.2) to the
@@ -107,7 +100,7 @@ pub fn totals_survive_a_restart_and_a_kill_9() {
     let state = TempDir::new("hist");
 
     // First run, stopped with SIGTERM: everything is committed at the stop.
-    let mut agent = Guard(start(&link, &state.0));
+    let mut agent = start(&link, &state.0);
     wait_healthy(&link.a, PORT);
     let first = upload(&link, 300);
     wait_for("the first upload, live", Duration::from_secs(20), || {
@@ -123,7 +116,7 @@ pub fn totals_survive_a_restart_and_a_kill_9() {
     assert!(state.0.join("history.db").exists());
 
     // Second run: the history has the first run's totals, exactly.
-    let mut agent = Guard(start(&link, &state.0));
+    let mut agent = start(&link, &state.0);
     wait_healthy(&link.a, PORT);
     assert_eq!(history_upload(&link, 60), first);
     let second = upload(&link, 200);
@@ -140,7 +133,7 @@ pub fn totals_survive_a_restart_and_a_kill_9() {
 
     // Third run, after a kill -9: what was committed is there, exactly, in
     // every tier (sums of minutes equal the hours they are in).
-    let _agent = Guard(start(&link, &state.0));
+    let _agent = start(&link, &state.0);
     wait_healthy(&link.a, PORT);
     let both = add(first, second);
     assert_eq!(history_upload(&link, 60), both);
@@ -206,7 +199,7 @@ pub fn a_damaged_newer_or_read_only_database_keeps_counting() {
 /// Starts an agent on `state`, checks that it counts the device's upload
 /// exactly and that `ntm_history_persistent` is `persistent`, stops it.
 fn check_counting(link: &Link, state: &Path, persistent: u64) {
-    let mut agent = Guard(start(link, state));
+    let mut agent = start(link, state);
     wait_healthy(&link.a, PORT);
     let sent = upload(link, 50);
     wait_for("the upload, live", Duration::from_secs(20), || {
@@ -239,20 +232,16 @@ fn check_counting(link: &Link, state: &Path, persistent: u64) {
 pub fn period_totals_and_a_quota_equal_what_was_sent() {
     let link = Link::new("period");
     let state = TempDir::new("period");
-    let _agent = Guard(
-        crate::kit::agent_in(&link.a, false)
-            .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", &PORT.to_string()])
-            .args(["--local-net", "198.18.0.2/32", "--drain-interval", "200ms"])
-            .args(["--no-pin", "--history-commit-interval", "1s"])
-            .args(["--period-start-day", "28"])
-            .arg(format!("--quota={}=100k/month", link.a_if))
-            .arg("--state-dir")
-            .arg(&state.0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _agent = Agent::in_ns(&link.a)
+        .iface(&link.a_if)
+        .port(PORT)
+        .args(["--local-net", "198.18.0.2/32", "--drain-interval", "200ms"])
+        .args(["--no-pin", "--history-commit-interval", "1s"])
+        .args(["--period-start-day", "28"])
+        .arg(format!("--quota={}=100k/month", link.a_if))
+        .arg("--state-dir")
+        .arg(&state.0)
+        .spawn();
     wait_healthy(&link.a, PORT);
     let sent = upload(&link, 150);
     let gauge = |text: &str, period: &str| {

@@ -67,8 +67,6 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: filter_traffic::sighup_swaps_the_filter_from_its_file_without_losing_a_packet,
     Root: filter_traffic::vlan_tags_in_skb_metadata_look_to_the_filter_as_they_do_to_tcpdump,
     Root: filter_traffic::bad_filters_fail_before_anything_is_attached,
-    Root: filters::kernel_verdicts_equal_libpcaps_on_ethernet_frames_at_tc,
-    Root: filters::kernel_verdicts_equal_libpcaps_on_ethernet_frames_at_xdp,
     Root: filters::kernel_verdicts_equal_libpcaps_on_raw_ip_frames,
     Root: filters::a_long_filter_loads_and_agrees_with_libpcap,
     Root: frames::ipv4_udp_to_a_known_port_in_both_directions,
@@ -104,9 +102,6 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: prometheus::exposition_labels_for_every_kind_of_traffic,
     Root: prometheus::series_budget_with_real_traffic_still_adds_up,
     Root: prometheus::idle_series_expire_from_the_endpoint,
-    Root: restart::counted_equals_sent_across_kill_and_sigterm_then_detach_leaves_nothing_tcx,
-    Root: restart::counted_equals_sent_across_kill_and_sigterm_then_detach_leaves_nothing_clsact,
-    Root: restart::counted_equals_sent_across_kill_and_sigterm_then_detach_leaves_nothing_xdp,
     Root: restart::another_layout_is_drained_and_replaced_and_a_full_table_counts_while_no_agent_runs,
     Root: restart::past_the_orphan_timeout_the_programs_stop_counting,
     Root: restart::detach_on_stop_leaves_nothing_after_sigterm,
@@ -125,6 +120,28 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: traffic::other_tc_programs_keep_running_and_their_verdicts_stand,
 ];
 
+/// `Needs: module::test[case, ...]` as (needs, "module::test", cases, test).
+macro_rules! cases {
+    ($($needs:ident: $module:ident :: $test:ident [$($case:ident),+ $(,)?]),* $(,)?) => {
+        &[$((
+            Needs::$needs,
+            concat!(stringify!($module), "::", stringify!($test)),
+            &[$(stringify!($case)),+],
+            $module::$test,
+        )),*]
+    };
+}
+
+/// A test run over cases: (needs, "module::test", cases, test).
+type Cases = (Needs, &'static str, &'static [&'static str], fn(&str));
+
+/// Every test that one body runs over a table of cases, with what it
+/// needs: each case is a test of its own, named `module::test_case`.
+const CASES: &[Cases] = cases![
+    Root: filters::kernel_verdicts_equal_libpcaps_on_ethernet_frames[at_tc, at_xdp],
+    Root: restart::counted_equals_sent_across_kill_and_sigterm_then_detach_leaves_nothing[tcx, clsact, xdp],
+];
+
 fn main() -> std::process::ExitCode {
     let arguments = Arguments::from_args();
     let root = match kit::root_tests_enabled() {
@@ -134,15 +151,23 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let trials = TESTS
-        .iter()
-        .map(|&(needs, name, test)| {
-            Trial::test(name, move || {
-                test();
+    let ignored = |needs| needs == Needs::Root && !root;
+    let single = TESTS.iter().map(|&(needs, name, test)| {
+        Trial::test(name, move || {
+            test();
+            Ok(())
+        })
+        .with_ignored_flag(ignored(needs))
+    });
+    let cases = CASES.iter().flat_map(|&(needs, name, cases, test)| {
+        cases.iter().map(move |&case| {
+            Trial::test(format!("{name}_{case}"), move || {
+                test(case);
                 Ok(())
             })
-            .with_ignored_flag(needs == Needs::Root && !root)
+            .with_ignored_flag(ignored(needs))
         })
-        .collect();
+    });
+    let trials = single.chain(cases).collect();
     libtest_mimic::run(&arguments, trials).exit_code()
 }

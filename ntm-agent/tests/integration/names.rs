@@ -12,7 +12,7 @@ use std::{
 };
 
 use crate::kit::{
-    A4, A6, B6, Link,
+    A4, A6, Agent, B6, Link,
     dns::{Answer, DnsServer},
     scrape::{Guard, bytes_where, metrics as scrape},
 };
@@ -65,17 +65,14 @@ pub fn names_from_a_real_dns_exchange_without_splitting_series() {
         ]),
     );
     let _sink = link.a.run(|| UdpSocket::bind((A4, 5300)).unwrap());
-    let _agent = Guard(
-        crate::kit::agent_in(&link.a, true)
-            .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", "9400"])
-            .args(["--dns-server", "127.0.0.1:5353", "--dns-timeout", "5s"])
-            .args(["--name-wait", "500ms", "--drain-interval", "100ms"])
-            .args(["--local-net", "198.18.0.1/32,198.18.0.2/32"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _agent = Agent::in_ns(&link.a)
+        .names(true)
+        .iface(&link.a_if)
+        .port(9400)
+        .args(["--dns-server", "127.0.0.1:5353", "--dns-timeout", "5s"])
+        .args(["--name-wait", "500ms", "--drain-interval", "100ms"])
+        .args(["--local-net", "198.18.0.1/32,198.18.0.2/32"])
+        .spawn();
     let deadline = Instant::now() + Duration::from_secs(30);
     while scrape(&link.a, 9400).is_none() {
         assert!(Instant::now() < deadline, "agent did not come up");
@@ -237,23 +234,20 @@ pub fn devices_by_hosts_files_and_dhcp_leases() {
             UdpSocket::bind((A6, 5300)).unwrap(),
         )
     });
-    let _agent = Guard(
-        crate::kit::agent_in(&link.a, true)
-            .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", "9410"])
-            .args(["--dns-server", "127.0.0.1:5354", "--name-wait", "500ms"])
-            .args(["--drain-interval", "100ms"])
-            .args(["--local-net", "198.18.0.0/24,2001:2::/64"])
-            .arg("--hosts-file")
-            .arg(&hosts)
-            .arg("--ethers-file")
-            .arg(&ethers)
-            .arg("--leases")
-            .arg(&leases)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _agent = Agent::in_ns(&link.a)
+        .names(true)
+        .iface(&link.a_if)
+        .port(9410)
+        .args(["--dns-server", "127.0.0.1:5354", "--name-wait", "500ms"])
+        .args(["--drain-interval", "100ms"])
+        .args(["--local-net", "198.18.0.0/24,2001:2::/64"])
+        .arg("--hosts-file")
+        .arg(&hosts)
+        .arg("--ethers-file")
+        .arg(&ethers)
+        .arg("--leases")
+        .arg(&leases)
+        .spawn();
     crate::kit::scrape::wait_healthy(&link.a, 9410);
     let expect = vec![
         (r#"src="printer""#, send_from(&link, "198.18.0.2")),
@@ -385,18 +379,15 @@ pub fn containers_by_the_names_their_engine_gives() {
     let _sink = link
         .a
         .run(|| UdpSocket::bind((crate::kit::A4, 5300)).unwrap());
-    let _agent = Guard(
-        crate::kit::agent_in(&link.a, true)
-            .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", "9412"])
-            .args(["--dns-server", "127.0.0.1:5356", "--name-wait", "300ms"])
-            .args(["--drain-interval", "100ms"])
-            .arg("--container-socket")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _agent = Agent::in_ns(&link.a)
+        .names(true)
+        .iface(&link.a_if)
+        .port(9412)
+        .args(["--dns-server", "127.0.0.1:5356", "--name-wait", "300ms"])
+        .args(["--drain-interval", "100ms"])
+        .arg("--container-socket")
+        .arg(&socket)
+        .spawn();
     crate::kit::scrape::wait_healthy(&link.a, 9412);
     // The engine is asked at start and every 5 s.
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -9,14 +9,13 @@ use std::{
     collections::HashMap,
     net::UdpSocket,
     path::Path,
-    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
 
 use crate::kit::scrape::{bytes_where, wait_for_sink_bytes};
 use crate::kit::{
-    B4, B6, Link, Netns,
+    Agent, B4, B6, Link, Netns,
     dns::DnsServer,
     scrape::{Guard, TempDir, wait_healthy},
 };
@@ -32,17 +31,14 @@ const SYSTEM: &str = "198.18.0.55";
 const SINK_PORT: u16 = 5300;
 
 fn agent(link: &Link, port: u16, extra: &[&str]) -> Guard {
-    let agent = Guard(
-        crate::kit::agent_in(&link.a, true)
-            .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", &port.to_string()])
-            .args(["--dns-server", "127.0.0.1:5355", "--name-wait", "300ms"])
-            .args(["--drain-interval", "100ms"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let agent = Agent::in_ns(&link.a)
+        .names(true)
+        .iface(&link.a_if)
+        .port(port)
+        .args(["--dns-server", "127.0.0.1:5355", "--name-wait", "300ms"])
+        .args(["--drain-interval", "100ms"])
+        .args(extra)
+        .spawn();
     wait_healthy(&link.a, port);
     agent
 }

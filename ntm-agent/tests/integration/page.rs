@@ -4,15 +4,15 @@
 //! markup show as text and run nothing; the browser's console has no
 //! errors and it asked nothing of any host but the agent.
 
-use std::{collections::HashMap, net::UdpSocket, process::Stdio, time::Duration};
+use std::{collections::HashMap, net::UdpSocket, time::Duration};
 
 use serde_json::Value;
 
 use crate::kit::{
-    A4, B4, Link,
+    A4, Agent, B4, Link,
     browser::Browser,
     dns::{Answer, DnsServer},
-    scrape::{Guard, TempDir, http_get, sample_sum, wait_for, wait_healthy},
+    scrape::{TempDir, http_get, sample_sum, wait_for, wait_healthy},
 };
 
 const PORT: u16 = 9440;
@@ -140,22 +140,19 @@ pub fn the_page_shows_what_was_sent_and_names_as_text() {
         ),
     )
     .unwrap();
-    let agent = Guard(
-        crate::kit::agent_in(&link.a, true)
-            .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", &PORT.to_string()])
-            .args(["--local-net", "198.18.0.2/32,198.18.0.3/32"])
-            .args(["--dns-server", &format!("127.0.0.1:{DNS_PORT}")])
-            // Time enough for the reverse DNS name even on a loaded machine
-            // (a flow exported before its name keeps its address).
-            .args(["--drain-interval", "200ms", "--name-wait", "3s", "--no-pin"])
-            .args(["--history-commit-interval", "1s"])
-            .arg("--hosts-file")
-            .arg(&hosts)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let agent = Agent::in_ns(&link.a)
+        .names(true)
+        .iface(&link.a_if)
+        .port(PORT)
+        .args(["--local-net", "198.18.0.2/32,198.18.0.3/32"])
+        .args(["--dns-server", &format!("127.0.0.1:{DNS_PORT}")])
+        // Time enough for the reverse DNS name even on a loaded machine
+        // (a flow exported before its name keeps its address).
+        .args(["--drain-interval", "200ms", "--name-wait", "3s", "--no-pin"])
+        .args(["--history-commit-interval", "1s"])
+        .arg("--hosts-file")
+        .arg(&hosts)
+        .spawn();
     wait_healthy(&link.a, PORT);
     let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
     link.a.run(|| {

@@ -2,11 +2,11 @@
 //! CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, in every thread, and can still
 //! count, follow a new interface and swap its filter on SIGHUP.
 
-use std::{net::UdpSocket, process::Stdio, time::Duration};
+use std::{net::UdpSocket, time::Duration};
 
 use crate::kit::{
-    A4, B4, Link,
-    scrape::{Guard, TempDir, http_get, plain_value, sample_sum, wait_for, wait_healthy},
+    A4, Agent, B4, Link,
+    scrape::{TempDir, http_get, plain_value, sample_sum, wait_for, wait_healthy},
 };
 use ntm_agent::kernel::{attach, privileges};
 
@@ -35,23 +35,13 @@ pub fn after_attaching_it_runs_as_nobody_with_three_capabilities_and_still_works
     let file = dir.0.join("filter");
     std::fs::write(&file, "udp port 5001\n").unwrap();
     let port = 9491;
-    let agent = Guard(
-        crate::kit::agent_in(&link.a, false)
-            .args([
-                "-i",
-                "ntm*",
-                "-p",
-                &port.to_string(),
-                "--drain-interval",
-                "100ms",
-            ])
-            .args(["--wait-for-interfaces", "--user", "nobody", "-F"])
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let agent = Agent::in_ns(&link.a)
+        .iface("ntm*")
+        .port_any_address(port)
+        .args(["--drain-interval", "100ms"])
+        .args(["--wait-for-interfaces", "--user", "nobody", "-F"])
+        .arg(&file)
+        .spawn();
     wait_healthy(&link.a, port);
     let pid = agent.0.id();
     // `ip netns exec` execs the agent: the child is the agent itself.
@@ -107,17 +97,11 @@ pub fn after_attaching_it_runs_as_nobody_with_three_capabilities_and_still_works
 
 pub fn an_unknown_user_fails_before_anything_is_attached() {
     let link = Link::new("privx");
-    let out = crate::kit::agent_in(&link.a, false)
-        .args([
-            "-i",
-            &link.a_if,
-            "-p",
-            "9492",
-            "--user",
-            "no-such-user-here",
-        ])
-        .output()
-        .unwrap();
+    let out = Agent::in_ns(&link.a)
+        .iface(&link.a_if)
+        .port_any_address(9492)
+        .args(["--user", "no-such-user-here"])
+        .output();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -11,45 +11,22 @@ use std::{
 };
 
 use crate::kit::{
-    A4, B4, Link, Netns,
-    scrape::{Guard, http_get, plain_value, promql, sample_sum, wait_for, wait_healthy},
+    A4, Agent, B4, Link, Netns,
+    scrape::{http_get, plain_value, promql, sample_sum, wait_for, wait_healthy},
 };
-
-fn spawn_agent(ns: &Netns, args: &[&str], envs: &[(&str, &str)]) -> Guard {
-    let mut cmd = crate::kit::agent_in(ns, false);
-    cmd.args(args);
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    Guard(
-        cmd.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
 
 pub fn prometheus_sees_exactly_what_was_sent() {
     let link = Link::new("prom");
     let before = link.a_stats();
     // Environment variables as the old tool's users set them; 198.18.0.1 is
     // the local host, so traffic from 198.18.0.2 is inbound.
-    let _agent = spawn_agent(
-        &link.a,
-        &[
-            "-i",
-            &link.a_if,
-            "--local-net",
-            "198.18.0.1/32",
-            "--drain-interval",
-            "200ms",
-        ],
-        &[
-            ("NTM_PORT", "9100"),
-            ("NTM_BIND", "127.0.0.1"),
-            ("NTM_METRIC_PREFIX", "home"),
-        ],
-    );
+    let _agent = Agent::in_ns(&link.a)
+        .iface(&link.a_if)
+        .args(["--local-net", "198.18.0.1/32", "--drain-interval", "200ms"])
+        .env("NTM_PORT", "9100")
+        .env("NTM_BIND", "127.0.0.1")
+        .env("NTM_METRIC_PREFIX", "home")
+        .spawn();
     wait_healthy(&link.a, 9100);
 
     let _prometheus = crate::kit::scrape::start_prometheus(&link.a, 9190, 9100);
@@ -146,7 +123,7 @@ pub fn prometheus_sees_exactly_what_was_sent() {
 }
 
 fn agent_fails(args: &[&str], ns: &Netns) -> String {
-    let out = crate::kit::agent_in(ns, false).args(args).output().unwrap();
+    let out = Agent::in_ns(ns).args(args).output();
     assert!(!out.status.success(), "{args:?} should fail");
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!err.contains("panicked"), "{err}");
@@ -184,11 +161,10 @@ pub fn endpoint_errors_and_flag_precedence() {
     assert!(err.contains("metric name"), "{err}");
 
     // A filter libpcap refuses, from the environment as the old tool took it.
-    let out = crate::kit::agent_in(&link.a, false)
-        .args(["-i", iface])
+    let out = Agent::in_ns(&link.a)
+        .iface(iface)
         .env("NTM_FILTERS", "src net 198.18.0.0/33")
-        .output()
-        .unwrap();
+        .output();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -197,11 +173,12 @@ pub fn endpoint_errors_and_flag_precedence() {
     );
 
     // The flag wins over the environment variable.
-    let _agent = spawn_agent(
-        &link.a,
-        &["-i", iface, "-p", "9302"],
-        &[("NTM_PORT", "9301"), ("NTM_BIND", "127.0.0.1")],
-    );
+    let _agent = Agent::in_ns(&link.a)
+        .iface(iface)
+        .port_any_address(9302)
+        .env("NTM_PORT", "9301")
+        .env("NTM_BIND", "127.0.0.1")
+        .spawn();
     wait_for(
         "the agent on the flag's port",
         Duration::from_secs(30),
@@ -216,20 +193,11 @@ pub fn exposition_labels_for_every_kind_of_traffic() {
     // takes ARP.
     link.b
         .exec(&["ip", "addr", "add", "198.18.0.9/24", "dev", &link.b_if]);
-    let _agent = spawn_agent(
-        &link.a,
-        &[
-            "-i",
-            &link.a_if,
-            "-b",
-            "127.0.0.1",
-            "-p",
-            "9500",
-            "--drain-interval",
-            "100ms",
-        ],
-        &[],
-    );
+    let _agent = Agent::in_ns(&link.a)
+        .iface(&link.a_if)
+        .port(9500)
+        .args(["--drain-interval", "100ms"])
+        .spawn();
     wait_healthy(&link.a, 9500);
     let sinks = link
         .a
@@ -321,20 +289,11 @@ pub fn exposition_labels_for_every_kind_of_traffic() {
 pub fn series_budget_with_real_traffic_still_adds_up() {
     let link = Link::new("budget");
     let before = link.a_stats();
-    let _agent = spawn_agent(
-        &link.a,
-        &[
-            "-i",
-            &link.a_if,
-            "-b",
-            "127.0.0.1",
-            "-p",
-            "9600",
-            "--max-series",
-            "5",
-        ],
-        &[],
-    );
+    let _agent = Agent::in_ns(&link.a)
+        .iface(&link.a_if)
+        .port(9600)
+        .args(["--max-series", "5"])
+        .spawn();
     wait_healthy(&link.a, 9600);
     let sinks = link.a.run(|| {
         (6000..6030u16)
@@ -380,11 +339,12 @@ pub fn series_budget_with_real_traffic_still_adds_up() {
 
 pub fn idle_series_expire_from_the_endpoint() {
     let link = Link::new("ttl");
-    let _agent = spawn_agent(
-        &link.a,
-        &["-i", &link.a_if, "-b", "127.0.0.1", "-p", "9700"],
-        &[("NTM_SERIES_TTL", "1s"), ("NTM_DRAIN_INTERVAL", "100ms")],
-    );
+    let _agent = Agent::in_ns(&link.a)
+        .iface(&link.a_if)
+        .port(9700)
+        .env("NTM_SERIES_TTL", "1s")
+        .env("NTM_DRAIN_INTERVAL", "100ms")
+        .spawn();
     wait_healthy(&link.a, 9700);
     let _sink = link.a.run(|| UdpSocket::bind((A4, 5310)).unwrap());
     let send = || {

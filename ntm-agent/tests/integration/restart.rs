@@ -12,17 +12,16 @@
 
 use std::{
     collections::BTreeSet,
-    fs::File,
     net::UdpSocket,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use crate::kit::{
-    A4, BpfFs, Link, agent_in,
+    A4, Agent, BpfFs, Link,
     scrape::{TempDir, http_get, sample_sum, wait_for},
 };
 
@@ -35,24 +34,23 @@ const HEADERS: usize = 28;
 const PORT: u16 = 7070;
 const LONG_DRAIN: [&str; 2] = ["--drain-interval", "1h"];
 
-struct Agent {
+struct Running {
     child: Child,
     port: u16,
     log: PathBuf,
 }
 
-impl Agent {
+impl Running {
     /// Starts an agent on `link.a` and waits until it is attached.
     fn start(link: &Link, bpffs: &BpfFs, logs: &Path, port: u16, extra: &[&str]) -> Self {
         let log = logs.join(format!("agent-{port}.log"));
-        let child = agent_in(&link.a, false)
-            .args(["-i", &link.a_if, "-p", &port.to_string()])
+        let child = Agent::in_ns(&link.a)
+            .iface(&link.a_if)
+            .port_any_address(port)
             .args(["--pin-dir", &bpffs.pin_dir()])
             .args(extra)
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+            .log_to(&log)
+            .spawn_child();
         let mut agent = Self { child, port, log };
         wait_for("the agent attached", Duration::from_secs(30), || {
             if let Ok(Some(status)) = agent.child.try_wait() {
@@ -214,7 +212,12 @@ fn ntm_filters(link: &Link) -> usize {
         .sum()
 }
 
-fn restart_then_detach(mode: &str) {
+/// Run once per attach mode (`CASES` in `main.rs`: tcx, clsact, xdp).
+pub fn counted_equals_sent_across_kill_and_sigterm_then_detach_leaves_nothing(mode: &str) {
+    if mode == "tcx" && !ntm_agent::kernel::attach::tcx_available() {
+        eprintln!("SKIPPED: this kernel has no TCX (Linux 6.6+)");
+        return;
+    }
     let bpffs = BpfFs::new(mode);
     let logs = TempDir::new(&format!("restart-{mode}"));
     let link = Link::new(&format!("rs{}", &mode[..2]));
@@ -231,7 +234,7 @@ fn restart_then_detach(mode: &str) {
 
     link.wait_quiet();
     let before = link.a_stats();
-    let first = Agent::start(&link, &bpffs, &logs.0, 9621, &with(&LONG_DRAIN));
+    let first = Running::start(&link, &bpffs, &logs.0, 9621, &with(&LONG_DRAIN));
     let stop = AtomicBool::new(false);
     let (arrived, by_second, by_third, third) = thread::scope(|s| {
         let sender = s.spawn(|| steady_udp(&link, &stop));
@@ -239,7 +242,7 @@ fn restart_then_detach(mode: &str) {
         // kill -9: nothing detaches, nothing drains.
         first.kill();
         thread::sleep(Duration::from_secs(1));
-        let second = Agent::start(&link, &bpffs, &logs.0, 9622, &with(&LONG_DRAIN));
+        let second = Running::start(&link, &bpffs, &logs.0, 9622, &with(&LONG_DRAIN));
         let log = second.log_text();
         assert!(log.contains("took over the pinned state"), "{log}");
         thread::sleep(Duration::from_secs(1));
@@ -248,7 +251,7 @@ fn restart_then_detach(mode: &str) {
         let by_second = second.counted(&link);
         second.terminate();
         thread::sleep(Duration::from_millis(500));
-        let third = Agent::start(&link, &bpffs, &logs.0, 9623, &with(&[]));
+        let third = Running::start(&link, &bpffs, &logs.0, 9623, &with(&[]));
         thread::sleep(Duration::from_millis(500));
         stop.store(true, Ordering::Relaxed);
         let sent = sender.join().unwrap();
@@ -303,19 +306,19 @@ fn restart_then_detach(mode: &str) {
         "xdp" => assert_eq!(links.len(), 1, "one XDP link: {links:?}"),
         _ => assert_eq!(ntm_filters(&link), 2, "two clsact filters"),
     }
-    let refused = agent_in(&link.a, true)
+    let refused = Agent::in_ns(&link.a)
+        .names(true)
         .args(["detach", "--pin-dir", &bpffs.pin_dir()])
-        .output()
-        .unwrap();
+        .output();
     assert!(!refused.status.success(), "detach while an agent runs");
     let why = String::from_utf8_lossy(&refused.stderr);
     assert!(why.contains("already running"), "{why}");
     third.terminate();
-    // (agent_in with names on: no --numeric in front of the subcommand.)
-    let detached = agent_in(&link.a, true)
+    // (With names on: no --numeric in front of the subcommand.)
+    let detached = Agent::in_ns(&link.a)
+        .names(true)
         .args(["detach", "--pin-dir", &bpffs.pin_dir()])
-        .output()
-        .unwrap();
+        .output();
     assert!(detached.status.success(), "{detached:?}");
     let said = String::from_utf8_lossy(&detached.stdout);
     assert!(
@@ -362,22 +365,6 @@ fn wait_for_or<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option
     }
 }
 
-pub fn counted_equals_sent_across_kill_and_sigterm_then_detach_leaves_nothing_tcx() {
-    if !ntm_agent::kernel::attach::tcx_available() {
-        eprintln!("SKIPPED: this kernel has no TCX (Linux 6.6+)");
-        return;
-    }
-    restart_then_detach("tcx");
-}
-
-pub fn counted_equals_sent_across_kill_and_sigterm_then_detach_leaves_nothing_clsact() {
-    restart_then_detach("clsact");
-}
-
-pub fn counted_equals_sent_across_kill_and_sigterm_then_detach_leaves_nothing_xdp() {
-    restart_then_detach("xdp");
-}
-
 /// An upgrade from a build of another layout (simulated by renaming the
 /// pinned tables' directory to another version): the new agent drains what
 /// it can read, says how many packets it held, and replaces it. A tiny
@@ -390,7 +377,7 @@ pub fn another_layout_is_drained_and_replaced_and_a_full_table_counts_while_no_a
     let logs = TempDir::new("restart-layout");
     let link = Link::new("rslay");
     let tiny = ["--flow-table-size", "8"];
-    let first = Agent::start(
+    let first = Running::start(
         &link,
         &bpffs,
         &logs.0,
@@ -426,7 +413,7 @@ pub fn another_layout_is_drained_and_replaced_and_a_full_table_counts_while_no_a
     ));
     std::fs::rename(&maps[0], &older).unwrap();
 
-    let second = Agent::start(&link, &bpffs, &logs.0, 9632, &tiny);
+    let second = Running::start(&link, &bpffs, &logs.0, 9632, &tiny);
     let log = second.log_text();
     assert!(
         log.contains(&format!(
@@ -474,7 +461,7 @@ pub fn past_the_orphan_timeout_the_programs_stop_counting() {
     let link = Link::new("rsorph");
     let _sink = link.a.run(|| UdpSocket::bind((A4, PORT)).unwrap());
     let timeout = ["--orphan-timeout", "2s"];
-    let first = Agent::start(
+    let first = Running::start(
         &link,
         &bpffs,
         &logs.0,
@@ -492,7 +479,7 @@ pub fn past_the_orphan_timeout_the_programs_stop_counting() {
         })
     };
     send(SENT);
-    let second = Agent::start(&link, &bpffs, &logs.0, 9642, &timeout);
+    let second = Running::start(&link, &bpffs, &logs.0, 9642, &timeout);
     let log = second.log_text();
     assert!(
         log.contains("stopped counting") && log.contains("--orphan-timeout"),
@@ -525,12 +512,12 @@ pub fn detach_on_stop_leaves_nothing_after_sigterm() {
     let bpffs = BpfFs::new("stop");
     let logs = TempDir::new("restart-stop");
     let link = Link::new("rsstop");
-    let first = Agent::start(&link, &bpffs, &logs.0, 9651, &[]);
+    let first = Running::start(&link, &bpffs, &logs.0, 9651, &[]);
     let maps = maps_dirs(&bpffs);
     let (map_id, _, _) = ours_in_the_kernel(&maps[0]);
     first.terminate();
     // A restart takes it over, then a stop for good.
-    let second = Agent::start(&link, &bpffs, &logs.0, 9652, &["--detach-on-stop"]);
+    let second = Running::start(&link, &bpffs, &logs.0, 9652, &["--detach-on-stop"]);
     assert!(
         second.log_text().contains("took over"),
         "{}",

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::kit::{A4, A6, B4, B6, Link};
+use crate::kit::{A4, A6, Agent, B4, B6, Link};
 use aya::programs::{SchedClassifier, TcAttachType};
 use ntm_agent::kernel::{Kernel, drain::Drained};
 use ntm_common::{Counters, Direction, FlowKey, ipproto};
@@ -432,12 +432,10 @@ pub fn offloads_do_not_change_the_numbers() {
 
 /// The agent binary inside namespace `a`.
 fn spawn_agent_binary(link: &Link) -> std::process::Child {
-    crate::kit::agent_in(&link.a, false)
-        .args(["-i", &link.a_if])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+    Agent::in_ns(&link.a)
+        .iface(&link.a_if)
+        .piped()
+        .spawn_child()
 }
 
 fn wait_for_attached(link: &Link, want: usize) -> (Vec<u32>, Vec<u32>) {
@@ -461,10 +459,10 @@ pub fn restart_after_kill_never_stacks_a_second_copy() {
 
     // A second copy while the first runs (on another metrics port, or it
     // would stop at the taken port) refuses to double count.
-    let second = crate::kit::agent_in(&link.a, false)
-        .args(["-i", &link.a_if, "-p", "8001"])
-        .output()
-        .unwrap();
+    let second = Agent::in_ns(&link.a)
+        .iface(&link.a_if)
+        .port_any_address(8001)
+        .output();
     assert!(!second.status.success());
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(
@@ -557,13 +555,11 @@ pub fn clear_errors_for_bad_input() {
     // unprivileged one cannot write to: still the privileges are named.
     let ns = crate::kit::Netns::new("unprivileged");
     let bpffs = crate::kit::BpfFs::new("unprivileged");
-    let mut earlier = crate::kit::agent_in(&ns, false)
-        .args(["-i", "lo", "-b", "127.0.0.1", "-p", "9443"])
+    let mut earlier = Agent::in_ns(&ns)
+        .iface("lo")
+        .port(9443)
         .args(["--pin-dir", &bpffs.pin_dir()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn_child();
     crate::kit::scrape::wait_healthy(&ns, 9443);
     // SAFETY: kill(2) on the test's own child; no memory is involved.
     assert_eq!(unsafe { libc::kill(earlier.id() as i32, libc::SIGTERM) }, 0);
@@ -634,12 +630,10 @@ pub fn clsact_mode_counts_exactly_and_replaces_stale_filters() {
     );
 
     let spawn = || {
-        crate::kit::agent_in(&link.a, false)
-            .args(["-i", &link.a_if, "--attach-mode", "clsact"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
+        Agent::in_ns(&link.a)
+            .iface(&link.a_if)
+            .args(["--attach-mode", "clsact"])
+            .spawn_child()
     };
     let mut first = spawn();
     assert_eq!(wait_for_clsact_filters(&link, (1, 1)), (1, 1));
@@ -669,21 +663,17 @@ pub fn clsact_mode_counts_exactly_and_replaces_stale_filters() {
 pub fn a_full_flow_table_adds_up_per_interface() {
     use crate::kit::{
         if_stats,
-        scrape::{Guard, http_get, sample_sum, wait_for, wait_healthy},
+        scrape::{http_get, sample_sum, wait_for, wait_healthy},
     };
     let link = Link::new("ovf");
     let (a2, _) = link.add_veth(1);
     let port = 9493;
-    let _agent = Guard(
-        crate::kit::agent_in(&link.a, false)
-            .args(["-i", &link.a_if, "-i", &a2, "-b", "127.0.0.1"])
-            .args(["-p", &port.to_string(), "--flow-table-size", "4"])
-            .args(["--drain-interval", "200ms"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _agent = Agent::in_ns(&link.a)
+        .iface(&link.a_if)
+        .iface(&a2)
+        .port(port)
+        .args(["--flow-table-size", "4", "--drain-interval", "200ms"])
+        .spawn();
     wait_healthy(&link.a, port);
     link.wait_quiet();
     let ifaces = [link.a_if.clone(), a2.clone()];
@@ -777,20 +767,16 @@ pub fn a_full_flow_table_adds_up_per_interface() {
 /// crossed it (UDP both ways, with ICMP errors, and TCP), and the coverage
 /// figure is 1.
 pub fn coverage_equals_the_interface_counters() {
-    use crate::kit::scrape::{Guard, http_get, sample_sum, wait_for, wait_healthy};
+    use crate::kit::scrape::{http_get, sample_sum, wait_for, wait_healthy};
     let link = Link::new("cov");
     link.set_offloads(false);
     link.wait_quiet();
     let port = 9494;
-    let _agent = Guard(
-        crate::kit::agent_in(&link.a, false)
-            .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", &port.to_string()])
-            .args(["--drain-interval", "200ms"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _agent = Agent::in_ns(&link.a)
+        .iface(&link.a_if)
+        .port(port)
+        .args(["--drain-interval", "200ms"])
+        .spawn();
     wait_healthy(&link.a, port);
     // A first check before any traffic, so that the minute's window starts
     // where nothing is in flight.

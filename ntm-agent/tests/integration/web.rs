@@ -4,11 +4,11 @@
 //! are refused; a changed password takes effect without a restart; a bad
 //! file stops the agent before it attaches anything.
 
-use std::{net::UdpSocket, path::Path, process::Stdio, time::Duration};
+use std::{net::UdpSocket, path::Path, time::Duration};
 
 use crate::kit::{
-    A4, B4, Link, Netns,
-    scrape::{Guard, TempDir, http_get, promql, wait_for},
+    A4, Agent, B4, Link, Netns,
+    scrape::{TempDir, http_get, promql, wait_for},
     tls::{Client, TestPki, https_get},
 };
 
@@ -53,17 +53,13 @@ pub fn prometheus_scrapes_over_tls_with_a_client_certificate_and_basic_auth() {
     let dir = TempDir::new("tls");
     let pki = TestPki::new(&dir.0);
     web_config(&dir.0, &bcrypt::hash("s3cret", 4).unwrap());
-    let _agent = Guard(
-        crate::kit::agent_in(&link.a, false)
-            .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", &PORT.to_string()])
-            .args(["--drain-interval", "200ms", "--no-pin"])
-            .arg("--web-config-file")
-            .arg(dir.0.join("web.yml"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _agent = Agent::in_ns(&link.a)
+        .iface(&link.a_if)
+        .port(PORT)
+        .args(["--drain-interval", "200ms", "--no-pin"])
+        .arg("--web-config-file")
+        .arg(dir.0.join("web.yml"))
+        .spawn();
     // /healthz needs the client certificate (TLS is for every path) but no
     // password: probes can reach it.
     wait_for("/healthz over TLS", Duration::from_secs(20), || {
@@ -225,12 +221,13 @@ pub fn a_bad_web_config_fails_at_start_with_nothing_attached() {
         if !text.is_empty() {
             std::fs::write(&path, &text).unwrap();
         }
-        let out = crate::kit::agent_in(&link.a, false)
-            .args(["-i", &link.a_if, "-p", "9442", "--no-pin"])
+        let out = Agent::in_ns(&link.a)
+            .iface(&link.a_if)
+            .port_any_address(9442)
+            .arg("--no-pin")
             .arg("--web-config-file")
             .arg(&path)
-            .output()
-            .unwrap();
+            .output();
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(!out.status.success(), "{name} should fail: {err}");
         assert!(!err.contains("panicked"), "{err}");

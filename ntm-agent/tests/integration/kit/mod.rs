@@ -6,12 +6,17 @@
 //! create, on 198.18.0.0/15 and 2001:2::/48, in bounded loops.
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod browser;
 pub mod dhcp;
 pub mod dns;
 pub mod frames;
 pub mod scrape;
 pub mod tls;
+
+// (Unused in the benches that start no agent.)
+#[allow(unused_imports)]
+pub use agent::Agent;
 
 use std::{
     fs::File,
@@ -61,21 +66,6 @@ pub fn sh(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The agent binary run inside `ns`. With `--numeric`: a test never lets it
-/// ask a DNS server of this machine about test addresses (tests of names
-/// pass `--dns-server` with their own server instead, after this).
-pub fn agent_in(ns: &Netns, names: bool) -> Command {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_ntm-agent")]);
-    // Each namespace's agents keep their history apart from every other
-    // test's (and from this machine's /var/lib/ntm); --state-dir wins.
-    cmd.env("NTM_STATE_DIR", ns.state_dir());
-    if !names {
-        cmd.arg("--numeric");
-    }
-    cmd
 }
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
