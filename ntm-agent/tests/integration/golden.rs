@@ -39,7 +39,7 @@ use std::{
 };
 
 use crate::kit::{
-    A4, A6, B4, B6, Link,
+    A4, A6, Agent, B4, B6, Link,
     scrape::{Guard, TempDir, metrics, sample_sum, wait_for, wait_healthy},
 };
 
@@ -124,31 +124,28 @@ fn start_agent(link: &Link, dir: &Path) -> Guard {
     std::fs::write(&services, SERVICES).unwrap();
     let state = dir.join("state");
     std::fs::create_dir_all(&state).unwrap();
-    Guard(
-        crate::kit::agent_in(&link.a, true)
-            .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", &PORT.to_string()])
-            .arg("--hosts-file")
-            .arg(&hosts)
-            .arg("--services-file")
-            .arg(&services)
-            // Every address that crosses the link is in the hosts file; a
-            // lookup would go to the namespace's own loopback, where
-            // nothing answers, and never leave it.
-            .args(["--dns-server", "127.0.0.1:5399", "--no-containers"])
-            .args(["--name-wait", "200ms", "--drain-interval", "100ms"])
-            .args(["--labels", "src,dst,service,proto,direction,iface"])
-            .args(["--local-net", "198.18.0.1/32,2001:2::1/128"])
-            .args(["--attach-mode", "tcx", "--no-pin"])
-            .args(["--history-commit-interval", "1s"])
-            .arg(format!("--quota={}=1M/day", link.a_if))
-            .arg("--state-dir")
-            .arg(&state)
-            .arg(FILTER)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+    Agent::in_ns(&link.a)
+        .names(true)
+        .iface(&link.a_if)
+        .port(PORT)
+        .arg("--hosts-file")
+        .arg(&hosts)
+        .arg("--services-file")
+        .arg(&services)
+        // Every address that crosses the link is in the hosts file; a
+        // lookup would go to the namespace's own loopback, where
+        // nothing answers, and never leave it.
+        .args(["--dns-server", "127.0.0.1:5399", "--no-containers"])
+        .args(["--name-wait", "200ms", "--drain-interval", "100ms"])
+        .args(["--labels", "src,dst,service,proto,direction,iface"])
+        .args(["--local-net", "198.18.0.1/32,2001:2::1/128"])
+        .args(["--attach-mode", "tcx", "--no-pin"])
+        .args(["--history-commit-interval", "1s"])
+        .arg(format!("--quota={}=1M/day", link.a_if))
+        .arg("--state-dir")
+        .arg(&state)
+        .arg(FILTER)
+        .spawn()
 }
 
 /// `sizes` datagrams from `from` (in `link.b`, or `link.a` when `from_a`)

@@ -313,19 +313,15 @@ pub fn period_totals_and_a_quota_from_the_first_scrape_after_a_restart() {
     let state = TempDir::new("perst");
     let quota = format!("--quota={}=100k/month", link.a_if);
     let start_with = |commit_interval: &str| {
-        Guard(
-            crate::kit::agent_in(&link.a, false)
-                .args(["-i", &link.a_if, "-b", "127.0.0.1", "-p", &PORT.to_string()])
-                .args(["--local-net", "198.18.0.2/32", "--drain-interval", "200ms"])
-                .args(["--no-pin", "--history-commit-interval", commit_interval])
-                .arg(&quota)
-                .arg("--state-dir")
-                .arg(&state.0)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
+        Agent::in_ns(&link.a)
+            .iface(&link.a_if)
+            .port(PORT)
+            .args(["--local-net", "198.18.0.2/32", "--drain-interval", "200ms"])
+            .args(["--no-pin", "--history-commit-interval", commit_interval])
+            .arg(&quota)
+            .arg("--state-dir")
+            .arg(&state.0)
+            .spawn()
     };
     let device_upload = |text: &str, period: &str| {
         sample_sum(
