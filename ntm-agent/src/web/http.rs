@@ -1,7 +1,8 @@
 //! The HTTP endpoint: `GET /metrics` (Prometheus text format),
 //! `GET /healthz` (200 only while every requested interface is attached),
 //! the JSON API under `/api/v1/` (see [`super::api`]) and the live page at
-//! `GET /` (see [`super::page`]).
+//! `GET /` (see [`super::page`]), served on hyper over TLS where the web
+//! config says, behind its [`super::guard`].
 
 use std::{
     future::Future,
@@ -20,6 +21,8 @@ use warp::{Filter, http::StatusCode};
 
 use super::{
     api::Api,
+    auth::Verifier,
+    guard::{Guard, refusal},
     web_config::{WebConfig, WebConfigWatcher},
 };
 use crate::{model::subjects::Subject, outputs::Exposition};
@@ -123,17 +126,13 @@ impl Server {
     }
 }
 
-/// bcrypt verifications running at once, at most: a client trying
-/// passwords as fast as it can takes at most this many cores' worth.
-const BCRYPT_AT_ONCE: usize = 2;
-
 /// Serves until `shutdown` completes.
 async fn serve(
     listener: tokio::net::TcpListener,
     mut site: Site,
     shutdown: impl Future<Output = ()>,
 ) {
-    let bcrypt = Arc::new(tokio::sync::Semaphore::new(BCRYPT_AT_ONCE));
+    let bcrypt = Verifier::new();
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -155,13 +154,15 @@ async fn serve(
         // passwords): each connection uses the one it started with.
         let web = site.web.as_mut().map(|w| w.current(Instant::now()));
         let guard = Guard {
-            web: web.clone(),
-            bcrypt: Arc::clone(&bcrypt),
+            rate_limit: web.as_ref().and_then(|w| w.rate_limit.clone()),
+            auth: web.as_ref().and_then(|w| w.auth.clone()),
+            bcrypt: bcrypt.clone(),
             refused: site.refused.clone(),
         };
         let service = TowerToHyperService::new(warp::service(routes(
             site.exposition.clone(),
             site.api.clone(),
+            web.as_deref(),
             guard,
         )));
         let errors = site.connection_errors.clone();
@@ -225,95 +226,6 @@ where
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(TokioIo::new(io), service)
         .await
-}
-
-/// Why a request was refused (turned into its answer by [`refusal`]).
-#[derive(Debug)]
-enum Refused {
-    Unauthorized,
-    RateLimited,
-}
-
-impl warp::reject::Reject for Refused {}
-
-/// What the web config asks of each request but `/healthz`: a token of
-/// the rate limit, then a user's password.
-#[derive(Clone)]
-struct Guard {
-    web: Option<Arc<WebConfig>>,
-    bcrypt: Arc<tokio::sync::Semaphore>,
-    refused: IntCounterVec,
-}
-
-impl Guard {
-    async fn admit(self, authorization: Option<String>) -> Result<(), warp::Rejection> {
-        let Some(web) = self.web else {
-            return Ok(());
-        };
-        if let Some(limit) = &web.rate_limit
-            && !limit.allow(Instant::now())
-        {
-            self.refused.with_label_values(&["rate_limited"]).inc();
-            return Err(warp::reject::custom(Refused::RateLimited));
-        }
-        if web.auth.is_none() {
-            return Ok(());
-        }
-        let verdict = match web
-            .auth
-            .as_ref()
-            .and_then(|a| a.quick(authorization.as_deref()))
-        {
-            Some(verdict) => verdict,
-            None => {
-                // bcrypt, off this thread, a few at a time.
-                let permit = self.bcrypt.acquire_owned().await;
-                let web = Arc::clone(&web);
-                tokio::task::spawn_blocking(move || {
-                    let _permit = permit;
-                    web.auth
-                        .as_ref()
-                        .is_some_and(|a| a.check(authorization.as_deref()))
-                })
-                .await
-                .unwrap_or(false)
-            }
-        };
-        if verdict {
-            Ok(())
-        } else {
-            self.refused.with_label_values(&["unauthorized"]).inc();
-            Err(warp::reject::custom(Refused::Unauthorized))
-        }
-    }
-
-    fn filter(
-        self,
-    ) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone + Send + Sync + 'static {
-        warp::header::optional::<String>("authorization")
-            .and_then(move |authorization| self.clone().admit(authorization))
-            .untuple_one()
-    }
-}
-
-/// The answer to a refused request: 401 asking for basic auth, or 429.
-async fn refusal(
-    rejection: warp::Rejection,
-) -> Result<warp::http::Response<String>, warp::Rejection> {
-    let (status, text) = match rejection.find::<Refused>() {
-        Some(Refused::Unauthorized) => (StatusCode::UNAUTHORIZED, "Unauthorized\n"),
-        Some(Refused::RateLimited) => (StatusCode::TOO_MANY_REQUESTS, "Too Many Requests\n"),
-        None => return Err(rejection),
-    };
-    let mut response = warp::http::Response::new(text.to_string());
-    *response.status_mut() = status;
-    if status == StatusCode::UNAUTHORIZED {
-        response.headers_mut().insert(
-            warp::http::header::WWW_AUTHENTICATE,
-            warp::http::HeaderValue::from_static("Basic realm=\"ntm\", charset=\"UTF-8\""),
-        );
-    }
-    Ok(response)
 }
 
 /// A JSON document, or the API's error as one.
@@ -388,6 +300,7 @@ fn api_routes(
 fn routes(
     exposition: Exposition,
     api: Api,
+    web: Option<&WebConfig>,
     guard: Guard,
 ) -> impl Filter<Extract = (impl warp::Reply,), Error = warp::Rejection> + Clone + Send + Sync + 'static
 {
@@ -404,7 +317,7 @@ fn routes(
         warp::http::header::REFERRER_POLICY,
         warp::http::HeaderValue::from_static("no-referrer"),
     );
-    for (name, value) in guard.web.iter().flat_map(|w| w.headers.iter()) {
+    for (name, value) in web.iter().flat_map(|w| w.headers.iter()) {
         headers.insert(name.clone(), value.clone());
     }
     let health = api.health.clone();
