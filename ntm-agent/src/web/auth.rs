@@ -8,6 +8,8 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use crate::model::sync;
+
 /// What in `basic_auth_users` cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -76,10 +78,7 @@ impl BasicAuth {
         };
         let hash = self.users.get(&user)?;
         let key = credentials_key(&user, &password, hash);
-        self.verified
-            .lock()
-            .is_ok_and(|verified| verified.contains(&key))
-            .then_some(true)
+        sync::lock(&self.verified).contains(&key).then_some(true)
     }
 
     /// Whether `authorization` (the header's value) holds one of the
@@ -93,16 +92,12 @@ impl BasicAuth {
             None => (self.no_user.as_str(), false),
         };
         let key = credentials_key(&user, &password, hash);
-        if known
-            && self
-                .verified
-                .lock()
-                .is_ok_and(|verified| verified.contains(&key))
-        {
+        if known && sync::lock(&self.verified).contains(&key) {
             return true;
         }
         let ok = bcrypt::verify(password.as_bytes(), hash).unwrap_or(false) && known;
-        if ok && let Ok(mut verified) = self.verified.lock() {
+        if ok {
+            let mut verified = sync::lock(&self.verified);
             if verified.len() >= MAX_VERIFIED {
                 verified.clear();
             }

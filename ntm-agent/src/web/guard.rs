@@ -12,6 +12,7 @@ use prometheus::IntCounterVec;
 use warp::{Filter, http::StatusCode};
 
 use super::auth::{BasicAuth, Verifier};
+use crate::model::sync;
 
 /// `rate_limit`: a token bucket over all requests.
 #[derive(Debug)]
@@ -33,9 +34,7 @@ impl RateLimit {
 
     /// Takes a token if there is one.
     pub fn allow(&self, now: Instant) -> bool {
-        let Ok(mut state) = self.state.lock() else {
-            return true;
-        };
+        let mut state = sync::lock(&self.state);
         let (tokens, at) = *state;
         let refilled = (tokens
             + now.saturating_duration_since(at).as_secs_f64() / self.interval.as_secs_f64())
