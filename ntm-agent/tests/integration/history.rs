@@ -244,22 +244,11 @@ pub fn period_totals_and_a_quota_equal_what_was_sent() {
         .spawn();
     wait_healthy(&link.a, PORT);
     let sent = upload(&link, 150);
-    let gauge = |text: &str, period: &str| {
-        sample_sum(
-            text,
-            "ntm_period_bytes",
-            &[
-                &format!(r#"period="{period}""#),
-                r#"device="198.18.0.2""#,
-                r#"direction="upload""#,
-            ],
-        )
-    };
     let metrics = wait_for("the period totals", Duration::from_secs(20), || {
         let text = http_get(&link.a, PORT, "/metrics")?.1;
         ["day", "week", "month"]
             .iter()
-            .all(|p| gauge(&text, p) == sent.0)
+            .all(|p| device_upload(&text, p) == sent.0)
             .then_some(text)
     });
     // The interface's periods hold everything counted on it; the quota's
@@ -305,6 +294,20 @@ pub fn period_totals_and_a_quota_equal_what_was_sent() {
     }
 }
 
+/// The upload of the test's device (198.18.0.2) in `period`, as
+/// `ntm_period_bytes` says in `text`.
+fn device_upload(text: &str, period: &str) -> u64 {
+    sample_sum(
+        text,
+        "ntm_period_bytes",
+        &[
+            &format!(r#"period="{period}""#),
+            r#"device="198.18.0.2""#,
+            r#"direction="upload""#,
+        ],
+    )
+}
+
 /// After a SIGTERM and a start on the same state directory, the very first
 /// scrape has the period totals and the quota that the database holds,
 /// exactly: they do not wait for the new agent's first commit.
@@ -322,17 +325,6 @@ pub fn period_totals_and_a_quota_from_the_first_scrape_after_a_restart() {
             .arg("--state-dir")
             .arg(&state.0)
             .spawn()
-    };
-    let device_upload = |text: &str, period: &str| {
-        sample_sum(
-            text,
-            "ntm_period_bytes",
-            &[
-                &format!(r#"period="{period}""#),
-                r#"device="198.18.0.2""#,
-                r#"direction="upload""#,
-            ],
-        )
     };
     let iface_label = format!(r#"iface="{}""#, link.a_if);
     let iface_month = |text: &str| {
