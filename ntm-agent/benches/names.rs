@@ -18,7 +18,7 @@ use ntm_agent::{
         wire::{Client, Fact},
     },
 };
-use ntm_common::{Direction, observe::Kind};
+use ntm_common::{Hook, observe::Kind};
 
 /// An Ethernet/IPv4/UDP frame from port 53 to `client` holding a response
 /// for `www<n>.example.test`: a CNAME and four A records.
@@ -54,7 +54,7 @@ fn response(n: u32, client: [u8; 4]) -> Vec<u8> {
 fn observed(bytes: &[u8]) -> ObservedFrame<'_> {
     ObservedFrame {
         ifindex: 2,
-        direction: Direction::Egress,
+        hook: Hook::Egress,
         kind: Kind::Dns,
         ethernet: true,
         frame_len: bytes.len() as u32,

@@ -26,7 +26,7 @@ pub mod names {
     pub const FLOW_CACHES: [&str; 2] = ["NTM_CACHE_A", "NTM_CACHE_B"];
     /// Per-CPU array of [`crate::OutsideSlot`]s: frames filtered out or
     /// finding the table full, by generation, interface (direct-mapped, see
-    /// [`crate::outside_slot_index`]), direction and reason. The hot path:
+    /// [`crate::outside_slot_index`]), hook and reason. The hot path:
     /// an array slot, no hashing.
     pub const OUTSIDE_SLOTS: &str = "NTM_OUTSIDE_SLOTS";
     /// Per-CPU hash of [`crate::OutsideKey`] to [`crate::Counters`]: the
@@ -35,7 +35,7 @@ pub mod names {
     pub const OUTSIDE_COUNTERS: &str = "NTM_OUTSIDE";
     /// Per-CPU array of [`crate::Counters`] for the rare frame whose
     /// [`OUTSIDE_COUNTERS`] entry could not be made (the hash is full): by
-    /// generation, direction and reason, interface unknown. See
+    /// generation, hook and reason, interface unknown. See
     /// [`crate::outside_unkeyed_index`].
     pub const OUTSIDE_UNKEYED: &str = "NTM_OUTSIDE_UNKEYED";
     /// Array of one u32: the generation (0 or 1) outside counts go to now.
@@ -163,13 +163,13 @@ pub mod tail {
 /// Which hook saw the frame.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Direction {
+pub enum Hook {
     Ingress = 0,
     Egress = 1,
 }
 
-impl Direction {
-    pub const ALL: [Direction; 2] = [Self::Ingress, Self::Egress];
+impl Hook {
+    pub const ALL: [Hook; 2] = [Self::Ingress, Self::Egress];
 
     pub fn from_u8(v: u8) -> Option<Self> {
         match v {
@@ -179,7 +179,7 @@ impl Direction {
         }
     }
 
-    /// Stable label value (`direction` of ntm's own metrics).
+    /// Stable label value (`hook` of ntm's own metrics).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Ingress => "ingress",
@@ -246,8 +246,8 @@ pub struct FlowKey {
     pub family: u8,
     /// IP protocol number (0 for non-IP frames).
     pub proto: u8,
-    /// [`Direction`] as u8.
-    pub direction: u8,
+    /// [`Hook`] as u8.
+    pub hook: u8,
     /// [`key_flags`] bits.
     pub flags: u8,
     /// Always zero; fills the key to a multiple of 8 bytes with no implicit
@@ -420,8 +420,8 @@ impl OutsideReason {
 pub struct OutsideKey {
     /// Interface index the frame was seen on.
     pub ifindex: u32,
-    /// [`Direction`] as u8.
-    pub direction: u8,
+    /// [`Hook`] as u8.
+    pub hook: u8,
     /// [`OutsideReason`] as u8.
     pub reason: u8,
     /// 0 or 1, see [`names::OUTSIDE_GENERATION`].
@@ -433,7 +433,7 @@ pub struct OutsideKey {
 const _: () = assert!(core::mem::size_of::<OutsideKey>() == 8);
 
 /// Entries of [`names::OUTSIDE_COUNTERS`], both generations together: an
-/// interface uses one per direction and reason it sees (usually none, or
+/// interface uses one per hook and reason it sees (usually none, or
 /// `filtered` and `table_full` both ways), so this is room for hundreds of
 /// busy interfaces per drain interval.
 pub const OUTSIDE_ENTRIES: u32 = 4096;
@@ -465,14 +465,14 @@ pub const OUTSIDE_SLOTS_PER_GENERATION: u32 =
 /// Slots of [`names::OUTSIDE_SLOTS`], both generations.
 pub const OUTSIDE_SLOTS: u32 = 2 * OUTSIDE_SLOTS_PER_GENERATION;
 
-/// The [`names::OUTSIDE_SLOTS`] slot of a generation, interface, direction
+/// The [`names::OUTSIDE_SLOTS`] slot of a generation, interface, hook
 /// and reason, if the reason has slots; generation `g`'s slots are
 /// `g * OUTSIDE_SLOTS_PER_GENERATION` onwards.
 #[inline(always)]
 pub fn outside_slot_index(
     generation: u32,
     ifindex: u32,
-    direction: u8,
+    hook: u8,
     reason: OutsideReason,
 ) -> Option<u32> {
     let hot = match reason {
@@ -482,31 +482,31 @@ pub fn outside_slot_index(
     };
     Some(
         (((generation & 1) * OUTSIDE_IFACE_SLOTS + ifindex % OUTSIDE_IFACE_SLOTS) * 2
-            + (direction as u32 & 1))
+            + (hook as u32 & 1))
             * OUTSIDE_SLOT_REASONS.len() as u32
             + hot,
     )
 }
 
 /// Where a [`names::OUTSIDE_SLOTS`] slot index points: (generation,
-/// direction, reason); the interface is in the slot.
+/// hook, reason); the interface is in the slot.
 pub fn outside_slot_of(index: u32) -> (u32, u8, OutsideReason) {
     let reasons = OUTSIDE_SLOT_REASONS.len() as u32;
     let reason = OUTSIDE_SLOT_REASONS[(index % reasons) as usize];
     let rest = index / reasons;
-    let direction = (rest % 2) as u8;
+    let hook = (rest % 2) as u8;
     let generation = rest / 2 / OUTSIDE_IFACE_SLOTS;
-    (generation, direction, reason)
+    (generation, hook, reason)
 }
 
 /// Slots of [`names::OUTSIDE_UNKEYED`].
 pub const OUTSIDE_UNKEYED_SLOTS: u32 = 2 * 2 * OutsideReason::COUNT;
 
-/// The [`names::OUTSIDE_UNKEYED`] slot of a generation, direction and
-/// reason (all in range: generation and direction 0 or 1).
+/// The [`names::OUTSIDE_UNKEYED`] slot of a generation, hook and
+/// reason (all in range: generation and hook 0 or 1).
 #[inline(always)]
-pub fn outside_unkeyed_index(generation: u32, direction: u8, reason: OutsideReason) -> u32 {
-    ((generation & 1) * 2 + (direction as u32 & 1)) * OutsideReason::COUNT + reason as u32
+pub fn outside_unkeyed_index(generation: u32, hook: u8, reason: OutsideReason) -> u32 {
+    ((generation & 1) * 2 + (hook as u32 & 1)) * OutsideReason::COUNT + reason as u32
 }
 
 #[cfg(feature = "user")]
@@ -576,12 +576,12 @@ mod tests {
         let mut seen = [false; OUTSIDE_SLOTS as usize];
         for generation in 0..2 {
             for ifindex in 0..OUTSIDE_IFACE_SLOTS {
-                for direction in 0..2u8 {
+                for hook in 0..2u8 {
                     for reason in OUTSIDE_SLOT_REASONS {
-                        let i = outside_slot_index(generation, ifindex, direction, reason).unwrap();
+                        let i = outside_slot_index(generation, ifindex, hook, reason).unwrap();
                         assert!(!seen[i as usize], "slot {i} twice");
                         seen[i as usize] = true;
-                        assert_eq!(outside_slot_of(i), (generation, direction, reason));
+                        assert_eq!(outside_slot_of(i), (generation, hook, reason));
                         assert_eq!(
                             i / OUTSIDE_SLOTS_PER_GENERATION,
                             generation,
@@ -607,9 +607,9 @@ mod tests {
     fn outside_unkeyed_slots_are_distinct_and_in_range() {
         let mut seen = [false; OUTSIDE_UNKEYED_SLOTS as usize];
         for generation in 0..2 {
-            for direction in 0..2u8 {
+            for hook in 0..2u8 {
                 for reason in OutsideReason::ALL {
-                    let i = outside_unkeyed_index(generation, direction, reason);
+                    let i = outside_unkeyed_index(generation, hook, reason);
                     assert!(!seen[i as usize], "slot {i} twice");
                     seen[i as usize] = true;
                 }
@@ -634,8 +634,8 @@ mod tests {
 
     #[test]
     fn direction_round_trips() {
-        assert_eq!(Direction::from_u8(0), Some(Direction::Ingress));
-        assert_eq!(Direction::from_u8(1), Some(Direction::Egress));
-        assert_eq!(Direction::from_u8(2), None);
+        assert_eq!(Hook::from_u8(0), Some(Hook::Ingress));
+        assert_eq!(Hook::from_u8(1), Some(Hook::Egress));
+        assert_eq!(Hook::from_u8(2), None);
     }
 }

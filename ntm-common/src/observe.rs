@@ -99,8 +99,8 @@ pub struct Header {
     pub frame_len: u32,
     /// Bytes of `Record::data` that hold the frame, from its first byte.
     pub captured: u16,
-    /// A [`crate::Direction`].
-    pub direction: u8,
+    /// A [`crate::Hook`].
+    pub hook: u8,
     /// A [`link`] value.
     pub link: u8,
     /// A [`Kind`].
@@ -129,7 +129,7 @@ impl Header {
             ifindex: u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
             frame_len: u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
             captured: u16::from_ne_bytes([b[8], b[9]]),
-            direction: b[10],
+            hook: b[10],
             link: b[11],
             kind: b[12],
             _pad: [0; 3],
@@ -273,7 +273,7 @@ mod tests {
         bytes[12] = 1;
         let h = Header::read(&bytes).unwrap();
         assert_eq!((h.ifindex, h.frame_len, h.captured), (7, 1600, 1520));
-        assert_eq!((h.direction, h.link, h.kind), (1, 0, 1));
+        assert_eq!((h.hook, h.link, h.kind), (1, 0, 1));
         assert!(Header::read(&bytes[..15]).is_none());
     }
 }

@@ -8,7 +8,7 @@
 //! slot a hook's filter goes into) all read this table, so that adding a
 //! hook is one new row here and one new function in `ntm-ebpf`.
 
-use crate::{Direction, names, tail};
+use crate::{Hook, names, tail};
 
 /// How frames start on an interface: it decides which program counts them
 /// and which link type a tcpdump filter is compiled for.
@@ -47,10 +47,10 @@ impl HookPoint {
         matches!(self, HookPoint::XdpIngress)
     }
 
-    pub fn direction(self) -> Direction {
+    pub fn hook(self) -> Hook {
         match self {
-            HookPoint::TcIngress | HookPoint::XdpIngress => Direction::Ingress,
-            HookPoint::TcEgress => Direction::Egress,
+            HookPoint::TcIngress | HookPoint::XdpIngress => Hook::Ingress,
+            HookPoint::TcEgress => Hook::Egress,
         }
     }
 
@@ -66,7 +66,7 @@ impl HookPoint {
 
 /// One hook's programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Hook {
+pub struct HookPrograms {
     pub point: HookPoint,
     pub link: LinkType,
     /// The program attached to interfaces: it tail-calls the hook's filter
@@ -82,15 +82,15 @@ pub struct Hook {
     pub count_slot: u32,
 }
 
-impl Hook {
+impl HookPrograms {
     pub fn is_xdp(&self) -> bool {
         self.point.is_xdp()
     }
 }
 
 /// Every hook ntm has. The function names in `ntm-ebpf` are these names.
-pub const HOOKS: [Hook; 5] = [
-    Hook {
+pub const HOOKS: [HookPrograms; 5] = [
+    HookPrograms {
         point: HookPoint::TcIngress,
         link: LinkType::Ethernet,
         entry: "ntm_tc_ingress_eth",
@@ -99,7 +99,7 @@ pub const HOOKS: [Hook; 5] = [
         filter_slot: tail::FILTER_INGRESS_ETH,
         count_slot: tail::COUNT_INGRESS_ETH,
     },
-    Hook {
+    HookPrograms {
         point: HookPoint::TcEgress,
         link: LinkType::Ethernet,
         entry: "ntm_tc_egress_eth",
@@ -108,7 +108,7 @@ pub const HOOKS: [Hook; 5] = [
         filter_slot: tail::FILTER_EGRESS_ETH,
         count_slot: tail::COUNT_EGRESS_ETH,
     },
-    Hook {
+    HookPrograms {
         point: HookPoint::TcIngress,
         link: LinkType::RawIp,
         entry: "ntm_tc_ingress_l3",
@@ -117,7 +117,7 @@ pub const HOOKS: [Hook; 5] = [
         filter_slot: tail::FILTER_INGRESS_L3,
         count_slot: tail::COUNT_INGRESS_L3,
     },
-    Hook {
+    HookPrograms {
         point: HookPoint::TcEgress,
         link: LinkType::RawIp,
         entry: "ntm_tc_egress_l3",
@@ -126,7 +126,7 @@ pub const HOOKS: [Hook; 5] = [
         filter_slot: tail::FILTER_EGRESS_L3,
         count_slot: tail::COUNT_EGRESS_L3,
     },
-    Hook {
+    HookPrograms {
         point: HookPoint::XdpIngress,
         link: LinkType::Ethernet,
         entry: "ntm_xdp",
@@ -139,7 +139,7 @@ pub const HOOKS: [Hook; 5] = [
 
 /// The hook for frames of `link` at `point`, if ntm has one (XDP counts
 /// Ethernet frames only).
-pub fn hook(point: HookPoint, link: LinkType) -> Option<&'static Hook> {
+pub fn hook(point: HookPoint, link: LinkType) -> Option<&'static HookPrograms> {
     HOOKS.iter().find(|h| h.point == point && h.link == link)
 }
 

@@ -11,11 +11,11 @@
 //! so neither the kernel object nor the released agent carries it.
 //!
 //! ```
-//! use ntm_common::{Direction, FlowKey, test_util::KeyBuilder};
+//! use ntm_common::{Hook, FlowKey, test_util::KeyBuilder};
 //! let key = KeyBuilder::v4([198, 18, 0, 1], [198, 18, 0, 2])
 //!     .udp(53)
 //!     .ifindex(2)
-//!     .direction(Direction::Egress)
+//!     .hook(Hook::Egress)
 //!     .build();
 //! assert_eq!(key.port, 53);
 //! assert_eq!(
@@ -26,7 +26,7 @@
 
 use core::net::{Ipv4Addr, Ipv6Addr};
 
-use crate::{Direction, FlowKey, family, ipproto, key_flags};
+use crate::{FlowKey, Hook, family, ipproto, key_flags};
 
 /// A [`FlowKey`], field by field; every field not set is zero (as in
 /// `FlowKey::default()`: no family, interface 0, ingress, untagged).
@@ -115,8 +115,8 @@ impl KeyBuilder {
     }
 
     /// The hook that saw the frame.
-    pub fn direction(mut self, direction: Direction) -> Self {
-        self.0.direction = direction as u8;
+    pub fn hook(mut self, hook: Hook) -> Self {
+        self.0.hook = hook as u8;
         self
     }
 
@@ -189,7 +189,7 @@ mod tests {
             port: 53,
             ifindex: 2,
             vlan_id: 7,
-            direction: Direction::Egress as u8,
+            hook: Hook::Egress as u8,
             flags: key_flags::L4_MISSING,
             ..FlowKey::default()
         };
@@ -199,7 +199,7 @@ mod tests {
             .udp(53)
             .ifindex(2)
             .vlan(7)
-            .direction(Direction::Egress)
+            .hook(Hook::Egress)
             .l4_missing()
             .build();
         assert_eq!(built, literal);

@@ -7,8 +7,8 @@
 use aya_ebpf::programs::{TcContext, XdpContext};
 use core::mem::{MaybeUninit, size_of};
 use ntm_common::{
-    Counters, Direction, FlowKey, KEY_WORDS, OutsideKey, OutsideReason, cache_index,
-    outside_slot_index, outside_unkeyed_index,
+    Counters, FlowKey, Hook, KEY_WORDS, OutsideKey, OutsideReason, cache_index, outside_slot_index,
+    outside_unkeyed_index,
     service_port::{self, PortClass},
 };
 
@@ -32,7 +32,7 @@ const E2BIG: i32 = 7;
 const PULL_LEN: u32 = 256;
 
 #[inline(always)]
-pub fn count_tc<const ETHERNET: bool>(ctx: &TcContext, direction: Direction, filtered: bool) {
+pub fn count_tc<const ETHERNET: bool>(ctx: &TcContext, hook: Hook, filtered: bool) {
     let skb = ctx.skb.skb;
     // SAFETY: `skb` is the kernel's __sk_buff for this frame, valid for the
     // program's run; these fields are readable by TC programs.
@@ -56,7 +56,7 @@ pub fn count_tc<const ETHERNET: bool>(ctx: &TcContext, direction: Direction, fil
     // SAFETY: every byte was just written, and all-zero is a valid FlowKey.
     let key = unsafe { key_space.assume_init_mut() };
     key.ifindex = ifindex;
-    key.direction = direction as u8;
+    key.hook = hook as u8;
     key.vlan_id = metadata_vlan;
     let mut parsed = parse_tc::<ETHERNET>(ctx, key);
     if let Err(ParseError::NeedMoreData(_)) = parsed {
@@ -72,7 +72,7 @@ pub fn count_tc<const ETHERNET: bool>(ctx: &TcContext, direction: Direction, fil
             if ctx.pull_data(want).is_ok() {
                 zero_key(key);
                 key.ifindex = ifindex;
-                key.direction = direction as u8;
+                key.hook = hook as u8;
                 key.vlan_id = metadata_vlan;
                 parsed = parse_tc::<ETHERNET>(ctx, key);
             }
@@ -83,11 +83,11 @@ pub fn count_tc<const ETHERNET: bool>(ctx: &TcContext, direction: Direction, fil
     let segments = if gso_segs > 1 { gso_segs as u64 } else { 1 };
     let wanted = wanted_by_agent(&parsed, key);
     let took_slot = account(parsed, key, skb_len, segments, filtered);
-    if ETHERNET && took_slot && direction == Direction::Ingress && setting(&NTM_LEARN_MACS) != 0 {
+    if ETHERNET && took_slot && hook == Hook::Ingress && setting(&NTM_LEARN_MACS) != 0 {
         learn_mac(ctx.data(), ctx.data_end(), key);
     }
     if agent_wants(wanted) {
-        observe_tc(ctx, wanted, direction, ifindex, skb_len, ETHERNET);
+        observe_tc(ctx, wanted, hook, ifindex, skb_len, ETHERNET);
     }
 }
 
@@ -100,7 +100,7 @@ pub fn count_xdp(ctx: &XdpContext, filtered: bool) {
     // SAFETY: every byte was just written, and all-zero is a valid FlowKey.
     let key = unsafe { key_space.assume_init_mut() };
     key.ifindex = ifindex;
-    key.direction = Direction::Ingress as u8;
+    key.hook = Hook::Ingress as u8;
     let frame = Frame {
         data: ctx.data(),
         end: ctx.data_end(),
@@ -314,7 +314,7 @@ fn count_flow(key: &FlowKey, bytes: u64, packets: u64) {
     }
 }
 
-/// Counts a frame of `key`'s interface and direction outside the flow
+/// Counts a frame of `key`'s interface and hook outside the flow
 /// table, for `reason`, in the generation the agent has not begun to drain.
 /// A function of its own (a BPF-to-BPF call): inlined at each of its
 /// callers it would make the counting path larger, and slower, for every
@@ -326,7 +326,7 @@ fn count_outside(key: &FlowKey, reason: OutsideReason, bytes: u64, packets: u64)
         None => 0,
     };
     // `reason` is a constant at each call, so this folds to a slot or not.
-    if let Some(index) = outside_slot_index(generation, key.ifindex, key.direction, reason)
+    if let Some(index) = outside_slot_index(generation, key.ifindex, key.hook, reason)
         && let Some(slot) = NTM_OUTSIDE_SLOTS.get_ptr_mut(index)
     {
         // SAFETY: the slot is this CPU's (per-CPU array, TC and XDP run with
@@ -347,7 +347,7 @@ fn count_outside(key: &FlowKey, reason: OutsideReason, bytes: u64, packets: u64)
     // A rare reason, or another interface holds the slot: the hash.
     let outside = OutsideKey {
         ifindex: key.ifindex,
-        direction: key.direction,
+        hook: key.hook,
         reason: reason as u8,
         generation: generation as u8,
         _pad: 0,
@@ -369,7 +369,7 @@ fn count_outside(key: &FlowKey, reason: OutsideReason, bytes: u64, packets: u64)
         Err(_) => {}
     }
     // No room for the key: still counted, without its interface.
-    let slot = outside_unkeyed_index(generation, key.direction, reason);
+    let slot = outside_unkeyed_index(generation, key.hook, reason);
     if let Some(counters) = NTM_OUTSIDE_UNKEYED.get_ptr_mut(slot) {
         add_counts(counters, bytes, packets);
     }

@@ -28,7 +28,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use ntm_common::{Direction, tail};
+use ntm_common::{Hook, tail};
 
 use count::{count_tc, count_xdp};
 use lease::orphaned;
@@ -39,63 +39,59 @@ use maps::{NTM_FILTER_VERDICT, NTM_TC_TAILS, NTM_XDP_ACTION, NTM_XDP_TAILS, sett
 
 #[classifier]
 pub fn ntm_tc_ingress_eth(ctx: TcContext) -> i32 {
-    filter_then_count::<true>(&ctx, Direction::Ingress, tail::FILTER_INGRESS_ETH)
+    filter_then_count::<true>(&ctx, Hook::Ingress, tail::FILTER_INGRESS_ETH)
 }
 
 #[classifier]
 pub fn ntm_tc_egress_eth(ctx: TcContext) -> i32 {
-    filter_then_count::<true>(&ctx, Direction::Egress, tail::FILTER_EGRESS_ETH)
+    filter_then_count::<true>(&ctx, Hook::Egress, tail::FILTER_EGRESS_ETH)
 }
 
 #[classifier]
 pub fn ntm_tc_ingress_l3(ctx: TcContext) -> i32 {
-    filter_then_count::<false>(&ctx, Direction::Ingress, tail::FILTER_INGRESS_L3)
+    filter_then_count::<false>(&ctx, Hook::Ingress, tail::FILTER_INGRESS_L3)
 }
 
 #[classifier]
 pub fn ntm_tc_egress_l3(ctx: TcContext) -> i32 {
-    filter_then_count::<false>(&ctx, Direction::Egress, tail::FILTER_EGRESS_L3)
+    filter_then_count::<false>(&ctx, Hook::Egress, tail::FILTER_EGRESS_L3)
 }
 
 // The counting halves, entered from a filter program with its verdict.
 
 #[classifier]
 pub fn ntm_count_in_eth(ctx: TcContext) -> i32 {
-    count_tc::<true>(&ctx, Direction::Ingress, filtered_out());
+    count_tc::<true>(&ctx, Hook::Ingress, filtered_out());
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn ntm_count_out_eth(ctx: TcContext) -> i32 {
-    count_tc::<true>(&ctx, Direction::Egress, filtered_out());
+    count_tc::<true>(&ctx, Hook::Egress, filtered_out());
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn ntm_count_in_l3(ctx: TcContext) -> i32 {
-    count_tc::<false>(&ctx, Direction::Ingress, filtered_out());
+    count_tc::<false>(&ctx, Hook::Ingress, filtered_out());
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn ntm_count_out_l3(ctx: TcContext) -> i32 {
-    count_tc::<false>(&ctx, Direction::Egress, filtered_out());
+    count_tc::<false>(&ctx, Hook::Egress, filtered_out());
     TC_ACT_UNSPEC
 }
 
 #[inline(always)]
-fn filter_then_count<const ETHERNET: bool>(
-    ctx: &TcContext,
-    direction: Direction,
-    filter_slot: u32,
-) -> i32 {
+fn filter_then_count<const ETHERNET: bool>(ctx: &TcContext, hook: Hook, filter_slot: u32) -> i32 {
     if orphaned() {
         return TC_ACT_UNSPEC;
     }
     // SAFETY: a tail call either does not return or, with the slot empty,
     // returns with nothing changed.
     unsafe { NTM_TC_TAILS.tail_call(ctx, filter_slot) };
-    count_tc::<ETHERNET>(ctx, direction, false);
+    count_tc::<ETHERNET>(ctx, hook, false);
     TC_ACT_UNSPEC
 }
 

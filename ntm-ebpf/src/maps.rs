@@ -47,7 +47,7 @@ static NTM_CACHE_B: FlowCache = FlowCache::new();
 // Counts outside the flow table.
 
 /// Frames filtered out or finding the table full, by generation, interface
-/// (one slot per ifindex modulo OUTSIDE_IFACE_SLOTS), direction and reason:
+/// (one slot per ifindex modulo OUTSIDE_IFACE_SLOTS), hook and reason:
 /// an array slot, because a filter that rejects most frames, or a flood of
 /// new flows, sends each frame here.
 #[btf_map]
@@ -55,7 +55,7 @@ pub static NTM_OUTSIDE_SLOTS: PerCpuArray<OutsideSlot, { OUTSIDE_SLOTS as usize 
     PerCpuArray::new();
 
 /// Outside counts of the other reasons, and of an interface whose slot
-/// another interface holds, by interface, direction, reason and generation
+/// another interface holds, by interface, hook, reason and generation
 /// (see `ntm_common::OutsideKey`).
 #[btf_map]
 pub static NTM_OUTSIDE: PerCpuHashMap<OutsideKey, Counters, { OUTSIDE_ENTRIES as usize }> =

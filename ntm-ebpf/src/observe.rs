@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use ntm_common::{
-    Direction, FlowKey, ipproto,
+    FlowKey, Hook, ipproto,
     observe::{self, CAPTURE_BYTES, DropReason, MacKey, MacValue, Record},
 };
 
@@ -101,7 +101,7 @@ fn capture_len(len: u32) -> u32 {
 pub fn observe_tc(
     ctx: &TcContext,
     kind: u8,
-    direction: Direction,
+    hook: Hook,
     ifindex: u32,
     skb_len: u32,
     ethernet: bool,
@@ -115,7 +115,7 @@ pub fn observe_tc(
         kind,
         ifindex,
         frame_len: skb_len,
-        direction,
+        hook,
         link,
     };
     hand_over(&frame, |to, len| {
@@ -133,7 +133,7 @@ pub fn observe_xdp(ctx: &XdpContext, kind: u8, ifindex: u32, frame_len: u32) {
         kind,
         ifindex,
         frame_len,
-        direction: Direction::Ingress,
+        hook: Hook::Ingress,
         link: observe::link::ETHERNET,
     };
     hand_over(&frame, |to, len| {
@@ -148,7 +148,7 @@ struct FrameInfo {
     kind: u8,
     ifindex: u32,
     frame_len: u32,
-    direction: Direction,
+    hook: Hook,
     link: u8,
 }
 
@@ -189,7 +189,7 @@ unsafe fn write_header(record: *mut Record, frame: &FrameInfo, captured: u32) {
             ifindex: frame.ifindex,
             frame_len: frame.frame_len,
             captured: captured as u16,
-            direction: frame.direction as u8,
+            hook: frame.hook as u8,
             link: frame.link,
             kind: frame.kind,
             _pad: [0; 3],

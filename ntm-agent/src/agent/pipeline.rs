@@ -29,7 +29,7 @@ use crate::{
     health::{
         attached::Health,
         coverage::Coverage,
-        self_metrics::{MetricsError, SelfMetrics},
+        self_metrics::{MetricsError, NameTable, SelfMetrics},
         status::DrainStatus,
     },
     kernel::{Hooked, drain::Drained, iface_label, observe::ObservedFrame},
@@ -214,18 +214,14 @@ impl Pipeline {
         }
         let sizes = self.hosts.table_sizes();
         let gauge = &self.metrics.observed_names;
-        gauge
-            .with_label_values(&["answers"])
-            .set(sizes.answers as i64);
-        gauge
-            .with_label_values(&["clients"])
-            .set(sizes.clients as i64);
-        gauge
-            .with_label_values(&["leases"])
-            .set(sizes.leases as i64);
-        gauge
-            .with_label_values(&["containers"])
-            .set(sizes.containers as i64);
+        for (table, size) in [
+            (NameTable::Answers, sizes.answers),
+            (NameTable::Clients, sizes.clients),
+            (NameTable::Leases, sizes.leases),
+            (NameTable::Containers, sizes.containers),
+        ] {
+            gauge.with_label_values(&[table.as_str()]).set(size as i64);
+        }
     }
 
     /// One drain's deltas through every stage and output. `iface_labels`
@@ -295,7 +291,7 @@ impl Pipeline {
             ) {
                 labelled.overflow.push(Overflow {
                     iface: iface_label(iface_labels, at.ifindex),
-                    direction: at.direction,
+                    hook: at.hook,
                     delta: *delta,
                 });
                 overflow.add(delta);
@@ -403,7 +399,7 @@ mod tests {
         names::NameOptions,
         outputs::history::HistoryOptions,
     };
-    use ntm_common::{Counters, FlowKey, family};
+    use ntm_common::{Counters, FlowKey, test_util::KeyBuilder};
 
     fn pipeline(max_series: usize, ttl: Duration, labels: Vec<Label>) -> Pipeline {
         Pipeline::new(
@@ -431,16 +427,7 @@ mod tests {
     }
 
     fn flow(src: [u8; 4], dst: [u8; 4], port: u16) -> FlowKey {
-        let mut k = FlowKey {
-            family: family::IPV4,
-            proto: 6,
-            port,
-            ifindex: 2,
-            ..Default::default()
-        };
-        k.src[..4].copy_from_slice(&src);
-        k.dst[..4].copy_from_slice(&dst);
-        k
+        KeyBuilder::v4(src, dst).tcp(port).ifindex(2).build()
     }
 
     fn drained(flows: Vec<(FlowKey, u64)>) -> Drained {
@@ -566,48 +553,44 @@ mod tests {
     #[test]
     fn overflow_counts_in_the_main_counters_of_its_interface() {
         use crate::kernel::drain::Outside;
-        use ntm_common::Direction;
+        use ntm_common::Hook;
         let mut p = pipeline(100, Duration::from_secs(60), Label::DEFAULT.to_vec());
         let mut d = drained(vec![(flow([192, 168, 1, 2], [8, 8, 8, 8], 443), 100)]);
-        let at = |ifindex, direction, reason| Outside {
+        let at = |ifindex, hook, reason| Outside {
             ifindex,
-            direction,
+            hook,
             reason,
         };
         let c = |bytes, packets| Counters { bytes, packets };
-        d.outside.add(
-            at(2, Direction::Ingress, OutsideReason::TableFull),
-            &c(900, 9),
-        );
-        d.outside.add(
-            at(2, Direction::Egress, OutsideReason::TableFull),
-            &c(40, 1),
-        );
+        d.outside
+            .add(at(2, Hook::Ingress, OutsideReason::TableFull), &c(900, 9));
+        d.outside
+            .add(at(2, Hook::Egress, OutsideReason::TableFull), &c(40, 1));
         d.outside.add(
             at(
                 Outside::UNKNOWN_IFINDEX,
-                Direction::Egress,
+                Hook::Egress,
                 OutsideReason::InsertFailed,
             ),
             &c(20, 1),
         );
         d.outside.add(
-            at(2, Direction::Ingress, OutsideReason::MalformedIpv4),
+            at(2, Hook::Ingress, OutsideReason::MalformedIpv4),
             &c(60, 1),
         );
         d.outside
-            .add(at(2, Direction::Egress, OutsideReason::Filtered), &c(70, 1));
+            .add(at(2, Hook::Egress, OutsideReason::Filtered), &c(70, 1));
         p.process(&d, &eth0(), Instant::now());
         assert_eq!(total(&p), 100 + 900 + 40 + 20);
         let text = p.exposition().encode().unwrap();
         for line in [
             r#"ntm_bytes_total{direction="other",dst="other",iface="eth0",proto="other",service="other",src="other"} 940"#,
             r#"ntm_bytes_total{direction="other",dst="other",iface="other",proto="other",service="other",src="other"} 20"#,
-            r#"ntm_outside_flow_table_packets_total{direction="ingress",iface="eth0",reason="malformed_ipv4"} 1"#,
-            r#"ntm_outside_flow_table_bytes_total{direction="ingress",iface="eth0",reason="table_full"} 900"#,
-            r#"ntm_outside_flow_table_bytes_total{direction="egress",iface="eth0",reason="table_full"} 40"#,
-            r#"ntm_outside_flow_table_bytes_total{direction="egress",iface="other",reason="insert_failed"} 20"#,
-            r#"ntm_filtered_bytes_total{direction="egress",iface="eth0"} 70"#,
+            r#"ntm_outside_flow_table_packets_total{hook="ingress",iface="eth0",reason="malformed_ipv4"} 1"#,
+            r#"ntm_outside_flow_table_bytes_total{hook="ingress",iface="eth0",reason="table_full"} 900"#,
+            r#"ntm_outside_flow_table_bytes_total{hook="egress",iface="eth0",reason="table_full"} 40"#,
+            r#"ntm_outside_flow_table_bytes_total{hook="egress",iface="other",reason="insert_failed"} 20"#,
+            r#"ntm_filtered_bytes_total{hook="egress",iface="eth0"} 70"#,
         ] {
             assert!(text.contains(line), "{line} in\n{text}");
         }
@@ -621,7 +604,7 @@ mod tests {
         use crate::{
             kernel::drain::Outside, model::subjects::Subject, outputs::history::periods::Period,
         };
-        use ntm_common::Direction;
+        use ntm_common::Hook;
         let mut p = pipeline(100, Duration::from_secs(60), Label::DEFAULT.to_vec());
         let mut d = drained(vec![
             (flow([192, 168, 1, 2], [8, 8, 8, 8], 443), 100),
@@ -632,7 +615,7 @@ mod tests {
         d.outside.add(
             Outside {
                 ifindex: 2,
-                direction: Direction::Egress,
+                hook: Hook::Egress,
                 reason: OutsideReason::TableFull,
             },
             &Counters {

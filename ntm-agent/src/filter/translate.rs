@@ -40,7 +40,7 @@ enum View {
 }
 
 impl View {
-    fn of(hook: &programs::Hook) -> Self {
+    fn of(hook: &programs::HookPrograms) -> Self {
         match (hook.is_xdp(), hook.link) {
             (true, _) => View::Xdp,
             (false, LinkType::Ethernet) => View::TcEthernet,
@@ -668,7 +668,7 @@ impl Blocks {
 /// hook's counting half in `maps.tails`.
 pub fn translate(
     program: &[ClassicInsn],
-    hook: &programs::Hook,
+    hook: &programs::HookPrograms,
     maps: MapFds,
 ) -> Result<Vec<Insn>, TranslateError> {
     let count_slot = hook.count_slot;
@@ -992,7 +992,7 @@ mod tests {
     };
 
     /// The table's hook with this view.
-    fn hook(view: View) -> &'static programs::Hook {
+    fn hook(view: View) -> &'static programs::HookPrograms {
         programs::HOOKS
             .iter()
             .find(|h| View::of(h) == view)

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ntm_common::Direction;
+use ntm_common::Hook;
 use prometheus::{GaugeVec, IntCounterVec};
 
 use crate::kernel::{Hooked, drain::Drained, links::LinkStats};
@@ -37,16 +37,16 @@ pub struct Coverage {
     ratio: GaugeVec,
     /// What the kernel's counters said at the last drain, per interface
     /// and hook (to add the difference).
-    kernel_seen: HashMap<(u32, Direction), (u64, u64)>,
+    kernel_seen: HashMap<(u32, Hook), (u64, u64)>,
     /// Per label and hook: totals since start, and the samples of the
     /// last [`WINDOW`].
-    totals: HashMap<(String, Direction), Totals>,
-    samples: HashMap<(String, Direction), VecDeque<(Instant, Totals)>>,
+    totals: HashMap<(String, Hook), Totals>,
+    samples: HashMap<(String, Hook), VecDeque<(Instant, Totals)>>,
 }
 
 impl Coverage {
     /// `(kernel packets, kernel bytes, counted packets)` counters and the
-    /// ratio gauge, all labelled `iface` and `direction`.
+    /// ratio gauge, all labelled `iface` and `hook`.
     pub fn new(
         (kernel_packets, kernel_bytes, counted_packets, ratio): (
             IntCounterVec,
@@ -69,33 +69,33 @@ impl Coverage {
     /// One drain, with the kernel's statistics read right after it.
     pub fn record(&mut self, drained: &Drained, hooked: &[Hooked], now: Instant) {
         let stats = &drained.link_stats;
-        let mut counted: HashMap<(u32, Direction), u64> = HashMap::new();
+        let mut counted: HashMap<(u32, Hook), u64> = HashMap::new();
         for (key, c) in &drained.flows {
-            if let Some(direction) = Direction::from_u8(key.direction) {
-                *counted.entry((key.ifindex, direction)).or_default() += c.packets;
+            if let Some(hook) = Hook::from_u8(key.hook) {
+                *counted.entry((key.ifindex, hook)).or_default() += c.packets;
             }
         }
         for (at, c) in drained.outside.iter() {
-            *counted.entry((at.ifindex, at.direction)).or_default() += c.packets;
+            *counted.entry((at.ifindex, at.hook)).or_default() += c.packets;
         }
         let mut labels_now = Vec::new();
         for hooked in hooked {
             let Some(now_stats) = stats.get(&hooked.ifindex) else {
                 continue;
             };
-            for &direction in hooked.directions {
-                let (packets, bytes) = kernel_side(now_stats, direction);
+            for &hook in hooked.hooks {
+                let (packets, bytes) = kernel_side(now_stats, hook);
                 let seen = self
                     .kernel_seen
-                    .entry((hooked.ifindex, direction))
-                    .or_insert_with(|| kernel_side(&hooked.since, direction));
+                    .entry((hooked.ifindex, hook))
+                    .or_insert_with(|| kernel_side(&hooked.since, hook));
                 // A counter that went back (the interface was recreated
                 // under the same index) starts again from zero.
                 let new_packets = packets.checked_sub(seen.0).unwrap_or(packets);
                 let new_bytes = bytes.checked_sub(seen.1).unwrap_or(bytes);
                 *seen = (packets, bytes);
-                let ours = counted.remove(&(hooked.ifindex, direction)).unwrap_or(0);
-                let labels = [hooked.label.as_str(), direction.as_str()];
+                let ours = counted.remove(&(hooked.ifindex, hook)).unwrap_or(0);
+                let labels = [hooked.label.as_str(), hook.as_str()];
                 self.kernel_packets
                     .with_label_values(&labels)
                     .inc_by(new_packets);
@@ -103,13 +103,10 @@ impl Coverage {
                     .with_label_values(&labels)
                     .inc_by(new_bytes);
                 self.counted_packets.with_label_values(&labels).inc_by(ours);
-                let totals = self
-                    .totals
-                    .entry((hooked.label.clone(), direction))
-                    .or_default();
+                let totals = self.totals.entry((hooked.label.clone(), hook)).or_default();
                 totals.counted += ours;
                 totals.kernel += new_packets;
-                labels_now.push((hooked.label.clone(), direction));
+                labels_now.push((hooked.label.clone(), hook));
             }
         }
         // Each label (several interfaces may share one) once.
@@ -136,11 +133,11 @@ impl Coverage {
         // Interfaces no longer attached: their figures go.
         let kernel_seen = &mut self.kernel_seen;
         kernel_seen.retain(|(index, _), _| hooked.iter().any(|h| h.ifindex == *index));
-        let live: Vec<(String, Direction)> = hooked
+        let live: Vec<(String, Hook)> = hooked
             .iter()
-            .flat_map(|h| h.directions.iter().map(|d| (h.label.clone(), *d)))
+            .flat_map(|h| h.hooks.iter().map(|d| (h.label.clone(), *d)))
             .collect();
-        let gone: Vec<(String, Direction)> = self
+        let gone: Vec<(String, Hook)> = self
             .samples
             .keys()
             .filter(|k| !live.contains(k))
@@ -157,10 +154,10 @@ impl Coverage {
 }
 
 /// The kernel's (packets, bytes) for the frames a hook sees.
-fn kernel_side(stats: &LinkStats, direction: Direction) -> (u64, u64) {
-    match direction {
-        Direction::Ingress => (stats.rx_packets, stats.rx_bytes),
-        Direction::Egress => (stats.tx_packets, stats.tx_bytes),
+fn kernel_side(stats: &LinkStats, hook: Hook) -> (u64, u64) {
+    match hook {
+        Hook::Ingress => (stats.rx_packets, stats.rx_bytes),
+        Hook::Egress => (stats.tx_packets, stats.tx_bytes),
     }
 }
 
@@ -182,7 +179,7 @@ mod tests {
     use prometheus::Opts;
 
     fn coverage() -> Coverage {
-        let labels = &["iface", "direction"];
+        let labels = &["iface", "hook"];
         let counter = |n: &str| IntCounterVec::new(Opts::new(n, n), labels).unwrap();
         Coverage::new((
             counter("k_packets"),
@@ -202,9 +199,9 @@ mod tests {
     }
 
     fn drained(ingress: u64, egress: u64, stats: LinkStats) -> Drained {
-        let flow = |direction: Direction, packets| {
+        let flow = |hook: Hook, packets| {
             (
-                KeyBuilder::new().ifindex(2).direction(direction).build(),
+                KeyBuilder::new().ifindex(2).hook(hook).build(),
                 Counters {
                     bytes: packets * 86,
                     packets,
@@ -212,10 +209,7 @@ mod tests {
             )
         };
         Drained {
-            flows: vec![
-                flow(Direction::Ingress, ingress),
-                flow(Direction::Egress, egress),
-            ],
+            flows: vec![flow(Hook::Ingress, ingress), flow(Hook::Egress, egress)],
             link_stats: HashMap::from([(2, stats)]),
             ..Default::default()
         }
@@ -227,7 +221,7 @@ mod tests {
         let hooked = [Hooked {
             ifindex: 2,
             label: "eth0".into(),
-            directions: &[Direction::Ingress, Direction::Egress],
+            hooks: &[Hook::Ingress, Hook::Egress],
             since: stats(1000, 500),
         }];
         let start = Instant::now();

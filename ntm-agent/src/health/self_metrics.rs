@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use ntm_common::{Direction, OutsideReason, programs};
+use ntm_common::{Hook, OutsideReason, programs};
 use prometheus::{
     GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, core::Collector,
@@ -34,7 +34,7 @@ pub struct HistoryMetrics {
     pub database_bytes: IntGauge,
     /// Minute buckets of counts dropped because commits kept failing.
     pub lost: IntGauge,
-    /// `<prefix>_period_bytes{period, device, iface, direction}`.
+    /// `<prefix>_period_bytes{period, device, way, iface, hook}`.
     pub period_bytes: IntGaugeVec,
     /// `<prefix>_quota_bytes{iface, period}` and
     /// `<prefix>_quota_used_ratio{iface, period}`.
@@ -113,17 +113,81 @@ pub struct SelfMetrics {
     pub history: HistoryMetrics,
     /// The self-check: `<prefix>_interface_kernel_{packets,bytes}_total`,
     /// `_counted_packets_total` and `_coverage_ratio`, by iface and
-    /// direction (see `coverage.rs`).
+    /// hook (see `coverage.rs`).
     pub coverage: (IntCounterVec, IntCounterVec, IntCounterVec, GaugeVec),
 }
 
-/// Values of `reason` in `<prefix>_http_requests_refused_total`.
-pub const REFUSED_REASONS: [&str; 4] = [
-    "unauthorized",
-    "rate_limited",
-    "client_certificate",
-    "tls_handshake",
-];
+/// Why the web config refused a request or a connection: the `reason` of
+/// `<prefix>_http_requests_refused_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Basic auth missing or wrong.
+    Unauthorized,
+    /// Too many failed logins from the client's address.
+    RateLimited,
+    /// A client certificate without an allowed SAN.
+    ClientCertificate,
+    /// The TLS handshake failed or timed out.
+    TlsHandshake,
+}
+
+impl Refused {
+    pub const ALL: [Refused; 4] = [
+        Refused::Unauthorized,
+        Refused::RateLimited,
+        Refused::ClientCertificate,
+        Refused::TlsHandshake,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refused::Unauthorized => "unauthorized",
+            Refused::RateLimited => "rate_limited",
+            Refused::ClientCertificate => "client_certificate",
+            Refused::TlsHandshake => "tls_handshake",
+        }
+    }
+}
+
+/// How a history commit went: the `result` of
+/// `<prefix>_history_commits_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitResult {
+    Ok,
+    Error,
+}
+
+impl CommitResult {
+    pub const ALL: [CommitResult; 2] = [CommitResult::Ok, CommitResult::Error];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommitResult::Ok => "ok",
+            CommitResult::Error => "error",
+        }
+    }
+}
+
+/// A table of names learnt from the wire or from containers: the `table`
+/// of `<prefix>_observed_names`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NameTable {
+    Answers,
+    Clients,
+    Leases,
+    Containers,
+}
+
+impl NameTable {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NameTable::Answers => "answers",
+            NameTable::Clients => "clients",
+            NameTable::Leases => "leases",
+            NameTable::Containers => "containers",
+        }
+    }
+}
 
 /// How a DNS or DHCP message the kernel handed over was read: the
 /// `result` label of `<prefix>_observed_messages_total`, beside the
@@ -217,12 +281,12 @@ impl SelfMetrics {
         };
         let outside_bytes = r.counter_vec(
             "outside_flow_table_bytes_total",
-            "Bytes of frames counted outside the flow table, by reason, interface and hook direction (ingress or egress); table_full, insert_failed and no_active_table are also in bytes_total, with their iface and every other label \"other\"; iface=\"other\": the interface could not be kept",
+            "Bytes of frames counted outside the flow table, by reason, interface and hook (ingress or egress); table_full, insert_failed and no_active_table are also in bytes_total, with their iface and every other label \"other\"; iface=\"other\": the interface could not be kept",
             OUTSIDE_LABELS,
         )?;
         let outside_packets = r.counter_vec(
             "outside_flow_table_packets_total",
-            "Frames counted outside the flow table, by reason, interface and hook direction (see outside_flow_table_bytes_total)",
+            "Frames counted outside the flow table, by reason, interface and hook (see outside_flow_table_bytes_total)",
             OUTSIDE_LABELS,
         )?;
         let filter_reloads = r.counter_vec(
@@ -322,12 +386,12 @@ impl SelfMetrics {
             outside_packets,
             filtered_bytes: r.counter_vec(
                 "filtered_bytes_total",
-                "Bytes of frames the tcpdump filter did not match (not in bytes_total), counted as bytes_total would, by interface and hook direction (ingress or egress)",
+                "Bytes of frames the tcpdump filter did not match (not in bytes_total), counted as bytes_total would, by interface and hook (ingress or egress)",
                 FILTERED_LABELS,
             )?,
             filtered_packets: r.counter_vec(
                 "filtered_packets_total",
-                "Frames the tcpdump filter did not match (not in packets_total), by interface and hook direction",
+                "Frames the tcpdump filter did not match (not in packets_total), by interface and hook",
                 FILTERED_LABELS,
             )?,
             outside_ifaces: Default::default(),
@@ -393,8 +457,8 @@ impl SelfMetrics {
                 )?,
                 period_bytes: r.gauge_vec(
                     "period_bytes",
-                    "Bytes this day (from local midnight), week (from Monday) and billing period (from --period-start-day), per device (download, upload) and per interface (rx, tx); at most --max-series devices, the busiest",
-                    &["period", "device", "iface", "direction"],
+                    "Bytes this day (from local midnight), week (from Monday) and billing period (from --period-start-day), per device (way: download, upload) and per interface (hook: ingress, egress); at most --max-series devices, the busiest",
+                    &["period", "device", "way", "iface", "hook"],
                 )?,
                 quota_bytes: r.gauge_vec(
                     "quota_bytes",
@@ -405,7 +469,7 @@ impl SelfMetrics {
                     GaugeVec::new(
                         Opts::new(
                             name,
-                            "Share of the interface's --quota used in the current period (rx and tx; 1 is all of it)",
+                            "Share of the interface's --quota used in the current period (ingress and egress; 1 is all of it)",
                         ),
                         &["iface", "period"],
                     )
@@ -418,11 +482,14 @@ impl SelfMetrics {
             )?,
             registry,
         };
-        for result in ["ok", "error"] {
-            metrics.history.commits.with_label_values(&[result]);
+        for result in CommitResult::ALL {
+            metrics
+                .history
+                .commits
+                .with_label_values(&[result.as_str()]);
         }
-        for reason in REFUSED_REASONS {
-            metrics.http_refused.with_label_values(&[reason]);
+        for reason in Refused::ALL {
+            metrics.http_refused.with_label_values(&[reason.as_str()]);
         }
         let process = prometheus::process_collector::ProcessCollector::for_self();
         metrics
@@ -465,9 +532,9 @@ impl SelfMetrics {
         self.flow_table_entries.set(drained.flows.len() as i64);
         for (at, delta) in drained.outside.iter() {
             let iface = iface_label(iface_labels, at.ifindex);
-            let direction = at.direction.as_str();
+            let hook = at.hook.as_str();
             if at.reason == OutsideReason::Filtered {
-                let labels = [iface.as_str(), direction];
+                let labels = [iface.as_str(), hook];
                 self.filtered_bytes
                     .with_label_values(&labels)
                     .inc_by(delta.bytes);
@@ -476,7 +543,7 @@ impl SelfMetrics {
                     .inc_by(delta.packets);
                 continue;
             }
-            let labels = [at.reason.as_str(), iface.as_str(), direction];
+            let labels = [at.reason.as_str(), iface.as_str(), hook];
             self.outside_bytes
                 .with_label_values(&labels)
                 .inc_by(delta.bytes);
@@ -515,26 +582,26 @@ impl SelfMetrics {
         let mut known = sync::lock(&self.outside_ifaces);
         let now: BTreeSet<String> = states.iter().map(|s| s.iface.clone()).collect();
         for gone in known.difference(&now) {
-            for direction in Direction::ALL {
-                let labels = [gone.as_str(), direction.as_str()];
+            for hook in Hook::ALL {
+                let labels = [gone.as_str(), hook.as_str()];
                 let _ = self.filtered_bytes.remove_label_values(&labels);
                 let _ = self.filtered_packets.remove_label_values(&labels);
                 for reason in OutsideReason::ALL {
-                    let labels = [reason.as_str(), gone.as_str(), direction.as_str()];
+                    let labels = [reason.as_str(), gone.as_str(), hook.as_str()];
                     let _ = self.outside_bytes.remove_label_values(&labels);
                     let _ = self.outside_packets.remove_label_values(&labels);
                 }
             }
         }
         for iface in now.difference(&known) {
-            for direction in Direction::ALL {
-                let labels = [iface.as_str(), direction.as_str()];
+            for hook in Hook::ALL {
+                let labels = [iface.as_str(), hook.as_str()];
                 self.filtered_bytes.with_label_values(&labels);
                 self.filtered_packets.with_label_values(&labels);
                 let labels = [
                     OutsideReason::TableFull.as_str(),
                     iface.as_str(),
-                    direction.as_str(),
+                    hook.as_str(),
                 ];
                 self.outside_bytes.with_label_values(&labels);
                 self.outside_packets.with_label_values(&labels);
@@ -545,9 +612,9 @@ impl SelfMetrics {
 }
 
 /// Labels of `<prefix>_outside_flow_table_{bytes,packets}_total`.
-const OUTSIDE_LABELS: &[&str] = &["reason", "iface", "direction"];
+const OUTSIDE_LABELS: &[&str] = &["reason", "iface", "hook"];
 /// Labels of `<prefix>_filtered_{bytes,packets}_total`.
-const FILTERED_LABELS: &[&str] = &["iface", "direction"];
+const FILTERED_LABELS: &[&str] = &["iface", "hook"];
 
 /// The `protocol` label of an observed message.
 pub fn protocol_label(kind: ntm_common::observe::Kind) -> &'static str {

@@ -39,11 +39,11 @@ pub enum AttachError {
     )]
     UnknownInterface { iface: String, available: String },
     #[error(
-        "ntm is already attached to {iface} {direction} (program id {program_id}); another ntm is running there: stop it first, it would count every packet twice"
+        "ntm is already attached to {iface} {hook} (program id {program_id}); another ntm is running there: stop it first, it would count every packet twice"
     )]
     AlreadyAttached {
         iface: String,
-        direction: &'static str,
+        hook: &'static str,
         program_id: u32,
     },
     #[error(
@@ -54,10 +54,10 @@ pub enum AttachError {
         "--attach-mode tcx needs Linux 6.6 or newer (this kernel has no TCX hooks); use --attach-mode clsact or auto"
     )]
     TcxUnavailable,
-    #[error("attaching to {iface} {direction} failed: {source}")]
+    #[error("attaching to {iface} {hook} failed: {source}")]
     Failed {
         iface: String,
-        direction: &'static str,
+        hook: &'static str,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
@@ -65,7 +65,7 @@ pub enum AttachError {
 
 /// Which of an interface's TC hooks ntm uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Hooks {
+pub enum HookSet {
     /// A plain interface: traffic in and out.
     Both,
     /// Ingress only: a bridge port (frames entering the bridge from it),
@@ -75,12 +75,12 @@ pub enum Hooks {
     Egress,
 }
 
-impl Hooks {
+impl HookSet {
     fn points(self) -> &'static [HookPoint] {
         match self {
-            Hooks::Both => &[HookPoint::TcIngress, HookPoint::TcEgress],
-            Hooks::Ingress => &[HookPoint::TcIngress],
-            Hooks::Egress => &[HookPoint::TcEgress],
+            HookSet::Both => &[HookPoint::TcIngress, HookPoint::TcEgress],
+            HookSet::Ingress => &[HookPoint::TcIngress],
+            HookSet::Egress => &[HookPoint::TcEgress],
         }
     }
 }
@@ -134,7 +134,7 @@ pub struct Attachment {
     pub iface: String,
     pub ifindex: u32,
     pub link_type: LinkType,
-    pub hooks: Hooks,
+    pub hooks: HookSet,
     pub links: Links,
     /// Where its links are pinned in bpffs (TCX and XDP with pins).
     pub pinned: Vec<PathBuf>,
@@ -231,7 +231,7 @@ fn tc_attach_type(point: HookPoint) -> TcAttachType {
 pub fn attach_tc(
     datapath: &mut Datapath,
     iface: &str,
-    hooks: Hooks,
+    hooks: HookSet,
     mode: AttachMode,
     pins: Option<&NetnsPins>,
 ) -> Result<Attachment, AttachError> {
@@ -249,16 +249,16 @@ pub fn attach_tc(
     for &point in hooks.points() {
         let hook = programs::hook(point, link_type)
             .ok_or_else(|| failed(iface, point.name(), "no program for this link type"))?;
-        let direction = tc_attach_type(point);
+        let attach_type = tc_attach_type(point);
         let pin_path = pins.map(|p| p.link_path(ifindex, point));
         let program: &mut SchedClassifier = datapath
             .tc_program(hook.entry)
             .ok_or_else(|| failed(iface, point.name(), "program missing"))?;
         // On an error, `links` is dropped: nothing stays half-attached.
         let (link, took_over) = if tcx {
-            attach_tcx_hook(program, iface, direction, pin_path.as_ref())?
+            attach_tcx_hook(program, iface, attach_type, pin_path.as_ref())?
         } else {
-            attach_clsact_hook(program, iface, direction)?
+            attach_clsact_hook(program, iface, attach_type)?
         };
         adopted |= took_over;
         let link = match (tcx, pin_path) {
@@ -302,10 +302,10 @@ pub fn attach_tc(
 fn attach_tcx_hook(
     program: &mut SchedClassifier,
     iface: &str,
-    direction: TcAttachType,
+    attach_type: TcAttachType,
     pin_path: Option<&PathBuf>,
 ) -> Result<(SchedClassifierLink, bool), AttachError> {
-    let name = direction_name(direction);
+    let name = attach_type_name(attach_type);
     if let Some(path) = pin_path
         && path.exists()
     {
@@ -332,28 +332,28 @@ fn attach_tcx_hook(
         }
     }
     // A live ntm holds a TCX link: refuse rather than count twice.
-    refuse_if_ntm_attached(iface, direction)?;
-    remove_stale_clsact_filters(iface, direction);
+    refuse_if_ntm_attached(iface, attach_type)?;
+    remove_stale_clsact_filters(iface, attach_type);
     let options = TcAttachOptions::TcxOrder(LinkOrder::first());
-    Ok((attach_new(program, iface, direction, options)?, false))
+    Ok((attach_new(program, iface, attach_type, options)?, false))
 }
 
 /// A new TC attachment of `program`, owned by the caller.
 fn attach_new(
     program: &mut SchedClassifier,
     iface: &str,
-    direction: TcAttachType,
+    attach_type: TcAttachType,
     options: TcAttachOptions,
 ) -> Result<SchedClassifierLink, AttachError> {
     let attached = program
-        .attach_with_options(iface, direction, options)
+        .attach_with_options(iface, attach_type, options)
         .and_then(|id| program.take_link(id));
     match attached {
         Ok(link) => Ok(link),
         Err(e) if is_permission_error(&e) => Err(AttachError::NotPermitted {
             iface: iface.to_string(),
         }),
-        Err(e) => Err(failed(iface, direction_name(direction), e)),
+        Err(e) => Err(failed(iface, attach_type_name(attach_type), e)),
     }
 }
 
@@ -363,25 +363,25 @@ fn attach_new(
 fn attach_clsact_hook(
     program: &mut SchedClassifier,
     iface: &str,
-    direction: TcAttachType,
+    attach_type: TcAttachType,
 ) -> Result<(SchedClassifierLink, bool), AttachError> {
     let ours = TcHandle::from(CLSACT_HANDLE);
     if let Ok(existing) =
-        SchedClassifierLink::attached(iface, direction, CLSACT_PRIORITY, ours, None)
+        SchedClassifierLink::attached(iface, attach_type, CLSACT_PRIORITY, ours, None)
         && let Ok(link) = program
             .attach_to_link(existing)
             .and_then(|id| program.take_link(id))
     {
         return Ok((link, true));
     }
-    remove_stale_clsact_filters(iface, direction);
+    remove_stale_clsact_filters(iface, attach_type);
     let options = TcAttachOptions::Netlink(NlOptions {
         // Ahead of filters added with the default priority.
         priority: CLSACT_PRIORITY,
         handle: ours,
         ..Default::default()
     });
-    Ok((attach_new(program, iface, direction, options)?, false))
+    Ok((attach_new(program, iface, attach_type, options)?, false))
 }
 
 /// Pins a TCX link at `path`, and gives it back.
@@ -393,8 +393,8 @@ fn pin_link(
     Ok(SchedClassifierLink::try_from(FdLink::from(pinned))?)
 }
 
-fn direction_name(direction: TcAttachType) -> &'static str {
-    if direction == TcAttachType::Egress {
+fn attach_type_name(attach_type: TcAttachType) -> &'static str {
+    if attach_type == TcAttachType::Egress {
         "egress"
     } else {
         "ingress"
@@ -439,7 +439,7 @@ pub fn attach_xdp(
                     iface: iface.to_string(),
                     ifindex,
                     link_type,
-                    hooks: Hooks::Ingress,
+                    hooks: HookSet::Ingress,
                     links: Links::Xdp { native, link },
                     pinned: vec![path],
                     adopted: true,
@@ -491,7 +491,7 @@ pub fn attach_xdp(
         iface: iface.to_string(),
         ifindex,
         link_type,
-        hooks: Hooks::Ingress,
+        hooks: HookSet::Ingress,
         links: Links::Xdp { native, link },
         pinned,
         adopted: false,
@@ -508,13 +508,13 @@ pub fn attach_xdp(
 /// program's name), whatever the mode, so nothing is counted twice. In
 /// clsact mode this also replaces a running ntm's filters: the new process
 /// takes over.
-fn remove_stale_clsact_filters(iface: &str, direction: TcAttachType) -> usize {
+fn remove_stale_clsact_filters(iface: &str, attach_type: TcAttachType) -> usize {
     let mut removed = 0;
     for hook in programs::HOOKS.iter().filter(|h| !h.is_xdp()) {
         // "Not found" (or no clsact qdisc at all) is the usual answer.
-        if tc::qdisc_detach_program(iface, direction, hook.entry).is_ok() {
+        if tc::qdisc_detach_program(iface, attach_type, hook.entry).is_ok() {
             log::info!(
-                "removed an ntm filter ({}) that an earlier agent left on {iface} {direction:?}",
+                "removed an ntm filter ({}) that an earlier agent left on {iface} {attach_type:?}",
                 hook.entry
             );
             removed += 1;
@@ -533,25 +533,25 @@ pub fn remove_clsact_filters_except(keep: &[u32]) -> usize {
         if netdev::index_of(&iface).is_some_and(|index| keep.contains(&index)) {
             continue;
         }
-        for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
-            removed += remove_stale_clsact_filters(&iface, direction);
+        for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
+            removed += remove_stale_clsact_filters(&iface, attach_type);
         }
     }
     removed
 }
 
-fn refuse_if_ntm_attached(iface: &str, direction: TcAttachType) -> Result<(), AttachError> {
+fn refuse_if_ntm_attached(iface: &str, attach_type: TcAttachType) -> Result<(), AttachError> {
     if !tcx_available() {
         return Ok(());
     }
-    let Ok((_, attached)) = SchedClassifier::query_tcx(iface, direction) else {
+    let Ok((_, attached)) = SchedClassifier::query_tcx(iface, attach_type) else {
         return Ok(());
     };
     for info in attached {
         if info.name_as_str().is_some_and(programs::is_ntm_entry) {
             return Err(AttachError::AlreadyAttached {
                 iface: iface.to_string(),
-                direction: direction_name(direction),
+                hook: attach_type_name(attach_type),
                 program_id: info.id(),
             });
         }
@@ -562,8 +562,8 @@ fn refuse_if_ntm_attached(iface: &str, direction: TcAttachType) -> Result<(), At
 /// The ntm programs attached to `iface` (program ids), (ingress, egress),
 /// as the kernel reports them. For tests and diagnostics; TCX kernels only.
 pub fn attached_ntm_programs(iface: &str) -> Result<(Vec<u32>, Vec<u32>), AttachError> {
-    let query = |direction, name| {
-        SchedClassifier::query_tcx(iface, direction)
+    let query = |attach_type, name| {
+        SchedClassifier::query_tcx(iface, attach_type)
             .map(|(_, attached)| {
                 attached
                     .iter()
@@ -581,12 +581,12 @@ pub fn attached_ntm_programs(iface: &str) -> Result<(Vec<u32>, Vec<u32>), Attach
 
 fn failed(
     iface: &str,
-    direction: &'static str,
+    hook: &'static str,
     source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
 ) -> AttachError {
     AttachError::Failed {
         iface: iface.to_string(),
-        direction,
+        hook,
         source: source.into(),
     }
 }

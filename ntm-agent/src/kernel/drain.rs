@@ -14,7 +14,7 @@
 //! change, and a flow's counts are in one of them or in both (summed here).
 //!
 //! Frames counted outside the flow table (filtered, table full, malformed)
-//! are keyed by interface, direction, reason and a generation bit. The agent
+//! are keyed by interface, hook, reason and a generation bit. The agent
 //! flips the generation before the swaps, so once they return no program
 //! can still be counting into the old generation: its entries are read and
 //! deleted, and nothing accumulates in the kernel from drain to drain.
@@ -36,8 +36,8 @@ use aya::{
     maps::{Array, ArrayOfMaps, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
 };
 use ntm_common::{
-    CacheSlot, Counters, Direction, FLOW_CACHE_SLOTS, FlowKey, OUTSIDE_SLOTS_PER_GENERATION,
-    OutsideKey, OutsideReason, OutsideSlot, names, outside_slot_of, outside_unkeyed_index,
+    CacheSlot, Counters, FLOW_CACHE_SLOTS, FlowKey, Hook, OUTSIDE_SLOTS_PER_GENERATION, OutsideKey,
+    OutsideReason, OutsideSlot, names, outside_slot_of, outside_unkeyed_index,
 };
 
 use crate::sys::{SyscallError, bpf};
@@ -84,7 +84,7 @@ pub struct Outside {
     /// The interface, or [`Outside::UNKNOWN_IFINDEX`] for frames whose key
     /// found no room in the kernel's outside table.
     pub ifindex: u32,
-    pub direction: Direction,
+    pub hook: Hook,
     pub reason: OutsideReason,
 }
 
@@ -111,7 +111,7 @@ impl OutsideCounts {
         }
     }
 
-    /// All interfaces and directions of one reason.
+    /// All interfaces and hooks of one reason.
     pub fn total(&self, reason: OutsideReason) -> Counters {
         let mut total = Counters::default();
         for (_, counts) in self.0.iter().filter(|(at, _)| at.reason == reason) {
@@ -309,8 +309,8 @@ impl FlowTables {
                 Err(e) => return Err(e.into()),
             }
         }
-        for direction in Direction::ALL {
-            let slot = outside_unkeyed_index(generation, direction as u8, reason);
+        for hook in Hook::ALL {
+            let slot = outside_unkeyed_index(generation, hook as u8, reason);
             self.outside_unkeyed
                 .get(&slot, 0)?
                 .iter()
@@ -340,24 +340,23 @@ impl FlowTables {
                 Err(e) => return Err(e),
             };
             self.outside.remove(&key)?;
-            let (Some(direction), Some(reason)) = (
-                Direction::from_u8(key.direction),
-                OutsideReason::from_u8(key.reason),
-            ) else {
+            let (Some(hook), Some(reason)) =
+                (Hook::from_u8(key.hook), OutsideReason::from_u8(key.reason))
+            else {
                 continue;
             };
             let mut total = Counters::default();
             values.iter().for_each(|c| total.add(c));
             let at = Outside {
                 ifindex: key.ifindex,
-                direction,
+                hook,
                 reason,
             };
             counts.add(at, &total);
         }
-        for direction in Direction::ALL {
+        for hook in Hook::ALL {
             for reason in OutsideReason::ALL {
-                let slot = outside_unkeyed_index(generation, direction as u8, reason);
+                let slot = outside_unkeyed_index(generation, hook as u8, reason);
                 let mut total = Counters::default();
                 self.outside_unkeyed
                     .get(&slot, 0)?
@@ -370,7 +369,7 @@ impl FlowTables {
                 self.outside_unkeyed.set(slot, zeros, 0)?;
                 let at = Outside {
                     ifindex: Outside::UNKNOWN_IFINDEX,
-                    direction,
+                    hook,
                     reason,
                 };
                 counts.add(at, &total);
@@ -627,8 +626,8 @@ impl OutsideSlotsBuffer {
         }
         self.used.clear();
         for (i, index) in self.indices.iter().enumerate() {
-            let (_, direction, reason) = outside_slot_of(*index);
-            let Some(direction) = Direction::from_u8(direction) else {
+            let (_, hook, reason) = outside_slot_of(*index);
+            let Some(hook) = Hook::from_u8(hook) else {
                 continue;
             };
             let mut used = false;
@@ -645,7 +644,7 @@ impl OutsideSlotsBuffer {
                 used = true;
                 let at = Outside {
                     ifindex: slot.ifindex,
-                    direction,
+                    hook,
                     reason,
                 };
                 counts.add(at, &slot.counters);

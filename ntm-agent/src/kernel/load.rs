@@ -14,7 +14,7 @@ use aya::{
 };
 use ntm_common::{
     names,
-    programs::{self, Hook, LinkType},
+    programs::{self, HookPrograms, LinkType},
 };
 
 use super::{
@@ -360,7 +360,7 @@ impl Datapath {
         &self,
         filter: &Filter,
         classic: &[filter::ClassicInsn],
-        hook: &Hook,
+        hook: &HookPrograms,
     ) -> Result<OwnedFd, FilterError> {
         let fds = filter::translate::MapFds {
             tails: self.tails(hook).as_raw_fd(),
@@ -409,7 +409,7 @@ impl Datapath {
     }
 
     /// The program array a hook's filter and counting half live in.
-    fn tails(&self, hook: &Hook) -> BorrowedFd<'_> {
+    fn tails(&self, hook: &HookPrograms) -> BorrowedFd<'_> {
         if hook.is_xdp() {
             self.xdp_tails.fd().as_fd()
         } else {

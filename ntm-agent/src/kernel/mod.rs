@@ -36,14 +36,14 @@ use crate::{
 };
 
 use self::{
-    attach::{AttachError, Attachment, Hooks, LinkMode},
+    attach::{AttachError, Attachment, HookSet, LinkMode},
     drain::{DrainError, Drained, FlowTables},
     links::{LinkInfo, LinksError},
     load::{Datapath, DatapathError, DatapathOptions},
     pins::{NetnsPins, PinError},
     plan::plan,
 };
-use ntm_common::{Counters, Direction, LAYOUT_VERSION};
+use ntm_common::{Counters, Hook, LAYOUT_VERSION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -172,7 +172,7 @@ pub struct Hooked {
     /// The `iface` label of its traffic.
     pub label: String,
     /// The hooks ntm counts at.
-    pub directions: &'static [Direction],
+    pub hooks: &'static [Hook],
     /// The kernel's statistics when it was attached.
     pub since: links::LinkStats,
 }
@@ -434,9 +434,9 @@ impl Kernel {
         let (mut planned, _) = plan(&self.options.interfaces, links);
         if self.options.count_mode == CountMode::Xdp {
             // XDP sees what arrives; a bridge device's egress has no XDP hook.
-            planned.retain(|p| p.hooks != Hooks::Egress);
+            planned.retain(|p| p.hooks != HookSet::Egress);
             for p in &mut planned {
-                p.hooks = Hooks::Ingress;
+                p.hooks = HookSet::Ingress;
             }
         }
         let mut changed = false;
@@ -530,10 +530,10 @@ impl Kernel {
             .map(|(index, (attachment, label))| Hooked {
                 ifindex: *index,
                 label: label.clone(),
-                directions: match attachment.hooks {
-                    Hooks::Both => &[Direction::Ingress, Direction::Egress],
-                    Hooks::Ingress => &[Direction::Ingress],
-                    Hooks::Egress => &[Direction::Egress],
+                hooks: match attachment.hooks {
+                    HookSet::Both => &[Hook::Ingress, Hook::Egress],
+                    HookSet::Ingress => &[Hook::Ingress],
+                    HookSet::Egress => &[Hook::Egress],
                 },
                 since: self.stats_at_attach.get(index).copied().unwrap_or_default(),
             })

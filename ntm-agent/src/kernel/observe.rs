@@ -15,7 +15,7 @@ use aya::{
     maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
 };
 use ntm_common::{
-    Direction, family, names,
+    Hook, family, names,
     observe::{DROP_SLOTS, DropReason, Header, Kind, MacKey, MacValue, link},
 };
 use tokio::io::{Interest, unix::AsyncFd};
@@ -28,7 +28,7 @@ const BATCH: usize = 4096;
 #[derive(Clone, Copy, Debug)]
 pub struct ObservedFrame<'a> {
     pub ifindex: u32,
-    pub direction: Direction,
+    pub hook: Hook,
     pub kind: Kind,
     /// The bytes start with an Ethernet header (else with the IP header).
     pub ethernet: bool,
@@ -46,7 +46,7 @@ impl<'a> ObservedFrame<'a> {
         let bytes = record.get(16..16 + header.captured as usize)?;
         Some(Self {
             ifindex: header.ifindex,
-            direction: Direction::from_u8(header.direction)?,
+            hook: Hook::from_u8(header.hook)?,
             kind: Kind::from_u8(header.kind)?,
             ethernet: header.link == link::ETHERNET,
             frame_len: header.frame_len,

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::{
-    attach::Hooks,
+    attach::HookSet,
     links::{self, LinkInfo},
 };
 
@@ -14,7 +14,7 @@ use super::{
 pub struct Planned {
     pub iface: String,
     pub ifindex: u32,
-    pub hooks: Hooks,
+    pub hooks: HookSet,
     pub label: String,
 }
 
@@ -46,7 +46,7 @@ pub fn plan(requested: &[String], links: &[LinkInfo]) -> (Vec<Planned>, Vec<Stri
                     Planned {
                         iface: link.name.clone(),
                         ifindex: link.index,
-                        hooks: Hooks::Egress,
+                        hooks: HookSet::Egress,
                         label: link.name.clone(),
                     },
                 );
@@ -56,7 +56,7 @@ pub fn plan(requested: &[String], links: &[LinkInfo]) -> (Vec<Planned>, Vec<Stri
                         Planned {
                             iface: port.name.clone(),
                             ifindex: port.index,
-                            hooks: Hooks::Ingress,
+                            hooks: HookSet::Ingress,
                             label: link.name.clone(),
                         },
                     );
@@ -78,9 +78,9 @@ pub fn plan(requested: &[String], links: &[LinkInfo]) -> (Vec<Planned>, Vec<Stri
                 // Loopback sees each packet twice, leaving and coming back
                 // in: counted once, at ingress.
                 let hooks = if link.loopback {
-                    Hooks::Ingress
+                    HookSet::Ingress
                 } else {
-                    Hooks::Both
+                    HookSet::Both
                 };
                 planned.entry(link.index).or_insert(Planned {
                     iface: link.name.clone(),
@@ -128,16 +128,16 @@ mod tests {
     fn a_bridge_is_hooked_at_its_ports_ingress_and_its_own_egress() {
         let (bridge, missing) = plan(&req(&["br0"]), &links());
         assert!(missing.is_empty());
-        let got: Vec<(&str, Hooks, &str)> = bridge
+        let got: Vec<(&str, HookSet, &str)> = bridge
             .iter()
             .map(|p| (p.iface.as_str(), p.hooks, p.label.as_str()))
             .collect();
         assert_eq!(
             got,
             vec![
-                ("eth0", Hooks::Ingress, "br0"),
-                ("eth1", Hooks::Ingress, "br0"),
-                ("br0", Hooks::Egress, "br0"),
+                ("eth0", HookSet::Ingress, "br0"),
+                ("eth1", HookSet::Ingress, "br0"),
+                ("br0", HookSet::Egress, "br0"),
             ]
         );
     }
@@ -147,16 +147,16 @@ mod tests {
         let (both, _) = plan(&req(&["br0", "eth0", "wan"]), &links());
         let eth0: Vec<&Planned> = both.iter().filter(|p| p.iface == "eth0").collect();
         assert_eq!(eth0.len(), 1);
-        assert_eq!(eth0[0].hooks, Hooks::Ingress);
+        assert_eq!(eth0[0].hooks, HookSet::Ingress);
         assert!(
             both.iter()
-                .any(|p| p.iface == "wan" && p.hooks == Hooks::Both)
+                .any(|p| p.iface == "wan" && p.hooks == HookSet::Both)
         );
         // A port on its own, without its bridge: both hooks.
         let (alone, _) = plan(&req(&["eth1"]), &links());
-        assert_eq!(alone[0].hooks, Hooks::Both);
+        assert_eq!(alone[0].hooks, HookSet::Both);
         let (lo, _) = plan(&["lo".into()], &[link(1, "lo", "", None)]);
-        assert_eq!(lo[0].hooks, Hooks::Ingress, "loopback: each packet once");
+        assert_eq!(lo[0].hooks, HookSet::Ingress, "loopback: each packet once");
     }
 
     #[test]

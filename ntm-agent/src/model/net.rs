@@ -81,17 +81,48 @@ impl LocalNets {
         self.0.iter().any(|net| net.contains(ip))
     }
 
-    /// `inbound` (remote -> local), `outbound` (local -> remote), `internal`
-    /// (both local) or `external` (neither), or "" for non-IP frames.
-    pub fn direction(&self, key: &FlowKey) -> &'static str {
-        match (key.src_addr(), key.dst_addr()) {
-            (Some(src), Some(dst)) => match (self.contains(src), self.contains(dst)) {
-                (false, true) => "inbound",
-                (true, false) => "outbound",
-                (true, true) => "internal",
-                (false, false) => "external",
-            },
-            _ => "",
+    /// Where the flow of `key` goes, seen from the local networks; `None`
+    /// for frames that are not IP.
+    pub fn direction(&self, key: &FlowKey) -> Option<Direction> {
+        let (src, dst) = (key.src_addr()?, key.dst_addr()?);
+        Some(Direction::of(self.contains(src), self.contains(dst)))
+    }
+}
+
+/// Where a flow goes, seen from the local networks: the `direction` label of
+/// the traffic series (the seed's word and values). Not to be confused with
+/// the hook that saw a frame ([`ntm_common::Hook`], the `hook` label of ntm's
+/// own metrics) or a subject's download and upload
+/// ([`super::subjects::Way`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Remote to local.
+    Inbound,
+    /// Local to remote.
+    Outbound,
+    /// Local to local.
+    Internal,
+    /// Remote to remote (forwarded, or neither side configured as local).
+    External,
+}
+
+impl Direction {
+    pub fn of(src_local: bool, dst_local: bool) -> Self {
+        match (src_local, dst_local) {
+            (false, true) => Direction::Inbound,
+            (true, false) => Direction::Outbound,
+            (true, true) => Direction::Internal,
+            (false, false) => Direction::External,
+        }
+    }
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+            Direction::Internal => "internal",
+            Direction::External => "external",
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::{borrow::Cow, net::IpAddr};
 
-use ntm_common::{Direction, FlowKey};
+use ntm_common::{FlowKey, Hook};
 
 use super::net::LocalNets;
 
@@ -32,23 +32,51 @@ impl Subject {
     ];
 }
 
-/// Which way traffic went, seen from a subject: for a device, `In` is its
-/// download and `Out` its upload; for a server or a service, `In` is what
-/// came into the local networks (download) and `Out` what left them; for an
-/// interface, `In` is what its ingress hook saw and `Out` its egress hook.
+/// A device's, server's or service's download or upload: for a device,
+/// what it received and what it sent; for a server or a service, what came
+/// into the local networks from it and what left them. (An interface's
+/// traffic is by the hook that saw it, [`Hook`]; a flow's `direction` label
+/// is [`super::net::Direction`].)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Way {
-    In = 0,
-    Out = 1,
+    Download = 0,
+    Upload = 1,
 }
 
 impl Way {
-    /// An interface's way: the hook that saw the traffic.
-    pub fn of_hook(direction: u8) -> Way {
-        if direction == Direction::Egress as u8 {
-            Way::Out
-        } else {
-            Way::In
+    /// The label value (`way` of `ntm_period_bytes`) and the API's word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Way::Download => "download",
+            Way::Upload => "upload",
+        }
+    }
+}
+
+/// Which of a subject's two counters a share goes to: a way for devices,
+/// servers and services, the hook for interfaces. Counters are kept as
+/// `[Counters; 2]` indexed by [`Side::index`]: download and ingress are 0,
+/// upload and egress 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Way(Way),
+    Hook(Hook),
+}
+
+impl Side {
+    pub fn index(self) -> usize {
+        match self {
+            Side::Way(way) => way as usize,
+            Side::Hook(hook) => hook as usize,
+        }
+    }
+
+    /// The label value and the API's word: `download`/`upload` or
+    /// `ingress`/`egress`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Way(way) => way.as_str(),
+            Side::Hook(hook) => hook.as_str(),
         }
     }
 }
@@ -57,11 +85,11 @@ impl Way {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Shares<'l> {
     /// The traffic's way as a whole, and its service's and server's: into
-    /// the local networks is `In` (a download), anything else `Out`.
-    /// Frames that are not IP count as `In`.
+    /// the local networks is a download, anything else an upload. Frames
+    /// that are not IP count as downloads.
     pub way: Way,
     /// Its interface, by the hook that saw it.
-    pub interface: (&'l str, Way),
+    pub interface: (&'l str, Hook),
     pub service: &'l str,
     /// The remote side, when exactly one side is local.
     pub server: Option<Cow<'l, str>>,
@@ -81,11 +109,11 @@ impl<'l> Shares<'l> {
         (src, dst): (&'l str, &'l str),
         service: &'l str,
     ) -> Self {
-        let interface = (iface, Way::of_hook(key.direction));
+        let interface = (iface, Hook::from_u8(key.hook).unwrap_or(Hook::Ingress));
         let (Some(src_ip), Some(dst_ip)) = (key.src_addr(), key.dst_addr()) else {
             // Not IP (ARP, say): a service of the interface, no hosts.
             return Self {
-                way: Way::In,
+                way: Way::Download,
                 interface,
                 service,
                 server: None,
@@ -110,27 +138,35 @@ impl<'l> Shares<'l> {
             _ => None,
         };
         Self {
-            way: if dst_local { Way::In } else { Way::Out },
+            way: if dst_local {
+                Way::Download
+            } else {
+                Way::Upload
+            },
             interface,
             service,
             server,
             devices: [
-                src_local.then_some((src_name, Way::Out)),
-                dst_local.then_some((dst_name, Way::In)),
+                src_local.then_some((src_name, Way::Upload)),
+                dst_local.then_some((dst_name, Way::Download)),
             ],
         }
     }
 
-    /// Each subject's name and way: the interface, the service, the
+    /// Each subject's name and side: the interface, the service, the
     /// server, the devices.
-    pub fn each(&self, mut share: impl FnMut(Subject, &str, Way)) {
-        share(Subject::Interface, self.interface.0, self.interface.1);
-        share(Subject::Service, self.service, self.way);
+    pub fn each(&self, mut share: impl FnMut(Subject, &str, Side)) {
+        share(
+            Subject::Interface,
+            self.interface.0,
+            Side::Hook(self.interface.1),
+        );
+        share(Subject::Service, self.service, Side::Way(self.way));
         if let Some(server) = &self.server {
-            share(Subject::Server, server, self.way);
+            share(Subject::Server, server, Side::Way(self.way));
         }
         for (device, way) in self.devices.iter().flatten() {
-            share(Subject::Device, device, *way);
+            share(Subject::Device, device, Side::Way(*way));
         }
     }
 }
@@ -138,72 +174,65 @@ impl<'l> Shares<'l> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ntm_common::family;
+    use ntm_common::test_util::KeyBuilder;
 
     fn local() -> LocalNets {
         LocalNets(vec!["198.18.0.0/24".parse().unwrap()])
     }
 
-    fn key(src: [u8; 4], dst: [u8; 4], direction: Direction) -> FlowKey {
-        let mut key = FlowKey {
-            family: family::IPV4,
-            direction: direction as u8,
-            ..Default::default()
-        };
-        key.src[..4].copy_from_slice(&src);
-        key.dst[..4].copy_from_slice(&dst);
-        key
+    fn key(src: [u8; 4], dst: [u8; 4], hook: Hook) -> FlowKey {
+        KeyBuilder::v4(src, dst).hook(hook).build()
     }
 
-    fn all(shares: &Shares) -> Vec<(Subject, String, Way)> {
+    fn all(shares: &Shares) -> Vec<(Subject, String, Side)> {
         let mut all = Vec::new();
-        shares.each(|subject, name, way| all.push((subject, name.to_string(), way)));
+        shares.each(|subject, name, side| all.push((subject, name.to_string(), side)));
         all
     }
 
     #[test]
-    fn a_download_is_the_devices_in_and_the_servers_in() {
-        let k = key([198, 19, 0, 9], [198, 18, 0, 2], Direction::Ingress);
+    fn a_download_is_the_devices_and_the_servers_download() {
+        let k = key([198, 19, 0, 9], [198, 18, 0, 2], Hook::Ingress);
         let shares = Shares::of_flow(&local(), &k, "eth0", ("cdn.test", "laptop"), "https");
         assert_eq!(
             all(&shares),
             [
-                (Subject::Interface, "eth0".into(), Way::In),
-                (Subject::Service, "https".into(), Way::In),
-                (Subject::Server, "cdn.test".into(), Way::In),
-                (Subject::Device, "laptop".into(), Way::In),
+                (Subject::Interface, "eth0".into(), Side::Hook(Hook::Ingress)),
+                (Subject::Service, "https".into(), Side::Way(Way::Download)),
+                (Subject::Server, "cdn.test".into(), Side::Way(Way::Download)),
+                (Subject::Device, "laptop".into(), Side::Way(Way::Download)),
             ]
         );
     }
 
     #[test]
     fn between_two_local_hosts_both_are_devices_and_none_a_server() {
-        let k = key([198, 18, 0, 2], [198, 18, 0, 3], Direction::Egress);
+        let k = key([198, 18, 0, 2], [198, 18, 0, 3], Hook::Egress);
         let shares = Shares::of_flow(&local(), &k, "br0", ("", ""), "ssh");
         assert_eq!(
             all(&shares),
             [
-                (Subject::Interface, "br0".into(), Way::Out),
-                (Subject::Service, "ssh".into(), Way::In),
-                (Subject::Device, "198.18.0.2".into(), Way::Out),
-                (Subject::Device, "198.18.0.3".into(), Way::In),
+                (Subject::Interface, "br0".into(), Side::Hook(Hook::Egress)),
+                (Subject::Service, "ssh".into(), Side::Way(Way::Download)),
+                (Subject::Device, "198.18.0.2".into(), Side::Way(Way::Upload)),
+                (
+                    Subject::Device,
+                    "198.18.0.3".into(),
+                    Side::Way(Way::Download)
+                ),
             ]
         );
     }
 
     #[test]
     fn frames_that_are_not_ip_have_no_hosts() {
-        let k = FlowKey {
-            family: family::NON_IP,
-            direction: Direction::Egress as u8,
-            ..Default::default()
-        };
+        let k = KeyBuilder::non_ip(0x0806).hook(Hook::Egress).build();
         let shares = Shares::of_flow(&local(), &k, "eth0", ("", ""), "arp");
         assert_eq!(
             all(&shares),
             [
-                (Subject::Interface, "eth0".into(), Way::Out),
-                (Subject::Service, "arp".into(), Way::In),
+                (Subject::Interface, "eth0".into(), Side::Hook(Hook::Egress)),
+                (Subject::Service, "arp".into(), Side::Way(Way::Download)),
             ]
         );
     }

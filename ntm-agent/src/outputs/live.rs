@@ -17,13 +17,13 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use ntm_common::{Counters, Direction, FlowKey};
+use ntm_common::{Counters, FlowKey, Hook};
 
 use super::sink::{Host, LabelledDrain, Sink};
 use crate::model::{
     OTHER,
     net::{LocalNets, Mac},
-    subjects::{Shares, Subject, Way},
+    subjects::{Shares, Side, Subject},
     sync,
 };
 
@@ -57,7 +57,7 @@ struct RateWindow {
 impl RateWindow {
     const SLOTS: u64 = RATE_BUCKETS + 1;
 
-    fn add(&mut self, bucket: u64, way: Way, bytes: u64) {
+    fn add(&mut self, bucket: u64, side: Side, bytes: u64) {
         if bucket > self.last {
             // Empty the slots of the buckets nothing went into since.
             for skipped in (self.last + 1)..=bucket.min(self.last + Self::SLOTS) {
@@ -67,7 +67,7 @@ impl RateWindow {
         }
         // A bucket earlier than the last (the clock does not go back, but
         // be safe) goes into the last.
-        let slot = &mut self.bytes[(self.last % Self::SLOTS) as usize][way as usize];
+        let slot = &mut self.bytes[(self.last % Self::SLOTS) as usize][side.index()];
         *slot = slot.saturating_add(bytes);
     }
 
@@ -108,9 +108,9 @@ impl Traffic {
         }
     }
 
-    fn add(&mut self, way: Way, delta: &Counters, bucket: u64, now: Instant) {
-        self.total[way as usize].add(delta);
-        self.rate.add(bucket, way, delta.bytes);
+    fn add(&mut self, side: Side, delta: &Counters, bucket: u64, now: Instant) {
+        self.total[side.index()].add(delta);
+        self.rate.add(bucket, side, delta.bytes);
         self.last_active = now;
     }
 
@@ -163,10 +163,10 @@ struct Moment {
 }
 
 /// Adds `delta` to `name`'s entry of a table (or its `other`).
-fn add_to(table: &mut Table<Traffic>, name: &str, way: Way, delta: &Counters, at: Moment) {
+fn add_to(table: &mut Table<Traffic>, name: &str, side: Side, delta: &Counters, at: Moment) {
     table
         .entry(name, || Traffic::new(at.now))
-        .add(way, delta, at.bucket, at.now);
+        .add(side, delta, at.bucket, at.now);
 }
 
 /// A local host: its traffic, and its own servers and services.
@@ -257,8 +257,8 @@ impl LiveTraffic {
             now,
         };
         let shares = Shares::of_flow(&self.local, key, iface, hosts, service);
-        let (iface, iface_way) = shares.interface;
-        self.add_interface(iface, iface_way, delta, at);
+        let (iface, hook) = shares.interface;
+        self.add_interface(iface, hook, delta, at);
         let Self {
             devices,
             servers,
@@ -266,12 +266,14 @@ impl LiveTraffic {
             all,
             ..
         } = self;
-        all.add(shares.way, delta, at.bucket, now);
-        add_to(services, service, shares.way, delta, at);
+        let way = Side::Way(shares.way);
+        all.add(way, delta, at.bucket, now);
+        add_to(services, service, way, delta, at);
         if let Some(server) = &shares.server {
-            add_to(servers, server, shares.way, delta, at);
+            add_to(servers, server, way, delta, at);
         }
         for (device, device_way) in shares.devices.iter().flatten() {
+            let device_way = &Side::Way(*device_way);
             let device = devices.entry(device, || Device::new(now));
             device.traffic.add(*device_way, delta, at.bucket, now);
             device.services.entry(service, || Traffic::new(now)).add(
@@ -293,22 +295,16 @@ impl LiveTraffic {
 
     /// Frames that found no room in the flow table: their interface's
     /// traffic, with no hosts or service.
-    pub fn add_overflow(
-        &mut self,
-        iface: &str,
-        direction: Direction,
-        delta: &Counters,
-        now: Instant,
-    ) {
+    pub fn add_overflow(&mut self, iface: &str, hook: Hook, delta: &Counters, now: Instant) {
         let at = Moment {
             bucket: self.bucket_of(now),
             now,
         };
-        self.add_interface(iface, Way::of_hook(direction as u8), delta, at);
+        self.add_interface(iface, hook, delta, at);
     }
 
-    fn add_interface(&mut self, iface: &str, way: Way, delta: &Counters, at: Moment) {
-        add_to(&mut self.interfaces, iface, way, delta, at);
+    fn add_interface(&mut self, iface: &str, hook: Hook, delta: &Counters, at: Moment) {
+        add_to(&mut self.interfaces, iface, Side::Hook(hook), delta, at);
     }
 
     /// The addresses, MAC and name source of the devices, from the hosts
@@ -495,7 +491,7 @@ impl Sink for LiveSink {
             );
         }
         for overflow in &drain.overflow {
-            live.add_overflow(&overflow.iface, overflow.direction, &overflow.delta, now);
+            live.add_overflow(&overflow.iface, overflow.hook, &overflow.delta, now);
         }
     }
 
@@ -526,24 +522,14 @@ impl Sink for LiveSink {
 mod tests {
     use super::*;
     use crate::model::net::Cidr;
-    use ntm_common::family;
+    use ntm_common::test_util::KeyBuilder;
 
-    fn key(src: [u8; 4], dst: [u8; 4], direction: Direction) -> FlowKey {
-        let mut k = FlowKey {
-            src: [0; 16],
-            dst: [0; 16],
-            ifindex: 2,
-            vlan_id: 0,
-            port: 443,
-            family: family::IPV4,
-            proto: 6,
-            direction: direction as u8,
-            flags: 0,
-            _pad: [0; 4],
-        };
-        k.src[..4].copy_from_slice(&src);
-        k.dst[..4].copy_from_slice(&dst);
-        k
+    fn key(src: [u8; 4], dst: [u8; 4], hook: Hook) -> FlowKey {
+        KeyBuilder::v4(src, dst)
+            .tcp(443)
+            .ifindex(2)
+            .hook(hook)
+            .build()
     }
 
     fn live(now: Instant) -> LiveTraffic {
@@ -562,8 +548,8 @@ mod tests {
     fn a_download_and_an_upload_land_on_both_sides() {
         let t0 = Instant::now();
         let mut live = live(t0);
-        let down = key([93, 184, 216, 34], [192, 168, 1, 20], Direction::Ingress);
-        let up = key([192, 168, 1, 20], [93, 184, 216, 34], Direction::Egress);
+        let down = key([93, 184, 216, 34], [192, 168, 1, 20], Hook::Ingress);
+        let up = key([192, 168, 1, 20], [93, 184, 216, 34], Hook::Egress);
         live.add_flow(&down, "eth0", ("", "laptop"), "https", &c(1500, 1), t0);
         live.add_flow(&up, "eth0", ("laptop", ""), "https", &c(60, 1), t0);
         let devices = live.devices(t0, 10);
@@ -585,7 +571,7 @@ mod tests {
     fn between_two_devices_is_one_upload_and_one_download() {
         let t0 = Instant::now();
         let mut live = live(t0);
-        let k = key([192, 168, 1, 2], [192, 168, 1, 3], Direction::Ingress);
+        let k = key([192, 168, 1, 2], [192, 168, 1, 3], Hook::Ingress);
         live.add_flow(&k, "br0", ("a", "b"), "https", &c(100, 2), t0);
         let devices = live.devices(t0, 10);
         let get = |n: &str| devices.iter().find(|d| d.0.name == n).unwrap().0.total;
@@ -599,7 +585,7 @@ mod tests {
         let t0 = Instant::now();
         let mut live = live(t0);
         for i in 0..(MAX_PER_DEVICE as u8 + 5) {
-            let k = key([10, 0, 0, i], [192, 168, 1, 20], Direction::Ingress);
+            let k = key([10, 0, 0, i], [192, 168, 1, 20], Hook::Ingress);
             live.add_flow(&k, "eth0", ("", "laptop"), "https", &c(10, 1), t0);
         }
         let mine = live.top(Subject::Server, Some("laptop"), t0, 100).unwrap();
@@ -614,7 +600,7 @@ mod tests {
     fn the_rate_is_the_last_complete_buckets_and_falls_to_zero() {
         let t0 = Instant::now();
         let mut live = live(t0);
-        let k = key([93, 184, 216, 34], [192, 168, 1, 20], Direction::Ingress);
+        let k = key([93, 184, 216, 34], [192, 168, 1, 20], Hook::Ingress);
         // 1000 bytes in each of 20 seconds.
         for s in 0..20 {
             live.add_flow(
@@ -637,7 +623,7 @@ mod tests {
     fn idle_entries_are_forgotten() {
         let t0 = Instant::now();
         let mut live = live(t0);
-        let k = key([93, 184, 216, 34], [192, 168, 1, 20], Direction::Ingress);
+        let k = key([93, 184, 216, 34], [192, 168, 1, 20], Hook::Ingress);
         live.add_flow(&k, "eth0", ("", ""), "https", &c(1, 1), t0);
         live.expire(t0 + Duration::from_secs(30), Duration::from_secs(60));
         assert_eq!(live.devices(t0, 10).len(), 1);

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ntm_common::{Counters, Direction, FlowKey};
+use ntm_common::{Counters, FlowKey, Hook};
 
 use crate::{kernel::drain::Drained, model::net::Mac};
 
@@ -37,7 +37,7 @@ pub struct LabelledFlow {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Overflow {
     pub iface: String,
-    pub direction: Direction,
+    pub hook: Hook,
     pub delta: Counters,
 }
 

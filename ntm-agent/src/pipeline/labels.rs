@@ -3,7 +3,10 @@
 
 use ntm_common::{FlowKey, family, ipproto, key_flags, service_port::PortClass};
 
-use crate::model::{net::LocalNets, series::Label};
+use crate::model::{
+    net::{Direction, LocalNets},
+    series::Label,
+};
 
 use super::services::ServiceRegistry;
 
@@ -137,7 +140,11 @@ impl Labeller {
                 Label::Dst => dst.to_string(),
                 Label::Service => service_name(key, &self.services),
                 Label::Proto => proto_name(key),
-                Label::Direction => self.local.direction(key).to_string(),
+                Label::Direction => self
+                    .local
+                    .direction(key)
+                    .map_or("", Direction::as_str)
+                    .to_string(),
                 Label::Iface => iface.to_string(),
                 Label::Vlan => {
                     if key.vlan_id == 0 {
@@ -200,16 +207,25 @@ mod tests {
         let l = local();
         let lan = [192, 168, 1, 10];
         let wan = [93, 184, 216, 34];
-        assert_eq!(l.direction(&v4(wan, lan, 6, 443)), "inbound");
-        assert_eq!(l.direction(&v4(lan, wan, 6, 443)), "outbound");
-        assert_eq!(l.direction(&v4(lan, [10, 0, 0, 1], 6, 22)), "internal");
-        assert_eq!(l.direction(&v4(wan, [1, 1, 1, 1], 17, 53)), "external");
+        assert_eq!(l.direction(&v4(wan, lan, 6, 443)), Some(Direction::Inbound));
+        assert_eq!(
+            l.direction(&v4(lan, wan, 6, 443)),
+            Some(Direction::Outbound)
+        );
+        assert_eq!(
+            l.direction(&v4(lan, [10, 0, 0, 1], 6, 22)),
+            Some(Direction::Internal)
+        );
+        assert_eq!(
+            l.direction(&v4(wan, [1, 1, 1, 1], 17, 53)),
+            Some(Direction::External)
+        );
         assert_eq!(
             l.direction(&v4(lan, [224, 0, 0, 251], 17, 5353)),
-            "internal"
+            Some(Direction::Internal)
         );
         let arp = KeyBuilder::non_ip(0x0806).build();
-        assert_eq!(l.direction(&arp), "");
+        assert_eq!(l.direction(&arp), None);
     }
 
     #[test]

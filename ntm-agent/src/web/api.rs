@@ -14,11 +14,15 @@ use std::{
     time::{Instant, SystemTime},
 };
 
+use ntm_common::Hook;
 use serde::Serialize;
 
 use crate::{
     health::{attached::Health, status::DrainStatus},
-    model::{subjects::Subject, sync},
+    model::{
+        subjects::{Side, Subject, Way},
+        sync,
+    },
     outputs::{
         history::{HistoryReader, Tier, periods::Period},
         live::{LiveTraffic, Row},
@@ -119,8 +123,10 @@ struct InterfaceDoc {
     /// Whether ntm counts on it now (None: traffic counted on it earlier,
     /// or on a port of it, but it is not one of the requested interfaces).
     attached: Option<bool>,
-    rx: WayDoc,
-    tx: WayDoc,
+    /// What its ingress hook saw (what it received).
+    ingress: WayDoc,
+    /// What its egress hook saw (what it sent).
+    egress: WayDoc,
 }
 
 #[derive(Serialize)]
@@ -187,7 +193,7 @@ struct Counted {
     packets: u64,
 }
 
-/// One step of a history: download and upload (rx and tx for an
+/// One step of a history: download and upload (ingress and egress for an
 /// interface), from its start for `step` seconds.
 #[derive(Serialize)]
 struct Point {
@@ -221,14 +227,16 @@ fn kind_of(name: &str) -> Option<(Subject, &'static str)> {
     })
 }
 
-/// The names of the two ways in JSON: an interface's hooks, or the local
-/// networks' download and upload.
+/// The names of a subject's two counters in JSON, in `[Counters; 2]`
+/// order: an interface's hooks, or the download and upload of the others.
 fn way_names(kind: Subject) -> [&'static str; 2] {
-    if kind == Subject::Interface {
-        ["rx", "tx"]
+    let sides = if kind == Subject::Interface {
+        [Side::Hook(Hook::Ingress), Side::Hook(Hook::Egress)]
     } else {
-        ["download", "upload"]
-    }
+        [Side::Way(Way::Download), Side::Way(Way::Upload)]
+    };
+    debug_assert!(sides.iter().enumerate().all(|(i, s)| s.index() == i));
+    sides.map(Side::as_str)
 }
 
 #[derive(Serialize)]
@@ -424,8 +432,8 @@ impl Api {
                 periods: None,
                 name: row.name.clone(),
                 attached: attached.get(&row.name).copied(),
-                rx: way(row, 0),
-                tx: way(row, 1),
+                ingress: way(row, Hook::Ingress as usize),
+                egress: way(row, Hook::Egress as usize),
             })
             .collect();
         // Requested interfaces with no traffic yet are shown too.
@@ -440,8 +448,8 @@ impl Api {
                     periods: None,
                     name: name.clone(),
                     attached: Some(*state),
-                    rx: zero(),
-                    tx: zero(),
+                    ingress: zero(),
+                    egress: zero(),
                 });
             }
         }
@@ -569,7 +577,7 @@ impl Api {
 mod tests {
     use super::*;
     use crate::model::net::{Cidr, LocalNets};
-    use ntm_common::{Counters, Direction, test_util::KeyBuilder};
+    use ntm_common::{Counters, Hook, test_util::KeyBuilder};
     use std::time::Duration;
 
     fn api() -> Api {
@@ -582,7 +590,7 @@ mod tests {
         let key = KeyBuilder::v4([93, 184, 216, 34], [192, 168, 1, 20])
             .tcp(443)
             .ifindex(2)
-            .direction(Direction::Ingress)
+            .hook(Hook::Ingress)
             .build();
         let hostile = "<img src=x onerror=alert(1)>\"\\";
         live.add_flow(
@@ -709,7 +717,7 @@ mod tests {
             serde_json::from_str(&api.interfaces(&query(&[])).unwrap()).unwrap();
         assert_eq!(doc["interfaces"][0]["name"], "eth0");
         assert_eq!(doc["interfaces"][0]["attached"], true);
-        assert_eq!(doc["interfaces"][0]["rx"]["bytes"], 1500);
+        assert_eq!(doc["interfaces"][0]["ingress"]["bytes"], 1500);
         let status: serde_json::Value = serde_json::from_str(&api.status()).unwrap();
         assert_eq!(status["healthy"], true);
         assert_eq!(status["interfaces"][0]["name"], "eth0");

@@ -12,7 +12,7 @@ use prometheus::IntCounterVec;
 use warp::{Filter, http::StatusCode};
 
 use super::auth::{BasicAuth, Verifier};
-use crate::model::sync;
+use crate::{health::self_metrics::Refused, model::sync};
 
 /// `rate_limit`: a token bucket over all requests.
 #[derive(Debug)]
@@ -49,14 +49,12 @@ impl RateLimit {
     }
 }
 
-/// Why a request was refused (turned into its answer by [`refusal`]).
+/// A request the guard refused, and why (turned into its answer by
+/// [`refusal`]).
 #[derive(Debug)]
-enum Refused {
-    Unauthorized,
-    RateLimited,
-}
+struct Rejected(Refused);
 
-impl warp::reject::Reject for Refused {}
+impl warp::reject::Reject for Rejected {}
 
 /// The rate limit and the users of the web config a connection started
 /// with (none: every request is let in).
@@ -74,8 +72,7 @@ impl Guard {
         if let Some(limit) = &self.rate_limit
             && !limit.allow(Instant::now())
         {
-            self.refused.with_label_values(&["rate_limited"]).inc();
-            return Err(warp::reject::custom(Refused::RateLimited));
+            return Err(self.refuse(Refused::RateLimited));
         }
         let Some(auth) = &self.auth else {
             return Ok(());
@@ -83,9 +80,14 @@ impl Guard {
         if self.bcrypt.admits(auth, authorization).await {
             Ok(())
         } else {
-            self.refused.with_label_values(&["unauthorized"]).inc();
-            Err(warp::reject::custom(Refused::Unauthorized))
+            Err(self.refuse(Refused::Unauthorized))
         }
+    }
+
+    /// Counts a refusal and makes its rejection.
+    fn refuse(&self, reason: Refused) -> warp::Rejection {
+        self.refused.with_label_values(&[reason.as_str()]).inc();
+        warp::reject::custom(Rejected(reason))
     }
 
     /// The guard as a filter in front of routes.
@@ -102,10 +104,15 @@ impl Guard {
 pub(super) async fn refusal(
     rejection: warp::Rejection,
 ) -> Result<warp::http::Response<String>, warp::Rejection> {
-    let (status, text) = match rejection.find::<Refused>() {
-        Some(Refused::Unauthorized) => (StatusCode::UNAUTHORIZED, "Unauthorized\n"),
-        Some(Refused::RateLimited) => (StatusCode::TOO_MANY_REQUESTS, "Too Many Requests\n"),
-        None => return Err(rejection),
+    let (status, text) = match rejection.find::<Rejected>() {
+        Some(Rejected(Refused::Unauthorized)) => (StatusCode::UNAUTHORIZED, "Unauthorized\n"),
+        Some(Rejected(Refused::RateLimited)) => {
+            (StatusCode::TOO_MANY_REQUESTS, "Too Many Requests\n")
+        }
+        // The connection-level reasons never reach a route.
+        Some(Rejected(Refused::ClientCertificate | Refused::TlsHandshake)) | None => {
+            return Err(rejection);
+        }
     };
     let mut response = warp::http::Response::new(text.to_string());
     *response.status_mut() = status;

@@ -25,7 +25,7 @@ use super::{
     guard::{Guard, refusal},
     web_config::{WebConfig, WebConfigWatcher},
 };
-use crate::{model::subjects::Subject, outputs::Exposition};
+use crate::{health::self_metrics::Refused, model::subjects::Subject, outputs::Exposition};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -179,18 +179,24 @@ async fn serve(
                         {
                             Ok(Ok(stream)) => stream,
                             Ok(Err(e)) => {
-                                refused.with_label_values(&["tls_handshake"]).inc();
+                                refused
+                                    .with_label_values(&[Refused::TlsHandshake.as_str()])
+                                    .inc();
                                 log::debug!("metrics endpoint: TLS handshake failed: {e}");
                                 return;
                             }
                             Err(_) => {
-                                refused.with_label_values(&["tls_handshake"]).inc();
+                                refused
+                                    .with_label_values(&[Refused::TlsHandshake.as_str()])
+                                    .inc();
                                 log::debug!("metrics endpoint: TLS handshake timed out");
                                 return;
                             }
                         };
                     if !tls.client_allowed(stream.get_ref().1.peer_certificates()) {
-                        refused.with_label_values(&["client_certificate"]).inc();
+                        refused
+                            .with_label_values(&[Refused::ClientCertificate.as_str()])
+                            .inc();
                         log::debug!(
                             "metrics endpoint: a client certificate without an allowed SAN"
                         );

@@ -134,7 +134,7 @@ pub fn the_api_shows_devices_servers_services_and_interfaces_exactly() {
     let (_, interfaces) = get_json(&link, "/api/v1/interfaces");
     let iface = row(&interfaces, "interfaces", &link.a_if).expect("the interface");
     assert_eq!(iface["attached"], true);
-    let (rx, tx) = (way(iface, "rx"), way(iface, "tx"));
+    let (rx, tx) = (way(iface, "ingress"), way(iface, "egress"));
     let on_iface = sample_sum(
         &metrics,
         "ntm_bytes_total",

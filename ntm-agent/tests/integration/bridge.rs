@@ -13,7 +13,7 @@ use crate::kit::{
     scrape::{http_get, sample_sum, wait_for},
     sh,
 };
-use ntm_agent::kernel::{attach::Hooks, drain::Drained};
+use ntm_agent::kernel::{attach::HookSet, drain::Drained};
 use ntm_common::{Counters, ipproto};
 
 const HOST: &str = "198.18.3.254";
@@ -169,7 +169,7 @@ pub fn every_frame_crossing_a_bridge_is_counted_once() {
     let mut bridge = Bridge::new(3);
     bridge.warm_up();
     let mut agent = bridge.hub.run(|| crate::kit::start_kernel(&["-i", "br0"]));
-    let mut hooked: Vec<(String, Hooks)> = agent
+    let mut hooked: Vec<(String, HookSet)> = agent
         .attachments()
         .map(|a| (a.iface.clone(), a.hooks))
         .collect();
@@ -177,10 +177,10 @@ pub fn every_frame_crossing_a_bridge_is_counted_once() {
     assert_eq!(
         hooked,
         vec![
-            ("br0".to_string(), Hooks::Egress),
-            ("p1".to_string(), Hooks::Ingress),
-            ("p2".to_string(), Hooks::Ingress),
-            ("p3".to_string(), Hooks::Ingress),
+            ("br0".to_string(), HookSet::Egress),
+            ("p1".to_string(), HookSet::Ingress),
+            ("p2".to_string(), HookSet::Ingress),
+            ("p3".to_string(), HookSet::Ingress),
         ]
     );
     let mut drains = Vec::new();

@@ -18,7 +18,7 @@ use ntm_agent::{
     filter::pcap,
     kernel::{FilterSource, attach, load_filter},
 };
-use ntm_common::{Counters, Direction, OutsideReason, programs::LinkType};
+use ntm_common::{Counters, Hook, OutsideReason, programs::LinkType};
 
 /// Extra addresses: b sends from 198.18.1.2 and 198.18.2.2 to a's
 /// 198.18.1.1 and 198.18.2.1 (neighbours fixed, so no ARP in the counts).
@@ -101,7 +101,7 @@ pub fn only_matching_traffic_is_counted_and_the_rest_is_filtered_exactly() {
     assert_eq!(sample_sum(&text, "ntm_packets_total", &[]), 40, "{text}");
     // The rest: only in the filtered counters, with the same kind of bytes,
     // under the interface and hook that saw them.
-    let ingress = [r#"iface="ntm0""#, r#"direction="ingress""#];
+    let ingress = [r#"iface="ntm0""#, r#"hook="ingress""#];
     assert_eq!(
         sample_sum(&text, "ntm_filtered_bytes_total", &ingress),
         25 * 328,
@@ -118,8 +118,8 @@ pub fn only_matching_traffic_is_counted_and_the_rest_is_filtered_exactly() {
         "{text}"
     );
     assert!(
-        text.contains(r#"ntm_filtered_packets_total{direction="egress",iface="ntm0"} 0"#),
-        "every interface and direction starts at 0: {text}"
+        text.contains(r#"ntm_filtered_packets_total{hook="egress",iface="ntm0"} 0"#),
+        "every interface and hook starts at 0: {text}"
     );
     assert!(
         text.contains(r#"ntm_filter_active{filter="src net 198.18.1.0/24"} 1"#),
@@ -287,7 +287,7 @@ pub fn vlan_tags_in_skb_metadata_look_to_the_filter_as_they_do_to_tcpdump() {
             for _ in 0..2 {
                 let d = agent.drain().unwrap();
                 for (key, c) in &d.flows {
-                    assert_eq!(key.direction, Direction::Ingress as u8, "{expression}: {key:?}");
+                    assert_eq!(key.hook, Hook::Ingress as u8, "{expression}: {key:?}");
                     counted.add(c);
                 }
                 for r in OutsideReason::ALL {

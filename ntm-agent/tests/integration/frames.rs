@@ -13,9 +13,7 @@ use ntm_agent::{
     },
     pipeline::services::ServiceRegistry,
 };
-use ntm_common::{
-    Counters, Direction, FlowKey, OutsideReason, family, ipproto, test_util::KeyBuilder,
-};
+use ntm_common::{Counters, FlowKey, Hook, OutsideReason, family, ipproto, test_util::KeyBuilder};
 
 struct Harness {
     datapath: Datapath,
@@ -92,7 +90,7 @@ fn only_outside(d: &Drained, reason: OutsideReason, bytes: u64) {
     // Kept with the hook and the interface it was seen on (test runs see
     // the loopback interface).
     for (at, _) in d.outside.iter() {
-        assert_eq!(at.direction, ntm_common::Direction::Ingress, "{at:?}");
+        assert_eq!(at.hook, ntm_common::Hook::Ingress, "{at:?}");
         assert_eq!(at.ifindex, 1, "{at:?}");
     }
 }
@@ -123,7 +121,7 @@ pub fn ipv4_udp_to_a_known_port_in_both_directions() {
     let reply = eth(ETH_IPV4, &[], &ipv4(17, &[], 0, &udp(53, 40_000, &[7; 30])));
     let (key, c) = only_flow(&h.run(TC_EGRESS_ETH, &reply, 0, 1));
     assert_eq!(key.port, 53);
-    assert_eq!(key.direction, Direction::Egress as u8);
+    assert_eq!(key.hook, Hook::Egress as u8);
     assert_eq!(c, counted(20 + 8 + 30));
 }
 

@@ -303,7 +303,7 @@ fn device_upload(text: &str, period: &str) -> u64 {
         &[
             &format!(r#"period="{period}""#),
             r#"device="198.18.0.2""#,
-            r#"direction="upload""#,
+            r#"way="upload""#,
         ],
     )
 }

@@ -6,7 +6,7 @@ use std::{fs::OpenOptions, io::Write, net::UdpSocket, os::fd::AsRawFd};
 
 use crate::kit::{Netns, frames::*, send_raw};
 use ntm_agent::kernel::{Kernel, drain::Drained};
-use ntm_common::{Counters, Direction, FlowKey, OutsideReason, family, ipproto};
+use ntm_common::{Counters, FlowKey, Hook, OutsideReason, family, ipproto};
 
 fn start_agent(iface: &str) -> Kernel {
     crate::kit::start_kernel(&["-i", iface])
@@ -98,7 +98,7 @@ pub fn tun_device_frames_start_at_the_ip_header() {
         let d = agent.drain().unwrap();
 
         let inbound = flows_where(&d, |k| {
-            k.direction == Direction::Ingress as u8 && k.proto == ipproto::UDP && k.port == 5300
+            k.hook == Hook::Ingress as u8 && k.proto == ipproto::UDP && k.port == 5300
         });
         let mut by_family: Vec<(u8, Counters)> =
             inbound.iter().map(|(k, c)| (k.family, *c)).collect();
@@ -133,7 +133,7 @@ pub fn tun_device_frames_start_at_the_ip_header() {
         assert_eq!(v4_key.vlan_id, 0);
 
         let outbound = flows_where(&d, |k| {
-            k.direction == Direction::Egress as u8 && k.proto == ipproto::UDP && k.port == 5301
+            k.hook == Hook::Egress as u8 && k.proto == ipproto::UDP && k.port == 5301
         });
         assert_eq!(outbound.len(), 1, "{:?}", d.flows);
         assert_eq!(
@@ -171,7 +171,7 @@ pub fn vlan_tags_moved_into_skb_metadata_are_still_seen() {
         let d = agent.drain().unwrap();
         let ingress = |vlan: u16, fam: u8| {
             flows_where(&d, |k| {
-                k.direction == Direction::Ingress as u8 && k.vlan_id == vlan && k.family == fam
+                k.hook == Hook::Ingress as u8 && k.vlan_id == vlan && k.family == fam
             })
         };
         let v100 = ingress(100, family::IPV4);

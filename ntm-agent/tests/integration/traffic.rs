@@ -14,7 +14,7 @@ use std::{
 use crate::kit::{A4, A6, Agent, B4, B6, Link};
 use aya::programs::{SchedClassifier, TcAttachType};
 use ntm_agent::kernel::{Kernel, drain::Drained};
-use ntm_common::{Counters, Direction, FlowKey, ipproto};
+use ntm_common::{Counters, FlowKey, Hook, ipproto};
 
 const ETH_HEADER: u64 = 14;
 
@@ -42,20 +42,16 @@ fn sum(d: &Drained, pred: impl Fn(&FlowKey) -> bool) -> Counters {
     total
 }
 
-fn flow(d: &Drained, src: &str, dst: &str, proto: u8, port: u16, dir: Direction) -> Counters {
+fn flow(d: &Drained, src: &str, dst: &str, proto: u8, port: u16, dir: Hook) -> Counters {
     let (src, dst) = (ip_bytes(src), ip_bytes(dst));
     sum(d, |k| {
-        k.src == src
-            && k.dst == dst
-            && k.proto == proto
-            && k.port == port
-            && k.direction == dir as u8
+        k.src == src && k.dst == dst && k.proto == proto && k.port == port && k.hook == dir as u8
     })
 }
 
 /// Runs `traffic`, waits until the link is quiet, drains, and checks that the
 /// drained counts equal the interface's own counters for that window, per
-/// direction: every frame that crossed, counted once.
+/// hook: every frame that crossed, counted once.
 fn phase(link: &Link, agent: &mut Kernel, traffic: impl FnOnce()) -> Drained {
     let before = link.a_stats();
     traffic();
@@ -63,10 +59,10 @@ fn phase(link: &Link, agent: &mut Kernel, traffic: impl FnOnce()) -> Drained {
     let drained = agent.drain().unwrap();
     let after = link.a_stats();
     for (dir, (p0, b0), (p1, b1)) in [
-        (Direction::Ingress, before.0, after.0),
-        (Direction::Egress, before.1, after.1),
+        (Hook::Ingress, before.0, after.0),
+        (Hook::Egress, before.1, after.1),
     ] {
-        let counted = sum(&drained, |k| k.direction == dir as u8);
+        let counted = sum(&drained, |k| k.hook == dir as u8);
         let frames = p1 - p0;
         let expected = Counters {
             bytes: (b1 - b0) - ETH_HEADER * frames,
@@ -138,7 +134,7 @@ pub fn udp_icmp_tcp_over_ipv4_and_ipv6_counted_exactly() {
             let d = phase(&link, &mut agent, || {
                 sent = udp_burst(&link, dst, 5300, 1..=300);
             });
-            let counted = flow(&d, src, dst, ipproto::UDP, 5300, Direction::Ingress);
+            let counted = flow(&d, src, dst, ipproto::UDP, 5300, Hook::Ingress);
             assert_eq!(
                 counted,
                 Counters {
@@ -162,31 +158,25 @@ pub fn udp_icmp_tcp_over_ipv4_and_ipv6_counted_exactly() {
                 bytes: 20 * (header + 100),
                 packets: 20,
             };
-            assert_eq!(
-                flow(&d, src, dst, proto, request, Direction::Ingress),
-                expected
-            );
-            assert_eq!(
-                flow(&d, dst, src, proto, reply, Direction::Egress),
-                expected
-            );
+            assert_eq!(flow(&d, src, dst, proto, request, Hook::Ingress), expected);
+            assert_eq!(flow(&d, dst, src, proto, reply, Hook::Egress), expected);
         }
 
         // TCP: 100 kB from b to a's port 5301. With only this connection on
-        // the link, each direction is exactly one flow, so the interface's
+        // the link, each hook is exactly one flow, so the interface's
         // counters are the per-flow oracle.
         for (src, dst) in [(B4, A4), (B6, A6)] {
             let d = phase(&link, &mut agent, || {
                 tcp_transfer(&link, dst, 5301, 100_000, false);
             });
-            let inbound = flow(&d, src, dst, ipproto::TCP, 5301, Direction::Ingress);
-            let outbound = flow(&d, dst, src, ipproto::TCP, 5301, Direction::Egress);
+            let inbound = flow(&d, src, dst, ipproto::TCP, 5301, Hook::Ingress);
+            let outbound = flow(&d, dst, src, ipproto::TCP, 5301, Hook::Egress);
             let tcp_flows = d
                 .flows
                 .iter()
                 .filter(|(k, _)| k.proto == ipproto::TCP)
                 .count();
-            assert_eq!(tcp_flows, 2, "one flow per direction: {:?}", d.flows);
+            assert_eq!(tcp_flows, 2, "one flow per hook: {:?}", d.flows);
             assert!(inbound.bytes > 100_000 && outbound.packets > 0);
         }
         let _ = agent.shutdown().unwrap();
@@ -282,7 +272,7 @@ pub fn fragmented_datagrams_stay_in_one_series() {
             let ingress: Vec<_> = d
                 .flows
                 .iter()
-                .filter(|(k, _)| k.direction == Direction::Ingress as u8)
+                .filter(|(k, _)| k.hook == Hook::Ingress as u8)
                 .collect();
             assert_eq!(ingress.len(), 1, "{src} -> {dst}: one series: {ingress:?}");
             let (key, counted) = ingress[0];
@@ -351,7 +341,7 @@ pub fn draining_every_few_milliseconds_loses_nothing() {
 
         let mut counted = Counters::default();
         for d in &drains {
-            counted.add(&flow(d, B4, A4, ipproto::UDP, 5400, Direction::Ingress));
+            counted.add(&flow(d, B4, A4, ipproto::UDP, 5400, Hook::Ingress));
         }
         assert_eq!(
             counted,
@@ -366,7 +356,7 @@ pub fn draining_every_few_milliseconds_loses_nothing() {
         // kernel sent meanwhile) equals the interface's own counters.
         let mut ingress = Counters::default();
         for d in &drains {
-            ingress.add(&sum(d, |k| k.direction == Direction::Ingress as u8));
+            ingress.add(&sum(d, |k| k.hook == Hook::Ingress as u8));
         }
         let frames = after.0.0 - before.0.0;
         let l3_bytes = after.0.1 - before.0.1 - ETH_HEADER * frames;
@@ -405,8 +395,8 @@ pub fn offloads_do_not_change_the_numbers() {
             packets: sent.segments,
         };
         assert_eq!(sent.payload, payload as u64, "no retransmissions on a veth");
-        let counted = flow(&d, A4, B4, ipproto::TCP, 5500, Direction::Egress);
-        assert_eq!(counted, wire, "data direction, offloads {offloads}");
+        let counted = flow(&d, A4, B4, ipproto::TCP, 5500, Hook::Egress);
+        assert_eq!(counted, wire, "data hook, offloads {offloads}");
         let frames = after.1.0 - before.1.0;
         if offloads {
             // Make sure the aggregates really happened, or this proves nothing.
@@ -575,7 +565,7 @@ pub fn clear_errors_for_bad_input() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-/// ntm filters tc lists on `a`'s interface, per direction (clsact mode).
+/// ntm filters tc lists on `a`'s interface, per hook (clsact mode).
 fn clsact_filters(link: &Link) -> (usize, usize) {
     let count = |dir: &str| {
         link.a
@@ -613,7 +603,7 @@ pub fn clsact_mode_counts_exactly_and_replaces_stale_filters() {
         let d = phase(&link, &mut agent, || {
             sent = udp_burst(&link, A4, 5600, 1..=200);
         });
-        let counted = flow(&d, B4, A4, ipproto::UDP, 5600, Direction::Ingress);
+        let counted = flow(&d, B4, A4, ipproto::UDP, 5600, Hook::Ingress);
         assert_eq!(
             counted,
             Counters {
@@ -692,11 +682,11 @@ pub fn a_full_flow_table_adds_up_per_interface() {
     });
     link.wait_quiet();
     let after = ifaces.each_ref().map(|i| if_stats(&link.a, i));
-    // Per interface and direction: (frames, L3 bytes) that crossed it.
-    let crossed = |i: usize, dir: Direction| {
+    // Per interface and hook: (frames, L3 bytes) that crossed it.
+    let crossed = |i: usize, dir: Hook| {
         let pick = |s: ((u64, u64), (u64, u64))| match dir {
-            Direction::Ingress => s.0,
-            Direction::Egress => s.1,
+            Hook::Ingress => s.0,
+            Hook::Egress => s.1,
         };
         let (frames, bytes) = (
             pick(after[i]).0 - pick(before[i]).0,
@@ -705,7 +695,7 @@ pub fn a_full_flow_table_adds_up_per_interface() {
         (frames, bytes - ETH_HEADER * frames)
     };
     let want_total: u64 = (0..2)
-        .map(|i| crossed(i, Direction::Ingress).0 + crossed(i, Direction::Egress).0)
+        .map(|i| crossed(i, Hook::Ingress).0 + crossed(i, Hook::Egress).0)
         .sum();
     let text = wait_for(
         "every frame in the counters",
@@ -717,8 +707,8 @@ pub fn a_full_flow_table_adds_up_per_interface() {
     );
     for (i, iface) in ifaces.iter().enumerate() {
         let label = format!("iface=\"{iface}\"");
-        let (in_frames, in_bytes) = crossed(i, Direction::Ingress);
-        let (out_frames, out_bytes) = crossed(i, Direction::Egress);
+        let (in_frames, in_bytes) = crossed(i, Hook::Ingress);
+        let (out_frames, out_bytes) = crossed(i, Hook::Egress);
         assert!(in_frames >= 10_000, "{iface}: {in_frames} frames in");
         assert_eq!(
             (
@@ -728,7 +718,7 @@ pub fn a_full_flow_table_adds_up_per_interface() {
             (in_frames + out_frames, in_bytes + out_bytes),
             "{iface}: the interface's total, overflow included"
         );
-        let full_in = [r#"reason="table_full""#, &label, r#"direction="ingress""#];
+        let full_in = [r#"reason="table_full""#, &label, r#"hook="ingress""#];
         let overflow_in = sample_sum(&text, "ntm_outside_flow_table_packets_total", &full_in);
         assert!(
             overflow_in > 0 && overflow_in <= in_frames,
@@ -797,7 +787,7 @@ pub fn coverage_equals_the_interface_counters() {
         ("ingress", after.0.0 - before.0.0, after.0.1 - before.0.1),
         ("egress", after.1.0 - before.1.0, after.1.1 - before.1.1),
     ];
-    let dir = |d: &str| format!("direction=\"{d}\"");
+    let dir = |d: &str| format!("hook=\"{d}\"");
     let text = wait_for(
         "ntm's count to reach the kernel's",
         Duration::from_secs(20),
@@ -834,7 +824,7 @@ pub fn coverage_equals_the_interface_counters() {
             crossed[0].1 + crossed[1].1,
             "the traffic counters hold them all"
         );
-        let ratio = format!("ntm_interface_coverage_ratio{{direction=\"{d}\",iface=\"ntm0\"}} 1\n");
+        let ratio = format!("ntm_interface_coverage_ratio{{hook=\"{d}\",iface=\"ntm0\"}} 1\n");
         assert!(text.contains(&ratio), "{ratio} in {text}");
     }
 }
@@ -907,7 +897,7 @@ pub fn xdp_mode_counts_then_passes_or_drops() {
             let sent = udp_burst(&link, A4, 5700, (0..100).map(|i| 10 + i));
             link.wait_quiet();
             let d = agent.drain().unwrap();
-            let counted = flow(&d, B4, A4, ipproto::UDP, 5700, Direction::Ingress);
+            let counted = flow(&d, B4, A4, ipproto::UDP, 5700, Hook::Ingress);
             assert_eq!(
                 counted,
                 Counters {
@@ -957,7 +947,7 @@ pub fn other_tc_programs_keep_running_and_their_verdicts_stand() {
         link.wait_quiet();
         let d = agent.drain().unwrap();
         // ntm counts everything that reached the interface...
-        let count = |port| flow(&d, B4, A4, ipproto::UDP, port, Direction::Ingress);
+        let count = |port| flow(&d, B4, A4, ipproto::UDP, port, Hook::Ingress);
         assert_eq!(
             count(5800),
             Counters {
@@ -1016,17 +1006,10 @@ pub fn loopback_counts_each_packet_once() {
                 address,
                 ipproto::UDP,
                 5300,
-                Direction::Ingress,
+                Hook::Ingress,
             );
             assert_eq!(counted, Counters { bytes, packets: 50 }, "{address}");
-            let egress = flow(
-                &drained,
-                address,
-                address,
-                ipproto::UDP,
-                5300,
-                Direction::Egress,
-            );
+            let egress = flow(&drained, address, address, ipproto::UDP, 5300, Hook::Egress);
             assert_eq!(egress, Counters::default(), "{address}: not at egress too");
         }
     });

@@ -27,15 +27,18 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use ntm_common::Counters;
+use ntm_common::{Counters, Hook};
 
 use self::{
     periods::{Period, period_start},
     store::{Store, StoreError},
 };
 use crate::{
-    health::self_metrics::HistoryMetrics,
-    model::{subjects::Subject, sync::lock},
+    health::self_metrics::{CommitResult, HistoryMetrics},
+    model::{
+        subjects::{Side, Subject, Way},
+        sync::lock,
+    },
 };
 
 /// A bucket's width.
@@ -661,7 +664,10 @@ impl Writer {
         let result = store.add(&batch, self.day_start);
         match result {
             Ok(()) => {
-                self.metrics.commits.with_label_values(&["ok"]).inc();
+                self.metrics
+                    .commits
+                    .with_label_values(&[CommitResult::Ok.as_str()])
+                    .inc();
                 if failing {
                     log::info!("history: commits succeed again");
                 }
@@ -671,7 +677,10 @@ impl Writer {
                 false
             }
             Err(e) => {
-                self.metrics.commits.with_label_values(&["error"]).inc();
+                self.metrics
+                    .commits
+                    .with_label_values(&[CommitResult::Error.as_str()])
+                    .inc();
                 if !failing {
                     log::error!(
                         "history: cannot commit ({e}); keeping the counts in memory and trying again (counting and /metrics are not affected)"
@@ -705,7 +714,9 @@ impl Writer {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         let gauge = &self.metrics.period_bytes;
-        let mut values: Vec<([&'static str; 2], String, String, u64)> = Vec::new();
+        // (period, device, way, interface, hook, bytes): a device's row has
+        // no interface nor hook, an interface's no device nor way.
+        let mut values: Vec<(Period, String, &'static str, String, &'static str, u64)> = Vec::new();
         let mut interface_totals: HashMap<(Period, String), u64> = HashMap::new();
         for period in Period::ALL {
             let devices = match self.reader.period_totals(Subject::Device, period, now) {
@@ -722,37 +733,33 @@ impl Writer {
             });
             devices.truncate(self.max_period_devices);
             for (name, t) in devices {
-                values.push((
-                    [period.as_str(), "download"],
-                    name.clone(),
-                    String::new(),
-                    t[0].bytes,
-                ));
-                values.push(([period.as_str(), "upload"], name, String::new(), t[1].bytes));
+                for way in [Way::Download, Way::Upload] {
+                    let bytes = t[Side::Way(way).index()].bytes;
+                    values.push((period, name.clone(), way.as_str(), String::new(), "", bytes));
+                }
             }
             let Ok(interfaces) = self.reader.period_totals(Subject::Interface, period, now) else {
                 return;
             };
             for (name, t) in interfaces {
-                values.push((
-                    [period.as_str(), "rx"],
-                    String::new(),
-                    name.clone(),
-                    t[0].bytes,
-                ));
-                values.push((
-                    [period.as_str(), "tx"],
-                    String::new(),
-                    name.clone(),
-                    t[1].bytes,
-                ));
+                for hook in Hook::ALL {
+                    let bytes = t[Side::Hook(hook).index()].bytes;
+                    values.push((
+                        period,
+                        String::new(),
+                        "",
+                        name.clone(),
+                        hook.as_str(),
+                        bytes,
+                    ));
+                }
                 interface_totals.insert((period, name), t[0].bytes + t[1].bytes);
             }
         }
         gauge.reset();
-        for ([period, direction], device, iface, bytes) in values {
+        for (period, device, way, iface, hook, bytes) in values {
             gauge
-                .with_label_values(&[period, &device, &iface, direction])
+                .with_label_values(&[period.as_str(), &device, way, &iface, hook])
                 .set(bytes as i64);
         }
         for quota in &self.quotas {

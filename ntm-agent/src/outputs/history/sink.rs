@@ -12,7 +12,7 @@ use crate::{
     model::{
         OTHER,
         net::LocalNets,
-        subjects::{Shares, Subject, Way},
+        subjects::{Shares, Side, Subject},
     },
     outputs::sink::{LabelledDrain, Sink},
 };
@@ -43,7 +43,7 @@ impl HistorySink {
 struct DrainCounts([HashMap<String, Totals>; Subject::ALL.len()]);
 
 impl DrainCounts {
-    fn add(&mut self, subject: Subject, name: &str, way: Way, delta: &ntm_common::Counters) {
+    fn add(&mut self, subject: Subject, name: &str, side: Side, delta: &ntm_common::Counters) {
         let table = &mut self.0[subject as usize];
         let name = if table.len() >= MAX_NAMES_PER_DRAIN && !table.contains_key(name) {
             OTHER
@@ -51,7 +51,7 @@ impl DrainCounts {
             name
         };
         let mut one = Totals::default();
-        one[way as usize] = *delta;
+        one[side.index()] = *delta;
         match table.get_mut(name) {
             Some(totals) => add_totals(totals, &one),
             None => {
@@ -90,8 +90,8 @@ impl Sink for HistorySink {
             .each(|subject, name, way| counts.add(subject, name, way, &flow.delta));
         }
         for overflow in &drain.overflow {
-            let way = Way::of_hook(overflow.direction as u8);
-            counts.add(Subject::Interface, &overflow.iface, way, &overflow.delta);
+            let side = Side::Hook(overflow.hook);
+            counts.add(Subject::Interface, &overflow.iface, side, &overflow.delta);
         }
         history.add(minute_of(SystemTime::now()), counts.into_counts());
     }

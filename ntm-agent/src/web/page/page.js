@@ -70,7 +70,7 @@ function period(periods, name, way) {
 }
 
 // A device's or an interface's figures, each of its two ways (`download`
-// and `upload`, or `rx` and `tx`): now, today, in the billing period,
+// and `upload`, or `ingress` and `egress`): now, today, in the billing period,
 // since the agent started.
 function figureCells(row, first, second) {
   const cells = [bytesCell(row[first], true), bytesCell(row[second], true)];
@@ -364,7 +364,7 @@ function showInterfaces(doc) {
     return [
       element('td', iface.name),
       element('td', counting, iface.attached === false ? 'bad-text' : ''),
-      ...figureCells(iface, 'rx', 'tx'),
+      ...figureCells(iface, 'ingress', 'egress'),
     ];
   });
 }
