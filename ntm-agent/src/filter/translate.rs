@@ -233,7 +233,7 @@ mod classic {
     pub const MEMWORDS: u32 = 16;
 }
 
-type Label = usize;
+type JumpLabel = usize;
 
 /// Where a classic load reads from.
 #[derive(Clone, Copy)]
@@ -249,16 +249,16 @@ struct Emitter {
     /// Position of each label once bound.
     labels: Vec<Option<usize>>,
     /// Jumps to patch: (instruction index, label).
-    fixups: Vec<(usize, Label)>,
+    fixups: Vec<(usize, JumpLabel)>,
 }
 
 impl Emitter {
-    fn label(&mut self) -> Label {
+    fn label(&mut self) -> JumpLabel {
         self.labels.push(None);
         self.labels.len() - 1
     }
 
-    fn bind(&mut self, label: Label) {
+    fn bind(&mut self, label: JumpLabel) {
         self.labels[label] = Some(self.insns.len());
     }
 
@@ -308,24 +308,24 @@ impl Emitter {
             self.raw(op::ALU | op::END | op::TO_BE, dst, 0, 0, bits);
         }
     }
-    fn ja(&mut self, target: Label) {
+    fn ja(&mut self, target: JumpLabel) {
         self.fixups.push((self.insns.len(), target));
         self.raw(op::JMP | op::JA, 0, 0, 0, 0);
     }
-    fn jmp64_imm(&mut self, operation: u8, dst: u8, imm: i32, target: Label) {
+    fn jmp64_imm(&mut self, operation: u8, dst: u8, imm: i32, target: JumpLabel) {
         self.fixups.push((self.insns.len(), target));
         self.raw(op::JMP | operation | op::K, dst, 0, 0, imm);
     }
-    fn jmp64_reg(&mut self, operation: u8, dst: u8, src: u8, target: Label) {
+    fn jmp64_reg(&mut self, operation: u8, dst: u8, src: u8, target: JumpLabel) {
         self.fixups.push((self.insns.len(), target));
         self.raw(op::JMP | operation | op::X, dst, src, 0, 0);
     }
     /// Unsigned 32-bit compare of `dst` with `imm`, as classic BPF does.
-    fn jmp32_imm(&mut self, operation: u8, dst: u8, imm: u32, target: Label) {
+    fn jmp32_imm(&mut self, operation: u8, dst: u8, imm: u32, target: JumpLabel) {
         self.fixups.push((self.insns.len(), target));
         self.raw(op::JMP32 | operation | op::K, dst, 0, 0, imm as i32);
     }
-    fn jmp32_reg(&mut self, operation: u8, dst: u8, src: u8, target: Label) {
+    fn jmp32_reg(&mut self, operation: u8, dst: u8, src: u8, target: JumpLabel) {
         self.fixups.push((self.insns.len(), target));
         self.raw(op::JMP32 | operation | op::X, dst, src, 0, 0);
     }
@@ -350,7 +350,7 @@ impl Emitter {
     /// `dst` = `size` bytes (1, 2 or 4) big-endian at the *physical* offset
     /// in R1 (a 64-bit value), or a jump to `reject` if they are not in the
     /// packet. Clobbers R0-R5.
-    fn physical_load_at_r1(&mut self, size: u32, dst: u8, reject: Label) {
+    fn physical_load_at_r1(&mut self, size: u32, dst: u8, reject: JumpLabel) {
         let slow = self.label();
         let done = self.label();
         // The verifier only trusts a bounds check on a packet pointer whose
@@ -364,7 +364,7 @@ impl Emitter {
     }
 
     /// As [`Self::physical_load_at_r1`] for an offset known now.
-    fn physical_load_const(&mut self, size: u32, offset: u64, dst: u8, reject: Label) {
+    fn physical_load_const(&mut self, size: u32, offset: u64, dst: u8, reject: JumpLabel) {
         if offset > i32::MAX as u64 {
             self.ja(reject);
             return;
@@ -387,7 +387,7 @@ impl Emitter {
     /// `dst` = `size` bytes big-endian read directly from the packet at
     /// `offset` (or at R1 when None, already bounded), or a jump to `slow`
     /// when they lie beyond the linear data.
-    fn linear_load(&mut self, size: u32, offset: Option<i32>, dst: u8, slow: Label) {
+    fn linear_load(&mut self, size: u32, offset: Option<i32>, dst: u8, slow: JumpLabel) {
         let (data, data_end) = self.ctx_offsets();
         self.load(op::W, R2, CTX, data);
         self.load(op::W, R3, CTX, data_end);
@@ -405,7 +405,7 @@ impl Emitter {
     /// The bytes are not in the linear data: in TC ask the kernel to copy
     /// them (it checks them against the packet length); in XDP there is
     /// nothing beyond data_end. Offset in R1.
-    fn slow_load(&mut self, size: u32, dst: u8, reject: Label) {
+    fn slow_load(&mut self, size: u32, dst: u8, reject: JumpLabel) {
         match self.hook {
             View::Xdp => self.ja(reject),
             View::TcEthernet | View::TcL3 => {
@@ -427,7 +427,7 @@ impl Emitter {
 
     /// `dst` = `size` bytes big-endian at virtual offset `offset` of a frame
     /// whose VLAN tag sits in metadata (TC Ethernet with VLAN set).
-    fn tagged_load_const(&mut self, size: u32, offset: u64, dst: u8, reject: Label) {
+    fn tagged_load_const(&mut self, size: u32, offset: u64, dst: u8, reject: JumpLabel) {
         let end = offset + size as u64;
         if end <= TAG_START as u64 {
             self.physical_load_const(size, offset, dst, reject);
@@ -457,7 +457,7 @@ impl Emitter {
     }
 
     /// A classic load of `size` bytes into `dst`.
-    fn classic_load(&mut self, size: u32, offset: Offset, dst: u8, reject: Label) {
+    fn classic_load(&mut self, size: u32, offset: Offset, dst: u8, reject: JumpLabel) {
         match offset {
             Offset::Const(k) => {
                 let k = k as u64;
@@ -492,7 +492,7 @@ impl Emitter {
                 self.jmp64_imm(op::JLE, R1, (TAG_START - size) as i32, physical);
                 // Touches the tag: one of a few offsets, each assembled.
                 let first = (TAG_START + 1).saturating_sub(size);
-                let cases: Vec<(u32, Label)> =
+                let cases: Vec<(u32, JumpLabel)> =
                     (first..TAG_END).map(|v| (v, self.label())).collect();
                 for &(v, label) in &cases {
                     self.jmp64_imm(op::JEQ, R1, v as i32, label);
@@ -715,9 +715,9 @@ pub fn translate(
 
     let flow = control_flow(program)?;
     let blocks = Blocks::plan(&flow);
-    let labels: Vec<Label> = blocks.order.iter().map(|_| e.label()).collect();
+    let labels: Vec<JumpLabel> = blocks.order.iter().map(|_| e.label()).collect();
     // Where a jump from `level` to classic instruction `to` lands.
-    let land = |to: usize, level: usize, backward: bool| -> Label {
+    let land = |to: usize, level: usize, backward: bool| -> JumpLabel {
         match blocks.block_of(to, level, backward) {
             Some(block) => labels[blocks.position[&block]],
             None => reject,

@@ -25,7 +25,7 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 
 /// Running totals of one interface label and hook.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Totals {
+struct HookTotals {
     counted: u64,
     kernel: u64,
 }
@@ -40,8 +40,8 @@ pub struct Coverage {
     kernel_seen: HashMap<(u32, Hook), (u64, u64)>,
     /// Per label and hook: totals since start, and the samples of the
     /// last [`WINDOW`].
-    totals: HashMap<(String, Hook), Totals>,
-    samples: HashMap<(String, Hook), VecDeque<(Instant, Totals)>>,
+    totals: HashMap<(String, Hook), HookTotals>,
+    samples: HashMap<(String, Hook), VecDeque<(Instant, HookTotals)>>,
 }
 
 impl Coverage {

@@ -154,7 +154,7 @@ pub struct FlowTables {
     /// The generation the kernel counts outside frames into now.
     generation: u32,
     possible_cpus: usize,
-    batch: Batch,
+    batch: ReadBatch,
     cache_buffer: CacheBuffer,
 }
 
@@ -243,7 +243,7 @@ impl FlowTables {
             outside_generation,
             generation: 0,
             possible_cpus,
-            batch: Batch::new(possible_cpus),
+            batch: ReadBatch::new(possible_cpus),
             cache_buffer: CacheBuffer::new(possible_cpus),
         })
     }
@@ -423,13 +423,13 @@ const BATCH_ENTRIES: usize = 4096;
 const PER_CPU_SLOT: usize = size_of::<Counters>().next_multiple_of(8);
 
 /// Buffers reused from drain to drain.
-struct Batch {
+struct ReadBatch {
     keys: Vec<FlowKey>,
     values: Vec<u8>,
     possible_cpus: usize,
 }
 
-impl Batch {
+impl ReadBatch {
     fn new(possible_cpus: usize) -> Self {
         let mut batch = Self {
             keys: Vec::new(),

@@ -18,6 +18,8 @@ use netlink_packet_route::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
+use crate::model::net::Mac;
+
 /// Reading the links failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LinksError {
@@ -175,9 +177,6 @@ pub fn link_stats() -> Result<HashMap<u32, LinkStats>, LinksError> {
     )?;
     Ok(stats)
 }
-
-/// A MAC address.
-pub type Mac = [u8; 6];
 
 /// The neighbour table (ARP and NDP) of the calling thread's network
 /// namespace: which MAC address uses which IP address, as this host last

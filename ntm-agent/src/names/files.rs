@@ -52,7 +52,7 @@ pub const MAX_FILE_BYTES: u64 = 16 << 20;
 pub const MAX_NAMES_PER_FILE: usize = 65_536;
 /// What one file names.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Parsed {
+pub struct ParsedFile {
     pub by_address: HashMap<IpAddr, String>,
     pub by_mac: HashMap<Mac, String>,
     /// Lines skipped: malformed, or beyond [`MAX_NAMES_PER_FILE`].
@@ -60,7 +60,7 @@ pub struct Parsed {
 }
 
 /// The names in `text`. `now` decides which leases have ended.
-pub fn parse(format: Format, text: &str, now: SystemTime) -> Parsed {
+pub fn parse(format: Format, text: &str, now: SystemTime) -> ParsedFile {
     let now = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     if format == Format::Leases {
         let first = text
@@ -77,7 +77,7 @@ pub fn parse(format: Format, text: &str, now: SystemTime) -> Parsed {
             return parse_isc(text);
         }
     }
-    let mut parsed = Parsed::default();
+    let mut parsed = ParsedFile::default();
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("");
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -116,7 +116,7 @@ pub fn parse(format: Format, text: &str, now: SystemTime) -> Parsed {
     parsed
 }
 
-impl Parsed {
+impl ParsedFile {
     /// Adds one entry, unless it is unusable or the file's bound is
     /// reached (then it counts as skipped). The first entry for an address
     /// or MAC wins, as in /etc/hosts.
@@ -147,10 +147,10 @@ impl Parsed {
 /// record wins): (MAC, hostname), None where the lease is not active.
 type CurrentLeases<'a> = HashMap<&'a str, Option<(Option<&'a str>, &'a str)>>;
 
-fn from_current(current: CurrentLeases<'_>, skipped: usize) -> Parsed {
-    let mut parsed = Parsed {
+fn from_current(current: CurrentLeases<'_>, skipped: usize) -> ParsedFile {
+    let mut parsed = ParsedFile {
         skipped,
-        ..Parsed::default()
+        ..ParsedFile::default()
     };
     for (address, lease) in current {
         if let Some((mac, name)) = lease {
@@ -161,7 +161,7 @@ fn from_current(current: CurrentLeases<'_>, skipped: usize) -> Parsed {
 }
 
 /// ISC dhcpd's `dhcpd.leases`.
-fn parse_isc(text: &str) -> Parsed {
+fn parse_isc(text: &str) -> ParsedFile {
     let mut current: CurrentLeases = HashMap::new();
     let mut skipped = 0;
     // The block being read: address, MAC, hostname, active.
@@ -190,7 +190,7 @@ fn parse_isc(text: &str) -> Parsed {
 }
 
 /// Kea's memfile CSV (`kea-leases4.csv`, `kea-leases6.csv`).
-fn parse_kea(text: &str, now: u64) -> Parsed {
+fn parse_kea(text: &str, now: u64) -> ParsedFile {
     let mut lines = text
         .lines()
         .map(str::trim)
@@ -198,9 +198,9 @@ fn parse_kea(text: &str, now: u64) -> Parsed {
     let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
     let column = |name: &str| header.iter().position(|h| *h == name);
     let (Some(address_at), Some(name_at)) = (column("address"), column("hostname")) else {
-        return Parsed {
+        return ParsedFile {
             skipped: 1,
-            ..Parsed::default()
+            ..ParsedFile::default()
         };
     };
     let (mac_at, expire_at, state_at, lifetime_at) = (
@@ -243,7 +243,7 @@ struct NameFile {
     format: Format,
     /// (length, modification time) of the version read.
     read: Option<(u64, Option<SystemTime>)>,
-    names: Parsed,
+    names: ParsedFile,
     /// What is wrong with it now, if anything (logged when it changes).
     problem: Option<String>,
 }
@@ -319,7 +319,7 @@ impl NameFiles {
             path: path.clone(),
             format,
             read: None,
-            names: Parsed::default(),
+            names: ParsedFile::default(),
             problem: None,
         };
         let mut files = Self {
@@ -411,7 +411,7 @@ mod tests {
     fn hosts_files_first_name_first_line_wins() {
         let text = "# static names\n127.0.0.1 localhost\n198.18.0.2\tPrinter printer.lan # office\n\
                     198.18.0.2 other\n2001:2::5 nas\nfe80::1%eth0 router\nnot-an-address x\n198.18.0.9\n";
-        let Parsed {
+        let ParsedFile {
             by_address: names,
             skipped,
             ..

@@ -48,13 +48,13 @@ pub const RATE_BUCKETS: u64 = 10;
 /// complete buckets: a rate that neither jumps with each drain nor lags
 /// for long.
 #[derive(Clone, Debug, Default)]
-struct RateWindow {
+struct RateBuckets {
     /// The bucket the last bytes went into.
     last: u64,
     bytes: [[u64; 2]; RATE_BUCKETS as usize + 1],
 }
 
-impl RateWindow {
+impl RateBuckets {
     const SLOTS: u64 = RATE_BUCKETS + 1;
 
     fn add(&mut self, bucket: u64, side: Side, bytes: u64) {
@@ -95,7 +95,7 @@ impl RateWindow {
 #[derive(Clone, Debug)]
 pub struct Traffic {
     pub total: [Counters; 2],
-    rate: RateWindow,
+    rate: RateBuckets,
     last_active: Instant,
 }
 
@@ -103,7 +103,7 @@ impl Traffic {
     fn new(now: Instant) -> Self {
         Self {
             total: [Counters::default(); 2],
-            rate: RateWindow::default(),
+            rate: RateBuckets::default(),
             last_active: now,
         }
     }

@@ -14,7 +14,7 @@ use super::SyscallError;
 /// The bpf(2) commands ntm issues itself.
 #[derive(Clone, Copy, Debug)]
 #[repr(i64)]
-enum Command {
+enum BpfCommand {
     MapUpdateElem = 2,
     MapDeleteElem = 3,
     ProgLoad = 5,
@@ -23,15 +23,15 @@ enum Command {
     MapUpdateBatch = 26,
 }
 
-impl Command {
+impl BpfCommand {
     fn call(self) -> &'static str {
         match self {
-            Command::MapUpdateElem => "bpf(BPF_MAP_UPDATE_ELEM)",
-            Command::MapDeleteElem => "bpf(BPF_MAP_DELETE_ELEM)",
-            Command::ProgLoad => "bpf(BPF_PROG_LOAD)",
-            Command::MapLookupBatch => "bpf(BPF_MAP_LOOKUP_BATCH)",
-            Command::MapLookupAndDeleteBatch => "bpf(BPF_MAP_LOOKUP_AND_DELETE_BATCH)",
-            Command::MapUpdateBatch => "bpf(BPF_MAP_UPDATE_BATCH)",
+            BpfCommand::MapUpdateElem => "bpf(BPF_MAP_UPDATE_ELEM)",
+            BpfCommand::MapDeleteElem => "bpf(BPF_MAP_DELETE_ELEM)",
+            BpfCommand::ProgLoad => "bpf(BPF_PROG_LOAD)",
+            BpfCommand::MapLookupBatch => "bpf(BPF_MAP_LOOKUP_BATCH)",
+            BpfCommand::MapLookupAndDeleteBatch => "bpf(BPF_MAP_LOOKUP_AND_DELETE_BATCH)",
+            BpfCommand::MapUpdateBatch => "bpf(BPF_MAP_UPDATE_BATCH)",
         }
     }
 }
@@ -43,7 +43,7 @@ impl Command {
 /// pointer in it must point at memory valid (for reading, and for writing
 /// where the kernel writes) and large enough for what it describes, for the
 /// duration of the call.
-unsafe fn bpf<T>(command: Command, attr: &mut T) -> Result<i64, SyscallError> {
+unsafe fn bpf<T>(command: BpfCommand, attr: &mut T) -> Result<i64, SyscallError> {
     // SAFETY: the caller guarantees `attr` as described above; its size is
     // passed, so the kernel reads no further (it zero-extends the rest).
     let ret = unsafe {
@@ -88,7 +88,7 @@ pub fn set_program_slot(
     };
     // SAFETY: key and value point at u32s on this stack frame, as a program
     // array's key and value are.
-    unsafe { bpf(Command::MapUpdateElem, &mut attr) }.map(|_| ())
+    unsafe { bpf(BpfCommand::MapUpdateElem, &mut attr) }.map(|_| ())
 }
 
 /// Empties slot `index` of the program array `array` (already empty: fine).
@@ -99,7 +99,7 @@ pub fn clear_program_slot(array: BorrowedFd<'_>, index: u32) -> Result<(), Sysca
         ..Default::default()
     };
     // SAFETY: key points at a u32 on this stack frame.
-    match unsafe { bpf(Command::MapDeleteElem, &mut attr) } {
+    match unsafe { bpf(BpfCommand::MapDeleteElem, &mut attr) } {
         Ok(_) => Ok(()),
         Err(e) if e.errno() == Some(libc::ENOENT) => Ok(()),
         Err(e) => Err(e),
@@ -180,7 +180,7 @@ pub fn load_program(
     }
     // SAFETY: insns, license and log_buf point at live buffers of the sizes
     // given (insn_cnt instructions, a NUL-terminated string, log_size bytes).
-    let fd = unsafe { bpf(Command::ProgLoad, &mut attr) }?;
+    let fd = unsafe { bpf(BpfCommand::ProgLoad, &mut attr) }?;
     // SAFETY: on success BPF_PROG_LOAD returns a new file descriptor, which
     // nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
@@ -247,9 +247,9 @@ pub fn lookup_batch<K: aya::Pod>(
         ..Default::default()
     };
     let command = if delete {
-        Command::MapLookupAndDeleteBatch
+        BpfCommand::MapLookupAndDeleteBatch
     } else {
-        Command::MapLookupBatch
+        BpfCommand::MapLookupBatch
     };
     // SAFETY: keys and values have room for `count` entries (capacity()),
     // the cursors are u32s that live for the call (ntm's batched maps are
@@ -281,5 +281,5 @@ pub fn update_batch<K: aya::Pod>(
     };
     // SAFETY: keys and values hold at least `count` entries (capped at the
     // buffers' capacity above) and the kernel only reads them.
-    unsafe { bpf(Command::MapUpdateBatch, &mut attr) }.map(|_| ())
+    unsafe { bpf(BpfCommand::MapUpdateBatch, &mut attr) }.map(|_| ())
 }

@@ -274,14 +274,14 @@ fn json(value: &impl Serialize) -> String {
 }
 
 /// The query of a listing: `limit` and, where it applies, `device`.
-struct Query {
+struct ListQuery {
     limit: usize,
     device: Option<String>,
 }
 
-impl Query {
+impl ListQuery {
     fn parse(query: &HashMap<String, String>, takes_device: bool) -> Result<Self, ApiError> {
-        let mut parsed = Query {
+        let mut parsed = ListQuery {
             limit: DEFAULT_LIMIT,
             device: None,
         };
@@ -376,7 +376,7 @@ impl Api {
 
     /// `GET /api/v1/devices[?limit=N]`: local hosts, busiest first.
     pub fn devices(&self, query: &HashMap<String, String>) -> Result<String, ApiError> {
-        let query = Query::parse(query, false)?;
+        let query = ListQuery::parse(query, false)?;
         let mut devices: Vec<DeviceDoc> = self
             .read()
             .devices(Instant::now(), query.limit)
@@ -405,7 +405,7 @@ impl Api {
     /// `GET /api/v1/servers[?device=NAME][&limit=N]` and the same for
     /// `services`: remote hosts or services, overall or of one device.
     pub fn top(&self, kind: Subject, query: &HashMap<String, String>) -> Result<String, ApiError> {
-        let query = Query::parse(query, true)?;
+        let query = ListQuery::parse(query, true)?;
         let live = self.read();
         let rows = live
             .top(kind, query.device.as_deref(), Instant::now(), query.limit)
@@ -420,7 +420,7 @@ impl Api {
     /// `GET /api/v1/interfaces`: every interface traffic was counted on,
     /// and every requested one, with its attach state.
     pub fn interfaces(&self, query: &HashMap<String, String>) -> Result<String, ApiError> {
-        let query = Query::parse(query, false)?;
+        let query = ListQuery::parse(query, false)?;
         let attached: HashMap<String, bool> = self.health.states().into_iter().collect();
         let rows = self
             .read()
@@ -682,7 +682,7 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Query parameters come from any HTTP client: whatever they are,
+        /// ListQuery parameters come from any HTTP client: whatever they are,
         /// every listing answers JSON (a document or an error), never panics.
         #[test]
         fn any_query_gets_json(

@@ -262,8 +262,8 @@ fn api_routes(
     api: Api,
 ) -> impl Filter<Extract = (impl warp::Reply,), Error = warp::Rejection> + Clone + Send + Sync + 'static
 {
-    type Query = std::collections::HashMap<String, String>;
-    let query = || warp::query::<Query>();
+    type Params = std::collections::HashMap<String, String>;
+    let query = || warp::query::<Params>();
     let (a, b, c, d, e, f) = (
         api.clone(),
         api.clone(),
@@ -274,20 +274,20 @@ fn api_routes(
     );
     let devices = warp::path!("api" / "v1" / "devices")
         .and(query())
-        .map(move |q: Query| json_reply(a.devices(&q)));
+        .map(move |q: Params| json_reply(a.devices(&q)));
     let servers = warp::path!("api" / "v1" / "servers")
         .and(query())
-        .map(move |q: Query| json_reply(b.top(Subject::Server, &q)));
+        .map(move |q: Params| json_reply(b.top(Subject::Server, &q)));
     let services = warp::path!("api" / "v1" / "services")
         .and(query())
-        .map(move |q: Query| json_reply(c.top(Subject::Service, &q)));
+        .map(move |q: Params| json_reply(c.top(Subject::Service, &q)));
     let interfaces = warp::path!("api" / "v1" / "interfaces")
         .and(query())
-        .map(move |q: Query| json_reply(d.interfaces(&q)));
+        .map(move |q: Params| json_reply(d.interfaces(&q)));
     let status = warp::path!("api" / "v1" / "status").map(move || json_reply(Ok(e.status())));
     let history = warp::path!("api" / "v1" / "history")
         .and(query())
-        .map(move |q: Query| json_reply(f.history(&q)));
+        .map(move |q: Params| json_reply(f.history(&q)));
     warp::get().and(
         devices
             .or(servers)
