@@ -21,7 +21,11 @@ use crate::{
         series::Label,
         units::parse_duration,
     },
-    names::{NameOptions, resolver::Upstream},
+    names::{
+        NameOptions,
+        kubernetes::{KubernetesOptions, PodNames, node_name},
+        resolver::Upstream,
+    },
     outputs::history::HistoryOptions,
     pipeline::services::{ServiceRegistry, ServiceSpec, ServicesError},
 };
@@ -205,6 +209,24 @@ pub struct NameArgs {
     #[arg(long = "no-containers", env = "NTM_NO_CONTAINERS", value_parser = on_off(),
           action = clap::ArgAction::SetTrue)]
     pub no_containers: bool,
+
+    /// Container runtime CRI socket to name this Kubernetes node's pods by
+    /// (repeatable, comma-separated) [default: the sockets of containerd,
+    /// CRI-O, k3s, k0s and microk8s, where they exist].
+    #[arg(long = "cri-socket", env = "NTM_CRI_SOCKETS", value_delimiter = ',')]
+    pub cri_sockets: Vec<PathBuf>,
+
+    /// Do not name pods by asking the node's container runtime.
+    #[arg(long = "no-kubernetes", env = "NTM_NO_KUBERNETES", value_parser = on_off(),
+          action = clap::ArgAction::SetTrue)]
+    pub no_kubernetes: bool,
+
+    /// What a pod address is labelled with: `workload`
+    /// (NAMESPACE/WORKLOAD, as many series as workloads) or `pod`
+    /// (NAMESPACE/POD).
+    #[arg(long = "k8s-names", env = "NTM_K8S_NAMES", default_value = "workload",
+          value_parser = parse_pod_names)]
+    pub k8s_names: PodNames,
 
     /// Do not read the DNS answers that cross the monitored interfaces
     /// (by default a server is named by the name its client asked for).
@@ -567,6 +589,16 @@ impl Config {
             .then(|| self.names.container_sockets.clone())
     }
 
+    /// The Kubernetes rung's options, None: do not ask the container
+    /// runtime (`--no-kubernetes`, `--numeric`, or no label shows hosts).
+    pub fn kubernetes(&self) -> Option<KubernetesOptions> {
+        (self.wants_names() && !self.names.no_kubernetes).then(|| KubernetesOptions {
+            sockets: self.names.cri_sockets.clone(),
+            names: self.names.k8s_names,
+            node: node_name(),
+        })
+    }
+
     /// Which frames the kernel hands over for names (`observe::Kind`
     /// bits): none when no label shows hosts or with `--numeric`.
     pub fn observe_kinds(&self) -> u32 {
@@ -659,6 +691,7 @@ impl Config {
                 },
                 answer_min_ttl: self.names.answer_min_ttl,
                 container_sockets: self.container_sockets(),
+                kubernetes: self.kubernetes(),
             },
         }
     }
@@ -720,6 +753,14 @@ fn parse_user(text: &str) -> Result<User, String> {
 }
 
 /// "IP" (port 53) or "IP:PORT" / "[IPv6]:PORT".
+fn parse_pod_names(text: &str) -> Result<PodNames, String> {
+    match text {
+        "workload" => Ok(PodNames::Workload),
+        "pod" => Ok(PodNames::Pod),
+        _ => Err(format!("{text:?}: choose workload or pod")),
+    }
+}
+
 pub fn parse_dns_server(text: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(addr);

@@ -34,7 +34,7 @@ use crate::{
     },
     kernel::{Hooked, drain::Drained, iface_label, observe::ObservedFrame},
     model::{net::Mac, sync},
-    names::HostLabels,
+    names::{HostLabels, NameMetrics},
     outputs::{
         Exposition,
         budget::SeriesBudget,
@@ -98,8 +98,11 @@ impl Pipeline {
             labeller.wants_hosts(),
             options.local.clone(),
             &options.names,
-            metrics.dns_lookups.clone(),
-            metrics.names.clone(),
+            NameMetrics {
+                lookups: metrics.dns_lookups.clone(),
+                by_source: metrics.names.clone(),
+                kubernetes: metrics.kubernetes.clone(),
+            },
         );
         let coverage = Coverage::new(metrics.coverage.clone());
 
@@ -219,6 +222,7 @@ impl Pipeline {
             (NameTable::Clients, sizes.clients),
             (NameTable::Leases, sizes.leases),
             (NameTable::Containers, sizes.containers),
+            (NameTable::Pods, sizes.pods),
         ] {
             gauge.with_label_values(&[table.as_str()]).set(size as i64);
         }

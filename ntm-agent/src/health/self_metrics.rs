@@ -42,6 +42,19 @@ pub struct HistoryMetrics {
     pub quota_used: GaugeVec,
 }
 
+/// ntm's metrics of the Kubernetes rung (`names/kubernetes`).
+#[derive(Clone)]
+pub struct KubernetesMetrics {
+    /// `<prefix>_k8s_pod_info{address, namespace, pod, workload,
+    /// workload_kind, node}`: 1 per address of this node's pods.
+    pub pod_info: IntGaugeVec,
+    /// `<prefix>_node_info{node, address}`: 1 per address of this node.
+    pub node_info: IntGaugeVec,
+    /// `<prefix>_k8s_runtime_errors_total{socket}`: failed requests to a
+    /// container runtime.
+    pub runtime_errors: IntCounterVec,
+}
+
 /// How a reverse DNS lookup ended: the `result` label of
 /// `<prefix>_dns_lookups_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,6 +121,8 @@ pub struct SelfMetrics {
     /// or wrong basic auth), `rate_limited`, `client_certificate` (a SAN
     /// not in client_allowed_sans), `tls_handshake`.
     pub http_refused: IntCounterVec,
+    /// The Kubernetes rung's pod and node info, and the runtime's errors.
+    pub kubernetes: KubernetesMetrics,
     /// `<prefix>_history_*`: whether the history is on disk, its commits,
     /// its size, and what failing commits dropped.
     pub history: HistoryMetrics,
@@ -176,6 +191,7 @@ pub enum NameTable {
     Clients,
     Leases,
     Containers,
+    Pods,
 }
 
 impl NameTable {
@@ -185,6 +201,7 @@ impl NameTable {
             NameTable::Clients => "clients",
             NameTable::Leases => "leases",
             NameTable::Containers => "containers",
+            NameTable::Pods => "pods",
         }
     }
 }
@@ -374,7 +391,7 @@ impl SelfMetrics {
             observed_drops_seen: Default::default(),
             observed_names: r.gauge_vec(
                 "observed_names",
-                "Entries of the name tables ntm keeps besides its files (answers: DNS answers per client and address; clients: DHCP host names; leases: DHCP leases; containers: addresses of Docker or Podman containers), each bounded",
+                "Entries of the name tables ntm keeps besides its files (answers: DNS answers per client and address; clients: DHCP host names; leases: DHCP leases; containers: addresses of Docker or Podman containers; pods: pod sandboxes on this Kubernetes node), each bounded",
                 &["table"],
             )?,
             host_info: r.gauge_vec(
@@ -437,6 +454,23 @@ impl SelfMetrics {
                 "http_connection_errors_total",
                 "HTTP connections that ended in an error (client went away, bad request, header timeout)",
             )?,
+            kubernetes: KubernetesMetrics {
+                pod_info: r.gauge_vec(
+                    "k8s_pod_info",
+                    "1 per address of a pod on this Kubernetes node, from the container runtime (join on address to name the remote end of a flow; see docs/kubernetes.md)",
+                    &["address", "namespace", "pod", "workload", "workload_kind", "node"],
+                )?,
+                node_info: r.gauge_vec(
+                    "node_info",
+                    "1 per address of this Kubernetes node (NODE_NAME, else the host name), exported once its container runtime answered",
+                    &["node", "address"],
+                )?,
+                runtime_errors: r.counter_vec(
+                    "k8s_runtime_errors_total",
+                    "Failed requests to a container runtime's CRI socket (names already given stay until their pod is known to be gone)",
+                    &["socket"],
+                )?,
+            },
             history: HistoryMetrics {
                 persistent: r.gauge(
                     "history_persistent",

@@ -13,6 +13,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage, AddressScope},
     link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
 };
@@ -189,6 +190,49 @@ pub fn neighbours() -> Result<Vec<(IpAddr, Mac)>, LinksError> {
         |message| {
             if let RouteNetlinkMessage::NewNeighbour(neighbour) = message {
                 found.extend(neighbour_entry(&neighbour));
+            }
+        },
+    )?;
+    Ok(found)
+}
+
+/// One address of an interface of this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostAddress {
+    pub ifindex: u32,
+    pub address: IpAddr,
+    pub prefix_len: u8,
+}
+
+/// The addresses of this network namespace's interfaces that other hosts
+/// can reach: global scope (not loopback's, not link-local).
+pub fn global_addresses() -> Result<Vec<HostAddress>, LinksError> {
+    let mut found = Vec::new();
+    dump(
+        RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+        |message| {
+            if let RouteNetlinkMessage::NewAddress(address) = message
+                && address.header.scope == AddressScope::Universe
+            {
+                // IFA_LOCAL is the interface's own address on a
+                // point-to-point link (IFA_ADDRESS is the peer's there);
+                // elsewhere the two are the same, or only IFA_ADDRESS is
+                // sent (IPv6).
+                let mut own = None;
+                for attribute in &address.attributes {
+                    match attribute {
+                        AddressAttribute::Local(ip) => own = Some(*ip),
+                        AddressAttribute::Address(ip) if own.is_none() => own = Some(*ip),
+                        _ => {}
+                    }
+                }
+                if let Some(ip) = own {
+                    found.push(HostAddress {
+                        ifindex: address.header.index,
+                        address: ip,
+                        prefix_len: address.header.prefix_len,
+                    });
+                }
             }
         },
     )?;

@@ -4,7 +4,8 @@
 //! the one place their order is decided:
 //!
 //! 1. files (`files.rs`): hosts and ethers files, then DHCP lease files;
-//! 2. containers on this host (`containers.rs`);
+//! 2. containers on this host (`containers.rs`), then pods on this
+//!    Kubernetes node and the node itself (`kubernetes/`);
 //! 3. the wire (`observed.rs`): the host name a device's DHCP client sent,
 //!    then the name a peer asked DNS for;
 //! 4. reverse DNS (`resolver.rs`), which a new flow waits for (bounded);
@@ -14,17 +15,15 @@
 //! A new source is a new file with its `impl NameSource`, a line in
 //! [`ladder`] and its options in [`NameOptions`].
 
-use prometheus::IntCounterVec;
-
 use super::{
-    NameOptions, containers::ContainerNames, files::NameFiles, observed::ObservedNames,
-    resolver::ReverseDns, source::NameSource,
+    NameMetrics, NameOptions, containers::ContainerNames, files::NameFiles,
+    kubernetes::KubernetesNames, observed::ObservedNames, resolver::ReverseDns, source::NameSource,
 };
 
 /// The ladder, highest rung first, of the sources `options` asks for.
-/// `lookups` counts reverse DNS lookups by result. Containers are asked
-/// only inside a tokio runtime (their engines are polled on a task of it).
-pub fn ladder(options: &NameOptions, lookups: IntCounterVec) -> Vec<Box<dyn NameSource>> {
+/// Containers and pods are asked only inside a tokio runtime (their
+/// engines are polled on tasks of it).
+pub fn ladder(options: &NameOptions, metrics: NameMetrics) -> Vec<Box<dyn NameSource>> {
     let mut ladder: Vec<Box<dyn NameSource>> = vec![Box::new(NameFiles::open(
         &options.hosts_files,
         &options.ethers_files,
@@ -33,8 +32,14 @@ pub fn ladder(options: &NameOptions, lookups: IntCounterVec) -> Vec<Box<dyn Name
     if let Some(sockets) = &options.container_sockets {
         ladder.push(Box::new(ContainerNames::spawn(sockets.clone())));
     }
+    if let Some(kubernetes) = &options.kubernetes {
+        ladder.push(Box::new(KubernetesNames::spawn(
+            kubernetes.clone(),
+            metrics.kubernetes,
+        )));
+    }
     ladder.push(Box::new(ObservedNames::new(options.answer_min_ttl)));
-    if let Some(reverse_dns) = ReverseDns::start(options, lookups) {
+    if let Some(reverse_dns) = ReverseDns::start(options, metrics.lookups) {
         ladder.push(Box::new(reverse_dns));
     }
     ladder

@@ -12,6 +12,7 @@
 
 pub mod containers;
 pub mod files;
+pub mod kubernetes;
 pub mod ladder;
 pub mod observed;
 pub mod resolver;
@@ -35,7 +36,10 @@ use self::{
     source::{Lookup, NameSource, Query, Source, TableSizes},
     wire::Fact,
 };
-use crate::model::net::{LocalNets, Mac};
+use crate::{
+    health::self_metrics::KubernetesMetrics,
+    model::net::{LocalNets, Mac},
+};
 
 #[derive(Clone, Debug)]
 pub struct NameOptions {
@@ -62,6 +66,18 @@ pub struct NameOptions {
     /// The container engines' API sockets (the default ones if empty);
     /// None: containers are not asked.
     pub container_sockets: Option<Vec<std::path::PathBuf>>,
+    /// The Kubernetes rung (the node's container runtime); None: off.
+    pub kubernetes: Option<kubernetes::KubernetesOptions>,
+}
+
+/// What the name sources count and export.
+#[derive(Clone)]
+pub struct NameMetrics {
+    /// Reverse DNS lookups by result.
+    pub lookups: IntCounterVec,
+    /// Addresses labelled now, by source (`<prefix>_names{source}`).
+    pub by_source: IntGaugeVec,
+    pub kubernetes: KubernetesMetrics,
 }
 
 #[cfg(test)]
@@ -80,6 +96,7 @@ impl NameOptions {
             lease_files: Vec::new(),
             answer_min_ttl: Duration::from_secs(60),
             container_sockets: None,
+            kubernetes: None,
         }
     }
 }
@@ -138,18 +155,16 @@ pub const MAX_ADDRESSES_PER_DEVICE: usize = 64;
 
 impl HostLabels {
     /// Builds the ladder of name sources (reading the name files, starting
-    /// the resolver), when names are wanted; `lookups` counts the
-    /// resolver's lookups by result, `by_source` the addresses labelled by
-    /// each rung.
+    /// the resolver), when names are wanted.
     pub fn start(
         wanted: bool,
         local: LocalNets,
         options: &NameOptions,
-        lookups: IntCounterVec,
-        by_source: IntGaugeVec,
+        metrics: NameMetrics,
     ) -> Self {
+        let by_source = metrics.by_source.clone();
         let ladder = if wanted {
-            ladder::ladder(options, lookups)
+            ladder::ladder(options, metrics)
         } else {
             Vec::new()
         };
@@ -276,10 +291,33 @@ impl HostLabels {
             .or_else(|| self.leased_mac(ip))
     }
 
-    /// Re-reads the name files that changed (cheap when none did).
+    /// Re-reads the name files that changed (cheap when none did), and
+    /// forgets the labels of addresses a source renamed.
     pub fn refresh(&mut self) {
+        let mut renamed = std::collections::HashSet::new();
         for source in &mut self.ladder {
             source.refresh();
+            renamed.extend(source.renamed());
+        }
+        if !renamed.is_empty() {
+            self.forget(&renamed);
+        }
+    }
+
+    /// Drops the sticky labels of `addresses`: their next flows are
+    /// labelled afresh, into series of their own (the old series keep what
+    /// they counted, and expire when idle).
+    fn forget(&mut self, addresses: &std::collections::HashSet<IpAddr>) {
+        let keys: Vec<(IpAddr, IpAddr)> = self
+            .sticky
+            .iter()
+            .map(|(key, _)| *key)
+            .filter(|(ip, _)| addresses.contains(ip))
+            .collect();
+        for key in keys {
+            if let Some(sticky) = self.sticky.pop(&key) {
+                self.release(key.0, sticky);
+            }
         }
     }
 

@@ -134,7 +134,7 @@ impl ObservedNames {
             answers: self.answers.len(),
             clients: self.clients.len(),
             leases: self.leases.len(),
-            containers: 0,
+            ..TableSizes::default()
         }
     }
 }

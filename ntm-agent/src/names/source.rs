@@ -15,6 +15,9 @@ pub enum Source {
     Static,
     /// A container on this host (Docker or Podman).
     Container,
+    /// A pod on this Kubernetes node, or the node itself, from the
+    /// container runtime's CRI.
+    Kubernetes,
     /// DHCP: the name the device sent, from a lease file (`--leases`) or
     /// its messages on the wire.
     Dhcp,
@@ -27,9 +30,10 @@ pub enum Source {
 }
 
 impl Source {
-    pub const ALL: [Source; 6] = [
+    pub const ALL: [Source; 7] = [
         Source::Static,
         Source::Container,
+        Source::Kubernetes,
         Source::Dhcp,
         Source::DnsAnswer,
         Source::ReverseDns,
@@ -48,6 +52,7 @@ impl Source {
         match self {
             Source::Static => "static",
             Source::Container => "container",
+            Source::Kubernetes => "kubernetes",
             Source::Dhcp => "dhcp",
             Source::DnsAnswer => "dns_answer",
             Source::ReverseDns => "reverse_dns",
@@ -99,6 +104,13 @@ pub trait NameSource: Send {
     /// Forget what is out of date (answers past their TTL).
     fn expire(&mut self, _now: Instant) {}
 
+    /// Addresses whose name this source gave, withdrew or changed since it
+    /// was last asked (a pod gone, a new pod on a reused address): their
+    /// labels, sticky for a series' life otherwise, are decided again.
+    fn renamed(&mut self) -> Vec<IpAddr> {
+        Vec::new()
+    }
+
     /// The MAC the device at `ip` was given its lease for, if this source
     /// knows leases.
     fn leased_mac(&self, _ip: IpAddr) -> Option<Mac> {
@@ -124,4 +136,6 @@ pub struct TableSizes {
     pub leases: usize,
     /// Containers known by address (`containers.rs`).
     pub containers: usize,
+    /// Pod sandboxes on this node (`kubernetes/`).
+    pub pods: usize,
 }
