@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install or check the build toolchain (nightly rust-src, LLVM 22,
-    /// bpf-linker, libpcap-dev).
+    /// bpf-linker, libpcap-dev, protobuf-compiler).
     Setup,
     /// Build ntm-agent (release) with its kernel programs.
     Build,
@@ -320,8 +320,12 @@ fn image_binary_runs_arm64(name: &str, scratch: &Path) -> Result<String> {
 /// a real Prometheus and promtool for the scrape tests (prometheus),
 /// systemd-analyze for the unit file (systemd), a DHCP server and client
 /// for device names (dnsmasq-base, busybox's udhcpc), bpftool to check
-/// that `ntm-agent detach` leaves no program, link or pin, and a headless
-/// Chromium with its WebDriver for the page (chromium, chromium-driver).
+/// that `ntm-agent detach` leaves no program, link or pin, a headless
+/// Chromium with its WebDriver for the page (chromium, chromium-driver),
+/// and a Kubernetes node without an apiserver for the pod names:
+/// containerd (its CRI plugin, and `ctr` to import the test's pause image),
+/// runc, the CNI plugins (bridge, host-local), and gcc with glibc's static
+/// libraries (libc6-dev) to build that pause program with `gcc -static`.
 const TEST_PACKAGES: &[&str] = &[
     "bpftool",
     "dnsmasq-base",
@@ -336,6 +340,11 @@ const TEST_PACKAGES: &[&str] = &[
     "netbase",
     "chromium",
     "chromium-driver",
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "gcc",
+    "libc6-dev",
 ];
 
 /// PyPI packages the chart test uses, pinned: Helm 4 embedded (lint and

@@ -1,8 +1,8 @@
 //! Checks, and installs where it can, what building ntm-agent needs on a
 //! fresh Debian machine: nightly Rust with rust-src, LLVM 22's development
 //! files, and bpf-linker built against them for the eBPF side; libpcap's
-//! development files for the agent's packet filters. Says what it does, and
-//! what to do where it cannot.
+//! development files for the agent's packet filters; protoc for the CRI's
+//! gRPC types. Says what it does, and what to do where it cannot.
 
 use std::{
     fs::File,
@@ -280,13 +280,25 @@ fn ensure_bpf_linker() -> Result<()> {
     Ok(())
 }
 
-/// Everything building ntm-agent needs: the eBPF toolchain, and libpcap
-/// (the agent links it to compile filter expressions). Cheap when all is in
-/// place.
+/// Everything building ntm-agent needs: the eBPF toolchain, libpcap (the
+/// agent links it to compile filter expressions) and protoc. Every task
+/// that builds (setup, build, run, test, bench, clippy, dist for either
+/// architecture, image) comes through here. Cheap when all is in place.
+///
+/// protoc: k8s-cri (the container runtime's CRI, which the agent reads
+/// pods from) generates its gRPC types from the CRI's .proto files in its
+/// build script, with prost-build, which runs protoc and bundles none.
+/// Build scripts run on the build machine, so the host's protoc serves the
+/// arm64 and musl builds too. PROTOC is not set: prost-build runs `protoc`
+/// from PATH when it is unset, and Debian's protobuf-compiler puts it in
+/// /usr/bin, so a plain `cargo build` finds the same protoc as xtask's
+/// builds (PROTOC would only be needed for a protoc off PATH).
 pub fn ensure_ebpf_toolchain() -> Result<()> {
     ensure_nightly_rust_src()?;
     ensure_bpf_linker()?;
-    apt_install(&["libpcap-dev"]).context("ntm-agent links libpcap (libpcap-dev)")
+    apt_install(&["libpcap-dev", "protobuf-compiler"]).context(
+        "ntm-agent links libpcap (libpcap-dev) and builds the CRI's gRPC types with protoc (protobuf-compiler)",
+    )
 }
 
 /// A Python virtual environment at `dir` with `packages` (pinned) installed;

@@ -21,6 +21,7 @@ mod golden;
 mod helm;
 mod history;
 mod image;
+mod kubernetes;
 mod links;
 mod listing;
 mod names;
@@ -87,6 +88,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: golden::the_exposition_equals_the_golden_file,
     Nothing: helm::chart_lints_renders_and_validates,
     Root: image::the_image_runs_with_least_privilege_and_counts,
+    Root: kubernetes::the_fixture_runs_pods_like_kubelet,
     Nothing: listing::every_integration_test_is_listed,
     Root: links::tun_device_frames_start_at_the_ip_header,
     Root: links::vlan_tags_moved_into_skb_metadata_are_still_seen,

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod browser;
+pub mod containerd;
 pub mod dhcp;
 pub mod dns;
 pub mod frames;
@@ -21,6 +22,7 @@ pub use agent::Agent;
 use std::{
     fs::File,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
     thread,
@@ -141,32 +143,50 @@ impl Netns {
         }
     }
 
+    /// Where `ip netns` keeps this namespace (what `run_in_netns` and
+    /// `nsenter --net=` take).
+    pub fn path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.name)
+    }
+
     /// Runs `f` on a thread that has entered this namespace.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        thread::scope(|s| {
-            s.spawn(|| {
-                self.enter_current_thread();
-                f()
-            })
-            .join()
-            .expect("thread in namespace panicked")
-        })
+        run_in_netns(&self.path(), f)
     }
 
     /// Moves the calling thread into this namespace (for good).
     pub fn enter_current_thread(&self) {
-        let file = File::open(format!("/var/run/netns/{}", self.name))
-            .unwrap_or_else(|e| panic!("open netns {}: {e}", self.name));
-        // SAFETY: setns on a valid namespace fd; affects only this thread.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "setns {}: {}",
-            self.name,
-            std::io::Error::last_os_error()
-        );
+        enter_netns(&self.path());
     }
+}
+
+/// Runs `f` on a thread that has entered the network namespace at `path`
+/// (a namespace file: `/var/run/netns/NAME`, `/proc/PID/ns/net`), such as
+/// a pod's.
+pub fn run_in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> T {
+    thread::scope(|s| {
+        s.spawn(|| {
+            enter_netns(path);
+            f()
+        })
+        .join()
+        .expect("thread in namespace panicked")
+    })
+}
+
+/// Moves the calling thread into the network namespace at `path` (for
+/// good).
+pub fn enter_netns(path: &Path) {
+    let file = File::open(path).unwrap_or_else(|e| panic!("open netns {}: {e}", path.display()));
+    // SAFETY: setns on a valid namespace fd; affects only this thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "setns {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 impl Drop for Netns {
