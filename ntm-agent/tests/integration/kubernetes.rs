@@ -9,7 +9,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::kit::containerd::{Containerd, Pod, PodSpec, cgroup_paths};
+use crate::kit::{
+    Agent,
+    containerd::{Containerd, Pod, PodSpec, cgroup_paths},
+    run_in_netns,
+    scrape::{metrics, sample_sum, wait_for, wait_healthy},
+};
 
 const BRIDGE: &str = "ntmk8s0";
 /// Five pod addresses: .1 is the bridge's (the gateway), .0 and .7 are
@@ -196,5 +201,281 @@ pub fn the_fixture_runs_pods_like_kubelet() {
     assert_eq!(procs, 0, "processes of the node are left");
     for cgroup in cgroups {
         assert!(!cgroup.exists(), "{} is left", cgroup.display());
+    }
+}
+
+/// Sends `count` datagrams to `to`:`port` from `from` inside the network
+/// namespace at `netns`, with a receiver bound there first (so that no ICMP
+/// answers them); returns (packets, IP bytes) sent.
+fn send_udp(
+    from_netns: &std::path::Path,
+    from: Ipv4Addr,
+    to_netns: &std::path::Path,
+    to: Ipv4Addr,
+    port: u16,
+    count: usize,
+) -> (u64, u64) {
+    let receiver = run_in_netns(to_netns, || UdpSocket::bind((to, port)).expect("bind"));
+    let sent = run_in_netns(from_netns, || {
+        let sender = UdpSocket::bind((from, 0)).expect("bind");
+        let mut bytes = 0u64;
+        for i in 0..count {
+            let payload = format!("pod datagram {i}");
+            sender
+                .send_to(payload.as_bytes(), (to, port))
+                .expect("send");
+            bytes += 20 + 8 + payload.len() as u64;
+        }
+        (count as u64, bytes)
+    });
+    receiver
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let mut arrived = 0;
+    while arrived < count && receiver.recv_from(&mut buf).is_ok() {
+        arrived += 1;
+    }
+    assert_eq!(arrived, count, "datagrams lost between the pods");
+    sent
+}
+
+/// ntm on the node's CNI bridge names every pod address by the workload
+/// the runtime's labels say (Deployment, StatefulSet, DaemonSet, a
+/// CronJob's job, a bare pod), the node's own addresses (which host-network
+/// pods share) by the node's name, and counts the traffic between them
+/// exactly under those names; a removed pod's address, handed to a new pod,
+/// gets the new pod's name in a series of its own; while containerd is
+/// down the names stay, and the failures are counted.
+pub fn pods_are_named_by_workload_and_counted_exactly() {
+    const PORT: u16 = 9820;
+    let mut node = Containerd::new("names", "ntmk8s1", "198.18.201.0/29");
+    let web = node.run_pod(&PodSpec::new(
+        "shop",
+        "web-5d8f9c7b6-x2x9q",
+        &[("app", "web"), ("pod-template-hash", "5d8f9c7b6")],
+    ));
+    let db = node.run_pod(&PodSpec::new(
+        "shop",
+        "db-0",
+        &[
+            ("statefulset.kubernetes.io/pod-name", "db-0"),
+            ("controller-revision-hash", "db-6b8f9c"),
+        ],
+    ));
+    let agent = node.run_pod(&PodSpec::new(
+        "kube-system",
+        "log-agent-8kx2p",
+        &[
+            ("controller-revision-hash", "6c9d8f7b5"),
+            ("pod-template-generation", "1"),
+        ],
+    ));
+    let backup = node.run_pod(&PodSpec::new(
+        "ops",
+        "backup-29481120-q7k2m",
+        &[
+            ("batch.kubernetes.io/job-name", "backup-29481120"),
+            ("job-name", "backup-29481120"),
+        ],
+    ));
+    let debug = node.run_pod(&PodSpec::new("shop", "debug", &[("run", "debug")]));
+    let _host = node.run_pod(&PodSpec {
+        host_network: true,
+        ..PodSpec::new("kube-system", "node-exporter-h8c2v", &[])
+    });
+
+    let _ntm = Agent::in_ns(node.node())
+        .names(true)
+        .cri_socket(node.socket())
+        .iface("ntmk8s1")
+        .port(PORT)
+        .env("NODE_NAME", "node-a")
+        .args([
+            "--local-net",
+            "198.18.201.0/29",
+            "--drain-interval",
+            "200ms",
+        ])
+        .args(["--dns-server", "127.0.0.1:5398", "--dns-timeout", "200ms"])
+        .args(["--name-wait", "300ms", "--no-containers", "--no-pin"])
+        .spawn();
+    wait_healthy(node.node(), PORT);
+    let pods = [
+        (&web, "shop", "web-5d8f9c7b6-x2x9q", "web", "Deployment"),
+        (&db, "shop", "db-0", "db", "StatefulSet"),
+        (
+            &agent,
+            "kube-system",
+            "log-agent-8kx2p",
+            "log-agent",
+            "DaemonSet",
+        ),
+        (&backup, "ops", "backup-29481120-q7k2m", "backup", "CronJob"),
+        (&debug, "shop", "debug", "debug", "Pod"),
+    ];
+    // Every pod address in ntm_k8s_pod_info, with its workload and kind.
+    wait_for(
+        "the pods in ntm_k8s_pod_info",
+        Duration::from_secs(20),
+        || {
+            let text = metrics(node.node(), PORT)?;
+            pods.iter()
+            .all(|(pod, namespace, name, workload, kind)| {
+                text.contains(&format!(
+                    r#"ntm_k8s_pod_info{{address="{}",namespace="{namespace}",node="node-a",pod="{name}",workload="{workload}",workload_kind="{kind}"}} 1"#,
+                    ip_of(pod),
+                ))
+            })
+            .then_some(())
+        },
+    );
+
+    // Traffic between the pods, and from the node (its bridge address).
+    let gateway = Ipv4Addr::new(198, 18, 201, 1);
+    let node_ns = node.node().path();
+    let mut expected: Vec<(&str, &str, u16, (u64, u64))> = Vec::new();
+    expected.push((
+        "shop/web",
+        "shop/db",
+        5432,
+        send_udp(&web.netns, ip_of(&web), &db.netns, ip_of(&db), 5432, 20),
+    ));
+    expected.push((
+        "kube-system/log-agent",
+        "ops/backup",
+        7001,
+        send_udp(
+            &agent.netns,
+            ip_of(&agent),
+            &backup.netns,
+            ip_of(&backup),
+            7001,
+            7,
+        ),
+    ));
+    expected.push((
+        "shop/debug",
+        "shop/web",
+        7002,
+        send_udp(
+            &debug.netns,
+            ip_of(&debug),
+            &web.netns,
+            ip_of(&web),
+            7002,
+            5,
+        ),
+    ));
+    expected.push((
+        "node-a",
+        "shop/web",
+        7003,
+        send_udp(&node_ns, gateway, &web.netns, ip_of(&web), 7003, 4),
+    ));
+    let counted = |text: &str, src: &str, dst: &str, port: u16| {
+        let parts = [
+            format!(r#"src="{src}""#),
+            format!(r#"dst="{dst}""#),
+            r#"proto="udp""#.to_string(),
+        ];
+        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+        let _ = port;
+        (
+            sample_sum(text, "ntm_packets_total", &parts),
+            sample_sum(text, "ntm_bytes_total", &parts),
+        )
+    };
+    let text = wait_for("every flow counted", Duration::from_secs(20), || {
+        let text = metrics(node.node(), PORT)?;
+        expected
+            .iter()
+            .all(|(src, dst, port, sent)| counted(&text, src, dst, *port) == *sent)
+            .then_some(text)
+    });
+    for (src, dst, port, sent) in &expected {
+        assert_eq!(
+            counted(&text, src, dst, *port),
+            *sent,
+            "{src} -> {dst}\n{text}"
+        );
+    }
+    assert!(
+        !text.contains(&format!(r#"src="{}""#, ip_of(&web))),
+        "a pod address left unnamed:\n{text}"
+    );
+
+    // The debug pod goes; a new pod (a StatefulSet's) takes its address,
+    // the only one left on the /29.
+    let debug_ip = ip_of(&debug);
+    node.remove_pod(&debug.id);
+    let cache = node.run_pod(&PodSpec::new(
+        "shop",
+        "cache-0",
+        &[
+            ("statefulset.kubernetes.io/pod-name", "cache-0"),
+            ("controller-revision-hash", "cache-5f6c7"),
+        ],
+    ));
+    assert_eq!(ip_of(&cache), debug_ip, "the freed address is reused");
+    wait_for(
+        "the new pod in ntm_k8s_pod_info",
+        Duration::from_secs(20),
+        || {
+            let text = metrics(node.node(), PORT)?;
+            (text.contains(&format!(r#"address="{debug_ip}""#))
+                && text.contains(r#"pod="cache-0""#)
+                && !text.contains(r#"pod="debug""#))
+            .then_some(())
+        },
+    );
+    let before_debug = counted(&text, "shop/debug", "shop/web", 7002);
+    let sent = send_udp(&cache.netns, debug_ip, &web.netns, ip_of(&web), 7002, 6);
+    let text = wait_for(
+        "the new pod's traffic under its own name",
+        Duration::from_secs(20),
+        || {
+            let text = metrics(node.node(), PORT)?;
+            (counted(&text, "shop/cache", "shop/web", 7002) == sent).then_some(text)
+        },
+    );
+    assert_eq!(
+        counted(&text, "shop/debug", "shop/web", 7002),
+        before_debug,
+        "the old pod's series did not grow:\n{text}"
+    );
+
+    // containerd stops: names stay, the failures are counted; it starts
+    // again and is asked again.
+    node.stop();
+    wait_for("a runtime error counted", Duration::from_secs(20), || {
+        let text = metrics(node.node(), PORT)?;
+        (sample_sum(&text, "ntm_k8s_runtime_errors_total", &[]) > 0).then_some(())
+    });
+    let before = counted(&text, "shop/web", "shop/db", 5432);
+    let more = send_udp(&web.netns, ip_of(&web), &db.netns, ip_of(&db), 5432, 9);
+    wait_for(
+        "traffic named while containerd is down",
+        Duration::from_secs(20),
+        || {
+            let text = metrics(node.node(), PORT)?;
+            (counted(&text, "shop/web", "shop/db", 5432) == (before.0 + more.0, before.1 + more.1))
+                .then_some(())
+        },
+    );
+    node.start();
+    wait_for("the pods listed again", Duration::from_secs(30), || {
+        let text = metrics(node.node(), PORT)?;
+        text.contains(r#"pod="cache-0""#).then_some(())
+    });
+    let text = metrics(node.node(), PORT).unwrap();
+    assert!(text.contains(r#"ntm_names{source="kubernetes"}"#), "{text}");
+}
+
+/// A pod's IPv4 address (any subnet).
+fn ip_of(pod: &Pod) -> Ipv4Addr {
+    match pod.ip {
+        Some(IpAddr::V4(ip)) => ip,
+        other => panic!("{} has no IPv4 address: {other:?}", pod.id),
     }
 }

@@ -89,6 +89,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Nothing: helm::chart_lints_renders_and_validates,
     Root: image::the_image_runs_with_least_privilege_and_counts,
     Root: kubernetes::the_fixture_runs_pods_like_kubelet,
+    Root: kubernetes::pods_are_named_by_workload_and_counted_exactly,
     Nothing: listing::every_integration_test_is_listed,
     Root: links::tun_device_frames_start_at_the_ip_header,
     Root: links::vlan_tags_moved_into_skb_metadata_are_still_seen,

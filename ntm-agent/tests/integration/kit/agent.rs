@@ -41,6 +41,10 @@ enum Out {
 pub struct Agent<'a> {
     ns: &'a Netns,
     names: bool,
+    /// The container runtime the Kubernetes rung asks; None: the rung is
+    /// off, so that a runtime running on this machine never names a test's
+    /// addresses.
+    cri_socket: Option<PathBuf>,
     args: Vec<OsString>,
     envs: Vec<(OsString, OsString)>,
     output: Option<Out>,
@@ -56,6 +60,7 @@ impl<'a> Agent<'a> {
         Self {
             ns,
             names: false,
+            cri_socket: None,
             args: Vec::new(),
             envs: Vec::new(),
             output: None,
@@ -73,6 +78,13 @@ impl<'a> Agent<'a> {
     }
 
     /// `-i IFACE`.
+    /// Names pods by asking the container runtime at `socket` (the
+    /// Kubernetes rung; off otherwise).
+    pub fn cri_socket(mut self, socket: &Path) -> Self {
+        self.cri_socket = Some(socket.to_path_buf());
+        self
+    }
+
     pub fn iface(self, iface: &str) -> Self {
         self.args(["-i", iface])
     }
@@ -137,6 +149,10 @@ impl<'a> Agent<'a> {
         cmd.env("NTM_STATE_DIR", self.ns.state_dir());
         if !self.names {
             cmd.arg("--numeric");
+        } else if let Some(socket) = &self.cri_socket {
+            cmd.arg("--cri-socket").arg(socket);
+        } else {
+            cmd.arg("--no-kubernetes");
         }
         cmd.args(&self.args);
         for (key, value) in &self.envs {
