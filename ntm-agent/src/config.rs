@@ -228,6 +228,15 @@ pub struct NameArgs {
           value_parser = parse_pod_names)]
     pub k8s_names: PodNames,
 
+    /// The Kubernetes cluster's DNS domain: a Service's name in a DNS
+    /// answer (`web.shop.svc.DOMAIN`) labels its ClusterIP `web.shop`.
+    #[arg(
+        long = "cluster-domain",
+        env = "NTM_CLUSTER_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    pub cluster_domain: String,
+
     /// Do not read the DNS answers that cross the monitored interfaces
     /// (by default a server is named by the name its client asked for).
     #[arg(long = "no-observe-dns", env = "NTM_NO_OBSERVE_DNS", value_parser = on_off(),
@@ -596,6 +605,7 @@ impl Config {
             sockets: self.names.cri_sockets.clone(),
             names: self.names.k8s_names,
             node: node_name(),
+            cluster_domain: self.names.cluster_domain.clone(),
         })
     }
 

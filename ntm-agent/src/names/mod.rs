@@ -115,6 +115,9 @@ pub struct HostLabels {
     ladder: Vec<Box<dyn NameSource>>,
     local: LocalNets,
     fqdn: bool,
+    /// The Kubernetes cluster's DNS domain, with the Kubernetes rung on:
+    /// its Service names label ClusterIPs as SERVICE.NAMESPACE.
+    cluster_domain: Option<String>,
     wait: Duration,
     /// Decided labels by (address, peer), least recently used first out
     /// when full.
@@ -187,6 +190,10 @@ impl HostLabels {
             ladder,
             local,
             fqdn: options.fqdn,
+            cluster_domain: options
+                .kubernetes
+                .as_ref()
+                .map(|k| k.cluster_domain.clone()),
             wait: options.wait,
             sticky: LruCache::new(MAX_STICKY),
             neighbours: HashMap::new(),
@@ -453,7 +460,15 @@ impl HostLabels {
 
     /// Local hosts keep their whole name (it is the device's identity);
     /// remote hosts collapse to their registrable domain unless --fqdn.
+    /// A Kubernetes Service's name is SERVICE.NAMESPACE, wherever it is.
     fn name_label(&self, ip: IpAddr, name: String) -> String {
+        if let Some(service) = self
+            .cluster_domain
+            .as_deref()
+            .and_then(|domain| kubernetes::service_label(&name, domain))
+        {
+            return service;
+        }
         if self.fqdn || self.local.contains(ip) {
             return name;
         }
@@ -516,6 +531,38 @@ mod tests {
         assert_eq!(
             fqdn.name_label(remote, "news.bbc.co.uk".into()),
             "news.bbc.co.uk"
+        );
+    }
+
+    #[test]
+    fn kubernetes_service_names_are_service_dot_namespace_local_or_remote() {
+        let on = NameOptions {
+            kubernetes: Some(kubernetes::KubernetesOptions {
+                sockets: Vec::new(),
+                names: kubernetes::PodNames::Workload,
+                node: "node-a".into(),
+                cluster_domain: "cluster.local".into(),
+            }),
+            ..options()
+        };
+        let h = HostLabels::new(true, Vec::new(), local(), &on);
+        let cluster_ip: IpAddr = "93.184.216.34".parse().unwrap();
+        let lan: IpAddr = "192.168.1.5".parse().unwrap();
+        for ip in [cluster_ip, lan] {
+            assert_eq!(
+                h.name_label(ip, "web.shop.svc.cluster.local".into()),
+                "web.shop"
+            );
+        }
+        assert_eq!(
+            h.name_label(cluster_ip, "news.bbc.co.uk".into()),
+            "bbc.co.uk"
+        );
+        // Without the Kubernetes rung, such a name is like any other.
+        let off = HostLabels::new(true, Vec::new(), local(), &options());
+        assert_eq!(
+            off.name_label(lan, "web.shop.svc.cluster.local".into()),
+            "web.shop.svc.cluster.local"
         );
     }
 

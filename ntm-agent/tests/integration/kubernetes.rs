@@ -13,7 +13,7 @@ use crate::kit::{
     Agent,
     containerd::{Containerd, Pod, PodSpec, cgroup_paths},
     run_in_netns,
-    scrape::{metrics, sample_sum, wait_for, wait_healthy},
+    scrape::{Guard, metrics, sample_sum, wait_for, wait_healthy},
 };
 
 const BRIDGE: &str = "ntmk8s0";
@@ -403,6 +403,62 @@ pub fn pods_are_named_by_workload_and_counted_exactly() {
     assert!(
         !text.contains(&format!(r#"src="{}""#, ip_of(&web))),
         "a pod address left unnamed:\n{text}"
+    );
+
+    // A Service: its ClusterIP is named by the DNS answer the pod got, as
+    // SERVICE.NAMESPACE (the cluster's name, never cut to a registrable
+    // domain). Seen at the pod's port, before any DNAT would rewrite it.
+    let cluster_ip = Ipv4Addr::new(198, 18, 202, 10);
+    let _dns = Guard(
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={}", node_ns.display()))
+            .args(["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null"])
+            .args(["--no-resolv", "--no-hosts", "--interface=ntmk8s1"])
+            .args(["--bind-interfaces", "--except-interface=lo", "--pid-file="])
+            .args(["--user=root", "--log-facility=-"])
+            .arg(format!(
+                "--host-record=web.shop.svc.cluster.local,{cluster_ip}"
+            ))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("dnsmasq"),
+    );
+    wait_for("the cluster's DNS answer", Duration::from_secs(10), || {
+        let answer = db.exec(&[
+            "dig",
+            "+short",
+            "+time=1",
+            "+tries=1",
+            "@198.18.201.1",
+            "web.shop.svc.cluster.local",
+        ]);
+        (answer.trim() == cluster_ip.to_string()).then_some(())
+    });
+    // Service addresses are reached through the node (a pod's default
+    // route; this CNI config gives the pod network's only).
+    db.exec(&["ip", "route", "add", "198.18.202.0/24", "via", "198.18.201.1"]);
+    // The answer is observed before the flow it names is first drained.
+    std::thread::sleep(Duration::from_millis(500));
+    let to_service = run_in_netns(&db.netns, || {
+        let sender = UdpSocket::bind((ip_of(&db), 0)).expect("bind");
+        let mut bytes = 0;
+        for i in 0..8 {
+            let payload = format!("to the service {i}");
+            sender
+                .send_to(payload.as_bytes(), (cluster_ip, 80))
+                .expect("send");
+            bytes += 20 + 8 + payload.len() as u64;
+        }
+        (8u64, bytes)
+    });
+    wait_for(
+        "the Service's traffic under its name",
+        Duration::from_secs(20),
+        || {
+            let text = metrics(node.node(), PORT)?;
+            (counted(&text, "shop/db", "web.shop", 80) == to_service).then_some(())
+        },
     );
 
     // The debug pod goes; a new pod (a StatefulSet's) takes its address,

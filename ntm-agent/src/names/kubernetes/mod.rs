@@ -72,6 +72,28 @@ pub struct KubernetesOptions {
     /// This node's name (`NODE_NAME` from the downward API, else the host
     /// name).
     pub node: String,
+    /// The cluster's DNS domain (kubelet's `clusterDomain`).
+    pub cluster_domain: String,
+}
+
+/// The label of a Service's DNS name: `web.shop.svc.cluster.local` (with
+/// `cluster.local` the cluster's domain) is `web.shop`, SERVICE.NAMESPACE
+/// (a headless Service's pod record keeps its pod: `db-0.db.shop`); None
+/// for any other name. Such a name is the cluster's, not a registrable
+/// domain's: it is never cut to one.
+pub fn service_label(name: &str, cluster_domain: &str) -> Option<String> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let domain = cluster_domain.trim_matches('.');
+    if domain.is_empty() || name.len() <= domain.len() + 5 {
+        return None;
+    }
+    let (service, suffix) = name.split_at(name.len() - domain.len() - 5);
+    let in_cluster = suffix.len() == domain.len() + 5
+        && suffix[..5].eq_ignore_ascii_case(".svc.")
+        && suffix[5..].eq_ignore_ascii_case(domain);
+    // SERVICE.NAMESPACE at least.
+    (in_cluster && service.contains('.') && !service.starts_with('.'))
+        .then(|| service.to_ascii_lowercase())
 }
 
 /// A pod address's owner.
@@ -400,6 +422,37 @@ mod tests {
             sockets: Vec::new(),
             names,
             node: "node-a".into(),
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+
+    #[test]
+    fn service_names_are_service_dot_namespace() {
+        let label = |name| service_label(name, "cluster.local");
+        assert_eq!(label("web.shop.svc.cluster.local"), Some("web.shop".into()));
+        assert_eq!(
+            label("WEB.Shop.svc.Cluster.Local."),
+            Some("web.shop".into())
+        );
+        assert_eq!(
+            label("db-0.db.shop.svc.cluster.local"),
+            Some("db-0.db.shop".into())
+        );
+        assert_eq!(
+            service_label("web.shop.svc.k8s.example", "k8s.example"),
+            Some("web.shop".into())
+        );
+        for other in [
+            "web.svc.cluster.local",
+            "svc.cluster.local",
+            ".shop.svc.cluster.local",
+            "web.shop.svc.cluster.local.evil.com",
+            "web.shop.pod.cluster.local",
+            "www.example.com",
+            "",
+            "cluster.local",
+        ] {
+            assert_eq!(label(other), None, "{other}");
         }
     }
 
