@@ -467,6 +467,8 @@ fn task(command: Task) -> Result<()> {
                 "flows",
                 "--bench",
                 "history",
+                "--bench",
+                "kubernetes",
             ]))
         }
         Task::Clippy => {

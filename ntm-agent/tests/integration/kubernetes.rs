@@ -437,7 +437,14 @@ pub fn pods_are_named_by_workload_and_counted_exactly() {
     });
     // Service addresses are reached through the node (a pod's default
     // route; this CNI config gives the pod network's only).
-    db.exec(&["ip", "route", "add", "198.18.202.0/24", "via", "198.18.201.1"]);
+    db.exec(&[
+        "ip",
+        "route",
+        "add",
+        "198.18.202.0/24",
+        "via",
+        "198.18.201.1",
+    ]);
     // The answer is observed before the flow it names is first drained.
     std::thread::sleep(Duration::from_millis(500));
     let to_service = run_in_netns(&db.netns, || {
