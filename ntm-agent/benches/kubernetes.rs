@@ -377,8 +377,8 @@ fn measure(link: &Link, socket: Option<&std::path::Path>) -> (f64, f64, u64) {
     }
     let mut child = agent.spawn_child();
     wait_healthy(&link.a, PORT);
-    // `ip netns exec` runs the agent as its child: measure the agent.
-    let pid = agent_pid(child.id());
+    // `ip netns exec` execs the agent: the child is the agent itself.
+    let pid = child.id();
     if socket.is_some() {
         wait_for("the pods named", Duration::from_secs(30), || {
             let text = metrics(&link.a, PORT)?;
@@ -397,11 +397,6 @@ fn measure(link: &Link, socket: Option<&std::path::Path>) -> (f64, f64, u64) {
     let _ = child.kill();
     let _ = child.wait();
     (100.0 * (cpu_after - cpu_before) / elapsed, rss, pods)
-}
-
-/// The agent's pid: `ip netns exec` execs it, so the child is the agent.
-fn agent_pid(child: u32) -> u32 {
-    child
 }
 
 fn main() {
