@@ -7,7 +7,7 @@
 
 pub mod pipeline;
 
-use std::{net::SocketAddr, time::Instant};
+use std::{net::SocketAddr, path::PathBuf, time::Instant};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
@@ -76,7 +76,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 config.history.state_dir.display()
             );
         }
-        privileges::drop_to(user).context("ntm could not give up root")?;
+        let groups = socket_groups(&config, user.gid);
+        privileges::drop_to(user, &groups).context("ntm could not give up root")?;
         log::info!(
             "running as uid {} gid {} with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON only",
             user.uid,
@@ -306,4 +307,47 @@ fn spawn_link_watcher() -> tokio::sync::mpsc::UnboundedReceiver<()> {
         }
     }
     rx
+}
+
+/// The groups of the container engines' and runtimes' sockets ntm will
+/// ask for names (the configured ones, or the defaults that exist), other
+/// than `gid`: kept as supplementary groups when ntm gives up root, so that
+/// it can still open them (containerd's and CRI-O's are root's, mode 0660;
+/// Docker's the `docker` group's), and reconnect after a runtime restarts.
+fn socket_groups(config: &Config, gid: u32) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let mut sockets: Vec<PathBuf> = Vec::new();
+    if let Some(configured) = config.container_sockets() {
+        sockets.extend(if configured.is_empty() {
+            crate::names::containers::DEFAULT_SOCKETS
+                .map(PathBuf::from)
+                .to_vec()
+        } else {
+            configured
+        });
+    }
+    if let Some(kubernetes) = config.kubernetes() {
+        sockets.extend(if kubernetes.sockets.is_empty() {
+            crate::names::kubernetes::DEFAULT_SOCKETS
+                .map(PathBuf::from)
+                .to_vec()
+        } else {
+            kubernetes.sockets
+        });
+    }
+    let mut groups: Vec<u32> = Vec::new();
+    for socket in sockets {
+        let Ok(metadata) = std::fs::metadata(&socket) else {
+            continue;
+        };
+        let group = metadata.gid();
+        if group != gid && !groups.contains(&group) {
+            log::info!(
+                "keeping group {group} (the group of {}) so that ntm can still ask it after giving up root",
+                socket.display()
+            );
+            groups.push(group);
+        }
+    }
+    groups
 }

@@ -72,16 +72,17 @@ pub fn resolve_user(spec: &str) -> Result<User, PrivilegeError> {
 }
 
 /// Becomes `user`, keeping only CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON
-/// (effective and permitted; nothing inheritable). Call it before any other
-/// thread starts.
-pub fn drop_to(user: User) -> Result<(), PrivilegeError> {
+/// (effective and permitted; nothing inheritable), and `groups` as its
+/// supplementary groups (the groups of the sockets it must still open).
+/// Call it before any other thread starts.
+pub fn drop_to(user: User, groups: &[u32]) -> Result<(), PrivilegeError> {
     if !process::is_root() {
         return Err(PrivilegeError::NotRoot);
     }
     let caps = PrivilegeError::Capabilities;
     // Keep the permitted set across the change of uid...
     caps::securebits::set_keepcaps(true).map_err(caps)?;
-    process::switch_ids(user.uid, user.gid).map_err(|source| PrivilegeError::Switch {
+    process::switch_ids(user.uid, user.gid, groups).map_err(|source| PrivilegeError::Switch {
         uid: user.uid,
         gid: user.gid,
         source,

@@ -45,13 +45,15 @@ pub fn user_by_name(name: &str) -> Option<(u32, u32)> {
     (rc == 0 && !found.is_null()).then_some((entry.pw_uid, entry.pw_gid))
 }
 
-/// Becomes `uid`/`gid`, with no supplementary groups, for the calling
-/// thread (call it before any other thread starts, so that all inherit
-/// it). Capabilities follow the kernel's rules: with PR_SET_KEEPCAPS set,
-/// the permitted set survives and the effective set is cleared.
-pub fn switch_ids(uid: u32, gid: u32) -> Result<(), SyscallError> {
-    // SAFETY: a zero-length group list; the pointer is not read.
-    if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
+/// Becomes `uid`/`gid`, with `groups` as its only supplementary groups,
+/// for the calling thread (call it before any other thread starts, so that
+/// all inherit it). Capabilities follow the kernel's rules: with
+/// PR_SET_KEEPCAPS set, the permitted set survives and the effective set is
+/// cleared.
+pub fn switch_ids(uid: u32, gid: u32, groups: &[u32]) -> Result<(), SyscallError> {
+    // SAFETY: `groups` is a valid slice of gid_t (u32) of the length given;
+    // the kernel only reads it.
+    if unsafe { libc::setgroups(groups.len(), groups.as_ptr()) } != 0 {
         return Err(SyscallError::last("setgroups"));
     }
     // SAFETY: plain integer arguments.

@@ -299,6 +299,9 @@ pub fn pods_are_named_by_workload_and_counted_exactly() {
         ])
         .args(["--dns-server", "127.0.0.1:5398", "--dns-timeout", "200ms"])
         .args(["--name-wait", "300ms", "--no-containers", "--no-pin"])
+        // As the chart runs it: root gone after attaching. The runtime's
+        // socket is root's, mode 0660: ntm keeps its group to reconnect.
+        .args(["--user", "65534"])
         .spawn();
     wait_healthy(node.node(), PORT);
     let pods = [
