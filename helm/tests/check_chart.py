@@ -37,11 +37,15 @@ NON_DEFAULT = {
     "user": "",
     "seccompProfile": {"type": "Unconfined"},
     "filter": "not port 22",
+    "interfacePreset": "calico",
+    "kubernetes": {"criSocket": "/run/crio/crio.sock", "names": "pod", "clusterDomain": "k8s.example"},
 }
 
-RULES = yaml.safe_load(
-    open(os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "prometheus", "ntm-rules.yml"))
-)
+RULES_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "prometheus")
+ALERTS = [r for g in yaml.safe_load(open(os.path.join(RULES_DIR, "ntm-rules.yml")))["groups"] for r in g["rules"]]
+RECORDS = [
+    r for g in yaml.safe_load(open(os.path.join(RULES_DIR, "ntm-kubernetes-rules.yml")))["groups"] for r in g["rules"]
+]
 
 passed, failed = 0, 0
 
@@ -83,16 +87,26 @@ for label, values in [("default values", {}), ("non-default values", NON_DEFAULT
     for path, doc in docs:
         if doc["kind"] == "PrometheusRule":
             # A CRD as well: the rules file's groups, for this release.
+            # With pod names on (both value sets), the recording rules too.
             rules = [r for g in doc["spec"]["groups"] for r in g["rules"]]
             exprs = " ".join(r["expr"] for r in rules)
+            records = [r["record"] for r in rules if "record" in r]
             ok = (
-                len(rules) == len(RULES["groups"][0]["rules"])
+                [r.get("alert") for r in rules if "alert" in r] == [r["alert"] for r in ALERTS]
+                and records == [r["record"].replace("ntm_", "home_") for r in RECORDS]
+                and "src_dst_workload:home_bytes:rate5m" in records
                 and "home_interface_attached" in exprs
+                and "home_k8s_pod_info" in exprs
+                and "home_node_info" in exprs
                 and "ntm_" not in exprs
                 and 'job="ntm"' in exprs
                 and doc["metadata"]["labels"].get("release") == "kube-prometheus"
             )
-            check(f"{label}: {path} (PrometheusRule: the rules, with prefix and job)", ok, exprs)
+            check(
+                f"{label}: {path} (PrometheusRule: the alert and recording rules, with prefix and job)",
+                ok,
+                (records, exprs),
+            )
             continue
         if doc["kind"] == "ServiceMonitor":
             # A CRD: not in the core schemas; check its shape by hand.
@@ -105,7 +119,7 @@ for label, values in [("default values", {}), ("non-default values", NON_DEFAULT
         except Exception as e:  # the validator raises several error types
             check(f"{label}: {path} valid against Kubernetes {KUBE_VERSION}", False, e)
     pod, ctr = containers(docs)
-    env = {e["name"]: e["value"] for e in ctr["env"]}
+    env = {e["name"]: e.get("value") for e in ctr["env"]}
     sc = ctr["securityContext"]
     check(f"{label}: host network", pod.get("hostNetwork") is True)
     check(
@@ -129,7 +143,7 @@ for label, values in [("default values", {}), ("non-default values", NON_DEFAULT
     )
     check(
         f"{label}: gives up root after attaching",
-        env.get("NTM_USER") == (None if values is NON_DEFAULT else "65534"),
+        env.get("NTM_USER", "").split(":")[0] == ("" if values is NON_DEFAULT else "65534"),
         env,
     )
     check(
@@ -145,6 +159,45 @@ for label, values in [("default values", {}), ("non-default values", NON_DEFAULT
         and env.get("NTM_NO_PIN") == "false",
         (mounts, volumes, env.get("NTM_NO_PIN")),
     )
+    # Pod names: the node's runtime socket mounted read-only (a socket, never
+    # created) and passed with --cri-socket; the node's name from the
+    # downward API; the socket's group kept when ntm gives up root.
+    socket = "/run/crio/crio.sock" if values is NON_DEFAULT else "/run/containerd/containerd.sock"
+    cri_mounts = [m for m in ctr.get("volumeMounts", []) if m["name"] == "cri-socket"]
+    cri_volumes = [v for v in pod.get("volumes", []) if v["name"] == "cri-socket"]
+    check(
+        f"{label}: the CRI socket mounted read-only from the node and passed with --cri-socket",
+        cri_mounts == [{"name": "cri-socket", "mountPath": socket, "readOnly": True}]
+        and cri_volumes == [{"name": "cri-socket", "hostPath": {"path": socket, "type": "Socket"}}]
+        and f"--cri-socket={socket}" in ctr["args"]
+        and "--no-kubernetes" not in ctr["args"],
+        (cri_mounts, cri_volumes, ctr["args"]),
+    )
+    check(
+        f"{label}: NODE_NAME from the downward API",
+        [e for e in ctr["env"] if e["name"] == "NODE_NAME"]
+        == [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+        ctr["env"],
+    )
+    check(
+        f"{label}: the user keeps the CRI socket's group",
+        env.get("NTM_USER") == (None if values is NON_DEFAULT else "65534:0"),
+        env,
+    )
+    # Names need no apiserver: no ClusterRole, no token in the agent's pod;
+    # the only RBAC is the uninstall hook's Role, in its own namespace.
+    check(
+        f"{label}: no ClusterRole, no service account token in the agent's pod",
+        not any(d["kind"] in ("ClusterRole", "ClusterRoleBinding") for _, d in docs)
+        and all(
+            d["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-delete"
+            for _, d in docs
+            if d["kind"] in ("Role", "RoleBinding", "ServiceAccount")
+        )
+        and pod.get("automountServiceAccountToken") is False
+        and "serviceAccountName" not in pod,
+        [d["kind"] for _, d in docs],
+    )
     check(f"{label}: NOTES.txt", "port-forward" in out["ntm/templates/NOTES.txt"])
     cms = [d for _, d in docs if d["kind"] == "ConfigMap"]
     check(
@@ -156,14 +209,20 @@ for label, values in [("default values", {}), ("non-default values", NON_DEFAULT
     if values is NON_DEFAULT:
         check(
             "non-default values reach the agent",
-            env.get("NTM_INTERFACE") == "eth0,veth*"
-            and env.get("NTM_LOCAL_NETS") == "10.0.0.0/8,fd00::/8"
+            env.get("NTM_LOCAL_NETS") == "10.0.0.0/8,fd00::/8"
             and env.get("NTM_NUMERIC") == "true"
             and env.get("NTM_PORT") == "9100"
             and env.get("NTM_METRIC_PREFIX") == "home"
             and env.get("NTM_FILTERS") == "not port 22"
-            and ctr["args"] == ["--drain-interval", "2s"]
+            and env.get("NTM_K8S_NAMES") == "pod"
+            and env.get("NTM_CLUSTER_DOMAIN") == "k8s.example"
+            and ctr["args"] == ["--cri-socket=/run/crio/crio.sock", "--drain-interval", "2s"]
             and ctr["ports"][0]["containerPort"] == 9100,
+            (env, ctr["args"]),
+        )
+        check(
+            "non-default values: the interface preset's patterns, then the interfaces",
+            env.get("NTM_INTERFACE") == "cali*,eth0,veth*",
             env,
         )
         check("ServiceMonitor rendered", any(d["kind"] == "ServiceMonitor" for _, d in docs))
@@ -189,19 +248,26 @@ check(
 
 _, docs = render({"pinState": False, "stateDir": ""})
 pod, ctr = containers(docs)
-env = {e["name"]: e["value"] for e in ctr["env"]}
+env = {e["name"]: e.get("value") for e in ctr["env"]}
 check(
     "pinState false, stateDir empty: no bpffs, no history on the node",
     env.get("NTM_NO_PIN") == "true"
     and env.get("NTM_NO_HISTORY") == "true"
-    and "volumes" not in pod
-    and "volumeMounts" not in ctr,
+    and [v["name"] for v in pod.get("volumes", [])] == ["cri-socket"]
+    and [m["name"] for m in ctr.get("volumeMounts", [])] == ["cri-socket"],
     env,
+)
+_, docs = render({"pinState": False, "stateDir": "", "kubernetes": {"criSocket": ""}})
+pod, ctr = containers(docs)
+check(
+    "nothing of the node's mounted when neither pinned state, history nor pod names is wanted",
+    "volumes" not in pod and "volumeMounts" not in ctr,
+    pod,
 )
 
 _, docs = render({})
 pod, ctr = containers(docs)
-env = {e["name"]: e["value"] for e in ctr["env"]}
+env = {e["name"]: e.get("value") for e in ctr["env"]}
 mounts = {m["name"]: m["mountPath"] for m in ctr.get("volumeMounts", [])}
 volumes = {v["name"]: v.get("hostPath", {}) for v in pod.get("volumes", [])}
 check(
@@ -223,7 +289,7 @@ _, docs = render(
     }
 )
 pod, ctr = containers(docs)
-env = {e["name"]: e["value"] for e in ctr["env"]}
+env = {e["name"]: e.get("value") for e in ctr["env"]}
 mounts = {m["name"]: m["mountPath"] for m in ctr.get("volumeMounts", [])}
 secrets = {v["name"]: v.get("secret", {}).get("secretName") for v in pod.get("volumes", [])}
 monitor = [d for _, d in docs if d["kind"] == "ServiceMonitor"][0]["spec"]["endpoints"][0]
@@ -239,6 +305,68 @@ check(
     and monitor["tlsConfig"]["serverName"] == "ntm",
     (env, mounts, secrets, ctr["readinessProbe"], monitor),
 )
+
+# Pod names off: nothing mounted, --no-kubernetes, no recording rules.
+out, docs = render({"kubernetes": {"criSocket": ""}, "prometheusRule": {"enabled": True}})
+pod, ctr = containers(docs)
+env = {e["name"]: e.get("value") for e in ctr["env"]}
+rules = [r for _, d in docs if d["kind"] == "PrometheusRule" for g in d["spec"]["groups"] for r in g["rules"]]
+check(
+    "kubernetes.criSocket empty: no socket mounted, --no-kubernetes, the user's own group, alert rules only",
+    ctr["args"] == ["--no-kubernetes"]
+    and not any(m["name"] == "cri-socket" for m in ctr.get("volumeMounts", []))
+    and not any(v["name"] == "cri-socket" for v in pod.get("volumes", []))
+    and env.get("NTM_USER") == "65534"
+    and "NTM_K8S_NAMES" not in env
+    and [r.get("alert") for r in rules] == [r["alert"] for r in ALERTS],
+    (ctr["args"], env, rules),
+)
+for values, user in [({"user": "1000:1000"}, "1000:1000"), ({"user": "nobody"}, "nobody"), ({"user": ""}, None)]:
+    _, docs = render(values)
+    _, ctr = containers(docs)
+    env = {e["name"]: e.get("value") for e in ctr["env"]}
+    check(f"user {values['user']!r}: NTM_USER {user!r}", env.get("NTM_USER") == user, env)
+
+_, docs = render({"kubernetes": {"criSocket": "/run/k3s/containerd/containerd.sock", "criSocketGroup": 1001}})
+pod, ctr = containers(docs)
+env = {e["name"]: e.get("value") for e in ctr["env"]}
+check(
+    "another runtime's socket: mounted where the node has it, passed, its group kept",
+    ctr["args"] == ["--cri-socket=/run/k3s/containerd/containerd.sock"]
+    and {"name": "cri-socket", "mountPath": "/run/k3s/containerd/containerd.sock", "readOnly": True}
+    in ctr["volumeMounts"]
+    and {"name": "cri-socket", "hostPath": {"path": "/run/k3s/containerd/containerd.sock", "type": "Socket"}}
+    in pod["volumes"]
+    and env.get("NTM_USER") == "65534:1001",
+    (ctr, pod.get("volumes")),
+)
+
+# The CNIs' interface presets: their patterns, besides the interfaces; by
+# default neither (the default-route interface).
+expected = {"veth": "veth*", "calico": "cali*", "cilium": "lxc*", "bridge": "cni0", "flannel": "flannel.1"}
+presets = yaml.safe_load(open(os.path.join(CHART, "values.yaml")))["interfacePresets"]
+check("interface presets for the common CNIs", {k: ",".join(v) for k, v in presets.items()} == expected, presets)
+for preset, patterns in expected.items():
+    _, docs = render({"interfacePreset": preset})
+    _, ctr = containers(docs)
+    env = {e["name"]: e.get("value") for e in ctr["env"]}
+    check(f"interfacePreset {preset}: NTM_INTERFACE {patterns}", env.get("NTM_INTERFACE") == patterns, env)
+_, docs = render({})
+_, ctr = containers(docs)
+check(
+    "by default no NTM_INTERFACE: the default-route interface, as before",
+    not any(e["name"] == "NTM_INTERFACE" for e in ctr["env"]),
+    ctr["env"],
+)
+try:
+    render({"interfacePreset": "weave"})
+    check("an unknown interfacePreset fails with the presets named", False, "rendered")
+except Exception as e:
+    check(
+        "an unknown interfacePreset fails with the presets named",
+        "bridge, calico, cilium, flannel, veth" in str(e),
+        e,
+    )
 
 _, docs = render({"privileged": True})
 _, ctr = containers(docs)

@@ -21,3 +21,30 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
+
+{{- /* NTM_INTERFACE: the interfacePreset's patterns, then .Values.interfaces;
+       empty for the default-route interface. */}}
+{{- define "ntm.interfaces" -}}
+{{- $names := list -}}
+{{- with .Values.interfacePreset -}}
+{{- $preset := get $.Values.interfacePresets . -}}
+{{- if not $preset -}}
+{{- fail (printf "interfacePreset %q is not one of interfacePresets (%s)" . (keys $.Values.interfacePresets | sortAlpha | join ", ")) -}}
+{{- end -}}
+{{- $names = concat $names $preset -}}
+{{- end -}}
+{{- $names = concat $names .Values.interfaces | uniq -}}
+{{- join "," $names -}}
+{{- end -}}
+
+{{- /* NTM_USER: .Values.user; a bare uid gets the CRI socket's group, so
+       that ntm can still ask the runtime once it is that user. */}}
+{{- define "ntm.user" -}}
+{{- $user := toString (.Values.user | default "") -}}
+{{- $group := .Values.kubernetes.criSocketGroup -}}
+{{- if and .Values.kubernetes.criSocket (regexMatch "^[0-9]+$" $user) (not (kindIs "invalid" $group)) (regexMatch "^[0-9]+$" (toString (int64 $group))) (ne (toString $group) "") -}}
+{{- printf "%s:%d" $user (int64 $group) -}}
+{{- else -}}
+{{- $user -}}
+{{- end -}}
+{{- end -}}
