@@ -161,7 +161,7 @@ for label, values in [("default values", {}), ("non-default values", NON_DEFAULT
     )
     # Pod names: the node's runtime socket mounted read-only (a socket, never
     # created) and passed with --cri-socket; the node's name from the
-    # downward API; the socket's group kept when ntm gives up root.
+    # downward API; `user` as given (ntm keeps the socket's group itself).
     socket = "/run/crio/crio.sock" if values is NON_DEFAULT else "/run/containerd/containerd.sock"
     cri_mounts = [m for m in ctr.get("volumeMounts", []) if m["name"] == "cri-socket"]
     cri_volumes = [v for v in pod.get("volumes", []) if v["name"] == "cri-socket"]
@@ -180,8 +180,8 @@ for label, values in [("default values", {}), ("non-default values", NON_DEFAULT
         ctr["env"],
     )
     check(
-        f"{label}: the user keeps the CRI socket's group",
-        env.get("NTM_USER") == (None if values is NON_DEFAULT else "65534:0"),
+        f"{label}: the user as given",
+        env.get("NTM_USER") == (None if values is NON_DEFAULT else "65534"),
         env,
     )
     # Names need no apiserver: no ClusterRole, no token in the agent's pod;
@@ -312,7 +312,7 @@ pod, ctr = containers(docs)
 env = {e["name"]: e.get("value") for e in ctr["env"]}
 rules = [r for _, d in docs if d["kind"] == "PrometheusRule" for g in d["spec"]["groups"] for r in g["rules"]]
 check(
-    "kubernetes.criSocket empty: no socket mounted, --no-kubernetes, the user's own group, alert rules only",
+    "kubernetes.criSocket empty: no socket mounted, --no-kubernetes, alert rules only",
     ctr["args"] == ["--no-kubernetes"]
     and not any(m["name"] == "cri-socket" for m in ctr.get("volumeMounts", []))
     and not any(v["name"] == "cri-socket" for v in pod.get("volumes", []))
@@ -327,17 +327,17 @@ for values, user in [({"user": "1000:1000"}, "1000:1000"), ({"user": "nobody"}, 
     env = {e["name"]: e.get("value") for e in ctr["env"]}
     check(f"user {values['user']!r}: NTM_USER {user!r}", env.get("NTM_USER") == user, env)
 
-_, docs = render({"kubernetes": {"criSocket": "/run/k3s/containerd/containerd.sock", "criSocketGroup": 1001}})
+_, docs = render({"kubernetes": {"criSocket": "/run/k3s/containerd/containerd.sock"}})
 pod, ctr = containers(docs)
 env = {e["name"]: e.get("value") for e in ctr["env"]}
 check(
-    "another runtime's socket: mounted where the node has it, passed, its group kept",
+    "another runtime's socket: mounted where the node has it, passed",
     ctr["args"] == ["--cri-socket=/run/k3s/containerd/containerd.sock"]
     and {"name": "cri-socket", "mountPath": "/run/k3s/containerd/containerd.sock", "readOnly": True}
     in ctr["volumeMounts"]
     and {"name": "cri-socket", "hostPath": {"path": "/run/k3s/containerd/containerd.sock", "type": "Socket"}}
     in pod["volumes"]
-    and env.get("NTM_USER") == "65534:1001",
+    and env.get("NTM_USER") == "65534",
     (ctr, pod.get("volumes")),
 )
 

@@ -37,14 +37,3 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- join "," $names -}}
 {{- end -}}
 
-{{- /* NTM_USER: .Values.user; a bare uid gets the CRI socket's group, so
-       that ntm can still ask the runtime once it is that user. */}}
-{{- define "ntm.user" -}}
-{{- $user := toString (.Values.user | default "") -}}
-{{- $group := .Values.kubernetes.criSocketGroup -}}
-{{- if and .Values.kubernetes.criSocket (regexMatch "^[0-9]+$" $user) (not (kindIs "invalid" $group)) (regexMatch "^[0-9]+$" (toString (int64 $group))) (ne (toString $group) "") -}}
-{{- printf "%s:%d" $user (int64 $group) -}}
-{{- else -}}
-{{- $user -}}
-{{- end -}}
-{{- end -}}
