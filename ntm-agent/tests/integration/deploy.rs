@@ -12,7 +12,8 @@ use crate::kit::{
     Agent, Link, Netns,
     containerd::{Containerd, Pod, PodSpec},
     scrape::{
-        Guard, TempDir, http_get, metrics, udp_counted_exactly, urlencode, wait_for, wait_healthy,
+        Guard, Prometheus, TempDir, http_get, metrics, start_prometheus_configured,
+        udp_counted_exactly, urlencode, wait_for, wait_healthy,
     },
     sh,
 };
@@ -143,38 +144,16 @@ fn rule_exprs(text: &str) -> Vec<String> {
 
 /// A Prometheus in `ns` on 127.0.0.1:`port` that scrapes `targets` every
 /// second as job "ntm" and evaluates `rules` every second.
-fn prometheus_with_rules(
-    ns: &Netns,
-    port: u16,
-    targets: &[String],
-    rules: &str,
-) -> (Guard, TempDir) {
-    let dir = TempDir::new(&format!("rules{port}"));
-    let config = dir.0.join("prometheus.yml");
+fn prometheus_with_rules(ns: &Netns, port: u16, targets: &[String], rules: &str) -> Prometheus {
     let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
-    std::fs::write(
-        &config,
-        format!(
+    start_prometheus_configured(
+        ns,
+        port,
+        &format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {rules}\nscrape_configs:\n  - job_name: ntm\n    static_configs:\n      - targets: [{}]\n",
             targets.join(", ")
         ),
     )
-    .unwrap();
-    let process = Guard(
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &ns.name, "prometheus"])
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.0.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus (cargo xtask test installs it)"),
-    );
-    (process, dir)
 }
 
 /// The samples of an instant query: each one's labels and value.

@@ -203,7 +203,7 @@ impl Runtime {
     pub async fn events(&self) -> Result<EventStream, CriError> {
         let mut client = connect(&self.socket).await?;
         match client.get_container_events(GetEventsRequest {}).await {
-            Ok(stream) => Ok(EventStream::Open(stream.into_inner())),
+            Ok(stream) => Ok(EventStream::Open(Box::new(stream.into_inner()))),
             Err(status) if status.code() == tonic::Code::Unimplemented => {
                 Ok(EventStream::Unsupported)
             }
@@ -218,7 +218,7 @@ impl Runtime {
 
 /// A runtime's event stream, or the news that it has none.
 pub enum EventStream {
-    Open(tonic::codec::Streaming<k8s_cri::v1::ContainerEventResponse>),
+    Open(Box<tonic::codec::Streaming<k8s_cri::v1::ContainerEventResponse>>),
     Unsupported,
 }
 

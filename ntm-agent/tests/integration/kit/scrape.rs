@@ -165,15 +165,22 @@ pub fn start_prometheus(ns: &Netns, port: u16, target: u16) -> Prometheus {
 /// As [`start_prometheus`], with more of the scrape job's settings
 /// (`scheme`, `tls_config`, `basic_auth`: YAML indented by four spaces).
 pub fn start_prometheus_with(ns: &Netns, port: u16, target: u16, job: &str) -> Prometheus {
-    let dir = TempDir::new(&format!("prom{port}"));
-    let config = dir.0.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
+    start_prometheus_configured(
+        ns,
+        port,
+        &format!(
             "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ntm\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n{job}"
         ),
     )
-    .unwrap();
+}
+
+/// A Prometheus in `ns` on 127.0.0.1:`port` with `config` (prometheus.yml),
+/// its data in a folder removed on drop.
+pub fn start_prometheus_configured(ns: &Netns, port: u16, config: &str) -> Prometheus {
+    let dir = TempDir::new(&format!("prom{port}"));
+    let config_path = dir.0.join("prometheus.yml");
+    std::fs::write(&config_path, config).unwrap();
+    let config = config_path;
     let process = Guard(
         Command::new("ip")
             .args(["netns", "exec", &ns.name, "prometheus"])
