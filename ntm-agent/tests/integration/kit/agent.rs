@@ -149,11 +149,13 @@ impl<'a> Agent<'a> {
         cmd.env("NTM_STATE_DIR", self.ns.state_dir());
         if !self.names {
             cmd.arg("--numeric");
-        } else if let Some(socket) = &self.cri_socket {
-            cmd.arg("--cri-socket").arg(socket);
-        } else {
-            cmd.arg("--no-kubernetes");
         }
+        // In the environment, not as flags: a subcommand (`detach`) takes
+        // none of the agent's flags.
+        match &self.cri_socket {
+            Some(socket) => cmd.env("NTM_CRI_SOCKETS", socket),
+            None => cmd.env("NTM_NO_KUBERNETES", "1"),
+        };
         cmd.args(&self.args);
         for (key, value) in &self.envs {
             cmd.env(key, value);
