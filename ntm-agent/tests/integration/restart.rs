@@ -107,6 +107,16 @@ impl Running {
     }
 }
 
+impl Drop for Running {
+    /// A test that fails midway leaves no agent running behind it.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Sends datagrams from `link.b` to `link.a` at [`RATE`] until `stop`
 /// (or [`MAX_DATAGRAMS`]); returns (packets, bytes) sent.
 fn steady_udp(link: &Link, stop: &AtomicBool) -> (u64, u64) {
