@@ -4,15 +4,11 @@
 //! sent; the Kubernetes panels and variables with data from an agent on a
 //! real Kubernetes node (containerd's CRI).
 
-use std::{
-    collections::HashSet,
-    net::{IpAddr, Ipv4Addr, UdpSocket},
-    time::Duration,
-};
+use std::{collections::HashSet, net::UdpSocket, time::Duration};
 
 use crate::kit::{
     A4, Agent, Link, Netns,
-    containerd::{Containerd, Pod, PodSpec},
+    containerd::{Containerd, PodSpec},
     scrape::{http_get, metrics, start_prometheus, wait_for, wait_healthy},
 };
 use serde_json::Value;
@@ -262,13 +258,6 @@ pub fn every_panel_query_returns_data_from_a_real_prometheus() {
     kubernetes_panels_show_workloads(&d);
 }
 
-fn ipv4(pod: &Pod) -> Ipv4Addr {
-    match pod.ip {
-        Some(IpAddr::V4(ip)) => ip,
-        other => panic!("{} has no IPv4 address: {other:?}", pod.id),
-    }
-}
-
 /// The Kubernetes row on a real node (containerd's CRI, an agent on the pod
 /// bridge): the namespace and workload variables list the node's pods, and
 /// with `shop/web` chosen both panels show web's traffic to db under their
@@ -307,7 +296,7 @@ fn kubernetes_panels_show_workloads(d: &Value) {
         },
     );
     let _prometheus = start_prometheus(ns, 9891, 9801);
-    let (from, to) = (ipv4(&web), ipv4(&db));
+    let (from, to) = (web.ipv4(), db.ipv4());
     let receiver = db.run(|| UdpSocket::bind((to, 5310)).unwrap());
     // web to db (db receives), db to web (web answers ICMP).
     let send = || {

@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr, UdpSocket},
+    net::{Ipv4Addr, UdpSocket},
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -175,16 +175,9 @@ fn samples(ns: &Netns, port: u16, query: &str) -> Vec<(serde_json::Value, f64)> 
         .collect()
 }
 
-fn ipv4(pod: &Pod) -> Ipv4Addr {
-    match pod.ip {
-        Some(IpAddr::V4(ip)) => ip,
-        other => panic!("{} has no IPv4 address: {other:?}", pod.id),
-    }
-}
-
 /// Sends `count` datagrams of 200 bytes from `pod` to `to`.
 fn send(pod: &Pod, to: Ipv4Addr, port: u16, count: usize) {
-    let from = ipv4(pod);
+    let from = pod.ipv4();
     pod.run(|| {
         let socket = UdpSocket::bind((from, 0)).unwrap();
         for _ in 0..count {
@@ -321,8 +314,8 @@ pub fn alert_rules_pass_promtool_and_name_real_metrics() {
         || {
             let on_a = metrics(a, 9470)?;
             let on_b = metrics(b, 9471)?;
-            (on_a.contains(&format!(r#"ntm_k8s_pod_info{{address="{}",namespace="shop",node="node-a",pod="web-5d8f9c7b6-x2x9q",workload="web",workload_kind="Deployment"}} 1"#, ipv4(&web)))
-            && on_b.contains(&format!(r#"ntm_k8s_pod_info{{address="{}",namespace="shop",node="node-b",pod="db-0",workload="db",workload_kind="StatefulSet"}} 1"#, ipv4(&db)))
+            (on_a.contains(&format!(r#"ntm_k8s_pod_info{{address="{}",namespace="shop",node="node-a",pod="web-5d8f9c7b6-x2x9q",workload="web",workload_kind="Deployment"}} 1"#, web.ipv4()))
+            && on_b.contains(&format!(r#"ntm_k8s_pod_info{{address="{}",namespace="shop",node="node-b",pod="db-0",workload="db",workload_kind="StatefulSet"}} 1"#, db.ipv4()))
             && on_b.contains(r#"ntm_node_info{address="198.18.212.2",node="node-b"} 1"#))
         .then_some(())
         },
@@ -352,9 +345,9 @@ pub fn alert_rules_pass_promtool_and_name_real_metrics() {
     );
     // Traffic in rounds, so that Prometheus sees the counters grow.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let web_src = format!(r#"src="{}""#, ipv4(&web));
+    let web_src = format!(r#"src="{}""#, web.ipv4());
     loop {
-        send(&web, ipv4(&db), 5330, 20);
+        send(&web, db.ipv4(), 5330, 20);
         send(&web, node_b_address, 5331, 10);
         send(&web, nowhere, 5332, 5);
         let by_workload = samples(a, 9490, "src_dst_workload:ntm_bytes:rate5m > 0");
@@ -385,7 +378,7 @@ pub fn alert_rules_pass_promtool_and_name_real_metrics() {
             // a second time here.
             let all = samples(a, 9490, "src_dst_workload:ntm_bytes:rate5m");
             assert!(
-                !all.iter().any(|(m, _)| m["src"] == ipv4(&web).to_string()),
+                !all.iter().any(|(m, _)| m["src"] == web.ipv4().to_string()),
                 "web's bare address as a source: {all:?}"
             );
             // A pod its own node's agent named is on that node.

@@ -28,9 +28,7 @@ fn pod_spec(name: &str, hash: &str) -> PodSpec {
 
 /// The pod's address, which must be one host-local hands out on SUBNET.
 fn pod_ip(pod: &Pod) -> Ipv4Addr {
-    let Some(IpAddr::V4(ip)) = pod.ip else {
-        panic!("{} has no IPv4 address: {:?}", pod.id, pod.ip);
-    };
+    let ip = pod.ipv4();
     let last = ip.octets()[3];
     assert!(
         ip.octets()[..3] == [198, 18, 200] && (2..=6).contains(&last),
@@ -327,7 +325,7 @@ pub fn pods_are_named_by_workload_and_counted_exactly() {
             .all(|(pod, namespace, name, workload, kind)| {
                 text.contains(&format!(
                     r#"ntm_k8s_pod_info{{address="{}",namespace="{namespace}",node="node-a",pod="{name}",workload="{workload}",workload_kind="{kind}"}} 1"#,
-                    ip_of(pod),
+                    pod.ipv4(),
                 ))
             })
             .then_some(())
@@ -342,16 +340,16 @@ pub fn pods_are_named_by_workload_and_counted_exactly() {
         (
             "shop/web",
             "shop/db",
-            send_udp(&web.netns, ip_of(&web), &db.netns, ip_of(&db), 5432, 20),
+            send_udp(&web.netns, web.ipv4(), &db.netns, db.ipv4(), 5432, 20),
         ),
         (
             "kube-system/log-agent",
             "ops/backup",
             send_udp(
                 &agent.netns,
-                ip_of(&agent),
+                agent.ipv4(),
                 &backup.netns,
-                ip_of(&backup),
+                backup.ipv4(),
                 7001,
                 7,
             ),
@@ -359,19 +357,12 @@ pub fn pods_are_named_by_workload_and_counted_exactly() {
         (
             "shop/debug",
             "shop/web",
-            send_udp(
-                &debug.netns,
-                ip_of(&debug),
-                &web.netns,
-                ip_of(&web),
-                7002,
-                5,
-            ),
+            send_udp(&debug.netns, debug.ipv4(), &web.netns, web.ipv4(), 7002, 5),
         ),
         (
             "node-a",
             "shop/web",
-            send_udp(&node_ns, gateway, &web.netns, ip_of(&web), 7003, 4),
+            send_udp(&node_ns, gateway, &web.netns, web.ipv4(), 7003, 4),
         ),
     ];
     // What ntm counted from `src` to `dst` over UDP.
@@ -398,7 +389,7 @@ pub fn pods_are_named_by_workload_and_counted_exactly() {
         assert_eq!(counted(&text, src, dst), *sent, "{src} -> {dst}\n{text}");
     }
     assert!(
-        !text.contains(&format!(r#"src="{}""#, ip_of(&web))),
+        !text.contains(&format!(r#"src="{}""#, web.ipv4())),
         "a pod address left unnamed:\n{text}"
     );
 
@@ -445,7 +436,7 @@ pub fn pods_are_named_by_workload_and_counted_exactly() {
     // The answer is observed before the flow it names is first drained.
     std::thread::sleep(Duration::from_millis(500));
     let to_service = run_in_netns(&db.netns, || {
-        let sender = UdpSocket::bind((ip_of(&db), 0)).expect("bind");
+        let sender = UdpSocket::bind((db.ipv4(), 0)).expect("bind");
         let mut bytes = 0;
         for i in 0..8 {
             let payload = format!("to the service {i}");
@@ -467,7 +458,7 @@ pub fn pods_are_named_by_workload_and_counted_exactly() {
 
     // The debug pod goes; a new pod (a StatefulSet's) takes its address,
     // the only one left on the /29.
-    let debug_ip = ip_of(&debug);
+    let debug_ip = debug.ipv4();
     node.remove_pod(&debug.id);
     let cache = node.run_pod(&PodSpec::new(
         "shop",
@@ -477,7 +468,7 @@ pub fn pods_are_named_by_workload_and_counted_exactly() {
             ("controller-revision-hash", "cache-5f6c7"),
         ],
     ));
-    assert_eq!(ip_of(&cache), debug_ip, "the freed address is reused");
+    assert_eq!(cache.ipv4(), debug_ip, "the freed address is reused");
     wait_for(
         "the new pod in ntm_k8s_pod_info",
         Duration::from_secs(20),
@@ -490,7 +481,7 @@ pub fn pods_are_named_by_workload_and_counted_exactly() {
         },
     );
     let before_debug = counted(&text, "shop/debug", "shop/web");
-    let sent = send_udp(&cache.netns, debug_ip, &web.netns, ip_of(&web), 7002, 6);
+    let sent = send_udp(&cache.netns, debug_ip, &web.netns, web.ipv4(), 7002, 6);
     let text = wait_for(
         "the new pod's traffic under its own name",
         Duration::from_secs(20),
@@ -513,7 +504,7 @@ pub fn pods_are_named_by_workload_and_counted_exactly() {
         (sample_sum(&text, "ntm_k8s_runtime_errors_total", &[]) > 0).then_some(())
     });
     let before = counted(&text, "shop/web", "shop/db");
-    let more = send_udp(&web.netns, ip_of(&web), &db.netns, ip_of(&db), 5432, 9);
+    let more = send_udp(&web.netns, web.ipv4(), &db.netns, db.ipv4(), 5432, 9);
     wait_for(
         "traffic named while containerd is down",
         Duration::from_secs(20),
@@ -530,12 +521,4 @@ pub fn pods_are_named_by_workload_and_counted_exactly() {
     });
     let text = metrics(node.node(), PORT).unwrap();
     assert!(text.contains(r#"ntm_names{source="kubernetes"}"#), "{text}");
-}
-
-/// A pod's IPv4 address (any subnet).
-fn ip_of(pod: &Pod) -> Ipv4Addr {
-    match pod.ip {
-        Some(IpAddr::V4(ip)) => ip,
-        other => panic!("{} has no IPv4 address: {other:?}", pod.id),
-    }
 }

@@ -132,6 +132,14 @@ pub struct Pod {
 }
 
 impl Pod {
+    /// The pod's IPv4 address (a host-network pod has none: it panics).
+    pub fn ipv4(&self) -> std::net::Ipv4Addr {
+        match self.ip {
+            Some(IpAddr::V4(ip)) => ip,
+            other => panic!("{} has no IPv4 address: {other:?}", self.id),
+        }
+    }
+
     /// Runs `f` on a thread inside the pod's network namespace.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         run_in_netns(&self.netns, f)
