@@ -159,6 +159,8 @@ impl KubernetesNames {
                 metrics,
                 table: shared,
                 answered: false,
+                published_pods: HashSet::new(),
+                published_nodes: HashSet::new(),
             };
             loop {
                 poller.poll().await;
@@ -216,6 +218,9 @@ struct Poller {
     table: Arc<RwLock<Table>>,
     /// Whether any runtime has answered yet.
     answered: bool,
+    /// The label sets of the pod and node info exported now.
+    published_pods: HashSet<Vec<String>>,
+    published_nodes: HashSet<Vec<String>>,
 }
 
 impl Poller {
@@ -260,7 +265,9 @@ impl Poller {
         };
         let sandboxes: Vec<&Sandbox> = self.runtimes.iter().flat_map(|p| &p.sandboxes).collect();
         let owners = owners(&sandboxes, &node_addresses, &self.options);
-        self.publish(&sandboxes, &node_addresses);
+        let (pods, nodes) = info_labels(&sandboxes, &node_addresses, &self.options.node);
+        update(&self.metrics.pod_info, &mut self.published_pods, pods);
+        update(&self.metrics.node_info, &mut self.published_nodes, nodes);
         let mut table = sync::write(&self.table);
         // An address whose owner came, went or changed is labelled afresh
         // (its old label was sticky for its series' life).
@@ -277,32 +284,57 @@ impl Poller {
         table.owners = owners;
         table.pods = sandboxes.len();
     }
+}
 
-    /// `<prefix>_k8s_pod_info` and `<prefix>_node_info`, as the table is
-    /// now: a pod that went is gone from them.
-    fn publish(&self, sandboxes: &[&Sandbox], node_addresses: &[IpAddr]) {
-        let node = &self.options.node;
-        let pods = &self.metrics.pod_info;
-        pods.reset();
-        for sandbox in sandboxes {
-            for ip in &sandbox.ips {
-                pods.with_label_values(&[
-                    &ip.to_string(),
-                    &sandbox.namespace,
-                    &sandbox.pod,
-                    &sandbox.workload.name,
-                    sandbox.workload.kind.as_str(),
-                    node,
-                ])
-                .set(1);
-            }
-        }
-        let nodes = &self.metrics.node_info;
-        nodes.reset();
-        for ip in node_addresses {
-            nodes.with_label_values(&[node, &ip.to_string()]).set(1);
-        }
+/// The label sets of `<prefix>_k8s_pod_info` and `<prefix>_node_info` as
+/// the node is now.
+fn info_labels(
+    sandboxes: &[&Sandbox],
+    node_addresses: &[IpAddr],
+    node: &str,
+) -> (HashSet<Vec<String>>, HashSet<Vec<String>>) {
+    let pods = sandboxes
+        .iter()
+        .flat_map(|sandbox| {
+            sandbox.ips.iter().map(|ip| {
+                vec![
+                    ip.to_string(),
+                    sandbox.namespace.clone(),
+                    sandbox.pod.clone(),
+                    sandbox.workload.name.clone(),
+                    sandbox.workload.kind.as_str().to_string(),
+                    node.to_string(),
+                ]
+            })
+        })
+        .collect();
+    let nodes = node_addresses
+        .iter()
+        .map(|ip| vec![node.to_string(), ip.to_string()])
+        .collect();
+    (pods, nodes)
+}
+
+/// Sets `gauge` to 1 for each label set in `now` and removes those of
+/// `published` no longer in it; `published` becomes `now`. Only what
+/// changed is touched: a scrape never sees the info half rebuilt, and a
+/// pod that went is gone from it.
+fn update(
+    gauge: &prometheus::IntGaugeVec,
+    published: &mut HashSet<Vec<String>>,
+    now: HashSet<Vec<String>>,
+) {
+    for gone in published.difference(&now) {
+        let _ = gauge.remove_label_values(&label_values(gone));
     }
+    for new in now.difference(published) {
+        gauge.with_label_values(&label_values(new)).set(1);
+    }
+    *published = now;
+}
+
+fn label_values(labels: &[String]) -> Vec<&str> {
+    labels.iter().map(String::as_str).collect()
 }
 
 /// Who owns each address: a pod's addresses its label; the node's own
@@ -424,6 +456,51 @@ mod tests {
             node: "node-a".into(),
             cluster_domain: "cluster.local".into(),
         }
+    }
+
+    #[test]
+    fn the_info_changes_only_where_pods_came_or_went() {
+        use prometheus::core::Collector as _;
+        let gauge = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new("info", "test"),
+            &["address", "pod"],
+        )
+        .unwrap();
+        let set = |pairs: &[(&str, &str)]| -> HashSet<Vec<String>> {
+            pairs
+                .iter()
+                .map(|(a, p)| vec![a.to_string(), p.to_string()])
+                .collect()
+        };
+        let mut published = HashSet::new();
+        update(
+            &gauge,
+            &mut published,
+            set(&[("198.18.0.5", "web"), ("198.18.0.6", "db")]),
+        );
+        gauge.with_label_values(&["198.18.0.6", "db"]).set(7);
+        update(
+            &gauge,
+            &mut published,
+            set(&[("198.18.0.6", "db"), ("198.18.0.7", "cache")]),
+        );
+        let mut now: Vec<(String, i64)> = gauge
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric().to_vec())
+            .map(|m| {
+                (
+                    m.get_label()[0].value().to_string(),
+                    m.get_gauge().get_value() as i64,
+                )
+            })
+            .collect();
+        now.sort();
+        // web is gone, cache came, db was left alone (7: not set again).
+        assert_eq!(
+            now,
+            [("198.18.0.6".to_string(), 7), ("198.18.0.7".to_string(), 1)]
+        );
     }
 
     #[test]
