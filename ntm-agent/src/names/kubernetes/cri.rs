@@ -328,6 +328,35 @@ mod tests {
         assert!(s.ips.is_empty());
     }
 
+    proptest::proptest! {
+        /// Whatever a runtime answers, nothing panics, and what is kept is
+        /// bounded and usable as a label.
+        #[test]
+        fn any_status_is_read_safely(
+            name in "\\PC{0,300}",
+            namespace in "\\PC{0,40}",
+            ips in proptest::collection::vec("\\PC{0,40}|198\\.18\\.[0-9]{1,3}\\.[0-9]{1,3}", 0..20),
+            labels in proptest::collection::vec(("\\PC{0,40}", "\\PC{0,300}"), 0..10),
+            host in proptest::bool::ANY,
+        ) {
+            let mut s = status(
+                &name,
+                &namespace,
+                ips.first().map(String::as_str).unwrap_or(""),
+                &ips.iter().skip(1).map(String::as_str).collect::<Vec<_>>(),
+                if host { NamespaceMode::Node } else { NamespaceMode::Pod },
+            );
+            s.labels.extend(labels);
+            if let Some(sandbox) = Sandbox::from_status(s) {
+                proptest::prop_assert!(usable_name(&sandbox.pod) && sandbox.pod.len() <= MAX_K8S_NAME);
+                proptest::prop_assert!(usable_name(&sandbox.namespace) && !sandbox.namespace.contains('/'));
+                proptest::prop_assert!(!sandbox.workload.name.is_empty());
+                proptest::prop_assert!(sandbox.ips.len() <= MAX_IPS_PER_SANDBOX);
+                proptest::prop_assert!(!host || sandbox.ips.is_empty());
+            }
+        }
+    }
+
     #[test]
     fn unusable_names_are_dropped() {
         for (name, ns) in [("", "a"), ("a b", "a"), ("a", "x/y"), ("a", "\u{7}")] {
