@@ -158,7 +158,7 @@ fn drain_figures() {
         });
         // The same flows, labelled, into a live view and a history of
         // their own.
-        let local = LocalNets(vec!["10.0.0.0/8".parse::<Cidr>().unwrap()]);
+        let local = LocalNets::given(vec!["10.0.0.0/8".parse::<Cidr>().unwrap()]);
         let live = LiveTraffic::new(local.clone(), Duration::from_secs(1), Instant::now());
         let mut live = LiveSink::new(Arc::new(RwLock::new(live)));
         let (history, _metrics) = history(None);

@@ -17,7 +17,7 @@ use crate::{
         privileges::{User, resolve_user},
     },
     model::{
-        net::{Cidr, DEFAULT_LOCAL_NETS, LocalNets},
+        net::{Cidr, LocalNets},
         series::Label,
         units::parse_duration,
     },
@@ -275,9 +275,12 @@ pub struct SeriesArgs {
     )]
     pub labels: Vec<Label>,
 
-    /// Local networks (CIDR, comma-separated or repeated): they decide the
-    /// direction label (inbound, outbound, internal, external).
-    #[arg(long = "local-net", env = "NTM_LOCAL_NETS", value_delimiter = ',', default_value = DEFAULT_LOCAL_NETS)]
+    /// Local networks (CIDR, comma-separated or repeated): which hosts are
+    /// devices, and the direction label (inbound, outbound, internal,
+    /// external) [default: learnt from the host: the networks of the
+    /// addresses on the monitored interfaces and on its bridges and their
+    /// ports, followed as they change, and the private ranges].
+    #[arg(long = "local-net", env = "NTM_LOCAL_NETS", value_delimiter = ',')]
     pub local_nets: Vec<Cidr>,
 
     /// Extra service port, PORT[/PROTO]=NAME (e.g. 8123/tcp=home-assistant);
@@ -568,14 +571,14 @@ impl Config {
                 observe_rate: self.names.observe_rate,
                 observe_kinds: self.observe_kinds(),
                 learn_macs: self.wants_names(),
-                mac_nets: crate::kernel::load::mac_nets(
-                    &self
-                        .series
-                        .local_nets
-                        .iter()
-                        .map(|c| (c.addr(), c.prefix()))
-                        .collect::<Vec<_>>(),
-                ),
+                // Learnt networks are set once the host's addresses are
+                // read (`Kernel::set_mac_nets`); until then, the private
+                // ranges.
+                mac_nets: crate::kernel::load::mac_nets(&if self.series.local_nets.is_empty() {
+                    LocalNets::private().into_iter().map(|n| n.net).collect()
+                } else {
+                    self.series.local_nets.clone()
+                }),
             },
         })
     }
@@ -650,7 +653,11 @@ impl Config {
         PipelineOptions {
             prefix: self.http.metric_prefix.clone(),
             labels,
-            local: LocalNets(self.series.local_nets.clone()),
+            local: if self.series.local_nets.is_empty() {
+                LocalNets::learnt()
+            } else {
+                LocalNets::given(self.series.local_nets.clone())
+            },
             max_series: self.series.max_series as usize,
             series_ttl: self.series.series_ttl,
             drain_interval: self.datapath.drain_interval,
@@ -702,6 +709,9 @@ impl Config {
                 answer_min_ttl: self.names.answer_min_ttl,
                 container_sockets: self.container_sockets(),
                 kubernetes: self.kubernetes(),
+                own_addresses: self
+                    .wants_names()
+                    .then(crate::names::this_host::OwnAddresses::default),
             },
         }
     }

@@ -33,7 +33,10 @@ use crate::{
         status::DrainStatus,
     },
     kernel::{Hooked, drain::Drained, iface_label, observe::ObservedFrame},
-    model::{net::Mac, sync},
+    model::{
+        net::{LocalNets, Mac},
+        sync,
+    },
     names::{HostLabels, NameMetrics},
     outputs::{
         Exposition,
@@ -82,6 +85,8 @@ pub struct Pipeline {
     live: Arc<RwLock<LiveTraffic>>,
     history: HistoryReader,
     status: Arc<Mutex<DrainStatus>>,
+    /// The local networks every stage judges by (the agent updates them).
+    local: LocalNets,
 }
 
 impl Pipeline {
@@ -144,6 +149,7 @@ impl Pipeline {
             Box::new(LiveSink::new(Arc::clone(&live))),
             Box::new(HistorySink::new(history, options.local.clone())),
         ];
+        let local = options.local.clone();
 
         // What is configured, from the start: the API's status is asked for
         // before the first drain too.
@@ -166,6 +172,7 @@ impl Pipeline {
             live,
             history: history_reader,
             status: Arc::new(Mutex::new(status)),
+            local,
         })
     }
 
@@ -370,7 +377,14 @@ impl Pipeline {
             history: self.history.clone(),
             health,
             status: Arc::clone(&self.status),
+            local: self.local.clone(),
         }
+    }
+
+    /// The local networks every stage judges by: learnt ones are updated
+    /// through this handle as the host's addresses change.
+    pub fn local_nets(&self) -> &LocalNets {
+        &self.local
     }
 
     /// Writes out what the outputs hold (after the last drain went
@@ -410,7 +424,7 @@ mod tests {
             PipelineOptions {
                 prefix: "ntm".into(),
                 labels,
-                local: LocalNets(vec!["192.168.0.0/16".parse::<Cidr>().unwrap()]),
+                local: LocalNets::given(vec!["192.168.0.0/16".parse::<Cidr>().unwrap()]),
                 max_series,
                 series_ttl: ttl,
                 drain_interval: Duration::from_secs(1),

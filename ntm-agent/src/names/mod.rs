@@ -17,12 +17,14 @@ pub mod ladder;
 pub mod observed;
 pub mod resolver;
 pub mod source;
+pub mod this_host;
 pub mod wire;
 
 use std::{
     collections::HashMap,
     net::IpAddr,
     num::NonZeroUsize,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -38,7 +40,7 @@ use self::{
 };
 use crate::{
     health::self_metrics::KubernetesMetrics,
-    model::net::{LocalNets, Mac},
+    model::net::{LocalNet, LocalNets, Mac, Place},
 };
 
 #[derive(Clone, Debug)]
@@ -68,6 +70,9 @@ pub struct NameOptions {
     pub container_sockets: Option<Vec<std::path::PathBuf>>,
     /// The Kubernetes rung (the node's container runtime); None: off.
     pub kubernetes: Option<kubernetes::KubernetesOptions>,
+    /// This host's addresses, named by its host name (the agent keeps
+    /// them up to date); None: off.
+    pub own_addresses: Option<this_host::OwnAddresses>,
 }
 
 /// What the name sources count and export.
@@ -97,6 +102,7 @@ impl NameOptions {
             answer_min_ttl: Duration::from_secs(60),
             container_sockets: None,
             kubernetes: None,
+            own_addresses: None,
         }
     }
 }
@@ -104,6 +110,10 @@ impl NameOptions {
 struct Sticky {
     label: String,
     last_used: Instant,
+    /// Whether the address was local when its label was decided (a local
+    /// host's name is kept whole and may come from its MAC; a remote one's
+    /// is cut to its domain).
+    local: bool,
 }
 
 /// Decides and remembers the host label of each address, as seen from
@@ -114,6 +124,9 @@ pub struct HostLabels {
     /// The name sources, highest rung first (see [`ladder::ladder`]).
     ladder: Vec<Box<dyn NameSource>>,
     local: LocalNets,
+    /// The local networks when sticky labels were last checked against
+    /// them.
+    local_seen: Arc<Vec<LocalNet>>,
     fqdn: bool,
     /// The Kubernetes cluster's DNS domain, with the Kubernetes rung on:
     /// its Service names label ClusterIPs as SERVICE.NAMESPACE.
@@ -188,6 +201,7 @@ impl HostLabels {
         Self {
             wanted,
             ladder,
+            local_seen: local.list(),
             local,
             fqdn: options.fqdn,
             cluster_domain: options
@@ -258,7 +272,7 @@ impl HostLabels {
         if let Some(mac) = self.neighbours.get(&ip) {
             return Some(*mac);
         }
-        if self.local.contains(ip) {
+        if self.local.place(ip) == Place::Local {
             let learnt = match self.learnt_macs.get(&ip) {
                 Some(mac) => Some(*mac),
                 None => self.look_up_mac(ip),
@@ -299,12 +313,25 @@ impl HostLabels {
     }
 
     /// Re-reads the name files that changed (cheap when none did), and
-    /// forgets the labels of addresses a source renamed.
+    /// forgets the labels of addresses a source renamed, or that became
+    /// local or remote since (the local networks changed).
     pub fn refresh(&mut self) {
         let mut renamed = std::collections::HashSet::new();
         for source in &mut self.ladder {
             source.refresh();
             renamed.extend(source.renamed());
+        }
+        let nets = self.local.list();
+        if !Arc::ptr_eq(&nets, &self.local_seen) {
+            self.local_seen = nets;
+            renamed.extend(
+                self.sticky
+                    .iter()
+                    .filter(|((ip, _), sticky)| {
+                        sticky.local != (self.local.place(*ip) == Place::Local)
+                    })
+                    .map(|((ip, _), _)| *ip),
+            );
         }
         if !renamed.is_empty() {
             self.forget(&renamed);
@@ -373,6 +400,7 @@ impl HostLabels {
         let sticky = Sticky {
             label: label.clone(),
             last_used: now,
+            local: self.local.place(ip) == Place::Local,
         };
         if let Some(((evicted_ip, _), evicted)) = self.sticky.push((ip, peer), sticky) {
             self.release(evicted_ip, evicted);
@@ -505,7 +533,7 @@ mod tests {
     }
 
     fn local() -> LocalNets {
-        LocalNets(vec!["192.168.0.0/16".parse().unwrap()])
+        LocalNets::given(vec!["192.168.0.0/16".parse().unwrap()])
     }
 
     #[test]

@@ -170,16 +170,12 @@ impl Labeller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::net::{Cidr, DEFAULT_LOCAL_NETS};
+    use crate::model::net::Cidr;
     use ntm_common::test_util::KeyBuilder;
 
+    /// The private ranges, as before any address is learnt.
     fn local() -> LocalNets {
-        LocalNets(
-            DEFAULT_LOCAL_NETS
-                .split(',')
-                .map(|c| c.parse().unwrap())
-                .collect(),
-        )
+        LocalNets::learnt()
     }
 
     fn v4(src: [u8; 4], dst: [u8; 4], proto: u8, port: u16) -> FlowKey {
