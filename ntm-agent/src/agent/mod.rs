@@ -23,7 +23,7 @@ use crate::{
         observe::{ObservedFrame, Observer, ObserverError},
         privileges,
     },
-    model::net::{Cidr, LocalNets, Origin},
+    model::net::{Cidr, LocalNets, Origin, Place},
     names::this_host::OwnAddresses,
     outputs::history::hand_state_dir_to,
     web::{http, web_config::WebConfigWatcher},
@@ -289,14 +289,15 @@ fn follow_links(kernel: &mut Kernel, pipeline: &Pipeline, health: &Health) {
 struct Host {
     /// The local networks, learnt from the addresses unless given.
     local: LocalNets,
-    /// This host's own addresses, named by its host name.
+    /// This host's own addresses in the local networks, named by its host
+    /// name.
     own_addresses: Option<OwnAddresses>,
 }
 
 impl Host {
     /// Reads the host's links and addresses again (at start, and on every
-    /// link or address event): this host's addresses, and the local
-    /// networks learnt from them, also for the kernel's MAC learning.
+    /// link or address event): the local networks learnt from them (also
+    /// for the kernel's MAC learning), and this host's local addresses.
     fn follow(&self, kernel: &mut Kernel) {
         let (links, addresses) = match (links::links(), links::addresses()) {
             (Ok(links), Ok(addresses)) => (links, addresses),
@@ -305,22 +306,29 @@ impl Host {
                 return;
             }
         };
-        if let Some(own) = &self.own_addresses {
-            own.set(addresses.iter().map(|a| a.address).collect());
-        }
-        if !self.local.is_learnt() {
-            return;
-        }
-        let monitored = kernel.hooked().iter().map(|h| h.ifindex).collect();
-        if self
-            .local
-            .set(local_nets::learn(&links, &addresses, &monitored))
-        {
-            log::info!("local networks: {}", describe(&self.local));
-            let nets: Vec<Cidr> = self.local.list().iter().map(|n| n.net).collect();
-            if let Err(e) = kernel.set_mac_nets(&nets) {
-                log::warn!("devices' MACs are learnt in the earlier local networks: {e}");
+        if self.local.is_learnt() {
+            let monitored = kernel.hooked().iter().map(|h| h.ifindex).collect();
+            if self
+                .local
+                .set(local_nets::learn(&links, &addresses, &monitored))
+            {
+                log::info!("local networks: {}", describe(&self.local));
+                let nets: Vec<Cidr> = self.local.list().iter().map(|n| n.net).collect();
+                if let Err(e) = kernel.set_mac_nets(&nets) {
+                    log::warn!("devices' MACs are learnt in the earlier local networks: {e}");
+                }
             }
+        }
+        // The host is a device by its local addresses: one outside the
+        // local networks (`--local-net` says so) is a server's, as any.
+        if let Some(own) = &self.own_addresses {
+            own.set(
+                addresses
+                    .iter()
+                    .map(|a| a.address)
+                    .filter(|ip| self.local.place(*ip) == Place::Local)
+                    .collect(),
+            );
         }
     }
 }

@@ -1,7 +1,9 @@
-//! This host's own addresses, named by its host name: a router's LAN, WAN
-//! and link-local addresses are one device, the router. The agent reads
-//! the addresses (`kernel::links::addresses`) at start and on every address
-//! event, into [`OwnAddresses`]; this rung reads them once per drain.
+//! This host's own addresses, named by its host name: a router's LAN and
+//! link-local addresses are one device, the router. The agent reads the
+//! addresses (`kernel::links::addresses`) at start and on every address
+//! event, and keeps those in the local networks in [`OwnAddresses`] (one
+//! outside them, which `--local-net` left out, is named as any remote
+//! host); this rung reads them once per drain.
 
 use std::{collections::BTreeSet, net::IpAddr, sync::Arc};
 

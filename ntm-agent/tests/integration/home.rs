@@ -363,14 +363,6 @@ fn sinks(home: &Home) -> Vec<UdpSocket> {
     sinks
 }
 
-/// The host name ntm names the router by.
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
 /// What each device row must have gained: (download, upload).
 type Gains = BTreeMap<String, (u64, u64)>;
 
@@ -494,7 +486,7 @@ pub fn a_home_network_is_right_without_configuration() {
     home.join();
     let before = home.devices();
     let sent = send_all(&home);
-    let router = host_name();
+    let router = crate::kit::host_name();
     let groups_up = sent.alice_mdns + sent.bob_ssdp + sent.bob_mdns6;
     let gains = Gains::from([
         (
@@ -665,7 +657,7 @@ pub fn given_local_networks_are_exactly_those() {
     home.join();
     let before = home.devices();
     let sent = send_all(&home);
-    let router = host_name();
+    let router = crate::kit::host_name();
     // Bob's IPv6 is between two remote hosts now; his link-local mDNS is
     // from outside the local networks: the groups row's download.
     let gains = Gains::from([

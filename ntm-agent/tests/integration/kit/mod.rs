@@ -160,6 +160,15 @@ impl Netns {
     }
 }
 
+/// The host name an agent names its own host's addresses by (test
+/// namespaces share the machine's).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
 /// Runs `f` on a thread that has entered the network namespace at `path`
 /// (a namespace file: `/var/run/netns/NAME`, `/proc/PID/ns/net`), such as
 /// a pod's.
