@@ -342,3 +342,69 @@ pub fn format_mac(mac: Mac) -> String {
         .collect::<Vec<_>>()
         .join(":")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn groups_are_no_ones_and_a_networks_last_address_is_its_broadcast() {
+        let local = LocalNets::given(vec!["198.18.60.0/24".parse().unwrap()]);
+        for group in [
+            "224.0.0.251",
+            "255.255.255.255",
+            "198.18.60.255",
+            "0.0.0.0",
+            "::",
+            "ff02::1:ff00:1",
+        ] {
+            assert_eq!(local.place(ip(group)), Place::Group, "{group}");
+            assert!(
+                local.contains(ip(group)),
+                "{group} counts with the local side"
+            );
+        }
+        assert_eq!(local.place(ip("198.18.60.254")), Place::Local);
+        assert_eq!(local.place(ip("::ffff:198.18.60.7")), Place::Local);
+        assert_eq!(local.place(ip("198.18.61.255")), Place::Remote);
+        assert_eq!(
+            local.place(ip("10.0.0.1")),
+            Place::Remote,
+            "given: exactly those"
+        );
+        // A /31 or /32 has no broadcast address.
+        assert_eq!(Cidr::network(ip("198.18.0.1"), 31).broadcast(), None);
+        assert_eq!(
+            Cidr::network(ip("198.18.0.7"), 24).to_string(),
+            "198.18.0.0/24"
+        );
+    }
+
+    #[test]
+    fn learnt_networks_change_and_given_ones_never() {
+        let given = LocalNets::given(vec!["198.18.60.0/24".parse().unwrap()]);
+        let lan = LocalNet {
+            net: "2001:2:0:60::/64".parse().unwrap(),
+            origin: Origin::Interface("br-lan".into()),
+        };
+        assert!(!given.set(vec![lan.clone()]));
+        assert_eq!(given.place(ip("2001:2:0:60::7")), Place::Remote);
+
+        let learnt = LocalNets::learnt();
+        let shared = learnt.clone();
+        assert_eq!(learnt.place(ip("192.168.1.7")), Place::Local, "private");
+        assert_eq!(learnt.place(ip("2001:2:0:60::7")), Place::Remote);
+        assert!(learnt.set(vec![lan.clone()]));
+        assert!(!learnt.set(vec![lan.clone()]), "unchanged");
+        // Every clone sees the new list; the private ranges stay.
+        assert_eq!(shared.place(ip("2001:2:0:60::7")), Place::Local);
+        assert_eq!(shared.place(ip("192.168.1.7")), Place::Local);
+        assert_eq!(shared.list()[0], lan);
+        assert!(learnt.set(Vec::new()));
+        assert_eq!(shared.place(ip("2001:2:0:60::7")), Place::Remote);
+    }
+}

@@ -594,6 +594,40 @@ mod tests {
         );
     }
 
+    /// Names any address whose MAC is known "phone".
+    struct ByMac;
+
+    impl NameSource for ByMac {
+        fn name(&mut self, query: &source::Query) -> source::Lookup {
+            match query.mac {
+                Some(_) => source::Lookup::Name("phone".into(), Source::Dhcp),
+                None => source::Lookup::Next,
+            }
+        }
+    }
+
+    #[test]
+    fn labels_are_decided_again_when_an_address_becomes_local() {
+        let local = LocalNets::learnt();
+        let mut h = HostLabels::new(true, vec![Box::new(ByMac)], local.clone(), &options());
+        h.look_up_macs_with(Box::new(|_| Some([2, 0, 0, 0, 0, 7])));
+        let now = Instant::now();
+        let ip: IpAddr = "2001:2:0:61::5".parse().unwrap();
+        let peer: IpAddr = "2001:2:0:ff::2".parse().unwrap();
+        // Outside the local networks: a remote host never takes a frame's
+        // MAC, and the label sticks.
+        assert_eq!(h.label(ip, peer, now, now), Some("2001:2:0:61::5".into()));
+        h.refresh();
+        assert_eq!(h.label(ip, peer, now, now), Some("2001:2:0:61::5".into()));
+        // The host's new prefix: the address is a device's now.
+        assert!(local.set(vec![crate::model::net::LocalNet {
+            net: "2001:2:0:61::/64".parse().unwrap(),
+            origin: crate::model::net::Origin::Interface("br-lan".into()),
+        }]));
+        h.refresh();
+        assert_eq!(h.label(ip, peer, now, now), Some("phone".into()));
+    }
+
     #[test]
     fn without_a_resolver_labels_are_addresses_at_once() {
         let mut h = HostLabels::new(true, Vec::new(), local(), &options());
