@@ -61,30 +61,14 @@ struct Home {
     _dnsmasq: Guard,
 }
 
-/// Quietens IPv6 on an interface made outside its namespace (the host's
-/// defaults): no router solicitations, no duplicate address detection.
-fn quiet_ipv6(ns: &Netns, ifname: &str) {
-    ns.exec(&[
-        "sysctl",
-        "-q",
-        "-w",
-        &format!("net.ipv6.conf.{ifname}.router_solicitations=0"),
-        &format!("net.ipv6.conf.{ifname}.dad_transmits=0"),
-        &format!("net.ipv6.conf.{ifname}.accept_dad=0"),
-        &format!("net.ipv6.conf.{ifname}.accept_ra=0"),
-        &format!("net.ipv6.conf.{ifname}.mldv1_unsolicited_report_interval=1"),
-        &format!("net.ipv6.conf.{ifname}.mldv2_unsolicited_report_interval=1"),
-    ]);
-}
-
 /// A veth pair: `a_if` in `a`, `b_if` in `b` with MAC `b_mac`, both up.
 fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str, b_mac: &str) {
     sh(&[
         "ip", "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns",
         &b.name, "address", b_mac,
     ]);
-    quiet_ipv6(a, a_if);
-    quiet_ipv6(b, b_if);
+    a.quiet_ipv6(a_if);
+    b.quiet_ipv6(b_if);
 }
 
 impl Home {
