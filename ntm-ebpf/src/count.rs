@@ -31,8 +31,52 @@ const E2BIG: i32 = 7;
 /// Bytes pulled into the linear area when headers lie beyond it.
 const PULL_LEN: u32 = 256;
 
+/// How far a program goes with a frame: every program ntm attaches goes
+/// all the way ([`stage::ALL`]); the bench's programs (`ntm_bench_upto_*`
+/// in main.rs, never loaded by the agent) stop after one part each, so that
+/// `cargo xtask bench` can tell what each part costs an ordinary frame. A
+/// const generic: in the real programs every stop folds away at compile
+/// time.
+pub mod stage {
+    /// main.rs: the orphan check and the filter's tail call.
+    pub const ENTRY: u8 = 0;
+    /// parse.rs: the frame to a flow key.
+    pub const PARSE: u8 = 1;
+    /// count.rs: a fragment put in its datagram's flow.
+    pub const FRAGMENTS: u8 = 2;
+    /// count.rs and lease.rs: the key into the per-CPU cache (the flow
+    /// table when its slot is taken), the lease check.
+    pub const COUNT: u8 = 3;
+    /// observe.rs: MAC learning and the DNS/DHCP hand-over.
+    pub const ALL: u8 = 4;
+}
+
+/// Keeps what a bench program stopping early computed (the key's words and
+/// the parse's result, as scalars: a struct with unset bytes would reach
+/// the verifier as stray stores), so that the compiler does not drop the
+/// work it measures.
 #[inline(always)]
-pub fn count_tc<const ETHERNET: bool>(ctx: &TcContext, hook: Hook, filtered: bool) {
+fn keep(parsed: &Result<Parsed, ParseError>, words: &[u64; KEY_WORDS]) {
+    use core::hint::black_box;
+    match parsed {
+        Ok(p) => {
+            black_box(p.l3_offset);
+            black_box(p.l3_len);
+            black_box(p.header_len);
+            black_box(p.observe);
+            black_box(p.fragment == Fragment::Whole);
+        }
+        Err(_) => {
+            black_box(0);
+        }
+    }
+    for word in words {
+        black_box(*word);
+    }
+}
+
+#[inline(always)]
+pub fn count_tc<const ETHERNET: bool, const UPTO: u8>(ctx: &TcContext, hook: Hook, filtered: bool) {
     let skb = ctx.skb.skb;
     // SAFETY: `skb` is the kernel's __sk_buff for this frame, valid for the
     // program's run; these fields are readable by TC programs.
@@ -78,11 +122,23 @@ pub fn count_tc<const ETHERNET: bool>(ctx: &TcContext, hook: Hook, filtered: boo
             }
         }
     }
+    if UPTO == stage::PARSE {
+        keep(&parsed, &key.words());
+        return;
+    }
     join_fragments(&parsed, key);
+    if UPTO == stage::FRAGMENTS {
+        keep(&parsed, &key.words());
+        return;
+    }
     // GSO/GRO aggregates count as the segments they carry on the wire.
     let segments = if gso_segs > 1 { gso_segs as u64 } else { 1 };
     let wanted = wanted_by_agent(&parsed, key);
     let took_slot = account(parsed, key, skb_len, segments, filtered);
+    if UPTO == stage::COUNT {
+        core::hint::black_box(took_slot);
+        return;
+    }
     if ETHERNET && took_slot && hook == Hook::Ingress && setting(&NTM_LEARN_MACS) != 0 {
         learn_mac(ctx.data(), ctx.data_end(), key);
     }

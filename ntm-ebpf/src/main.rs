@@ -30,7 +30,7 @@ use aya_ebpf::{
 };
 use ntm_common::{Hook, tail};
 
-use count::{count_tc, count_xdp};
+use count::{count_tc, count_xdp, stage};
 use lease::orphaned;
 use maps::{NTM_FILTER_VERDICT, NTM_TC_TAILS, NTM_XDP_ACTION, NTM_XDP_TAILS, setting};
 
@@ -39,59 +39,90 @@ use maps::{NTM_FILTER_VERDICT, NTM_TC_TAILS, NTM_XDP_ACTION, NTM_XDP_TAILS, sett
 
 #[classifier]
 pub fn ntm_tc_ingress_eth(ctx: TcContext) -> i32 {
-    filter_then_count::<true>(&ctx, Hook::Ingress, tail::FILTER_INGRESS_ETH)
+    filter_then_count::<true, { stage::ALL }>(&ctx, Hook::Ingress, tail::FILTER_INGRESS_ETH)
 }
 
 #[classifier]
 pub fn ntm_tc_egress_eth(ctx: TcContext) -> i32 {
-    filter_then_count::<true>(&ctx, Hook::Egress, tail::FILTER_EGRESS_ETH)
+    filter_then_count::<true, { stage::ALL }>(&ctx, Hook::Egress, tail::FILTER_EGRESS_ETH)
 }
 
 #[classifier]
 pub fn ntm_tc_ingress_l3(ctx: TcContext) -> i32 {
-    filter_then_count::<false>(&ctx, Hook::Ingress, tail::FILTER_INGRESS_L3)
+    filter_then_count::<false, { stage::ALL }>(&ctx, Hook::Ingress, tail::FILTER_INGRESS_L3)
 }
 
 #[classifier]
 pub fn ntm_tc_egress_l3(ctx: TcContext) -> i32 {
-    filter_then_count::<false>(&ctx, Hook::Egress, tail::FILTER_EGRESS_L3)
+    filter_then_count::<false, { stage::ALL }>(&ctx, Hook::Egress, tail::FILTER_EGRESS_L3)
 }
 
 // The counting halves, entered from a filter program with its verdict.
 
 #[classifier]
 pub fn ntm_count_in_eth(ctx: TcContext) -> i32 {
-    count_tc::<true>(&ctx, Hook::Ingress, filtered_out());
+    count_tc::<true, { stage::ALL }>(&ctx, Hook::Ingress, filtered_out());
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn ntm_count_out_eth(ctx: TcContext) -> i32 {
-    count_tc::<true>(&ctx, Hook::Egress, filtered_out());
+    count_tc::<true, { stage::ALL }>(&ctx, Hook::Egress, filtered_out());
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn ntm_count_in_l3(ctx: TcContext) -> i32 {
-    count_tc::<false>(&ctx, Hook::Ingress, filtered_out());
+    count_tc::<false, { stage::ALL }>(&ctx, Hook::Ingress, filtered_out());
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn ntm_count_out_l3(ctx: TcContext) -> i32 {
-    count_tc::<false>(&ctx, Hook::Egress, filtered_out());
+    count_tc::<false, { stage::ALL }>(&ctx, Hook::Egress, filtered_out());
     TC_ACT_UNSPEC
 }
 
+// The bench's programs: TC Ethernet ingress stopped after each part (see
+// `count::stage`), for `cargo xtask bench` to tell what each part costs.
+// In the object next to the real ones, sharing their maps; the agent never
+// loads them.
+
+#[classifier]
+pub fn ntm_bench_upto_entry(ctx: TcContext) -> i32 {
+    filter_then_count::<true, { stage::ENTRY }>(&ctx, Hook::Ingress, tail::FILTER_INGRESS_ETH)
+}
+
+#[classifier]
+pub fn ntm_bench_upto_parse(ctx: TcContext) -> i32 {
+    filter_then_count::<true, { stage::PARSE }>(&ctx, Hook::Ingress, tail::FILTER_INGRESS_ETH)
+}
+
+#[classifier]
+pub fn ntm_bench_upto_fragments(ctx: TcContext) -> i32 {
+    filter_then_count::<true, { stage::FRAGMENTS }>(&ctx, Hook::Ingress, tail::FILTER_INGRESS_ETH)
+}
+
+#[classifier]
+pub fn ntm_bench_upto_count(ctx: TcContext) -> i32 {
+    filter_then_count::<true, { stage::COUNT }>(&ctx, Hook::Ingress, tail::FILTER_INGRESS_ETH)
+}
+
 #[inline(always)]
-fn filter_then_count<const ETHERNET: bool>(ctx: &TcContext, hook: Hook, filter_slot: u32) -> i32 {
+fn filter_then_count<const ETHERNET: bool, const UPTO: u8>(
+    ctx: &TcContext,
+    hook: Hook,
+    filter_slot: u32,
+) -> i32 {
     if orphaned() {
         return TC_ACT_UNSPEC;
     }
     // SAFETY: a tail call either does not return or, with the slot empty,
     // returns with nothing changed.
     unsafe { NTM_TC_TAILS.tail_call(ctx, filter_slot) };
-    count_tc::<ETHERNET>(ctx, hook, false);
+    if UPTO != stage::ENTRY {
+        count_tc::<ETHERNET, UPTO>(ctx, hook, false);
+    }
     TC_ACT_UNSPEC
 }
 

@@ -57,6 +57,12 @@ pub struct DatapathOptions {
     pub learn_macs: bool,
     /// Whose MACs are learnt: the local networks (see [`mac_nets`]).
     pub mac_nets: ntm_common::observe::MacNets,
+    /// TC programs of the object loaded besides those of
+    /// [`programs::HOOKS`]: the bench's (`ntm_bench_upto_*`, which stop
+    /// after one part of the counting path); none in the agent. Loaded
+    /// with the others, as the maps they use are set up (and some of them
+    /// let go) after loading.
+    pub also_load: &'static [&'static str],
 }
 
 /// The kernel's form of the networks whose sources' MACs are learnt; more
@@ -110,6 +116,7 @@ impl Default for DatapathOptions {
             observe_kinds: 0,
             learn_macs: false,
             mac_nets: ntm_common::observe::MacNets::ALL,
+            also_load: &[],
         }
     }
 }
@@ -241,6 +248,12 @@ impl Datapath {
                 };
                 loaded.map_err(|e| classify_program_error(name, e))?;
             }
+        }
+        for name in options.also_load {
+            let program = ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?;
+            <&mut SchedClassifier>::try_from(program)
+                .and_then(|p| p.load())
+                .map_err(|e| classify_program_error(name, e))?;
         }
 
         let tc_tails = take_map_data(&mut ebpf, names::TC_TAILS)?;
