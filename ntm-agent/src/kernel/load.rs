@@ -236,6 +236,9 @@ impl Datapath {
         loader.override_global(names::OBSERVE_KINDS, &options.observe_kinds, true);
         let learn_macs = options.learn_macs as u32;
         loader.override_global(names::LEARN_MACS, &learn_macs, true);
+        // A read-only global, not a map: the kernel reads it with one load.
+        let known_ports = known_port_words(known_ports);
+        loader.override_global(names::KNOWN_PORTS, &known_ports, true);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(classify_load_error)?;
 
         for hook in &programs::HOOKS {
@@ -276,20 +279,6 @@ impl Datapath {
                 },
             )?;
         }
-
-        let mut known: Array<MapData, u32> = take_array(&mut ebpf, names::KNOWN_PORTS)?;
-        for (index, word) in known_ports.iter().enumerate() {
-            if *word != 0 {
-                known
-                    .set(index as u32, *word, 0)
-                    .map_err(|source| DatapathError::MapSetup {
-                        map: names::KNOWN_PORTS,
-                        source,
-                    })?;
-            }
-        }
-        // The program keeps its own reference to the map; ours can go.
-        drop(known);
 
         let lease: Array<MapData, u64> = take_array(&mut ebpf, names::LEASE)?;
         let tables = FlowTables::take_from(&mut ebpf)?;
@@ -490,6 +479,17 @@ impl Datapath {
             .program_mut(name)
             .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
     }
+}
+
+/// The known-port bitmap as the kernel's global holds it: `words`, then
+/// zeros up to `KNOWN_PORT_WORDS` (no port known); words beyond are no
+/// port's.
+fn known_port_words(words: &[u32]) -> [u32; ntm_common::KNOWN_PORT_WORDS as usize] {
+    let mut all = [0; ntm_common::KNOWN_PORT_WORDS as usize];
+    for (to, from) in all.iter_mut().zip(words) {
+        *to = *from;
+    }
+    all
 }
 
 /// Takes an array map out of the object.
