@@ -42,6 +42,7 @@ use crate::{
         Exposition,
         budget::SeriesBudget,
         history::{self, History, HistoryReader, sink::HistorySink},
+        ipfix::IpfixSink,
         live::{LiveSink, LiveTraffic},
         series::TrafficSeries,
         series_sink::SeriesSink,
@@ -149,6 +150,14 @@ impl Pipeline {
             Box::new(LiveSink::new(Arc::clone(&live))),
             Box::new(HistorySink::new(history, options.local.clone())),
         ];
+        let mut sinks = sinks;
+        if let Some(ipfix) = &options.ipfix {
+            sinks.push(Box::new(IpfixSink::start(
+                ipfix,
+                metrics.ipfix_records.clone(),
+                Instant::now(),
+            )));
+        }
         let local = options.local.clone();
 
         // What is configured, from the start: the API's status is asked for
@@ -245,7 +254,7 @@ impl Pipeline {
     ) {
         self.metrics.record_drain(drained, iface_labels);
         for sink in &mut self.sinks {
-            sink.raw(drained, now);
+            sink.raw(drained, iface_labels, now);
         }
         // The name files that changed are read again (a stat each).
         self.hosts.refresh();
@@ -438,6 +447,7 @@ mod tests {
                 },
                 flow_table_capacity: 1024,
                 names: NameOptions::addresses_only(),
+                ipfix: None,
             },
             ServiceRegistry::parse("https 443/tcp\n"),
         )

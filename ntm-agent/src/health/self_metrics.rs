@@ -121,6 +121,8 @@ pub struct SelfMetrics {
     /// or wrong basic auth), `rate_limited`, `client_certificate` (a SAN
     /// not in client_allowed_sans), `tls_handshake`.
     pub http_refused: IntCounterVec,
+    /// Flow records for each IPFIX collector, by result (`IpfixResult`).
+    pub ipfix_records: IntCounterVec,
     /// The Kubernetes rung's pod and node info, and the runtime's errors.
     pub kubernetes: KubernetesMetrics,
     /// `<prefix>_history_*`: whether the history is on disk, its commits,
@@ -513,6 +515,11 @@ impl SelfMetrics {
                 "http_requests_refused_total",
                 "HTTP requests and connections refused by the web config: unauthorized, rate_limited, client_certificate, tls_handshake",
                 &["reason"],
+            )?,
+            ipfix_records: r.counter_vec(
+                "ipfix_records_total",
+                "Flow records for each IPFIX collector, by result: sent; dropped (the queue to the collector was full: it is slow or down); failed (the socket refused them: no collector listening, or the connection broke)",
+                &["collector", "result"],
             )?,
             registry,
         };

@@ -14,6 +14,7 @@
 
 pub mod budget;
 pub mod history;
+pub mod ipfix;
 pub mod live;
 pub mod series;
 pub mod series_sink;

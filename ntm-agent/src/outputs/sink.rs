@@ -10,6 +10,7 @@
 //! (the history commits on a thread of its own).
 
 use std::{
+    collections::HashMap,
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -60,8 +61,9 @@ pub struct Host<'a> {
 
 /// An output.
 pub trait Sink: Send {
-    /// A drain's flow deltas as the kernel counted them, before any name.
-    fn raw(&mut self, _drained: &Drained, _now: Instant) {}
+    /// A drain's flow deltas as the kernel counted them, before any name,
+    /// with the interfaces' labels by index.
+    fn raw(&mut self, _drained: &Drained, _ifaces: &HashMap<u32, String>, _now: Instant) {}
 
     /// A drain's labelled deltas.
     fn labelled(&mut self, _drain: &LabelledDrain, _now: Instant) {}

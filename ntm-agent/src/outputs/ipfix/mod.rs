@@ -1,0 +1,148 @@
+//! Flow export over IPFIX (RFC 7011), into the collectors people run
+//! already (nfdump, pmacct, GoFlow2, Akvorado, ...): every flow, by its
+//! addresses, from the kernel's raw deltas (before names, the name wait
+//! and the series budget: a collector wants every flow, and no delay).
+//!
+//! `IpfixSink` adds up each flow key's deltas over `--ipfix-interval` and
+//! hands one record per key to each collector's thread
+//! (`collector.rs`), which encodes (`encode.rs`) and sends them. The drain
+//! only adds to a bounded table and, once an interval, queues a batch.
+
+pub mod collector;
+pub mod encode;
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use ntm_common::{Counters, FlowKey};
+use prometheus::IntCounterVec;
+
+use self::{
+    collector::{Collector, CollectorSpec, ExportSettings, unix_seconds},
+    encode::FlowRecord,
+};
+use super::sink::Sink;
+use crate::kernel::drain::Drained;
+
+/// Flow keys one interval holds at most; a table this full is exported at
+/// once (its records are still exact deltas, over a shorter interval).
+pub const MAX_KEYS: usize = 1 << 20;
+
+/// What `--ipfix-*` asks for.
+#[derive(Clone, Debug)]
+pub struct IpfixOptions {
+    pub collectors: Vec<CollectorSpec>,
+    pub interval: Duration,
+    pub settings: ExportSettings,
+}
+
+/// One interval's records for every collector, with the interfaces' names.
+pub struct Batch {
+    pub records: Vec<FlowRecord>,
+    pub names: Arc<HashMap<u32, String>>,
+    /// Unix seconds (the messages' export time).
+    pub export_time: u32,
+}
+
+/// A flow key's counts in this interval, and when they came.
+struct Sum {
+    counts: Counters,
+    start_ms: u64,
+    end_ms: u64,
+}
+
+pub struct IpfixSink {
+    interval: Duration,
+    next_export: Instant,
+    sums: HashMap<FlowKey, Sum>,
+    /// When the last drain was (a flow's first counts came after it).
+    last_drain_ms: Option<u64>,
+    names: Arc<HashMap<u32, String>>,
+    collectors: Vec<Collector>,
+}
+
+impl IpfixSink {
+    pub fn start(options: &IpfixOptions, records: IntCounterVec, now: Instant) -> Self {
+        Self {
+            interval: options.interval,
+            next_export: now + options.interval,
+            sums: HashMap::new(),
+            last_drain_ms: None,
+            names: Arc::default(),
+            collectors: options
+                .collectors
+                .iter()
+                .map(|spec| Collector::start(spec.clone(), options.settings, records.clone()))
+                .collect(),
+        }
+    }
+
+    /// Hands this interval's records to every collector.
+    fn export(&mut self) {
+        if self.sums.is_empty() {
+            return;
+        }
+        let records: Vec<FlowRecord> = self
+            .sums
+            .drain()
+            .map(|(key, sum)| FlowRecord {
+                key,
+                counts: sum.counts,
+                start_ms: sum.start_ms,
+                end_ms: sum.end_ms,
+            })
+            .collect();
+        let batch = Arc::new(Batch {
+            records,
+            names: Arc::clone(&self.names),
+            export_time: unix_seconds(),
+        });
+        for collector in &self.collectors {
+            collector.send(Arc::clone(&batch));
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Sink for IpfixSink {
+    fn raw(&mut self, drained: &Drained, ifaces: &HashMap<u32, String>, now: Instant) {
+        let now_ms = unix_ms();
+        let since = self.last_drain_ms.unwrap_or(now_ms);
+        self.last_drain_ms = Some(now_ms);
+        if *self.names != *ifaces {
+            self.names = Arc::new(ifaces.clone());
+        }
+        for (key, delta) in &drained.flows {
+            if self.sums.len() >= MAX_KEYS && !self.sums.contains_key(key) {
+                self.export();
+            }
+            let sum = self.sums.entry(*key).or_insert(Sum {
+                counts: Counters::default(),
+                start_ms: since,
+                end_ms: now_ms,
+            });
+            sum.counts.add(delta);
+            sum.end_ms = now_ms;
+        }
+        if now >= self.next_export {
+            self.export();
+            self.next_export = now + self.interval;
+        }
+    }
+
+    /// Sends what this interval holds and what is queued (SIGTERM).
+    fn finish(&mut self) {
+        self.export();
+        for collector in self.collectors.drain(..) {
+            collector.stop();
+        }
+    }
+}
