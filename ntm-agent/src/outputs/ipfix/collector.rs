@@ -188,7 +188,7 @@ impl Collector {
 
     /// Queues a batch; a full queue drops it, counted.
     pub fn send(&self, batch: Arc<Batch>) {
-        let records = batch.records.len() as u64;
+        let records = (batch.records.len() + batch.outside.len()) as u64;
         if self.thread.is_none() {
             self.counts.add(IpfixResult::Dropped, records);
             return;
@@ -295,6 +295,7 @@ impl Link {
         let mut messages = Vec::new();
         self.encoder.records(
             &batch.records,
+            &batch.outside,
             batch.export_time,
             |index| batch.names.get(&index).map(String::as_str),
             &mut messages,
@@ -369,6 +370,7 @@ pub fn unix_seconds() -> u32 {
 pub fn batch(records: Vec<super::encode::FlowRecord>) -> Arc<Batch> {
     Arc::new(Batch {
         records,
+        outside: Vec::new(),
         names: Arc::default(),
         export_time: unix_seconds(),
     })

@@ -24,9 +24,15 @@ pub const NON_IP_TEMPLATE: u16 = 258;
 /// The options template of the sampling: every packet (1 of 1), which
 /// collectors such as Akvorado require.
 pub const SAMPLING_TEMPLATE: u16 = 259;
+/// Frames counted outside the flow table (it was full, or the frame could
+/// not be parsed): no addresses; `applicationName` says what they are.
+pub const OUTSIDE_TEMPLATE: u16 = 260;
 
 /// A field of variable length (RFC 7011, section 7).
 const VARIABLE: u16 = 0xFFFF;
+
+/// A field of a template: an information element and its length.
+type Field = (u16, u16);
 
 /// Information elements (IANA's IPFIX registry), with their lengths here.
 mod ie {
@@ -47,6 +53,7 @@ mod ie {
     pub const IP_VERSION: (u16, u16) = (60, 1);
     pub const FLOW_DIRECTION: (u16, u16) = (61, 1);
     pub const INTERFACE_NAME: (u16, u16) = (82, super::VARIABLE);
+    pub const APPLICATION_NAME: (u16, u16) = (96, super::VARIABLE);
     pub const ICMP_TYPE_CODE_IPV6: (u16, u16) = (139, 2);
     pub const OBSERVATION_DOMAIN_ID: (u16, u16) = (149, 4);
     pub const FLOW_START_MILLISECONDS: (u16, u16) = (152, 8);
@@ -83,6 +90,9 @@ const IPV6: [(u16, u16); 7] = [
     ie::IP_VERSION,
 ];
 const NON_IP: [(u16, u16); 1] = [ie::ETHERNET_TYPE];
+const OUTSIDE: [(u16, u16); 0] = [];
+/// After the interface fields of the outside records.
+const WHAT: [(u16, u16); 1] = [ie::APPLICATION_NAME];
 const INTERFACE: [(u16, u16); 5] = [
     ie::FLOW_DIRECTION,
     ie::INGRESS_INTERFACE,
@@ -100,6 +110,20 @@ pub struct FlowRecord {
     pub key: FlowKey,
     pub counts: Counters,
     /// Unix milliseconds of its first and last counts in the interval.
+    pub start_ms: u64,
+    pub end_ms: u64,
+}
+
+/// Frames counted outside the flow table on one interface and hook, for
+/// one reason, over an export interval.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutsideRecord {
+    pub ifindex: u32,
+    pub hook: Hook,
+    /// `ntm:` and the reason (`ntm:table_full`, `ntm:malformed_ipv4`, as
+    /// `<prefix>_outside_flow_table_bytes_total{reason}` says).
+    pub what: String,
+    pub counts: Counters,
     pub start_ms: u64,
     pub end_ms: u64,
 }
@@ -141,16 +165,18 @@ impl Encoder {
     pub fn templates(&mut self, export_time: u32) -> Vec<u8> {
         let mut message = Message::start(self.domain, self.sequence, export_time);
         message.open_set(TEMPLATE_SET);
-        let flows: [(u16, &[(u16, u16)]); 3] = [
-            (IPV4_TEMPLATE, &IPV4),
-            (IPV6_TEMPLATE, &IPV6),
-            (NON_IP_TEMPLATE, &NON_IP),
+        let templates: [(u16, &[Field], &[Field]); 4] = [
+            (IPV4_TEMPLATE, &IPV4, &[]),
+            (IPV6_TEMPLATE, &IPV6, &[]),
+            (NON_IP_TEMPLATE, &NON_IP, &[]),
+            (OUTSIDE_TEMPLATE, &OUTSIDE, &WHAT),
         ];
-        for (id, own) in flows {
+        for (id, own, after) in templates {
             let fields: Vec<(u16, u16)> = COMMON
                 .iter()
                 .chain(own)
                 .chain(INTERFACE.iter())
+                .chain(after)
                 .copied()
                 .collect();
             message.u16(id);
@@ -187,60 +213,115 @@ impl Encoder {
         message.finish()
     }
 
-    /// The records of `flows` as messages of at most the size limit, each
-    /// with the data set of one template, with how many records each
-    /// holds; `names` gives an interface's name by index.
+    /// The records of `flows`, then those of the counts outside the flow
+    /// table, as messages of at most the size limit, each with the data
+    /// set of one template, with how many records each holds; `names`
+    /// gives an interface's name by index.
     pub fn records<'n>(
         &mut self,
         flows: &[FlowRecord],
+        outside: &[OutsideRecord],
         export_time: u32,
         names: impl Fn(u32) -> Option<&'n str>,
         out: &mut Vec<(Vec<u8>, u32)>,
     ) {
+        let name_of = |ifindex: u32| {
+            let name = names(ifindex).unwrap_or("");
+            &name.as_bytes()[..name.len().min(MAX_NAME)]
+        };
         for template in [IPV4_TEMPLATE, IPV6_TEMPLATE, NON_IP_TEMPLATE] {
-            let mut message: Option<Message> = None;
-            let mut in_message = 0u32;
+            let mut set = SetWriter::new(self, template, export_time, out);
             for flow in flows.iter().filter(|f| template_of(&f.key) == template) {
-                let name = names(flow.key.ifindex).unwrap_or("");
-                let name = &name.as_bytes()[..name.len().min(MAX_NAME)];
-                let len = record_len(template, name.len());
-                if let Some(full) = message.take_if(|m| m.buf.len() + len > self.max_message) {
-                    out.push((full.finish_set(), in_message));
-                    self.sequence = self.sequence.wrapping_add(in_message);
-                    in_message = 0;
-                }
-                let m = message.get_or_insert_with(|| {
-                    let mut m = Message::start(self.domain, self.sequence, export_time);
-                    m.open_set(template);
-                    m
-                });
-                m.record(flow, name);
-                in_message += 1;
+                let name = name_of(flow.key.ifindex);
+                set.push(record_len(template, name.len()), |m| m.record(flow, name));
             }
-            if let Some(last) = message {
-                out.push((last.finish_set(), in_message));
-                self.sequence = self.sequence.wrapping_add(in_message);
-            }
+            set.finish();
+        }
+        let mut set = SetWriter::new(self, OUTSIDE_TEMPLATE, export_time, out);
+        for record in outside {
+            let name = name_of(record.ifindex);
+            let what = record.what.as_bytes();
+            let len = fixed_len(&COMMON) + fixed_len(&INTERFACE) + 1 + name.len() + 1 + what.len();
+            set.push(len, |m| m.outside(record, name));
+        }
+        set.finish();
+    }
+}
+
+/// Writes the records of one template into messages within the size
+/// limit, counting them into the sequence number as each message is done.
+struct SetWriter<'a> {
+    encoder: &'a mut Encoder,
+    template: u16,
+    export_time: u32,
+    message: Option<Message>,
+    in_message: u32,
+    out: &'a mut Vec<(Vec<u8>, u32)>,
+}
+
+impl<'a> SetWriter<'a> {
+    fn new(
+        encoder: &'a mut Encoder,
+        template: u16,
+        export_time: u32,
+        out: &'a mut Vec<(Vec<u8>, u32)>,
+    ) -> Self {
+        Self {
+            encoder,
+            template,
+            export_time,
+            message: None,
+            in_message: 0,
+            out,
         }
     }
+
+    /// Adds a record of `len` bytes, written by `write`.
+    fn push(&mut self, len: usize, write: impl FnOnce(&mut Message)) {
+        let max = self.encoder.max_message;
+        if let Some(full) = self.message.take_if(|m| m.buf.len() + len > max) {
+            self.out.push((full.finish_set(), self.in_message));
+            self.encoder.sequence = self.encoder.sequence.wrapping_add(self.in_message);
+            self.in_message = 0;
+        }
+        let (domain, sequence, template) =
+            (self.encoder.domain, self.encoder.sequence, self.template);
+        let export_time = self.export_time;
+        let message = self.message.get_or_insert_with(|| {
+            let mut m = Message::start(domain, sequence, export_time);
+            m.open_set(template);
+            m
+        });
+        write(message);
+        self.in_message += 1;
+    }
+
+    fn finish(mut self) {
+        if let Some(last) = self.message.take() {
+            self.out.push((last.finish_set(), self.in_message));
+            self.encoder.sequence = self.encoder.sequence.wrapping_add(self.in_message);
+        }
+    }
+}
+
+/// The bytes of the fixed-length fields of `fields`.
+fn fixed_len(fields: &[(u16, u16)]) -> usize {
+    fields
+        .iter()
+        .filter(|(_, l)| *l != VARIABLE)
+        .map(|(_, l)| *l as usize)
+        .sum()
 }
 
 /// The encoded length of one record of `template` with an interface name
 /// of `name_len` bytes.
 fn record_len(template: u16, name_len: usize) -> usize {
-    let fixed = |fields: &[(u16, u16)]| -> usize {
-        fields
-            .iter()
-            .filter(|(_, l)| *l != VARIABLE)
-            .map(|(_, l)| *l as usize)
-            .sum()
-    };
     let own = match template {
-        IPV4_TEMPLATE => fixed(&IPV4),
-        IPV6_TEMPLATE => fixed(&IPV6),
-        _ => fixed(&NON_IP),
+        IPV4_TEMPLATE => fixed_len(&IPV4),
+        IPV6_TEMPLATE => fixed_len(&IPV6),
+        _ => fixed_len(&NON_IP),
     };
-    fixed(&COMMON) + own + fixed(&INTERFACE) + 1 + name_len
+    fixed_len(&COMMON) + own + fixed_len(&INTERFACE) + 1 + name_len
 }
 
 /// A message being written.
@@ -326,14 +407,30 @@ impl Message {
             _ => self.u16(key.port),
         }
         let hook = Hook::from_u8(key.hook).unwrap_or(Hook::Ingress);
+        self.interface(key.ifindex, hook, key.vlan_id, name);
+    }
+
+    fn outside(&mut self, record: &OutsideRecord, name: &[u8]) {
+        self.u64(record.counts.bytes);
+        self.u64(record.counts.packets);
+        self.u64(record.start_ms);
+        self.u64(record.end_ms);
+        self.interface(record.ifindex, record.hook, 0, name);
+        self.u8(record.what.len() as u8);
+        self.buf.extend_from_slice(record.what.as_bytes());
+    }
+
+    /// The interface fields: the hook as `flowDirection`, the index on its
+    /// side, the VLAN, the name.
+    fn interface(&mut self, ifindex: u32, hook: Hook, vlan: u16, name: &[u8]) {
         let (ingress, egress) = match hook {
-            Hook::Ingress => (key.ifindex, 0),
-            Hook::Egress => (0, key.ifindex),
+            Hook::Ingress => (ifindex, 0),
+            Hook::Egress => (0, ifindex),
         };
         self.u8(hook as u8);
         self.u32(ingress);
         self.u32(egress);
-        self.u16(key.vlan_id);
+        self.u16(vlan);
         self.u8(name.len() as u8);
         self.buf.extend_from_slice(name);
     }
@@ -424,7 +521,18 @@ mod tests {
             flows.push(flow(key, i as u64));
         }
         let mut out = Vec::new();
-        encoder.records(&flows, 1_700_000_010, |_| Some("eth0"), &mut out);
+        let outside = [OutsideRecord {
+            ifindex: 2,
+            hook: Hook::Egress,
+            what: "ntm:table_full".into(),
+            counts: Counters {
+                bytes: 1000,
+                packets: 10,
+            },
+            start_ms: 1,
+            end_ms: 2,
+        }];
+        encoder.records(&flows, &outside, 1_700_000_010, |_| Some("eth0"), &mut out);
         assert!(out.len() > 2, "{} messages", out.len());
         let mut records = Vec::new();
         let mut sequence = 1; // The options record of the templates.
@@ -439,7 +547,11 @@ mod tests {
             sequence += read.len() as u32;
             records.extend(read);
         }
-        assert_eq!(records.len(), flows.len());
+        assert_eq!(records.len(), flows.len() + outside.len());
+        assert!(
+            records.last().unwrap().contains("ntm:table_full"),
+            "{records:?}"
+        );
         let first = &records[0];
         assert!(first.contains("8589934592"), "a count above 2^32: {first}");
         assert!(first.contains("443"), "{first}");

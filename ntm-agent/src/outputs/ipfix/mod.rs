@@ -17,15 +17,15 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use ntm_common::{Counters, FlowKey};
+use ntm_common::{Counters, FlowKey, OutsideReason};
 use prometheus::IntCounterVec;
 
 use self::{
     collector::{Collector, CollectorSpec, ExportSettings, unix_seconds},
-    encode::FlowRecord,
+    encode::{FlowRecord, OutsideRecord},
 };
 use super::sink::Sink;
-use crate::kernel::drain::Drained;
+use crate::kernel::drain::{Drained, Outside};
 
 /// Flow keys one interval holds at most; a table this full is exported at
 /// once (its records are still exact deltas, over a shorter interval).
@@ -42,6 +42,8 @@ pub struct IpfixOptions {
 /// One interval's records for every collector, with the interfaces' names.
 pub struct Batch {
     pub records: Vec<FlowRecord>,
+    /// What was counted outside the flow table.
+    pub outside: Vec<OutsideRecord>,
     pub names: Arc<HashMap<u32, String>>,
     /// Unix seconds (the messages' export time).
     pub export_time: u32,
@@ -58,6 +60,9 @@ pub struct IpfixSink {
     interval: Duration,
     next_export: Instant,
     sums: HashMap<FlowKey, Sum>,
+    /// Counts outside the flow table (bounded by interfaces, hooks and
+    /// reasons).
+    outside: HashMap<Outside, Sum>,
     /// When the last drain was (a flow's first counts came after it).
     last_drain_ms: Option<u64>,
     names: Arc<HashMap<u32, String>>,
@@ -70,6 +75,7 @@ impl IpfixSink {
             interval: options.interval,
             next_export: now + options.interval,
             sums: HashMap::new(),
+            outside: HashMap::new(),
             last_drain_ms: None,
             names: Arc::default(),
             collectors: options
@@ -82,7 +88,7 @@ impl IpfixSink {
 
     /// Hands this interval's records to every collector.
     fn export(&mut self) {
-        if self.sums.is_empty() {
+        if self.sums.is_empty() && self.outside.is_empty() {
             return;
         }
         let records: Vec<FlowRecord> = self
@@ -95,8 +101,21 @@ impl IpfixSink {
                 end_ms: sum.end_ms,
             })
             .collect();
+        let outside = self
+            .outside
+            .drain()
+            .map(|(at, sum)| OutsideRecord {
+                ifindex: at.ifindex,
+                hook: at.hook,
+                what: format!("ntm:{}", at.reason.as_str()),
+                counts: sum.counts,
+                start_ms: sum.start_ms,
+                end_ms: sum.end_ms,
+            })
+            .collect();
         let batch = Arc::new(Batch {
             records,
+            outside,
             names: Arc::clone(&self.names),
             export_time: unix_seconds(),
         });
@@ -125,6 +144,20 @@ impl Sink for IpfixSink {
                 self.export();
             }
             let sum = self.sums.entry(*key).or_insert(Sum {
+                counts: Counters::default(),
+                start_ms: since,
+                end_ms: now_ms,
+            });
+            sum.counts.add(delta);
+            sum.end_ms = now_ms;
+        }
+        // What ntm counted outside the flow table, but what the filter
+        // left out: it is in no total of ntm's.
+        for (at, delta) in drained.outside.iter() {
+            if at.reason == OutsideReason::Filtered {
+                continue;
+            }
+            let sum = self.outside.entry(*at).or_insert(Sum {
                 counts: Counters::default(),
                 start_ms: since,
                 end_ms: now_ms,
