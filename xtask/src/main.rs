@@ -471,6 +471,8 @@ fn task(command: Task) -> Result<()> {
                 "history",
                 "--bench",
                 "kubernetes",
+                "--bench",
+                "ipfix",
             ]))
         }
         Task::Clippy => {

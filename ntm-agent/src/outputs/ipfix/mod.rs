@@ -59,7 +59,9 @@ struct Sum {
 pub struct IpfixSink {
     interval: Duration,
     next_export: Instant,
-    sums: HashMap<FlowKey, Sum>,
+    /// A fast hasher with a seed of its own per table (flow keys come
+    /// from the network: no fixed seed an attacker could aim at).
+    sums: HashMap<FlowKey, Sum, foldhash::fast::RandomState>,
     /// Counts outside the flow table (bounded by interfaces, hooks and
     /// reasons).
     outside: HashMap<Outside, Sum>,
@@ -74,7 +76,7 @@ impl IpfixSink {
         Self {
             interval: options.interval,
             next_export: now + options.interval,
-            sums: HashMap::new(),
+            sums: HashMap::default(),
             outside: HashMap::new(),
             last_drain_ms: None,
             names: Arc::default(),
@@ -139,6 +141,9 @@ impl Sink for IpfixSink {
         if *self.names != *ifaces {
             self.names = Arc::new(ifaces.clone());
         }
+        // Grown once per drain, not by doubling as keys come.
+        let room = MAX_KEYS.saturating_sub(self.sums.len());
+        self.sums.reserve(drained.flows.len().min(room));
         for (key, delta) in &drained.flows {
             if self.sums.len() >= MAX_KEYS && !self.sums.contains_key(key) {
                 self.export();
