@@ -16,7 +16,7 @@
 //! ```
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::IpAddr,
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
@@ -42,6 +42,7 @@ use crate::{
         Exposition,
         budget::SeriesBudget,
         history::{self, History, HistoryReader, sink::HistorySink},
+        host_info::HostInfo,
         ipfix::IpfixSink,
         live::{LiveSink, LiveTraffic},
         series::TrafficSeries,
@@ -62,6 +63,22 @@ pub enum PipelineError {
     Metrics(#[from] MetricsError),
     #[error("history: {0}")]
     History(#[from] crate::outputs::history::store::StoreError),
+}
+
+/// One drain's interface and service labels, each text once: a drain's
+/// flows share a handful of them.
+#[derive(Default)]
+struct SharedText(HashSet<Arc<str>>);
+
+impl SharedText {
+    fn get(&mut self, text: String) -> Arc<str> {
+        if let Some(shared) = self.0.get(text.as_str()) {
+            return Arc::clone(shared);
+        }
+        let shared: Arc<str> = Arc::from(text);
+        self.0.insert(Arc::clone(&shared));
+        shared
+    }
 }
 
 /// Reads the neighbour table (IP address to MAC); None when it could not.
@@ -128,7 +145,9 @@ impl Pipeline {
                 metrics.series_expired.clone(),
             ),
         );
-        let exposition = Exposition::new(metrics.registry().clone(), series);
+        let host_info = Arc::new(RwLock::new(HostInfo::new(&options.prefix)));
+        let exposition =
+            Exposition::new(metrics.registry().clone(), series, Arc::clone(&host_info));
         let live = Arc::new(RwLock::new(LiveTraffic::new(
             options.local.clone(),
             options.drain_interval.max(Duration::from_secs(1)),
@@ -144,7 +163,7 @@ impl Pipeline {
             Box::new(SeriesSink::new(
                 budget,
                 labeller.clone(),
-                metrics.host_info.clone(),
+                host_info,
                 options.max_series,
             )),
             Box::new(LiveSink::new(Arc::clone(&live))),
@@ -274,7 +293,12 @@ impl Pipeline {
             }
             self.neighbours_read = Some(now);
         }
-        let mut labelled = LabelledDrain::default();
+        // Room for every waiting flow at once: a drain of 100k flows grew
+        // this by doubling, and glibc kept the halves it let go.
+        let mut labelled = LabelledDrain {
+            flows: Vec::with_capacity(self.pending.len()),
+            overflow: Vec::new(),
+        };
         let Self {
             pending,
             hosts,
@@ -282,6 +306,7 @@ impl Pipeline {
             ..
         } = self;
         let wait = hosts.wait();
+        let mut shared = SharedText::default();
         pending.release(
             now,
             wait,
@@ -289,10 +314,10 @@ impl Pipeline {
             |key, (src, dst), delta| {
                 labelled.flows.push(LabelledFlow {
                     key: *key,
-                    iface: iface_label(iface_labels, key.ifindex),
+                    iface: shared.get(iface_label(iface_labels, key.ifindex)),
                     src,
                     dst,
-                    service: service_name(key, &labeller.services),
+                    service: shared.get(service_name(key, &labeller.services)),
                     delta: *delta,
                 });
             },
@@ -344,12 +369,12 @@ impl Pipeline {
         if !self.sinks.iter().any(|sink| sink.wants_hosts(version)) {
             return;
         }
-        let hosts: Vec<Host<'_>> = self
+        let hosts: Vec<Host> = self
             .hosts
             .hosts()
             .map(|(ip, label, source, mac)| Host {
                 ip,
-                label,
+                label: Arc::clone(label),
                 source: source.as_str(),
                 mac,
             })
