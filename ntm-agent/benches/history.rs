@@ -169,10 +169,10 @@ fn drain_figures() {
                 .iter()
                 .map(|(key, delta)| LabelledFlow {
                     key: *key,
-                    iface: "eth0".to_string(),
-                    src: key.src_addr().unwrap().to_string(),
-                    dst: key.dst_addr().unwrap().to_string(),
-                    service: "https".to_string(),
+                    iface: "eth0".into(),
+                    src: key.src_addr().unwrap().to_string().into(),
+                    dst: key.dst_addr().unwrap().to_string().into(),
+                    service: "https".into(),
                     delta: *delta,
                 })
                 .collect(),

@@ -26,7 +26,13 @@ use crate::{
         kubernetes::{KubernetesOptions, PodNames, node_name},
         resolver::Upstream,
     },
-    outputs::history::HistoryOptions,
+    outputs::{
+        history::HistoryOptions,
+        ipfix::{
+            IpfixOptions,
+            collector::{CollectorSpec, ExportSettings},
+        },
+    },
     pipeline::services::{ServiceRegistry, ServiceSpec, ServicesError},
 };
 
@@ -78,6 +84,8 @@ pub struct Config {
     pub http: HttpArgs,
     #[command(flatten)]
     pub history: HistoryArgs,
+    #[command(flatten)]
+    pub export: ExportArgs,
     #[command(flatten)]
     pub privileges: PrivilegeArgs,
 }
@@ -365,6 +373,42 @@ pub struct DatapathArgs {
     pub no_pin: bool,
 }
 
+/// Flow export to IPFIX collectors.
+#[derive(Clone, Debug, clap::Args)]
+#[command(next_help_heading = "Flow export")]
+pub struct ExportArgs {
+    /// An IPFIX collector to send every flow to: HOST:PORT (UDP),
+    /// udp://HOST:PORT or tcp://HOST:PORT; repeatable [default: none].
+    #[arg(
+        long = "ipfix-collector",
+        env = "NTM_IPFIX_COLLECTORS",
+        value_delimiter = ',',
+        value_name = "HOST:PORT"
+    )]
+    pub ipfix_collectors: Vec<CollectorSpec>,
+
+    /// How often each flow's counts are sent (one record per flow and
+    /// interval).
+    #[arg(long, env = "NTM_IPFIX_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub ipfix_interval: Duration,
+
+    /// How often the templates are sent again over UDP (also every 100
+    /// messages).
+    #[arg(long, env = "NTM_IPFIX_TEMPLATE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub ipfix_template_interval: Duration,
+
+    /// The observation domain id in every message (collectors tell
+    /// exporters apart by address and domain).
+    #[arg(long, env = "NTM_IPFIX_DOMAIN", default_value_t = 1)]
+    pub ipfix_domain: u32,
+
+    /// The largest message, in bytes (the path MTU less IP and UDP
+    /// headers).
+    #[arg(long, env = "NTM_IPFIX_MESSAGE_SIZE", default_value_t = 1400,
+          value_parser = clap::value_parser!(u16).range(512..))]
+    pub ipfix_message_size: u16,
+}
+
 /// The history database.
 #[derive(Clone, Debug, clap::Args)]
 #[command(next_help_heading = "History")]
@@ -549,6 +593,8 @@ pub struct PipelineOptions {
     pub flow_table_capacity: u32,
     pub history: HistoryOptions,
     pub names: NameOptions,
+    /// Flow export; None: no collector.
+    pub ipfix: Option<IpfixOptions>,
 }
 
 impl Config {
@@ -714,6 +760,15 @@ impl Config {
                     .wants_names()
                     .then(crate::names::this_host::OwnAddresses::default),
             },
+            ipfix: (!self.export.ipfix_collectors.is_empty()).then(|| IpfixOptions {
+                collectors: self.export.ipfix_collectors.clone(),
+                interval: self.export.ipfix_interval,
+                settings: ExportSettings {
+                    domain: self.export.ipfix_domain,
+                    max_message: self.export.ipfix_message_size as usize,
+                    template_interval: self.export.ipfix_template_interval,
+                },
+            }),
         }
     }
 

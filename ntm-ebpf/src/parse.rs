@@ -209,13 +209,13 @@ fn interface_word(ifindex: u32, vlan_id: u16, port: u16) -> u64 {
     }
 }
 
-/// The sixth word: family, proto, hook; no flags, zero padding.
+/// The sixth word: family, proto, hook, flags; zero padding.
 #[inline(always)]
-fn protocol_word(family: u8, proto: u8, hook: u8) -> u64 {
+fn protocol_word(family: u8, proto: u8, hook: u8, flags: u8) -> u64 {
     if cfg!(target_endian = "little") {
-        family as u64 | (proto as u64) << 8 | (hook as u64) << 16
+        family as u64 | (proto as u64) << 8 | (hook as u64) << 16 | (flags as u64) << 24
     } else {
-        (family as u64) << 56 | (proto as u64) << 48 | (hook as u64) << 40
+        (family as u64) << 56 | (proto as u64) << 48 | (hook as u64) << 40 | (flags as u64) << 32
     }
 }
 
@@ -330,6 +330,7 @@ pub fn parse_common<const ETHERNET: bool>(
     };
     let observe = observed(proto == ipproto::TCP, sport, dport);
     let port = service_port::choose(sport, dport, ephemeral_start, |p| is_known(class, p));
+    let flags = service_side(port, sport, dport);
     // SAFETY: the addresses are inside the IP header checked above; an
     // IPv6 address is read as two 8-byte words in the key's byte order.
     let (src, dst) = unsafe {
@@ -354,7 +355,7 @@ pub fn parse_common<const ETHERNET: bool>(
         dst[0],
         dst[1],
         interface_word(base.ifindex, base.vlan_id, port),
-        protocol_word(family, proto, base.hook),
+        protocol_word(family, proto, base.hook, flags),
     ];
     let header_len = (ip_len + l4_len) as u32;
     let parsed = Parsed {
@@ -600,6 +601,24 @@ fn is_extension_header(next: u8) -> bool {
     )
 }
 
+/// Notes that the service port is the frame's source port (the server's
+/// frame), for flow export.
+#[inline(always)]
+fn mark_service_side(key: &mut FlowKey, sport: u16, dport: u16) {
+    key.flags |= service_side(key.port, sport, dport);
+}
+
+/// [`key_flags::SERVICE_PORT_IS_SRC`] when the chosen service port is the
+/// source port (the frame is the server's), else 0.
+#[inline(always)]
+fn service_side(port: u16, sport: u16, dport: u16) -> u8 {
+    if port != 0 && port == sport && sport != dport {
+        key_flags::SERVICE_PORT_IS_SRC
+    } else {
+        0
+    }
+}
+
 /// For protocols with ports or an ICMP type: says this packet has none, so
 /// that port 0 is not read as ICMP type 0 (echo reply).
 #[inline(always)]
@@ -653,6 +672,7 @@ fn parse_l4(
             key.port = service_port::choose(sport, dport, ephemeral_start, |p| {
                 is_known(PortClass::Tcp, p)
             });
+            mark_service_side(key, sport, dport);
             (doff as usize * 4, observed(true, sport, dport))
         }
         ipproto::UDP | ipproto::UDPLITE | ipproto::SCTP => {
@@ -675,6 +695,7 @@ fn parse_l4(
                 PortClass::Udp
             };
             key.port = service_port::choose(sport, dport, ephemeral_start, |p| is_known(class, p));
+            mark_service_side(key, sport, dport);
             if proto == ipproto::SCTP {
                 (12, NOT_OBSERVED)
             } else {

@@ -345,6 +345,8 @@ const TEST_PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "gcc",
     "libc6-dev",
+    "nfdump",
+    "pmacct",
 ];
 
 /// PyPI packages the chart test uses, pinned: Helm 4 embedded (lint and
@@ -469,6 +471,8 @@ fn task(command: Task) -> Result<()> {
                 "history",
                 "--bench",
                 "kubernetes",
+                "--bench",
+                "ipfix",
             ]))
         }
         Task::Clippy => {

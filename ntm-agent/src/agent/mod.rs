@@ -26,6 +26,7 @@ use crate::{
     model::net::{Cidr, LocalNets, Origin, Place},
     names::this_host::OwnAddresses,
     outputs::history::hand_state_dir_to,
+    sys,
     web::{http, web_config::WebConfigWatcher},
 };
 
@@ -39,6 +40,8 @@ const LINK_SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
 /// Runs the agent until SIGINT or SIGTERM; an error says what failed, for
 /// `main` to print as one line.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // A drain's tables of megabytes go back to the kernel once freed.
+    sys::process::return_large_allocations();
     // Before attaching: a SIGTERM that arrives while starting must still
     // lead to a clean detach and final drain, not the default exit.
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;

@@ -108,7 +108,9 @@ impl NameOptions {
 }
 
 struct Sticky {
-    label: String,
+    /// Shared with `hosts` and with every flow, series and `host_info` row
+    /// that shows it: one copy of each label.
+    label: Arc<str>,
     last_used: Instant,
     /// Whether the address was local when its label was decided (a local
     /// host's name is kept whole and may come from its MAC; a remote one's
@@ -146,7 +148,9 @@ pub struct HostLabels {
     addresses_per_mac: HashMap<Mac, usize>,
     /// The hosts (address and label) that sticky labels hold now, with
     /// how many (address, peer) entries hold each.
-    hosts: HashMap<(IpAddr, String), (Source, usize)>,
+    hosts: HashMap<(IpAddr, Arc<str>), (Source, usize)>,
+    /// The label of a flow without hosts (labels off, non-IP frames).
+    empty: Arc<str>,
     /// Bumped whenever `hosts` gains or loses one.
     hosts_changed: u64,
     /// Addresses labelled now, by source (`<prefix>_names{source}`).
@@ -215,6 +219,7 @@ impl HostLabels {
             learnt_macs: HashMap::new(),
             addresses_per_mac: HashMap::new(),
             hosts: HashMap::new(),
+            empty: Arc::from(""),
             hosts_changed: 0,
             by_source: None,
         }
@@ -368,9 +373,9 @@ impl HostLabels {
         key: &FlowKey,
         first_seen: Instant,
         now: Instant,
-    ) -> Option<(String, String)> {
+    ) -> Option<(Arc<str>, Arc<str>)> {
         if !self.wanted {
-            return Some((String::new(), String::new()));
+            return Some((Arc::clone(&self.empty), Arc::clone(&self.empty)));
         }
         match (key.src_addr(), key.dst_addr()) {
             (Some(src), Some(dst)) => {
@@ -378,7 +383,7 @@ impl HostLabels {
                 let dst_label = self.label(dst, src, first_seen, now);
                 Some((src_label?, dst_label?))
             }
-            _ => Some((String::new(), String::new())),
+            _ => Some((Arc::clone(&self.empty), Arc::clone(&self.empty))),
         }
     }
 
@@ -390,15 +395,15 @@ impl HostLabels {
         peer: IpAddr,
         first_seen: Instant,
         now: Instant,
-    ) -> Option<String> {
+    ) -> Option<Arc<str>> {
         if let Some(s) = self.sticky.get_mut(&(ip, peer)) {
             s.last_used = now;
-            return Some(s.label.clone());
+            return Some(Arc::clone(&s.label));
         }
         let (label, source) = self.decide(ip, peer, first_seen, now)?;
-        self.hold(ip, &label, source);
+        let label = self.hold(ip, label, source);
         let sticky = Sticky {
-            label: label.clone(),
+            label: Arc::clone(&label),
             last_used: now,
             local: self.local.place(ip) == Place::Local,
         };
@@ -408,16 +413,26 @@ impl HostLabels {
         Some(label)
     }
 
-    fn hold(&mut self, ip: IpAddr, label: &str, source: Source) {
-        let held = self
-            .hosts
-            .entry((ip, label.to_string()))
-            .or_insert((source, 0));
-        held.1 += 1;
-        if held.1 == 1 {
+    /// Holds the host (`ip`, `label`) once more; returns its label as held
+    /// (the copy every peer that knows `ip` by that label shares).
+    fn hold(&mut self, ip: IpAddr, label: String, source: Source) -> Arc<str> {
+        use std::collections::hash_map::Entry;
+        let (label, first) = match self.hosts.entry((ip, Arc::from(label))) {
+            Entry::Occupied(mut held) => {
+                held.get_mut().1 += 1;
+                (Arc::clone(&held.key().1), false)
+            }
+            Entry::Vacant(new) => {
+                let label = Arc::clone(&new.key().1);
+                new.insert((source, 1));
+                (label, true)
+            }
+        };
+        if first {
             self.hosts_changed += 1;
             self.count(source, 1);
         }
+        label
     }
 
     fn release(&mut self, ip: IpAddr, sticky: Sticky) {
@@ -437,10 +452,10 @@ impl HostLabels {
 
     /// The hosts in labels now: address, label, where the label came
     /// from, and the MAC the address is at if known.
-    pub fn hosts(&self) -> impl Iterator<Item = (IpAddr, &str, Source, Option<Mac>)> {
+    pub fn hosts(&self) -> impl Iterator<Item = (IpAddr, &Arc<str>, Source, Option<Mac>)> {
         self.hosts
             .iter()
-            .map(|((ip, label), (source, _))| (*ip, label.as_str(), *source, self.known_mac(*ip)))
+            .map(|((ip, label), (source, _))| (*ip, label, *source, self.known_mac(*ip)))
     }
 
     /// Changes whenever a host enters or leaves the labels.

@@ -499,13 +499,13 @@ impl Sink for LiveSink {
         self.described != Some((version, devices))
     }
 
-    fn describe_hosts(&mut self, version: u64, hosts: &[Host<'_>]) {
+    fn describe_hosts(&mut self, version: u64, hosts: &[Host]) {
         let devices = {
             let mut live = self.write();
             live.describe_hosts(
                 hosts
                     .iter()
-                    .map(|host| (host.ip, host.label, host.source, host.mac)),
+                    .map(|host| (host.ip, &*host.label, host.source, host.mac)),
             );
             live.device_count()
         };

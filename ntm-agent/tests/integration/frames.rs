@@ -238,7 +238,7 @@ pub fn common_frames_and_the_full_parse_give_one_key() {
                 0,
                 &[ext_options(6, 1), tcp(443, 51_000, &[], &[0; 10])].concat(),
             ),
-            v6().tcp(443).build(),
+            v6().tcp(443).from_server().build(),
         ),
         (
             "IPv6/UDP, no known port",
