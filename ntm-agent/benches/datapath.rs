@@ -1,7 +1,12 @@
 //! `cargo xtask bench`: the kernel program's cost per packet, measured with
-//! BPF_PROG_TEST_RUN next to an empty TC program on the same frames, in the
-//! same run, so that the ratio is meaningful on a noisy shared machine.
-//! Prints figures; asserts nothing.
+//! BPF_PROG_TEST_RUN next to an empty TC program and a minimal per-flow
+//! counter on the same frames, in the same run, so that the ratios are
+//! meaningful on a noisy shared machine; then what each part of ntm's path
+//! costs (the bench's programs in ntm's object that stop after each part),
+//! fragments, filters and the names' kernel side. Every program runs in
+//! turn, round after round; a figure is the mean of the middle half of its
+//! rounds (as robust as the median, and not rounded to the whole
+//! nanoseconds the kernel reports). Prints figures; asserts nothing.
 
 #[path = "../tests/integration/kit/frames.rs"]
 #[allow(dead_code)]
@@ -20,9 +25,22 @@ static BASELINE_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ntm-bench-baseline"));
 
 /// Runs per measurement inside the kernel (its loop, not ours).
-const REPEAT: u32 = 2_000_000;
-/// Measurements per program and frame; the median is reported.
+const REPEAT: u32 = 1_000_000;
+/// Measurements per program and frame, interleaved: the steady state's
+/// table and its parts (nets of a few ns, so more of them), the rest.
+const STEADY_ROUNDS: usize = 21;
 const ROUNDS: usize = 15;
+
+/// The bench's programs in ntm's object, each stopping after one part of
+/// the counting path (see `count::stage` in ntm-ebpf), in path order, and
+/// the part each adds. The real program goes on with observe.rs.
+const STAGE_PROGRAMS: [&str; 4] = [
+    "ntm_bench_upto_entry",
+    "ntm_bench_upto_parse",
+    "ntm_bench_upto_fragments",
+    "ntm_bench_upto_count",
+];
+const STAGE_PARTS: [&str; 4] = ["main.rs", "parse.rs", "fragments", "count.rs"];
 
 fn ns_per_packet(program: &SchedClassifier, frame: &[u8]) -> f64 {
     let mut opts = TestRunOptions::new();
@@ -33,9 +51,22 @@ fn ns_per_packet(program: &SchedClassifier, frame: &[u8]) -> f64 {
     result.duration.as_nanos() as f64
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The mean of the middle half of the measurements: the kernel reports
+/// whole nanoseconds per run, and a median of those moves in steps of 1 ns
+/// (a twentieth of ntm's net cost).
+fn typical(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    let quarter = v.len() / 4;
+    let middle = &v[quarter..v.len() - quarter];
+    middle.iter().sum::<f64>() / middle.len() as f64
+}
+
+/// A frame kind of the main table; `min` says whether the minimal counter
+/// counts it (it does not follow VLAN tags).
+struct Case {
+    name: &'static str,
+    frame: Vec<u8>,
+    min: bool,
 }
 
 fn main() {
@@ -46,71 +77,181 @@ fn main() {
     }
     let config = Config::try_parse_from(["ntm-agent", "--service", "443=https"]).expect("flags");
     let services = config.services().expect("services");
-    let (mut datapath, _tables) = Datapath::load(
-        &config.kernel().expect("kernel options").datapath,
-        &services.known_port_bitmap(),
-        None,
-    )
-    .expect("load ntm");
+    let mut options = config.kernel().expect("kernel options").datapath;
+    options.also_load = &STAGE_PROGRAMS;
+    let (mut datapath, _tables) =
+        Datapath::load(&options, &services.known_port_bitmap(), None).expect("load ntm");
     let mut baseline = Ebpf::load(BASELINE_OBJECT).expect("load baseline");
-    let empty: &mut SchedClassifier = baseline
-        .program_mut("ntm_bench_empty")
-        .unwrap()
-        .try_into()
-        .unwrap();
-    empty.load().expect("load empty program");
+    for name in ["ntm_bench_empty", "ntm_bench_min_counter_ip"] {
+        let program: &mut SchedClassifier = baseline.program_mut(name).unwrap().try_into().unwrap();
+        program
+            .load()
+            .unwrap_or_else(|e| panic!("load {name}: {e}"));
+    }
+    let program =
+        |name| -> &SchedClassifier { baseline.program(name).unwrap().try_into().unwrap() };
+    let (empty, min) = (
+        program("ntm_bench_empty"),
+        program("ntm_bench_min_counter_ip"),
+    );
 
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        (
+    let case = |name, frame: Vec<u8>, min| Case { name, frame, min };
+    let cases = vec![
+        case(
+            "IPv4/TCP (64 B)",
+            eth(
+                ETH_IPV4,
+                &[],
+                &ipv4(6, &[], 0, &tcp(51_000, 443, &[], &[0; 10])),
+            ),
+            true,
+        ),
+        case(
+            "IPv4/UDP (64 B)",
+            eth(
+                ETH_IPV4,
+                &[],
+                &ipv4(17, &[], 0, &udp(40_000, 443, &[0; 22])),
+            ),
+            true,
+        ),
+        case(
+            "IPv6/TCP (74 B)",
+            eth(ETH_IPV6, &[], &ipv6(6, &tcp(51_000, 443, &[], &[]))),
+            true,
+        ),
+        case(
             "IPv4/TCP (74 B)",
             eth(
                 ETH_IPV4,
                 &[],
                 &ipv4(6, &[], 0, &tcp(51_000, 443, &[1; 20], &[])),
             ),
+            true,
         ),
-        (
+        case(
             "IPv6/UDP (1262 B)",
             eth(ETH_IPV6, &[], &ipv6(17, &udp(40_000, 443, &[0; 1200]))),
+            true,
         ),
-        (
+        case(
             "VLAN IPv4/UDP (82 B)",
             eth(
                 ETH_IPV4,
                 &[(TPID_8021Q, 100)],
                 &ipv4(17, &[], 0, &udp(40_000, 53, &[0; 32])),
             ),
+            false,
         ),
     ];
 
-    println!(
-        "ntm datapath: ns per packet (median of {ROUNDS} x BPF_PROG_TEST_RUN repeat {REPEAT})"
-    );
-    println!(
-        "{:<22} {:>10} {:>12} {:>8}",
-        "frame", "ntm", "empty TC", "ratio"
-    );
-    let ntm = datapath.tc_program(TC_INGRESS_ETH).unwrap();
-    for (name, frame) in &cases {
-        let (mut ours, mut base) = (Vec::new(), Vec::new());
-        // Warm up: the first run inserts the flow; steady state updates it.
-        ns_per_packet(ntm, frame);
-        for _ in 0..ROUNDS {
-            ours.push(ns_per_packet(ntm, frame));
-            base.push(ns_per_packet(empty, frame));
+    // Every program on every frame, interleaved round by round: the empty
+    // program, the minimal counter, ntm, then ntm stopped after each part
+    // (samples[frame][program][round]).
+    let ntm_name = TC_INGRESS_ETH;
+    let mut samples = vec![vec![Vec::new(); 3 + STAGE_PROGRAMS.len()]; cases.len()];
+    for case in &cases {
+        // Warm up: the first runs insert the flow; steady state updates it.
+        ns_per_packet(min, &case.frame);
+        ns_per_packet(datapath.tc_program(ntm_name).unwrap(), &case.frame);
+    }
+    for _ in 0..STEADY_ROUNDS {
+        for (c, case) in cases.iter().enumerate() {
+            let f = &case.frame;
+            samples[c][0].push(ns_per_packet(empty, f));
+            samples[c][1].push(ns_per_packet(min, f));
+            samples[c][2].push(ns_per_packet(datapath.tc_program(ntm_name).unwrap(), f));
+            for (s, name) in STAGE_PROGRAMS.iter().enumerate() {
+                samples[c][3 + s].push(ns_per_packet(datapath.tc_program(name).unwrap(), f));
+            }
         }
-        let (ours, base) = (median(ours), median(base));
+    }
+    // A figure: the program's typical time; a net figure: the typical
+    // difference between two programs measured side by side in each round
+    // (paired, so that a slow spell of the machine cancels out).
+    let at = |c: usize, p: usize| typical(samples[c][p].clone());
+    let net = |c: usize, p: usize, base: usize| {
+        let pairs = samples[c][p].iter().zip(&samples[c][base]);
+        typical(pairs.map(|(a, b)| a - b).collect())
+    };
+    const EMPTY: usize = 0;
+    const MIN: usize = 1;
+    const NTM: usize = 2;
+    const STAGE: usize = 3;
+
+    println!(
+        "ntm datapath: ns per packet in the steady state (the flow already in the per-CPU cache), {STEADY_ROUNDS} interleaved rounds of BPF_PROG_TEST_RUN x {REPEAT}, middle-half mean"
+    );
+    println!(
+        "net: minus the empty TC program, round by round; min: a minimal counter (Ethernet, IPv4 or IPv6, TCP/UDP ports, one PERCPU_HASH lookup and update: ntm_bench_min_counter_ip)"
+    );
+    println!(
+        "{:<22} {:>8} {:>8} {:>8} {:>9} {:>9} {:>10} {:>9}",
+        "frame", "empty", "ntm", "min", "ntm net", "min net", "ntm/min", "ntm/empty"
+    );
+    for (c, case) in cases.iter().enumerate() {
+        let (base, ntm, ntm_net) = (at(c, EMPTY), at(c, NTM), net(c, NTM, EMPTY));
+        if case.min {
+            let (min, min_net) = (at(c, MIN), net(c, MIN, EMPTY));
+            println!(
+                "{:<22} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>9.1} {:>9.2}x {:>8.2}x",
+                case.name,
+                base,
+                ntm,
+                min,
+                ntm_net,
+                min_net,
+                ntm_net / min_net,
+                ntm / base
+            );
+        } else {
+            println!(
+                "{:<22} {:>8.1} {:>8.1} {:>8} {:>9.1} {:>9} {:>10} {:>8.2}x",
+                case.name,
+                base,
+                ntm,
+                "-",
+                ntm_net,
+                "-",
+                "(no VLAN)",
+                ntm / base
+            );
+        }
+    }
+
+    println!();
+    println!(
+        "what each part of ntm's path costs a frame: ns per packet, each part net of the ones before it, round by round (ntm stopped after each part, then whole)"
+    );
+    print!("{:<22}", "frame");
+    for part in STAGE_PARTS {
+        print!(" {part:>10}");
+    }
+    println!(" {:>10} {:>10}", "observe.rs", "= ntm net");
+    for (c, case) in cases.iter().enumerate() {
+        print!("{:<22}", case.name);
+        let mut before = EMPTY;
+        for s in 0..STAGE_PROGRAMS.len() {
+            print!(" {:>10.1}", net(c, STAGE + s, before));
+            before = STAGE + s;
+        }
         println!(
-            "{:<22} {:>10.1} {:>12.1} {:>7.2}x",
-            name,
-            ours,
-            base,
-            ours / base
+            " {:>10.1} {:>10.1}",
+            net(c, NTM, before),
+            net(c, NTM, EMPTY)
         );
     }
+    println!(
+        "(main.rs: the orphan check and the filter's tail call; parse.rs: the skb's fields and the frame to a key; fragments: a fragment to its datagram's flow; count.rs: the per-CPU cache (the flow table behind it) and the lease check; observe.rs: the DNS/DHCP and MAC learning tests. A program stopped early keeps its result with a few stores, which its part pays. Each part's figure is a typical difference, so the parts need not add up exactly.)"
+    );
+
+    let legacy: Vec<(&str, Vec<u8>)> = cases[3..]
+        .iter()
+        .map(|c| (c.name, c.frame.clone()))
+        .collect();
     fragments(&mut datapath, empty);
-    filters(&mut datapath, &cases);
-    observation(&services, &cases);
+    filters(&mut datapath, &legacy);
+    observation(&services, &legacy);
 }
 
 /// Fragments: a first one notes its datagram's port (an LRU update), a
@@ -134,7 +275,7 @@ fn fragments(datapath: &mut Datapath, empty: &SchedClassifier) {
         "frame", "ntm", "empty TC", "ratio", "vs whole"
     );
     ns_per_packet(ntm, &first);
-    let whole_ns = median((0..ROUNDS).map(|_| ns_per_packet(ntm, &whole)).collect());
+    let whole_ns = typical((0..ROUNDS).map(|_| ns_per_packet(ntm, &whole)).collect());
     for (name, frame) in [
         ("first fragment (notes its port)", &first),
         ("later fragment (takes the port)", &later),
@@ -145,7 +286,7 @@ fn fragments(datapath: &mut Datapath, empty: &SchedClassifier) {
             ours.push(ns_per_packet(ntm, frame));
             base.push(ns_per_packet(empty, frame));
         }
-        let (ours, base) = (median(ours), median(base));
+        let (ours, base) = (typical(ours), typical(base));
         println!(
             "{:<34} {:>8.1} {:>10.1} {:>7.2}x {:>7.2}x",
             name,
@@ -195,7 +336,7 @@ fn observation(
                 frame,
             ));
         }
-        let (a, b) = (median(a), median(b));
+        let (a, b) = (typical(a), typical(b));
         println!("{:<22} {:>10.1} {:>10.1} {:>7.2}x", name, a, b, a / b);
     }
 
@@ -232,7 +373,7 @@ fn observation(
         flood.push(ns_per_packet(on.tc_program(TC_INGRESS_ETH).unwrap(), &dns));
         unobserved.push(ns_per_packet(off.tc_program(TC_INGRESS_ETH).unwrap(), &dns));
     }
-    let (to_ring, flood, unobserved) = (median(to_ring), median(flood), median(unobserved));
+    let (to_ring, flood, unobserved) = (typical(to_ring), typical(flood), typical(unobserved));
     println!(
         "{:<22} {:>10.1} {:>10.1} {:>7.2}x  (copied into the ring buffer)",
         format!("DNS response ({} B)", dns.len()),
@@ -310,10 +451,10 @@ fn filters(datapath: &mut Datapath, cases: &[(&str, Vec<u8>)]) {
                 with[i].push(ns_per_packet(ntm, frame));
             }
         }
-        let none = median(none);
+        let none = typical(none);
         print!("{:<22} {:>10.1}", name, none);
         for samples in with {
-            let ns = median(samples);
+            let ns = typical(samples);
             print!(" {:>14.1} ({:>5.2}x)", ns, ns / none);
         }
         println!();

@@ -625,6 +625,7 @@ impl Config {
                 } else {
                     self.series.local_nets.clone()
                 }),
+                also_load: &[],
             },
         })
     }

@@ -41,13 +41,16 @@ impl Kind {
     }
 
     /// What a UDP or TCP packet between these ports is, if the agent wants
-    /// to see it. Called for every packet: a few compares.
+    /// to see it. Called for every packet: for nearly all of them two
+    /// compares (not from port 53, and a port above DHCP's).
     #[inline(always)]
     pub fn of_ports(tcp: bool, sport: u16, dport: u16) -> Option<Self> {
         if sport == 53 {
             return Some(Self::Dns);
         }
-        if tcp {
+        // Every DHCP port is below 548: one compare of the two ports' OR
+        // (at least as large as either) leaves out all other traffic.
+        if tcp || (sport | dport) > 547 {
             return None;
         }
         match (sport, dport) {

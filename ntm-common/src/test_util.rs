@@ -132,6 +132,13 @@ impl KeyBuilder {
         self
     }
 
+    /// [`key_flags::SERVICE_PORT_IS_SRC`]: the frame is the server's, its
+    /// source port the service port.
+    pub fn from_server(mut self) -> Self {
+        self.0.flags |= key_flags::SERVICE_PORT_IS_SRC;
+        self
+    }
+
     /// The family (one of [`family`]), keeping the address bytes as they are.
     pub fn family(mut self, family: u8) -> Self {
         self.0.family = family;

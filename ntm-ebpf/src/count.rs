@@ -3,9 +3,18 @@
 //! the flow table behind it, and the outside counts of frames that are not
 //! counted in the table. Every per-frame function is inlined into its
 //! program; `count_outside` is a call of its own.
+//!
+//! The steady state (a frame of a flow already in its cache slot) is kept
+//! short, as `cargo xtask bench` measures it part by part: the common frame
+//! is parsed in one go into the key's words (`parse::parse_common`), which
+//! are hashed and compared in registers; the key is written to memory only
+//! off that path (map helpers, MAC learning); fragments, VLAN tags in the
+//! frame, options and extension headers take the full parse; the DNS/DHCP
+//! test is a port compare in the parse, the MAC test a flag after a new
+//! cache slot, the lease check a shift and a compare on the slot's count.
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use core::mem::{MaybeUninit, size_of};
+use core::mem::MaybeUninit;
 use ntm_common::{
     Counters, FlowKey, Hook, KEY_WORDS, OutsideKey, OutsideReason, cache_index, outside_slot_index,
     outside_unkeyed_index,
@@ -17,10 +26,10 @@ use crate::{
     maps::{
         FragmentKey, NTM_ACTIVE_CACHE, NTM_ACTIVE_FLOWS, NTM_EPHEMERAL_START, NTM_FRAGMENTS,
         NTM_KNOWN_PORTS, NTM_LEARN_MACS, NTM_OUTSIDE, NTM_OUTSIDE_GENERATION, NTM_OUTSIDE_SLOTS,
-        NTM_OUTSIDE_UNKEYED, setting,
+        NTM_OUTSIDE_UNKEYED, NTM_PORT_WORD_MASK, setting,
     },
     observe::{agent_wants, learn_mac, observe_tc, observe_xdp, wanted_by_agent},
-    parse::{self, Fragment, Frame, ParseError, Parsed},
+    parse::{self, Fragment, Frame, KeyBase, NOT_OBSERVED, ParseError, Parsed},
 };
 
 // bpf_map_update_elem flags and the errno values it returns.
@@ -31,8 +40,53 @@ const E2BIG: i32 = 7;
 /// Bytes pulled into the linear area when headers lie beyond it.
 const PULL_LEN: u32 = 256;
 
+/// How far a program goes with a frame: every program ntm attaches goes
+/// all the way ([`stage::ALL`]); the bench's programs (`ntm_bench_upto_*`
+/// in main.rs, never loaded by the agent) stop after one part each, so that
+/// `cargo xtask bench` can tell what each part costs an ordinary frame. A
+/// const generic: in the real programs every stop folds away at compile
+/// time.
+pub mod stage {
+    /// main.rs: the orphan check and the filter's tail call.
+    pub const ENTRY: u8 = 0;
+    /// parse.rs: the frame to a flow key.
+    pub const PARSE: u8 = 1;
+    /// count.rs: a fragment put in its datagram's flow (on the full parse
+    /// only: a common frame is whole).
+    pub const FRAGMENTS: u8 = 2;
+    /// count.rs and lease.rs: the key into the per-CPU cache (the flow
+    /// table when its slot is taken), the lease check.
+    pub const COUNT: u8 = 3;
+    /// observe.rs: MAC learning and the DNS/DHCP hand-over.
+    pub const ALL: u8 = 4;
+}
+
+/// Keeps what a bench program stopping early computed (the key's words and
+/// the parse's result, as scalars: a struct with unset bytes would reach
+/// the verifier as stray stores), so that the compiler does not drop the
+/// work it measures.
 #[inline(always)]
-pub fn count_tc<const ETHERNET: bool>(ctx: &TcContext, hook: Hook, filtered: bool) {
+fn keep(parsed: &Result<Parsed, ParseError>, words: &[u64; KEY_WORDS]) {
+    use core::hint::black_box;
+    match parsed {
+        Ok(p) => {
+            black_box(p.l3_offset);
+            black_box(p.l3_len);
+            black_box(p.header_len);
+            black_box(p.observe);
+            black_box(p.fragment == Fragment::Whole);
+        }
+        Err(_) => {
+            black_box(0);
+        }
+    }
+    for word in words {
+        black_box(*word);
+    }
+}
+
+#[inline(always)]
+pub fn count_tc<const ETHERNET: bool, const UPTO: u8>(ctx: &TcContext, hook: Hook, filtered: bool) {
     let skb = ctx.skb.skb;
     // SAFETY: `skb` is the kernel's __sk_buff for this frame, valid for the
     // program's run; these fields are readable by TC programs.
@@ -51,13 +105,66 @@ pub fn count_tc<const ETHERNET: bool>(ctx: &TcContext, hook: Hook, filtered: boo
     } else {
         0
     };
+    let base = KeyBase {
+        ifindex,
+        vlan_id: metadata_vlan,
+        hook: hook as u8,
+    };
     let mut key_space = MaybeUninit::<FlowKey>::uninit();
-    zero_key(key_space.as_mut_ptr());
-    // SAFETY: every byte was just written, and all-zero is a valid FlowKey.
-    let key = unsafe { key_space.assume_init_mut() };
-    key.ifindex = ifindex;
-    key.hook = hook as u8;
-    key.vlan_id = metadata_vlan;
+    let frame = Frame {
+        data: ctx.data(),
+        end: ctx.data_end(),
+    };
+    let ephemeral_start = setting(&NTM_EPHEMERAL_START);
+    let common = parse::parse_common::<ETHERNET>(&frame, &base, ephemeral_start, is_known_port);
+    let (parsed, words) = match common {
+        Some((parsed, words)) => (Ok(parsed), words),
+        None => parse_tc_any::<ETHERNET, UPTO>(ctx, &base, skb_len, &mut key_space),
+    };
+    if UPTO == stage::PARSE || UPTO == stage::FRAGMENTS {
+        keep(&parsed, &words);
+        return;
+    }
+    // Before counting, so that nothing of it stays live across the count;
+    // for nearly every frame one compare.
+    if UPTO == stage::ALL
+        && let Ok(p) = &parsed
+        && p.observe != NOT_OBSERVED
+    {
+        let wanted = wanted_by_agent(p, store_key(&mut key_space, &words));
+        if agent_wants(wanted) {
+            observe_tc(ctx, wanted, hook, ifindex, skb_len, ETHERNET);
+        }
+    }
+    // GSO/GRO aggregates count as the segments they carry on the wire.
+    let segments = if gso_segs > 1 { gso_segs as u64 } else { 1 };
+    let took_slot = account(parsed, &words, &mut key_space, skb_len, segments, filtered);
+    if UPTO == stage::COUNT {
+        core::hint::black_box(took_slot);
+        return;
+    }
+    if ETHERNET && took_slot && hook == Hook::Ingress && setting(&NTM_LEARN_MACS) != 0 {
+        learn_mac(
+            ctx.data(),
+            ctx.data_end(),
+            store_key(&mut key_space, &words),
+        );
+    }
+}
+
+/// The full parse of a frame that is not a common one (see
+/// `parse::parse_common`), into a key in `space`: VLAN tags in the frame, IPv4
+/// options, IPv6 extension headers, fragments (put in their datagram's
+/// flow), other protocols, headers beyond the linear data (pulled in once),
+/// malformed frames. Returns the key's words with the parse.
+#[inline(always)]
+fn parse_tc_any<const ETHERNET: bool, const UPTO: u8>(
+    ctx: &TcContext,
+    base: &KeyBase,
+    skb_len: u32,
+    space: &mut MaybeUninit<FlowKey>,
+) -> (Result<Parsed, ParseError>, [u64; KEY_WORDS]) {
+    let mut key = base.start(space);
     let mut parsed = parse_tc::<ETHERNET>(ctx, key);
     if let Err(ParseError::NeedMoreData(_)) = parsed {
         // Headers beyond the linear data: pull them in once and retry. A
@@ -70,55 +177,74 @@ pub fn count_tc<const ETHERNET: bool>(ctx: &TcContext, hook: Hook, filtered: boo
                 PULL_LEN
             };
             if ctx.pull_data(want).is_ok() {
-                zero_key(key);
-                key.ifindex = ifindex;
-                key.hook = hook as u8;
-                key.vlan_id = metadata_vlan;
+                key = base.start(space);
                 parsed = parse_tc::<ETHERNET>(ctx, key);
             }
         }
     }
-    join_fragments(&parsed, key);
-    // GSO/GRO aggregates count as the segments they carry on the wire.
-    let segments = if gso_segs > 1 { gso_segs as u64 } else { 1 };
-    let wanted = wanted_by_agent(&parsed, key);
-    let took_slot = account(parsed, key, skb_len, segments, filtered);
-    if ETHERNET && took_slot && hook == Hook::Ingress && setting(&NTM_LEARN_MACS) != 0 {
-        learn_mac(ctx.data(), ctx.data_end(), key);
+    if UPTO != stage::PARSE {
+        join_fragments(&parsed, key);
     }
-    if agent_wants(wanted) {
-        observe_tc(ctx, wanted, hook, ifindex, skb_len, ETHERNET);
-    }
+    (parsed, key.words())
 }
 
 #[inline(always)]
 pub fn count_xdp(ctx: &XdpContext, filtered: bool) {
     // SAFETY: the context pointer is the kernel's xdp_md for this frame.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let base = KeyBase {
+        ifindex,
+        vlan_id: 0,
+        hook: Hook::Ingress as u8,
+    };
     let mut key_space = MaybeUninit::<FlowKey>::uninit();
-    zero_key(key_space.as_mut_ptr());
-    // SAFETY: every byte was just written, and all-zero is a valid FlowKey.
-    let key = unsafe { key_space.assume_init_mut() };
-    key.ifindex = ifindex;
-    key.hook = Hook::Ingress as u8;
     let frame = Frame {
         data: ctx.data(),
         end: ctx.data_end(),
     };
     let ephemeral_start = setting(&NTM_EPHEMERAL_START);
-    // In XDP every VLAN tag is still in the frame, and there is no more
-    // data to pull: what is not in [data, data_end) is not there.
-    let parsed = parse::parse_ethernet(&frame, key, ephemeral_start, is_known_port);
-    join_fragments(&parsed, key);
+    let (parsed, words) =
+        match parse::parse_common::<true>(&frame, &base, ephemeral_start, is_known_port) {
+            Some((parsed, words)) => (Ok(parsed), words),
+            None => {
+                let key = base.start(&mut key_space);
+                // In XDP every VLAN tag is still in the frame, and there is
+                // no more data to pull: what is not in [data, data_end) is
+                // not there.
+                let parsed = parse::parse_ethernet(&frame, key, ephemeral_start, is_known_port);
+                join_fragments(&parsed, key);
+                (parsed, key.words())
+            }
+        };
     let frame_len = (frame.end - frame.data) as u32;
-    let wanted = wanted_by_agent(&parsed, key);
-    let took_slot = account(parsed, key, frame_len, 1, filtered);
+    if let Ok(p) = &parsed
+        && p.observe != NOT_OBSERVED
+    {
+        let wanted = wanted_by_agent(p, store_key(&mut key_space, &words));
+        if agent_wants(wanted) {
+            observe_xdp(ctx, wanted, ifindex, frame_len);
+        }
+    }
+    let took_slot = account(parsed, &words, &mut key_space, frame_len, 1, filtered);
     if took_slot && setting(&NTM_LEARN_MACS) != 0 {
-        learn_mac(frame.data, frame.end, key);
+        learn_mac(frame.data, frame.end, store_key(&mut key_space, &words));
     }
-    if agent_wants(wanted) {
-        observe_xdp(ctx, wanted, ifindex, frame_len);
+}
+
+/// Writes the key's words into its space, whole, for what reads a key in
+/// memory (map helpers, MAC learning): only off the cache-hit path, which
+/// needs the words alone. A key the full parse wrote gets the same bytes
+/// again.
+#[inline(always)]
+fn store_key<'a>(space: &'a mut MaybeUninit<FlowKey>, words: &[u64; KEY_WORDS]) -> &'a FlowKey {
+    let to = space.as_mut_ptr() as *mut u64;
+    for (i, word) in words.iter().enumerate() {
+        // SAFETY: FlowKey is 8-byte aligned and KEY_WORDS words long.
+        unsafe { *to.add(i) = *word };
     }
+    // SAFETY: every word was just written, and any words are a valid
+    // FlowKey (plain integers with explicit padding).
+    unsafe { space.assume_init_ref() }
 }
 
 #[inline(always)]
@@ -138,16 +264,18 @@ fn parse_tc<const ETHERNET: bool>(
     }
 }
 
+/// Whether `port` is a known service port of its class (the agent's
+/// bitmap).
 #[inline(always)]
-fn is_known_port(proto: u8, port: u16) -> bool {
-    let Some(class) = PortClass::of_ipproto(proto) else {
-        return false;
-    };
-    let (word, mask) = service_port::known_port_bit(class, port);
-    match NTM_KNOWN_PORTS.get(word) {
-        Some(bits) => *bits & mask != 0,
-        None => false,
-    }
+fn is_known_port(class: PortClass, port: u16) -> bool {
+    let (_, mask) = service_port::known_port_bit(class, port);
+    // `known_port_bit`'s word, its port part masked by a setting: the
+    // verifier then sees it inside the bitmap (see NTM_PORT_WORD_MASK).
+    let word = class as u32 * (65_536 / 32) + ((port as u32 / 32) & setting(&NTM_PORT_WORD_MASK));
+    // SAFETY: `word` is at most 2 * 2048 + 2047, inside the bitmap (as the
+    // verifier checks too); the bitmap is a read-only global.
+    let bits = unsafe { core::ptr::read_volatile(NTM_KNOWN_PORTS.as_ptr().add(word as usize)) };
+    bits & mask != 0
 }
 
 /// Puts a fragment in its datagram's flow: the first fragment notes its
@@ -156,14 +284,8 @@ fn is_known_port(proto: u8, port: u16) -> bool {
 #[inline(always)]
 fn join_fragments(parsed: &Result<Parsed, ParseError>, key: &mut FlowKey) {
     let (first, id) = match parsed {
-        Ok(Parsed {
-            fragment: Fragment::First(id),
-            ..
-        }) => (true, *id),
-        Ok(Parsed {
-            fragment: Fragment::Later(id),
-            ..
-        }) => (false, *id),
+        Ok(p) if p.fragment == Fragment::First => (true, p.fragment_id),
+        Ok(p) if p.fragment == Fragment::Later => (false, p.fragment_id),
         _ => return,
     };
     let words = key.words();
@@ -196,11 +318,21 @@ fn join_fragments(parsed: &Result<Parsed, ParseError>, key: &mut FlowKey) {
 #[inline(always)]
 fn account(
     parsed: Result<Parsed, ParseError>,
-    key: &FlowKey,
+    words: &[u64; KEY_WORDS],
+    space: &mut MaybeUninit<FlowKey>,
     frame_len: u32,
     segments: u64,
     filtered: bool,
 ) -> bool {
+    // Nearly every frame: one packet whose length field the frame holds.
+    if let Ok(p) = &parsed
+        && !filtered
+        && segments == 1
+        && p.l3_len != 0
+        && p.l3_len as u64 + p.l3_offset as u64 <= frame_len as u64
+    {
+        return count_cached(words, space, p.l3_len as u64, 1);
+    }
     // Where the frame goes without a filter, and with which bytes; a frame
     // the filter rejected goes to Filtered with exactly those bytes.
     let (bytes, packets, outside) = match parsed {
@@ -215,7 +347,7 @@ fn account(
                 )
             } else if p.l3_len as u64 > frame_l3 {
                 // The length field claims more than the frame holds.
-                let reason = if key.family == ntm_common::family::IPV6 {
+                let reason = if store_key(space, words).family == ntm_common::family::IPV6 {
                     OutsideReason::MalformedIpv6
                 } else {
                     OutsideReason::MalformedIpv4
@@ -231,35 +363,39 @@ fn account(
     };
     match (filtered, outside) {
         (true, _) => {
-            count_outside(key, OutsideReason::Filtered, bytes, packets);
+            count_outside(
+                store_key(space, words),
+                OutsideReason::Filtered,
+                bytes,
+                packets,
+            );
             false
         }
         (false, Some(reason)) => {
-            count_outside(key, reason, bytes, packets);
+            count_outside(store_key(space, words), reason, bytes, packets);
             false
         }
-        (false, None) => count_cached(key, bytes, packets),
+        (false, None) => count_cached(words, space, bytes, packets),
     }
 }
 
 /// Counts into the flow's cache slot; a slot held by another flow first
-/// hands that flow's counts to the flow table.
+/// hands that flow's counts to the flow table. `words` are the key's, as
+/// the parse built them, compared word by word (the BPF backend turns
+/// array copies and compares into calls to byte loops).
 #[inline(always)]
-fn count_cached(key: &FlowKey, bytes: u64, packets: u64) -> bool {
-    // Word by word: the BPF backend turns array copies and compares into
-    // calls to byte loops.
-    let k = key as *const FlowKey as *const u64;
-    let mut words = [0u64; KEY_WORDS];
-    for (i, w) in words.iter_mut().enumerate() {
-        // SAFETY: FlowKey is 8-byte aligned and KEY_WORDS words long.
-        *w = unsafe { *k.add(i) };
-    }
+fn count_cached(
+    words: &[u64; KEY_WORDS],
+    space: &mut MaybeUninit<FlowKey>,
+    bytes: u64,
+    packets: u64,
+) -> bool {
     let Some(cache) = NTM_ACTIVE_CACHE.get(0) else {
-        count_flow(key, bytes, packets);
+        count_flow(store_key(space, words), bytes, packets);
         return false;
     };
-    let Some(slot) = cache.get_ptr_mut(cache_index(&words)) else {
-        count_flow(key, bytes, packets);
+    let Some(slot) = cache.get_ptr_mut(cache_index(words)) else {
+        count_flow(store_key(space, words), bytes, packets);
         return false;
     };
     let s = slot as *mut u64;
@@ -394,18 +530,5 @@ fn add_counts(counters: *mut Counters, bytes: u64, packets: u64) {
     };
     if lease_check_due(before, packets) {
         check_lease();
-    }
-}
-
-/// Zeroes a key with six 8-byte stores. (`FlowKey::default()` becomes a call
-/// to a byte-by-byte memset in the BPF backend, which costs more than the
-/// whole parse.)
-#[inline(always)]
-fn zero_key(key: *mut FlowKey) {
-    const WORDS: usize = size_of::<FlowKey>() / 8;
-    let words = key as *mut u64;
-    for i in 0..WORDS {
-        // SAFETY: FlowKey is 8-byte aligned and WORDS * 8 bytes long.
-        unsafe { core::ptr::write_volatile(words.add(i), 0) };
     }
 }

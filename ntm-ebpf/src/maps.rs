@@ -80,10 +80,6 @@ pub static NTM_LEASE: Array<u64, 1> = Array::new();
 // What the hooks look up: service ports, filters and their verdicts, and the
 // ports of fragmented datagrams.
 
-/// Known service ports, a bitmap per protocol class (see ntm_common).
-#[btf_map]
-pub static NTM_KNOWN_PORTS: Array<u32, { KNOWN_PORT_WORDS as usize }> = Array::new();
-
 /// Filter programs and counting halves of the TC hooks (see
 /// `ntm_common::tail`). The agent fills the counting halves at load time and
 /// the filter slots only while a filter is configured.
@@ -164,6 +160,20 @@ pub static NTM_LEARN_MACS: u32 = 1;
 /// Which kinds are handed over, a bit (`1 << kind`) each; read-only.
 #[unsafe(no_mangle)]
 pub static NTM_OBSERVE_KINDS: u32 = 0b11;
+
+/// Known service ports, a bitmap per protocol class (see
+/// `ntm_common::service_port`), written by the agent at load time;
+/// read-only, so a lookup is one load (see `count::is_known_port`), where
+/// an array map would take a lookup with its checks, twice per frame.
+#[unsafe(no_mangle)]
+pub static NTM_KNOWN_PORTS: [u32; KNOWN_PORT_WORDS as usize] = [0; KNOWN_PORT_WORDS as usize];
+
+/// `2047`, the largest port word of one class (65535 / 32): a constant the
+/// verifier knows, which bounds a port's word for it (older verifiers lose
+/// a port's bounds in the byte swap; the compiler, which knows them, would
+/// drop a literal mask). See `count::is_known_port`.
+#[unsafe(no_mangle)]
+pub static NTM_PORT_WORD_MASK: u32 = 65_535 / 32;
 
 /// What XDP mode does with a frame after counting it (XDP_PASS or
 /// XDP_DROP); set by the agent at load time.

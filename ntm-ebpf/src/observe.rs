@@ -18,7 +18,7 @@ use crate::{
         NTM_MAC_NETS, NTM_MACS, NTM_OBSERVE_DROPS, NTM_OBSERVE_KINDS, NTM_OBSERVE_RATE,
         NTM_OBSERVE_WINDOW, NTM_OBSERVED, setting,
     },
-    parse::{NOT_OBSERVED, ParseError, Parsed},
+    parse::{NOT_OBSERVED, Parsed},
 };
 
 /// Whether the agent wants a frame of `kind` (NOT_OBSERVED: no). Both
@@ -31,19 +31,15 @@ pub fn agent_wants(kind: u8) -> bool {
         && setting(&NTM_OBSERVE_KINDS) & (1u32 << (kind & 7)) != 0
 }
 
-/// The `observe::Kind` of a frame the agent wants for names, or
-/// NOT_OBSERVED. A TCP segment without payload says nothing.
+/// The `observe::Kind` of a frame the agent wants for names (as the parse
+/// found it by its ports), or NOT_OBSERVED: a TCP segment without payload
+/// says nothing. Asked only of a frame the parse found one for.
 #[inline(always)]
-pub fn wanted_by_agent(parsed: &Result<Parsed, ParseError>, key: &FlowKey) -> u8 {
-    match parsed {
-        Ok(p) if p.observe != NOT_OBSERVED => {
-            if key.proto == ipproto::TCP && p.l3_len != 0 && p.l3_len <= p.header_len {
-                NOT_OBSERVED
-            } else {
-                p.observe
-            }
-        }
-        _ => NOT_OBSERVED,
+pub fn wanted_by_agent(parsed: &Parsed, key: &FlowKey) -> u8 {
+    if key.proto == ipproto::TCP && parsed.l3_len != 0 && parsed.l3_len <= parsed.header_len {
+        NOT_OBSERVED
+    } else {
+        parsed.observe
     }
 }
 

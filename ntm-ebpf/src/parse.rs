@@ -1,10 +1,16 @@
 //! Frame parser: from the first byte of a frame to a flow key.
 //!
-//! Works on raw `[data, data_end)` pointers so that TC and (later) XDP share
-//! it. Every read is bounds-checked against `data_end` first, and every
+//! Works on raw `[data, data_end)` pointers so that TC and XDP share it.
+//! Every read is bounds-checked against `data_end` first, and every
 //! variable offset has a visible upper bound, as the verifier requires.
+//!
+//! Two parsers that give the same key: [`parse_common`], straight-line, for
+//! what nearly every frame is (IPv4 or IPv6 carrying TCP or UDP, without
+//! IPv4 options, IPv6 extension headers, a VLAN tag in the frame or
+//! fragmentation), and the full parse ([`parse_ethernet`], [`parse_l3`]) of
+//! any frame, which the hooks run when the first says no.
 
-use core::mem::size_of;
+use core::mem::{MaybeUninit, size_of};
 
 use network_types::{
     eth::EthHdr,
@@ -12,7 +18,10 @@ use network_types::{
     tcp::TcpHdr,
     udp::UdpHdr,
 };
-use ntm_common::{FlowKey, OutsideReason, family, ipproto, key_flags, observe, service_port};
+use ntm_common::{
+    FlowKey, KEY_WORDS, OutsideReason, family, ipproto, key_flags, observe,
+    service_port::{self, PortClass},
+};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
@@ -43,6 +52,11 @@ pub struct Parsed {
     pub observe: u8,
     /// Whether the packet is a fragment of a larger datagram, and which.
     pub fragment: Fragment,
+    /// A fragment's datagram identification; 0 for a whole packet. A field
+    /// of its own, always set, rather than in `Fragment`: an enum's payload
+    /// is undefined in its other variants, and LLVM may then store an
+    /// unset register, which the verifier refuses.
+    pub fragment_id: u32,
 }
 
 /// Where a packet stands in its datagram: later fragments carry no ports,
@@ -50,10 +64,10 @@ pub struct Parsed {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Fragment {
     Whole,
-    /// Offset 0 with more to come, and the datagram's identification.
-    First(u32),
-    /// Offset above 0, and the datagram's identification.
-    Later(u32),
+    /// Offset 0 with more to come.
+    First,
+    /// Offset above 0.
+    Later,
 }
 
 /// `Parsed::observe` of a frame the agent does not want.
@@ -125,6 +139,236 @@ fn need(reason: OutsideReason) -> ParseError {
     ParseError::NeedMoreData(reason)
 }
 
+/// What the hook knows of a frame's key before parsing it.
+pub struct KeyBase {
+    pub ifindex: u32,
+    /// The VLAN tag TC keeps in skb metadata (0: none).
+    pub vlan_id: u16,
+    pub hook: u8,
+}
+
+impl KeyBase {
+    /// Starts a key in `space` for the full parse: all zero but these
+    /// fields.
+    #[inline(always)]
+    pub fn start<'a>(&self, space: &'a mut MaybeUninit<FlowKey>) -> &'a mut FlowKey {
+        zero_key(space.as_mut_ptr());
+        // SAFETY: every byte was just written, and all-zero is a valid
+        // FlowKey.
+        let key = unsafe { space.assume_init_mut() };
+        key.ifindex = self.ifindex;
+        key.vlan_id = self.vlan_id;
+        key.hook = self.hook;
+        key
+    }
+}
+
+// `parse_common` builds the key's words as FlowKey lays its fields out.
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(FlowKey, src) == 0 && offset_of!(FlowKey, dst) == 16);
+    assert!(offset_of!(FlowKey, ifindex) == 32 && offset_of!(FlowKey, vlan_id) == 36);
+    assert!(offset_of!(FlowKey, port) == 38 && offset_of!(FlowKey, family) == 40);
+    assert!(offset_of!(FlowKey, proto) == 41 && offset_of!(FlowKey, hook) == 42);
+    assert!(offset_of!(FlowKey, flags) == 43 && KEY_WORDS == 6);
+};
+
+/// Zeroes a key with six 8-byte stores. (`FlowKey::default()` becomes a call
+/// to a byte-by-byte memset in the BPF backend, which costs more than the
+/// whole parse.)
+#[inline(always)]
+fn zero_key(key: *mut FlowKey) {
+    let words = key as *mut u64;
+    for i in 0..KEY_WORDS {
+        // SAFETY: FlowKey is 8-byte aligned and KEY_WORDS * 8 bytes long.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+}
+
+// The key's words as FlowKey lays them out in memory (see the asserts
+// above), from its fields; one version per byte order.
+
+/// An IPv4 address (as read from the frame) as the first word of a key's
+/// address, the rest zero.
+#[inline(always)]
+fn ipv4_word(address: u32) -> u64 {
+    if cfg!(target_endian = "little") {
+        address as u64
+    } else {
+        (address as u64) << 32
+    }
+}
+
+/// The fifth word: ifindex, vlan_id, port.
+#[inline(always)]
+fn interface_word(ifindex: u32, vlan_id: u16, port: u16) -> u64 {
+    if cfg!(target_endian = "little") {
+        ifindex as u64 | (vlan_id as u64) << 32 | (port as u64) << 48
+    } else {
+        (ifindex as u64) << 32 | (vlan_id as u64) << 16 | port as u64
+    }
+}
+
+/// The sixth word: family, proto, hook, flags; zero padding.
+#[inline(always)]
+fn protocol_word(family: u8, proto: u8, hook: u8, flags: u8) -> u64 {
+    if cfg!(target_endian = "little") {
+        family as u64 | (proto as u64) << 8 | (hook as u64) << 16 | (flags as u64) << 24
+    } else {
+        (family as u64) << 56 | (proto as u64) << 48 | (hook as u64) << 40 | (flags as u64) << 32
+    }
+}
+
+/// Parses the common frame in one go: IPv4 without options and not a
+/// fragment, or IPv6 without extension headers, carrying a whole TCP or UDP
+/// header, all in the linear data (after an Ethernet header without an
+/// in-frame tag when `ETHERNET`). Nearly every frame is one; for it this
+/// gives the [`Parsed`] that [`parse_ethernet`] or [`parse_l3`] would, and
+/// the key they would write, as its [`KEY_WORDS`] words: built in
+/// registers, they are stored once, whole, and hashed and compared without
+/// reading the key back from partial stores (which the CPU cannot forward
+/// to a whole-word load). One bounds check per header and no loops. `None`:
+/// any other frame, for those two to parse.
+#[inline(always)]
+pub fn parse_common<const ETHERNET: bool>(
+    frame: &Frame,
+    base: &KeyBase,
+    ephemeral_start: u16,
+    is_known: impl Fn(PortClass, u16) -> bool,
+) -> Option<(Parsed, [u64; KEY_WORDS])> {
+    let l3 = if ETHERNET { EthHdr::LEN } else { 0 };
+    let ip = frame.data + l3;
+    // The smallest common frame: IPv4 and UDP headers. One check covers
+    // the EtherType and every IPv4 field read below.
+    if ip + Ipv4Hdr::LEN + UdpHdr::LEN > frame.end {
+        return None;
+    }
+    // Fields are read as the loads the kernel allows on packet data (see
+    // `load_address`): the BPF backend would otherwise read a 2-byte field
+    // a byte at a time. Each is read where it is used, so that few values
+    // are live at once (the BPF target has ten registers).
+    // SAFETY: the first byte of the IP header, checked above.
+    let version = unsafe { *(ip as *const u8) } >> 4;
+    if ETHERNET {
+        // SAFETY: bytes 12 and 13 are before `ip`, checked above.
+        let ethertype = u16::from_be(unsafe { *((frame.data + 12) as *const u16) });
+        let expected = match ethertype {
+            ETH_P_IP => 4,
+            ETH_P_IPV6 => 6,
+            _ => return None,
+        };
+        if version != expected {
+            return None;
+        }
+    }
+    let (ip_len, proto, l3_len) = match version {
+        4 => {
+            // SAFETY: inside the 28 bytes checked above.
+            let (vihl, tot_len, frags, proto) = unsafe {
+                (
+                    *(ip as *const u8),
+                    u16::from_be(*((ip + 2) as *const u16)),
+                    u16::from_be(*((ip + 6) as *const u16)),
+                    *((ip + 9) as *const u8),
+                )
+            };
+            // No options, not a fragment (offset 0, no more fragments),
+            // and a total length that is 0 (a GSO aggregate) or holds the
+            // header; anything else is for the full parse.
+            if vihl != 0x45
+                || frags & 0x3fff != 0
+                || (tot_len != 0 && (tot_len as usize) < Ipv4Hdr::LEN)
+            {
+                return None;
+            }
+            (Ipv4Hdr::LEN, proto, tot_len as u32)
+        }
+        6 => {
+            if ip + Ipv6Hdr::LEN + UdpHdr::LEN > frame.end {
+                return None;
+            }
+            // SAFETY: inside the 48 bytes just checked.
+            let (payload_len, next) = unsafe {
+                (
+                    u16::from_be(*((ip + 4) as *const u16)),
+                    *((ip + 6) as *const u8),
+                )
+            };
+            // payload_len 0 is a jumbogram or a BIG TCP aggregate: the
+            // caller takes the length from the skb.
+            let l3_len = if payload_len == 0 {
+                0
+            } else {
+                payload_len as u32 + Ipv6Hdr::LEN as u32
+            };
+            (Ipv6Hdr::LEN, next, l3_len)
+        }
+        _ => return None,
+    };
+    let l4 = ip + ip_len;
+    let (class, l4_len) = match proto {
+        ipproto::TCP => {
+            if l4 + TcpHdr::LEN > frame.end {
+                return None;
+            }
+            // SAFETY: the 20-byte TCP header was just checked; the data
+            // offset is the high nibble of byte 12.
+            let doff = unsafe { *((l4 + 12) as *const u8) } >> 4;
+            (PortClass::Tcp, doff as usize * 4)
+        }
+        // Its 8 bytes are in the checks above.
+        ipproto::UDP => (PortClass::Udp, UdpHdr::LEN),
+        _ => return None,
+    };
+    // SAFETY: the first 4 bytes of the L4 header are inside the checks
+    // above.
+    let (sport, dport) = unsafe {
+        (
+            u16::from_be(*(l4 as *const u16)),
+            u16::from_be(*((l4 + 2) as *const u16)),
+        )
+    };
+    let observe = observed(proto == ipproto::TCP, sport, dport);
+    let port = service_port::choose(sport, dport, ephemeral_start, |p| is_known(class, p));
+    let flags = service_side(port, sport, dport);
+    // SAFETY: the addresses are inside the IP header checked above; an
+    // IPv6 address is read as two 8-byte words in the key's byte order.
+    let (src, dst) = unsafe {
+        if version == 4 {
+            (
+                [ipv4_word(*((ip + 12) as *const u32)), 0],
+                [ipv4_word(*((ip + 16) as *const u32)), 0],
+            )
+        } else {
+            let words = (ip + 8) as *const u64;
+            ([*words, *words.add(1)], [*words.add(2), *words.add(3)])
+        }
+    };
+    let family = if version == 4 {
+        family::IPV4
+    } else {
+        family::IPV6
+    };
+    let words = [
+        src[0],
+        src[1],
+        dst[0],
+        dst[1],
+        interface_word(base.ifindex, base.vlan_id, port),
+        protocol_word(family, proto, base.hook, flags),
+    ];
+    let header_len = (ip_len + l4_len) as u32;
+    let parsed = Parsed {
+        l3_offset: l3,
+        l3_len,
+        header_len,
+        observe,
+        fragment: Fragment::Whole,
+        fragment_id: 0,
+    };
+    Some((parsed, words))
+}
+
 /// Parses an Ethernet frame. `vlan_id` already holds the tag TC keeps in skb
 /// metadata (0 if none); the first in-frame tag is used when it is 0.
 #[inline(always)]
@@ -132,7 +376,7 @@ pub fn parse_ethernet(
     frame: &Frame,
     key: &mut FlowKey,
     ephemeral_start: u16,
-    is_known: impl Fn(u8, u16) -> bool,
+    is_known: impl Fn(PortClass, u16) -> bool,
 ) -> Result<Parsed, ParseError> {
     let eth = frame
         .at::<EthHdr>(0)
@@ -165,6 +409,7 @@ pub fn parse_ethernet(
                 header_len: 0,
                 observe: NOT_OBSERVED,
                 fragment: Fragment::Whole,
+                fragment_id: 0,
             })
         }
     }
@@ -176,7 +421,7 @@ pub fn parse_l3(
     frame: &Frame,
     key: &mut FlowKey,
     ephemeral_start: u16,
-    is_known: impl Fn(u8, u16) -> bool,
+    is_known: impl Fn(PortClass, u16) -> bool,
 ) -> Result<Parsed, ParseError> {
     let [first, _] = frame.pair(0).ok_or(need(OutsideReason::UnknownL3))?;
     match first >> 4 {
@@ -192,7 +437,7 @@ fn parse_ipv4(
     l3: usize,
     key: &mut FlowKey,
     ephemeral_start: u16,
-    is_known: impl Fn(u8, u16) -> bool,
+    is_known: impl Fn(PortClass, u16) -> bool,
 ) -> Result<Parsed, ParseError> {
     const BAD: OutsideReason = OutsideReason::MalformedIpv4;
     let ip = frame.at::<Ipv4Hdr>(l3).ok_or(need(BAD))?;
@@ -225,10 +470,10 @@ fn parse_ipv4(
     }
     // Ports only in the first fragment; later ones have none to read.
     let first_fragment = frags & 0x1fff == 0;
-    let fragment = match (first_fragment, frags & 0x2000 != 0) {
-        (true, false) => Fragment::Whole,
-        (true, true) => Fragment::First(id as u32),
-        (false, _) => Fragment::Later(id as u32),
+    let (fragment, fragment_id) = match (first_fragment, frags & 0x2000 != 0) {
+        (true, false) => (Fragment::Whole, 0),
+        (true, true) => (Fragment::First, id as u32),
+        (false, _) => (Fragment::Later, id as u32),
     };
     let l4 = l3 + header_len;
     let (l4_len, observe) = if first_fragment {
@@ -237,12 +482,14 @@ fn parse_ipv4(
         mark_l4_missing(proto, key);
         (0, NOT_OBSERVED)
     };
+    let header_len = (header_len + l4_len) as u32;
     Ok(Parsed {
         l3_offset: l3,
         l3_len: tot_len as u32,
-        header_len: (header_len + l4_len) as u32,
+        header_len,
         observe,
         fragment,
+        fragment_id,
     })
 }
 
@@ -252,7 +499,7 @@ fn parse_ipv6(
     l3: usize,
     key: &mut FlowKey,
     ephemeral_start: u16,
-    is_known: impl Fn(u8, u16) -> bool,
+    is_known: impl Fn(PortClass, u16) -> bool,
 ) -> Result<Parsed, ParseError> {
     const BAD: OutsideReason = OutsideReason::MalformedIpv6;
     let ip = frame.at::<Ipv6Hdr>(l3).ok_or(need(BAD))?;
@@ -276,6 +523,7 @@ fn parse_ipv6(
     let mut offset = l3 + Ipv6Hdr::LEN;
     let mut first_fragment = true;
     let mut fragment = Fragment::Whole;
+    let mut fragment_id = 0;
     let mut chain_done = false;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         if !is_extension_header(next) {
@@ -301,9 +549,11 @@ fn parse_ipv6(
                 let id = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
                 if frag & 0xfff8 != 0 {
                     first_fragment = false;
-                    fragment = Fragment::Later(id);
+                    fragment = Fragment::Later;
+                    fragment_id = id;
                 } else if frag & 1 != 0 {
-                    fragment = Fragment::First(id);
+                    fragment = Fragment::First;
+                    fragment_id = id;
                 }
                 8
             }
@@ -332,12 +582,14 @@ fn parse_ipv6(
     } else {
         payload_len as u32 + Ipv6Hdr::LEN as u32
     };
+    let header_len = (offset - l3 + l4_len) as u32;
     Ok(Parsed {
         l3_offset: l3,
         l3_len,
-        header_len: (offset - l3 + l4_len) as u32,
+        header_len,
         observe,
         fragment,
+        fragment_id,
     })
 }
 
@@ -353,8 +605,17 @@ fn is_extension_header(next: u8) -> bool {
 /// frame), for flow export.
 #[inline(always)]
 fn mark_service_side(key: &mut FlowKey, sport: u16, dport: u16) {
-    if key.port != 0 && key.port == sport && sport != dport {
-        key.flags |= key_flags::SERVICE_PORT_IS_SRC;
+    key.flags |= service_side(key.port, sport, dport);
+}
+
+/// [`key_flags::SERVICE_PORT_IS_SRC`] when the chosen service port is the
+/// source port (the frame is the server's), else 0.
+#[inline(always)]
+fn service_side(port: u16, sport: u16, dport: u16) -> u8 {
+    if port != 0 && port == sport && sport != dport {
+        key_flags::SERVICE_PORT_IS_SRC
+    } else {
+        0
     }
 }
 
@@ -386,7 +647,7 @@ fn parse_l4(
     proto: u8,
     key: &mut FlowKey,
     ephemeral_start: u16,
-    is_known: impl Fn(u8, u16) -> bool,
+    is_known: impl Fn(PortClass, u16) -> bool,
 ) -> (usize, u8) {
     if l4 > MAX_L4_OFFSET {
         mark_l4_missing(proto, key);
@@ -408,7 +669,9 @@ fn parse_l4(
                     *((tcp as *const u8).add(12)) >> 4,
                 )
             };
-            key.port = service_port::choose(sport, dport, ephemeral_start, |p| is_known(proto, p));
+            key.port = service_port::choose(sport, dport, ephemeral_start, |p| {
+                is_known(PortClass::Tcp, p)
+            });
             mark_service_side(key, sport, dport);
             (doff as usize * 4, observed(true, sport, dport))
         }
@@ -426,7 +689,12 @@ fn parse_l4(
                     u16::from_be_bytes((*udp).dst),
                 )
             };
-            key.port = service_port::choose(sport, dport, ephemeral_start, |p| is_known(proto, p));
+            let class = if proto == ipproto::SCTP {
+                PortClass::Sctp
+            } else {
+                PortClass::Udp
+            };
+            key.port = service_port::choose(sport, dport, ephemeral_start, |p| is_known(class, p));
             mark_service_side(key, sport, dport);
             if proto == ipproto::SCTP {
                 (12, NOT_OBSERVED)

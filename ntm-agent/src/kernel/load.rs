@@ -57,6 +57,12 @@ pub struct DatapathOptions {
     pub learn_macs: bool,
     /// Whose MACs are learnt: the local networks (see [`mac_nets`]).
     pub mac_nets: ntm_common::observe::MacNets,
+    /// TC programs of the object loaded besides those of
+    /// [`programs::HOOKS`]: the bench's (`ntm_bench_upto_*`, which stop
+    /// after one part of the counting path); none in the agent. Loaded
+    /// with the others, as the maps they use are set up (and some of them
+    /// let go) after loading.
+    pub also_load: &'static [&'static str],
 }
 
 /// The kernel's form of the networks whose sources' MACs are learnt; more
@@ -110,6 +116,7 @@ impl Default for DatapathOptions {
             observe_kinds: 0,
             learn_macs: false,
             mac_nets: ntm_common::observe::MacNets::ALL,
+            also_load: &[],
         }
     }
 }
@@ -229,6 +236,9 @@ impl Datapath {
         loader.override_global(names::OBSERVE_KINDS, &options.observe_kinds, true);
         let learn_macs = options.learn_macs as u32;
         loader.override_global(names::LEARN_MACS, &learn_macs, true);
+        // A read-only global, not a map: the kernel reads it with one load.
+        let known_ports = known_port_words(known_ports);
+        loader.override_global(names::KNOWN_PORTS, &known_ports, true);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(classify_load_error)?;
 
         for hook in &programs::HOOKS {
@@ -241,6 +251,12 @@ impl Datapath {
                 };
                 loaded.map_err(|e| classify_program_error(name, e))?;
             }
+        }
+        for name in options.also_load {
+            let program = ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?;
+            <&mut SchedClassifier>::try_from(program)
+                .and_then(|p| p.load())
+                .map_err(|e| classify_program_error(name, e))?;
         }
 
         let tc_tails = take_map_data(&mut ebpf, names::TC_TAILS)?;
@@ -263,20 +279,6 @@ impl Datapath {
                 },
             )?;
         }
-
-        let mut known: Array<MapData, u32> = take_array(&mut ebpf, names::KNOWN_PORTS)?;
-        for (index, word) in known_ports.iter().enumerate() {
-            if *word != 0 {
-                known
-                    .set(index as u32, *word, 0)
-                    .map_err(|source| DatapathError::MapSetup {
-                        map: names::KNOWN_PORTS,
-                        source,
-                    })?;
-            }
-        }
-        // The program keeps its own reference to the map; ours can go.
-        drop(known);
 
         let lease: Array<MapData, u64> = take_array(&mut ebpf, names::LEASE)?;
         let tables = FlowTables::take_from(&mut ebpf)?;
@@ -477,6 +479,17 @@ impl Datapath {
             .program_mut(name)
             .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
     }
+}
+
+/// The known-port bitmap as the kernel's global holds it: `words`, then
+/// zeros up to `KNOWN_PORT_WORDS` (no port known); words beyond are no
+/// port's.
+fn known_port_words(words: &[u32]) -> [u32; ntm_common::KNOWN_PORT_WORDS as usize] {
+    let mut all = [0; ntm_common::KNOWN_PORT_WORDS as usize];
+    for (to, from) in all.iter_mut().zip(words) {
+        *to = *from;
+    }
+    all
 }
 
 /// Takes an array map out of the object.

@@ -210,6 +210,65 @@ pub fn ipv4_options_and_fragments() {
     assert_eq!(c, counted(60));
 }
 
+/// The frame nearly every frame is (IPv4 without options or IPv6 without
+/// extension headers, TCP or UDP) takes the kernel's one-go parse; the
+/// same flow with IPv4 options or an IPv6 extension header takes the full
+/// parse. Both must give one key, on the Ethernet and the raw-IP hooks
+/// (fails when the two parsers disagree on any field of the key).
+pub fn common_frames_and_the_full_parse_give_one_key() {
+    let mut h = Harness::new();
+    let nops = [1u8; 4];
+    let cases = [
+        (
+            "IPv4/TCP",
+            ipv4(6, &[], 0, &tcp(51_000, 443, &[1; 8], &[0; 10])),
+            ipv4(6, &nops, 0, &tcp(51_000, 443, &[1; 8], &[0; 10])),
+            v4().tcp(443).build(),
+        ),
+        (
+            "IPv4/UDP to a DNS server",
+            ipv4(17, &[], 0, &udp(40_000, 53, &[0; 22])),
+            ipv4(17, &nops, 0, &udp(40_000, 53, &[0; 22])),
+            v4().udp(53).build(),
+        ),
+        (
+            "IPv6/TCP from a server",
+            ipv6(6, &tcp(443, 51_000, &[], &[0; 10])),
+            ipv6(
+                0,
+                &[ext_options(6, 1), tcp(443, 51_000, &[], &[0; 10])].concat(),
+            ),
+            v6().tcp(443).from_server().build(),
+        ),
+        (
+            "IPv6/UDP, no known port",
+            ipv6(17, &udp(40_000, 8123, &[0; 22])),
+            ipv6(
+                60,
+                &[ext_options(17, 2), udp(40_000, 8123, &[0; 22])].concat(),
+            ),
+            v6().udp(8123).build(),
+        ),
+    ];
+    for (name, common, full, key) in cases {
+        for packet in [&common, &full] {
+            // L3 bytes: the whole packet, options and extension headers too.
+            let bytes = packet.len() as u64;
+            let ethertype = if packet[0] >> 4 == 4 {
+                ETH_IPV4
+            } else {
+                ETH_IPV6
+            };
+            let (got, c) = only_flow(&h.ingress(&eth(ethertype, &[], packet)));
+            assert_eq!(got, key, "{name}, {bytes} bytes, Ethernet");
+            assert_eq!(c, counted(bytes), "{name}, Ethernet");
+            let (got, c) = only_flow(&h.run(TC_INGRESS_L3, packet, 0, 1));
+            assert_eq!(got, key, "{name}, {bytes} bytes, raw IP");
+            assert_eq!(c, counted(bytes), "{name}, raw IP");
+        }
+    }
+}
+
 pub fn ipv6_extension_header_chains() {
     let mut h = Harness::new();
     // hop-by-hop -> destination options (16 bytes) -> fragment (first) -> UDP.

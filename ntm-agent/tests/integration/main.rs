@@ -81,6 +81,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: frames::repeated_frames_are_counted_exactly,
     Root: frames::single_and_double_vlan_tags_in_the_frame,
     Root: frames::ipv4_options_and_fragments,
+    Root: frames::common_frames_and_the_full_parse_give_one_key,
     Root: frames::ipv6_extension_header_chains,
     Root: frames::icmp_and_icmpv6_message_types,
     Root: frames::non_ip_frames_are_counted_by_ethertype,
