@@ -1,5 +1,6 @@
 //! `cargo xtask bench` (exporter part): scrape time and agent memory at
-//! 1k/10k/100k series, ntm's series encoder next to the prometheus
+//! 1k/10k/100k series (each scrape next to ntm's series encoder alone),
+//! ntm's encoders (traffic series, host_info) next to the prometheus
 //! crate's, and drain time for 10k/100k/1M flow-table entries.
 //! Prints figures; asserts nothing.
 //!
@@ -13,6 +14,7 @@ mod frames;
 
 use std::{
     process::Command,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -26,17 +28,24 @@ use ntm_agent::{
         drain::Drained,
         load::{Datapath, DatapathOptions},
     },
-    outputs::series::TrafficSeries,
+    model::net::format_mac,
+    outputs::{
+        host_info::{HostInfo, HostRows},
+        series::TrafficSeries,
+        sink::Host,
+    },
 };
 use ntm_common::{Counters, test_util::KeyBuilder};
 
 const SERIES_ENV: &str = "NTM_BENCH_SERIES";
 
-fn rss_mib() -> f64 {
+/// A figure of this process from /proc/self/status, in MiB (`VmRSS`: held
+/// now; `VmHWM`: the most it held).
+fn status_mib(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kib| kib / 1024.0)
 }
@@ -46,8 +55,39 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-/// Runs in the child: an agent's metrics with `n` series, scraped 5 times.
+/// The label values of the `i`th of the bench's flows, as the pipeline
+/// labels them (`--numeric`, `--local-net 10.0.0.0/8`): one local host each,
+/// one server, in the default label order.
+const LABELS: [&str; 6] = ["src", "dst", "service", "proto", "direction", "iface"];
+fn values(i: u32) -> [String; 6] {
+    [
+        std::net::Ipv4Addr::from(0x0a00_0000 | i).to_string(),
+        "93.184.216.34".to_string(),
+        "https".to_string(),
+        "tcp".to_string(),
+        "outbound".to_string(),
+        "eth0".to_string(),
+    ]
+}
+
+/// The traffic series of [`values`] in ntm's own store.
+fn traffic_series(n: u32) -> TrafficSeries {
+    let now = Instant::now();
+    let mut series = TrafficSeries::new("ntm", LABELS.to_vec());
+    for i in 0..n {
+        let v: Vec<Arc<str>> = values(i).into_iter().map(Arc::from).collect();
+        series.add(&v, 1500, 1, now);
+    }
+    series
+}
+
+/// Runs in the child: an agent's pipeline with `n` series (and as many
+/// hosts), its RSS, then its whole `/metrics` scraped 5 times, each time
+/// next to the same traffic series encoded alone (the baseline: ntm's
+/// series encoder, without the other families).
 fn scrape_child(n: usize) {
+    // As `agent::run` does first.
+    ntm_agent::sys::process::return_large_allocations();
     let max_series = (n + 1).to_string();
     // --no-history: a bench's made-up traffic stays out of this machine's
     // history (/var/lib/ntm).
@@ -90,27 +130,44 @@ fn scrape_child(n: usize) {
     };
     let interfaces = std::collections::HashMap::from([(1, "eth0".to_string())]);
     pipeline.process(&drained, &interfaces, Instant::now());
+    // An agent lets a drain go once it has gone through the pipeline.
+    drop(drained);
     let exposition = pipeline.exposition();
-    let mut times = Vec::new();
     let mut size = 0;
+    let mut scrapes = Vec::new();
     for _ in 0..5 {
         let started = Instant::now();
         size = exposition.encode().unwrap().len();
-        times.push(started.elapsed());
+        scrapes.push(started.elapsed());
+    }
+    // The agent's memory, before the baseline's own series are built.
+    let (rss, peak) = (status_mib("VmRSS:"), status_mib("VmHWM:"));
+    let alone = traffic_series(n as u32);
+    let mut encoder = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        size = size.max(exposition.encode().unwrap().len());
+        scrapes.push(started.elapsed());
+        let started = Instant::now();
+        let mut out = String::new();
+        alone.encode(&mut out);
+        std::hint::black_box(out);
+        encoder.push(started.elapsed());
     }
     println!(
-        "{n} {} {:.1} {}",
-        median(times).as_secs_f64(),
-        rss_mib(),
-        size
+        "{n} {} {} {rss:.1} {peak:.1} {size}",
+        median(scrapes).as_secs_f64(),
+        median(encoder).as_secs_f64(),
     );
 }
 
 fn scrape_figures() {
-    println!("\nscrape: /metrics encoding time (median of 5) and agent RSS, one process per size");
     println!(
-        "{:>8} {:>12} {:>10} {:>12}",
-        "series", "scrape", "RSS MiB", "body bytes"
+        "\nscrape: /metrics of an agent with N series and N hosts (host_info), median of 10, next to the same traffic series encoded alone (median of 5, in between); agent RSS after the scrapes and its peak; one process per size"
+    );
+    println!(
+        "{:>8} {:>10} {:>14} {:>7} {:>9} {:>9} {:>12}",
+        "series", "scrape", "encoder alone", "ratio", "RSS MiB", "peak MiB", "body bytes"
     );
     for n in [1_000usize, 10_000, 100_000] {
         let out = Command::new(std::env::current_exe().unwrap())
@@ -120,85 +177,132 @@ fn scrape_figures() {
         let text = String::from_utf8_lossy(&out.stdout);
         let line = text.lines().last().unwrap_or("");
         let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() == 4 {
-            let secs: f64 = f[1].parse().unwrap_or(0.0);
-            println!("{:>8} {:>10.3} s {:>10} {:>12}", f[0], secs, f[2], f[3]);
+        if f.len() == 6 {
+            let scrape: f64 = f[1].parse().unwrap_or(0.0);
+            let alone: f64 = f[2].parse().unwrap_or(0.0);
+            println!(
+                "{:>8} {:>8.1}ms {:>12.1}ms {:>6.2}x {:>9} {:>9} {:>12}",
+                f[0],
+                scrape * 1e3,
+                alone * 1e3,
+                scrape / alone,
+                f[3],
+                f[4],
+                f[5]
+            );
         } else {
             println!("{n:>8} failed: {}", String::from_utf8_lossy(&out.stderr));
         }
     }
 }
 
-/// The traffic series encoded by ntm's own encoder and by the `prometheus`
-/// crate's (IntCounterVec + TextEncoder), same series, same run: the reason
-/// `outputs/series.rs` exists, measured.
+/// Median of 5 runs of `encode`.
+fn time(encode: &dyn Fn() -> usize) -> Duration {
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        std::hint::black_box(encode());
+        times.push(started.elapsed());
+    }
+    median(times)
+}
+
+/// The two families with a series per flow or per host, written by ntm's
+/// own encoders and by the `prometheus` crate's (a `*Vec` metric, gathered
+/// and written by its `TextEncoder`), same series, same run: the reason
+/// `outputs/series.rs` and `outputs/host_info.rs` exist, measured.
 fn encoder_figures() {
     println!(
-        "\nencoder: /metrics text of N traffic series (both counters), ntm's encoder vs the prometheus crate's, median of 5"
+        "\nencoder: /metrics text of N traffic series (both counters) and of N hosts' host_info, ntm's encoders vs the prometheus crate's, median of 5"
     );
     println!(
-        "{:>8} {:>12} {:>12} {:>8}",
-        "series", "ntm", "prometheus", "ratio"
+        "{:>8} {:>14} {:>12} {:>8} {:>14} {:>12} {:>8}",
+        "series", "traffic ntm", "prometheus", "ratio", "host_info ntm", "prometheus", "ratio"
     );
-    let names = ["src", "dst", "service", "proto", "direction", "iface"];
     for n in [1_000u32, 10_000, 100_000] {
-        let values: Vec<Vec<String>> = (0..n)
-            .map(|i| {
-                vec![
-                    std::net::Ipv4Addr::from(0x0a00_0000 | i).to_string(),
-                    "93.184.216.34".to_string(),
-                    "https".to_string(),
-                    "tcp".to_string(),
-                    "outbound".to_string(),
-                    "eth0".to_string(),
-                ]
-            })
-            .collect();
-        let now = Instant::now();
-        let mut ours = TrafficSeries::new("ntm", names.to_vec());
-        for v in &values {
-            ours.add(v, 1500, 1, now);
-        }
+        let ours = traffic_series(n);
         let registry = prometheus::Registry::new();
         let counter = |name: &str| {
-            let c = prometheus::IntCounterVec::new(prometheus::Opts::new(name, "help"), &names)
+            let c = prometheus::IntCounterVec::new(prometheus::Opts::new(name, "help"), &LABELS)
                 .expect("counter");
             registry.register(Box::new(c.clone())).expect("register");
             c
         };
         let (bytes, packets) = (counter("ntm_bytes_total"), counter("ntm_packets_total"));
-        for v in &values {
+        for i in 0..n {
+            let v = values(i);
             let labels: Vec<&str> = v.iter().map(String::as_str).collect();
             bytes.with_label_values(&labels).inc_by(1500);
             packets.with_label_values(&labels).inc_by(1);
         }
-        let time = |encode: &dyn Fn() -> usize| {
-            let mut times = Vec::new();
-            for _ in 0..5 {
-                let started = Instant::now();
-                std::hint::black_box(encode());
-                times.push(started.elapsed());
-            }
-            median(times)
-        };
-        let ntm = time(&|| {
+        let traffic = time(&|| {
             let mut out = String::new();
             ours.encode(&mut out);
             out.len()
         });
-        let theirs = time(&|| {
+        let traffic_theirs = time(&|| {
             let mut out = String::new();
             prometheus::TextEncoder::new()
                 .encode_utf8(&registry.gather(), &mut out)
                 .expect("encode");
             out.len()
         });
+        drop((ours, registry, bytes, packets));
+
+        // The bench's hosts: n local ones, with a MAC, and the server.
+        let hosts: Vec<Host> = (0..n)
+            .map(|i| Host {
+                ip: std::net::Ipv4Addr::from(0x0a00_0000 | i).into(),
+                label: Arc::from(values(i)[0].as_str()),
+                source: "address",
+                mac: Some([2, 0, 0, 0, (i >> 8) as u8, i as u8]),
+            })
+            .chain(std::iter::once(Host {
+                ip: [93, 184, 216, 34].into(),
+                label: Arc::from("93.184.216.34"),
+                source: "address",
+                mac: None,
+            }))
+            .collect();
+        let mut info = HostInfo::new("ntm");
+        info.set(HostRows::new(&hosts, usize::MAX));
+        let registry = prometheus::Registry::new();
+        let gauge = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new("ntm_host_info", "help"),
+            &["address", "name", "mac", "source"],
+        )
+        .expect("gauge");
+        registry
+            .register(Box::new(gauge.clone()))
+            .expect("register");
+        for host in &hosts {
+            let mac = host.mac.map(format_mac).unwrap_or_default();
+            gauge
+                .with_label_values(&[&host.ip.to_string(), &*host.label, &mac, host.source])
+                .set(1);
+        }
+        let host_info = time(&|| {
+            let mut out = String::new();
+            info.encode(&mut out);
+            out.len()
+        });
+        let host_info_theirs = time(&|| {
+            let mut out = String::new();
+            prometheus::TextEncoder::new()
+                .encode_utf8(&registry.gather(), &mut out)
+                .expect("encode");
+            out.len()
+        });
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         println!(
-            "{:>8} {:>10.2}ms {:>10.2}ms {:>7.2}x",
+            "{:>8} {:>12.2}ms {:>10.2}ms {:>7.2}x {:>12.2}ms {:>10.2}ms {:>7.2}x",
             n,
-            ntm.as_secs_f64() * 1e3,
-            theirs.as_secs_f64() * 1e3,
-            theirs.as_secs_f64() / ntm.as_secs_f64()
+            ms(traffic),
+            ms(traffic_theirs),
+            traffic_theirs.as_secs_f64() / traffic.as_secs_f64(),
+            ms(host_info),
+            ms(host_info_theirs),
+            host_info_theirs.as_secs_f64() / host_info.as_secs_f64(),
         );
     }
 }

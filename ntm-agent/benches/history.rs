@@ -158,7 +158,7 @@ fn drain_figures() {
         });
         // The same flows, labelled, into a live view and a history of
         // their own.
-        let local = LocalNets(vec!["10.0.0.0/8".parse::<Cidr>().unwrap()]);
+        let local = LocalNets::given(vec!["10.0.0.0/8".parse::<Cidr>().unwrap()]);
         let live = LiveTraffic::new(local.clone(), Duration::from_secs(1), Instant::now());
         let mut live = LiveSink::new(Arc::new(RwLock::new(live)));
         let (history, _metrics) = history(None);
@@ -169,10 +169,10 @@ fn drain_figures() {
                 .iter()
                 .map(|(key, delta)| LabelledFlow {
                     key: *key,
-                    iface: "eth0".to_string(),
-                    src: key.src_addr().unwrap().to_string(),
-                    dst: key.dst_addr().unwrap().to_string(),
-                    service: "https".to_string(),
+                    iface: "eth0".into(),
+                    src: key.src_addr().unwrap().to_string().into(),
+                    dst: key.dst_addr().unwrap().to_string().into(),
+                    service: "https".into(),
                     delta: *delta,
                 })
                 .collect(),

@@ -17,7 +17,7 @@ use crate::{
         privileges::{User, resolve_user},
     },
     model::{
-        net::{Cidr, DEFAULT_LOCAL_NETS, LocalNets},
+        net::{Cidr, LocalNets},
         series::Label,
         units::parse_duration,
     },
@@ -26,7 +26,13 @@ use crate::{
         kubernetes::{KubernetesOptions, PodNames, node_name},
         resolver::Upstream,
     },
-    outputs::history::HistoryOptions,
+    outputs::{
+        history::HistoryOptions,
+        ipfix::{
+            IpfixOptions,
+            collector::{CollectorSpec, ExportSettings},
+        },
+    },
     pipeline::services::{ServiceRegistry, ServiceSpec, ServicesError},
 };
 
@@ -78,6 +84,8 @@ pub struct Config {
     pub http: HttpArgs,
     #[command(flatten)]
     pub history: HistoryArgs,
+    #[command(flatten)]
+    pub export: ExportArgs,
     #[command(flatten)]
     pub privileges: PrivilegeArgs,
 }
@@ -275,9 +283,12 @@ pub struct SeriesArgs {
     )]
     pub labels: Vec<Label>,
 
-    /// Local networks (CIDR, comma-separated or repeated): they decide the
-    /// direction label (inbound, outbound, internal, external).
-    #[arg(long = "local-net", env = "NTM_LOCAL_NETS", value_delimiter = ',', default_value = DEFAULT_LOCAL_NETS)]
+    /// Local networks (CIDR, comma-separated or repeated): which hosts are
+    /// devices, and the direction label (inbound, outbound, internal,
+    /// external) [default: learnt from the host: the networks of the
+    /// addresses on the monitored interfaces and on its bridges and their
+    /// ports, followed as they change, and the private ranges].
+    #[arg(long = "local-net", env = "NTM_LOCAL_NETS", value_delimiter = ',')]
     pub local_nets: Vec<Cidr>,
 
     /// Extra service port, PORT[/PROTO]=NAME (e.g. 8123/tcp=home-assistant);
@@ -360,6 +371,42 @@ pub struct DatapathArgs {
     #[arg(long = "no-pin", env = "NTM_NO_PIN", value_parser = on_off(),
           action = clap::ArgAction::SetTrue)]
     pub no_pin: bool,
+}
+
+/// Flow export to IPFIX collectors.
+#[derive(Clone, Debug, clap::Args)]
+#[command(next_help_heading = "Flow export")]
+pub struct ExportArgs {
+    /// An IPFIX collector to send every flow to: HOST:PORT (UDP),
+    /// udp://HOST:PORT or tcp://HOST:PORT; repeatable [default: none].
+    #[arg(
+        long = "ipfix-collector",
+        env = "NTM_IPFIX_COLLECTORS",
+        value_delimiter = ',',
+        value_name = "HOST:PORT"
+    )]
+    pub ipfix_collectors: Vec<CollectorSpec>,
+
+    /// How often each flow's counts are sent (one record per flow and
+    /// interval).
+    #[arg(long, env = "NTM_IPFIX_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub ipfix_interval: Duration,
+
+    /// How often the templates are sent again over UDP (also every 100
+    /// messages).
+    #[arg(long, env = "NTM_IPFIX_TEMPLATE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub ipfix_template_interval: Duration,
+
+    /// The observation domain id in every message (collectors tell
+    /// exporters apart by address and domain).
+    #[arg(long, env = "NTM_IPFIX_DOMAIN", default_value_t = 1)]
+    pub ipfix_domain: u32,
+
+    /// The largest message, in bytes (the path MTU less IP and UDP
+    /// headers).
+    #[arg(long, env = "NTM_IPFIX_MESSAGE_SIZE", default_value_t = 1400,
+          value_parser = clap::value_parser!(u16).range(512..))]
+    pub ipfix_message_size: u16,
 }
 
 /// The history database.
@@ -546,6 +593,8 @@ pub struct PipelineOptions {
     pub flow_table_capacity: u32,
     pub history: HistoryOptions,
     pub names: NameOptions,
+    /// Flow export; None: no collector.
+    pub ipfix: Option<IpfixOptions>,
 }
 
 impl Config {
@@ -568,14 +617,14 @@ impl Config {
                 observe_rate: self.names.observe_rate,
                 observe_kinds: self.observe_kinds(),
                 learn_macs: self.wants_names(),
-                mac_nets: crate::kernel::load::mac_nets(
-                    &self
-                        .series
-                        .local_nets
-                        .iter()
-                        .map(|c| (c.addr(), c.prefix()))
-                        .collect::<Vec<_>>(),
-                ),
+                // Learnt networks are set once the host's addresses are
+                // read (`Kernel::set_mac_nets`); until then, the private
+                // ranges.
+                mac_nets: crate::kernel::load::mac_nets(&if self.series.local_nets.is_empty() {
+                    LocalNets::private().into_iter().map(|n| n.net).collect()
+                } else {
+                    self.series.local_nets.clone()
+                }),
             },
         })
     }
@@ -650,7 +699,11 @@ impl Config {
         PipelineOptions {
             prefix: self.http.metric_prefix.clone(),
             labels,
-            local: LocalNets(self.series.local_nets.clone()),
+            local: if self.series.local_nets.is_empty() {
+                LocalNets::learnt()
+            } else {
+                LocalNets::given(self.series.local_nets.clone())
+            },
             max_series: self.series.max_series as usize,
             series_ttl: self.series.series_ttl,
             drain_interval: self.datapath.drain_interval,
@@ -702,7 +755,19 @@ impl Config {
                 answer_min_ttl: self.names.answer_min_ttl,
                 container_sockets: self.container_sockets(),
                 kubernetes: self.kubernetes(),
+                own_addresses: self
+                    .wants_names()
+                    .then(crate::names::this_host::OwnAddresses::default),
             },
+            ipfix: (!self.export.ipfix_collectors.is_empty()).then(|| IpfixOptions {
+                collectors: self.export.ipfix_collectors.clone(),
+                interval: self.export.ipfix_interval,
+                settings: ExportSettings {
+                    domain: self.export.ipfix_domain,
+                    max_message: self.export.ipfix_message_size as usize,
+                    template_interval: self.export.ipfix_template_interval,
+                },
+            }),
         }
     }
 

@@ -201,6 +201,10 @@ pub mod key_flags {
     /// carries no such header: a later fragment, or a header cut short. Its
     /// `port` is 0 and means "none", not ICMP type 0.
     pub const L4_MISSING: u8 = 1;
+    /// The service port is the source port (the frame is the server's):
+    /// flow export puts it on its real side. Constant for a flow's frames
+    /// one way, so it splits no flow.
+    pub const SERVICE_PORT_IS_SRC: u8 = 2;
 }
 
 /// IP protocol numbers the parser and the labels care about.

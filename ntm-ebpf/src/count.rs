@@ -174,14 +174,18 @@ fn join_fragments(parsed: &Result<Parsed, ParseError>, key: &mut FlowKey) {
         family: key.family,
         _pad: [0; 2],
     };
+    // The value: the service port, and above it the side it is on.
+    const SIDE: u8 = ntm_common::key_flags::SERVICE_PORT_IS_SRC;
     if first {
         if key.flags & ntm_common::key_flags::L4_MISSING == 0 {
-            let _ = NTM_FRAGMENTS.insert(datagram, key.port as u32, 0);
+            let value = key.port as u32 | ((key.flags & SIDE) as u32) << 16;
+            let _ = NTM_FRAGMENTS.insert(datagram, value, 0);
         }
     // SAFETY: a plain lookup; the value is copied out at once.
-    } else if let Some(port) = unsafe { NTM_FRAGMENTS.get(datagram) } {
-        key.port = *port as u16;
+    } else if let Some(value) = unsafe { NTM_FRAGMENTS.get(datagram) } {
+        key.port = *value as u16;
         key.flags &= !ntm_common::key_flags::L4_MISSING;
+        key.flags |= (*value >> 16) as u8 & SIDE;
     }
 }
 

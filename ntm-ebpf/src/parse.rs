@@ -349,6 +349,15 @@ fn is_extension_header(next: u8) -> bool {
     )
 }
 
+/// Notes that the service port is the frame's source port (the server's
+/// frame), for flow export.
+#[inline(always)]
+fn mark_service_side(key: &mut FlowKey, sport: u16, dport: u16) {
+    if key.port != 0 && key.port == sport && sport != dport {
+        key.flags |= key_flags::SERVICE_PORT_IS_SRC;
+    }
+}
+
 /// For protocols with ports or an ICMP type: says this packet has none, so
 /// that port 0 is not read as ICMP type 0 (echo reply).
 #[inline(always)]
@@ -400,6 +409,7 @@ fn parse_l4(
                 )
             };
             key.port = service_port::choose(sport, dport, ephemeral_start, |p| is_known(proto, p));
+            mark_service_side(key, sport, dport);
             (doff as usize * 4, observed(true, sport, dport))
         }
         ipproto::UDP | ipproto::UDPLITE | ipproto::SCTP => {
@@ -417,6 +427,7 @@ fn parse_l4(
                 )
             };
             key.port = service_port::choose(sport, dport, ephemeral_start, |p| is_known(proto, p));
+            mark_service_side(key, sport, dport);
             if proto == ipproto::SCTP {
                 (12, NOT_OBSERVED)
             } else {

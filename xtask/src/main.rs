@@ -380,6 +380,8 @@ const TEST_PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "gcc",
     "libc6-dev",
+    "nfdump",
+    "pmacct",
 ];
 
 /// PyPI packages the chart test uses, pinned: Helm 4 embedded (lint and
@@ -540,6 +542,8 @@ fn task(command: Task) -> Result<()> {
                     "history",
                     "--bench",
                     "kubernetes",
+                    "--bench",
+                    "ipfix",
                 ]))
             })
         }

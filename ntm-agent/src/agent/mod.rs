@@ -19,11 +19,14 @@ use crate::{
     kernel::{
         FilterSource, Kernel, KernelError,
         links::{self, LinkEvents},
-        load_filter,
+        load_filter, local_nets,
         observe::{ObservedFrame, Observer, ObserverError},
         privileges,
     },
+    model::net::{Cidr, LocalNets, Origin, Place},
+    names::this_host::OwnAddresses,
     outputs::history::hand_state_dir_to,
+    sys,
     web::{http, web_config::WebConfigWatcher},
 };
 
@@ -37,6 +40,8 @@ const LINK_SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
 /// Runs the agent until SIGINT or SIGTERM; an error says what failed, for
 /// `main` to print as one line.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // A drain's tables of megabytes go back to the kernel once freed.
+    sys::process::return_large_allocations();
     // Before attaching: a SIGTERM that arrives while starting must still
     // lead to a clean detach and final drain, not the default exit.
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -85,7 +90,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
 
-    let mut pipeline = Pipeline::new(config.pipeline(), services).context("setting up metrics")?;
+    let options = config.pipeline();
+    // This host's addresses, for its own name (None: names are off).
+    let own_addresses = options.names.own_addresses.clone();
+    let mut pipeline = Pipeline::new(options, services).context("setting up metrics")?;
+    let host = Host {
+        local: pipeline.local_nets().clone(),
+        own_addresses,
+    };
+    host.follow(&mut kernel);
+    if !host.local.is_learnt() {
+        log::info!("local networks (--local-net): {}", describe(&host.local));
+    }
     pipeline.read_neighbours_with(Box::new(|| match links::neighbours() {
         Ok(entries) => Some(entries),
         Err(e) => {
@@ -169,6 +185,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 // A safety net for missed link events.
                 if drains.is_multiple_of(RESCAN_EVERY) {
                     follow_links(&mut kernel, &pipeline, &health);
+                    host.follow(&mut kernel);
                 }
             }
             Some(()) = link_events.recv() => {
@@ -176,6 +193,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 tokio::time::sleep(LINK_SETTLE).await;
                 while link_events.try_recv().is_ok() {}
                 follow_links(&mut kernel, &pipeline, &health);
+                host.follow(&mut kernel);
             }
             _ = sighup.recv() => reload_filter(&mut kernel, &pipeline, &kernel_options.filter),
             _ = sigint.recv() => break,
@@ -268,6 +286,68 @@ fn follow_links(kernel: &mut Kernel, pipeline: &Pipeline, health: &Health) {
         Ok(false) => {}
         Err(e) => log::warn!("{e}"),
     }
+}
+
+/// What the agent keeps up to date from the host's addresses.
+struct Host {
+    /// The local networks, learnt from the addresses unless given.
+    local: LocalNets,
+    /// This host's own addresses in the local networks, named by its host
+    /// name.
+    own_addresses: Option<OwnAddresses>,
+}
+
+impl Host {
+    /// Reads the host's links and addresses again (at start, and on every
+    /// link or address event): the local networks learnt from them (also
+    /// for the kernel's MAC learning), and this host's local addresses.
+    fn follow(&self, kernel: &mut Kernel) {
+        let (links, addresses) = match (links::links(), links::addresses()) {
+            (Ok(links), Ok(addresses)) => (links, addresses),
+            (Err(e), _) | (_, Err(e)) => {
+                log::warn!("reading this host's addresses: {e}");
+                return;
+            }
+        };
+        if self.local.is_learnt() {
+            let monitored = kernel.hooked().iter().map(|h| h.ifindex).collect();
+            if self
+                .local
+                .set(local_nets::learn(&links, &addresses, &monitored))
+            {
+                log::info!("local networks: {}", describe(&self.local));
+                let nets: Vec<Cidr> = self.local.list().iter().map(|n| n.net).collect();
+                if let Err(e) = kernel.set_mac_nets(&nets) {
+                    log::warn!("devices' MACs are learnt in the earlier local networks: {e}");
+                }
+            }
+        }
+        // The host is a device by its local addresses: one outside the
+        // local networks (`--local-net` says so) is a server's, as any.
+        if let Some(own) = &self.own_addresses {
+            own.set(
+                addresses
+                    .iter()
+                    .map(|a| a.address)
+                    .filter(|ip| self.local.place(*ip) == Place::Local)
+                    .collect(),
+            );
+        }
+    }
+}
+
+/// The local networks and their origins, for the log.
+fn describe(local: &LocalNets) -> String {
+    local
+        .list()
+        .iter()
+        .map(|n| match &n.origin {
+            Origin::Given => n.net.to_string(),
+            Origin::Interface(name) => format!("{} ({name})", n.net),
+            Origin::Private => format!("{} (private)", n.net),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Health per requested interface, and the attach-state metric per

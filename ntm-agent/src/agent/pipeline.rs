@@ -16,7 +16,7 @@
 //! ```
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::IpAddr,
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
@@ -33,12 +33,17 @@ use crate::{
         status::DrainStatus,
     },
     kernel::{Hooked, drain::Drained, iface_label, observe::ObservedFrame},
-    model::{net::Mac, sync},
+    model::{
+        net::{LocalNets, Mac},
+        sync,
+    },
     names::{HostLabels, NameMetrics},
     outputs::{
         Exposition,
         budget::SeriesBudget,
         history::{self, History, HistoryReader, sink::HistorySink},
+        host_info::HostInfo,
+        ipfix::IpfixSink,
         live::{LiveSink, LiveTraffic},
         series::TrafficSeries,
         series_sink::SeriesSink,
@@ -58,6 +63,22 @@ pub enum PipelineError {
     Metrics(#[from] MetricsError),
     #[error("history: {0}")]
     History(#[from] crate::outputs::history::store::StoreError),
+}
+
+/// One drain's interface and service labels, each text once: a drain's
+/// flows share a handful of them.
+#[derive(Default)]
+struct SharedText(HashSet<Arc<str>>);
+
+impl SharedText {
+    fn get(&mut self, text: String) -> Arc<str> {
+        if let Some(shared) = self.0.get(text.as_str()) {
+            return Arc::clone(shared);
+        }
+        let shared: Arc<str> = Arc::from(text);
+        self.0.insert(Arc::clone(&shared));
+        shared
+    }
 }
 
 /// Reads the neighbour table (IP address to MAC); None when it could not.
@@ -82,6 +103,8 @@ pub struct Pipeline {
     live: Arc<RwLock<LiveTraffic>>,
     history: HistoryReader,
     status: Arc<Mutex<DrainStatus>>,
+    /// The local networks every stage judges by (the agent updates them).
+    local: LocalNets,
 }
 
 impl Pipeline {
@@ -122,7 +145,9 @@ impl Pipeline {
                 metrics.series_expired.clone(),
             ),
         );
-        let exposition = Exposition::new(metrics.registry().clone(), series);
+        let host_info = Arc::new(RwLock::new(HostInfo::new(&options.prefix)));
+        let exposition =
+            Exposition::new(metrics.registry().clone(), series, Arc::clone(&host_info));
         let live = Arc::new(RwLock::new(LiveTraffic::new(
             options.local.clone(),
             options.drain_interval.max(Duration::from_secs(1)),
@@ -138,12 +163,21 @@ impl Pipeline {
             Box::new(SeriesSink::new(
                 budget,
                 labeller.clone(),
-                metrics.host_info.clone(),
+                host_info,
                 options.max_series,
             )),
             Box::new(LiveSink::new(Arc::clone(&live))),
             Box::new(HistorySink::new(history, options.local.clone())),
         ];
+        let mut sinks = sinks;
+        if let Some(ipfix) = &options.ipfix {
+            sinks.push(Box::new(IpfixSink::start(
+                ipfix,
+                metrics.ipfix_records.clone(),
+                Instant::now(),
+            )));
+        }
+        let local = options.local.clone();
 
         // What is configured, from the start: the API's status is asked for
         // before the first drain too.
@@ -166,6 +200,7 @@ impl Pipeline {
             live,
             history: history_reader,
             status: Arc::new(Mutex::new(status)),
+            local,
         })
     }
 
@@ -238,7 +273,7 @@ impl Pipeline {
     ) {
         self.metrics.record_drain(drained, iface_labels);
         for sink in &mut self.sinks {
-            sink.raw(drained, now);
+            sink.raw(drained, iface_labels, now);
         }
         // The name files that changed are read again (a stat each).
         self.hosts.refresh();
@@ -258,7 +293,12 @@ impl Pipeline {
             }
             self.neighbours_read = Some(now);
         }
-        let mut labelled = LabelledDrain::default();
+        // Room for every waiting flow at once: a drain of 100k flows grew
+        // this by doubling, and glibc kept the halves it let go.
+        let mut labelled = LabelledDrain {
+            flows: Vec::with_capacity(self.pending.len()),
+            overflow: Vec::new(),
+        };
         let Self {
             pending,
             hosts,
@@ -266,6 +306,7 @@ impl Pipeline {
             ..
         } = self;
         let wait = hosts.wait();
+        let mut shared = SharedText::default();
         pending.release(
             now,
             wait,
@@ -273,10 +314,10 @@ impl Pipeline {
             |key, (src, dst), delta| {
                 labelled.flows.push(LabelledFlow {
                     key: *key,
-                    iface: iface_label(iface_labels, key.ifindex),
+                    iface: shared.get(iface_label(iface_labels, key.ifindex)),
                     src,
                     dst,
-                    service: service_name(key, &labeller.services),
+                    service: shared.get(service_name(key, &labeller.services)),
                     delta: *delta,
                 });
             },
@@ -328,12 +369,12 @@ impl Pipeline {
         if !self.sinks.iter().any(|sink| sink.wants_hosts(version)) {
             return;
         }
-        let hosts: Vec<Host<'_>> = self
+        let hosts: Vec<Host> = self
             .hosts
             .hosts()
             .map(|(ip, label, source, mac)| Host {
                 ip,
-                label,
+                label: Arc::clone(label),
                 source: source.as_str(),
                 mac,
             })
@@ -370,7 +411,14 @@ impl Pipeline {
             history: self.history.clone(),
             health,
             status: Arc::clone(&self.status),
+            local: self.local.clone(),
         }
+    }
+
+    /// The local networks every stage judges by: learnt ones are updated
+    /// through this handle as the host's addresses change.
+    pub fn local_nets(&self) -> &LocalNets {
+        &self.local
     }
 
     /// Writes out what the outputs hold (after the last drain went
@@ -410,7 +458,7 @@ mod tests {
             PipelineOptions {
                 prefix: "ntm".into(),
                 labels,
-                local: LocalNets(vec!["192.168.0.0/16".parse::<Cidr>().unwrap()]),
+                local: LocalNets::given(vec!["192.168.0.0/16".parse::<Cidr>().unwrap()]),
                 max_series,
                 series_ttl: ttl,
                 drain_interval: Duration::from_secs(1),
@@ -424,6 +472,7 @@ mod tests {
                 },
                 flow_table_capacity: 1024,
                 names: NameOptions::addresses_only(),
+                ipfix: None,
             },
             ServiceRegistry::parse("https 443/tcp\n"),
         )

@@ -2,8 +2,9 @@
 //! filtered out, the filter in effect, the attachments, the drains, the
 //! series budget, reverse DNS, the HTTP endpoint, and the process.
 //!
-//! They live in a `prometheus` registry; the traffic series do not (see
-//! `series.rs` for why).
+//! They live in a `prometheus` registry; the traffic series and
+//! `<prefix>_host_info`, a series per flow or per host, do not (see
+//! `outputs/text.rs` for why).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -114,13 +115,13 @@ pub struct SelfMetrics {
     /// What the kernel reported dropped so far, to add the deltas.
     observed_drops_seen: std::sync::Mutex<crate::kernel::observe::Drops>,
     pub observed_names: IntGaugeVec,
-    /// `<prefix>_host_info{address, name, mac, source}`.
-    pub host_info: IntGaugeVec,
     pub http_connection_errors: IntCounter,
     /// `<prefix>_http_requests_refused_total{reason}`: `unauthorized` (no
     /// or wrong basic auth), `rate_limited`, `client_certificate` (a SAN
     /// not in client_allowed_sans), `tls_handshake`.
     pub http_refused: IntCounterVec,
+    /// Flow records for each IPFIX collector, by result (`IpfixResult`).
+    pub ipfix_records: IntCounterVec,
     /// The Kubernetes rung's pod and node info, and the runtime's errors.
     pub kubernetes: KubernetesMetrics,
     /// `<prefix>_history_*`: whether the history is on disk, its commits,
@@ -394,11 +395,6 @@ impl SelfMetrics {
                 "Entries of the name tables ntm keeps besides its files (answers: DNS answers per client and address; clients: DHCP host names; leases: DHCP leases; containers: addresses of Docker or Podman containers; pods: pod sandboxes on this Kubernetes node), each bounded",
                 &["table"],
             )?,
-            host_info: r.gauge_vec(
-                "host_info",
-                "1 for each host (address and the name its series show) in the traffic series now, with its MAC where known and where the name came from; join on it (address or name) instead of adding labels to every series; at most --max-series hosts",
-                &["address", "name", "mac", "source"],
-            )?,
             outside_bytes,
             outside_packets,
             filtered_bytes: r.counter_vec(
@@ -513,6 +509,11 @@ impl SelfMetrics {
                 "http_requests_refused_total",
                 "HTTP requests and connections refused by the web config: unauthorized, rate_limited, client_certificate, tls_handshake",
                 &["reason"],
+            )?,
+            ipfix_records: r.counter_vec(
+                "ipfix_records_total",
+                "Flow records for each IPFIX collector, by result: sent; dropped (the queue to the collector was full: it is slow or down); failed (the socket refused them: no collector listening, or the connection broke)",
+                &["collector", "result"],
             )?,
             registry,
         };

@@ -202,41 +202,49 @@ pub struct HostAddress {
     pub ifindex: u32,
     pub address: IpAddr,
     pub prefix_len: u8,
+    /// Reachable by other hosts (global scope: not loopback's, not
+    /// link-local).
+    pub global: bool,
+}
+
+/// Every address of this network namespace's interfaces.
+pub fn addresses() -> Result<Vec<HostAddress>, LinksError> {
+    let mut found = Vec::new();
+    dump(
+        RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+        |message| {
+            if let RouteNetlinkMessage::NewAddress(address) = message {
+                found.extend(host_address(&address));
+            }
+        },
+    )?;
+    Ok(found)
 }
 
 /// The addresses of this network namespace's interfaces that other hosts
 /// can reach: global scope (not loopback's, not link-local).
 pub fn global_addresses() -> Result<Vec<HostAddress>, LinksError> {
-    let mut found = Vec::new();
-    dump(
-        RouteNetlinkMessage::GetAddress(AddressMessage::default()),
-        |message| {
-            if let RouteNetlinkMessage::NewAddress(address) = message
-                && address.header.scope == AddressScope::Universe
-            {
-                // IFA_LOCAL is the interface's own address on a
-                // point-to-point link (IFA_ADDRESS is the peer's there);
-                // elsewhere the two are the same, or only IFA_ADDRESS is
-                // sent (IPv6).
-                let mut own = None;
-                for attribute in &address.attributes {
-                    match attribute {
-                        AddressAttribute::Local(ip) => own = Some(*ip),
-                        AddressAttribute::Address(ip) if own.is_none() => own = Some(*ip),
-                        _ => {}
-                    }
-                }
-                if let Some(ip) = own {
-                    found.push(HostAddress {
-                        ifindex: address.header.index,
-                        address: ip,
-                        prefix_len: address.header.prefix_len,
-                    });
-                }
-            }
-        },
-    )?;
-    Ok(found)
+    Ok(addresses()?.into_iter().filter(|a| a.global).collect())
+}
+
+fn host_address(address: &AddressMessage) -> Option<HostAddress> {
+    // IFA_LOCAL is the interface's own address on a point-to-point link
+    // (IFA_ADDRESS is the peer's there); elsewhere the two are the same,
+    // or only IFA_ADDRESS is sent (IPv6).
+    let mut own = None;
+    for attribute in &address.attributes {
+        match attribute {
+            AddressAttribute::Local(ip) => own = Some(*ip),
+            AddressAttribute::Address(ip) if own.is_none() => own = Some(*ip),
+            _ => {}
+        }
+    }
+    Some(HostAddress {
+        ifindex: address.header.index,
+        address: own?,
+        prefix_len: address.header.prefix_len,
+        global: address.header.scope == AddressScope::Universe,
+    })
 }
 
 fn neighbour_entry(message: &NeighbourMessage) -> Option<(IpAddr, Mac)> {
@@ -260,7 +268,8 @@ fn neighbour_entry(message: &NeighbourMessage) -> Option<(IpAddr, Mac)> {
     Some((address?, mac.filter(|m| *m != [0; 6])?))
 }
 
-/// A socket subscribed to link changes; `wait` blocks until one happens.
+/// A socket subscribed to changes of links and of their IPv4 and IPv6
+/// addresses; `wait` blocks until one happens.
 pub struct LinkEvents {
     socket: Socket,
 }
@@ -269,13 +278,17 @@ impl LinkEvents {
     pub fn subscribe() -> Result<Self, LinksError> {
         let mut socket = Socket::new(NETLINK_ROUTE).map_err(LinksError::Socket)?;
         socket
-            .bind(&SocketAddr::new(0, libc::RTMGRP_LINK as u32))
+            .bind(&SocketAddr::new(
+                0,
+                (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32,
+            ))
             .map_err(LinksError::Socket)?;
         Ok(Self { socket })
     }
 
-    /// Blocks until a link appears, changes or disappears. (What changed is
-    /// not parsed: the caller re-reads the links.) ENOBUFS, events lost
+    /// Blocks until a link or an address appears, changes or disappears.
+    /// (What changed is not parsed: the caller re-reads the links and
+    /// addresses.) ENOBUFS, events lost
     /// because too many came at once, is a wake-up too.
     pub fn wait(&mut self) -> Result<(), LinksError> {
         match self.socket.recv_from_full() {

@@ -59,16 +59,17 @@ pub struct DatapathOptions {
     pub mac_nets: ntm_common::observe::MacNets,
 }
 
-/// The kernel's form of the networks whose sources' MACs are learnt, from
-/// (address, prefix length) pairs; more than fit: every source.
-pub fn mac_nets(nets: &[(std::net::IpAddr, u8)]) -> ntm_common::observe::MacNets {
+/// The kernel's form of the networks whose sources' MACs are learnt; more
+/// than fit: every source.
+pub fn mac_nets(nets: &[crate::model::net::Cidr]) -> ntm_common::observe::MacNets {
     use ntm_common::observe::{MAC_NETS, MacNets};
     use std::net::IpAddr;
     let mut out = MacNets {
         all: 0,
         ..MacNets::ALL
     };
-    for (addr, prefix) in nets {
+    for net in nets {
+        let (addr, prefix) = (&net.addr(), &net.prefix());
         match addr {
             IpAddr::V4(v4) => {
                 if out.v4_count as usize == MAC_NETS {
@@ -183,6 +184,9 @@ pub struct Datapath {
     observer: Option<Observer>,
     /// The table of source MACs, until the agent takes it.
     macs: Option<LearntMacs>,
+    /// Whose MACs are learnt (held when MACs are learnt): the local
+    /// networks, which change with the host's addresses.
+    mac_nets: Option<Array<MapData, ntm_common::observe::MacNets>>,
     /// Until when this agent vouches for the tables (the orphan timeout).
     lease: Array<MapData, u64>,
 }
@@ -281,7 +285,7 @@ impl Datapath {
         } else {
             Some(Observer::take_from(&mut ebpf)?)
         };
-        if options.learn_macs {
+        let mac_nets = if options.learn_macs {
             let mut nets: Array<MapData, ntm_common::observe::MacNets> =
                 take_array(&mut ebpf, names::MAC_NETS)?;
             nets.set(0, options.mac_nets, 0)
@@ -289,7 +293,10 @@ impl Datapath {
                     map: names::MAC_NETS,
                     source,
                 })?;
-        }
+            Some(nets)
+        } else {
+            None
+        };
         let macs = if options.learn_macs {
             Some(LearntMacs::take_from(&mut ebpf)?)
         } else {
@@ -304,6 +311,7 @@ impl Datapath {
                 filter: None,
                 observer,
                 macs,
+                mac_nets,
                 lease,
             },
             tables,
@@ -427,6 +435,20 @@ impl Datapath {
     /// The table of source MACs by address, once (None if not learnt).
     pub fn take_macs(&mut self) -> Option<LearntMacs> {
         self.macs.take()
+    }
+
+    /// Learns the MACs of sources in `nets` from now on (nothing when MACs
+    /// are not learnt). The kernel reads the one entry as a whole, so a
+    /// frame sees the old networks or the new.
+    pub fn set_mac_nets(&mut self, nets: &[crate::model::net::Cidr]) -> Result<(), DatapathError> {
+        let Some(map) = self.mac_nets.as_mut() else {
+            return Ok(());
+        };
+        map.set(0, mac_nets(nets), 0)
+            .map_err(|source| DatapathError::MapSetup {
+                map: names::MAC_NETS,
+                source,
+            })
     }
 
     pub fn filter(&self) -> Option<&Filter> {
@@ -580,9 +602,9 @@ mod tests {
     #[test]
     fn mac_nets_match_what_they_were_given() {
         let nets = mac_nets(&[
-            ("192.168.0.0".parse().unwrap(), 16),
-            ("10.1.2.3".parse().unwrap(), 8),
-            ("fe80::".parse().unwrap(), 10),
+            "192.168.0.0/16".parse().unwrap(),
+            "10.1.2.3/8".parse().unwrap(),
+            "fe80::/10".parse().unwrap(),
         ]);
         let v4 = |a: [u8; 4]| [u32::from_ne_bytes(a), 0, 0, 0];
         let v6 = |ip: &str| {
@@ -599,7 +621,7 @@ mod tests {
         assert!(!nets.contains(six, &v6("2001:db8::1")));
         assert!(!nets.contains(ntm_common::family::NON_IP, &[0; 4]));
         let many: Vec<_> = (0..17u8)
-            .map(|i| (std::net::IpAddr::from([10, i, 0, 0]), 16))
+            .map(|i| crate::model::net::Cidr::network([10, i, 0, 0].into(), 16))
             .collect();
         assert!(
             mac_nets(&many).contains(four, &v4([93, 184, 0, 1])),

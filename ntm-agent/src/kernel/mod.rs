@@ -20,6 +20,7 @@ pub mod attach;
 pub mod drain;
 pub mod links;
 pub mod load;
+pub mod local_nets;
 pub mod observe;
 pub mod pins;
 pub mod plan;
@@ -675,6 +676,11 @@ impl Kernel {
 
     pub fn interface_labels(&self) -> &HashMap<u32, String> {
         &self.labels
+    }
+
+    /// Learns the MACs of sources in these networks from now on.
+    pub fn set_mac_nets(&mut self, nets: &[crate::model::net::Cidr]) -> Result<(), KernelError> {
+        Ok(self.datapath.set_mac_nets(nets)?)
     }
 }
 

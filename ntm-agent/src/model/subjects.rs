@@ -5,9 +5,9 @@
 
 use std::{borrow::Cow, net::IpAddr};
 
-use ntm_common::{FlowKey, Hook};
+use ntm_common::{FlowKey, Hook, ipproto};
 
-use super::net::LocalNets;
+use super::net::{LocalNets, Place};
 
 /// What traffic is kept of, in the live view and the history.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -81,21 +81,49 @@ impl Side {
     }
 }
 
+/// The row of the traffic to no one host (multicast groups, broadcast, and
+/// from the unspecified address), among the devices: never a host's label
+/// (a label has no spaces).
+pub const GROUPS: &str = "multicast and broadcast";
+
+/// The row, among the services, of what a network carries by itself
+/// (neighbour discovery, MLD and IGMP, ARP, DHCP, mDNS, SSDP, LLMNR, and
+/// anything to a group): it would crowd out the services people use.
+/// `/metrics` keeps each service's own label.
+pub const HOUSEKEEPING: &str = "network housekeeping";
+
 /// Where one labelled flow delta counts.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Shares<'l> {
     /// The traffic's way as a whole, and its service's and server's: into
-    /// the local networks is a download, anything else an upload. Frames
-    /// that are not IP count as downloads.
+    /// the local networks (or to a group on them) is a download, anything
+    /// else an upload. Frames that are not IP count as downloads.
     pub way: Way,
     /// Its interface, by the hook that saw it.
     pub interface: (&'l str, Hook),
+    /// Its service as the services are listed: its label, or
+    /// [`HOUSEKEEPING`].
     pub service: &'l str,
-    /// The remote side, when exactly one side is local.
+    /// The remote side, when one side is a device and the other a remote
+    /// host.
     pub server: Option<Cow<'l, str>>,
-    /// Its local sides (source, then destination), each its own way: the
+    /// Its devices (source, then destination), each its own way: the
     /// source's upload, the destination's download.
     pub devices: [Option<(Cow<'l, str>, Way)>; 2],
+    /// When one side is no one host: its share of the [`GROUPS`] row.
+    pub group: Option<GroupShare<'l>>,
+}
+
+/// Traffic to a group (or from the unspecified address), for the
+/// [`GROUPS`] row: what came from outside the local networks is its
+/// download, what was sent on them its upload.
+#[derive(Debug, PartialEq, Eq)]
+pub struct GroupShare<'l> {
+    /// The group's (or broadcast or unspecified address's) label.
+    pub address: Cow<'l, str>,
+    pub way: Way,
+    /// The service's own label (the row shows what it carries).
+    pub service: &'l str,
 }
 
 impl<'l> Shares<'l> {
@@ -112,16 +140,17 @@ impl<'l> Shares<'l> {
         let interface = (iface, Hook::from_u8(key.hook).unwrap_or(Hook::Ingress));
         let (Some(src_ip), Some(dst_ip)) = (key.src_addr(), key.dst_addr()) else {
             // Not IP (ARP, say): a service of the interface, no hosts.
+            let housekeeping = matches!(key.port, ETHERTYPE_ARP | ETHERTYPE_LLDP);
             return Self {
                 way: Way::Download,
                 interface,
-                service,
+                service: if housekeeping { HOUSEKEEPING } else { service },
                 server: None,
                 devices: [None, None],
+                group: None,
             };
         };
-        let src_local = local.contains(src_ip);
-        let dst_local = local.contains(dst_ip);
+        let (src_place, dst_place) = (local.place(src_ip), local.place(dst_ip));
         // A host is its label, or its address when host labels are off
         // (only then is a name made).
         let name = |label: &'l str, ip: IpAddr| -> Cow<'l, str> {
@@ -132,29 +161,45 @@ impl<'l> Shares<'l> {
             }
         };
         let (src_name, dst_name) = (name(src, src_ip), name(dst, dst_ip));
-        let server = match (src_local, dst_local) {
-            (false, true) => Some(src_name.clone()),
-            (true, false) => Some(dst_name.clone()),
+        let server = match (src_place, dst_place) {
+            (Place::Remote, Place::Local) => Some(src_name.clone()),
+            (Place::Local, Place::Remote) => Some(dst_name.clone()),
             _ => None,
         };
-        Self {
-            way: if dst_local {
+        let group = match (src_place, dst_place) {
+            (_, Place::Group) => Some((dst_name.clone(), src_place)),
+            (Place::Group, _) => Some((src_name.clone(), dst_place)),
+            _ => None,
+        }
+        .map(|(address, other)| GroupShare {
+            address,
+            way: if other == Place::Remote {
                 Way::Download
             } else {
                 Way::Upload
             },
-            interface,
             service,
+        });
+        let housekeeping = group.is_some() || is_housekeeping(key);
+        Self {
+            way: if dst_place == Place::Remote {
+                Way::Upload
+            } else {
+                Way::Download
+            },
+            interface,
+            service: if housekeeping { HOUSEKEEPING } else { service },
             server,
             devices: [
-                src_local.then_some((src_name, Way::Upload)),
-                dst_local.then_some((dst_name, Way::Download)),
+                (src_place == Place::Local).then_some((src_name, Way::Upload)),
+                (dst_place == Place::Local).then_some((dst_name, Way::Download)),
             ],
+            group,
         }
     }
 
     /// Each subject's name and side: the interface, the service, the
-    /// server, the devices.
+    /// server, the devices (the [`GROUPS`] row last).
     pub fn each(&self, mut share: impl FnMut(Subject, &str, Side)) {
         share(
             Subject::Interface,
@@ -168,6 +213,27 @@ impl<'l> Shares<'l> {
         for (device, way) in self.devices.iter().flatten() {
             share(Subject::Device, device, Side::Way(*way));
         }
+        if let Some(group) = &self.group {
+            share(Subject::Device, GROUPS, Side::Way(group.way));
+        }
+    }
+}
+
+const ETHERTYPE_ARP: u16 = 0x0806;
+const ETHERTYPE_LLDP: u16 = 0x88CC;
+
+/// Whether a unicast IP flow is one a network carries by itself: ICMPv6
+/// neighbour and router discovery and MLD, ICMP router discovery, IGMP,
+/// and DHCP, DHCPv6, mDNS, SSDP and LLMNR by their ports (their answers
+/// are unicast).
+fn is_housekeeping(key: &FlowKey) -> bool {
+    const IGMP: u8 = 2;
+    match key.proto {
+        ipproto::ICMPV6 => matches!(key.port, 130..=137 | 143),
+        ipproto::ICMP => matches!(key.port, 9 | 10),
+        IGMP => true,
+        ipproto::UDP => matches!(key.port, 67 | 68 | 546 | 547 | 1900 | 5353 | 5355),
+        _ => false,
     }
 }
 
@@ -177,7 +243,7 @@ mod tests {
     use ntm_common::test_util::KeyBuilder;
 
     fn local() -> LocalNets {
-        LocalNets(vec!["198.18.0.0/24".parse().unwrap()])
+        LocalNets::given(vec!["198.18.0.0/24".parse().unwrap()])
     }
 
     fn key(src: [u8; 4], dst: [u8; 4], hook: Hook) -> FlowKey {
@@ -232,8 +298,81 @@ mod tests {
             all(&shares),
             [
                 (Subject::Interface, "eth0".into(), Side::Hook(Hook::Egress)),
-                (Subject::Service, "arp".into(), Side::Way(Way::Download)),
+                (
+                    Subject::Service,
+                    HOUSEKEEPING.into(),
+                    Side::Way(Way::Download)
+                ),
             ]
         );
+    }
+
+    #[test]
+    fn groups_are_no_hosts_and_housekeeping_is_one_service() {
+        // A device's mDNS: its upload, the groups row's upload, and the
+        // housekeeping row; no server, no device of the group.
+        let mdns = KeyBuilder::v4([198, 18, 0, 2], [224, 0, 0, 251])
+            .proto(ipproto::UDP)
+            .port(5353)
+            .build();
+        let shares = Shares::of_flow(&local(), &mdns, "br0", ("laptop", "mdns.mcast.net"), "mdns");
+        assert_eq!(
+            all(&shares),
+            [
+                (Subject::Interface, "br0".into(), Side::Hook(Hook::Ingress)),
+                (
+                    Subject::Service,
+                    HOUSEKEEPING.into(),
+                    Side::Way(Way::Download)
+                ),
+                (Subject::Device, "laptop".into(), Side::Way(Way::Upload)),
+                (Subject::Device, GROUPS.into(), Side::Way(Way::Upload)),
+            ]
+        );
+        let group = shares.group.unwrap();
+        assert_eq!(
+            (group.address.as_ref(), group.service),
+            ("mdns.mcast.net", "mdns")
+        );
+        // A DHCP discover, from no address to the broadcast: neither is a
+        // device; the network's own broadcast address is a group too.
+        for dst in [[255, 255, 255, 255], [198, 18, 0, 255]] {
+            let discover = KeyBuilder::v4([0, 0, 0, 0], dst)
+                .proto(ipproto::UDP)
+                .port(67)
+                .build();
+            let shares = Shares::of_flow(&local(), &discover, "br0", ("", ""), "bootps");
+            assert_eq!(
+                all(&shares),
+                [
+                    (Subject::Interface, "br0".into(), Side::Hook(Hook::Ingress)),
+                    (
+                        Subject::Service,
+                        HOUSEKEEPING.into(),
+                        Side::Way(Way::Download)
+                    ),
+                    (Subject::Device, GROUPS.into(), Side::Way(Way::Upload)),
+                ],
+                "{dst:?}"
+            );
+        }
+        // Multicast from outside (IPTV): the row's download.
+        let iptv = KeyBuilder::v4([203, 0, 113, 9], [239, 1, 1, 1])
+            .proto(ipproto::UDP)
+            .port(5000)
+            .build();
+        let shares = Shares::of_flow(&local(), &iptv, "wan", ("", ""), "5000");
+        assert_eq!(shares.group.unwrap().way, Way::Download);
+        assert_eq!(shares.server, None);
+        // Unicast housekeeping between two devices: both devices, one
+        // housekeeping service.
+        let na = KeyBuilder::v4([198, 18, 0, 2], [198, 18, 0, 1])
+            .proto(ipproto::UDP)
+            .port(68)
+            .build();
+        let shares = Shares::of_flow(&local(), &na, "br0", ("", ""), "bootpc");
+        assert_eq!(shares.service, HOUSEKEEPING);
+        assert_eq!(shares.devices.iter().flatten().count(), 2);
+        assert!(shares.group.is_none());
     }
 }

@@ -6,9 +6,10 @@
 //! 1. files (`files.rs`): hosts and ethers files, then DHCP lease files;
 //! 2. containers on this host (`containers.rs`), then pods on this
 //!    Kubernetes node and the node itself (`kubernetes/`);
-//! 3. the wire (`observed.rs`): the host name a device's DHCP client sent,
+//! 3. this host's own addresses, by its host name (`this_host.rs`);
+//! 4. the wire (`observed.rs`): the host name a device's DHCP client sent,
 //!    then the name a peer asked DNS for;
-//! 4. reverse DNS (`resolver.rs`), which a new flow waits for (bounded);
+//! 5. reverse DNS (`resolver.rs`), which a new flow waits for (bounded);
 //!
 //! and where none names it, the address itself.
 //!
@@ -16,8 +17,14 @@
 //! [`ladder`] and its options in [`NameOptions`].
 
 use super::{
-    NameMetrics, NameOptions, containers::ContainerNames, files::NameFiles,
-    kubernetes::KubernetesNames, observed::ObservedNames, resolver::ReverseDns, source::NameSource,
+    NameMetrics, NameOptions,
+    containers::ContainerNames,
+    files::NameFiles,
+    kubernetes::KubernetesNames,
+    observed::ObservedNames,
+    resolver::ReverseDns,
+    source::NameSource,
+    this_host::{ThisHostNames, host_name},
 };
 
 /// The ladder, highest rung first, of the sources `options` asks for.
@@ -37,6 +44,11 @@ pub fn ladder(options: &NameOptions, metrics: NameMetrics) -> Vec<Box<dyn NameSo
             kubernetes.clone(),
             metrics.kubernetes,
         )));
+    }
+    if let Some(own) = &options.own_addresses
+        && let Some(this_host) = ThisHostNames::new(host_name(), own.clone())
+    {
+        ladder.push(Box::new(this_host));
     }
     ladder.push(Box::new(ObservedNames::new(options.answer_min_ttl)));
     if let Some(reverse_dns) = ReverseDns::start(options, metrics.lookups) {

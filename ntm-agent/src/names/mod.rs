@@ -17,12 +17,14 @@ pub mod ladder;
 pub mod observed;
 pub mod resolver;
 pub mod source;
+pub mod this_host;
 pub mod wire;
 
 use std::{
     collections::HashMap,
     net::IpAddr,
     num::NonZeroUsize,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -38,7 +40,7 @@ use self::{
 };
 use crate::{
     health::self_metrics::KubernetesMetrics,
-    model::net::{LocalNets, Mac},
+    model::net::{LocalNet, LocalNets, Mac, Place},
 };
 
 #[derive(Clone, Debug)]
@@ -68,6 +70,9 @@ pub struct NameOptions {
     pub container_sockets: Option<Vec<std::path::PathBuf>>,
     /// The Kubernetes rung (the node's container runtime); None: off.
     pub kubernetes: Option<kubernetes::KubernetesOptions>,
+    /// This host's addresses, named by its host name (the agent keeps
+    /// them up to date); None: off.
+    pub own_addresses: Option<this_host::OwnAddresses>,
 }
 
 /// What the name sources count and export.
@@ -97,13 +102,20 @@ impl NameOptions {
             answer_min_ttl: Duration::from_secs(60),
             container_sockets: None,
             kubernetes: None,
+            own_addresses: None,
         }
     }
 }
 
 struct Sticky {
-    label: String,
+    /// Shared with `hosts` and with every flow, series and `host_info` row
+    /// that shows it: one copy of each label.
+    label: Arc<str>,
     last_used: Instant,
+    /// Whether the address was local when its label was decided (a local
+    /// host's name is kept whole and may come from its MAC; a remote one's
+    /// is cut to its domain).
+    local: bool,
 }
 
 /// Decides and remembers the host label of each address, as seen from
@@ -114,6 +126,9 @@ pub struct HostLabels {
     /// The name sources, highest rung first (see [`ladder::ladder`]).
     ladder: Vec<Box<dyn NameSource>>,
     local: LocalNets,
+    /// The local networks when sticky labels were last checked against
+    /// them.
+    local_seen: Arc<Vec<LocalNet>>,
     fqdn: bool,
     /// The Kubernetes cluster's DNS domain, with the Kubernetes rung on:
     /// its Service names label ClusterIPs as SERVICE.NAMESPACE.
@@ -133,7 +148,9 @@ pub struct HostLabels {
     addresses_per_mac: HashMap<Mac, usize>,
     /// The hosts (address and label) that sticky labels hold now, with
     /// how many (address, peer) entries hold each.
-    hosts: HashMap<(IpAddr, String), (Source, usize)>,
+    hosts: HashMap<(IpAddr, Arc<str>), (Source, usize)>,
+    /// The label of a flow without hosts (labels off, non-IP frames).
+    empty: Arc<str>,
     /// Bumped whenever `hosts` gains or loses one.
     hosts_changed: u64,
     /// Addresses labelled now, by source (`<prefix>_names{source}`).
@@ -188,6 +205,7 @@ impl HostLabels {
         Self {
             wanted,
             ladder,
+            local_seen: local.list(),
             local,
             fqdn: options.fqdn,
             cluster_domain: options
@@ -201,6 +219,7 @@ impl HostLabels {
             learnt_macs: HashMap::new(),
             addresses_per_mac: HashMap::new(),
             hosts: HashMap::new(),
+            empty: Arc::from(""),
             hosts_changed: 0,
             by_source: None,
         }
@@ -258,7 +277,7 @@ impl HostLabels {
         if let Some(mac) = self.neighbours.get(&ip) {
             return Some(*mac);
         }
-        if self.local.contains(ip) {
+        if self.local.place(ip) == Place::Local {
             let learnt = match self.learnt_macs.get(&ip) {
                 Some(mac) => Some(*mac),
                 None => self.look_up_mac(ip),
@@ -299,12 +318,25 @@ impl HostLabels {
     }
 
     /// Re-reads the name files that changed (cheap when none did), and
-    /// forgets the labels of addresses a source renamed.
+    /// forgets the labels of addresses a source renamed, or that became
+    /// local or remote since (the local networks changed).
     pub fn refresh(&mut self) {
         let mut renamed = std::collections::HashSet::new();
         for source in &mut self.ladder {
             source.refresh();
             renamed.extend(source.renamed());
+        }
+        let nets = self.local.list();
+        if !Arc::ptr_eq(&nets, &self.local_seen) {
+            self.local_seen = nets;
+            renamed.extend(
+                self.sticky
+                    .iter()
+                    .filter(|((ip, _), sticky)| {
+                        sticky.local != (self.local.place(*ip) == Place::Local)
+                    })
+                    .map(|((ip, _), _)| *ip),
+            );
         }
         if !renamed.is_empty() {
             self.forget(&renamed);
@@ -341,9 +373,9 @@ impl HostLabels {
         key: &FlowKey,
         first_seen: Instant,
         now: Instant,
-    ) -> Option<(String, String)> {
+    ) -> Option<(Arc<str>, Arc<str>)> {
         if !self.wanted {
-            return Some((String::new(), String::new()));
+            return Some((Arc::clone(&self.empty), Arc::clone(&self.empty)));
         }
         match (key.src_addr(), key.dst_addr()) {
             (Some(src), Some(dst)) => {
@@ -351,7 +383,7 @@ impl HostLabels {
                 let dst_label = self.label(dst, src, first_seen, now);
                 Some((src_label?, dst_label?))
             }
-            _ => Some((String::new(), String::new())),
+            _ => Some((Arc::clone(&self.empty), Arc::clone(&self.empty))),
         }
     }
 
@@ -363,16 +395,17 @@ impl HostLabels {
         peer: IpAddr,
         first_seen: Instant,
         now: Instant,
-    ) -> Option<String> {
+    ) -> Option<Arc<str>> {
         if let Some(s) = self.sticky.get_mut(&(ip, peer)) {
             s.last_used = now;
-            return Some(s.label.clone());
+            return Some(Arc::clone(&s.label));
         }
         let (label, source) = self.decide(ip, peer, first_seen, now)?;
-        self.hold(ip, &label, source);
+        let label = self.hold(ip, label, source);
         let sticky = Sticky {
-            label: label.clone(),
+            label: Arc::clone(&label),
             last_used: now,
+            local: self.local.place(ip) == Place::Local,
         };
         if let Some(((evicted_ip, _), evicted)) = self.sticky.push((ip, peer), sticky) {
             self.release(evicted_ip, evicted);
@@ -380,16 +413,26 @@ impl HostLabels {
         Some(label)
     }
 
-    fn hold(&mut self, ip: IpAddr, label: &str, source: Source) {
-        let held = self
-            .hosts
-            .entry((ip, label.to_string()))
-            .or_insert((source, 0));
-        held.1 += 1;
-        if held.1 == 1 {
+    /// Holds the host (`ip`, `label`) once more; returns its label as held
+    /// (the copy every peer that knows `ip` by that label shares).
+    fn hold(&mut self, ip: IpAddr, label: String, source: Source) -> Arc<str> {
+        use std::collections::hash_map::Entry;
+        let (label, first) = match self.hosts.entry((ip, Arc::from(label))) {
+            Entry::Occupied(mut held) => {
+                held.get_mut().1 += 1;
+                (Arc::clone(&held.key().1), false)
+            }
+            Entry::Vacant(new) => {
+                let label = Arc::clone(&new.key().1);
+                new.insert((source, 1));
+                (label, true)
+            }
+        };
+        if first {
             self.hosts_changed += 1;
             self.count(source, 1);
         }
+        label
     }
 
     fn release(&mut self, ip: IpAddr, sticky: Sticky) {
@@ -409,10 +452,10 @@ impl HostLabels {
 
     /// The hosts in labels now: address, label, where the label came
     /// from, and the MAC the address is at if known.
-    pub fn hosts(&self) -> impl Iterator<Item = (IpAddr, &str, Source, Option<Mac>)> {
+    pub fn hosts(&self) -> impl Iterator<Item = (IpAddr, &Arc<str>, Source, Option<Mac>)> {
         self.hosts
             .iter()
-            .map(|((ip, label), (source, _))| (*ip, label.as_str(), *source, self.known_mac(*ip)))
+            .map(|((ip, label), (source, _))| (*ip, label, *source, self.known_mac(*ip)))
     }
 
     /// Changes whenever a host enters or leaves the labels.
@@ -505,7 +548,7 @@ mod tests {
     }
 
     fn local() -> LocalNets {
-        LocalNets(vec!["192.168.0.0/16".parse().unwrap()])
+        LocalNets::given(vec!["192.168.0.0/16".parse().unwrap()])
     }
 
     #[test]
@@ -564,6 +607,40 @@ mod tests {
             off.name_label(lan, "web.shop.svc.cluster.local".into()),
             "web.shop.svc.cluster.local"
         );
+    }
+
+    /// Names any address whose MAC is known "phone".
+    struct ByMac;
+
+    impl NameSource for ByMac {
+        fn name(&mut self, query: &source::Query) -> source::Lookup {
+            match query.mac {
+                Some(_) => source::Lookup::Name("phone".into(), Source::Dhcp),
+                None => source::Lookup::Next,
+            }
+        }
+    }
+
+    #[test]
+    fn labels_are_decided_again_when_an_address_becomes_local() {
+        let local = LocalNets::learnt();
+        let mut h = HostLabels::new(true, vec![Box::new(ByMac)], local.clone(), &options());
+        h.look_up_macs_with(Box::new(|_| Some([2, 0, 0, 0, 0, 7])));
+        let now = Instant::now();
+        let ip: IpAddr = "2001:2:0:61::5".parse().unwrap();
+        let peer: IpAddr = "2001:2:0:ff::2".parse().unwrap();
+        // Outside the local networks: a remote host never takes a frame's
+        // MAC, and the label sticks.
+        assert_eq!(h.label(ip, peer, now, now), Some("2001:2:0:61::5".into()));
+        h.refresh();
+        assert_eq!(h.label(ip, peer, now, now), Some("2001:2:0:61::5".into()));
+        // The host's new prefix: the address is a device's now.
+        assert!(local.set(vec![crate::model::net::LocalNet {
+            net: "2001:2:0:61::/64".parse().unwrap(),
+            origin: crate::model::net::Origin::Interface("br-lan".into()),
+        }]));
+        h.refresh();
+        assert_eq!(h.label(ip, peer, now, now), Some("phone".into()));
     }
 
     #[test]

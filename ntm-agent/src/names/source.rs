@@ -18,6 +18,8 @@ pub enum Source {
     /// A pod on this Kubernetes node, or the node itself, from the
     /// container runtime's CRI.
     Kubernetes,
+    /// This host's own address, named by its host name.
+    ThisHost,
     /// DHCP: the name the device sent, from a lease file (`--leases`) or
     /// its messages on the wire.
     Dhcp,
@@ -30,10 +32,11 @@ pub enum Source {
 }
 
 impl Source {
-    pub const ALL: [Source; 7] = [
+    pub const ALL: [Source; 8] = [
         Source::Static,
         Source::Container,
         Source::Kubernetes,
+        Source::ThisHost,
         Source::Dhcp,
         Source::DnsAnswer,
         Source::ReverseDns,
@@ -53,6 +56,7 @@ impl Source {
             Source::Static => "static",
             Source::Container => "container",
             Source::Kubernetes => "kubernetes",
+            Source::ThisHost => "this_host",
             Source::Dhcp => "dhcp",
             Source::DnsAnswer => "dns_answer",
             Source::ReverseDns => "reverse_dns",

@@ -17,6 +17,8 @@ use crate::model::{OTHER, series::Label, sync};
 pub struct SeriesBudget {
     series: Arc<RwLock<TrafficSeries>>,
     labels: Vec<Label>,
+    /// [`OTHER`], one copy for every folded value.
+    other: Arc<str>,
     max_series: usize,
     ttl: Duration,
     count: IntGauge,
@@ -37,6 +39,7 @@ impl SeriesBudget {
         Self {
             series,
             labels,
+            other: Arc::from(OTHER),
             max_series,
             ttl,
             count,
@@ -47,7 +50,7 @@ impl SeriesBudget {
 
     /// Adds to the series of `values` (label values in `labels` order), or
     /// to its folded series when the budget is spent.
-    pub fn add(&mut self, values: Vec<String>, delta: &Counters, now: Instant) {
+    pub fn add(&mut self, values: Vec<Arc<str>>, delta: &Counters, now: Instant) {
         let over_budget = {
             let series = sync::read(&self.series);
             !series.contains(&values) && series.len() >= self.max_series
@@ -65,12 +68,12 @@ impl SeriesBudget {
     /// on interface `iface`: every other label `other`, outside the budget
     /// (one series per interface at most).
     pub fn add_overflow(&mut self, iface: &str, delta: &Counters, now: Instant) {
-        let values: Vec<String> = self
+        let values: Vec<Arc<str>> = self
             .labels
             .iter()
             .map(|label| match label {
-                Label::Iface => iface.to_string(),
-                _ => OTHER.to_string(),
+                Label::Iface => Arc::from(iface),
+                _ => Arc::clone(&self.other),
             })
             .collect();
         self.add_unbudgeted(&values, delta, now);
@@ -78,16 +81,16 @@ impl SeriesBudget {
 
     /// Beyond the budget: hosts and service become "other"; protocol,
     /// direction and interface (a handful of values each) are kept.
-    fn fold(&self, mut values: Vec<String>) -> Vec<String> {
+    fn fold(&self, mut values: Vec<Arc<str>>) -> Vec<Arc<str>> {
         for (value, label) in values.iter_mut().zip(&self.labels) {
             if matches!(label, Label::Src | Label::Dst | Label::Service) {
-                *value = OTHER.to_string();
+                *value = Arc::clone(&self.other);
             }
         }
         values
     }
 
-    fn add_unbudgeted(&mut self, values: &[String], delta: &Counters, now: Instant) {
+    fn add_unbudgeted(&mut self, values: &[Arc<str>], delta: &Counters, now: Instant) {
         let mut series = sync::write(&self.series);
         series.add(values, delta.bytes, delta.packets, now);
         self.count.set(series.len() as i64);

@@ -22,8 +22,8 @@ use ntm_common::{Counters, FlowKey, Hook};
 use super::sink::{Host, LabelledDrain, Sink};
 use crate::model::{
     OTHER,
-    net::{LocalNets, Mac},
-    subjects::{Shares, Side, Subject},
+    net::{LocalNets, Mac, Place},
+    subjects::{GROUPS, Shares, Side, Subject},
     sync,
 };
 
@@ -268,28 +268,27 @@ impl LiveTraffic {
         } = self;
         let way = Side::Way(shares.way);
         all.add(way, delta, at.bucket, now);
-        add_to(services, service, way, delta, at);
+        add_to(services, shares.service, way, delta, at);
         if let Some(server) = &shares.server {
             add_to(servers, server, way, delta, at);
         }
         for (device, device_way) in shares.devices.iter().flatten() {
-            let device_way = &Side::Way(*device_way);
+            let device_way = Side::Way(*device_way);
             let device = devices.entry(device, || Device::new(now));
-            device.traffic.add(*device_way, delta, at.bucket, now);
-            device.services.entry(service, || Traffic::new(now)).add(
-                *device_way,
-                delta,
-                at.bucket,
-                now,
-            );
+            device.traffic.add(device_way, delta, at.bucket, now);
+            add_to(&mut device.services, shares.service, device_way, delta, at);
             if let Some(server) = &shares.server {
-                device.servers.entry(server, || Traffic::new(now)).add(
-                    *device_way,
-                    delta,
-                    at.bucket,
-                    now,
-                );
+                add_to(&mut device.servers, server, device_way, delta, at);
             }
+        }
+        // The groups' row: its "servers" are the groups, its services what
+        // they carry, each by its own label.
+        if let Some(group) = &shares.group {
+            let group_way = Side::Way(group.way);
+            let row = devices.entry(GROUPS, || Device::new(now));
+            row.traffic.add(group_way, delta, at.bucket, now);
+            add_to(&mut row.services, group.service, group_way, delta, at);
+            add_to(&mut row.servers, &group.address, group_way, delta, at);
         }
     }
 
@@ -318,7 +317,7 @@ impl LiveTraffic {
             device.addresses.clear();
         }
         for (ip, label, source, mac) in hosts {
-            if !self.local.contains(ip) {
+            if self.local.place(ip) != Place::Local {
                 continue;
             }
             if let Some(device) = self.devices.entries.get_mut(label) {
@@ -500,13 +499,13 @@ impl Sink for LiveSink {
         self.described != Some((version, devices))
     }
 
-    fn describe_hosts(&mut self, version: u64, hosts: &[Host<'_>]) {
+    fn describe_hosts(&mut self, version: u64, hosts: &[Host]) {
         let devices = {
             let mut live = self.write();
             live.describe_hosts(
                 hosts
                     .iter()
-                    .map(|host| (host.ip, host.label, host.source, host.mac)),
+                    .map(|host| (host.ip, &*host.label, host.source, host.mac)),
             );
             live.device_count()
         };
@@ -534,7 +533,7 @@ mod tests {
 
     fn live(now: Instant) -> LiveTraffic {
         LiveTraffic::new(
-            LocalNets(vec!["192.168.0.0/16".parse::<Cidr>().unwrap()]),
+            LocalNets::given(vec!["192.168.0.0/16".parse::<Cidr>().unwrap()]),
             Duration::from_secs(1),
             now,
         )

@@ -1,22 +1,27 @@
 //! The Prometheus output: each labelled delta into its series (through
 //! the series budget), and the hosts in labels as `<prefix>_host_info`.
 
-use std::time::{Duration, Instant};
-
-use prometheus::IntGaugeVec;
+use std::{
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
 
 use super::{
     budget::SeriesBudget,
+    host_info::{HostInfo, HostRows},
     sink::{Host, LabelledDrain, Sink},
 };
-use crate::{model::net::format_mac, pipeline::labels::Labeller};
+use crate::{
+    model::sync,
+    pipeline::labels::{Labeller, SharedLabels},
+};
 
 pub struct SeriesSink {
     budget: SeriesBudget,
     labeller: Labeller,
-    /// `<prefix>_host_info{address, name, mac, source}`, at most
-    /// `max_hosts` hosts (as many as there may be series).
-    host_info: IntGaugeVec,
+    /// `<prefix>_host_info`, at most `max_hosts` hosts (as many as there
+    /// may be series).
+    host_info: Arc<RwLock<HostInfo>>,
     max_hosts: usize,
     /// The hosts' version `host_info` was last built from.
     hosts_version: Option<u64>,
@@ -26,7 +31,7 @@ impl SeriesSink {
     pub fn new(
         budget: SeriesBudget,
         labeller: Labeller,
-        host_info: IntGaugeVec,
+        host_info: Arc<RwLock<HostInfo>>,
         max_hosts: usize,
     ) -> Self {
         Self {
@@ -42,9 +47,15 @@ impl SeriesSink {
 impl Sink for SeriesSink {
     fn labelled(&mut self, drain: &LabelledDrain, now: Instant) {
         for flow in &drain.flows {
-            let values = self
-                .labeller
-                .values(&flow.key, &flow.iface, &flow.src, &flow.dst);
+            let values = self.labeller.values(
+                &flow.key,
+                SharedLabels {
+                    iface: &flow.iface,
+                    src: &flow.src,
+                    dst: &flow.dst,
+                    service: &flow.service,
+                },
+            );
             self.budget.add(values, &flow.delta, now);
         }
         for overflow in &drain.overflow {
@@ -57,15 +68,13 @@ impl Sink for SeriesSink {
         self.hosts_version != Some(version)
     }
 
-    fn describe_hosts(&mut self, version: u64, hosts: &[Host<'_>]) {
+    fn describe_hosts(&mut self, version: u64, hosts: &[Host]) {
         self.hosts_version = Some(version);
-        self.host_info.reset();
-        for host in hosts.iter().take(self.max_hosts) {
-            let mac = host.mac.map(format_mac).unwrap_or_default();
-            self.host_info
-                .with_label_values(&[&host.ip.to_string(), host.label, &mac, host.source])
-                .set(1);
-        }
+        // Built and sorted before the lock, the old rows dropped after it:
+        // a scrape waits only for the swap.
+        let rows = HostRows::new(hosts, self.max_hosts);
+        let old = sync::write(&self.host_info).set(rows);
+        drop(old);
     }
 
     fn expire(&mut self, now: Instant, _ttl: Duration) {

@@ -1,6 +1,8 @@
 //! From a flow key to Prometheus label values: protocol and service names,
 //! direction from the local networks, host labels.
 
+use std::sync::Arc;
+
 use ntm_common::{FlowKey, family, ipproto, key_flags, service_port::PortClass};
 
 use crate::model::{
@@ -121,6 +123,16 @@ pub fn service_name(key: &FlowKey, services: &ServiceRegistry) -> String {
     }
 }
 
+/// A flow's labels decided before [`Labeller::values`]: its hosts' (by
+/// the names), its interface's and its service's (once per drain).
+#[derive(Clone, Copy)]
+pub struct SharedLabels<'a> {
+    pub iface: &'a Arc<str>,
+    pub src: &'a Arc<str>,
+    pub dst: &'a Arc<str>,
+    pub service: &'a Arc<str>,
+}
+
 /// Everything labelling needs, fixed at start.
 #[derive(Clone, Debug)]
 pub struct Labeller {
@@ -130,27 +142,28 @@ pub struct Labeller {
 }
 
 impl Labeller {
-    /// Label values of `key`, for the enabled labels, in their order; the
-    /// host labels are decided by the caller (see `names`).
-    pub fn values(&self, key: &FlowKey, iface: &str, src: &str, dst: &str) -> Vec<String> {
+    /// Label values of `key`, for the enabled labels, in their order. The
+    /// caller has decided the host labels (see `names`), the interface's
+    /// and the service's; those are shared, not copied.
+    pub fn values(&self, key: &FlowKey, shared: SharedLabels<'_>) -> Vec<Arc<str>> {
         self.enabled
             .iter()
             .map(|label| match label {
-                Label::Src => src.to_string(),
-                Label::Dst => dst.to_string(),
-                Label::Service => service_name(key, &self.services),
-                Label::Proto => proto_name(key),
+                Label::Src => Arc::clone(shared.src),
+                Label::Dst => Arc::clone(shared.dst),
+                Label::Service => Arc::clone(shared.service),
+                Label::Proto => proto_name(key).into(),
                 Label::Direction => self
                     .local
                     .direction(key)
                     .map_or("", Direction::as_str)
-                    .to_string(),
-                Label::Iface => iface.to_string(),
+                    .into(),
+                Label::Iface => Arc::clone(shared.iface),
                 Label::Vlan => {
                     if key.vlan_id == 0 {
-                        String::new()
+                        "".into()
                     } else {
-                        key.vlan_id.to_string()
+                        key.vlan_id.to_string().into()
                     }
                 }
             })
@@ -170,16 +183,12 @@ impl Labeller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::net::{Cidr, DEFAULT_LOCAL_NETS};
+    use crate::model::net::Cidr;
     use ntm_common::test_util::KeyBuilder;
 
+    /// The private ranges, as before any address is learnt.
     fn local() -> LocalNets {
-        LocalNets(
-            DEFAULT_LOCAL_NETS
-                .split(',')
-                .map(|c| c.parse().unwrap())
-                .collect(),
-        )
+        LocalNets::learnt()
     }
 
     fn v4(src: [u8; 4], dst: [u8; 4], proto: u8, port: u16) -> FlowKey {

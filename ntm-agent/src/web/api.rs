@@ -20,7 +20,8 @@ use serde::Serialize;
 use crate::{
     health::{attached::Health, status::DrainStatus},
     model::{
-        subjects::{Side, Subject, Way},
+        net::LocalNets,
+        subjects::{GROUPS, Side, Subject, Way},
         sync,
     },
     outputs::{
@@ -79,6 +80,8 @@ pub struct Api {
     pub history: HistoryReader,
     pub health: Health,
     pub status: Arc<Mutex<DrainStatus>>,
+    /// The local networks: which hosts are devices.
+    pub local: LocalNets,
 }
 
 /// Bytes and packets one way since the agent started, and the rate now.
@@ -113,6 +116,10 @@ struct DeviceDoc {
     mac: Option<String>,
     /// The rung of the naming ladder the name came from.
     name_source: Option<&'static str>,
+    /// True for the row of the traffic to no one host (multicast and
+    /// broadcast): its servers are the groups, its services what they
+    /// carry.
+    groups: bool,
 }
 
 #[derive(Serialize)]
@@ -185,6 +192,23 @@ struct StatusDoc {
     history_persistent: bool,
     /// Buckets of counts waiting for the history's next commit.
     history_uncommitted: usize,
+    /// Whether the local networks are learnt from the host's addresses
+    /// (false: given with `--local-net`).
+    local_networks_learnt: bool,
+    /// The local networks in use: which hosts are devices, and the
+    /// `direction` label.
+    local_networks: Vec<LocalNetDoc>,
+}
+
+/// One local network and where it came from.
+#[derive(Serialize)]
+struct LocalNetDoc {
+    network: String,
+    /// `given` (`--local-net`), `interface` (an address on `interface`),
+    /// or `private` (a private range, local unless `--local-net` is given).
+    origin: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    interface: Option<String>,
 }
 
 #[derive(Clone, Serialize)]
@@ -392,6 +416,7 @@ impl Api {
                         .join(":")
                 }),
                 name_source: device.source,
+                groups: row.name == GROUPS,
             })
             .collect();
         let names: Vec<&str> = devices.iter().map(|d| d.traffic.name.as_str()).collect();
@@ -569,6 +594,17 @@ impl Api {
             last_drain: status.last_drain.map(unix_seconds),
             history_persistent: self.history.persistent(),
             history_uncommitted: self.history.uncommitted(),
+            local_networks_learnt: self.local.is_learnt(),
+            local_networks: self
+                .local
+                .list()
+                .iter()
+                .map(|n| LocalNetDoc {
+                    network: n.net.to_string(),
+                    origin: n.origin.kind(),
+                    interface: n.origin.interface().map(str::to_string),
+                })
+                .collect(),
         })
     }
 }
@@ -576,17 +612,14 @@ impl Api {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::net::{Cidr, LocalNets};
+    use crate::model::net::Cidr;
     use ntm_common::{Counters, Hook, test_util::KeyBuilder};
     use std::time::Duration;
 
     fn api() -> Api {
         let now = Instant::now();
-        let mut live = LiveTraffic::new(
-            LocalNets(vec!["192.168.0.0/16".parse::<Cidr>().unwrap()]),
-            Duration::from_secs(1),
-            now,
-        );
+        let local = LocalNets::given(vec!["192.168.0.0/16".parse::<Cidr>().unwrap()]);
+        let mut live = LiveTraffic::new(local.clone(), Duration::from_secs(1), now);
         let key = KeyBuilder::v4([93, 184, 216, 34], [192, 168, 1, 20])
             .tcp(443)
             .ifindex(2)
@@ -625,6 +658,7 @@ mod tests {
             history: history.reader(),
             health,
             status: Arc::default(),
+            local,
         }
     }
 
@@ -728,5 +762,10 @@ mod tests {
         let now = unix_seconds(SystemTime::now());
         let agent_now = status["now"].as_u64().unwrap();
         assert!((now - 5..=now).contains(&agent_now), "{agent_now} vs {now}");
+        assert_eq!(status["local_networks_learnt"], false);
+        assert_eq!(
+            status["local_networks"],
+            serde_json::json!([{"network": "192.168.0.0/16", "origin": "given"}])
+        );
     }
 }

@@ -20,7 +20,9 @@ mod frames;
 mod golden;
 mod helm;
 mod history;
+mod home;
 mod image;
+mod ipfix;
 mod kubernetes;
 mod links;
 mod listing;
@@ -53,6 +55,11 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: history::a_damaged_newer_or_read_only_database_keeps_counting,
     Root: history::period_totals_and_a_quota_equal_what_was_sent,
     Root: history::period_totals_and_a_quota_from_the_first_scrape_after_a_restart,
+    Root: ipfix::every_flow_reaches_nfdump_exactly,
+    Root: ipfix::a_collector_that_comes_late_gets_everything_after,
+    Root: ipfix::counts_outside_the_flow_table_reach_the_collector,
+    Root: home::a_home_network_is_right_without_configuration,
+    Root: home::given_local_networks_are_exactly_those,
     Root: bridge::every_frame_crossing_a_bridge_is_counted_once,
     Root: bridge::interfaces_absent_at_start_and_recreated_are_followed,
     Nothing: configuration::every_flag_is_documented_and_every_documented_flag_exists,

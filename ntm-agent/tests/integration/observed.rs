@@ -125,7 +125,18 @@ pub fn servers_by_the_name_their_client_asked() {
     // Reverse DNS: a server that knows no name.
     let _ptr = DnsServer::start(&link.a, 5355, HashMap::new());
     let _sinks = sinks(&link, &[VIDEO, CDN, BRIEF, TCP_ONLY, SYSTEM, SHOP6]);
-    let _agent = agent(&link, 9420, &["--dns-answer-min-ttl", "1s"]);
+    // The clients are the local hosts; the servers, on the agent's own
+    // host here, stand for remote ones.
+    let _agent = agent(
+        &link,
+        9420,
+        &[
+            "--dns-answer-min-ttl",
+            "1s",
+            "--local-net",
+            "198.18.0.2/32,198.18.0.3/32,2001:2::2/128",
+        ],
+    );
 
     // Wait for dnsmasq to answer at all.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -342,6 +342,11 @@ pub fn the_page_shows_what_was_sent_and_names_as_text() {
         });
         assert_eq!(browser.text("#health"), "counting");
         assert_eq!(browser.text("#status-history"), "on disk");
+        // The local networks in use, and where they came from.
+        assert_eq!(
+            browser.text("#status-local"),
+            "198.18.0.2/32, 198.18.0.3/32 (--local-net)"
+        );
 
         // The hostile names became no markup: no element of theirs (the
         // CSP would also stop their script; the count is what shows that

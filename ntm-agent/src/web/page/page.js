@@ -280,7 +280,18 @@ function showStatus(status) {
     'in memory only: it will not survive a restart (see the log)';
   $('status-history').className = status.history_persistent ? '' : 'bad-text';
   $('status-started').textContent = new Date(status.started * 1000).toLocaleString();
+  $('status-local').textContent = describeLocalNetworks(status);
   $('rate-window').textContent = formatSeconds(status.rate_window_seconds);
+}
+
+// The local networks and where each came from, in a line.
+function describeLocalNetworks(status) {
+  const nets = status.local_networks || [];
+  const own = nets.filter((n) => n.origin !== 'private')
+    .map((n) => n.network + (n.interface ? ' on ' + n.interface : ''));
+  if (!status.local_networks_learnt) return own.join(', ') + ' (--local-net)';
+  const text = own.length > 0 ? own.join(', ') : 'no address on the monitored interfaces yet';
+  return text + ', and the private ranges (learnt from this host\'s addresses)';
 }
 
 function showThroughput(status) {
@@ -328,7 +339,7 @@ function updateRows(body, items, cells) {
 
 function showDevices(doc) {
   updateRows(document.querySelector('#devices tbody'), doc.devices, (device, tr) => {
-    tr.className = device.name === state.device ? 'selected' : '';
+    tr.className = (device.name === state.device ? 'selected' : '') + (device.groups ? ' groups' : '');
     let name = tr.cells[0];
     if (!name) {
       name = element('td');
@@ -356,6 +367,8 @@ function showTop(table, rows) {
   for (const scope of document.querySelectorAll('.scope')) {
     scope.textContent = state.device ? 'of ' + state.device : 'of all devices';
   }
+  // The multicast and broadcast row's "servers" are the groups it went to.
+  $('servers-word').textContent = state.device === GROUPS ? 'Groups' : 'Top servers';
 }
 
 function showInterfaces(doc) {
@@ -369,10 +382,15 @@ function showInterfaces(doc) {
   });
 }
 
+// The devices' row of the traffic to no one host (the API's `groups`).
+const GROUPS = 'multicast and broadcast';
+
 // The rungs of the naming ladder, as the API names them.
 const SOURCES = {
   static: 'a hosts or ethers file',
   container: 'its container',
+  kubernetes: 'its pod or node',
+  this_host: 'this host\'s name',
   dhcp: 'DHCP',
   dns_answer: 'a DNS answer',
   reverse_dns: 'reverse DNS',

@@ -7,25 +7,24 @@ use std::{
     process::{Command, Stdio},
 };
 
-use super::{Link, scrape::Guard};
+use super::{Link, Netns, scrape::Guard};
 
 /// dnsmasq on a's end of `link` only (never another interface, no
 /// upstream, no hosts file), its pid file in `dir`, with `extra` options:
 /// a DHCP range, `--port=53` and names for DNS, or `--port=0` for none.
 pub fn dnsmasq(link: &Link, dir: &Path, extra: &[&str]) -> Guard {
+    dnsmasq_on(&link.a, &link.a_if, dir, extra)
+}
+
+/// dnsmasq on `ifname` of `ns` only, as [`dnsmasq`] says.
+pub fn dnsmasq_on(ns: &Netns, ifname: &str, dir: &Path, extra: &[&str]) -> Guard {
     Guard(
         Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &link.a.name,
-                "dnsmasq",
-                "--keep-in-foreground",
-            ])
+            .args(["netns", "exec", &ns.name, "dnsmasq", "--keep-in-foreground"])
             .args(["--conf-file=/dev/null", "--no-resolv", "--no-hosts"])
             .args([
                 "--interface",
-                &link.a_if,
+                ifname,
                 "--bind-interfaces",
                 "--except-interface=lo",
             ])
@@ -43,6 +42,11 @@ pub fn dnsmasq(link: &Link, dir: &Path, extra: &[&str]) -> Guard {
 /// `hostname`; returns what it printed. The leased address ends up on
 /// b's interface.
 pub fn udhcpc(link: &Link, dir: &Path, hostname: &str) -> String {
+    udhcpc_on(&link.b, &link.b_if, dir, hostname)
+}
+
+/// Runs udhcpc once on `ifname` of `ns`, as [`udhcpc`] says.
+pub fn udhcpc_on(ns: &Netns, ifname: &str, dir: &Path, hostname: &str) -> String {
     let script = dir.join("udhcpc.script");
     std::fs::write(
         &script,
@@ -50,7 +54,7 @@ pub fn udhcpc(link: &Link, dir: &Path, hostname: &str) -> String {
     )
     .unwrap();
     super::sh(&["chmod", "+x", script.to_str().unwrap()]);
-    link.b.exec(&[
+    ns.exec(&[
         "busybox",
         "udhcpc",
         "-f",
@@ -61,7 +65,7 @@ pub fn udhcpc(link: &Link, dir: &Path, hostname: &str) -> String {
         "-T",
         "1",
         "-i",
-        &link.b_if,
+        ifname,
         "-x",
         &format!("hostname:{hostname}"),
         "-s",

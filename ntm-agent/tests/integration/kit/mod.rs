@@ -102,6 +102,24 @@ impl Netns {
         ns
     }
 
+    /// Quietens IPv6 on `ifname`, an interface made outside this
+    /// namespace (with the host's defaults), before it comes up: no router
+    /// solicitations, no duplicate address detection, multicast reports
+    /// at once.
+    pub fn quiet_ipv6(&self, ifname: &str) {
+        self.exec(&[
+            "sysctl",
+            "-q",
+            "-w",
+            &format!("net.ipv6.conf.{ifname}.router_solicitations=0"),
+            &format!("net.ipv6.conf.{ifname}.dad_transmits=0"),
+            &format!("net.ipv6.conf.{ifname}.accept_dad=0"),
+            &format!("net.ipv6.conf.{ifname}.accept_ra=0"),
+            &format!("net.ipv6.conf.{ifname}.mldv1_unsolicited_report_interval=1"),
+            &format!("net.ipv6.conf.{ifname}.mldv2_unsolicited_report_interval=1"),
+        ]);
+    }
+
     /// Where agents in this namespace keep their state (removed with it).
     pub fn state_dir(&self) -> std::path::PathBuf {
         std::env::temp_dir().join(format!("ntm-state-{}", self.name))
@@ -158,6 +176,15 @@ impl Netns {
     pub fn enter_current_thread(&self) {
         enter_netns(&self.path());
     }
+}
+
+/// The host name an agent names its own host's addresses by (test
+/// namespaces share the machine's).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 /// Runs `f` on a thread that has entered the network namespace at `path`
@@ -244,17 +271,7 @@ impl Link {
         ] {
             // The veth was created outside the namespace, with the host's
             // defaults: quieten IPv6 on it before it comes up.
-            ns.exec(&[
-                "sysctl",
-                "-q",
-                "-w",
-                &format!("net.ipv6.conf.{ifname}.router_solicitations=0"),
-                &format!("net.ipv6.conf.{ifname}.dad_transmits=0"),
-                &format!("net.ipv6.conf.{ifname}.accept_dad=0"),
-                &format!("net.ipv6.conf.{ifname}.accept_ra=0"),
-                &format!("net.ipv6.conf.{ifname}.mldv1_unsolicited_report_interval=1"),
-                &format!("net.ipv6.conf.{ifname}.mldv2_unsolicited_report_interval=1"),
-            ]);
+            ns.quiet_ipv6(ifname);
             ns.exec(&["ip", "addr", "add", &format!("{v4}/24"), "dev", ifname]);
             ns.exec(&[
                 "ip",
