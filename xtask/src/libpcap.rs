@@ -17,7 +17,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::toolchain::{apt_install, is_root, run};
+use crate::{
+    steps::step,
+    toolchain::{apt_install, apt_sources_changed, is_root, run, with_apt_lists},
+};
 
 /// The Debian archive entries of a standard Debian install (deb822).
 const DEBIAN_SOURCES: &str = "/etc/apt/sources.list.d/debian.sources";
@@ -49,17 +52,48 @@ fn cross(triple: &str) -> Result<Cross> {
     })
 }
 
+/// The Debian packages building libpcap for `triple` takes: the build tools
+/// and the target's compiler and C library.
+pub fn packages(triple: &str) -> Result<Vec<&'static str>> {
+    let mut packages = vec!["flex", "bison", "make"];
+    packages.extend(cross(triple)?.packages);
+    Ok(packages)
+}
+
+/// Whether `static_libpcap` has to build libpcap for `triple`.
+pub fn missing(target: &Path, triple: &str) -> bool {
+    !target
+        .join("libpcap")
+        .join(triple)
+        .join("libpcap.a")
+        .is_file()
+}
+
+/// libpcap's source, downloaded into `target` unless it is there: what
+/// building it needs from the network besides `packages`, so that it can
+/// be fetched ahead, in the background of a build.
+pub fn fetch_source(target: &Path) -> Result<PathBuf> {
+    source_tarball(&target.join("libpcap/src"))
+}
+
 /// The folder holding libpcap.a for `triple` (for NTM_LIBPCAP_DIR), built
 /// under `target` (the workspace's target folder) unless already there.
 pub fn static_libpcap(target: &Path, triple: &str) -> Result<PathBuf> {
-    let cross = cross(triple)?;
     let out = target.join("libpcap").join(triple);
-    if out.join("libpcap.a").is_file() {
+    if !missing(target, triple) {
         return Ok(out);
     }
-    let tarball = source_tarball(&target.join("libpcap/src"))?;
-    apt_install(&["flex", "bison", "make"])?;
-    apt_install(cross.packages)?;
+    let tarball = fetch_source(target)?;
+    apt_install(&packages(triple)?)?;
+    step(
+        &format!("static libpcap for {triple} (configure, make)"),
+        || build(&tarball, &out, triple),
+    )?;
+    Ok(out)
+}
+
+fn build(tarball: &Path, out: &Path, triple: &str) -> Result<()> {
+    let cross = cross(triple)?;
     eprintln!(
         "xtask: building a static libpcap for {triple} from {} (about a minute, once)",
         tarball.display()
@@ -73,7 +107,7 @@ pub fn static_libpcap(target: &Path, triple: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(&src)?;
     run(Command::new("tar")
         .arg("xf")
-        .arg(&tarball)
+        .arg(tarball)
         .arg("-C")
         .arg(&src)
         .arg("--strip-components=1"))?;
@@ -129,7 +163,7 @@ pub fn static_libpcap(target: &Path, triple: &str) -> Result<PathBuf> {
     std::fs::copy(src.join("libpcap.a"), &partial)?;
     std::fs::rename(&partial, out.join("libpcap.a"))?;
     std::fs::remove_dir_all(&build)?;
-    Ok(out)
+    Ok(())
 }
 
 /// Runs `cmd` with its output in `log`; on failure, says where to look.
@@ -151,16 +185,21 @@ fn source_tarball(dir: &Path) -> Result<PathBuf> {
             dir.display()
         );
     }
-    ensure_deb_src()?;
+    if ensure_deb_src()? {
+        apt_sources_changed();
+    }
     eprintln!("xtask: downloading libpcap's Debian source package (apt-get source)");
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
     std::fs::create_dir_all(dir)?;
-    run(Command::new("apt-get").current_dir(dir).args([
-        "source",
-        "--download-only",
-        "-qq",
-        "libpcap",
-    ]))
+    // apt's lists must have the deb-src entries: updated (once) after they
+    // were added.
+    with_apt_lists(|| {
+        run(Command::new("apt-get").current_dir(dir).args([
+            "source",
+            "--download-only",
+            "-qq",
+            "libpcap",
+        ]))
+    })
     .context("apt-get source libpcap failed; check the deb-src entries apt uses")?;
     find_orig(dir).with_context(|| {
         format!(
@@ -287,8 +326,9 @@ fn deb_src_uris() -> BTreeSet<String> {
 
 /// Makes sure apt has deb-src entries for the Debian archive: the `deb`
 /// stanzas of debian.sources, written again as `deb-src` to NTM_SOURCES,
-/// where the machine does not have them already.
-fn ensure_deb_src() -> Result<()> {
+/// where the machine does not have them already. Returns whether it changed
+/// apt's sources.
+fn ensure_deb_src() -> Result<bool> {
     let text = std::fs::read_to_string(DEBIAN_SOURCES).with_context(|| {
         format!(
             "could not read {DEBIAN_SOURCES}, from which xtask derives the deb-src entries for libpcap's source; add deb-src entries for the Debian archive to apt yourself and run this again"
@@ -322,11 +362,12 @@ fn ensure_deb_src() -> Result<()> {
                 "{DEBIAN_SOURCES} has no deb entries to derive deb-src entries from; add deb-src entries for the Debian archive to apt yourself and run this again"
             );
         }
-        // Covered elsewhere; an old copy of ours would only duplicate it.
+        // Covered elsewhere; an old copy of ours would only duplicate it
+        // (its removal leaves apt's lists as good as they were).
         if ours.exists() {
             std::fs::remove_file(ours)?;
         }
-        return Ok(());
+        return Ok(false);
     }
     let content = format!(
         "# Written by `cargo xtask` (ntm) from {DEBIAN_SOURCES}: the same archives,\n# for source packages (libpcap for static builds).\n{wanted}"
@@ -336,8 +377,9 @@ fn ensure_deb_src() -> Result<()> {
             "xtask: adding deb-src entries for the Debian archive to apt ({NTM_SOURCES}, derived from {DEBIAN_SOURCES})"
         );
         std::fs::write(ours, content).with_context(|| format!("could not write {NTM_SOURCES}"))?;
+        return Ok(true);
     }
-    Ok(())
+    Ok(false)
 }
 
 #[cfg(test)]

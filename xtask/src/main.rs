@@ -3,16 +3,19 @@
 //! that they work on a fresh machine.
 
 mod libpcap;
+mod steps;
 mod toolchain;
 
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+use steps::{background, step};
 use toolchain::{apt_install, ensure_ebpf_toolchain, run};
 
 #[derive(Parser)]
@@ -78,33 +81,33 @@ enum Arch {
 /// For arm64 the binary is the static one the arm64 image holds (glibc
 /// linked in): one release build serves both, and it runs on any arm64
 /// Linux, with or without the image. As root, also builds the arm64 image
-/// from it and checks the binary in it runs (see `image`), so that CI's
-/// `dist --arch arm64` covers both.
+/// from that same binary and checks the binary in it runs (see `image`), so
+/// that CI's `dist --arch arm64` covers both.
 fn dist(arch: Arch) -> Result<()> {
     ensure_ebpf_toolchain()?;
-    let (triple, path) = match arch {
+    let (binary, mut check) = match arch {
         Arch::Amd64 => {
-            run(cargo().args(["build", "--release", "-p", "ntm-agent"]))?;
-            (None, workspace_root().join("target/release/ntm-agent"))
+            release_build()?;
+            let binary = workspace_root().join("target/release/ntm-agent");
+            (binary.clone(), Command::new(binary))
         }
-        Arch::Arm64 => (Some(ARM64), static_arm64_binary()?),
+        Arch::Arm64 => {
+            let binary = static_arm64_binary()?;
+            let mut qemu = Command::new("qemu-aarch64");
+            qemu.args(["-L", "/usr/aarch64-linux-gnu"]).arg(&binary);
+            (binary, qemu)
+        }
     };
     // Smoke test: the binary starts, parses its flags and answers.
-    let mut check = match triple {
-        None => Command::new(&path),
-        Some(_) => {
-            let mut qemu = Command::new("qemu-aarch64");
-            qemu.args(["-L", "/usr/aarch64-linux-gnu"]).arg(&path);
-            qemu
-        }
-    };
-    let version = answers_version(&mut check, &path)?;
-    println!("{} ({version})", path.display());
+    let version = step("smoke test (--version)", || {
+        answers_version(&mut check, &binary)
+    })?;
+    println!("{} ({version})", binary.display());
     if let Arch::Arm64 = arch {
         // Building images needs root here (podman's configuration, vfs
         // storage), as for the amd64 image `cargo xtask test` builds.
         if toolchain::is_root() {
-            println!("{}", image(Arch::Arm64)?);
+            println!("{}", image_of(Arch::Arm64, &binary)?);
         } else {
             eprintln!(
                 "xtask: not building the arm64 image (podman needs root here); `cargo xtask image --arch arm64` as root builds it"
@@ -112,6 +115,13 @@ fn dist(arch: Arch) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The agent's release build for this machine (target/release/ntm-agent).
+fn release_build() -> Result<()> {
+    step("release build", || {
+        run(cargo().args(["build", "--release", "-p", "ntm-agent"]))
+    })
 }
 
 /// Runs `cmd` (`binary`, possibly under qemu) with `--version` and returns
@@ -161,59 +171,75 @@ fn ensure_rust_target(triple: &str) -> Result<()> {
     let installed =
         toolchain::output_of(Command::new("rustup").args(["target", "list", "--installed"]));
     if !installed.lines().any(|l| l.trim() == triple) {
-        eprintln!("xtask: adding the Rust standard library for {triple} (rustup)");
-        run(Command::new("rustup").args(["target", "add", triple]))?;
+        step(&format!("rustup target add {triple}"), || {
+            run(Command::new("rustup").args(["target", "add", triple]))
+        })?;
     }
     Ok(())
 }
 
-/// The arm64 cross toolchain: gcc and glibc for aarch64 (libc6-dev-arm64-cross
-/// also has the libc.a of the static build), qemu-user for the smoke tests,
-/// and Rust's standard library for the target.
-fn ensure_arm64_cross() -> Result<()> {
-    apt_install(&[
-        "gcc-aarch64-linux-gnu",
-        "libc6-dev-arm64-cross",
-        "qemu-user",
-    ])?;
-    ensure_rust_target(ARM64)
-}
+/// Debian packages the images take: podman and its runtime.
+const IMAGE_PACKAGES: &[&str] = &["podman", "runc"];
 
 /// The static x86_64 binary of the amd64 image (musl, with a musl libpcap).
 fn static_amd64_binary() -> Result<PathBuf> {
     ensure_rust_target(MUSL)?;
     // A static binary needs libpcap built for musl (see libpcap.rs).
     let pcap = libpcap::static_libpcap(&workspace_root().join("target"), MUSL)?;
-    run(cargo()
-        .args(["build", "--release", "-p", "ntm-agent", "--target", MUSL])
-        .env("NTM_LIBPCAP_DIR", pcap))?;
+    step(&format!("release build for {MUSL} (image)"), || {
+        run(cargo()
+            .args(["build", "--release", "-p", "ntm-agent", "--target", MUSL])
+            .env("NTM_LIBPCAP_DIR", pcap))
+    })?;
     Ok(workspace_root().join(format!("target/{MUSL}/release/ntm-agent")))
 }
 
 /// The static aarch64 binary of `dist --arch arm64` and of the arm64 image:
-/// glibc linked in (+crt-static), with a static arm64 libpcap. Built in a
-/// target folder of its own, because its flags differ from a plain arm64
-/// build's. The flag is for the aarch64 target only: the
-/// build scripts, and aya-build's nested eBPF build (bpfel-unknown-none,
-/// its own CARGO_ENCODED_RUSTFLAGS), do not see it.
+/// glibc linked in (+crt-static), with a static arm64 libpcap. The flag is
+/// for the aarch64 target only: the build scripts, proc macros and the
+/// nested eBPF build (bpfel-unknown-none, its own CARGO_ENCODED_RUSTFLAGS)
+/// do not see it. Built in the workspace's target folder, so that it shares
+/// those host-side builds with the musl image's release build (cargo keeps
+/// them apart from the targets' own); a plain `cargo build --target
+/// aarch64-unknown-linux-gnu`, without the flag, would build the arm64 side
+/// again, but takes a static arm64 libpcap anyway, which only xtask builds.
 fn static_arm64_binary() -> Result<PathBuf> {
-    ensure_arm64_cross()?;
-    let pcap = libpcap::static_libpcap(&workspace_root().join("target"), ARM64)?;
-    let target_dir = workspace_root().join("target/static-arm64");
-    run(cargo()
-        .args(["build", "--release", "-p", "ntm-agent", "--target", ARM64])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        // Either would take precedence over the target's flags below.
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env(
-            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-            "-C target-feature=+crt-static",
-        )
-        .env(ARM64_LINKER_VAR, ARM64_LINKER)
-        .env("NTM_LIBPCAP_DIR", pcap))?;
-    let path = target_dir.join(format!("{ARM64}/release/ntm-agent"));
+    let target = workspace_root().join("target");
+    // What the build itself takes: gcc and glibc for aarch64
+    // (libc6-dev-arm64-cross also has the libc.a of the static build), and
+    // what libpcap's build takes. qemu-user (the smoke tests), `file` (the
+    // static check) and podman come in the background of the build.
+    let mut packages = vec!["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross"];
+    if libpcap::missing(&target, ARM64) {
+        libpcap::fetch_source(&target)?;
+        packages.extend(libpcap::packages(ARM64)?);
+    }
+    apt_install(&packages)?;
+    ensure_rust_target(ARM64)?;
+    let mut later = vec!["qemu-user", "file"];
+    if toolchain::is_root() {
+        later.extend(IMAGE_PACKAGES);
+    }
+    let checks = background(
+        &format!("packages for the checks ({})", later.join(" ")),
+        move || apt_install(&later),
+    );
+    let pcap = libpcap::static_libpcap(&target, ARM64)?;
+    step(&format!("release build for {ARM64} (dist, image)"), || {
+        run(cargo()
+            .args(["build", "--release", "-p", "ntm-agent", "--target", ARM64])
+            // Either would take precedence over the target's flags below.
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env(
+                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+                "-C target-feature=+crt-static",
+            )
+            .env(ARM64_LINKER_VAR, ARM64_LINKER)
+            .env("NTM_LIBPCAP_DIR", pcap))
+    })?;
+    checks.join()?;
+    let path = target.join(format!("{ARM64}/release/ntm-agent"));
     static_aarch64(&path)?;
     Ok(path)
 }
@@ -234,13 +260,23 @@ fn static_aarch64(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Builds the image for `arch` from deploy/image/Dockerfile (FROM scratch:
-/// the static binary and /etc/services, no emulation needed) and checks it;
-/// returns its name. The arm64 image's binary is taken out of the image and
-/// run under qemu-user (no binfmt_misc needed).
+/// Builds the image for `arch`: its static binary, then the image (see
+/// `image_of`); returns its name.
 fn image(arch: Arch) -> Result<String> {
     ensure_ebpf_toolchain()?;
-    apt_install(&["podman", "runc"])?;
+    let binary = match arch {
+        Arch::Amd64 => static_amd64_binary()?,
+        Arch::Arm64 => static_arm64_binary()?,
+    };
+    image_of(arch, &binary)
+}
+
+/// Builds the image for `arch` from deploy/image/Dockerfile (FROM scratch:
+/// the static `binary` and /etc/services, no emulation needed) and checks
+/// it; returns its name. The arm64 image's binary is taken out of the image
+/// and run under qemu-user (no binfmt_misc needed).
+fn image_of(arch: Arch, binary: &Path) -> Result<String> {
+    apt_install(IMAGE_PACKAGES)?;
     // Podman refuses to start containers here unless ulimits are left alone.
     let conf = Path::new("/etc/containers/containers.conf");
     let current = std::fs::read_to_string(conf).unwrap_or_default();
@@ -251,39 +287,38 @@ fn image(arch: Arch) -> Result<String> {
             format!("{current}\n[containers]\ndefault_ulimits = []\n"),
         )?;
     }
-    let (binary, name, context, podman_arch) = match arch {
-        Arch::Amd64 => (static_amd64_binary()?, IMAGE, "target/image", "amd64"),
-        Arch::Arm64 => (
-            static_arm64_binary()?,
-            IMAGE_ARM64,
-            "target/image-arm64",
-            "arm64",
-        ),
+    let (name, context, podman_arch) = match arch {
+        Arch::Amd64 => (IMAGE, "target/image", "amd64"),
+        Arch::Arm64 => (IMAGE_ARM64, "target/image-arm64", "arm64"),
     };
     let context = workspace_root().join(context);
     std::fs::create_dir_all(&context)?;
-    std::fs::copy(&binary, context.join("ntm-agent"))?;
+    std::fs::copy(binary, context.join("ntm-agent"))?;
     std::fs::copy("/etc/services", context.join("services"))?;
-    // `-q` prints the image ID: to stderr, so that stdout is only the name.
-    run(podman()
-        .args(["build", "-q", "--arch", podman_arch, "-t", name, "-f"])
-        .arg(workspace_root().join("deploy/image/Dockerfile"))
-        .arg(&context)
-        .stdout(std::io::stderr()))?;
-    let built = toolchain::output_of(podman().args([
-        "image",
-        "inspect",
-        "--format",
-        "{{.Architecture}}",
-        name,
-    ]));
-    if built.trim() != podman_arch {
-        bail!("{name} was built for {:?}, not {podman_arch}", built.trim());
-    }
-    if let Arch::Arm64 = arch {
-        let version = image_binary_runs_arm64(name, &context)?;
-        eprintln!("xtask: {name}: its ntm-agent runs under qemu-aarch64 ({version})");
-    }
+    step(&format!("image {name} (podman build, checks)"), || {
+        // `-q` prints the image ID: to stderr, so that stdout is only the
+        // name.
+        run(podman()
+            .args(["build", "-q", "--arch", podman_arch, "-t", name, "-f"])
+            .arg(workspace_root().join("deploy/image/Dockerfile"))
+            .arg(&context)
+            .stdout(std::io::stderr()))?;
+        let built = toolchain::output_of(podman().args([
+            "image",
+            "inspect",
+            "--format",
+            "{{.Architecture}}",
+            name,
+        ]));
+        if built.trim() != podman_arch {
+            bail!("{name} was built for {:?}, not {podman_arch}", built.trim());
+        }
+        if let Arch::Arm64 = arch {
+            let version = image_binary_runs_arm64(name, &context)?;
+            eprintln!("xtask: {name}: its ntm-agent runs under qemu-aarch64 ({version})");
+        }
+        Ok(())
+    })?;
     Ok(name.to_string())
 }
 
@@ -393,9 +428,18 @@ fn cargo() -> Command {
     cmd
 }
 
-/// A failure is one message (with its causes), never a backtrace.
+/// A failure is one message (with its causes), never a backtrace. Each
+/// task ends with how long its steps took (see steps.rs), but for `run`,
+/// whose output is the agent's.
 fn main() -> std::process::ExitCode {
-    match task(Cli::parse().command) {
+    let start = Instant::now();
+    let command = Cli::parse().command;
+    let summary = !matches!(command, Task::Run { .. });
+    let result = task(command);
+    if summary {
+        steps::summary(start);
+    }
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("xtask: {e:#}");
@@ -404,16 +448,65 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `cargo xtask test`: the test build first, while what only the tests take
+/// (their Debian packages, the image's packages and Rust target, libpcap's
+/// source, the chart test's Python environment) installs in the
+/// background; then, as root, the image the image test runs; then the
+/// tests. The test build is `cargo test --no-run` with the same arguments
+/// as the run, which then finds it up to date.
+fn test(args: Vec<String>) -> Result<()> {
+    ensure_ebpf_toolchain()?;
+    let root = toolchain::is_root();
+    let target = workspace_root().join("target");
+    let prerequisites = {
+        let target = target.clone();
+        background("test prerequisites (packages, Python)", move || {
+            if root {
+                let mut packages = [TEST_PACKAGES, IMAGE_PACKAGES].concat();
+                if libpcap::missing(&target, MUSL) {
+                    libpcap::fetch_source(&target)?;
+                    packages.extend(libpcap::packages(MUSL)?);
+                }
+                apt_install(&packages)?;
+                ensure_rust_target(MUSL)?;
+            }
+            toolchain::ensure_python_env(&target.join("pyenv"), PYTHON_TEST_PACKAGES)
+        })
+    };
+    let cargo_test = || {
+        let mut cmd = cargo();
+        cmd.args(["test", "--workspace", "--exclude", "ntm-ebpf"]);
+        cmd
+    };
+    step("test build (cargo test --no-run)", || {
+        run(cargo_test().arg("--no-run").args(&args))
+    })?;
+    let python = prerequisites.join()?;
+    // The image test runs the image built here (as root, with podman).
+    let image = if root {
+        Some(image(Arch::Amd64)?)
+    } else {
+        None
+    };
+    step("tests", || {
+        let mut test = cargo_test();
+        if let Some(image) = image {
+            test.env("NTM_IMAGE", image);
+        }
+        run(test.env("NTM_PYTHON", python).args(&args))
+    })
+}
+
 fn task(command: Task) -> Result<()> {
     match command {
         Task::Setup => ensure_ebpf_toolchain(),
         Task::Build => {
             ensure_ebpf_toolchain()?;
-            run(cargo().args(["build", "--release", "-p", "ntm-agent"]))
+            release_build()
         }
         Task::Run { args } => {
             ensure_ebpf_toolchain()?;
-            run(cargo().args(["build", "--release", "-p", "ntm-agent"]))?;
+            release_build()?;
             if !toolchain::is_root() {
                 eprintln!(
                     "xtask: ntm-agent needs root (or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON); it will say so if it cannot load"
@@ -423,85 +516,68 @@ fn task(command: Task) -> Result<()> {
             }
             run(Command::new(workspace_root().join("target/release/ntm-agent")).args(args))
         }
-        Task::Test { args } => {
-            ensure_ebpf_toolchain()?;
-            if toolchain::is_root() {
-                apt_install(TEST_PACKAGES)?;
-            }
-            // The image test runs the image built here (as root, with podman).
-            let image = if toolchain::is_root() {
-                Some(image(Arch::Amd64)?)
-            } else {
-                None
-            };
-            let python = toolchain::ensure_python_env(
-                &workspace_root().join("target/pyenv"),
-                PYTHON_TEST_PACKAGES,
-            )?;
-            let mut test = cargo();
-            if let Some(image) = image {
-                test.env("NTM_IMAGE", image);
-            }
-            run(test
-                .env("NTM_PYTHON", python)
-                .args(["test", "--workspace", "--exclude", "ntm-ebpf"])
-                .args(args))
-        }
+        Task::Test { args } => test(args),
         Task::Dist { arch } => dist(arch),
         Task::Image { arch } => image(arch).map(|name| println!("{name}")),
         Task::Bench => {
             ensure_ebpf_toolchain()?;
-            run(cargo().args([
-                "bench",
-                "-p",
-                "ntm-agent",
-                "--bench",
-                "datapath",
-                "--bench",
-                "exporter",
-                "--bench",
-                "throughput",
-                "--bench",
-                "names",
-                "--bench",
-                "restart",
-                "--bench",
-                "flows",
-                "--bench",
-                "history",
-                "--bench",
-                "kubernetes",
-                "--bench",
-                "ipfix",
-            ]))
+            step("benches", || {
+                run(cargo().args([
+                    "bench",
+                    "-p",
+                    "ntm-agent",
+                    "--bench",
+                    "datapath",
+                    "--bench",
+                    "exporter",
+                    "--bench",
+                    "throughput",
+                    "--bench",
+                    "names",
+                    "--bench",
+                    "restart",
+                    "--bench",
+                    "flows",
+                    "--bench",
+                    "history",
+                    "--bench",
+                    "kubernetes",
+                    "--bench",
+                    "ipfix",
+                ]))
+            })
         }
         Task::Clippy => {
             ensure_ebpf_toolchain()?;
-            run(cargo().args([
-                "clippy",
-                "--workspace",
-                "--exclude",
-                "ntm-ebpf",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ]))?;
-            run(Command::new("cargo")
-                .current_dir(workspace_root().join("ntm-ebpf"))
-                .args([
-                    "+nightly",
+            step("clippy: host crates", || {
+                run(cargo().args([
                     "clippy",
-                    "-p",
+                    "--workspace",
+                    "--exclude",
                     "ntm-ebpf",
-                    "--target",
-                    "bpfel-unknown-none",
-                    "-Z",
-                    "build-std=core",
+                    "--all-targets",
                     "--",
                     "-D",
                     "warnings",
                 ]))
+            })?;
+            step("clippy: eBPF crate (nightly)", || {
+                run(Command::new("cargo")
+                    .current_dir(workspace_root().join("ntm-ebpf"))
+                    .args([
+                        "+nightly",
+                        "clippy",
+                        "-p",
+                        "ntm-ebpf",
+                        "--target",
+                        "bpfel-unknown-none",
+                        "-Z",
+                        "build-std=core",
+                        "--",
+                        "-D",
+                        "warnings",
+                    ]))
+            })
         }
     }
 }

@@ -9,10 +9,13 @@ use std::{
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
+
+use crate::steps::{background, step};
 
 /// bpf-linker must link with the same LLVM major version as nightly rustc.
 const LLVM_MAJOR: &str = "22";
@@ -147,15 +150,54 @@ fn wait_for_apt_locks(locks: &[&str]) {
     }
 }
 
-/// Installs Debian packages that are missing. Needs root (no sudo here).
+/// Whether this process ran `apt-get update` since apt's sources last
+/// changed. Once is enough: each run costs seconds on a fresh machine, and
+/// a task installs in several calls (toolchain, test packages, image,
+/// cross compilers). The mutex also keeps this process's apt runs (from a
+/// background step and the task) one at a time.
+static APT_LISTS_FRESH: Mutex<bool> = Mutex::new(false);
+
+/// Says that apt's sources changed (deb-src entries added): the next apt
+/// run updates its lists again.
+pub fn apt_sources_changed() {
+    *APT_LISTS_FRESH
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = false;
+}
+
+/// Runs `f` (apt-get commands) once apt's lists are up to date: runs
+/// `apt-get update` first unless this process did since the sources last
+/// changed.
+pub fn with_apt_lists<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let mut fresh = APT_LISTS_FRESH
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !*fresh {
+        wait_for_apt_locks(&APT_UPDATE_LOCKS);
+        run(Command::new("apt-get").args(["-o", &apt_lock_timeout(), "update", "-qq"]))?;
+        *fresh = true;
+    }
+    f()
+}
+
+/// Also passed to apt: another process may take a lock between the wait
+/// here and apt's own try.
+fn apt_lock_timeout() -> String {
+    format!("DPkg::Lock::Timeout={}", APT_LOCK_TIMEOUT.as_secs())
+}
+
+fn is_installed(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_some_and(|s| s.contains("install ok installed"))
+}
+
+/// Installs Debian packages that are missing, in one apt-get run. Needs
+/// root (no sudo here).
 pub fn apt_install(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()
-        .filter(|p| {
-            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
-                .is_some_and(|s| s.contains("install ok installed"))
-        })
+        .filter(|p| !is_installed(p))
         .collect();
     if missing.is_empty() {
         return Ok(());
@@ -167,34 +209,40 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
             missing.join(" ")
         );
     }
-    eprintln!(
-        "xtask: installing Debian packages: {} (apt-get)",
+    let what = if missing.len() <= 3 {
         missing.join(" ")
-    );
-    // Also passed to apt: another process may take a lock between the
-    // wait here and apt's own try.
-    let lock_timeout = format!("DPkg::Lock::Timeout={}", APT_LOCK_TIMEOUT.as_secs());
-    wait_for_apt_locks(&APT_UPDATE_LOCKS);
-    run(Command::new("apt-get").args(["-o", &lock_timeout, "update", "-qq"]))?;
-    wait_for_apt_locks(&APT_INSTALL_LOCKS);
-    run(Command::new("apt-get")
-        .args(["-o", &lock_timeout])
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    } else {
+        format!("{} packages", missing.len())
+    };
+    step(&format!("apt-get install {what}"), || {
+        eprintln!(
+            "xtask: installing Debian packages: {} (apt-get)",
+            missing.join(" ")
+        );
+        with_apt_lists(|| {
+            // Another apt run in this process may have installed some.
+            let missing: Vec<&str> = missing
+                .iter()
+                .copied()
+                .filter(|p| !is_installed(p))
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            wait_for_apt_locks(&APT_INSTALL_LOCKS);
+            run(Command::new("apt-get")
+                .args(["-o", &apt_lock_timeout()])
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"))
+        })
+    })
 }
 
-fn ensure_nightly_rust_src() -> Result<()> {
-    let has_nightly = succeeds(Command::new("rustc").args(["+nightly", "--version"]));
-    if !has_nightly {
-        eprintln!("xtask: installing the nightly Rust toolchain (rustup) for the eBPF build");
-        run(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))?;
+/// Whether rustup lacks the nightly toolchain or its rust-src.
+fn nightly_missing() -> bool {
+    if !succeeds(Command::new("rustc").args(["+nightly", "--version"])) {
+        return true;
     }
     let components = output(Command::new("rustup").args([
         "component",
@@ -204,16 +252,25 @@ fn ensure_nightly_rust_src() -> Result<()> {
         "--installed",
     ]))
     .unwrap_or_default();
-    if !components.lines().any(|l| l.starts_with("rust-src")) {
-        eprintln!("xtask: adding rust-src to nightly (the eBPF build compiles core itself)");
+    !components.lines().any(|l| l.starts_with("rust-src"))
+}
+
+fn install_nightly_rust_src() -> Result<()> {
+    if !succeeds(Command::new("rustc").args(["+nightly", "--version"])) {
+        eprintln!("xtask: installing the nightly Rust toolchain (rustup) for the eBPF build");
         run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
+            "toolchain",
+            "install",
             "nightly",
+            "--profile",
+            "minimal",
         ]))?;
     }
+    eprintln!("xtask: adding rust-src to nightly (the eBPF build compiles core itself)");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn warn_on_llvm_mismatch() {
     let verbose = output(Command::new("rustc").args(["+nightly", "--version", "--verbose"]))
         .unwrap_or_default();
     if let Some(llvm) = verbose
@@ -225,7 +282,6 @@ fn ensure_nightly_rust_src() -> Result<()> {
             "xtask: warning: nightly rustc uses LLVM {llvm}, bpf-linker uses LLVM {LLVM_MAJOR}; if linking the eBPF object fails, pin a nightly with LLVM {LLVM_MAJOR}"
         );
     }
-    Ok(())
 }
 
 fn cargo_bin_dir() -> PathBuf {
@@ -241,14 +297,8 @@ fn bpf_linker_ok() -> bool {
     output(Command::new(&linker).arg("--version")).is_some_and(|v| v.contains(BPF_LINKER_VERSION))
 }
 
-fn ensure_bpf_linker() -> Result<()> {
-    if bpf_linker_ok() {
-        return Ok(());
-    }
-    apt_install(&[
-        &format!("llvm-{LLVM_MAJOR}-dev"),
-        &format!("libpolly-{LLVM_MAJOR}-dev"),
-    ])?;
+/// Builds bpf-linker against LLVM's development files (installed by then).
+fn build_bpf_linker() -> Result<()> {
     eprintln!(
         "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about a minute, once)"
     );
@@ -285,6 +335,10 @@ fn ensure_bpf_linker() -> Result<()> {
 /// that builds (setup, build, run, test, bench, clippy, dist for either
 /// architecture, image) comes through here. Cheap when all is in place.
 ///
+/// On a fresh machine: rustup's nightly downloads run in the background of
+/// apt's installs and bpf-linker's build, and the Debian packages come in
+/// one apt run.
+///
 /// protoc: k8s-cri (the container runtime's CRI, which the agent reads
 /// pods from) generates its gRPC types from the CRI's .proto files in its
 /// build script, with prost-build, which runs protoc and bundles none.
@@ -294,11 +348,32 @@ fn ensure_bpf_linker() -> Result<()> {
 /// /usr/bin, so a plain `cargo build` finds the same protoc as xtask's
 /// builds (PROTOC would only be needed for a protoc off PATH).
 pub fn ensure_ebpf_toolchain() -> Result<()> {
-    ensure_nightly_rust_src()?;
-    ensure_bpf_linker()?;
-    apt_install(&["libpcap-dev", "protobuf-compiler"]).context(
-        "ntm-agent links libpcap (libpcap-dev) and builds the CRI's gRPC types with protoc (protobuf-compiler)",
-    )
+    let nightly = nightly_missing().then(|| {
+        background(
+            "nightly Rust with rust-src (rustup)",
+            install_nightly_rust_src,
+        )
+    });
+    let build_linker = !bpf_linker_ok();
+    let llvm = [
+        format!("llvm-{LLVM_MAJOR}-dev"),
+        format!("libpolly-{LLVM_MAJOR}-dev"),
+    ];
+    let mut packages = vec!["libpcap-dev", "protobuf-compiler"];
+    if build_linker {
+        packages.extend(llvm.iter().map(String::as_str));
+    }
+    apt_install(&packages).context(
+        "ntm-agent links libpcap (libpcap-dev) and builds the CRI's gRPC types with protoc (protobuf-compiler); bpf-linker is built against LLVM's development files",
+    )?;
+    if build_linker {
+        step("bpf-linker build (cargo install)", build_bpf_linker)?;
+    }
+    if let Some(nightly) = nightly {
+        nightly.join()?;
+    }
+    warn_on_llvm_mismatch();
+    Ok(())
 }
 
 /// A Python virtual environment at `dir` with `packages` (pinned) installed;
@@ -310,23 +385,26 @@ pub fn ensure_python_env(dir: &std::path::Path, packages: &[&str]) -> Result<Pat
     if python.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
         return Ok(python);
     }
-    eprintln!(
-        "xtask: preparing a Python environment for the chart test in {} ({})",
-        dir.display(),
-        packages.join(" ")
-    );
-    run(Command::new("python3").args(["-m", "venv"]).arg(dir))
-        .context("python3 -m venv failed; install python3 and python3-venv")?;
-    run(Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .args(packages))?;
-    std::fs::write(&stamp, wanted)?;
+    step("Python environment (venv, pip install)", || {
+        eprintln!(
+            "xtask: preparing a Python environment for the chart test in {} ({})",
+            dir.display(),
+            packages.join(" ")
+        );
+        run(Command::new("python3").args(["-m", "venv"]).arg(dir))
+            .context("python3 -m venv failed; install python3 and python3-venv")?;
+        run(Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(packages))?;
+        std::fs::write(&stamp, &wanted)?;
+        Ok(())
+    })?;
     Ok(python)
 }
 
