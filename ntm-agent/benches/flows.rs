@@ -10,6 +10,7 @@
 mod kit;
 
 use std::{
+    collections::HashSet,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
@@ -134,29 +135,81 @@ impl Config {
     ];
 }
 
-/// Runs one measurement with `config` attached at a's TC ingress.
-fn run(link: &Link, mac: [u8; 6], flows: u32, config: Config) -> f64 {
+/// The programs loaded now whose names start with `prefix` (the kernel
+/// keeps 15 bytes of a name), by id.
+fn programs_named(prefix: &str) -> HashSet<u32> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|info| {
+            info.name_as_str()
+                .is_some_and(|name| name.starts_with(prefix))
+        })
+        .map(|info| info.id())
+        .collect()
+}
+
+/// The run time and run count the kernel kept (BPF_ENABLE_STATS) for the
+/// programs `ids`: a program's own time per frame, its tail calls
+/// included, which the frame rate (the sender, the veth and the scheduler
+/// too) blurs.
+fn program_stats(ids: &HashSet<u32>) -> (u64, u64) {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|info| ids.contains(&info.id()))
+        .fold((0, 0), |(time, count), info| {
+            (
+                time + info.run_time().as_nanos() as u64,
+                count + info.run_count(),
+            )
+        })
+}
+
+/// [`measure`], and the mean ns per frame of the programs `ids` (the ones
+/// the configuration attached) while it ran.
+fn measure_programs(
+    link: &Link,
+    mac: [u8; 6],
+    flows: u32,
+    ids: &HashSet<u32>,
+) -> (f64, Option<f64>) {
+    let (time, count) = program_stats(ids);
+    let fps = measure(link, mac, flows);
+    let (time_after, count_after) = program_stats(ids);
+    let runs = count_after.saturating_sub(count);
+    let ns = (runs > 0).then(|| time_after.saturating_sub(time) as f64 / runs as f64);
+    (fps, ns)
+}
+
+/// Runs one measurement with `config` attached at a's TC ingress: frames
+/// per second, and the program's ns per frame.
+fn run(link: &Link, mac: [u8; 6], flows: u32, config: Config) -> (f64, Option<f64>) {
     link.a.run(|| match config {
-        Config::Nothing => measure(link, mac, flows),
+        Config::Nothing => (measure(link, mac, flows), None),
         Config::Empty | Config::MinCounter => {
             let name = if matches!(config, Config::Empty) {
                 "ntm_bench_empty"
             } else {
                 "ntm_bench_min_counter"
             };
+            // The kernel keeps 15 bytes of a program's name; other agents'
+            // programs of that name are not this run's.
+            let before = programs_named(&name[..15]);
             // A fresh object: the counter's table starts empty.
             let mut object = aya::Ebpf::load(BASELINE).expect("baseline object");
             let program: &mut SchedClassifier =
                 object.program_mut(name).unwrap().try_into().unwrap();
             program.load().unwrap();
             program.attach(&link.a_if, TcAttachType::Ingress).unwrap();
-            measure(link, mac, flows)
+            let ours = &programs_named(&name[..15]) - &before;
+            measure_programs(link, mac, flows, &ours)
         }
         Config::Ntm => {
+            let before = programs_named("ntm_tc_ingress_");
             let agent = kit::start_kernel(&["-i", link.a_if.as_str()]);
-            let fps = measure(link, mac, flows);
+            let ours = &programs_named("ntm_tc_ingress_") - &before;
+            let measured = measure_programs(link, mac, flows, &ours);
             let _ = agent.shutdown();
-            fps
+            measured
         }
     })
 }
@@ -175,6 +228,8 @@ fn main() {
     for (byte, hex) in mac.iter_mut().zip(mac_text.trim().split(':')) {
         *byte = u8::from_str_radix(hex, 16).unwrap();
     }
+    // Kept while the run lasts: the kernel times every program run.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
     println!();
     println!(
         "many flows: 64-byte frames per second through a veth (AF_PACKET sender), median of {ROUNDS}, alternating"
@@ -183,14 +238,18 @@ fn main() {
         "{:<10} {:>12} {:>12} {:>12} {:>12}   {:>9} {:>9} {:>11}",
         "flows", "nothing", "empty TC", "min counter", "ntm", "min cost", "ntm cost", "ntm vs min"
     );
+    let mut program_rows = Vec::new();
     for flows in FLOWS {
-        let mut results = vec![Vec::new(); Config::ALL.len()];
+        let mut rates = vec![Vec::new(); Config::ALL.len()];
+        let mut times = vec![Vec::new(); Config::ALL.len()];
         for _ in 0..ROUNDS {
             for (i, config) in Config::ALL.iter().enumerate() {
-                results[i].push(run(&link, mac, flows, *config));
+                let (fps, ns) = run(&link, mac, flows, *config);
+                rates[i].push(fps);
+                times[i].extend(ns);
             }
         }
-        let m: Vec<f64> = results.into_iter().map(median).collect();
+        let m: Vec<f64> = rates.into_iter().map(median).collect();
         // Cost: the share of the frame rate lost against nothing attached.
         let cost = |fps: f64| 100.0 * (1.0 - fps / m[0]);
         println!(
@@ -204,6 +263,32 @@ fn main() {
             cost(m[3]),
             m[2] / m[3]
         );
+        let ns: Vec<f64> = times[1..].iter().cloned().map(median).collect();
+        program_rows.push((flows, ns));
     }
     println!("(ntm vs min: the minimal counter's frame rate over ntm's; 1.00x: same cost)");
+    println!();
+    println!(
+        "the programs' own time in the same runs: ns per frame as the kernel timed them (BPF_ENABLE_STATS, tail calls included), median of {ROUNDS}"
+    );
+    println!(
+        "{:<10} {:>9} {:>9} {:>9}   {:>8} {:>8} {:>11}",
+        "flows", "empty TC", "min", "ntm", "min net", "ntm net", "ntm/min net"
+    );
+    for (flows, ns) in program_rows {
+        let (empty, min, ntm) = (ns[0], ns[1], ns[2]);
+        println!(
+            "{:<10} {:>9.1} {:>9.1} {:>9.1}   {:>8.1} {:>8.1} {:>10.2}x",
+            flows,
+            empty,
+            min,
+            ntm,
+            min - empty,
+            ntm - empty,
+            (ntm - empty) / (min - empty)
+        );
+    }
+    println!(
+        "(net: minus the empty program's time; the timing itself adds the same to every program)"
+    );
 }

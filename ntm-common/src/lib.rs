@@ -42,6 +42,15 @@ pub mod names {
     /// The agent flips it before swapping the flow tables, and so reads the
     /// other generation when no program can still be writing it.
     pub const OUTSIDE_GENERATION: &str = "NTM_OUTSIDE_GENERATION";
+    /// Array of one u32: how many times the agent has swapped the flow
+    /// tables, bumped once each swap has returned (no program holds the
+    /// earlier table then). See [`TABLE_FULL`].
+    pub const TABLE_EPOCH: &str = "NTM_TABLE_EPOCH";
+    /// Per-CPU array of one u32: the [`TABLE_EPOCH`] (plus one) in which
+    /// this CPU found the table full, so that its next new flows of that
+    /// epoch go outside the table without another insert the kernel would
+    /// refuse. Any other value: not known to be full.
+    pub const TABLE_FULL: &str = "NTM_TABLE_FULL";
     /// Read-only global: the bitmap of known service ports, see
     /// [`crate::service_port::known_port_bit`].
     pub const KNOWN_PORTS: &str = "NTM_KNOWN_PORTS";

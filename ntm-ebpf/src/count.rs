@@ -26,7 +26,7 @@ use crate::{
     maps::{
         FragmentKey, NTM_ACTIVE_CACHE, NTM_ACTIVE_FLOWS, NTM_EPHEMERAL_START, NTM_FRAGMENTS,
         NTM_KNOWN_PORTS, NTM_LEARN_MACS, NTM_OUTSIDE, NTM_OUTSIDE_GENERATION, NTM_OUTSIDE_SLOTS,
-        NTM_OUTSIDE_UNKEYED, NTM_PORT_WORD_MASK, setting,
+        NTM_OUTSIDE_UNKEYED, NTM_PORT_WORD_MASK, NTM_TABLE_EPOCH, NTM_TABLE_FULL, setting,
     },
     observe::{agent_wants, learn_mac, observe_tc, observe_xdp, wanted_by_agent},
     parse::{self, Fragment, Frame, KeyBase, NOT_OBSERVED, ParseError, Parsed},
@@ -430,6 +430,17 @@ fn count_cached(
 
 #[inline(always)]
 fn count_flow(key: &FlowKey, bytes: u64, packets: u64) {
+    // The epoch before the table: a table found full is then that epoch's,
+    // or an earlier one's (see NTM_TABLE_EPOCH: the agent bumps it only
+    // once no program holds the earlier table), never a later one's.
+    let full_mark = match NTM_TABLE_EPOCH.get_ptr(0) {
+        // SAFETY: a pointer from a successful lookup, read at once, and
+        // volatile so that the read stays before the table's lookup.
+        // The agent never sets u32::MAX, so a mark is never 0, which a
+        // fresh slot holds.
+        Some(epoch) => unsafe { core::ptr::read_volatile(epoch) }.wrapping_add(1),
+        None => 0,
+    };
     let Some(table) = NTM_ACTIVE_FLOWS.get(0) else {
         count_outside(key, OutsideReason::NoActiveTable, bytes, packets);
         return;
@@ -437,6 +448,15 @@ fn count_flow(key: &FlowKey, bytes: u64, packets: u64) {
     if let Some(counters) = table.get_ptr_mut(key) {
         add_counts(counters, bytes, packets);
         return;
+    }
+    let full = NTM_TABLE_FULL.get_ptr_mut(0);
+    if let Some(full) = full {
+        // SAFETY: this CPU's slot (per-CPU array; TC and XDP run with
+        // bottom halves off), from a successful lookup.
+        if full_mark != 0 && unsafe { *full } == full_mark {
+            count_outside(key, OutsideReason::TableFull, bytes, packets);
+            return;
+        }
     }
     let fresh = Counters { bytes, packets };
     match table.insert(key, fresh, BPF_NOEXIST) {
@@ -449,7 +469,13 @@ fn count_flow(key: &FlowKey, bytes: u64, packets: u64) {
                 None => count_outside(key, OutsideReason::InsertFailed, bytes, packets),
             }
         }
-        Err(err) if err == -E2BIG => count_outside(key, OutsideReason::TableFull, bytes, packets),
+        Err(err) if err == -E2BIG => {
+            if let Some(full) = full {
+                // SAFETY: as above.
+                unsafe { *full = full_mark };
+            }
+            count_outside(key, OutsideReason::TableFull, bytes, packets)
+        }
         Err(_) => count_outside(key, OutsideReason::InsertFailed, bytes, packets),
     }
 }

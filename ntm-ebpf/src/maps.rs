@@ -32,6 +32,20 @@ static NTM_FLOWS_A: FlowTable = FlowTable::new();
 #[btf_map]
 static NTM_FLOWS_B: FlowTable = FlowTable::new();
 
+/// How many times the agent has swapped the tables: it adds one once a
+/// swap has returned, when no program holds the earlier table any more.
+#[btf_map]
+pub static NTM_TABLE_EPOCH: Array<u32, 1> = Array::new();
+
+/// Per CPU: the epoch (plus one, so that the zero a fresh map holds means
+/// nothing) in which this CPU found the active table full. A table is only
+/// emptied by the agent's drain after a swap, so a table found full stays
+/// full for the rest of its epoch: the CPU's later new flows skip the
+/// insert the kernel would refuse (its lock and hashing again), and go
+/// outside the table as that insert would have sent them.
+#[btf_map]
+pub static NTM_TABLE_FULL: PerCpuArray<u32, 1> = PerCpuArray::new();
+
 const CACHE_SLOTS: usize = FLOW_CACHE_SLOTS as usize;
 type FlowCache = PerCpuArray<CacheSlot, CACHE_SLOTS>;
 

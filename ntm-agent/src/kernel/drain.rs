@@ -153,6 +153,10 @@ pub struct FlowTables {
     outside_generation: Array<MapData, u32>,
     /// The generation the kernel counts outside frames into now.
     generation: u32,
+    /// How many swaps have returned (`names::TABLE_EPOCH`), where the
+    /// programs tell a full table's epoch from the next; None for tables
+    /// an earlier agent pinned, which no program counts into any more.
+    table_epoch: Option<(Array<MapData, u32>, u32)>,
     possible_cpus: usize,
     batch: ReadBatch,
     cache_buffer: CacheBuffer,
@@ -169,6 +173,14 @@ impl FlowTables {
         tables.slot.set(0, &tables.tables[0], 0)?;
         tables.cache_slot.set(0, &tables.caches[0], 0)?;
         tables.outside_generation.set(0, tables.generation, 0)?;
+        let mut epoch: Array<MapData, u32> = ebpf
+            .take_map(names::TABLE_EPOCH)
+            .ok_or(MapError::InvalidName {
+                name: names::TABLE_EPOCH.to_string(),
+            })?
+            .try_into()?;
+        epoch.set(0, 0, 0)?;
+        tables.table_epoch = Some((epoch, 0));
         Ok(tables)
     }
 
@@ -242,6 +254,7 @@ impl FlowTables {
             outside_unkeyed,
             outside_generation,
             generation: 0,
+            table_epoch: None,
             possible_cpus,
             batch: ReadBatch::new(possible_cpus),
             cache_buffer: CacheBuffer::new(possible_cpus),
@@ -264,6 +277,13 @@ impl FlowTables {
         self.cache_slot.set(0, &self.caches[next], 0)?;
         self.slot.set(0, &self.tables[next], 0)?;
         self.active = next;
+        // No program holds the old table now: a table the programs find
+        // full from here on is the new one (see `names::TABLE_FULL`).
+        if let Some((map, epoch)) = &mut self.table_epoch {
+            // Never u32::MAX, whose mark (epoch + 1) a fresh slot holds.
+            *epoch = (*epoch + 1) % u32::MAX;
+            map.set(0, *epoch, 0)?;
+        }
         let swapped = Instant::now();
 
         let table = self

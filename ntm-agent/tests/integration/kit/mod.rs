@@ -178,6 +178,50 @@ impl Netns {
     }
 }
 
+/// Keeps the calling thread on the CPU it runs on until dropped (then on
+/// the CPUs it had): for a test that runs programs with
+/// BPF_PROG_TEST_RUN and reads per-CPU state back, such as the flow cache.
+pub struct OnOneCpu {
+    before: libc::cpu_set_t,
+}
+
+impl OnOneCpu {
+    pub fn new() -> Self {
+        // SAFETY: an all-zero cpu_set_t is an empty set; sched_getaffinity
+        // and sched_setaffinity read and write only the set they are given,
+        // which outlives the calls; pid 0 is the calling thread.
+        unsafe {
+            let mut before: libc::cpu_set_t = std::mem::zeroed();
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            assert_eq!(libc::sched_getaffinity(0, size, &mut before), 0);
+            let cpu = libc::sched_getcpu();
+            assert!(
+                cpu >= 0,
+                "sched_getcpu: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu as usize, &mut one);
+            assert_eq!(
+                libc::sched_setaffinity(0, size, &one),
+                0,
+                "sched_setaffinity: {}",
+                std::io::Error::last_os_error()
+            );
+            Self { before }
+        }
+    }
+}
+
+impl Drop for OnOneCpu {
+    fn drop(&mut self) {
+        // SAFETY: as in `new`.
+        unsafe {
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.before);
+        }
+    }
+}
+
 /// The host name an agent names its own host's addresses by (test
 /// namespaces share the machine's).
 pub fn host_name() -> String {
