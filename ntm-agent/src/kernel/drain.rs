@@ -19,6 +19,11 @@
 //! can still be counting into the old generation: its entries are read and
 //! deleted, and nothing accumulates in the kernel from drain to drain.
 //!
+//! Once the table's swap has returned, the agent bumps the table epoch
+//! (`names::TABLE_EPOCH`): a CPU that finds a table full notes the epoch it
+//! read before the table, and skips inserts only while that epoch lasts,
+//! so a fresh table is never taken for the full one before it.
+//!
 //! Reading uses the batch map commands (Linux 5.6+): thousands of entries per
 //! system call, where one lookup and one delete per entry would take seconds
 //! for a million flows.
