@@ -18,6 +18,7 @@ mod filter_traffic;
 mod filters;
 mod frames;
 mod golden;
+mod health;
 mod helm;
 mod history;
 mod home;
@@ -97,6 +98,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Nothing: helm::chart_lints_renders_and_validates,
     Root: image::the_image_runs_with_least_privilege_and_counts,
     Root: kubernetes::the_fixture_runs_pods_like_kubelet,
+    Root: health::the_delay_line_delays_each_way_and_drops_what_it_is_told,
     Root: kubernetes::pods_are_named_by_workload_and_counted_exactly,
     Nothing: listing::every_integration_test_is_listed,
     Root: links::tun_device_frames_start_at_the_ip_header,

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod browser;
 pub mod containerd;
+pub mod delay;
 pub mod dhcp;
 pub mod dns;
 pub mod frames;
