@@ -416,6 +416,15 @@ fn count_cached(
             return false;
         }
         if held_packets != 0 {
+            if table_known_full() {
+                // Evicting the slot's flow could only send it outside the
+                // table, which is full until the next swap: it stays, and
+                // this frame's flow is counted in the table if it is
+                // there, else outside (a MAC it may carry is learnt once
+                // its flow takes a slot, after the swap).
+                count_flow(store_key(space, words), bytes, packets);
+                return false;
+            }
             let held_key = &*(s as *const FlowKey);
             count_flow(held_key, *s.add(KEY_WORDS), held_packets);
         }
@@ -428,19 +437,36 @@ fn count_cached(
     true
 }
 
+/// What this CPU leaves in NTM_TABLE_FULL when it finds the active table
+/// full: the table epoch plus one. Read before the table: a table found
+/// full is then that epoch's, or an earlier one's (see NTM_TABLE_EPOCH:
+/// the agent bumps it only once no program holds the earlier table), never
+/// a later one's. The agent never sets u32::MAX, so a mark is never 0,
+/// which a fresh slot holds.
 #[inline(always)]
-fn count_flow(key: &FlowKey, bytes: u64, packets: u64) {
-    // The epoch before the table: a table found full is then that epoch's,
-    // or an earlier one's (see NTM_TABLE_EPOCH: the agent bumps it only
-    // once no program holds the earlier table), never a later one's.
-    let full_mark = match NTM_TABLE_EPOCH.get_ptr(0) {
+fn full_mark() -> u32 {
+    match NTM_TABLE_EPOCH.get_ptr(0) {
         // SAFETY: a pointer from a successful lookup, read at once, and
         // volatile so that the read stays before the table's lookup.
-        // The agent never sets u32::MAX, so a mark is never 0, which a
-        // fresh slot holds.
         Some(epoch) => unsafe { core::ptr::read_volatile(epoch) }.wrapping_add(1),
         None => 0,
-    };
+    }
+}
+
+/// Whether this CPU found the active table full in this epoch.
+#[inline(always)]
+fn table_known_full() -> bool {
+    let mark = full_mark();
+    match NTM_TABLE_FULL.get_ptr(0) {
+        // SAFETY: this CPU's slot, from a successful lookup.
+        Some(full) => mark != 0 && unsafe { *full } == mark,
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn count_flow(key: &FlowKey, bytes: u64, packets: u64) {
+    let full_mark = full_mark();
     let Some(table) = NTM_ACTIVE_FLOWS.get(0) else {
         count_outside(key, OutsideReason::NoActiveTable, bytes, packets);
         return;
