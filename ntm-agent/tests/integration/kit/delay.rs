@@ -214,7 +214,7 @@ fn read_frames(
         }
         // What this line sent out of the interface comes back to its
         // socket as outgoing: not a frame to carry.
-        if addr.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+        if addr.sll_pkttype == libc::PACKET_OUTGOING {
             continue;
         }
         let frame = &buffer[..len as usize];
