@@ -191,14 +191,19 @@ fn is_installed(package: &str) -> bool {
         .is_some_and(|s| s.contains("install ok installed"))
 }
 
-/// Installs Debian packages that are missing, in one apt-get run. Needs
-/// root (no sudo here).
-pub fn apt_install(packages: &[&str]) -> Result<()> {
-    let missing: Vec<&str> = packages
+/// The packages of `packages` that are not installed.
+fn not_installed<'a>(packages: &[&'a str]) -> Vec<&'a str> {
+    packages
         .iter()
         .copied()
         .filter(|p| !is_installed(p))
-        .collect();
+        .collect()
+}
+
+/// Installs Debian packages that are missing, in one apt-get run. Needs
+/// root (no sudo here).
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing = not_installed(packages);
     if missing.is_empty() {
         return Ok(());
     }
@@ -221,11 +226,7 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
         );
         with_apt_lists(|| {
             // Another apt run in this process may have installed some.
-            let missing: Vec<&str> = missing
-                .iter()
-                .copied()
-                .filter(|p| !is_installed(p))
-                .collect();
+            let missing = not_installed(&missing);
             if missing.is_empty() {
                 return Ok(());
             }
