@@ -518,7 +518,6 @@ mod tests {
         assert_eq!(&templates[16..18], &[0, 2], "a template set first");
         assert_eq!(data_records(&mut parser, &templates), 0);
         assert!(data_records(&mut parser, &read_message(&mut second)) > 0);
-        drop(send);
         collector.stop();
         let count = |result: IpfixResult| {
             metric
