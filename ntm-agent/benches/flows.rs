@@ -11,12 +11,11 @@ mod kit;
 
 use std::{
     collections::HashSet,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use kit::Link;
+use kit::{Link, RawSender};
 
 const WINDOW: Duration = Duration::from_millis(1500);
 const MAX_FRAMES: u64 = 5_000_000;
@@ -25,45 +24,6 @@ const FLOWS: [u32; 3] = [1_000, 64_000, 1_000_000];
 
 static BASELINE: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ntm-bench-baseline"));
-
-/// An AF_PACKET socket sending on one interface.
-struct RawSender {
-    socket: OwnedFd,
-    addr: libc::sockaddr_ll,
-}
-
-impl RawSender {
-    fn new(iface: &str) -> Self {
-        // SAFETY: a raw packet socket; its fd is owned at once.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-        assert!(fd >= 0, "{}", std::io::Error::last_os_error());
-        // SAFETY: `fd` is a fresh socket nobody else owns.
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: an all-zero sockaddr_ll is valid; the fields are set below.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        let name = std::ffi::CString::new(iface).unwrap();
-        // SAFETY: a NUL-terminated name.
-        addr.sll_ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
-        addr.sll_halen = 6;
-        Self { socket, addr }
-    }
-
-    fn send(&self, frame: &[u8]) -> bool {
-        // SAFETY: the frame and the address outlive the call.
-        let sent = unsafe {
-            libc::sendto(
-                self.socket.as_raw_fd(),
-                frame.as_ptr() as *const libc::c_void,
-                frame.len(),
-                0,
-                &self.addr as *const libc::sockaddr_ll as *const libc::sockaddr,
-                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        sent == frame.len() as isize
-    }
-}
 
 /// A 64-byte Ethernet/IPv4/UDP frame to `mac`, the addresses set per flow.
 fn template(mac: [u8; 6]) -> [u8; 64] {

@@ -1,25 +1,30 @@
-//! Flow export into a real collector: Debian's nfdump (nfcapd on loopback
-//! in the agent's namespace, `nfdump -R` reading its files back). UDP, TCP
-//! and ICMP over IPv4 and IPv6 cross the test link; the collector's
-//! packets and bytes per flow equal what `/metrics` counted, and the UDP
-//! ones what was sent.
+//! Flow export into real collectors: Debian's nfdump (nfcapd on loopback
+//! in the agent's namespace, `nfdump -R` reading its files back) and
+//! pmacct (nfacctd, its print plugin writing JSON). UDP, TCP and ICMP over
+//! IPv4 and IPv6 cross the test link; the collectors' packets and bytes
+//! per flow equal what `/metrics` counted, and the UDP ones what was sent;
+//! a flow above 2^32 bytes in one interval; collectors that come late or
+//! are killed and come back.
 
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
     net::{TcpListener, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::kit::{
     A4, A6, Agent, B4, B6, Link,
-    scrape::{TempDir, metrics, wait_for, wait_healthy},
+    scrape::{TempDir, metrics, sample_sum, wait_for, wait_healthy},
 };
 
 const PORT: u16 = 9470;
 const COLLECTOR_PORT: u16 = 9995;
+/// pmacct's nfacctd, next to nfcapd.
+const PMACCT_PORT: u16 = 9985;
 
 /// Stops a child with SIGTERM and waits for it (the agent sends what is
 /// pending; nfcapd writes its file).
@@ -33,6 +38,14 @@ fn terminate(mut child: Child) {
 struct Running(Option<Child>);
 
 impl Running {
+    /// SIGKILL, and reaped.
+    fn kill(mut self) {
+        if let Some(mut child) = self.0.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
     fn stop(mut self) {
         if let Some(child) = self.0.take() {
             terminate(child);
@@ -84,36 +97,52 @@ fn from_metrics(text: &str) -> Flows {
     flows
 }
 
-/// What the collector stored, per flow: `nfdump -R DIR` in CSV-like lines.
-fn from_collector(dir: &std::path::Path) -> Flows {
+/// `nfdump -R DIR -q -N` with `fmt:FIELDS` (comma-separated `%` fields)
+/// and an optional filter: each record's fields, trimmed.
+fn nfdump(dir: &Path, fields: &str, filter: Option<&str>) -> Vec<Vec<String>> {
     let out = Command::new("nfdump")
         .arg("-R")
         .arg(dir)
-        .args(["-q", "-N", "-o", "fmt:%sa,%da,%pr,%pkt,%byt"])
+        .args(["-q", "-N", "-o", &format!("fmt:{fields}")])
+        .args(filter)
         .output()
         .expect("nfdump (cargo xtask test installs it)");
-    let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "nfdump: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let columns = fields.split(',').count();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| {
+            let record: Vec<String> = line.split(',').map(|f| f.trim().to_string()).collect();
+            assert_eq!(record.len(), columns, "nfdump line {line:?} for {fields:?}");
+            record
+        })
+        .collect()
+}
+
+/// A protocol number as `/metrics` names it.
+fn protocol_name(number: &str) -> &'static str {
+    match number {
+        "6" => "tcp",
+        "17" => "udp",
+        "1" => "icmp",
+        "58" => "icmp6",
+        other => panic!("protocol {other:?}"),
+    }
+}
+
+/// What nfcapd stored, per flow (`nfdump -R DIR`).
+fn from_collector(dir: &Path) -> Flows {
     let mut flows = Flows::new();
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
-        let [src, dst, proto, packets, bytes] = fields[..] else {
-            panic!("nfdump line {line:?}");
-        };
-        let proto = match proto {
-            // -N: numbers.
-            "6" => "tcp",
-            "17" => "udp",
-            "1" => "icmp",
-            "58" => "icmp6",
-            other => panic!("protocol {other:?} in {line:?}"),
+    for record in nfdump(dir, "%sa,%da,%pr,%pkt,%byt", None) {
+        let [src, dst, proto, packets, bytes] = &record[..] else {
+            unreachable!()
         };
         let entry = flows
-            .entry((src.to_string(), dst.to_string(), proto.to_string()))
+            .entry((src.clone(), dst.clone(), protocol_name(proto).to_string()))
             .or_default();
         entry.0 += packets.parse::<u64>().unwrap();
         entry.1 += bytes.parse::<u64>().unwrap();
@@ -121,19 +150,22 @@ fn from_collector(dir: &std::path::Path) -> Flows {
     flows
 }
 
-/// UDP, TCP and ICMP over IPv4 and IPv6, each flow's packets and bytes at
-/// nfcapd exactly as `/metrics` counted them, and the UDP datagrams' as
-/// sent; the service port on the server's side.
-pub fn every_flow_reaches_nfdump_exactly() {
+/// UDP, TCP and ICMP over IPv4 and IPv6, exported by one agent to two
+/// collectors at once: each flow's packets and bytes at nfcapd and at
+/// pmacct's nfacctd exactly as `/metrics` counted them, and the UDP
+/// datagrams' as sent; the service port on the server's side at both.
+pub fn every_flow_reaches_nfdump_and_pmacct_exactly() {
     let link = Link::new("ipfix");
     let dir = TempDir::new("ipfix");
     let flows_dir = dir.0.join("flows");
     let collector = nfcapd(&link.a, COLLECTOR_PORT, &flows_dir);
+    let pmacct = Nfacctd::start(&link.a, PMACCT_PORT, &dir.0.join("pmacct"));
     let agent = Running(Some(
         Agent::in_ns(&link.a)
             .iface(&link.a_if)
             .port(PORT)
             .args(["--ipfix-collector", &format!("127.0.0.1:{COLLECTOR_PORT}")])
+            .args(["--ipfix-collector", &format!("127.0.0.1:{PMACCT_PORT}")])
             .args(["--ipfix-interval", "1s", "--drain-interval", "200ms"])
             .log_to(&dir.0.join("agent.log"))
             .spawn_child(),
@@ -156,7 +188,7 @@ pub fn every_flow_reaches_nfdump_exactly() {
         }
     });
     // TCP both families: a connection each way's data.
-    for (server, client) in [(A4, B4), (A6, B6)] {
+    for server in [A4, A6] {
         let listener = link.a.run(|| TcpListener::bind((server, 8080)).unwrap());
         let accepted = thread::spawn(move || {
             let (mut stream, _) = listener.accept().unwrap();
@@ -166,7 +198,6 @@ pub fn every_flow_reaches_nfdump_exactly() {
         });
         link.b.run(|| {
             let mut stream = TcpStream::connect((server, 8080)).unwrap();
-            let _ = client;
             stream.write_all(&[7; 20_000]).unwrap();
             stream.shutdown(std::net::Shutdown::Write).unwrap();
             let mut back = Vec::new();
@@ -180,17 +211,12 @@ pub fn every_flow_reaches_nfdump_exactly() {
         link.b.exec(&["ping", "-q", "-c", "3", "-i", "0.2", to]);
     }
 
-    // /metrics settles (two scrapes a second apart agree).
-    let counted = wait_for("/metrics to settle", Duration::from_secs(15), || {
-        let before = from_metrics(&metrics(&link.a, PORT)?);
-        thread::sleep(Duration::from_secs(1));
-        let after = from_metrics(&metrics(&link.a, PORT)?);
-        (before == after && !after.is_empty()).then_some(after)
-    });
-    // SIGTERM: the agent sends what it holds; then nfcapd writes its file.
+    let counted = settled_flows(&link, PORT);
+    // SIGTERM: the agent sends what it holds; then the collectors write.
     agent.stop();
     thread::sleep(Duration::from_millis(300));
     collector.stop();
+    let pmacct = pmacct.stop();
     let collected = from_collector(&flows_dir);
 
     let udp = |src: &str, dst: &str| (src.to_string(), dst.to_string(), "udp".to_string());
@@ -210,37 +236,177 @@ pub fn every_flow_reaches_nfdump_exactly() {
             "no {proto} flow counted: {counted:?}"
         );
     }
-    assert_eq!(
-        collected,
-        counted,
-        "the collector's flows (left) against /metrics (right)\n{}",
-        std::fs::read_to_string(dir.0.join("agent.log")).unwrap_or_default()
+    let log = || std::fs::read_to_string(dir.0.join("agent.log")).unwrap_or_default();
+    // Both compared before either fails: a failure names every collector
+    // that disagrees.
+    let disagree: Vec<String> = [("nfdump", collected), ("pmacct", flows_of(&pmacct))]
+        .into_iter()
+        .filter(|(_, flows)| *flows != counted)
+        .map(|(name, flows)| format!("{name}: {flows:?}"))
+        .collect();
+    assert!(
+        disagree.is_empty(),
+        "collectors against /metrics {counted:?}:\n{}\n{}",
+        disagree.join("\n"),
+        log()
     );
 
     // The service port on its real side: the server's frames from 8080.
-    let ports = Command::new("nfdump")
-        .arg("-R")
-        .arg(&flows_dir)
-        .args(["-q", "-N", "-o", "fmt:%sa,%sp,%da,%dp,%pr", "proto tcp"])
-        .output()
-        .unwrap();
-    let ports = String::from_utf8_lossy(&ports.stdout);
-    for line in ports.lines() {
-        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
-        let [src, sport, _, dport, _] = fields[..] else {
-            panic!("{line:?}");
-        };
-        let expected = if src == A4 || src == A6 {
-            ("8080", "0")
+    let expected = |src: &str| {
+        if src == A4 || src == A6 {
+            (8080, 0)
         } else {
-            ("0", "8080")
-        };
-        assert_eq!((sport, dport), expected, "{line}");
+            (0, 8080)
+        }
+    };
+    let tcp = nfdump(&flows_dir, "%sa,%sp,%dp", Some("proto tcp"));
+    assert!(!tcp.is_empty());
+    for record in tcp {
+        let ports = (record[1].parse().unwrap(), record[2].parse().unwrap());
+        assert_eq!(ports, expected(&record[0]), "nfdump: {record:?}");
+    }
+    let tcp: Vec<_> = pmacct.iter().filter(|r| r.proto == "6").collect();
+    assert!(!tcp.is_empty());
+    for record in tcp {
+        assert_eq!(
+            (record.src_port, record.dst_port),
+            expected(&record.src),
+            "pmacct: {record:?}"
+        );
+    }
+}
+
+/// `/metrics` once it settles (two scrapes a second apart agree), per flow.
+fn settled_flows(link: &Link, port: u16) -> Flows {
+    wait_for("/metrics to settle", Duration::from_secs(15), || {
+        let before = from_metrics(&metrics(&link.a, port)?);
+        thread::sleep(Duration::from_secs(1));
+        let after = from_metrics(&metrics(&link.a, port)?);
+        (before == after && !after.is_empty()).then_some(after)
+    })
+}
+
+/// One aggregate of pmacct's print plugin (a JSON line).
+#[derive(Debug)]
+struct PmacctRecord {
+    src: String,
+    dst: String,
+    src_port: u16,
+    dst_port: u16,
+    /// The protocol number (`print_num_protos`).
+    proto: String,
+    packets: u64,
+    bytes: u64,
+}
+
+/// Packets and bytes per (source, destination, protocol) of pmacct's
+/// aggregates (over their ports).
+fn flows_of(records: &[PmacctRecord]) -> Flows {
+    let mut flows = Flows::new();
+    for r in records {
+        let entry = flows
+            .entry((r.src.clone(), r.dst.clone(), protocol_name(&r.proto).into()))
+            .or_default();
+        entry.0 += r.packets;
+        entry.1 += r.bytes;
+    }
+    flows
+}
+
+/// pmacct's nfacctd on loopback in a namespace, its print plugin
+/// aggregating by addresses, ports and protocol into a JSON file.
+struct Nfacctd {
+    process: Running,
+    dir: PathBuf,
+}
+
+impl Nfacctd {
+    /// Starts it with its configuration, log and output in `dir`; returns
+    /// once it listens and its plugin runs.
+    fn start(ns: &crate::kit::Netns, port: u16, dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("nfacctd.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "daemonize: false\n\
+                 nfacctd_ip: 127.0.0.1\n\
+                 nfacctd_port: {port}\n\
+                 nfacctd_pipe_size: 4194304\n\
+                 logfile: {log}\n\
+                 plugins: print\n\
+                 print_output: json\n\
+                 print_output_file: {out}\n\
+                 print_output_file_append: true\n\
+                 print_refresh_time: 60\n\
+                 print_num_protos: true\n\
+                 aggregate: src_host, dst_host, src_port, dst_port, proto\n",
+                log = dir.join("nfacctd.log").display(),
+                out = dir.join("flows.json").display(),
+            ),
+        )
+        .unwrap();
+        let process = Running(Some(
+            Command::new("ip")
+                .args(["netns", "exec", &ns.name, "nfacctd", "-f"])
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("nfacctd (cargo xtask test installs pmacct)"),
+        ));
+        let log = dir.join("nfacctd.log");
+        wait_for("nfacctd to listen", Duration::from_secs(10), || {
+            let log = std::fs::read_to_string(&log).ok()?;
+            (log.contains("waiting for NetFlow/IPFIX data")
+                && log.contains("JSON: setting object handlers"))
+            .then_some(())
+        });
+        Self {
+            process,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// SIGINT (the print plugin writes its cache, then nfacctd exits):
+    /// every aggregate it wrote.
+    fn stop(mut self) -> Vec<PmacctRecord> {
+        let mut child = self.process.0.take().unwrap();
+        // SAFETY: kill(2) on our own child's pid, which has not been reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let _ = child.wait();
+        let text = std::fs::read_to_string(self.dir.join("flows.json")).unwrap_or_default();
+        let log = std::fs::read_to_string(self.dir.join("nfacctd.log")).unwrap_or_default();
+        text.lines()
+            .map(|line| {
+                let json: serde_json::Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("pmacct line {line:?}: {e}\n{log}"));
+                let text = |key: &str| match &json[key] {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Number(n) => n.to_string(),
+                    other => panic!("{key} is {other:?} in {line}"),
+                };
+                let number = |key: &str| {
+                    json[key]
+                        .as_u64()
+                        .unwrap_or_else(|| panic!("{key} in {line}"))
+                };
+                PmacctRecord {
+                    src: text("ip_src"),
+                    dst: text("ip_dst"),
+                    src_port: number("port_src") as u16,
+                    dst_port: number("port_dst") as u16,
+                    proto: text("ip_proto"),
+                    packets: number("packets"),
+                    bytes: number("bytes"),
+                }
+            })
+            .collect()
     }
 }
 
 /// nfcapd on loopback in `ns`, writing into `dir`.
-fn nfcapd(ns: &crate::kit::Netns, port: u16, dir: &std::path::Path) -> Running {
+fn nfcapd(ns: &crate::kit::Netns, port: u16, dir: &Path) -> Running {
     std::fs::create_dir_all(dir).unwrap();
     Running(Some(
         Command::new("ip")
@@ -270,6 +436,18 @@ fn udp_to_a(link: &Link, port: u16, count: u64) -> u64 {
     });
     thread::sleep(Duration::from_millis(100));
     count * 128
+}
+
+/// The bytes nfcapd stored for UDP from b to a, per destination port.
+fn bytes_by_port(dir: &Path) -> BTreeMap<u16, u64> {
+    let mut got = BTreeMap::new();
+    for record in nfdump(dir, "%sa,%da,%dp,%byt", Some("proto udp")) {
+        if record[0] == B4 && record[1] == A4 {
+            *got.entry(record[2].parse().unwrap()).or_insert(0) +=
+                record[3].parse::<u64>().unwrap();
+        }
+    }
+    got
 }
 
 /// The sum of a family's samples in `text` whose labels hold `part`.
@@ -334,27 +512,11 @@ pub fn a_collector_that_comes_late_gets_everything_after() {
     thread::sleep(Duration::from_millis(300));
     collector.stop();
 
-    let out = Command::new("nfdump")
-        .arg("-R")
-        .arg(&flows_dir)
-        .args(["-q", "-N", "-o", "fmt:%da,%dp,%byt"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut got = BTreeMap::new();
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
-        let [dst, dport, bytes] = fields[..] else {
-            panic!("{line:?}");
-        };
-        if let Ok(port) = dport.parse::<u16>()
-            && dst == A4
-            && (5310..5315).contains(&port)
-        {
-            *got.entry(port).or_insert(0) += bytes.parse::<u64>().unwrap();
-        }
-    }
-    assert_eq!(got, sent, "records after the collector's return\n{text}");
+    let got: BTreeMap<u16, u64> = bytes_by_port(&flows_dir)
+        .into_iter()
+        .filter(|(port, _)| (5310..5315).contains(port))
+        .collect();
+    assert_eq!(got, sent, "records after the collector's return");
     let log = log();
     assert_eq!(
         log.matches("ipfix: collector").count(),
@@ -384,10 +546,14 @@ pub fn counts_outside_the_flow_table_reach_the_collector() {
             .spawn_child(),
     ));
     wait_healthy(&link.a, PORT + 2);
-    // 3000 service ports: far more flows than the cache and table hold.
+    // More service ports than the flow cache has slots on every CPU
+    // (the cache's hash spreads neighbouring ports over slots of their
+    // own: fewer flows may never reach the table), and 1000 more.
+    let slots = ntm_common::FLOW_CACHE_SLOTS as usize * aya::util::nr_cpus().unwrap();
+    let ports = 1000..(2000 + slots).min(32_000) as u16;
     link.b.run(|| {
         let socket = UdpSocket::bind((B4, 0)).unwrap();
-        for port in 1000..4000u16 {
+        for port in ports {
             socket.send_to(&[0x22; 48], (A4, port)).unwrap();
         }
     });
@@ -409,28 +575,251 @@ pub fn counts_outside_the_flow_table_reach_the_collector() {
     agent.stop();
     thread::sleep(Duration::from_millis(300));
     collector.stop();
-    let out = Command::new("nfdump")
-        .arg("-R")
-        .arg(&flows_dir)
-        .args(["-q", "-N", "-o", "fmt:%pr,%byt"])
-        .output()
-        .unwrap();
-    let records = String::from_utf8_lossy(&out.stdout);
+    let records = nfdump(&flows_dir, "%pr,%byt", None);
     let (mut total, mut no_protocol) = (0u64, 0u64);
-    for line in records.lines() {
-        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
-        let [proto, bytes] = fields[..] else {
-            panic!("{line:?}");
-        };
-        let bytes: u64 = bytes.parse().unwrap();
+    for record in &records {
+        let bytes: u64 = record[1].parse().unwrap();
         total += bytes;
-        if proto == "0" {
+        if record[0] == "0" {
             no_protocol += bytes;
         }
     }
-    assert_eq!(no_protocol, outside, "the table-full records\n{records}");
+    assert_eq!(no_protocol, outside, "the table-full records\n{records:?}");
     assert_eq!(
         total, counted,
-        "the collector's total against /metrics\n{records}"
+        "the collector's total against /metrics\n{records:?}"
+    );
+}
+
+/// One TCP connection carries more than 4 GiB from b to a within one
+/// `--ipfix-interval`: nfcapd gets it in one record (64-bit counts), its
+/// bytes equal to `/metrics`' and above 2^32.
+pub fn a_flow_above_4_gib_in_one_interval_is_exact() {
+    const PAYLOAD: u64 = 4_500_000_000;
+    const CHUNK: usize = 4 << 20;
+    let link = Link::new("ipfixg");
+    let dir = TempDir::new("ipfixg");
+    let flows_dir = dir.0.join("flows");
+    let collector = nfcapd(&link.a, COLLECTOR_PORT + 3, &flows_dir);
+    let agent = Running(Some(
+        Agent::in_ns(&link.a)
+            .iface(&link.a_if)
+            .port(PORT + 3)
+            .args([
+                "--ipfix-collector",
+                &format!("127.0.0.1:{}", COLLECTOR_PORT + 3),
+            ])
+            // Longer than the test: the interval ends at SIGTERM.
+            .args(["--ipfix-interval", "600s"])
+            .log_to(&dir.0.join("agent.log"))
+            .spawn_child(),
+    ));
+    wait_healthy(&link.a, PORT + 3);
+
+    let listener = link.a.run(|| TcpListener::bind((A4, 8080)).unwrap());
+    let receiver = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut buffer = vec![0u8; CHUNK];
+        let mut got = 0u64;
+        loop {
+            match stream.read(&mut buffer).unwrap() {
+                0 => return got,
+                n => got += n as u64,
+            }
+        }
+    });
+    let started = Instant::now();
+    link.b.run(|| {
+        let mut stream = TcpStream::connect((A4, 8080)).unwrap();
+        let chunk = vec![0x42u8; CHUNK];
+        let mut left = PAYLOAD;
+        while left > 0 {
+            let n = left.min(CHUNK as u64) as usize;
+            stream.write_all(&chunk[..n]).unwrap();
+            left -= n as u64;
+        }
+    });
+    assert_eq!(receiver.join().unwrap(), PAYLOAD);
+    eprintln!(
+        "{PAYLOAD} bytes over TCP in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let counted = settled_flows(&link, PORT + 3);
+    agent.stop();
+    thread::sleep(Duration::from_millis(300));
+    collector.stop();
+    let flow = (B4.to_string(), A4.to_string(), "tcp".to_string());
+    let (_, bytes) = counted[&flow];
+    // PAYLOAD is above 2^32 (checked at compile time).
+    const _: () = assert!(PAYLOAD > 1 << 32);
+    assert!(bytes > PAYLOAD, "/metrics: {bytes} bytes from b to a");
+    assert_eq!(
+        from_collector(&flows_dir),
+        counted,
+        "nfdump against /metrics"
+    );
+    let records = nfdump(&flows_dir, "%sa,%da,%pr,%pkt,%byt", Some("proto tcp"));
+    let ours: Vec<_> = records.iter().filter(|r| r[0] == B4).collect();
+    assert_eq!(ours.len(), 1, "one record for the interval: {records:?}");
+    assert_eq!(ours[0][4].parse::<u64>().unwrap(), bytes, "{records:?}");
+    eprintln!(
+        "nfdump: one record of {} packets, {bytes} bytes (2^32 = {})",
+        ours[0][3],
+        1u64 << 32
+    );
+}
+
+/// One agent exports to two nfcapd: one runs throughout (what ntm
+/// produced), the other is killed (SIGKILL) while UDP keeps coming in
+/// batches, each to a port of its own, then started again on its port and
+/// folder. Every batch reaches the first exactly; every batch after the
+/// second's return reaches it exactly; what it lost while away is
+/// printed, and `ntm_ipfix_records_total` accounts for every record
+/// produced (sent + failed + dropped).
+pub fn a_collector_killed_and_started_again_gets_every_record_after() {
+    let link = Link::new("ipfixk");
+    let dir = TempDir::new("ipfixk");
+    let (steady_port, victim_port) = (COLLECTOR_PORT + 4, COLLECTOR_PORT + 5);
+    let (steady_dir, victim_dir) = (dir.0.join("steady"), dir.0.join("victim"));
+    let steady = nfcapd(&link.a, steady_port, &steady_dir);
+    let victim = nfcapd(&link.a, victim_port, &victim_dir);
+    let log_path = dir.0.join("agent.log");
+    let agent = Running(Some(
+        Agent::in_ns(&link.a)
+            .iface(&link.a_if)
+            .port(PORT + 4)
+            .args(["--ipfix-collector", &format!("127.0.0.1:{steady_port}")])
+            .args(["--ipfix-collector", &format!("127.0.0.1:{victim_port}")])
+            .args([
+                "--ipfix-interval",
+                "500ms",
+                "--ipfix-template-interval",
+                "1s",
+            ])
+            .args(["--drain-interval", "100ms"])
+            .log_to(&log_path)
+            .spawn_child(),
+    ));
+    wait_healthy(&link.a, PORT + 4);
+    let records = |collector: u16, result: &str| {
+        let text = metrics(&link.a, PORT + 4).expect("/metrics");
+        sample_sum(
+            &text,
+            "ntm_ipfix_records_total",
+            &[
+                &format!(r#"collector="127.0.0.1:{collector}""#),
+                &format!(r#"result="{result}""#),
+            ],
+        )
+    };
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+
+    // A batch: 10 datagrams to a port of its own (a record of its own).
+    let mut sent = BTreeMap::new();
+    let mut next_port = 6000u16;
+    let mut batch = || {
+        let port = next_port;
+        next_port += 1;
+        sent.insert(port, udp_to_a(&link, port, 10));
+        thread::sleep(Duration::from_millis(100));
+        port
+    };
+    for _ in 0..5 {
+        batch();
+    }
+    thread::sleep(Duration::from_secs(1));
+    // SIGKILL: nfcapd writes nothing more, not even what it holds.
+    victim.kill();
+    let killed_at = batch();
+    wait_for(
+        "the records counted as failed",
+        Duration::from_secs(10),
+        || {
+            batch();
+            thread::sleep(Duration::from_millis(400));
+            (records(victim_port, "failed") > 0).then_some(())
+        },
+    );
+    for _ in 0..5 {
+        batch();
+    }
+    // Started again on its port and folder.
+    let victim = nfcapd(&link.a, victim_port, &victim_dir);
+    wait_for(
+        "the collector taking records again",
+        Duration::from_secs(10),
+        || {
+            batch();
+            thread::sleep(Duration::from_millis(300));
+            log().contains("takes records again").then_some(())
+        },
+    );
+    let back_from = batch();
+    for _ in 0..9 {
+        batch();
+    }
+    // Every interval exported (the counts settle), so that SIGTERM adds
+    // nothing: (sent, failed, dropped) per collector.
+    let counts = || {
+        [steady_port, victim_port]
+            .map(|collector| ["sent", "failed", "dropped"].map(|result| records(collector, result)))
+    };
+    let [steady_counts, victim_counts] =
+        wait_for("the records to settle", Duration::from_secs(15), || {
+            let before = counts();
+            thread::sleep(Duration::from_secs(1));
+            (before == counts()).then_some(before)
+        });
+    agent.stop();
+    thread::sleep(Duration::from_millis(300));
+    steady.stop();
+    victim.stop();
+
+    // The steady collector: every batch, every record ntm produced.
+    assert_eq!(bytes_by_port(&steady_dir), sent, "the steady collector");
+    let produced = nfdump(&steady_dir, "%da", None).len() as u64;
+    assert_eq!(
+        steady_counts,
+        [produced, 0, 0],
+        "the steady collector's (sent, failed, dropped) against the records it stored"
+    );
+    // The other: every batch after its return, exactly; every record
+    // produced counted once, by what became of it.
+    let got = bytes_by_port(&victim_dir);
+    let after: BTreeMap<u16, u64> = sent.range(back_from..).map(|(p, b)| (*p, *b)).collect();
+    assert_eq!(
+        got.range(back_from..)
+            .map(|(p, b)| (*p, *b))
+            .collect::<BTreeMap<_, _>>(),
+        after,
+        "the batches after the collector's return\n{}",
+        log()
+    );
+    let [victim_sent, failed, dropped] = victim_counts;
+    assert_eq!(
+        victim_sent + failed + dropped,
+        produced,
+        "the killed collector's records: sent {victim_sent} + failed {failed} + dropped {dropped}"
+    );
+    let stored = nfdump(&victim_dir, "%da", None).len() as u64;
+    assert!(stored <= victim_sent, "{stored} stored, {victim_sent} sent");
+    let lost: Vec<u16> = sent
+        .iter()
+        .filter(|(port, bytes)| got.get(port) != Some(bytes))
+        .map(|(port, _)| *port)
+        .collect();
+    eprintln!(
+        "killed collector: {produced} records produced, {stored} stored; lost {}: {failed} failed, {dropped} dropped, {} sent but not stored (sent while it was away, or unwritten when killed); batches lost: {lost:?} of {}..{} (killed before {killed_at}, back from {back_from})",
+        produced - stored,
+        victim_sent - stored,
+        sent.keys().next().unwrap(),
+        sent.keys().last().unwrap(),
+    );
+    assert_eq!(
+        log().matches("ipfix: collector").count(),
+        2,
+        "the outage is logged once when it starts and once when it ends:\n{}",
+        log()
     );
 }

@@ -396,6 +396,141 @@ mod tests {
         }
     }
 
+    /// One IPFIX message from a TCP stream (the header's length says
+    /// where it ends).
+    fn read_message(stream: &mut TcpStream) -> Vec<u8> {
+        use std::io::Read as _;
+        let mut message = vec![0u8; 16];
+        stream.read_exact(&mut message).unwrap();
+        assert_eq!(&message[..2], &[0, 10], "an IPFIX header");
+        let length = u16::from_be_bytes([message[2], message[3]]) as usize;
+        message.resize(length, 0);
+        stream.read_exact(&mut message[16..]).unwrap();
+        message
+    }
+
+    /// Data records in `message`, as netflow_parser reads them (no data
+    /// set it has no template for).
+    fn data_records(parser: &mut netflow_parser::NetflowParser, message: &[u8]) -> usize {
+        use netflow_parser::{NetflowPacket, variable_versions::ipfix::FlowSetBody};
+        let mut records = 0;
+        for packet in parser.parse_bytes(message).packets {
+            let NetflowPacket::IPFix(ipfix) = packet else {
+                panic!("not IPFIX: {packet:?}");
+            };
+            for set in ipfix.flowsets {
+                match set.body {
+                    FlowSetBody::Data(data) => records += data.fields.len(),
+                    FlowSetBody::NoTemplate(info) => panic!("no template: {info:?}"),
+                    _ => {}
+                }
+            }
+        }
+        records
+    }
+
+    /// Over TCP to a real listener: the templates open each connection and
+    /// every record follows in the stream; a connection the collector
+    /// closed is made again, the templates first, and every record is
+    /// counted once by what became of it.
+    #[test]
+    fn tcp_opens_each_connection_with_the_templates_and_connects_again() {
+        let metric = IntCounterVec::new(
+            prometheus::Opts::new("records", "h"),
+            &["collector", "result"],
+        )
+        .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let spec: CollectorSpec = format!("tcp://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let label = spec.to_string();
+        let collector = Collector::start(
+            spec,
+            ExportSettings {
+                domain: 1,
+                max_message: 1400,
+                template_interval: Duration::from_secs(30),
+            },
+            metric.clone(),
+        );
+        let key = ntm_common::FlowKey::v4_udp([198, 18, 0, 1], [198, 18, 0, 2], 53);
+        let record = super::super::encode::FlowRecord {
+            key,
+            counts: ntm_common::Counters {
+                bytes: 1 << 33,
+                packets: 1,
+            },
+            start_ms: 0,
+            end_ms: 0,
+        };
+        // The interface named (netflow_parser reads no record whose
+        // interfaceName is empty).
+        let names = Arc::new(std::collections::HashMap::from([(
+            key.ifindex,
+            "ntm0".to_string(),
+        )]));
+        let mut produced = 0u64;
+        let mut send = |n: usize| {
+            collector.send(Arc::new(Batch {
+                records: vec![record.clone(); n],
+                outside: Vec::new(),
+                names: Arc::clone(&names),
+                export_time: unix_seconds(),
+            }));
+            produced += n as u64;
+        };
+        // The first connection: templates, then 100 records (several
+        // messages).
+        send(100);
+        let (mut first, _) = listener.accept().unwrap();
+        first
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut parser = netflow_parser::NetflowParser::default();
+        let templates = read_message(&mut first);
+        assert_eq!(&templates[16..18], &[0, 2], "a template set first");
+        assert_eq!(data_records(&mut parser, &templates), 0);
+        let mut got = 0;
+        while got < 100 {
+            got += data_records(&mut parser, &read_message(&mut first));
+        }
+        assert_eq!(got, 100);
+        // The collector closes it: batches go on until ntm connects again.
+        drop(first);
+        listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut second = loop {
+            send(10);
+            thread::sleep(Duration::from_millis(50));
+            if let Ok((stream, _)) = listener.accept() {
+                break stream;
+            }
+            assert!(Instant::now() < deadline, "no second connection");
+        };
+        second.set_nonblocking(false).unwrap();
+        second
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        // A fresh parser, as a collector's for a new connection.
+        let mut parser = netflow_parser::NetflowParser::default();
+        let templates = read_message(&mut second);
+        assert_eq!(&templates[16..18], &[0, 2], "a template set first");
+        assert_eq!(data_records(&mut parser, &templates), 0);
+        assert!(data_records(&mut parser, &read_message(&mut second)) > 0);
+        collector.stop();
+        let count = |result: IpfixResult| {
+            metric
+                .with_label_values(&[label.as_str(), result.as_str()])
+                .get()
+        };
+        assert_eq!(
+            count(IpfixResult::Sent) + count(IpfixResult::Dropped) + count(IpfixResult::Failed),
+            produced,
+            "every record is counted once"
+        );
+    }
+
     #[test]
     fn no_collector_listening_counts_failures_and_never_blocks() {
         let metric = IntCounterVec::new(

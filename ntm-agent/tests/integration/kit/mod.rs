@@ -444,39 +444,56 @@ pub fn if_stats(ns: &Netns, ifname: &str) -> ((u64, u64), (u64, u64)) {
     )
 }
 
-/// Sends raw Ethernet frames out of `iface` with an AF_PACKET socket.
-pub fn send_raw(iface: &str, frames: &[Vec<u8>]) {
-    // SAFETY: a raw packet socket, a zeroed sockaddr_ll naming the interface,
-    // and sendto with buffers that outlive the calls.
-    unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
+/// An AF_PACKET socket sending raw Ethernet frames out of one interface
+/// (of the namespace the calling thread is in).
+pub struct RawSender {
+    socket: OwnedFd,
+    addr: libc::sockaddr_ll,
+}
+
+impl RawSender {
+    pub fn new(iface: &str) -> Self {
+        // SAFETY: a raw packet socket; its fd is owned at once.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
         assert!(
             fd >= 0,
             "AF_PACKET socket: {}",
             std::io::Error::last_os_error()
         );
-        let socket = OwnedFd::from_raw_fd(fd);
-        let name = std::ffi::CString::new(iface).unwrap();
-        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        // SAFETY: `fd` is a fresh socket nobody else owns.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_ll is valid; the fields are set below.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+        let name = std::ffi::CString::new(iface).unwrap();
+        // SAFETY: a NUL-terminated name.
+        addr.sll_ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
         addr.sll_halen = 6;
-        for frame in frames {
-            let sent = libc::sendto(
-                socket.as_raw_fd(),
+        Self { socket, addr }
+    }
+
+    /// Sends one frame: whether all of it went.
+    pub fn send(&self, frame: &[u8]) -> bool {
+        // SAFETY: the frame and the address outlive the call.
+        let sent = unsafe {
+            libc::sendto(
+                self.socket.as_raw_fd(),
                 frame.as_ptr() as *const libc::c_void,
                 frame.len(),
                 0,
-                &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
+                &self.addr as *const libc::sockaddr_ll as *const libc::sockaddr,
                 std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            );
-            assert_eq!(
-                sent,
-                frame.len() as isize,
-                "{}",
-                std::io::Error::last_os_error()
-            );
-        }
+            )
+        };
+        sent == frame.len() as isize
+    }
+}
+
+/// Sends raw Ethernet frames out of `iface` with an AF_PACKET socket.
+pub fn send_raw(iface: &str, frames: &[Vec<u8>]) {
+    let sender = RawSender::new(iface);
+    for frame in frames {
+        assert!(sender.send(frame), "{}", std::io::Error::last_os_error());
     }
 }
 
