@@ -58,6 +58,10 @@ pub enum ConfigError {
         "a filter was given both as words ({words:?}) and with -F/--filter-file ({file}); give it one way"
     )]
     TwoFilters { words: String, file: String },
+    #[error(
+        "`{command}` is a command, not a filter: write it first, before its own options (`ntm-agent {command} --help`); the agent's options do not apply to it"
+    )]
+    CommandAfterOptions { command: String },
 }
 
 #[derive(Clone, Debug, Parser)]
@@ -787,6 +791,17 @@ impl Config {
 
     /// Where the filter comes from; words and a file together are an error.
     pub fn filter_source(&self) -> Result<FilterSource, ConfigError> {
+        // Agent options before a command (`ntm-agent --numeric detach`)
+        // leave clap nothing but the filter's words to put it in.
+        if let Some(first) = self.filter.filters.first().map(|w| w.trim())
+            && <Self as clap::CommandFactory>::command()
+                .get_subcommands()
+                .any(|c| c.get_name() == first)
+        {
+            return Err(ConfigError::CommandAfterOptions {
+                command: first.to_string(),
+            });
+        }
         match (self.filter_expression(), &self.filter.filter_file) {
             (Some(words), Some(file)) => Err(ConfigError::TwoFilters {
                 words,
@@ -993,6 +1008,11 @@ mod tests {
         let k = c.kernel().unwrap();
         assert_eq!((k.pin_dir, k.orphan_timeout), (None, None));
         assert!(Config::try_parse_from(["ntm-agent", "--orphan-timeout", "soon"]).is_err());
+        let late = Config::try_parse_from(["ntm-agent", "--numeric", "detach"]).unwrap();
+        match late.filter_source() {
+            Err(ConfigError::CommandAfterOptions { command }) => assert_eq!(command, "detach"),
+            other => panic!("{other:?}"),
+        }
         match Config::try_parse_from(["ntm-agent", "detach", "--pin-dir", "/x"])
             .unwrap()
             .command
