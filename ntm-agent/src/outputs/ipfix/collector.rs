@@ -380,6 +380,20 @@ pub fn batch(records: Vec<super::encode::FlowRecord>) -> Arc<Batch> {
 mod tests {
     use super::*;
 
+    /// A collector with the default settings (domain 1, 1400-byte
+    /// messages, templates every 30 s).
+    fn start_with_defaults(spec: CollectorSpec, metric: &IntCounterVec) -> Collector {
+        Collector::start(
+            spec,
+            ExportSettings {
+                domain: 1,
+                max_message: 1400,
+                template_interval: Duration::from_secs(30),
+            },
+            metric.clone(),
+        )
+    }
+
     #[test]
     fn collectors_parse_and_bad_ones_say_why() {
         let udp: CollectorSpec = "127.0.0.1:4739".parse().unwrap();
@@ -445,15 +459,7 @@ mod tests {
             .parse()
             .unwrap();
         let label = spec.to_string();
-        let collector = Collector::start(
-            spec,
-            ExportSettings {
-                domain: 1,
-                max_message: 1400,
-                template_interval: Duration::from_secs(30),
-            },
-            metric.clone(),
-        );
+        let collector = start_with_defaults(spec, &metric);
         let key = ntm_common::FlowKey::v4_udp([198, 18, 0, 1], [198, 18, 0, 2], 53);
         let record = super::super::encode::FlowRecord {
             key,
@@ -546,15 +552,7 @@ mod tests {
             .port();
         let spec: CollectorSpec = format!("127.0.0.1:{port}").parse().unwrap();
         let label = spec.to_string();
-        let collector = Collector::start(
-            spec,
-            ExportSettings {
-                domain: 1,
-                max_message: 1400,
-                template_interval: Duration::from_secs(30),
-            },
-            metric.clone(),
-        );
+        let collector = start_with_defaults(spec, &metric);
         let key = ntm_common::FlowKey::v4_udp([198, 18, 0, 1], [198, 18, 0, 2], 53);
         let record = super::super::encode::FlowRecord {
             key,
