@@ -51,6 +51,11 @@ pub mod names {
     /// epoch go outside the table without another insert the kernel would
     /// refuse. Any other value: not known to be full.
     pub const TABLE_FULL: &str = "NTM_TABLE_FULL";
+    /// Per-CPU array of one u64: frames whose flow was not in its flow-cache
+    /// slot, since load (never reset). The agent compares it with the
+    /// packets it drains to tell whether the cache pays, and turns it off
+    /// (empties [`ACTIVE_CACHE_SLOT`]) while it does not.
+    pub const CACHE_MISSES: &str = "NTM_CACHE_MISSES";
     /// Read-only global: the bitmap of known service ports, see
     /// [`crate::service_port::known_port_bit`].
     pub const KNOWN_PORTS: &str = "NTM_KNOWN_PORTS";

@@ -24,9 +24,10 @@ use ntm_common::{
 use crate::{
     lease::{check_lease, lease_check_due},
     maps::{
-        FragmentKey, NTM_ACTIVE_CACHE, NTM_ACTIVE_FLOWS, NTM_EPHEMERAL_START, NTM_FRAGMENTS,
-        NTM_KNOWN_PORTS, NTM_LEARN_MACS, NTM_OUTSIDE, NTM_OUTSIDE_GENERATION, NTM_OUTSIDE_SLOTS,
-        NTM_OUTSIDE_UNKEYED, NTM_PORT_WORD_MASK, NTM_TABLE_EPOCH, NTM_TABLE_FULL, setting,
+        FragmentKey, NTM_ACTIVE_CACHE, NTM_ACTIVE_FLOWS, NTM_CACHE_MISSES, NTM_EPHEMERAL_START,
+        NTM_FRAGMENTS, NTM_KNOWN_PORTS, NTM_LEARN_MACS, NTM_OUTSIDE, NTM_OUTSIDE_GENERATION,
+        NTM_OUTSIDE_SLOTS, NTM_OUTSIDE_UNKEYED, NTM_PORT_WORD_MASK, NTM_TABLE_EPOCH,
+        NTM_TABLE_FULL, setting,
     },
     observe::{agent_wants, learn_mac, observe_tc, observe_xdp, wanted_by_agent},
     parse::{self, Fragment, Frame, KeyBase, NOT_OBSERVED, ParseError, Parsed},
@@ -382,7 +383,9 @@ fn account(
 /// Counts into the flow's cache slot; a slot held by another flow first
 /// hands that flow's counts to the flow table. `words` are the key's, as
 /// the parse built them, compared word by word (the BPF backend turns
-/// array copies and compares into calls to byte loops).
+/// array copies and compares into calls to byte loops). True if the
+/// frame's flow just took a slot, or, with the cache turned off, a table
+/// entry: the first frame of a flow there, whose MAC is then learnt.
 #[inline(always)]
 fn count_cached(
     words: &[u64; KEY_WORDS],
@@ -391,11 +394,11 @@ fn count_cached(
     packets: u64,
 ) -> bool {
     let Some(cache) = NTM_ACTIVE_CACHE.get(0) else {
-        count_flow(store_key(space, words), bytes, packets);
-        return false;
+        // The agent turned the cache off: most frames would miss it.
+        return count_flow(store_key(space, words), bytes, packets);
     };
     let Some(slot) = cache.get_ptr_mut(cache_index(words)) else {
-        count_flow(store_key(space, words), bytes, packets);
+        let _ = count_flow(store_key(space, words), bytes, packets);
         return false;
     };
     let s = slot as *mut u64;
@@ -415,6 +418,11 @@ fn count_cached(
             }
             return false;
         }
+        // A miss, for the agent's judgement of the cache (sound as above:
+        // this CPU's slot of a per-CPU array, from a successful lookup).
+        if let Some(misses) = NTM_CACHE_MISSES.get_ptr_mut(0) {
+            *misses += 1;
+        }
         if held_packets != 0 {
             if table_known_full() {
                 // Evicting the slot's flow could only send it outside the
@@ -422,11 +430,11 @@ fn count_cached(
                 // this frame's flow is counted in the table if it is
                 // there, else outside (a MAC it may carry is learnt once
                 // its flow takes a slot, after the swap).
-                count_flow(store_key(space, words), bytes, packets);
+                let _ = count_flow(store_key(space, words), bytes, packets);
                 return false;
             }
             let held_key = &*(s as *const FlowKey);
-            count_flow(held_key, *s.add(KEY_WORDS), held_packets);
+            let _ = count_flow(held_key, *s.add(KEY_WORDS), held_packets);
         }
         for (i, w) in words.iter().enumerate() {
             core::ptr::write_volatile(s.add(i), *w);
@@ -464,16 +472,18 @@ fn table_known_full() -> bool {
     }
 }
 
+/// Counts into the flow table, or outside it where it cannot. True if the
+/// flow took a new entry.
 #[inline(always)]
-fn count_flow(key: &FlowKey, bytes: u64, packets: u64) {
+fn count_flow(key: &FlowKey, bytes: u64, packets: u64) -> bool {
     let full_mark = full_mark();
     let Some(table) = NTM_ACTIVE_FLOWS.get(0) else {
         count_outside(key, OutsideReason::NoActiveTable, bytes, packets);
-        return;
+        return false;
     };
     if let Some(counters) = table.get_ptr_mut(key) {
         add_counts(counters, bytes, packets);
-        return;
+        return false;
     }
     let full = NTM_TABLE_FULL.get_ptr_mut(0);
     if let Some(full) = full {
@@ -481,12 +491,12 @@ fn count_flow(key: &FlowKey, bytes: u64, packets: u64) {
         // bottom halves off), from a successful lookup.
         if full_mark != 0 && unsafe { *full } == full_mark {
             count_outside(key, OutsideReason::TableFull, bytes, packets);
-            return;
+            return false;
         }
     }
     let fresh = Counters { bytes, packets };
     match table.insert(key, fresh, BPF_NOEXIST) {
-        Ok(()) => {}
+        Ok(()) => return true,
         Err(err) if err == -EEXIST => {
             // Another CPU inserted the key between our lookup and insert; our
             // CPU's slot in it exists now.
@@ -504,6 +514,7 @@ fn count_flow(key: &FlowKey, bytes: u64, packets: u64) {
         }
         Err(_) => count_outside(key, OutsideReason::InsertFailed, bytes, packets),
     }
+    false
 }
 
 /// Counts a frame of `key`'s interface and hook outside the flow

@@ -50,13 +50,20 @@ const CACHE_SLOTS: usize = FLOW_CACHE_SLOTS as usize;
 type FlowCache = PerCpuArray<CacheSlot, CACHE_SLOTS>;
 
 /// The flow cache in front of the table, double-buffered like the tables
-/// and swapped with them.
+/// and swapped with them. The agent leaves the slot empty while the cache
+/// does not pay (most frames miss it: a flood of new flows, a scan); the
+/// programs then count into the table directly.
 #[btf_map]
 pub static NTM_ACTIVE_CACHE: ArrayOfMaps<FlowCache, 1> = ArrayOfMaps::new();
 #[btf_map]
 static NTM_CACHE_A: FlowCache = FlowCache::new();
 #[btf_map]
 static NTM_CACHE_B: FlowCache = FlowCache::new();
+
+/// Per CPU: frames whose flow was not in its cache slot, since load. Only
+/// the miss path writes it.
+#[btf_map]
+pub static NTM_CACHE_MISSES: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 // Counts outside the flow table.
 

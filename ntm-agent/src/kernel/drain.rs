@@ -24,6 +24,10 @@
 //! read before the table, and skips inserts only while that epoch lasts,
 //! so a fresh table is never taken for the full one before it.
 //!
+//! While the cache does not pay (most frames miss it, see `flow_cache.rs`),
+//! the agent leaves the cache slot empty at a swap and the programs count
+//! into the table directly; the idle cache is then empty when it is read.
+//!
 //! Reading uses the batch map commands (Linux 5.6+): thousands of entries per
 //! system call, where one lookup and one delete per entry would take seconds
 //! for a million flows.
@@ -45,6 +49,7 @@ use ntm_common::{
     OutsideReason, OutsideSlot, names, outside_slot_of, outside_unkeyed_index,
 };
 
+use super::flow_cache::{CacheJudge, CacheUse};
 use crate::sys::{SyscallError, bpf};
 
 /// What one drain found: the counts added since the previous drain.
@@ -60,6 +65,9 @@ pub struct Drained {
     pub swap_time: Duration,
     /// How long reading and clearing the idle table took.
     pub read_time: Duration,
+    /// What the flow cache did in the drained interval (default, off, for
+    /// tables an earlier agent pinned).
+    pub flow_cache: CacheUse,
 }
 
 impl Drained {
@@ -142,12 +150,15 @@ pub enum DrainError {
     Batch(#[source] SyscallError),
     #[error("cannot tell how many CPUs this machine may have: {0}")]
     Cpus(#[source] io::Error),
+    #[error("duplicating a map's descriptor failed: {0}")]
+    Descriptor(#[source] io::Error),
 }
 
 pub struct FlowTables {
     slot: ArrayOfMaps<MapData, MapData>,
     tables: [MapData; 2],
     cache_slot: ArrayOfMaps<MapData, MapData>,
+    cache_slot_fd: std::os::fd::OwnedFd,
     caches: [MapData; 2],
     /// Index into `tables` of the one the slot points at.
     active: usize,
@@ -162,6 +173,9 @@ pub struct FlowTables {
     /// programs tell a full table's epoch from the next; None for tables
     /// an earlier agent pinned, which no program counts into any more.
     table_epoch: Option<(Array<MapData, u32>, u32)>,
+    /// Whether the flow cache pays (see `flow_cache.rs`); None for tables
+    /// an earlier agent pinned, where the cache is always swapped in.
+    cache_switch: Option<CacheSwitch>,
     possible_cpus: usize,
     batch: ReadBatch,
     cache_buffer: CacheBuffer,
@@ -186,6 +200,19 @@ impl FlowTables {
             .try_into()?;
         epoch.set(0, 0, 0)?;
         tables.table_epoch = Some((epoch, 0));
+        let misses: PerCpuArray<MapData, u64> = ebpf
+            .take_map(names::CACHE_MISSES)
+            .ok_or(MapError::InvalidName {
+                name: names::CACHE_MISSES.to_string(),
+            })?
+            .try_into()?;
+        tables.cache_switch = Some(CacheSwitch {
+            misses,
+            misses_seen: 0,
+            judge: CacheJudge::default(),
+            on: true,
+            announced_off: false,
+        });
         Ok(tables)
     }
 
@@ -224,8 +251,22 @@ impl FlowTables {
         };
         let table_a = table(take(names::FLOW_TABLES[0])?)?;
         let table_b = table(take(names::FLOW_TABLES[1])?)?;
-        let cache_slot: ArrayOfMaps<MapData, MapData> =
-            take(names::ACTIVE_CACHE_SLOT)?.try_into()?;
+        let cache_slot = take(names::ACTIVE_CACHE_SLOT)?;
+        // Its descriptor again, to empty the slot (aya sets slots only).
+        let cache_slot_fd = match &cache_slot {
+            Map::ArrayOfMaps(data) => data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(DrainError::Descriptor)?,
+            _ => {
+                return Err(MapError::InvalidName {
+                    name: "a flow cache slot that is not an array of maps".to_string(),
+                }
+                .into());
+            }
+        };
+        let cache_slot: ArrayOfMaps<MapData, MapData> = cache_slot.try_into()?;
         let cache = |map: Map| match map {
             Map::PerCpuArray(data) => Ok(data),
             _ => Err(MapError::InvalidName {
@@ -251,6 +292,7 @@ impl FlowTables {
             slot,
             tables: [table_a, table_b],
             cache_slot,
+            cache_slot_fd,
             caches: [cache_a, cache_b],
             active: 0,
             outside_slots,
@@ -260,6 +302,7 @@ impl FlowTables {
             outside_generation,
             generation: 0,
             table_epoch: None,
+            cache_switch: None,
             possible_cpus,
             batch: ReadBatch::new(possible_cpus),
             cache_buffer: CacheBuffer::new(possible_cpus),
@@ -279,7 +322,9 @@ impl FlowTables {
         // The cache first: a program still holding the old cache may move a
         // flow from it into the table the slot names, which must then still
         // be the old one or already the new one, never one we have read.
-        self.cache_slot.set(0, &self.caches[next], 0)?;
+        // Emptying the slot waits for those programs alike.
+        let cache_was_on = self.cache_switch.as_ref().is_none_or(|s| s.on);
+        self.point_cache_slot(next, cache_was_on)?;
         self.slot.set(0, &self.tables[next], 0)?;
         self.active = next;
         // No program holds the old table now: a table the programs find
@@ -304,13 +349,40 @@ impl FlowTables {
         self.outside_slots_buffer
             .read_and_clear(&self.outside_slots, idle_generation, &mut outside)
             .map_err(DrainError::Batch)?;
+        let mut flow_cache = CacheUse::default();
+        if let Some(switch) = &mut self.cache_switch {
+            let table_full = outside.total(OutsideReason::TableFull).packets != 0;
+            flow_cache = switch.interval_ended(cache_was_on, &flows, table_full)?;
+            let on = switch.judge.on();
+            if on != cache_was_on {
+                // At once, for the interval under way: the cache the slot
+                // names, or named, is the one the next drain reads.
+                self.point_cache_slot(next, on)?;
+                if let Some(switch) = &mut self.cache_switch {
+                    switch.on = on;
+                }
+            }
+        }
         Ok(Drained {
             flows,
             outside,
             swap_time: swapped - started,
             read_time: swapped.elapsed(),
             link_stats: HashMap::new(),
+            flow_cache,
         })
+    }
+
+    /// Points the cache slot at cache `index`, or empties it (the programs
+    /// then count into the table directly). Either returns once no program
+    /// can still hold the cache the slot named before.
+    fn point_cache_slot(&mut self, index: usize, on: bool) -> Result<(), DrainError> {
+        if on {
+            self.cache_slot.set(0, &self.caches[index], 0)?;
+        } else {
+            bpf::clear_map_slot(self.cache_slot_fd.as_fd(), 0).map_err(DrainError::Batch)?;
+        }
+        Ok(())
     }
 
     /// What the kernel counted outside the flow table for `reason` and a
@@ -401,6 +473,59 @@ impl FlowTables {
             }
         }
         Ok(counts)
+    }
+}
+
+/// The running agent's side of the flow cache's switch: the kernel's miss
+/// counts and the judgement.
+struct CacheSwitch {
+    misses: PerCpuArray<MapData, u64>,
+    /// The misses summed over CPUs at the previous drain (the kernel's
+    /// counts only grow).
+    misses_seen: u64,
+    judge: CacheJudge,
+    /// Whether the slot holds a cache now.
+    on: bool,
+    /// Whether the log said the cache went off, and not yet that it pays
+    /// again.
+    announced_off: bool,
+}
+
+impl CacheSwitch {
+    /// Notes the interval just drained, in which the cache was `was_on`
+    /// and the table `table_full` (frames went outside it), and judges the
+    /// next: what the cache did.
+    fn interval_ended(
+        &mut self,
+        was_on: bool,
+        flows: &[(FlowKey, Counters)],
+        table_full: bool,
+    ) -> Result<CacheUse, MapError> {
+        let misses_now: u64 = self.misses.get(&0, 0)?.iter().sum();
+        // Misses counted after the swap are this interval's too, by a few.
+        let used = CacheUse {
+            on: was_on,
+            misses: misses_now.wrapping_sub(self.misses_seen),
+        };
+        self.misses_seen = misses_now;
+        let packets: u64 = flows.iter().map(|(_, c)| c.packets).sum();
+        let on = self.judge.next(used, packets, flows.len(), table_full);
+        // Logged once per flood (its start and its end), not per try.
+        let missed = || 100.0 * used.misses as f64 / packets.max(1) as f64;
+        if was_on && !on && !self.announced_off {
+            log::info!(
+                "the flow cache does not pay: {:.0}% of {packets} packets missed it; counting into the flow table directly until it does",
+                missed()
+            );
+            self.announced_off = true;
+        } else if was_on && on && self.announced_off {
+            log::info!(
+                "the flow cache pays again ({:.0}% of {packets} packets missed it): counting through it",
+                missed()
+            );
+            self.announced_off = false;
+        }
+        Ok(used)
     }
 }
 

@@ -18,6 +18,7 @@
 
 pub mod attach;
 pub mod drain;
+pub mod flow_cache;
 pub mod links;
 pub mod load;
 pub mod local_nets;

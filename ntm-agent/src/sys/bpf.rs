@@ -93,6 +93,13 @@ pub fn set_program_slot(
 
 /// Empties slot `index` of the program array `array` (already empty: fine).
 pub fn clear_program_slot(array: BorrowedFd<'_>, index: u32) -> Result<(), SyscallError> {
+    clear_map_slot(array, index)
+}
+
+/// Empties slot `index` of the array of programs or maps `array` (already
+/// empty: fine). For an array of maps the kernel returns once no program
+/// can still hold the map the slot named.
+pub fn clear_map_slot(array: BorrowedFd<'_>, index: u32) -> Result<(), SyscallError> {
     let mut attr = MapElemAttr {
         map_fd: array.as_raw_fd() as u32,
         key: &index as *const u32 as u64,

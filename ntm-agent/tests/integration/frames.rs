@@ -760,3 +760,73 @@ pub fn source_macs_are_learnt_when_a_flow_takes_a_cache_slot() {
         "{learnt:?}"
     );
 }
+
+/// While nearly every frame misses its flow-cache slot (a flood of new
+/// flows), the agent turns the cache off and the programs count into the
+/// table directly; with few flows again it turns it back on. Every packet
+/// is counted exactly in each interval, whichever way it went, and a
+/// source MAC is learnt with the cache off too (when its flow takes a
+/// table entry).
+pub fn the_flow_cache_steps_aside_while_nearly_every_frame_misses_it() {
+    let options = DatapathOptions {
+        learn_macs: true,
+        ..Default::default()
+    };
+    let mut h = Harness::with(options, "");
+    let macs = h.datapath.take_macs().expect("MAC learning is on");
+    // One CPU: its misses are then all the misses.
+    let _cpu = crate::kit::OnOneCpu::new();
+    let mut seen = Vec::new();
+    // 20,000 flows of one frame each, twice; then 100 flows of 200 frames,
+    // twice. The third round's source MAC is another, to be learnt while
+    // the cache is off.
+    for (round, (flows, each)) in [(20_000u32, 1u32), (20_000, 1), (100, 200), (100, 200)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut frame = eth(
+            ETH_IPV4,
+            &[],
+            &ipv4(17, &[], 0, &udp(40_000, 1000, &[0; 12])),
+        );
+        if round == 2 {
+            frame[11] = 0x55;
+        }
+        let mut expected = Counters::default();
+        for i in 0..flows {
+            frame[26..30].copy_from_slice(&(0xC612_0000 | i).to_be_bytes());
+            let prog = h.datapath.tc_program(TC_INGRESS_ETH).unwrap();
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(&frame);
+            opts.repeat = each;
+            prog.test_run(opts).unwrap();
+            expected.add(&Counters {
+                bytes: 40 * each as u64,
+                packets: each as u64,
+            });
+        }
+        let d = h.tables.drain().unwrap();
+        assert_eq!(d.flows.len(), flows as usize, "round {round}");
+        assert!(d.outside.is_empty(), "round {round}: {:?}", d.outside);
+        assert_eq!(d.total(), expected, "round {round}");
+        assert!(
+            d.flows.iter().all(|(_, c)| c.packets == each as u64),
+            "round {round}: a flow's packets split or lost"
+        );
+        seen.push((d.flow_cache.on, d.flow_cache.misses));
+        if round == 2 {
+            let learnt = macs.read();
+            let address: std::net::IpAddr = "198.18.0.7".parse().unwrap();
+            assert!(
+                learnt.contains(&(address, [2, 0, 0, 0, 0, 0x55])),
+                "a MAC learnt with the cache off: {:?}",
+                learnt.iter().find(|(a, _)| *a == address)
+            );
+        }
+    }
+    assert_eq!(
+        seen,
+        [(true, 20_000), (false, 0), (false, 0), (true, 100)],
+        "(cache on, misses) per round: off after a round that missed every frame, on again after one of 100 flows"
+    );
+}

@@ -93,6 +93,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: frames::gso_aggregates_count_as_their_wire_segments,
     Root: frames::service_port_rule_runs_in_the_kernel,
     Root: frames::a_full_table_still_counts_every_packet,
+    Root: frames::the_flow_cache_steps_aside_while_nearly_every_frame_misses_it,
     Root: frames::sctp_udplite_and_portless_protocols,
     Root: frames::hostile_dns_and_dhcp_frames_are_counted_and_handed_over,
     Root: frames::source_macs_are_learnt_when_a_flow_takes_a_cache_slot,
