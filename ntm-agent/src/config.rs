@@ -629,6 +629,8 @@ impl Config {
                 } else {
                     self.series.local_nets.clone()
                 }),
+                // Off until an output reads the counts.
+                count_retransmits: false,
                 also_load: &[],
             },
         })

@@ -101,6 +101,21 @@ pub mod names {
     /// counting (the orphan timeout). 0: no timeout.
     pub const LEASE: &str = "NTM_LEASE";
 
+    /// The program on the `tcp:tcp_retransmit_skb` tracepoint: counts the
+    /// TCP segments this host's kernel retransmits, by connection.
+    pub const RETRANSMIT_PROGRAM: &str = "ntm_tcp_retransmit";
+    /// ARRAY_OF_MAPS with one slot: the retransmit table counted into now.
+    pub const ACTIVE_RETRANSMITS: &str = "NTM_ACTIVE_RETRANSMITS";
+    /// The two per-CPU hashes of [`crate::RetransmitKey`] to a u64 count
+    /// that take turns behind [`ACTIVE_RETRANSMITS`], swapped and drained
+    /// like the flow tables.
+    pub const RETRANSMIT_TABLES: [&str; 2] = ["NTM_RETRANSMITS_A", "NTM_RETRANSMITS_B"];
+    /// Per-CPU array of u64, since load: see [`crate::retransmit_lost`].
+    pub const RETRANSMITS_LOST: &str = "NTM_RETRANSMITS_LOST";
+    /// Read-only global: the offset of the tracepoint's `err` field (Linux
+    /// 6.17+, where failed retransmits fire it too), 0 where it has none.
+    pub const RETRANSMIT_ERR_AT: &str = "NTM_RETRANSMIT_ERR_AT";
+
     /// The maps kept in bpffs across restarts (see [`crate::LAYOUT_VERSION`]):
     /// what the next agent reads (the tables and what points into them) and
     /// the program arrays, which the kernel would empty when the last
@@ -433,6 +448,50 @@ impl OutsideReason {
 }
 
 /// Where and why frames were counted outside the flow table: the key of
+/// A TCP connection of this host, as the retransmit tracepoint names it:
+/// the local (sending) side and the remote one. Addresses as in
+/// [`FlowKey`] (IPv4 in the first four bytes); ports in host order.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RetransmitKey {
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// One of [`family`].
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+const _: () = assert!(core::mem::size_of::<RetransmitKey>() == 40);
+
+/// Slots of [`names::RETRANSMITS_LOST`]: what the retransmit program saw
+/// and did not count by connection.
+pub mod retransmit_lost {
+    /// Retransmits of a connection the table had no room for.
+    pub const NO_ROOM: u32 = 0;
+    /// Retransmits the kernel tried and failed (Linux 6.17+ fires the
+    /// tracepoint for them too): not sent, so not counted.
+    pub const FAILED: u32 = 1;
+    pub const SLOTS: u32 = 2;
+}
+
+/// Connections each retransmit table holds: those that retransmitted in
+/// one drain interval.
+pub const RETRANSMIT_ENTRIES: u32 = 16_384;
+
+/// The tracepoint's fields at the offsets the program reads (Linux 5.18 to
+/// 6.18 agree; the agent checks the running kernel's format first).
+pub mod retransmit_format {
+    pub const SPORT: usize = 28;
+    pub const DPORT: usize = 30;
+    pub const FAMILY: usize = 32;
+    pub const SADDR: usize = 34;
+    pub const DADDR: usize = 38;
+    pub const SADDR_V6: usize = 42;
+    pub const DADDR_V6: usize = 58;
+}
+
 /// [`names::OUTSIDE_COUNTERS`]. The generation makes the counters
 /// double-buffered like the flow tables, so the agent reads and deletes what
 /// it drains (nothing accumulates across drains, interfaces or agents).
@@ -545,6 +604,8 @@ mod pod {
     unsafe impl aya::Pod for super::OutsideKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OutsideSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RetransmitKey {}
 }
 
 #[cfg(test)]

@@ -13,7 +13,9 @@
 //! - `count`: the flow key through the per-CPU cache into the flow table,
 //!   or into the outside counts;
 //! - `observe`: DNS and DHCP frames to the ring buffer, and source MACs;
-//! - `lease`: the orphan lease, which stops counting once no agent renews it.
+//! - `lease`: the orphan lease, which stops counting once no agent renews it;
+//! - `retransmits`: TCP retransmissions of this host's connections, from
+//!   the `tcp:tcp_retransmit_skb` tracepoint (`ntm_tcp_retransmit` below).
 #![no_std]
 #![no_main]
 
@@ -22,11 +24,12 @@ mod lease;
 mod maps;
 mod observe;
 mod parse;
+mod retransmits;
 
 use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{classifier, tracepoint, xdp},
+    programs::{TcContext, TracePointContext, XdpContext},
 };
 use ntm_common::{Hook, tail};
 
@@ -186,3 +189,11 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 4] = *b"GPL\0";
+
+/// TCP segments retransmitted by this host's sockets (see `retransmits`).
+#[tracepoint]
+#[inline(always)]
+pub fn ntm_tcp_retransmit(ctx: TracePointContext) -> u32 {
+    retransmits::count(&ctx);
+    0
+}

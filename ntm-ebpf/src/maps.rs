@@ -14,8 +14,9 @@ use aya_ebpf::{
 use ntm_common::{
     CacheSlot, Counters, DEFAULT_FLOW_TABLE_ENTRIES, FLOW_CACHE_SLOTS, FlowKey, KNOWN_PORT_WORDS,
     OUTSIDE_ENTRIES, OUTSIDE_SLOTS, OUTSIDE_UNKEYED_SLOTS, OutsideKey, OutsideSlot,
+    RETRANSMIT_ENTRIES, RetransmitKey,
     observe::{self, MacKey, MacValue, Record},
-    service_port, tail,
+    retransmit_lost, service_port, tail,
 };
 
 // The flow tables and the flow cache in front of them.
@@ -161,6 +162,30 @@ pub static NTM_MAC_NETS: Array<observe::MacNets, 1> = Array::new();
 #[btf_map]
 pub static NTM_MACS: LruHashMap<MacKey, MacValue, { observe::MAC_ENTRIES as usize }> =
     LruHashMap::new();
+
+// Retransmissions (see `retransmits.rs`).
+
+type RetransmitTable = PerCpuHashMap<RetransmitKey, u64, { RETRANSMIT_ENTRIES as usize }>;
+
+/// The retransmit table counted into; the agent swaps it like the flow
+/// tables.
+#[btf_map]
+pub static NTM_ACTIVE_RETRANSMITS: ArrayOfMaps<RetransmitTable, 1> = ArrayOfMaps::new();
+#[btf_map]
+static NTM_RETRANSMITS_A: RetransmitTable = RetransmitTable::new();
+#[btf_map]
+static NTM_RETRANSMITS_B: RetransmitTable = RetransmitTable::new();
+
+/// Per CPU, since load: retransmits not counted by connection, by
+/// `ntm_common::retransmit_lost` slot.
+#[btf_map]
+pub static NTM_RETRANSMITS_LOST: PerCpuArray<u64, { retransmit_lost::SLOTS as usize }> =
+    PerCpuArray::new();
+
+/// Where the tracepoint's `err` field is (0: it has none); set by the
+/// agent at load time from the running kernel's format.
+#[unsafe(no_mangle)]
+pub static NTM_RETRANSMIT_ERR_AT: u32 = 0;
 
 // Settings.
 

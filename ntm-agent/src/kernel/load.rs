@@ -20,6 +20,7 @@ use ntm_common::{
 use super::{
     drain::{DrainError, FlowTables},
     observe::{LearntMacs, Observer, ObserverError},
+    retransmits::{Format, Retransmits},
 };
 use crate::{
     filter::{self, Filter, FilterError},
@@ -57,6 +58,10 @@ pub struct DatapathOptions {
     pub learn_macs: bool,
     /// Whose MACs are learnt: the local networks (see [`mac_nets`]).
     pub mac_nets: ntm_common::observe::MacNets,
+    /// Count the TCP segments this host retransmits, by connection (the
+    /// `tcp:tcp_retransmit_skb` tracepoint; see `retransmits.rs`). Where
+    /// the tracepoint cannot be used, the log says why and the rest runs.
+    pub count_retransmits: bool,
     /// TC programs of the object loaded besides those of
     /// [`programs::HOOKS`]: the bench's (`ntm_bench_upto_*`, which stop
     /// after one part of the counting path); none in the agent. Loaded
@@ -116,6 +121,7 @@ impl Default for DatapathOptions {
             observe_kinds: 0,
             learn_macs: false,
             mac_nets: ntm_common::observe::MacNets::ALL,
+            count_retransmits: false,
             also_load: &[],
         }
     }
@@ -196,6 +202,9 @@ pub struct Datapath {
     mac_nets: Option<Array<MapData, ntm_common::observe::MacNets>>,
     /// Until when this agent vouches for the tables (the orphan timeout).
     lease: Array<MapData, u64>,
+    /// The retransmit counts, until the agent takes them (None if not
+    /// counted).
+    retransmits: Option<Retransmits>,
 }
 
 impl Datapath {
@@ -222,6 +231,26 @@ impl Datapath {
         }
         for table in names::FLOW_TABLES {
             loader.map_max_entries(table, options.flow_table_entries);
+        }
+        let retransmit_format = if options.count_retransmits {
+            match Format::of_running_kernel() {
+                Ok(format) => Some(format),
+                Err(e) => {
+                    log::warn!("retransmissions are not counted: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        match retransmit_format {
+            Some(format) => format.set_in(&mut loader),
+            // Unused: as small as a hash can be.
+            None => {
+                for table in names::RETRANSMIT_TABLES {
+                    loader.map_max_entries(table, 1);
+                }
+            }
         }
         loader.override_global(names::EPHEMERAL_START, &options.ephemeral_start, true);
         // XDP_DROP is 1, XDP_PASS 2 (uapi/linux/bpf.h).
@@ -304,6 +333,16 @@ impl Datapath {
         } else {
             None
         };
+        let retransmits = match retransmit_format {
+            Some(_) => match Retransmits::attach(&mut ebpf) {
+                Ok(retransmits) => Some(retransmits),
+                Err(e) => {
+                    log::warn!("retransmissions are not counted: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
         Ok((
             Self {
                 ebpf,
@@ -315,6 +354,7 @@ impl Datapath {
                 macs,
                 mac_nets,
                 lease,
+                retransmits,
             },
             tables,
         ))
@@ -437,6 +477,11 @@ impl Datapath {
     /// The table of source MACs by address, once (None if not learnt).
     pub fn take_macs(&mut self) -> Option<LearntMacs> {
         self.macs.take()
+    }
+
+    /// The retransmit counts, once (None if not counted).
+    pub fn take_retransmits(&mut self) -> Option<Retransmits> {
+        self.retransmits.take()
     }
 
     /// Learns the MACs of sources in `nets` from now on (nothing when MACs

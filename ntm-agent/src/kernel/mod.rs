@@ -26,6 +26,7 @@ pub mod observe;
 pub mod pins;
 pub mod plan;
 pub mod privileges;
+pub mod retransmits;
 
 use std::{
     collections::{BTreeMap, HashMap},

@@ -81,3 +81,205 @@ pub fn the_delay_line_delays_each_way_and_drops_what_it_is_told() {
     assert!((10.0..20.0).contains(&min), "round trip {min} ms");
     assert_eq!(line.dropped(), 3);
 }
+
+/// A TCP data segment from the client (IPv4 or IPv6, payload not empty).
+fn client_data_segment(frame: &[u8]) -> bool {
+    let (l4, total) = match frame.get(12..14) {
+        Some([0x08, 0x00]) if frame.len() >= 34 && frame[23] == 6 => {
+            let ihl = (frame[14] & 0x0f) as usize * 4;
+            (
+                14 + ihl,
+                14 + u16::from_be_bytes([frame[16], frame[17]]) as usize,
+            )
+        }
+        Some([0x86, 0xdd]) if frame.len() >= 54 && frame[20] == 6 => {
+            (54, 54 + u16::from_be_bytes([frame[18], frame[19]]) as usize)
+        }
+        _ => return false,
+    };
+    let Some(&offset) = frame.get(l4 + 12) else {
+        return false;
+    };
+    total > l4 + (offset >> 4) as usize * 4
+}
+
+/// `nstat`'s TcpRetransSegs in `ns` (absolute, since the namespace began).
+fn retransmitted_segments(ns: &Netns) -> u64 {
+    let out = ns.exec(&["nstat", "-asz", "TcpRetransSegs"]);
+    out.lines()
+        .find_map(|l| l.strip_prefix("TcpRetransSegs"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no TcpRetransSegs in {out:?}"))
+}
+
+/// Sends `bytes` from `client` to `server_address:port` over one TCP
+/// connection, from `client_address:client_port`, and waits until the
+/// server has read them all.
+fn send_over_tcp(
+    client: &Netns,
+    server: &Netns,
+    (client_address, client_port): (&str, u16),
+    (server_address, port): (&str, u16),
+    bytes: usize,
+) {
+    let listener = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET6 if ':' in '{server_address}' else socket.AF_INET)\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('{server_address}', {port})); s.listen(1); print('ready', flush=True)\n\
+         c, _ = s.accept(); n = 0\n\
+         while True:\n\
+         \x20   b = c.recv(1 << 16)\n\
+         \x20   if not b: break\n\
+         \x20   n += len(b)\n\
+         print(n, flush=True)\n"
+    );
+    let mut server_process = std::process::Command::new("ip")
+        .args(["netns", "exec", &server.name, "python3", "-c", &listener])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 listener");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        server_process.stdout.take().unwrap(),
+    ));
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let sender = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET6 if ':' in '{server_address}' else socket.AF_INET)\n\
+         s.bind(('{client_address}', {client_port}))\n\
+         s.connect(('{server_address}', {port}))\n\
+         s.sendall(b'x' * {bytes}); s.shutdown(socket.SHUT_WR); s.recv(1); s.close()\n"
+    );
+    client.exec(&["python3", "-c", &sender]);
+    assert_eq!(lines.next().unwrap().unwrap(), bytes.to_string());
+    server_process.wait().unwrap();
+}
+
+/// The TCP segments a host's kernel retransmits, counted by connection
+/// from the `tcp:tcp_retransmit_skb` tracepoint: over a link that drops
+/// one client data segment in 15, every retransmission of the client's
+/// connections is counted, equal to the kernel's own TcpRetransSegs, for
+/// IPv4 and IPv6; the server, which sends no data, retransmits none.
+/// Segmentation offload is off on the client: the tracepoint fires once
+/// per retransmitted buffer, which then holds one segment.
+pub fn every_retransmission_of_a_connection_is_counted() {
+    use ntm_agent::kernel::load::{Datapath, DatapathOptions};
+    use ntm_common::{RetransmitKey, family};
+
+    let client = Netns::new("rtc");
+    let server = Netns::new("rts");
+    let line = DelayLine::with_drops(
+        "rtl",
+        (&client, "eth0"),
+        (&server, "eth0"),
+        Duration::from_millis(2),
+        [
+            Some(Box::new({
+                let mut data = 0u64;
+                move |frame: &[u8], _| {
+                    if !client_data_segment(frame) {
+                        return false;
+                    }
+                    data += 1;
+                    data.is_multiple_of(15)
+                }
+            })),
+            None,
+        ],
+    );
+    client.exec(&["ethtool", "-K", "eth0", "tso", "off", "gso", "off"]);
+    for (ns, v4, v6) in [
+        (&client, "198.18.82.1/24", "2001:2:0:82::1/64"),
+        (&server, "198.18.82.2/24", "2001:2:0:82::2/64"),
+    ] {
+        ns.exec(&["ip", "addr", "add", v4, "dev", "eth0"]);
+        ns.exec(&["ip", "addr", "add", v6, "dev", "eth0", "nodad"]);
+    }
+    let options = DatapathOptions {
+        count_retransmits: true,
+        ..Default::default()
+    };
+    let (mut datapath, _tables) = Datapath::load(&options, &[], None).expect("load");
+    let mut retransmits = datapath
+        .take_retransmits()
+        .expect("the tracepoint is attached");
+    // Whatever retransmitted before on this host is not this test's.
+    retransmits.drain().unwrap();
+
+    let before = retransmitted_segments(&client);
+    send_over_tcp(
+        &client,
+        &server,
+        ("198.18.82.1", 41_001),
+        ("198.18.82.2", 5001),
+        3_000_000,
+    );
+    send_over_tcp(
+        &client,
+        &server,
+        ("2001:2:0:82::1", 41_002),
+        ("2001:2:0:82::2", 5001),
+        3_000_000,
+    );
+    let kernel_says = retransmitted_segments(&client) - before;
+    let counts = retransmits.drain().unwrap();
+    assert_eq!((counts.no_room, counts.failed), (0, 0), "{counts:?}");
+    let of = |key: RetransmitKey| -> u64 {
+        counts
+            .connections
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let address = |text: &str| -> [u8; 16] {
+        match text.parse::<std::net::IpAddr>().unwrap() {
+            std::net::IpAddr::V4(a) => {
+                let mut out = [0; 16];
+                out[..4].copy_from_slice(&a.octets());
+                out
+            }
+            std::net::IpAddr::V6(a) => a.octets(),
+        }
+    };
+    let connection = |fam, local: &str, local_port, remote: &str, remote_port| RetransmitKey {
+        local: address(local),
+        remote: address(remote),
+        local_port,
+        remote_port,
+        family: fam,
+        _pad: [0; 3],
+    };
+    let v4 = of(connection(
+        family::IPV4,
+        "198.18.82.1",
+        41_001,
+        "198.18.82.2",
+        5001,
+    ));
+    let v6 = of(connection(
+        family::IPV6,
+        "2001:2:0:82::1",
+        41_002,
+        "2001:2:0:82::2",
+        5001,
+    ));
+    assert!(
+        v4 > 0 && v6 > 0,
+        "both connections lost segments: {counts:?}"
+    );
+    assert_eq!(v4 + v6, kernel_says, "{counts:?}");
+    let servers: u64 = counts
+        .connections
+        .iter()
+        .filter(|(k, _)| k.local_port == 5001)
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(servers, 0, "{counts:?}");
+    assert!(line.dropped() > 0);
+    eprintln!(
+        "retransmitted: IPv4 {v4}, IPv6 {v6}; TcpRetransSegs {kernel_says}; dropped {}",
+        line.dropped()
+    );
+}

@@ -102,6 +102,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: image::the_image_runs_with_least_privilege_and_counts,
     Root: kubernetes::the_fixture_runs_pods_like_kubelet,
     Root: health::the_delay_line_delays_each_way_and_drops_what_it_is_told,
+    Root: health::every_retransmission_of_a_connection_is_counted,
     Root: kubernetes::pods_are_named_by_workload_and_counted_exactly,
     Nothing: listing::every_integration_test_is_listed,
     Root: links::tun_device_frames_start_at_the_ip_header,
