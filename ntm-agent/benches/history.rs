@@ -177,6 +177,7 @@ fn drain_figures() {
                 })
                 .collect(),
             overflow: Vec::new(),
+            retransmits: Vec::new(),
         };
         let share = time(10, || {
             let now = Instant::now();

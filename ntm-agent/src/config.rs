@@ -375,6 +375,13 @@ pub struct DatapathArgs {
     #[arg(long = "no-pin", env = "NTM_NO_PIN", value_parser = on_off(),
           action = clap::ArgAction::SetTrue)]
     pub no_pin: bool,
+
+    /// Do not count the TCP segments this host's connections retransmit
+    /// (`<prefix>_tcp_retransmits_total`, from the tcp:tcp_retransmit_skb
+    /// tracepoint, which needs tracefs).
+    #[arg(long = "no-tcp-health", env = "NTM_NO_TCP_HEALTH", value_parser = on_off(),
+          action = clap::ArgAction::SetTrue)]
+    pub no_tcp_health: bool,
 }
 
 /// Flow export to IPFIX collectors.
@@ -599,6 +606,9 @@ pub struct PipelineOptions {
     pub names: NameOptions,
     /// Flow export; None: no collector.
     pub ipfix: Option<IpfixOptions>,
+    /// First port of the client ephemeral range: which side of a
+    /// connection the kernel does not key (retransmits) is the server.
+    pub ephemeral_start: u16,
 }
 
 impl Config {
@@ -629,8 +639,7 @@ impl Config {
                 } else {
                     self.series.local_nets.clone()
                 }),
-                // Off until an output reads the counts.
-                count_retransmits: false,
+                count_retransmits: !self.datapath.no_tcp_health,
                 also_load: &[],
             },
         })
@@ -713,6 +722,7 @@ impl Config {
             },
             max_series: self.series.max_series as usize,
             series_ttl: self.series.series_ttl,
+            ephemeral_start: self.datapath.ephemeral_start,
             drain_interval: self.datapath.drain_interval,
             flow_table_capacity: self.datapath.flow_table_size,
             history: crate::outputs::history::HistoryOptions {

@@ -47,7 +47,8 @@ use crate::{
         live::{LiveSink, LiveTraffic},
         series::TrafficSeries,
         series_sink::SeriesSink,
-        sink::{Host, LabelledDrain, LabelledFlow, Overflow, Sink},
+        sink::{Host, LabelledDrain, LabelledFlow, LabelledRetransmits, Overflow, Sink},
+        tcp_health::TcpHealthSink,
     },
     pipeline::{
         labels::{Labeller, service_name},
@@ -63,6 +64,8 @@ pub enum PipelineError {
     Metrics(#[from] MetricsError),
     #[error("history: {0}")]
     History(#[from] crate::outputs::history::store::StoreError),
+    #[error("TCP health metrics: {0}")]
+    TcpHealth(#[from] prometheus::Error),
 }
 
 /// One drain's interface and service labels, each text once: a drain's
@@ -105,6 +108,38 @@ pub struct Pipeline {
     status: Arc<Mutex<DrainStatus>>,
     /// The local networks every stage judges by (the agent updates them).
     local: LocalNets,
+    /// First port of the client ephemeral range (the service-port rule).
+    ephemeral_start: u16,
+}
+
+/// A retransmitting connection as the flow its client sends: from the
+/// client to the server, keyed by the service port (the side the
+/// service-port rule picks is the server), so that it is named and its
+/// service shown as that flow's are.
+fn retransmit_flow(
+    connection: &ntm_common::RetransmitKey,
+    ephemeral_start: u16,
+    services: &crate::pipeline::services::ServiceRegistry,
+) -> ntm_common::FlowKey {
+    use ntm_common::{ipproto, service_port::PortClass};
+    let (local, remote) = (connection.local_port, connection.remote_port);
+    let port = ntm_common::service_port::choose(local, remote, ephemeral_start, |p| {
+        services.name(PortClass::Tcp, p).is_some()
+    });
+    let local_serves = port != 0 && port == local && port != remote;
+    let (client, server) = if local_serves {
+        (connection.remote, connection.local)
+    } else {
+        (connection.local, connection.remote)
+    };
+    ntm_common::FlowKey {
+        src: client,
+        dst: server,
+        port,
+        family: connection.family,
+        proto: ipproto::TCP,
+        ..Default::default()
+    }
 }
 
 impl Pipeline {
@@ -170,6 +205,11 @@ impl Pipeline {
             Box::new(HistorySink::new(history, options.local.clone())),
         ];
         let mut sinks = sinks;
+        sinks.push(Box::new(TcpHealthSink::new(
+            metrics.registry(),
+            &options.prefix,
+            options.max_series,
+        )?));
         if let Some(ipfix) = &options.ipfix {
             sinks.push(Box::new(IpfixSink::start(
                 ipfix,
@@ -201,6 +241,7 @@ impl Pipeline {
             history: history_reader,
             status: Arc::new(Mutex::new(status)),
             local,
+            ephemeral_start: options.ephemeral_start,
         })
     }
 
@@ -298,6 +339,7 @@ impl Pipeline {
         let mut labelled = LabelledDrain {
             flows: Vec::with_capacity(self.pending.len()),
             overflow: Vec::new(),
+            retransmits: Vec::new(),
         };
         let Self {
             pending,
@@ -322,6 +364,25 @@ impl Pipeline {
                 });
             },
         );
+        // Retransmitting connections, named now (no wait: their traffic's
+        // flow has usually been named already, and its labels are kept).
+        for (connection, segments) in &drained.retransmits.connections {
+            let key = retransmit_flow(connection, self.ephemeral_start, &labeller.services);
+            let first_seen = now.checked_sub(wait).unwrap_or(now);
+            let (client, server) = match hosts.flow_labels(&key, first_seen, now) {
+                Some((client, server)) if !client.is_empty() => (client, server),
+                _ => (
+                    Arc::from(key.src_addr().map(|a| a.to_string()).unwrap_or_default()),
+                    Arc::from(key.dst_addr().map(|a| a.to_string()).unwrap_or_default()),
+                ),
+            };
+            labelled.retransmits.push(LabelledRetransmits {
+                client,
+                server,
+                service: shared.get(service_name(&key, &labeller.services)),
+                segments: *segments,
+            });
+        }
         // Traffic that found no room in the flow table is still traffic: it
         // goes into the main counters of its interface, every other label
         // "other" (its addresses, and so its direction, are not kept), so
@@ -473,6 +534,7 @@ mod tests {
                 flow_table_capacity: 1024,
                 names: NameOptions::addresses_only(),
                 ipfix: None,
+                ephemeral_start: ntm_common::service_port::DEFAULT_EPHEMERAL_START,
             },
             ServiceRegistry::parse("https 443/tcp\n"),
         )

@@ -68,6 +68,9 @@ pub struct Drained {
     /// What the flow cache did in the drained interval (default, off, for
     /// tables an earlier agent pinned).
     pub flow_cache: CacheUse,
+    /// The TCP segments this host retransmitted in the interval, by
+    /// connection (set by `Kernel::drain` where they are counted).
+    pub retransmits: super::retransmits::RetransmitCounts,
 }
 
 impl Drained {
@@ -370,6 +373,7 @@ impl FlowTables {
             read_time: swapped.elapsed(),
             link_stats: HashMap::new(),
             flow_cache,
+            retransmits: Default::default(),
         })
     }
 

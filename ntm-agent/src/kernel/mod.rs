@@ -201,6 +201,8 @@ pub struct Kernel {
     maps_dir: Option<PathBuf>,
     /// What earlier agents' tables held, until the agent takes it.
     adopted: Option<Drained>,
+    /// The TCP retransmissions of this host's connections, if counted.
+    retransmits: Option<retransmits::Retransmits>,
     /// One agent per network namespace, for as long as this one lives.
     _lock: AgentLock,
 }
@@ -288,7 +290,7 @@ impl Kernel {
                     .map_err(KernelError::Lease)?;
                 Ok((datapath, tables))
             });
-        let (datapath, tables) = match loaded {
+        let (mut datapath, tables) = match loaded {
             Ok(loaded) => loaded,
             Err(e) => {
                 if let Some(dir) = &maps_dir {
@@ -297,9 +299,11 @@ impl Kernel {
                 return Err(e);
             }
         };
+        let retransmits = datapath.take_retransmits();
         let mut kernel = Self {
             datapath,
             tables,
+            retransmits,
             options: options.clone(),
             attachments: BTreeMap::new(),
             labels: HashMap::new(),
@@ -567,6 +571,15 @@ impl Kernel {
     /// self-check (so that few frames cross between the two).
     pub fn drain(&mut self) -> Result<Drained, KernelError> {
         let mut drained = self.tables.drain()?;
+        if let Some(retransmits) = &mut self.retransmits {
+            match retransmits.drain() {
+                Ok(counts) => drained.retransmits = counts,
+                Err(e) => {
+                    log::warn!("retransmissions are no longer counted: reading them failed: {e}");
+                    self.retransmits = None;
+                }
+            }
+        }
         match links::link_stats() {
             Ok(stats) => drained.link_stats = stats,
             Err(e) => log::debug!("interface statistics for the self-check: {e}"),

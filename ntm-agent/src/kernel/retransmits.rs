@@ -29,9 +29,13 @@ const EVENT: &str = "tcp_retransmit_skb";
 #[derive(Debug, thiserror::Error)]
 pub enum RetransmitError {
     #[error(
-        "the tcp:tcp_retransmit_skb tracepoint's format could not be read ({0}): is tracefs mounted (mount -t tracefs nodev /sys/kernel/tracing)?"
+        "the tcp:tcp_retransmit_skb tracepoint's format could not be read ({0}): is tracefs mounted (mount -t tracefs nodev /sys/kernel/tracing)? (--no-tcp-health turns this off)"
     )]
     Format(#[source] io::Error),
+    #[error(
+        "tracefs (/sys/kernel/tracing) is readable by root only: run ntm as root, or give it CAP_DAC_READ_SEARCH too (--no-tcp-health turns this off)"
+    )]
+    TracefsDenied,
     #[error(
         "the tcp:tcp_retransmit_skb tracepoint has field {field} at offset {found:?}, where this build reads it at {expected}"
     )]
@@ -54,8 +58,24 @@ pub struct Format {
 }
 
 impl Format {
-    /// Reads and checks the running kernel's format.
+    /// Reads and checks the running kernel's format. Where tracefs is not
+    /// mounted (a mount namespace of its own, as `ip netns exec` and
+    /// containers make), it is mounted at its usual place first: the
+    /// mount stays in that namespace.
     pub fn of_running_kernel() -> Result<Self, RetransmitError> {
+        match Self::read() {
+            Err(RetransmitError::Format(e)) if e.kind() == io::ErrorKind::NotFound => {
+                if let Err(mount) = mount_tracefs() {
+                    log::debug!("mounting tracefs at {}: {mount}", TRACEFS[0]);
+                    return Err(RetransmitError::Format(e));
+                }
+                Self::read()
+            }
+            other => other,
+        }
+    }
+
+    fn read() -> Result<Self, RetransmitError> {
         let mut last = io::Error::from(io::ErrorKind::NotFound);
         for root in TRACEFS {
             let path = Path::new(root)
@@ -65,6 +85,9 @@ impl Format {
                 .join("format");
             match fs::read_to_string(&path) {
                 Ok(text) => return Self::parse(&text),
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    return Err(RetransmitError::TracefsDenied);
+                }
                 Err(e) => last = e,
             }
         }
@@ -102,6 +125,28 @@ impl Format {
         // Stored in the loader until load; a static keeps it alive.
         let err_at: &'static u32 = Box::leak(Box::new(self.err_at));
         loader.override_global(names::RETRANSMIT_ERR_AT, err_at, true);
+    }
+}
+
+/// Mounts tracefs at its usual place, which is there (and empty) where it
+/// is not mounted.
+fn mount_tracefs() -> io::Result<()> {
+    let target = std::ffi::CString::new(TRACEFS[0]).map_err(io::Error::other)?;
+    // SAFETY: every argument is a NUL-terminated string that outlives the
+    // call; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

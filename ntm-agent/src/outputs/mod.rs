@@ -11,7 +11,9 @@
 //! - [`live`]: what the page and the JSON API show now, per device,
 //!   server, service and interface;
 //! - [`history`]: the same counts per minute, hour and day in SQLite,
-//!   across restarts.
+//!   across restarts;
+//! - [`tcp_health`]: how TCP connections fare (retransmissions), by
+//!   client, server and service.
 
 pub mod budget;
 pub mod history;
@@ -21,6 +23,7 @@ pub mod live;
 pub mod series;
 pub mod series_sink;
 pub mod sink;
+pub mod tcp_health;
 pub mod text;
 
 use std::sync::{

@@ -48,11 +48,22 @@ pub struct Overflow {
     pub delta: Counters,
 }
 
+/// TCP segments one connection of this host retransmitted in a drain
+/// interval, its client and server named as in the traffic series.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabelledRetransmits {
+    pub client: Arc<str>,
+    pub server: Arc<str>,
+    pub service: Arc<str>,
+    pub segments: u64,
+}
+
 /// One drain's labelled deltas.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LabelledDrain {
     pub flows: Vec<LabelledFlow>,
     pub overflow: Vec<Overflow>,
+    pub retransmits: Vec<LabelledRetransmits>,
 }
 
 /// A host in labels now, as the names know it.

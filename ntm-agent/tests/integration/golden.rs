@@ -140,6 +140,9 @@ fn start_agent(link: &Link, dir: &Path) -> Guard {
         .args(["--labels", "src,dst,service,proto,direction,iface"])
         .args(["--local-net", "198.18.0.1/32,2001:2::1/128"])
         .args(["--attach-mode", "tcx", "--no-pin"])
+        // Retransmissions are counted host-wide (every namespace's
+        // connections): other tests' would show.
+        .arg("--no-tcp-health")
         .args(["--history-commit-interval", "1s"])
         .arg(format!("--quota={}=1M/day", link.a_if))
         .arg("--state-dir")

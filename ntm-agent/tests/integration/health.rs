@@ -283,3 +283,73 @@ pub fn every_retransmission_of_a_connection_is_counted() {
         line.dropped()
     );
 }
+
+/// The agent's `<prefix>_tcp_retransmits_total`: a connection from the
+/// client to a server over a lossy link, the agent on the client, its
+/// retransmissions by client, server and service equal to the kernel's
+/// TcpRetransSegs (the agent mounts tracefs in its own mount namespace,
+/// which `ip netns exec` leaves without one).
+pub fn retransmissions_reach_metrics_by_client_server_and_service() {
+    use crate::kit::{
+        Agent,
+        scrape::{metrics, sample_sum, wait_for, wait_healthy},
+    };
+    const PORT: u16 = 9871;
+
+    let client = Netns::new("rmc");
+    let server = Netns::new("rms");
+    let _line = DelayLine::with_drops(
+        "rml",
+        (&client, "eth0"),
+        (&server, "eth0"),
+        Duration::from_millis(2),
+        [
+            Some(Box::new({
+                let mut data = 0u64;
+                move |frame: &[u8], _| {
+                    if !client_data_segment(frame) {
+                        return false;
+                    }
+                    data += 1;
+                    data.is_multiple_of(20)
+                }
+            })),
+            None,
+        ],
+    );
+    client.exec(&["ethtool", "-K", "eth0", "tso", "off", "gso", "off"]);
+    client.exec(&["ip", "addr", "add", "198.18.83.1/24", "dev", "eth0"]);
+    server.exec(&["ip", "addr", "add", "198.18.83.2/24", "dev", "eth0"]);
+    let _agent = Agent::in_ns(&client)
+        .names(false)
+        .iface("eth0")
+        .port(PORT)
+        .args(["--drain-interval", "200ms"])
+        .spawn();
+    wait_healthy(&client, PORT);
+    let before = retransmitted_segments(&client);
+    send_over_tcp(
+        &client,
+        &server,
+        ("198.18.83.1", 41_003),
+        ("198.18.83.2", 5001),
+        2_000_000,
+    );
+    let kernel_says = retransmitted_segments(&client) - before;
+    assert!(kernel_says > 0, "the line dropped nothing");
+    let series = [
+        "client=\"198.18.83.1\"",
+        "server=\"198.18.83.2\"",
+        "service=\"5001\"",
+    ];
+    let counted = wait_for(
+        "the retransmits in /metrics",
+        Duration::from_secs(10),
+        || {
+            let text = metrics(&client, PORT)?;
+            let n = sample_sum(&text, "ntm_tcp_retransmits_total", &series);
+            (n >= kernel_says).then_some(n)
+        },
+    );
+    assert_eq!(counted, kernel_says);
+}

@@ -103,6 +103,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: kubernetes::the_fixture_runs_pods_like_kubelet,
     Root: health::the_delay_line_delays_each_way_and_drops_what_it_is_told,
     Root: health::every_retransmission_of_a_connection_is_counted,
+    Root: health::retransmissions_reach_metrics_by_client_server_and_service,
     Root: kubernetes::pods_are_named_by_workload_and_counted_exactly,
     Nothing: listing::every_integration_test_is_listed,
     Root: links::tun_device_frames_start_at_the_ip_header,
