@@ -246,7 +246,7 @@ check(
     not any(d["metadata"].get("annotations", {}).get("helm.sh/hook") for _, d in docs),
 )
 
-_, docs = render({"pinState": False, "stateDir": ""})
+_, docs = render({"pinState": False, "stateDir": "", "tcpHealth": False})
 pod, ctr = containers(docs)
 env = {e["name"]: e.get("value") for e in ctr["env"]}
 check(
@@ -257,14 +257,38 @@ check(
     and [m["name"] for m in ctr.get("volumeMounts", [])] == ["cri-socket"],
     env,
 )
-_, docs = render({"pinState": False, "stateDir": "", "kubernetes": {"criSocket": ""}})
+_, docs = render({"pinState": False, "stateDir": "", "kubernetes": {"criSocket": ""}, "tcpHealth": False})
 pod, ctr = containers(docs)
 check(
-    "nothing of the node's mounted when neither pinned state, history nor pod names is wanted",
+    "nothing of the node's mounted when neither pinned state, history, pod names nor TCP health is wanted",
     "volumes" not in pod and "volumeMounts" not in ctr,
     pod,
 )
 
+_, docs = render({})
+pod, ctr = containers(docs)
+env = {e["name"]: e.get("value") for e in ctr["env"]}
+mounts = {m["name"]: m["mountPath"] for m in ctr.get("volumeMounts", [])}
+volumes = {v["name"]: v.get("hostPath", {}) for v in pod.get("volumes", [])}
+read_only = {m["name"]: m.get("readOnly", False) for m in ctr.get("volumeMounts", [])}
+check(
+    "TCP health by default: the node's tracefs mounted read-only",
+    env.get("NTM_NO_TCP_HEALTH") == "false"
+    and mounts.get("tracefs") == "/sys/kernel/tracing"
+    and read_only.get("tracefs") is True
+    and volumes.get("tracefs") == {"path": "/sys/kernel/tracing", "type": "Directory"},
+    (env, mounts, volumes),
+)
+_, docs = render({"tcpHealth": False})
+pod, ctr = containers(docs)
+env = {e["name"]: e.get("value") for e in ctr["env"]}
+check(
+    "tcpHealth false: no tracefs, NTM_NO_TCP_HEALTH",
+    env.get("NTM_NO_TCP_HEALTH") == "true"
+    and not any(m["name"] == "tracefs" for m in ctr.get("volumeMounts", []))
+    and not any(v["name"] == "tracefs" for v in pod.get("volumes", [])),
+    env,
+)
 _, docs = render({})
 pod, ctr = containers(docs)
 env = {e["name"]: e.get("value") for e in ctr["env"]}
