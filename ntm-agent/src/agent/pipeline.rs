@@ -383,6 +383,17 @@ impl Pipeline {
                 segments: *segments,
             });
         }
+        // Retransmits of connections the kernel's table had no room for:
+        // still this host's, in the series whose labels are all "other".
+        if drained.retransmits.no_room != 0 {
+            let other = shared.get("other".to_string());
+            labelled.retransmits.push(LabelledRetransmits {
+                client: Arc::clone(&other),
+                server: Arc::clone(&other),
+                service: other,
+                segments: drained.retransmits.no_room,
+            });
+        }
         // Traffic that found no room in the flow table is still traffic: it
         // goes into the main counters of its interface, every other label
         // "other" (its addresses, and so its direction, are not kept), so
