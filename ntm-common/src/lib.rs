@@ -115,6 +115,10 @@ pub mod names {
     /// Read-only global: the offset of the tracepoint's `err` field (Linux
     /// 6.17+, where failed retransmits fire it too), 0 where it has none.
     pub const RETRANSMIT_ERR_AT: &str = "NTM_RETRANSMIT_ERR_AT";
+    /// Read-only global: where in a `struct sk_buff` its TCP segment count
+    /// is (`TCP_SKB_CB(skb)->tcp_gso_segs`, from the kernel's BTF), 0 where
+    /// unknown (each retransmitted buffer then counts as one segment).
+    pub const RETRANSMIT_SEGS_AT: &str = "NTM_RETRANSMIT_SEGS_AT";
 
     /// The maps kept in bpffs across restarts (see [`crate::LAYOUT_VERSION`]):
     /// what the next agent reads (the tables and what points into them) and
@@ -483,6 +487,7 @@ pub const RETRANSMIT_ENTRIES: u32 = 16_384;
 /// The tracepoint's fields at the offsets the program reads (Linux 5.18 to
 /// 6.18 agree; the agent checks the running kernel's format first).
 pub mod retransmit_format {
+    pub const SKBADDR: usize = 8;
     pub const SPORT: usize = 28;
     pub const DPORT: usize = 30;
     pub const FAMILY: usize = 32;

@@ -187,6 +187,11 @@ pub static NTM_RETRANSMITS_LOST: PerCpuArray<u64, { retransmit_lost::SLOTS as us
 #[unsafe(no_mangle)]
 pub static NTM_RETRANSMIT_ERR_AT: u32 = 0;
 
+/// Where a `struct sk_buff` holds its TCP segment count (0: unknown, one
+/// per buffer); set by the agent at load time from the kernel's BTF.
+#[unsafe(no_mangle)]
+pub static NTM_RETRANSMIT_SEGS_AT: u32 = 0;
+
 // Settings.
 
 /// Start of the client ephemeral port range; set by the agent at load time.

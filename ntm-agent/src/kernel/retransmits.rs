@@ -55,6 +55,9 @@ pub enum RetransmitError {
 pub struct Format {
     /// Offset of `err`, 0 if the kernel has no such field.
     pub err_at: u32,
+    /// Where a `struct sk_buff` holds its TCP segment count, from the
+    /// kernel's BTF; 0 if unknown (see [`segments_offset`]).
+    pub segs_at: u32,
 }
 
 impl Format {
@@ -63,7 +66,7 @@ impl Format {
     /// containers make), it is mounted at its usual place first: the
     /// mount stays in that namespace.
     pub fn of_running_kernel() -> Result<Self, RetransmitError> {
-        match Self::read() {
+        let mut format = match Self::read() {
             Err(RetransmitError::Format(e)) if e.kind() == io::ErrorKind::NotFound => {
                 if let Err(mount) = mount_tracefs() {
                     log::debug!("mounting tracefs at {}: {mount}", TRACEFS[0]);
@@ -72,7 +75,22 @@ impl Format {
                 Self::read()
             }
             other => other,
-        }
+        }?;
+        format.segs_at = match btf_rs::Btf::from_file(VMLINUX_BTF) {
+            Ok(btf) => segments_offset(&btf).unwrap_or_else(|| {
+                log::info!(
+                    "the kernel's BTF has no TCP segment count in sk_buff: each retransmitted buffer counts as one segment"
+                );
+                0
+            }),
+            Err(e) => {
+                log::info!(
+                    "reading the kernel's BTF ({VMLINUX_BTF}): {e}; each retransmitted buffer counts as one segment"
+                );
+                0
+            }
+        };
+        Ok(format)
     }
 
     fn read() -> Result<Self, RetransmitError> {
@@ -99,6 +117,7 @@ impl Format {
     pub fn parse(text: &str) -> Result<Self, RetransmitError> {
         use retransmit_format as at;
         for (field, expected) in [
+            ("skbaddr", at::SKBADDR),
             ("sport", at::SPORT),
             ("dport", at::DPORT),
             ("family", at::FAMILY),
@@ -117,7 +136,7 @@ impl Format {
             }
         }
         let err_at = field_offset(text, "err").unwrap_or(0) as u32;
-        Ok(Self { err_at })
+        Ok(Self { err_at, segs_at: 0 })
     }
 
     /// Writes what the program needs to know into the object before load.
@@ -125,7 +144,60 @@ impl Format {
         // Stored in the loader until load; a static keeps it alive.
         let err_at: &'static u32 = Box::leak(Box::new(self.err_at));
         loader.override_global(names::RETRANSMIT_ERR_AT, err_at, true);
+        let segs_at: &'static u32 = Box::leak(Box::new(self.segs_at));
+        loader.override_global(names::RETRANSMIT_SEGS_AT, segs_at, true);
     }
+}
+
+/// The running kernel's BTF.
+const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Where `TCP_SKB_CB(skb)->tcp_gso_segs` is in a `struct sk_buff`: its
+/// control buffer `cb` holds a `struct tcp_skb_cb`, whose segment count a
+/// retransmitted buffer carries (the kernel adds it to TcpRetransSegs).
+/// From BTF, as aya has no CO-RE for Rust programs; None where a name is
+/// missing or the field is not a 2-byte integer.
+pub fn segments_offset(btf: &btf_rs::Btf) -> Option<u32> {
+    let cb = member_bits(btf, "sk_buff", "cb")?;
+    let segs = member_bits(btf, "tcp_skb_cb", "tcp_gso_segs")?;
+    if cb % 8 != 0 || segs % 8 != 0 {
+        return None;
+    }
+    Some((cb + segs) / 8)
+}
+
+/// The bit offset of `member` in struct `name`, looked for through its
+/// anonymous structs and unions.
+fn member_bits(btf: &btf_rs::Btf, name: &str, member: &str) -> Option<u32> {
+    use btf_rs::Type;
+    let types = btf.resolve_types_by_name(name).ok()?;
+    let outer = types.iter().find_map(|t| match t {
+        Type::Struct(s) => Some(s),
+        _ => None,
+    })?;
+    fn find(btf: &btf_rs::Btf, s: &btf_rs::Struct, member: &str, base: u32) -> Option<u32> {
+        for m in &s.members {
+            let name = btf.resolve_name(m).unwrap_or_default();
+            if name == member {
+                return match btf.resolve_chained_type(m).ok()? {
+                    btf_rs::Type::Int(int) if int.size() == 2 => Some(base + m.bit_offset()),
+                    btf_rs::Type::Typedef(_) | btf_rs::Type::Array(_) => {
+                        Some(base + m.bit_offset())
+                    }
+                    _ => None,
+                };
+            }
+            if name.is_empty()
+                && let Ok(btf_rs::Type::Struct(inner) | btf_rs::Type::Union(inner)) =
+                    btf.resolve_chained_type(m)
+                && let Some(found) = find(btf, &inner, member, base + m.bit_offset())
+            {
+                return Some(found);
+            }
+        }
+        None
+    }
+    find(btf, outer, member, 0)
 }
 
 /// Mounts tracefs at its usual place, which is there (and empty) where it
@@ -315,7 +387,24 @@ format:
 
     #[test]
     fn the_format_of_6_18_has_err_at_76() {
-        assert_eq!(Format::parse(FORMAT_6_18).unwrap(), Format { err_at: 76 });
+        assert_eq!(
+            Format::parse(FORMAT_6_18).unwrap(),
+            Format {
+                err_at: 76,
+                segs_at: 0
+            }
+        );
+    }
+
+    #[test]
+    fn this_kernel_s_btf_has_the_segment_count_after_cb() {
+        // 6.18 on x86_64: cb at byte 40 of sk_buff, tcp_gso_segs at byte 8
+        // of tcp_skb_cb (as bpftool btf dump shows).
+        let Ok(btf) = btf_rs::Btf::from_file(VMLINUX_BTF) else {
+            eprintln!("SKIPPED: no {VMLINUX_BTF}");
+            return;
+        };
+        assert_eq!(segments_offset(&btf), Some(48));
     }
 
     #[test]
@@ -325,7 +414,7 @@ format:
             .filter(|l| !l.contains(" err;"))
             .map(|l| format!("{l}\n"))
             .collect();
-        assert_eq!(Format::parse(&old).unwrap(), Format { err_at: 0 });
+        assert_eq!(Format::parse(&old).unwrap().err_at, 0);
     }
 
     #[test]
@@ -358,7 +447,7 @@ format:
     fn the_running_kernel_s_format_is_read_where_tracefs_is() {
         // Where tracefs is not mounted (a container), the error says so.
         match Format::of_running_kernel() {
-            Ok(format) => assert!(format.err_at == 0 || format.err_at == 76),
+            Ok(format) => assert!(format.err_at == 0 || format.err_at == 76, "{format:?}"),
             Err(e) => assert!(e.to_string().contains("tracefs"), "{e}"),
         }
     }
