@@ -103,6 +103,26 @@ fn client_data_segment(frame: &[u8]) -> bool {
     total > l4 + (offset >> 4) as usize * 4
 }
 
+/// A line of 2 ms each way from `client`'s eth0 to `server`'s that drops
+/// every `nth` TCP data segment the client sends.
+fn lossy_line(tag: &str, client: &Netns, server: &Netns, nth: u64) -> DelayLine {
+    let mut data = 0u64;
+    let drop_nth = move |frame: &[u8], _| {
+        if !client_data_segment(frame) {
+            return false;
+        }
+        data += 1;
+        data.is_multiple_of(nth)
+    };
+    DelayLine::with_drops(
+        tag,
+        (client, "eth0"),
+        (server, "eth0"),
+        Duration::from_millis(2),
+        [Some(Box::new(drop_nth)), None],
+    )
+}
+
 /// `nstat`'s TcpRetransSegs in `ns` (absolute, since the namespace began).
 fn retransmitted_segments(ns: &Netns) -> u64 {
     let out = ns.exec(&["nstat", "-asz", "TcpRetransSegs"]);
@@ -170,25 +190,7 @@ pub fn every_retransmission_of_a_connection_is_counted() {
 
     let client = Netns::new("rtc");
     let server = Netns::new("rts");
-    let line = DelayLine::with_drops(
-        "rtl",
-        (&client, "eth0"),
-        (&server, "eth0"),
-        Duration::from_millis(2),
-        [
-            Some(Box::new({
-                let mut data = 0u64;
-                move |frame: &[u8], _| {
-                    if !client_data_segment(frame) {
-                        return false;
-                    }
-                    data += 1;
-                    data.is_multiple_of(15)
-                }
-            })),
-            None,
-        ],
-    );
+    let line = lossy_line("rtl", &client, &server, 15);
     for (ns, v4, v6) in [
         (&client, "198.18.82.1/24", "2001:2:0:82::1/64"),
         (&server, "198.18.82.2/24", "2001:2:0:82::2/64"),
@@ -298,25 +300,7 @@ pub fn retransmissions_reach_metrics_by_client_server_and_service() {
 
     let client = Netns::new("rmc");
     let server = Netns::new("rms");
-    let _line = DelayLine::with_drops(
-        "rml",
-        (&client, "eth0"),
-        (&server, "eth0"),
-        Duration::from_millis(2),
-        [
-            Some(Box::new({
-                let mut data = 0u64;
-                move |frame: &[u8], _| {
-                    if !client_data_segment(frame) {
-                        return false;
-                    }
-                    data += 1;
-                    data.is_multiple_of(20)
-                }
-            })),
-            None,
-        ],
-    );
+    let _line = lossy_line("rml", &client, &server, 20);
     client.exec(&["ip", "addr", "add", "198.18.83.1/24", "dev", "eth0"]);
     server.exec(&["ip", "addr", "add", "198.18.83.2/24", "dev", "eth0"]);
     let _agent = Agent::in_ns(&client)
