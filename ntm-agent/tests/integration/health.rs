@@ -303,11 +303,13 @@ pub fn retransmissions_reach_metrics_by_client_server_and_service() {
     let _line = lossy_line("rml", &client, &server, 20);
     client.exec(&["ip", "addr", "add", "198.18.83.1/24", "dev", "eth0"]);
     server.exec(&["ip", "addr", "add", "198.18.83.2/24", "dev", "eth0"]);
+    let log = std::env::temp_dir().join(format!("ntm-retransmits-{}.log", std::process::id()));
     let _agent = Agent::in_ns(&client)
         .names(false)
         .iface("eth0")
         .port(PORT)
         .args(["--drain-interval", "200ms"])
+        .log_to(&log)
         .spawn();
     wait_healthy(&client, PORT);
     let before = retransmitted_segments(&client);
@@ -335,12 +337,14 @@ pub fn retransmissions_reach_metrics_by_client_server_and_service() {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "{kernel_says} retransmits (TcpRetransSegs) never reached /metrics; its retransmit lines: {:?}",
+            "{kernel_says} retransmits (TcpRetransSegs) never reached /metrics; its retransmit lines: {:?}; the agent's log: {}",
             last.lines()
                 .filter(|l| l.contains("retransmit"))
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>(),
+            std::fs::read_to_string(&log).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(counted, kernel_says);
+    let _ = std::fs::remove_file(&log);
 }
