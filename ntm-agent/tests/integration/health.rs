@@ -123,14 +123,22 @@ fn lossy_line(tag: &str, client: &Netns, server: &Netns, nth: u64) -> DelayLine 
     )
 }
 
-/// `nstat`'s TcpRetransSegs in `ns` (absolute, since the namespace began).
+/// The TCP segments `ns`'s kernel retransmitted and sent, since the
+/// namespace began: `nstat`'s TcpRetransSegs less TcpExtTCPRetransFail.
+/// The kernel counts a retransmission in TcpRetransSegs before it hands
+/// it to the device, and one the device layer then refuses (a full queue
+/// on a loaded machine) in TCPRetransFail too; the tracepoint reports that
+/// one as failed (Linux 6.17+), or not at all (before).
 fn retransmitted_segments(ns: &Netns) -> u64 {
-    let out = ns.exec(&["nstat", "-asz", "TcpRetransSegs"]);
-    out.lines()
-        .find_map(|l| l.strip_prefix("TcpRetransSegs"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no TcpRetransSegs in {out:?}"))
+    let out = ns.exec(&["nstat", "-asz", "TcpRetransSegs", "TcpExtTCPRetransFail"]);
+    let counter = |name: &str| -> u64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {out:?}"))
+    };
+    counter("TcpRetransSegs") - counter("TcpExtTCPRetransFail")
 }
 
 /// Sends `bytes` from `client` to `server_address:port` over one TCP
@@ -179,7 +187,8 @@ fn send_over_tcp(
 /// The TCP segments a host's kernel retransmits, counted by connection
 /// from the `tcp:tcp_retransmit_skb` tracepoint: over a link that drops
 /// one client data segment in 15, every retransmission of the client's
-/// connections is counted, equal to the kernel's own TcpRetransSegs, for
+/// connections is counted, equal to the kernel's own count of the
+/// retransmitted segments it sent (see [`retransmitted_segments`]), for
 /// IPv4 and IPv6; the server, which sends no data, retransmits none. With
 /// segmentation offload a retransmitted buffer may carry several segments,
 /// which the kernel counts each: so does ntm (their count from the kernel's
@@ -226,7 +235,9 @@ pub fn every_retransmission_of_a_connection_is_counted() {
     );
     let kernel_says = retransmitted_segments(&client) - before;
     let counts = retransmits.drain().unwrap();
-    assert_eq!((counts.no_room, counts.failed), (0, 0), "{counts:?}");
+    // Failed retransmits (6.17+ reports them) are the kernel's to retry:
+    // not counted, whatever their number on a loaded machine.
+    assert_eq!(counts.no_room, 0, "{counts:?}");
     let of = |key: RetransmitKey| -> u64 {
         counts
             .connections
@@ -281,15 +292,16 @@ pub fn every_retransmission_of_a_connection_is_counted() {
     assert_eq!(servers, 0, "{counts:?}");
     assert!(line.dropped() > 0);
     eprintln!(
-        "retransmitted: IPv4 {v4}, IPv6 {v6}; TcpRetransSegs {kernel_says}; dropped {}",
-        line.dropped()
+        "retransmitted: IPv4 {v4}, IPv6 {v6}; the kernel's {kernel_says}; dropped {}; failed {}",
+        line.dropped(),
+        counts.failed
     );
 }
 
 /// The agent's `<prefix>_tcp_retransmits_total`: a connection from the
 /// client to a server over a lossy link, the agent on the client, its
 /// retransmissions by client, server and service equal to the kernel's
-/// TcpRetransSegs (the agent mounts tracefs in its own mount namespace,
+/// count (the agent mounts tracefs in its own mount namespace,
 /// which `ip netns exec` leaves without one).
 pub fn retransmissions_reach_metrics_by_client_server_and_service() {
     use crate::kit::{
@@ -337,7 +349,7 @@ pub fn retransmissions_reach_metrics_by_client_server_and_service() {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "{kernel_says} retransmits (TcpRetransSegs) never reached /metrics; its retransmit lines: {:?}; the agent's log: {}",
+            "{kernel_says} retransmits (the kernel's) never reached /metrics; its retransmit lines: {:?}; the agent's log: {}",
             last.lines()
                 .filter(|l| l.contains("retransmit"))
                 .collect::<Vec<_>>(),
