@@ -376,9 +376,11 @@ pub struct DatapathArgs {
           action = clap::ArgAction::SetTrue)]
     pub no_pin: bool,
 
-    /// Do not count the TCP segments this host's connections retransmit
-    /// (`<prefix>_tcp_retransmits_total`, from the tcp:tcp_retransmit_skb
-    /// tracepoint, which needs tracefs).
+    /// Do not follow TCP connections' health: the handshakes on the hooks
+    /// (`<prefix>_tcp_handshake_seconds`,
+    /// `<prefix>_tcp_connections_failed_total`) and the segments this
+    /// host's connections retransmit (`<prefix>_tcp_retransmits_total`,
+    /// from the tcp:tcp_retransmit_skb tracepoint, which needs tracefs).
     #[arg(long = "no-tcp-health", env = "NTM_NO_TCP_HEALTH", value_parser = on_off(),
           action = clap::ArgAction::SetTrue)]
     pub no_tcp_health: bool,
@@ -640,6 +642,7 @@ impl Config {
                     self.series.local_nets.clone()
                 }),
                 count_retransmits: !self.datapath.no_tcp_health,
+                track_handshakes: !self.datapath.no_tcp_health,
                 also_load: &[],
             },
         })

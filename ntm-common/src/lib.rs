@@ -6,6 +6,7 @@
 //! the kernel (compiled for bpfel) and in host unit tests.
 #![no_std]
 
+pub mod handshake;
 pub mod observe;
 pub mod programs;
 pub mod service_port;
@@ -119,6 +120,21 @@ pub mod names {
     /// is (`TCP_SKB_CB(skb)->tcp_gso_segs`, from the kernel's BTF), 0 where
     /// unknown (each retransmitted buffer then counts as one segment).
     pub const RETRANSMIT_SEGS_AT: &str = "NTM_RETRANSMIT_SEGS_AT";
+
+    /// HASH of [`crate::handshake::HandshakeKey`] to
+    /// [`crate::handshake::Handshake`]: TCP handshakes in flight and just
+    /// ended, which the agent takes and deletes each drain.
+    pub const HANDSHAKES: &str = "NTM_HANDSHAKES";
+    /// Array of [`crate::handshake::GATE_SLOTS`] u32: the drain epoch of the
+    /// last SYN-ACK in each slot (see [`crate::handshake::gate_index`]).
+    pub const HANDSHAKE_GATE: &str = "NTM_HANDSHAKE_GATE";
+    /// Array of one u32: the drain epoch, which the agent bumps each drain.
+    pub const HANDSHAKE_EPOCH: &str = "NTM_HANDSHAKE_EPOCH";
+    /// Per-CPU array of u64, since load: see [`crate::handshake::lost`].
+    pub const HANDSHAKES_LOST: &str = "NTM_HANDSHAKES_LOST";
+    /// Read-only global: 1 to follow TCP handshakes, 0 not to (the
+    /// verifier then drops the code).
+    pub const TRACK_HANDSHAKES: &str = "NTM_TRACK_HANDSHAKES";
 
     /// The maps kept in bpffs across restarts (see [`crate::LAYOUT_VERSION`]):
     /// what the next agent reads (the tables and what points into them) and
@@ -611,6 +627,10 @@ mod pod {
     unsafe impl aya::Pod for super::OutsideSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RetransmitKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::handshake::HandshakeKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::handshake::Handshake {}
 }
 
 #[cfg(test)]

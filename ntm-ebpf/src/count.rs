@@ -22,6 +22,7 @@ use ntm_common::{
 };
 
 use crate::{
+    handshakes,
     lease::{check_lease, lease_check_due},
     maps::{
         FragmentKey, NTM_ACTIVE_CACHE, NTM_ACTIVE_FLOWS, NTM_CACHE_MISSES, NTM_EPHEMERAL_START,
@@ -137,6 +138,21 @@ pub fn count_tc<const ETHERNET: bool, const UPTO: u8>(ctx: &TcContext, hook: Hoo
             observe_tc(ctx, wanted, hook, ifindex, skb_len, ETHERNET);
         }
     }
+    // TC sees both directions of an interface: a handshake is followed
+    // per interface.
+    if UPTO == stage::ALL
+        && !filtered
+        && let Ok(p) = &parsed
+    {
+        handshakes::track(
+            ctx.data(),
+            ctx.data_end(),
+            p.l3_offset,
+            p.tcp_flags,
+            &words,
+            ifindex,
+        );
+    }
     // GSO/GRO aggregates count as the segments they carry on the wire.
     let segments = if gso_segs > 1 { gso_segs as u64 } else { 1 };
     let took_slot = account(parsed, &words, &mut key_space, skb_len, segments, filtered);
@@ -225,6 +241,11 @@ pub fn count_xdp(ctx: &XdpContext, filtered: bool) {
         if agent_wants(wanted) {
             observe_xdp(ctx, wanted, ifindex, frame_len);
         }
+    }
+    // XDP sees ingress only: a handshake is followed per host, so that a
+    // forwarded SYN meets its SYN-ACK arriving on another interface.
+    if !filtered && let Ok(p) = &parsed {
+        handshakes::track(frame.data, frame.end, p.l3_offset, p.tcp_flags, &words, 0);
     }
     let took_slot = account(parsed, &words, &mut key_space, frame_len, 1, filtered);
     if took_slot && setting(&NTM_LEARN_MACS) != 0 {

@@ -13,6 +13,8 @@
 //! - `count`: the flow key through the per-CPU cache into the flow table,
 //!   or into the outside counts;
 //! - `observe`: DNS and DHCP frames to the ring buffer, and source MACs;
+//! - `handshakes`: TCP handshakes (SYN, SYN-ACK, the client's ACK, RST)
+//!   into the table the agent reads for latency and failed connections;
 //! - `lease`: the orphan lease, which stops counting once no agent renews it;
 //! - `retransmits`: TCP retransmissions of this host's connections, from
 //!   the `tcp:tcp_retransmit_skb` tracepoint (`ntm_tcp_retransmit` below).
@@ -20,6 +22,7 @@
 #![no_main]
 
 mod count;
+mod handshakes;
 mod lease;
 mod maps;
 mod observe;

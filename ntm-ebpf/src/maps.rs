@@ -8,13 +8,16 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    btf_maps::{Array, ArrayOfMaps, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
+    btf_maps::{
+        Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf,
+    },
     macros::btf_map,
 };
 use ntm_common::{
     CacheSlot, Counters, DEFAULT_FLOW_TABLE_ENTRIES, FLOW_CACHE_SLOTS, FlowKey, KNOWN_PORT_WORDS,
     OUTSIDE_ENTRIES, OUTSIDE_SLOTS, OUTSIDE_UNKEYED_SLOTS, OutsideKey, OutsideSlot,
     RETRANSMIT_ENTRIES, RetransmitKey,
+    handshake::{self, Handshake, HandshakeKey},
     observe::{self, MacKey, MacValue, Record},
     retransmit_lost, service_port, tail,
 };
@@ -191,6 +194,39 @@ pub static NTM_RETRANSMIT_ERR_AT: u32 = 0;
 /// per buffer); set by the agent at load time from the kernel's BTF.
 #[unsafe(no_mangle)]
 pub static NTM_RETRANSMIT_SEGS_AT: u32 = 0;
+
+// TCP handshakes (see `handshakes.rs`).
+
+/// Handshakes in flight and just ended, shared by every CPU (a SYN and
+/// its SYN-ACK may come in on different ones). Preallocated: a full table
+/// refuses new handshakes, counted, and keeps those it follows (an LRU
+/// would drop the oldest, a slow real handshake, for a flood's).
+#[btf_map]
+pub static NTM_HANDSHAKES: HashMap<
+    HandshakeKey,
+    Handshake,
+    { handshake::HANDSHAKE_ENTRIES as usize },
+> = HashMap::new();
+
+/// The drain epoch of the last SYN-ACK of each gate slot (see
+/// `ntm_common::handshake::gate_index`).
+#[btf_map]
+pub static NTM_HANDSHAKE_GATE: Array<u32, { handshake::GATE_SLOTS as usize }> = Array::new();
+
+/// The drain epoch, bumped by the agent each drain.
+#[btf_map]
+pub static NTM_HANDSHAKE_EPOCH: Array<u32, 1> = Array::new();
+
+/// Per CPU, since load: handshakes not followed, by
+/// `ntm_common::handshake::lost` slot.
+#[btf_map]
+pub static NTM_HANDSHAKES_LOST: PerCpuArray<u64, { handshake::lost::SLOTS as usize }> =
+    PerCpuArray::new();
+
+/// 1: follow TCP handshakes; read-only, so with 0 the verifier drops the
+/// code.
+#[unsafe(no_mangle)]
+pub static NTM_TRACK_HANDSHAKES: u32 = 0;
 
 // Settings.
 

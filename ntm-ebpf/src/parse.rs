@@ -57,6 +57,10 @@ pub struct Parsed {
     /// is undefined in its other variants, and LLVM may then store an
     /// unset register, which the verifier refuses.
     pub fragment_id: u32,
+    /// A TCP segment's flags (byte 13 of its header) where the handshake
+    /// room may want it: common frames only (see `handshakes.rs`); 0 for
+    /// any other frame.
+    pub tcp_flags: u8,
 }
 
 /// Where a packet stands in its datagram: later fragments carry no ports,
@@ -306,18 +310,19 @@ pub fn parse_common<const ETHERNET: bool>(
         _ => return None,
     };
     let l4 = ip + ip_len;
-    let (class, l4_len) = match proto {
+    let (class, l4_len, tcp_flags) = match proto {
         ipproto::TCP => {
             if l4 + TcpHdr::LEN > frame.end {
                 return None;
             }
             // SAFETY: the 20-byte TCP header was just checked; the data
-            // offset is the high nibble of byte 12.
-            let doff = unsafe { *((l4 + 12) as *const u8) } >> 4;
-            (PortClass::Tcp, doff as usize * 4)
+            // offset is the high nibble of byte 12, the flags byte 13.
+            let (doff, flags) =
+                unsafe { (*((l4 + 12) as *const u8) >> 4, *((l4 + 13) as *const u8)) };
+            (PortClass::Tcp, doff as usize * 4, flags)
         }
         // Its 8 bytes are in the checks above.
-        ipproto::UDP => (PortClass::Udp, UdpHdr::LEN),
+        ipproto::UDP => (PortClass::Udp, UdpHdr::LEN, 0),
         _ => return None,
     };
     // SAFETY: the first 4 bytes of the L4 header are inside the checks
@@ -365,6 +370,7 @@ pub fn parse_common<const ETHERNET: bool>(
         observe,
         fragment: Fragment::Whole,
         fragment_id: 0,
+        tcp_flags,
     };
     Some((parsed, words))
 }
@@ -410,6 +416,7 @@ pub fn parse_ethernet(
                 observe: NOT_OBSERVED,
                 fragment: Fragment::Whole,
                 fragment_id: 0,
+                tcp_flags: 0,
             })
         }
     }
@@ -490,6 +497,7 @@ fn parse_ipv4(
         observe,
         fragment,
         fragment_id,
+        tcp_flags: 0,
     })
 }
 
@@ -590,6 +598,7 @@ fn parse_ipv6(
         observe,
         fragment,
         fragment_id,
+        tcp_flags: 0,
     })
 }
 

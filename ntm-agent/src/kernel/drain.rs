@@ -71,6 +71,9 @@ pub struct Drained {
     /// The TCP segments this host retransmitted in the interval, by
     /// connection (set by `Kernel::drain` where they are counted).
     pub retransmits: super::retransmits::RetransmitCounts,
+    /// The TCP handshakes that ended in the interval (and SYNs left
+    /// unanswered), as the hooks saw them.
+    pub handshakes: super::handshakes::HandshakeCounts,
 }
 
 impl Drained {
@@ -374,6 +377,7 @@ impl FlowTables {
             link_stats: HashMap::new(),
             flow_cache,
             retransmits: Default::default(),
+            handshakes: Default::default(),
         })
     }
 

@@ -19,6 +19,7 @@ use ntm_common::{
 
 use super::{
     drain::{DrainError, FlowTables},
+    handshakes::Handshakes,
     observe::{LearntMacs, Observer, ObserverError},
     retransmits::{Format, Retransmits},
 };
@@ -62,6 +63,9 @@ pub struct DatapathOptions {
     /// `tcp:tcp_retransmit_skb` tracepoint; see `retransmits.rs`). Where
     /// the tracepoint cannot be used, the log says why and the rest runs.
     pub count_retransmits: bool,
+    /// Follow TCP handshakes on the hooks, for their latency and failed
+    /// connections (see `handshakes.rs`).
+    pub track_handshakes: bool,
     /// TC programs of the object loaded besides those of
     /// [`programs::HOOKS`]: the bench's (`ntm_bench_upto_*`, which stop
     /// after one part of the counting path); none in the agent. Loaded
@@ -122,6 +126,7 @@ impl Default for DatapathOptions {
             learn_macs: false,
             mac_nets: ntm_common::observe::MacNets::ALL,
             count_retransmits: false,
+            track_handshakes: false,
             also_load: &[],
         }
     }
@@ -205,6 +210,9 @@ pub struct Datapath {
     /// The retransmit counts, until the agent takes them (None if not
     /// counted).
     retransmits: Option<Retransmits>,
+    /// The handshake table, until the agent takes it (None if handshakes
+    /// are not followed).
+    handshakes: Option<Handshakes>,
 }
 
 impl Datapath {
@@ -251,6 +259,12 @@ impl Datapath {
                     loader.map_max_entries(table, 1);
                 }
             }
+        }
+        let track_handshakes = options.track_handshakes as u32;
+        loader.override_global(names::TRACK_HANDSHAKES, &track_handshakes, true);
+        if !options.track_handshakes {
+            // Unused: as small as they can be.
+            loader.map_max_entries(names::HANDSHAKES, 1);
         }
         loader.override_global(names::EPHEMERAL_START, &options.ephemeral_start, true);
         // XDP_DROP is 1, XDP_PASS 2 (uapi/linux/bpf.h).
@@ -343,6 +357,16 @@ impl Datapath {
             },
             None => None,
         };
+        let handshakes = if options.track_handshakes {
+            Some(
+                Handshakes::take_from(&mut ebpf).map_err(|source| DatapathError::MapSetup {
+                    map: names::HANDSHAKES,
+                    source,
+                })?,
+            )
+        } else {
+            None
+        };
         Ok((
             Self {
                 ebpf,
@@ -355,6 +379,7 @@ impl Datapath {
                 mac_nets,
                 lease,
                 retransmits,
+                handshakes,
             },
             tables,
         ))
@@ -477,6 +502,11 @@ impl Datapath {
     /// The table of source MACs by address, once (None if not learnt).
     pub fn take_macs(&mut self) -> Option<LearntMacs> {
         self.macs.take()
+    }
+
+    /// The handshake table, once (None if handshakes are not followed).
+    pub fn take_handshakes(&mut self) -> Option<Handshakes> {
+        self.handshakes.take()
     }
 
     /// The retransmit counts, once (None if not counted).

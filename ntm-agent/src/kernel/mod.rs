@@ -19,6 +19,7 @@
 pub mod attach;
 pub mod drain;
 pub mod flow_cache;
+pub mod handshakes;
 pub mod links;
 pub mod load;
 pub mod local_nets;
@@ -203,6 +204,8 @@ pub struct Kernel {
     adopted: Option<Drained>,
     /// The TCP retransmissions of this host's connections, if counted.
     retransmits: Option<retransmits::Retransmits>,
+    /// The TCP handshakes seen on the hooks, if followed.
+    handshakes: Option<handshakes::Handshakes>,
     /// One agent per network namespace, for as long as this one lives.
     _lock: AgentLock,
 }
@@ -300,10 +303,12 @@ impl Kernel {
             }
         };
         let retransmits = datapath.take_retransmits();
+        let handshakes = datapath.take_handshakes();
         let mut kernel = Self {
             datapath,
             tables,
             retransmits,
+            handshakes,
             options: options.clone(),
             attachments: BTreeMap::new(),
             labels: HashMap::new(),
@@ -577,6 +582,15 @@ impl Kernel {
                 Err(e) => {
                     log::warn!("retransmissions are no longer counted: reading them failed: {e}");
                     self.retransmits = None;
+                }
+            }
+        }
+        if let Some(handshakes) = &mut self.handshakes {
+            match handshakes.drain(crate::sys::process::monotonic_ns()) {
+                Ok(counts) => drained.handshakes = counts,
+                Err(e) => {
+                    log::warn!("TCP handshakes are no longer followed: reading them failed: {e}");
+                    self.handshakes = None;
                 }
             }
         }

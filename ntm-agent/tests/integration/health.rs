@@ -360,3 +360,238 @@ pub fn retransmissions_reach_metrics_by_client_server_and_service() {
     assert_eq!(counted, kernel_says);
     let _ = std::fs::remove_file(&log);
 }
+
+/// The TCP destination port of an IPv4 or IPv6 frame without options or
+/// extension headers, if it is TCP.
+fn tcp_destination_port(frame: &[u8]) -> Option<u16> {
+    let l4 = match frame.get(12..14)? {
+        [0x08, 0x00] if *frame.get(23)? == 6 => 14 + (frame[14] & 0x0f) as usize * 4,
+        [0x86, 0xdd] if *frame.get(20)? == 6 => 54,
+        _ => return None,
+    };
+    Some(u16::from_be_bytes([
+        *frame.get(l4 + 2)?,
+        *frame.get(l4 + 3)?,
+    ]))
+}
+
+/// A client, a router and a server: the client's link delays each way by
+/// 20 ms, the server's by 50 ms and drops what goes to port 5003 (a server
+/// that drops SYNs). The client's and server's default routes go through
+/// the router, which forwards.
+struct Routed {
+    client: Netns,
+    router: Netns,
+    server: Netns,
+    _lines: [DelayLine; 2],
+}
+
+impl Routed {
+    const CLIENT_DELAY: Duration = Duration::from_millis(20);
+    const SERVER_DELAY: Duration = Duration::from_millis(50);
+    const SILENT_PORT: u16 = 5003;
+
+    fn new(tag: &str) -> Self {
+        let client = Netns::new(&format!("{tag}c"));
+        let router = Netns::new(&format!("{tag}r"));
+        let server = Netns::new(&format!("{tag}s"));
+        let client_line = DelayLine::new(
+            &format!("{tag}lc"),
+            (&client, "eth0"),
+            (&router, "c0"),
+            Self::CLIENT_DELAY,
+        );
+        let silent = |frame: &[u8], _| tcp_destination_port(frame) == Some(Self::SILENT_PORT);
+        let server_line = DelayLine::with_drops(
+            &format!("{tag}ls"),
+            (&router, "s0"),
+            (&server, "eth0"),
+            Self::SERVER_DELAY,
+            [Some(Box::new(silent)), None],
+        );
+        for (ns, ifname, v4, v6) in [
+            (&client, "eth0", "198.18.84.1/24", "2001:2:0:84::1/64"),
+            (&router, "c0", "198.18.84.254/24", "2001:2:0:84::fe/64"),
+            (&router, "s0", "198.18.85.254/24", "2001:2:0:85::fe/64"),
+            (&server, "eth0", "198.18.85.2/24", "2001:2:0:85::2/64"),
+        ] {
+            ns.exec(&["ip", "addr", "add", v4, "dev", ifname]);
+            ns.exec(&["ip", "addr", "add", v6, "dev", ifname, "nodad"]);
+        }
+        for (ns, v4, v6) in [
+            (&client, "198.18.84.254", "2001:2:0:84::fe"),
+            (&server, "198.18.85.254", "2001:2:0:85::fe"),
+        ] {
+            ns.exec(&["ip", "route", "add", "default", "via", v4]);
+            ns.exec(&["ip", "-6", "route", "add", "default", "via", v6]);
+        }
+        router.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        router.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+        Self {
+            client,
+            router,
+            server,
+            _lines: [client_line, server_line],
+        }
+    }
+}
+
+/// Python for the server: on 5001 it takes connections and reads them to
+/// their end, on 5004 it resets each connection it accepts (SO_LINGER 0);
+/// nothing listens on 5002.
+const HANDSHAKE_SERVER: &str = "\
+import socket, struct, threading
+def serve(port, reset):
+    for family, address in ((socket.AF_INET, '198.18.85.2'), (socket.AF_INET6, '2001:2:0:85::2')):
+        s = socket.socket(family)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((address, port)); s.listen(64)
+        threading.Thread(target=accept, args=(s, reset), daemon=True).start()
+def accept(s, reset):
+    while True:
+        c, _ = s.accept()
+        if reset:
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+            c.close()
+        else:
+            while c.recv(65536): pass
+            c.close()
+serve(5001, False); serve(5004, True)
+print('ready', flush=True)
+threading.Event().wait()
+";
+
+/// Python for the client: `n` connections to 5001 that each send a byte,
+/// one to 5002 (refused), one to 5004 (reset once up), one to 5003 (no
+/// answer; it gives up after 2 s), to `server`; prints what each did.
+fn handshake_client(server: &str, n: u32) -> String {
+    format!(
+        "import socket, time\n\
+         server = '{server}'\n\
+         family = socket.AF_INET6 if ':' in server else socket.AF_INET\n\
+         def connect(port, timeout=5):\n\
+         \x20   s = socket.socket(family); s.settimeout(timeout)\n\
+         \x20   s.connect((server, port)); return s\n\
+         for _ in range({n}):\n\
+         \x20   s = connect(5001); s.sendall(b'x'); s.close()\n\
+         try: connect(5002); print('5002 connected')\n\
+         except ConnectionRefusedError: print('refused')\n\
+         s = connect(5004)\n\
+         try: s.recv(1); print('5004 closed')\n\
+         except ConnectionResetError: print('reset')\n\
+         try: connect(5003, 2); print('5003 connected')\n\
+         except (socket.timeout, TimeoutError): print('unanswered')\n"
+    )
+}
+
+/// TCP handshakes through a router, ntm on the router's interface to the
+/// client (TC, both directions): each connection's handshake split where
+/// the router sees it, the server's side (SYN to SYN-ACK: twice the server
+/// link's 50 ms) and the client's (SYN-ACK to the client's ACK: twice
+/// 20 ms), for IPv4 and IPv6; a port with no listener counted refused, a
+/// server that drops SYNs unanswered, a reset after the handshake reset,
+/// each once per connection.
+pub fn handshakes_are_split_at_the_router_and_failures_counted() {
+    use ntm_agent::kernel::handshakes::Outcome;
+    use std::io::BufRead;
+    const CONNECTIONS: u32 = 5;
+
+    let net = Routed::new("hs");
+    let mut server = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.server.name,
+            "python3",
+            "-c",
+            HANDSHAKE_SERVER,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 server");
+    let mut lines = std::io::BufReader::new(server.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(server);
+
+    // Neighbours resolved first: the first SYN would otherwise wait at
+    // the router for the server's address (another round trip).
+    for server in ["198.18.85.2", "2001:2:0:85::2"] {
+        assert_eq!(ping(&net.client, server, 1).1, 1, "{server} answers");
+    }
+    let mut kernel = net
+        .router
+        .run(|| crate::kit::start_kernel(&["-i", "c0", "--numeric"]));
+    kernel.drain().unwrap();
+    for server in ["198.18.85.2", "2001:2:0:85::2"] {
+        let said = net
+            .client
+            .exec(&["python3", "-c", &handshake_client(server, CONNECTIONS)]);
+        assert_eq!(said, "refused\nreset\nunanswered\n", "{server}");
+    }
+    // The last SYN to 5003 counts unanswered 10 s after it was sent.
+    let mut ended = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let unanswered = |ended: &Vec<(ntm_common::handshake::HandshakeKey, Outcome)>| {
+        ended
+            .iter()
+            .filter(|(_, o)| *o == Outcome::Unanswered)
+            .count()
+    };
+    while unanswered(&ended) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        let drained = kernel.drain().unwrap();
+        let h = drained.handshakes;
+        assert_eq!((h.no_room, h.busy), (0, 0), "{h:?}");
+        ended.extend(h.ended);
+    }
+    let c0 = net.router.exec(&["cat", "/sys/class/net/c0/ifindex"]);
+    let c0: u32 = c0.trim().parse().unwrap();
+    let family_of = |key: &ntm_common::handshake::HandshakeKey| key.family;
+    for fam in [ntm_common::family::IPV4, ntm_common::family::IPV6] {
+        let of_family: Vec<_> = ended.iter().filter(|(k, _)| family_of(k) == fam).collect();
+        let count = |port: u16, outcome: &dyn Fn(&Outcome) -> bool| {
+            of_family
+                .iter()
+                .filter(|(k, o)| k.server_port == port && outcome(o))
+                .count()
+        };
+        let established = |o: &Outcome| matches!(o, Outcome::Established { .. });
+        assert_eq!(
+            count(5001, &established),
+            CONNECTIONS as usize,
+            "{ended:#?}"
+        );
+        assert_eq!(count(5002, &|o| *o == Outcome::Refused), 1, "{ended:#?}");
+        assert_eq!(count(5003, &|o| *o == Outcome::Unanswered), 1, "{ended:#?}");
+        assert_eq!(count(5004, &established), 1, "{ended:#?}");
+        assert_eq!(count(5004, &|o| *o == Outcome::Reset), 1, "{ended:#?}");
+        assert_eq!(of_family.len(), CONNECTIONS as usize + 4, "{ended:#?}");
+        for (key, outcome) in &of_family {
+            assert_eq!(key.ifindex, c0);
+            let Outcome::Established { server, client } = outcome else {
+                continue;
+            };
+            let (server, client) = (server.expect("measured"), client.expect("measured"));
+            // The delay line's own time is well under 10 ms a round trip.
+            let within = |measured: Duration, delay: Duration| {
+                measured >= 2 * delay && measured < 2 * delay + Duration::from_millis(15)
+            };
+            eprintln!("{key:?}: server side {server:?}, client side {client:?}");
+            assert!(
+                within(server, Routed::SERVER_DELAY),
+                "server side {server:?}"
+            );
+            assert!(
+                within(client, Routed::CLIENT_DELAY),
+                "client side {client:?}"
+            );
+        }
+    }
+}

@@ -104,6 +104,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: health::the_delay_line_delays_each_way_and_drops_what_it_is_told,
     Root: health::every_retransmission_of_a_connection_is_counted,
     Root: health::retransmissions_reach_metrics_by_client_server_and_service,
+    Root: health::handshakes_are_split_at_the_router_and_failures_counted,
     Root: kubernetes::pods_are_named_by_workload_and_counted_exactly,
     Nothing: listing::every_integration_test_is_listed,
     Root: links::tun_device_frames_start_at_the_ip_header,
