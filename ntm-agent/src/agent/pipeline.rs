@@ -47,7 +47,10 @@ use crate::{
         live::{LiveSink, LiveTraffic},
         series::TrafficSeries,
         series_sink::SeriesSink,
-        sink::{Host, LabelledDrain, LabelledFlow, LabelledRetransmits, Overflow, Sink},
+        sink::{
+            Host, LabelledDrain, LabelledFlow, LabelledHandshake, LabelledRetransmits, Overflow,
+            Sink,
+        },
         tcp_health::TcpHealthSink,
     },
     pipeline::{
@@ -110,6 +113,20 @@ pub struct Pipeline {
     local: LocalNets,
     /// First port of the client ephemeral range (the service-port rule).
     ephemeral_start: u16,
+}
+
+/// A handshake's connection as the flow its client sends: from the
+/// client (the SYN's sender) to the server, keyed by the port the SYN went
+/// to.
+fn handshake_flow(handshake: &ntm_common::handshake::HandshakeKey) -> ntm_common::FlowKey {
+    ntm_common::FlowKey {
+        src: handshake.client,
+        dst: handshake.server,
+        port: handshake.server_port,
+        family: handshake.family,
+        proto: ntm_common::ipproto::TCP,
+        ..Default::default()
+    }
 }
 
 /// A retransmitting connection as the flow its client sends: from the
@@ -340,6 +357,7 @@ impl Pipeline {
             flows: Vec::with_capacity(self.pending.len()),
             overflow: Vec::new(),
             retransmits: Vec::new(),
+            handshakes: Vec::new(),
         };
         let Self {
             pending,
@@ -364,18 +382,31 @@ impl Pipeline {
                 });
             },
         );
-        // Retransmitting connections, named now (no wait: their traffic's
-        // flow has usually been named already, and its labels are kept).
-        for (connection, segments) in &drained.retransmits.connections {
-            let key = retransmit_flow(connection, self.ephemeral_start, &labeller.services);
-            let first_seen = now.checked_sub(wait).unwrap_or(now);
-            let (client, server) = match hosts.flow_labels(&key, first_seen, now) {
+        // Retransmitting connections and handshakes, named now (no wait:
+        // their traffic's flow has usually been named already, and its
+        // labels are kept).
+        let first_seen = now.checked_sub(wait).unwrap_or(now);
+        let mut client_and_server =
+            |key: &ntm_common::FlowKey| match hosts.flow_labels(key, first_seen, now) {
                 Some((client, server)) if !client.is_empty() => (client, server),
                 _ => (
                     Arc::from(key.src_addr().map(|a| a.to_string()).unwrap_or_default()),
                     Arc::from(key.dst_addr().map(|a| a.to_string()).unwrap_or_default()),
                 ),
             };
+        for (handshake, outcome) in &drained.handshakes.ended {
+            let key = handshake_flow(handshake);
+            let (client, server) = client_and_server(&key);
+            labelled.handshakes.push(LabelledHandshake {
+                client,
+                server,
+                service: shared.get(service_name(&key, &labeller.services)),
+                outcome: *outcome,
+            });
+        }
+        for (connection, segments) in &drained.retransmits.connections {
+            let key = retransmit_flow(connection, self.ephemeral_start, &labeller.services);
+            let (client, server) = client_and_server(&key);
             labelled.retransmits.push(LabelledRetransmits {
                 client,
                 server,

@@ -58,12 +58,23 @@ pub struct LabelledRetransmits {
     pub segments: u64,
 }
 
+/// A TCP handshake that ended in a drain interval (or a SYN left
+/// unanswered), its client and server named as in the traffic series.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabelledHandshake {
+    pub client: Arc<str>,
+    pub server: Arc<str>,
+    pub service: Arc<str>,
+    pub outcome: crate::kernel::handshakes::Outcome,
+}
+
 /// One drain's labelled deltas.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LabelledDrain {
     pub flows: Vec<LabelledFlow>,
     pub overflow: Vec<Overflow>,
     pub retransmits: Vec<LabelledRetransmits>,
+    pub handshakes: Vec<LabelledHandshake>,
 }
 
 /// A host in labels now, as the names know it.

@@ -484,50 +484,72 @@ fn handshake_client(server: &str, n: u32) -> String {
     )
 }
 
-/// TCP handshakes through a router, ntm on the router's interface to the
-/// client (TC, both directions): each connection's handshake split where
-/// the router sees it, the server's side (SYN to SYN-ACK: twice the server
-/// link's 50 ms) and the client's (SYN-ACK to the client's ACK: twice
-/// 20 ms), for IPv4 and IPv6; a port with no listener counted refused, a
-/// server that drops SYNs unanswered, a reset after the handshake reset,
-/// each once per connection.
-pub fn handshakes_are_split_at_the_router_and_failures_counted() {
+/// Starts [`HANDSHAKE_SERVER`] on the server; killed when dropped.
+struct Served(std::process::Child);
+
+impl Served {
+    fn start(net: &Routed) -> Self {
+        use std::io::BufRead;
+        let mut server = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &net.server.name,
+                "python3",
+                "-c",
+                HANDSHAKE_SERVER,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 server");
+        let mut lines = std::io::BufReader::new(server.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "ready");
+        // Neighbours resolved first: the first SYN would otherwise wait at
+        // the router for the server's address (another round trip).
+        for address in ["198.18.85.2", "2001:2:0:85::2"] {
+            assert_eq!(ping(&net.client, address, 1).1, 1, "{address} answers");
+        }
+        Self(server)
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn handshakes_are_split_at_the_router_and_failures_counted_tcx() {
+    handshakes_through_a_router("hx", &["--attach-mode", "tcx", "-i", "c0"], Some("c0"));
+}
+
+pub fn handshakes_are_split_at_the_router_and_failures_counted_clsact() {
+    handshakes_through_a_router("hc", &["--attach-mode", "clsact", "-i", "c0"], Some("c0"));
+}
+
+/// XDP sees ingress only: on both of the router's interfaces, the SYN on
+/// one and the SYN-ACK on the other, a handshake keyed by the host.
+pub fn handshakes_are_split_at_the_router_and_failures_counted_xdp() {
+    handshakes_through_a_router("hp", &["--mode", "xdp", "-i", "c0", "-i", "s0"], None);
+}
+
+/// TCP handshakes through a router, ntm on the router (`flags`): each
+/// connection's handshake split where the router sees it, the server's
+/// side (SYN to SYN-ACK: twice the server link's 50 ms) and the client's
+/// (SYN-ACK to the client's ACK: twice 20 ms), for IPv4 and IPv6; a port
+/// with no listener counted refused, a server that drops SYNs unanswered,
+/// a reset after the handshake reset, each once per connection. `keyed_by`:
+/// the interface the handshakes are keyed by (None: the host).
+fn handshakes_through_a_router(tag: &str, flags: &[&str], keyed_by: Option<&str>) {
     use ntm_agent::kernel::handshakes::Outcome;
-    use std::io::BufRead;
     const CONNECTIONS: u32 = 5;
 
-    let net = Routed::new("hs");
-    let mut server = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &net.server.name,
-            "python3",
-            "-c",
-            HANDSHAKE_SERVER,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3 server");
-    let mut lines = std::io::BufReader::new(server.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _server = Kill(server);
-
-    // Neighbours resolved first: the first SYN would otherwise wait at
-    // the router for the server's address (another round trip).
-    for server in ["198.18.85.2", "2001:2:0:85::2"] {
-        assert_eq!(ping(&net.client, server, 1).1, 1, "{server} answers");
-    }
-    let mut kernel = net
-        .router
-        .run(|| crate::kit::start_kernel(&["-i", "c0", "--numeric"]));
+    let net = Routed::new(tag);
+    let _server = Served::start(&net);
+    let mut args = flags.to_vec();
+    args.push("--numeric");
+    let mut kernel = net.router.run(|| crate::kit::start_kernel(&args));
     kernel.drain().unwrap();
     for server in ["198.18.85.2", "2001:2:0:85::2"] {
         let said = net
@@ -551,8 +573,15 @@ pub fn handshakes_are_split_at_the_router_and_failures_counted() {
         assert_eq!((h.no_room, h.busy), (0, 0), "{h:?}");
         ended.extend(h.ended);
     }
-    let c0 = net.router.exec(&["cat", "/sys/class/net/c0/ifindex"]);
-    let c0: u32 = c0.trim().parse().unwrap();
+    let ifindex = match keyed_by {
+        Some(name) => {
+            let text = net
+                .router
+                .exec(&["cat", &format!("/sys/class/net/{name}/ifindex")]);
+            text.trim().parse().unwrap()
+        }
+        None => 0,
+    };
     let family_of = |key: &ntm_common::handshake::HandshakeKey| key.family;
     for fam in [ntm_common::family::IPV4, ntm_common::family::IPV6] {
         let of_family: Vec<_> = ended.iter().filter(|(k, _)| family_of(k) == fam).collect();
@@ -574,7 +603,7 @@ pub fn handshakes_are_split_at_the_router_and_failures_counted() {
         assert_eq!(count(5004, &|o| *o == Outcome::Reset), 1, "{ended:#?}");
         assert_eq!(of_family.len(), CONNECTIONS as usize + 4, "{ended:#?}");
         for (key, outcome) in &of_family {
-            assert_eq!(key.ifindex, c0);
+            assert_eq!(key.ifindex, ifindex);
             let Outcome::Established { server, client } = outcome else {
                 continue;
             };
