@@ -178,6 +178,7 @@ fn drain_figures() {
                 .collect(),
             overflow: Vec::new(),
             retransmits: Vec::new(),
+            handshakes: Vec::new(),
         };
         let share = time(10, || {
             let now = Instant::now();
