@@ -624,3 +624,71 @@ fn handshakes_through_a_router(tag: &str, flags: &[&str], keyed_by: Option<&str>
         }
     }
 }
+
+/// The agent on the router: its `/metrics` has the handshakes' two sides
+/// (the server's by server and service, the client's by client) and the
+/// refused connection, as the kernel followed them.
+pub fn handshakes_reach_metrics_by_side_and_reason() {
+    use crate::kit::{
+        Agent,
+        scrape::{metrics, sample_sum, wait_healthy},
+    };
+    const PORT: u16 = 9872;
+    const CONNECTIONS: u32 = 3;
+
+    let net = Routed::new("hm");
+    let _server = Served::start(&net);
+    let _agent = Agent::in_ns(&net.router)
+        .names(false)
+        .iface("c0")
+        .port(PORT)
+        .args(["--drain-interval", "200ms"])
+        .spawn();
+    wait_healthy(&net.router, PORT);
+    let client = format!(
+        "import socket\n\
+         for _ in range({CONNECTIONS}):\n\
+         \x20   s = socket.create_connection(('198.18.85.2', 5001)); s.sendall(b'x'); s.close()\n\
+         try: socket.create_connection(('198.18.85.2', 5002)); print('5002 connected')\n\
+         except ConnectionRefusedError: print('refused')\n"
+    );
+    assert_eq!(net.client.exec(&["python3", "-c", &client]), "refused\n");
+    let server_side = [r#"side="server""#, r#"server="198.18.85.2""#, r#"service="5001""#];
+    let client_side = [r#"side="client""#, r#"client="198.18.84.1""#];
+    let refused = [
+        r#"client="198.18.84.1""#,
+        r#"server="198.18.85.2""#,
+        r#"service="5002""#,
+        r#"reason="refused""#,
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let text = metrics(&net.router, PORT).unwrap_or_default();
+        let counted = (
+            sample_sum(&text, "ntm_tcp_handshake_seconds_count", &server_side),
+            sample_sum(&text, "ntm_tcp_handshake_seconds_count", &client_side),
+            sample_sum(&text, "ntm_tcp_connections_failed_total", &refused),
+        );
+        if counted == (CONNECTIONS as u64, CONNECTIONS as u64, 1) {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "counted {counted:?}; /metrics' TCP lines: {:#?}",
+            text.lines().filter(|l| l.contains("_tcp_")).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // 100 ms on the server's side, 40 ms on the client's: in the buckets
+    // up to 0.25 s and 0.05 s, none below 0.1 s and 0.025 s.
+    let bucket = |side: &[&str], le: &str| {
+        let mut parts = side.to_vec();
+        let le = format!("le=\"{le}\"");
+        parts.push(&le);
+        sample_sum(&text, "ntm_tcp_handshake_seconds_bucket", &parts)
+    };
+    assert_eq!(bucket(&server_side, "0.1"), 0, "{text}");
+    assert_eq!(bucket(&server_side, "0.25"), CONNECTIONS as u64, "{text}");
+    assert_eq!(bucket(&client_side, "0.025"), 0, "{text}");
+    assert_eq!(bucket(&client_side, "0.05"), CONNECTIONS as u64, "{text}");
+}

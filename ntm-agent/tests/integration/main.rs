@@ -107,6 +107,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: health::handshakes_are_split_at_the_router_and_failures_counted_tcx,
     Root: health::handshakes_are_split_at_the_router_and_failures_counted_clsact,
     Root: health::handshakes_are_split_at_the_router_and_failures_counted_xdp,
+    Root: health::handshakes_reach_metrics_by_side_and_reason,
     Root: kubernetes::pods_are_named_by_workload_and_counted_exactly,
     Nothing: listing::every_integration_test_is_listed,
     Root: links::tun_device_frames_start_at_the_ip_header,
