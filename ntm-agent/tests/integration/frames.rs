@@ -830,3 +830,54 @@ pub fn the_flow_cache_steps_aside_while_nearly_every_frame_misses_it() {
         "(cache on, misses) per round: off after a round that missed every frame, on again after one of 100 flows"
     );
 }
+
+/// 100,000 SYNs from random sources through the real program (a SYN flood
+/// of spoofed sources): the handshake table takes its bound and not one
+/// more, every other SYN is counted as having found it full, a second wave
+/// finds it full too, and every frame is still counted exactly.
+pub fn a_syn_flood_cannot_grow_the_handshake_table() {
+    use ntm_common::handshake::HANDSHAKE_ENTRIES;
+    const SYNS: u32 = 100_000;
+    let options = DatapathOptions {
+        track_handshakes: true,
+        ..Default::default()
+    };
+    let mut h = Harness::with(options, "443/tcp=https");
+    let mut handshakes = h.datapath.take_handshakes().expect("handshakes followed");
+    // One CPU: a preallocated table's free entries are then all on it.
+    let _cpu = crate::kit::OnOneCpu::new();
+    let mut syn = eth(ETH_IPV4, &[], &ipv4(6, &[], 0, &tcp(40_000, 443, &[], &[])));
+    let flags = 14 + 20 + 13;
+    syn[flags] = 0x02;
+    // Distinct pseudo-random sources: an odd multiplier is a bijection of
+    // the 32-bit numbers.
+    let source = |i: u32| i.wrapping_mul(0x9E37_79B1) ^ 0x5A5A_0000;
+    let mut expected = Counters::default();
+    for wave in 0..2u32 {
+        for i in 0..SYNS {
+            syn[26..30].copy_from_slice(&source(i + wave * SYNS).to_be_bytes());
+            let prog = h.datapath.tc_program(TC_INGRESS_ETH).unwrap();
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(&syn);
+            prog.test_run(opts).unwrap();
+            expected.add(&Counters {
+                bytes: 40,
+                packets: 1,
+            });
+        }
+        let counts = handshakes
+            .drain(ntm_agent::sys::process::monotonic_ns())
+            .unwrap();
+        let took = if wave == 0 { HANDSHAKE_ENTRIES } else { 0 };
+        assert_eq!(counts.no_room, (SYNS - took) as u64, "wave {wave}: {counts:?}");
+        // None has ended: each waits for its SYN-ACK (or 10 s).
+        assert!(counts.ended.is_empty(), "wave {wave}");
+    }
+    let d = h.tables.drain().unwrap();
+    let mut total = Counters::default();
+    for (_, c) in &d.flows {
+        total.add(c);
+    }
+    total.add(&d.outside.total(OutsideReason::TableFull));
+    assert_eq!(total, expected);
+}
