@@ -145,6 +145,12 @@ fn main() {
         ),
     ];
 
+    // One section alone, while working on it.
+    if std::env::var("NTM_BENCH_SECTION").as_deref() == Ok("tcp_health") {
+        tcp_health(&services);
+        return;
+    }
+
     // Every program on every frame, interleaved round by round: the empty
     // program, the minimal counter, ntm, then ntm stopped after each part
     // (samples[frame][program][round]).
@@ -252,6 +258,168 @@ fn main() {
     fragments(&mut datapath, empty);
     filters(&mut datapath, &legacy);
     observation(&services, &legacy);
+    tcp_health(&services);
+}
+
+/// TCP handshakes in the kernel: ordinary frames with them followed (the
+/// default) and not (--no-tcp-health), side by side; a data segment whose
+/// connection's gate a SYN-ACK opened (its table looked in), a SYN; then
+/// the agent's time to take 10,000 ended handshakes, and the table's memory.
+fn tcp_health(services: &ntm_agent::pipeline::services::ServiceRegistry) {
+    // --numeric on both: names' kernel work is not part of this.
+    let mut on = load(&["--numeric"], services);
+    let mut off = load(&["--numeric", "--no-tcp-health"], services);
+    let mut handshakes = on.take_handshakes().expect("handshakes followed");
+    // Paired like the main table: each round's difference, so that a slow
+    // spell of the machine cancels out.
+    let side_by_side = |on: &mut Datapath, off: &mut Datapath, name: &str, frame: &[u8]| {
+        let (mut a, mut b, mut d) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..STEADY_ROUNDS {
+            let x = ns_per_packet(on.tc_program(TC_INGRESS_ETH).unwrap(), frame);
+            let y = ns_per_packet(off.tc_program(TC_INGRESS_ETH).unwrap(), frame);
+            a.push(x);
+            b.push(y);
+            d.push(x - y);
+        }
+        let (a, b, d) = (typical(a), typical(b), typical(d));
+        println!(
+            "{:<36} {:>8.1} {:>8.1} {:>9.1} {:>7.2}x",
+            name,
+            a,
+            b,
+            d,
+            a / b
+        );
+    };
+    println!();
+    println!(
+        "TCP handshakes in the kernel: ns per packet, followed (default) vs not (--no-tcp-health), same frames, same run; on-off: the typical difference round by round"
+    );
+    println!(
+        "{:<36} {:>8} {:>8} {:>9} {:>8}",
+        "frame", "on", "off", "on-off", "ratio"
+    );
+    let cases = [
+        (
+            "IPv4/TCP data (64 B)",
+            eth(
+                ETH_IPV4,
+                &[],
+                &ipv4(6, &[], 0, &tcp(51_000, 443, &[], &[0; 10])),
+            ),
+        ),
+        (
+            "IPv6/TCP data (84 B)",
+            eth(ETH_IPV6, &[], &ipv6(6, &tcp(51_000, 443, &[], &[0; 10]))),
+        ),
+        (
+            "IPv4/UDP (64 B)",
+            eth(
+                ETH_IPV4,
+                &[],
+                &ipv4(17, &[], 0, &udp(40_000, 443, &[0; 22])),
+            ),
+        ),
+    ];
+    for (name, frame) in &cases {
+        side_by_side(&mut on, &mut off, name, frame);
+    }
+    // A handshake of the IPv4/TCP frame's client and server in flight: the
+    // SYN (seq 1) and the server's SYN-ACK (seq 100, ack 2) open the gate
+    // slot its data segments test (the bench never drains, so it stays
+    // open); the data segment's ack (0) is not the SYN-ACK's, so the entry
+    // stays as it is however often it runs.
+    let segment = |from_client: bool, flags: u8, seq: u32, ack: u32, payload: usize| {
+        let (sport, dport) = if from_client {
+            (51_000, 443)
+        } else {
+            (443, 51_000)
+        };
+        let payload = vec![0; payload];
+        let mut f = eth(
+            ETH_IPV4,
+            &[],
+            &ipv4(6, &[], 0, &tcp(sport, dport, &[], &payload)),
+        );
+        if !from_client {
+            let (src, dst) = (f[26..30].to_vec(), f[30..34].to_vec());
+            f[26..30].copy_from_slice(&dst);
+            f[30..34].copy_from_slice(&src);
+        }
+        let tcp = 14 + 20;
+        f[tcp + 4..tcp + 8].copy_from_slice(&seq.to_be_bytes());
+        f[tcp + 8..tcp + 12].copy_from_slice(&ack.to_be_bytes());
+        f[tcp + 13] = flags;
+        f
+    };
+    let run_once = |datapath: &mut Datapath, frame: &[u8]| {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        datapath
+            .tc_program(TC_INGRESS_ETH)
+            .unwrap()
+            .test_run(opts)
+            .expect("test run");
+    };
+    // A bare ACK (no payload): the frames that test the gate.
+    let bare_ack = segment(true, 0x10, 2, 0, 0);
+    side_by_side(&mut on, &mut off, "IPv4/TCP bare ACK (54 B)", &bare_ack);
+    run_once(&mut on, &segment(true, 0x02, 1, 0, 0));
+    run_once(&mut on, &segment(false, 0x12, 100, 2, 0));
+    side_by_side(
+        &mut on,
+        &mut off,
+        "IPv4/TCP (64 B), handshake in flight",
+        &segment(true, 0x18, 2, 0, 10),
+    );
+    side_by_side(
+        &mut on,
+        &mut off,
+        "bare ACK, handshake in flight",
+        &bare_ack,
+    );
+    side_by_side(
+        &mut on,
+        &mut off,
+        "IPv4/TCP SYN (54 B), a retry",
+        &segment(true, 0x02, 1, 0, 0),
+    );
+    println!(
+        "(a data segment never tests the gate; a bare ACK tests its connection's gate slot, and looks in the table while a handshake of its client and server is in flight; a SYN: its entry looked up and its retry counted)"
+    );
+
+    // 10,000 handshakes, each SYN, SYN-ACK and ACK, by client port; then
+    // the agent takes them.
+    const HANDSHAKES: u32 = 10_000;
+    handshakes
+        .drain(ntm_agent::sys::process::monotonic_ns())
+        .expect("drain");
+    for i in 0..HANDSHAKES {
+        let port = (20_000 + i as u16).to_be_bytes();
+        for (from_client, flags, seq, ack) in [
+            (true, 0x02, 1, 0),
+            (false, 0x12, 100, 2),
+            (true, 0x10, 2, 101),
+        ] {
+            let mut f = segment(from_client, flags, seq, ack, 0);
+            let at = if from_client { 34 } else { 36 };
+            f[at..at + 2].copy_from_slice(&port);
+            run_once(&mut on, &f);
+        }
+    }
+    let cpu = std::time::Instant::now();
+    let taken = handshakes
+        .drain(ntm_agent::sys::process::monotonic_ns())
+        .expect("drain");
+    let took = cpu.elapsed();
+    println!(
+        "the agent takes {} ended handshakes (of {HANDSHAKES}) in {:.1} ms ({:.2} us each); the handshake table ({} entries, preallocated) takes {:.1} MiB of kernel memory",
+        taken.ended.len(),
+        took.as_secs_f64() * 1e3,
+        took.as_secs_f64() * 1e6 / HANDSHAKES as f64,
+        ntm_common::handshake::HANDSHAKE_ENTRIES,
+        handshakes.table_bytes().unwrap_or(0) as f64 / (1 << 20) as f64
+    );
 }
 
 /// Fragments: a first one notes its datagram's port (an LRU update), a

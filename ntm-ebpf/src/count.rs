@@ -144,14 +144,9 @@ pub fn count_tc<const ETHERNET: bool, const UPTO: u8>(ctx: &TcContext, hook: Hoo
         && !filtered
         && let Ok(p) = &parsed
     {
-        handshakes::track(
-            ctx.data(),
-            ctx.data_end(),
-            p.l3_offset,
-            p.tcp_flags,
-            &words,
-            ifindex,
-        );
+        handshakes::track(p.tcp_flags, &words, ifindex, || {
+            (ctx.data(), ctx.data_end(), p.l3_offset)
+        });
     }
     // GSO/GRO aggregates count as the segments they carry on the wire.
     let segments = if gso_segs > 1 { gso_segs as u64 } else { 1 };
@@ -245,7 +240,9 @@ pub fn count_xdp(ctx: &XdpContext, filtered: bool) {
     // XDP sees ingress only: a handshake is followed per host, so that a
     // forwarded SYN meets its SYN-ACK arriving on another interface.
     if !filtered && let Ok(p) = &parsed {
-        handshakes::track(frame.data, frame.end, p.l3_offset, p.tcp_flags, &words, 0);
+        handshakes::track(p.tcp_flags, &words, 0, || {
+            (frame.data, frame.end, p.l3_offset)
+        });
     }
     let took_slot = account(parsed, &words, &mut key_space, frame_len, 1, filtered);
     if took_slot && setting(&NTM_LEARN_MACS) != 0 {

@@ -1,10 +1,10 @@
 //! TCP handshakes seen on the hooks, for their latency at the observation
 //! point and the connections that fail (see `ntm_common::handshake`).
 //!
-//! An ordinary frame pays a test of its TCP flags (read by the common parse
-//! with the ports) and, for a segment with ACK set, one gate slot: the
-//! table is looked in only for a SYN, a RST, or an ACK whose connection's
-//! gate slot a SYN-ACK opened in the last drain epochs. Frames of other
+//! A data segment pays one test (the parse leaves its flags 0, see
+//! `parse::handshake_part`); a bare ACK tests its connection's gate slot:
+//! the table is looked in only for a SYN, a RST, or a bare ACK whose
+//! connection's gate slot a SYN-ACK opened in the last drain epochs. Frames of other
 //! shapes (IPv4 options, IPv6 extension headers, a VLAN tag in the frame)
 //! are not followed, nor are frames the filter rejected.
 //!
@@ -31,39 +31,51 @@ const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = 17;
 
 /// Follows a common frame's part in a handshake, if it has one: `flags`
-/// are its TCP flags (0: not a TCP frame of the common shape), `words` its
-/// flow key, `l3` where its IP header starts in `[data, end)`, `ifindex`
-/// the interface it keys the handshake by (0: the host).
+/// are its TCP flags where it may have one (a SYN, a RST or a bare ACK), 0
+/// for any other frame (`parse::handshake_part`): data segments pay that
+/// one test. `words` its
+/// flow key (in registers: only the gate's slot is taken from them),
+/// `ifindex` the interface it keys the handshake by (0: the host), `frame`
+/// the frame's `[data, end)` and where its IP header starts, asked for
+/// only off the ordinary path, where what the table needs is read from the
+/// frame again.
 #[inline(always)]
 pub fn track(
-    data: usize,
-    end: usize,
-    l3: usize,
     flags: u8,
     words: &[u64; KEY_WORDS],
     ifindex: u32,
+    frame: impl FnOnce() -> (usize, usize, usize),
 ) {
     if setting(&NTM_TRACK_HANDSHAKES) == 0 || flags == 0 {
         return;
     }
-    // A BPF call takes five arguments at most: the small ones go in one.
-    let at = Where::pack(l3, flags, ifindex);
     if flags & (SYN | RST) != 0 {
-        control(data, end, at, words);
-    } else if flags & ACK != 0 && gate_open(words) {
-        client_ack(data, end, at, words);
+        let service_is_src = key_flags_of(words) & key_flags::SERVICE_PORT_IS_SRC != 0;
+        let (data, end, l3) = frame();
+        let at = Where::pack(l3, flags, ifindex, service_is_src);
+        control(data, end, at, gate_index(words));
+    } else if gate_open(words) {
+        // A bare ACK (see `parse::handshake_part`).
+        let (data, end, l3) = frame();
+        client_ack(data, end, Where::pack(l3, flags, ifindex, false));
     }
 }
 
-/// A frame's IP header offset, TCP flags and the interface the handshake
-/// is keyed by, in one register for a BPF call.
+/// A frame's IP header offset, TCP flags, the side its service port is on
+/// and the interface the handshake is keyed by, in one register: a BPF
+/// call takes five arguments at most.
 #[derive(Clone, Copy)]
 struct Where(u64);
 
 impl Where {
     #[inline(always)]
-    fn pack(l3: usize, flags: u8, ifindex: u32) -> Self {
-        Self((l3 as u64 & 0xff) | (flags as u64) << 8 | (ifindex as u64) << 32)
+    fn pack(l3: usize, flags: u8, ifindex: u32, service_is_src: bool) -> Self {
+        Self(
+            (l3 as u64 & 0xff)
+                | (flags as u64) << 8
+                | (service_is_src as u64) << 16
+                | (ifindex as u64) << 32,
+        )
     }
     #[inline(always)]
     fn l3(self) -> usize {
@@ -72,6 +84,10 @@ impl Where {
     #[inline(always)]
     fn flags(self) -> u8 {
         (self.0 >> 8) as u8
+    }
+    #[inline(always)]
+    fn service_is_src(self) -> bool {
+        (self.0 >> 16) & 1 != 0
     }
     #[inline(always)]
     fn ifindex(self) -> u32 {
@@ -92,37 +108,63 @@ fn gate_open(words: &[u64; KEY_WORDS]) -> bool {
     *opened != 0 && epoch.wrapping_sub(*opened) <= GATE_EPOCHS
 }
 
-/// What the handshake needs of a segment: ports, sequence and
-/// acknowledgement numbers (host order).
+/// What the handshake needs of a segment, read from the frame: addresses
+/// as in a flow key's words, ports, sequence and acknowledgement numbers
+/// (host order).
 struct Segment {
+    family: u8,
+    src: [u64; 2],
+    dst: [u64; 2],
     sport: u16,
     dport: u16,
     seq: u32,
     ack: u32,
 }
 
-/// Reads the segment's TCP header, checked against `end` again (the
-/// caller's checks do not cross into this function for the verifier).
+/// Reads a common frame's IP and TCP headers, checked against `end` again
+/// (the parse's checks do not cross into this function for the verifier).
 #[inline(always)]
-fn segment(data: usize, end: usize, l3: usize, words: &[u64; KEY_WORDS]) -> Option<Segment> {
-    let ip_len = if family_of(words) == family::IPV4 {
-        20
-    } else {
-        40
-    };
+fn segment(data: usize, end: usize, l3: usize) -> Option<Segment> {
     // The common parse's offsets: at most an Ethernet header, then the IP
     // header without options; the bound makes it plain to the verifier.
     if l3 > 14 {
         return None;
     }
-    let tcp = data + l3 + ip_len;
-    if tcp + 20 > end {
+    let ip = data + l3;
+    // The smallest: IPv4 and TCP headers.
+    if ip + 40 > end {
         return None;
     }
-    // SAFETY: the 20-byte TCP header was just checked to lie inside the
-    // frame.
+    // SAFETY: every read below is inside the bytes checked before it; an
+    // address is read with 4- or 8-byte loads, as the parse reads it.
     unsafe {
+        let (family, src, dst, ip_len) = if *(ip as *const u8) >> 4 == 4 {
+            let word = |at: usize| {
+                let address = *((ip + at) as *const u32) as u64;
+                if cfg!(target_endian = "little") {
+                    address
+                } else {
+                    address << 32
+                }
+            };
+            (family::IPV4, [word(12), 0], [word(16), 0], 20)
+        } else {
+            if ip + 60 > end {
+                return None;
+            }
+            let words = (ip + 8) as *const u64;
+            (
+                family::IPV6,
+                [*words, *words.add(1)],
+                [*words.add(2), *words.add(3)],
+                40,
+            )
+        };
+        let tcp = ip + ip_len;
         Some(Segment {
+            family,
+            src,
+            dst,
             sport: u16::from_be(*(tcp as *const u16)),
             dport: u16::from_be(*((tcp + 2) as *const u16)),
             seq: u32::from_be(*((tcp + 4) as *const u32)),
@@ -131,17 +173,7 @@ fn segment(data: usize, end: usize, l3: usize, words: &[u64; KEY_WORDS]) -> Opti
     }
 }
 
-/// The key's family byte (see `parse::protocol_word`).
-#[inline(always)]
-fn family_of(words: &[u64; KEY_WORDS]) -> u8 {
-    if cfg!(target_endian = "little") {
-        words[5] as u8
-    } else {
-        (words[5] >> 56) as u8
-    }
-}
-
-/// The key's flags byte.
+/// The key's flags byte (see `parse::protocol_word`).
 #[inline(always)]
 fn key_flags_of(words: &[u64; KEY_WORDS]) -> u8 {
     if cfg!(target_endian = "little") {
@@ -154,47 +186,46 @@ fn key_flags_of(words: &[u64; KEY_WORDS]) -> u8 {
 /// The handshake of a segment the client sent (`from_client`) or the
 /// server did.
 #[inline(always)]
-fn key_of(words: &[u64; KEY_WORDS], s: &Segment, from_client: bool, ifindex: u32) -> HandshakeKey {
+fn key_of(s: &Segment, from_client: bool, ifindex: u32) -> HandshakeKey {
     let mut key = HandshakeKey {
-        family: family_of(words),
+        family: s.family,
         ifindex,
         ..HandshakeKey::default()
     };
-    let (client, server) = if from_client { (0, 2) } else { (2, 0) };
-    let (client_port, server_port) = if from_client {
-        (s.sport, s.dport)
+    let (client, server, client_port, server_port) = if from_client {
+        (&s.src, &s.dst, s.sport, s.dport)
     } else {
-        (s.dport, s.sport)
+        (&s.dst, &s.src, s.dport, s.sport)
     };
     // SAFETY: the key's addresses are 16 bytes each, 8-byte aligned.
     unsafe {
         let c = key.client.as_mut_ptr() as *mut u64;
-        *c = words[client];
-        *c.add(1) = words[client + 1];
+        *c = client[0];
+        *c.add(1) = client[1];
         let v = key.server.as_mut_ptr() as *mut u64;
-        *v = words[server];
-        *v.add(1) = words[server + 1];
+        *v = server[0];
+        *v.add(1) = server[1];
     }
     key.client_port = client_port;
     key.server_port = server_port;
     key
 }
 
-/// A SYN, SYN-ACK or RST.
+/// A SYN, SYN-ACK or RST; `gate` its connection's gate slot.
 #[inline(never)]
-fn control(data: usize, end: usize, at: Where, words: &[u64; KEY_WORDS]) {
-    let (flags, ifindex) = (at.flags(), at.ifindex());
-    let Some(s) = segment(data, end, at.l3(), words) else {
+fn control(data: usize, end: usize, at: Where, gate: u32) {
+    let Some(s) = segment(data, end, at.l3()) else {
         return;
     };
+    let (flags, ifindex) = (at.flags(), at.ifindex());
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if flags & RST != 0 {
-        reset(words, &s, ifindex, now);
+        reset(&s, at, now);
     } else if flags & ACK == 0 {
-        syn(&key_of(words, &s, true, ifindex), s.seq, now);
+        syn(&key_of(&s, true, ifindex), s.seq, now);
     } else {
-        syn_ack(&key_of(words, &s, false, ifindex), &s, words, now);
+        syn_ack(&key_of(&s, false, ifindex), &s, gate, now);
     }
 }
 
@@ -228,7 +259,7 @@ fn syn(key: &HandshakeKey, isn: u32, now: u64) {
 }
 
 #[inline(always)]
-fn syn_ack(key: &HandshakeKey, s: &Segment, words: &[u64; KEY_WORDS], now: u64) {
+fn syn_ack(key: &HandshakeKey, s: &Segment, gate: u32, now: u64) {
     let Some(entry) = NTM_HANDSHAKES.get_ptr_mut(key) else {
         count_lost(lost::SYNACK_UNMATCHED);
         return;
@@ -247,7 +278,7 @@ fn syn_ack(key: &HandshakeKey, s: &Segment, words: &[u64; KEY_WORDS], now: u64) 
         return;
     }
     if let (Some(slot), Some(epoch)) = (
-        NTM_HANDSHAKE_GATE.get_ptr_mut(gate_index(words)),
+        NTM_HANDSHAKE_GATE.get_ptr_mut(gate),
         NTM_HANDSHAKE_EPOCH.get(0),
     ) {
         // SAFETY: a slot of an array, from a successful lookup.
@@ -259,11 +290,11 @@ fn syn_ack(key: &HandshakeKey, s: &Segment, words: &[u64; KEY_WORDS], now: u64) 
 /// client's ACK of the SYN-ACK, or (most often, on a busy host) another
 /// segment of that client and server.
 #[inline(never)]
-fn client_ack(data: usize, end: usize, at: Where, words: &[u64; KEY_WORDS]) {
-    let Some(s) = segment(data, end, at.l3(), words) else {
+fn client_ack(data: usize, end: usize, at: Where) {
+    let Some(s) = segment(data, end, at.l3()) else {
         return;
     };
-    let key = key_of(words, &s, true, at.ifindex());
+    let key = key_of(&s, true, at.ifindex());
     let Some(entry) = NTM_HANDSHAKES.get_ptr_mut(key) else {
         return;
     };
@@ -278,10 +309,11 @@ fn client_ack(data: usize, end: usize, at: Where, words: &[u64; KEY_WORDS]) {
 
 /// A RST: refusing a SYN, ending a handshake, or resetting a connection.
 #[inline(always)]
-fn reset(words: &[u64; KEY_WORDS], s: &Segment, ifindex: u32, now: u64) {
+fn reset(s: &Segment, at: Where, now: u64) {
+    let ifindex = at.ifindex();
     // Sent by the server (the SYN's answer), then by the client.
     for from_client in [false, true] {
-        let key = key_of(words, s, from_client, ifindex);
+        let key = key_of(s, from_client, ifindex);
         if let Some(entry) = NTM_HANDSHAKES.get_ptr_mut(key) {
             // SAFETY: as in `syn`.
             let entry = unsafe { &mut *entry };
@@ -302,13 +334,13 @@ fn reset(words: &[u64; KEY_WORDS], s: &Segment, ifindex: u32, now: u64) {
     }
     // No handshake in flight: a connection that was up, its client and
     // server by the service-port rule, as its traffic is counted.
-    let from_client = key_flags_of(words) & key_flags::SERVICE_PORT_IS_SRC == 0;
+    let from_client = !at.service_is_src();
     let ended = Handshake {
         done_ns: now,
         state: state::RESET,
         ..Handshake::default()
     };
-    insert(&key_of(words, s, from_client, ifindex), &ended);
+    insert(&key_of(s, from_client, ifindex), &ended);
 }
 
 /// A new entry; a full table is counted. Another CPU's entry for the same

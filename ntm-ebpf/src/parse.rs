@@ -57,9 +57,9 @@ pub struct Parsed {
     /// is undefined in its other variants, and LLVM may then store an
     /// unset register, which the verifier refuses.
     pub fragment_id: u32,
-    /// A TCP segment's flags (byte 13 of its header) where the handshake
-    /// room may want it: common frames only (see `handshakes.rs`); 0 for
-    /// any other frame.
+    /// A TCP segment's flags (byte 13 of its header) where the segment may
+    /// be part of a handshake (see [`handshake_part`]); 0 for any other
+    /// frame, data segments among them, so that they pay one test.
     pub tcp_flags: u8,
 }
 
@@ -370,9 +370,20 @@ pub fn parse_common<const ETHERNET: bool>(
         observe,
         fragment: Fragment::Whole,
         fragment_id: 0,
-        tcp_flags,
+        tcp_flags: handshake_part(tcp_flags, l3_len == header_len),
     };
     Some((parsed, words))
+}
+
+/// `flags`, if a segment with them may be part of a handshake: a SYN, a
+/// RST, or a bare ACK (no payload, `bare`: a client's ACK of a SYN-ACK);
+/// else 0. Only common frames are followed (`handshakes.rs`).
+#[inline(always)]
+fn handshake_part(flags: u8, bare: bool) -> u8 {
+    use ntm_common::handshake::tcp_flags::{ACK, FIN, RST, SYN};
+    let control = flags & (SYN | RST) != 0;
+    let bare_ack = bare && flags & (ACK | FIN) == ACK;
+    if control || bare_ack { flags } else { 0 }
 }
 
 /// Parses an Ethernet frame. `vlan_id` already holds the tag TC keeps in skb

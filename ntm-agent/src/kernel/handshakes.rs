@@ -169,6 +169,19 @@ impl Handshakes {
         Ok(counts)
     }
 
+    /// The kernel's memory for the table (preallocated: the same at its
+    /// bound as empty), as the kernel accounts it (`memlock` in the map's
+    /// fdinfo).
+    pub fn table_bytes(&self) -> Option<u64> {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fd = self.table.map().fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     /// Deletes an entry; false if the kernel's program or a race removed it
     /// first (it is then not counted here).
     fn delete(&mut self, key: &HandshakeKey) -> Result<bool, MapError> {

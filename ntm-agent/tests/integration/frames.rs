@@ -869,7 +869,11 @@ pub fn a_syn_flood_cannot_grow_the_handshake_table() {
             .drain(ntm_agent::sys::process::monotonic_ns())
             .unwrap();
         let took = if wave == 0 { HANDSHAKE_ENTRIES } else { 0 };
-        assert_eq!(counts.no_room, (SYNS - took) as u64, "wave {wave}: {counts:?}");
+        assert_eq!(
+            counts.no_room,
+            (SYNS - took) as u64,
+            "wave {wave}: {counts:?}"
+        );
         // None has ended: each waits for its SYN-ACK (or 10 s).
         assert!(counts.ended.is_empty(), "wave {wave}");
     }

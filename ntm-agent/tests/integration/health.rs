@@ -653,7 +653,11 @@ pub fn handshakes_reach_metrics_by_side_and_reason() {
          except ConnectionRefusedError: print('refused')\n"
     );
     assert_eq!(net.client.exec(&["python3", "-c", &client]), "refused\n");
-    let server_side = [r#"side="server""#, r#"server="198.18.85.2""#, r#"service="5001""#];
+    let server_side = [
+        r#"side="server""#,
+        r#"server="198.18.85.2""#,
+        r#"service="5001""#,
+    ];
     let client_side = [r#"side="client""#, r#"client="198.18.84.1""#];
     let refused = [
         r#"client="198.18.84.1""#,
@@ -675,7 +679,9 @@ pub fn handshakes_reach_metrics_by_side_and_reason() {
         assert!(
             std::time::Instant::now() < deadline,
             "counted {counted:?}; /metrics' TCP lines: {:#?}",
-            text.lines().filter(|l| l.contains("_tcp_")).collect::<Vec<_>>()
+            text.lines()
+                .filter(|l| l.contains("_tcp_"))
+                .collect::<Vec<_>>()
         );
         std::thread::sleep(Duration::from_millis(200));
     };
