@@ -47,6 +47,9 @@ pub struct Handshake {
     pub client_isn: u32,
     /// The server's (the SYN-ACK's).
     pub server_isn: u32,
+    /// The gate slot the SYN-ACK opened (see [`gate_index`]), for whoever
+    /// ends the wait for the client's ACK to close it again.
+    pub gate: u32,
     /// SYNs seen with the client's ISN: more than one are retries, and the
     /// server's time is then not measured (which SYN was answered is not
     /// known).
@@ -58,10 +61,10 @@ pub struct Handshake {
     /// 1: a RST came after the client's ACK, before the agent took the
     /// entry (a connection reset at once); the agent counts both.
     pub reset: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 6],
 }
 
-const _: () = assert!(core::mem::size_of::<Handshake>() == 48);
+const _: () = assert!(core::mem::size_of::<Handshake>() == 56);
 
 /// Where a handshake stands ([`Handshake::state`]).
 pub mod state {
@@ -92,13 +95,16 @@ pub mod state {
 /// last drain.
 pub const HANDSHAKE_ENTRIES: u32 = 32_768;
 
-/// Slots of the gate in front of the table for frames that may be a
-/// client's ACK of a SYN-ACK (see [`gate_index`]).
-pub const GATE_SLOTS: u32 = 65_536;
+/// Slots of the gate in front of the table for bare ACKs, which may be a
+/// client's ACK of a SYN-ACK (see [`gate_index`]). Each holds how many
+/// handshakes of its slot wait for that ACK: a SYN-ACK adds one, the ACK,
+/// a RST, or the agent giving up on the wait takes it away.
+pub const GATE_SLOTS: u32 = 32_768;
 
-/// Drain epochs a SYN-ACK keeps its gate slot open: its client's ACK
-/// comes within one round trip, and a retransmitted SYN-ACK opens it again.
-pub const GATE_EPOCHS: u32 = 2;
+/// `BPF_F_MMAPABLE`: the gate is shared memory, which the agent maps to
+/// close the slots of handshakes it gives up on (an atomic subtraction,
+/// as the programs make).
+pub const GATE_MAP_FLAGS: usize = 1 << 10;
 
 /// The gate slot of a connection, from its flow key's words: the same for
 /// both directions and every hook and interface (the addresses' XOR and
@@ -168,8 +174,8 @@ mod tests {
                 .build();
             used[gate_index(&key.words()) as usize] = true;
         }
-        // 10,000 keys into 65,536 slots: about 9,300 distinct if uniform.
+        // 10,000 keys into 32,768 slots: about 8,650 distinct if uniform.
         let distinct = used.iter().filter(|u| **u).count();
-        assert!(distinct > 9_000, "{distinct}");
+        assert!(distinct > 8_300, "{distinct}");
     }
 }

@@ -125,11 +125,10 @@ pub mod names {
     /// [`crate::handshake::Handshake`]: TCP handshakes in flight and just
     /// ended, which the agent takes and deletes each drain.
     pub const HANDSHAKES: &str = "NTM_HANDSHAKES";
-    /// Array of [`crate::handshake::GATE_SLOTS`] u32: the drain epoch of the
-    /// last SYN-ACK in each slot (see [`crate::handshake::gate_index`]).
+    /// Mmapable array of [`crate::handshake::GATE_SLOTS`] u64: the
+    /// handshakes waiting for their client's ACK, by gate slot (see
+    /// [`crate::handshake::gate_index`]).
     pub const HANDSHAKE_GATE: &str = "NTM_HANDSHAKE_GATE";
-    /// Array of one u32: the drain epoch, which the agent bumps each drain.
-    pub const HANDSHAKE_EPOCH: &str = "NTM_HANDSHAKE_EPOCH";
     /// Per-CPU array of u64, since load: see [`crate::handshake::lost`].
     pub const HANDSHAKES_LOST: &str = "NTM_HANDSHAKES_LOST";
     /// Read-only global: 1 to follow TCP handshakes, 0 not to (the

@@ -3,8 +3,8 @@
 //!
 //! A data segment pays one test (the parse leaves its flags 0, see
 //! `parse::handshake_part`); a bare ACK tests its connection's gate slot:
-//! the table is looked in only for a SYN, a RST, or a bare ACK whose
-//! connection's gate slot a SYN-ACK opened in the last drain epochs. Frames of other
+//! the table is looked in only for a SYN, a RST, or a bare ACK whose gate
+//! slot counts a handshake waiting for its client's ACK. Frames of other
 //! shapes (IPv4 options, IPv6 extension headers, a VLAN tag in the frame)
 //! are not followed, nor are frames the filter rejected.
 //!
@@ -15,15 +15,14 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use ntm_common::{
     KEY_WORDS, family,
     handshake::{
-        GATE_EPOCHS, Handshake, HandshakeKey, gate_index, lost, state,
+        Handshake, HandshakeKey, gate_index, lost, state,
         tcp_flags::{ACK, RST, SYN},
     },
     key_flags,
 };
 
 use crate::maps::{
-    NTM_HANDSHAKE_EPOCH, NTM_HANDSHAKE_GATE, NTM_HANDSHAKES, NTM_HANDSHAKES_LOST,
-    NTM_TRACK_HANDSHAKES, setting,
+    NTM_HANDSHAKE_GATE, NTM_HANDSHAKES, NTM_HANDSHAKES_LOST, NTM_TRACK_HANDSHAKES, setting,
 };
 
 // bpf_map_update_elem's flag, and the errno for a key already there.
@@ -95,17 +94,39 @@ impl Where {
     }
 }
 
-/// Whether a SYN-ACK of this connection's gate slot was seen in the last
-/// [`GATE_EPOCHS`] drain epochs.
+/// Whether a handshake of this connection's gate slot waits for its
+/// client's ACK.
 #[inline(always)]
 fn gate_open(words: &[u64; KEY_WORDS]) -> bool {
-    let (Some(opened), Some(epoch)) = (
-        NTM_HANDSHAKE_GATE.get(gate_index(words)),
-        NTM_HANDSHAKE_EPOCH.get(0),
-    ) else {
-        return false;
-    };
-    *opened != 0 && epoch.wrapping_sub(*opened) <= GATE_EPOCHS
+    match NTM_HANDSHAKE_GATE.get(gate_index(words)) {
+        Some(waiting) => *waiting != 0,
+        None => false,
+    }
+}
+
+/// Adds `n` (one, or minus one as its two's complement) to a gate slot:
+/// atomic, as other CPUs and the agent change it too.
+#[inline(always)]
+fn gate_add(slot: u32, n: u64) {
+    if let Some(waiting) = NTM_HANDSHAKE_GATE.get_ptr_mut(slot) {
+        // SAFETY: a value of an array map from a successful lookup, 8-byte
+        // aligned, changed by atomic operations only. The intrinsic is the
+        // BPF atomic add (`lock *(u64 *) += n`): the BPF target has no
+        // `Atomic*::fetch_add` (no compare-and-swap), and the old value is
+        // not used, which the instruction would need BPF_FETCH for.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                waiting, n,
+            );
+        }
+    }
+}
+
+/// The wait of `entry` for its client's ACK ends (the ACK, a RST, a new
+/// handshake on its ports).
+#[inline(always)]
+fn close_gate(entry: &Handshake) {
+    gate_add(entry.gate, u64::MAX);
 }
 
 /// What the handshake needs of a segment, read from the frame: addresses
@@ -251,6 +272,9 @@ fn syn(key: &HandshakeKey, isn: u32, now: u64) {
             entry.syn_ns = now;
         } else {
             // The client's ports used again for a new connection.
+            if entry.state == state::AWAIT_ACK {
+                close_gate(entry);
+            }
             *entry = fresh;
         }
         return;
@@ -270,19 +294,13 @@ fn syn_ack(key: &HandshakeKey, s: &Segment, gate: u32, now: u64) {
         entry.server_isn = s.seq;
         entry.synack_ns = now;
         entry.synacks = 1;
+        entry.gate = gate;
         entry.state = state::AWAIT_ACK;
+        gate_add(gate, 1);
     } else if entry.state == state::AWAIT_ACK && s.seq == entry.server_isn {
         entry.synacks = entry.synacks.saturating_add(1);
     } else {
         count_lost(lost::SYNACK_UNMATCHED);
-        return;
-    }
-    if let (Some(slot), Some(epoch)) = (
-        NTM_HANDSHAKE_GATE.get_ptr_mut(gate),
-        NTM_HANDSHAKE_EPOCH.get(0),
-    ) {
-        // SAFETY: a slot of an array, from a successful lookup.
-        unsafe { *slot = *epoch };
     }
 }
 
@@ -304,6 +322,7 @@ fn client_ack(data: usize, end: usize, at: Where) {
         // SAFETY: a helper without arguments.
         entry.done_ns = unsafe { bpf_ktime_get_ns() };
         entry.state = state::ESTABLISHED;
+        close_gate(entry);
     }
 }
 
@@ -319,7 +338,11 @@ fn reset(s: &Segment, at: Where, now: u64) {
             let entry = unsafe { &mut *entry };
             let ended = match entry.state {
                 state::SYN_SEEN if !from_client => state::REFUSED,
-                state::SYN_SEEN | state::AWAIT_ACK => state::RESET_IN_HANDSHAKE,
+                state::SYN_SEEN => state::RESET_IN_HANDSHAKE,
+                state::AWAIT_ACK => {
+                    close_gate(entry);
+                    state::RESET_IN_HANDSHAKE
+                }
                 state::ESTABLISHED => {
                     entry.reset = 1;
                     return;

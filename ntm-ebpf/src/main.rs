@@ -20,6 +20,9 @@
 //!   the `tcp:tcp_retransmit_skb` tracepoint (`ntm_tcp_retransmit` below).
 #![no_std]
 #![no_main]
+// The BPF atomic add (see `handshakes::gate_add`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod count;
 mod handshakes;

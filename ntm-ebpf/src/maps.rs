@@ -208,14 +208,14 @@ pub static NTM_HANDSHAKES: HashMap<
     { handshake::HANDSHAKE_ENTRIES as usize },
 > = HashMap::new();
 
-/// The drain epoch of the last SYN-ACK of each gate slot (see
-/// `ntm_common::handshake::gate_index`).
+/// Handshakes waiting for their client's ACK, by gate slot (see
+/// `ntm_common::handshake::gate_index`); shared memory with the agent.
 #[btf_map]
-pub static NTM_HANDSHAKE_GATE: Array<u32, { handshake::GATE_SLOTS as usize }> = Array::new();
-
-/// The drain epoch, bumped by the agent each drain.
-#[btf_map]
-pub static NTM_HANDSHAKE_EPOCH: Array<u32, 1> = Array::new();
+pub static NTM_HANDSHAKE_GATE: Array<
+    u64,
+    { handshake::GATE_SLOTS as usize },
+    { handshake::GATE_MAP_FLAGS },
+> = Array::new();
 
 /// Per CPU, since load: handshakes not followed, by
 /// `ntm_common::handshake::lost` slot.

@@ -5,20 +5,23 @@
 //! writes entries; deleting them is the agent's, as is the policy of when
 //! a SYN counts as unanswered.
 //!
-//! The drain also moves the epoch the kernel's gate compares with (see
-//! `ntm_common::handshake::gate_index`): a SYN-ACK's gate slot stays open
-//! for [`GATE_EPOCHS`](ntm_common::handshake::GATE_EPOCHS) drains.
+//! A handshake answered by a SYN-ACK holds a slot of the kernel's gate
+//! open (see `ntm_common::handshake::gate_index`) until its client's ACK;
+//! one whose ACK never comes the agent gives up on, and closes its slot
+//! through the gate's shared memory.
 
 use std::{collections::HashMap as StdHashMap, time::Duration};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{HashMap, MapData, MapError, PerCpuArray},
 };
 use ntm_common::{
-    handshake::{Handshake, HandshakeKey, lost, state},
+    handshake::{GATE_SLOTS, Handshake, HandshakeKey, lost, state},
     names,
 };
+
+use crate::sys::bpf::SharedU64Array;
 
 /// A SYN with no SYN-ACK this long after the first is a connection the
 /// server left unanswered. Linux retries a SYN after 1, 3 and 7 s; clients
@@ -77,8 +80,11 @@ pub struct HandshakeCounts {
 /// The kernel's handshake table and what the agent keeps of it.
 pub struct Handshakes {
     table: HashMap<MapData, HandshakeKey, Handshake>,
-    epoch_map: Array<MapData, u32>,
-    epoch: u32,
+    /// The gate, mapped: its slots count the handshakes waiting for their
+    /// client's ACK.
+    gate: SharedU64Array,
+    /// Keeps the gate's map (and so its memory) while it is mapped.
+    _gate_map: MapData,
     lost: PerCpuArray<MapData, u64>,
     lost_seen: [u64; lost::SLOTS as usize],
     /// SYNs counted unanswered and still in the table (the client may
@@ -88,7 +94,7 @@ pub struct Handshakes {
 
 impl Handshakes {
     /// Takes the maps of a loaded object whose programs follow handshakes.
-    pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, MapError> {
+    pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, HandshakeSetupError> {
         let missing = |name: &str| MapError::InvalidName {
             name: name.to_string(),
         };
@@ -96,20 +102,25 @@ impl Handshakes {
             .take_map(names::HANDSHAKES)
             .ok_or_else(|| missing(names::HANDSHAKES))?
             .try_into()?;
-        let mut epoch_map: Array<MapData, u32> = ebpf
-            .take_map(names::HANDSHAKE_EPOCH)
-            .ok_or_else(|| missing(names::HANDSHAKE_EPOCH))?
-            .try_into()?;
+        let gate_map = match ebpf
+            .take_map(names::HANDSHAKE_GATE)
+            .ok_or_else(|| missing(names::HANDSHAKE_GATE))?
+        {
+            aya::maps::Map::Array(data) => data,
+            _ => return Err(missing(names::HANDSHAKE_GATE).into()),
+        };
+        let gate = {
+            use std::os::fd::AsFd as _;
+            SharedU64Array::map(gate_map.fd().as_fd(), GATE_SLOTS as usize)?
+        };
         let lost = ebpf
             .take_map(names::HANDSHAKES_LOST)
             .ok_or_else(|| missing(names::HANDSHAKES_LOST))?
             .try_into()?;
-        // 0 in a gate slot means never opened: epochs start at 1.
-        epoch_map.set(0, 1, 0)?;
         Ok(Self {
             table,
-            epoch_map,
-            epoch: 1,
+            gate,
+            _gate_map: gate_map,
             lost,
             lost_seen: [0; lost::SLOTS as usize],
             reported: StdHashMap::new(),
@@ -117,10 +128,8 @@ impl Handshakes {
     }
 
     /// Takes what ended since the last drain, as of `now_ns`
-    /// (CLOCK_MONOTONIC, the kernel's clock), and moves the gate's epoch.
+    /// (CLOCK_MONOTONIC, the kernel's clock).
     pub fn drain(&mut self, now_ns: u64) -> Result<HandshakeCounts, MapError> {
-        self.epoch = self.epoch.wrapping_add(1).max(1);
-        self.epoch_map.set(0, self.epoch, 0)?;
         let mut counts = HandshakeCounts::default();
         // Keys first: deleting while walking the hash would restart the walk.
         let entries: Vec<(HandshakeKey, Handshake)> = self
@@ -156,6 +165,9 @@ impl Handshakes {
                 Verdict::AckUnseen => {
                     if self.delete(&key)? {
                         counts.ack_unseen += 1;
+                        if entry.state == state::AWAIT_ACK {
+                            self.close_gate(entry.gate);
+                        }
                     }
                 }
             }
@@ -167,6 +179,24 @@ impl Handshakes {
         counts.busy = delta(lost::BUSY);
         self.lost_seen = lost;
         Ok(counts)
+    }
+
+    /// One handshake of gate slot `slot` no longer waits (never below 0:
+    /// should the kernel have closed it in the same instant, a slot left
+    /// open costs its bare ACKs a lookup, nothing more).
+    fn close_gate(&self, slot: u32) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(waiting) = self.gate.get(slot as usize) {
+            let _ = waiting.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+        }
+    }
+
+    /// How many handshakes wait for their client's ACK, by the gate.
+    pub fn waiting(&self) -> u64 {
+        (0..GATE_SLOTS as usize)
+            .filter_map(|i| self.gate.get(i))
+            .map(|n| n.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
     }
 
     /// The kernel's memory for the table (preallocated: the same at its
@@ -203,6 +233,14 @@ impl Handshakes {
         }
         Ok(sums)
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeSetupError {
+    #[error(transparent)]
+    Map(#[from] MapError),
+    #[error("mapping the handshake gate: {0}")]
+    Gate(#[from] crate::sys::SyscallError),
 }
 
 /// What the drain does with an entry.

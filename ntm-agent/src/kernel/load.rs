@@ -177,6 +177,8 @@ pub enum DatapathError {
         #[source]
         source: MapError,
     },
+    #[error("setting up the TCP handshake tables failed: {0}")]
+    Handshakes(#[from] super::handshakes::HandshakeSetupError),
     #[error("setting up the DNS and DHCP ring buffer failed: {0}")]
     Observer(#[from] ObserverError),
     #[error("setting up the tail call to {program} failed: {source}")]
@@ -358,12 +360,7 @@ impl Datapath {
             None => None,
         };
         let handshakes = if options.track_handshakes {
-            Some(
-                Handshakes::take_from(&mut ebpf).map_err(|source| DatapathError::MapSetup {
-                    map: names::HANDSHAKES,
-                    source,
-                })?,
-            )
+            Some(Handshakes::take_from(&mut ebpf)?)
         } else {
             None
         };

@@ -290,3 +290,60 @@ pub fn update_batch<K: aya::Pod>(
     // buffers' capacity above) and the kernel only reads them.
     unsafe { bpf(BpfCommand::MapUpdateBatch, &mut attr) }.map(|_| ())
 }
+
+/// An array map of u64 created with `BPF_F_MMAPABLE`, mapped into this
+/// process: its values are shared memory, which the programs and the agent
+/// change with atomic operations (the agent without a system call each).
+/// Unmapped when dropped.
+pub struct SharedU64Array {
+    base: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    len: usize,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is plain shared memory, accessed only through
+// atomics; the pointer is not tied to the thread that made it.
+unsafe impl Send for SharedU64Array {}
+// SAFETY: as above: every access is atomic.
+unsafe impl Sync for SharedU64Array {}
+
+impl SharedU64Array {
+    /// Maps the `len` values of the mmapable u64 array `map`.
+    pub fn map(map: BorrowedFd<'_>, len: usize) -> Result<Self, SyscallError> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+        let bytes = (len * size_of::<u64>()).div_ceil(page) * page;
+        // SAFETY: a new shared mapping of the map's fd (the kernel checks
+        // that the map is mmapable and at least this long); nothing else
+        // is mapped at the address the kernel picks.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.as_raw_fd(),
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(SyscallError::last("mmap"));
+        }
+        let base = std::ptr::NonNull::new(at.cast()).ok_or_else(|| SyscallError::last("mmap"))?;
+        Ok(Self { base, len, bytes })
+    }
+
+    /// Value `index` (None past the end).
+    pub fn get(&self, index: usize) -> Option<&std::sync::atomic::AtomicU64> {
+        // SAFETY: inside the mapping, which lives as long as `self`; the
+        // page-aligned mapping aligns every u64.
+        (index < self.len).then(|| unsafe { self.base.add(index).as_ref() })
+    }
+}
+
+impl Drop for SharedU64Array {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, of that length, not used after.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes) };
+    }
+}

@@ -885,3 +885,72 @@ pub fn a_syn_flood_cannot_grow_the_handshake_table() {
     total.add(&d.outside.total(OutsideReason::TableFull));
     assert_eq!(total, expected);
 }
+
+/// A handshake through the real program, frame by frame: the SYN-ACK
+/// opens its gate slot (one handshake waits for its client's ACK), a bare
+/// ACK that acknowledges something else leaves it waiting, the client's
+/// ACK of the SYN-ACK closes it and the agent takes the handshake; a second
+/// handshake whose ACK never comes is given up by the agent after 10 s,
+/// which closes its slot through the gate's shared memory.
+pub fn a_handshake_holds_its_gate_open_until_its_client_acks() {
+    use ntm_agent::kernel::handshakes::Outcome;
+    let options = DatapathOptions {
+        track_handshakes: true,
+        ..Default::default()
+    };
+    let mut h = Harness::with(options, "443/tcp=https");
+    let mut handshakes = h.datapath.take_handshakes().expect("handshakes followed");
+    let segment = |client_port: u16, from_client: bool, flags: u8, seq: u32, ack: u32| {
+        let (sport, dport) = if from_client {
+            (client_port, 443)
+        } else {
+            (443, client_port)
+        };
+        let mut f = eth(
+            ETH_IPV4,
+            &[],
+            &ipv4(6, &[], 0, &tcp(sport, dport, &[], &[])),
+        );
+        if !from_client {
+            let (src, dst) = (f[26..30].to_vec(), f[30..34].to_vec());
+            f[26..30].copy_from_slice(&dst);
+            f[30..34].copy_from_slice(&src);
+        }
+        f[38..42].copy_from_slice(&seq.to_be_bytes());
+        f[42..46].copy_from_slice(&ack.to_be_bytes());
+        f[47] = flags;
+        f
+    };
+    let mut run = |frame: Vec<u8>| {
+        h.ingress(&frame);
+    };
+    let now = ntm_agent::sys::process::monotonic_ns;
+    assert_eq!(handshakes.waiting(), 0);
+    run(segment(40_001, true, 0x02, 1000, 0));
+    assert_eq!(handshakes.waiting(), 0, "a SYN alone opens nothing");
+    run(segment(40_001, false, 0x12, 5000, 1001));
+    assert_eq!(handshakes.waiting(), 1, "the SYN-ACK opens its slot");
+    run(segment(40_001, true, 0x10, 1001, 4242));
+    assert_eq!(handshakes.waiting(), 1, "an ACK of something else");
+    run(segment(40_001, true, 0x10, 1001, 5001));
+    assert_eq!(handshakes.waiting(), 0, "the client's ACK closes it");
+    let taken = handshakes.drain(now()).unwrap();
+    assert!(
+        matches!(
+            taken.ended[..],
+            [(key, Outcome::Established { server: Some(_), client: Some(_) })]
+                if key.client_port == 40_001 && key.server_port == 443
+        ),
+        "{taken:?}"
+    );
+
+    run(segment(40_002, true, 0x02, 1000, 0));
+    run(segment(40_002, false, 0x12, 5000, 1001));
+    assert_eq!(handshakes.waiting(), 1);
+    let taken = handshakes.drain(now()).unwrap();
+    assert!(taken.ended.is_empty(), "still waiting: {taken:?}");
+    let later = now() + 11_000_000_000;
+    let taken = handshakes.drain(later).unwrap();
+    assert_eq!((taken.ended.len(), taken.ack_unseen), (0, 1), "{taken:?}");
+    assert_eq!(handshakes.waiting(), 0, "the agent closed its slot");
+}

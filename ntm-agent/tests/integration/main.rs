@@ -83,6 +83,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: frames::ipv4_udp_to_a_known_port_in_both_directions,
     Root: frames::repeated_frames_are_counted_exactly,
     Root: frames::a_syn_flood_cannot_grow_the_handshake_table,
+    Root: frames::a_handshake_holds_its_gate_open_until_its_client_acks,
     Root: frames::single_and_double_vlan_tags_in_the_frame,
     Root: frames::ipv4_options_and_fragments,
     Root: frames::common_frames_and_the_full_parse_give_one_key,
