@@ -376,13 +376,15 @@ pub fn parse_common<const ETHERNET: bool>(
 }
 
 /// `flags`, if a segment with them may be part of a handshake: a SYN, a
-/// RST, or a bare ACK (no payload, `bare`: a client's ACK of a SYN-ACK);
-/// else 0. Only common frames are followed (`handshakes.rs`).
+/// RST, or a bare ACK (no payload, `bare`, and no flag but ACK among
+/// FIN, SYN, RST, PSH, ACK and URG: a client's ACK of a SYN-ACK); else 0.
+/// Only common frames are followed (`handshakes.rs`).
 #[inline(always)]
 fn handshake_part(flags: u8, bare: bool) -> u8 {
-    use ntm_common::handshake::tcp_flags::{ACK, FIN, RST, SYN};
+    use ntm_common::handshake::tcp_flags::{ACK, RST, SYN};
     let control = flags & (SYN | RST) != 0;
-    let bare_ack = bare && flags & (ACK | FIN) == ACK;
+    // ECE and CWR (0xc0) may be on: ECN.
+    let bare_ack = bare && flags & 0x3f == ACK;
     if control || bare_ack { flags } else { 0 }
 }
 

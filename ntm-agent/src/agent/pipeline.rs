@@ -45,6 +45,7 @@ use crate::{
         host_info::HostInfo,
         ipfix::IpfixSink,
         live::{LiveSink, LiveTraffic},
+        live_health::{LiveHealth, LiveHealthSink},
         series::TrafficSeries,
         series_sink::SeriesSink,
         sink::{
@@ -107,6 +108,8 @@ pub struct Pipeline {
     /// What the web reads.
     exposition: Exposition,
     live: Arc<RwLock<LiveTraffic>>,
+    /// TCP connection health per device and server, for the API.
+    connections: Arc<RwLock<LiveHealth>>,
     history: HistoryReader,
     status: Arc<Mutex<DrainStatus>>,
     /// The local networks every stage judges by (the agent updates them).
@@ -227,6 +230,8 @@ impl Pipeline {
             &options.prefix,
             options.max_series,
         )?));
+        let connections = Arc::new(RwLock::new(LiveHealth::new(Instant::now())));
+        sinks.push(Box::new(LiveHealthSink::new(Arc::clone(&connections))));
         if let Some(ipfix) = &options.ipfix {
             sinks.push(Box::new(IpfixSink::start(
                 ipfix,
@@ -255,6 +260,7 @@ impl Pipeline {
             series_ttl: options.series_ttl,
             exposition,
             live,
+            connections,
             history: history_reader,
             status: Arc::new(Mutex::new(status)),
             local,
@@ -515,6 +521,7 @@ impl Pipeline {
             health,
             status: Arc::clone(&self.status),
             local: self.local.clone(),
+            connections: Arc::clone(&self.connections),
         }
     }
 

@@ -20,6 +20,7 @@ pub mod history;
 pub mod host_info;
 pub mod ipfix;
 pub mod live;
+pub mod live_health;
 pub mod series;
 pub mod series_sink;
 pub mod sink;

@@ -27,6 +27,7 @@ use crate::{
     outputs::{
         history::{HistoryReader, Tier, periods::Period},
         live::{LiveTraffic, Row},
+        live_health::{LiveHealth, REASONS, Summary},
     },
 };
 
@@ -82,6 +83,38 @@ pub struct Api {
     pub status: Arc<Mutex<DrainStatus>>,
     /// The local networks: which hosts are devices.
     pub local: LocalNets,
+    /// TCP connection health per device and server.
+    pub connections: Arc<RwLock<LiveHealth>>,
+}
+
+/// A device's or server's TCP connections over the window.
+#[derive(Serialize)]
+struct ConnectionsDoc {
+    name: String,
+    /// Handshakes whose time (this side's: the client's for a device, the
+    /// server's for a server) was measured.
+    handshakes: u64,
+    median_seconds: Option<f64>,
+    p90_seconds: Option<f64>,
+    /// Connections that failed, by reason.
+    failed: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Serialize)]
+struct Connections {
+    window_seconds: u64,
+    devices: Vec<ConnectionsDoc>,
+    servers: Vec<ConnectionsDoc>,
+}
+
+fn connections_doc((name, s): (Arc<str>, Summary)) -> ConnectionsDoc {
+    ConnectionsDoc {
+        name: name.to_string(),
+        handshakes: s.measured,
+        median_seconds: s.median,
+        p90_seconds: s.p90,
+        failed: REASONS.iter().copied().zip(s.failed).collect(),
+    }
 }
 
 /// Bytes and packets one way since the agent started, and the rate now.
@@ -427,6 +460,28 @@ impl Api {
         Ok(Self::listing(&self.read(), None, Devices { devices }))
     }
 
+    /// `GET /api/v1/connections[?limit=N]`: TCP connection health over the
+    /// last minutes, per device (its handshakes' client side) and per
+    /// server (their server side), those with failures first.
+    pub fn connections(&self, query: &HashMap<String, String>) -> Result<String, ApiError> {
+        let query = ListQuery::parse(query, false)?;
+        let health = sync::read(&self.connections);
+        let now = Instant::now();
+        Ok(json(&Connections {
+            window_seconds: health.window().as_secs(),
+            devices: health
+                .rows(false, now, query.limit)
+                .into_iter()
+                .map(connections_doc)
+                .collect(),
+            servers: health
+                .rows(true, now, query.limit)
+                .into_iter()
+                .map(connections_doc)
+                .collect(),
+        }))
+    }
+
     /// `GET /api/v1/servers[?device=NAME][&limit=N]` and the same for
     /// `services`: remote hosts or services, overall or of one device.
     pub fn top(&self, kind: Subject, query: &HashMap<String, String>) -> Result<String, ApiError> {
@@ -653,12 +708,30 @@ mod tests {
             crate::outputs::history::local_day_start,
         )
         .unwrap();
+        let mut connections = LiveHealth::new(now);
+        let (device, server): (Arc<str>, Arc<str>) = (Arc::from(hostile), Arc::from("example.com"));
+        connections.add(
+            &device,
+            &server,
+            crate::kernel::handshakes::Outcome::Established {
+                server: Some(Duration::from_millis(50)),
+                client: Some(Duration::from_millis(20)),
+            },
+            now,
+        );
+        connections.add(
+            &device,
+            &server,
+            crate::kernel::handshakes::Outcome::Refused,
+            now,
+        );
         Api {
             live: Arc::new(RwLock::new(live)),
             history: history.reader(),
             health,
             status: Arc::default(),
             local,
+            connections: Arc::new(RwLock::new(connections)),
         }
     }
 
@@ -679,6 +752,25 @@ mod tests {
         );
         assert_eq!(doc["devices"][0]["download"]["bytes"], 1500);
         assert_eq!(doc["devices"][0]["upload"]["packets"], 0);
+    }
+
+    #[test]
+    fn connections_per_device_and_server_with_names_as_json_strings() {
+        let body = api().connections(&query(&[])).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(doc["window_seconds"], 300);
+        let device = &doc["devices"][0];
+        assert_eq!(device["name"], "<img src=x onerror=alert(1)>\"\\");
+        assert_eq!(device["handshakes"], 1);
+        let median = device["median_seconds"].as_f64().unwrap();
+        assert!((median / 0.020 - 1.0).abs() < 0.1, "{median}");
+        assert_eq!(device["failed"]["refused"], 1);
+        assert_eq!(device["failed"]["reset"], 0);
+        let server = &doc["servers"][0];
+        assert_eq!(server["name"], "example.com");
+        let p90 = server["p90_seconds"].as_f64().unwrap();
+        assert!((p90 / 0.050 - 1.0).abs() < 0.1, "{p90}");
+        assert!(api().connections(&query(&[("device", "x")])).is_err());
     }
 
     #[test]
@@ -737,6 +829,7 @@ mod tests {
                 api.top(Subject::Service, &q),
                 api.interfaces(&q),
                 api.history(&q),
+                api.connections(&q),
             ] {
                 let body = answer.unwrap_or_else(|e| e.body());
                 proptest::prop_assert!(serde_json::from_str::<serde_json::Value>(&body).is_ok());

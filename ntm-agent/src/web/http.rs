@@ -257,14 +257,16 @@ fn json_reply(result: Result<String, super::api::ApiError>) -> warp::http::Respo
     response
 }
 
-/// `/api/v1/...`: devices, servers, services, interfaces, status.
+/// `/api/v1/...`: devices, servers, services, interfaces, status, history,
+/// connections.
 fn api_routes(
     api: Api,
 ) -> impl Filter<Extract = (impl warp::Reply,), Error = warp::Rejection> + Clone + Send + Sync + 'static
 {
     type Params = std::collections::HashMap<String, String>;
     let query = || warp::query::<Params>();
-    let (a, b, c, d, e, f) = (
+    let (a, b, c, d, e, f, g) = (
+        api.clone(),
         api.clone(),
         api.clone(),
         api.clone(),
@@ -288,13 +290,17 @@ fn api_routes(
     let history = warp::path!("api" / "v1" / "history")
         .and(query())
         .map(move |q: Params| json_reply(f.history(&q)));
+    let connections = warp::path!("api" / "v1" / "connections")
+        .and(query())
+        .map(move |q: Params| json_reply(g.connections(&q)));
     warp::get().and(
         devices
             .or(servers)
             .or(services)
             .or(interfaces)
             .or(status)
-            .or(history),
+            .or(history)
+            .or(connections),
     )
 }
 

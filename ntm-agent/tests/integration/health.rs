@@ -631,7 +631,7 @@ fn handshakes_through_a_router(tag: &str, flags: &[&str], keyed_by: Option<&str>
 pub fn handshakes_reach_metrics_by_side_and_reason() {
     use crate::kit::{
         Agent,
-        scrape::{metrics, sample_sum, wait_healthy},
+        scrape::{http_get, metrics, sample_sum, wait_healthy},
     };
     const PORT: u16 = 9872;
     const CONNECTIONS: u32 = 3;
@@ -697,4 +697,35 @@ pub fn handshakes_reach_metrics_by_side_and_reason() {
     assert_eq!(bucket(&server_side, "0.25"), CONNECTIONS as u64, "{text}");
     assert_eq!(bucket(&client_side, "0.025"), 0, "{text}");
     assert_eq!(bucket(&client_side, "0.05"), CONNECTIONS as u64, "{text}");
+
+    // The API: the device's client side and the server's side over the
+    // last minutes, median and p90 within the live view's bins (10%).
+    let (status, body) = http_get(&net.router, PORT, "/api/v1/connections").expect("API");
+    assert_eq!(status, 200, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let row = |kind: &str, name: &str| -> serde_json::Value {
+        doc[kind]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {kind}: {body}"))
+            .clone()
+    };
+    let near = |seconds: &serde_json::Value, delay: Duration| {
+        let ratio = seconds.as_f64().unwrap() / (2 * delay).as_secs_f64();
+        (0.9..1.15).contains(&ratio)
+    };
+    let device = row("devices", "198.18.84.1");
+    assert_eq!(device["handshakes"], CONNECTIONS, "{body}");
+    assert_eq!(device["failed"]["refused"], 1, "{body}");
+    for q in ["median_seconds", "p90_seconds"] {
+        assert!(near(&device[q], Routed::CLIENT_DELAY), "device {q}: {body}");
+    }
+    let server = row("servers", "198.18.85.2");
+    assert_eq!(server["handshakes"], CONNECTIONS, "{body}");
+    assert_eq!(server["failed"]["refused"], 1, "{body}");
+    for q in ["median_seconds", "p90_seconds"] {
+        assert!(near(&server[q], Routed::SERVER_DELAY), "server {q}: {body}");
+    }
 }
