@@ -247,7 +247,12 @@ pub fn the_page_shows_what_was_sent_and_names_as_text() {
         let devices = wait_for("the devices on the page", Duration::from_secs(20), || {
             let rows = table(&browser, "devices");
             let laptop = row(&rows, "laptop")?;
-            (cell(laptop, 7).0 == Some(laptop_up) && cell(laptop, 3).0 == Some(laptop_up))
+            // The hostile device's flow to the server reverse DNS names
+            // waits for that name (--name-wait) and may come later.
+            let hostile = row(&rows, HOSTILE_DEVICE)?;
+            (cell(laptop, 7).0 == Some(laptop_up)
+                && cell(laptop, 3).0 == Some(laptop_up)
+                && cell(hostile, 7).0 == Some(hostile_up))
                 .then_some(rows)
         });
         let laptop = row(&devices, "laptop").unwrap();
@@ -342,6 +347,46 @@ pub fn the_page_shows_what_was_sent_and_names_as_text() {
         });
         assert_eq!(browser.text("#health"), "counting");
         assert_eq!(browser.text("#status-history"), "on disk");
+
+        // Connections: the hostile device opens three TCP connections to
+        // the nas and one to the hostile server, where nothing listens.
+        // Each handshake is seen on the agent's interface: the device's
+        // and the servers' rows, names as text, the refusal counted.
+        let listener = link.a.run(|| std::net::TcpListener::bind((A4, 5400)).unwrap());
+        let client = format!(
+            "import socket\n\
+             for _ in range(3):\n\
+             \x20   s = socket.socket(); s.bind(('{HOSTILE_DEVICE_IP}', 0)); s.connect(('{A4}', 5400)); s.close()\n\
+             s = socket.socket(); s.bind(('{HOSTILE_DEVICE_IP}', 0))\n\
+             try: s.connect(('{HOSTILE_SERVER_IP}', 5401)); print('connected')\n\
+             except ConnectionRefusedError: print('refused')\n"
+        );
+        assert_eq!(link.b.exec(&["python3", "-c", &client]), "refused\n");
+        drop(listener);
+        let figures = |row: &Value| -> Vec<String> {
+            (0..6).map(|i| cell(row, i).1).collect()
+        };
+        wait_for("the connections on the page", Duration::from_secs(20), || {
+            let devices = table(&browser, "connection-devices");
+            let servers = table(&browser, "connection-servers");
+            let device = row(&devices, HOSTILE_DEVICE)?;
+            let nas = row(&servers, "nas")?;
+            let refusing = row(&servers, HOSTILE_SERVER)?;
+            (device["first"] == HOSTILE_DEVICE
+                && figures(device)[0] == "3"
+                && figures(device)[3] == "1"
+                && figures(nas)[0] == "3"
+                && figures(refusing)[3] == "1"
+                && refusing["first"] == HOSTILE_SERVER)
+                .then_some(())
+        });
+        let devices = table(&browser, "connection-devices");
+        let device = row(&devices, HOSTILE_DEVICE).unwrap();
+        for median_or_p90 in [1, 2] {
+            let text = &figures(device)[median_or_p90];
+            assert!(text.ends_with(" ms"), "{text}: {device}");
+        }
+        assert_eq!(browser.script("return document.getElementById('connections-empty').hidden;"), true);
         // The local networks in use, and where they came from.
         assert_eq!(
             browser.text("#status-local"),

@@ -178,12 +178,13 @@ async function refresh() {
   state.generation += 1;
   const generation = state.generation;
   try {
-    const [status, devices, servers, services, interfaces] = await Promise.all([
+    const [status, devices, servers, services, interfaces, connections] = await Promise.all([
       getJson('api/v1/status'),
       getJson('api/v1/devices?limit=100'),
       getJson('api/v1/servers?' + deviceQuery(10)),
       getJson('api/v1/services?' + deviceQuery(10)),
       getJson('api/v1/interfaces'),
+      getJson('api/v1/connections?limit=10'),
     ]);
     if (generation !== state.generation) return;
     state.refreshSeconds = status.refresh_seconds || 1;
@@ -195,6 +196,7 @@ async function refresh() {
     showTop('servers', servers.servers);
     showTop('services', services.services);
     showInterfaces(interfaces);
+    showConnections(connections);
     showDevice(devices);
     state.lastGood = new Date();
     $('offline').hidden = true;
@@ -369,6 +371,29 @@ function showTop(table, rows) {
   }
   // The multicast and broadcast row's "servers" are the groups it went to.
   $('servers-word').textContent = state.device === GROUPS ? 'Groups' : 'Top servers';
+}
+
+// A handshake's time: milliseconds, to two significant digits below 10 ms.
+function formatLatency(seconds) {
+  if (seconds === null || seconds === undefined) return '–';
+  const ms = seconds * 1000;
+  return (ms < 10 ? ms.toFixed(1) : Math.round(ms).toLocaleString('en')) + ' ms';
+}
+
+function showConnections(doc) {
+  const cells = (row) => [
+    element('td', row.name === '' ? '(none)' : row.name),
+    element('td', row.handshakes.toLocaleString('en'), 'num'),
+    element('td', formatLatency(row.median_seconds), 'num'),
+    element('td', formatLatency(row.p90_seconds), 'num'),
+    element('td', row.failed.refused.toLocaleString('en'), 'num'),
+    element('td', row.failed.unanswered.toLocaleString('en'), 'num'),
+    element('td', row.failed.reset.toLocaleString('en'), 'num'),
+  ];
+  updateRows(document.querySelector('#connection-devices tbody'), doc.devices, cells);
+  updateRows(document.querySelector('#connection-servers tbody'), doc.servers, cells);
+  $('connections-window').textContent = formatSeconds(doc.window_seconds);
+  $('connections-empty').hidden = doc.devices.length + doc.servers.length > 0;
 }
 
 function showInterfaces(doc) {
