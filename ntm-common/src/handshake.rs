@@ -9,9 +9,16 @@
 //! (and the SYNs left unanswered too long) and deletes them, so every
 //! handshake is counted once, with no ring buffer to lose it.
 
-/// Which handshake: the client (the side that sent the SYN) and the server,
-/// where it was seen. Addresses as in [`crate::FlowKey`] (IPv4 in the
-/// first four bytes); ports in host order.
+/// Which handshake: the client (the side that sent the SYN) and the server.
+/// Addresses as in [`crate::FlowKey`] (IPv4 in the first four bytes);
+/// ports in host order.
+///
+/// Keyed by the host, not by the interface a frame was seen on: a
+/// forwarded SYN may be seen coming in on one interface and its SYN-ACK on
+/// another (XDP, ingress only), and on a bridge a frame is seen on a port
+/// one way and on the bridge the other. A frame seen twice on its way
+/// through (in on one hooked interface, out of another) is one sighting:
+/// see [`SIGHTING_NS`].
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HandshakeKey {
@@ -19,14 +26,16 @@ pub struct HandshakeKey {
     pub server: [u8; 16],
     pub client_port: u16,
     pub server_port: u16,
-    /// The interface it was seen on, where the hooks see both directions
-    /// there (TC); 0 where only ingress is hooked (XDP): a forwarded SYN
-    /// then meets its SYN-ACK arriving on another interface.
-    pub ifindex: u32,
     /// One of [`crate::family`].
     pub family: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 11],
 }
+
+/// A SYN (or SYN-ACK) with the sequence number of the last one this soon
+/// after it is the same segment seen again on its way through the host,
+/// not a retry: TCP retries a SYN after a second at the soonest (RFC 6298's
+/// initial RTO; Linux's is 1 s), and forwarding takes microseconds.
+pub const SIGHTING_NS: u64 = 200_000_000;
 
 const _: () = assert!(core::mem::size_of::<HandshakeKey>() == 48);
 
@@ -84,6 +93,8 @@ pub mod state {
     /// service-port rule's client and server, and written once per
     /// connection until the agent takes it.
     pub const RESET: u8 = 6;
+    /// An ICMP or ICMPv6 destination unreachable quoting the SYN.
+    pub const UNREACHABLE: u8 = 7;
 
     /// Whether the agent takes an entry in `state` as it is.
     pub const fn ended(state: u8) -> bool {
@@ -139,6 +150,11 @@ pub mod lost {
     pub const BUSY: u32 = 2;
     pub const SLOTS: u32 = 3;
 }
+
+/// What the parse hands the handshake room for an ICMP or ICMPv6
+/// destination unreachable, in place of TCP flags: FIN alone, which no
+/// frame the room follows carries (it takes SYN, RST and bare ACKs).
+pub const ICMP_UNREACHABLE: u8 = tcp_flags::FIN;
 
 /// TCP header flags (byte 13).
 pub mod tcp_flags {

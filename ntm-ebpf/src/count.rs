@@ -138,14 +138,12 @@ pub fn count_tc<const ETHERNET: bool, const UPTO: u8>(ctx: &TcContext, hook: Hoo
             observe_tc(ctx, wanted, hook, ifindex, skb_len, ETHERNET);
         }
     }
-    // TC sees both directions of an interface: a handshake is followed
-    // per interface.
     if UPTO == stage::ALL
         && !filtered
         && let Ok(p) = &parsed
     {
-        handshakes::track(p.tcp_flags, &words, ifindex, || {
-            (ctx.data(), ctx.data_end(), p.l3_offset)
+        handshakes::track(p.tcp_flags, &words, || {
+            (ctx.data(), ctx.data_end(), p.l3_offset, p.header_len)
         });
     }
     // GSO/GRO aggregates count as the segments they carry on the wire.
@@ -237,11 +235,9 @@ pub fn count_xdp(ctx: &XdpContext, filtered: bool) {
             observe_xdp(ctx, wanted, ifindex, frame_len);
         }
     }
-    // XDP sees ingress only: a handshake is followed per host, so that a
-    // forwarded SYN meets its SYN-ACK arriving on another interface.
     if !filtered && let Ok(p) = &parsed {
-        handshakes::track(p.tcp_flags, &words, 0, || {
-            (frame.data, frame.end, p.l3_offset)
+        handshakes::track(p.tcp_flags, &words, || {
+            (frame.data, frame.end, p.l3_offset, p.header_len)
         });
     }
     let took_slot = account(parsed, &words, &mut key_space, frame_len, 1, filtered);

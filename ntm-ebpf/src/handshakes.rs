@@ -15,7 +15,7 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use ntm_common::{
     KEY_WORDS, family,
     handshake::{
-        Handshake, HandshakeKey, gate_index, lost, state,
+        Handshake, HandshakeKey, ICMP_UNREACHABLE, SIGHTING_NS, gate_index, lost, state,
         tcp_flags::{ACK, RST, SYN},
     },
     key_flags,
@@ -34,7 +34,7 @@ const EEXIST: i32 = 17;
 /// for any other frame (`parse::handshake_part`): data segments pay that
 /// one test. `words` its
 /// flow key (in registers: only the gate's slot is taken from them),
-/// `ifindex` the interface it keys the handshake by (0: the host), `frame`
+/// `frame`
 /// the frame's `[data, end)` and where its IP header starts, asked for
 /// only off the ordinary path, where what the table needs is read from the
 /// frame again.
@@ -42,55 +42,51 @@ const EEXIST: i32 = 17;
 pub fn track(
     flags: u8,
     words: &[u64; KEY_WORDS],
-    ifindex: u32,
-    frame: impl FnOnce() -> (usize, usize, usize),
+    frame: impl FnOnce() -> (usize, usize, usize, u32),
 ) {
     if setting(&NTM_TRACK_HANDSHAKES) == 0 || flags == 0 {
         return;
     }
     if flags & (SYN | RST) != 0 {
         let service_is_src = key_flags_of(words) & key_flags::SERVICE_PORT_IS_SRC != 0;
-        let (data, end, l3) = frame();
-        let at = Where::pack(l3, flags, ifindex, service_is_src);
+        let (data, end, l3, _) = frame();
+        let at = Where::pack(l3, flags, service_is_src);
         control(data, end, at, gate_index(words));
+    } else if flags == ICMP_UNREACHABLE {
+        // The quoted packet follows the ICMP header, the last 8 bytes of
+        // the headers parsed.
+        let (data, end, l3, header_len) = frame();
+        let quoted = l3 + header_len as usize;
+        unreachable(data, end, Where::pack(quoted, flags, false));
     } else if gate_open(words) {
         // A bare ACK (see `parse::handshake_part`).
-        let (data, end, l3) = frame();
-        client_ack(data, end, Where::pack(l3, flags, ifindex, false));
+        let (data, end, l3, _) = frame();
+        client_ack(data, end, Where::pack(l3, flags, false));
     }
 }
 
-/// A frame's IP header offset, TCP flags, the side its service port is on
-/// and the interface the handshake is keyed by, in one register: a BPF
-/// call takes five arguments at most.
+/// A frame's header offset (up to 64 KiB), TCP flags and the side its
+/// service port is on, in one register: a BPF call takes five arguments
+/// at most.
 #[derive(Clone, Copy)]
 struct Where(u64);
 
 impl Where {
     #[inline(always)]
-    fn pack(l3: usize, flags: u8, ifindex: u32, service_is_src: bool) -> Self {
-        Self(
-            (l3 as u64 & 0xff)
-                | (flags as u64) << 8
-                | (service_is_src as u64) << 16
-                | (ifindex as u64) << 32,
-        )
+    fn pack(offset: usize, flags: u8, service_is_src: bool) -> Self {
+        Self((offset as u64 & 0xffff) | (flags as u64) << 16 | (service_is_src as u64) << 24)
     }
     #[inline(always)]
     fn l3(self) -> usize {
-        (self.0 & 0xff) as usize
+        (self.0 & 0xffff) as usize
     }
     #[inline(always)]
     fn flags(self) -> u8 {
-        (self.0 >> 8) as u8
+        (self.0 >> 16) as u8
     }
     #[inline(always)]
     fn service_is_src(self) -> bool {
-        (self.0 >> 16) & 1 != 0
-    }
-    #[inline(always)]
-    fn ifindex(self) -> u32 {
-        (self.0 >> 32) as u32
+        (self.0 >> 24) & 1 != 0
     }
 }
 
@@ -207,10 +203,9 @@ fn key_flags_of(words: &[u64; KEY_WORDS]) -> u8 {
 /// The handshake of a segment the client sent (`from_client`) or the
 /// server did.
 #[inline(always)]
-fn key_of(s: &Segment, from_client: bool, ifindex: u32) -> HandshakeKey {
+fn key_of(s: &Segment, from_client: bool) -> HandshakeKey {
     let mut key = HandshakeKey {
         family: s.family,
-        ifindex,
         ..HandshakeKey::default()
     };
     let (client, server, client_port, server_port) = if from_client {
@@ -238,15 +233,15 @@ fn control(data: usize, end: usize, at: Where, gate: u32) {
     let Some(s) = segment(data, end, at.l3()) else {
         return;
     };
-    let (flags, ifindex) = (at.flags(), at.ifindex());
+    let flags = at.flags();
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if flags & RST != 0 {
         reset(&s, at, now);
     } else if flags & ACK == 0 {
-        syn(&key_of(&s, true, ifindex), s.seq, now);
+        syn(&key_of(&s, true), s.seq, now);
     } else {
-        syn_ack(&key_of(&s, false, ifindex), &s, gate, now);
+        syn_ack(&key_of(&s, false), &s, gate, now);
     }
 }
 
@@ -268,8 +263,11 @@ fn syn(key: &HandshakeKey, isn: u32, now: u64) {
         if state::ended(entry.state) {
             count_lost(lost::BUSY);
         } else if entry.client_isn == isn {
-            entry.syns = entry.syns.saturating_add(1);
-            entry.syn_ns = now;
+            // The same SYN seen again on its way through: not a retry.
+            if now.wrapping_sub(entry.syn_ns) >= SIGHTING_NS {
+                entry.syns = entry.syns.saturating_add(1);
+                entry.syn_ns = now;
+            }
         } else {
             // The client's ports used again for a new connection.
             if entry.state == state::AWAIT_ACK {
@@ -280,6 +278,13 @@ fn syn(key: &HandshakeKey, isn: u32, now: u64) {
         return;
     }
     insert(key, &fresh);
+}
+
+/// Whether a SYN-ACK is the one `entry` was answered with, seen again
+/// after the handshake moved on.
+#[inline(always)]
+fn ended_or_answered(entry: &Handshake, s: &Segment) -> bool {
+    entry.state != state::SYN_SEEN && s.seq == entry.server_isn
 }
 
 #[inline(always)]
@@ -298,7 +303,12 @@ fn syn_ack(key: &HandshakeKey, s: &Segment, gate: u32, now: u64) {
         entry.state = state::AWAIT_ACK;
         gate_add(gate, 1);
     } else if entry.state == state::AWAIT_ACK && s.seq == entry.server_isn {
-        entry.synacks = entry.synacks.saturating_add(1);
+        // The same SYN-ACK seen again on its way through is not a retry.
+        if now.wrapping_sub(entry.synack_ns) >= SIGHTING_NS {
+            entry.synacks = entry.synacks.saturating_add(1);
+        }
+    } else if ended_or_answered(entry, s) {
+        // Seen again after the client's ACK (or a RST) moved it on.
     } else {
         count_lost(lost::SYNACK_UNMATCHED);
     }
@@ -312,7 +322,7 @@ fn client_ack(data: usize, end: usize, at: Where) {
     let Some(s) = segment(data, end, at.l3()) else {
         return;
     };
-    let key = key_of(&s, true, at.ifindex());
+    let key = key_of(&s, true);
     let Some(entry) = NTM_HANDSHAKES.get_ptr_mut(key) else {
         return;
     };
@@ -326,13 +336,89 @@ fn client_ack(data: usize, end: usize, at: Where) {
     }
 }
 
+/// An ICMP or ICMPv6 destination unreachable: the SYN it quotes (its
+/// addresses, ports and sequence number, at `at.l3()` in the frame) ends
+/// as unreachable if it is the one a handshake waits with.
+#[inline(never)]
+fn unreachable(data: usize, end: usize, at: Where) {
+    let offset = at.l3();
+    // The full parse stops at MAX_L4_OFFSET; the bound makes it plain to
+    // the verifier.
+    if offset > crate::parse::MAX_L4_OFFSET + 8 {
+        return;
+    }
+    let ip = data + offset;
+    if ip + 20 > end {
+        return;
+    }
+    // SAFETY: every read below is inside the bytes checked before it.
+    let quoted = unsafe {
+        let (family, src, dst, ip_len, proto) = if *(ip as *const u8) >> 4 == 4 {
+            let ihl = ((*(ip as *const u8) & 0x0f) as usize) * 4;
+            let word = |at: usize| {
+                let address = *((ip + at) as *const u32) as u64;
+                if cfg!(target_endian = "little") {
+                    address
+                } else {
+                    address << 32
+                }
+            };
+            (
+                family::IPV4,
+                [word(12), 0],
+                [word(16), 0],
+                ihl,
+                *((ip + 9) as *const u8),
+            )
+        } else {
+            if ip + 40 > end {
+                return;
+            }
+            let words = (ip + 8) as *const u64;
+            (
+                family::IPV6,
+                [*words, *words.add(1)],
+                [*words.add(2), *words.add(3)],
+                40,
+                *((ip + 6) as *const u8),
+            )
+        };
+        // The quoted TCP header's first 8 bytes: ports and sequence number
+        // (all an ICMP error is sure to carry).
+        let tcp = ip + ip_len;
+        if proto != ntm_common::ipproto::TCP || ip_len < 20 || tcp + 8 > end {
+            return;
+        }
+        Segment {
+            family,
+            src,
+            dst,
+            sport: u16::from_be(*(tcp as *const u16)),
+            dport: u16::from_be(*((tcp + 2) as *const u16)),
+            seq: u32::from_be(*((tcp + 4) as *const u32)),
+            ack: 0,
+        }
+    };
+    // The quoted packet is the client's SYN.
+    let key = key_of(&quoted, true);
+    let Some(entry) = NTM_HANDSHAKES.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: as in `syn`.
+    let entry = unsafe { &mut *entry };
+    if entry.state == state::SYN_SEEN && entry.client_isn == quoted.seq {
+        // SAFETY: a helper without arguments.
+        entry.done_ns = unsafe { bpf_ktime_get_ns() };
+        entry.state = state::UNREACHABLE;
+    }
+}
+
 /// A RST: refusing a SYN, ending a handshake, or resetting a connection.
 #[inline(always)]
 fn reset(s: &Segment, at: Where, now: u64) {
-    let ifindex = at.ifindex();
     // Sent by the server (the SYN's answer), then by the client.
     for from_client in [false, true] {
-        let key = key_of(s, from_client, ifindex);
+        let key = key_of(s, from_client);
         if let Some(entry) = NTM_HANDSHAKES.get_ptr_mut(key) {
             // SAFETY: as in `syn`.
             let entry = unsafe { &mut *entry };
@@ -363,7 +449,7 @@ fn reset(s: &Segment, at: Where, now: u64) {
         state: state::RESET,
         ..Handshake::default()
     };
-    insert(&key_of(s, from_client, ifindex), &ended);
+    insert(&key_of(s, from_client), &ended);
 }
 
 /// A new entry; a full table is counted. Another CPU's entry for the same

@@ -58,8 +58,10 @@ pub struct Parsed {
     /// unset register, which the verifier refuses.
     pub fragment_id: u32,
     /// A TCP segment's flags (byte 13 of its header) where the segment may
-    /// be part of a handshake (see [`handshake_part`]); 0 for any other
-    /// frame, data segments among them, so that they pay one test.
+    /// be part of a handshake (see [`handshake_part`]), or
+    /// `ICMP_UNREACHABLE` for a destination unreachable (which may answer a
+    /// SYN); 0 for any other frame, data segments among them, so that they
+    /// pay one test.
     pub tcp_flags: u8,
 }
 
@@ -388,6 +390,18 @@ fn handshake_part(flags: u8, bare: bool) -> u8 {
     if control || bare_ack { flags } else { 0 }
 }
 
+/// [`ntm_common::handshake::ICMP_UNREACHABLE`] for a destination
+/// unreachable (`icmp`, of type `unreachable`) with its ICMP header parsed
+/// (`l4_len`), which may answer a SYN; else 0.
+#[inline(always)]
+fn unreachable_part(key: &FlowKey, icmp: u8, unreachable: u16, l4_len: usize) -> u8 {
+    if key.proto == icmp && key.port == unreachable && l4_len != 0 {
+        ntm_common::handshake::ICMP_UNREACHABLE
+    } else {
+        0
+    }
+}
+
 /// Parses an Ethernet frame. `vlan_id` already holds the tag TC keeps in skb
 /// metadata (0 if none); the first in-frame tag is used when it is 0.
 #[inline(always)]
@@ -510,7 +524,7 @@ fn parse_ipv4(
         observe,
         fragment,
         fragment_id,
-        tcp_flags: 0,
+        tcp_flags: unreachable_part(key, ipproto::ICMP, 3, l4_len),
     })
 }
 
@@ -611,7 +625,7 @@ fn parse_ipv6(
         observe,
         fragment,
         fragment_id,
-        tcp_flags: 0,
+        tcp_flags: unreachable_part(key, ipproto::ICMPV6, 1, l4_len),
     })
 }
 

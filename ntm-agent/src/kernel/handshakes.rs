@@ -49,6 +49,8 @@ pub enum Outcome {
     Unanswered,
     /// Failed: a RST during the handshake, or on a connection that was up.
     Reset,
+    /// Failed: an ICMP or ICMPv6 destination unreachable answered the SYN.
+    Unreachable,
 }
 
 impl Outcome {
@@ -59,6 +61,7 @@ impl Outcome {
             Self::Refused => Some("refused"),
             Self::Unanswered => Some("unanswered"),
             Self::Reset => Some("reset"),
+            Self::Unreachable => Some("unreachable"),
         }
     }
 }
@@ -286,6 +289,7 @@ fn judge(entry: &Handshake, now_ns: u64) -> Verdict {
         }),
         state::REFUSED => Verdict::Take(Outcome::Refused),
         state::RESET_IN_HANDSHAKE | state::RESET => Verdict::Take(Outcome::Reset),
+        state::UNREACHABLE => Verdict::Take(Outcome::Unreachable),
         // Not one the kernel writes: drop it rather than keep it forever.
         _ => Verdict::AckUnseen,
     }
@@ -359,6 +363,10 @@ mod tests {
         assert_eq!(
             judge(&entry(state::RESET_IN_HANDSHAKE), 100 * S),
             Verdict::Take(Outcome::Reset)
+        );
+        assert_eq!(
+            judge(&entry(state::UNREACHABLE), 100 * S),
+            Verdict::Take(Outcome::Unreachable)
         );
         assert_eq!(judge(&entry(state::AWAIT_ACK), 105 * S), Verdict::Keep);
         assert_eq!(judge(&entry(state::AWAIT_ACK), 111 * S), Verdict::AckUnseen);

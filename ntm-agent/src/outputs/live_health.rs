@@ -40,7 +40,7 @@ const BIN_GROWTH: f64 = 1.2;
 const BINS: usize = 80;
 
 /// The failure reasons, in the order [`Minute::failed`] keeps them.
-pub const REASONS: [&str; 3] = ["refused", "unanswered", "reset"];
+pub const REASONS: [&str; 4] = ["refused", "unanswered", "reset", "unreachable"];
 
 /// The bin of a time.
 fn bin_of(t: Duration) -> usize {
@@ -69,7 +69,7 @@ struct Minute {
     number: u64,
     /// Handshake times by bin; allocated with the first one.
     bins: Option<Box<[u32; BINS]>>,
-    failed: [u64; 3],
+    failed: [u64; 4],
 }
 
 /// The last [`WINDOW_MINUTES`] minutes of one device or server, a ring.
@@ -103,7 +103,7 @@ impl Window {
     /// The window's summary as of minute `now_number`.
     fn summary(&self, now_number: u64) -> Summary {
         let mut bins = [0u64; BINS];
-        let mut failed = [0u64; 3];
+        let mut failed = [0u64; 4];
         for m in &self.minutes {
             if m.number + (WINDOW_MINUTES as u64) <= now_number || m.number > now_number {
                 continue;
@@ -149,7 +149,7 @@ pub struct Summary {
     pub median: Option<f64>,
     pub p90: Option<f64>,
     /// Connections that failed, by [`REASONS`].
-    pub failed: [u64; 3],
+    pub failed: [u64; 4],
 }
 
 impl Summary {
@@ -329,7 +329,7 @@ mod tests {
         h.add(&tv, &cdn, Outcome::Unanswered, t0);
         let devices = h.rows(false, t0, 10);
         assert_eq!(devices[0].0.as_ref(), "tv", "failures first");
-        assert_eq!(devices[0].1.failed, [1, 1, 0]);
+        assert_eq!(devices[0].1.failed, [1, 1, 0, 0]);
         assert_eq!(devices[0].1.median, None);
         let laptop_row = &devices[1].1;
         assert_eq!(laptop_row.measured, 10);
@@ -340,7 +340,7 @@ mod tests {
         assert_eq!(servers.len(), 1);
         assert_eq!(servers[0].1.measured, 10);
         assert!(near(servers[0].1.median, 50.0), "{:?}", servers[0]);
-        assert_eq!(servers[0].1.failed, [1, 1, 0]);
+        assert_eq!(servers[0].1.failed, [1, 1, 0, 0]);
     }
 
     #[test]
@@ -367,6 +367,6 @@ mod tests {
         }
         assert_eq!(h.servers.entries.len(), MAX_SERVERS + 1);
         let other = h.servers.entries.get(OTHER).unwrap().summary(0);
-        assert_eq!(other.failed, [0, 0, 10]);
+        assert_eq!(other.failed, [0, 0, 10, 0]);
     }
 }

@@ -6,7 +6,7 @@
 //!   client's ACK: the device and its link) by client; the other labels
 //!   empty, so that neither multiplies the other;
 //! - `<prefix>_tcp_connections_failed_total{client, server, service,
-//!   reason}`: `refused`, `unanswered`, `reset`;
+//!   reason}`: `refused`, `unanswered`, `reset`, `unreachable`;
 //! - `<prefix>_tcp_retransmits_total{client, server, service}`: segments
 //!   this host's connections retransmitted (the kernel counts them by
 //!   connection, `kernel/retransmits.rs`);
@@ -124,7 +124,7 @@ impl TcpHealthSink {
         let failed = IntCounterVec::new(
             Opts::new(
                 format!("{prefix}_tcp_connections_failed_total"),
-                "TCP connections seen on the monitored interfaces that failed, by client, server, service and reason: refused (a RST answered the SYN), unanswered (no SYN-ACK within 10 s), reset (a RST during the handshake or once up)",
+                "TCP connections seen on the monitored interfaces that failed, by client, server, service and reason: refused (a RST answered the SYN), unanswered (no SYN-ACK within 10 s), reset (a RST during the handshake or once up), unreachable (an ICMP destination unreachable answered the SYN)",
             ),
             &["client", "server", "service", "reason"],
         )?;

@@ -378,7 +378,9 @@ fn tcp_destination_port(frame: &[u8]) -> Option<u16> {
 /// A client, a router and a server: the client's link delays each way by
 /// 20 ms, the server's by 50 ms and drops what goes to port 5003 (a server
 /// that drops SYNs). The client's and server's default routes go through
-/// the router, which forwards.
+/// the router, which forwards; the router's route to the network beyond
+/// the server goes through the server, which has none (it answers
+/// destination unreachable).
 struct Routed {
     client: Netns,
     router: Netns,
@@ -390,6 +392,8 @@ impl Routed {
     const CLIENT_DELAY: Duration = Duration::from_millis(20);
     const SERVER_DELAY: Duration = Duration::from_millis(50);
     const SILENT_PORT: u16 = 5003;
+    const BEYOND_V4: &str = "198.18.86.0/24";
+    const BEYOND_V6: &str = "2001:2:0:86::/64";
 
     fn new(tag: &str) -> Self {
         let client = Netns::new(&format!("{tag}c"));
@@ -425,8 +429,24 @@ impl Routed {
             ns.exec(&["ip", "route", "add", "default", "via", v4]);
             ns.exec(&["ip", "-6", "route", "add", "default", "via", v6]);
         }
-        router.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        router.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+        // The network beyond the server, which the server rejects (a
+        // route of type unreachable: ICMP destination unreachable back).
+        router.exec(&["ip", "route", "add", Self::BEYOND_V4, "via", "198.18.85.2"]);
+        router.exec(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            Self::BEYOND_V6,
+            "via",
+            "2001:2:0:85::2",
+        ]);
+        server.exec(&["ip", "route", "add", "unreachable", Self::BEYOND_V4]);
+        server.exec(&["ip", "-6", "route", "add", "unreachable", Self::BEYOND_V6]);
+        for ns in [&router, &server] {
+            ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+        }
         Self {
             client,
             router,
@@ -463,10 +483,12 @@ threading.Event().wait()
 
 /// Python for the client: `n` connections to 5001 that each send a byte,
 /// one to 5002 (refused), one to 5004 (reset once up), one to 5003 (no
-/// answer; it gives up after 2 s), to `server`; prints what each did.
-fn handshake_client(server: &str, n: u32) -> String {
+/// answer; it gives up after 2 s), to `server`, and one to `nowhere`, in
+/// the network beyond the server (which answers destination unreachable);
+/// prints what each did.
+fn handshake_client(server: &str, nowhere: &str, n: u32) -> String {
     format!(
-        "import socket, time\n\
+        "import errno, socket, time\n\
          server = '{server}'\n\
          family = socket.AF_INET6 if ':' in server else socket.AF_INET\n\
          def connect(port, timeout=5):\n\
@@ -480,7 +502,10 @@ fn handshake_client(server: &str, n: u32) -> String {
          try: s.recv(1); print('5004 closed')\n\
          except ConnectionResetError: print('reset')\n\
          try: connect(5003, 2); print('5003 connected')\n\
-         except (socket.timeout, TimeoutError): print('unanswered')\n"
+         except (socket.timeout, TimeoutError): print('unanswered')\n\
+         s = socket.socket(family); s.settimeout(5)\n\
+         try: s.connect(('{nowhere}', 5005)); print('5005 connected')\n\
+         except OSError as e: print('unreachable' if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH) else repr(e))\n"
     )
 }
 
@@ -520,18 +545,21 @@ impl Drop for Served {
     }
 }
 
+/// TCX on both of the router's interfaces: each frame is seen twice on its
+/// way through (in on one, out of the other), and counts once.
 pub fn handshakes_are_split_at_the_router_and_failures_counted_tcx() {
-    handshakes_through_a_router("hx", &["--attach-mode", "tcx", "-i", "c0"], Some("c0"));
+    handshakes_through_a_router("hx", &["--attach-mode", "tcx", "-i", "c0", "-i", "s0"]);
 }
 
+/// clsact on the client's interface: both directions there.
 pub fn handshakes_are_split_at_the_router_and_failures_counted_clsact() {
-    handshakes_through_a_router("hc", &["--attach-mode", "clsact", "-i", "c0"], Some("c0"));
+    handshakes_through_a_router("hc", &["--attach-mode", "clsact", "-i", "c0"]);
 }
 
-/// XDP sees ingress only: on both of the router's interfaces, the SYN on
-/// one and the SYN-ACK on the other, a handshake keyed by the host.
+/// XDP sees ingress only: on both of the router's interfaces, the SYN
+/// coming in on one and the SYN-ACK on the other.
 pub fn handshakes_are_split_at_the_router_and_failures_counted_xdp() {
-    handshakes_through_a_router("hp", &["--mode", "xdp", "-i", "c0", "-i", "s0"], None);
+    handshakes_through_a_router("hp", &["--mode", "xdp", "-i", "c0", "-i", "s0"]);
 }
 
 /// TCP handshakes through a router, ntm on the router (`flags`): each
@@ -539,9 +567,9 @@ pub fn handshakes_are_split_at_the_router_and_failures_counted_xdp() {
 /// side (SYN to SYN-ACK: twice the server link's 50 ms) and the client's
 /// (SYN-ACK to the client's ACK: twice 20 ms), for IPv4 and IPv6; a port
 /// with no listener counted refused, a server that drops SYNs unanswered,
-/// a reset after the handshake reset, each once per connection. `keyed_by`:
-/// the interface the handshakes are keyed by (None: the host).
-fn handshakes_through_a_router(tag: &str, flags: &[&str], keyed_by: Option<&str>) {
+/// a reset after the handshake reset, a SYN the server answers with a
+/// destination unreachable unreachable, each once per connection.
+fn handshakes_through_a_router(tag: &str, flags: &[&str]) {
     use ntm_agent::kernel::handshakes::Outcome;
     const CONNECTIONS: u32 = 5;
 
@@ -551,11 +579,19 @@ fn handshakes_through_a_router(tag: &str, flags: &[&str], keyed_by: Option<&str>
     args.push("--numeric");
     let mut kernel = net.router.run(|| crate::kit::start_kernel(&args));
     kernel.drain().unwrap();
-    for server in ["198.18.85.2", "2001:2:0:85::2"] {
-        let said = net
-            .client
-            .exec(&["python3", "-c", &handshake_client(server, CONNECTIONS)]);
-        assert_eq!(said, "refused\nreset\nunanswered\n", "{server}");
+    for (server, nowhere) in [
+        ("198.18.85.2", "198.18.86.9"),
+        ("2001:2:0:85::2", "2001:2:0:86::9"),
+    ] {
+        let said = net.client.exec(&[
+            "python3",
+            "-c",
+            &handshake_client(server, nowhere, CONNECTIONS),
+        ]);
+        assert_eq!(
+            said, "refused\nreset\nunanswered\nunreachable\n",
+            "{server}"
+        );
     }
     // The last SYN to 5003 counts unanswered 10 s after it was sent.
     let mut ended = Vec::new();
@@ -570,18 +606,9 @@ fn handshakes_through_a_router(tag: &str, flags: &[&str], keyed_by: Option<&str>
         std::thread::sleep(Duration::from_millis(200));
         let drained = kernel.drain().unwrap();
         let h = drained.handshakes;
-        assert_eq!((h.no_room, h.busy), (0, 0), "{h:?}");
+        assert_eq!((h.no_room, h.busy, h.synack_unmatched), (0, 0, 0), "{h:?}");
         ended.extend(h.ended);
     }
-    let ifindex = match keyed_by {
-        Some(name) => {
-            let text = net
-                .router
-                .exec(&["cat", &format!("/sys/class/net/{name}/ifindex")]);
-            text.trim().parse().unwrap()
-        }
-        None => 0,
-    };
     let family_of = |key: &ntm_common::handshake::HandshakeKey| key.family;
     for fam in [ntm_common::family::IPV4, ntm_common::family::IPV6] {
         let of_family: Vec<_> = ended.iter().filter(|(k, _)| family_of(k) == fam).collect();
@@ -601,9 +628,13 @@ fn handshakes_through_a_router(tag: &str, flags: &[&str], keyed_by: Option<&str>
         assert_eq!(count(5003, &|o| *o == Outcome::Unanswered), 1, "{ended:#?}");
         assert_eq!(count(5004, &established), 1, "{ended:#?}");
         assert_eq!(count(5004, &|o| *o == Outcome::Reset), 1, "{ended:#?}");
-        assert_eq!(of_family.len(), CONNECTIONS as usize + 4, "{ended:#?}");
+        assert_eq!(
+            count(5005, &|o| *o == Outcome::Unreachable),
+            1,
+            "{ended:#?}"
+        );
+        assert_eq!(of_family.len(), CONNECTIONS as usize + 5, "{ended:#?}");
         for (key, outcome) in &of_family {
-            assert_eq!(key.ifindex, ifindex);
             let Outcome::Established { server, client } = outcome else {
                 continue;
             };

@@ -389,6 +389,7 @@ function showConnections(doc) {
     element('td', row.failed.refused.toLocaleString('en'), 'num'),
     element('td', row.failed.unanswered.toLocaleString('en'), 'num'),
     element('td', row.failed.reset.toLocaleString('en'), 'num'),
+    element('td', row.failed.unreachable.toLocaleString('en'), 'num'),
   ];
   updateRows(document.querySelector('#connection-devices tbody'), doc.devices, cells);
   updateRows(document.querySelector('#connection-servers tbody'), doc.servers, cells);
