@@ -1,12 +1,18 @@
-//! TCP handshakes seen on the hooks, for their latency at the observation
-//! point and the connections that fail (see `ntm_common::handshake`).
+//! TCP handshakes seen on the hooks, for their latency where ntm sees them
+//! and the connections that fail (see `ntm_common::handshake`): a SYN, the
+//! SYN-ACK answering it, the client's ACK of that, a RST, an ICMP
+//! destination unreachable quoting the SYN. Keyed by host, so that a
+//! handshake seen on several hooks (a router's two interfaces, a bridge's
+//! port and the bridge) is one; a segment seen twice on its way through
+//! counts once.
 //!
 //! A data segment pays one test (the parse leaves its flags 0, see
 //! `parse::handshake_part`); a bare ACK tests its connection's gate slot:
-//! the table is looked in only for a SYN, a RST, or a bare ACK whose gate
-//! slot counts a handshake waiting for its client's ACK. Frames of other
-//! shapes (IPv4 options, IPv6 extension headers, a VLAN tag in the frame)
-//! are not followed, nor are frames the filter rejected.
+//! the table is looked in only for a SYN, a RST, an ICMP destination
+//! unreachable, or a bare ACK whose gate slot counts a handshake waiting
+//! for its client's ACK. TCP segments of other shapes (IPv4 options, IPv6
+//! extension headers, a VLAN tag in the frame) are not followed, nor are
+//! frames the filter rejected.
 //!
 //! The kernel only writes entries; the agent takes the ended ones each
 //! drain and deletes them, and the SYNs left unanswered.
@@ -29,15 +35,14 @@ use crate::maps::{
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = 17;
 
-/// Follows a common frame's part in a handshake, if it has one: `flags`
-/// are its TCP flags where it may have one (a SYN, a RST or a bare ACK), 0
-/// for any other frame (`parse::handshake_part`): data segments pay that
-/// one test. `words` its
-/// flow key (in registers: only the gate's slot is taken from them),
-/// `frame`
-/// the frame's `[data, end)` and where its IP header starts, asked for
-/// only off the ordinary path, where what the table needs is read from the
-/// frame again.
+/// Follows a frame's part in a handshake, if it has one. `flags`: its TCP
+/// flags where it may have one (a SYN, a RST or a bare ACK of a common
+/// frame), `ICMP_UNREACHABLE` for a destination unreachable, 0 for any
+/// other frame (`parse::handshake_part`), data segments among them, which
+/// pay that one test. `words`: its flow key, in registers (only the gate's
+/// slot is taken from them). `frame`: the frame's `[data, end)`, where its
+/// IP header starts and its headers' length, asked for only off the
+/// ordinary path, where what the table needs is read from the frame again.
 #[inline(always)]
 pub fn track(
     flags: u8,
@@ -138,24 +143,20 @@ struct Segment {
     ack: u32,
 }
 
-/// Reads a common frame's IP and TCP headers, checked against `end` again
-/// (the parse's checks do not cross into this function for the verifier).
+/// Reads the IP header at `ip` and the first `tcp_bytes` of the TCP header
+/// after it (8: ports and sequence number, all an ICMP error is sure to
+/// quote; 20: the whole header), checked against `end` (the parse's checks
+/// do not cross into a BPF function for the verifier). None if they are
+/// not all there, or the packet is not TCP.
 #[inline(always)]
-fn segment(data: usize, end: usize, l3: usize) -> Option<Segment> {
-    // The common parse's offsets: at most an Ethernet header, then the IP
-    // header without options; the bound makes it plain to the verifier.
-    if l3 > 14 {
-        return None;
-    }
-    let ip = data + l3;
-    // The smallest: IPv4 and TCP headers.
-    if ip + 40 > end {
+fn read_segment(ip: usize, end: usize, tcp_bytes: usize) -> Option<Segment> {
+    if ip + 20 > end {
         return None;
     }
     // SAFETY: every read below is inside the bytes checked before it; an
     // address is read with 4- or 8-byte loads, as the parse reads it.
     unsafe {
-        let (family, src, dst, ip_len) = if *(ip as *const u8) >> 4 == 4 {
+        let (family, src, dst, ip_len, proto) = if *(ip as *const u8) >> 4 == 4 {
             let word = |at: usize| {
                 let address = *((ip + at) as *const u32) as u64;
                 if cfg!(target_endian = "little") {
@@ -164,20 +165,33 @@ fn segment(data: usize, end: usize, l3: usize) -> Option<Segment> {
                     address << 32
                 }
             };
-            (family::IPV4, [word(12), 0], [word(16), 0], 20)
+            let ihl = ((*(ip as *const u8) & 0x0f) as usize) * 4;
+            let proto = *((ip + 9) as *const u8);
+            (family::IPV4, [word(12), 0], [word(16), 0], ihl, proto)
         } else {
-            if ip + 60 > end {
+            if ip + 40 > end {
                 return None;
             }
             let words = (ip + 8) as *const u64;
+            let next = *((ip + 6) as *const u8);
             (
                 family::IPV6,
                 [*words, *words.add(1)],
                 [*words.add(2), *words.add(3)],
                 40,
+                next,
             )
         };
         let tcp = ip + ip_len;
+        if proto != ntm_common::ipproto::TCP || ip_len < 20 || tcp + tcp_bytes > end {
+            return None;
+        }
+        // The acknowledgement number is past an ICMP error's 8 bytes.
+        let ack = if tcp_bytes >= 12 {
+            u32::from_be(*((tcp + 8) as *const u32))
+        } else {
+            0
+        };
         Some(Segment {
             family,
             src,
@@ -185,9 +199,20 @@ fn segment(data: usize, end: usize, l3: usize) -> Option<Segment> {
             sport: u16::from_be(*(tcp as *const u16)),
             dport: u16::from_be(*((tcp + 2) as *const u16)),
             seq: u32::from_be(*((tcp + 4) as *const u32)),
-            ack: u32::from_be(*((tcp + 8) as *const u32)),
+            ack,
         })
     }
+}
+
+/// A common frame's segment, its IP header at `l3`.
+#[inline(always)]
+fn segment(data: usize, end: usize, l3: usize) -> Option<Segment> {
+    // The common parse's offsets: at most an Ethernet header, then the IP
+    // header; the bound makes it plain to the verifier.
+    if l3 > 14 {
+        return None;
+    }
+    read_segment(data + l3, end, 20)
 }
 
 /// The key's flags byte (see `parse::protocol_word`).
@@ -347,57 +372,8 @@ fn unreachable(data: usize, end: usize, at: Where) {
     if offset > crate::parse::MAX_L4_OFFSET + 8 {
         return;
     }
-    let ip = data + offset;
-    if ip + 20 > end {
+    let Some(quoted) = read_segment(data + offset, end, 8) else {
         return;
-    }
-    // SAFETY: every read below is inside the bytes checked before it.
-    let quoted = unsafe {
-        let (family, src, dst, ip_len, proto) = if *(ip as *const u8) >> 4 == 4 {
-            let ihl = ((*(ip as *const u8) & 0x0f) as usize) * 4;
-            let word = |at: usize| {
-                let address = *((ip + at) as *const u32) as u64;
-                if cfg!(target_endian = "little") {
-                    address
-                } else {
-                    address << 32
-                }
-            };
-            (
-                family::IPV4,
-                [word(12), 0],
-                [word(16), 0],
-                ihl,
-                *((ip + 9) as *const u8),
-            )
-        } else {
-            if ip + 40 > end {
-                return;
-            }
-            let words = (ip + 8) as *const u64;
-            (
-                family::IPV6,
-                [*words, *words.add(1)],
-                [*words.add(2), *words.add(3)],
-                40,
-                *((ip + 6) as *const u8),
-            )
-        };
-        // The quoted TCP header's first 8 bytes: ports and sequence number
-        // (all an ICMP error is sure to carry).
-        let tcp = ip + ip_len;
-        if proto != ntm_common::ipproto::TCP || ip_len < 20 || tcp + 8 > end {
-            return;
-        }
-        Segment {
-            family,
-            src,
-            dst,
-            sport: u16::from_be(*(tcp as *const u16)),
-            dport: u16::from_be(*((tcp + 2) as *const u16)),
-            seq: u32::from_be(*((tcp + 4) as *const u32)),
-            ack: 0,
-        }
     };
     // The quoted packet is the client's SYN.
     let key = key_of(&quoted, true);
