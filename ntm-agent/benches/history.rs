@@ -179,6 +179,7 @@ fn drain_figures() {
             overflow: Vec::new(),
             retransmits: Vec::new(),
             handshakes: Vec::new(),
+            syn_retries: Vec::new(),
         };
         let share = time(10, || {
             let now = Instant::now();

@@ -49,8 +49,8 @@ use crate::{
         series::TrafficSeries,
         series_sink::SeriesSink,
         sink::{
-            Host, LabelledDrain, LabelledFlow, LabelledHandshake, LabelledRetransmits, Overflow,
-            Sink,
+            Host, LabelledConnectionCount, LabelledDrain, LabelledFlow, LabelledHandshake,
+            Overflow, Sink,
         },
         tcp_health::TcpHealthSink,
     },
@@ -364,6 +364,7 @@ impl Pipeline {
             overflow: Vec::new(),
             retransmits: Vec::new(),
             handshakes: Vec::new(),
+            syn_retries: Vec::new(),
         };
         let Self {
             pending,
@@ -410,25 +411,35 @@ impl Pipeline {
                 outcome: *outcome,
             });
         }
-        for (connection, segments) in &drained.retransmits.connections {
-            let key = retransmit_flow(connection, self.ephemeral_start, &labeller.services);
+        for (handshake, retries) in &drained.handshakes.syn_retries {
+            let key = handshake_flow(handshake);
             let (client, server) = client_and_server(&key);
-            labelled.retransmits.push(LabelledRetransmits {
+            labelled.syn_retries.push(LabelledConnectionCount {
                 client,
                 server,
                 service: shared.get(service_name(&key, &labeller.services)),
-                segments: *segments,
+                count: *retries,
+            });
+        }
+        for (connection, segments) in &drained.retransmits.connections {
+            let key = retransmit_flow(connection, self.ephemeral_start, &labeller.services);
+            let (client, server) = client_and_server(&key);
+            labelled.retransmits.push(LabelledConnectionCount {
+                client,
+                server,
+                service: shared.get(service_name(&key, &labeller.services)),
+                count: *segments,
             });
         }
         // Retransmits of connections the kernel's table had no room for:
         // still this host's, in the series whose labels are all "other".
         if drained.retransmits.no_room != 0 {
             let other = shared.get("other".to_string());
-            labelled.retransmits.push(LabelledRetransmits {
+            labelled.retransmits.push(LabelledConnectionCount {
                 client: Arc::clone(&other),
                 server: Arc::clone(&other),
                 service: other,
-                segments: drained.retransmits.no_room,
+                count: drained.retransmits.no_room,
             });
         }
         // Traffic that found no room in the flow table is still traffic: it

@@ -70,6 +70,9 @@ impl Outcome {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct HandshakeCounts {
     pub ended: Vec<(HandshakeKey, Outcome)>,
+    /// SYNs sent again, by handshake: counted when the agent lets go of
+    /// the handshake (it ended, or its client stopped retrying).
+    pub syn_retries: Vec<(HandshakeKey, u64)>,
     /// Handshakes (and resets) the full table had no room for.
     pub no_room: u64,
     /// SYN-ACKs whose SYN was not seen.
@@ -78,6 +81,15 @@ pub struct HandshakeCounts {
     pub busy: u64,
     /// Handshakes dropped unmeasured: answered, the client's ACK not seen.
     pub ack_unseen: u64,
+}
+
+impl HandshakeCounts {
+    /// The SYNs `entry`'s client sent again, if any.
+    fn retried(&mut self, key: &HandshakeKey, entry: &Handshake) {
+        if entry.syns > 1 {
+            self.syn_retries.push((*key, entry.syns as u64 - 1));
+        }
+    }
 }
 
 /// The kernel's handshake table and what the agent keeps of it.
@@ -149,6 +161,7 @@ impl Handshakes {
                 Verdict::Keep => {}
                 Verdict::Take(outcome) => {
                     if self.delete(&key)? {
+                        counts.retried(&key, &entry);
                         counts.ended.push((key, outcome));
                         // Up, then reset before this drain.
                         if entry.reset != 0 && outcome != Outcome::Reset {
@@ -161,12 +174,13 @@ impl Handshakes {
                         self.reported.insert(key, entry.first_syn_ns);
                         counts.ended.push((key, Outcome::Unanswered));
                     }
-                    if forget {
-                        self.delete(&key)?;
+                    if forget && self.delete(&key)? {
+                        counts.retried(&key, &entry);
                     }
                 }
                 Verdict::AckUnseen => {
                     if self.delete(&key)? {
+                        counts.retried(&key, &entry);
                         counts.ack_unseen += 1;
                         if entry.state == state::AWAIT_ACK {
                             self.close_gate(entry.gate);

@@ -48,14 +48,15 @@ pub struct Overflow {
     pub delta: Counters,
 }
 
-/// TCP segments one connection of this host retransmitted in a drain
-/// interval, its client and server named as in the traffic series.
+/// A count of one TCP connection's in a drain interval (the segments it
+/// retransmitted, the SYNs it sent again), its client and server named as
+/// in the traffic series.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LabelledRetransmits {
+pub struct LabelledConnectionCount {
     pub client: Arc<str>,
     pub server: Arc<str>,
     pub service: Arc<str>,
-    pub segments: u64,
+    pub count: u64,
 }
 
 /// A TCP handshake that ended in a drain interval (or a SYN left
@@ -73,8 +74,11 @@ pub struct LabelledHandshake {
 pub struct LabelledDrain {
     pub flows: Vec<LabelledFlow>,
     pub overflow: Vec<Overflow>,
-    pub retransmits: Vec<LabelledRetransmits>,
+    /// Segments retransmitted, by connection.
+    pub retransmits: Vec<LabelledConnectionCount>,
     pub handshakes: Vec<LabelledHandshake>,
+    /// SYNs sent again, by connection.
+    pub syn_retries: Vec<LabelledConnectionCount>,
 }
 
 /// A host in labels now, as the names know it.

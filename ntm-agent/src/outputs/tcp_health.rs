@@ -10,6 +10,8 @@
 //! - `<prefix>_tcp_retransmits_total{client, server, service}`: segments
 //!   this host's connections retransmitted (the kernel counts them by
 //!   connection, `kernel/retransmits.rs`);
+//! - `<prefix>_tcp_syn_retries_total{client, server, service}`: SYNs sent
+//!   again (their handshakes' server side is not measured);
 //! - `<prefix>_tcp_handshakes_untracked_total{reason}`: handshakes not
 //!   followed (`table_full`, `synack_unmatched`, `busy`, `ack_unseen`).
 //!
@@ -104,6 +106,8 @@ pub struct TcpHealthSink {
     failures: LabelSets<4>,
     retransmits: IntCounterVec,
     retransmitting: LabelSets<3>,
+    syn_retries: IntCounterVec,
+    retrying: LabelSets<3>,
     untracked: IntCounterVec,
 }
 
@@ -135,6 +139,13 @@ impl TcpHealthSink {
             ),
             &["client", "server", "service"],
         )?;
+        let syn_retries = IntCounterVec::new(
+            Opts::new(
+                format!("{prefix}_tcp_syn_retries_total"),
+                "SYNs TCP clients sent again, seen on the monitored interfaces (their handshakes' server side is not measured), by client, server and service",
+            ),
+            &["client", "server", "service"],
+        )?;
         let untracked = IntCounterVec::new(
             Opts::new(
                 format!("{prefix}_tcp_handshakes_untracked_total"),
@@ -142,7 +153,7 @@ impl TcpHealthSink {
             ),
             &["reason"],
         )?;
-        for family in [&failed, &retransmits, &untracked] {
+        for family in [&failed, &retransmits, &syn_retries, &untracked] {
             registry.register(Box::new(family.clone()))?;
         }
         registry.register(Box::new(handshake_seconds.clone()))?;
@@ -154,6 +165,8 @@ impl TcpHealthSink {
             failures: LabelSets::new(max_series),
             retransmits,
             retransmitting: LabelSets::new(max_series),
+            syn_retries,
+            retrying: LabelSets::new(max_series),
             untracked,
         })
     }
@@ -222,22 +235,33 @@ impl Sink for TcpHealthSink {
                 }
             }
         }
-        for r in &drain.retransmits {
-            let labels = [
-                Arc::clone(&r.client),
-                Arc::clone(&r.server),
-                Arc::clone(&r.service),
-            ];
-            let labels = self.retransmitting.admit(labels, &[], now);
-            self.retransmits
-                .with_label_values(&values(&labels))
-                .inc_by(r.segments);
+        for (counts, family, sets) in [
+            (
+                &drain.retransmits,
+                &self.retransmits,
+                &mut self.retransmitting,
+            ),
+            (&drain.syn_retries, &self.syn_retries, &mut self.retrying),
+        ] {
+            for r in counts {
+                let labels = [
+                    Arc::clone(&r.client),
+                    Arc::clone(&r.server),
+                    Arc::clone(&r.service),
+                ];
+                let labels = sets.admit(labels, &[], now);
+                family.with_label_values(&values(&labels)).inc_by(r.count);
+            }
         }
     }
 
     fn expire(&mut self, now: Instant, ttl: Duration) {
-        let (seconds, failed, retransmits) =
-            (&self.handshake_seconds, &self.failed, &self.retransmits);
+        let (seconds, failed, retransmits, syn_retries) = (
+            &self.handshake_seconds,
+            &self.failed,
+            &self.retransmits,
+            &self.syn_retries,
+        );
         self.handshakes.expire(now, ttl, |v| {
             let _ = seconds.remove_label_values(v);
         });
@@ -247,23 +271,26 @@ impl Sink for TcpHealthSink {
         self.retransmitting.expire(now, ttl, |v| {
             let _ = retransmits.remove_label_values(v);
         });
+        self.retrying.expire(now, ttl, |v| {
+            let _ = syn_retries.remove_label_values(v);
+        });
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outputs::sink::{LabelledHandshake, LabelledRetransmits};
+    use crate::outputs::sink::{LabelledConnectionCount, LabelledHandshake};
 
     fn drain(items: &[(&str, &str, &str, u64)]) -> LabelledDrain {
         LabelledDrain {
             retransmits: items
                 .iter()
-                .map(|(client, server, service, segments)| LabelledRetransmits {
+                .map(|(client, server, service, count)| LabelledConnectionCount {
                     client: Arc::from(*client),
                     server: Arc::from(*server),
                     service: Arc::from(*service),
-                    segments: *segments,
+                    count: *count,
                 })
                 .collect(),
             ..Default::default()
@@ -392,6 +419,28 @@ mod tests {
             .filter(|l| l.starts_with("ntm_tcp_handshake_seconds_count"))
             .count();
         assert_eq!(histogram_sets, 3, "{body}");
+    }
+
+    #[test]
+    fn syn_retries_add_up_by_client_server_and_service() {
+        let registry = Registry::new();
+        let mut sink = TcpHealthSink::new(&registry, "ntm", 10).unwrap();
+        let retried = |n| LabelledConnectionCount {
+            client: Arc::from("laptop"),
+            server: Arc::from("slow.example"),
+            service: Arc::from("https"),
+            count: n,
+        };
+        sink.labelled(
+            &LabelledDrain {
+                syn_retries: vec![retried(2), retried(3)],
+                ..Default::default()
+            },
+            Instant::now(),
+        );
+        assert!(text(&registry).contains(
+            r#"ntm_tcp_syn_retries_total{client="laptop",server="slow.example",service="https"} 5"#
+        ));
     }
 
     #[test]

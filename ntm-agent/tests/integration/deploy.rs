@@ -174,10 +174,9 @@ fn exports(text: &str, metric: &str) -> bool {
 
 /// The `/metrics` of an agent that has seen a TCP handshake complete and a
 /// connection refused, so that its TCP health families have series (a
-/// family without any is left out of `/metrics`). On a plain link: ntm
-/// follows a handshake per hooked interface, and on a bridge, where the
-/// Kubernetes agents here count, the SYN is seen at a port's ingress and
-/// the SYN-ACK at the bridge's egress, so no handshake completes there.
+/// family without any is left out of `/metrics`): an agent of its own on
+/// a plain link, which sees both at once, where the Kubernetes agents'
+/// pods here make no refused connection.
 fn tcp_health_metrics() -> String {
     const PORT: u16 = 9472;
     let link = Link::new("rtcp");
