@@ -393,43 +393,44 @@ impl Pipeline {
         // their traffic's flow has usually been named already, and its
         // labels are kept).
         let first_seen = now.checked_sub(wait).unwrap_or(now);
-        let mut client_and_server =
-            |key: &ntm_common::FlowKey| match hosts.flow_labels(key, first_seen, now) {
+        // A connection's labels: its client and server as its traffic's,
+        // its service.
+        let mut labels_of = |key: &ntm_common::FlowKey| {
+            let (client, server) = match hosts.flow_labels(key, first_seen, now) {
                 Some((client, server)) if !client.is_empty() => (client, server),
                 _ => (
                     Arc::from(key.src_addr().map(|a| a.to_string()).unwrap_or_default()),
                     Arc::from(key.dst_addr().map(|a| a.to_string()).unwrap_or_default()),
                 ),
             };
+            (
+                client,
+                server,
+                shared.get(service_name(key, &labeller.services)),
+            )
+        };
+        let count = |(client, server, service), count| LabelledConnectionCount {
+            client,
+            server,
+            service,
+            count,
+        };
         for (handshake, outcome) in &drained.handshakes.ended {
-            let key = handshake_flow(handshake);
-            let (client, server) = client_and_server(&key);
+            let (client, server, service) = labels_of(&handshake_flow(handshake));
             labelled.handshakes.push(LabelledHandshake {
                 client,
                 server,
-                service: shared.get(service_name(&key, &labeller.services)),
+                service,
                 outcome: *outcome,
             });
         }
         for (handshake, retries) in &drained.handshakes.syn_retries {
-            let key = handshake_flow(handshake);
-            let (client, server) = client_and_server(&key);
-            labelled.syn_retries.push(LabelledConnectionCount {
-                client,
-                server,
-                service: shared.get(service_name(&key, &labeller.services)),
-                count: *retries,
-            });
+            let labels = labels_of(&handshake_flow(handshake));
+            labelled.syn_retries.push(count(labels, *retries));
         }
         for (connection, segments) in &drained.retransmits.connections {
             let key = retransmit_flow(connection, self.ephemeral_start, &labeller.services);
-            let (client, server) = client_and_server(&key);
-            labelled.retransmits.push(LabelledConnectionCount {
-                client,
-                server,
-                service: shared.get(service_name(&key, &labeller.services)),
-                count: *segments,
-            });
+            labelled.retransmits.push(count(labels_of(&key), *segments));
         }
         // Retransmits of connections the kernel's table had no room for:
         // still this host's, in the series whose labels are all "other".
