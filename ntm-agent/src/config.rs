@@ -380,7 +380,8 @@ pub struct DatapathArgs {
     /// (`<prefix>_tcp_handshake_seconds`,
     /// `<prefix>_tcp_connections_failed_total`) and the segments this
     /// host's connections retransmit (`<prefix>_tcp_retransmits_total`,
-    /// from the tcp:tcp_retransmit_skb tracepoint, which needs tracefs).
+    /// from the tcp_retransmit_skb raw tracepoint, which needs the
+    /// kernel's BTF).
     #[arg(long = "no-tcp-health", env = "NTM_NO_TCP_HEALTH", value_parser = on_off(),
           action = clap::ArgAction::SetTrue)]
     pub no_tcp_health: bool,

@@ -102,7 +102,7 @@ pub mod names {
     /// counting (the orphan timeout). 0: no timeout.
     pub const LEASE: &str = "NTM_LEASE";
 
-    /// The program on the `tcp:tcp_retransmit_skb` tracepoint: counts the
+    /// The program on the `tcp_retransmit_skb` raw tracepoint: counts the
     /// TCP segments this host's kernel retransmits, by connection.
     pub const RETRANSMIT_PROGRAM: &str = "ntm_tcp_retransmit";
     /// ARRAY_OF_MAPS with one slot: the retransmit table counted into now.
@@ -113,13 +113,9 @@ pub mod names {
     pub const RETRANSMIT_TABLES: [&str; 2] = ["NTM_RETRANSMITS_A", "NTM_RETRANSMITS_B"];
     /// Per-CPU array of u64, since load: see [`crate::retransmit_lost`].
     pub const RETRANSMITS_LOST: &str = "NTM_RETRANSMITS_LOST";
-    /// Read-only global: the offset of the tracepoint's `err` field (Linux
-    /// 6.17+, where failed retransmits fire it too), 0 where it has none.
-    pub const RETRANSMIT_ERR_AT: &str = "NTM_RETRANSMIT_ERR_AT";
-    /// Read-only global: where in a `struct sk_buff` its TCP segment count
-    /// is (`TCP_SKB_CB(skb)->tcp_gso_segs`, from the kernel's BTF), 0 where
-    /// unknown (each retransmitted buffer then counts as one segment).
-    pub const RETRANSMIT_SEGS_AT: &str = "NTM_RETRANSMIT_SEGS_AT";
+    /// Read-only global: a [`crate::RetransmitLayout`], from the running
+    /// kernel's BTF.
+    pub const RETRANSMIT_LAYOUT: &str = "NTM_RETRANSMIT_LAYOUT";
 
     /// HASH of [`crate::handshake::HandshakeKey`] to
     /// [`crate::handshake::Handshake`]: TCP handshakes in flight and just
@@ -499,17 +495,35 @@ pub mod retransmit_lost {
 /// one drain interval.
 pub const RETRANSMIT_ENTRIES: u32 = 16_384;
 
-/// The tracepoint's fields at the offsets the program reads (Linux 5.18 to
-/// 6.18 agree; the agent checks the running kernel's format first).
-pub mod retransmit_format {
-    pub const SKBADDR: usize = 8;
-    pub const SPORT: usize = 28;
-    pub const DPORT: usize = 30;
-    pub const FAMILY: usize = 32;
-    pub const SADDR: usize = 34;
-    pub const DADDR: usize = 38;
-    pub const SADDR_V6: usize = 42;
-    pub const DADDR_V6: usize = 58;
+/// Where the retransmit program finds a connection in the kernel's own
+/// structures, as byte offsets the agent takes from the running kernel's
+/// BTF (aya has no CO-RE for Rust programs). The raw tracepoint passes the
+/// socket and the buffer, not a formatted record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetransmitLayout {
+    /// `struct sock`'s `skc_family` (u16).
+    pub family: u32,
+    /// `skc_num`: the local port, host order (u16).
+    pub local_port: u32,
+    /// `skc_dport`: the remote port, network order (u16).
+    pub remote_port: u32,
+    /// `skc_rcv_saddr` (4 bytes).
+    pub local_v4: u32,
+    /// `skc_daddr` (4 bytes).
+    pub remote_v4: u32,
+    /// `skc_v6_rcv_saddr` (16 bytes).
+    pub local_v6: u32,
+    /// `skc_v6_daddr` (16 bytes).
+    pub remote_v6: u32,
+    /// `struct sk_buff`'s `TCP_SKB_CB(skb)->tcp_gso_segs` (u16); 0 where
+    /// unknown (each retransmitted buffer then counts as one segment).
+    pub segments: u32,
+    /// 1 where the tracepoint passes the send's error as a third argument
+    /// (Linux 6.17+, where failed retransmits fire it too), else 0. The
+    /// program reads that argument only where it is 1: the kernel refuses
+    /// to attach a program that reads past a tracepoint's arguments.
+    pub has_err: u32,
 }
 
 /// [`names::OUTSIDE_COUNTERS`]. The generation makes the counters
@@ -626,6 +640,8 @@ mod pod {
     unsafe impl aya::Pod for super::OutsideSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RetransmitKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RetransmitLayout {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::handshake::HandshakeKey {}
     // SAFETY: as above.

@@ -17,7 +17,7 @@
 //!   into the table the agent reads for latency and failed connections;
 //! - `lease`: the orphan lease, which stops counting once no agent renews it;
 //! - `retransmits`: TCP retransmissions of this host's connections, from
-//!   the `tcp:tcp_retransmit_skb` tracepoint (`ntm_tcp_retransmit` below).
+//!   the `tcp_retransmit_skb` raw tracepoint (`ntm_tcp_retransmit` below).
 #![no_std]
 #![no_main]
 // The BPF atomic add (see `handshakes::gate_add`).
@@ -34,8 +34,8 @@ mod retransmits;
 
 use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action},
-    macros::{classifier, tracepoint, xdp},
-    programs::{TcContext, TracePointContext, XdpContext},
+    macros::{classifier, raw_tracepoint, xdp},
+    programs::{RawTracePointContext, TcContext, XdpContext},
 };
 use ntm_common::{Hook, tail};
 
@@ -197,9 +197,9 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 static LICENSE: [u8; 4] = *b"GPL\0";
 
 /// TCP segments retransmitted by this host's sockets (see `retransmits`).
-#[tracepoint]
+#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
 #[inline(always)]
-pub fn ntm_tcp_retransmit(ctx: TracePointContext) -> u32 {
+pub fn ntm_tcp_retransmit(ctx: RawTracePointContext) -> i32 {
     retransmits::count(&ctx);
     0
 }

@@ -16,7 +16,7 @@ use aya_ebpf::{
 use ntm_common::{
     CacheSlot, Counters, DEFAULT_FLOW_TABLE_ENTRIES, FLOW_CACHE_SLOTS, FlowKey, KNOWN_PORT_WORDS,
     OUTSIDE_ENTRIES, OUTSIDE_SLOTS, OUTSIDE_UNKEYED_SLOTS, OutsideKey, OutsideSlot,
-    RETRANSMIT_ENTRIES, RetransmitKey,
+    RETRANSMIT_ENTRIES, RetransmitKey, RetransmitLayout,
     handshake::{self, Handshake, HandshakeKey},
     observe::{self, MacKey, MacValue, Record},
     retransmit_lost, service_port, tail,
@@ -185,15 +185,20 @@ static NTM_RETRANSMITS_B: RetransmitTable = RetransmitTable::new();
 pub static NTM_RETRANSMITS_LOST: PerCpuArray<u64, { retransmit_lost::SLOTS as usize }> =
     PerCpuArray::new();
 
-/// Where the tracepoint's `err` field is (0: it has none); set by the
-/// agent at load time from the running kernel's format.
+/// Where the program finds a connection in the kernel's structures; set
+/// by the agent at load time from the running kernel's BTF.
 #[unsafe(no_mangle)]
-pub static NTM_RETRANSMIT_ERR_AT: u32 = 0;
-
-/// Where a `struct sk_buff` holds its TCP segment count (0: unknown, one
-/// per buffer); set by the agent at load time from the kernel's BTF.
-#[unsafe(no_mangle)]
-pub static NTM_RETRANSMIT_SEGS_AT: u32 = 0;
+pub static NTM_RETRANSMIT_LAYOUT: RetransmitLayout = RetransmitLayout {
+    family: 0,
+    local_port: 0,
+    remote_port: 0,
+    local_v4: 0,
+    remote_v4: 0,
+    local_v6: 0,
+    remote_v6: 0,
+    segments: 0,
+    has_err: 0,
+};
 
 // TCP handshakes (see `handshakes.rs`).
 

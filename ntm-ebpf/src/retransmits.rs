@@ -1,19 +1,23 @@
 //! TCP segments this host's kernel retransmits, by connection: the program
-//! on the `tcp:tcp_retransmit_skb` tracepoint, which fires in the sending
+//! on the `tcp_retransmit_skb` raw tracepoint, which fires in the sending
 //! socket's context (this host and its containers and pods: one kernel).
 //! Forwarded traffic has no socket here and never fires it.
 //!
-//! The fields are read at the offsets of the tracepoint's format
-//! (`ntm_common::retransmit_format`), which the agent checks against the
-//! running kernel's before it attaches the program; no CO-RE is needed.
+//! A raw tracepoint, not the classic one: the kernel skips a classic
+//! tracepoint's (or a kprobe's) program whenever any such program, or a map
+//! syscall (`bpf_disable_instrumentation`), is already running on the CPU;
+//! a retransmit timer or ACK that interrupts the agent's own drain would go
+//! uncounted. A raw tracepoint's program is only skipped if it interrupts
+//! itself, which its one short path never does.
+//!
+//! The raw tracepoint passes the socket and the buffer; the connection is
+//! read from `struct sock` at the offsets the agent took from the running
+//! kernel's BTF (`ntm_common::RetransmitLayout`): no CO-RE is needed.
 
-use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::TracePointContext};
-use ntm_common::{RetransmitKey, family, retransmit_format as at, retransmit_lost};
+use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::RawTracePointContext};
+use ntm_common::{RetransmitKey, family, retransmit_lost};
 
-use crate::maps::{
-    NTM_ACTIVE_RETRANSMITS, NTM_RETRANSMIT_ERR_AT, NTM_RETRANSMIT_SEGS_AT, NTM_RETRANSMITS_LOST,
-    setting,
-};
+use crate::maps::{NTM_ACTIVE_RETRANSMITS, NTM_RETRANSMIT_LAYOUT, NTM_RETRANSMITS_LOST, setting};
 
 // bpf_map_update_elem's flag and the errno it returns for a key that is
 // there already.
@@ -23,19 +27,29 @@ const EEXIST: i32 = 17;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
+/// The tracepoint's arguments: `(const struct sock *sk, const struct
+/// sk_buff *skb)`, and `int err` from Linux 6.17.
+const ARG_SOCK: usize = 0;
+const ARG_SKB: usize = 1;
+const ARG_ERR: usize = 2;
+
 #[inline(always)]
-pub fn count(ctx: &TracePointContext) {
-    let err_at = setting(&NTM_RETRANSMIT_ERR_AT);
-    if err_at != 0 && field::<i32>(ctx, err_at as usize).unwrap_or(0) != 0 {
-        lost(retransmit_lost::FAILED, segments(ctx));
+pub fn count(ctx: &RawTracePointContext) {
+    let at = &NTM_RETRANSMIT_LAYOUT;
+    let skb: u64 = ctx.arg(ARG_SKB);
+    // The verifier drops this read where `has_err` is 0: a kernel without
+    // the argument refuses a program that reads it.
+    if setting(&at.has_err) != 0 && ctx.arg::<u64>(ARG_ERR) as i32 != 0 {
+        lost(retransmit_lost::FAILED, segments(skb));
         return;
     }
+    let sock: u64 = ctx.arg(ARG_SOCK);
     let mut key = RetransmitKey::default();
-    match field::<u16>(ctx, at::FAMILY) {
+    match read::<u16>(sock, setting(&at.family)) {
         Some(AF_INET) => {
             let (Some(local), Some(remote)) = (
-                field::<[u8; 4]>(ctx, at::SADDR),
-                field::<[u8; 4]>(ctx, at::DADDR),
+                read::<[u8; 4]>(sock, setting(&at.local_v4)),
+                read::<[u8; 4]>(sock, setting(&at.remote_v4)),
             ) else {
                 return;
             };
@@ -45,8 +59,8 @@ pub fn count(ctx: &TracePointContext) {
         }
         Some(AF_INET6) => {
             let (Some(local), Some(remote)) = (
-                field::<[u8; 16]>(ctx, at::SADDR_V6),
-                field::<[u8; 16]>(ctx, at::DADDR_V6),
+                read::<[u8; 16]>(sock, setting(&at.local_v6)),
+                read::<[u8; 16]>(sock, setting(&at.remote_v6)),
             ) else {
                 return;
             };
@@ -56,14 +70,15 @@ pub fn count(ctx: &TracePointContext) {
         }
         _ => return,
     }
-    let (Some(local_port), Some(remote_port)) =
-        (field::<u16>(ctx, at::SPORT), field::<u16>(ctx, at::DPORT))
-    else {
+    let (Some(local_port), Some(remote_port)) = (
+        read::<u16>(sock, setting(&at.local_port)),
+        read::<u16>(sock, setting(&at.remote_port)),
+    ) else {
         return;
     };
     key.local_port = local_port;
-    key.remote_port = remote_port;
-    add(&key, segments(ctx));
+    key.remote_port = u16::from_be(remote_port);
+    add(&key, segments(skb));
 }
 
 /// The segments the retransmitted buffer carried (a buffer of a
@@ -71,32 +86,24 @@ pub fn count(ctx: &TracePointContext) {
 /// TcpRetransSegs counts each): its `TCP_SKB_CB(skb)->tcp_gso_segs`, where
 /// the agent found it in the kernel's BTF; else one.
 #[inline(always)]
-fn segments(ctx: &TracePointContext) -> u64 {
-    let segs_at = setting(&NTM_RETRANSMIT_SEGS_AT);
-    if segs_at == 0 {
-        return 1;
-    }
-    let Some(skb) = field::<u64>(ctx, at::SKBADDR) else {
-        return 1;
-    };
-    // SAFETY: bpf_probe_read_kernel copies from kernel memory and returns
-    // an error rather than fault; `skb` is the buffer the tracepoint
-    // describes, and the offset the agent took from this kernel's BTF.
-    let segs = unsafe { bpf_probe_read_kernel((skb + segs_at as u64) as *const u16) };
-    match segs {
-        Ok(n) if n > 0 => n as u64,
-        _ => 1,
+fn segments(skb: u64) -> u64 {
+    match setting(&NTM_RETRANSMIT_LAYOUT.segments) {
+        0 => 1,
+        at => match read::<u16>(skb, at) {
+            Some(n) if n > 0 => n as u64,
+            _ => 1,
+        },
     }
 }
 
-/// The field at `offset` of the tracepoint's record.
+/// The `T` at byte `offset` of the kernel object at `base`.
 #[inline(always)]
-fn field<T>(ctx: &TracePointContext, offset: usize) -> Option<T> {
-    // SAFETY: `offset` is one of the tracepoint's format, which the agent
-    // checked against the running kernel's (the `err` offset it took from
-    // it), for a field of type T; bpf_probe_read returns an error rather
-    // than fault on a bad read.
-    unsafe { ctx.read_at::<T>(offset) }.ok()
+fn read<T>(base: u64, offset: u32) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel copies from kernel memory and returns
+    // an error rather than fault; `base` is the socket or buffer the
+    // tracepoint passed, and `offset` that of a field of type T the agent
+    // took from this kernel's BTF.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.ok()
 }
 
 /// `segments` retransmitted by `key`'s connection into the active table,
@@ -108,7 +115,8 @@ fn add(key: &RetransmitKey, segments: u64) {
     };
     if let Some(count) = table.get_ptr_mut(key) {
         // SAFETY: this CPU's value of a per-CPU map, from a successful
-        // lookup; tracepoint programs do not nest on a CPU.
+        // lookup; the program does not nest on a CPU (a raw tracepoint's
+        // program is skipped where it would interrupt itself).
         unsafe { *count += segments };
         return;
     }

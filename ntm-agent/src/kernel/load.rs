@@ -21,7 +21,7 @@ use super::{
     drain::{DrainError, FlowTables},
     handshakes::Handshakes,
     observe::{LearntMacs, Observer, ObserverError},
-    retransmits::{Format, Retransmits},
+    retransmits::{Layout, Retransmits},
 };
 use crate::{
     filter::{self, Filter, FilterError},
@@ -242,9 +242,9 @@ impl Datapath {
         for table in names::FLOW_TABLES {
             loader.map_max_entries(table, options.flow_table_entries);
         }
-        let retransmit_format = if options.count_retransmits {
-            match Format::of_running_kernel() {
-                Ok(format) => Some(format),
+        let retransmit_layout = if options.count_retransmits {
+            match Layout::of_running_kernel() {
+                Ok(layout) => Some(layout),
                 Err(e) => {
                     log::warn!("retransmissions are not counted: {e}");
                     None
@@ -253,8 +253,8 @@ impl Datapath {
         } else {
             None
         };
-        match retransmit_format {
-            Some(format) => format.set_in(&mut loader),
+        match retransmit_layout {
+            Some(layout) => layout.set_in(&mut loader),
             // Unused: as small as a hash can be.
             None => {
                 for table in names::RETRANSMIT_TABLES {
@@ -349,7 +349,7 @@ impl Datapath {
         } else {
             None
         };
-        let retransmits = match retransmit_format {
+        let retransmits = match retransmit_layout {
             Some(_) => match Retransmits::attach(&mut ebpf) {
                 Ok(retransmits) => Some(retransmits),
                 Err(e) => {

@@ -1,5 +1,5 @@
 //! TCP segments this host's kernel retransmitted, by connection: the
-//! kernel's `ntm_tcp_retransmit` program on the `tcp:tcp_retransmit_skb`
+//! kernel's `ntm_tcp_retransmit` program on the `tcp_retransmit_skb` raw
 //! tracepoint counts them in two tables that take turns, as the flow tables
 //! do (see `drain.rs`): a swap returns once no program holds the earlier
 //! table, which is then read and emptied, so nothing is lost or counted
@@ -7,239 +7,179 @@
 //!
 //! The tracepoint fires in the context of the socket that sends, so it
 //! covers connections that end on this host (its containers and pods
-//! included), never traffic it forwards. Before attaching, the agent checks
-//! the running kernel's format of the tracepoint against the offsets the
-//! program reads, and finds whether it has the `err` field (Linux 6.17+,
+//! included), never traffic it forwards. A raw tracepoint, because the
+//! kernel skips a classic tracepoint's program while a map syscall (such as
+//! this agent's own drain) runs on the same CPU, which lost a retransmit in
+//! one run in a few dozen. Its arguments are the socket and the buffer:
+//! before loading, the agent finds in the running kernel's BTF where a
+//! socket keeps its addresses and ports, where a buffer keeps its segment
+//! count, and whether the tracepoint passes the send's error (Linux 6.17+,
 //! where retransmits that failed fire it too; those are not counted).
-
-use std::{fs, io, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{ArrayOfMaps, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
-    programs::{ProgramError, TracePoint},
+    programs::{ProgramError, RawTracePoint},
 };
-use ntm_common::{RetransmitKey, names, retransmit_format, retransmit_lost};
+use ntm_common::{RetransmitKey, RetransmitLayout, family, names, retransmit_lost};
 
-/// Where tracefs may be mounted.
-const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
-const CATEGORY: &str = "tcp";
-const EVENT: &str = "tcp_retransmit_skb";
+/// The raw tracepoint the program attaches to.
+const TRACEPOINT: &str = "tcp_retransmit_skb";
+
+/// The running kernel's BTF.
+const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RetransmitError {
     #[error(
-        "the tcp:tcp_retransmit_skb tracepoint's format could not be read ({0}): is tracefs mounted (mount -t tracefs nodev /sys/kernel/tracing)? (--no-tcp-health turns this off)"
+        "the kernel's BTF ({VMLINUX_BTF}) could not be read ({0}); counting retransmissions needs it to find a connection in a socket (kernels built with CONFIG_DEBUG_INFO_BTF have it; --no-tcp-health turns this off)"
     )]
-    Format(#[source] io::Error),
+    Btf(String),
     #[error(
-        "tracefs (/sys/kernel/tracing) is readable by root only: run ntm as root, or give it CAP_DAC_READ_SEARCH too (--no-tcp-health turns this off)"
+        "the kernel's BTF has no {0}: this kernel's sockets are not laid out as ntm reads them (--no-tcp-health turns this off)"
     )]
-    TracefsDenied,
-    #[error(
-        "the tcp:tcp_retransmit_skb tracepoint has field {field} at offset {found:?}, where this build reads it at {expected}"
-    )]
-    Layout {
-        field: &'static str,
-        expected: usize,
-        found: Option<usize>,
-    },
-    #[error("attaching to the tcp:tcp_retransmit_skb tracepoint failed: {0}")]
+    Layout(&'static str),
+    #[error("attaching to the tcp_retransmit_skb raw tracepoint failed: {0}")]
     Attach(#[source] ProgramError),
     #[error(transparent)]
     Map(#[from] MapError),
 }
 
-/// The running kernel's layout of the tracepoint, as the program needs it.
+/// What the program needs to know of the running kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Format {
-    /// Offset of `err`, 0 if the kernel has no such field.
-    pub err_at: u32,
-    /// Where a `struct sk_buff` holds its TCP segment count, from the
-    /// kernel's BTF; 0 if unknown (see [`segments_offset`]).
-    pub segs_at: u32,
-}
+pub struct Layout(pub RetransmitLayout);
 
-impl Format {
-    /// Reads and checks the running kernel's format. Where tracefs is not
-    /// mounted (a mount namespace of its own, as `ip netns exec` and
-    /// containers make), it is mounted at its usual place first: the
-    /// mount stays in that namespace.
+impl Layout {
+    /// Reads the running kernel's BTF.
     pub fn of_running_kernel() -> Result<Self, RetransmitError> {
-        let mut format = match Self::read() {
-            Err(RetransmitError::Format(e)) if e.kind() == io::ErrorKind::NotFound => {
-                if let Err(mount) = mount_tracefs() {
-                    log::debug!("mounting tracefs at {}: {mount}", TRACEFS[0]);
-                    return Err(RetransmitError::Format(e));
-                }
-                Self::read()
-            }
-            other => other,
-        }?;
-        format.segs_at = match btf_rs::Btf::from_file(VMLINUX_BTF) {
-            Ok(btf) => segments_offset(&btf).unwrap_or_else(|| {
-                log::info!(
-                    "the kernel's BTF has no TCP segment count in sk_buff: each retransmitted buffer counts as one segment"
-                );
-                0
-            }),
-            Err(e) => {
-                log::info!(
-                    "reading the kernel's BTF ({VMLINUX_BTF}): {e}; each retransmitted buffer counts as one segment"
-                );
-                0
-            }
+        let btf =
+            btf_rs::Btf::from_file(VMLINUX_BTF).map_err(|e| RetransmitError::Btf(e.to_string()))?;
+        let layout = Self::of(&btf)?;
+        if layout.0.segments == 0 {
+            log::info!(
+                "the kernel's BTF has no TCP segment count in sk_buff: each retransmitted buffer counts as one segment"
+            );
+        }
+        Ok(layout)
+    }
+
+    /// Finds in `btf` each field the program reads, with the size it reads.
+    pub fn of(btf: &btf_rs::Btf) -> Result<Self, RetransmitError> {
+        let common = member(btf, "sock", "__sk_common", None)
+            .ok_or(RetransmitError::Layout("sock.__sk_common"))?;
+        let field = |name: &'static str, size: usize| -> Result<u32, RetransmitError> {
+            member(btf, "sock_common", name, Some(size))
+                .map(|at| common + at)
+                .ok_or(RetransmitError::Layout(name))
         };
-        Ok(format)
-    }
-
-    fn read() -> Result<Self, RetransmitError> {
-        let mut last = io::Error::from(io::ErrorKind::NotFound);
-        for root in TRACEFS {
-            let path = Path::new(root)
-                .join("events")
-                .join(CATEGORY)
-                .join(EVENT)
-                .join("format");
-            match fs::read_to_string(&path) {
-                Ok(text) => return Self::parse(&text),
-                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                    return Err(RetransmitError::TracefsDenied);
+        Ok(Self(RetransmitLayout {
+            family: field("skc_family", 2)?,
+            local_port: field("skc_num", 2)?,
+            remote_port: field("skc_dport", 2)?,
+            local_v4: field("skc_rcv_saddr", 4)?,
+            remote_v4: field("skc_daddr", 4)?,
+            local_v6: field("skc_v6_rcv_saddr", 16)?,
+            remote_v6: field("skc_v6_daddr", 16)?,
+            segments: segments_offset(btf).unwrap_or(0),
+            has_err: match tracepoint_arguments(btf) {
+                Some(2) => 0,
+                Some(3) => 1,
+                _ => {
+                    return Err(RetransmitError::Layout(
+                        "tcp_retransmit_skb(sk, skb[, err])",
+                    ));
                 }
-                Err(e) => last = e,
-            }
-        }
-        Err(RetransmitError::Format(last))
-    }
-
-    /// Checks a format file's text: every field the program reads must be
-    /// where it reads it.
-    pub fn parse(text: &str) -> Result<Self, RetransmitError> {
-        use retransmit_format as at;
-        for (field, expected) in [
-            ("skbaddr", at::SKBADDR),
-            ("sport", at::SPORT),
-            ("dport", at::DPORT),
-            ("family", at::FAMILY),
-            ("saddr", at::SADDR),
-            ("daddr", at::DADDR),
-            ("saddr_v6", at::SADDR_V6),
-            ("daddr_v6", at::DADDR_V6),
-        ] {
-            let found = field_offset(text, field);
-            if found != Some(expected) {
-                return Err(RetransmitError::Layout {
-                    field,
-                    expected,
-                    found,
-                });
-            }
-        }
-        let err_at = field_offset(text, "err").unwrap_or(0) as u32;
-        Ok(Self { err_at, segs_at: 0 })
+            },
+        }))
     }
 
     /// Writes what the program needs to know into the object before load.
     pub fn set_in(self, loader: &mut EbpfLoader<'_>) {
         // Stored in the loader until load; a static keeps it alive.
-        let err_at: &'static u32 = Box::leak(Box::new(self.err_at));
-        loader.override_global(names::RETRANSMIT_ERR_AT, err_at, true);
-        let segs_at: &'static u32 = Box::leak(Box::new(self.segs_at));
-        loader.override_global(names::RETRANSMIT_SEGS_AT, segs_at, true);
+        let layout: &'static RetransmitLayout = Box::leak(Box::new(self.0));
+        loader.override_global(names::RETRANSMIT_LAYOUT, layout, true);
     }
 }
-
-/// The running kernel's BTF.
-const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// Where `TCP_SKB_CB(skb)->tcp_gso_segs` is in a `struct sk_buff`: its
 /// control buffer `cb` holds a `struct tcp_skb_cb`, whose segment count a
 /// retransmitted buffer carries (the kernel adds it to TcpRetransSegs).
-/// From BTF, as aya has no CO-RE for Rust programs; None where a name is
-/// missing or the field is not a 2-byte integer.
+/// None where a name is missing or the field is not 2 bytes.
 pub fn segments_offset(btf: &btf_rs::Btf) -> Option<u32> {
-    let cb = member_bits(btf, "sk_buff", "cb")?;
-    let segs = member_bits(btf, "tcp_skb_cb", "tcp_gso_segs")?;
-    if cb % 8 != 0 || segs % 8 != 0 {
-        return None;
-    }
-    Some((cb + segs) / 8)
+    let cb = member(btf, "sk_buff", "cb", None)?;
+    let segs = member(btf, "tcp_skb_cb", "tcp_gso_segs", Some(2))?;
+    Some(cb + segs)
 }
 
-/// The bit offset of `member` in struct `name`, looked for through its
-/// anonymous structs and unions.
-fn member_bits(btf: &btf_rs::Btf, name: &str, member: &str) -> Option<u32> {
+/// How many arguments the `tcp_retransmit_skb` tracepoint passes: the
+/// parameters of its `btf_trace_` prototype, less the leading `void *`.
+fn tracepoint_arguments(btf: &btf_rs::Btf) -> Option<usize> {
+    use btf_rs::Type;
+    let types = btf
+        .resolve_types_by_name(&format!("btf_trace_{TRACEPOINT}"))
+        .ok()?;
+    let mut t = types.into_iter().find(|t| matches!(t, Type::Typedef(_)))?;
+    loop {
+        t = match t {
+            Type::Typedef(ref inner) => btf.resolve_chained_type(inner).ok()?,
+            Type::Ptr(ref inner) => btf.resolve_chained_type(inner).ok()?,
+            Type::FuncProto(proto) => return proto.parameters.len().checked_sub(1),
+            _ => return None,
+        };
+    }
+}
+
+/// The byte offset of `member` in struct `name`, looked for through its
+/// anonymous structs and unions; with `size`, only if the member is that
+/// many bytes (through typedefs and qualifiers) and starts on a byte.
+fn member(btf: &btf_rs::Btf, name: &str, member: &str, size: Option<usize>) -> Option<u32> {
     use btf_rs::Type;
     let types = btf.resolve_types_by_name(name).ok()?;
     let outer = types.iter().find_map(|t| match t {
         Type::Struct(s) => Some(s),
         _ => None,
     })?;
-    fn find(btf: &btf_rs::Btf, s: &btf_rs::Struct, member: &str, base: u32) -> Option<u32> {
+    fn find(btf: &btf_rs::Btf, s: &btf_rs::Struct, member: &str, base: u32) -> Option<(u32, Type)> {
         for m in &s.members {
             let name = btf.resolve_name(m).unwrap_or_default();
+            let t = btf.resolve_chained_type(m).ok()?;
             if name == member {
-                return match btf.resolve_chained_type(m).ok()? {
-                    btf_rs::Type::Int(int) if int.size() == 2 => Some(base + m.bit_offset()),
-                    btf_rs::Type::Typedef(_) | btf_rs::Type::Array(_) => {
-                        Some(base + m.bit_offset())
-                    }
-                    _ => None,
-                };
+                return Some((base + m.bit_offset(), t));
             }
             if name.is_empty()
-                && let Ok(btf_rs::Type::Struct(inner) | btf_rs::Type::Union(inner)) =
-                    btf.resolve_chained_type(m)
-                && let Some(found) = find(btf, &inner, member, base + m.bit_offset())
+                && let Type::Struct(inner) | Type::Union(inner) = &t
+                && let Some(found) = find(btf, inner, member, base + m.bit_offset())
             {
                 return Some(found);
             }
         }
         None
     }
-    find(btf, outer, member, 0)
-}
-
-/// Mounts tracefs at its usual place, which is there (and empty) where it
-/// is not mounted.
-fn mount_tracefs() -> io::Result<()> {
-    let target = std::ffi::CString::new(TRACEFS[0]).map_err(io::Error::other)?;
-    // SAFETY: every argument is a NUL-terminated string that outlives the
-    // call; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            c"nodev".as_ptr(),
-            target.as_ptr(),
-            c"tracefs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+    let (bits, t) = find(btf, outer, member, 0)?;
+    if bits % 8 != 0 {
+        return None;
     }
+    if let Some(size) = size
+        && size_of(btf, t) != Some(size)
+    {
+        return None;
+    }
+    Some(bits / 8)
 }
 
-/// The offset of `field` in a tracepoint format: its line reads
-/// `field:TYPE NAME[N];\toffset:O;\tsize:S;\tsigned:X;`.
-fn field_offset(text: &str, field: &str) -> Option<usize> {
-    text.lines().find_map(|line| {
-        let declaration = line.trim().strip_prefix("field:")?;
-        let (declaration, rest) = declaration.split_once(';')?;
-        let name = declaration.rsplit(' ').next()?;
-        let name = name.split('[').next()?;
-        if name != field {
-            return None;
-        }
-        rest.trim()
-            .strip_prefix("offset:")?
-            .split(';')
-            .next()?
-            .parse()
-            .ok()
-    })
+/// The size of a BTF type in bytes, through typedefs and qualifiers.
+fn size_of(btf: &btf_rs::Btf, t: btf_rs::Type) -> Option<usize> {
+    use btf_rs::Type;
+    match t {
+        Type::Int(int) => Some(int.size()),
+        Type::Struct(s) | Type::Union(s) => Some(s.size()),
+        Type::Enum(e) => Some(e.size()),
+        Type::Array(ref a) => Some(a.len() * size_of(btf, btf.resolve_chained_type(a).ok()?)?),
+        Type::Typedef(ref inner) => size_of(btf, btf.resolve_chained_type(inner).ok()?),
+        Type::Const(ref inner) => size_of(btf, btf.resolve_chained_type(inner).ok()?),
+        Type::Volatile(ref inner) => size_of(btf, btf.resolve_chained_type(inner).ok()?),
+        _ => None,
+    }
 }
 
 /// A table's data (the tables are per-CPU hashes, checked when taken).
@@ -247,6 +187,27 @@ fn map_data(map: &Map) -> &MapData {
     match map {
         Map::PerCpuHashMap(data) => data,
         _ => unreachable!("a retransmit table is a per-CPU hash"),
+    }
+}
+
+/// A connection as its frames carry it: a dual-stack (IPv6) socket's
+/// connection to an IPv4 address (`::ffff:a.b.c.d` on both sides) sends
+/// IPv4, so it is keyed as the IPv4 connection its traffic is counted as.
+fn as_on_the_wire(key: RetransmitKey) -> RetransmitKey {
+    let v4 = |a: &[u8; 16]| std::net::Ipv6Addr::from(*a).to_ipv4_mapped();
+    match (key.family, v4(&key.local), v4(&key.remote)) {
+        (family::IPV6, Some(local), Some(remote)) => {
+            let mut key = RetransmitKey {
+                family: family::IPV4,
+                local: [0; 16],
+                remote: [0; 16],
+                ..key
+            };
+            key.local[..4].copy_from_slice(&local.octets());
+            key.remote[..4].copy_from_slice(&remote.octets());
+            key
+        }
+        _ => key,
     }
 }
 
@@ -274,8 +235,8 @@ pub struct Retransmits {
 }
 
 impl Retransmits {
-    /// Loads the program of a loaded object (its format set with
-    /// [`Format::set_in`]), takes its maps and attaches it.
+    /// Loads the program of a loaded object (its layout set with
+    /// [`Layout::set_in`]), takes its maps and attaches it.
     pub fn attach(ebpf: &mut Ebpf) -> Result<Self, RetransmitError> {
         let missing = |name: &str| MapError::InvalidName {
             name: name.to_string(),
@@ -299,14 +260,14 @@ impl Retransmits {
             .take_map(names::RETRANSMITS_LOST)
             .ok_or_else(|| missing(names::RETRANSMITS_LOST))?
             .try_into()?;
-        let program: &mut TracePoint = ebpf
+        let program: &mut RawTracePoint = ebpf
             .program_mut(names::RETRANSMIT_PROGRAM)
             .ok_or(RetransmitError::Attach(ProgramError::NotLoaded))?
             .try_into()
             .map_err(RetransmitError::Attach)?;
         program.load().map_err(RetransmitError::Attach)?;
         program
-            .attach(CATEGORY, EVENT)
+            .attach(TRACEPOINT)
             .map_err(RetransmitError::Attach)?;
         Ok(Self {
             slot,
@@ -337,7 +298,7 @@ impl Retransmits {
             let segments: u64 = per_cpu.iter().sum();
             table.remove(&key)?;
             if segments != 0 {
-                counts.connections.push((key, segments));
+                counts.connections.push((as_on_the_wire(key), segments));
             }
         }
         let lost = self.lost_now()?;
@@ -363,92 +324,83 @@ impl Retransmits {
 mod tests {
     use super::*;
 
-    /// This machine's format (Linux 6.18), as tracefs shows it.
-    const FORMAT_6_18: &str = "name: tcp_retransmit_skb
-ID: 2281
-format:
-\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
-\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
-\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
-\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
-
-\tfield:const void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;
-\tfield:const void * skaddr;\toffset:16;\tsize:8;\tsigned:0;
-\tfield:int state;\toffset:24;\tsize:4;\tsigned:1;
-\tfield:__u16 sport;\toffset:28;\tsize:2;\tsigned:0;
-\tfield:__u16 dport;\toffset:30;\tsize:2;\tsigned:0;
-\tfield:__u16 family;\toffset:32;\tsize:2;\tsigned:0;
-\tfield:__u8 saddr[4];\toffset:34;\tsize:4;\tsigned:0;
-\tfield:__u8 daddr[4];\toffset:38;\tsize:4;\tsigned:0;
-\tfield:__u8 saddr_v6[16];\toffset:42;\tsize:16;\tsigned:0;
-\tfield:__u8 daddr_v6[16];\toffset:58;\tsize:16;\tsigned:0;
-\tfield:int err;\toffset:76;\tsize:4;\tsigned:1;
-";
+    /// The running kernel's BTF, where there is one.
+    fn this_kernel() -> Option<btf_rs::Btf> {
+        match btf_rs::Btf::from_file(VMLINUX_BTF) {
+            Ok(btf) => Some(btf),
+            Err(_) => {
+                eprintln!("SKIPPED: no {VMLINUX_BTF}");
+                None
+            }
+        }
+    }
 
     #[test]
-    fn the_format_of_6_18_has_err_at_76() {
+    fn this_kernel_s_sockets_are_found_in_its_btf() {
+        let Some(btf) = this_kernel() else { return };
+        let layout = Layout::of(&btf).unwrap().0;
+        // 6.18 on x86_64, as `bpftool btf dump file /sys/kernel/btf/vmlinux`
+        // shows struct sock_common (at the start of struct sock) and the
+        // tracepoint's prototype (the send's error from 6.17).
         assert_eq!(
-            Format::parse(FORMAT_6_18).unwrap(),
-            Format {
-                err_at: 76,
-                segs_at: 0
+            layout,
+            RetransmitLayout {
+                family: 16,
+                local_port: 14,
+                remote_port: 12,
+                local_v4: 4,
+                remote_v4: 0,
+                local_v6: 72,
+                remote_v6: 56,
+                segments: 48,
+                has_err: 1,
             }
         );
     }
 
     #[test]
     fn this_kernel_s_btf_has_the_segment_count_after_cb() {
-        // 6.18 on x86_64: cb at byte 40 of sk_buff, tcp_gso_segs at byte 8
-        // of tcp_skb_cb (as bpftool btf dump shows).
-        let Ok(btf) = btf_rs::Btf::from_file(VMLINUX_BTF) else {
-            eprintln!("SKIPPED: no {VMLINUX_BTF}");
-            return;
-        };
+        // cb at byte 40 of sk_buff, tcp_gso_segs at byte 8 of tcp_skb_cb.
+        let Some(btf) = this_kernel() else { return };
         assert_eq!(segments_offset(&btf), Some(48));
     }
 
     #[test]
-    fn a_format_before_6_17_has_no_err() {
-        let old: String = FORMAT_6_18
-            .lines()
-            .filter(|l| !l.contains(" err;"))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        assert_eq!(Format::parse(&old).unwrap().err_at, 0);
+    fn a_dual_stack_socket_s_ipv4_connection_is_keyed_as_ipv4() {
+        let v6 = |a: &str| a.parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let mapped = RetransmitKey {
+            local: v6("::ffff:198.18.0.1"),
+            remote: v6("::ffff:198.18.0.2"),
+            local_port: 40000,
+            remote_port: 443,
+            family: family::IPV6,
+            _pad: [0; 3],
+        };
+        let mut v4 = RetransmitKey {
+            family: family::IPV4,
+            ..mapped
+        };
+        v4.local = [0; 16];
+        v4.remote = [0; 16];
+        v4.local[..4].copy_from_slice(&[198, 18, 0, 1]);
+        v4.remote[..4].copy_from_slice(&[198, 18, 0, 2]);
+        assert_eq!(as_on_the_wire(mapped), v4);
+        let native = RetransmitKey {
+            local: v6("2001:db8::1"),
+            remote: v6("2001:db8::2"),
+            ..mapped
+        };
+        assert_eq!(as_on_the_wire(native), native);
+        assert_eq!(as_on_the_wire(v4), v4);
     }
 
     #[test]
-    fn a_field_elsewhere_is_refused() {
-        let moved = FORMAT_6_18.replace("dport;\toffset:30", "dport;\toffset:32");
-        let err = Format::parse(&moved).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                RetransmitError::Layout {
-                    field: "dport",
-                    expected: 30,
-                    found: Some(32)
-                }
-            ),
-            "{err}"
-        );
-        let gone = FORMAT_6_18.replace("family", "fam");
-        assert!(matches!(
-            Format::parse(&gone).unwrap_err(),
-            RetransmitError::Layout {
-                field: "family",
-                found: None,
-                ..
-            }
-        ));
-    }
-
-    #[test]
-    fn the_running_kernel_s_format_is_read_where_tracefs_is() {
-        // Where tracefs is not mounted (a container), the error says so.
-        match Format::of_running_kernel() {
-            Ok(format) => assert!(format.err_at == 0 || format.err_at == 76, "{format:?}"),
-            Err(e) => assert!(e.to_string().contains("tracefs"), "{e}"),
-        }
+    fn a_field_of_another_size_is_not_taken() {
+        let Some(btf) = this_kernel() else { return };
+        // skc_family is 2 bytes, skc_v6_daddr 16.
+        assert_eq!(member(&btf, "sock_common", "skc_family", Some(4)), None);
+        assert_eq!(member(&btf, "sock_common", "skc_v6_daddr", Some(4)), None);
+        assert_eq!(member(&btf, "sock_common", "no_such_field", None), None);
+        assert_eq!(member(&btf, "no_such_struct", "skc_family", None), None);
     }
 }

@@ -166,6 +166,20 @@ const CASES: &[Cases] = cases![
     Root: restart::counted_equals_sent_across_kill_and_sigterm_then_detach_leaves_nothing[tcx, clsact, xdp],
 ];
 
+/// A test that takes longer than this says so: CI's budget is 30 minutes,
+/// and the slow tests are where its test step's time goes.
+const SLOW: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Runs `test`, and says how long it took if that was more than [`SLOW`].
+fn timed(name: &str, test: impl FnOnce()) {
+    let started = std::time::Instant::now();
+    test();
+    let took = started.elapsed();
+    if took > SLOW {
+        eprintln!("slow test: {name} took {:.1} s", took.as_secs_f64());
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let arguments = Arguments::from_args();
     let root = match kit::root_tests_enabled() {
@@ -178,15 +192,16 @@ fn main() -> std::process::ExitCode {
     let ignored = |needs| needs == Needs::Root && !root;
     let single = TESTS.iter().map(|&(needs, name, test)| {
         Trial::test(name, move || {
-            test();
+            timed(name, test);
             Ok(())
         })
         .with_ignored_flag(ignored(needs))
     });
     let cases = CASES.iter().flat_map(|&(needs, name, cases, test)| {
         cases.iter().map(move |&case| {
-            Trial::test(format!("{name}_{case}"), move || {
-                test(case);
+            let name = format!("{name}_{case}");
+            Trial::test(name.clone(), move || {
+                timed(&name, || test(case));
                 Ok(())
             })
             .with_ignored_flag(ignored(needs))
