@@ -324,17 +324,24 @@ fn encoder_figures() {
 }
 
 fn drain_figures() {
-    println!("\ndrain: swap + read + clear of a table holding N flows (filled by the program)");
     println!(
-        "{:>9} {:>10} {:>10} {:>10}",
-        "entries", "swap", "read", "total"
+        "\ndrain: swap + read + clear of a table holding N flows (filled by the program); emptied (every entry deleted as read) / kept (the flows zeroed for the table's next turn, up to {} flows)",
+        ntm_agent::kernel::drain::KEEP_AT_MOST
     );
-    for n in [10_000u32, 100_000, 1_000_000] {
+    println!(
+        "{:>9} {:>8} {:>10} {:>10} {:>10}",
+        "entries", "table", "swap", "read", "total"
+    );
+    for (n, keep) in [10_000u32, 100_000, 1_000_000]
+        .into_iter()
+        .flat_map(|n| [(n, false), (n, true)])
+    {
         let options = DatapathOptions {
             flow_table_entries: n,
             ..Default::default()
         };
         let (mut datapath, mut tables) = Datapath::load(&options, &[], None).expect("load");
+        tables.set_keep_flows(keep);
         let program = datapath.tc_program(TC_INGRESS_ETH).unwrap();
         let mut frame = eth(ETH_IPV4, &[], &ipv4(17, &[], 0, &udp(40_000, 53, &[0; 16])));
         // Source address at byte 14 + 12 of the frame: one flow per address.
@@ -347,8 +354,9 @@ fn drain_figures() {
         let drained = tables.drain().expect("drain");
         assert_eq!(drained.flows.len() as u32, n, "every flow drained");
         println!(
-            "{:>9} {:>8.1}ms {:>8.1}ms {:>8.1}ms",
+            "{:>9} {:>8} {:>8.1}ms {:>8.1}ms {:>8.1}ms",
             n,
+            if keep { "kept" } else { "emptied" },
             drained.swap_time.as_secs_f64() * 1e3,
             drained.read_time.as_secs_f64() * 1e3,
             (drained.swap_time + drained.read_time).as_secs_f64() * 1e3

@@ -564,7 +564,7 @@ impl SelfMetrics {
     pub fn record_drain(&self, drained: &Drained, iface_labels: &HashMap<u32, String>) {
         self.drain_seconds
             .observe((drained.swap_time + drained.read_time).as_secs_f64());
-        self.flow_table_entries.set(drained.flows.len() as i64);
+        self.flow_table_entries.set(drained.table_entries as i64);
         for (at, delta) in drained.outside.iter() {
             let iface = iface_label(iface_labels, at.ifindex);
             let hook = at.hook.as_str();

@@ -21,6 +21,7 @@ enum BpfCommand {
     MapLookupBatch = 24,
     MapLookupAndDeleteBatch = 25,
     MapUpdateBatch = 26,
+    MapDeleteBatch = 27,
 }
 
 impl BpfCommand {
@@ -32,6 +33,7 @@ impl BpfCommand {
             BpfCommand::MapLookupBatch => "bpf(BPF_MAP_LOOKUP_BATCH)",
             BpfCommand::MapLookupAndDeleteBatch => "bpf(BPF_MAP_LOOKUP_AND_DELETE_BATCH)",
             BpfCommand::MapUpdateBatch => "bpf(BPF_MAP_UPDATE_BATCH)",
+            BpfCommand::MapDeleteBatch => "bpf(BPF_MAP_DELETE_BATCH)",
         }
     }
 }
@@ -289,6 +291,20 @@ pub fn update_batch<K: aya::Pod>(
     // SAFETY: keys and values hold at least `count` entries (capped at the
     // buffers' capacity above) and the kernel only reads them.
     unsafe { bpf(BpfCommand::MapUpdateBatch, &mut attr) }.map(|_| ())
+}
+
+/// BPF_MAP_DELETE_BATCH: deletes the entries of `keys` (a key that is not
+/// there: ENOENT, after the ones before it were deleted).
+pub fn delete_batch<K: aya::Pod>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), SyscallError> {
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        count: keys.len().min(u32::MAX as usize) as u32,
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: `keys` holds `count` keys of the map's key type, which the
+    // kernel only reads.
+    unsafe { bpf(BpfCommand::MapDeleteBatch, &mut attr) }.map(|_| ())
 }
 
 /// An array map of u64 created with `BPF_F_MMAPABLE`, mapped into this

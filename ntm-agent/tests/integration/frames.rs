@@ -779,7 +779,10 @@ pub fn the_flow_cache_steps_aside_while_nearly_every_frame_misses_it() {
     let mut seen = Vec::new();
     // 20,000 flows of one frame each, twice; then 100 flows of 200 frames,
     // twice. The third round's source MAC is another, to be learnt while
-    // the cache is off.
+    // the cache is off: its flows (from other addresses) are new, and take
+    // entries in the table (which keeps the flows that sent in its turn
+    // before, the first round's: a flow's MAC is learnt when it takes an
+    // entry, not at each frame).
     for (round, (flows, each)) in [(20_000u32, 1u32), (20_000, 1), (100, 200), (100, 200)]
         .into_iter()
         .enumerate()
@@ -792,9 +795,10 @@ pub fn the_flow_cache_steps_aside_while_nearly_every_frame_misses_it() {
         if round == 2 {
             frame[11] = 0x55;
         }
+        let base: u32 = if round < 2 { 0xC612_0000 } else { 0xC613_0000 };
         let mut expected = Counters::default();
         for i in 0..flows {
-            frame[26..30].copy_from_slice(&(0xC612_0000 | i).to_be_bytes());
+            frame[26..30].copy_from_slice(&(base | i).to_be_bytes());
             let prog = h.datapath.tc_program(TC_INGRESS_ETH).unwrap();
             let mut opts = TestRunOptions::new();
             opts.data_in = Some(&frame);
@@ -816,7 +820,7 @@ pub fn the_flow_cache_steps_aside_while_nearly_every_frame_misses_it() {
         seen.push((d.flow_cache.on, d.flow_cache.misses));
         if round == 2 {
             let learnt = macs.read();
-            let address: std::net::IpAddr = "198.18.0.7".parse().unwrap();
+            let address: std::net::IpAddr = "198.19.0.7".parse().unwrap();
             assert!(
                 learnt.contains(&(address, [2, 0, 0, 0, 0, 0x55])),
                 "a MAC learnt with the cache off: {:?}",
@@ -829,6 +833,84 @@ pub fn the_flow_cache_steps_aside_while_nearly_every_frame_misses_it() {
         [(true, 20_000), (false, 0), (false, 0), (true, 100)],
         "(cache on, misses) per round: off after a round that missed every frame, on again after one of 100 flows"
     );
+}
+
+/// A drained table keeps, zeroed, the entries of the flows that sent in its
+/// turn, so that in its next turn they are looked up, not inserted again;
+/// an entry that stayed zero for a whole turn is deleted; after a turn in
+/// which the table was full, every entry is. Counts stay exact throughout.
+pub fn a_drained_table_keeps_the_flows_that_sent_and_drops_the_rest() {
+    let mut h = Harness::new();
+    // One CPU: its flow cache is then the only one.
+    let _cpu = crate::kit::OnOneCpu::new();
+    let table = ntm_common::DEFAULT_FLOW_TABLE_ENTRIES as usize;
+    // One frame from each of the sources `flows` (numbered in
+    // 198.0.0.0/8; a flow is keyed by its addresses and the service port,
+    // here 1000 for all); then a drain, whose counts must be exactly these.
+    let mut round = |flows: std::ops::Range<u32>| -> Drained {
+        let mut frame = eth(
+            ETH_IPV4,
+            &[],
+            &ipv4(17, &[], 0, &udp(40_000, 1000, &[0; 12])),
+        );
+        let mut expected = Counters::default();
+        for i in flows.clone() {
+            frame[26..30].copy_from_slice(&(0xC600_0000 | i).to_be_bytes());
+            let prog = h.datapath.tc_program(TC_INGRESS_ETH).unwrap();
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(&frame);
+            prog.test_run(opts).unwrap();
+            expected.add(&counted(40));
+        }
+        let d = h.tables.drain().unwrap();
+        assert_eq!(d.total(), expected, "flows {flows:?}");
+        assert!(d.flows.iter().all(|(_, c)| *c == counted(40)));
+        d
+    };
+    // Tables A and B take turns. The first round (A) misses the cache with
+    // every frame: the cache is off from then on, while rounds keep more
+    // flows than it would hold and fewer frames than make it worth a try.
+    round(100_000..120_000);
+    // B: 2,000 new flows.
+    let d = round(0..2_000);
+    assert_eq!((d.flows.len(), d.table_entries), (2_000, 2_000));
+    assert!(!d.flow_cache.on, "the cache is off: {:?}", d.flow_cache);
+    // A: the same 2,000, new to A; the first round's flows it kept stayed
+    // unused and go.
+    let d = round(0..2_000);
+    assert_eq!(d.flows.len(), 2_000);
+    assert!(d.table_entries > 2_000, "{}", d.table_entries);
+    // B kept its 2,000: 1,500 of them send, 500 stay unused and go.
+    let d = round(0..1_500);
+    assert_eq!((d.flows.len(), d.table_entries), (1_500, 2_000));
+    // A kept its 2,000 too.
+    let d = round(0..1_500);
+    assert_eq!((d.flows.len(), d.table_entries), (1_500, 2_000));
+    // B holds the 1,500 that sent.
+    let d = round(0..1_500);
+    assert_eq!((d.flows.len(), d.table_entries), (1_500, 1_500));
+    assert!(!d.flow_cache.on, "the cache is off: {:?}", d.flow_cache);
+    // A: 1,500 kept and more new flows than the rest of the table holds.
+    let flood = table as u32 + 5_000;
+    let d = round(200_000..200_000 + flood);
+    assert_eq!(d.table_entries, table);
+    let outside = d.outside.total(OutsideReason::TableFull);
+    assert_eq!(
+        outside.packets as usize,
+        flood as usize - (table - 1_500),
+        "the kept 1,500 took their room"
+    );
+    // B: nothing sent; its 1,500 stay unused and go.
+    let d = round(0..0);
+    assert_eq!((d.flows.len(), d.table_entries), (0, 1_500));
+    let d = round(0..0);
+    assert_eq!(
+        (d.flows.len(), d.table_entries),
+        (0, 0),
+        "after a full turn the table keeps nothing"
+    );
+    let d = round(0..0);
+    assert_eq!(d.table_entries, 0, "nor does the other, once drained empty");
 }
 
 /// 100,000 SYNs from random sources through the real program (a SYN flood

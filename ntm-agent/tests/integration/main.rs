@@ -96,6 +96,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: frames::service_port_rule_runs_in_the_kernel,
     Root: frames::a_full_table_still_counts_every_packet,
     Root: frames::the_flow_cache_steps_aside_while_nearly_every_frame_misses_it,
+    Root: frames::a_drained_table_keeps_the_flows_that_sent_and_drops_the_rest,
     Root: frames::sctp_udplite_and_portless_protocols,
     Root: frames::hostile_dns_and_dhcp_frames_are_counted_and_handed_over,
     Root: frames::source_macs_are_learnt_when_a_flow_takes_a_cache_slot,
