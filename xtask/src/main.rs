@@ -382,11 +382,16 @@ const TEST_PACKAGES: &[&str] = &[
     "libc6-dev",
     "nfdump",
     "pmacct",
+    // Real TLS clients for the names from handshakes.
+    "openssl",
+    "curl",
 ];
 
-/// PyPI packages the chart test uses, pinned: Helm 4 embedded (lint and
-/// render offline) and the Kubernetes API schemas.
+/// PyPI packages the tests use, pinned: for the chart test Helm 4
+/// embedded (lint and render offline) and the Kubernetes API schemas; for
+/// the names from handshakes a real QUIC client (aioquic).
 const PYTHON_TEST_PACKAGES: &[&str] = &[
+    "aioquic==1.2.0",
     "helm-python-sdk==0.2.2",
     "kubernetes-validate==1.37.0",
     "PyYAML==6.0.4",

@@ -388,7 +388,7 @@ pub fn ensure_python_env(dir: &std::path::Path, packages: &[&str]) -> Result<Pat
     }
     step("Python environment (venv, pip install)", || {
         eprintln!(
-            "xtask: preparing a Python environment for the chart test in {} ({})",
+            "xtask: preparing a Python environment for the tests in {} ({})",
             dir.display(),
             packages.join(" ")
         );

@@ -12,6 +12,7 @@
 
 pub mod containers;
 pub mod files;
+pub mod hello;
 pub mod kubernetes;
 pub mod ladder;
 pub mod observed;

@@ -19,6 +19,7 @@ mod filters;
 mod frames;
 mod golden;
 mod health;
+mod hello;
 mod helm;
 mod history;
 mod home;
@@ -102,6 +103,8 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: frames::source_macs_are_learnt_when_a_flow_takes_a_cache_slot,
     Root: golden::the_exposition_equals_the_golden_file,
     Nothing: helm::chart_lints_renders_and_validates,
+    Nothing: hello::real_tls_clients_name_their_server_from_any_segments,
+    Nothing: hello::real_quic_initials_name_their_server_split_and_reordered,
     Root: image::the_image_runs_with_least_privilege_and_counts,
     Root: kubernetes::the_fixture_runs_pods_like_kubelet,
     Root: health::the_delay_line_delays_each_way_and_drops_what_it_is_told,

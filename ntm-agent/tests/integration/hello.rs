@@ -1,0 +1,225 @@
+//! Server names from real clients' handshakes, read as the agent reads
+//! them: `openssl s_client` and `curl` send their ClientHellos to a local
+//! listener, aioquic (from PyPI, in the environment `cargo xtask test`
+//! prepares) writes its QUIC Initials; what they sent is cut into segments
+//! (or taken datagram by datagram) and handed to `HelloStreams` in another
+//! order. No DNS anywhere: a name can only come from the hello.
+
+use std::{
+    io::Read,
+    net::{SocketAddr, TcpListener},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use ntm_agent::names::hello::{
+    HelloSource, HelloStreams,
+    client_hello::{HelloInRecords, hello_in_records},
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// What a client started by `start` (given the listener's port) sent on
+/// its connection, up to its whole ClientHello.
+fn client_hello_of(what: &str, start: impl FnOnce(u16) -> Child) -> Vec<u8> {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let mut child = start(port);
+    let since = Instant::now();
+    let mut stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(_) if since.elapsed() < WAIT => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => {
+                let _ = child.kill();
+                panic!("{what} did not connect: {e}");
+            }
+        }
+    };
+    stream.set_nonblocking(false).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut sent = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !matches!(hello_in_records(&sent), Ok(HelloInRecords::Whole(_))) {
+        let n = stream.read(&mut buf).unwrap_or(0);
+        assert!(
+            n > 0,
+            "{what} ended before its ClientHello was whole: {sent:02x?}"
+        );
+        sent.extend_from_slice(&buf[..n]);
+    }
+    drop(stream);
+    let _ = child.kill();
+    let _ = child.wait();
+    sent
+}
+
+fn quiet(cmd: &mut Command) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
+/// Hands `sent` over in segments of `mss` bytes from sequence number
+/// `start`: the first one first (it opens the stream), the others last to
+/// second. The name the hello gave.
+fn name_from_segments(sent: &[u8], mss: usize, start: u32) -> Option<(String, HelloSource)> {
+    let client: SocketAddr = "192.0.2.10:40000".parse().unwrap();
+    let server: SocketAddr = "198.51.100.20:8443".parse().unwrap();
+    let now = Instant::now();
+    let mut streams = HelloStreams::new();
+    let segments: Vec<&[u8]> = sent.chunks(mss).collect();
+    let mut order = vec![0];
+    order.extend((1..segments.len()).rev());
+    let mut named = None;
+    for i in order {
+        let seq = start.wrapping_add((i * mss) as u32);
+        let found = streams
+            .tcp_segment(client, server, seq, segments[i], now)
+            .unwrap_or_else(|e| panic!("segment {i} of {}: {e}", segments.len()));
+        if let Some(found) = found {
+            assert!(named.is_none(), "named twice");
+            named = Some((found.name, found.source));
+        }
+    }
+    named
+}
+
+pub fn real_tls_clients_name_their_server_from_any_segments() {
+    // ALPN protocols enough to take the hello past one full-size segment.
+    let alpns: Vec<String> = (0..60).map(|i| format!("x-{i:026}")).collect();
+    let alpn_list = alpns.join(",");
+    // `openssl s_client` to the listener, asking for tls.example.
+    let openssl = |extra: &[&str]| {
+        client_hello_of("openssl", |port| {
+            quiet(
+                Command::new("openssl")
+                    .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+                    .args(["-servername", "tls.example"])
+                    .args(extra),
+            )
+        })
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("openssl s_client", openssl(&[])),
+        (
+            "openssl s_client with a large key share and ALPN list",
+            openssl(&["-groups", "ffdhe8192:x25519", "-alpn", &alpn_list]),
+        ),
+        (
+            "curl --resolve",
+            client_hello_of("curl", |port| {
+                quiet(Command::new("curl").args([
+                    "-sk",
+                    "-m",
+                    "10",
+                    "--resolve",
+                    &format!("tls.example:{port}:127.0.0.1"),
+                    &format!("https://tls.example:{port}/"),
+                ]))
+            }),
+        ),
+    ];
+    for (client, sent) in &cases {
+        if client.contains("large") {
+            assert!(sent.len() > 1460, "{client}: {} bytes", sent.len());
+        }
+        // Whole, at a full-size MSS, and at the MSS of a route with `mtu
+        // lock 120` (80 bytes), where the SNI is never in the first
+        // segment; sequence numbers that wrap within the hello.
+        for (mss, start) in [(sent.len(), 1), (1448, 7), (80, u32::MAX - 100)] {
+            assert_eq!(
+                name_from_segments(sent, mss, start),
+                Some(("tls.example".to_string(), HelloSource::TlsSni)),
+                "{client}, {} bytes in segments of {mss}",
+                sent.len()
+            );
+        }
+    }
+}
+
+/// The Initials aioquic sends first to `name` (QUIC `version` 1 or 2),
+/// with `alpns` extra ALPN protocols (60 take the hello past one Initial).
+fn aioquic_initials(name: &str, version: u8, alpns: usize) -> Vec<Vec<u8>> {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let python =
+        std::env::var("NTM_PYTHON").unwrap_or_else(|_| format!("{root}/target/pyenv/bin/python"));
+    let script = r#"
+import sys, time
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicProtocolVersion
+name, version, alpns = sys.argv[1], sys.argv[2], int(sys.argv[3])
+config = QuicConfiguration(
+    is_client=True,
+    server_name=name,
+    alpn_protocols=["h3"] + ["x-%026d" % i for i in range(alpns)],
+    supported_versions=[QuicProtocolVersion.VERSION_2 if version == "2" else QuicProtocolVersion.VERSION_1],
+)
+connection = QuicConnection(configuration=config)
+now = time.time()
+connection.connect(("192.0.2.1", 443), now=now)
+for data, _ in connection.datagrams_to_send(now=now):
+    print(data.hex())
+"#;
+    assert!(
+        std::path::Path::new(&python).exists(),
+        "no Python environment with aioquic at {python}: run `cargo xtask test`"
+    );
+    let out = Command::new(&python)
+        .args(["-c", script, name, &version.to_string(), &alpns.to_string()])
+        .output()
+        .unwrap_or_else(|e| panic!("{python}: {e} (cargo xtask test prepares it)"));
+    assert!(
+        out.status.success(),
+        "aioquic: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            (0..line.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&line[i..i + 2], 16).unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+pub fn real_quic_initials_name_their_server_split_and_reordered() {
+    let client: SocketAddr = "[2001:db8::10]:50000".parse().unwrap();
+    let server: SocketAddr = "[2001:db8::20]:443".parse().unwrap();
+    for version in [1, 2] {
+        for alpns in [0, 60] {
+            let initials = aioquic_initials("quic.example", version, alpns);
+            if alpns > 0 {
+                assert!(initials.len() >= 2, "the hello spans Initials");
+            }
+            // In the order sent, and last to first.
+            for reversed in [false, true] {
+                let mut order: Vec<&Vec<u8>> = initials.iter().collect();
+                if reversed {
+                    order.reverse();
+                }
+                let mut streams = HelloStreams::new();
+                let mut named = Vec::new();
+                for datagram in order {
+                    let found = streams
+                        .quic_datagram(client, server, datagram, Instant::now())
+                        .unwrap_or_else(|e| panic!("QUIC v{version}: {e}"));
+                    named.extend(found.map(|f| (f.name, f.source)));
+                }
+                assert_eq!(
+                    named,
+                    [("quic.example".to_string(), HelloSource::QuicSni)],
+                    "QUIC v{version}, {} Initials, reversed: {reversed}",
+                    initials.len()
+                );
+            }
+        }
+    }
+}
