@@ -37,7 +37,7 @@ use crate::{
         net::{LocalNets, Mac},
         sync,
     },
-    names::{HostLabels, NameMetrics},
+    names::{HostLabels, NameMetrics, wire::WireReader},
     outputs::{
         Exposition,
         budget::SeriesBudget,
@@ -100,6 +100,9 @@ pub struct Pipeline {
     neighbours_read: Option<Instant>,
     pending: PendingFlows,
     hosts: HostLabels,
+    /// Reads the DNS and DHCP frames the kernel hands over (and keeps DNS
+    /// responses over TCP that span segments until they are whole).
+    wire: WireReader,
     labeller: Labeller,
     coverage: Coverage,
     /// The outputs, each fed every drain's deltas.
@@ -254,6 +257,7 @@ impl Pipeline {
             neighbours_read: None,
             pending: PendingFlows::default(),
             hosts,
+            wire: WireReader::default(),
             labeller,
             coverage,
             sinks,
@@ -287,7 +291,7 @@ impl Pipeline {
             health::self_metrics::{ObservedResult, protocol_label},
             names::wire,
         };
-        let result = match wire::facts(frame) {
+        let result = match self.wire.facts(frame, now) {
             Ok(facts) => {
                 for fact in &facts {
                     self.hosts.learn(fact, now);

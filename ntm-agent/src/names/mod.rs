@@ -11,11 +11,13 @@
 //! in use ("sticky").
 
 pub mod containers;
+pub mod dns_tcp;
 pub mod files;
 pub mod hello;
 pub mod kubernetes;
 pub mod ladder;
 pub mod observed;
+pub mod reassembly;
 pub mod resolver;
 pub mod source;
 pub mod this_host;

@@ -7,7 +7,10 @@
 //! before anything is kept. A parser that rejects a message says why, once
 //! per message; nothing here panics (the property tests feed it garbage).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Instant,
+};
 
 use dhcproto::{Decodable as _, Decoder, v4, v6};
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
@@ -18,6 +21,7 @@ use hickory_proto::{
 };
 use ntm_common::observe::Kind;
 
+use super::dns_tcp::{DnsTcpError, DnsTcpStreams};
 use crate::kernel::observe::ObservedFrame;
 use crate::model::net::Mac;
 use crate::model::series::usable_name;
@@ -70,9 +74,8 @@ pub enum WireError {
     Truncated(u32),
     #[error("not a DNS message: {0}")]
     Dns(#[source] hickory_proto::serialize::binary::DecodeError),
-    /// DNS over TCP split over segments is not reassembled.
-    #[error("a {0}-byte DNS message over TCP continues in another segment (not reassembled)")]
-    DnsContinues(usize),
+    #[error(transparent)]
+    DnsTcp(#[from] DnsTcpError),
     #[error("not a DHCPv4 message: {0}")]
     Dhcp4(#[source] dhcproto::error::DecodeError),
     #[error("not a DHCPv6 message: {0}")]
@@ -81,55 +84,74 @@ pub enum WireError {
     DuidLength(usize),
 }
 
-/// The facts of one handed-over frame (an empty list: a well-formed
-/// message that names nothing, e.g. an NXDOMAIN).
-pub fn facts(frame: &ObservedFrame<'_>) -> Result<Vec<Fact>, WireError> {
-    let cut_short = (frame.bytes.len() as u32) < frame.frame_len;
-    let sliced = if frame.ethernet {
-        SlicedPacket::from_ethernet(frame.bytes)
-    } else {
-        SlicedPacket::from_ip(frame.bytes)
-    };
-    let packet = match sliced {
-        Ok(packet) => packet,
-        Err(_) if cut_short => return Err(WireError::Truncated(frame.frame_len)),
-        Err(e) => return Err(WireError::Frame(e)),
-    };
-    // A response goes to the client that asked.
-    let dst = match &packet.net {
-        Some(NetSlice::Ipv4(ip)) => IpAddr::V4(ip.header().destination_addr()),
-        Some(NetSlice::Ipv6(ip)) => IpAddr::V6(ip.header().destination_addr()),
-        _ => return Err(WireError::NotIp),
-    };
-    match (&packet.transport, frame.kind) {
-        (Some(TransportSlice::Udp(udp)), Kind::Dns) => dns(udp.payload(), dst),
-        (Some(TransportSlice::Tcp(tcp)), Kind::Dns) => dns_over_tcp(tcp.payload(), dst),
-        (Some(TransportSlice::Udp(udp)), Kind::Dhcp) => match udp.destination_port() {
-            67 | 68 => dhcp4(udp.payload()),
-            _ => dhcp6(udp.payload()),
-        },
-        _ => Err(WireError::NotUdpOrTcp),
-    }
+/// Reads the frames the kernel hands over. Holds what spans frames: DNS
+/// responses over TCP in more than one segment.
+#[derive(Default)]
+pub struct WireReader {
+    dns_tcp: DnsTcpStreams,
 }
 
-/// DNS over TCP: messages with a two-byte length in front, perhaps
-/// several in one segment. A segment that continues a message begun in an
-/// earlier one is not reassembled (it reads as malformed).
-fn dns_over_tcp(mut payload: &[u8], client: IpAddr) -> Result<Vec<Fact>, WireError> {
-    let mut facts = Vec::new();
-    while payload.len() >= 2 {
-        let len = u16::from_be_bytes([payload[0], payload[1]]) as usize;
-        let Some(message) = payload.get(2..2 + len) else {
-            return Err(WireError::DnsContinues(len));
+impl WireReader {
+    /// The facts of one handed-over frame (an empty list: a well-formed
+    /// message that names nothing, e.g. an NXDOMAIN, or the first part of
+    /// a DNS response over TCP).
+    pub fn facts(
+        &mut self,
+        frame: &ObservedFrame<'_>,
+        now: Instant,
+    ) -> Result<Vec<Fact>, WireError> {
+        let cut_short = (frame.bytes.len() as u32) < frame.frame_len;
+        let sliced = if frame.ethernet {
+            SlicedPacket::from_ethernet(frame.bytes)
+        } else {
+            SlicedPacket::from_ip(frame.bytes)
         };
-        facts.extend(dns(message, client)?);
-        payload = &payload[2 + len..];
-        if facts.len() >= MAX_FACTS {
-            facts.truncate(MAX_FACTS);
-            break;
+        let packet = match sliced {
+            Ok(packet) => packet,
+            Err(_) if cut_short => return Err(WireError::Truncated(frame.frame_len)),
+            Err(e) => return Err(WireError::Frame(e)),
+        };
+        // A response goes to the client that asked.
+        let (src, dst) = match &packet.net {
+            Some(NetSlice::Ipv4(ip)) => (
+                IpAddr::V4(ip.header().source_addr()),
+                IpAddr::V4(ip.header().destination_addr()),
+            ),
+            Some(NetSlice::Ipv6(ip)) => (
+                IpAddr::V6(ip.header().source_addr()),
+                IpAddr::V6(ip.header().destination_addr()),
+            ),
+            _ => return Err(WireError::NotIp),
+        };
+        match (&packet.transport, frame.kind) {
+            (Some(TransportSlice::Udp(udp)), Kind::Dns) => dns(udp.payload(), dst),
+            (Some(TransportSlice::Tcp(tcp)), Kind::Dns) => {
+                let server = SocketAddr::new(src, tcp.source_port());
+                let client = SocketAddr::new(dst, tcp.destination_port());
+                let responses = self.dns_tcp.segment(
+                    server,
+                    client,
+                    tcp.sequence_number(),
+                    tcp.payload(),
+                    now,
+                )?;
+                let mut facts = Vec::new();
+                for response in responses {
+                    facts.extend(dns(&response, dst)?);
+                    if facts.len() >= MAX_FACTS {
+                        facts.truncate(MAX_FACTS);
+                        break;
+                    }
+                }
+                Ok(facts)
+            }
+            (Some(TransportSlice::Udp(udp)), Kind::Dhcp) => match udp.destination_port() {
+                67 | 68 => dhcp4(udp.payload()),
+                _ => dhcp6(udp.payload()),
+            },
+            _ => Err(WireError::NotUdpOrTcp),
         }
     }
-    Ok(facts)
 }
 
 /// A DNS response: each address it gives for the name the client asked
@@ -431,17 +453,71 @@ mod tests {
         assert!(matches!(dns(&bytes, CLIENT), Err(WireError::Dns(_))));
     }
 
+    /// A TCP segment from the DNS server to the client, as the kernel
+    /// hands it over.
+    fn tcp_frame(seq: u32, payload: &[u8]) -> Vec<u8> {
+        let IpAddr::V4(client) = CLIENT else {
+            unreachable!()
+        };
+        let mut frame = Vec::new();
+        etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4([198, 18, 1, 53], client.octets(), 64)
+            .tcp(53, 40_000, seq, 65_535)
+            .write(&mut frame, payload)
+            .unwrap();
+        frame
+    }
+
+    fn facts_of(reader: &mut WireReader, frame: &[u8]) -> Result<Vec<Fact>, WireError> {
+        let observed = ObservedFrame {
+            ifindex: 1,
+            hook: ntm_common::Hook::Ingress,
+            kind: Kind::Dns,
+            ethernet: true,
+            frame_len: frame.len() as u32,
+            bytes: frame,
+        };
+        reader.facts(&observed, Instant::now())
+    }
+
     #[test]
-    fn tcp_messages_follow_their_length() {
+    fn tcp_responses_follow_their_length_across_segments() {
+        let mut reader = WireReader::default();
         let one = response("t.test.", vec![a("t.test.", 5, [198, 18, 1, 4])]);
         let mut segment = Vec::new();
         for _ in 0..2 {
             segment.extend((one.len() as u16).to_be_bytes());
             segment.extend(&one);
         }
-        assert_eq!(dns_over_tcp(&segment, CLIENT).unwrap().len(), 2);
-        let cut = &segment[..10];
-        assert!(dns_over_tcp(cut, CLIENT).is_err());
+        assert_eq!(
+            facts_of(&mut reader, &tcp_frame(1, &segment))
+                .unwrap()
+                .len(),
+            2
+        );
+        // A long answer (100 records) in three segments, the last one first
+        // after the one that begins it.
+        let answers = (0..100u8)
+            .map(|i| a("long.test.", 60, [198, 18, 2, i]))
+            .collect();
+        let long = response("long.test.", answers);
+        let mut stream = (long.len() as u16).to_be_bytes().to_vec();
+        stream.extend(&long);
+        assert!(stream.len() > 1000, "{}", stream.len());
+        let third = stream.len() / 3;
+        let pieces = [(0, &stream[..third]), (2 * third, &stream[2 * third..])];
+        let start = 1_000_000u32;
+        for (at, piece) in pieces {
+            let frame = tcp_frame(start + at as u32, piece);
+            assert_eq!(facts_of(&mut reader, &frame).unwrap(), vec![]);
+        }
+        let frame = tcp_frame(start + third as u32, &stream[third..2 * third]);
+        let facts = facts_of(&mut reader, &frame).unwrap();
+        assert_eq!(facts.len(), MAX_FACTS);
+        assert!(matches!(&facts[0], Fact::Answer { name, .. } if name == "long.test"));
+        // A response cut off and never completed names nothing.
+        let frame = tcp_frame(9, &segment[..10]);
+        assert_eq!(facts_of(&mut reader, &frame).unwrap(), vec![]);
     }
 
     #[test]
@@ -583,10 +659,6 @@ mod tests {
             assert_eq!(e.to_string().matches(&cause).count(), 1, "{e}");
         }
         assert!(matches!(dhcp4(&[1, 2, 3]), Err(WireError::Dhcp4(_))));
-        assert!(matches!(
-            dns_over_tcp(&[0, 200, 1], CLIENT),
-            Err(WireError::DnsContinues(200))
-        ));
     }
 
     proptest! {
@@ -595,7 +667,7 @@ mod tests {
         /// Any bytes: an error or facts, within the bound; never a panic.
         #[test]
         fn any_bytes_are_parsed_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
-            let results = [dns(&bytes, CLIENT), dns_over_tcp(&bytes, CLIENT), dhcp4(&bytes), dhcp6(&bytes)];
+            let results = [dns(&bytes, CLIENT), dhcp4(&bytes), dhcp6(&bytes)];
             for facts in results.into_iter().flatten() {
                 prop_assert!(facts.len() <= MAX_FACTS);
             }

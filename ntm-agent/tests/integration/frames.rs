@@ -584,7 +584,8 @@ fn dns_answer_ok() -> Vec<u8> {
 /// Hostile DNS and DHCP frames through the real kernel program: each is
 /// counted exactly as any frame; each DNS or DHCP one is handed to the agent
 /// (a TCP segment without payload is not); the agent's parsers refuse the
-/// hostile ones without a panic and take the one good answer. A flood
+/// hostile ones without a panic and take the one good answer, and put a
+/// long answer over TCP together from its three segments. A flood
 /// beyond the rate is counted: every frame either handed or dropped, none
 /// lost, and the traffic counted in full.
 pub fn hostile_dns_and_dhcp_frames_are_counted_and_handed_over() {
@@ -657,6 +658,34 @@ pub fn hostile_dns_and_dhcp_frames_are_counted_and_handed_over() {
         counted(20 + 20 + tcp_ok.len() as u64)
     );
     handed += 1;
+    // A long answer (100 records, 1.7 KB) in three segments, the last one
+    // before the middle one: handed over one by one, put together by the
+    // agent.
+    let long = {
+        let mut m = dns_header(1, 100);
+        m.extend_from_slice(b"\x04long\x04test\x00\x00\x01\x00\x01");
+        for i in 0..100u8 {
+            m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 198, 18, 3, i]);
+        }
+        let mut framed = (m.len() as u16).to_be_bytes().to_vec();
+        framed.extend(m);
+        framed
+    };
+    let third = long.len() / 3;
+    for (at, piece) in [
+        (0, &long[..third]),
+        (2 * third, &long[2 * third..]),
+        (third, &long[third..2 * third]),
+    ] {
+        let mut segment = tcp(53, 40_001, &[], piece);
+        segment[4..8].copy_from_slice(&(1_000 + at as u32).to_be_bytes());
+        let frame = eth(ETH_IPV4, &[], &ipv4(6, &[], 0, &segment));
+        assert_eq!(
+            only_flow(&h.ingress(&frame)).1,
+            counted(20 + 20 + piece.len() as u64)
+        );
+        handed += 1;
+    }
     // No payload: nothing to hand over.
     let empty_tcp = eth(ETH_IPV4, &[], &ipv4(6, &[], 0, &tcp(53, 40_000, &[], &[])));
     assert_eq!(only_flow(&h.ingress(&empty_tcp)).1, counted(40));
@@ -669,10 +698,11 @@ pub fn hostile_dns_and_dhcp_frames_are_counted_and_handed_over() {
     assert_eq!(records.len(), handed, "one record per DNS or DHCP frame");
     let mut answers = Vec::new();
     let mut refused = 0;
+    let mut reader = wire::WireReader::default();
     for record in &records {
         let frame = ObservedFrame::from_record(record).expect("a record as the kernel writes them");
         assert_eq!(frame.bytes.len() as u32, frame.frame_len, "copied whole");
-        match wire::facts(&frame) {
+        match reader.facts(&frame, std::time::Instant::now()) {
             Ok(facts) => answers.extend(facts),
             Err(_) => refused += 1,
         }
@@ -683,10 +713,18 @@ pub fn hostile_dns_and_dhcp_frames_are_counted_and_handed_over() {
         name: "ok.test".into(),
         ttl: 60,
     };
+    let (long, answers): (Vec<Fact>, Vec<Fact>) = answers
+        .into_iter()
+        .partition(|fact| matches!(fact, Fact::Answer { name, .. } if name == "long.test"));
     assert_eq!(
         answers,
         vec![ok.clone(), ok],
         "the good answer, over UDP and TCP"
+    );
+    assert_eq!(
+        long.len(),
+        wire::MAX_FACTS,
+        "the long answer, whole once its three segments are: {long:?}"
     );
     assert!(refused >= 5, "hostile messages refused: {refused}");
 

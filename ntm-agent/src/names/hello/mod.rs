@@ -5,7 +5,6 @@
 //!
 //! - [`client_hello`]: the ClientHello in TLS records, and its name;
 //! - [`quic`]: a client's Initial packet opened, its CRYPTO pieces;
-//! - [`reassembly`]: the first bytes of a stream from pieces in any order;
 //! - [`HelloStreams`] (here): the handshakes in progress, one stream per
 //!   TCP connection or QUIC connection ID, bounded in entries, bytes and
 //!   time.
@@ -17,7 +16,6 @@
 
 pub mod client_hello;
 pub mod quic;
-pub mod reassembly;
 
 use std::{
     net::SocketAddr,
@@ -34,8 +32,8 @@ use self::{
         hello_name, starts_handshake_record,
     },
     quic::{Initial, QuicError},
-    reassembly::{Reassembly, ReassemblyError},
 };
+use super::reassembly::{Reassembly, ReassemblyError};
 
 /// Handshakes followed at once at most (each holds at most a ClientHello's
 /// bytes): a flood of half hellos takes the oldest one's place, never more
@@ -43,6 +41,9 @@ use self::{
 pub const MAX_STREAMS: NonZeroUsize = NonZeroUsize::new(4096).expect("not zero");
 /// Bytes all handshakes in progress hold at most together.
 pub const MAX_STREAM_BYTES: usize = 4 * 1024 * 1024;
+/// Pieces of one hello at most: over a path with a small MTU a 2 KB hello
+/// takes some 25 segments; Chrome's QUIC cuts its hello into a dozen.
+const MAX_PIECES: u32 = 64;
 /// How long a handshake may take to arrive whole (a client sends its hello
 /// at once; only loss and retransmission stretch it).
 pub const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -223,7 +224,7 @@ impl HelloStreams {
     fn open(&mut self, key: StreamKey, start: u32, limit: usize, now: Instant) {
         let stream = Stream {
             start,
-            bytes: Reassembly::new(limit),
+            bytes: Reassembly::new(limit, MAX_PIECES),
             since: now,
             finished: false,
         };
@@ -264,7 +265,7 @@ impl HelloStreams {
         let done = !matches!(result, Ok(None));
         if done && let Some(stream) = self.streams.peek_mut(key) {
             self.held -= stream.bytes.held();
-            stream.bytes = Reassembly::new(0);
+            stream.bytes = Reassembly::new(0, 0);
             stream.finished = true;
         }
         Ok(result?.map(|hello| ServerName {

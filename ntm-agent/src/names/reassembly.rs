@@ -1,8 +1,9 @@
 //! The first bytes of one stream put together from pieces that arrive in
-//! any order: a TCP connection's first bytes from its client (pieces at
-//! sequence offsets), a QUIC connection's CRYPTO stream (pieces at frame
-//! offsets). Bounded: at most `limit` bytes from offset 0, at most
-//! [`MAX_PIECES`] pieces.
+//! any order: a TCP connection's first bytes from its client (a
+//! ClientHello, pieces at sequence offsets), a QUIC connection's CRYPTO
+//! stream (pieces at frame offsets), a DNS response over TCP. Bounded: at
+//! most `limit` bytes from offset 0, at most `max_pieces` pieces (each
+//! piece costs at most its length to add, a repeated one included).
 //!
 //! Written here: the TCP reassembly crates are whole stacks or capture
 //! pipelines (smoltcp's `Assembler` tracks holes for its own ring buffer,
@@ -12,16 +13,12 @@
 
 use thiserror::Error;
 
-/// Pieces one stream may take at most: a ClientHello over a small-MTU path
-/// takes a dozen segments; a flood of one-byte pieces takes no more.
-pub const MAX_PIECES: u32 = 64;
-
 #[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
 pub enum ReassemblyError {
     #[error("a piece ends past the {limit} bytes kept")]
     TooLong { limit: usize },
-    #[error("more than {MAX_PIECES} pieces")]
-    TooManyPieces,
+    #[error("more than {max} pieces")]
+    TooManyPieces { max: u32 },
 }
 
 /// One stream's first bytes.
@@ -34,17 +31,20 @@ pub struct Reassembly {
     contiguous: usize,
     limit: usize,
     pieces: u32,
+    max_pieces: u32,
 }
 
 impl Reassembly {
-    /// A stream of which at most `limit` bytes are kept.
-    pub fn new(limit: usize) -> Self {
+    /// A stream of which at most `limit` bytes are kept, from at most
+    /// `max_pieces` pieces.
+    pub fn new(limit: usize, max_pieces: u32) -> Self {
         Self {
             bytes: Vec::new(),
             have: Vec::new(),
             contiguous: 0,
             limit,
             pieces: 0,
+            max_pieces,
         }
     }
 
@@ -54,8 +54,10 @@ impl Reassembly {
         if end > self.limit as u64 {
             return Err(ReassemblyError::TooLong { limit: self.limit });
         }
-        if self.pieces >= MAX_PIECES {
-            return Err(ReassemblyError::TooManyPieces);
+        if self.pieces >= self.max_pieces {
+            return Err(ReassemblyError::TooManyPieces {
+                max: self.max_pieces,
+            });
         }
         self.pieces += 1;
         // Both fit in usize: at most `limit`.
@@ -97,7 +99,7 @@ mod tests {
 
     #[test]
     fn pieces_in_any_order_make_the_stream() {
-        let mut r = Reassembly::new(100);
+        let mut r = Reassembly::new(100, 64);
         r.insert(6, b"world").unwrap();
         assert_eq!(r.contiguous(), b"");
         r.insert(0, b"hello ").unwrap();
@@ -106,7 +108,7 @@ mod tests {
 
     #[test]
     fn the_first_copy_of_a_byte_wins() {
-        let mut r = Reassembly::new(100);
+        let mut r = Reassembly::new(100, 64);
         r.insert(0, b"abc").unwrap();
         r.insert(1, b"XYZW").unwrap();
         assert_eq!(r.contiguous(), b"abcZW");
@@ -114,7 +116,7 @@ mod tests {
 
     #[test]
     fn bounds_hold() {
-        let mut r = Reassembly::new(10);
+        let mut r = Reassembly::new(10, 64);
         assert_eq!(
             r.insert(8, b"abc"),
             Err(ReassemblyError::TooLong { limit: 10 })
@@ -123,10 +125,13 @@ mod tests {
             r.insert(u64::MAX, b"a"),
             Err(ReassemblyError::TooLong { limit: 10 })
         );
-        for _ in 0..MAX_PIECES {
+        for _ in 0..64 {
             r.insert(0, b"a").unwrap();
         }
-        assert_eq!(r.insert(1, b"b"), Err(ReassemblyError::TooManyPieces));
+        assert_eq!(
+            r.insert(1, b"b"),
+            Err(ReassemblyError::TooManyPieces { max: 64 })
+        );
         assert!(r.held() <= 10);
     }
 
@@ -151,7 +156,7 @@ mod tests {
                 let j = (order.rotate_left(i as u32) as usize).wrapping_add(i) % n;
                 pieces.swap(i, j);
             }
-            let mut r = Reassembly::new(600);
+            let mut r = Reassembly::new(600, 64);
             for (start, end) in &pieces {
                 r.insert(*start as u64, &data[*start..*end]).unwrap();
             }
