@@ -258,48 +258,43 @@ fn main() {
     fragments(&mut datapath, empty);
     filters(&mut datapath, &legacy);
     observation(&services, &legacy);
+    handshake_names(&services);
     tcp_health(&services);
 }
 
-/// TCP handshakes in the kernel: ordinary frames with them followed (the
-/// default) and not (--no-tcp-health), side by side; a data segment whose
-/// connection's gate a SYN-ACK opened (its table looked in), a SYN; then
-/// the agent's time to take 10,000 ended handshakes, and the table's memory.
-fn tcp_health(services: &ntm_agent::pipeline::services::ServiceRegistry) {
-    // --numeric on both: names' kernel work is not part of this.
-    let mut on = load(&["--numeric"], services);
-    let mut off = load(&["--numeric", "--no-tcp-health"], services);
-    let mut handshakes = on.take_handshakes().expect("handshakes followed");
-    // Paired like the main table: each round's difference, so that a slow
-    // spell of the machine cancels out.
-    let side_by_side = |on: &mut Datapath, off: &mut Datapath, name: &str, frame: &[u8]| {
-        let (mut a, mut b, mut d) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..STEADY_ROUNDS {
-            let x = ns_per_packet(on.tc_program(TC_INGRESS_ETH).unwrap(), frame);
-            let y = ns_per_packet(off.tc_program(TC_INGRESS_ETH).unwrap(), frame);
-            a.push(x);
-            b.push(y);
-            d.push(x - y);
-        }
-        let (a, b, d) = (typical(a), typical(b), typical(d));
-        println!(
-            "{:<36} {:>8.1} {:>8.1} {:>9.1} {:>7.2}x",
-            name,
-            a,
-            b,
-            d,
-            a / b
-        );
-    };
-    println!();
-    println!(
-        "TCP handshakes in the kernel: ns per packet, followed (default) vs not (--no-tcp-health), same frames, same run; on-off: the typical difference round by round"
-    );
-    println!(
-        "{:<36} {:>8} {:>8} {:>9} {:>8}",
-        "frame", "on", "off", "on-off", "ratio"
-    );
-    let cases = [
+/// Frames the ring buffer takes between reads in [`handed_over`]: it holds
+/// about 1,000 records.
+const HANDED_REPEAT: u32 = 500;
+
+/// `frame` through `datapath`'s ingress program [`HANDED_REPEAT`] times,
+/// each handed over to the ring buffer (its rate high enough), then the
+/// ring read empty: ns per frame, and the records read.
+fn handed_over(
+    datapath: &mut Datapath,
+    observer: &mut ntm_agent::kernel::observe::Observer,
+    frame: &[u8],
+) -> (f64, usize) {
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.repeat = HANDED_REPEAT;
+    let program = datapath.tc_program(TC_INGRESS_ETH).unwrap();
+    let ns = program
+        .test_run(opts)
+        .expect("test run")
+        .duration
+        .as_nanos() as f64;
+    let (mut records, mut got) = (Vec::new(), 0);
+    while observer.read_now(&mut records) > 0 {
+        got += records.len();
+        records.clear();
+    }
+    (ns, got)
+}
+
+/// Ordinary frames, for a feature on vs off: TCP data over IPv4 and IPv6,
+/// small UDP, then a full-size TCP segment and a large UDP datagram.
+fn ordinary_frames() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
         (
             "IPv4/TCP data (64 B)",
             eth(
@@ -320,8 +315,140 @@ fn tcp_health(services: &ntm_agent::pipeline::services::ServiceRegistry) {
                 &ipv4(17, &[], 0, &udp(40_000, 443, &[0; 22])),
             ),
         ),
-    ];
-    for (name, frame) in &cases {
+        (
+            "IPv4/TCP data (1514 B)",
+            eth(
+                ETH_IPV4,
+                &[],
+                &ipv4(6, &[], 0, &tcp(51_000, 443, &[], &[0x17; 1460])),
+            ),
+        ),
+        (
+            "IPv6/UDP (1262 B)",
+            eth(ETH_IPV6, &[], &ipv6(17, &udp(40_000, 443, &[0x40; 1200]))),
+        ),
+    ]
+}
+
+/// `frame` through the ingress program of `on` and of `off`, paired like
+/// the main table: each round's difference, so that a slow spell of the
+/// machine cancels out. Prints on, off, their typical difference and ratio.
+fn side_by_side(on: &mut Datapath, off: &mut Datapath, name: &str, frame: &[u8]) {
+    let (mut a, mut b, mut d) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..STEADY_ROUNDS {
+        let x = ns_per_packet(on.tc_program(TC_INGRESS_ETH).unwrap(), frame);
+        let y = ns_per_packet(off.tc_program(TC_INGRESS_ETH).unwrap(), frame);
+        a.push(x);
+        b.push(y);
+        d.push(x - y);
+    }
+    let (a, b, d) = (typical(a), typical(b), typical(d));
+    println!(
+        "{:<36} {:>8.1} {:>8.1} {:>9.1} {:>7.2}x",
+        name,
+        a,
+        b,
+        d,
+        a / b
+    );
+}
+
+/// Names from handshakes in the kernel: ordinary frames with TLS and QUIC
+/// observation on (the default) and off (--no-observe-tls), side by side,
+/// paired round by round; then a ClientHello's and a QUIC Initial's frame
+/// as the kernel hands them over (the ring buffer read between rounds).
+fn handshake_names(services: &ntm_agent::pipeline::services::ServiceRegistry) {
+    let mut on = load(&[], services);
+    let mut off = load(&["--no-observe-tls"], services);
+    println!();
+    println!(
+        "names from handshakes in the kernel (TLS ClientHellos, QUIC Initials): ns per packet, on (default) vs off (--no-observe-tls), same frames, same run; on-off: the typical difference round by round"
+    );
+    println!(
+        "{:<36} {:>8} {:>8} {:>9} {:>8}",
+        "frame", "on", "off", "on-off", "ratio"
+    );
+    // A ClientHello (SNI www.example.test, a 200-byte key share) in one
+    // record, to a port that is no TLS port.
+    let hello = {
+        use ntm_agent::names::hello::client_hello::testing::{hello_with, in_records, sni};
+        in_records(
+            &hello_with(&[sni(b"www.example.test"), (51, vec![7; 202])]),
+            16_384,
+        )
+    };
+    // A QUIC v1 Initial's first bytes, padded to 1,200 (the kernel looks
+    // at the first five only).
+    let mut initial = vec![0xc3, 0, 0, 0, 1, 8];
+    initial.resize(1200, 0);
+    for (name, frame) in &ordinary_frames() {
+        side_by_side(&mut on, &mut off, name, frame);
+    }
+    let hello_frame = eth(
+        ETH_IPV4,
+        &[],
+        &ipv4(6, &[], 0, &tcp(51_000, 8_443, &[], &hello)),
+    );
+    let initial_frame = eth(
+        ETH_IPV4,
+        &[],
+        &ipv4(17, &[], 0, &udp(50_000, 4_433, &initial)),
+    );
+    let mut handed = load(&["--observe-rate", "1000000"], services);
+    let mut observer = handed.take_observer().expect("observation on");
+    for (name, frame) in [
+        (
+            format!("ClientHello ({} B)", hello_frame.len()),
+            &hello_frame,
+        ),
+        (
+            format!("QUIC Initial ({} B)", initial_frame.len()),
+            &initial_frame,
+        ),
+    ] {
+        let (mut to_ring, mut unobserved) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            let (ns, got) = handed_over(&mut handed, &mut observer, frame);
+            to_ring.push(ns);
+            assert_eq!(
+                got, HANDED_REPEAT as usize,
+                "{name}: every frame handed over"
+            );
+            unobserved.push(ns_per_packet(
+                off.tc_program(TC_INGRESS_ETH).unwrap(),
+                frame,
+            ));
+        }
+        let (to_ring, unobserved) = (typical(to_ring), typical(unobserved));
+        println!(
+            "{:<36} {:>8.1} {:>8.1} {:>9.1} {:>7.2}x  (copied into the ring buffer)",
+            name,
+            to_ring,
+            unobserved,
+            to_ring - unobserved,
+            to_ring / unobserved
+        );
+    }
+}
+
+/// TCP handshakes in the kernel: ordinary frames with them followed (the
+/// default) and not (--no-tcp-health), side by side; a data segment whose
+/// connection's gate a SYN-ACK opened (its table looked in), a SYN; then
+/// the agent's time to take 10,000 ended handshakes, and the table's memory.
+fn tcp_health(services: &ntm_agent::pipeline::services::ServiceRegistry) {
+    // --numeric on both: names' kernel work is not part of this.
+    let mut on = load(&["--numeric"], services);
+    let mut off = load(&["--numeric", "--no-tcp-health"], services);
+    let mut handshakes = on.take_handshakes().expect("handshakes followed");
+    println!();
+    println!(
+        "TCP handshakes in the kernel: ns per packet, followed (default) vs not (--no-tcp-health), same frames, same run; on-off: the typical difference round by round"
+    );
+    println!(
+        "{:<36} {:>8} {:>8} {:>9} {:>8}",
+        "frame", "on", "off", "on-off", "ratio"
+    );
+    for (name, frame) in &ordinary_frames()[..3] {
         side_by_side(&mut on, &mut off, name, frame);
     }
     // A handshake of the IPv4/TCP frame's client and server in flight: the
@@ -519,25 +646,9 @@ fn observation(
     let dns = eth(ETH_IPV4, &[], &ipv4(17, &[], 0, &udp(53, 40_000, &answer)));
     let mut handed = load(&["--observe-rate", "1000000"], services);
     let mut observer = handed.take_observer().expect("observation on");
-    let mut records = Vec::new();
-    // The ring holds about 1,000 records; read it empty between rounds.
-    const HANDED_REPEAT: u32 = 500;
     let (mut to_ring, mut flood, mut unobserved) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(&dns);
-        opts.repeat = HANDED_REPEAT;
-        let program = handed.tc_program(TC_INGRESS_ETH).unwrap();
-        to_ring.push(
-            program
-                .test_run(opts)
-                .expect("test run")
-                .duration
-                .as_nanos() as f64,
-        );
-        while observer.read_now(&mut records) > 0 {
-            records.clear();
-        }
+        to_ring.push(handed_over(&mut handed, &mut observer, &dns).0);
         flood.push(ns_per_packet(on.tc_program(TC_INGRESS_ETH).unwrap(), &dns));
         unobserved.push(ns_per_packet(off.tc_program(TC_INGRESS_ETH).unwrap(), &dns));
     }

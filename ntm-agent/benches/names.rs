@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: the agent's side of names from the wire: CPU per
 //! 1,000 DNS responses parsed and learnt (through `Pipeline::observe`, the
-//! path the agent runs), and the memory of the name tables when full.
+//! path the agent runs), per 1,000 ClientHellos and QUIC Initials, and the
+//! memory of the name tables when full.
 //! Prints figures; asserts nothing.
 
 use std::{
@@ -153,4 +154,95 @@ fn main() {
         sizes.leases,
         after.saturating_sub(before) as f64 / (1 << 20) as f64
     );
+    handshakes();
+}
+
+/// An Ethernet frame from 198.18.0.2:`sport` to 198.18.9.9:`dport`, TCP
+/// (sequence number `seq`) or UDP, holding `payload`.
+fn frame_to_server(tcp: Option<u32>, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let builder = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4([198, 18, 0, 2], [198, 18, 9, 9], 64);
+    let mut frame = Vec::new();
+    match tcp {
+        Some(seq) => builder
+            .tcp(sport, dport, seq, 65_535)
+            .write(&mut frame, payload),
+        None => builder.udp(sport, dport).write(&mut frame, payload),
+    }
+    .expect("a frame");
+    frame
+}
+
+/// CPU per 1,000 handshakes read through `Pipeline::observe`: ClientHellos
+/// of 1.8 KB (a post-quantum key share) in two segments, and QUIC v1
+/// Initials, each of its own connection.
+fn handshakes() {
+    use ntm_agent::names::hello::{
+        client_hello::testing::{hello_with, in_records, sni},
+        quic::{
+            QuicVersion,
+            testing::{crypto_frame, protect},
+        },
+    };
+    const HELLOS: u16 = 20_000;
+    let config = Config::try_parse_from(["ntm-agent", "--numeric", "--no-history"]).expect("flags");
+    let services = config.services().expect("services");
+    let mut pipeline = Pipeline::new(config.pipeline(), services).expect("pipeline");
+    let hello = in_records(
+        &hello_with(&[
+            sni(b"www.example.test"),
+            (51, vec![7; 1_220]),
+            (21, vec![0; 400]),
+        ]),
+        16_384,
+    );
+    let tls: Vec<Vec<u8>> = (0..HELLOS)
+        .flat_map(|i| {
+            let (first, rest) = hello.split_at(1_448);
+            [
+                frame_to_server(Some(1), 10_000 + i, 443, first),
+                frame_to_server(Some(1 + first.len() as u32), 10_000 + i, 443, rest),
+            ]
+        })
+        .collect();
+    let message = &hello_with(&[sni(b"www.example.test"), (51, vec![7; 36])])[..];
+    let quic: Vec<Vec<u8>> = (0..HELLOS)
+        .map(|i| {
+            let dcid = [i.to_be_bytes(), [1, 2], [3, 4], [5, 6]].concat();
+            let initial = protect(QuicVersion::V1, &dcid, 0, &crypto_frame(0, message));
+            frame_to_server(None, 10_000 + i, 443, &initial)
+        })
+        .collect();
+    for (name, kind, frames) in [
+        ("ClientHellos (1.8 KB, 2 segments each)", Kind::Tls, &tls),
+        ("QUIC v1 Initials (1,200 B)", Kind::Quic, &quic),
+    ] {
+        let now = Instant::now();
+        let before = pipeline
+            .metrics()
+            .observed_messages
+            .with_label_values(&[if kind == Kind::Tls { "tls" } else { "quic" }, "parsed"])
+            .get();
+        let (cpu0, wall0) = (cpu_time(), Instant::now());
+        for frame in frames {
+            let observed = ObservedFrame {
+                kind,
+                ..observed(frame)
+            };
+            pipeline.observe(&observed, now);
+        }
+        let (cpu, wall) = (cpu_time() - cpu0, wall0.elapsed());
+        let parsed = pipeline
+            .metrics()
+            .observed_messages
+            .with_label_values(&[if kind == Kind::Tls { "tls" } else { "quic" }, "parsed"])
+            .get()
+            - before;
+        println!(
+            "  {name}: {:.2} ms CPU per 1,000 read and learnt ({:.2} ms wall); {parsed} frames of {} parsed",
+            cpu.as_secs_f64() * 1e3 * 1000.0 / HELLOS as f64,
+            wall.as_secs_f64() * 1e3 * 1000.0 / HELLOS as f64,
+            frames.len(),
+        );
+    }
 }

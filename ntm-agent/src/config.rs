@@ -261,8 +261,16 @@ pub struct NameArgs {
           action = clap::ArgAction::SetTrue)]
     pub no_observe_dhcp: bool,
 
-    /// DNS and DHCP messages handed from the kernel to ntm per second per
-    /// CPU at most; beyond it they are counted as dropped (traffic is
+    /// Do not read the TLS ClientHellos and QUIC Initials that cross the
+    /// monitored interfaces (by default a server is also named by the name
+    /// its client sent in the clear in its handshake, for clients whose
+    /// DNS is encrypted).
+    #[arg(long = "no-observe-tls", env = "NTM_NO_OBSERVE_TLS", value_parser = on_off(),
+          action = clap::ArgAction::SetTrue)]
+    pub no_observe_tls: bool,
+
+    /// DNS, DHCP and handshake messages handed from the kernel to ntm per
+    /// second per CPU at most; beyond it they are counted as dropped (traffic is
     /// counted all the same).
     #[arg(long = "observe-rate", env = "NTM_OBSERVE_RATE", default_value_t = ntm_common::observe::DEFAULT_RATE_PER_CPU,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -691,6 +699,10 @@ impl Config {
         if !self.names.no_observe_dhcp {
             kinds |= 1 << ntm_common::observe::Kind::Dhcp as u32;
         }
+        if !self.names.no_observe_tls {
+            kinds |= 1 << ntm_common::observe::Kind::Tls as u32;
+            kinds |= 1 << ntm_common::observe::Kind::Quic as u32;
+        }
         kinds
     }
 
@@ -774,6 +786,9 @@ impl Config {
                     self.names.lease_files.clone()
                 },
                 answer_min_ttl: self.names.answer_min_ttl,
+                handshake_names: self.observe_kinds()
+                    & (1 << ntm_common::observe::Kind::Tls as u32)
+                    != 0,
                 container_sockets: self.container_sockets(),
                 kubernetes: self.kubernetes(),
                 own_addresses: self
@@ -942,16 +957,19 @@ mod tests {
         };
         let dns = 1 << ntm_common::observe::Kind::Dns as u32;
         let dhcp = 1 << ntm_common::observe::Kind::Dhcp as u32;
+        let tls = 1 << ntm_common::observe::Kind::Tls as u32
+            | 1 << ntm_common::observe::Kind::Quic as u32;
         let on = config(&[]);
-        assert_eq!(on.observe_kinds(), dns | dhcp, "on by default");
+        assert_eq!(on.observe_kinds(), dns | dhcp | tls, "on by default");
+        assert_eq!(config(&["--no-observe-tls"]).observe_kinds(), dns | dhcp);
         assert!(on.kernel().unwrap().datapath.learn_macs);
         assert_eq!(
             on.container_sockets(),
             Some(Vec::new()),
             "the default sockets"
         );
-        assert_eq!(config(&["--no-observe-dns"]).observe_kinds(), dhcp);
-        assert_eq!(config(&["--no-observe-dhcp"]).observe_kinds(), dns);
+        assert_eq!(config(&["--no-observe-dns"]).observe_kinds(), dhcp | tls);
+        assert_eq!(config(&["--no-observe-dhcp"]).observe_kinds(), dns | tls);
         assert_eq!(config(&["--no-containers"]).container_sockets(), None);
         assert_eq!(
             config(&["--container-socket", "/run/a.sock,/run/b.sock"]).container_sockets(),

@@ -1,8 +1,11 @@
 //! Frames the kernel hands to the agent for names: DNS responses and DHCP
-//! messages, copied whole (up to [`CAPTURE_BYTES`]) into a ring buffer.
+//! messages, and the handshakes that name a server (a TLS ClientHello over
+//! TCP, a QUIC Initial), copied whole (up to [`CAPTURE_BYTES`]) into a ring
+//! buffer.
 //!
-//! The kernel only picks them out by port and copies them, within a rate
-//! per CPU; every decision about what they say is the agent's.
+//! The kernel only picks them out, by port or by the first bytes of their
+//! payload, and copies them, within a rate per CPU; every decision about
+//! what they say is the agent's.
 
 /// Bytes of a frame copied at most: more than an Ethernet MTU, so every
 /// DNS response over UDP that is not fragmented. A power of two, so that
@@ -18,7 +21,7 @@ pub const RING_BYTES: u32 = 2 << 20;
 /// Default of `--observe-rate`: frames handed over per second per CPU at most.
 pub const DEFAULT_RATE_PER_CPU: u32 = 2000;
 
-/// What a handed-over frame is, by its ports.
+/// What a handed-over frame is.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -26,22 +29,30 @@ pub enum Kind {
     Dns = 0,
     /// DHCPv4 (ports 67 and 68) or DHCPv6 (546 and 547), either way.
     Dhcp = 1,
+    /// A TCP segment, any port, whose data begins a TLS handshake record
+    /// holding a ClientHello ([`starts_client_hello`]).
+    Tls = 2,
+    /// A UDP datagram, any port, of at least [`QUIC_MIN_DATAGRAM`] bytes
+    /// whose first packet is a QUIC v1 or v2 Initial ([`starts_quic_initial`]).
+    Quic = 3,
 }
 
 impl Kind {
-    pub const COUNT: u32 = 2;
-    pub const ALL: [Kind; 2] = [Kind::Dns, Kind::Dhcp];
+    pub const COUNT: u32 = 4;
+    pub const ALL: [Kind; 4] = [Kind::Dns, Kind::Dhcp, Kind::Tls, Kind::Quic];
 
     pub fn from_u8(v: u8) -> Option<Self> {
         match v {
             0 => Some(Self::Dns),
             1 => Some(Self::Dhcp),
+            2 => Some(Self::Tls),
+            3 => Some(Self::Quic),
             _ => None,
         }
     }
 
     /// What a UDP or TCP packet between these ports is, if the agent wants
-    /// to see it. Called for every packet: for nearly all of them two
+    /// to see it for DNS or DHCP. Called for every packet: for nearly all of them two
     /// compares (not from port 53, and a port above DHCP's).
     #[inline(always)]
     pub fn of_ports(tcp: bool, sport: u16, dport: u16) -> Option<Self> {
@@ -58,6 +69,38 @@ impl Kind {
             _ => None,
         }
     }
+}
+
+/// The first bytes of a TCP segment's data that may begin a ClientHello:
+/// a handshake record (22), TLS major version 3, and the record's first
+/// message a ClientHello (1, after the 5-byte record header).
+pub const HELLO_PREFIX_LEN: usize = 6;
+
+/// Whether `first` (the first [`HELLO_PREFIX_LEN`] bytes of a segment's
+/// data, as a little-endian word and the byte after it) begins a
+/// ClientHello.
+#[inline(always)]
+pub fn starts_client_hello(word: u32, sixth: u8) -> bool {
+    // Bytes 0 and 1: 0x16 0x03 (byte 0 lowest in the little-endian word).
+    word & 0xffff == 0x0316 && sixth == 1
+}
+
+/// A client's datagrams carrying Initials are at least this long (RFC 9000
+/// 14.1): smaller UDP datagrams are never looked into.
+pub const QUIC_MIN_DATAGRAM: u32 = 1200;
+
+/// QUIC version 1 (RFC 9000) and version 2 (RFC 9369), as the wire has
+/// them (big-endian).
+pub const QUIC_V1: u32 = 0x0000_0001;
+pub const QUIC_V2: u32 = 0x6b33_43cf;
+
+/// Whether a UDP payload whose first byte is `first` and whose next four
+/// are `version` (big-endian, as read) is a QUIC Initial: a long header
+/// with the fixed bit, and the Initial type of its version (0 in v1, 1 in
+/// v2).
+#[inline(always)]
+pub fn starts_quic_initial(first: u8, version: u32) -> bool {
+    (version == QUIC_V1 && first & 0xf0 == 0xc0) || (version == QUIC_V2 && first & 0xf0 == 0xd0)
 }
 
 /// Why a frame chosen for the agent was not handed over: indexes of
@@ -252,6 +295,27 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hello_and_initial_prefixes() {
+        let word = |b: [u8; 4]| u32::from_le_bytes(b);
+        assert!(starts_client_hello(word([0x16, 3, 1, 2]), 1));
+        assert!(
+            !starts_client_hello(word([0x16, 3, 1, 2]), 2),
+            "a ServerHello"
+        );
+        assert!(
+            !starts_client_hello(word([0x17, 3, 3, 0]), 1),
+            "application data"
+        );
+        assert!(!starts_client_hello(word([0x16, 2, 0, 0]), 1), "SSL 2");
+        assert!(starts_quic_initial(0xc3, QUIC_V1));
+        assert!(starts_quic_initial(0xd0, QUIC_V2));
+        assert!(!starts_quic_initial(0xe0, QUIC_V1), "a v1 Handshake packet");
+        assert!(!starts_quic_initial(0xc0, QUIC_V2), "v2's 0-RTT type");
+        assert!(!starts_quic_initial(0x40, QUIC_V1), "a short header");
+        assert!(!starts_quic_initial(0xc0, 0), "version negotiation");
+    }
 
     #[test]
     fn dns_from_port_53_dhcp_both_ways() {

@@ -21,6 +21,9 @@ use ntm_common::{
     service_port::{self, PortClass},
 };
 
+use aya_ebpf::{cty::c_void, helpers::generated::bpf_skb_load_bytes};
+use ntm_common::observe::Kind;
+
 use crate::{
     handshakes,
     lease::{check_lease, lease_check_due},
@@ -31,7 +34,7 @@ use crate::{
         NTM_TABLE_FULL, setting,
     },
     observe::{agent_wants, learn_mac, observe_tc, observe_xdp, wanted_by_agent},
-    parse::{self, Fragment, Frame, KeyBase, NOT_OBSERVED, ParseError, Parsed},
+    parse::{self, Fragment, Frame, KeyBase, NOT_OBSERVED, PEEK_TLS, ParseError, Parsed},
 };
 
 // bpf_map_update_elem flags and the errno values it returns.
@@ -134,6 +137,11 @@ pub fn count_tc<const ETHERNET: bool, const UPTO: u8>(ctx: &TcContext, hook: Hoo
         && p.observe != NOT_OBSERVED
     {
         let wanted = wanted_by_agent(p, store_key(&mut key_space, &words));
+        let wanted = if wanted == PEEK_TLS {
+            peek_client_hello(ctx, p)
+        } else {
+            wanted
+        };
         if agent_wants(wanted) {
             observe_tc(ctx, wanted, hook, ifindex, skb_len, ETHERNET);
         }
@@ -159,6 +167,35 @@ pub fn count_tc<const ETHERNET: bool, const UPTO: u8>(ctx: &TcContext, hook: Hoo
             ctx.data_end(),
             store_key(&mut key_space, &words),
         );
+    }
+}
+
+/// Whether a segment whose data is beyond the linear part begins a
+/// ClientHello: its first bytes read with a helper (only where the agent
+/// wants TLS: else this is gone at load).
+#[inline(always)]
+fn peek_client_hello(ctx: &TcContext, parsed: &Parsed) -> u8 {
+    use ntm_common::observe::{HELLO_PREFIX_LEN, starts_client_hello};
+    if !agent_wants(Kind::Tls as u8) {
+        return NOT_OBSERVED;
+    }
+    let offset = parsed.l3_offset as u32 + parsed.header_len;
+    let mut first = [0u8; 8];
+    // SAFETY: `first` is 8 writable bytes; the helper copies 6 from the
+    // skb (linear or not) within its length, and fails otherwise.
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const c_void,
+            offset,
+            first.as_mut_ptr() as *mut c_void,
+            HELLO_PREFIX_LEN as u32,
+        )
+    };
+    let word = u32::from_le_bytes([first[0], first[1], first[2], first[3]]);
+    if loaded == 0 && starts_client_hello(word, first[5]) {
+        Kind::Tls as u8
+    } else {
+        NOT_OBSERVED
     }
 }
 

@@ -251,7 +251,7 @@ pub static NTM_LEARN_MACS: u32 = 1;
 
 /// Which kinds are handed over, a bit (`1 << kind`) each; read-only.
 #[unsafe(no_mangle)]
-pub static NTM_OBSERVE_KINDS: u32 = 0b11;
+pub static NTM_OBSERVE_KINDS: u32 = 0b1111;
 
 /// Known service ports, a bitmap per protocol class (see
 /// `ntm_common::service_port`), written by the agent at load time;

@@ -78,6 +78,16 @@ pub enum Fragment {
 
 /// `Parsed::observe` of a frame the agent does not want.
 pub const NOT_OBSERVED: u8 = 0xff;
+/// `Parsed::observe` of a TCP segment that ends a write (PSH) and whose
+/// data lies beyond the linear part of the frame (a local socket's
+/// segment, whose data is in pages): whether it begins a ClientHello is
+/// read with a helper, by the TC programs only (`count.rs`).
+pub const PEEK_TLS: u8 = 0xfe;
+/// A ClientHello's first segment holds at most this much data: a hello of
+/// 16 KiB (what the agent reads at most) in its records.
+const MAX_HELLO_SEGMENT: u32 = 16 * 1024 + 64;
+/// TCP's PSH flag: the last segment of a write.
+const TCP_PSH: u8 = 0x08;
 
 /// Why the parse stopped early: either a reason to count the frame outside
 /// the flow table, or "the headers lie beyond the linear data" (the caller may
@@ -336,6 +346,18 @@ pub fn parse_common<const ETHERNET: bool>(
         )
     };
     let observe = observed(proto == ipproto::TCP, sport, dport);
+    let header_len = (ip_len + l4_len) as u32;
+    let observe = if observe == NOT_OBSERVED {
+        handshake_candidate(
+            proto == ipproto::TCP,
+            l4 + l4_len,
+            frame.end,
+            l3_len.wrapping_sub(header_len),
+            tcp_flags,
+        )
+    } else {
+        observe
+    };
     let port = service_port::choose(sport, dport, ephemeral_start, |p| is_known(class, p));
     let flags = service_side(port, sport, dport);
     // SAFETY: the addresses are inside the IP header checked above; an
@@ -364,7 +386,6 @@ pub fn parse_common<const ETHERNET: bool>(
         interface_word(base.ifindex, base.vlan_id, port),
         protocol_word(family, proto, base.hook, flags),
     ];
-    let header_len = (ip_len + l4_len) as u32;
     let parsed = Parsed {
         l3_offset: l3,
         l3_len,
@@ -375,6 +396,66 @@ pub fn parse_common<const ETHERNET: bool>(
         tcp_flags: handshake_part(tcp_flags, l3_len == header_len),
     };
     Some((parsed, words))
+}
+
+/// Whether a common frame the ports did not pick for names may begin a
+/// handshake that names its server: a TCP segment whose data begins a
+/// ClientHello, a UDP datagram of [`observe::QUIC_MIN_DATAGRAM`] bytes or
+/// more whose first packet is a QUIC Initial. `payload` is where the data
+/// begins, `payload_len` its length by the IP header (huge when the header
+/// says 0: an aggregate, never a hello's first segment). Ordinary frames
+/// pay a compare of their length, and a TCP segment with data a load and
+/// a compare of its first bytes, which are in the cache with its headers.
+#[inline(always)]
+fn handshake_candidate(
+    tcp: bool,
+    payload: usize,
+    end: usize,
+    payload_len: u32,
+    tcp_flags: u8,
+) -> u8 {
+    if tcp {
+        if !(observe::HELLO_PREFIX_LEN as u32..=MAX_HELLO_SEGMENT).contains(&payload_len) {
+            return NOT_OBSERVED;
+        }
+        if payload + observe::HELLO_PREFIX_LEN > end {
+            return if tcp_flags & TCP_PSH != 0 {
+                PEEK_TLS
+            } else {
+                NOT_OBSERVED
+            };
+        }
+        // SAFETY: the 6 bytes at `payload` were just checked to be in the
+        // frame; read unaligned, as the kernel allows on packet data.
+        let (word, sixth) = unsafe {
+            (
+                core::ptr::read_unaligned(payload as *const u32),
+                *((payload + 5) as *const u8),
+            )
+        };
+        if observe::starts_client_hello(u32::from_le(word), sixth) {
+            observe::Kind::Tls as u8
+        } else {
+            NOT_OBSERVED
+        }
+    } else {
+        if payload_len < observe::QUIC_MIN_DATAGRAM || payload + 5 > end {
+            return NOT_OBSERVED;
+        }
+        // SAFETY: the 5 bytes at `payload` were just checked to be in the
+        // frame.
+        let (first, version) = unsafe {
+            (
+                *(payload as *const u8),
+                u32::from_be(core::ptr::read_unaligned((payload + 1) as *const u32)),
+            )
+        };
+        if observe::starts_quic_initial(first, version) {
+            observe::Kind::Quic as u8
+        } else {
+            NOT_OBSERVED
+        }
+    }
 }
 
 /// `flags`, if a segment with them may be part of a handshake: a SYN, a

@@ -393,14 +393,15 @@ impl Pipeline {
                 });
             },
         );
-        // Retransmitting connections and handshakes, named now (no wait:
-        // their traffic's flow has usually been named already, and its
-        // labels are kept).
-        let first_seen = now.checked_sub(wait).unwrap_or(now);
+        // Retransmitting connections and handshakes, named now: as their
+        // traffic's flow, whose labels are kept once decided; a connection
+        // whose names are still awaited (its flow waits for a reverse
+        // lookup, or for its client's handshake, which follows the one just
+        // seen) shows addresses, and decides nothing for its traffic.
         // A connection's labels: its client and server as its traffic's,
         // its service.
         let mut labels_of = |key: &ntm_common::FlowKey| {
-            let (client, server) = match hosts.flow_labels(key, first_seen, now) {
+            let (client, server) = match hosts.flow_labels(key, now, now) {
                 Some((client, server)) if !client.is_empty() => (client, server),
                 _ => (
                     Arc::from(key.src_addr().map(|a| a.to_string()).unwrap_or_default()),

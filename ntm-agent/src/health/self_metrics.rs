@@ -443,7 +443,7 @@ impl SelfMetrics {
             dns_lookups,
             names: r.gauge_vec(
                 "names",
-                "Hosts (address and label) in labels now, by where the label came from (static: --hosts-file or --ethers-file, dhcp: --leases or DHCP on the wire, dns_answer: a DNS answer on the wire, reverse_dns, address: no name)",
+                "Hosts (address and label) in labels now, by where the label came from (static: --hosts-file or --ethers-file, dhcp: --leases or DHCP on the wire, dns_answer: a DNS answer on the wire, tls_sni and quic_sni: the server name in a TLS or QUIC ClientHello, tls_ech_outer: an ECH hello's public name, reverse_dns, address: no name)",
                 &["source"],
             )?,
             http_connection_errors: r.counter(
@@ -656,5 +656,7 @@ pub fn protocol_label(kind: ntm_common::observe::Kind) -> &'static str {
     match kind {
         ntm_common::observe::Kind::Dns => "dns",
         ntm_common::observe::Kind::Dhcp => "dhcp",
+        ntm_common::observe::Kind::Tls => "tls",
+        ntm_common::observe::Kind::Quic => "quic",
     }
 }

@@ -8,7 +8,8 @@
 //!    Kubernetes node and the node itself (`kubernetes/`);
 //! 3. this host's own addresses, by its host name (`this_host.rs`);
 //! 4. the wire (`observed.rs`): the host name a device's DHCP client sent,
-//!    then the name a peer asked DNS for;
+//!    then the name a peer asked DNS for or sent in its handshake (which a
+//!    new flow waits a moment for);
 //! 5. reverse DNS (`resolver.rs`), which a new flow waits for (bounded);
 //!
 //! and where none names it, the address itself.
@@ -50,7 +51,11 @@ pub fn ladder(options: &NameOptions, metrics: NameMetrics) -> Vec<Box<dyn NameSo
     {
         ladder.push(Box::new(this_host));
     }
-    ladder.push(Box::new(ObservedNames::new(options.answer_min_ttl)));
+    let mut observed = ObservedNames::new(options.answer_min_ttl);
+    if options.handshake_names {
+        observed.wait_for_handshakes(options.wait);
+    }
+    ladder.push(Box::new(observed));
     if let Some(reverse_dns) = ReverseDns::start(options, metrics.lookups) {
         ladder.push(Box::new(reverse_dns));
     }

@@ -68,6 +68,10 @@ pub struct NameOptions {
     pub lease_files: Vec<std::path::PathBuf>,
     /// Shortest time an observed DNS answer names its addresses.
     pub answer_min_ttl: Duration,
+    /// Whether the kernel hands over TLS ClientHellos and QUIC Initials
+    /// (not `--no-observe-tls`): then a new flow waits a moment for its
+    /// server's name from its client's handshake.
+    pub handshake_names: bool,
     /// The container engines' API sockets (the default ones if empty);
     /// None: containers are not asked.
     pub container_sockets: Option<Vec<std::path::PathBuf>>,
@@ -103,6 +107,7 @@ impl NameOptions {
             ethers_files: Vec::new(),
             lease_files: Vec::new(),
             answer_min_ttl: Duration::from_secs(60),
+            handshake_names: false,
             container_sockets: None,
             kubernetes: None,
             own_addresses: None,
@@ -382,8 +387,13 @@ impl HostLabels {
         }
         match (key.src_addr(), key.dst_addr()) {
             (Some(src), Some(dst)) => {
-                let src_label = self.label(src, dst, first_seen, now);
-                let dst_label = self.label(dst, src, first_seen, now);
+                // The server of a TCP or UDP flow: the side of its service
+                // port.
+                let ported =
+                    key.proto == ntm_common::ipproto::TCP || key.proto == ntm_common::ipproto::UDP;
+                let src_serves = key.flags & ntm_common::key_flags::SERVICE_PORT_IS_SRC != 0;
+                let src_label = self.label_of(src, dst, ported && src_serves, first_seen, now);
+                let dst_label = self.label_of(dst, src, ported && !src_serves, first_seen, now);
                 Some((src_label?, dst_label?))
             }
             _ => Some((Arc::clone(&self.empty), Arc::clone(&self.empty))),
@@ -399,11 +409,24 @@ impl HostLabels {
         first_seen: Instant,
         now: Instant,
     ) -> Option<Arc<str>> {
+        self.label_of(ip, peer, false, first_seen, now)
+    }
+
+    /// [`Self::label`] of `ip`, the server of its flow if `server` (see
+    /// [`Query::server`]).
+    fn label_of(
+        &mut self,
+        ip: IpAddr,
+        peer: IpAddr,
+        server: bool,
+        first_seen: Instant,
+        now: Instant,
+    ) -> Option<Arc<str>> {
         if let Some(s) = self.sticky.get_mut(&(ip, peer)) {
             s.last_used = now;
             return Some(Arc::clone(&s.label));
         }
-        let (label, source) = self.decide(ip, peer, first_seen, now)?;
+        let (label, source) = self.decide(ip, peer, server, first_seen, now)?;
         let label = self.hold(ip, label, source);
         let sticky = Sticky {
             label: Arc::clone(&label),
@@ -473,6 +496,7 @@ impl HostLabels {
         &mut self,
         ip: IpAddr,
         peer: IpAddr,
+        server: bool,
         first_seen: Instant,
         now: Instant,
     ) -> Option<(String, Source)> {
@@ -480,6 +504,7 @@ impl HostLabels {
             ip,
             peer,
             mac: self.mac_of(ip),
+            server,
             first_seen,
             now,
         };

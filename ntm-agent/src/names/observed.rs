@@ -1,5 +1,5 @@
 //! Names learnt from the wire: DNS answers (which name a client asked for
-//! an address) and DHCP (which host name a device sent, which address it
+//! an address), the server names clients send in their handshakes, and DHCP (which host name a device sent, which address it
 //! was given). Every table is bounded and forgets the least recently used
 //! entry first; answers also expire with their (clamped) TTL.
 
@@ -27,15 +27,26 @@ pub const MAX_CLIENTS: NonZeroUsize = NonZeroUsize::new(65_536).expect("not zero
 pub const MAX_LEASES: NonZeroUsize = NonZeroUsize::new(65_536).expect("not zero");
 /// Longest time an answer names its addresses, whatever its TTL says.
 pub const MAX_ANSWER_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long the name a client sent in a handshake names its server: as a
+/// typical DNS answer would (the handshake has no TTL of its own; the
+/// series it named keeps its label as long as it lives).
+pub const SERVER_NAME_TTL: Duration = Duration::from_secs(300);
+/// How long a new flow's server waits for the name its client sends in its
+/// handshake (at most `--name-wait`): a ClientHello follows a connection's
+/// first segment by a round trip.
+pub const HANDSHAKE_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 struct Answered {
     name: String,
     until: Instant,
+    /// A DNS answer, or which handshake.
+    source: Source,
 }
 
 pub struct ObservedNames {
-    /// (client, address) to the name the client asked.
+    /// (client, address) to the name the client asked, or sent in its
+    /// handshake with the address: the newer of the two.
     answers: LruCache<(IpAddr, IpAddr), Answered>,
     /// Address to the name last asked by anyone (for peers that did not
     /// ask themselves, e.g. behind another resolver).
@@ -45,6 +56,9 @@ pub struct ObservedNames {
     /// Leased address to its client.
     leases: LruCache<IpAddr, Client>,
     min_ttl: Duration,
+    /// How long a flow's server waits for its client's handshake; None
+    /// when handshakes are not read.
+    handshake_wait: Option<Duration>,
 }
 
 impl ObservedNames {
@@ -55,7 +69,14 @@ impl ObservedNames {
             clients: LruCache::new(MAX_CLIENTS),
             leases: LruCache::new(MAX_LEASES),
             min_ttl: min_ttl.min(MAX_ANSWER_TTL),
+            handshake_wait: None,
         }
+    }
+
+    /// Handshakes are read: a new flow's server without a name waits for
+    /// its client's, [`HANDSHAKE_WAIT`] at most (and at most `name_wait`).
+    pub fn wait_for_handshakes(&mut self, name_wait: Duration) {
+        self.handshake_wait = Some(HANDSHAKE_WAIT.min(name_wait));
     }
 
     /// Keeps what one message said.
@@ -67,13 +88,16 @@ impl ObservedNames {
                 name,
                 ttl,
             } => {
-                let ttl = Duration::from_secs(ttl.into()).clamp(self.min_ttl, MAX_ANSWER_TTL);
-                let answered = Answered {
-                    name,
-                    until: now + ttl,
-                };
-                self.by_address.put(address, answered.clone());
-                self.answers.put((client, address), answered);
+                let ttl = Duration::from_secs(ttl.into());
+                self.answered(client, address, name, ttl, Source::DnsAnswer, now);
+            }
+            Fact::Server {
+                client,
+                server,
+                name,
+                source,
+            } => {
+                self.answered(client, server, name, SERVER_NAME_TTL, source, now);
             }
             Fact::ClientName { client, name } => {
                 self.clients.put(client, name);
@@ -84,9 +108,35 @@ impl ObservedNames {
         }
     }
 
-    /// The name `client` asked for `address` (else the one anyone asked
-    /// last), while its TTL lasts.
-    pub fn answer(&mut self, client: IpAddr, address: IpAddr, now: Instant) -> Option<&str> {
+    /// Keeps `name` for `address` as `client` knows it, for `ttl` (at
+    /// least the shortest time an answer names, at most a day).
+    fn answered(
+        &mut self,
+        client: IpAddr,
+        address: IpAddr,
+        name: String,
+        ttl: Duration,
+        source: Source,
+        now: Instant,
+    ) {
+        let answered = Answered {
+            name,
+            until: now + ttl.clamp(self.min_ttl, MAX_ANSWER_TTL),
+            source,
+        };
+        self.by_address.put(address, answered.clone());
+        self.answers.put((client, address), answered);
+    }
+
+    /// The name `client` asked for `address` or sent in a handshake with
+    /// it (else the one anyone did last), while it lasts, and where it
+    /// came from.
+    pub fn answer(
+        &mut self,
+        client: IpAddr,
+        address: IpAddr,
+        now: Instant,
+    ) -> Option<(&str, Source)> {
         let own = self
             .answers
             .get(&(client, address))
@@ -95,10 +145,10 @@ impl ObservedNames {
             return self
                 .answers
                 .peek(&(client, address))
-                .map(|a| a.name.as_str());
+                .map(|a| (a.name.as_str(), a.source));
         }
         match self.by_address.get(&address) {
-            Some(a) if a.until > now => Some(a.name.as_str()),
+            Some(a) if a.until > now => Some((a.name.as_str(), a.source)),
             _ => None,
         }
     }
@@ -140,14 +190,20 @@ impl ObservedNames {
 }
 
 /// Two rungs from the wire: the host name a device's DHCP client sent
-/// (its own name: whole), then the name the peer asked DNS for.
+/// (its own name: whole), then the name the peer asked DNS for or sent in
+/// its handshake (the newer).
 impl NameSource for ObservedNames {
     fn name(&mut self, query: &Query) -> Lookup {
         if let Some(name) = self.device(query.ip, query.mac) {
             return Lookup::Name(name.to_string(), Source::Dhcp);
         }
+        let waits = query.server
+            && self
+                .handshake_wait
+                .is_some_and(|wait| query.now.duration_since(query.first_seen) < wait);
         match self.answer(query.peer, query.ip, query.now) {
-            Some(name) => Lookup::Name(name.to_string(), Source::DnsAnswer),
+            Some((name, source)) => Lookup::Name(name.to_string(), source),
+            None if waits => Lookup::Wait,
             None => Lookup::Next,
         }
     }
@@ -198,6 +254,94 @@ mod tests {
         text.parse().unwrap()
     }
 
+    /// The name `client` knows `address` by, without its source.
+    fn asked(o: &mut ObservedNames, client: IpAddr, address: IpAddr, now: Instant) -> Option<&str> {
+        o.answer(client, address, now).map(|(name, _)| name)
+    }
+
+    /// With handshakes read, a flow's server without a name waits for its
+    /// client's handshake a moment (its client does not), then goes on.
+    #[test]
+    fn a_server_waits_a_moment_for_its_clients_handshake() {
+        let mut o = ObservedNames::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let query = |server: bool, now: Instant| Query {
+            ip: ip("198.18.1.1"),
+            peer: ip("198.18.0.2"),
+            mac: None,
+            server,
+            first_seen: t0,
+            now,
+        };
+        assert_eq!(o.name(&query(true, t0)), Lookup::Next, "not read: no wait");
+        o.wait_for_handshakes(Duration::from_secs(3));
+        assert_eq!(o.name(&query(true, t0)), Lookup::Wait);
+        assert_eq!(o.name(&query(false, t0)), Lookup::Next, "the client");
+        assert_eq!(o.name(&query(true, t0 + HANDSHAKE_WAIT)), Lookup::Next);
+        o.learn(
+            Fact::Server {
+                client: ip("198.18.0.2"),
+                server: ip("198.18.1.1"),
+                name: "hello.test".into(),
+                source: Source::TlsSni,
+            },
+            t0,
+        );
+        assert_eq!(
+            o.name(&query(true, t0)),
+            Lookup::Name("hello.test".into(), Source::TlsSni)
+        );
+        // At most --name-wait.
+        let mut short = ObservedNames::new(Duration::from_secs(60));
+        short.wait_for_handshakes(Duration::from_millis(300));
+        let at = t0 + Duration::from_millis(300);
+        assert_eq!(short.name(&query(true, at)), Lookup::Next);
+    }
+
+    /// A handshake's name and a DNS answer for one client and server: the
+    /// newer names it, with its source; another client's own name stays.
+    #[test]
+    fn the_newer_of_an_answer_and_a_handshake_names_the_server() {
+        let mut o = ObservedNames::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let (client, server) = (ip("198.18.0.2"), ip("198.18.1.1"));
+        o.learn(answer("198.18.0.2", "198.18.1.1", "asked.test", 60), t0);
+        assert_eq!(
+            o.answer(client, server, t0),
+            Some(("asked.test", Source::DnsAnswer))
+        );
+        let sni = |name: &str, source| Fact::Server {
+            client,
+            server,
+            name: name.into(),
+            source,
+        };
+        o.learn(sni("hello.test", Source::TlsSni), t0);
+        assert_eq!(
+            o.answer(client, server, t0),
+            Some(("hello.test", Source::TlsSni))
+        );
+        o.learn(sni("provider.test", Source::TlsEchOuter), t0);
+        assert_eq!(
+            o.answer(client, server, t0),
+            Some(("provider.test", Source::TlsEchOuter))
+        );
+        o.learn(answer("198.18.0.2", "198.18.1.1", "asked.test", 60), t0);
+        assert_eq!(
+            o.answer(client, server, t0),
+            Some(("asked.test", Source::DnsAnswer))
+        );
+        // A handshake's name lasts as a typical answer.
+        o.learn(sni("quic.test", Source::QuicSni), t0);
+        let later = t0 + SERVER_NAME_TTL;
+        assert_eq!(
+            o.answer(client, server, later - Duration::from_secs(1))
+                .map(|a| a.1),
+            Some(Source::QuicSni)
+        );
+        assert_eq!(o.answer(client, server, later), None);
+    }
+
     fn answer(client: &str, address: &str, name: &str, ttl: u32) -> Fact {
         Fact::Answer {
             client: ip(client),
@@ -214,16 +358,16 @@ mod tests {
         o.learn(answer("198.18.0.2", "198.18.1.1", "video.test", 60), t0);
         o.learn(answer("198.18.0.3", "198.18.1.1", "shop.test", 60), t0);
         assert_eq!(
-            o.answer(ip("198.18.0.2"), ip("198.18.1.1"), t0),
+            asked(&mut o, ip("198.18.0.2"), ip("198.18.1.1"), t0),
             Some("video.test")
         );
         assert_eq!(
-            o.answer(ip("198.18.0.3"), ip("198.18.1.1"), t0),
+            asked(&mut o, ip("198.18.0.3"), ip("198.18.1.1"), t0),
             Some("shop.test")
         );
         // A peer that asked nothing gets the latest answer.
         assert_eq!(
-            o.answer(ip("198.18.0.4"), ip("198.18.1.1"), t0),
+            asked(&mut o, ip("198.18.0.4"), ip("198.18.1.1"), t0),
             Some("shop.test")
         );
     }
@@ -235,20 +379,23 @@ mod tests {
         o.learn(answer("198.18.0.2", "198.18.1.1", "short.test", 1), t0);
         let at = |s| t0 + Duration::from_secs(s);
         assert_eq!(
-            o.answer(ip("198.18.0.2"), ip("198.18.1.1"), at(29)),
+            asked(&mut o, ip("198.18.0.2"), ip("198.18.1.1"), at(29)),
             Some("short.test")
         );
-        assert_eq!(o.answer(ip("198.18.0.2"), ip("198.18.1.1"), at(31)), None);
+        assert_eq!(
+            asked(&mut o, ip("198.18.0.2"), ip("198.18.1.1"), at(31)),
+            None
+        );
         o.learn(
             answer("198.18.0.2", "198.18.1.2", "long.test", u32::MAX),
             t0,
         );
         assert_eq!(
-            o.answer(ip("198.18.0.2"), ip("198.18.1.2"), at(86_399)),
+            asked(&mut o, ip("198.18.0.2"), ip("198.18.1.2"), at(86_399)),
             Some("long.test")
         );
         assert_eq!(
-            o.answer(ip("198.18.0.2"), ip("198.18.1.2"), at(86_401)),
+            asked(&mut o, ip("198.18.0.2"), ip("198.18.1.2"), at(86_401)),
             None
         );
         o.expire(at(86_401));

@@ -25,6 +25,13 @@ pub enum Source {
     Dhcp,
     /// A DNS answer on the wire: the name the peer asked for.
     DnsAnswer,
+    /// The server name (SNI) in a TLS ClientHello the peer sent.
+    TlsSni,
+    /// The server name in the ClientHello of a QUIC Initial the peer sent.
+    QuicSni,
+    /// The server name of an ECH outer ClientHello (TLS or QUIC): the
+    /// provider's public name, the site's being encrypted.
+    TlsEchOuter,
     /// Reverse DNS.
     ReverseDns,
     /// No name: the address itself.
@@ -32,13 +39,16 @@ pub enum Source {
 }
 
 impl Source {
-    pub const ALL: [Source; 8] = [
+    pub const ALL: [Source; 11] = [
         Source::Static,
         Source::Container,
         Source::Kubernetes,
         Source::ThisHost,
         Source::Dhcp,
         Source::DnsAnswer,
+        Source::TlsSni,
+        Source::QuicSni,
+        Source::TlsEchOuter,
         Source::ReverseDns,
         Source::Address,
     ];
@@ -48,7 +58,14 @@ impl Source {
     /// `--fqdn`), not by each of its many host names. Names a user or a
     /// device gave are kept whole.
     pub fn names_a_server(self) -> bool {
-        matches!(self, Source::DnsAnswer | Source::ReverseDns)
+        matches!(
+            self,
+            Source::DnsAnswer
+                | Source::TlsSni
+                | Source::QuicSni
+                | Source::TlsEchOuter
+                | Source::ReverseDns
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -59,6 +76,9 @@ impl Source {
             Source::ThisHost => "this_host",
             Source::Dhcp => "dhcp",
             Source::DnsAnswer => "dns_answer",
+            Source::TlsSni => "tls_sni",
+            Source::QuicSni => "quic_sni",
+            Source::TlsEchOuter => "tls_ech_outer",
             Source::ReverseDns => "reverse_dns",
             Source::Address => "address",
         }
@@ -74,6 +94,11 @@ pub struct Query {
     /// The MAC `ip` is at, when known (names by MAC follow a device across
     /// its addresses).
     pub mac: Option<Mac>,
+    /// Whether `ip` is the server of a TCP or UDP flow: its client's
+    /// handshake (a ClientHello, a round trip after the flow's first
+    /// frame; a QUIC Initial) may name it, so the flow waits for it a
+    /// moment.
+    pub server: bool,
     /// When the flow asking was first seen: a source that waits for an
     /// answer waits at most `--name-wait` from then.
     pub first_seen: Instant,
@@ -102,7 +127,7 @@ pub trait NameSource: Send {
     /// Once per drain: read again what changed (files).
     fn refresh(&mut self) {}
 
-    /// What a DNS or DHCP message on the wire said.
+    /// What a DNS or DHCP message, or a handshake, on the wire said.
     fn learn(&mut self, _fact: &Fact, _now: Instant) {}
 
     /// Forget what is out of date (answers past their TTL).

@@ -94,6 +94,7 @@ mod tests {
             ip: ip.parse().unwrap(),
             peer: "198.18.60.10".parse().unwrap(),
             mac: None,
+            server: false,
             first_seen: now,
             now,
         })

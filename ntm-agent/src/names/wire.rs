@@ -21,7 +21,11 @@ use hickory_proto::{
 };
 use ntm_common::observe::Kind;
 
-use super::dns_tcp::{DnsTcpError, DnsTcpStreams};
+use super::{
+    dns_tcp::{DnsTcpError, DnsTcpStreams},
+    hello::{HelloSource, HelloStreams, StreamError},
+    source::Source,
+};
 use crate::kernel::observe::ObservedFrame;
 use crate::model::net::Mac;
 use crate::model::series::usable_name;
@@ -56,6 +60,15 @@ pub enum Fact {
     ClientName { client: Client, name: String },
     /// A DHCP server gave `address` to `client`.
     Lease { client: Client, address: IpAddr },
+    /// `client` sent `name` in the clear in its handshake with `server`
+    /// (the SNI of a TLS ClientHello or of a QUIC Initial's), `source`
+    /// saying which.
+    Server {
+        client: IpAddr,
+        server: IpAddr,
+        name: String,
+        source: Source,
+    },
 }
 
 /// Why a handed-over frame says nothing. Built on every malformed frame
@@ -76,6 +89,8 @@ pub enum WireError {
     Dns(#[source] hickory_proto::serialize::binary::DecodeError),
     #[error(transparent)]
     DnsTcp(#[from] DnsTcpError),
+    #[error(transparent)]
+    Handshake(#[from] StreamError),
     #[error("not a DHCPv4 message: {0}")]
     Dhcp4(#[source] dhcproto::error::DecodeError),
     #[error("not a DHCPv6 message: {0}")]
@@ -85,10 +100,12 @@ pub enum WireError {
 }
 
 /// Reads the frames the kernel hands over. Holds what spans frames: DNS
-/// responses over TCP in more than one segment.
+/// responses over TCP in more than one segment, ClientHellos in more than
+/// one segment or QUIC Initial.
 #[derive(Default)]
 pub struct WireReader {
     dns_tcp: DnsTcpStreams,
+    hellos: HelloStreams,
 }
 
 impl WireReader {
@@ -149,8 +166,42 @@ impl WireReader {
                 67 | 68 => dhcp4(udp.payload()),
                 _ => dhcp6(udp.payload()),
             },
+            (Some(TransportSlice::Tcp(tcp)), Kind::Tls) => {
+                let client = SocketAddr::new(src, tcp.source_port());
+                let server = SocketAddr::new(dst, tcp.destination_port());
+                let named = self.hellos.tcp_segment(
+                    client,
+                    server,
+                    tcp.sequence_number(),
+                    tcp.payload(),
+                    now,
+                )?;
+                Ok(named.into_iter().map(server_fact).collect())
+            }
+            (Some(TransportSlice::Udp(udp)), Kind::Quic) => {
+                let client = SocketAddr::new(src, udp.source_port());
+                let server = SocketAddr::new(dst, udp.destination_port());
+                let named = self
+                    .hellos
+                    .quic_datagram(client, server, udp.payload(), now)?;
+                Ok(named.into_iter().map(server_fact).collect())
+            }
             _ => Err(WireError::NotUdpOrTcp),
         }
+    }
+}
+
+/// What a handshake's name says: its server's name, as its client knows it.
+fn server_fact(named: super::hello::ServerName) -> Fact {
+    Fact::Server {
+        client: named.client.ip(),
+        server: named.server.ip(),
+        name: named.name,
+        source: match named.source {
+            HelloSource::TlsSni => Source::TlsSni,
+            HelloSource::QuicSni => Source::QuicSni,
+            HelloSource::TlsEchOuter => Source::TlsEchOuter,
+        },
     }
 }
 

@@ -1074,3 +1074,98 @@ pub fn a_handshake_holds_its_gate_open_until_its_client_acks() {
     assert_eq!((taken.ended.len(), taken.ack_unseen), (0, 1), "{taken:?}");
     assert_eq!(handshakes.waiting(), 0, "the agent closed its slot");
 }
+
+/// A real ClientHello (`openssl s_client`) to a port that is no TLS port,
+/// and real QUIC v1 and v2 Initials (aioquic), over IPv4 and IPv6, go
+/// through the real kernel program: each is handed to the agent by its
+/// first bytes (and names its server there), each counted exactly; an
+/// ordinary segment with data, a bare ACK, a large UDP datagram that is no
+/// Initial and a short one that begins like one are not handed over. With
+/// TLS observation off, none is.
+pub fn client_hellos_and_quic_initials_are_handed_over_by_their_first_bytes() {
+    use ntm_agent::kernel::observe::ObservedFrame;
+    use ntm_agent::names::{
+        source::Source,
+        wire::{Fact, WireReader},
+    };
+    use ntm_common::observe::Kind;
+
+    let hello = crate::kit::hello::openssl_client_hello("tls.example");
+    let initials: Vec<Vec<u8>> = [1, 2]
+        .iter()
+        .map(|&v| crate::kit::hello::aioquic_initials("quic.example", v, 0).remove(0))
+        .collect();
+    let mut app_data = vec![0x17, 3, 3, 0, 100];
+    app_data.extend([9u8; 100]);
+    let mut short_initial = initials[0][..100].to_vec();
+    short_initial[0] = 0xc0;
+    let l4s: Vec<(u8, Vec<u8>, bool)> = vec![
+        (6, tcp(40_000, 8_443, &[], &hello), true),
+        (6, tcp(40_000, 8_443, &[], &app_data), false),
+        (6, tcp(40_000, 8_443, &[], &[]), false),
+        (17, udp(50_000, 4_433, &initials[0]), true),
+        (17, udp(50_000, 4_433, &initials[1]), true),
+        (17, udp(50_000, 4_433, &[0xc0; 1300]), false),
+        (17, udp(50_000, 4_433, &short_initial), false),
+    ];
+    for tls_on in [true, false] {
+        let kinds = if tls_on { 0b1111 } else { 0b11 };
+        let options = DatapathOptions {
+            observe_rate: 1000,
+            observe_kinds: kinds,
+            ..Default::default()
+        };
+        let mut h = Harness::with(options, "");
+        let mut observer = h.datapath.take_observer().expect("observation is on");
+        let mut handed = 0;
+        for (proto, l4, named) in &l4s {
+            for v6 in [false, true] {
+                let (frame, l3_len) = if v6 {
+                    (eth(ETH_IPV6, &[], &ipv6(*proto, l4)), 40 + l4.len())
+                } else {
+                    (eth(ETH_IPV4, &[], &ipv4(*proto, &[], 0, l4)), 20 + l4.len())
+                };
+                assert_eq!(
+                    only_flow(&h.ingress(&frame)).1,
+                    counted(l3_len as u64),
+                    "proto {proto}, {} bytes, v6 {v6}",
+                    l4.len()
+                );
+                handed += usize::from(*named && tls_on);
+            }
+        }
+        let mut records = Vec::new();
+        observer.read_now(&mut records);
+        assert_eq!(records.len(), handed, "TLS on: {tls_on}");
+        let mut reader = WireReader::default();
+        let mut names = Vec::new();
+        for record in &records {
+            let frame = ObservedFrame::from_record(record).expect("a record");
+            assert!(matches!(frame.kind, Kind::Tls | Kind::Quic));
+            let facts = reader
+                .facts(&frame, std::time::Instant::now())
+                .unwrap_or_else(|e| panic!("{:?}: {e}", frame.kind));
+            for fact in facts {
+                let Fact::Server { name, source, .. } = fact else {
+                    panic!("{fact:?}");
+                };
+                names.push((name, source));
+            }
+        }
+        let expected: Vec<(String, Source)> = if tls_on {
+            let tls = ("tls.example".to_string(), Source::TlsSni);
+            let quic = ("quic.example".to_string(), Source::QuicSni);
+            vec![
+                tls.clone(),
+                tls,
+                quic.clone(),
+                quic.clone(),
+                quic.clone(),
+                quic,
+            ]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(names, expected);
+    }
+}

@@ -303,3 +303,123 @@ impl Drop for RemoveOnDrop {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Servers named by the names their clients sent in the clear in their
+/// handshakes, no DNS anywhere: `openssl s_client` and `curl --resolve`
+/// send ClientHellos (their data in the socket's pages, as a local
+/// socket's segments have it) to a listener on a port that is no TLS port;
+/// aioquic's QUIC v1 Initials go to another server, its v2 ones over IPv6
+/// to a third. The traffic that follows each is in the series of the name,
+/// exactly; with `--no-observe-tls` no handshake names anything.
+pub fn servers_by_the_name_their_client_sent_in_its_handshake() {
+    use std::net::TcpListener;
+    const TLS: &str = "198.18.0.60";
+    const QUIC: &str = "198.18.0.61";
+    const QUIC6: &str = "2001:2::61";
+    const TLS_PORT: u16 = 8444;
+    for tls_on in [true, false] {
+        let link = Link::new("hsobs");
+        for address in [TLS, QUIC, QUIC6] {
+            add_address(&link.a, &link.a_if, address);
+        }
+        // Reverse DNS: a server that knows no name.
+        let _ptr = DnsServer::start(&link.a, 5355, HashMap::new());
+        let _sinks = sinks(&link, &[TLS, QUIC, QUIC6]);
+        let port = 9422;
+        let off: &[&str] = if tls_on { &[] } else { &["--no-observe-tls"] };
+        let _agent = agent(
+            &link,
+            port,
+            &[&["--local-net", "198.18.0.2/32,2001:2::2/128"], off].concat(),
+        );
+        // The TLS server: it takes the hellos and answers nothing.
+        let listener = link
+            .a
+            .run(|| TcpListener::bind(("0.0.0.0", TLS_PORT)).unwrap());
+        let server = thread::spawn(move || {
+            for _ in 0..2 {
+                let (mut stream, _) = listener.accept().unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(2)))
+                    .unwrap();
+                let mut buf = [0u8; 4096];
+                let _ = std::io::Read::read(&mut stream, &mut buf);
+            }
+        });
+        let target = format!("{TLS}:{TLS_PORT}");
+        link.b.exec(&[
+            "sh",
+            "-c",
+            &format!(
+                "timeout 5 openssl s_client -connect {target} -servername www.tls.example \
+                 </dev/null >/dev/null 2>&1; true"
+            ),
+        ]);
+        link.b.exec(&[
+            "sh",
+            "-c",
+            &format!(
+                "timeout 5 curl -sk --resolve api.tls.example:{TLS_PORT}:{TLS} \
+                 https://api.tls.example:{TLS_PORT}/ >/dev/null 2>&1; true"
+            ),
+        ]);
+        server.join().unwrap();
+        // The QUIC clients' first datagrams, as aioquic wrote them, sent
+        // from b to a port that is no QUIC port.
+        for (version, to, from) in [(1, QUIC, B4), (2, QUIC6, B6)] {
+            let initials = crate::kit::hello::aioquic_initials("www.quic.example", version, 0);
+            link.b.run(|| {
+                let socket = UdpSocket::bind((from, 0)).unwrap();
+                for datagram in &initials {
+                    socket.send_to(datagram, (to, 4433)).unwrap();
+                }
+            });
+        }
+        // Past the name wait: the traffic that follows is named as the
+        // handshakes said, or by address.
+        thread::sleep(Duration::from_millis(500));
+        let named = |name: &str, address: &'static str| {
+            if tls_on {
+                format!(r#"dst="{name}""#)
+            } else {
+                format!(r#"dst="{address}""#)
+            }
+        };
+        let (tls, quic, quic6) = (
+            named("tls.example", TLS),
+            named("quic.example", QUIC),
+            named("quic.example", QUIC6),
+        );
+        let expect = vec![
+            (vec![tls.as_str()], send(&link, B4, TLS)),
+            (
+                vec![quic.as_str(), r#"src="198.18.0.2""#],
+                send(&link, B4, QUIC),
+            ),
+            (
+                vec![quic6.as_str(), r#"src="2001:2::2""#],
+                send(&link, B6, QUIC6),
+            ),
+        ];
+        let text = wait_for_sink_bytes(&link, port, &expect);
+        let total: u64 = expect.iter().map(|(_, b)| b).sum();
+        assert_eq!(bytes_where(&text, &[r#"service="5300""#]), total, "{text}");
+        let handshakes = |protocol: &str| {
+            crate::kit::scrape::sample_sum(
+                &text,
+                "ntm_observed_messages_total",
+                &[&format!(r#"protocol="{protocol}""#), r#"result="parsed""#],
+            )
+        };
+        if tls_on {
+            assert!(handshakes("tls") >= 2, "{text}");
+            assert!(handshakes("quic") >= 2, "{text}");
+            for (source, count) in [("tls_sni", 1), ("quic_sni", 2)] {
+                let line = format!(r#"ntm_names{{source="{source}"}} {count}"#);
+                assert!(text.contains(&line), "no {line}:\n{text}");
+            }
+        } else {
+            assert_eq!(handshakes("tls") + handshakes("quic"), 0, "{text}");
+        }
+    }
+}

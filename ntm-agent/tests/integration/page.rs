@@ -230,7 +230,19 @@ pub fn the_page_shows_what_was_sent_and_names_as_text() {
                     .then_some(())
             },
         );
-        let metrics = http_get(&link.a, PORT, "/metrics").unwrap().1;
+        // A new flow's server waits a moment for its client's handshake
+        // (and the one reverse DNS names for that name): the hostile
+        // device's flows may come a little after the laptop's.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let metrics = loop {
+            let metrics = http_get(&link.a, PORT, "/metrics").unwrap().1;
+            let exact = metrics_of(&metrics, "laptop") == (laptop_down, laptop_up)
+                && metrics_of(&metrics, HOSTILE_DEVICE) == (0, hostile_up);
+            if exact || std::time::Instant::now() > deadline {
+                break metrics;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
         assert_eq!(
             metrics_of(&metrics, "laptop"),
             (laptop_down, laptop_up),

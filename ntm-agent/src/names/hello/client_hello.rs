@@ -212,10 +212,9 @@ fn host_name(raw: &[u8]) -> Option<String> {
     Some(text.to_ascii_lowercase())
 }
 
-#[cfg(test)]
-pub mod tests {
-    use super::*;
-    use proptest::prelude::*;
+/// ClientHellos as clients write them, for tests and benches.
+pub mod testing {
+    use super::{CLIENT_HELLO, SNI_EXTENSION};
 
     /// A ClientHello handshake message with these extensions (type, data).
     pub fn hello_with(extensions: &[(u16, Vec<u8>)]) -> Vec<u8> {
@@ -257,6 +256,15 @@ pub mod tests {
         }
         stream
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{
+        testing::{hello_with, in_records, sni},
+        *,
+    };
+    use proptest::prelude::*;
 
     #[test]
     fn the_sni_names_the_server() {

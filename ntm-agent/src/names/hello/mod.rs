@@ -296,10 +296,10 @@ impl HelloStreams {
 #[cfg(test)]
 mod tests {
     use super::{
-        client_hello::tests::{hello_with, in_records, sni},
+        client_hello::testing::{hello_with, in_records, sni},
         quic::{
             QuicVersion,
-            tests::{crypto_frame, protect},
+            testing::{crypto_frame, protect},
         },
         *,
     };

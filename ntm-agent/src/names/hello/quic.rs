@@ -111,7 +111,7 @@ pub fn client_initial(datagram: &[u8]) -> Result<Initial, QuicError> {
         return Err(QuicError::Truncated);
     }
     let mut packet = datagram[..end].to_vec();
-    let keys = initial_keys(version, &dcid);
+    let keys = initial_keys(version, &dcid, Side::Server);
     let mut sample = [0u8; SAMPLE_LEN];
     sample.copy_from_slice(&packet[pn_offset + SAMPLE_OFFSET..][..SAMPLE_LEN]);
     {
@@ -138,9 +138,9 @@ pub fn client_initial(datagram: &[u8]) -> Result<Initial, QuicError> {
     })
 }
 
-/// The keys of a connection's Initials, as its server derives them: the
-/// `remote` ones open what the client sent.
-fn initial_keys(version: QuicVersion, dcid: &[u8]) -> Keys {
+/// The keys of a connection's Initials, as `side` derives them (a server's
+/// `remote` ones open what the client sent).
+fn initial_keys(version: QuicVersion, dcid: &[u8], side: Side) -> Keys {
     let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
         .tls13()
         .expect("a TLS 1.3 suite");
@@ -149,7 +149,7 @@ fn initial_keys(version: QuicVersion, dcid: &[u8]) -> Keys {
         QuicVersion::V1 => Version::V1,
         QuicVersion::V2 => Version::V2,
     };
-    Keys::initial(version, suite, quic, dcid, Side::Server)
+    Keys::initial(version, suite, quic, dcid, side)
 }
 
 /// The CRYPTO frames of a decrypted Initial payload. Frames allowed in an
@@ -246,24 +246,17 @@ impl<'a> Reader<'a> {
     }
 }
 
-#[cfg(test)]
-pub mod tests {
-    use super::*;
-    use proptest::prelude::*;
+/// A client's side of an Initial, for tests and benches: what a QUIC
+/// client sends, protected with the same public keys.
+pub mod testing {
+    use rustls::Side;
+
+    use super::{QuicVersion, VERSION_1, VERSION_2};
 
     /// A client Initial as a client protects it: `frames` (plain), padded
     /// to 1200 bytes as clients pad them.
     pub fn protect(version: QuicVersion, dcid: &[u8], pn: u8, frames: &[u8]) -> Vec<u8> {
-        let keys = {
-            let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
-                .tls13()
-                .unwrap();
-            let v = match version {
-                QuicVersion::V1 => Version::V1,
-                QuicVersion::V2 => Version::V2,
-            };
-            Keys::initial(v, suite, suite.quic.unwrap(), dcid, Side::Client)
-        };
+        let keys = super::initial_keys(version, dcid, Side::Client);
         let (first, wire_version) = match version {
             QuicVersion::V1 => (0xc0u8, VERSION_1),
             QuicVersion::V2 => (0xd0u8, VERSION_2),
@@ -308,6 +301,15 @@ pub mod tests {
         f.extend(data);
         f
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{
+        testing::{crypto_frame, protect},
+        *,
+    };
+    use proptest::prelude::*;
 
     #[test]
     fn both_versions_open_and_give_their_crypto_frames() {

@@ -13,6 +13,7 @@ pub mod delay;
 pub mod dhcp;
 pub mod dns;
 pub mod frames;
+pub mod hello;
 pub mod scrape;
 pub mod tls;
 
