@@ -270,8 +270,8 @@ pub struct NameArgs {
     pub no_observe_tls: bool,
 
     /// DNS, DHCP and handshake messages handed from the kernel to ntm per
-    /// second per CPU at most; beyond it they are counted as dropped (traffic is
-    /// counted all the same).
+    /// second per CPU at most, for each of DNS, DHCP, TLS and QUIC; beyond it
+    /// they are counted as dropped (traffic is counted all the same).
     #[arg(long = "observe-rate", env = "NTM_OBSERVE_RATE", default_value_t = ntm_common::observe::DEFAULT_RATE_PER_CPU,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub observe_rate: u32,

@@ -78,8 +78,8 @@ pub mod names {
     /// Per-CPU array of u64: frames not handed over, see
     /// [`crate::observe::DropReason`].
     pub const OBSERVE_DROPS: &str = "NTM_OBSERVE_DROPS";
-    /// Read-only global: frames handed over per second per CPU at most; 0
-    /// turns observation off (and the verifier removes its code).
+    /// Read-only global: frames of each kind handed over per second per CPU
+    /// at most; 0 turns observation off (and the verifier removes its code).
     pub const OBSERVE_RATE: &str = "NTM_OBSERVE_RATE";
     /// Read-only global: which [`crate::observe::Kind`]s are handed over, a
     /// bit (`1 << kind`) each.
@@ -194,11 +194,16 @@ pub mod tail {
     pub const COUNT_EGRESS_ETH: u32 = 5;
     pub const COUNT_INGRESS_L3: u32 = 6;
     pub const COUNT_EGRESS_L3: u32 = 7;
-    pub const TC_SLOTS: u32 = 8;
+    pub const OBSERVE_INGRESS_ETH: u32 = 8;
+    pub const OBSERVE_EGRESS_ETH: u32 = 9;
+    pub const OBSERVE_INGRESS_L3: u32 = 10;
+    pub const OBSERVE_EGRESS_L3: u32 = 11;
+    pub const TC_SLOTS: u32 = 12;
     /// Slots of [`crate::names::XDP_TAILS`].
     pub const FILTER_XDP: u32 = 0;
     pub const COUNT_XDP: u32 = 1;
-    pub const XDP_SLOTS: u32 = 2;
+    pub const OBSERVE_XDP: u32 = 2;
+    pub const XDP_SLOTS: u32 = 3;
 
     /// Verdict values in [`crate::names::FILTER_VERDICT`].
     pub const VERDICT_MATCH: u32 = 1;

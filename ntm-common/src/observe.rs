@@ -18,7 +18,8 @@ pub const CAPTURE_BYTES: usize = 2048;
 /// agent reads them as they come).
 pub const RING_BYTES: u32 = 2 << 20;
 
-/// Default of `--observe-rate`: frames handed over per second per CPU at most.
+/// Default of `--observe-rate`: frames of each kind handed over per second
+/// per CPU at most.
 pub const DEFAULT_RATE_PER_CPU: u32 = 2000;
 
 /// What a handed-over frame is.

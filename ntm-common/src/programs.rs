@@ -75,16 +75,27 @@ pub struct HookPrograms {
     /// The counting half a filter program tail-calls with its verdict.
     /// Never attached.
     pub count: &'static str,
-    /// The program array (one per program type) holding the hook's filter
-    /// and counting half.
+    /// The hand-over of frames the agent wants for names, which the
+    /// counting half tail-calls once it has counted such a frame (see
+    /// `ntm-ebpf/src/observe.rs`): a program of its own, so that its work
+    /// is out of the path every frame takes. Never attached.
+    pub observe: &'static str,
+    /// The program array (one per program type) holding the hook's filter,
+    /// counting half and hand-over.
     pub tails: &'static str,
     pub filter_slot: u32,
     pub count_slot: u32,
+    pub observe_slot: u32,
 }
 
 impl HookPrograms {
     pub fn is_xdp(&self) -> bool {
         self.point.is_xdp()
+    }
+
+    /// The hook's programs ntm loads, in the order it loads them.
+    pub fn loaded(&self) -> [&'static str; 3] {
+        [self.entry, self.count, self.observe]
     }
 }
 
@@ -95,45 +106,55 @@ pub const HOOKS: [HookPrograms; 5] = [
         link: LinkType::Ethernet,
         entry: "ntm_tc_ingress_eth",
         count: "ntm_count_in_eth",
+        observe: "ntm_observe_in_eth",
         tails: names::TC_TAILS,
         filter_slot: tail::FILTER_INGRESS_ETH,
         count_slot: tail::COUNT_INGRESS_ETH,
+        observe_slot: tail::OBSERVE_INGRESS_ETH,
     },
     HookPrograms {
         point: HookPoint::TcEgress,
         link: LinkType::Ethernet,
         entry: "ntm_tc_egress_eth",
         count: "ntm_count_out_eth",
+        observe: "ntm_observe_out_eth",
         tails: names::TC_TAILS,
         filter_slot: tail::FILTER_EGRESS_ETH,
         count_slot: tail::COUNT_EGRESS_ETH,
+        observe_slot: tail::OBSERVE_EGRESS_ETH,
     },
     HookPrograms {
         point: HookPoint::TcIngress,
         link: LinkType::RawIp,
         entry: "ntm_tc_ingress_l3",
         count: "ntm_count_in_l3",
+        observe: "ntm_observe_in_l3",
         tails: names::TC_TAILS,
         filter_slot: tail::FILTER_INGRESS_L3,
         count_slot: tail::COUNT_INGRESS_L3,
+        observe_slot: tail::OBSERVE_INGRESS_L3,
     },
     HookPrograms {
         point: HookPoint::TcEgress,
         link: LinkType::RawIp,
         entry: "ntm_tc_egress_l3",
         count: "ntm_count_out_l3",
+        observe: "ntm_observe_out_l3",
         tails: names::TC_TAILS,
         filter_slot: tail::FILTER_EGRESS_L3,
         count_slot: tail::COUNT_EGRESS_L3,
+        observe_slot: tail::OBSERVE_EGRESS_L3,
     },
     HookPrograms {
         point: HookPoint::XdpIngress,
         link: LinkType::Ethernet,
         entry: "ntm_xdp",
         count: "ntm_count_xdp",
+        observe: "ntm_observe_xdp",
         tails: names::XDP_TAILS,
         filter_slot: tail::FILTER_XDP,
         count_slot: tail::COUNT_XDP,
+        observe_slot: tail::OBSERVE_XDP,
     },
 ];
 
@@ -172,14 +193,15 @@ mod tests {
             } else {
                 tail::TC_SLOTS
             };
-            assert!(a.filter_slot < limit && a.count_slot < limit, "{a:?}");
-            assert_ne!(a.filter_slot, a.count_slot);
+            let slots = [a.filter_slot, a.count_slot, a.observe_slot];
+            assert!(slots.iter().all(|&s| s < limit), "{a:?}");
+            assert!(slots[0] != slots[1] && slots[1] != slots[2] && slots[0] != slots[2]);
             assert_eq!(a.is_xdp(), a.tails == names::XDP_TAILS);
             for b in &HOOKS[i + 1..] {
                 assert!(a.point != b.point || a.link != b.link, "{a:?} twice");
                 if a.tails == b.tails {
-                    for slot in [b.filter_slot, b.count_slot] {
-                        assert!(slot != a.filter_slot && slot != a.count_slot);
+                    for slot in [b.filter_slot, b.count_slot, b.observe_slot] {
+                        assert!(!slots.contains(&slot), "{b:?}");
                     }
                 }
             }
@@ -194,6 +216,7 @@ mod tests {
         assert!(is_ntm_entry("ntm_tc_egress_e"));
         assert!(is_ntm_entry("ntm_xdp"));
         assert!(!is_ntm_entry("ntm_count_in_et"));
+        assert!(!is_ntm_entry("ntm_observe_in_"));
         assert!(!is_ntm_entry("cilium_tc"));
     }
 

@@ -21,8 +21,7 @@ use ntm_common::{
     service_port::{self, PortClass},
 };
 
-use aya_ebpf::{cty::c_void, helpers::generated::bpf_skb_load_bytes};
-use ntm_common::observe::Kind;
+use ntm_common::tail;
 
 use crate::{
     handshakes,
@@ -31,10 +30,10 @@ use crate::{
         FragmentKey, NTM_ACTIVE_CACHE, NTM_ACTIVE_FLOWS, NTM_CACHE_MISSES, NTM_EPHEMERAL_START,
         NTM_FRAGMENTS, NTM_KNOWN_PORTS, NTM_LEARN_MACS, NTM_OUTSIDE, NTM_OUTSIDE_GENERATION,
         NTM_OUTSIDE_SLOTS, NTM_OUTSIDE_UNKEYED, NTM_PORT_WORD_MASK, NTM_TABLE_EPOCH,
-        NTM_TABLE_FULL, setting,
+        NTM_TABLE_FULL, NTM_TC_TAILS, NTM_XDP_TAILS, setting,
     },
-    observe::{agent_wants, learn_mac, observe_tc, observe_xdp, wanted_by_agent},
-    parse::{self, Fragment, Frame, KeyBase, NOT_OBSERVED, PEEK_TLS, ParseError, Parsed},
+    observe::{learn_mac, may_hand_over},
+    parse::{self, Fragment, Frame, KeyBase, NOT_OBSERVED, ParseError, Parsed},
 };
 
 // bpf_map_update_elem flags and the errno values it returns.
@@ -62,7 +61,8 @@ pub mod stage {
     /// count.rs and lease.rs: the key into the per-CPU cache (the flow
     /// table when its slot is taken), the lease check.
     pub const COUNT: u8 = 3;
-    /// observe.rs: MAC learning and the DNS/DHCP hand-over.
+    /// observe.rs: MAC learning, and the tail call to the hand-over of a
+    /// frame the agent wants for names.
     pub const ALL: u8 = 4;
 }
 
@@ -90,8 +90,27 @@ fn keep(parsed: &Result<Parsed, ParseError>, words: &[u64; KEY_WORDS]) {
     }
 }
 
+/// A frame as the parse saw it, with what its hook says of it.
+pub struct Seen {
+    pub parsed: Result<Parsed, ParseError>,
+    /// The flow key's words.
+    pub words: [u64; KEY_WORDS],
+    pub ifindex: u32,
+    /// The frame's bytes (an aggregate's, for TC).
+    pub len: u32,
+    /// Segments in a GSO/GRO aggregate (0 or 1: one frame).
+    pub gso_segs: u32,
+}
+
+/// Parses the frame in `ctx` (a fragment put in its datagram's flow,
+/// except by the bench's programs that stop at the parse); `space` takes
+/// the key where the full parse builds it.
 #[inline(always)]
-pub fn count_tc<const ETHERNET: bool, const UPTO: u8>(ctx: &TcContext, hook: Hook, filtered: bool) {
+pub fn read_tc<const ETHERNET: bool, const UPTO: u8>(
+    ctx: &TcContext,
+    hook: Hook,
+    space: &mut MaybeUninit<FlowKey>,
+) -> Seen {
     let skb = ctx.skb.skb;
     // SAFETY: `skb` is the kernel's __sk_buff for this frame, valid for the
     // program's run; these fields are readable by TC programs.
@@ -115,7 +134,6 @@ pub fn count_tc<const ETHERNET: bool, const UPTO: u8>(ctx: &TcContext, hook: Hoo
         vlan_id: metadata_vlan,
         hook: hook as u8,
     };
-    let mut key_space = MaybeUninit::<FlowKey>::uninit();
     let frame = Frame {
         data: ctx.data(),
         end: ctx.data_end(),
@@ -124,28 +142,35 @@ pub fn count_tc<const ETHERNET: bool, const UPTO: u8>(ctx: &TcContext, hook: Hoo
     let common = parse::parse_common::<ETHERNET>(&frame, &base, ephemeral_start, is_known_port);
     let (parsed, words) = match common {
         Some((parsed, words)) => (Ok(parsed), words),
-        None => parse_tc_any::<ETHERNET, UPTO>(ctx, &base, skb_len, &mut key_space),
+        None => parse_tc_any::<ETHERNET, UPTO>(ctx, &base, skb_len, space),
     };
+    Seen {
+        parsed,
+        words,
+        ifindex,
+        len: skb_len,
+        gso_segs,
+    }
+}
+
+#[inline(always)]
+pub fn count_tc<const ETHERNET: bool, const UPTO: u8>(ctx: &TcContext, hook: Hook, filtered: bool) {
+    let mut key_space = MaybeUninit::<FlowKey>::uninit();
+    let Seen {
+        parsed,
+        words,
+        len: skb_len,
+        gso_segs,
+        ..
+    } = read_tc::<ETHERNET, UPTO>(ctx, hook, &mut key_space);
     if UPTO == stage::PARSE || UPTO == stage::FRAGMENTS {
         keep(&parsed, &words);
         return;
     }
-    // Before counting, so that nothing of it stays live across the count;
-    // for nearly every frame one compare.
-    if UPTO == stage::ALL
-        && let Ok(p) = &parsed
-        && p.observe != NOT_OBSERVED
-    {
-        let wanted = wanted_by_agent(p, store_key(&mut key_space, &words));
-        let wanted = if wanted == PEEK_TLS {
-            peek_client_hello(ctx, p)
-        } else {
-            wanted
-        };
-        if agent_wants(wanted) {
-            observe_tc(ctx, wanted, hook, ifindex, skb_len, ETHERNET);
-        }
-    }
+    let observe = match &parsed {
+        Ok(p) if UPTO == stage::ALL => p.observe,
+        _ => NOT_OBSERVED,
+    };
     if UPTO == stage::ALL
         && !filtered
         && let Ok(p) = &parsed
@@ -168,34 +193,18 @@ pub fn count_tc<const ETHERNET: bool, const UPTO: u8>(ctx: &TcContext, hook: Hoo
             store_key(&mut key_space, &words),
         );
     }
-}
-
-/// Whether a segment whose data is beyond the linear part begins a
-/// ClientHello: its first bytes read with a helper (only where the agent
-/// wants TLS: else this is gone at load).
-#[inline(always)]
-fn peek_client_hello(ctx: &TcContext, parsed: &Parsed) -> u8 {
-    use ntm_common::observe::{HELLO_PREFIX_LEN, starts_client_hello};
-    if !agent_wants(Kind::Tls as u8) {
-        return NOT_OBSERVED;
-    }
-    let offset = parsed.l3_offset as u32 + parsed.header_len;
-    let mut first = [0u8; 8];
-    // SAFETY: `first` is 8 writable bytes; the helper copies 6 from the
-    // skb (linear or not) within its length, and fails otherwise.
-    let loaded = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb as *const c_void,
-            offset,
-            first.as_mut_ptr() as *mut c_void,
-            HELLO_PREFIX_LEN as u32,
-        )
-    };
-    let word = u32::from_le_bytes([first[0], first[1], first[2], first[3]]);
-    if loaded == 0 && starts_client_hello(word, first[5]) {
-        Kind::Tls as u8
-    } else {
-        NOT_OBSERVED
+    // Last, once the frame is counted: for nearly every frame one compare.
+    if UPTO == stage::ALL && may_hand_over(observe) {
+        let slot = match (ETHERNET, hook) {
+            (true, Hook::Ingress) => tail::OBSERVE_INGRESS_ETH,
+            (true, Hook::Egress) => tail::OBSERVE_EGRESS_ETH,
+            (false, Hook::Ingress) => tail::OBSERVE_INGRESS_L3,
+            (false, Hook::Egress) => tail::OBSERVE_EGRESS_L3,
+        };
+        // SAFETY: a tail call either does not return or, with the slot
+        // empty, returns with nothing changed; the program it enters
+        // returns what the counting half would (TC_ACT_UNSPEC).
+        unsafe { NTM_TC_TAILS.tail_call(ctx, slot) };
     }
 }
 
@@ -235,8 +244,9 @@ fn parse_tc_any<const ETHERNET: bool, const UPTO: u8>(
     (parsed, key.words())
 }
 
+/// Parses the frame in `ctx` as [`read_tc`] does.
 #[inline(always)]
-pub fn count_xdp(ctx: &XdpContext, filtered: bool) {
+pub fn read_xdp(ctx: &XdpContext, space: &mut MaybeUninit<FlowKey>) -> Seen {
     // SAFETY: the context pointer is the kernel's xdp_md for this frame.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     let base = KeyBase {
@@ -244,7 +254,6 @@ pub fn count_xdp(ctx: &XdpContext, filtered: bool) {
         vlan_id: 0,
         hook: Hook::Ingress as u8,
     };
-    let mut key_space = MaybeUninit::<FlowKey>::uninit();
     let frame = Frame {
         data: ctx.data(),
         end: ctx.data_end(),
@@ -254,7 +263,7 @@ pub fn count_xdp(ctx: &XdpContext, filtered: bool) {
         match parse::parse_common::<true>(&frame, &base, ephemeral_start, is_known_port) {
             Some((parsed, words)) => (Ok(parsed), words),
             None => {
-                let key = base.start(&mut key_space);
+                let key = base.start(space);
                 // In XDP every VLAN tag is still in the frame, and there is
                 // no more data to pull: what is not in [data, data_end) is
                 // not there.
@@ -263,23 +272,42 @@ pub fn count_xdp(ctx: &XdpContext, filtered: bool) {
                 (parsed, key.words())
             }
         };
-    let frame_len = (frame.end - frame.data) as u32;
-    if let Ok(p) = &parsed
-        && p.observe != NOT_OBSERVED
-    {
-        let wanted = wanted_by_agent(p, store_key(&mut key_space, &words));
-        if agent_wants(wanted) {
-            observe_xdp(ctx, wanted, ifindex, frame_len);
-        }
+    Seen {
+        parsed,
+        words,
+        ifindex,
+        len: (frame.end - frame.data) as u32,
+        gso_segs: 1,
     }
+}
+
+#[inline(always)]
+pub fn count_xdp(ctx: &XdpContext, filtered: bool) {
+    let mut key_space = MaybeUninit::<FlowKey>::uninit();
+    let Seen {
+        parsed,
+        words,
+        len: frame_len,
+        ..
+    } = read_xdp(ctx, &mut key_space);
+    let observe = match &parsed {
+        Ok(p) => p.observe,
+        Err(_) => NOT_OBSERVED,
+    };
+    let (data, end) = (ctx.data(), ctx.data_end());
     if !filtered && let Ok(p) = &parsed {
         handshakes::track(p.tcp_flags, &words, || {
-            (frame.data, frame.end, p.l3_offset, p.header_len)
+            (data, end, p.l3_offset, p.header_len)
         });
     }
     let took_slot = account(parsed, &words, &mut key_space, frame_len, 1, filtered);
     if took_slot && setting(&NTM_LEARN_MACS) != 0 {
-        learn_mac(frame.data, frame.end, store_key(&mut key_space, &words));
+        learn_mac(data, end, store_key(&mut key_space, &words));
+    }
+    if may_hand_over(observe) {
+        // SAFETY: as in `count_tc`; the program it enters returns the
+        // action the counting half would.
+        unsafe { NTM_XDP_TAILS.tail_call(ctx, tail::OBSERVE_XDP) };
     }
 }
 

@@ -5,7 +5,7 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 
-use crate::maps::NTM_LEASE;
+use crate::{hello, maps::NTM_LEASE};
 
 /// Set once the lease ran out with no agent to renew it (the orphan
 /// timeout): from then on the programs let every frame through uncounted,
@@ -34,14 +34,19 @@ pub fn lease_check_due(before: u64, added: u64) -> bool {
 
 /// Stops counting for good if the lease ran out. A call of its own, taken
 /// about once per 4096 frames, so the clock read is off the hot path.
+///
+/// The followed hellos' gate is closed here too once their time is up
+/// (`hello::close_gate_if_due`): this is where the programs read the clock.
 #[inline(never)]
 pub fn check_lease() {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    hello::close_gate_if_due(now);
     let until = match NTM_LEASE.get(0) {
         Some(until) => *until,
         None => return,
     };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    if until != 0 && unsafe { bpf_ktime_get_ns() } > until {
+    if until != 0 && now > until {
         // SAFETY: an aligned store to a global; see `orphaned`.
         unsafe { core::ptr::write_volatile(&raw mut NTM_ORPHANED, 1) };
     }

@@ -5,14 +5,18 @@
 //!
 //! This file holds the programs, as aya's project template keeps its
 //! entry points in `main.rs`: for each row of `ntm_common::programs::HOOKS`
-//! the program attached to the hook (`entry`) and the counting half its
-//! filter tail-calls (`count`), by the names the agent loads them by. The
-//! work is in the modules:
+//! the program attached to the hook (`entry`), the counting half its
+//! filter tail-calls (`count`) and the hand-over the counting half
+//! tail-calls for a frame the agent wants for names (`observe`), by the
+//! names the agent loads them by. The work is in the modules:
 //! - `maps`: every map and load-time setting, by the names the agent uses;
 //! - `parse`: a frame to a flow key;
 //! - `count`: the flow key through the per-CPU cache into the flow table,
 //!   or into the outside counts;
-//! - `observe`: DNS and DHCP frames to the ring buffer, and source MACs;
+//! - `observe`: the hand-over programs, which look into the frames the
+//!   parse marked for names (DNS, DHCP, a ClientHello, a QUIC Initial) once
+//!   they are counted and copy them to the ring buffer; and source MACs;
+//! - `hello`: the ClientHellos whose later segments are handed over too;
 //! - `handshakes`: TCP handshakes (SYN, SYN-ACK, the client's ACK, RST)
 //!   into the table the agent reads for latency and failed connections;
 //! - `lease`: the orphan lease, which stops counting once no agent renews it;
@@ -26,6 +30,7 @@
 
 mod count;
 mod handshakes;
+mod hello;
 mod lease;
 mod maps;
 mod observe;
@@ -105,6 +110,38 @@ pub fn ntm_count_out_l3(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+// The hand-over programs, entered from the counting half (or an entry
+// program without a filter) once it has counted a frame the parse marked
+// for names.
+
+#[classifier]
+#[inline(always)]
+pub fn ntm_observe_in_eth(ctx: TcContext) -> i32 {
+    observe::hand_over_tc::<true>(&ctx, Hook::Ingress);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+#[inline(always)]
+pub fn ntm_observe_out_eth(ctx: TcContext) -> i32 {
+    observe::hand_over_tc::<true>(&ctx, Hook::Egress);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+#[inline(always)]
+pub fn ntm_observe_in_l3(ctx: TcContext) -> i32 {
+    observe::hand_over_tc::<false>(&ctx, Hook::Ingress);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+#[inline(always)]
+pub fn ntm_observe_out_l3(ctx: TcContext) -> i32 {
+    observe::hand_over_tc::<false>(&ctx, Hook::Egress);
+    TC_ACT_UNSPEC
+}
+
 // The bench's programs: TC Ethernet ingress stopped after each part (see
 // `count::stage`), for `cargo xtask bench` to tell what each part costs.
 // In the object next to the real ones, sharing their maps; the agent never
@@ -181,6 +218,14 @@ pub fn ntm_xdp(ctx: XdpContext) -> u32 {
 #[inline(always)]
 pub fn ntm_count_xdp(ctx: XdpContext) -> u32 {
     count_xdp(&ctx, filtered_out());
+    setting(&NTM_XDP_ACTION)
+}
+
+/// XDP's hand-over.
+#[xdp]
+#[inline(always)]
+pub fn ntm_observe_xdp(ctx: XdpContext) -> u32 {
+    observe::hand_over_xdp(&ctx);
     setting(&NTM_XDP_ACTION)
 }
 

@@ -22,6 +22,8 @@ use ntm_common::{
     retransmit_lost, service_port, tail,
 };
 
+use crate::hello;
+
 // The flow tables and the flow cache in front of them.
 
 const TABLE_ENTRIES: usize = DEFAULT_FLOW_TABLE_ENTRIES as usize;
@@ -152,10 +154,16 @@ pub static NTM_OBSERVE_DROPS: PerCpuArray<u64, { observe::DROP_SLOTS as usize }>
 #[repr(C)]
 pub struct RateWindow {
     pub start_ns: u64,
-    pub used: u64,
+    /// Frames handed over in this window, by `observe::Kind`.
+    pub used: [u64; observe::Kind::COUNT as usize],
 }
 #[btf_map]
 pub static NTM_OBSERVE_WINDOW: PerCpuArray<RateWindow, 1> = PerCpuArray::new();
+
+/// ClientHellos whose later segments are handed over too, by their ports'
+/// bucket.
+#[btf_map]
+pub static NTM_HELLO_FOLLOWED: Array<hello::Followed, { hello::BUCKETS as usize }> = Array::new();
 
 /// The sources whose MACs are learnt (the agent's local networks).
 #[btf_map]

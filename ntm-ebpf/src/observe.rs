@@ -1,24 +1,35 @@
 //! What the agent learns names from, besides the counts: DNS and DHCP
-//! frames handed to it through the ring buffer (within a rate per CPU), and
-//! the source MAC of each local address, learnt when a flow takes a cache
-//! slot.
+//! frames and the handshakes that name a server (a ClientHello's segments,
+//! a QUIC Initial), handed to it through the ring buffer (within a rate per
+//! CPU and kind) by the hand-over programs, and the source MAC of each
+//! local address, learnt when a flow takes a cache slot.
+
+use core::mem::MaybeUninit;
 
 use aya_ebpf::{
+    bindings::BPF_RB_AVAIL_DATA,
     cty::c_void,
-    helpers::generated::{bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    helpers::generated::{
+        bpf_ktime_get_ns, bpf_ringbuf_query, bpf_skb_load_bytes, bpf_xdp_load_bytes,
+    },
     programs::{TcContext, XdpContext},
 };
 use ntm_common::{
-    FlowKey, Hook, ipproto,
-    observe::{self, CAPTURE_BYTES, DropReason, MacKey, MacValue, Record},
+    FlowKey, Hook, KEY_WORDS, ipproto,
+    observe::{
+        self, CAPTURE_BYTES, DropReason, HELLO_PREFIX_LEN, Kind, MacKey, MacValue, Record,
+        starts_client_hello,
+    },
 };
 
 use crate::{
+    count::{self, stage},
+    hello,
     maps::{
         NTM_MAC_NETS, NTM_MACS, NTM_OBSERVE_DROPS, NTM_OBSERVE_KINDS, NTM_OBSERVE_RATE,
         NTM_OBSERVE_WINDOW, NTM_OBSERVED, setting,
     },
-    parse::{NOT_OBSERVED, Parsed},
+    parse::{self, FOLLOW_TLS, NOT_OBSERVED, PEEK_TLS, Parsed},
 };
 
 /// Whether the agent wants a frame of `kind` (NOT_OBSERVED: no). Both
@@ -31,39 +42,179 @@ pub fn agent_wants(kind: u8) -> bool {
         && setting(&NTM_OBSERVE_KINDS) & (1u32 << (kind & 7)) != 0
 }
 
-/// The `observe::Kind` of a frame the agent wants for names (as the parse
-/// found it by its ports), or NOT_OBSERVED: a TCP segment without payload
-/// says nothing. Asked only of a frame the parse found one for.
+/// Whether the counting half hands a frame the parse marked `observe`
+/// (`Parsed::observe`) to the hand-over program: for nearly every frame
+/// one compare.
 #[inline(always)]
-pub fn wanted_by_agent(parsed: &Parsed, key: &FlowKey) -> u8 {
-    if key.proto == ipproto::TCP && parsed.l3_len != 0 && parsed.l3_len <= parsed.header_len {
-        NOT_OBSERVED
-    } else {
-        parsed.observe
+pub fn may_hand_over(observe: u8) -> bool {
+    match observe {
+        NOT_OBSERVED => false,
+        PEEK_TLS | FOLLOW_TLS => agent_wants(Kind::Tls as u8),
+        kind => agent_wants(kind),
     }
 }
 
-/// Whether this CPU may hand over one more frame in this second.
+// The hand-over programs (`ntm_observe_*` in main.rs): a frame the parse
+// marked, counted already, is parsed again and looked into here, out of
+// the counting half, whose path every frame takes (and whose size the
+// verifier bounds).
+
+/// The hand-over program of a TC hook.
 #[inline(always)]
-fn within_rate() -> bool {
+pub fn hand_over_tc<const ETHERNET: bool>(ctx: &TcContext, hook: Hook) {
+    let mut space = MaybeUninit::<FlowKey>::uninit();
+    let seen = count::read_tc::<ETHERNET, { stage::PARSE }>(ctx, hook, &mut space);
+    let Ok(parsed) = &seen.parsed else {
+        return;
+    };
+    let frame = FrameInfo {
+        kind: NOT_OBSERVED,
+        ifindex: seen.ifindex,
+        frame_len: seen.len,
+        hook,
+        link: if ETHERNET {
+            observe::link::ETHERNET
+        } else {
+            observe::link::RAW_IP
+        },
+    };
+    let skb = ctx.skb.skb as *const c_void;
+    hand_over_parsed(parsed, &seen.words, frame, |offset, to, len| {
+        // SAFETY: `to` is `len` writable bytes (a record's data, or a
+        // local array of at least `len` bytes); bpf_skb_load_bytes reads
+        // the skb (linear or not) within its length and fails otherwise.
+        unsafe { bpf_skb_load_bytes(skb, offset, to, len) == 0 }
+    });
+}
+
+/// The hand-over program of XDP: the frame is all in [data, data_end).
+#[inline(always)]
+pub fn hand_over_xdp(ctx: &XdpContext) {
+    let mut space = MaybeUninit::<FlowKey>::uninit();
+    let seen = count::read_xdp(ctx, &mut space);
+    let Ok(parsed) = &seen.parsed else {
+        return;
+    };
+    let frame = FrameInfo {
+        kind: NOT_OBSERVED,
+        ifindex: seen.ifindex,
+        frame_len: seen.len,
+        hook: Hook::Ingress,
+        link: observe::link::ETHERNET,
+    };
+    let xdp = ctx.ctx as *mut _;
+    hand_over_parsed(parsed, &seen.words, frame, |offset, to, len| {
+        // SAFETY: as in `hand_over_tc`; bpf_xdp_load_bytes checks the
+        // frame's bounds.
+        unsafe { bpf_xdp_load_bytes(xdp, offset, to, len) == 0 }
+    });
+}
+
+/// Decides what a marked frame is and hands it over: `load(offset, to,
+/// len)` copies the frame's bytes with its hook's helper. A ClientHello
+/// that goes on past its first segment has its connection followed
+/// (`hello.rs`).
+#[inline(always)]
+fn hand_over_parsed(
+    parsed: &Parsed,
+    words: &[u64; KEY_WORDS],
+    mut frame: FrameInfo,
+    load: impl Fn(u32, *mut c_void, u32) -> bool,
+) {
+    let payload = (parsed.l3_offset as u32).wrapping_add(parsed.header_len);
+    let kind = match parsed.observe {
+        NOT_OBSERVED => return,
+        PEEK_TLS => {
+            let mut first = [0u8; HELLO_PREFIX_LEN];
+            let loaded = load(
+                payload,
+                first.as_mut_ptr() as *mut c_void,
+                HELLO_PREFIX_LEN as u32,
+            );
+            let word = u32::from_le_bytes([first[0], first[1], first[2], first[3]]);
+            if !loaded || !starts_client_hello(word, first[5]) {
+                return;
+            }
+            Kind::Tls as u8
+        }
+        FOLLOW_TLS => match tcp_segment(parsed, &load) {
+            Some(segment) if hello::continues(words, &segment) => Kind::Tls as u8,
+            _ => return,
+        },
+        // A TCP segment without data says nothing (DNS over TCP).
+        _ if parse::proto_of(words) == ipproto::TCP
+            && parsed.l3_len != 0
+            && parsed.l3_len <= parsed.header_len =>
+        {
+            return;
+        }
+        by_port_or_first_bytes => by_port_or_first_bytes,
+    };
+    if !agent_wants(kind) {
+        return;
+    }
+    frame.kind = kind;
+    if !hand_over(&frame, |to, len| load(0, to, len)) {
+        return;
+    }
+    if kind == Kind::Tls as u8 && parsed.observe != FOLLOW_TLS {
+        let mut head = [0u8; 9];
+        if load(payload, head.as_mut_ptr() as *mut c_void, 9)
+            && let Some(segment) = tcp_segment(parsed, &load)
+        {
+            hello::follow(words, &segment, &head);
+        }
+    }
+}
+
+/// A TCP segment's ports, sequence number and data length, read from its
+/// header with `load`.
+#[inline(always)]
+fn tcp_segment(
+    parsed: &Parsed,
+    load: &impl Fn(u32, *mut c_void, u32) -> bool,
+) -> Option<hello::Segment> {
+    if parsed.l3_len <= parsed.header_len {
+        return None;
+    }
+    let mut first = [0u8; 8];
+    if !load(
+        parsed.l4_offset as u32,
+        first.as_mut_ptr() as *mut c_void,
+        8,
+    ) {
+        return None;
+    }
+    Some(hello::Segment::from_header(
+        &first,
+        parsed.l3_len - parsed.header_len,
+    ))
+}
+
+/// Whether this CPU may hand over one more frame of `kind` in this second:
+/// each kind has the rate of its own, so that a flood of one (half
+/// ClientHellos, say) leaves the others theirs.
+#[inline(always)]
+fn within_rate(kind: u8) -> bool {
     let Some(window) = NTM_OBSERVE_WINDOW.get_ptr_mut(0) else {
         return false;
     };
     // SAFETY: no arguments, no memory touched.
     let now = unsafe { bpf_ktime_get_ns() };
     let rate = setting(&NTM_OBSERVE_RATE) as u64;
+    let kind = (kind as usize) % Kind::COUNT as usize;
     // SAFETY: the pointer comes from a successful per-CPU lookup, and no
     // one else writes this CPU's value while the program runs (as in
     // `add_counts`).
     unsafe {
         if now.wrapping_sub((*window).start_ns) >= 1_000_000_000 {
             (*window).start_ns = now;
-            (*window).used = 0;
+            (*window).used = [0; Kind::COUNT as usize];
         }
-        if (*window).used >= rate {
+        if (*window).used[kind] >= rate {
             return false;
         }
-        (*window).used += 1;
+        (*window).used[kind] += 1;
     }
     true
 }
@@ -92,53 +243,6 @@ fn capture_len(len: u32) -> u32 {
     (len.wrapping_sub(1) & (CAPTURE_BYTES as u32 - 1)) + 1
 }
 
-/// Hands a copy of the frame in `ctx` to the agent, within the rate.
-#[inline(always)]
-pub fn observe_tc(
-    ctx: &TcContext,
-    kind: u8,
-    hook: Hook,
-    ifindex: u32,
-    skb_len: u32,
-    ethernet: bool,
-) {
-    let link = if ethernet {
-        observe::link::ETHERNET
-    } else {
-        observe::link::RAW_IP
-    };
-    let frame = FrameInfo {
-        kind,
-        ifindex,
-        frame_len: skb_len,
-        hook,
-        link,
-    };
-    hand_over(&frame, |to, len| {
-        // SAFETY: `to` is `len` (1 to CAPTURE_BYTES) writable bytes of a
-        // reserved record; bpf_skb_load_bytes reads the skb (linear or
-        // not) within its length and fails otherwise.
-        unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const c_void, 0, to, len) == 0 }
-    });
-}
-
-/// XDP's [`observe_tc`]: the frame is all in [data, data_end).
-#[inline(always)]
-pub fn observe_xdp(ctx: &XdpContext, kind: u8, ifindex: u32, frame_len: u32) {
-    let frame = FrameInfo {
-        kind,
-        ifindex,
-        frame_len,
-        hook: Hook::Ingress,
-        link: observe::link::ETHERNET,
-    };
-    hand_over(&frame, |to, len| {
-        // SAFETY: as in observe_tc; bpf_xdp_load_bytes checks the frame's
-        // bounds.
-        unsafe { bpf_xdp_load_bytes(ctx.ctx as *mut _, 0, to, len) == 0 }
-    });
-}
-
 /// What a record's header says of the frame it holds.
 struct FrameInfo {
     kind: u8,
@@ -148,18 +252,25 @@ struct FrameInfo {
     link: u8,
 }
 
-/// The hand-over both hooks share: within the rate, into a reserved
-/// record, whose data `load` fills with the frame's first `len` bytes
-/// (with its hook's helper), reporting whether it could.
+/// The hand-over both hooks share: within its kind's rate, into a
+/// reserved record, whose data `load` fills with the frame's first `len`
+/// bytes (with its hook's helper), reporting whether it could. A handshake
+/// is not handed over while the ring is half full: what is left is DNS's
+/// and DHCP's. True if the frame was handed over.
 #[inline(always)]
-fn hand_over(frame: &FrameInfo, load: impl FnOnce(*mut c_void, u32) -> bool) {
-    if !within_rate() {
+fn hand_over(frame: &FrameInfo, load: impl FnOnce(*mut c_void, u32) -> bool) -> bool {
+    if !within_rate(frame.kind) {
         count_drop(frame.kind, DropReason::RateLimited);
-        return;
+        return false;
+    }
+    let handshake = frame.kind == Kind::Tls as u8 || frame.kind == Kind::Quic as u8;
+    if handshake && ring_bytes_unread() > observe::RING_BYTES as u64 / 2 {
+        count_drop(frame.kind, DropReason::RingFull);
+        return false;
     }
     let Some(mut entry) = NTM_OBSERVED.reserve(0) else {
         count_drop(frame.kind, DropReason::RingFull);
-        return;
+        return false;
     };
     let len = capture_len(frame.frame_len);
     let record = entry.as_mut_ptr();
@@ -168,11 +279,25 @@ fn hand_over(frame: &FrameInfo, load: impl FnOnce(*mut c_void, u32) -> bool) {
     let data = unsafe { (*record).data.as_mut_ptr() as *mut c_void };
     if !load(data, len) {
         entry.discard(0);
-        return;
+        return false;
     }
     // SAFETY: as above, the record is reserved and writable.
     unsafe { write_header(record, frame, len) };
     entry.submit(0);
+    true
+}
+
+/// Bytes of the ring the agent has not read yet.
+#[inline(always)]
+fn ring_bytes_unread() -> u64 {
+    // The map's address, as aya's own calls take it (its `as_ptr` is not
+    // public); the loader turns it into the map.
+    let ring = core::ptr::from_ref(&NTM_OBSERVED)
+        .cast_mut()
+        .cast::<c_void>();
+    // SAFETY: `ring` is the ring buffer map; the helper only reads its
+    // positions.
+    unsafe { bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA as u64) }
 }
 
 /// # Safety

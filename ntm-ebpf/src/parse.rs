@@ -23,6 +23,8 @@ use ntm_common::{
     service_port::{self, PortClass},
 };
 
+use crate::hello;
+
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_8021Q: u16 = 0x8100;
@@ -41,6 +43,10 @@ pub const MAX_L4_OFFSET: usize = 512;
 pub struct Parsed {
     /// Offset of the L3 header from the start of the frame.
     pub l3_offset: usize,
+    /// Offset of the L4 header from the start of the frame (where the IP
+    /// header and its options or extension headers end); 0 for non-IP
+    /// frames.
+    pub l4_offset: usize,
     /// L3 bytes according to the packet's own length field (IPv4 total
     /// length, IPv6 payload length + 40); for non-IP frames 0, meaning
     /// "the rest of the frame".
@@ -83,6 +89,10 @@ pub const NOT_OBSERVED: u8 = 0xff;
 /// segment, whose data is in pages): whether it begins a ClientHello is
 /// read with a helper, by the TC programs only (`count.rs`).
 pub const PEEK_TLS: u8 = 0xfe;
+/// `Parsed::observe` of a TCP segment with data that begins no ClientHello
+/// but whose ports' bucket has a hello followed (`hello.rs`): whether it
+/// continues that hello is for the hand-over program to tell.
+pub const FOLLOW_TLS: u8 = 0xfd;
 /// A ClientHello's first segment holds at most this much data: a hello of
 /// 16 KiB (what the agent reads at most) in its records.
 const MAX_HELLO_SEGMENT: u32 = 16 * 1024 + 64;
@@ -235,6 +245,16 @@ fn protocol_word(family: u8, proto: u8, hook: u8, flags: u8) -> u64 {
     }
 }
 
+/// The protocol in a flow key's words (see [`protocol_word`]).
+#[inline(always)]
+pub fn proto_of(words: &[u64; KEY_WORDS]) -> u8 {
+    if cfg!(target_endian = "little") {
+        (words[5] >> 8) as u8
+    } else {
+        (words[5] >> 48) as u8
+    }
+}
+
 /// Parses the common frame in one go: IPv4 without options and not a
 /// fragment, or IPv6 without extension headers, carrying a whole TCP or UDP
 /// header, all in the linear data (after an Ethernet header without an
@@ -350,6 +370,7 @@ pub fn parse_common<const ETHERNET: bool>(
     let observe = if observe == NOT_OBSERVED {
         handshake_candidate(
             proto == ipproto::TCP,
+            (sport, dport),
             l4 + l4_len,
             frame.end,
             l3_len.wrapping_sub(header_len),
@@ -388,6 +409,7 @@ pub fn parse_common<const ETHERNET: bool>(
     ];
     let parsed = Parsed {
         l3_offset: l3,
+        l4_offset: l3 + ip_len,
         l3_len,
         header_len,
         observe,
@@ -401,14 +423,18 @@ pub fn parse_common<const ETHERNET: bool>(
 /// Whether a common frame the ports did not pick for names may begin a
 /// handshake that names its server: a TCP segment whose data begins a
 /// ClientHello, a UDP datagram of [`observe::QUIC_MIN_DATAGRAM`] bytes or
-/// more whose first packet is a QUIC Initial. `payload` is where the data
-/// begins, `payload_len` its length by the IP header (huge when the header
-/// says 0: an aggregate, never a hello's first segment). Ordinary frames
-/// pay a compare of their length, and a TCP segment with data a load and
-/// a compare of its first bytes, which are in the cache with its headers.
+/// more whose first packet is a QUIC Initial; or a TCP segment that may
+/// continue a hello being followed ([`FOLLOW_TLS`]). `ports` are the
+/// segment's (host order), `payload` is where the data begins,
+/// `payload_len` its length by the IP header (huge when the header says 0:
+/// an aggregate, never a hello's segment). Ordinary frames pay a compare
+/// of their length, and a TCP segment with data a load and a compare of
+/// its first bytes, which are in the cache with its headers, and the load
+/// of its bucket's byte in `hello.rs`.
 #[inline(always)]
 fn handshake_candidate(
     tcp: bool,
+    ports: (u16, u16),
     payload: usize,
     end: usize,
     payload_len: u32,
@@ -418,11 +444,18 @@ fn handshake_candidate(
         if !(observe::HELLO_PREFIX_LEN as u32..=MAX_HELLO_SEGMENT).contains(&payload_len) {
             return NOT_OBSERVED;
         }
+        let followed = || {
+            if hello::is_followed(ports.0, ports.1) {
+                FOLLOW_TLS
+            } else {
+                NOT_OBSERVED
+            }
+        };
         if payload + observe::HELLO_PREFIX_LEN > end {
             return if tcp_flags & TCP_PSH != 0 {
                 PEEK_TLS
             } else {
-                NOT_OBSERVED
+                followed()
             };
         }
         // SAFETY: the 6 bytes at `payload` were just checked to be in the
@@ -436,7 +469,7 @@ fn handshake_candidate(
         if observe::starts_client_hello(u32::from_le(word), sixth) {
             observe::Kind::Tls as u8
         } else {
-            NOT_OBSERVED
+            followed()
         }
     } else {
         if payload_len < observe::QUIC_MIN_DATAGRAM || payload + 5 > end {
@@ -519,6 +552,7 @@ pub fn parse_ethernet(
             key.port = other;
             Ok(Parsed {
                 l3_offset: offset,
+                l4_offset: 0,
                 l3_len: 0,
                 header_len: 0,
                 observe: NOT_OBSERVED,
@@ -591,8 +625,15 @@ fn parse_ipv4(
         (false, _) => (Fragment::Later, id as u32),
     };
     let l4 = l3 + header_len;
+    // Where the packet ends, for the length of its data (0 for an
+    // aggregate, whose data is no handshake's).
+    let l3_end = if tot_len == 0 {
+        0
+    } else {
+        l3 + tot_len as usize
+    };
     let (l4_len, observe) = if first_fragment {
-        parse_l4(frame, l4, proto, key, ephemeral_start, is_known)
+        parse_l4(frame, l4, l3_end, proto, key, ephemeral_start, is_known)
     } else {
         mark_l4_missing(proto, key);
         (0, NOT_OBSERVED)
@@ -600,6 +641,7 @@ fn parse_ipv4(
     let header_len = (header_len + l4_len) as u32;
     Ok(Parsed {
         l3_offset: l3,
+        l4_offset: l4,
         l3_len: tot_len as u32,
         header_len,
         observe,
@@ -685,8 +727,13 @@ fn parse_ipv6(
         return Err(ParseError::Outside(OutsideReason::Ipv6ExtensionChain));
     }
     key.proto = next;
+    let l3_end = if payload_len == 0 {
+        0
+    } else {
+        l3 + Ipv6Hdr::LEN + payload_len as usize
+    };
     let (l4_len, observe) = if first_fragment {
-        parse_l4(frame, offset, next, key, ephemeral_start, is_known)
+        parse_l4(frame, offset, l3_end, next, key, ephemeral_start, is_known)
     } else {
         mark_l4_missing(next, key);
         (0, NOT_OBSERVED)
@@ -701,6 +748,7 @@ fn parse_ipv6(
     let header_len = (offset - l3 + l4_len) as u32;
     Ok(Parsed {
         l3_offset: l3,
+        l4_offset: offset,
         l3_len,
         header_len,
         observe,
@@ -756,11 +804,14 @@ fn mark_l4_missing(proto: u8, key: &mut FlowKey) {
 /// Fills `key.port` from the L4 header at `l4` and returns the L4 header
 /// length (0 when unknown or cut short: the frame is still counted by its IP
 /// header, just without a port), with whether the agent wants the frame
-/// for names (`Parsed::observe`).
+/// for names (`Parsed::observe`): by its ports, or for a handshake that
+/// names its server as in [`parse_common`]. `l3_end`: the offset where the
+/// IP packet ends by its length field, 0 for an aggregate.
 #[inline(always)]
 fn parse_l4(
     frame: &Frame,
     l4: usize,
+    l3_end: usize,
     proto: u8,
     key: &mut FlowKey,
     ephemeral_start: u16,
@@ -776,21 +827,34 @@ fn parse_l4(
                 mark_l4_missing(proto, key);
                 return (0, NOT_OBSERVED);
             };
-            // SAFETY: `at` checked that the 20-byte TCP header (ports, and
-            // the data offset at byte 12) is in the frame.
-            let (sport, dport, doff) = unsafe {
+            // SAFETY: `at` checked that the 20-byte TCP header (ports, the
+            // data offset at byte 12 and the flags at 13) is in the frame.
+            let (sport, dport, doff, flags) = unsafe {
                 (
                     u16::from_be_bytes((*tcp).source),
                     u16::from_be_bytes((*tcp).dest),
                     // Data offset: high nibble of byte 12.
                     *((tcp as *const u8).add(12)) >> 4,
+                    *((tcp as *const u8).add(13)),
                 )
             };
             key.port = service_port::choose(sport, dport, ephemeral_start, |p| {
                 is_known(PortClass::Tcp, p)
             });
             mark_service_side(key, sport, dport);
-            (doff as usize * 4, observed(true, sport, dport))
+            let l4_len = doff as usize * 4;
+            let observe = match observed(true, sport, dport) {
+                NOT_OBSERVED => handshake_candidate(
+                    true,
+                    (sport, dport),
+                    frame.data + l4 + l4_len,
+                    frame.end,
+                    l3_end.wrapping_sub(l4 + l4_len) as u32,
+                    flags,
+                ),
+                by_port => by_port,
+            };
+            (l4_len, observe)
         }
         ipproto::UDP | ipproto::UDPLITE | ipproto::SCTP => {
             // SCTP's common header starts with the same two ports; UDP-Lite's
@@ -816,7 +880,18 @@ fn parse_l4(
             if proto == ipproto::SCTP {
                 (12, NOT_OBSERVED)
             } else {
-                (UdpHdr::LEN, observed(false, sport, dport))
+                let observe = match observed(false, sport, dport) {
+                    NOT_OBSERVED if proto == ipproto::UDP => handshake_candidate(
+                        false,
+                        (sport, dport),
+                        frame.data + l4 + UdpHdr::LEN,
+                        frame.end,
+                        l3_end.wrapping_sub(l4 + UdpHdr::LEN) as u32,
+                        0,
+                    ),
+                    by_port => by_port,
+                };
+                (UdpHdr::LEN, observe)
             }
         }
         ipproto::ICMP | ipproto::ICMPV6 => match frame.pair(l4) {

@@ -50,8 +50,8 @@ pub struct DatapathOptions {
     pub ephemeral_start: u16,
     /// XDP mode: drop frames after counting them (mirror ports).
     pub xdp_drop: bool,
-    /// DNS and DHCP frames handed to the agent per second per CPU at most;
-    /// 0: none (no name needs them).
+    /// Frames of each kind (DNS, DHCP, TLS, QUIC) handed to the agent per
+    /// second per CPU at most; 0: none (no name needs them).
     pub observe_rate: u32,
     /// Which `observe::Kind`s are handed over (a bit per kind).
     pub observe_kinds: u32,
@@ -287,7 +287,7 @@ impl Datapath {
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(classify_load_error)?;
 
         for hook in &programs::HOOKS {
-            for name in [hook.entry, hook.count] {
+            for name in hook.loaded() {
                 let program = ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?;
                 let loaded = if hook.is_xdp() {
                     <&mut Xdp>::try_from(program).and_then(|p| p.load())
@@ -308,21 +308,26 @@ impl Datapath {
         let xdp_tails = take_map_data(&mut ebpf, names::XDP_TAILS)?;
         let verdict = take_map_data(&mut ebpf, names::FILTER_VERDICT)?;
         for hook in &programs::HOOKS {
-            let program = ebpf
-                .program(hook.count)
-                .ok_or(DatapathError::Missing(hook.count))?
-                .fd()
-                .map_err(|source| DatapathError::Program {
-                    program: hook.count.to_string(),
-                    source,
-                })?;
             let tails = if hook.is_xdp() { &xdp_tails } else { &tc_tails };
-            bpf::set_program_slot(tails.fd().as_fd(), hook.count_slot, program.as_fd()).map_err(
-                |source| DatapathError::TailSetup {
-                    program: hook.count,
-                    source,
-                },
-            )?;
+            for (name, slot) in [
+                (hook.count, hook.count_slot),
+                (hook.observe, hook.observe_slot),
+            ] {
+                let program = ebpf
+                    .program(name)
+                    .ok_or(DatapathError::Missing(name))?
+                    .fd()
+                    .map_err(|source| DatapathError::Program {
+                        program: name.to_string(),
+                        source,
+                    })?;
+                bpf::set_program_slot(tails.fd().as_fd(), slot, program.as_fd()).map_err(
+                    |source| DatapathError::TailSetup {
+                        program: name,
+                        source,
+                    },
+                )?;
+            }
         }
 
         let lease: Array<MapData, u64> = take_array(&mut ebpf, names::LEASE)?;

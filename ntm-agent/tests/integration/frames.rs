@@ -63,6 +63,26 @@ impl Harness {
     fn ingress(&mut self, frame: &[u8]) -> Drained {
         self.run(TC_INGRESS_ETH, frame, 0, 1)
     }
+
+    /// Runs `frame` through TC ingress once, without draining.
+    fn send(&mut self, frame: &[u8]) {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        let prog = self.datapath.tc_program(TC_INGRESS_ETH).expect("program");
+        let result = prog.test_run(opts).expect("test_run");
+        assert_eq!(result.return_value as i32, -1);
+    }
+
+    /// Runs `frame` through the XDP program once, then drains.
+    fn xdp(&mut self, frame: &[u8]) -> Drained {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        let prog = self.datapath.xdp_program(XDP).expect("xdp program");
+        let result = prog.test_run(opts).expect("test_run");
+        // XDP_PASS: the frame goes on to the stack.
+        assert_eq!(result.return_value, 2);
+        self.tables.drain().expect("drain")
+    }
 }
 
 /// The single flow a drain must have found.
@@ -1168,4 +1188,321 @@ pub fn client_hellos_and_quic_initials_are_handed_over_by_their_first_bytes() {
         };
         assert_eq!(names, expected);
     }
+}
+
+/// A TCP segment from `sport` to 8443 with sequence number `seq`.
+fn segment_at(sport: u16, seq: u32, data: &[u8]) -> Vec<u8> {
+    let mut segment = tcp(sport, 8_443, &[], data);
+    segment[4..8].copy_from_slice(&seq.to_be_bytes());
+    segment
+}
+
+/// The server names the agent reads from the records handed over.
+fn names_in(records: &[Vec<u8>]) -> Vec<(String, ntm_agent::names::source::Source)> {
+    use ntm_agent::kernel::observe::ObservedFrame;
+    use ntm_agent::names::wire::{Fact, WireReader};
+    let mut reader = WireReader::default();
+    let mut names = Vec::new();
+    for record in records {
+        let frame = ObservedFrame::from_record(record).expect("a record");
+        let facts = reader
+            .facts(&frame, std::time::Instant::now())
+            .unwrap_or_else(|e| panic!("{:?}: {e}", frame.kind));
+        for fact in facts {
+            match fact {
+                Fact::Server { name, source, .. } => names.push((name, source)),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    names
+}
+
+/// Pins this thread to the CPU it runs on until dropped, for the per-CPU
+/// rate: BPF_PROG_TEST_RUN runs the program on the caller's CPU.
+struct PinnedCpu(libc::cpu_set_t);
+
+impl PinnedCpu {
+    fn here() -> Self {
+        // SAFETY: plain libc calls on this thread with sets of the right
+        // size; `before` is written by sched_getaffinity before it is read.
+        unsafe {
+            let mut before: libc::cpu_set_t = std::mem::zeroed();
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            assert_eq!(libc::sched_getaffinity(0, size, &mut before), 0);
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(libc::sched_getcpu() as usize, &mut one);
+            assert_eq!(libc::sched_setaffinity(0, size, &one), 0);
+            PinnedCpu(before)
+        }
+    }
+}
+
+impl Drop for PinnedCpu {
+    fn drop(&mut self) {
+        // SAFETY: as above; the set is the one sched_getaffinity gave.
+        unsafe {
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0);
+        }
+    }
+}
+
+/// A ClientHello over several segments, as XDP, an ingress without GRO or
+/// a sender without segmentation offload sees one (a post-quantum hello
+/// is some 1.8 KB): the first segment is picked out by its first bytes and
+/// the segments that continue it are handed over too, in any order, and
+/// the agent names the server from them. In every shape of frame the
+/// parse knows: IPv4, IPv4 with options, IPv6 with an extension header, a
+/// VLAN tag in the frame, and at XDP; sequence numbers that wrap. The
+/// connection's data after its hello is not handed over, nor another
+/// connection's. Counting is exact.
+pub fn a_client_hello_over_several_segments_is_followed_to_its_end() {
+    use ntm_agent::names::source::Source;
+    use ntm_common::observe::Kind;
+
+    let hello = crate::kit::hello::large_openssl_client_hello("split.example");
+    let third = hello.len() / 3;
+    // The first segment first (it is what the kernel knows a hello by),
+    // then the last, then the middle one.
+    let pieces = [
+        (0, &hello[..third]),
+        (2 * third, &hello[2 * third..]),
+        (third, &hello[third..2 * third]),
+    ];
+    let app_data = [0x17u8; 200];
+    let options = DatapathOptions {
+        observe_rate: 1000,
+        observe_kinds: 0b1111,
+        ..Default::default()
+    };
+    let mut h = Harness::with(options, "");
+    let mut observer = h.datapath.take_observer().expect("observation is on");
+    type Shape = (&'static str, fn(&[u8]) -> (Vec<u8>, usize), bool);
+    let shapes: [Shape; 5] = [
+        (
+            "IPv4",
+            |l4| (eth(ETH_IPV4, &[], &ipv4(6, &[], 0, l4)), 20 + l4.len()),
+            false,
+        ),
+        (
+            "IPv4 at XDP",
+            |l4| (eth(ETH_IPV4, &[], &ipv4(6, &[], 0, l4)), 20 + l4.len()),
+            true,
+        ),
+        (
+            "IPv4 with options",
+            |l4| {
+                (
+                    eth(ETH_IPV4, &[], &ipv4(6, &[1, 1, 1, 0], 0, l4)),
+                    24 + l4.len(),
+                )
+            },
+            false,
+        ),
+        (
+            "IPv6 with a destination options header",
+            |l4| {
+                let chain = [ext_options(6, 1), l4.to_vec()].concat();
+                (eth(ETH_IPV6, &[], &ipv6(60, &chain)), 40 + chain.len())
+            },
+            false,
+        ),
+        (
+            "a VLAN tag in the frame",
+            |l4| {
+                let frame = eth(ETH_IPV4, &[(TPID_8021Q, 7)], &ipv4(6, &[], 0, l4));
+                (frame, 20 + l4.len())
+            },
+            false,
+        ),
+    ];
+    // The hello's sequence numbers wrap past 2^32.
+    let start = u32::MAX - 1_000;
+    for (i, (shape, frame_of, xdp)) in shapes.iter().enumerate() {
+        let sport = 41_000 + i as u16;
+        let mut segments: Vec<Vec<u8>> = pieces
+            .iter()
+            .map(|(at, piece)| segment_at(sport, start.wrapping_add(*at as u32), piece))
+            .collect();
+        // The data after the hello, and another connection's data.
+        segments.push(segment_at(
+            sport,
+            start.wrapping_add(hello.len() as u32),
+            &app_data,
+        ));
+        segments.push(segment_at(sport + 100, start, &app_data));
+        for segment in &segments {
+            let (frame, l3_len) = frame_of(segment);
+            let drained = if *xdp {
+                h.xdp(&frame)
+            } else {
+                h.ingress(&frame)
+            };
+            assert_eq!(
+                only_flow(&drained).1,
+                counted(l3_len as u64),
+                "{shape}: {} bytes",
+                frame.len()
+            );
+        }
+        let mut records = Vec::new();
+        observer.read_now(&mut records);
+        assert_eq!(records.len(), 3, "{shape}: the hello's three segments only");
+        for record in &records {
+            let frame = ntm_agent::kernel::observe::ObservedFrame::from_record(record).unwrap();
+            assert_eq!(frame.kind, Kind::Tls, "{shape}");
+        }
+        assert_eq!(
+            names_in(&records),
+            vec![("split.example".to_string(), Source::TlsSni)],
+            "{shape}"
+        );
+    }
+
+    // Hellos that lie about their lengths, each a first segment and the
+    // segment after it: a record of 65,535 bytes holding a message of
+    // 16 MB, a record of length 0, a message longer than its record. The
+    // kernel follows each within its bounds (16 KiB), counting is exact,
+    // and the agent names nothing from them.
+    let lying = |record: u16, message: u32| {
+        let mut first = hello[..600].to_vec();
+        first[3..5].copy_from_slice(&record.to_be_bytes());
+        first[6..9].copy_from_slice(&message.to_be_bytes()[1..]);
+        first
+    };
+    let mut records = Vec::new();
+    for (i, first) in [lying(u16::MAX, 0xff_ffff), lying(0, 500), lying(600, 5_000)]
+        .iter()
+        .enumerate()
+    {
+        let sport = 42_000 + i as u16;
+        for segment in [
+            segment_at(sport, 9, first),
+            segment_at(sport, 9 + first.len() as u32, &hello[600..1200]),
+        ] {
+            let frame = eth(ETH_IPV4, &[], &ipv4(6, &[], 0, &segment));
+            assert_eq!(
+                only_flow(&h.ingress(&frame)).1,
+                counted(20 + segment.len() as u64)
+            );
+        }
+        observer.read_now(&mut records);
+    }
+    assert_eq!(records.len(), 6, "each lying hello's two segments");
+    let mut reader = ntm_agent::names::wire::WireReader::default();
+    for record in &records {
+        let frame = ntm_agent::kernel::observe::ObservedFrame::from_record(record).unwrap();
+        if let Ok(facts) = reader.facts(&frame, std::time::Instant::now()) {
+            assert!(facts.is_empty(), "named from a lying hello: {facts:?}");
+        }
+    }
+}
+
+/// 10,000 half ClientHellos from as many connections, each a first
+/// segment whose record claims 2.5 KB that never come: every frame is
+/// counted; the kernel follows them in its fixed table of slots, which
+/// nothing grows; they are handed over within the TLS rate and while the
+/// ring is less than half full (the rest counted as dropped), so that a
+/// DNS answer among them is still handed over; once the rate's second has
+/// passed, a whole hello in three segments is followed and named.
+pub fn half_client_hellos_cannot_grow_the_kernel_state_nor_starve_dns() {
+    use ntm_agent::names::source::Source;
+    use ntm_common::observe::{DropReason, Kind};
+
+    let _pinned = PinnedCpu::here();
+    let hello = crate::kit::hello::large_openssl_client_hello("whole.example");
+    let half = &hello[..600];
+    let options = DatapathOptions {
+        observe_rate: 2000,
+        observe_kinds: 0b1111,
+        ..Default::default()
+    };
+    let mut h = Harness::with(options, "53/udp=domain");
+    let mut observer = h.datapath.take_observer().expect("observation is on");
+    const FLOOD: u64 = 10_000;
+    for i in 0..FLOOD {
+        let sport = 20_000 + i as u16;
+        let frame = eth(ETH_IPV4, &[], &ipv4(6, &[], 0, &segment_at(sport, 7, half)));
+        h.send(&frame);
+    }
+    let drained = h.tables.drain().expect("drain");
+    assert_eq!(
+        only_flow(&drained).1,
+        Counters {
+            bytes: FLOOD * (20 + 20 + half.len() as u64),
+            packets: FLOOD
+        },
+        "every half hello counted"
+    );
+    let dns = eth(
+        ETH_IPV4,
+        &[],
+        &ipv4(17, &[], 0, &udp(53, 40_000, &dns_answer_ok())),
+    );
+    assert_eq!(
+        only_flow(&h.ingress(&dns)).1,
+        counted(28 + dns_answer_ok().len() as u64)
+    );
+    let mut records = Vec::new();
+    while observer.read_now(&mut records) > 0 {}
+    let kinds: Vec<Kind> = records
+        .iter()
+        .map(|r| {
+            ntm_agent::kernel::observe::ObservedFrame::from_record(r)
+                .unwrap()
+                .kind
+        })
+        .collect();
+    let tls = kinds.iter().filter(|k| **k == Kind::Tls).count() as u64;
+    assert_eq!(
+        kinds.len() as u64 - tls,
+        1,
+        "the DNS answer was handed over"
+    );
+    let drops = observer.drops()[Kind::Tls as usize];
+    let (rate_limited, ring_full) = (
+        drops[DropReason::RateLimited as usize],
+        drops[DropReason::RingFull as usize],
+    );
+    assert_eq!(
+        tls + rate_limited + ring_full,
+        FLOOD,
+        "handed over or counted as dropped"
+    );
+    let half_ring = ntm_common::observe::RING_BYTES as u64 / 2;
+    let most = half_ring / ntm_common::observe::RECORD_BYTES as u64 + 1;
+    assert!(
+        tls <= most && ring_full > 0,
+        "hellos take at most half the ring: {tls} handed over, {ring_full} dropped for it"
+    );
+    assert!(
+        observer.drops()[Kind::Dns as usize].iter().all(|d| *d == 0),
+        "no DNS answer dropped"
+    );
+
+    // A new rate window: a whole hello is followed, wherever its slot was.
+    std::thread::sleep(std::time::Duration::from_millis(1_100));
+    let third = hello.len() / 3;
+    for (at, piece) in [
+        (0, &hello[..third]),
+        (third, &hello[third..2 * third]),
+        (2 * third, &hello[2 * third..]),
+    ] {
+        let frame = eth(
+            ETH_IPV4,
+            &[],
+            &ipv4(6, &[], 0, &segment_at(19_999, 1_000 + at as u32, piece)),
+        );
+        assert_eq!(
+            only_flow(&h.ingress(&frame)).1,
+            counted(40 + piece.len() as u64)
+        );
+    }
+    records.clear();
+    while observer.read_now(&mut records) > 0 {}
+    assert_eq!(records.len(), 3, "the whole hello's segments");
+    assert_eq!(
+        names_in(&records),
+        vec![("whole.example".to_string(), Source::TlsSni)]
+    );
 }

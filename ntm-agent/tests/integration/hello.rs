@@ -9,7 +9,9 @@ use std::{net::SocketAddr, process::Command, time::Instant};
 
 use ntm_agent::names::hello::{HelloSource, HelloStreams};
 
-use crate::kit::hello::{aioquic_initials, client_hello_of, quiet};
+use crate::kit::hello::{
+    aioquic_initials, client_hello_of, large_openssl_client_hello, openssl_client_hello, quiet,
+};
 
 /// Hands `sent` over in segments of `mss` bytes from sequence number
 /// `start`: the first one first (it opens the stream), the others last to
@@ -37,25 +39,11 @@ fn name_from_segments(sent: &[u8], mss: usize, start: u32) -> Option<(String, He
 }
 
 pub fn real_tls_clients_name_their_server_from_any_segments() {
-    // ALPN protocols enough to take the hello past one full-size segment.
-    let alpns: Vec<String> = (0..60).map(|i| format!("x-{i:026}")).collect();
-    let alpn_list = alpns.join(",");
-    // `openssl s_client` to the listener, asking for tls.example.
-    let openssl = |extra: &[&str]| {
-        client_hello_of("openssl", |port| {
-            quiet(
-                Command::new("openssl")
-                    .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
-                    .args(["-servername", "tls.example"])
-                    .args(extra),
-            )
-        })
-    };
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("openssl s_client", openssl(&[])),
+        ("openssl s_client", openssl_client_hello("tls.example")),
         (
             "openssl s_client with a large key share and ALPN list",
-            openssl(&["-groups", "ffdhe8192:x25519", "-alpn", &alpn_list]),
+            large_openssl_client_hello("tls.example"),
         ),
         (
             "curl --resolve",

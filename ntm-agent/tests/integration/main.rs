@@ -101,6 +101,8 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: frames::sctp_udplite_and_portless_protocols,
     Root: frames::hostile_dns_and_dhcp_frames_are_counted_and_handed_over,
     Root: frames::client_hellos_and_quic_initials_are_handed_over_by_their_first_bytes,
+    Root: frames::a_client_hello_over_several_segments_is_followed_to_its_end,
+    Root: frames::half_client_hellos_cannot_grow_the_kernel_state_nor_starve_dns,
     Root: frames::source_macs_are_learnt_when_a_flow_takes_a_cache_slot,
     Root: golden::the_exposition_equals_the_golden_file,
     Nothing: helm::chart_lints_renders_and_validates,

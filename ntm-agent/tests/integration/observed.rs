@@ -309,22 +309,47 @@ impl Drop for RemoveOnDrop {
 /// send ClientHellos (their data in the socket's pages, as a local
 /// socket's segments have it) to a listener on a port that is no TLS port;
 /// aioquic's QUIC v1 Initials go to another server, its v2 ones over IPv6
-/// to a third. The traffic that follows each is in the series of the name,
-/// exactly; with `--no-observe-tls` no handshake names anything.
+/// to a third. One more hello goes through a route with a 120-byte MTU
+/// from a sender without segmentation offload to a receiver without GRO:
+/// the agent sees it in 80-byte segments, its server name not in the
+/// first, which the kernel follows. The traffic that follows each is in
+/// the series of the name, exactly; with `--no-observe-tls` no handshake
+/// names anything.
 pub fn servers_by_the_name_their_client_sent_in_its_handshake() {
     use std::net::TcpListener;
     const TLS: &str = "198.18.0.60";
     const QUIC: &str = "198.18.0.61";
+    // Reached through a route with a 120-byte MTU: b's hello leaves in
+    // segments of 80 bytes, and its server name is not in the first.
+    const SPLIT: &str = "198.18.0.62";
     const QUIC6: &str = "2001:2::61";
     const TLS_PORT: u16 = 8444;
     for tls_on in [true, false] {
         let link = Link::new("hsobs");
-        for address in [TLS, QUIC, QUIC6] {
+        for address in [TLS, QUIC, QUIC6, SPLIT] {
             add_address(&link.a, &link.a_if, address);
         }
+        let split_route = format!("{SPLIT}/32");
+        link.b.exec(&[
+            "ip",
+            "route",
+            "add",
+            &split_route,
+            "dev",
+            &link.b_if,
+            "mtu",
+            "lock",
+            "120",
+        ]);
+        // Segments as a sender without segmentation offload sends them,
+        // and a receiver without GRO sees them: one by one.
+        link.b.exec(&[
+            "ethtool", "-K", &link.b_if, "sg", "off", "tso", "off", "gso", "off",
+        ]);
+        link.a.exec(&["ethtool", "-K", &link.a_if, "gro", "off"]);
         // Reverse DNS: a server that knows no name.
         let _ptr = DnsServer::start(&link.a, 5355, HashMap::new());
-        let _sinks = sinks(&link, &[TLS, QUIC, QUIC6]);
+        let _sinks = sinks(&link, &[TLS, QUIC, QUIC6, SPLIT]);
         let port = 9422;
         let off: &[&str] = if tls_on { &[] } else { &["--no-observe-tls"] };
         let _agent = agent(
@@ -337,7 +362,7 @@ pub fn servers_by_the_name_their_client_sent_in_its_handshake() {
             .a
             .run(|| TcpListener::bind(("0.0.0.0", TLS_PORT)).unwrap());
         let server = thread::spawn(move || {
-            for _ in 0..2 {
+            for _ in 0..3 {
                 let (mut stream, _) = listener.accept().unwrap();
                 stream
                     .set_read_timeout(Some(Duration::from_secs(2)))
@@ -346,15 +371,18 @@ pub fn servers_by_the_name_their_client_sent_in_its_handshake() {
                 let _ = std::io::Read::read(&mut stream, &mut buf);
             }
         });
-        let target = format!("{TLS}:{TLS_PORT}");
-        link.b.exec(&[
-            "sh",
-            "-c",
-            &format!(
-                "timeout 5 openssl s_client -connect {target} -servername www.tls.example \
-                 </dev/null >/dev/null 2>&1; true"
-            ),
-        ]);
+        // `openssl s_client` from b to `server`, asking for `name`.
+        let openssl = |server: &str, name: &str| {
+            link.b.exec(&[
+                "sh",
+                "-c",
+                &format!(
+                    "timeout 5 openssl s_client -connect {server}:{TLS_PORT} -servername {name} \
+                     </dev/null >/dev/null 2>&1; true"
+                ),
+            ]);
+        };
+        openssl(TLS, "www.tls.example");
         link.b.exec(&[
             "sh",
             "-c",
@@ -363,6 +391,7 @@ pub fn servers_by_the_name_their_client_sent_in_its_handshake() {
                  https://api.tls.example:{TLS_PORT}/ >/dev/null 2>&1; true"
             ),
         ]);
+        openssl(SPLIT, "www.split.example");
         server.join().unwrap();
         // The QUIC clients' first datagrams, as aioquic wrote them, sent
         // from b to a port that is no QUIC port.
@@ -385,13 +414,17 @@ pub fn servers_by_the_name_their_client_sent_in_its_handshake() {
                 format!(r#"dst="{address}""#)
             }
         };
-        let (tls, quic, quic6) = (
+        let (tls, quic, quic6, split) = (
             named("tls.example", TLS),
             named("quic.example", QUIC),
             named("quic.example", QUIC6),
+            named("split.example", SPLIT),
         );
         let expect = vec![
             (vec![tls.as_str()], send(&link, B4, TLS)),
+            // Through the 120-byte MTU each 128-byte datagram leaves in two
+            // fragments: one more IPv4 header each.
+            (vec![split.as_str()], send(&link, B4, SPLIT) + 10 * 20),
             (
                 vec![quic.as_str(), r#"src="198.18.0.2""#],
                 send(&link, B4, QUIC),
@@ -412,9 +445,9 @@ pub fn servers_by_the_name_their_client_sent_in_its_handshake() {
             )
         };
         if tls_on {
-            assert!(handshakes("tls") >= 2, "{text}");
+            assert!(handshakes("tls") >= 3, "{text}");
             assert!(handshakes("quic") >= 2, "{text}");
-            for (source, count) in [("tls_sni", 1), ("quic_sni", 2)] {
+            for (source, count) in [("tls_sni", 2), ("quic_sni", 2)] {
                 let line = format!(r#"ntm_names{{source="{source}"}} {count}"#);
                 assert!(text.contains(&line), "no {line}:\n{text}");
             }

@@ -59,15 +59,35 @@ pub fn quiet(cmd: &mut Command) -> Child {
         .unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
 }
 
-/// The ClientHello `openssl s_client` sends for `name`, as it sent it.
-pub fn openssl_client_hello(name: &str) -> Vec<u8> {
+/// The ClientHello `openssl s_client` sends for `name` with `extra`
+/// arguments, as it sent it.
+pub fn openssl_client_hello_with(name: &str, extra: &[&str]) -> Vec<u8> {
     client_hello_of("openssl", |port| {
         quiet(
             Command::new("openssl")
                 .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
-                .args(["-servername", name]),
+                .args(["-servername", name])
+                .args(extra),
         )
     })
+}
+
+/// The ClientHello `openssl s_client` sends for `name`, as it sent it.
+pub fn openssl_client_hello(name: &str) -> Vec<u8> {
+    openssl_client_hello_with(name, &[])
+}
+
+/// A ClientHello past one full-size segment, as post-quantum key shares
+/// make them: `openssl s_client` for `name` with a large key share
+/// (ffdhe8192) and 60 ALPN protocols, about 2.5 KB.
+pub fn large_openssl_client_hello(name: &str) -> Vec<u8> {
+    let alpns: Vec<String> = (0..60).map(|i| format!("x-{i:026}")).collect();
+    let hello = openssl_client_hello_with(
+        name,
+        &["-groups", "ffdhe8192:x25519", "-alpn", &alpns.join(",")],
+    );
+    assert!(hello.len() > 2_000, "a large hello: {} bytes", hello.len());
+    hello
 }
 
 /// The Initials aioquic sends first to `name` (QUIC `version` 1 or 2),
