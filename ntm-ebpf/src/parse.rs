@@ -625,15 +625,8 @@ fn parse_ipv4(
         (false, _) => (Fragment::Later, id as u32),
     };
     let l4 = l3 + header_len;
-    // Where the packet ends, for the length of its data (0 for an
-    // aggregate, whose data is no handshake's).
-    let l3_end = if tot_len == 0 {
-        0
-    } else {
-        l3 + tot_len as usize
-    };
     let (l4_len, observe) = if first_fragment {
-        parse_l4(frame, l4, l3_end, proto, key, ephemeral_start, is_known)
+        parse_l4(frame, l4, proto, key, ephemeral_start, is_known)
     } else {
         mark_l4_missing(proto, key);
         (0, NOT_OBSERVED)
@@ -727,13 +720,8 @@ fn parse_ipv6(
         return Err(ParseError::Outside(OutsideReason::Ipv6ExtensionChain));
     }
     key.proto = next;
-    let l3_end = if payload_len == 0 {
-        0
-    } else {
-        l3 + Ipv6Hdr::LEN + payload_len as usize
-    };
     let (l4_len, observe) = if first_fragment {
-        parse_l4(frame, offset, l3_end, next, key, ephemeral_start, is_known)
+        parse_l4(frame, offset, next, key, ephemeral_start, is_known)
     } else {
         mark_l4_missing(next, key);
         (0, NOT_OBSERVED)
@@ -804,14 +792,14 @@ fn mark_l4_missing(proto: u8, key: &mut FlowKey) {
 /// Fills `key.port` from the L4 header at `l4` and returns the L4 header
 /// length (0 when unknown or cut short: the frame is still counted by its IP
 /// header, just without a port), with whether the agent wants the frame
-/// for names (`Parsed::observe`): by its ports, or for a handshake that
-/// names its server as in [`parse_common`]. `l3_end`: the offset where the
-/// IP packet ends by its length field, 0 for an aggregate.
+/// for names (`Parsed::observe`), by its ports. A handshake is looked for
+/// in common frames only ([`parse_common`]): tested here too, in every
+/// path the full parse can take, it doubled the verifier's work and the
+/// agent's start.
 #[inline(always)]
 fn parse_l4(
     frame: &Frame,
     l4: usize,
-    l3_end: usize,
     proto: u8,
     key: &mut FlowKey,
     ephemeral_start: u16,
@@ -827,34 +815,21 @@ fn parse_l4(
                 mark_l4_missing(proto, key);
                 return (0, NOT_OBSERVED);
             };
-            // SAFETY: `at` checked that the 20-byte TCP header (ports, the
-            // data offset at byte 12 and the flags at 13) is in the frame.
-            let (sport, dport, doff, flags) = unsafe {
+            // SAFETY: `at` checked that the 20-byte TCP header (ports, and
+            // the data offset at byte 12) is in the frame.
+            let (sport, dport, doff) = unsafe {
                 (
                     u16::from_be_bytes((*tcp).source),
                     u16::from_be_bytes((*tcp).dest),
                     // Data offset: high nibble of byte 12.
                     *((tcp as *const u8).add(12)) >> 4,
-                    *((tcp as *const u8).add(13)),
                 )
             };
             key.port = service_port::choose(sport, dport, ephemeral_start, |p| {
                 is_known(PortClass::Tcp, p)
             });
             mark_service_side(key, sport, dport);
-            let l4_len = doff as usize * 4;
-            let observe = match observed(true, sport, dport) {
-                NOT_OBSERVED => handshake_candidate(
-                    true,
-                    (sport, dport),
-                    frame.data + l4 + l4_len,
-                    frame.end,
-                    l3_end.wrapping_sub(l4 + l4_len) as u32,
-                    flags,
-                ),
-                by_port => by_port,
-            };
-            (l4_len, observe)
+            (doff as usize * 4, observed(true, sport, dport))
         }
         ipproto::UDP | ipproto::UDPLITE | ipproto::SCTP => {
             // SCTP's common header starts with the same two ports; UDP-Lite's
@@ -880,18 +855,7 @@ fn parse_l4(
             if proto == ipproto::SCTP {
                 (12, NOT_OBSERVED)
             } else {
-                let observe = match observed(false, sport, dport) {
-                    NOT_OBSERVED if proto == ipproto::UDP => handshake_candidate(
-                        false,
-                        (sport, dport),
-                        frame.data + l4 + UdpHdr::LEN,
-                        frame.end,
-                        l3_end.wrapping_sub(l4 + UdpHdr::LEN) as u32,
-                        0,
-                    ),
-                    by_port => by_port,
-                };
-                (UdpHdr::LEN, observe)
+                (UdpHdr::LEN, observed(false, sport, dport))
             }
         }
         ipproto::ICMP | ipproto::ICMPV6 => match frame.pair(l4) {

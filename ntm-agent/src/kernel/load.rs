@@ -286,8 +286,14 @@ impl Datapath {
         loader.override_global(names::KNOWN_PORTS, &known_ports, true);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(classify_load_error)?;
 
+        // Without observation nothing is handed over: the hand-over programs
+        // are not loaded (the verifier takes about half a second for each).
+        let observing = observe_rate != 0;
         for hook in &programs::HOOKS {
             for name in hook.loaded() {
+                if name == hook.observe && !observing {
+                    continue;
+                }
                 let program = ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?;
                 let loaded = if hook.is_xdp() {
                     <&mut Xdp>::try_from(program).and_then(|p| p.load())
@@ -309,10 +315,8 @@ impl Datapath {
         let verdict = take_map_data(&mut ebpf, names::FILTER_VERDICT)?;
         for hook in &programs::HOOKS {
             let tails = if hook.is_xdp() { &xdp_tails } else { &tc_tails };
-            for (name, slot) in [
-                (hook.count, hook.count_slot),
-                (hook.observe, hook.observe_slot),
-            ] {
+            let observe = observing.then_some((hook.observe, hook.observe_slot));
+            for (name, slot) in [(hook.count, hook.count_slot)].into_iter().chain(observe) {
                 let program = ebpf
                     .program(name)
                     .ok_or(DatapathError::Missing(name))?
