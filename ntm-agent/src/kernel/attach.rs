@@ -253,7 +253,7 @@ pub fn attach_tc(
         let pin_path = pins.map(|p| p.link_path(ifindex, point));
         let program: &mut SchedClassifier = datapath
             .tc_program(hook.entry)
-            .ok_or_else(|| failed(iface, point.name(), "program missing"))?;
+            .map_err(|e| failed(iface, point.name(), e))?;
         // On an error, `links` is dropped: nothing stays half-attached.
         let (link, took_over) = if tcx {
             attach_tcx_hook(program, iface, attach_type, pin_path.as_ref())?
@@ -414,7 +414,7 @@ pub fn attach_xdp(
         .ok_or_else(|| failed(iface, "xdp", "XDP mode needs an Ethernet interface"))?;
     let program = datapath
         .xdp_program(hook.entry)
-        .ok_or_else(|| failed(iface, "xdp", "program missing"))?;
+        .map_err(|e| failed(iface, "xdp", e))?;
     // The pin's name says the mode the earlier agent got.
     let pin_path = |native: bool| pins.map(|p| p.xdp_link_path(ifindex, native));
     let earlier = [true, false]

@@ -44,6 +44,7 @@
 //! system call, where one lookup and one delete per entry would take seconds
 //! for a million flows.
 
+use super::load::share_map;
 use std::{
     collections::{BTreeMap, HashMap},
     io,
@@ -210,31 +211,18 @@ pub struct FlowTables {
 }
 
 impl FlowTables {
-    /// Takes the maps out of a loaded object and points the slot at table 0.
-    pub(crate) fn take_from(ebpf: &mut Ebpf) -> Result<Self, DrainError> {
-        let mut tables = Self::from_maps(|name| {
-            ebpf.take_map(name).ok_or(MapError::InvalidName {
-                name: name.to_string(),
-            })
-        })?;
+    /// Opens the maps of a loaded object (see `load::share_map`) and points
+    /// the slot at table 0.
+    pub(crate) fn share_from(ebpf: &Ebpf) -> Result<Self, DrainError> {
+        let mut tables = Self::from_maps(|name| share_map(ebpf, name))?;
         tables.slot.set(0, &tables.tables[0], 0)?;
         tables.cache_slot.set(0, &tables.caches[0], 0)?;
         tables.outside_generation.set(0, tables.generation, 0)?;
-        let mut epoch: Array<MapData, u32> = ebpf
-            .take_map(names::TABLE_EPOCH)
-            .ok_or(MapError::InvalidName {
-                name: names::TABLE_EPOCH.to_string(),
-            })?
-            .try_into()?;
+        let mut epoch: Array<MapData, u32> = share_map(ebpf, names::TABLE_EPOCH)?.try_into()?;
         epoch.set(0, 0, 0)?;
         tables.table_epoch = Some((epoch, 0));
         tables.keep_flows = true;
-        let misses: PerCpuArray<MapData, u64> = ebpf
-            .take_map(names::CACHE_MISSES)
-            .ok_or(MapError::InvalidName {
-                name: names::CACHE_MISSES.to_string(),
-            })?
-            .try_into()?;
+        let misses: PerCpuArray<MapData, u64> = share_map(ebpf, names::CACHE_MISSES)?.try_into()?;
         tables.cache_switch = Some(CacheSwitch {
             misses,
             misses_seen: 0,

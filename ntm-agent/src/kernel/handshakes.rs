@@ -10,6 +10,7 @@
 //! one whose ACK never comes the agent gives up on, and closes its slot
 //! through the gate's shared memory.
 
+use super::load::share_map;
 use std::{collections::HashMap as StdHashMap, time::Duration};
 
 use aya::{
@@ -108,19 +109,13 @@ pub struct Handshakes {
 }
 
 impl Handshakes {
-    /// Takes the maps of a loaded object whose programs follow handshakes.
-    pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, HandshakeSetupError> {
+    /// Opens the maps of a loaded object whose programs follow handshakes.
+    pub fn share_from(ebpf: &Ebpf) -> Result<Self, HandshakeSetupError> {
         let missing = |name: &str| MapError::InvalidName {
             name: name.to_string(),
         };
-        let table = ebpf
-            .take_map(names::HANDSHAKES)
-            .ok_or_else(|| missing(names::HANDSHAKES))?
-            .try_into()?;
-        let gate_map = match ebpf
-            .take_map(names::HANDSHAKE_GATE)
-            .ok_or_else(|| missing(names::HANDSHAKE_GATE))?
-        {
+        let table = share_map(ebpf, names::HANDSHAKES)?.try_into()?;
+        let gate_map = match share_map(ebpf, names::HANDSHAKE_GATE)? {
             aya::maps::Map::Array(data) => data,
             _ => return Err(missing(names::HANDSHAKE_GATE).into()),
         };
@@ -128,10 +123,7 @@ impl Handshakes {
             use std::os::fd::AsFd as _;
             SharedU64Array::map(gate_map.fd().as_fd(), GATE_SLOTS as usize)?
         };
-        let lost = ebpf
-            .take_map(names::HANDSHAKES_LOST)
-            .ok_or_else(|| missing(names::HANDSHAKES_LOST))?
-            .try_into()?;
+        let lost = share_map(ebpf, names::HANDSHAKES_LOST)?.try_into()?;
         Ok(Self {
             table,
             gate,

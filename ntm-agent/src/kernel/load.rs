@@ -32,8 +32,8 @@ use crate::{
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ntm"));
 
 /// Oldest kernel ntm runs on: the XDP programs hand DNS and DHCP frames
-/// over with `bpf_xdp_load_bytes` (5.18), and every start loads them, in TC
-/// mode too. BTF-defined map-in-map, `gso_segs` in `__sk_buff`, bounded
+/// over with `bpf_xdp_load_bytes` (5.18); refused at start whichever mode
+/// is asked for, so that a kernel ntm runs on runs all of it. BTF-defined map-in-map, `gso_segs` in `__sk_buff`, bounded
 /// loops, batch map operations and the ring buffer are all older.
 pub const MIN_KERNEL: (u8, u8) = (5, 18);
 
@@ -69,8 +69,8 @@ pub struct DatapathOptions {
     /// TC programs of the object loaded besides those of
     /// [`programs::HOOKS`]: the bench's (`ntm_bench_upto_*`, which stop
     /// after one part of the counting path); none in the agent. Loaded
-    /// with the others, as the maps they use are set up (and some of them
-    /// let go) after loading.
+    /// with the object; they tail-call the slots of the hooks'
+    /// programs, filled when those are first used.
     pub also_load: &'static [&'static str],
 }
 
@@ -169,6 +169,10 @@ pub enum DatapathError {
         "the eBPF object is missing {0}; the build is broken (rebuild with `cargo xtask build`)"
     )]
     Missing(&'static str),
+    #[error("ntm has no kernel program {0} of that type")]
+    NoProgram(String),
+    #[error(transparent)]
+    Filter(#[from] FilterError),
     #[error("setting up the flow tables failed: {0}")]
     FlowTables(#[from] DrainError),
     #[error("setting up map {map} failed: {source}")]
@@ -192,7 +196,15 @@ pub enum DatapathError {
 /// The loaded kernel side: programs ready to attach, flow tables ready to
 /// drain.
 pub struct Datapath {
+    /// The object: its programs, and a handle on every map its programs'
+    /// instructions name (see [`share_map`]).
     ebpf: Ebpf,
+    /// Whether frames are handed over for names (the hooks' hand-over
+    /// programs are loaded with them).
+    observing: bool,
+    /// Which rows of [`programs::HOOKS`] have their programs loaded and
+    /// their slots filled: a hook's are loaded when it is first used.
+    hooks_loaded: [bool; programs::HOOKS.len()],
     /// The program arrays and the verdict map, held for the agent's life:
     /// the kernel empties a program array when its last user handle closes.
     tc_tails: MapData,
@@ -218,9 +230,10 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads and verifies every program of [`programs::HOOKS`], puts each
-    /// counting half in its tail-call slot, writes the known-port bitmap,
-    /// and returns the datapath with the flow tables taken out for draining.
+    /// Loads the object and its maps, writes the settings and the
+    /// known-port bitmap, and returns the datapath with the flow tables
+    /// out for draining. The hooks' programs are loaded and verified when
+    /// first used ([`Datapath::tc_program`], [`Datapath::xdp_program`]).
     /// With `pin_maps_in`, the maps the next agent reads
     /// (`names::PINNED`) are pinned in that (new, empty) directory.
     pub fn load(
@@ -286,23 +299,10 @@ impl Datapath {
         loader.override_global(names::KNOWN_PORTS, &known_ports, true);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(classify_load_error)?;
 
-        // Without observation nothing is handed over: the hand-over programs
-        // are not loaded (the verifier takes about half a second for each).
-        let observing = observe_rate != 0;
-        for hook in &programs::HOOKS {
-            for name in hook.loaded() {
-                if name == hook.observe && !observing {
-                    continue;
-                }
-                let program = ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?;
-                let loaded = if hook.is_xdp() {
-                    <&mut Xdp>::try_from(program).and_then(|p| p.load())
-                } else {
-                    <&mut SchedClassifier>::try_from(program).and_then(|p| p.load())
-                };
-                loaded.map_err(|e| classify_program_error(name, e))?;
-            }
-        }
+        // The hooks' programs are loaded when a hook is first used (see
+        // `Datapath::hook`): the verifier takes about half a second for
+        // each, and most hosts use a few of them (a TC agent on Ethernet
+        // interfaces needs neither the raw-IP programs nor XDP's).
         for name in options.also_load {
             let program = ebpf.program_mut(name).ok_or(DatapathError::Missing(name))?;
             <&mut SchedClassifier>::try_from(program)
@@ -310,40 +310,19 @@ impl Datapath {
                 .map_err(|e| classify_program_error(name, e))?;
         }
 
-        let tc_tails = take_map_data(&mut ebpf, names::TC_TAILS)?;
-        let xdp_tails = take_map_data(&mut ebpf, names::XDP_TAILS)?;
-        let verdict = take_map_data(&mut ebpf, names::FILTER_VERDICT)?;
-        for hook in &programs::HOOKS {
-            let tails = if hook.is_xdp() { &xdp_tails } else { &tc_tails };
-            let observe = observing.then_some((hook.observe, hook.observe_slot));
-            for (name, slot) in [(hook.count, hook.count_slot)].into_iter().chain(observe) {
-                let program = ebpf
-                    .program(name)
-                    .ok_or(DatapathError::Missing(name))?
-                    .fd()
-                    .map_err(|source| DatapathError::Program {
-                        program: name.to_string(),
-                        source,
-                    })?;
-                bpf::set_program_slot(tails.fd().as_fd(), slot, program.as_fd()).map_err(
-                    |source| DatapathError::TailSetup {
-                        program: name,
-                        source,
-                    },
-                )?;
-            }
-        }
-
-        let lease: Array<MapData, u64> = take_array(&mut ebpf, names::LEASE)?;
-        let tables = FlowTables::take_from(&mut ebpf)?;
+        let tc_tails = take_map_data(&ebpf, names::TC_TAILS)?;
+        let xdp_tails = take_map_data(&ebpf, names::XDP_TAILS)?;
+        let verdict = take_map_data(&ebpf, names::FILTER_VERDICT)?;
+        let lease: Array<MapData, u64> = take_array(&ebpf, names::LEASE)?;
+        let tables = FlowTables::share_from(&ebpf)?;
         let observer = if observe_rate == 0 {
             None
         } else {
-            Some(Observer::take_from(&mut ebpf)?)
+            Some(Observer::share_from(&ebpf)?)
         };
         let mac_nets = if options.learn_macs {
             let mut nets: Array<MapData, ntm_common::observe::MacNets> =
-                take_array(&mut ebpf, names::MAC_NETS)?;
+                take_array(&ebpf, names::MAC_NETS)?;
             nets.set(0, options.mac_nets, 0)
                 .map_err(|source| DatapathError::MapSetup {
                     map: names::MAC_NETS,
@@ -354,7 +333,7 @@ impl Datapath {
             None
         };
         let macs = if options.learn_macs {
-            Some(LearntMacs::take_from(&mut ebpf)?)
+            Some(LearntMacs::share_from(&ebpf)?)
         } else {
             None
         };
@@ -369,13 +348,15 @@ impl Datapath {
             None => None,
         };
         let handshakes = if options.track_handshakes {
-            Some(Handshakes::take_from(&mut ebpf)?)
+            Some(Handshakes::share_from(&ebpf)?)
         } else {
             None
         };
         Ok((
             Self {
                 ebpf,
+                observing: observe_rate != 0,
+                hooks_loaded: [false; programs::HOOKS.len()],
                 tc_tails,
                 xdp_tails,
                 verdict,
@@ -399,30 +380,121 @@ impl Datapath {
     /// agent does not attach to such interfaces (see
     /// [`Datapath::filter_allows`]).
     pub fn set_filter(&mut self, filter: Option<Filter>) -> Result<(), FilterError> {
-        // One program per hook (None: the slot is emptied), all loaded
-        // before any slot changes.
+        // One program per loaded hook (None: the slot is emptied), all
+        // loaded before any slot changes. A hook loaded later gets its
+        // filter program then, before it is attached.
         let mut loaded = Vec::with_capacity(programs::HOOKS.len());
-        for hook in &programs::HOOKS {
+        for (hook, _) in programs::HOOKS
+            .iter()
+            .zip(self.hooks_loaded)
+            .filter(|(_, l)| *l)
+        {
             let program = match &filter {
-                Some(filter) => match filter.program(hook.link) {
-                    Ok(classic) => Some(self.load_filter_program(filter, classic, hook)?),
-                    Err(_) => None,
-                },
+                Some(filter) => self.filter_program(filter, hook)?,
                 None => None,
             };
-            loaded.push(program);
+            loaded.push((hook, program));
         }
-        for (hook, program) in programs::HOOKS.iter().zip(&loaded) {
-            let tails = self.tails(hook);
-            match program {
-                Some(program) => bpf::set_program_slot(tails, hook.filter_slot, program.as_fd()),
-                None => bpf::clear_program_slot(tails, hook.filter_slot),
-            }
-            .map_err(FilterError::Install)?;
+        for (hook, program) in &loaded {
+            self.fill_filter_slot(hook, program.as_ref())?;
         }
         // The program arrays hold the programs now; our handles can go.
         drop(loaded);
         self.filter = filter;
+        Ok(())
+    }
+
+    /// `filter`'s program for `hook`, loaded; None where the filter does
+    /// not compile for the hook's link type (the agent does not attach to
+    /// such interfaces, see [`Datapath::filter_allows`]).
+    fn filter_program(
+        &self,
+        filter: &Filter,
+        hook: &HookPrograms,
+    ) -> Result<Option<OwnedFd>, FilterError> {
+        match filter.program(hook.link) {
+            Ok(classic) => self.load_filter_program(filter, classic, hook).map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Puts `program` in `hook`'s filter slot, or empties it (every frame
+    /// counted).
+    fn fill_filter_slot(
+        &self,
+        hook: &HookPrograms,
+        program: Option<&OwnedFd>,
+    ) -> Result<(), FilterError> {
+        let tails = self.tails(hook);
+        match program {
+            Some(program) => bpf::set_program_slot(tails, hook.filter_slot, program.as_fd()),
+            None => bpf::clear_program_slot(tails, hook.filter_slot),
+        }
+        .map_err(FilterError::Install)
+    }
+
+    /// Loads the programs of the hook `name` belongs to (a row of
+    /// [`programs::HOOKS`]), once: its entry, its counting half and, when
+    /// observing, its hand-over, each in its tail-call slot, and the filter
+    /// in place in its filter slot; all before the entry can be attached.
+    /// Names of no hook (the bench's) were loaded with the object.
+    fn load_hook_of(&mut self, name: &str) -> Result<(), DatapathError> {
+        let Some(index) = programs::HOOKS
+            .iter()
+            .position(|h| h.loaded().contains(&name))
+        else {
+            return Ok(());
+        };
+        if self.hooks_loaded[index] {
+            return Ok(());
+        }
+        let hook = &programs::HOOKS[index];
+        let observe = self.observing.then_some((hook.observe, hook.observe_slot));
+        let mut loaded = Vec::new();
+        for name in [hook.entry, hook.count]
+            .into_iter()
+            .chain(observe.map(|(n, _)| n))
+        {
+            let program = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing(name))?;
+            let load = if hook.is_xdp() {
+                <&mut Xdp>::try_from(program).and_then(|p| p.load())
+            } else {
+                <&mut SchedClassifier>::try_from(program).and_then(|p| p.load())
+            };
+            match load {
+                // Loaded by an earlier call that failed further on.
+                Ok(()) | Err(ProgramError::AlreadyLoaded) => {}
+                Err(e) => return Err(classify_program_error(name, e)),
+            }
+            loaded.push(name);
+        }
+        let tails = self.tails(hook);
+        for (name, slot) in [(hook.count, hook.count_slot)].into_iter().chain(observe) {
+            let program = self
+                .ebpf
+                .program(name)
+                .ok_or(DatapathError::Missing(name))?
+                .fd()
+                .map_err(|source| DatapathError::Program {
+                    program: name.to_string(),
+                    source,
+                })?;
+            bpf::set_program_slot(tails, slot, program.as_fd()).map_err(|source| {
+                DatapathError::TailSetup {
+                    program: name,
+                    source,
+                }
+            })?;
+        }
+        if let Some(filter) = &self.filter {
+            let program = self.filter_program(filter, hook)?;
+            self.fill_filter_slot(hook, program.as_ref())?;
+        }
+        log::debug!("loaded {}", loaded.join(", "));
+        self.hooks_loaded[index] = true;
         Ok(())
     }
 
@@ -547,18 +619,24 @@ impl Datapath {
         }
     }
 
-    /// A loaded XDP program by name (see `ntm_common::programs`).
-    pub fn xdp_program(&mut self, name: &str) -> Option<&mut Xdp> {
+    /// The XDP program `name` (see `ntm_common::programs`), its hook's
+    /// programs loaded first if they are not yet.
+    pub fn xdp_program(&mut self, name: &str) -> Result<&mut Xdp, DatapathError> {
+        self.load_hook_of(name)?;
         self.ebpf
             .program_mut(name)
             .and_then(|p| <&mut Xdp>::try_from(p).ok())
+            .ok_or_else(|| DatapathError::NoProgram(name.to_string()))
     }
 
-    /// A loaded TC program by name (see `ntm_common::programs`).
-    pub fn tc_program(&mut self, name: &str) -> Option<&mut SchedClassifier> {
+    /// The TC program `name` (see `ntm_common::programs`), its hook's
+    /// programs loaded first if they are not yet.
+    pub fn tc_program(&mut self, name: &str) -> Result<&mut SchedClassifier, DatapathError> {
+        self.load_hook_of(name)?;
         self.ebpf
             .program_mut(name)
             .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+            .ok_or_else(|| DatapathError::NoProgram(name.to_string()))
     }
 }
 
@@ -573,22 +651,82 @@ fn known_port_words(words: &[u32]) -> [u32; ntm_common::KNOWN_PORT_WORDS as usiz
     all
 }
 
-/// Takes an array map out of the object.
+/// An array map of the object, for the datapath to own (see [`share_map`]).
 fn take_array<V: aya::Pod>(
-    ebpf: &mut Ebpf,
+    ebpf: &Ebpf,
     name: &'static str,
 ) -> Result<Array<MapData, V>, DatapathError> {
-    ebpf.take_map(name)
-        .ok_or(DatapathError::Missing(name))?
-        .try_into()
+    share_map(ebpf, name)
+        .and_then(Array::try_from)
         .map_err(|source| DatapathError::MapSetup { map: name, source })
 }
 
-/// Takes a map out of the object as plain map data (for its fd).
-fn take_map_data(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, DatapathError> {
-    match ebpf.take_map(name).ok_or(DatapathError::Missing(name))? {
+/// A map of the object as plain map data (for its fd).
+fn take_map_data(ebpf: &Ebpf, name: &'static str) -> Result<MapData, DatapathError> {
+    match share_map(ebpf, name).map_err(|source| DatapathError::MapSetup { map: name, source })? {
         Map::ProgramArray(data) | Map::PerCpuArray(data) => Ok(data),
         _ => Err(DatapathError::Missing(name)),
+    }
+}
+
+/// Map `name` of the loaded object, for a part of the agent to own: a
+/// handle of its own (a duplicate of the object's descriptor), while the
+/// object keeps its handle open for as long as the [`Datapath`] lives.
+///
+/// Why not take the object's handle: aya writes each map's descriptor
+/// number into the programs' instructions when the object is loaded, and
+/// the hooks' programs go to the kernel later, when first used. Had the
+/// handle been taken and dropped by its new owner (the flow tables when a
+/// test or bench lets them go, say), a later program would name a closed
+/// descriptor, or one reused for another map.
+pub(crate) fn share_map(ebpf: &Ebpf, name: &str) -> Result<Map, MapError> {
+    let map = ebpf.map(name).ok_or_else(|| MapError::InvalidName {
+        name: name.to_string(),
+    })?;
+    let fd = map_data(map)
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|io_error| aya::sys::SyscallError {
+            call: "dup",
+            io_error,
+        })?;
+    Map::from_map_data(MapData::from_fd(fd)?)
+}
+
+/// The data behind any kind of map.
+fn map_data(map: &Map) -> &MapData {
+    match map {
+        Map::Array(data)
+        | Map::ArrayOfMaps(data)
+        | Map::BloomFilter(data)
+        | Map::CgroupArray(data)
+        | Map::CgroupStorage(data)
+        | Map::CgrpStorage(data)
+        | Map::CpuMap(data)
+        | Map::DevMap(data)
+        | Map::DevMapHash(data)
+        | Map::HashMap(data)
+        | Map::HashOfMaps(data)
+        | Map::InodeStorage(data)
+        | Map::LpmTrie(data)
+        | Map::LruHashMap(data)
+        | Map::PerCpuArray(data)
+        | Map::PerCpuCgroupStorage(data)
+        | Map::PerCpuHashMap(data)
+        | Map::PerCpuLruHashMap(data)
+        | Map::PerfEventArray(data)
+        | Map::ProgramArray(data)
+        | Map::Queue(data)
+        | Map::ReusePortSockArray(data)
+        | Map::RingBuf(data)
+        | Map::SockHash(data)
+        | Map::SockMap(data)
+        | Map::SkStorage(data)
+        | Map::Stack(data)
+        | Map::StackTraceMap(data)
+        | Map::Unsupported(data)
+        | Map::XskMap(data) => data,
     }
 }
 

@@ -3,6 +3,7 @@
 //! not per drain, so that an answer is known before the traffic it names
 //! is; and the LRU table of which MAC sent from which address.
 
+use super::load::share_map;
 use std::{
     io,
     os::fd::{AsRawFd as _, RawFd},
@@ -57,8 +58,6 @@ impl<'a> ObservedFrame<'a> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObserverError {
-    #[error("the eBPF object has no map {0}; the build is broken")]
-    Missing(&'static str),
     #[error("opening map {map}: {source}")]
     Map {
         map: &'static str,
@@ -83,8 +82,10 @@ pub struct Observer {
 }
 
 impl Observer {
-    pub(crate) fn take_from(ebpf: &mut Ebpf) -> Result<Self, ObserverError> {
-        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(ObserverError::Missing(name));
+    pub(crate) fn share_from(ebpf: &Ebpf) -> Result<Self, ObserverError> {
+        let take = |map: &'static str| {
+            share_map(ebpf, map).map_err(|source| ObserverError::Map { map, source })
+        };
         let ring =
             RingBuf::try_from(take(names::OBSERVED)?).map_err(|source| ObserverError::Map {
                 map: names::OBSERVED,
@@ -165,10 +166,11 @@ pub struct LearntMacs {
 }
 
 impl LearntMacs {
-    pub(crate) fn take_from(ebpf: &mut Ebpf) -> Result<Self, ObserverError> {
-        let map = ebpf
-            .take_map(names::MACS)
-            .ok_or(ObserverError::Missing(names::MACS))?;
+    pub(crate) fn share_from(ebpf: &Ebpf) -> Result<Self, ObserverError> {
+        let map = share_map(ebpf, names::MACS).map_err(|source| ObserverError::Map {
+            map: names::MACS,
+            source,
+        })?;
         let map = HashMap::try_from(map).map_err(|source| ObserverError::Map {
             map: names::MACS,
             source,

@@ -16,6 +16,7 @@
 //! count, and whether the tracepoint passes the send's error (Linux 6.17+,
 //! where retransmits that failed fire it too; those are not counted).
 
+use super::load::share_map;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{ArrayOfMaps, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
@@ -241,12 +242,10 @@ impl Retransmits {
         let missing = |name: &str| MapError::InvalidName {
             name: name.to_string(),
         };
-        let mut slot: ArrayOfMaps<MapData, MapData> = ebpf
-            .take_map(names::ACTIVE_RETRANSMITS)
-            .ok_or_else(|| missing(names::ACTIVE_RETRANSMITS))?
-            .try_into()?;
-        let mut table = |name: &'static str| -> Result<Map, MapError> {
-            match ebpf.take_map(name).ok_or_else(|| missing(name))? {
+        let mut slot: ArrayOfMaps<MapData, MapData> =
+            share_map(ebpf, names::ACTIVE_RETRANSMITS)?.try_into()?;
+        let table = |name: &'static str| -> Result<Map, MapError> {
+            match share_map(ebpf, name)? {
                 map @ Map::PerCpuHashMap(_) => Ok(map),
                 _ => Err(missing(name)),
             }
@@ -256,10 +255,8 @@ impl Retransmits {
             table(names::RETRANSMIT_TABLES[1])?,
         ];
         slot.set(0, map_data(&tables[0]), 0)?;
-        let lost: PerCpuArray<MapData, u64> = ebpf
-            .take_map(names::RETRANSMITS_LOST)
-            .ok_or_else(|| missing(names::RETRANSMITS_LOST))?
-            .try_into()?;
+        let lost: PerCpuArray<MapData, u64> =
+            share_map(ebpf, names::RETRANSMITS_LOST)?.try_into()?;
         let program: &mut RawTracePoint = ebpf
             .program_mut(names::RETRANSMIT_PROGRAM)
             .ok_or(RetransmitError::Attach(ProgramError::NotLoaded))?
