@@ -19,7 +19,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{
     steps::step,
-    toolchain::{apt_install, apt_sources_changed, is_root, run, with_apt_lists},
+    toolchain::{apt_exclusive, apt_install, apt_sources_changed, is_root, run, with_apt_lists},
 };
 
 /// The Debian archive entries of a standard Debian install (deb822).
@@ -185,27 +185,33 @@ fn source_tarball(dir: &Path) -> Result<PathBuf> {
             dir.display()
         );
     }
-    if ensure_deb_src()? {
-        apt_sources_changed();
-    }
-    eprintln!("xtask: downloading libpcap's Debian source package (apt-get source)");
-    std::fs::create_dir_all(dir)?;
-    // apt's lists must have the deb-src entries: updated (once) after they
-    // were added.
-    with_apt_lists(|| {
-        run(Command::new("apt-get").current_dir(dir).args([
-            "source",
-            "--download-only",
-            "-qq",
-            "libpcap",
-        ]))
-    })
-    .context("apt-get source libpcap failed; check the deb-src entries apt uses")?;
-    find_orig(dir).with_context(|| {
-        format!(
-            "apt-get source left no libpcap_*.orig.tar.* in {}",
-            dir.display()
-        )
+    apt_exclusive(|| {
+        // Another xtask may have fetched it meanwhile.
+        if let Some(found) = find_orig(dir) {
+            return Ok(found);
+        }
+        if ensure_deb_src()? {
+            apt_sources_changed();
+        }
+        eprintln!("xtask: downloading libpcap's Debian source package (apt-get source)");
+        std::fs::create_dir_all(dir)?;
+        // apt's lists must have the deb-src entries: updated (once) after
+        // they were added.
+        with_apt_lists(|| {
+            run(Command::new("apt-get").current_dir(dir).args([
+                "source",
+                "--download-only",
+                "-qq",
+                "libpcap",
+            ]))
+        })
+        .context("apt-get source libpcap failed; check the deb-src entries apt uses")?;
+        find_orig(dir).with_context(|| {
+            format!(
+                "apt-get source left no libpcap_*.orig.tar.* in {}",
+                dir.display()
+            )
+        })
     })
 }
 

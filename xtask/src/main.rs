@@ -88,7 +88,7 @@ fn dist(arch: Arch) -> Result<()> {
     let (binary, mut check) = match arch {
         Arch::Amd64 => {
             release_build()?;
-            let binary = workspace_root().join("target/release/ntm-agent");
+            let binary = cargo_target_dir().join("release/ntm-agent");
             (binary.clone(), Command::new(binary))
         }
         Arch::Arm64 => {
@@ -191,7 +191,7 @@ fn static_amd64_binary() -> Result<PathBuf> {
             .args(["build", "--release", "-p", "ntm-agent", "--target", MUSL])
             .env("NTM_LIBPCAP_DIR", pcap))
     })?;
-    Ok(workspace_root().join(format!("target/{MUSL}/release/ntm-agent")))
+    Ok(cargo_target_dir().join(format!("{MUSL}/release/ntm-agent")))
 }
 
 /// The static aarch64 binary of `dist --arch arm64` and of the arm64 image:
@@ -200,7 +200,9 @@ fn static_amd64_binary() -> Result<PathBuf> {
 /// nested eBPF build (bpfel-unknown-none, its own CARGO_ENCODED_RUSTFLAGS)
 /// do not see it. Built in the workspace's target folder, so that it shares
 /// those host-side builds with the musl image's release build (cargo keeps
-/// them apart from the targets' own); a plain `cargo build --target
+/// them apart from the targets' own); CI builds it in a folder of its own
+/// instead (CARGO_TARGET_DIR, see `.ci/run`), beside the tests, where the
+/// musl build's lock on the host side would hold it back. A plain `cargo build --target
 /// aarch64-unknown-linux-gnu`, without the flag, would build the arm64 side
 /// again, but takes a static arm64 libpcap anyway, which only xtask builds.
 fn static_arm64_binary() -> Result<PathBuf> {
@@ -239,7 +241,7 @@ fn static_arm64_binary() -> Result<PathBuf> {
             .env("NTM_LIBPCAP_DIR", pcap))
     })?;
     checks.join()?;
-    let path = target.join(format!("{ARM64}/release/ntm-agent"));
+    let path = cargo_target_dir().join(format!("{ARM64}/release/ntm-agent"));
     static_aarch64(&path)?;
     Ok(path)
 }
@@ -427,6 +429,19 @@ fn workspace_root() -> &'static Path {
         .unwrap_or(Path::new("."))
 }
 
+/// Where cargo builds: CARGO_TARGET_DIR if set (CI builds the lints and
+/// the arm64 binary in folders of their own, beside the tests: see
+/// `.ci/run`), else the workspace's target folder. What xtask keeps there
+/// itself (libpcap, the images' contexts, the Python environment) stays in
+/// the workspace's target folder, shared.
+fn cargo_target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        // Relative to the workspace root, where `cargo()` runs cargo.
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
+}
+
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()));
     cmd.current_dir(workspace_root());
@@ -519,7 +534,7 @@ fn task(command: Task) -> Result<()> {
             } else {
                 mount_bpffs();
             }
-            run(Command::new(workspace_root().join("target/release/ntm-agent")).args(args))
+            run(Command::new(cargo_target_dir().join("release/ntm-agent")).args(args))
         }
         Task::Test { args } => test(args),
         Task::Dist { arch } => dist(arch),

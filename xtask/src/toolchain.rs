@@ -165,9 +165,39 @@ pub fn apt_sources_changed() {
         .unwrap_or_else(|poisoned| poisoned.into_inner()) = false;
 }
 
+/// Runs `f` with apt to itself among xtask's processes and threads: CI
+/// runs the lints and the arm64 build beside the tests (see `.ci/run`),
+/// each an xtask that may install packages or add apt's deb-src entries,
+/// and two `apt-get update`s or two edits of the sources at once would
+/// fail or collide. (apt's own locks, waited for above, keep other
+/// programs out; they do not make a check-then-change of ours atomic.)
+pub fn apt_exclusive<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    static IN_PROCESS: Mutex<()> = Mutex::new(());
+    let _thread = IN_PROCESS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let path = std::env::temp_dir().join("ntm-xtask-apt.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("could not open {}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns; it is released
+    // when `file` closes at the end of this function.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        bail!(
+            "could not lock {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    f()
+}
+
 /// Runs `f` (apt-get commands) once apt's lists are up to date: runs
 /// `apt-get update` first unless this process did since the sources last
-/// changed.
+/// changed. Callers hold [`apt_exclusive`].
 pub fn with_apt_lists<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     let mut fresh = APT_LISTS_FRESH
         .lock()
@@ -224,18 +254,21 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
             "xtask: installing Debian packages: {} (apt-get)",
             missing.join(" ")
         );
-        with_apt_lists(|| {
-            // Another apt run in this process may have installed some.
-            let missing = not_installed(&missing);
-            if missing.is_empty() {
-                return Ok(());
-            }
-            wait_for_apt_locks(&APT_INSTALL_LOCKS);
-            run(Command::new("apt-get")
-                .args(["-o", &apt_lock_timeout()])
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"))
+        apt_exclusive(|| {
+            with_apt_lists(|| {
+                // Another apt run (this process's or another xtask's) may have
+                // installed some.
+                let missing = not_installed(&missing);
+                if missing.is_empty() {
+                    return Ok(());
+                }
+                wait_for_apt_locks(&APT_INSTALL_LOCKS);
+                run(Command::new("apt-get")
+                    .args(["-o", &apt_lock_timeout()])
+                    .args(["install", "-y", "-qq", "--no-install-recommends"])
+                    .args(&missing)
+                    .env("DEBIAN_FRONTEND", "noninteractive"))
+            })
         })
     })
 }
