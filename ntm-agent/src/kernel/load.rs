@@ -32,9 +32,11 @@ use crate::{
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ntm"));
 
 /// Oldest kernel ntm runs on: the XDP programs hand DNS and DHCP frames
-/// over with `bpf_xdp_load_bytes` (5.18); refused at start whichever mode
-/// is asked for, so that a kernel ntm runs on runs all of it. BTF-defined map-in-map, `gso_segs` in `__sk_buff`, bounded
-/// loops, batch map operations and the ring buffer are all older.
+/// over with `bpf_xdp_load_bytes` (5.18). Older kernels are refused at
+/// start in TC mode too (the XDP programs are loaded only when used), so
+/// that a kernel ntm starts on runs all of it. BTF-defined map-in-map,
+/// `gso_segs` in `__sk_buff`, bounded loops, batch map operations and the
+/// ring buffer are all older.
 pub const MIN_KERNEL: (u8, u8) = (5, 18);
 
 /// Lines of the verifier's log shown when it rejects a program.
@@ -300,7 +302,7 @@ impl Datapath {
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(classify_load_error)?;
 
         // The hooks' programs are loaded when a hook is first used (see
-        // `Datapath::hook`): the verifier takes about half a second for
+        // `Datapath::load_hook_of`): the verifier takes about half a second for
         // each, and most hosts use a few of them (a TC agent on Ethernet
         // interfaces needs neither the raw-IP programs nor XDP's).
         for name in options.also_load {
@@ -310,10 +312,10 @@ impl Datapath {
                 .map_err(|e| classify_program_error(name, e))?;
         }
 
-        let tc_tails = take_map_data(&ebpf, names::TC_TAILS)?;
-        let xdp_tails = take_map_data(&ebpf, names::XDP_TAILS)?;
-        let verdict = take_map_data(&ebpf, names::FILTER_VERDICT)?;
-        let lease: Array<MapData, u64> = take_array(&ebpf, names::LEASE)?;
+        let tc_tails = shared_map_data(&ebpf, names::TC_TAILS)?;
+        let xdp_tails = shared_map_data(&ebpf, names::XDP_TAILS)?;
+        let verdict = shared_map_data(&ebpf, names::FILTER_VERDICT)?;
+        let lease: Array<MapData, u64> = shared_array(&ebpf, names::LEASE)?;
         let tables = FlowTables::share_from(&ebpf)?;
         let observer = if observe_rate == 0 {
             None
@@ -322,7 +324,7 @@ impl Datapath {
         };
         let mac_nets = if options.learn_macs {
             let mut nets: Array<MapData, ntm_common::observe::MacNets> =
-                take_array(&ebpf, names::MAC_NETS)?;
+                shared_array(&ebpf, names::MAC_NETS)?;
             nets.set(0, options.mac_nets, 0)
                 .map_err(|source| DatapathError::MapSetup {
                     map: names::MAC_NETS,
@@ -651,8 +653,8 @@ fn known_port_words(words: &[u32]) -> [u32; ntm_common::KNOWN_PORT_WORDS as usiz
     all
 }
 
-/// An array map of the object, for the datapath to own (see [`share_map`]).
-fn take_array<V: aya::Pod>(
+/// An array map of the object, for the datapath (see [`share_map`]).
+fn shared_array<V: aya::Pod>(
     ebpf: &Ebpf,
     name: &'static str,
 ) -> Result<Array<MapData, V>, DatapathError> {
@@ -662,7 +664,7 @@ fn take_array<V: aya::Pod>(
 }
 
 /// A map of the object as plain map data (for its fd).
-fn take_map_data(ebpf: &Ebpf, name: &'static str) -> Result<MapData, DatapathError> {
+fn shared_map_data(ebpf: &Ebpf, name: &'static str) -> Result<MapData, DatapathError> {
     match share_map(ebpf, name).map_err(|source| DatapathError::MapSetup { map: name, source })? {
         Map::ProgramArray(data) | Map::PerCpuArray(data) => Ok(data),
         _ => Err(DatapathError::Missing(name)),
