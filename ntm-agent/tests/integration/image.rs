@@ -11,7 +11,7 @@
 use std::process::Stdio;
 
 use crate::kit::{
-    Link,
+    BpfFs, Link,
     scrape::{Guard, udp_counted_exactly, wait_healthy},
 };
 
@@ -20,11 +20,19 @@ pub fn the_image_runs_with_least_privilege_and_counts() {
         return;
     };
     let link = Link::new("img");
+    // The host's /sys/fs/bpf, as a DaemonSet mounts it, is here a bpffs of
+    // the test's own, which goes (with what the agent pinned in it) when
+    // the test ends. In a network namespace it does not own, podman
+    // bind-mounts the host's /sys: without this the agent pinned its state
+    // in the host's bpffs, and every test run left a set of programs and
+    // maps loaded.
+    let bpffs = BpfFs::new("img");
     let name = format!("ntm-test-{}", std::process::id());
     let _container = Guard(
         podman()
             .args(["run", "--rm", "--name", &name])
             .arg(format!("--network=ns:/var/run/netns/{}", link.a.name))
+            .arg(format!("--volume={}:/sys/fs/bpf", bpffs.dir.display()))
             // Podman's default seccomp profile (4.3) allows bpf() only with
             // CAP_SYS_ADMIN; Kubernetes runs pods unconfined unless told.
             .args(["--security-opt", "seccomp=unconfined"])
@@ -71,6 +79,21 @@ pub fn the_image_runs_with_least_privilege_and_counts() {
     );
     // Stop it cleanly (SIGTERM: detach and drain).
     let _ = podman().args(["stop", "-t", "10", &name]).output();
+    // What it pinned for the next agent (the links of the veth's hooks)
+    // is in the bpffs it was given.
+    let links: Vec<_> = std::fs::read_dir(bpffs.dir.join("ntm"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|netns| {
+            std::fs::read_dir(netns.path().join("links"))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|link| link.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(links.len(), 2, "pinned links: {links:?}");
 }
 
 /// Podman as `cargo xtask image` runs it here: vfs storage, runc, cgroupfs.
