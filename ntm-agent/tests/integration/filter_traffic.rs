@@ -12,9 +12,7 @@ use crate::kit::{
     scrape::{TempDir, http_get, sample_sum, wait_for, wait_healthy},
     send_raw,
 };
-use clap::Parser as _;
 use ntm_agent::{
-    config::Config,
     filter::pcap,
     kernel::{FilterSource, attach, load_filter},
 };
@@ -260,8 +258,11 @@ pub fn vlan_tags_in_skb_metadata_look_to_the_filter_as_they_do_to_tcpdump() {
         "greater 80",
     ];
     link.a.run(|| {
-        let config = Config::try_parse_from(["ntm-agent", "-i", &link.a_if]).unwrap();
-        let mut agent = crate::kit::start_kernel_with(&config);
+        // --no-pin (start_kernel's): this process's /sys/fs/bpf is the
+        // host's, where pins would outlive the test; every run left one
+        // set of programs and maps loaded when this started the kernel
+        // with the default pin folder.
+        let mut agent = crate::kit::start_kernel(&["-i", &link.a_if]);
         for expression in filters {
             let filter = load_filter(&FilterSource::Expression(expression.into()))
                 .unwrap()

@@ -20,12 +20,10 @@ pub fn the_image_runs_with_least_privilege_and_counts() {
         return;
     };
     let link = Link::new("img");
-    // The host's /sys/fs/bpf, as a DaemonSet mounts it, is here a bpffs of
+    // A bpffs at /sys/fs/bpf, as a DaemonSet mounts the host's: here one of
     // the test's own, which goes (with what the agent pinned in it) when
-    // the test ends. In a network namespace it does not own, podman
-    // bind-mounts the host's /sys: without this the agent pinned its state
-    // in the host's bpffs, and every test run left a set of programs and
-    // maps loaded.
+    // the test ends. Without one the agent pins nothing (it says so), and
+    // the pinning path of the image went untested.
     let bpffs = BpfFs::new("img");
     let name = format!("ntm-test-{}", std::process::id());
     let _container = Guard(
