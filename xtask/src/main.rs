@@ -68,7 +68,12 @@ enum Task {
     /// and veth throughput with and without ntm (TC and XDP).
     Bench,
     /// Clippy with warnings denied, for the host crates and the eBPF crate.
-    Clippy,
+    /// (`cargo xtask test` lints the host crates too, as it builds them.)
+    Clippy {
+        /// The eBPF crate only: what CI runs beside `cargo xtask test`.
+        #[arg(long)]
+        ebpf_only: bool,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -473,7 +478,9 @@ fn main() -> std::process::ExitCode {
 /// source, the chart test's Python environment) installs in the
 /// background; then, as root, the image the image test runs; then the
 /// tests. The test build is `cargo test --no-run` with the same arguments
-/// as the run, which then finds it up to date.
+/// as the run, which then finds it up to date, and every target (the
+/// benches too); it is also the lint of the host crates (clippy, warnings
+/// denied), so a lint fails the tests.
 fn test(args: Vec<String>) -> Result<()> {
     ensure_ebpf_toolchain()?;
     let root = toolchain::is_root();
@@ -493,13 +500,28 @@ fn test(args: Vec<String>) -> Result<()> {
             toolchain::ensure_python_env(&target.join("pyenv"), PYTHON_TEST_PACKAGES)
         })
     };
+    // The workspace's crates are compiled by clippy-driver, which lints
+    // them as it compiles them, warnings denied: the test build is also
+    // the lint of the host crates (`cargo clippy -- -D warnings` is this
+    // driver on a check build, whose check of every dependency alone cost
+    // CI 6 CPU-minutes). Dependencies are compiled by rustc as before. The
+    // run sets the same, so that it finds the build up to date.
+    let driver = toolchain::clippy_driver(workspace_root())?;
     let cargo_test = || {
         let mut cmd = cargo();
-        cmd.args(["test", "--workspace", "--exclude", "ntm-ebpf"]);
+        cmd.args(["test", "--workspace", "--exclude", "ntm-ebpf"])
+            .env("RUSTC_WORKSPACE_WRAPPER", &driver)
+            // How `cargo clippy -- -D warnings` hands the driver its
+            // arguments.
+            .env(
+                "CLIPPY_ARGS",
+                "-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__",
+            );
         cmd
     };
-    step("test build (cargo test --no-run)", || {
-        run(cargo_test().arg("--no-run").args(&args))
+    // Every target, the benches too, so that all of them are linted.
+    step("test build and lint (cargo test --no-run, clippy)", || {
+        run(cargo_test().args(["--no-run", "--all-targets"]).args(&args))
     })?;
     let python = prerequisites.join()?;
     // The image test runs the image built here (as root, with podman).
@@ -514,6 +536,22 @@ fn test(args: Vec<String>) -> Result<()> {
             test.env("NTM_IMAGE", image);
         }
         run(test.env("NTM_PYTHON", python).args(&args))
+    })
+}
+
+/// Clippy on the host crates, every target, warnings denied.
+fn host_clippy() -> Result<()> {
+    step("clippy: host crates", || {
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "ntm-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
     })
 }
 
@@ -567,20 +605,11 @@ fn task(command: Task) -> Result<()> {
                 ]))
             })
         }
-        Task::Clippy => {
+        Task::Clippy { ebpf_only } => {
             ensure_ebpf_toolchain()?;
-            step("clippy: host crates", || {
-                run(cargo().args([
-                    "clippy",
-                    "--workspace",
-                    "--exclude",
-                    "ntm-ebpf",
-                    "--all-targets",
-                    "--",
-                    "-D",
-                    "warnings",
-                ]))
-            })?;
+            if !ebpf_only {
+                host_clippy()?;
+            }
             step("clippy: eBPF crate (nightly)", || {
                 run(Command::new("cargo")
                     .current_dir(workspace_root().join("ntm-ebpf"))

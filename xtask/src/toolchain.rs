@@ -2,7 +2,8 @@
 //! fresh Debian machine: nightly Rust with rust-src, LLVM 22's development
 //! files, and bpf-linker built against them for the eBPF side; libpcap's
 //! development files for the agent's packet filters; protoc for the CRI's
-//! gRPC types. Says what it does, and what to do where it cannot.
+//! gRPC types; clippy, which the test build lints with. Says what it does,
+//! and what to do where it cannot.
 
 use std::{
     fs::File,
@@ -408,6 +409,28 @@ pub fn ensure_ebpf_toolchain() -> Result<()> {
     }
     warn_on_llvm_mismatch();
     Ok(())
+}
+
+/// The stable toolchain's clippy-driver (rustup's clippy component, added
+/// if missing), which `cargo xtask test` compiles the workspace's crates
+/// with so that the test build is also the lint.
+pub fn clippy_driver(workspace: &Path) -> Result<PathBuf> {
+    let which = || {
+        output(
+            Command::new("rustup")
+                .args(["which", "clippy-driver"])
+                .current_dir(workspace),
+        )
+        .map(|path| PathBuf::from(path.trim()))
+    };
+    if let Some(driver) = which() {
+        return Ok(driver);
+    }
+    eprintln!("xtask: adding clippy to the Rust toolchain (rustup): the test build lints with it");
+    run(Command::new("rustup")
+        .args(["component", "add", "clippy"])
+        .current_dir(workspace))?;
+    which().context("rustup added clippy, but `rustup which clippy-driver` still finds none")
 }
 
 /// A Python virtual environment at `dir` with `packages` (pinned) installed;
