@@ -31,7 +31,8 @@ pub const MAX_BYTES: usize = 4 * 1024 * 1024;
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 /// A DNS message is at most 65,535 bytes, after its two-byte length.
 const MAX_RESPONSE: usize = 2 + u16::MAX as usize;
-/// Segments of one response at most: 65,535 bytes at an MSS of 256.
+/// Segments of one response at most that arrive out of order or again
+/// (those in order are bounded by the response's bytes alone).
 const MAX_PIECES: u32 = 256;
 /// Whole responses taken from one segment at most (pipelined answers).
 const MAX_RESPONSES: usize = 16;

@@ -2,8 +2,12 @@
 //! any order: a TCP connection's first bytes from its client (a
 //! ClientHello, pieces at sequence offsets), a QUIC connection's CRYPTO
 //! stream (pieces at frame offsets), a DNS response over TCP. Bounded: at
-//! most `limit` bytes from offset 0, at most `max_pieces` pieces (each
-//! piece costs at most its length to add, a repeated one included).
+//! most `limit` bytes from offset 0, and at most `max_pieces` pieces that
+//! arrive out of order or again. A piece in order (one that carries the
+//! bytes from offset 0 on) is bounded by `limit` alone: the bytes before
+//! the contiguous end are never looked at again, so adding it costs the
+//! bytes it adds, and a stream cut into the smallest segments in order
+//! costs no more than one whole.
 //!
 //! Written here: the TCP reassembly crates are whole stacks or capture
 //! pipelines (smoltcp's `Assembler` tracks holes for its own ring buffer,
@@ -17,7 +21,7 @@ use thiserror::Error;
 pub enum ReassemblyError {
     #[error("a piece ends past the {limit} bytes kept")]
     TooLong { limit: usize },
-    #[error("more than {max} pieces")]
+    #[error("more than {max} pieces out of order or repeated")]
     TooManyPieces { max: u32 },
 }
 
@@ -35,8 +39,8 @@ pub struct Reassembly {
 }
 
 impl Reassembly {
-    /// A stream of which at most `limit` bytes are kept, from at most
-    /// `max_pieces` pieces.
+    /// A stream of which at most `limit` bytes are kept, with at most
+    /// `max_pieces` pieces out of order or repeated.
     pub fn new(limit: usize, max_pieces: u32) -> Self {
         Self {
             bytes: Vec::new(),
@@ -54,19 +58,25 @@ impl Reassembly {
         if end > self.limit as u64 {
             return Err(ReassemblyError::TooLong { limit: self.limit });
         }
-        if self.pieces >= self.max_pieces {
-            return Err(ReassemblyError::TooManyPieces {
-                max: self.max_pieces,
-            });
-        }
-        self.pieces += 1;
         // Both fit in usize: at most `limit`.
         let (offset, end) = (offset as usize, end as usize);
+        let in_order = offset <= self.contiguous && end > self.contiguous;
+        if !in_order {
+            if self.pieces >= self.max_pieces {
+                return Err(ReassemblyError::TooManyPieces {
+                    max: self.max_pieces,
+                });
+            }
+            self.pieces += 1;
+        }
         if end > self.bytes.len() {
             self.bytes.resize(end, 0);
             self.have.resize(end.div_ceil(64), 0);
         }
-        for (i, &byte) in (offset..end).zip(data) {
+        // Every byte before `contiguous` has arrived: the piece's bytes
+        // from there on are the ones that may be new.
+        let from = offset.max(self.contiguous).min(end);
+        for (i, &byte) in (from..end).zip(&data[from - offset..]) {
             let (word, bit) = (i / 64, 1u64 << (i % 64));
             if self.have[word] & bit == 0 {
                 self.have[word] |= bit;
@@ -125,14 +135,36 @@ mod tests {
             r.insert(u64::MAX, b"a"),
             Err(ReassemblyError::TooLong { limit: 10 })
         );
+        // The first carries the stream on; the 63 repeats count, and a
+        // piece out of order makes 64.
         for _ in 0..64 {
             r.insert(0, b"a").unwrap();
         }
+        r.insert(5, b"c").unwrap();
         assert_eq!(
-            r.insert(1, b"b"),
+            r.insert(7, b"d"),
             Err(ReassemblyError::TooManyPieces { max: 64 })
         );
+        // In order, a piece is bounded by the bytes kept alone.
+        r.insert(1, b"b").unwrap();
+        assert_eq!(r.contiguous(), b"ab");
         assert!(r.held() <= 10);
+    }
+
+    #[test]
+    fn pieces_in_order_are_bounded_by_the_bytes_alone() {
+        let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let mut r = Reassembly::new(1000, 4);
+        for (i, byte) in data.iter().enumerate() {
+            r.insert(i as u64, &[*byte]).unwrap();
+        }
+        assert_eq!(r.contiguous(), &data[..]);
+        // Overlapping the contiguous end counts as in order too.
+        let mut r = Reassembly::new(1000, 4);
+        for i in 0..999 {
+            r.insert(i as u64, &data[i..i + 2]).unwrap();
+        }
+        assert_eq!(r.contiguous(), &data[..]);
     }
 
     proptest! {

@@ -41,8 +41,10 @@ use super::reassembly::{Reassembly, ReassemblyError};
 pub const MAX_STREAMS: NonZeroUsize = NonZeroUsize::new(4096).expect("not zero");
 /// Bytes all handshakes in progress hold at most together.
 pub const MAX_STREAM_BYTES: usize = 4 * 1024 * 1024;
-/// Pieces of one hello at most: over a path with a small MTU a 2 KB hello
-/// takes some 25 segments; Chrome's QUIC cuts its hello into a dozen.
+/// Pieces of one hello at most that arrive out of order or again (those in
+/// order are bounded by its bytes alone): over a path with a small MTU a
+/// 2 KB hello takes some 25 segments; Chrome's QUIC cuts its hello into a
+/// dozen, in any order.
 const MAX_PIECES: u32 = 64;
 /// How long a handshake may take to arrive whole (a client sends its hello
 /// at once; only loss and retransmission stretch it).
