@@ -112,37 +112,41 @@ pub fn read_tc<const ETHERNET: bool, const UPTO: u8>(
     space: &mut MaybeUninit<FlowKey>,
 ) -> Seen {
     let skb = ctx.skb.skb;
-    // SAFETY: `skb` is the kernel's __sk_buff for this frame, valid for the
-    // program's run; these fields are readable by TC programs.
-    let (skb_len, ifindex, vlan_present, vlan_tci, gso_segs) = unsafe {
-        (
-            (*skb).len,
-            (*skb).ifindex,
-            (*skb).vlan_present,
-            (*skb).vlan_tci,
-            (*skb).gso_segs,
-        )
-    };
-    // TC usually finds the outer VLAN tag already moved into skb metadata.
-    let metadata_vlan = if vlan_present != 0 {
-        (vlan_tci & 0x0fff) as u16
-    } else {
-        0
-    };
-    let base = KeyBase {
-        ifindex,
-        vlan_id: metadata_vlan,
-        hook: hook as u8,
+    // The skb's fields are read where they are used, as late as they can
+    // be: read all at the start, as they were, those needed only for the
+    // key's last word or for the count stayed live across the parse, on
+    // the stack (spilled and loaded again: the BPF target has ten
+    // registers). Measured: about 1 ns a frame less (ntm net 52.2 / 48.6
+    // / 46.0 / 48.4 ns before, 51.6 / 47.6 / 45.0 / 46.0 ns after, for the
+    // bench's first four frames).
+    let base = || {
+        // SAFETY: `skb` is the kernel's __sk_buff for this frame, valid for
+        // the program's run; these fields are readable by TC programs.
+        let (ifindex, vlan_present, vlan_tci) =
+            unsafe { ((*skb).ifindex, (*skb).vlan_present, (*skb).vlan_tci) };
+        KeyBase {
+            ifindex,
+            // TC usually finds the outer VLAN tag already moved into skb
+            // metadata.
+            vlan_id: if vlan_present != 0 {
+                (vlan_tci & 0x0fff) as u16
+            } else {
+                0
+            },
+            hook: hook as u8,
+        }
     };
     let frame = Frame {
         data: ctx.data(),
         end: ctx.data_end(),
     };
     let ephemeral_start = setting(&NTM_EPHEMERAL_START);
-    let common = parse::parse_common::<ETHERNET>(&frame, &base, ephemeral_start, is_known_port);
+    let common = parse::parse_common::<ETHERNET>(&frame, base, ephemeral_start, is_known_port);
+    // SAFETY: as above.
+    let (skb_len, gso_segs, ifindex) = unsafe { ((*skb).len, (*skb).gso_segs, (*skb).ifindex) };
     let (parsed, words) = match common {
         Some((parsed, words)) => (Ok(parsed), words),
-        None => parse_tc_any::<ETHERNET, UPTO>(ctx, &base, skb_len, space),
+        None => parse_tc_any::<ETHERNET, UPTO>(ctx, &base(), skb_len, space),
     };
     Seen {
         parsed,
@@ -260,7 +264,7 @@ pub fn read_xdp(ctx: &XdpContext, space: &mut MaybeUninit<FlowKey>) -> Seen {
     };
     let ephemeral_start = setting(&NTM_EPHEMERAL_START);
     let (parsed, words) =
-        match parse::parse_common::<true>(&frame, &base, ephemeral_start, is_known_port) {
+        match parse::parse_common::<true>(&frame, || base, ephemeral_start, is_known_port) {
             Some((parsed, words)) => (Ok(parsed), words),
             None => {
                 let key = base.start(space);

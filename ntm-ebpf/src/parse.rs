@@ -166,6 +166,7 @@ fn need(reason: OutsideReason) -> ParseError {
 }
 
 /// What the hook knows of a frame's key before parsing it.
+#[derive(Clone, Copy)]
 pub struct KeyBase {
     pub ifindex: u32,
     /// The VLAN tag TC keeps in skb metadata (0: none).
@@ -268,7 +269,7 @@ pub fn proto_of(words: &[u64; KEY_WORDS]) -> u8 {
 #[inline(always)]
 pub fn parse_common<const ETHERNET: bool>(
     frame: &Frame,
-    base: &KeyBase,
+    base: impl FnOnce() -> KeyBase,
     ephemeral_start: u16,
     is_known: impl Fn(PortClass, u16) -> bool,
 ) -> Option<(Parsed, [u64; KEY_WORDS])> {
@@ -399,6 +400,9 @@ pub fn parse_common<const ETHERNET: bool>(
     } else {
         family::IPV6
     };
+    // The hook's fields last, where they are used: read at the start they
+    // stayed live across the whole parse, on the stack.
+    let base = base();
     let words = [
         src[0],
         src[1],
