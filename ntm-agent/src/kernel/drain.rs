@@ -377,7 +377,17 @@ impl FlowTables {
         let flows = merge(table, cached);
         let mut flow_cache = CacheUse::default();
         if let Some(switch) = &mut self.cache_switch {
-            flow_cache = switch.interval_ended(cache_was_on, &flows, table_full)?;
+            // The frames that went outside from the counting path: a
+            // frame that missed its slot and found no room in the table.
+            let no_room = [
+                OutsideReason::TableFull,
+                OutsideReason::InsertFailed,
+                OutsideReason::NoActiveTable,
+            ]
+            .map(|reason| outside.total(reason).packets)
+            .iter()
+            .sum();
+            flow_cache = switch.interval_ended(cache_was_on, &flows, no_room)?;
             let on = switch.judge.on();
             if on != cache_was_on {
                 // At once, for the interval under way: the cache the slot
@@ -526,14 +536,14 @@ struct CacheSwitch {
 }
 
 impl CacheSwitch {
-    /// Notes the interval just drained, in which the cache was `was_on`
-    /// and the table `table_full` (frames went outside it), and judges the
-    /// next: what the cache did.
+    /// Notes the interval just drained, in which the cache was `was_on`,
+    /// the programs counted `flows` and `no_room` packets more outside the
+    /// table for want of room, and judges the next: what the cache did.
     fn interval_ended(
         &mut self,
         was_on: bool,
         flows: &[(FlowKey, Counters)],
-        table_full: bool,
+        no_room: u64,
     ) -> Result<CacheUse, MapError> {
         let misses_now: u64 = self.misses.get(&0, 0)?.iter().sum();
         // Misses counted after the swap are this interval's too, by a few.
@@ -542,8 +552,10 @@ impl CacheSwitch {
             misses: misses_now.wrapping_sub(self.misses_seen),
         };
         self.misses_seen = misses_now;
-        let packets: u64 = flows.iter().map(|(_, c)| c.packets).sum();
-        let on = self.judge.next(used, packets, flows.len(), table_full);
+        // Every packet that took the cache's path: a miss that found the
+        // table full is one of them.
+        let packets: u64 = flows.iter().map(|(_, c)| c.packets).sum::<u64>() + no_room;
+        let on = self.judge.next(used, packets, flows.len());
         // Logged once per flood (its start and its end), not per try.
         let missed = || 100.0 * used.misses as f64 / packets.max(1) as f64;
         if was_on && !on && !self.announced_off {
