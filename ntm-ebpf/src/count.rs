@@ -175,14 +175,12 @@ pub fn count_tc<const ETHERNET: bool, const UPTO: u8>(ctx: &TcContext, hook: Hoo
         Ok(p) if UPTO == stage::ALL => p.observe,
         _ => NOT_OBSERVED,
     };
-    if UPTO == stage::ALL
-        && !filtered
-        && let Ok(p) = &parsed
-    {
-        handshakes::track(p.tcp_flags, &words, || {
-            (ctx.data(), ctx.data_end(), p.l3_offset, p.header_len)
-        });
-    }
+    let handshake = match &parsed {
+        Ok(p) if UPTO == stage::ALL && !filtered => {
+            handshakes::pending(p.tcp_flags, &words, p.l3_offset, p.header_len)
+        }
+        _ => handshakes::Pending::NONE,
+    };
     // GSO/GRO aggregates count as the segments they carry on the wire.
     let segments = if gso_segs > 1 { gso_segs as u64 } else { 1 };
     let took_slot = account(parsed, &words, &mut key_space, skb_len, segments, filtered);
@@ -197,6 +195,7 @@ pub fn count_tc<const ETHERNET: bool, const UPTO: u8>(ctx: &TcContext, hook: Hoo
             store_key(&mut key_space, &words),
         );
     }
+    handshakes::track(handshake, || (ctx.data(), ctx.data_end()));
     // Last, once the frame is counted: for nearly every frame one compare.
     if UPTO == stage::ALL && may_hand_over(observe) {
         let slot = match (ETHERNET, hook) {
@@ -298,16 +297,16 @@ pub fn count_xdp(ctx: &XdpContext, filtered: bool) {
         Ok(p) => p.observe,
         Err(_) => NOT_OBSERVED,
     };
-    let (data, end) = (ctx.data(), ctx.data_end());
-    if !filtered && let Ok(p) = &parsed {
-        handshakes::track(p.tcp_flags, &words, || {
-            (data, end, p.l3_offset, p.header_len)
-        });
-    }
+    let handshake = match &parsed {
+        Ok(p) if !filtered => handshakes::pending(p.tcp_flags, &words, p.l3_offset, p.header_len),
+        _ => handshakes::Pending::NONE,
+    };
     let took_slot = account(parsed, &words, &mut key_space, frame_len, 1, filtered);
+    let (data, end) = (ctx.data(), ctx.data_end());
     if took_slot && setting(&NTM_LEARN_MACS) != 0 {
         learn_mac(data, end, store_key(&mut key_space, &words));
     }
+    handshakes::track(handshake, || (data, end));
     if may_hand_over(observe) {
         // SAFETY: as in `count_tc`; the program it enters returns the
         // action the counting half would.
