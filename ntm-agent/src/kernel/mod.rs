@@ -269,6 +269,12 @@ impl Kernel {
             Some(root) => open_pins(root),
             None => None,
         };
+        // On any error below: no empty folders left in the bpffs.
+        let unopen = |pins: &Option<NetnsPins>| {
+            if let Some(pins) = pins {
+                pins.remove_if_empty();
+            }
+        };
         let maps_dir = match pins.as_ref().map(NetnsPins::new_maps_dir).transpose() {
             Ok(dir) => dir,
             // Started without privileges where an earlier agent (root) left
@@ -277,12 +283,16 @@ impl Kernel {
                 if source.kind() == std::io::ErrorKind::PermissionDenied
                     && !privileges::may_load_programs() =>
             {
+                unopen(&pins);
                 return Err(DatapathError::NotPermitted {
                     what: format!("writing its pinned state in {}", path.display()),
                 }
                 .into());
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                unopen(&pins);
+                return Err(e.into());
+            }
         };
         let loaded = Datapath::load(&options.datapath, known_ports, maps_dir.as_deref())
             .map_err(KernelError::from)
@@ -299,6 +309,7 @@ impl Kernel {
                 if let Some(dir) = &maps_dir {
                     let _ = pins::remove_tree(dir);
                 }
+                unopen(&pins);
                 return Err(e);
             }
         };
@@ -322,6 +333,7 @@ impl Kernel {
         if let Err(e) = kernel.reconcile_with(&links, true) {
             // Nothing stays attached, pinned or not.
             kernel.release_all();
+            unopen(&kernel.pins);
             return Err(e);
         }
         kernel.take_over_the_rest();

@@ -189,6 +189,16 @@ impl NetnsPins {
         found
     }
 
+    /// Removes what [`NetnsPins::open`] made, if it holds nothing: for an
+    /// agent that could not start, which leaves no empty folders behind.
+    /// An earlier agent's links or tables stay, and so the folders.
+    pub fn remove_if_empty(&self) {
+        // `remove_dir` removes empty folders only.
+        let _ = fs::remove_dir(self.dir.join("links"));
+        let _ = fs::remove_dir(&self.dir);
+        let _ = fs::remove_dir(&self.root);
+    }
+
     /// Removes the whole namespace directory (and `root`, if that leaves it
     /// empty). Unpinning a link detaches it.
     pub fn remove(&self) -> Result<(), PinError> {

@@ -541,6 +541,22 @@ pub fn clear_errors_for_bad_input() {
     );
     assert!(!err.contains("panicked"), "{err}");
 
+    // Where it may make its folders in the bpffs (one open to all), an
+    // agent that cannot start leaves none of them behind.
+    let open = crate::kit::BpfFs::new("open");
+    crate::kit::sh(&["chmod", "0777", open.dir.to_str().unwrap()]);
+    let err = run(Command::new(unprivileged[0])
+        .args(&unprivileged[1..])
+        .args(["--pin-dir", &open.pin_dir()]));
+    assert!(err.contains("not allowed"), "{err}");
+    let pin_dir = std::path::Path::new(&open.pin_dir()).to_path_buf();
+    let left = if pin_dir.exists() {
+        walkdir(&pin_dir)
+    } else {
+        Vec::new()
+    };
+    assert!(!pin_dir.exists(), "left in the bpffs: {pin_dir:?} {left:?}");
+
     // The same where a root agent left its pinned state, which the
     // unprivileged one cannot write to: still the privileges are named.
     let ns = crate::kit::Netns::new("unprivileged");
@@ -563,6 +579,19 @@ pub fn clear_errors_for_bad_input() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Every path under `dir`.
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walkdir(&path));
+        }
+        found.push(path);
+    }
+    found
 }
 
 /// ntm filters tc lists on `a`'s interface, per hook (clsact mode).
