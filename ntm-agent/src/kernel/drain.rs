@@ -555,7 +555,7 @@ impl CacheSwitch {
         // Every packet that took the cache's path: a miss that found the
         // table full is one of them.
         let packets: u64 = flows.iter().map(|(_, c)| c.packets).sum::<u64>() + no_room;
-        let on = self.judge.next(used, packets, flows.len());
+        let on = self.judge.next(used, packets, flows.len(), no_room != 0);
         // Logged once per flood (its start and its end), not per try.
         let missed = || 100.0 * used.misses as f64 / packets.max(1) as f64;
         if was_on && !on && !self.announced_off {

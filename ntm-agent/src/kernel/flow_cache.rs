@@ -17,7 +17,8 @@
 //! into the table directly. It tries the cache again after a number of
 //! intervals that doubles with each try that failed (from
 //! [`FIRST_PAUSE`] up to [`LONGEST_PAUSE`]), and at once when an interval
-//! had so few flows that the cache would hold them all. Counts are exact
+//! had so few flows that the cache would hold them all (not when the table
+//! was full: it then holds fewer flows than there were). Counts are exact
 //! either way: the drain reads the cache and the table whichever was used.
 //!
 //! A full table is judged like any other. With the cache on, a slot's
@@ -83,9 +84,12 @@ impl Default for CacheJudge {
 impl CacheJudge {
     /// Whether the cache is to be used in the next interval, after one in
     /// which the cache did `used` while the programs counted `packets`
-    /// packets of `flows` flows.
-    pub fn next(&mut self, used: CacheUse, packets: u64, flows: usize) -> bool {
-        if !self.on && flows as u64 <= u64::from(FLOW_CACHE_SLOTS) / 4 {
+    /// packets of `flows` flows, and, if `table_full`, frames of more flows
+    /// outside the table, which had no room for them.
+    pub fn next(&mut self, used: CacheUse, packets: u64, flows: usize, table_full: bool) -> bool {
+        // A full table holds fewer flows than there were: it says nothing
+        // of whether the cache would hold them all.
+        if !self.on && !table_full && flows as u64 <= u64::from(FLOW_CACHE_SLOTS) / 4 {
             // The cache would hold every flow.
             self.on = true;
             self.next_pause = FIRST_PAUSE;
@@ -139,24 +143,24 @@ mod tests {
     fn a_cache_that_most_frames_hit_stays_on() {
         let mut judge = CacheJudge::default();
         for _ in 0..100 {
-            assert!(judge.next(missing(0.5), BUSY, MANY));
+            assert!(judge.next(missing(0.5), BUSY, MANY, false));
         }
     }
 
     #[test]
     fn a_cache_nearly_every_frame_misses_goes_off_and_is_tried_again_ever_later() {
         let mut judge = CacheJudge::default();
-        assert!(!judge.next(missing(1.0), BUSY, MANY));
+        assert!(!judge.next(missing(1.0), BUSY, MANY, false));
         // Off for FIRST_PAUSE intervals, then one try.
         let mut pauses = Vec::new();
         for _ in 0..6 {
             let mut off = 0;
-            while !judge.next(OFF, BUSY, MANY) {
+            while !judge.next(OFF, BUSY, MANY, false) {
                 off += 1;
             }
             pauses.push(off + 1);
             // The try finds the cache still not paying.
-            assert!(!judge.next(missing(0.9), BUSY, MANY));
+            assert!(!judge.next(missing(0.9), BUSY, MANY, false));
         }
         assert_eq!(pauses, [4, 8, 16, 32, 64, 64]);
     }
@@ -164,12 +168,12 @@ mod tests {
     #[test]
     fn a_try_that_pays_keeps_the_cache_and_resets_the_pause() {
         let mut judge = CacheJudge::default();
-        assert!(!judge.next(missing(1.0), BUSY, MANY));
-        while !judge.next(OFF, BUSY, MANY) {}
-        assert!(judge.next(missing(0.1), BUSY, MANY));
-        assert!(!judge.next(missing(1.0), BUSY, MANY));
+        assert!(!judge.next(missing(1.0), BUSY, MANY, false));
+        while !judge.next(OFF, BUSY, MANY, false) {}
+        assert!(judge.next(missing(0.1), BUSY, MANY, false));
+        assert!(!judge.next(missing(1.0), BUSY, MANY, false));
         let mut off = 1;
-        while !judge.next(OFF, BUSY, MANY) {
+        while !judge.next(OFF, BUSY, MANY, false) {
             off += 1;
         }
         assert_eq!(off, FIRST_PAUSE);
@@ -178,17 +182,28 @@ mod tests {
     #[test]
     fn few_flows_bring_the_cache_back_at_once() {
         let mut judge = CacheJudge::default();
-        assert!(!judge.next(missing(1.0), BUSY, MANY));
-        assert!(judge.next(OFF, BUSY, 100));
+        assert!(!judge.next(missing(1.0), BUSY, MANY, false));
+        assert!(judge.next(OFF, BUSY, 100, false));
+    }
+
+    #[test]
+    fn a_full_table_is_judged_like_any_other() {
+        let mut judge = CacheJudge::default();
+        assert!(!judge.next(missing(1.0), BUSY, MANY, true));
+        // The table (8 entries, say) holds few of the flows: the cache
+        // stays off.
+        assert!(!judge.next(OFF, BUSY, 8, true));
+        let mut judge = CacheJudge::default();
+        assert!(judge.next(missing(0.5), BUSY, MANY, true));
     }
 
     #[test]
     fn a_quiet_interval_changes_nothing() {
         let mut judge = CacheJudge::default();
-        assert!(judge.next(missing(1.0), BUSY_PACKETS - 1, 5_000));
-        assert!(!judge.next(missing(1.0), BUSY, MANY));
+        assert!(judge.next(missing(1.0), BUSY_PACKETS - 1, 5_000, false));
+        assert!(!judge.next(missing(1.0), BUSY, MANY, false));
         for _ in 0..2 * LONGEST_PAUSE {
-            assert!(!judge.next(OFF, BUSY_PACKETS - 1, 5_000));
+            assert!(!judge.next(OFF, BUSY_PACKETS - 1, 5_000, false));
         }
         assert!(!judge.on());
     }
@@ -196,7 +211,7 @@ mod tests {
     #[test]
     fn the_line_is_a_quarter_of_the_packets_hitting() {
         let mut judge = CacheJudge::default();
-        assert!(judge.next(missing(0.75), BUSY, MANY));
-        assert!(!judge.next(missing(0.76), BUSY, MANY));
+        assert!(judge.next(missing(0.75), BUSY, MANY, false));
+        assert!(!judge.next(missing(0.76), BUSY, MANY, false));
     }
 }

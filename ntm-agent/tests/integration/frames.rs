@@ -499,6 +499,55 @@ pub fn service_port_rule_runs_in_the_kernel() {
     assert_eq!(flow(&mut low, 45_000, 800), 800);
 }
 
+/// A flood of new flows into a full table: the flow cache, which nearly
+/// every frame then misses, goes off as it would with room (it was kept on
+/// with a full table, and every frame paid its slot), and every frame is
+/// still counted.
+pub fn a_full_table_does_not_keep_a_flow_cache_that_does_not_pay() {
+    let options = DatapathOptions {
+        flow_table_entries: 8,
+        ..Default::default()
+    };
+    let mut h = Harness::with(options, "");
+    let _cpu = crate::kit::OnOneCpu::new();
+    let flood = 2 * ntm_agent::kernel::flow_cache::BUSY_PACKETS as u32;
+    let mut frame = eth(
+        ETH_IPV4,
+        &[],
+        &ipv4(17, &[], 0, &udp(40_000, 1000, &[0; 12])),
+    );
+    let mut cache_on = Vec::new();
+    for round in 0..3u32 {
+        let mut expected = Counters::default();
+        for i in 0..flood {
+            let source = 0x0A00_0000 | (round * flood + i);
+            frame[26..30].copy_from_slice(&source.to_be_bytes());
+            let prog = h.datapath.tc_program(TC_INGRESS_ETH).unwrap();
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(&frame);
+            prog.test_run(opts).unwrap();
+            expected.add(&Counters {
+                bytes: 40,
+                packets: 1,
+            });
+        }
+        let d = h.tables.drain().unwrap();
+        let outside = d.outside.total(OutsideReason::TableFull);
+        assert!(outside.packets > 0, "round {round}: the table was full");
+        let mut total = outside;
+        for (_, c) in &d.flows {
+            total.add(c);
+        }
+        assert_eq!(total, expected, "round {round}");
+        cache_on.push(d.flow_cache.on);
+    }
+    assert_eq!(
+        cache_on,
+        [true, false, false],
+        "the cache through each round: off once a full round missed it"
+    );
+}
+
 pub fn a_full_table_still_counts_every_packet() {
     let options = DatapathOptions {
         flow_table_entries: 8,

@@ -96,6 +96,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: frames::gso_aggregates_count_as_their_wire_segments,
     Root: frames::service_port_rule_runs_in_the_kernel,
     Root: frames::a_full_table_still_counts_every_packet,
+    Root: frames::a_full_table_does_not_keep_a_flow_cache_that_does_not_pay,
     Root: frames::the_flow_cache_steps_aside_while_nearly_every_frame_misses_it,
     Root: frames::a_drained_table_keeps_the_flows_that_sent_and_drops_the_rest,
     Root: frames::sctp_udplite_and_portless_protocols,
