@@ -121,18 +121,22 @@ fn bucket(sport: u16, dport: u16) -> usize {
 
 /// Whether a hello may be followed on a connection between these ports
 /// (host order): the test of an ordinary TCP segment with data, a load of
-/// the gate and, while it is open, of its bucket's byte. False without a
-/// load where the agent does not want TLS (a constant to the verifier).
+/// the gate and, while it is open, of the settings and its bucket's byte.
+/// The gate first: it is closed nearly always, and the settings' loads and
+/// compares before it were on every such segment's path (the verifier
+/// removes code behind a read-only setting only where no other path
+/// reaches it, which here the gate's own exit does). The gate opens only
+/// where the agent wants TLS (`follow`), so testing the settings after it
+/// changes no answer; they stay so that, with TLS off, the verifier drops
+/// the bucket's test.
 #[inline(always)]
 pub fn is_followed(sport: u16, dport: u16) -> bool {
-    if !agent_wants(Kind::Tls as u8) {
-        return false;
-    }
     // SAFETY: aligned loads of globals other CPUs write with single stores
     // (a word, a byte), so each load sees the old or the new value; the
     // bucket's index is masked to the array's length.
     unsafe {
         core::ptr::read_volatile(&raw const NTM_HELLO_GATE) != 0
+            && agent_wants(Kind::Tls as u8)
             && core::ptr::read_volatile(
                 (&raw const NTM_HELLO_BUCKETS as *const u8).add(bucket(sport, dport)),
             ) != 0
