@@ -21,10 +21,22 @@ pub mod names {
     pub const ACTIVE_SLOT: &str = "NTM_ACTIVE_FLOWS";
     /// The two per-CPU flow tables that take turns behind [`ACTIVE_SLOT`].
     pub const FLOW_TABLES: [&str; 2] = ["NTM_FLOWS_A", "NTM_FLOWS_B"];
-    /// ARRAY_OF_MAPS with one slot: the flow cache the program counts into.
-    pub const ACTIVE_CACHE_SLOT: &str = "NTM_ACTIVE_CACHE";
-    /// The two per-CPU flow caches that take turns behind [`ACTIVE_CACHE_SLOT`].
-    pub const FLOW_CACHES: [&str; 2] = ["NTM_CACHE_A", "NTM_CACHE_B"];
+    /// Per-CPU array of [`crate::CacheSlot`]s: the flow cache, two halves
+    /// of [`crate::FLOW_CACHE_SLOTS`] that take turns like the tables.
+    pub const FLOW_CACHE: &str = "NTM_FLOW_CACHE";
+    /// The data section of one u32 (an array of one value): the half of
+    /// [`FLOW_CACHE`] the programs count into, or [`crate::CACHE_OFF`].
+    /// The agent sets it before it swaps the tables, whose swap waits for
+    /// every program that may still use the other half.
+    pub const CACHE_HALF: &str = ".data.ntm_cache";
+    /// The flow cache of layout 1, which a drain of pinned state still
+    /// reads: two per-CPU arrays behind a map-in-map slot.
+    pub mod layout_1 {
+        /// ARRAY_OF_MAPS with one slot: the flow cache counted into.
+        pub const ACTIVE_CACHE_SLOT: &str = "NTM_ACTIVE_CACHE";
+        /// The two caches that took turns behind [`ACTIVE_CACHE_SLOT`].
+        pub const FLOW_CACHES: [&str; 2] = ["NTM_CACHE_A", "NTM_CACHE_B"];
+    }
     /// Per-CPU array of [`crate::OutsideSlot`]s: frames filtered out or
     /// finding the table full, by generation, interface (direct-mapped, see
     /// [`crate::outside_slot_index`]), hook and reason. The hot path:
@@ -55,7 +67,7 @@ pub mod names {
     /// Per-CPU array of one u64: frames whose flow was not in its flow-cache
     /// slot, since load (never reset). The agent compares it with the
     /// packets it drains to tell whether the cache pays, and turns it off
-    /// (empties [`ACTIVE_CACHE_SLOT`]) while it does not.
+    /// (sets [`CACHE_HALF`] to [`crate::CACHE_OFF`]) while it does not.
     pub const CACHE_MISSES: &str = "NTM_CACHE_MISSES";
     /// Read-only global: the bitmap of known service ports, see
     /// [`crate::service_port::known_port_bit`].
@@ -135,13 +147,11 @@ pub mod names {
     /// what the next agent reads (the tables and what points into them) and
     /// the program arrays, which the kernel would empty when the last
     /// process holding them goes (a filter would then be skipped).
-    pub const PINNED: [&str; 13] = [
+    pub const PINNED: [&str; 11] = [
         ACTIVE_SLOT,
         FLOW_TABLES[0],
         FLOW_TABLES[1],
-        ACTIVE_CACHE_SLOT,
-        FLOW_CACHES[0],
-        FLOW_CACHES[1],
+        FLOW_CACHE,
         OUTSIDE_SLOTS,
         OUTSIDE_COUNTERS,
         OUTSIDE_UNKEYED,
@@ -157,7 +167,10 @@ pub mod names {
 /// and slots, and how the drain reads them. A starting agent adopts and
 /// drains state of its own layout; state of another layout it reads where
 /// the formats allow and replaces. Change it with any of those.
-pub const LAYOUT_VERSION: u32 = 1;
+///
+/// 2: one flow cache of two halves ([`names::FLOW_CACHE`]) where layout 1
+/// had two caches behind a map-in-map slot ([`names::layout_1`]).
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Compile-time capacity of each flow table; the agent may change it at load
 /// time (`--flow-table-size`). Both tables always have the same size, since an
@@ -168,8 +181,13 @@ pub const DEFAULT_FLOW_TABLE_ENTRIES: u32 = 65_536;
 /// their later fragments (an LRU table, `NTM_FRAGMENTS`).
 pub const FRAGMENT_ENTRIES: u32 = 4096;
 
-/// Slots of each per-CPU flow cache (a power of two).
+/// Slots of each half of the per-CPU flow cache (a power of two).
 pub const FLOW_CACHE_SLOTS: u32 = 4096;
+
+/// What [`names::CACHE_HALF`] holds while the flow cache is off: any value
+/// past the two halves puts a frame's slot index past the cache's end,
+/// where the programs find no slot and count into the table directly.
+pub const CACHE_OFF: u32 = 2;
 
 /// Size in 32-bit words of the known-port bitmap (3 protocol classes x 65536
 /// ports).

@@ -16,8 +16,8 @@
 use aya_ebpf::programs::{TcContext, XdpContext};
 use core::mem::MaybeUninit;
 use ntm_common::{
-    Counters, FlowKey, Hook, KEY_WORDS, OutsideKey, OutsideReason, cache_index, outside_slot_index,
-    outside_unkeyed_index,
+    Counters, FLOW_CACHE_SLOTS, FlowKey, Hook, KEY_WORDS, OutsideKey, OutsideReason, cache_index,
+    outside_slot_index, outside_unkeyed_index,
     service_port::{self, PortClass},
 };
 
@@ -27,10 +27,10 @@ use crate::{
     handshakes,
     lease::{check_lease, lease_check_due},
     maps::{
-        FragmentKey, NTM_ACTIVE_CACHE, NTM_ACTIVE_FLOWS, NTM_CACHE_MISSES, NTM_EPHEMERAL_START,
-        NTM_FRAGMENTS, NTM_KNOWN_PORTS, NTM_LEARN_MACS, NTM_OUTSIDE, NTM_OUTSIDE_GENERATION,
-        NTM_OUTSIDE_SLOTS, NTM_OUTSIDE_UNKEYED, NTM_PORT_WORD_MASK, NTM_TABLE_EPOCH,
-        NTM_TABLE_FULL, NTM_TC_TAILS, NTM_XDP_TAILS, setting,
+        FragmentKey, NTM_ACTIVE_FLOWS, NTM_CACHE_HALF, NTM_CACHE_MISSES, NTM_EPHEMERAL_START,
+        NTM_FLOW_CACHE, NTM_FRAGMENTS, NTM_KNOWN_PORTS, NTM_LEARN_MACS, NTM_OUTSIDE,
+        NTM_OUTSIDE_GENERATION, NTM_OUTSIDE_SLOTS, NTM_OUTSIDE_UNKEYED, NTM_PORT_WORD_MASK,
+        NTM_TABLE_EPOCH, NTM_TABLE_FULL, NTM_TC_TAILS, NTM_XDP_TAILS, setting,
     },
     observe::{learn_mac, may_hand_over},
     parse::{self, Fragment, Frame, KeyBase, NOT_OBSERVED, ParseError, Parsed},
@@ -475,13 +475,15 @@ fn count_cached(
     bytes: u64,
     packets: u64,
 ) -> bool {
-    let Some(cache) = NTM_ACTIVE_CACHE.get(0) else {
+    // SAFETY: an aligned load of a word the agent writes with one store.
+    let half = unsafe { core::ptr::read_volatile(&raw const NTM_CACHE_HALF) };
+    // The half's slots begin at half * FLOW_CACHE_SLOTS; with the cache
+    // off (CACHE_OFF, 2 or more) the index is past the array's end, and
+    // the lookup finds no slot.
+    let index = (half << FLOW_CACHE_SLOTS.trailing_zeros()) | cache_index(words);
+    let Some(slot) = NTM_FLOW_CACHE.get_ptr_mut(index) else {
         // The agent turned the cache off: most frames would miss it.
         return count_flow(store_key(space, words), bytes, packets);
-    };
-    let Some(slot) = cache.get_ptr_mut(cache_index(words)) else {
-        let _ = count_flow(store_key(space, words), bytes, packets);
-        return false;
     };
     let s = slot as *mut u64;
     // SAFETY: a CacheSlot is KEY_WORDS key words then bytes and packets, all

@@ -52,19 +52,26 @@ pub static NTM_TABLE_EPOCH: Array<u32, 1> = Array::new();
 #[btf_map]
 pub static NTM_TABLE_FULL: PerCpuArray<u32, 1> = PerCpuArray::new();
 
-const CACHE_SLOTS: usize = FLOW_CACHE_SLOTS as usize;
-type FlowCache = PerCpuArray<CacheSlot, CACHE_SLOTS>;
+/// The flow cache in front of the table: two halves of FLOW_CACHE_SLOTS
+/// slots, double-buffered like the tables. The programs count into the
+/// half [`NTM_CACHE_HALF`] names; the agent flips it before it swaps the
+/// tables, whose swap then waits for every program that may still use the
+/// other half. One array and a global, not a map-in-map as the tables: a
+/// frame then finds its slot with one lookup (the inner lookup of a
+/// map-in-map is a second one, with the key's words spilled around it).
+#[btf_map]
+pub static NTM_FLOW_CACHE: PerCpuArray<CacheSlot, { 2 * FLOW_CACHE_SLOTS as usize }> =
+    PerCpuArray::new();
 
-/// The flow cache in front of the table, double-buffered like the tables
-/// and swapped with them. The agent leaves the slot empty while the cache
-/// does not pay (most frames miss it: a flood of new flows, a scan); the
-/// programs then count into the table directly.
-#[btf_map]
-pub static NTM_ACTIVE_CACHE: ArrayOfMaps<FlowCache, 1> = ArrayOfMaps::new();
-#[btf_map]
-static NTM_CACHE_A: FlowCache = FlowCache::new();
-#[btf_map]
-static NTM_CACHE_B: FlowCache = FlowCache::new();
+/// The half of [`NTM_FLOW_CACHE`] the programs count into (0 or 1), or
+/// `ntm_common::CACHE_OFF` while the cache does not pay (most frames miss
+/// it: a flood of new flows, a scan): the programs then count into the
+/// table directly. Its own data section, so its own one-word map, which
+/// the agent writes (`names::CACHE_HALF`) and the programs read with one
+/// load.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = ".data.ntm_cache")]
+pub static mut NTM_CACHE_HALF: u32 = 0;
 
 /// Per CPU: frames whose flow was not in its cache slot, since load. Only
 /// the miss path writes it.

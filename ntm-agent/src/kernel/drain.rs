@@ -20,10 +20,12 @@
 //! drain stays short, a table is emptied as before while the drain before
 //! found more than [`KEEP_AT_MOST`] flows.
 //!
-//! In front of each table sits a per-CPU flow cache (see
-//! `ntm_common::CacheSlot`), double-buffered the same way and swapped first:
-//! once both swaps have returned, neither the old cache nor the old table can
-//! change, and a flow's counts are in one of them or in both (summed here).
+//! In front of the tables sits a per-CPU flow cache (see
+//! `ntm_common::CacheSlot`) of two halves, double-buffered the same way:
+//! the agent names the other half (`names::CACHE_HALF`) before it swaps the
+//! tables, so once the swap has returned, neither the old half nor the old
+//! table can change, and a flow's counts are in one of them or in both
+//! (summed here).
 //!
 //! Frames counted outside the flow table (filtered, table full, malformed)
 //! are keyed by interface, hook, reason and a generation bit. The agent
@@ -37,8 +39,8 @@
 //! so a fresh table is never taken for the full one before it.
 //!
 //! While the cache does not pay (most frames miss it, see `flow_cache.rs`),
-//! the agent leaves the cache slot empty at a swap and the programs count
-//! into the table directly; the idle cache is then empty when it is read.
+//! the agent names no half (`ntm_common::CACHE_OFF`) and the programs count
+//! into the table directly; the idle half is then empty when it is read.
 //!
 //! Reading uses the batch map commands (Linux 5.6+): thousands of entries per
 //! system call, where one lookup and one delete per entry would take seconds
@@ -58,8 +60,8 @@ use aya::{
     maps::{Array, ArrayOfMaps, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
 };
 use ntm_common::{
-    CacheSlot, Counters, FLOW_CACHE_SLOTS, FlowKey, Hook, OUTSIDE_SLOTS_PER_GENERATION, OutsideKey,
-    OutsideReason, OutsideSlot, names, outside_slot_of, outside_unkeyed_index,
+    CACHE_OFF, CacheSlot, Counters, FLOW_CACHE_SLOTS, FlowKey, Hook, OUTSIDE_SLOTS_PER_GENERATION,
+    OutsideKey, OutsideReason, OutsideSlot, names, outside_slot_of, outside_unkeyed_index,
 };
 
 use super::flow_cache::{CacheJudge, CacheUse};
@@ -180,9 +182,10 @@ pub enum DrainError {
 pub struct FlowTables {
     slot: ArrayOfMaps<MapData, MapData>,
     tables: [MapData; 2],
-    cache_slot: ArrayOfMaps<MapData, MapData>,
-    cache_slot_fd: std::os::fd::OwnedFd,
-    caches: [MapData; 2],
+    caches: FlowCaches,
+    /// The half the programs count into (`names::CACHE_HALF`); None for
+    /// tables an earlier agent pinned, which no program counts into.
+    cache_half: Option<Array<MapData, u32>>,
     /// Index into `tables` of the one the slot points at.
     active: usize,
     outside_slots: MapData,
@@ -216,7 +219,9 @@ impl FlowTables {
     pub(crate) fn share_from(ebpf: &Ebpf) -> Result<Self, DrainError> {
         let mut tables = Self::from_maps(|name| share_map(ebpf, name))?;
         tables.slot.set(0, &tables.tables[0], 0)?;
-        tables.cache_slot.set(0, &tables.caches[0], 0)?;
+        let mut half: Array<MapData, u32> = share_map(ebpf, names::CACHE_HALF)?.try_into()?;
+        half.set(0, 0, 0)?;
+        tables.cache_half = Some(half);
         tables.outside_generation.set(0, tables.generation, 0)?;
         let mut epoch: Array<MapData, u32> = share_map(ebpf, names::TABLE_EPOCH)?.try_into()?;
         epoch.set(0, 0, 0)?;
@@ -268,30 +273,7 @@ impl FlowTables {
         };
         let table_a = table(take(names::FLOW_TABLES[0])?)?;
         let table_b = table(take(names::FLOW_TABLES[1])?)?;
-        let cache_slot = take(names::ACTIVE_CACHE_SLOT)?;
-        // Its descriptor again, to empty the slot (aya sets slots only).
-        let cache_slot_fd = match &cache_slot {
-            Map::ArrayOfMaps(data) => data
-                .fd()
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(DrainError::Descriptor)?,
-            _ => {
-                return Err(MapError::InvalidName {
-                    name: "a flow cache slot that is not an array of maps".to_string(),
-                }
-                .into());
-            }
-        };
-        let cache_slot: ArrayOfMaps<MapData, MapData> = cache_slot.try_into()?;
-        let cache = |map: Map| match map {
-            Map::PerCpuArray(data) => Ok(data),
-            _ => Err(MapError::InvalidName {
-                name: "a flow cache that is not a per-CPU array".to_string(),
-            }),
-        };
-        let cache_a = cache(take(names::FLOW_CACHES[0])?)?;
-        let cache_b = cache(take(names::FLOW_CACHES[1])?)?;
+        let caches = FlowCaches::take(&mut take)?;
         let outside_slots = match take(names::OUTSIDE_SLOTS)? {
             Map::PerCpuArray(data) => data,
             _ => {
@@ -308,9 +290,8 @@ impl FlowTables {
         Ok(Self {
             slot,
             tables: [table_a, table_b],
-            cache_slot,
-            cache_slot_fd,
-            caches: [cache_a, cache_b],
+            caches,
+            cache_half: None,
             active: 0,
             outside_slots,
             outside_slots_buffer: OutsideSlotsBuffer::new(possible_cpus),
@@ -338,12 +319,12 @@ impl FlowTables {
         let idle_generation = self.generation;
         self.generation ^= 1;
         self.outside_generation.set(0, self.generation, 0)?;
-        // The cache first: a program still holding the old cache may move a
-        // flow from it into the table the slot names, which must then still
-        // be the old one or already the new one, never one we have read.
-        // Emptying the slot waits for those programs alike.
+        // The cache's half before the table: a program still using the old
+        // half may move a flow from it into the table the slot names, which
+        // must then still be the old one or already the new one, never one
+        // we have read. The table's swap waits for those programs too.
         let cache_was_on = self.cache_switch.as_ref().is_none_or(|s| s.on);
-        self.point_cache_slot(next, cache_was_on)?;
+        self.name_cache_half(next, cache_was_on)?;
         self.slot.set(0, &self.tables[next], 0)?;
         self.active = next;
         // No program holds the old table now: a table the programs find
@@ -372,7 +353,7 @@ impl FlowTables {
         self.flows_last_turn = table.len();
         let cached = self
             .cache_buffer
-            .read_and_clear(&self.caches[idle])
+            .read_and_clear(&self.caches, idle)
             .map_err(DrainError::Batch)?;
         let flows = merge(table, cached);
         let mut flow_cache = CacheUse::default();
@@ -390,9 +371,9 @@ impl FlowTables {
             flow_cache = switch.interval_ended(cache_was_on, &flows, no_room)?;
             let on = switch.judge.on();
             if on != cache_was_on {
-                // At once, for the interval under way: the cache the slot
-                // names, or named, is the one the next drain reads.
-                self.point_cache_slot(next, on)?;
+                // At once, for the interval under way: the half named, or
+                // named before, is the one the next drain reads.
+                self.name_cache_half(next, on)?;
                 if let Some(switch) = &mut self.cache_switch {
                     switch.on = on;
                 }
@@ -417,14 +398,14 @@ impl FlowTables {
         self.keep_flows = keep;
     }
 
-    /// Points the cache slot at cache `index`, or empties it (the programs
-    /// then count into the table directly). Either returns once no program
-    /// can still hold the cache the slot named before.
-    fn point_cache_slot(&mut self, index: usize, on: bool) -> Result<(), DrainError> {
-        if on {
-            self.cache_slot.set(0, &self.caches[index], 0)?;
-        } else {
-            bpf::clear_map_slot(self.cache_slot_fd.as_fd(), 0).map_err(DrainError::Batch)?;
+    /// Names half `index` of the cache for the programs to count into, or
+    /// none (`on` false: they then count into the table directly). A
+    /// program that read the half named before may still use it until the
+    /// next table swap returns.
+    fn name_cache_half(&mut self, index: usize, on: bool) -> Result<(), DrainError> {
+        if let Some(half) = &mut self.cache_half {
+            let value = if on { index as u32 } else { CACHE_OFF };
+            half.set(0, value, 0)?;
         }
         Ok(())
     }
@@ -581,7 +562,8 @@ fn expected_sizes(name: &str) -> Option<(usize, usize)> {
     let four = size_of::<u32>();
     Some(match name {
         n if names::FLOW_TABLES.contains(&n) => (size_of::<FlowKey>(), size_of::<Counters>()),
-        n if names::FLOW_CACHES.contains(&n) => (four, size_of::<CacheSlot>()),
+        names::FLOW_CACHE => (four, size_of::<CacheSlot>()),
+        n if names::layout_1::FLOW_CACHES.contains(&n) => (four, size_of::<CacheSlot>()),
         names::OUTSIDE_SLOTS => (four, size_of::<OutsideSlot>()),
         names::OUTSIDE_COUNTERS => (size_of::<OutsideKey>(), size_of::<Counters>()),
         names::OUTSIDE_UNKEYED => (four, size_of::<Counters>()),
@@ -750,7 +732,52 @@ impl ReadBatch {
     }
 }
 
-/// Reads an idle per-CPU flow cache whole, then zeroes it.
+/// The flow cache's two halves, as the drain reads them.
+enum FlowCaches {
+    /// One per-CPU array, half `i` from slot `i * FLOW_CACHE_SLOTS` on
+    /// (`names::FLOW_CACHE`).
+    Halves(MapData),
+    /// Two per-CPU arrays, one per half: layout 1's, which an earlier
+    /// agent may have pinned (`names::layout_1`).
+    Pair([MapData; 2]),
+}
+
+impl FlowCaches {
+    /// The cache by this layout's name, else by layout 1's.
+    fn take(
+        take: &mut impl FnMut(&'static str) -> Result<Map, MapError>,
+    ) -> Result<Self, MapError> {
+        let cache = |map: Map, slots: u32| match map {
+            Map::PerCpuArray(data) if data.info()?.max_entries() == slots => Ok(data),
+            _ => Err(MapError::InvalidName {
+                name: format!("a flow cache that is not a per-CPU array of {slots} slots"),
+            }),
+        };
+        match take(names::FLOW_CACHE) {
+            Ok(map) => Ok(Self::Halves(cache(map, 2 * FLOW_CACHE_SLOTS)?)),
+            Err(error) => {
+                let [a, b] = names::layout_1::FLOW_CACHES;
+                let Ok(first) = take(a) else {
+                    return Err(error);
+                };
+                Ok(Self::Pair([
+                    cache(first, FLOW_CACHE_SLOTS)?,
+                    cache(take(b)?, FLOW_CACHE_SLOTS)?,
+                ]))
+            }
+        }
+    }
+
+    /// The map that holds half `index` (0 or 1), and the half's first slot.
+    fn half(&self, index: usize) -> (&MapData, u32) {
+        match self {
+            Self::Halves(cache) => (cache, index as u32 * FLOW_CACHE_SLOTS),
+            Self::Pair(caches) => (&caches[index], 0),
+        }
+    }
+}
+
+/// Reads an idle half of the per-CPU flow cache whole, then zeroes it.
 struct CacheBuffer {
     indices: Vec<u32>,
     values: Vec<u8>,
@@ -776,16 +803,22 @@ impl CacheBuffer {
         }
     }
 
+    /// Reads half `index` of the cache, and zeroes it if any slot was used.
     fn read_and_clear(
         &mut self,
-        cache: &MapData,
+        caches: &FlowCaches,
+        index: usize,
     ) -> Result<Vec<(FlowKey, Counters)>, SyscallError> {
+        let (cache, first) = caches.half(index);
         let fd = cache.fd().as_fd();
+        // An array's batch goes on from the index after its cursor.
+        let before = first.checked_sub(1);
         let mut next: u32 = 0;
-        let filled = match bpf::lookup_batch(fd, false, None, &mut next, &mut self.buffers())? {
-            // Done: the whole array fitted in this one batch, as it should.
-            bpf::BatchRead::Done { filled } | bpf::BatchRead::More { filled } => filled,
-        };
+        let filled =
+            match bpf::lookup_batch(fd, false, before.as_ref(), &mut next, &mut self.buffers())? {
+                // Done: the whole half fitted in this one batch, as it should.
+                bpf::BatchRead::Done { filled } | bpf::BatchRead::More { filled } => filled,
+            };
         if filled != FLOW_CACHE_SLOTS as usize {
             return Err(SyscallError {
                 call: "bpf(BPF_MAP_LOOKUP_BATCH) of a flow cache",
@@ -807,9 +840,9 @@ impl CacheBuffer {
         if flows.is_empty() {
             return Ok(flows);
         }
-        // Zero every slot on every CPU for the cache's next turn.
+        // Zero every slot of the half on every CPU for its next turn.
         self.values.fill(0);
-        self.indices = (0..FLOW_CACHE_SLOTS).collect();
+        self.indices = (first..first + FLOW_CACHE_SLOTS).collect();
         bpf::update_batch(fd, &mut self.buffers(), FLOW_CACHE_SLOTS)?;
         Ok(flows)
     }
