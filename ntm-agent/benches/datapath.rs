@@ -267,7 +267,7 @@ fn main() {
         );
     }
     println!(
-        "(main.rs: the orphan check and the filter's tail call; parse.rs: the skb's fields and the frame to a key; fragments: a fragment to its datagram's flow; count.rs: the per-CPU cache (the flow table behind it) and the lease check; observe.rs: MAC learning and the test for a frame to hand over. A program stopped early keeps its result with a few stores, which its part pays. Each part's figure is a typical difference, so the parts need not add up exactly.)"
+        "(main.rs: the orphan check and the filter's test, a tail call only while a filter is on; parse.rs: the skb's fields and the frame to a key; fragments: a fragment to its datagram's flow; count.rs: the per-CPU cache (the flow table behind it) and the lease check; observe.rs: MAC learning and the test for a frame to hand over. A program stopped early keeps its result with a few stores, which its part pays. Each part's figure is a typical difference, so the parts need not add up exactly.)"
     );
 
     if std::env::var("NTM_BENCH_SECTION").as_deref() == Ok("main") {

@@ -75,6 +75,12 @@ pub mod names {
     /// Read-only global: first port of the client ephemeral range.
     pub const EPHEMERAL_START: &str = "NTM_EPHEMERAL_START";
 
+    /// The data section of one u32 (an array of one value): 1 while a
+    /// filter is in the hooks' filter slots, 0 while none is, when the
+    /// programs count a frame without the tail call to an empty slot. The
+    /// agent sets it after it fills the slots and clears it before it
+    /// empties them.
+    pub const FILTER_ON: &str = ".data.ntm_filter";
     /// PROG_ARRAY of the TC hooks: filter programs and counting halves.
     pub const TC_TAILS: &str = "NTM_TC_TAILS";
     /// PROG_ARRAY of the XDP hook (a program array holds one program type).

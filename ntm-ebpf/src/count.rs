@@ -51,7 +51,8 @@ const PULL_LEN: u32 = 256;
 /// const generic: in the real programs every stop folds away at compile
 /// time.
 pub mod stage {
-    /// main.rs: the orphan check and the filter's tail call.
+    /// main.rs: the orphan check and the filter's test (a tail call while
+    /// a filter is on).
     pub const ENTRY: u8 = 0;
     /// parse.rs: the frame to a flow key.
     pub const PARSE: u8 = 1;

@@ -46,7 +46,9 @@ use ntm_common::{Hook, tail};
 
 use count::{count_tc, count_xdp, stage};
 use lease::orphaned;
-use maps::{NTM_FILTER_VERDICT, NTM_TC_TAILS, NTM_XDP_ACTION, NTM_XDP_TAILS, setting};
+use maps::{
+    NTM_FILTER_ON, NTM_FILTER_VERDICT, NTM_TC_TAILS, NTM_XDP_ACTION, NTM_XDP_TAILS, setting,
+};
 
 // The attached programs: run the hook's filter if there is one (a tail call
 // that does not return), else count the frame here.
@@ -180,13 +182,22 @@ fn filter_then_count<const ETHERNET: bool, const UPTO: u8>(
     if orphaned() {
         return TC_ACT_UNSPEC;
     }
-    // SAFETY: a tail call either does not return or, with the slot empty,
-    // returns with nothing changed.
-    unsafe { NTM_TC_TAILS.tail_call(ctx, filter_slot) };
+    if filter_on() {
+        // SAFETY: a tail call either does not return or, with the slot
+        // empty, returns with nothing changed.
+        unsafe { NTM_TC_TAILS.tail_call(ctx, filter_slot) };
+    }
     if UPTO != stage::ENTRY {
         count_tc::<ETHERNET, UPTO>(ctx, hook, false);
     }
     TC_ACT_UNSPEC
+}
+
+/// Whether a filter is in the filter slots (see `maps::NTM_FILTER_ON`).
+#[inline(always)]
+fn filter_on() -> bool {
+    // SAFETY: an aligned load of a word the agent writes with one store.
+    unsafe { core::ptr::read_volatile(&raw const NTM_FILTER_ON) != 0 }
 }
 
 /// Whether the filter program that tail-called us rejected the frame.
@@ -206,9 +217,11 @@ pub fn ntm_xdp(ctx: XdpContext) -> u32 {
     if orphaned() {
         return xdp_action::XDP_PASS;
     }
-    // SAFETY: a tail call either does not return or, with the slot empty,
-    // returns with nothing changed.
-    unsafe { NTM_XDP_TAILS.tail_call(&ctx, tail::FILTER_XDP) };
+    if filter_on() {
+        // SAFETY: a tail call either does not return or, with the slot
+        // empty, returns with nothing changed.
+        unsafe { NTM_XDP_TAILS.tail_call(&ctx, tail::FILTER_XDP) };
+    }
     count_xdp(&ctx, false);
     setting(&NTM_XDP_ACTION)
 }

@@ -73,6 +73,15 @@ pub static NTM_FLOW_CACHE: PerCpuArray<CacheSlot, { 2 * FLOW_CACHE_SLOTS as usiz
 #[unsafe(link_section = ".data.ntm_cache")]
 pub static mut NTM_CACHE_HALF: u32 = 0;
 
+/// Whether a filter is in the hooks' filter slots (`names::FILTER_ON`):
+/// while none is, the entry programs count a frame without the tail call
+/// to an empty slot (its bounds, counter and slot checks). Its own data
+/// section, so its own one-word map, which the agent writes and the
+/// programs read with one load.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = ".data.ntm_filter")]
+pub static mut NTM_FILTER_ON: u32 = 0;
+
 /// Per CPU: frames whose flow was not in its cache slot, since load. Only
 /// the miss path writes it.
 #[btf_map]

@@ -55,6 +55,8 @@ pub enum FilterError {
     },
     #[error("putting the filter in place failed: {0}")]
     Install(#[source] SyscallError),
+    #[error("turning the filter on or off in the kernel programs failed: {0}")]
+    Switch(#[source] aya::maps::MapError),
     #[error("reading the filter file {path}: {source}; fix the path given with -F/--filter-file")]
     File {
         path: String,

@@ -214,6 +214,9 @@ pub struct Datapath {
     verdict: MapData,
     /// The filter in the hooks now, if any.
     filter: Option<Filter>,
+    /// Whether the entry programs tail-call the filter slots
+    /// (`names::FILTER_ON`).
+    filter_on: Array<MapData, u32>,
     /// The ring buffer of DNS and DHCP frames, until the agent takes it.
     observer: Option<Observer>,
     /// The table of source MACs, until the agent takes it.
@@ -316,6 +319,7 @@ impl Datapath {
         let xdp_tails = shared_map_data(&ebpf, names::XDP_TAILS)?;
         let verdict = shared_map_data(&ebpf, names::FILTER_VERDICT)?;
         let lease: Array<MapData, u64> = shared_array(&ebpf, names::LEASE)?;
+        let filter_on: Array<MapData, u32> = shared_array(&ebpf, names::FILTER_ON)?;
         let tables = FlowTables::share_from(&ebpf)?;
         let observer = if observe_rate == 0 {
             None
@@ -363,6 +367,7 @@ impl Datapath {
                 xdp_tails,
                 verdict,
                 filter: None,
+                filter_on,
                 observer,
                 macs,
                 mac_nets,
@@ -397,8 +402,17 @@ impl Datapath {
             };
             loaded.push((hook, program));
         }
+        // The programs skip the slots while no filter is on: told so
+        // before the slots are emptied, and told of a filter once it is in
+        // them (a frame in between is counted as without a filter).
+        if filter.is_none() {
+            self.filter_on.set(0, 0, 0).map_err(FilterError::Switch)?;
+        }
         for (hook, program) in &loaded {
             self.fill_filter_slot(hook, program.as_ref())?;
+        }
+        if filter.is_some() {
+            self.filter_on.set(0, 1, 0).map_err(FilterError::Switch)?;
         }
         // The program arrays hold the programs now; our handles can go.
         drop(loaded);
