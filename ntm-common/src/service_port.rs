@@ -65,19 +65,37 @@ pub fn choose(
     ephemeral_start: u16,
     is_known: impl Fn(u16) -> bool,
 ) -> u16 {
-    let (lower, higher) = if src_port < dst_port {
+    choose_with_side(src_port, dst_port, ephemeral_start, is_known).0
+}
+
+/// [`choose`], and whether the port chosen is the source port (the frame
+/// is the server's): a port of 0 or two equal ports are no side. Each arm
+/// knows which port it took, so the side costs the kernel's common frame a
+/// constant per arm, where three compares after the choice took ten
+/// instructions.
+#[inline(always)]
+pub fn choose_with_side(
+    src_port: u16,
+    dst_port: u16,
+    ephemeral_start: u16,
+    is_known: impl Fn(u16) -> bool,
+) -> (u16, bool) {
+    let src_lower = src_port < dst_port;
+    let (lower, higher) = if src_lower {
         (src_port, dst_port)
     } else {
         (dst_port, src_port)
     };
     if is_known(lower) {
-        lower
+        (lower, src_lower && lower != 0)
     } else if is_known(higher) {
-        higher
+        // The higher port is the source one only where the source port is
+        // the greater (so not 0).
+        (higher, src_port > dst_port)
     } else if lower < ephemeral_start {
-        lower
+        (lower, src_lower && lower != 0)
     } else {
-        0
+        (0, false)
     }
 }
 
@@ -164,6 +182,32 @@ mod tests {
                         "{s} {d}"
                     );
                     assert_eq!(choose(s, d, start, odd), rule(s, d, start, odd), "{s} {d}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_side_is_the_source_port_chosen() {
+        let ports = [
+            0, 1, 22, 53, 80, 123, 443, 5353, 6000, 8123, 32_767, 32_768, 40_000, 50_000, 65_535,
+        ];
+        let odd = |p: u16| p % 2 == 1;
+        let all = |_: u16| true;
+        for s in ports {
+            for d in ports {
+                for start in [1_024, DEFAULT_EPHEMERAL_START, 60_000] {
+                    for is_known in [&known as &dyn Fn(u16) -> bool, &odd, &all] {
+                        let port = choose(s, d, start, is_known);
+                        // The kernel's rule for the side, as the full parse
+                        // applies it after the choice.
+                        let side = port != 0 && port == s && s != d;
+                        assert_eq!(
+                            choose_with_side(s, d, start, is_known),
+                            (port, side),
+                            "{s} {d} {start}"
+                        );
+                    }
                 }
             }
         }

@@ -386,8 +386,13 @@ pub fn parse_common<const ETHERNET: bool>(
     } else {
         observe
     };
-    let port = service_port::choose(sport, dport, ephemeral_start, |p| is_known(class, p));
-    let flags = service_side(port, sport, dport);
+    let (port, port_is_src) =
+        service_port::choose_with_side(sport, dport, ephemeral_start, |p| is_known(class, p));
+    let flags = if port_is_src {
+        key_flags::SERVICE_PORT_IS_SRC
+    } else {
+        0
+    };
     // SAFETY: the addresses are inside the IP header checked above; an
     // IPv6 address is read as two 8-byte words in the key's byte order.
     let (src, dst) = unsafe {

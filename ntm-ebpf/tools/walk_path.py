@@ -22,11 +22,16 @@ usage: python3 ntm-ebpf/tools/walk_path.py [OBJECT [PROGRAM]]
           (built by any cargo build of ntm-agent)
   PROGRAM default: ntm_tc_ingress_eth
   -v      print the path of the second walk of each frame
+  -s      and where its instructions come from: by source file (ntm-ebpf's
+          and ntm-common's), and the lines that take the most (from the
+          object's line info; code inlined from core or aya counts for the
+          ntm line before it)
 """
 import re, subprocess, sys
 
-args = [a for a in sys.argv[1:] if a != '-v']
+args = [a for a in sys.argv[1:] if a not in ('-v', '-s')]
 VERBOSE = '-v' in sys.argv
+SOURCES = '-s' in sys.argv
 obj = args[0] if args else 'target/ebpf/x86_64/bpfel-unknown-none/release/ntm'
 prog = args[1] if len(args) > 1 else 'ntm_tc_ingress_eth'
 text = subprocess.run(['llvm-objdump', '-d', '-r', '--no-show-raw-insn', '--section=classifier', obj],
@@ -51,6 +56,43 @@ for line in text:
     m = re.search(r'R_BPF_\S+\s+(\S+)', line)
     if m and last is not None:
         insns[last][1] = m.group(1)
+
+# each instruction's source line (-s): the last ntm-ebpf or ntm-common line
+# at or before it, as llvm-objdump's line info gives them
+source = {}
+if SOURCES:
+    lines = subprocess.run(['llvm-objdump', '-d', '-l', '--no-show-raw-insn', '--section=classifier', obj],
+                           capture_output=True, text=True).stdout.splitlines()
+    infn = False
+    here = '?'
+    for line in lines:
+        m = re.match(r'^([0-9a-f]+) <(\S+)>:', line)
+        if m:
+            infn = (m.group(2) == prog)
+            continue
+        if not infn:
+            continue
+        m = re.match(r'^; (\S+):(\d+)$', line)
+        if m and '/ntm-ebpf/src/' in m.group(1):
+            here = m.group(1).split('/ntm-ebpf/src/')[1] + ':' + m.group(2)
+            continue
+        if m and '/ntm-common/src/' in m.group(1):
+            here = 'ntm-common/' + m.group(1).split('/ntm-common/src/')[1] + ':' + m.group(2)
+            continue
+        m = re.match(r'^\s+(\d+):\t', line)
+        if m:
+            source[int(m.group(1))] = here
+
+
+def print_sources(path):
+    by_file, by_line = {}, {}
+    for pc in path:
+        where = source.get(pc, '?')
+        by_file[where.split(':')[0]] = by_file.get(where.split(':')[0], 0) + 1
+        by_line[where] = by_line.get(where, 0) + 1
+    print('  by file: ' + ', '.join(f'{f} {n}' for f, n in sorted(by_file.items(), key=lambda x: -x[1])))
+    print('  most:    ' + ', '.join(f'{w} {n}' for w, n in sorted(by_line.items(), key=lambda x: -x[1])[:8]))
+
 
 # frames (as the bench builds them)
 def csum_free_ipv4(proto, l4):
@@ -274,3 +316,5 @@ for kind in FRAMES:
     for walk in range(2):
         count, spills, calls, path = run(VERBOSE and walk == 1)
     print(f'{prog} {kind:<6} {count} instructions, {spills} stack loads/stores, {calls} helper calls')
+    if SOURCES:
+        print_sources(path)
