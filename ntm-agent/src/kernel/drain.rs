@@ -175,8 +175,6 @@ pub enum DrainError {
     Batch(#[source] SyscallError),
     #[error("cannot tell how many CPUs this machine may have: {0}")]
     Cpus(#[source] io::Error),
-    #[error("duplicating a map's descriptor failed: {0}")]
-    Descriptor(#[source] io::Error),
 }
 
 pub struct FlowTables {

@@ -100,8 +100,9 @@ pub fn clear_program_slot(array: BorrowedFd<'_>, index: u32) -> Result<(), Sysca
 
 /// Empties slot `index` of the array of programs or maps `array` (already
 /// empty: fine). For an array of maps the kernel returns once no program
-/// can still hold the map the slot named.
-pub fn clear_map_slot(array: BorrowedFd<'_>, index: u32) -> Result<(), SyscallError> {
+/// can still hold the map the slot named. (The flow cache no longer sits
+/// behind such a slot; the program arrays use this.)
+fn clear_map_slot(array: BorrowedFd<'_>, index: u32) -> Result<(), SyscallError> {
     let mut attr = MapElemAttr {
         map_fd: array.as_raw_fd() as u32,
         key: &index as *const u32 as u64,
