@@ -23,12 +23,19 @@ pub mod names {
     pub const FLOW_TABLES: [&str; 2] = ["NTM_FLOWS_A", "NTM_FLOWS_B"];
     /// Per-CPU array of [`crate::CacheSlot`]s: the flow cache, two halves
     /// of [`crate::FLOW_CACHE_SLOTS`] that take turns like the tables.
-    pub const FLOW_CACHE: &str = "NTM_FLOW_CACHE";
+    pub const FLOW_CACHE: &str = "NTM_FLOW_SLOTS";
     /// The data section of one u32 (an array of one value): the half of
     /// [`FLOW_CACHE`] the programs count into, or [`crate::CACHE_OFF`].
     /// The agent sets it before it swaps the tables, whose swap waits for
     /// every program that may still use the other half.
     pub const CACHE_HALF: &str = ".data.ntm_cache";
+    /// The flow cache of layout 2, which a drain of pinned state still
+    /// reads: slots of a flow key and its counts (`layout_2::CacheSlot`
+    /// in the agent's drain), keyed by the flow alone.
+    pub mod layout_2 {
+        /// The per-CPU array of two halves, as [`super::FLOW_CACHE`].
+        pub const FLOW_CACHE: &str = "NTM_FLOW_CACHE";
+    }
     /// The flow cache of layout 1, which a drain of pinned state still
     /// reads: two per-CPU arrays behind a map-in-map slot.
     pub mod layout_1 {
@@ -174,9 +181,13 @@ pub mod names {
 /// drains state of its own layout; state of another layout it reads where
 /// the formats allow and replaces. Change it with any of those.
 ///
-/// 2: one flow cache of two halves ([`names::FLOW_CACHE`]) where layout 1
-/// had two caches behind a map-in-map slot ([`names::layout_1`]).
-pub const LAYOUT_VERSION: u32 = 2;
+/// 2: one flow cache of two halves where layout 1 had two caches behind a
+/// map-in-map slot ([`names::layout_1`]).
+///
+/// 3: cache slots keyed by a [`SlotId`], a connection's for the common
+/// frame ([`CacheSlot`]), where layout 2's were keyed by the flow key
+/// ([`names::layout_2`]).
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Compile-time capacity of each flow table; the agent may change it at load
 /// time (`--flow-table-size`). Both tables always have the same size, since an
@@ -362,34 +373,218 @@ impl Counters {
 /// The cache keeps the counts of one flow per slot; when another flow needs
 /// the slot, the old flow's counts move into the flow table. The drain reads
 /// both, so every count lives in exactly one place at any time. An empty slot
-/// has `counters.packets == 0`.
+/// is all zero.
+///
+/// A slot is found by its [`SlotId`]: for the common frame (IPv4 or IPv6
+/// carrying TCP or UDP, no options or extension headers) its connection's
+/// (both ports, as the frame has them), which the frame gives without the
+/// service-port rule; for any other frame its flow key. The flow key's port and flags, which the rule
+/// decided when the connection took the slot, are kept in `flow`: a frame
+/// of a connection already in its slot is counted without deciding them
+/// again (the kernel's steady state, `steady.rs`). [`CacheSlot::flow_key`]
+/// is the flow the slot's counts belong to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheSlot {
-    pub key: FlowKey,
+    pub id: SlotId,
+    pub flow: SlotFlow,
     pub counters: Counters,
 }
 
-const _: () = assert!(core::mem::size_of::<CacheSlot>() == 64);
+const _: () = assert!(core::mem::size_of::<CacheSlot>() == 72);
+
+/// What a cache slot is found by: laid out as a [`FlowKey`], word for word,
+/// so that a flow key is an id as it is. A connection's id differs in four
+/// fields: `hook` has [`slot_id::CONNECTION`] set, `port` is 0, `flags`
+/// holds the watch bits ([`slot_id::watch`]), and `ports` both ports as
+/// the frame's TCP or UDP header has them (the flow key's padding there).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotId {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub ifindex: u32,
+    pub vlan_id: u16,
+    /// The flow key's port; 0 in a connection's id.
+    pub port: u16,
+    pub family: u8,
+    pub proto: u8,
+    /// The [`Hook`] as u8, with [`slot_id::CONNECTION`] for a connection.
+    pub hook: u8,
+    /// A connection's watch bits; else the flow key's flags.
+    pub flags: u8,
+    /// A connection's source and destination ports, in network order;
+    /// else 0.
+    pub ports: [u8; 4],
+}
+
+const _: () = assert!(core::mem::size_of::<SlotId>() == core::mem::size_of::<FlowKey>());
+
+/// The flow key's fields a connection's id does not hold: its service port
+/// and its flags, as the frame that took the slot decided them.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotFlow {
+    pub port: u16,
+    pub flags: u8,
+    pub _pad: [u8; 5],
+}
+
+const _: () = assert!(core::mem::size_of::<SlotFlow>() == 8);
+
+/// The cache slot ids' words, as the kernel builds and compares them in
+/// registers (one version per byte order, as `SlotId` lays its fields out:
+/// word 4 holds ifindex, vlan_id and port, word 5 family, proto, hook,
+/// flags and a connection's ports).
+pub mod slot_id {
+    use crate::KEY_WORDS;
+
+    /// The bit of [`crate::SlotId::hook`] that marks a connection's id (a
+    /// hook is 0 or 1).
+    pub const CONNECTION: u8 = 0x80;
+
+    /// A connection's watch bits ([`crate::SlotId::flags`]): while any is
+    /// set its frames take the full path, which decides what they need
+    /// (the steady state compares the id with the bits clear, so it never
+    /// finds such a slot). The full path sets them again from each frame.
+    pub mod watch {
+        /// The ports are ones the agent wants for names (DNS, DHCP, ...).
+        pub const NAMES: u8 = 1;
+        /// A client's SYN: its ACK of the SYN-ACK is to be followed.
+        pub const HANDSHAKE: u8 = 2;
+    }
+
+    const LITTLE: bool = cfg!(target_endian = "little");
+
+    /// The port field of word 4.
+    pub const PORT_BITS: u64 = if LITTLE { 0xffff << 48 } else { 0xffff };
+    /// The flags field of word 5.
+    pub const FLAGS_BITS: u64 = if LITTLE { 0xff << 24 } else { 0xff << 32 };
+    /// Word 5's family, proto and hook: what a flow key's word 5 keeps.
+    pub const PROTOCOL_BITS: u64 = if LITTLE { 0xff_ffff } else { 0xff_ffff << 40 };
+
+    /// [`CONNECTION`] where word 5 holds the hook.
+    pub const CONNECTION_BITS: u64 = if LITTLE {
+        (CONNECTION as u64) << 16
+    } else {
+        (CONNECTION as u64) << 40
+    };
+
+    /// `flags` where word 5 holds them.
+    #[inline(always)]
+    pub fn flags_bits(flags: u8) -> u64 {
+        if LITTLE {
+            (flags as u64) << 24
+        } else {
+            (flags as u64) << 32
+        }
+    }
+
+    /// Both ports where word 5 holds them, from the first four bytes of a
+    /// TCP or UDP header loaded as one u32 (in the machine's order).
+    #[inline(always)]
+    pub fn ports_bits(ports: u32) -> u64 {
+        if LITTLE {
+            (ports as u64) << 32
+        } else {
+            ports as u64
+        }
+    }
+
+    /// A flow key's port and flags (from its words) as a
+    /// [`crate::SlotFlow`] word.
+    #[inline(always)]
+    pub fn flow_of_key(key: &[u64; KEY_WORDS]) -> u64 {
+        if LITTLE {
+            key[4] >> 48 | ((key[5] >> 24) & 0xff) << 16
+        } else {
+            (key[4] & 0xffff) << 48 | ((key[5] >> 32) & 0xff) << 40
+        }
+    }
+
+    /// What a connection's id holds in word 5 beyond its flow key's
+    /// family, proto and hook: the connection's mark, its watch bits and
+    /// its ports (as [`ports_bits`] takes them). Never 0.
+    #[inline(always)]
+    pub fn connection_part(ports: u32, watch: u8) -> u64 {
+        CONNECTION_BITS | flags_bits(watch) | ports_bits(ports)
+    }
+
+    /// The id of a common frame's connection, from its flow key's words
+    /// and its [`connection_part`].
+    #[inline(always)]
+    pub fn of_connection(key: &[u64; KEY_WORDS], part: u64) -> [u64; KEY_WORDS] {
+        [
+            key[0],
+            key[1],
+            key[2],
+            key[3],
+            key[4] & !PORT_BITS,
+            (key[5] & PROTOCOL_BITS) | part,
+        ]
+    }
+
+    /// The flow key (as words) of a slot's id and flow word: the id's
+    /// addresses, interface and protocol, the flow word's port and flags.
+    /// A flow key's id gives itself back.
+    #[inline(always)]
+    pub fn flow_key(id: &[u64; KEY_WORDS], flow: u64) -> [u64; KEY_WORDS] {
+        let (port, flags) = if LITTLE {
+            (flow & 0xffff, (flow >> 16) & 0xff)
+        } else {
+            (flow >> 48, (flow >> 40) & 0xff)
+        };
+        let (port, flags) = if LITTLE {
+            (port << 48, flags << 24)
+        } else {
+            (port, flags << 32)
+        };
+        [
+            id[0],
+            id[1],
+            id[2],
+            id[3],
+            (id[4] & !PORT_BITS) | port,
+            (id[5] & PROTOCOL_BITS & !CONNECTION_BITS) | flags,
+        ]
+    }
+}
+
+impl CacheSlot {
+    /// The flow the slot's counts belong to.
+    pub fn flow_key(&self) -> FlowKey {
+        // SAFETY: SlotId and SlotFlow are plain integers, 8-byte aligned,
+        // KEY_WORDS and one words long.
+        let (id, flow) = unsafe {
+            (
+                core::ptr::read(&self.id as *const SlotId as *const [u64; KEY_WORDS]),
+                core::ptr::read(&self.flow as *const SlotFlow as *const u64),
+            )
+        };
+        FlowKey::from_words(&slot_id::flow_key(&id, flow))
+    }
+}
 
 /// Words of a [`FlowKey`], for the cache's compare and hash.
 pub const KEY_WORDS: usize = core::mem::size_of::<FlowKey>() / 8;
 
-/// The cache slot of a key (given as its [`KEY_WORDS`] 8-byte words): cheap
-/// enough for every packet, and mixing every word. The words are folded
-/// into two, one with the source address, the other with the destination,
-/// each multiplied by an odd 64-bit constant of its own, and the top bits
-/// of the sum taken (multiply-shift): every bit of every word reaches the
-/// top bits, a flow and its reverse (addresses swapped) land apart, and it
-/// costs two multiplies, which the CPU runs side by side. A collision only
-/// costs a hand-over to the flow table.
+/// The cache slot of an id (given as its [`KEY_WORDS`] 8-byte words, a
+/// [`SlotId`]'s or a flow key's): cheap enough for every packet, and mixing
+/// every word but the watch bits, which change while a connection holds
+/// its slot. The words are folded into two, one with the source address,
+/// the other with the destination, each multiplied by an odd 64-bit
+/// constant of its own, and the top bits of the sum taken (multiply-shift):
+/// every bit of every word reaches the top bits, a flow and its reverse
+/// (addresses swapped) land apart, and it costs two multiplies, which the
+/// CPU runs side by side. A collision only costs a hand-over to the flow
+/// table.
 #[inline(always)]
 pub fn cache_index(words: &[u64; KEY_WORDS]) -> u32 {
     // Random odd constants (digits of pi, made odd).
     const SOURCE: u64 = 0x243F_6A88_85A3_08D3;
     const DESTINATION: u64 = 0x1319_8A2E_0370_7345;
     let source = words[0] ^ words[1] ^ words[4];
-    let destination = words[2] ^ words[3] ^ words[5];
+    let destination = words[2] ^ words[3] ^ (words[5] & !slot_id::FLAGS_BITS);
     let h = source
         .wrapping_mul(SOURCE)
         .wrapping_add(destination.wrapping_mul(DESTINATION));
@@ -416,6 +611,17 @@ impl FlowKey {
             family::IPV6 => Some(IpAddr::V6(Ipv6Addr::from(*bytes))),
             _ => None,
         }
+    }
+
+    /// The key of its 8-byte words (see [`FlowKey::words`]).
+    pub fn from_words(words: &[u64; KEY_WORDS]) -> FlowKey {
+        let mut key = FlowKey::default();
+        for (i, w) in words.iter().enumerate() {
+            // SAFETY: i < KEY_WORDS, so every write is inside the key; any
+            // bytes are a FlowKey (plain integers).
+            unsafe { *(&mut key as *mut FlowKey as *mut u64).add(i) = *w };
+        }
+        key
     }
 
     /// The key as 8-byte words (it is 8-byte aligned and a multiple of 8).
@@ -731,6 +937,102 @@ mod tests {
             })
             .count();
         assert!(apart > 990, "only {apart} of 1000 reverse flows apart");
+    }
+
+    /// The words of a connection's id and of its slot, as the kernel
+    /// writes them (`slot_id`), read as the structs the drain reads.
+    fn connection_slot(key: &FlowKey, ports: [u8; 4], watch: u8) -> CacheSlot {
+        let words = key.words();
+        let id = slot_id::of_connection(
+            &words,
+            slot_id::connection_part(u32::from_ne_bytes(ports), watch),
+        );
+        let mut slot = CacheSlot::default();
+        // SAFETY: SlotId is KEY_WORDS words, SlotFlow one, both plain
+        // integers, 8-byte aligned.
+        unsafe {
+            *(&mut slot.id as *mut SlotId as *mut [u64; KEY_WORDS]) = id;
+            *(&mut slot.flow as *mut SlotFlow as *mut u64) = slot_id::flow_of_key(&words);
+        }
+        slot.counters = Counters {
+            bytes: 100,
+            packets: 1,
+        };
+        slot
+    }
+
+    #[test]
+    fn slot_id_fields_lie_where_the_flow_key_has_its_own() {
+        use core::mem::offset_of;
+        assert_eq!(offset_of!(SlotId, ifindex), offset_of!(FlowKey, ifindex));
+        assert_eq!(offset_of!(SlotId, port), offset_of!(FlowKey, port));
+        assert_eq!(offset_of!(SlotId, family), offset_of!(FlowKey, family));
+        assert_eq!(offset_of!(SlotId, hook), offset_of!(FlowKey, hook));
+        assert_eq!(offset_of!(SlotId, flags), offset_of!(FlowKey, flags));
+        assert_eq!(offset_of!(SlotId, ports), offset_of!(FlowKey, _pad));
+        assert_eq!(offset_of!(CacheSlot, flow), size_of::<FlowKey>());
+        assert_eq!(offset_of!(CacheSlot, counters), size_of::<FlowKey>() + 8);
+    }
+
+    #[test]
+    fn a_connections_slot_gives_back_its_flow_key() {
+        let keys = [
+            test_util::KeyBuilder::v4(0xC612_0101, 0xC612_0202)
+                .tcp(443)
+                .ifindex(7)
+                .build(),
+            test_util::KeyBuilder::v4(0xC612_0202, 0xC612_0101)
+                .tcp(443)
+                .from_server()
+                .hook(crate::Hook::Egress)
+                .vlan(42)
+                .build(),
+            test_util::KeyBuilder::v6(0x2001_0db8 << 96 | 1, 0x2001_0db8 << 96 | 2)
+                .udp(8123)
+                .ifindex(3)
+                .build(),
+        ];
+        for key in keys {
+            for watch in [0, slot_id::watch::NAMES, slot_id::watch::HANDSHAKE] {
+                let slot = connection_slot(&key, [0xc7, 0x38, 0x01, 0xbb], watch);
+                assert_eq!(slot.flow_key(), key, "watch {watch}");
+                assert_eq!(slot.id.ports, [0xc7, 0x38, 0x01, 0xbb]);
+                assert_eq!(slot.id.hook, key.hook | slot_id::CONNECTION);
+                assert_eq!((slot.id.port, slot.id.flags), (0, watch));
+                assert_eq!(slot.flow.port, key.port);
+                assert_eq!(slot.flow.flags, key.flags);
+            }
+            // A flow key's slot: the key itself, given back as it is.
+            let words = key.words();
+            assert_eq!(
+                FlowKey::from_words(&slot_id::flow_key(&words, slot_id::flow_of_key(&words))),
+                key
+            );
+        }
+    }
+
+    #[test]
+    fn a_connections_id_is_neither_empty_nor_a_flow_key_and_keeps_its_slot_whatever_it_watches() {
+        let key = test_util::KeyBuilder::v4(0xC612_0101, 0xC612_0202)
+            .tcp(443)
+            .build();
+        let words = key.words();
+        let id = |ports: u32, watch| {
+            slot_id::of_connection(&words, slot_id::connection_part(ports, watch))
+        };
+        // Ports 0 and 0 (a hostile frame), no watch: still marked.
+        assert_ne!(id(0, 0), [0; KEY_WORDS]);
+        assert_ne!(id(0, 0), words);
+        assert_ne!(id(0, 0)[5] & slot_id::CONNECTION_BITS, 0);
+        for ports in [0, 0x01bb_c738, u32::MAX] {
+            let watched = [0, 1, 2, 3].map(|w| cache_index(&id(ports, w)));
+            assert!(
+                watched.iter().all(|i| *i == watched[0]),
+                "{ports:x}: {watched:?}"
+            );
+        }
+        // Other ports, other ids (and nearly always other slots).
+        assert_ne!(id(0x01bb_c738, 0), id(0x01bb_c739, 0));
     }
 
     #[test]

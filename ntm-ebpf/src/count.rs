@@ -19,6 +19,7 @@ use ntm_common::{
     Counters, FLOW_CACHE_SLOTS, FlowKey, Hook, KEY_WORDS, OutsideKey, OutsideReason, cache_index,
     outside_slot_index, outside_unkeyed_index,
     service_port::{self, PortClass},
+    slot_id::{self, watch},
 };
 
 use ntm_common::tail;
@@ -28,12 +29,13 @@ use crate::{
     lease::{check_lease, lease_check_due},
     maps::{
         FragmentKey, NTM_ACTIVE_FLOWS, NTM_CACHE_HALF, NTM_CACHE_MISSES, NTM_EPHEMERAL_START,
-        NTM_FLOW_CACHE, NTM_FRAGMENTS, NTM_KNOWN_PORTS, NTM_LEARN_MACS, NTM_OUTSIDE,
+        NTM_FLOW_SLOTS, NTM_FRAGMENTS, NTM_KNOWN_PORTS, NTM_LEARN_MACS, NTM_OUTSIDE,
         NTM_OUTSIDE_GENERATION, NTM_OUTSIDE_SLOTS, NTM_OUTSIDE_UNKEYED, NTM_PORT_WORD_MASK,
         NTM_TABLE_EPOCH, NTM_TABLE_FULL, NTM_TC_TAILS, NTM_XDP_TAILS, setting,
     },
     observe::{learn_mac, may_hand_over},
-    parse::{self, Fragment, Frame, KeyBase, NOT_OBSERVED, ParseError, Parsed},
+    parse::{self, Connection, Fragment, Frame, KeyBase, NOT_OBSERVED, ParseError, Parsed},
+    steady,
 };
 
 // bpf_map_update_elem flags and the errno values it returns.
@@ -46,10 +48,11 @@ const PULL_LEN: u32 = 256;
 
 /// How far a program goes with a frame: every program ntm attaches goes
 /// all the way ([`stage::ALL`]); the bench's programs (`ntm_bench_upto_*`
-/// in main.rs, never loaded by the agent) stop after one part each, so that
-/// `cargo xtask bench` can tell what each part costs an ordinary frame. A
-/// const generic: in the real programs every stop folds away at compile
-/// time.
+/// in main.rs, never loaded by the agent) take the full path without the
+/// steady state (`steady.rs`) and stop after one part each, so that `cargo
+/// xtask bench` can tell what each part costs a frame that takes the full
+/// path, and what the steady state saves. A const generic: in the real
+/// programs every stop folds away at compile time.
 pub mod stage {
     /// main.rs: the orphan check and the filter's test (a tail call while
     /// a filter is on).
@@ -63,8 +66,10 @@ pub mod stage {
     /// table when its slot is taken), the lease check.
     pub const COUNT: u8 = 3;
     /// observe.rs: MAC learning, and the tail call to the hand-over of a
-    /// frame the agent wants for names.
-    pub const ALL: u8 = 4;
+    /// frame the agent wants for names: the whole full path.
+    pub const FULL: u8 = 4;
+    /// steady.rs first: the whole program.
+    pub const ALL: u8 = 5;
 }
 
 /// Keeps what a bench program stopping early computed (the key's words and
@@ -101,6 +106,10 @@ pub struct Seen {
     pub len: u32,
     /// Segments in a GSO/GRO aggregate (0 or 1: one frame).
     pub gso_segs: u32,
+    /// A common frame's connection (`parse::parse_common`), which its
+    /// cache slot is found by; `Connection::NONE` for any other frame,
+    /// found by its key.
+    pub connection: Connection,
 }
 
 /// Parses the frame in `ctx` (a fragment put in its datagram's flow,
@@ -145,9 +154,12 @@ pub fn read_tc<const ETHERNET: bool, const UPTO: u8>(
     let common = parse::parse_common::<ETHERNET>(&frame, base, ephemeral_start, is_known_port);
     // SAFETY: as above.
     let (skb_len, gso_segs, ifindex) = unsafe { ((*skb).len, (*skb).gso_segs, (*skb).ifindex) };
-    let (parsed, words) = match common {
-        Some((parsed, words)) => (Ok(parsed), words),
-        None => parse_tc_any::<ETHERNET, UPTO>(ctx, &base(), skb_len, space),
+    let (parsed, words, connection) = match common {
+        Some((parsed, words, connection)) => (Ok(parsed), words, connection),
+        None => {
+            let (parsed, words) = parse_tc_any::<ETHERNET, UPTO>(ctx, &base(), skb_len, space);
+            (parsed, words, Connection::NONE)
+        }
     };
     Seen {
         parsed,
@@ -155,17 +167,23 @@ pub fn read_tc<const ETHERNET: bool, const UPTO: u8>(
         ifindex,
         len: skb_len,
         gso_segs,
+        connection,
     }
 }
 
 #[inline(always)]
 pub fn count_tc<const ETHERNET: bool, const UPTO: u8>(ctx: &TcContext, hook: Hook, filtered: bool) {
+    // Nearly every frame: its connection's, in its slot (`steady.rs`).
+    if UPTO == stage::ALL && !filtered && steady::count_tc::<ETHERNET>(ctx, hook) {
+        return;
+    }
     let mut key_space = MaybeUninit::<FlowKey>::uninit();
     let Seen {
         parsed,
         words,
         len: skb_len,
         gso_segs,
+        connection,
         ..
     } = read_tc::<ETHERNET, UPTO>(ctx, hook, &mut key_space);
     if UPTO == stage::PARSE || UPTO == stage::FRAGMENTS {
@@ -173,18 +191,27 @@ pub fn count_tc<const ETHERNET: bool, const UPTO: u8>(ctx: &TcContext, hook: Hoo
         return;
     }
     let observe = match &parsed {
-        Ok(p) if UPTO == stage::ALL => p.observe,
+        Ok(p) if UPTO >= stage::FULL => p.observe,
         _ => NOT_OBSERVED,
     };
     let handshake = match &parsed {
-        Ok(p) if UPTO == stage::ALL && !filtered => {
+        Ok(p) if UPTO >= stage::FULL && !filtered => {
             handshakes::pending(p.tcp_flags, &words, p.l3_offset, p.header_len)
         }
         _ => handshakes::Pending::NONE,
     };
     // GSO/GRO aggregates count as the segments they carry on the wire.
     let segments = if gso_segs > 1 { gso_segs as u64 } else { 1 };
-    let took_slot = account(parsed, &words, &mut key_space, skb_len, segments, filtered);
+    let slot = slot_of(connection, handshake, &words);
+    let took_slot = account(
+        parsed,
+        &words,
+        slot,
+        &mut key_space,
+        skb_len,
+        segments,
+        filtered,
+    );
     if UPTO == stage::COUNT {
         core::hint::black_box(took_slot);
         return;
@@ -198,7 +225,7 @@ pub fn count_tc<const ETHERNET: bool, const UPTO: u8>(ctx: &TcContext, hook: Hoo
     }
     handshakes::track(handshake, || (ctx.data(), ctx.data_end()));
     // Last, once the frame is counted: for nearly every frame one compare.
-    if UPTO == stage::ALL && may_hand_over(observe) {
+    if UPTO >= stage::FULL && may_hand_over(observe) {
         let slot = match (ETHERNET, hook) {
             (true, Hook::Ingress) => tail::OBSERVE_INGRESS_ETH,
             (true, Hook::Egress) => tail::OBSERVE_EGRESS_ETH,
@@ -263,9 +290,9 @@ pub fn read_xdp(ctx: &XdpContext, space: &mut MaybeUninit<FlowKey>) -> Seen {
         end: ctx.data_end(),
     };
     let ephemeral_start = setting(&NTM_EPHEMERAL_START);
-    let (parsed, words) =
+    let (parsed, words, connection) =
         match parse::parse_common::<true>(&frame, || base, ephemeral_start, is_known_port) {
-            Some((parsed, words)) => (Ok(parsed), words),
+            Some((parsed, words, connection)) => (Ok(parsed), words, connection),
             None => {
                 let key = base.start(space);
                 // In XDP every VLAN tag is still in the frame, and there is
@@ -273,7 +300,7 @@ pub fn read_xdp(ctx: &XdpContext, space: &mut MaybeUninit<FlowKey>) -> Seen {
                 // not there.
                 let parsed = parse::parse_ethernet(&frame, key, ephemeral_start, is_known_port);
                 join_fragments(&parsed, key);
-                (parsed, key.words())
+                (parsed, key.words(), Connection::NONE)
             }
         };
     Seen {
@@ -282,16 +309,22 @@ pub fn read_xdp(ctx: &XdpContext, space: &mut MaybeUninit<FlowKey>) -> Seen {
         ifindex,
         len: (frame.end - frame.data) as u32,
         gso_segs: 1,
+        connection,
     }
 }
 
 #[inline(always)]
 pub fn count_xdp(ctx: &XdpContext, filtered: bool) {
+    // Nearly every frame: its connection's, in its slot (`steady.rs`).
+    if !filtered && steady::count_xdp(ctx) {
+        return;
+    }
     let mut key_space = MaybeUninit::<FlowKey>::uninit();
     let Seen {
         parsed,
         words,
         len: frame_len,
+        connection,
         ..
     } = read_xdp(ctx, &mut key_space);
     let observe = match &parsed {
@@ -302,7 +335,8 @@ pub fn count_xdp(ctx: &XdpContext, filtered: bool) {
         Ok(p) if !filtered => handshakes::pending(p.tcp_flags, &words, p.l3_offset, p.header_len),
         _ => handshakes::Pending::NONE,
     };
-    let took_slot = account(parsed, &words, &mut key_space, frame_len, 1, filtered);
+    let slot = slot_of(connection, handshake, &words);
+    let took_slot = account(parsed, &words, slot, &mut key_space, frame_len, 1, filtered);
     let (data, end) = (ctx.data(), ctx.data_end());
     if took_slot && setting(&NTM_LEARN_MACS) != 0 {
         learn_mac(data, end, store_key(&mut key_space, &words));
@@ -403,6 +437,7 @@ fn join_fragments(parsed: &Result<Parsed, ParseError>, key: &mut FlowKey) {
 fn account(
     parsed: Result<Parsed, ParseError>,
     words: &[u64; KEY_WORDS],
+    slot: Connection,
     space: &mut MaybeUninit<FlowKey>,
     frame_len: u32,
     segments: u64,
@@ -415,7 +450,7 @@ fn account(
         && p.l3_len != 0
         && p.l3_len as u64 + p.l3_offset as u64 <= frame_len as u64
     {
-        return count_cached(words, space, p.l3_len as u64, 1);
+        return count_cached(words, slot, space, p.l3_len as u64, 1);
     }
     // Where the frame goes without a filter, and with which bytes; a frame
     // the filter rejected goes to Filtered with exactly those bytes.
@@ -459,45 +494,78 @@ fn account(
             count_outside(store_key(space, words), reason, bytes, packets);
             false
         }
-        (false, None) => count_cached(words, space, bytes, packets),
+        (false, None) => count_cached(words, slot, space, bytes, packets),
     }
 }
 
-/// Counts into the flow's cache slot; a slot held by another flow first
-/// hands that flow's counts to the flow table. `words` are the key's, as
-/// the parse built them, compared word by word (the BPF backend turns
-/// array copies and compares into calls to byte loops). True if the
-/// frame's flow just took a slot, or, with the cache turned off, a table
-/// entry: the first frame of a flow there, whose MAC is then learnt.
+/// The slot of a frame of `connection`, with the watch bits that keep its
+/// connection's next frames off the steady state while they need what the
+/// full path decides: ports the agent wants for names (set by the parse),
+/// or a handshake whose client's ACK is to be followed.
+#[inline(always)]
+fn slot_of(
+    connection: Connection,
+    handshake: handshakes::Pending,
+    words: &[u64; KEY_WORDS],
+) -> Connection {
+    if connection.0 != 0 && handshakes::awaited(handshake, words) {
+        Connection(connection.0 | slot_id::flags_bits(watch::HANDSHAKE))
+    } else {
+        connection
+    }
+}
+
+/// Counts into the frame's cache slot; a slot held by another flow or
+/// connection first hands its counts to the flow table. `words` are the
+/// key's, as the parse built them; the slot's id is compared word by word
+/// (the BPF backend turns array copies and compares into calls to byte
+/// loops). True if the frame just took a slot, or, with the cache turned
+/// off, a table entry: the first frame of a flow there, whose MAC is then
+/// learnt.
 #[inline(always)]
 fn count_cached(
     words: &[u64; KEY_WORDS],
+    slot: Connection,
     space: &mut MaybeUninit<FlowKey>,
     bytes: u64,
     packets: u64,
 ) -> bool {
     // SAFETY: an aligned load of a word the agent writes with one store.
     let half = unsafe { core::ptr::read_volatile(&raw const NTM_CACHE_HALF) };
+    let connection = slot.0 != 0;
+    let id = if connection {
+        slot_id::of_connection(words, slot.0)
+    } else {
+        *words
+    };
     // The half's slots begin at half * FLOW_CACHE_SLOTS; with the cache
     // off (CACHE_OFF, 2 or more) the index is past the array's end, and
     // the lookup finds no slot.
-    let index = (half << FLOW_CACHE_SLOTS.trailing_zeros()) | cache_index(words);
-    let Some(slot) = NTM_FLOW_CACHE.get_ptr_mut(index) else {
+    let index = (half << FLOW_CACHE_SLOTS.trailing_zeros()) | cache_index(&id);
+    let Some(cached) = NTM_FLOW_SLOTS.get_ptr_mut(index) else {
         // The agent turned the cache off: most frames would miss it.
         return count_flow(store_key(space, words), bytes, packets);
     };
-    let s = slot as *mut u64;
-    // SAFETY: a CacheSlot is KEY_WORDS key words then bytes and packets, all
-    // u64; it is this CPU's, and TC runs with bottom halves off.
+    let s = cached as *mut u64;
+    // SAFETY: a CacheSlot is KEY_WORDS id words, the flow word, then bytes
+    // and packets, all u64; it is this CPU's, and TC runs with bottom
+    // halves off.
     unsafe {
-        let mut same = true;
-        for (i, w) in words.iter().enumerate() {
+        // The flow word's, the bytes' and the packets' places.
+        let (flow, bytes_at, packets_at) = (KEY_WORDS, KEY_WORDS + 1, KEY_WORDS + 2);
+        let held_packets = *s.add(packets_at);
+        // The same id, but a connection's watch bits, which this frame
+        // sets anew.
+        let ignored = if connection { slot_id::FLAGS_BITS } else { 0 };
+        let mut same = (*s.add(5) | ignored) == (id[5] | ignored);
+        for (i, w) in id.iter().take(5).enumerate() {
             same &= *s.add(i) == *w;
         }
-        let held_packets = *s.add(KEY_WORDS + 1);
-        if same && held_packets != 0 {
-            *s.add(KEY_WORDS) += bytes;
-            *s.add(KEY_WORDS + 1) = held_packets + packets;
+        if held_packets != 0 && same {
+            // The watch bits as this frame decided them.
+            *s.add(5) = id[5];
+            *s.add(bytes_at) += bytes;
+            *s.add(packets_at) = held_packets + packets;
             if lease_check_due(held_packets, packets) {
                 check_lease();
             }
@@ -518,14 +586,15 @@ fn count_cached(
                 let _ = count_flow(store_key(space, words), bytes, packets);
                 return false;
             }
-            let held_key = &*(s as *const FlowKey);
-            let _ = count_flow(held_key, *s.add(KEY_WORDS), held_packets);
+            let held_key = slot_id::flow_key(&*(s as *const [u64; KEY_WORDS]), *s.add(flow));
+            let _ = count_flow(store_key(space, &held_key), *s.add(bytes_at), held_packets);
         }
-        for (i, w) in words.iter().enumerate() {
+        for (i, w) in id.iter().enumerate() {
             core::ptr::write_volatile(s.add(i), *w);
         }
-        *s.add(KEY_WORDS) = bytes;
-        *s.add(KEY_WORDS + 1) = packets;
+        *s.add(flow) = slot_id::flow_of_key(words);
+        *s.add(bytes_at) = bytes;
+        *s.add(packets_at) = packets;
     }
     true
 }

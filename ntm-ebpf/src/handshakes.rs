@@ -52,6 +52,22 @@ impl Pending {
     pub const NONE: Self = Self(0);
 }
 
+/// Whether a TCP connection's next frames are to take the full path, which
+/// follows handshakes (`ntm_common::slot_id::watch::HANDSHAKE`): after a
+/// client's SYN (`pending` is one), and while a handshake of its gate slot
+/// waits for its client's ACK, which the steady state would not look at.
+/// `words`: the frame's flow key.
+#[inline(always)]
+pub fn awaited(pending: Pending, words: &[u64; KEY_WORDS]) -> bool {
+    if setting(&NTM_TRACK_HANDSHAKES) == 0
+        || crate::parse::proto_of(words) != ntm_common::ipproto::TCP
+    {
+        return false;
+    }
+    let syn = pending.0 != 0 && Where(pending.0 & 0xffff_ffff).flags() & (SYN | ACK) == SYN;
+    syn || gate_open(gate_index(words))
+}
+
 /// The handshake part of a frame, if it has one. `flags`: its TCP flags
 /// where it may have one (a SYN, a RST or a bare ACK of a common frame),
 /// `ICMP_UNREACHABLE` for a destination unreachable, 0 for any other frame

@@ -11,6 +11,8 @@
 //! names the agent loads them by. The work is in the modules:
 //! - `maps`: every map and load-time setting, by the names the agent uses;
 //! - `parse`: a frame to a flow key;
+//! - `steady`: the steady state, a frame of a connection already in its
+//!   cache slot, counted without deciding anything of it again;
 //! - `count`: the flow key through the per-CPU cache into the flow table,
 //!   or into the outside counts;
 //! - `observe`: the hand-over programs, which look into the frames the
@@ -36,6 +38,7 @@ mod maps;
 mod observe;
 mod parse;
 mod retransmits;
+mod steady;
 
 use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action},
@@ -144,8 +147,9 @@ pub fn ntm_observe_out_l3(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
-// The bench's programs: TC Ethernet ingress stopped after each part (see
-// `count::stage`), for `cargo xtask bench` to tell what each part costs.
+// The bench's programs: TC Ethernet ingress on the full path, without the
+// steady state, stopped after each part (see `count::stage`), for `cargo
+// xtask bench` to tell what each part costs.
 // In the object next to the real ones, sharing their maps; the agent never
 // loads them.
 
@@ -171,6 +175,29 @@ pub fn ntm_bench_upto_fragments(ctx: TcContext) -> i32 {
 #[inline(always)]
 pub fn ntm_bench_upto_count(ctx: TcContext) -> i32 {
     filter_then_count::<true, { stage::COUNT }>(&ctx, Hook::Ingress, tail::FILTER_INGRESS_ETH)
+}
+
+#[classifier]
+#[inline(always)]
+pub fn ntm_bench_full_path(ctx: TcContext) -> i32 {
+    filter_then_count::<true, { stage::FULL }>(&ctx, Hook::Ingress, tail::FILTER_INGRESS_ETH)
+}
+
+// The tests' programs: the steady state alone (`steady.rs`), returning 1
+// if it counted the frame and 0 if it left it to the full path (counting
+// nothing), so that the integration tests can tell which frames it takes.
+// The agent never loads them.
+
+#[classifier]
+#[inline(always)]
+pub fn ntm_test_steady_eth(ctx: TcContext) -> i32 {
+    steady::count_tc::<true>(&ctx, Hook::Ingress) as i32
+}
+
+#[classifier]
+#[inline(always)]
+pub fn ntm_test_steady_l3(ctx: TcContext) -> i32 {
+    steady::count_tc::<false>(&ctx, Hook::Ingress) as i32
 }
 
 #[inline(always)]

@@ -60,10 +60,10 @@ pub static NTM_TABLE_FULL: PerCpuArray<u32, 1> = PerCpuArray::new();
 /// frame then finds its slot with one lookup (the inner lookup of a
 /// map-in-map is a second one, with the key's words spilled around it).
 #[btf_map]
-pub static NTM_FLOW_CACHE: PerCpuArray<CacheSlot, { 2 * FLOW_CACHE_SLOTS as usize }> =
+pub static NTM_FLOW_SLOTS: PerCpuArray<CacheSlot, { 2 * FLOW_CACHE_SLOTS as usize }> =
     PerCpuArray::new();
 
-/// The half of [`NTM_FLOW_CACHE`] the programs count into (0 or 1), or
+/// The half of [`NTM_FLOW_SLOTS`] the programs count into (0 or 1), or
 /// `ntm_common::CACHE_OFF` while the cache does not pay (most frames miss
 /// it: a flood of new flows, a scan): the programs then count into the
 /// table directly. Its own data section, so its own one-word map, which

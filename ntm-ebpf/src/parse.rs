@@ -21,6 +21,7 @@ use network_types::{
 use ntm_common::{
     FlowKey, KEY_WORDS, OutsideReason, family, ipproto, key_flags, observe,
     service_port::{self, PortClass},
+    slot_id,
 };
 
 use crate::hello;
@@ -95,7 +96,7 @@ pub const PEEK_TLS: u8 = 0xfe;
 pub const FOLLOW_TLS: u8 = 0xfd;
 /// A ClientHello's first segment holds at most this much data: a hello of
 /// 16 KiB (what the agent reads at most) in its records.
-const MAX_HELLO_SEGMENT: u32 = 16 * 1024 + 64;
+pub const MAX_HELLO_SEGMENT: u32 = 16 * 1024 + 64;
 /// TCP's PSH flag: the last segment of a write.
 const TCP_PSH: u8 = 0x08;
 
@@ -218,7 +219,7 @@ fn zero_key(key: *mut FlowKey) {
 /// An IPv4 address (as read from the frame) as the first word of a key's
 /// address, the rest zero.
 #[inline(always)]
-fn ipv4_word(address: u32) -> u64 {
+pub fn ipv4_word(address: u32) -> u64 {
     if cfg!(target_endian = "little") {
         address as u64
     } else {
@@ -228,7 +229,7 @@ fn ipv4_word(address: u32) -> u64 {
 
 /// The fifth word: ifindex, vlan_id, port.
 #[inline(always)]
-fn interface_word(ifindex: u32, vlan_id: u16, port: u16) -> u64 {
+pub fn interface_word(ifindex: u32, vlan_id: u16, port: u16) -> u64 {
     if cfg!(target_endian = "little") {
         ifindex as u64 | (vlan_id as u64) << 32 | (port as u64) << 48
     } else {
@@ -238,7 +239,7 @@ fn interface_word(ifindex: u32, vlan_id: u16, port: u16) -> u64 {
 
 /// The sixth word: family, proto, hook, flags; zero padding.
 #[inline(always)]
-fn protocol_word(family: u8, proto: u8, hook: u8, flags: u8) -> u64 {
+pub fn protocol_word(family: u8, proto: u8, hook: u8, flags: u8) -> u64 {
     if cfg!(target_endian = "little") {
         family as u64 | (proto as u64) << 8 | (hook as u64) << 16 | (flags as u64) << 24
     } else {
@@ -264,7 +265,8 @@ pub fn proto_of(words: &[u64; KEY_WORDS]) -> u8 {
 /// the key they would write, as its [`KEY_WORDS`] words: built in
 /// registers, they are stored once, whole, and hashed and compared without
 /// reading the key back from partial stores (which the CPU cannot forward
-/// to a whole-word load). One bounds check per header and no loops. `None`:
+/// to a whole-word load). One bounds check per header and no loops. With
+/// them, the frame's connection, which its cache slot is found by. `None`:
 /// any other frame, for those two to parse.
 #[inline(always)]
 pub fn parse_common<const ETHERNET: bool>(
@@ -272,7 +274,7 @@ pub fn parse_common<const ETHERNET: bool>(
     base: impl FnOnce() -> KeyBase,
     ephemeral_start: u16,
     is_known: impl Fn(PortClass, u16) -> bool,
-) -> Option<(Parsed, [u64; KEY_WORDS])> {
+) -> Option<(Parsed, [u64; KEY_WORDS], Connection)> {
     let l3 = if ETHERNET { EthHdr::LEN } else { 0 };
     let ip = frame.data + l3;
     // The smallest common frame: IPv4 and UDP headers. One check covers
@@ -373,6 +375,14 @@ pub fn parse_common<const ETHERNET: bool>(
         )
     };
     let observe = observed(proto == ipproto::TCP, sport, dport);
+    // SAFETY: as above.
+    let ports = unsafe { *(l4 as *const u32) };
+    let names = if observe != NOT_OBSERVED {
+        slot_id::watch::NAMES
+    } else {
+        0
+    };
+    let connection = Connection(slot_id::connection_part(ports, names));
     let header_len = (ip_len + l4_len) as u32;
     let observe = if observe == NOT_OBSERVED {
         handshake_candidate(
@@ -432,7 +442,19 @@ pub fn parse_common<const ETHERNET: bool>(
         fragment_id: 0,
         tcp_flags: handshake,
     };
-    Some((parsed, words))
+    Some((parsed, words, connection))
+}
+
+/// A common frame's connection, as the part of its cache slot's id that
+/// its flow key does not give (`ntm_common::slot_id::connection_part`: its
+/// ports, and the watch bit of ports the agent wants for names), or
+/// [`Connection::NONE`] for any other frame, whose slot is found by its
+/// flow key. One word, so that it takes one register on the full path.
+#[derive(Clone, Copy)]
+pub struct Connection(pub u64);
+
+impl Connection {
+    pub const NONE: Self = Self(0);
 }
 
 /// Whether a common frame the ports did not pick for names may begin a

@@ -165,9 +165,9 @@ CACHE, FLOWS, VALUES = 0x50000000, 0x51000000, 0x52000000
 def lookup(m, key):
     if m == sym_addr('NTM_ACTIVE_FLOWS'):
         return FLOWS
-    if m == sym_addr('NTM_FLOW_CACHE'):
+    if m == sym_addr('NTM_FLOW_SLOTS'):
         idx = rd(key, 4)
-        return CACHE + idx * 64 if idx < 2 * 4096 else 0
+        return CACHE + idx * 72 if idx < 2 * 4096 else 0
     if m == FLOWS:
         k = bytes(rd(key + i, 1) for i in range(48))
         return flows.get(k, 0)

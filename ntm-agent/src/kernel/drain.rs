@@ -285,6 +285,7 @@ impl FlowTables {
         let outside_unkeyed = take(names::OUTSIDE_UNKEYED)?.try_into()?;
         let outside_generation = take(names::OUTSIDE_GENERATION)?.try_into()?;
         let possible_cpus = aya::util::nr_cpus().map_err(|(_, e)| DrainError::Cpus(e))?;
+        let cache_buffer = CacheBuffer::new(possible_cpus, caches.slot_size());
         Ok(Self {
             slot,
             tables: [table_a, table_b],
@@ -301,7 +302,7 @@ impl FlowTables {
             cache_switch: None,
             possible_cpus,
             batch: ReadBatch::new(possible_cpus),
-            cache_buffer: CacheBuffer::new(possible_cpus),
+            cache_buffer,
             keep_flows: false,
             flows_last_turn: 0,
         })
@@ -561,7 +562,8 @@ fn expected_sizes(name: &str) -> Option<(usize, usize)> {
     Some(match name {
         n if names::FLOW_TABLES.contains(&n) => (size_of::<FlowKey>(), size_of::<Counters>()),
         names::FLOW_CACHE => (four, size_of::<CacheSlot>()),
-        n if names::layout_1::FLOW_CACHES.contains(&n) => (four, size_of::<CacheSlot>()),
+        names::layout_2::FLOW_CACHE => (four, size_of::<layout_2::CacheSlot>()),
+        n if names::layout_1::FLOW_CACHES.contains(&n) => (four, size_of::<layout_2::CacheSlot>()),
         names::OUTSIDE_SLOTS => (four, size_of::<OutsideSlot>()),
         names::OUTSIDE_COUNTERS => (size_of::<OutsideKey>(), size_of::<Counters>()),
         names::OUTSIDE_UNKEYED => (four, size_of::<Counters>()),
@@ -732,16 +734,32 @@ impl ReadBatch {
 
 /// The flow cache's two halves, as the drain reads them.
 enum FlowCaches {
-    /// One per-CPU array, half `i` from slot `i * FLOW_CACHE_SLOTS` on
-    /// (`names::FLOW_CACHE`).
+    /// One per-CPU array of [`CacheSlot`]s, half `i` from slot
+    /// `i * FLOW_CACHE_SLOTS` on (`names::FLOW_CACHE`).
+    Slots(MapData),
+    /// As `Slots`, of layout 2's slots (`names::layout_2`), which an
+    /// earlier agent may have pinned.
     Halves(MapData),
-    /// Two per-CPU arrays, one per half: layout 1's, which an earlier
-    /// agent may have pinned (`names::layout_1`).
+    /// Two per-CPU arrays of layout 2's slots, one per half: layout 1's
+    /// (`names::layout_1`).
     Pair([MapData; 2]),
 }
 
+/// The cache slots of layouts 1 and 2, keyed by the flow key alone.
+mod layout_2 {
+    use ntm_common::{Counters, FlowKey};
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct CacheSlot {
+        pub key: FlowKey,
+        pub counters: Counters,
+    }
+}
+
 impl FlowCaches {
-    /// The cache by this layout's name, else by layout 1's.
+    /// The cache by this layout's name, else by layout 2's, else by layout
+    /// 1's.
     fn take(
         take: &mut impl FnMut(&'static str) -> Result<Map, MapError>,
     ) -> Result<Self, MapError> {
@@ -751,26 +769,56 @@ impl FlowCaches {
                 name: format!("a flow cache that is not a per-CPU array of {slots} slots"),
             }),
         };
-        match take(names::FLOW_CACHE) {
-            Ok(map) => Ok(Self::Halves(cache(map, 2 * FLOW_CACHE_SLOTS)?)),
-            Err(error) => {
-                let [a, b] = names::layout_1::FLOW_CACHES;
-                let Ok(first) = take(a) else {
-                    return Err(error);
-                };
-                Ok(Self::Pair([
-                    cache(first, FLOW_CACHE_SLOTS)?,
-                    cache(take(b)?, FLOW_CACHE_SLOTS)?,
-                ]))
-            }
+        let error = match take(names::FLOW_CACHE) {
+            Ok(map) => return Ok(Self::Slots(cache(map, 2 * FLOW_CACHE_SLOTS)?)),
+            Err(error) => error,
+        };
+        if let Ok(map) = take(names::layout_2::FLOW_CACHE) {
+            return Ok(Self::Halves(cache(map, 2 * FLOW_CACHE_SLOTS)?));
         }
+        let [a, b] = names::layout_1::FLOW_CACHES;
+        let Ok(first) = take(a) else {
+            return Err(error);
+        };
+        Ok(Self::Pair([
+            cache(first, FLOW_CACHE_SLOTS)?,
+            cache(take(b)?, FLOW_CACHE_SLOTS)?,
+        ]))
     }
 
     /// The map that holds half `index` (0 or 1), and the half's first slot.
     fn half(&self, index: usize) -> (&MapData, u32) {
         match self {
-            Self::Halves(cache) => (cache, index as u32 * FLOW_CACHE_SLOTS),
+            Self::Slots(cache) | Self::Halves(cache) => (cache, index as u32 * FLOW_CACHE_SLOTS),
             Self::Pair(caches) => (&caches[index], 0),
+        }
+    }
+
+    /// The bytes of one slot.
+    fn slot_size(&self) -> usize {
+        match self {
+            Self::Slots(_) => size_of::<CacheSlot>(),
+            Self::Halves(_) | Self::Pair(_) => size_of::<layout_2::CacheSlot>(),
+        }
+    }
+
+    /// The flow and counts of a slot's bytes (`slot_size` of them); the
+    /// counts are zero in an empty slot.
+    fn slot(&self, bytes: &[u8]) -> (FlowKey, Counters) {
+        match self {
+            Self::Slots(_) => {
+                // SAFETY: `bytes` is as long as a CacheSlot, which is plain
+                // old data (any bytes are a valid one); read_unaligned
+                // needs no alignment.
+                let slot: CacheSlot = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+                (slot.flow_key(), slot.counters)
+            }
+            Self::Halves(_) | Self::Pair(_) => {
+                // SAFETY: as above, of layout 2's slot.
+                let slot: layout_2::CacheSlot =
+                    unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+                (slot.key, slot.counters)
+            }
         }
     }
 }
@@ -780,16 +828,16 @@ struct CacheBuffer {
     indices: Vec<u32>,
     values: Vec<u8>,
     possible_cpus: usize,
+    slot_size: usize,
 }
 
-const CACHE_SLOT_SIZE: usize = size_of::<CacheSlot>();
-
 impl CacheBuffer {
-    fn new(possible_cpus: usize) -> Self {
+    fn new(possible_cpus: usize, slot_size: usize) -> Self {
         Self {
             indices: (0..FLOW_CACHE_SLOTS).collect(),
-            values: vec![0; FLOW_CACHE_SLOTS as usize * possible_cpus * CACHE_SLOT_SIZE],
+            values: vec![0; FLOW_CACHE_SLOTS as usize * possible_cpus * slot_size],
             possible_cpus,
+            slot_size,
         }
     }
 
@@ -797,7 +845,7 @@ impl CacheBuffer {
         bpf::BatchBuffers {
             keys: &mut self.indices,
             values: &mut self.values,
-            value_size: self.possible_cpus * CACHE_SLOT_SIZE,
+            value_size: self.possible_cpus * self.slot_size,
         }
     }
 
@@ -826,13 +874,10 @@ impl CacheBuffer {
             });
         }
         let mut flows = Vec::new();
-        for chunk in self.values.chunks_exact(CACHE_SLOT_SIZE) {
-            // SAFETY: the chunk is CACHE_SLOT_SIZE bytes, the size of a
-            // CacheSlot, which is plain old data (any bytes are a valid one);
-            // read_unaligned needs no alignment.
-            let slot: CacheSlot = unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast()) };
-            if slot.counters.packets != 0 {
-                flows.push((slot.key, slot.counters));
+        for chunk in self.values.chunks_exact(self.slot_size) {
+            let (key, counters) = caches.slot(chunk);
+            if counters.packets != 0 {
+                flows.push((key, counters));
             }
         }
         if flows.is_empty() {

@@ -70,7 +70,8 @@ pub struct DatapathOptions {
     pub track_handshakes: bool,
     /// TC programs of the object loaded besides those of
     /// [`programs::HOOKS`]: the bench's (`ntm_bench_upto_*`, which stop
-    /// after one part of the counting path); none in the agent. Loaded
+    /// after one part of the full path, and `ntm_bench_full_path`); none
+    /// in the agent. Loaded
     /// with the object; they tail-call the slots of the hooks'
     /// programs, filled when those are first used.
     pub also_load: &'static [&'static str],

@@ -289,6 +289,265 @@ pub fn common_frames_and_the_full_parse_give_one_key() {
     }
 }
 
+/// The tests' programs that run the steady state alone (`steady.rs` in
+/// ntm-ebpf): 1 if it counted the frame, 0 if it left it to the full path.
+const STEADY_ETH: &str = "ntm_test_steady_eth";
+const STEADY_L3: &str = "ntm_test_steady_l3";
+
+/// Runs `frame` through `program` once, without draining: its return value.
+fn run_once(h: &mut Harness, program: &str, frame: &[u8], gso_segs: u32) -> i32 {
+    let mut ctx = [0u8; SKB_CTX_SIZE];
+    ctx[SKB_GSO_SEGS_OFFSET..SKB_GSO_SEGS_OFFSET + 4].copy_from_slice(&gso_segs.to_ne_bytes());
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.ctx_in = Some(&ctx);
+    let prog = h.datapath.tc_program(program).expect("program");
+    prog.test_run(opts).expect("test_run").return_value as i32
+}
+
+/// The steady state counts a connection's frames once the full path has
+/// put the connection in its cache slot, into the flow the full path chose
+/// (the service port and its side), for each family, protocol and link
+/// type; and it leaves to the full path, counting nothing, every frame that
+/// needs more than a count: a SYN or RST, a segment that may begin a TLS
+/// handshake, a long-header QUIC datagram, ports wanted for names, a
+/// handshake whose client's ACK is awaited, and any frame the common parse
+/// does not take (a VLAN tag in the frame, IPv4 options, a fragment, an
+/// aggregate).
+pub fn the_steady_state_counts_only_frames_that_need_no_decision() {
+    let options = DatapathOptions {
+        track_handshakes: true,
+        also_load: &[STEADY_ETH, STEADY_L3],
+        ..Default::default()
+    };
+    let mut h = Harness::with(options, "53/udp=domain,443/tcp=https,443/udp=https");
+    let with_flags = |mut packet: Vec<u8>, flags: u8| {
+        // Byte 13 of the TCP header, after an IPv4 header without options.
+        packet[20 + 13] = flags;
+        packet
+    };
+    let mut quic_short = vec![0x40u8; 1230];
+    quic_short[1..].fill(7);
+    let mut quic_long = vec![0xc3u8; 1230];
+    quic_long[1..5].copy_from_slice(&1u32.to_be_bytes());
+    let hello = [0x16u8, 3, 1, 0, 0x40, 1, 0, 0, 0x3c, 3, 3];
+
+    // (what, link type, L3 packet, the full path's key)
+    let taken = [
+        (
+            "IPv4/TCP data to a service",
+            true,
+            ipv4(6, &[], 0, &tcp(51_000, 443, &[], &[1; 100])),
+            v4().tcp(443).build(),
+        ),
+        (
+            "IPv4/TCP bare ACK from the service",
+            true,
+            with_flags(ipv4(6, &[], 0, &tcp(443, 51_000, &[], &[])), 0x10),
+            v4().tcp(443).from_server().build(),
+        ),
+        (
+            "IPv4/UDP, no known port",
+            true,
+            ipv4(17, &[], 0, &udp(40_000, 8123, &[0; 22])),
+            v4().udp(8123).build(),
+        ),
+        (
+            "IPv6/TCP with options, from a server",
+            true,
+            ipv6(6, &tcp(443, 51_000, &[1; 8], &[0; 10])),
+            v6().tcp(443).from_server().build(),
+        ),
+        (
+            "IPv6/UDP, a short-header QUIC datagram",
+            true,
+            ipv6(17, &udp(51_000, 443, &quic_short)),
+            v6().udp(443).build(),
+        ),
+        (
+            "IPv4/UDP on a raw-IP link",
+            false,
+            ipv4(17, &[], 0, &udp(40_000, 8123, &[0; 22])),
+            v4().udp(8123).build(),
+        ),
+    ];
+    for (what, ethernet, packet, key) in taken {
+        let (full, steady, frame) = if ethernet {
+            let ethertype = if packet[0] >> 4 == 4 {
+                ETH_IPV4
+            } else {
+                ETH_IPV6
+            };
+            (TC_INGRESS_ETH, STEADY_ETH, eth(ethertype, &[], &packet))
+        } else {
+            (TC_INGRESS_L3, STEADY_L3, packet.clone())
+        };
+        assert_eq!(
+            run_once(&mut h, steady, &frame, 0),
+            0,
+            "{what}: no slot yet"
+        );
+        assert_eq!(run_once(&mut h, full, &frame, 0), -1, "{what}");
+        for _ in 0..3 {
+            assert_eq!(
+                run_once(&mut h, steady, &frame, 0),
+                1,
+                "{what}: in its slot"
+            );
+        }
+        let (got, c) = only_flow(&h.tables.drain().expect("drain"));
+        assert_eq!(got, key, "{what}");
+        let bytes = packet.len() as u64;
+        assert_eq!(
+            c,
+            Counters {
+                bytes: 4 * bytes,
+                packets: 4
+            },
+            "{what}"
+        );
+    }
+
+    // (what, Ethernet frame, GSO segments)
+    let tcp_to_service = |flags: u8, data: &[u8]| {
+        eth(
+            ETH_IPV4,
+            &[],
+            &with_flags(ipv4(6, &[], 0, &tcp(51_000, 443, &[], data)), flags),
+        )
+    };
+    let left = [
+        ("a SYN", tcp_to_service(0x02, &[]), 0),
+        ("a RST", tcp_to_service(0x14, &[]), 0),
+        ("a TLS handshake record", tcp_to_service(0x18, &hello), 0),
+        (
+            "a DNS response",
+            eth(ETH_IPV4, &[], &ipv4(17, &[], 0, &udp(53, 40_000, &[0; 30]))),
+            0,
+        ),
+        (
+            "a DHCP request",
+            eth(ETH_IPV4, &[], &ipv4(17, &[], 0, &udp(68, 67, &[0; 30]))),
+            0,
+        ),
+        (
+            "a long-header QUIC datagram",
+            eth(ETH_IPV6, &[], &ipv6(17, &udp(51_000, 443, &quic_long))),
+            0,
+        ),
+        (
+            "a VLAN tag in the frame",
+            eth(
+                ETH_IPV4,
+                &[(TPID_8021Q, 7)],
+                &ipv4(17, &[], 0, &udp(40_000, 8123, &[0; 22])),
+            ),
+            0,
+        ),
+        (
+            "IPv4 options",
+            eth(
+                ETH_IPV4,
+                &[],
+                &ipv4(17, &[1; 4], 0, &udp(40_000, 8123, &[0; 22])),
+            ),
+            0,
+        ),
+        (
+            "a first fragment",
+            eth(
+                ETH_IPV4,
+                &[],
+                &ipv4(17, &[], 0x2000, &udp(40_000, 8123, &[0; 22])),
+            ),
+            0,
+        ),
+        (
+            "an aggregate of 2 segments",
+            tcp_to_service(0x10, &[1; 100]),
+            2,
+        ),
+    ];
+    for (what, frame, gso_segs) in left {
+        assert_eq!(
+            run_once(&mut h, TC_INGRESS_ETH, &frame, gso_segs),
+            -1,
+            "{what}"
+        );
+        assert_eq!(
+            run_once(&mut h, STEADY_ETH, &frame, gso_segs),
+            0,
+            "{what}: for the full path"
+        );
+        let drained = h.tables.drain().expect("drain");
+        let packets: u64 = drained.flows.iter().map(|(_, c)| c.packets).sum::<u64>()
+            + drained.outside.iter().map(|(_, c)| c.packets).sum::<u64>();
+        assert_eq!(packets, gso_segs.max(1) as u64, "{what}: counted once");
+    }
+
+    // A handshake: after the client's SYN its frames take the full path,
+    // which follows the client's ACK of the SYN-ACK, until the handshake
+    // has ended.
+    // A client port of its own: the SYN and RST above were 51000's.
+    let segment = |from_client: bool, flags: u8, seq: u32, ack: u32| {
+        let mut f = tcp_to_service(flags, &[]);
+        f[34..36].copy_from_slice(&40_002u16.to_be_bytes());
+        if !from_client {
+            let (src, dst) = (f[26..30].to_vec(), f[30..34].to_vec());
+            f[26..30].copy_from_slice(&dst);
+            f[30..34].copy_from_slice(&src);
+            f[34..38].copy_from_slice(&[0x01, 0xbb, 0x9c, 0x42]);
+        }
+        f[38..42].copy_from_slice(&seq.to_be_bytes());
+        f[42..46].copy_from_slice(&ack.to_be_bytes());
+        f
+    };
+    let ack = segment(true, 0x10, 1001, 5001);
+    let handshakes = h.datapath.take_handshakes().expect("handshakes followed");
+    assert_eq!(run_once(&mut h, TC_INGRESS_ETH, &ack, 0), -1);
+    assert_eq!(run_once(&mut h, STEADY_ETH, &ack, 0), 1, "no handshake yet");
+    assert_eq!(
+        run_once(&mut h, TC_INGRESS_ETH, &segment(true, 0x02, 1000, 0), 0),
+        -1
+    );
+    assert_eq!(
+        run_once(&mut h, STEADY_ETH, &ack, 0),
+        0,
+        "the SYN's ACK awaited"
+    );
+    assert_eq!(
+        run_once(&mut h, TC_INGRESS_ETH, &segment(false, 0x12, 5000, 1001), 0),
+        -1
+    );
+    assert_eq!(handshakes.waiting(), 1, "the SYN-ACK opens its gate");
+    assert_eq!(
+        run_once(&mut h, STEADY_ETH, &ack, 0),
+        0,
+        "the SYN-ACK's ACK awaited"
+    );
+    assert_eq!(run_once(&mut h, TC_INGRESS_ETH, &ack, 0), -1);
+    assert_eq!(
+        handshakes.waiting(),
+        0,
+        "the client's ACK, followed, closes it"
+    );
+    // The frame that closed the gate still found it open: the next one
+    // through the full path clears the connection's watch.
+    assert_eq!(run_once(&mut h, TC_INGRESS_ETH, &ack, 0), -1);
+    assert_eq!(
+        run_once(&mut h, STEADY_ETH, &ack, 0),
+        1,
+        "the handshake has ended"
+    );
+    let drained = h.tables.drain().expect("drain");
+    let packets: u64 = drained.flows.iter().map(|(_, c)| c.packets).sum();
+    assert_eq!(
+        packets, 7,
+        "every segment counted once: {:?}",
+        drained.flows
+    );
+}
+
 pub fn ipv6_extension_header_chains() {
     let mut h = Harness::new();
     // hop-by-hop -> destination options (16 bytes) -> fragment (first) -> UDP.

@@ -83,6 +83,7 @@ const TESTS: &[(Needs, &str, fn())] = tests![
     Root: filters::a_long_filter_loads_and_agrees_with_libpcap,
     Root: frames::ipv4_udp_to_a_known_port_in_both_directions,
     Root: frames::repeated_frames_are_counted_exactly,
+    Root: frames::the_steady_state_counts_only_frames_that_need_no_decision,
     Root: frames::a_syn_flood_cannot_grow_the_handshake_table,
     Root: frames::a_handshake_holds_its_gate_open_until_its_client_acks,
     Root: frames::single_and_double_vlan_tags_in_the_frame,

@@ -1,0 +1,307 @@
+//! The steady state: a frame of a connection that already holds its flow
+//! cache slot, counted with as few instructions as the kernel allows.
+//!
+//! Nearly every frame is one (a TCP or UDP frame of a connection seen
+//! before, on its way in or out). The full path (`parse::parse_common`,
+//! `count.rs`) decides for each frame its flow key's service port (the
+//! service-port rule and the known-port bitmap), whether the agent wants it
+//! for names, and its part in a TCP handshake. A connection decides those
+//! the same way for all its frames but a few, so the full path stores what
+//! it decided in the connection's slot ([`ntm_common::CacheSlot`]), and
+//! here a frame only shows that it is not one of those few:
+//! - a SYN or RST (handshakes), a TCP segment with data while any hello is
+//!   followed or whose data begins a TLS handshake record (or lies beyond
+//!   the linear data at the end of a write), a UDP datagram long enough
+//!   for a QUIC Initial with a long header: tested per frame;
+//! - a connection on ports the agent wants for names, a client's SYN
+//!   awaiting its ACK: the slot's watch bits (`slot_id::watch`), which
+//!   this path's compare never matches.
+//!
+//! Any other frame, or a connection not in its slot, returns false having
+//! counted nothing, and takes the full path, which parses it again: the
+//! price of a miss, which the flow cache's own policy bounds (the agent
+//! turns the cache off when most frames miss it, and then this path ends
+//! at its first load).
+
+use aya_ebpf::programs::{TcContext, XdpContext};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+use ntm_common::{
+    CACHE_OFF, FLOW_CACHE_SLOTS, Hook, KEY_WORDS, cache_index, family,
+    handshake::tcp_flags::{RST, SYN},
+    ipproto, observe, slot_id,
+};
+
+use crate::{
+    hello,
+    lease::{check_lease, lease_check_due},
+    maps::{NTM_CACHE_HALF, NTM_FLOW_SLOTS},
+    parse::{MAX_HELLO_SEGMENT, interface_word, ipv4_word, protocol_word},
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+/// TCP's PSH flag: the last segment of a write.
+const TCP_PSH: u8 = 0x08;
+/// The first byte of a TLS handshake record (a ClientHello's among them).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Counts a TC frame of a connection in its slot; false: nothing counted.
+#[inline(always)]
+pub fn count_tc<const ETHERNET: bool>(ctx: &TcContext, hook: Hook) -> bool {
+    let skb = ctx.skb.skb;
+    count::<ETHERNET>(ctx.data(), ctx.data_end(), hook, || {
+        // SAFETY: `skb` is the kernel's __sk_buff for this frame, valid for
+        // the program's run; these fields are readable by TC programs.
+        let (len, gso_segs, ifindex, vlan_present, vlan_tci) = unsafe {
+            (
+                (*skb).len,
+                (*skb).gso_segs,
+                (*skb).ifindex,
+                (*skb).vlan_present,
+                (*skb).vlan_tci,
+            )
+        };
+        let vlan_id = if vlan_present != 0 {
+            (vlan_tci & 0x0fff) as u16
+        } else {
+            0
+        };
+        // An aggregate counts as the segments it carries: the full path.
+        Frame {
+            len: if gso_segs > 1 { 0 } else { len },
+            ifindex,
+            vlan_id,
+        }
+    })
+}
+
+/// Counts an XDP frame of a connection in its slot; false: nothing counted.
+#[inline(always)]
+pub fn count_xdp(ctx: &XdpContext) -> bool {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    count::<true>(data, end, Hook::Ingress, || Frame {
+        len: (end - data) as u32,
+        // SAFETY: the context pointer is the kernel's xdp_md for this frame.
+        ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
+        // In XDP a tag is still in the frame, whose EtherType then is not
+        // IP: such a frame takes the full path.
+        vlan_id: 0,
+    })
+}
+
+/// What the hook says of a frame, read once its headers have passed.
+struct Frame {
+    /// Its bytes; 0 for an aggregate of several segments.
+    len: u32,
+    ifindex: u32,
+    vlan_id: u16,
+}
+
+#[inline(always)]
+fn count<const ETHERNET: bool>(
+    data: usize,
+    end: usize,
+    hook: Hook,
+    frame: impl FnOnce() -> Frame,
+) -> bool {
+    // SAFETY: an aligned load of a word the agent writes with one store.
+    let half = unsafe { core::ptr::read_volatile(&raw const NTM_CACHE_HALF) };
+    if half >= CACHE_OFF {
+        return false;
+    }
+    let l3 = if ETHERNET { EthHdr::LEN } else { 0 };
+    let ip = data + l3;
+    // The smallest frame taken here: IPv4 and UDP headers. One check
+    // covers the EtherType and every IPv4 field read below.
+    if ip + Ipv4Hdr::LEN + UdpHdr::LEN > end {
+        return false;
+    }
+    // Fields are read as `parse::parse_common` reads them (see there).
+    // SAFETY: the first byte of the IP header, checked above.
+    let version = unsafe { *(ip as *const u8) } >> 4;
+    // The EtherType as the frame has it (big-endian), compared with the
+    // version's.
+    let ethertype = if ETHERNET {
+        // SAFETY: bytes 12 and 13 are before `ip`, checked above.
+        unsafe { *((data + 12) as *const u16) }
+    } else {
+        0
+    };
+    // Each version on a path of its own: an IPv4 id's zero words are then
+    // constants, not values kept for the compare.
+    match version {
+        4 if !ETHERNET || ethertype == ETH_P_IP.to_be() => {
+            count_ip::<false>(half, ip, l3, end, hook, frame)
+        }
+        6 if !ETHERNET || ethertype == ETH_P_IPV6.to_be() => {
+            count_ip::<true>(half, ip, l3, end, hook, frame)
+        }
+        _ => false,
+    }
+}
+
+/// [`count`] from the IP header at `ip` on (`l3` bytes into the frame).
+#[inline(always)]
+fn count_ip<const V6: bool>(
+    half: u32,
+    ip: usize,
+    l3: usize,
+    end: usize,
+    hook: Hook,
+    frame: impl FnOnce() -> Frame,
+) -> bool {
+    let (ip_len, proto, l3_len) = if V6 {
+        if ip + Ipv6Hdr::LEN + UdpHdr::LEN > end {
+            return false;
+        }
+        // SAFETY: inside the 48 bytes just checked.
+        let (payload_len, next) = unsafe {
+            (
+                u16::from_be(*((ip + 4) as *const u16)),
+                *((ip + 6) as *const u8),
+            )
+        };
+        // A payload length of 0 (a jumbogram or an aggregate) fails the
+        // length test below.
+        (Ipv6Hdr::LEN, next, payload_len as u32 + Ipv6Hdr::LEN as u32)
+    } else {
+        // SAFETY: inside the 28 bytes the caller checked.
+        let (vihl, tot_len, frags, proto) = unsafe {
+            (
+                *(ip as *const u8),
+                u16::from_be(*((ip + 2) as *const u16)),
+                u16::from_be(*((ip + 6) as *const u16)),
+                *((ip + 9) as *const u8),
+            )
+        };
+        // No options, not a fragment.
+        if vihl != 0x45 || frags & 0x3fff != 0 {
+            return false;
+        }
+        (Ipv4Hdr::LEN, proto, tot_len as u32)
+    };
+    let l4 = ip + ip_len;
+    let header_len = match proto {
+        ipproto::TCP => {
+            if l4 + TcpHdr::LEN > end {
+                return false;
+            }
+            // SAFETY: the 20-byte TCP header was just checked.
+            let (doff, flags) =
+                unsafe { (*((l4 + 12) as *const u8) >> 4, *((l4 + 13) as *const u8)) };
+            if flags & (SYN | RST) != 0 {
+                return false;
+            }
+            let header_len = (ip_len + doff as usize * 4) as u32;
+            // The data's length by the IP header; a header longer than
+            // that (a malformed frame, or an IPv6 aggregate) wraps it
+            // huge, past any hello.
+            let data_len = l3_len.wrapping_sub(header_len);
+            if (observe::HELLO_PREFIX_LEN as u32..=MAX_HELLO_SEGMENT).contains(&data_len) {
+                // Data that may begin a ClientHello, or continue one
+                // followed: the full path's tests (`parse::
+                // handshake_candidate`), or a superset of them.
+                if hello::any_followed() {
+                    return false;
+                }
+                let payload = ip + header_len as usize;
+                if payload + observe::HELLO_PREFIX_LEN > end {
+                    // Data beyond the linear part: the full path peeks at
+                    // the end of a write.
+                    if flags & TCP_PSH != 0 {
+                        return false;
+                    }
+                // SAFETY: the byte at `payload` is inside the check above.
+                } else if unsafe { *(payload as *const u8) } == TLS_HANDSHAKE {
+                    return false;
+                }
+            }
+            header_len
+        }
+        ipproto::UDP => {
+            let header_len = (ip_len + UdpHdr::LEN) as u32;
+            if l3_len.wrapping_sub(header_len) >= observe::QUIC_MIN_DATAGRAM {
+                // A long header (bit 7 of the first byte) may be an
+                // Initial; a short one never is.
+                let payload = l4 + UdpHdr::LEN;
+                if payload + 1 > end {
+                    return false;
+                }
+                // SAFETY: the byte at `payload` was just checked.
+                if unsafe { *(payload as *const u8) } & 0x80 != 0 {
+                    return false;
+                }
+            }
+            header_len
+        }
+        _ => return false,
+    };
+    let Frame {
+        len,
+        ifindex,
+        vlan_id,
+    } = frame();
+    // One packet whose length field the frame holds, with its headers (an
+    // aggregate's `len` is 0).
+    if l3_len < header_len || l3_len as u64 + l3 as u64 > len as u64 {
+        return false;
+    }
+    // SAFETY: the first 4 bytes of the L4 header are inside the checks
+    // above; the addresses inside the IP header.
+    let (ports, src, dst) = unsafe {
+        let ports = *(l4 as *const u32);
+        let (src, dst) = if V6 {
+            let words = (ip + 8) as *const u64;
+            ([*words, *words.add(1)], [*words.add(2), *words.add(3)])
+        } else {
+            (
+                [ipv4_word(*((ip + 12) as *const u32)), 0],
+                [ipv4_word(*((ip + 16) as *const u32)), 0],
+            )
+        };
+        (ports, src, dst)
+    };
+    let fam = if V6 { family::IPV6 } else { family::IPV4 };
+    // The connection's id with its watch bits clear (see `slot_id`).
+    let id: [u64; KEY_WORDS] = [
+        src[0],
+        src[1],
+        dst[0],
+        dst[1],
+        interface_word(ifindex, vlan_id, 0),
+        protocol_word(fam, proto, hook as u8 | slot_id::CONNECTION, 0) | slot_id::ports_bits(ports),
+    ];
+    let index = (half << FLOW_CACHE_SLOTS.trailing_zeros()) | cache_index(&id);
+    let Some(slot) = NTM_FLOW_SLOTS.get_ptr_mut(index) else {
+        return false;
+    };
+    let s = slot as *mut u64;
+    // SAFETY: a CacheSlot is KEY_WORDS id words, the flow word, then bytes
+    // and packets, all u64; it is this CPU's, and TC and XDP run with
+    // bottom halves off. An empty slot is all zero, which no connection's
+    // id is (its hook has CONNECTION set), so a match is a slot in use.
+    unsafe {
+        // An IPv4 id's words 1 and 3 are zero, and word 5 holds the
+        // family: a slot whose words 0, 2, 4 and 5 match is this
+        // connection's.
+        if *s != id[0] || *s.add(2) != id[2] || *s.add(4) != id[4] || *s.add(5) != id[5] {
+            return false;
+        }
+        if V6 && (*s.add(1) != id[1] || *s.add(3) != id[3]) {
+            return false;
+        }
+        let packets = s.add(KEY_WORDS + 2);
+        let held = *packets;
+        *s.add(KEY_WORDS + 1) += l3_len as u64;
+        *packets = held + 1;
+        if lease_check_due(held, 1) {
+            check_lease();
+        }
+    }
+    true
+}
