@@ -448,7 +448,9 @@ pub mod slot_id {
     /// (the steady state compares the id with the bits clear, so it never
     /// finds such a slot). The full path sets them again from each frame.
     pub mod watch {
-        /// The ports are ones the agent wants for names (DNS, DHCP, ...).
+        /// The last frame through the full path was one the agent wants
+        /// for names: on ports it wants (DNS, DHCP), or a hello's segment,
+        /// which the next ones may continue.
         pub const NAMES: u8 = 1;
         /// A client's SYN: its ACK of the SYN-ACK is to be followed.
         pub const HANDSHAKE: u8 = 2;

@@ -500,8 +500,8 @@ fn account(
 
 /// The slot of a frame of `connection`, with the watch bits that keep its
 /// connection's next frames off the steady state while they need what the
-/// full path decides: ports the agent wants for names (set by the parse),
-/// or a handshake whose client's ACK is to be followed.
+/// full path decides: a frame the agent wants for names (set by the
+/// parse), or a handshake whose client's ACK is to be followed.
 #[inline(always)]
 fn slot_of(
     connection: Connection,

@@ -143,16 +143,6 @@ pub fn is_followed(sport: u16, dport: u16) -> bool {
     }
 }
 
-/// Whether any hello is followed now (the gate in front of the buckets is
-/// open): the steady state (`steady.rs`) leaves every TCP segment with
-/// data to the full path then, which asks the segment's bucket.
-#[inline(always)]
-pub fn any_followed() -> bool {
-    // SAFETY: an aligned load of a word other CPUs write with single
-    // stores.
-    unsafe { core::ptr::read_volatile(&raw const NTM_HELLO_GATE) != 0 }
-}
-
 /// Closes the gate once the hello followed last is given up: called with
 /// the clock's `now` where the programs read it anyway, about once per
 /// 4,096 frames of a flow (`lease::check_lease`). A hello followed while

@@ -32,6 +32,13 @@ pub fn lease_check_due(before: u64, added: u64) -> bool {
     (before + added) >> LEASE_CHECK_SHIFT != before >> LEASE_CHECK_SHIFT
 }
 
+/// Whether a counter that one packet took to `packets` just crossed a
+/// lease check point ([`lease_check_due`] of one packet, in one test).
+#[inline(always)]
+pub fn lease_check_due_at(packets: u64) -> bool {
+    packets & ((1 << LEASE_CHECK_SHIFT) - 1) == 0
+}
+
 /// Stops counting for good if the lease ran out. A call of its own, taken
 /// about once per 4096 frames, so the clock read is off the hot path.
 ///

@@ -375,14 +375,6 @@ pub fn parse_common<const ETHERNET: bool>(
         )
     };
     let observe = observed(proto == ipproto::TCP, sport, dport);
-    // SAFETY: as above.
-    let ports = unsafe { *(l4 as *const u32) };
-    let names = if observe != NOT_OBSERVED {
-        slot_id::watch::NAMES
-    } else {
-        0
-    };
-    let connection = Connection(slot_id::connection_part(ports, names));
     let header_len = (ip_len + l4_len) as u32;
     let observe = if observe == NOT_OBSERVED {
         handshake_candidate(
@@ -396,6 +388,18 @@ pub fn parse_common<const ETHERNET: bool>(
     } else {
         observe
     };
+    // A frame the agent wants for names keeps its connection's next frames
+    // on the full path: on ports wanted for names all of them; after a
+    // hello's first segment those that may continue it, which the full
+    // path tells (a hello followed), until one does not.
+    let names = if observe != NOT_OBSERVED {
+        slot_id::watch::NAMES
+    } else {
+        0
+    };
+    // SAFETY: as above.
+    let ports = unsafe { *(l4 as *const u32) };
+    let connection = Connection(slot_id::connection_part(ports, names));
     let (port, port_is_src) =
         service_port::choose_with_side(sport, dport, ephemeral_start, |p| is_known(class, p));
     let flags = if port_is_src {
@@ -447,7 +451,7 @@ pub fn parse_common<const ETHERNET: bool>(
 
 /// A common frame's connection, as the part of its cache slot's id that
 /// its flow key does not give (`ntm_common::slot_id::connection_part`: its
-/// ports, and the watch bit of ports the agent wants for names), or
+/// ports, and the watch bit of a frame the agent wants for names), or
 /// [`Connection::NONE`] for any other frame, whose slot is found by its
 /// flow key. One word, so that it takes one register on the full path.
 #[derive(Clone, Copy)]

@@ -9,13 +9,15 @@
 //! the same way for all its frames but a few, so the full path stores what
 //! it decided in the connection's slot ([`ntm_common::CacheSlot`]), and
 //! here a frame only shows that it is not one of those few:
-//! - a SYN or RST (handshakes), a TCP segment with data while any hello is
-//!   followed or whose data begins a TLS handshake record (or lies beyond
-//!   the linear data at the end of a write), a UDP datagram long enough
-//!   for a QUIC Initial with a long header: tested per frame;
-//! - a connection on ports the agent wants for names, a client's SYN
-//!   awaiting its ACK: the slot's watch bits (`slot_id::watch`), which
-//!   this path's compare never matches.
+//! - a SYN or RST (handshakes), a TCP segment whose data begins a TLS
+//!   handshake record (or lies beyond the linear data at the end of a
+//!   write), a UDP datagram long enough for a QUIC Initial with a long
+//!   header: tested per frame;
+//! - a connection on ports the agent wants for names, one whose last frame
+//!   through the full path was handed over for names (a hello's first
+//!   segment, whose next ones may continue it), a handshake awaiting its
+//!   client's ACK: the slot's watch bits (`slot_id::watch`), which this
+//!   path's compare never matches.
 //!
 //! Any other frame, or a connection not in its slot, returns false having
 //! counted nothing, and takes the full path, which parses it again: the
@@ -24,6 +26,7 @@
 //! at its first load).
 
 use aya_ebpf::programs::{TcContext, XdpContext};
+use core::ptr::read_volatile;
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -37,8 +40,7 @@ use ntm_common::{
 };
 
 use crate::{
-    hello,
-    lease::{check_lease, lease_check_due},
+    lease::{check_lease, lease_check_due_at},
     maps::{NTM_CACHE_HALF, NTM_FLOW_SLOTS},
     parse::{MAX_HELLO_SEGMENT, interface_word, ipv4_word, protocol_word},
 };
@@ -74,8 +76,7 @@ pub fn count_tc<const ETHERNET: bool>(ctx: &TcContext, hook: Hook) -> bool {
         // An aggregate counts as the segments it carries: the full path.
         Frame {
             len: if gso_segs > 1 { 0 } else { len },
-            ifindex,
-            vlan_id,
+            iface: interface_word(ifindex, vlan_id, 0),
         }
     })
 }
@@ -86,11 +87,10 @@ pub fn count_xdp(ctx: &XdpContext) -> bool {
     let (data, end) = (ctx.data(), ctx.data_end());
     count::<true>(data, end, Hook::Ingress, || Frame {
         len: (end - data) as u32,
-        // SAFETY: the context pointer is the kernel's xdp_md for this frame.
-        ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
         // In XDP a tag is still in the frame, whose EtherType then is not
         // IP: such a frame takes the full path.
-        vlan_id: 0,
+        // SAFETY: the context pointer is the kernel's xdp_md for this frame.
+        iface: interface_word(unsafe { (*ctx.ctx).ingress_ifindex }, 0, 0),
     })
 }
 
@@ -98,8 +98,8 @@ pub fn count_xdp(ctx: &XdpContext) -> bool {
 struct Frame {
     /// Its bytes; 0 for an aggregate of several segments.
     len: u32,
-    ifindex: u32,
-    vlan_id: u16,
+    /// The id's word of its interface and VLAN tag.
+    iface: u64,
 }
 
 #[inline(always)]
@@ -109,6 +109,7 @@ fn count<const ETHERNET: bool>(
     hook: Hook,
     frame: impl FnOnce() -> Frame,
 ) -> bool {
+    let frame = frame();
     // SAFETY: an aligned load of a word the agent writes with one store.
     let half = unsafe { core::ptr::read_volatile(&raw const NTM_CACHE_HALF) };
     if half >= CACHE_OFF {
@@ -116,32 +117,36 @@ fn count<const ETHERNET: bool>(
     }
     let l3 = if ETHERNET { EthHdr::LEN } else { 0 };
     let ip = data + l3;
-    // The smallest frame taken here: IPv4 and UDP headers. One check
-    // covers the EtherType and every IPv4 field read below.
-    if ip + Ipv4Hdr::LEN + UdpHdr::LEN > end {
+    // The smallest frame taken here: IPv4 and UDP headers and a byte of
+    // data (a UDP datagram's first is tested below; an Ethernet frame is
+    // never shorter, padded to 60 bytes). One check covers the EtherType
+    // and every IPv4 field read below.
+    if ip + Ipv4Hdr::LEN + UdpHdr::LEN + 1 > end {
         return false;
     }
     // Fields are read as `parse::parse_common` reads them (see there).
     // SAFETY: the first byte of the IP header, checked above.
     let version = unsafe { *(ip as *const u8) } >> 4;
-    // The EtherType as the frame has it (big-endian), compared with the
-    // version's.
-    let ethertype = if ETHERNET {
-        // SAFETY: bytes 12 and 13 are before `ip`, checked above.
-        unsafe { *((data + 12) as *const u16) }
-    } else {
-        0
-    };
     // Each version on a path of its own: an IPv4 id's zero words are then
-    // constants, not values kept for the compare.
-    match version {
-        4 if !ETHERNET || ethertype == ETH_P_IP.to_be() => {
+    // constants, not values kept for the compare. On Ethernet the
+    // EtherType (as the frame has it, big-endian) picks it; the IPv4 path
+    // checks the version with the header's length.
+    if ETHERNET {
+        // SAFETY: bytes 12 and 13 are before `ip`, checked above.
+        let ethertype = unsafe { *((data + 12) as *const u16) };
+        if ethertype == ETH_P_IP.to_be() {
             count_ip::<false>(half, ip, l3, end, hook, frame)
-        }
-        6 if !ETHERNET || ethertype == ETH_P_IPV6.to_be() => {
+        } else if ethertype == ETH_P_IPV6.to_be() && version == 6 {
             count_ip::<true>(half, ip, l3, end, hook, frame)
+        } else {
+            false
         }
-        _ => false,
+    } else {
+        match version {
+            4 => count_ip::<false>(half, ip, l3, end, hook, frame),
+            6 => count_ip::<true>(half, ip, l3, end, hook, frame),
+            _ => false,
+        }
     }
 }
 
@@ -153,10 +158,12 @@ fn count_ip<const V6: bool>(
     l3: usize,
     end: usize,
     hook: Hook,
-    frame: impl FnOnce() -> Frame,
+    frame: Frame,
 ) -> bool {
     let (ip_len, proto, l3_len) = if V6 {
-        if ip + Ipv6Hdr::LEN + UdpHdr::LEN > end {
+        // The IPv6 header, a UDP header and the first byte of its data
+        // (see the QUIC test below).
+        if ip + Ipv6Hdr::LEN + UdpHdr::LEN + 1 > end {
             return false;
         }
         // SAFETY: inside the 48 bytes just checked.
@@ -175,12 +182,13 @@ fn count_ip<const V6: bool>(
             (
                 *(ip as *const u8),
                 u16::from_be(*((ip + 2) as *const u16)),
-                u16::from_be(*((ip + 6) as *const u16)),
+                *((ip + 6) as *const u16),
                 *((ip + 9) as *const u8),
             )
         };
-        // No options, not a fragment.
-        if vihl != 0x45 || frags & 0x3fff != 0 {
+        // Version 4 with no options, not a fragment (the offset and MF,
+        // compared as the frame has them).
+        if vihl != 0x45 || frags & 0x3fffu16.to_be() != 0 {
             return false;
         }
         (Ipv4Hdr::LEN, proto, tot_len as u32)
@@ -203,12 +211,11 @@ fn count_ip<const V6: bool>(
             // huge, past any hello.
             let data_len = l3_len.wrapping_sub(header_len);
             if (observe::HELLO_PREFIX_LEN as u32..=MAX_HELLO_SEGMENT).contains(&data_len) {
-                // Data that may begin a ClientHello, or continue one
-                // followed: the full path's tests (`parse::
-                // handshake_candidate`), or a superset of them.
-                if hello::any_followed() {
-                    return false;
-                }
+                // Data that may begin a ClientHello: the full path's tests
+                // (`parse::handshake_candidate`), or a superset of them.
+                // (Data that may continue a hello followed is its
+                // connection's, whose slot the hello's first segment left
+                // watched.)
                 let payload = ip + header_len as usize;
                 if payload + observe::HELLO_PREFIX_LEN > end {
                     // Data beyond the linear part: the full path peeks at
@@ -228,12 +235,9 @@ fn count_ip<const V6: bool>(
             if l3_len.wrapping_sub(header_len) >= observe::QUIC_MIN_DATAGRAM {
                 // A long header (bit 7 of the first byte) may be an
                 // Initial; a short one never is.
-                let payload = l4 + UdpHdr::LEN;
-                if payload + 1 > end {
-                    return false;
-                }
-                // SAFETY: the byte at `payload` was just checked.
-                if unsafe { *(payload as *const u8) } & 0x80 != 0 {
+                // SAFETY: the first byte after the UDP header is inside
+                // the checks of the IP header above.
+                if unsafe { *((l4 + UdpHdr::LEN) as *const u8) } & 0x80 != 0 {
                     return false;
                 }
             }
@@ -241,11 +245,7 @@ fn count_ip<const V6: bool>(
         }
         _ => return false,
     };
-    let Frame {
-        len,
-        ifindex,
-        vlan_id,
-    } = frame();
+    let Frame { len, iface } = frame;
     // One packet whose length field the frame holds, with its headers (an
     // aggregate's `len` is 0).
     if l3_len < header_len || l3_len as u64 + l3 as u64 > len as u64 {
@@ -273,7 +273,7 @@ fn count_ip<const V6: bool>(
         src[1],
         dst[0],
         dst[1],
-        interface_word(ifindex, vlan_id, 0),
+        iface,
         protocol_word(fam, proto, hook as u8 | slot_id::CONNECTION, 0) | slot_id::ports_bits(ports),
     ];
     let index = (half << FLOW_CACHE_SLOTS.trailing_zeros()) | cache_index(&id);
@@ -289,17 +289,36 @@ fn count_ip<const V6: bool>(
         // An IPv4 id's words 1 and 3 are zero, and word 5 holds the
         // family: a slot whose words 0, 2, 4 and 5 match is this
         // connection's.
-        if *s != id[0] || *s.add(2) != id[2] || *s.add(4) != id[4] || *s.add(5) != id[5] {
+        if *s.add(4) != id[4] || *s.add(5) != id[5] {
             return false;
         }
-        if V6 && (*s.add(1) != id[1] || *s.add(3) != id[3]) {
+        // The addresses read from the frame again (volatile: not kept
+        // across the lookup's call, where the BPF target has four
+        // registers that survive a call, and the rest would go to the
+        // stack and back).
+        let (src, dst) = if V6 {
+            let words = (ip + 8) as *const u64;
+            (
+                [read_volatile(words), read_volatile(words.add(1))],
+                [read_volatile(words.add(2)), read_volatile(words.add(3))],
+            )
+        } else {
+            (
+                [ipv4_word(read_volatile((ip + 12) as *const u32)), 0],
+                [ipv4_word(read_volatile((ip + 16) as *const u32)), 0],
+            )
+        };
+        if *s != src[0] || *s.add(2) != dst[0] {
+            return false;
+        }
+        if V6 && (*s.add(1) != src[1] || *s.add(3) != dst[1]) {
             return false;
         }
         let packets = s.add(KEY_WORDS + 2);
-        let held = *packets;
+        let now = *packets + 1;
         *s.add(KEY_WORDS + 1) += l3_len as u64;
-        *packets = held + 1;
-        if lease_check_due(held, 1) {
+        *packets = now;
+        if lease_check_due_at(now) {
             check_lease();
         }
     }
