@@ -16,8 +16,8 @@
 use aya_ebpf::programs::{TcContext, XdpContext};
 use core::mem::MaybeUninit;
 use ntm_common::{
-    Counters, FLOW_CACHE_SLOTS, FlowKey, Hook, KEY_WORDS, OutsideKey, OutsideReason, cache_index,
-    outside_slot_index, outside_unkeyed_index,
+    CACHE_OFF, Counters, FLOW_CACHE_SLOTS, FlowKey, Hook, KEY_WORDS, OutsideKey, OutsideReason,
+    cache_index, outside_slot_index, outside_unkeyed_index,
     service_port::{self, PortClass},
     slot_id::{self, watch},
 };
@@ -539,10 +539,13 @@ fn count_cached(
         *words
     };
     // The half's slots begin at half * FLOW_CACHE_SLOTS; with the cache
-    // off (CACHE_OFF, 2 or more) the index is past the array's end, and
-    // the lookup finds no slot.
-    let index = (half << FLOW_CACHE_SLOTS.trailing_zeros()) | cache_index(&id);
-    let Some(cached) = NTM_FLOW_SLOTS.get_ptr_mut(index) else {
+    // off (CACHE_OFF, 2 or more) no slot is looked for (nor hashed).
+    let cached = if half < CACHE_OFF {
+        NTM_FLOW_SLOTS.get_ptr_mut((half << FLOW_CACHE_SLOTS.trailing_zeros()) | cache_index(&id))
+    } else {
+        None
+    };
+    let Some(cached) = cached else {
         // The agent turned the cache off: most frames would miss it.
         return count_flow(store_key(space, words), bytes, packets);
     };
