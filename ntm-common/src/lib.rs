@@ -531,15 +531,16 @@ pub mod slot_id {
     /// A flow key's id gives itself back.
     #[inline(always)]
     pub fn flow_key(id: &[u64; KEY_WORDS], flow: u64) -> [u64; KEY_WORDS] {
+        // The flow word's port and flags (see `flow_of_key`).
         let (port, flags) = if LITTLE {
-            (flow & 0xffff, (flow >> 16) & 0xff)
+            (flow as u16, (flow >> 16) as u8)
         } else {
-            (flow >> 48, (flow >> 40) & 0xff)
+            ((flow >> 48) as u16, (flow >> 40) as u8)
         };
-        let (port, flags) = if LITTLE {
-            (port << 48, flags << 24)
+        let port = if LITTLE {
+            (port as u64) << 48
         } else {
-            (port, flags << 32)
+            port as u64
         };
         [
             id[0],
@@ -547,7 +548,7 @@ pub mod slot_id {
             id[2],
             id[3],
             (id[4] & !PORT_BITS) | port,
-            (id[5] & PROTOCOL_BITS & !CONNECTION_BITS) | flags,
+            (id[5] & PROTOCOL_BITS & !CONNECTION_BITS) | flags_bits(flags),
         ]
     }
 }
