@@ -42,7 +42,7 @@ use ntm_common::{
 use crate::{
     lease::{check_lease, lease_check_due_at},
     maps::{NTM_CACHE_HALF, NTM_FLOW_SLOTS},
-    parse::{MAX_HELLO_SEGMENT, interface_word, ipv4_word, protocol_word},
+    parse::{interface_word, ipv4_word, protocol_word},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -75,7 +75,7 @@ pub fn count_tc<const ETHERNET: bool>(ctx: &TcContext, hook: Hook) -> bool {
         };
         // An aggregate counts as the segments it carries: the full path.
         Frame {
-            len: if gso_segs > 1 { 0 } else { len },
+            len: if gso_segs > 1 { 0 } else { len as u64 },
             iface: interface_word(ifindex, vlan_id, 0),
         }
     })
@@ -86,7 +86,7 @@ pub fn count_tc<const ETHERNET: bool>(ctx: &TcContext, hook: Hook) -> bool {
 pub fn count_xdp(ctx: &XdpContext) -> bool {
     let (data, end) = (ctx.data(), ctx.data_end());
     count::<true>(data, end, Hook::Ingress, || Frame {
-        len: (end - data) as u32,
+        len: (end - data) as u64,
         // In XDP a tag is still in the frame, whose EtherType then is not
         // IP: such a frame takes the full path.
         // SAFETY: the context pointer is the kernel's xdp_md for this frame.
@@ -97,7 +97,7 @@ pub fn count_xdp(ctx: &XdpContext) -> bool {
 /// What the hook says of a frame, read once its headers have passed.
 struct Frame {
     /// Its bytes; 0 for an aggregate of several segments.
-    len: u32,
+    len: u64,
     /// The id's word of its interface and VLAN tag.
     iface: u64,
 }
@@ -193,6 +193,12 @@ fn count_ip<const V6: bool>(
         }
         (Ipv4Hdr::LEN, proto, tot_len as u32)
     };
+    let Frame { len, iface } = frame;
+    // One packet whose length field the frame holds (an aggregate's `len`
+    // is 0): tested here, so that `len` is not kept past it.
+    if l3_len as u64 + l3 as u64 > len {
+        return false;
+    }
     let l4 = ip + ip_len;
     let header_len = match proto {
         ipproto::TCP => {
@@ -206,25 +212,26 @@ fn count_ip<const V6: bool>(
                 return false;
             }
             let header_len = (ip_len + doff as usize * 4) as u32;
-            // The data's length by the IP header; a header longer than
-            // that (a malformed frame, or an IPv6 aggregate) wraps it
-            // huge, past any hello.
-            let data_len = l3_len.wrapping_sub(header_len);
-            if (observe::HELLO_PREFIX_LEN as u32..=MAX_HELLO_SEGMENT).contains(&data_len) {
-                // Data that may begin a ClientHello: the full path's tests
-                // (`parse::handshake_candidate`), or a superset of them.
-                // (Data that may continue a hello followed is its
-                // connection's, whose slot the hello's first segment left
-                // watched.)
-                let payload = ip + header_len as usize;
-                if payload + observe::HELLO_PREFIX_LEN > end {
-                    // Data beyond the linear part: the full path peeks at
-                    // the end of a write.
-                    if flags & TCP_PSH != 0 {
-                        return false;
-                    }
+            // A superset of the full path's tests for data that may begin
+            // a ClientHello (`parse::handshake_candidate`), without its
+            // range of lengths: data whose first bytes are in the linear
+            // part begins with a TLS handshake record's byte, or the IP
+            // packet goes on past the linear part at the end of a write
+            // (whose data the full path peeks at). A short segment, or
+            // an Ethernet frame's padding, that begins with that byte
+            // only takes the full path for nothing. (Data that may
+            // continue a hello followed is its connection's, whose slot
+            // the hello's first segment left watched.)
+            let payload = ip + header_len as usize;
+            if payload + observe::HELLO_PREFIX_LEN <= end {
                 // SAFETY: the byte at `payload` is inside the check above.
-                } else if unsafe { *(payload as *const u8) } == TLS_HANDSHAKE {
+                if unsafe { *(payload as *const u8) } == TLS_HANDSHAKE {
+                    return false;
+                }
+            } else if ip + l3_len as usize > end {
+                // SAFETY: the TCP header was checked above. The flags are
+                // read again, not kept from above (see the addresses').
+                if unsafe { read_volatile((l4 + 13) as *const u8) } & TCP_PSH != 0 {
                     return false;
                 }
             }
@@ -245,10 +252,8 @@ fn count_ip<const V6: bool>(
         }
         _ => return false,
     };
-    let Frame { len, iface } = frame;
-    // One packet whose length field the frame holds, with its headers (an
-    // aggregate's `len` is 0).
-    if l3_len < header_len || l3_len as u64 + l3 as u64 > len as u64 {
+    // With its headers (the length test above is of the frame).
+    if l3_len < header_len {
         return false;
     }
     // SAFETY: the first 4 bytes of the L4 header are inside the checks
