@@ -354,7 +354,12 @@ fn build_bpf_linker() -> Result<()> {
             &format!("llvm-{LLVM_MAJOR}"),
         ])
         .env("PATH", path)
-        .env("LLVM_PREFIX", &prefix))
+        .env("LLVM_PREFIX", &prefix)
+        // bpf-linker's release profile has full debug info, which nothing
+        // here reads: without it the build takes a third less (measured:
+        // 57 s and 107 s of CPU, against 86 s and 162 s, on 2 cores), the
+        // first step of a fresh CI run, which nothing else runs beside.
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false"))
     .context("building bpf-linker failed; see the output above")?;
     if !bpf_linker_ok() {
         bail!(
